@@ -1,0 +1,163 @@
+"""A box and the facts about it. Every external name is derived from the id."""
+from __future__ import annotations
+
+import dataclasses
+import re
+import secrets as _secrets
+import time
+import unicodedata
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+# States a registry row goes through. `creating` and `removing` rows older than the
+# gc grace window belong to a crashed command; `expired` boxes outlived their TTL but
+# hold unsaved work, so gc reports them instead of destroying them.
+CREATING, READY, FAILED, REMOVING, EXPIRED = "creating", "ready", "failed", "removing", "expired"
+
+_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,40}-[0-9a-f]{8}$")
+MAX_SLUG = 40
+
+
+def slugify(task: str) -> str:
+    """Turn a task name into a safe slug, or raise UsageError with one sentence."""
+    if not isinstance(task, str) or not task.strip():
+        raise UsageError("The task name is empty; give a short name such as 'fix-login'.")
+    if len(task) > 200:
+        raise UsageError(f"The task name is {len(task)} characters long; keep it under 200.")
+    if task.startswith("-"):
+        raise UsageError(f"The task name {task!r} starts with '-'; pass a name, not an option.")
+    text = unicodedata.normalize("NFKD", task).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    slug = slug[:MAX_SLUG].rstrip("-")
+    if not slug:
+        raise UsageError(
+            f"The task name {task!r} has no letters or digits to build a box id from; use e.g. 'fix-login'."
+        )
+    return slug
+
+
+def new_id(task: str) -> str:
+    return f"{slugify(task)}-{_secrets.token_hex(4)}"
+
+
+def is_box_id(text: str) -> bool:
+    return bool(_ID_RE.match(text))
+
+
+def hex_of(box_id: str) -> str:
+    """The 8 random hex digits at the end of a box id."""
+    return box_id.rsplit("-", 1)[-1]
+
+
+def pg_name(box_id: str) -> str:
+    """Postgres role, schema (and database) name of a box: wt_<8 hex>."""
+    return f"wt_{hex_of(box_id)}"
+
+
+def branch_name(box_id: str) -> str:
+    return f"wtbox/{box_id}"
+
+
+@dataclasses.dataclass
+class Box:
+    """One box as recorded in the registry, plus paths derived from its id."""
+
+    id: str
+    task: str
+    repo: str
+    branch: str
+    dir: Path
+    state: str = CREATING
+    created_at: float = dataclasses.field(default_factory=time.time)
+    last_used_at: float = dataclasses.field(default_factory=time.time)
+    ttl: float | None = None
+    keep: bool = False
+    ports: dict[str, int] = dataclasses.field(default_factory=dict)
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Per-resource facts that must survive the CLI process (e.g. database mode, base sha).
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # In-memory only: set by Host.new so the context-manager API can remove the box.
+    _host: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    # Derived paths: the layout of DESIGN.md.
+    @property
+    def path(self) -> Path:
+        return self.dir / "worktree"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.dir / "cache"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.dir / "tmp"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.dir / "logs"
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.dir / "metrics"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.dir / "run"
+
+    @property
+    def env_file(self) -> Path:
+        return self.dir / "env"
+
+    @property
+    def pg_name(self) -> str:
+        return pg_name(self.id)
+
+    def to_json(self, *, show_secrets: bool = False) -> dict[str, Any]:
+        """The JSON contract of `new`, `status` and `ls`."""
+        from .secrets import mask_env
+
+        out: dict[str, Any] = {
+            "id": self.id,
+            "task": self.task,
+            "repo": self.repo,
+            "branch": self.branch,
+            "path": str(self.path),
+            "dir": str(self.dir),
+            "state": self.state,
+            "created_at": _iso(self.created_at),
+            "last_used_at": _iso(self.last_used_at),
+            "ttl_seconds": self.ttl,
+            "keep": self.keep,
+            "ports": dict(self.ports),
+            "env": dict(self.env) if show_secrets else mask_env(self.env),
+        }
+        db = self.data.get("database")
+        if db:
+            from .secrets import mask_url
+
+            out["database"] = {
+                "mode": db.get("mode"),
+                "url": db.get("url") if show_secrets else mask_url(db.get("url", "")),
+                "name": db.get("name"),
+                "schema": db.get("schema"),
+                "user": db.get("user"),
+            }
+        return out
+
+    # Context manager: `with host.new("task") as box:` removes the box on exit.
+    def __enter__(self) -> "Box":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._host is not None:
+            self._host.rm(self.id, force=True)
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    import datetime as _dt
+
+    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")

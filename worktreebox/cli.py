@@ -1,0 +1,73 @@
+"""The `wtbox` command: a lazy click group (each command's module is imported only when used,
+so `wtbox ls` stays fast)."""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+
+COMMANDS = {
+    "new": "box:new",
+    "ls": "box:ls",
+    "status": "box:status",
+    "env": "box:env",
+    "exec": "box:exec_",
+    "shell": "box:shell",
+    "rm": "box:rm",
+    "init": "setup:init",
+    "doctor": "setup:doctor",
+    "db": "db:db",
+    "logs": "logs:logs",
+    "up": "services:up",
+    "down": "services:down",
+    "restart": "services:restart",
+    "metrics": "metrics:metrics",
+    "probe": "metrics:probe",
+    "gc": "gc:gc",
+    "keep": "gc:keep",
+    "unkeep": "gc:unkeep",
+    "fanout": "fanout:fanout",
+    "compare": "fanout:compare",
+    "pick": "fanout:pick",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        mod, attr = target.split(":")
+        try:
+            return getattr(importlib.import_module(f"worktreebox.commands.{mod}"), attr)
+        except (ModuleNotFoundError, AttributeError):
+            return None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="worktreebox")
+def main() -> None:
+    """Isolated, disposable development boxes: a git worktree plus its own ports, database,
+    caches, services, logs and metrics."""
+
+
+def run() -> None:
+    try:
+        main(standalone_mode=True)
+    except KeyboardInterrupt:
+        click.echo("wtbox: interrupted.", err=True)
+        sys.exit(130)
+    except Exception as e:  # an unexpected failure: one sentence unless asked for the traceback
+        if os.environ.get("WTBOX_DEBUG"):
+            raise
+        click.echo(f"wtbox: internal error: {type(e).__name__}: {e} (set WTBOX_DEBUG=1 for a traceback).", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,508 @@
+"""The host's PostgreSQL server: the embedded cluster under $WTBOX_HOME/postgres, or an external one by URL.
+
+The embedded cluster is created (initdb) and started (pg_ctl) on first need. Start is
+serialised by a file lock so that many `wtbox new` hitting a stopped cluster start it
+once. `initdb` and `postgres` refuse to run as root, so as root the cluster runs as an
+unprivileged system user. Superuser access is over the unix socket (trust, reachable
+only by the cluster's user and root); boxes use TCP on 127.0.0.1 with scram-sha-256.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from .errors import WtboxError
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from .config import HostConfig
+
+SUPERUSER = "postgres"
+# Schema-mode boxes of the embedded cluster live in this database (keeps `postgres` clean).
+SHARED_DB = "wtbox"
+PORT_OWNER = "@postgres"
+SYSTEM_USERS = ("postgres", "wtbox-pg")  # reused if present, in this order; else wtbox-pg is created
+_SOCKET_MAX = 107  # sun_path is 108 bytes including the NUL
+_SOCKET_FILE = "/.s.PGSQL.65535"
+
+
+# ---------------------------------------------------------------- binaries
+
+def find_bin_dir() -> Path:
+    """Directory with initdb/pg_ctl: from PATH, else the highest /usr/lib/postgresql/*/bin."""
+    env = os.environ.get("WTBOX_PG_BIN")
+    if env and (Path(env) / "pg_ctl").exists():
+        return Path(env)
+    found = shutil.which("pg_ctl")
+    if found and shutil.which("initdb"):
+        return Path(found).resolve().parent
+    candidates = []
+    for d in Path("/usr/lib/postgresql").glob("*/bin"):
+        if (d / "pg_ctl").exists() and (d / "initdb").exists():
+            version = tuple(int(p) for p in re.findall(r"\d+", d.parent.name)) or (0,)
+            candidates.append((version, d))
+    if not candidates:
+        raise WtboxError(
+            "PostgreSQL is not installed (no pg_ctl on PATH or in /usr/lib/postgresql/*/bin); "
+            "install it with 'apt-get install postgresql' or set WTBOX_POSTGRES_URL to an external server."
+        )
+    return max(candidates)[1]
+
+
+# ---------------------------------------------------------------- connections
+
+class _Conn:
+    """One cached superuser connection with a lock, so threads of one process can share it."""
+
+    def __init__(self, conn: "psycopg.Connection") -> None:
+        self.conn, self.lock, self.pid = conn, threading.Lock(), os.getpid()
+
+
+_CONNS: dict[tuple[str, str], _Conn] = {}
+_CONNS_LOCK = threading.Lock()
+
+
+class Server:
+    """What the database resource needs from a server, embedded or external."""
+
+    provider = "server"
+    box_host = "127.0.0.1"
+    box_port = 0
+    shared_db = SHARED_DB
+
+    def key(self) -> str:
+        raise NotImplementedError
+
+    def conninfo(self, dbname: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def ensure_running(self) -> None:
+        """Make the server reachable (the embedded cluster is started if needed)."""
+
+    def is_running(self) -> bool:
+        return True
+
+    def _connect(self, dbname: str) -> "psycopg.Connection":
+        import psycopg
+
+        try:
+            return psycopg.connect(**self.conninfo(dbname), autocommit=True, connect_timeout=10)
+        except psycopg.OperationalError as e:
+            raise WtboxError(f"Cannot connect to PostgreSQL ({self.describe()}): {_first_line(e)}.") from None
+
+    def connect(self, dbname: str | None = None) -> "psycopg.Connection":
+        """A new (uncached) superuser connection; the caller closes it."""
+        return self._connect(dbname or self.shared_db)
+
+    @contextlib.contextmanager
+    def session(self, dbname: str | None = None) -> Iterator["psycopg.Connection"]:
+        """The process's cached superuser connection to `dbname` (autocommit), held exclusively."""
+        dbname = dbname or self.shared_db
+        key = (self.key(), dbname)
+        with _CONNS_LOCK:
+            cached = _CONNS.get(key)
+            if cached is not None and (cached.pid != os.getpid() or cached.conn.closed or cached.conn.broken):
+                _CONNS.pop(key, None)
+                cached = None
+            if cached is None:
+                cached = _CONNS[key] = _Conn(self._open(dbname))
+        with cached.lock:
+            yield cached.conn
+
+    def _open(self, dbname: str) -> "psycopg.Connection":
+        import psycopg
+
+        try:
+            return psycopg.connect(**self.conninfo(dbname), autocommit=True, connect_timeout=10)
+        except psycopg.OperationalError:
+            self.ensure_running()
+            return self._connect(dbname)
+
+    def box_url(self, user: str, password: str, dbname: str) -> str:
+        return f"postgresql://{user}:{password}@{_url_host(self.box_host)}:{self.box_port}/{dbname}"
+
+    def describe(self) -> str:
+        return self.provider
+
+    def status(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def forget_connections() -> None:
+    """Close this process's cached connections (before stopping the server, and in tests)."""
+    with _CONNS_LOCK:
+        for c in _CONNS.values():
+            with contextlib.suppress(Exception):
+                c.conn.close()
+        _CONNS.clear()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__).rstrip(".")
+
+
+# ---------------------------------------------------------------- external
+
+class ExternalServer(Server):
+    """A server given by URL (WTBOX_POSTGRES_URL or [database] url) with a CREATEROLE superuser."""
+
+    provider = "external"
+
+    def __init__(self, url: str) -> None:
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            self.params = conninfo_to_dict(url)
+        except Exception:
+            raise WtboxError("The PostgreSQL URL (WTBOX_POSTGRES_URL or [database] url) is not a valid postgresql:// URL.") from None
+        self.url = url
+        host = str(self.params.get("host") or "127.0.0.1")
+        self.box_host = "127.0.0.1" if host.startswith("/") or host == "localhost" else host
+        self.box_port = int(self.params.get("port") or 5432)
+        self.shared_db = str(self.params.get("dbname") or "postgres")
+
+    def key(self) -> str:
+        return self.url
+
+    def conninfo(self, dbname: str) -> dict[str, Any]:
+        return {**self.params, "dbname": dbname}
+
+    def ensure_running(self) -> None:
+        self.connect().close()
+
+    def is_running(self) -> bool:
+        try:
+            self._connect(self.shared_db).close()
+            return True
+        except WtboxError:
+            return False
+
+    def describe(self) -> str:
+        from .secrets import mask_url
+
+        return f"external server {mask_url(self.url)}"
+
+    def status(self) -> dict[str, Any]:
+        from .secrets import mask_url
+
+        out: dict[str, Any] = {"provider": self.provider, "url": mask_url(self.url), "host": self.box_host,
+                               "port": self.box_port, "running": False, "version": None}
+        try:
+            with self.session() as conn:
+                out["version"] = conn.execute("SHOW server_version").fetchone()[0]
+            out["running"] = True
+        except WtboxError as e:
+            out["error"] = str(e)
+        return out
+
+
+# ---------------------------------------------------------------- embedded
+
+@dataclasses.dataclass
+class _OsUser:
+    name: str
+    uid: int
+    gid: int
+    home: str
+
+
+class EmbeddedCluster(Server):
+    """initdb + pg_ctl under $WTBOX_HOME/postgres, started on demand."""
+
+    provider = "embedded"
+
+    def __init__(self, home: Path, config: "HostConfig | None" = None, lease_port: Any = None) -> None:
+        self.home = Path(home).absolute()
+        self.config = config
+        self._lease_port = lease_port  # callable () -> int, asked only when the cluster starts
+        self.data_dir = self.home / "postgres"
+        self.lock_file = self.home / "postgres.lock"
+        self.state_file = self.home / "postgres.json"
+        self.log_file = self.data_dir / "server.log"
+
+    # -- where things are
+    @property
+    def socket_dir(self) -> Path:
+        """$WTBOX_HOME/postgres-socket, or a short dir in /tmp when that path is too long for a socket."""
+        inside = self.home / "postgres-socket"
+        if len(str(inside)) + len(_SOCKET_FILE) <= _SOCKET_MAX:
+            return inside
+        digest = hashlib.sha256(str(self.home).encode()).hexdigest()[:12]
+        return Path(f"/tmp/wtbox-pg-{digest}")
+
+    def _state(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    @property
+    def box_port(self) -> int:  # type: ignore[override]
+        return int(self._state().get("port") or 0)
+
+    def key(self) -> str:
+        return f"embedded:{self.home}"
+
+    def conninfo(self, dbname: str) -> dict[str, Any]:
+        state = self._state()
+        return {"host": state.get("socket_dir") or str(self.socket_dir), "port": int(state.get("port") or 5432),
+                "user": SUPERUSER, "dbname": dbname}
+
+    def describe(self) -> str:
+        return f"embedded cluster in {self.data_dir}"
+
+    @property
+    def initialised(self) -> bool:
+        return (self.data_dir / "PG_VERSION").exists()
+
+    # -- running as an unprivileged user when we are root
+    def _os_user(self) -> _OsUser | None:
+        if os.geteuid() != 0:
+            return None
+        import pwd
+
+        for name in SYSTEM_USERS:
+            try:
+                pw = pwd.getpwnam(name)
+                return _OsUser(name, pw.pw_uid, pw.pw_gid, pw.pw_dir)
+            except KeyError:
+                continue
+        proc = subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir",
+                               "/nonexistent", "--shell", "/usr/sbin/nologin", "wtbox-pg"],
+                              capture_output=True, text=True)
+        if proc.returncode not in (0, 9):  # 9: created meanwhile by another process
+            raise WtboxError(f"Cannot create the system user 'wtbox-pg' for PostgreSQL: {proc.stderr.strip()}.")
+        pw = pwd.getpwnam("wtbox-pg")
+        return _OsUser("wtbox-pg", pw.pw_uid, pw.pw_gid, pw.pw_dir)
+
+    def _run(self, args: list[str], user: _OsUser | None, *, check: bool = True,
+             timeout: float = 120) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env.update(LC_ALL="C.UTF-8", LANG="C.UTF-8")
+        kwargs: dict[str, Any] = {}
+        if user is not None:
+            env.update(HOME=user.home or "/", USER=user.name, LOGNAME=user.name)
+            kwargs.update(user=user.uid, group=user.gid, extra_groups=[])
+        # Own session, no inherited pipes: the postmaster outlives this process and its callers.
+        proc = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, cwd="/",
+                              timeout=timeout, start_new_session=True, **kwargs)
+        if check and proc.returncode != 0:
+            lines = (proc.stderr or proc.stdout).strip().splitlines()
+            raise WtboxError(f"{Path(args[0]).name} failed for the embedded PostgreSQL cluster in {self.data_dir}: "
+                             f"{lines[-1] if lines else 'exit ' + str(proc.returncode)}")
+        return proc
+
+    def _own_dir(self, path: Path, user: _OsUser | None) -> None:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if user is not None:
+            st = path.stat()
+            if st.st_uid != user.uid:
+                os.chown(path, user.uid, user.gid)
+            _make_traversable(path, user.uid)
+        os.chmod(path, 0o700)
+
+    # -- lifecycle
+    def pg_ctl_status(self) -> bool:
+        """True when a postmaster runs on our data dir (pg_ctl status, no side effects)."""
+        if not (self.data_dir / "postmaster.pid").exists():
+            return False
+        proc = self._run([str(find_bin_dir() / "pg_ctl"), "status", "-D", str(self.data_dir)], self._os_user(),
+                         check=False, timeout=30)
+        return proc.returncode == 0
+
+    def is_running(self) -> bool:
+        return self.initialised and self.pg_ctl_status()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.home.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_file, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def ensure_running(self) -> None:
+        """initdb once and start; idempotent and safe when many processes call it at once."""
+        with self._locked():
+            if self.initialised and self.pg_ctl_status():
+                return
+            user = self._os_user()
+            if not self.initialised:
+                self._initdb(user)
+            self._start(user)
+            self._prepare_shared_db()
+
+    def _initdb(self, user: _OsUser | None) -> None:
+        # initdb into a scratch dir and rename: a crash mid-initdb leaves no half cluster behind.
+        scratch = self.home / "postgres.initdb"
+        if scratch.exists():
+            shutil.rmtree(scratch)
+        if self.data_dir.exists():
+            if any(self.data_dir.iterdir()):
+                raise WtboxError(f"{self.data_dir} exists but holds no PostgreSQL cluster; move it away and retry.")
+            self.data_dir.rmdir()
+        self._own_dir(scratch, user)
+        self._run([str(find_bin_dir() / "initdb"), "-D", str(scratch), "-U", SUPERUSER, "-E", "UTF8",
+                   "--locale=C.UTF-8", "--no-sync", "--no-instructions", "--auth-local=trust",
+                   "--auth-host=scram-sha-256"], user)
+        with open(scratch / "postgresql.conf", "a") as f:
+            f.write("\n# wtbox: settings that depend on $WTBOX_HOME and host config\ninclude_if_exists = 'wtbox.conf'\n")
+        # Trust on the socket for the superuser only; the socket dir is reachable by the cluster user and root.
+        (scratch / "pg_hba.conf").write_text(
+            "# wtbox: superuser over the unix socket only; boxes over TCP with a password\n"
+            f"local   all  {SUPERUSER}  trust\n"
+            "local   all  all       scram-sha-256\n"
+            "host    all  all       127.0.0.1/32  scram-sha-256\n"
+            "host    all  all       ::1/128       scram-sha-256\n"
+        )
+        if user is not None:
+            for p in (scratch / "postgresql.conf", scratch / "pg_hba.conf"):
+                os.chown(p, user.uid, user.gid)
+        os.rename(scratch, self.data_dir)
+
+    def _write_conf(self, port: int, socket_dir: Path, user: _OsUser | None) -> None:
+        fsync_off = self.config is None or self.config.fsync_off
+        lines = [
+            f"port = {port}",
+            "listen_addresses = '127.0.0.1'",
+            f"unix_socket_directories = '{socket_dir}'",
+            "unix_socket_permissions = 0700",
+            "max_connections = 300",
+            "password_encryption = 'scram-sha-256'",
+        ]
+        if fsync_off:
+            # Boxes are disposable: trade crash safety for speed (opt out with [database] fsync_off = false).
+            lines += ["fsync = off", "synchronous_commit = off", "full_page_writes = off"]
+        conf = self.data_dir / "wtbox.conf"
+        conf.write_text("\n".join(lines) + "\n")
+        if user is not None:
+            os.chown(conf, user.uid, user.gid)
+
+    def _start(self, user: _OsUser | None) -> None:
+        state = self._state()
+        port = state.get("port")
+        if self._lease_port is not None:
+            port = self._lease_port()
+        if not port:
+            import portpicker
+
+            port = portpicker.pick_unused_port()
+        socket_dir = self.socket_dir
+        if str(socket_dir).startswith("/tmp/") and socket_dir.exists():
+            st = socket_dir.lstat()
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (os.geteuid(), user.uid if user else -1):
+                raise WtboxError(f"{socket_dir} exists and is not ours; remove it so the PostgreSQL socket can live there.")
+        self._own_dir(socket_dir, user)
+        self._write_conf(int(port), socket_dir, user)
+        _atomic_write(self.state_file, json.dumps({
+            "port": int(port), "socket_dir": str(socket_dir), "bin_dir": str(find_bin_dir()),
+            "os_user": user.name if user else None,
+        }))
+        proc = self._run([str(find_bin_dir() / "pg_ctl"), "start", "-w", "-t", "60", "-D", str(self.data_dir),
+                          "-l", str(self.log_file)], user, check=False)
+        if proc.returncode != 0:
+            tail = _tail(self.log_file, 3)
+            raise WtboxError(f"The embedded PostgreSQL cluster in {self.data_dir} did not start on port {port}: "
+                             f"{tail or (proc.stderr or proc.stdout).strip()}")
+
+    def _prepare_shared_db(self) -> None:
+        conn = self._connect("postgres")
+        try:
+            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (SHARED_DB,)).fetchone():
+                conn.execute(f'CREATE DATABASE "{SHARED_DB}"')
+        finally:
+            conn.close()
+
+    def stop(self) -> bool:
+        """Stop the cluster (fast shutdown: ends sessions). True if it was running."""
+        forget_connections()
+        with self._locked():
+            if not (self.initialised and self.pg_ctl_status()):
+                return False
+            self._run([str(find_bin_dir() / "pg_ctl"), "stop", "-w", "-t", "60", "-m", "fast", "-D",
+                       str(self.data_dir)], self._os_user())
+            return True
+
+    def status(self) -> dict[str, Any]:
+        state = self._state()
+        running = self.is_running()
+        out: dict[str, Any] = {
+            "provider": self.provider, "initialised": self.initialised, "running": running,
+            "data_dir": str(self.data_dir), "socket_dir": state.get("socket_dir", str(self.socket_dir)),
+            "host": self.box_host, "port": state.get("port"), "os_user": state.get("os_user"),
+            "version": None, "pid": None,
+            "fsync_off": self.config is None or self.config.fsync_off,
+        }
+        if self.initialised:
+            out["version"] = (self.data_dir / "PG_VERSION").read_text().strip()
+        if running:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                out["pid"] = int((self.data_dir / "postmaster.pid").read_text().split()[0])
+        return out
+
+
+def server(host: Any) -> Server:
+    """The server boxes of `host` use: external when a URL is configured, else the embedded cluster."""
+    cfg = host.config
+    if cfg.database_url:
+        return ExternalServer(cfg.database_url)
+    if cfg.database_provider == "docker":
+        raise WtboxError("The docker PostgreSQL provider is not available yet; unset WTBOX_DATABASE_PROVIDER.")
+    return EmbeddedCluster(host.home, cfg, lambda: host.lease_host_port(PORT_OWNER))
+
+
+# ---------------------------------------------------------------- helpers
+
+def _make_traversable(path: Path, uid: int) -> None:
+    """Give others search (x, not read) permission on ancestors the cluster user could not pass."""
+    for parent in list(path.absolute().parents)[::-1]:
+        try:
+            st = parent.stat()
+        except OSError:
+            return
+        if st.st_uid == uid or st.st_mode & stat.S_IXOTH:
+            continue
+        os.chmod(parent, stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _tail(path: Path, n: int) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return " | ".join(lines[-n:])
+
+
+def wait_gone(conn: "psycopg.Connection", where: str, args: tuple, timeout: float = 5.0) -> None:
+    """Poll pg_stat_activity until no backend matches `where` (terminations are asynchronous)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not conn.execute(f"SELECT 1 FROM pg_stat_activity WHERE {where}", args).fetchone():
+            return
+        time.sleep(0.01)

@@ -1,0 +1,218 @@
+"""The registry: one small SQLite file with every box and port lease.
+
+Writers use short `BEGIN IMMEDIATE` transactions so that many concurrent `wtbox`
+processes serialise on the decision (which ports, which state) and never on slow work.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from .box import Box
+
+SCHEMA_VERSION = 1
+
+# Each entry migrates from version i to i+1; later issues append to this list.
+_MIGRATIONS = [
+    """
+    CREATE TABLE boxes (
+        id TEXT PRIMARY KEY,
+        task TEXT NOT NULL,
+        repo TEXT NOT NULL,
+        branch TEXT NOT NULL,
+        dir TEXT NOT NULL,
+        state TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        last_used_at REAL NOT NULL,
+        ttl REAL,
+        keep INTEGER NOT NULL DEFAULT 0,
+        env TEXT NOT NULL DEFAULT '{}',
+        data TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE TABLE port_leases (
+        port INTEGER PRIMARY KEY,
+        owner TEXT NOT NULL,       -- a box id, or '@name' for host-level leases
+        name TEXT NOT NULL,
+        leased_at REAL NOT NULL
+    );
+    CREATE INDEX port_leases_owner ON port_leases(owner);
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    -- every repo a box was ever cut from, so gc can find orphaned wtbox/* branches
+    CREATE TABLE repos (path TEXT PRIMARY KEY, first_used_at REAL NOT NULL);
+    """,
+]
+
+
+class Registry:
+    """Store with intention-revealing methods; one connection per process."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA busy_timeout = 30000")
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")
+            self._db = db
+            self._migrate()
+        return self._db
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        else:
+            db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        db = self._db
+        assert db is not None
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version >= len(_MIGRATIONS):
+            return
+        with self.transaction():
+            version = db.execute("PRAGMA user_version").fetchone()[0]  # re-read under the lock
+            for i in range(version, len(_MIGRATIONS)):
+                for stmt in _split(_MIGRATIONS[i]):
+                    db.execute(stmt)
+                db.execute(f"PRAGMA user_version = {i + 1}")
+
+    # ---------------------------------------------------------------- boxes
+    def insert_box(self, box: Box) -> None:
+        now = time.time()
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO boxes (id, task, repo, branch, dir, state, created_at, updated_at, last_used_at,"
+                " ttl, keep, env, data) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (box.id, box.task, box.repo, box.branch, str(box.dir), box.state, box.created_at, now,
+                 box.last_used_at, box.ttl, int(box.keep), json.dumps(box.env), json.dumps(box.data)),
+            )
+
+    def save_box(self, box: Box) -> None:
+        """Write the mutable facts of a box (state, ports are separate, env, data, keep, ttl)."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE boxes SET state=?, updated_at=?, ttl=?, keep=?, env=?, data=? WHERE id=?",
+                (box.state, time.time(), box.ttl, int(box.keep), json.dumps(box.env), json.dumps(box.data), box.id),
+            )
+
+    def set_state(self, box_id: str, state: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE boxes SET state=?, updated_at=? WHERE id=?", (state, time.time(), box_id))
+
+    def set_keep(self, box_id: str, keep: bool) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE boxes SET keep=? WHERE id=?", (int(keep), box_id))
+
+    def touch(self, box_id: str) -> None:
+        """Record use (for TTL): cheap, best effort."""
+        try:
+            self.db.execute("UPDATE boxes SET last_used_at=? WHERE id=?", (time.time(), box_id))
+        except sqlite3.OperationalError:
+            pass
+
+    def delete_box(self, box_id: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM port_leases WHERE owner=?", (box_id,))
+            db.execute("DELETE FROM boxes WHERE id=?", (box_id,))
+
+    def select_box(self, box_id: str) -> Box | None:
+        row = self.db.execute("SELECT * FROM boxes WHERE id=?", (box_id,)).fetchone()
+        return self._box(row) if row else None
+
+    def select_all_boxes(self) -> list[Box]:
+        rows = self.db.execute("SELECT * FROM boxes ORDER BY created_at").fetchall()
+        ports = self._ports_by_owner()
+        return [self._box(r, ports.get(r["id"], {})) for r in rows]
+
+    def select_box_ids(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT id FROM boxes")}
+
+    def _box(self, row: sqlite3.Row, ports: dict[str, int] | None = None) -> Box:
+        if ports is None:
+            ports = {r["name"]: r["port"] for r in
+                     self.db.execute("SELECT port, name FROM port_leases WHERE owner=? ORDER BY port", (row["id"],))}
+        return Box(
+            id=row["id"], task=row["task"], repo=row["repo"], branch=row["branch"], dir=Path(row["dir"]),
+            state=row["state"], created_at=row["created_at"], last_used_at=row["last_used_at"], ttl=row["ttl"],
+            keep=bool(row["keep"]), ports=ports, env=json.loads(row["env"]), data=json.loads(row["data"]),
+        )
+
+    def box_updated_at(self, box_id: str) -> float | None:
+        row = self.db.execute("SELECT updated_at FROM boxes WHERE id=?", (box_id,)).fetchone()
+        return row[0] if row else None
+
+    # ---------------------------------------------------------------- ports
+    def _ports_by_owner(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for r in self.db.execute("SELECT port, owner, name FROM port_leases ORDER BY port"):
+            out.setdefault(r["owner"], {})[r["name"]] = r["port"]
+        return out
+
+    def leased_ports(self, db: sqlite3.Connection | None = None) -> set[int]:
+        return {r[0] for r in (db or self.db).execute("SELECT port FROM port_leases")}
+
+    def insert_leases(self, db: sqlite3.Connection, owner: str, ports: dict[str, int]) -> None:
+        now = time.time()
+        db.executemany("INSERT INTO port_leases (port, owner, name, leased_at) VALUES (?,?,?,?)",
+                       [(p, owner, n, now) for n, p in ports.items()])
+
+    def ports_of(self, owner: str) -> dict[str, int]:
+        return {r["name"]: r["port"] for r in
+                self.db.execute("SELECT port, name FROM port_leases WHERE owner=? ORDER BY port", (owner,))}
+
+    def delete_leases(self, owner: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM port_leases WHERE owner=?", (owner,))
+
+    def lease_owners(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT DISTINCT owner FROM port_leases")}
+
+    # ---------------------------------------------------------------- repos
+    def remember_repo(self, path: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO repos (path, first_used_at) VALUES (?, ?)", (path, time.time()))
+
+    def select_repos(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT path FROM repos ORDER BY path")]
+
+    # ---------------------------------------------------------------- meta
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                       (key, value))
+
+
+def _split(script: str) -> Iterable[str]:
+    for stmt in script.split(";"):
+        # drop SQL comments so an all-comment fragment is skipped
+        lines = [ln.split("--", 1)[0] for ln in stmt.splitlines()]
+        text = "\n".join(lines).strip()
+        if text:
+            yield text

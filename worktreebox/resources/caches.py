@@ -1,0 +1,26 @@
+"""Per-box cache and temp dirs, so copies of one app never share build or temp state.
+
+Download caches that are safe to share (pip's, npm's) stay shared unless the repo
+points them into the box with [box] cache_env.
+"""
+from __future__ import annotations
+
+from .base import Creation, Resource
+
+
+class Caches(Resource):
+    name = "caches"
+
+    def create(self, c: Creation) -> None:
+        box = c.box
+        for d in (box.cache_dir, box.tmp_dir, box.logs_dir, box.run_dir):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        c.env["XDG_CACHE_HOME"] = str(box.cache_dir)
+        c.env["TMPDIR"] = str(box.tmp_dir)
+        c.env["PYTHONPYCACHEPREFIX"] = str(box.cache_dir / "pycache")
+        for var, sub in c.config.box.cache_env.items():
+            path = box.cache_dir / sub
+            path.mkdir(parents=True, exist_ok=True)
+            c.env[var] = str(path)
+
+    # Everything lives under boxes/<id>, which Host removes last; nothing to do here.

@@ -1,0 +1,71 @@
+"""The git worktree of a box, on branch wtbox/<id>, and the untracked files it copies in."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .. import git
+from ..box import branch_name, is_box_id
+from ..errors import WtboxError
+from .base import Creation, Resource, warn
+
+if TYPE_CHECKING:
+    from ..box import Box
+    from ..host import Host
+
+
+class Worktree(Resource):
+    name = "worktree"
+
+    def create(self, c: Creation) -> None:
+        box = c.box
+        # A crashed earlier attempt cannot have used this id (ids are random), so a clash is a real error.
+        git.git(box.repo, "worktree", "add", "--quiet", "-b", box.branch, str(box.path), c.base_sha)
+
+    def copy_files(self, c: Creation) -> None:
+        """[box] copy: bring untracked files (e.g. .env.example → .env) from the main checkout."""
+        repo = Path(c.box.repo)
+        for src, dst in c.config.box.copy:
+            s, d = repo / src, c.box.path / dst
+            if not s.exists():
+                warn(f"[box] copy: {src} does not exist in {repo}; skipped.")
+                continue
+            d.parent.mkdir(parents=True, exist_ok=True)
+            if s.is_dir():
+                shutil.copytree(s, d, symlinks=True, dirs_exist_ok=True)
+            else:
+                shutil.copy2(s, d)
+
+    def destroy(self, host: "Host", box: "Box") -> None:
+        repos = [box.repo] if box.repo and Path(box.repo).is_dir() else host.registry.select_repos()
+        for repo in repos:
+            if not Path(repo).is_dir():
+                continue
+            if box.path.exists():
+                git.git(repo, "worktree", "remove", "--force", "--force", str(box.path), check=False)
+            if box.data.get("keep_branch"):
+                continue
+            # prune first: a worktree dir deleted underneath us still "holds" the branch
+            git.git(repo, "worktree", "prune", check=False)
+            git.git(repo, "branch", "-D", box.branch, check=False)
+        if box.path.exists():
+            shutil.rmtree(box.path, ignore_errors=True)
+        if box.path.exists():
+            raise WtboxError(f"Could not delete the worktree {box.path}.")
+
+    def discover(self, host: "Host") -> set[str]:
+        ids: set[str] = set()
+        for repo in host.registry.select_repos():
+            if not Path(repo).is_dir():
+                continue
+            proc = git.git(repo, "for-each-ref", "--format=%(refname:short)", "refs/heads/wtbox/", check=False)
+            for ref in proc.stdout.split():
+                box_id = ref.removeprefix("wtbox/")
+                if is_box_id(box_id):
+                    ids.add(box_id)
+        return ids
+
+
+def branch_for(box_id: str) -> str:
+    return branch_name(box_id)

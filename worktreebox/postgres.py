@@ -69,8 +69,22 @@ class _Conn:
 
     def __init__(self, conn: "psycopg.Connection") -> None:
         self.conn, self.lock, self.pid = conn, threading.Lock(), os.getpid()
+        self.used_at = time.monotonic()
+
+    def usable(self) -> bool:
+        if self.pid != os.getpid() or self.conn.closed or self.conn.broken:
+            return False
+        if time.monotonic() - self.used_at > _PING_AFTER:
+            # A long-lived process (mcp) may hold a connection across a cluster restart.
+            try:
+                with self.lock:
+                    self.conn.execute("SELECT 1")
+            except Exception:
+                return False
+        return True
 
 
+_PING_AFTER = 5.0
 _CONNS: dict[tuple[str, str], _Conn] = {}
 _CONNS_LOCK = threading.Lock()
 
@@ -114,13 +128,18 @@ class Server:
         key = (self.key(), dbname)
         with _CONNS_LOCK:
             cached = _CONNS.get(key)
-            if cached is not None and (cached.pid != os.getpid() or cached.conn.closed or cached.conn.broken):
+            if cached is not None and not cached.usable():
                 _CONNS.pop(key, None)
+                with contextlib.suppress(Exception):
+                    cached.conn.close()
                 cached = None
             if cached is None:
                 cached = _CONNS[key] = _Conn(self._open(dbname))
         with cached.lock:
-            yield cached.conn
+            try:
+                yield cached.conn
+            finally:
+                cached.used_at = time.monotonic()
 
     def _open(self, dbname: str) -> "psycopg.Connection":
         import psycopg

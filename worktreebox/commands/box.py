@@ -50,7 +50,7 @@ def new(task, repo, ref, secrets, no_services, ttl, keep, show_secrets, as_json)
     """Create a box for TASK."""
     host = get_host()
     t0 = time.perf_counter()
-    progress = (lambda m: None) if as_json else (lambda m: info(f"  {m}"))
+    progress = (lambda m: info(f"  {m}")) if sys.stderr.isatty() and not as_json else (lambda m: None)
     box = host.new(task, repo=repo, ref=ref, secrets=parse_secrets(secrets), start_services=not no_services,
                    ttl=ttl, keep=keep, progress=progress)
     out = box.to_json(show_secrets=show_secrets)

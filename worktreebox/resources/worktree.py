@@ -1,7 +1,9 @@
 """The git worktree of a box, on branch wtbox/<id>, and the untracked files it copies in."""
 from __future__ import annotations
 
+import random
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,8 +22,21 @@ class Worktree(Resource):
 
     def create(self, c: Creation) -> None:
         box = c.box
-        # A crashed earlier attempt cannot have used this id (ids are random), so a clash is a real error.
-        git.git(box.repo, "worktree", "add", "--quiet", "-b", box.branch, str(box.path), c.base_sha)
+        # Concurrent `git worktree add` in one repo race on reading each other's half-written
+        # .git/worktrees/<name>/ (all our worktrees share the basename "worktree"); git fails
+        # with "failed to read ...". That is transient, so retry, reusing the branch if the
+        # failed attempt already made it.
+        for attempt in range(10):
+            has_branch = git.git(box.repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{box.branch}",
+                                 check=False).returncode == 0
+            args = [str(box.path), box.branch] if has_branch else ["-b", box.branch, str(box.path), c.base_sha]
+            proc = git.git(box.repo, "worktree", "add", "--quiet", *args, check=False)
+            if proc.returncode == 0:
+                return
+            if "failed to read" not in proc.stderr or attempt == 9:
+                lines = proc.stderr.strip().splitlines()
+                raise WtboxError(f"git worktree add failed in {box.repo}: {lines[-1] if lines else proc.returncode}.")
+            time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
 
     def copy_files(self, c: Creation) -> None:
         """[box] copy: bring untracked files (e.g. .env.example → .env) from the main checkout."""

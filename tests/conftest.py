@@ -1,0 +1,90 @@
+"""Shared fixtures: a private WTBOX_HOME per test, real git repos, the CLI as a subprocess."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A repo config for tests of the core only: no database, no observability stack.
+CORE_TOML = """
+[database]
+mode = "none"
+[observability]
+enabled = false
+"""
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(cwd), *args], check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def wtbox_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "home"
+    monkeypatch.setenv("WTBOX_HOME", str(home))
+    monkeypatch.setenv("WTBOX_NO_AUTO_GC", "1")
+    return home
+
+
+@pytest.fixture
+def make_repo(tmp_path):
+    """make_repo(files={'path': 'text'}, toml='...') -> a real git repo with one commit."""
+    counter = [0]
+
+    def make(files: dict[str, str] | None = None, toml: str | None = None, name: str | None = None) -> Path:
+        counter[0] += 1
+        repo = tmp_path / (name or f"repo{counter[0]}")
+        repo.mkdir()
+        git(repo, "init", "-q", "-b", "main")
+        git(repo, "config", "user.email", "test@example.com")
+        git(repo, "config", "user.name", "Test")
+        content = {"README.md": "# demo\n", **(files or {})}
+        if toml is not None:
+            content["wtbox.toml"] = toml
+        for rel, text in content.items():
+            p = repo / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(text)
+            if rel.endswith(".sh"):
+                p.chmod(0o755)
+        git(repo, "add", "-A")
+        git(repo, "commit", "-q", "-m", "initial")
+        return repo
+
+    return make
+
+
+@pytest.fixture
+def host(wtbox_home):
+    from worktreebox.host import Host
+
+    h = Host(wtbox_home)
+    yield h
+    # leave nothing behind even when a test failed half-way
+    for b in h.list():
+        try:
+            h.rm(b.id, force=True)
+        except Exception:
+            pass
+    h.registry.close()
+
+
+@pytest.fixture
+def run_wtbox(wtbox_home):
+    """Run the real CLI in a subprocess: run_wtbox('ls', '--json', cwd=..., check=True)."""
+
+    def run(*args: str, check: bool = True, input: str | None = None, env: dict | None = None,
+            cwd: str | Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+        full_env = {**os.environ, "WTBOX_HOME": str(wtbox_home), "WTBOX_NO_AUTO_GC": "1", **(env or {})}
+        proc = subprocess.run([sys.executable, "-m", "worktreebox.cli", *args], capture_output=True, text=True,
+                              input=input, env=full_env, cwd=cwd, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"wtbox {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    return run

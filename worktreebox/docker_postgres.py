@@ -1,0 +1,358 @@
+"""The host's PostgreSQL as one long-lived container (the `docker` database provider).
+
+One container `wtbox-pg-<home hash>` per wtbox home, started through testcontainers
+from the configured image (HostConfig.postgres_image / WTBOX_POSTGRES_IMAGE), published
+on 127.0.0.1:<leased port>, data in the labelled volume `wtbox-pg-<home hash>`. The
+container is disposable (stop removes it), the volume is not: the data survives `db stop`.
+Boxes reach it exactly like an external server at `superuser_url(host)`, so schema and
+database isolation are the database resource's shared code.
+
+The superuser password is generated once and kept only in $WTBOX_HOME/postgres-docker.json
+(mode 0600). `start` is idempotent and serialised by a file lock.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+from urllib.parse import quote
+
+from . import dockerenv
+from .errors import WtboxError
+
+if TYPE_CHECKING:
+    from .host import Host
+
+PORT_OWNER = "@postgres-docker"
+STATE_FILE = "postgres-docker.json"
+LOCK_FILE = "postgres-docker.lock"
+SUPERUSER = "postgres"
+DBNAME = "wtbox"  # the shared database boxes' schemas live in, as with the embedded cluster
+DATA_DIR = "/var/lib/postgresql/data"
+READY_LINE = r"database system is ready to accept connections"
+START_TIMEOUT = 120.0
+IMAGE_SETTING = "[database] image in config.toml or WTBOX_POSTGRES_IMAGE"
+
+
+def name(host: "Host") -> str:
+    """Container and volume name of the host's PostgreSQL."""
+    return f"wtbox-pg-{dockerenv.home_hash(host.home)}"
+
+
+# ---------------------------------------------------------------- credentials
+
+def _state_path(host: "Host") -> Path:
+    return host.home / STATE_FILE
+
+
+def _credentials(host: "Host", *, create: bool) -> dict[str, str] | None:
+    """{user, password, dbname} from the 0600 state file; generated on first start."""
+    path = _state_path(host)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        if not create:
+            return None
+    except (OSError, ValueError) as e:
+        raise WtboxError(f"{path} is unreadable ({e}); remove it together with the docker volume {name(host)}.") from None
+    creds = {"user": SUPERUSER, "password": secrets.token_urlsafe(24), "dbname": DBNAME}
+    host.home.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{STATE_FILE}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(creds, f)
+    os.replace(tmp, path)
+    return creds
+
+
+@contextlib.contextmanager
+def _lock(host: "Host") -> Iterator[None]:
+    host.home.mkdir(parents=True, exist_ok=True)
+    with open(host.home / LOCK_FILE, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------- readiness
+
+def _pg_connect_strategy(address: tuple[str, int], creds: dict[str, str]) -> Any:
+    """A testcontainers wait strategy that succeeds once the superuser can log in over TCP.
+
+    The log line alone is not enough with the upstream image: on first start it prints
+    "ready" once for its private init server, before the real one listens.
+    """
+    from testcontainers.core.waiting_utils import WaitStrategy
+
+    class PostgresLoginWaitStrategy(WaitStrategy):
+        def wait_until_ready(self, container: Any) -> None:
+            import psycopg
+
+            deadline = time.monotonic() + self._startup_timeout
+            last = ""
+            while True:
+                try:
+                    psycopg.connect(host=address[0], port=address[1], user=creds["user"],
+                                    password=creds["password"], dbname=creds["dbname"], connect_timeout=2).close()
+                    return
+                except psycopg.OperationalError as e:
+                    last = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    if "password authentication failed" in last:
+                        raise WtboxError(
+                            f"The docker PostgreSQL rejects the password in {STATE_FILE}; its volume was "
+                            "initialised with another one (remove the volume to start afresh).") from None
+                _raise_if_exited(container)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"PostgreSQL did not accept logins within {self._startup_timeout:g}s ({last}).")
+                time.sleep(self._poll_interval)
+
+    return PostgresLoginWaitStrategy().with_poll_interval(0.1).with_startup_timeout(START_TIMEOUT)
+
+
+def _raise_if_exited(container: Any) -> None:
+    wrapped = container.get_wrapped_container()
+    wrapped.reload()
+    if wrapped.status in ("exited", "dead"):
+        logs = wrapped.logs(tail=5).decode(errors="replace").strip().replace("\n", " | ")
+        raise WtboxError(f"The docker PostgreSQL container exited during start: {logs[-400:]}")
+
+
+# ---------------------------------------------------------------- start / stop / status
+
+def _find(c: Any, host: "Host") -> Any | None:
+    import docker.errors
+
+    try:
+        return c.containers.get(name(host))
+    except docker.errors.NotFound:
+        return None
+
+
+def _address(container: Any, port: int) -> tuple[str, int]:
+    """Where this process reaches the server: the published port, or the bridge IP when the
+    daemon is another machine's (see dockerenv.configure_testcontainers)."""
+    if os.environ.get("TESTCONTAINERS_CONNECTION_MODE") == "bridge_ip":
+        container.reload()
+        nets = container.attrs["NetworkSettings"]["Networks"]
+        ip = next((n.get("IPAddress") for n in nets.values() if n.get("IPAddress")), None)
+        if ip:
+            return ip, 5432
+    return "127.0.0.1", port
+
+
+def start(host: "Host") -> dict[str, Any]:
+    """Start (or reuse) the container; returns {host, port, user, password, dbname}."""
+    dockerenv.testcontainers()
+    c = dockerenv.client()
+    with _lock(host):
+        existing = _find(c, host)
+        creds = _credentials(host, create=True)
+        assert creds is not None
+        port = host.lease_host_port(PORT_OWNER)
+        if existing is not None and existing.status == "running" and _published_port(existing) == port:
+            addr = _address(existing, port)
+            # Running, but perhaps just restarted by dockerd: ready means "accepts a login".
+            _pg_connect_strategy(addr, creds).wait_until_ready(_attach(existing))
+            return _info(addr, creds)
+        if existing is not None:
+            # Stopped, exited, or published elsewhere: the container is disposable, the volume is not.
+            existing.remove(force=True)
+        return _create(c, host, creds, port)
+
+
+def _published_port(container: Any) -> int | None:
+    ports = (container.attrs.get("HostConfig") or {}).get("PortBindings") or {}
+    for binding in ports.get("5432/tcp") or []:
+        with contextlib.suppress(TypeError, ValueError):
+            return int(binding.get("HostPort"))
+    return None
+
+
+def _attach(container: Any) -> Any:
+    """A testcontainers handle on a container that already exists (to run wait strategies on it)."""
+    from testcontainers.core.container import DockerContainer
+
+    tc = DockerContainer(container.image.tags[0] if container.image.tags else container.image.id)
+    tc._container = container
+    return tc
+
+
+def _create(c: Any, host: "Host", creds: dict[str, str], port: int) -> dict[str, Any]:
+    import docker.errors
+    from testcontainers.core.container import DockerContainer
+
+    image = host.config.postgres_image
+    dockerenv.ensure_image(c, image, "PostgreSQL", IMAGE_SETTING)
+    vol = name(host)
+    try:
+        c.volumes.get(vol)
+    except docker.errors.NotFound:
+        c.volumes.create(vol, labels=dockerenv.labels(host.home, role="postgres"))
+    cmd = ["postgres", "-c", "max_connections=300"]
+    if host.config.fsync_off:
+        # Disposable dev data: durability costs more than it is worth (as with the embedded cluster).
+        cmd += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+    tc = (
+        DockerContainer(image, command=cmd)
+        .with_name(vol)
+        .with_env("POSTGRES_USER", creds["user"])
+        .with_env("POSTGRES_PASSWORD", creds["password"])
+        .with_env("POSTGRES_DB", creds["dbname"])
+        .with_volume_mapping(vol, DATA_DIR, "rw")
+        .with_kwargs(labels=dockerenv.labels(host.home, role="postgres"),
+                     restart_policy={"Name": "unless-stopped"})
+    )
+    # Only on loopback: the superuser must not be reachable from the network.
+    tc.ports["5432/tcp"] = ("127.0.0.1", port)  # type: ignore[assignment]
+    try:
+        tc.start()
+    except docker.errors.APIError as e:
+        _remove_quietly(c, vol)
+        if dockerenv.port_conflict(e):
+            raise WtboxError(f"Port {port} on 127.0.0.1 is already in use, so the PostgreSQL container cannot "
+                             "publish it; stop what holds it or run 'wtbox gc'.") from None
+        raise WtboxError(f"Docker could not start the PostgreSQL container: {dockerenv._first_line(e)}.") from None
+    addr = _address(tc.get_wrapped_container(), port)
+    from testcontainers.core.wait_strategies import CompositeWaitStrategy, LogMessageWaitStrategy
+
+    strategy = CompositeWaitStrategy(
+        LogMessageWaitStrategy(READY_LINE).with_poll_interval(0.05).with_startup_timeout(START_TIMEOUT),
+        _pg_connect_strategy(addr, creds),
+    )
+    try:
+        strategy.wait_until_ready(tc)
+    except (TimeoutError, RuntimeError) as e:
+        logs = tc.get_wrapped_container().logs(tail=5).decode(errors="replace").strip().replace("\n", " | ")
+        _remove_quietly(c, vol)
+        raise WtboxError(f"The PostgreSQL container did not become ready ({dockerenv._first_line(e)[:200]}): "
+                         f"{logs[-300:]}") from None
+    except WtboxError:
+        _remove_quietly(c, vol)
+        raise
+    return _info(addr, creds)
+
+
+def _remove_quietly(c: Any, container_name: str) -> None:
+    import docker.errors
+
+    with contextlib.suppress(docker.errors.DockerException):
+        c.containers.get(container_name).remove(force=True)
+
+
+def _info(addr: tuple[str, int], creds: dict[str, str]) -> dict[str, Any]:
+    return {"host": addr[0], "port": addr[1], "user": creds["user"], "password": creds["password"],
+            "dbname": creds["dbname"]}
+
+
+def superuser_url(host: "Host", *, ensure_running: bool = True) -> str:
+    """postgresql:// URL of the superuser (starts the container unless told not to)."""
+    info = start(host) if ensure_running else _current_info(host)
+    return (f"postgresql://{quote(info['user'], safe='')}:{quote(info['password'], safe='')}"
+            f"@{info['host']}:{info['port']}/{quote(info['dbname'], safe='')}")
+
+
+def _current_info(host: "Host") -> dict[str, Any]:
+    """Connection facts without starting anything (the password is made if it does not exist yet)."""
+    creds = _credentials(host, create=True)
+    assert creds is not None
+    port = host.lease_host_port(PORT_OWNER)
+    addr: tuple[str, int] = ("127.0.0.1", port)
+    if os.environ.get("TESTCONTAINERS_CONNECTION_MODE") == "bridge_ip" and dockerenv.docker_available()[0]:
+        existing = _find(dockerenv.client(), host)
+        if existing is not None:
+            addr = _address(existing, port)
+    return _info(addr, creds)
+
+
+def stop(host: "Host") -> bool:
+    """Stop and remove the container (the volume keeps the data); True if one was running."""
+    c = dockerenv.client()
+    with _lock(host):
+        existing = _find(c, host)
+        if existing is None:
+            return False
+        was_running = existing.status == "running"
+        # SIGINT (the image's STOPSIGNAL) is a fast shutdown: sessions are cut, data is consistent.
+        with contextlib.suppress(Exception):
+            existing.stop(timeout=10)
+        existing.remove(force=True)
+        return was_running
+
+
+def destroy(host: "Host") -> None:
+    """Remove container, volume, port lease and password: the host's docker PostgreSQL is gone."""
+    with _lock(host):
+        if dockerenv.docker_available()[0]:
+            dockerenv.remove_labelled(host.home, host_level=True)
+        host.release_host_port(PORT_OWNER)
+        with contextlib.suppress(FileNotFoundError):
+            _state_path(host).unlink()
+
+
+def status(host: "Host") -> dict[str, Any]:
+    """What `wtbox db status` shows for the docker provider (never the password)."""
+    out: dict[str, Any] = {"provider": "docker", "container": name(host), "volume": name(host),
+                           "image": host.config.postgres_image, "running": False,
+                           "port": host.registry.ports_of(PORT_OWNER).get(PORT_OWNER.lstrip("@")),
+                           "host": "127.0.0.1"}
+    ok, why = dockerenv.docker_available()
+    if not ok:
+        out["error"] = why
+        return out
+    c = dockerenv.client()
+    existing = _find(c, host)
+    if existing is not None:
+        out["running"] = existing.status == "running"
+        out["state"] = existing.status
+        out["image"] = existing.attrs.get("Config", {}).get("Image", out["image"])
+        out["id"] = existing.short_id
+    return out
+
+
+def server(host: "Host") -> Any:
+    """A postgres.Server for the database resource: the container seen as an external server."""
+    from .postgres import ExternalServer
+
+    class DockerServer(ExternalServer):
+        provider = "docker"
+
+        def __init__(self) -> None:
+            # No start here: `db status` must not start anything. The first connection that
+            # fails calls ensure_running (Server._open).
+            dockerenv.configure_testcontainers()
+            super().__init__(superuser_url(host, ensure_running=False))
+
+        def key(self) -> str:
+            return f"docker:{name(host)}"
+
+        def ensure_running(self) -> None:
+            start(host)
+
+        def is_running(self) -> bool:
+            return _is_running(host)
+
+        def describe(self) -> str:
+            return f"docker container {name(host)}"
+
+        def status(self) -> dict[str, Any]:
+            out = status(host)
+            if out["running"]:
+                with contextlib.suppress(WtboxError), self.session() as conn:
+                    out["version"] = conn.execute("SHOW server_version").fetchone()[0]
+            return out
+
+    return DockerServer()
+
+
+def _is_running(host: "Host") -> bool:
+    if not dockerenv.docker_available()[0]:
+        return False
+    existing = _find(dockerenv.client(), host)
+    return existing is not None and existing.status == "running"

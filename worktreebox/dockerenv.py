@@ -1,0 +1,287 @@
+"""Docker for the docker providers: availability, testcontainers setup, and wtbox's labels.
+
+Every container, volume and network wtbox creates carries `wtbox.home=<home hash>` plus
+`wtbox.box=<id>` (per box) or `wtbox.host=<home hash>` (host level). `rm` and `gc` find
+them by label alone, so a crashed `wtbox new` leaves nothing that cannot be swept.
+
+Ryuk is never used: it removes containers when the creating process exits, which is
+wrong for boxes that outlive the CLI. wtbox's own sweep replaces it.
+
+The docker SDK and testcontainers are imported inside functions: this module is on the
+path of `wtbox doctor` and of the resources, not of `wtbox ls`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import WtboxError
+
+if TYPE_CHECKING:
+    import docker
+
+HOME_LABEL = "wtbox.home"
+BOX_LABEL = "wtbox.box"
+HOST_LABEL = "wtbox.host"
+ROLE_LABEL = "wtbox.role"
+DEFAULT_SOCKET = "/var/run/docker.sock"
+PING_TIMEOUT = 2.0
+
+
+def home_hash(home: str | Path) -> str:
+    """12 hex digits naming a wtbox home in labels and container names."""
+    return hashlib.sha256(str(Path(home)).encode()).hexdigest()[:12]
+
+
+def labels(home: str | Path, box_id: str | None = None, role: str | None = None) -> dict[str, str]:
+    """Labels for a box's thing (box_id given) or a host-level thing (box_id None)."""
+    h = home_hash(home)
+    out = {HOME_LABEL: h}
+    if box_id:
+        out[BOX_LABEL] = box_id
+    else:
+        out[HOST_LABEL] = h
+    if role:
+        out[ROLE_LABEL] = role
+    return out
+
+
+# ---------------------------------------------------------------- availability
+
+def _socket_path() -> str | None:
+    """The unix socket of the daemon, or None when DOCKER_HOST names a TCP/SSH daemon."""
+    url = os.environ.get("DOCKER_HOST", "")
+    if not url:
+        return DEFAULT_SOCKET
+    if url.startswith("unix://"):
+        return url[len("unix://"):]
+    return None
+
+
+def docker_available(timeout: float = PING_TIMEOUT) -> tuple[bool, str]:
+    """(True, version) when a daemon answers a ping, else (False, one sentence saying why)."""
+    path = _socket_path()
+    if path is None:
+        return _ping_with_sdk(timeout)
+    if not os.path.exists(path):
+        return False, (f"Docker is not running: {path} does not exist "
+                       "(install docker.io and start dockerd, e.g. scripts/start_dockerd.sh).")
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(path)
+            s.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            data = b""
+            while len(data) < 4096:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+    except PermissionError:
+        return False, f"Docker is not usable: permission denied on {path} (add this user to the docker group)."
+    except socket.timeout:
+        return False, f"Docker is not usable: the daemon on {path} did not answer within {timeout:g}s."
+    except OSError as e:
+        return False, f"Docker is not running: cannot connect to {path} ({e.strerror or e}); start dockerd."
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0]
+    if b" 200 " not in status + b" " or body.strip() != b"OK":
+        return False, f"Docker is not usable: the daemon on {path} answered {status.decode(errors='replace')!r}."
+    version = ""
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"api-version":
+            version = value.strip().decode()
+    return True, f"docker API {version}" if version else "docker is running"
+
+
+def _ping_with_sdk(timeout: float) -> tuple[bool, str]:
+    try:
+        import docker
+    except ImportError:
+        return False, "Docker support is not installed (pip install testcontainers)."
+    try:
+        c = docker.from_env(timeout=int(max(1, timeout)))
+        c.ping()
+        return True, f"docker API {c.version().get('ApiVersion', '?')}"
+    except Exception as e:  # any transport error means "not usable"
+        return False, f"Docker is not usable at {os.environ.get('DOCKER_HOST')}: {_first_line(e)}."
+
+
+def require_docker() -> None:
+    """Raise WtboxError with the reason when no daemon answers."""
+    ok, why = docker_available()
+    if not ok:
+        raise WtboxError(why)
+
+
+# ---------------------------------------------------------------- testcontainers setup
+
+def inside_container() -> bool:
+    return os.path.exists("/.dockerenv")
+
+
+def daemon_is_local() -> bool:
+    """True when dockerd runs in our own network namespace (started in this machine or container)."""
+    if _socket_path() is None:
+        return False
+    try:
+        pid = int(Path("/var/run/docker.pid").read_text().strip())
+        return Path(f"/proc/{pid}/comm").read_text().strip() == "dockerd"
+    except (OSError, ValueError):
+        pass
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() == "dockerd":
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def configure_testcontainers() -> None:
+    """Environment testcontainers reads at import time; explicit user settings win, except Ryuk.
+
+    Inside a container, testcontainers assumes the daemon is the outer host's (it connects to
+    the default gateway). When dockerd runs in our own container, published ports are on our
+    loopback: connect to 127.0.0.1. With the outer host's daemon (socket mounted), only the
+    containers' bridge addresses are reachable from here.
+    """
+    os.environ["TESTCONTAINERS_RYUK_DISABLED"] = "true"
+    if inside_container() and not os.environ.get("TESTCONTAINERS_CONNECTION_MODE"):
+        if daemon_is_local():
+            os.environ["TESTCONTAINERS_CONNECTION_MODE"] = "docker_host"
+            if not os.environ.get("TC_HOST"):
+                os.environ.setdefault("TESTCONTAINERS_HOST_OVERRIDE", "127.0.0.1")
+        else:
+            os.environ["TESTCONTAINERS_CONNECTION_MODE"] = "bridge_ip"
+
+
+def testcontainers() -> Any:
+    """Import testcontainers configured for wtbox; returns testcontainers.core.config's object."""
+    configure_testcontainers()
+    try:
+        from testcontainers.core.config import ConnectionMode, testcontainers_config as cfg
+    except ImportError:
+        raise WtboxError("The docker providers need testcontainers (pip install 'testcontainers>=4').") from None
+    # testcontainers reads the environment once, at import; it may have been imported first.
+    cfg.ryuk_disabled = True
+    mode = os.environ.get("TESTCONTAINERS_CONNECTION_MODE")
+    if mode and cfg.connection_mode_override is None:
+        cfg.connection_mode_override = ConnectionMode(mode)
+    host = os.environ.get("TC_HOST") or os.environ.get("TESTCONTAINERS_HOST_OVERRIDE")
+    if host and not cfg.tc_host_override:
+        cfg.tc_host_override = host
+    return cfg
+
+
+def client(timeout: int = 30) -> "docker.DockerClient":
+    """A docker SDK client; WtboxError with one sentence when the daemon is not usable."""
+    require_docker()
+    try:
+        import docker
+    except ImportError:
+        raise WtboxError("The docker providers need the docker SDK (pip install 'testcontainers>=4').") from None
+    return docker.from_env(timeout=timeout)
+
+
+def ensure_image(c: "docker.DockerClient", image: str, what: str, setting: str) -> None:
+    """Make sure `image` is local (pulling it once if it is not); one sentence on failure."""
+    import docker.errors
+
+    try:
+        c.images.get(image)
+        return
+    except docker.errors.ImageNotFound:
+        pass
+    try:
+        c.images.pull(image)
+    except docker.errors.DockerException as e:
+        raise WtboxError(
+            f"The {what} image {image!r} is not on this machine and could not be pulled ({_first_line(e)}); "
+            f"build local images with scripts/build_images.sh and set {setting}, or pull it."
+        ) from None
+
+
+# ---------------------------------------------------------------- labelled things
+
+def _filters(home: str | Path, box_id: str | None, host_level: bool) -> dict[str, Any]:
+    want = [f"{HOME_LABEL}={home_hash(home)}"]
+    if box_id:
+        want.append(f"{BOX_LABEL}={box_id}")
+    elif host_level:
+        want.append(f"{HOST_LABEL}={home_hash(home)}")
+    return {"label": want}
+
+
+def find_labelled(home: str | Path, box_id: str | None = None, *, host_level: bool = False,
+                  c: "docker.DockerClient | None" = None) -> dict[str, list]:
+    """Containers (any state), volumes and networks of this home: of one box, host-level ones, or all."""
+    c = c or client()
+    f = _filters(home, box_id, host_level)
+    return {
+        "containers": c.containers.list(all=True, filters=f),
+        "volumes": c.volumes.list(filters=f),
+        "networks": c.networks.list(filters=f),
+    }
+
+
+def labelled_box_ids(home: str | Path, c: "docker.DockerClient | None" = None) -> set[str]:
+    """Box ids owning a labelled container, volume or network (the docker half of `discover`)."""
+    found = find_labelled(home, c=c)
+    ids = set()
+    for kind in ("containers", "volumes", "networks"):
+        for obj in found[kind]:
+            attrs = obj.attrs if kind != "containers" else obj.attrs.get("Config", {})
+            box = (attrs.get("Labels") or {}).get(BOX_LABEL)
+            if box:
+                ids.add(box)
+    return ids
+
+
+def remove_labelled(home: str | Path, box_id: str | None = None, *, host_level: bool = False,
+                    c: "docker.DockerClient | None" = None) -> dict[str, int]:
+    """Remove what find_labelled finds (a box's, or with host_level the host's); idempotent.
+
+    Refuses to sweep the whole home without saying which half: the host's PostgreSQL
+    volume holds every box's data and must never go with a box.
+    """
+    import docker.errors
+
+    if not box_id and not host_level:
+        raise ValueError("remove_labelled needs box_id or host_level=True")
+    c = c or client()
+    found = find_labelled(home, box_id, host_level=host_level, c=c)
+    counts = {"containers": 0, "volumes": 0, "networks": 0}
+    # Containers first: a volume or network in use cannot be removed.
+    for kind in ("containers", "networks", "volumes"):
+        for obj in found[kind]:
+            try:
+                if kind == "containers":
+                    obj.remove(force=True, v=True)
+                else:
+                    obj.remove()
+                counts[kind] += 1
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError as e:
+                raise WtboxError(f"Cannot remove docker {kind[:-1]} {_name(obj)}: {_first_line(e)}.") from None
+    return counts
+
+
+def _name(obj: Any) -> str:
+    return getattr(obj, "name", None) or getattr(obj, "short_id", "?")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__).rstrip(".")
+
+
+def port_conflict(e: BaseException) -> bool:
+    """True when a docker error (or container log) says the host port is taken."""
+    text = str(e).lower()
+    return "port is already allocated" in text or "address already in use" in text

@@ -1,0 +1,503 @@
+"""The database resource: a role and schema (or a cloned database) per box on the host's PostgreSQL.
+
+Names derive from the box id: role, schema and database are all `wt_<8 hex>`. In
+`schema` mode the box lives in the server's shared database; in `database` mode it
+gets its own database cloned from a golden one (`wt_golden_<hash>`) that was migrated
+once, so a new box does not re-run the migrations.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from ..errors import WtboxError
+from .base import Creation, Resource, warn
+
+if TYPE_CHECKING:
+    from ..box import Box
+    from ..host import Host
+    from ..postgres import Server
+
+BOX_NAME = re.compile(r"^wt_[0-9a-f]{8}$")
+GOLDEN_PREFIX = "wt_golden_"
+STRATEGIES = ("WAL_LOG", "FILE_COPY")
+MIGRATE_TIMEOUT = 1800.0
+_LAST_LINES = 10
+
+# Per process: (server key, database) pairs whose public schema and extensions were checked.
+_PREPARED: set[tuple[str, str, tuple[str, ...]]] = set()
+
+
+def _ident(name: str):
+    from psycopg import sql
+
+    return sql.Identifier(name)
+
+
+def _sql(text: str, **parts: Any):
+    from psycopg import sql
+
+    return sql.SQL(text).format(**parts)
+
+
+class Database(Resource):
+    name = "database"
+
+    # ------------------------------------------------------------ create
+    def create(self, c: Creation) -> None:
+        cfg = c.config.database
+        if cfg.mode == "none":
+            return
+        from .. import postgres
+
+        srv = postgres.server(c.host)
+        role = c.box.pg_name
+        password = secrets.token_urlsafe(24)
+        dbname = role if cfg.mode == "database" else srv.shared_db
+        schema = role if cfg.mode == "schema" else "public"
+        # Recorded first, so a rollback after a partial create knows what to drop.
+        c.box.data[self.name] = {"mode": cfg.mode, "provider": srv.provider, "name": dbname, "schema": schema,
+                                 "user": role, "password": password, "url": None}
+        c.note(f"database ({cfg.mode} mode, {srv.provider})")
+        try:
+            if cfg.mode == "schema":
+                self._create_schema(srv, role, password, cfg.extensions)
+            else:
+                golden = Golden.for_creation(c, srv)
+                golden.ensure()
+                self._create_database(srv, role, password, golden)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                _drop(srv, role)
+            raise
+        url = srv.box_url(role, password, dbname)
+        c.box.data[self.name]["url"] = url
+        c.env.update({
+            "DATABASE_URL": url, "PGHOST": srv.box_host, "PGPORT": str(srv.box_port), "PGUSER": role,
+            "PGPASSWORD": password, "PGDATABASE": dbname,
+        })
+        c.facts["db"] = {"host": srv.box_host, "port": srv.box_port, "user": role, "password": password,
+                         "name": dbname, "schema": schema, "url": url}
+
+    def _create_schema(self, srv: "Server", role: str, password: str, extensions: list[str]) -> None:
+        from psycopg import sql
+
+        prepare_database(srv, srv.shared_db, extensions)
+        with srv.session(srv.shared_db) as conn, conn.transaction():
+            conn.execute(_sql("CREATE ROLE {r} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {p}",
+                              r=_ident(role), p=sql.Literal(password)))
+            conn.execute(_sql("CREATE SCHEMA {r} AUTHORIZATION {r}", r=_ident(role)))
+            conn.execute(_sql("ALTER ROLE {r} SET search_path = {r}, public", r=_ident(role)))
+
+    def _create_database(self, srv: "Server", role: str, password: str, golden: "Golden") -> None:
+        from psycopg import sql
+
+        with srv.session(srv.shared_db) as conn:
+            # CREATEDB: test runners such as Django's create their own test_<name> database.
+            conn.execute(_sql("CREATE ROLE {r} LOGIN NOSUPERUSER CREATEDB NOCREATEROLE PASSWORD {p}",
+                              r=_ident(role), p=sql.Literal(password)))
+            clone(conn, role, golden.name, role, golden.strategy(conn))
+            conn.execute(_sql("REVOKE CONNECT, TEMPORARY ON DATABASE {d} FROM PUBLIC", d=_ident(role)))
+        # Migrated objects belong to the golden role; hand them to the box (REASSIGN is per database).
+        with contextlib.closing(srv.connect(role)) as conn:
+            conn.execute(_sql("REASSIGN OWNED BY {g} TO {r}", g=_ident(golden.name), r=_ident(role)))
+
+    # ------------------------------------------------------------ start
+    def start(self, c: Creation) -> None:
+        cfg = c.config.database
+        data = c.box.data.get(self.name)
+        if not data or cfg.mode != "schema" or not cfg.migrate:
+            return
+        c.note("database: migrate")
+        # The box env as written to its env file (Host.new sets box.env), plus --secret values.
+        env = {**os.environ, **(c.box.env or c.env), **c.secrets}
+        run_migrate(cfg.migrate, c.box.path, env, c.box.logs_dir, [data["password"], *c.secrets.values()])
+
+    # ------------------------------------------------------------ destroy
+    def destroy(self, host: "Host", box: "Box") -> None:
+        data = box.data.get(self.name)
+        if not data or data.get("mode") == "none":
+            return
+        srv = _server_for(host, data.get("provider"))
+        if srv is None:
+            return
+        _drop(srv, box.pg_name)
+
+    def destroy_by_name(self, host: "Host", pg_name: str) -> None:
+        """Drop an orphan's role, schema and databases given only its `wt_<hex>` name (for gc)."""
+        if not BOX_NAME.match(pg_name):
+            raise WtboxError(f"{pg_name!r} is not a box database name (wt_ followed by 8 hex digits).")
+        from .. import postgres
+
+        srv = postgres.server(host)
+        if srv.provider == "embedded" and not srv.initialised:  # type: ignore[attr-defined]
+            return
+        _drop(srv, pg_name)
+
+    # ------------------------------------------------------------ discover / status
+    def discover(self, host: "Host") -> set[str]:
+        """Ids of boxes with a role, schema or database; `wt_<hex>` for ones the registry doesn't know.
+
+        Never starts the embedded cluster: a cluster that is not running holds no live orphans to report.
+        """
+        from .. import postgres
+        from ..box import hex_of
+
+        srv = postgres.server(host)
+        if srv.provider == "embedded" and not srv.is_running():
+            return set()
+        try:
+            with srv.session(srv.shared_db) as conn:
+                names = {r[0] for r in conn.execute(
+                    "SELECT rolname FROM pg_roles WHERE rolname ~ '^wt_[0-9a-f]{8}$'"
+                    " UNION SELECT nspname FROM pg_namespace WHERE nspname ~ '^wt_[0-9a-f]{8}$'"
+                    " UNION SELECT datname FROM pg_database WHERE datname ~ '^wt_[0-9a-f]{8}$'")}
+        except WtboxError:
+            return set()
+        by_hex = {hex_of(i): i for i in host.registry.select_box_ids()}
+        return {by_hex.get(n[3:], n) for n in names}
+
+    def status(self, host: "Host", box: "Box") -> dict[str, Any] | None:
+        data = box.data.get(self.name)
+        if not data:
+            return None
+        from ..secrets import mask_url
+
+        return {"mode": data.get("mode"), "provider": data.get("provider"), "name": data.get("name"),
+                "schema": data.get("schema"), "user": data.get("user"), "url": mask_url(data.get("url") or "")}
+
+
+# ---------------------------------------------------------------- server-side helpers
+
+def _server_for(host: "Host", provider: str | None) -> "Server | None":
+    from .. import postgres
+
+    srv = postgres.server(host)
+    if provider and provider != srv.provider:
+        warn(f"the box's database lives on the {provider} PostgreSQL, but the host now uses {srv.provider}; "
+             "dropping it there.")
+    if srv.provider == "embedded" and not srv.initialised:  # type: ignore[attr-defined]
+        return None
+    return srv
+
+
+def prepare_database(srv: "Server", dbname: str, extensions: list[str]) -> None:
+    """Once per database: nobody but the owner creates in public; listed extensions exist in public."""
+    key = (srv.key(), dbname, tuple(sorted(extensions)))
+    if key in _PREPARED:
+        return
+    with srv.session(dbname) as conn:
+        public_can_create = conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace n,"
+            " aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) a"
+            " WHERE n.nspname = 'public' AND a.grantee = 0 AND a.privilege_type = 'CREATE')").fetchone()[0]
+        have = {r[0] for r in conn.execute("SELECT extname FROM pg_extension")}
+        missing = [e for e in extensions if e not in have]
+        if public_can_create or missing:
+            # Concurrent GRANT/REVOKE or CREATE EXTENSION on one object fail; serialise them.
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext('wtbox:prepare-database'))")
+                if public_can_create:
+                    conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+                create_extensions(conn, missing)
+    _PREPARED.add(key)
+
+
+def create_extensions(conn: Any, extensions: list[str]) -> None:
+    import psycopg
+
+    for ext in extensions:
+        try:
+            with conn.transaction():
+                conn.execute(_sql("CREATE EXTENSION IF NOT EXISTS {e} SCHEMA public", e=_ident(ext)))
+        except psycopg.Error as e:
+            raise WtboxError(f"[database] extensions: cannot create the extension {ext!r}: "
+                             f"{str(e).strip().splitlines()[0]}.") from None
+
+
+def clone(conn: Any, name: str, template: str, owner: str, strategy: str) -> None:
+    conn.execute(_sql("CREATE DATABASE {d} TEMPLATE {t} OWNER {o} STRATEGY " + strategy,
+                      d=_ident(name), t=_ident(template), o=_ident(owner)))
+
+
+def _drop(srv: "Server", role: str) -> None:
+    """Terminate the role's sessions, drop its databases, schema and the role; fine if gone."""
+    import psycopg
+
+    with srv.session(srv.shared_db) as conn:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                     " WHERE usename = %s AND pid <> pg_backend_pid()", (role,))
+        dbs = [r[0] for r in conn.execute(
+            "SELECT datname FROM pg_database WHERE datname = %s"
+            " OR datdba = (SELECT oid FROM pg_roles WHERE rolname = %s)", (role, role))]
+        for db in dbs:
+            conn.execute(_sql("DROP DATABASE IF EXISTS {d} WITH (FORCE)", d=_ident(db)))
+        exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+        with conn.transaction():
+            conn.execute(_sql("DROP SCHEMA IF EXISTS {s} CASCADE", s=_ident(role)))
+            if exists:
+                conn.execute(_sql("DROP OWNED BY {r}", r=_ident(role)))
+        if not exists:
+            return
+        try:
+            conn.execute(_sql("DROP ROLE IF EXISTS {r}", r=_ident(role)))
+            return
+        except psycopg.errors.DependentObjectsStillExist:
+            # Objects in other databases (e.g. a table the box made in `postgres`): drop them there.
+            others = [r[0] for r in conn.execute(
+                "SELECT DISTINCT d.datname FROM pg_shdepend s JOIN pg_database d ON d.oid = s.dbid"
+                " WHERE s.refobjid = (SELECT oid FROM pg_roles WHERE rolname = %s)", (role,))]
+    for db in others:
+        with contextlib.closing(srv.connect(db)) as other:
+            other.execute(_sql("DROP OWNED BY {r}", r=_ident(role)))
+    with srv.session(srv.shared_db) as conn:
+        conn.execute(_sql("DROP ROLE IF EXISTS {r}", r=_ident(role)))
+
+
+# ---------------------------------------------------------------- golden databases (database mode)
+
+class Golden:
+    """The migrated database that boxes of one repo and one migration state are cloned from."""
+
+    def __init__(self, srv: "Server", home: Path, repo: str, base_sha: str, migrate: str | None,
+                 globs: list[str], extensions: list[str], env: Callable[[dict[str, Any]], dict[str, str]],
+                 logs_dir: Path, redact: list[str]) -> None:
+        self.srv, self.home, self.repo, self.base_sha = srv, home, repo, base_sha
+        self.migrate, self.globs, self.extensions = migrate, globs, extensions
+        self._env, self.logs_dir, self.redact = env, logs_dir, redact
+        self.hash = migrations_hash(repo, base_sha, migrate, globs, extensions)
+        self.name = GOLDEN_PREFIX + self.hash
+        self._strategy: str | None = None
+
+    @classmethod
+    def for_creation(cls, c: Creation, srv: "Server") -> "Golden":
+        cfg = c.config.database
+
+        def env(db: dict[str, Any]) -> dict[str, str]:
+            out = {**c.env, **_db_env(db)}
+            out.update(_render_env(cfg.env, {**c.facts, "db": db}))
+            return {**out, **c.secrets}
+
+        return cls(srv, Path(c.host.home), str(c.box.repo), c.base_sha, cfg.migrate, cfg.migrations,
+                   cfg.extensions, env, c.box.logs_dir, list(c.secrets.values()))
+
+    def exists(self, conn: Any) -> bool:
+        return bool(conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.name,)).fetchone())
+
+    def ensure(self) -> None:
+        """Build the golden database unless it exists; one build per hash at a time on this host."""
+        with self.srv.session(self.srv.shared_db) as conn:
+            if self.exists(conn):
+                return
+        with _file_lock(self.home / f"postgres.{self.name}.lock"):
+            with self.srv.session(self.srv.shared_db) as conn:
+                if self.exists(conn):
+                    return
+            self._build()
+
+    def strategy(self, conn: Any) -> str:
+        if self._strategy is None:
+            row = conn.execute("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
+                               (self.name,)).fetchone()
+            try:
+                self._strategy = json.loads(row[0])["strategy"]
+            except (TypeError, ValueError, KeyError):
+                self._strategy = "WAL_LOG"
+            if self._strategy not in STRATEGIES:
+                self._strategy = "WAL_LOG"
+        return self._strategy
+
+    def _build(self) -> None:
+        from psycopg import sql
+
+        srv, role, build = self.srv, self.name, self.name + "_build"
+        password = secrets.token_urlsafe(24)
+        with srv.session(srv.shared_db) as conn:
+            conn.execute(_sql("DROP DATABASE IF EXISTS {d} WITH (FORCE)", d=_ident(build)))
+            if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+                conn.execute(_sql("ALTER ROLE {r} LOGIN PASSWORD {p}", r=_ident(role), p=sql.Literal(password)))
+            else:
+                conn.execute(_sql("CREATE ROLE {r} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {p}",
+                                  r=_ident(role), p=sql.Literal(password)))
+            # Owner = golden role: it is pg_database_owner there, so migrations may create in public.
+            conn.execute(_sql("CREATE DATABASE {d} OWNER {r}", d=_ident(build), r=_ident(role)))
+            conn.execute(_sql("REVOKE CONNECT, TEMPORARY ON DATABASE {d} FROM PUBLIC", d=_ident(build)))
+        try:
+            if self.extensions:
+                with contextlib.closing(srv.connect(build)) as conn:
+                    create_extensions(conn, self.extensions)
+            if self.migrate:
+                url = srv.box_url(role, password, build)
+                db = {"host": srv.box_host, "port": srv.box_port, "user": role, "password": password,
+                      "name": build, "schema": "public", "url": url}
+                with checkout(self.repo, self.base_sha) as tree:
+                    run_migrate(self.migrate, tree, {**os.environ, **self._env(db)}, self.logs_dir,
+                                [password, *self.redact], what="golden database migration")
+            with srv.session(srv.shared_db) as conn:
+                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (build,))
+                _wait_no_sessions(conn, build)
+                conn.execute(_sql("ALTER DATABASE {d} RENAME TO {n}", d=_ident(build), n=_ident(self.name)))
+                # Nobody connects to a template: a session on it would make CREATE DATABASE … TEMPLATE fail.
+                conn.execute(_sql("ALTER DATABASE {d} ALLOW_CONNECTIONS false", d=_ident(self.name)))
+                conn.execute(_sql("ALTER ROLE {r} NOLOGIN PASSWORD NULL", r=_ident(role)))
+                strategy, timings = self._measure(conn)
+                comment = json.dumps({"repo": self.repo, "strategy": strategy, "clone_ms": timings})
+                conn.execute(_sql("COMMENT ON DATABASE {d} IS {c}", d=_ident(self.name), c=sql.Literal(comment)))
+                self._strategy = strategy
+                self._drop_stale(conn)
+        except BaseException:
+            with contextlib.suppress(Exception), srv.session(srv.shared_db) as conn:
+                conn.execute(_sql("DROP DATABASE IF EXISTS {d} WITH (FORCE)", d=_ident(build)))
+                conn.execute(_sql("DROP ROLE IF EXISTS {r}", r=_ident(role)))
+            raise
+
+    def _measure(self, conn: Any, rounds: int = 2) -> tuple[str, dict[str, float]]:
+        """Time CREATE DATABASE … TEMPLATE with each strategy; the faster one is used for boxes."""
+        best: dict[str, float] = {}
+        probe = self.name + "_probe"
+        for _ in range(rounds):
+            for strategy in STRATEGIES:
+                t0 = time.perf_counter()
+                clone(conn, probe, self.name, conn.info.user, strategy)
+                ms = (time.perf_counter() - t0) * 1000
+                conn.execute(_sql("DROP DATABASE {d} WITH (FORCE)", d=_ident(probe)))
+                best[strategy] = round(min(best.get(strategy, ms), ms), 2)
+        return min(best, key=best.__getitem__), best
+
+    def _drop_stale(self, conn: Any) -> None:
+        """Drop this repo's golden databases for older migration states."""
+        rows = conn.execute(
+            "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database"
+            " WHERE datname LIKE 'wt\\_golden\\_%%' AND datname <> %s", (self.name,)).fetchall()
+        for name, comment in rows:
+            try:
+                repo = json.loads(comment or "{}").get("repo")
+            except ValueError:
+                repo = None
+            stale_build = name.endswith("_build") or name.endswith("_probe")
+            if repo != self.repo and not stale_build:
+                continue
+            if stale_build and name.rsplit("_", 1)[0] != self.name:
+                continue  # another golden's build may be running right now
+            with contextlib.suppress(Exception):
+                conn.execute(_sql("DROP DATABASE IF EXISTS {d} WITH (FORCE)", d=_ident(name)))
+                conn.execute(_sql("DROP ROLE IF EXISTS {r}", r=_ident(name)))
+
+
+def _wait_no_sessions(conn: Any, dbname: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while conn.execute("SELECT 1 FROM pg_stat_activity WHERE datname = %s", (dbname,)).fetchone():
+        if time.monotonic() > deadline:
+            raise WtboxError(f"Sessions on the database {dbname} did not end within {timeout:.0f}s.")
+        time.sleep(0.02)
+
+
+def migrations_hash(repo: str, sha: str, migrate: str | None, globs: list[str], extensions: list[str]) -> str:
+    """Hash over the migration files at `sha` (by git blob id), the migrate command, extensions and repo."""
+    from .. import git
+
+    listing = git.out(repo, "ls-tree", "-r", "--full-tree", sha)
+    pattern = re.compile("|".join(f"(?:{glob_to_regex(g)})" for g in globs) or "(?!)")
+    h = hashlib.sha256()
+    for part in (str(Path(repo).resolve()), migrate or "", ",".join(extensions)):
+        h.update(part.encode() + b"\0")
+    for line in listing.splitlines():
+        meta, _, path = line.partition("\t")
+        if pattern.fullmatch(path):
+            h.update(f"{path}\0{meta.split()[2]}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def glob_to_regex(glob: str) -> str:
+    """`**` spans directories, `*` and `?` stay within one path segment."""
+    out, i = [], 0
+    while i < len(glob):
+        if glob.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif glob.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif glob[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif glob[i] == "?":
+            out.append("[^/]")
+            i += 1
+        else:
+            out.append(re.escape(glob[i]))
+            i += 1
+    return "".join(out)
+
+
+@contextlib.contextmanager
+def checkout(repo: str, sha: str) -> Iterator[Path]:
+    """The tree of `sha` in a temp dir (git archive: leaves no worktree or ref behind in the repo)."""
+    tmp = Path(tempfile.mkdtemp(prefix="wtbox-golden-"))
+    try:
+        archive = subprocess.Popen(["git", "-C", repo, "archive", "--format=tar", sha], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+        untar = subprocess.run(["tar", "-x", "-C", str(tmp)], stdin=archive.stdout, capture_output=True)
+        assert archive.stdout is not None
+        archive.stdout.close()
+        err = archive.stderr.read().decode(errors="replace") if archive.stderr else ""
+        if archive.wait() != 0 or untar.returncode != 0:
+            raise WtboxError(f"Cannot export {sha[:12]} of {repo} for the golden database: "
+                             f"{(err or untar.stderr.decode(errors='replace')).strip()}.")
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------- migrate
+
+def run_migrate(cmd: str, cwd: Path, env: dict[str, str], logs_dir: Path, redact: list[str],
+                what: str = "database migration") -> None:
+    """Run `[database] migrate` with its output in logs/migrate.jsonl; failure raises with the last lines."""
+    from ..logs import run_logged
+    from ..secrets import Redactor
+
+    red = Redactor(redact)
+    code, last = run_logged(cmd, cwd, env, logs_dir, "migrate", red, timeout=MIGRATE_TIMEOUT, keep_lines=_LAST_LINES)
+    if code != 0:
+        tail = "\n".join(last) or "(no output)"
+        raise WtboxError(f"The {what} `{red(cmd)}` failed with exit code {code}; last lines:\n{tail}")
+
+
+def _db_env(db: dict[str, Any]) -> dict[str, str]:
+    return {"DATABASE_URL": db["url"], "PGHOST": db["host"], "PGPORT": str(db["port"]), "PGUSER": db["user"],
+            "PGPASSWORD": db["password"], "PGDATABASE": db["name"]}
+
+
+def _render_env(templates: dict[str, str], facts: dict[str, Any]) -> dict[str, str]:
+    """[database] env for the golden build (the box's own is rendered by Host.new)."""
+    import jinja2
+
+    jenv = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
+    out = {}
+    for key, tmpl in templates.items():
+        with contextlib.suppress(jinja2.TemplateError):
+            out[key] = jenv.from_string(tmpl).render(**facts)
+    return out

@@ -57,6 +57,11 @@ def main() -> None:
 
 
 def run() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] not in ("gc", "--help", "-h", "--version"):
+        from .gc import maybe_start_background_gc
+        from .host import default_home
+
+        maybe_start_background_gc(default_home())
     try:
         main(standalone_mode=True)
     except KeyboardInterrupt:

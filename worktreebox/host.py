@@ -11,16 +11,19 @@ import os
 import shutil
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from typing import TYPE_CHECKING
+
 from . import git
 from .box import CREATING, FAILED, READY, REMOVING, Box, branch_name, is_box_id, new_id, slugify
-from .config import HostConfig, RepoConfig, load_host_config, parse_duration, parse_repo_config
 from .errors import ConfigError, NotFound, UnsavedWork, UsageError, WtboxError
 from .registry import Registry
 from .resources.base import Creation, Resource
+
+if TYPE_CHECKING:
+    from .config import HostConfig, RepoConfig
 
 
 def default_home() -> Path:
@@ -46,8 +49,10 @@ class Host:
         return f"Host({str(self.home)!r})"
 
     @property
-    def config(self) -> HostConfig:
+    def config(self) -> "HostConfig":
         if self._config is None:
+            from .config import load_host_config
+
             self._config = load_host_config(self.home)
         return self._config
 
@@ -102,7 +107,7 @@ class Host:
             return None
         return self.registry.select_box(rel.parts[0]) if rel.parts else None
 
-    def repo_config(self, box: Box) -> RepoConfig:
+    def repo_config(self, box: Box) -> "RepoConfig":
         """The wtbox.toml of a box: its worktree's file if present, else the defaults."""
         return load_repo_config_file(box.path, source_label=str(box.path / "wtbox.toml"))
 
@@ -131,9 +136,11 @@ class Host:
         ttl: str | float | None = None,
         keep: bool = False,
         progress: Callable[[str], None] | None = None,
-        config: RepoConfig | None = None,
+        config: "RepoConfig | None" = None,
     ) -> Box:
         """Create a box; on any failure everything made so far is destroyed and WtboxError raised."""
+        from .config import parse_duration
+
         slugify(task)  # validates before anything is touched
         repo_root = git.resolve_repo(repo)
         base_sha = git.resolve_commit(repo_root, ref or "HEAD")
@@ -147,6 +154,7 @@ class Host:
         box = Box(id=box_id, task=task, repo=str(repo_root), branch=branch_name(box_id),
                   dir=self.boxes_dir / box_id, state=CREATING, ttl=ttl_s, keep=keep)
         box.data["base_sha"] = base_sha
+        box.data["creator"] = process_identity(os.getpid())
         box._host = self
         self.boxes_dir.mkdir(parents=True, exist_ok=True)
         self.registry.remember_repo(str(repo_root))
@@ -178,6 +186,8 @@ class Host:
         by_name["ports"].create(c)
         c.note("ports leased")
         parallel = [by_name[n] for n in PARALLEL if n in by_name]
+        from concurrent.futures import ThreadPoolExecutor
+
         with ThreadPoolExecutor(max_workers=len(parallel)) as pool:
             futures = [(r, pool.submit(r.create, c)) for r in parallel]
             errors = []
@@ -251,6 +261,7 @@ class Host:
                     f"{box.id} has {why}; commit and push them, or run 'wtbox rm --force {box.id}' to discard them.")
         if keep_branch:
             box.data["keep_branch"] = True
+        box.data["remover"] = process_identity(os.getpid())
         box.state = REMOVING
         self.registry.save_box(box)
         self._destroy_resources(box, strict=True)
@@ -267,16 +278,20 @@ class Host:
 
 # ---------------------------------------------------------------------- config
 
-def load_repo_config_file(root: Path, source_label: str | None = None) -> RepoConfig:
+def load_repo_config_file(root: Path, source_label: str | None = None) -> "RepoConfig":
+    from .config import parse_repo_config
+
     toml = root / "wtbox.toml"
     procfile = root / "Procfile"
     text = _read(toml)
     return parse_repo_config(text, source_label or str(toml), procfile=_read(procfile))
 
 
-def load_config_for_new(repo: Path, sha: str, *, explicit_ref: bool) -> RepoConfig:
+def load_config_for_new(repo: Path, sha: str, *, explicit_ref: bool) -> "RepoConfig":
     """Without --from, the wtbox.toml in the main checkout as the user sees it (so edits apply
     before they are committed); with --from, the file at that ref."""
+    from .config import parse_repo_config
+
     if not explicit_ref:
         return load_repo_config_file(repo)
     text = git.show_file(repo, sha, "wtbox.toml")
@@ -316,3 +331,19 @@ def finalize_env(c: Creation) -> dict[str, str]:
     for k in c.secrets:
         env.pop(k, None)  # secrets never reach the env file
     return env
+
+
+def process_identity(pid: int) -> list[int] | None:
+    """(pid, start time in clock ticks): survives pid reuse, unlike a bare pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return [pid, int(stat.rsplit(")", 1)[1].split()[19])]
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def process_alive(identity: list[int] | None) -> bool:
+    if not identity:
+        return False
+    current = process_identity(identity[0])
+    return current is not None and current[1] == identity[1]

@@ -5,7 +5,13 @@ points them into the box with [box] cache_env.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from ..box import is_box_id
 from .base import Creation, Resource
+
+if TYPE_CHECKING:
+    from ..host import Host
 
 
 class Caches(Resource):
@@ -23,4 +29,11 @@ class Caches(Resource):
             path.mkdir(parents=True, exist_ok=True)
             c.env[var] = str(path)
 
-    # Everything lives under boxes/<id>, which Host removes last; nothing to do here.
+    # Everything lives under boxes/<id>, which Host removes last; nothing to destroy here.
+
+    def discover(self, host: "Host") -> set[str]:
+        """boxes/<id> directories."""
+        try:
+            return {p.name for p in host.boxes_dir.iterdir() if is_box_id(p.name)}
+        except FileNotFoundError:
+            return set()

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Run the whole test suite (after scripts/install.sh --test). Starts dockerd for the docker
+# provider's tests when Docker is installed; those tests skip with a reason otherwise.
+# pytest's exit code 5 ("no tests collected") is a failure here, never a silent pass.
+set -uo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+if command -v dockerd >/dev/null && [ "${WTBOX_TEST_DOCKER:-1}" = 1 ]; then
+    bash scripts/start_dockerd.sh || echo "test.sh: dockerd did not start; docker tests will skip." >&2
+fi
+export TESTCONTAINERS_RYUK_DISABLED=true
+.venv/bin/python -m pytest -q "$@"
+rc=$?
+if [ "$rc" = 5 ]; then
+    echo "test.sh: pytest collected no tests; that is a failure." >&2
+    exit 1
+fi
+exit "$rc"

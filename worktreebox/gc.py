@@ -1,0 +1,158 @@
+"""Mark and sweep (like pre-commit's gc): find every piece of every box, keep what the
+registry vouches for, remove the rest.
+
+Why the order matters: `new` inserts its registry row before it makes anything, and `rm`
+deletes the row last. So we discover first and read the registry second: anything found
+that still has no row is a true orphan, never a box being born.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+from . import git
+from .box import CREATING, EXPIRED, FAILED, READY, REMOVING
+from .errors import WtboxError
+
+if TYPE_CHECKING:
+    from .host import Host
+
+AUTO_GC_INTERVAL = 3600.0
+DEFAULT_GRACE = 600.0
+
+
+@contextlib.contextmanager
+def exclusive_lock(host: "Host", *, wait: float) -> Iterator[bool]:
+    """Host-wide gc lock; yields False when another gc holds it for longer than `wait`."""
+    host.home.mkdir(parents=True, exist_ok=True)
+    fd = os.open(host.home / "gc.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(0.05)
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def discover_all(host: "Host") -> dict[str, list[str]]:
+    """box id → names of the resources that hold something of it right now."""
+    found: dict[str, list[str]] = {}
+    for r in host.resources:
+        try:
+            ids = r.discover(host)
+        except WtboxError:
+            continue  # e.g. the database is unreachable: nothing of it can be swept now
+        for box_id in ids:
+            found.setdefault(box_id, []).append(r.name)
+    return found
+
+
+def find_orphans(host: "Host") -> dict[str, list[str]]:
+    found = discover_all(host)
+    known = host.registry.select_box_ids()
+    return {i: what for i, what in found.items() if i not in known}
+
+
+def plan(host: "Host", *, grace: float, now: float | None = None) -> list[dict]:
+    """What gc would do, each with its reason. Reads only."""
+    from .host import process_alive
+
+    now = time.time() if now is None else now
+    found = discover_all(host)
+    boxes = {b.id: b for b in host.list()}  # read after discover: see the module docstring
+    actions: list[dict] = []
+    for box_id, what in sorted(found.items()):
+        if box_id not in boxes:
+            actions.append({"id": box_id, "action": "remove", "reason": f"orphan: {', '.join(sorted(what))} with no registry row"})
+    for b in boxes.values():
+        updated = host.registry.box_updated_at(b.id) or b.created_at
+        if b.state in (CREATING, REMOVING, FAILED):
+            owner = b.data.get("remover" if b.state == REMOVING else "creator")
+            if process_alive(owner):
+                continue  # a running command owns it
+            if now - updated < grace:
+                continue
+            actions.append({"id": b.id, "action": "remove",
+                            "reason": f"stuck in '{b.state}' for {int(now - updated)}s (its command died)"})
+        elif b.state in (READY, EXPIRED) and not b.keep and b.ttl and now - b.last_used_at > b.ttl:
+            why = host.unsaved_work(b)
+            idle = f"unused for {_human(now - b.last_used_at)} (ttl {_human(b.ttl)})"
+            if why:
+                actions.append({"id": b.id, "action": "expire", "reason": f"{idle} but it has {why}; kept"})
+            else:
+                actions.append({"id": b.id, "action": "remove", "reason": f"expired: {idle}"})
+    return actions
+
+
+def run(host: "Host", *, grace: float = DEFAULT_GRACE, dry_run: bool = False, wait: float = 30.0) -> dict:
+    t0 = time.perf_counter()
+    with exclusive_lock(host, wait=wait) as locked:
+        if not locked:
+            raise WtboxError("Another 'wtbox gc' is running on this host; try again when it is done.")
+        actions = plan(host, grace=grace)
+        errors = []
+        if not dry_run:
+            for a in actions:
+                try:
+                    if a["action"] == "expire":
+                        host.registry.set_state(a["id"], EXPIRED)
+                    else:
+                        host.destroy_orphan(a["id"])
+                    a["done"] = True
+                except WtboxError as e:
+                    a["done"] = False
+                    errors.append(f"{a['id']}: {e}")
+            for repo in host.registry.select_repos():
+                if Path(repo).is_dir():
+                    git.git(repo, "worktree", "prune", check=False)
+            _stamp(host)
+    return {"dry_run": dry_run, "actions": actions, "errors": errors, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _human(seconds: float) -> str:
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= n:
+            return f"{seconds / n:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _stamp(host: "Host") -> None:
+    (host.home / ".last-gc").touch()
+
+
+def maybe_start_background_gc(home: Path) -> None:
+    """At most once an hour, any wtbox command starts a detached `wtbox gc` (cheap: one stat)."""
+    import subprocess
+    import sys
+
+    if os.environ.get("WTBOX_NO_AUTO_GC"):
+        return
+    stamp = home / ".last-gc"
+    try:
+        if time.time() - stamp.stat().st_mtime < AUTO_GC_INTERVAL:
+            return
+    except FileNotFoundError:
+        if not (home / "registry.sqlite3").exists():
+            return  # nothing was ever made here
+    try:
+        stamp.touch()  # claim this hour before starting, so concurrent commands don't all start one
+        subprocess.Popen([sys.executable, "-m", "worktreebox.cli", "gc", "--quiet"], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                         env={**os.environ, "WTBOX_HOME": str(home), "WTBOX_NO_AUTO_GC": "1"})
+    except OSError:
+        pass

@@ -159,6 +159,7 @@ class Host:
         self.boxes_dir.mkdir(parents=True, exist_ok=True)
         self.registry.remember_repo(str(repo_root))
         self.registry.insert_box(box)
+        _phase("new:row")
         box.dir.mkdir(mode=0o700)
 
         c = Creation(host=self, box=box, config=cfg, base_sha=base_sha, secrets=dict(secrets or {}),
@@ -184,6 +185,7 @@ class Host:
         box = c.box
         by_name = {r.name: r for r in self.resources}
         by_name["ports"].create(c)
+        _phase("new:ports")
         c.note("ports leased")
         parallel = [by_name[n] for n in PARALLEL if n in by_name]
         from concurrent.futures import ThreadPoolExecutor
@@ -198,15 +200,18 @@ class Host:
                     errors.append(e)
             if errors:
                 raise errors[0]
+        _phase("new:created")
         by_name["worktree"].copy_files(c)  # type: ignore[attr-defined]
         box.env = finalize_env(c)
         box.data["env_keys"] = sorted(box.env)
         self.write_env_file(box)
         self.registry.save_box(box)
         for r in self.resources:
+            _phase(f"new:start:{r.name}")
             r.start(c)
         box.state = READY
         self.registry.save_box(box)
+        _phase("new:ready")
 
     def _rollback(self, box: Box) -> None:
         try:
@@ -219,6 +224,7 @@ class Host:
     def _destroy_resources(self, box: Box, *, strict: bool) -> None:
         errors = []
         for r in reversed(self.resources):
+            _phase(f"destroy:{r.name}")
             try:
                 r.destroy(self, box)
             except Exception as e:
@@ -264,8 +270,10 @@ class Host:
         box.data["remover"] = process_identity(os.getpid())
         box.state = REMOVING
         self.registry.save_box(box)
+        _phase("rm:removing")
         self._destroy_resources(box, strict=True)
         self.registry.delete_box(box.id)
+        _phase("rm:done")
         return box
 
     def destroy_orphan(self, box_id: str) -> None:
@@ -331,6 +339,14 @@ def finalize_env(c: Creation) -> dict[str, str]:
     for k in c.secrets:
         env.pop(k, None)  # secrets never reach the env file
     return env
+
+
+def _phase(name: str) -> None:
+    """Crash-test hook: with WTBOX_PHASE_FILE set, append each phase name as it starts."""
+    path = os.environ.get("WTBOX_PHASE_FILE")
+    if path:
+        with open(path, "a") as f:
+            f.write(name + "\n")
 
 
 def process_identity(pid: int) -> list[int] | None:

@@ -1,0 +1,176 @@
+"""Crash safety: kill -9 `wtbox new` / `wtbox rm` at random moments, then `wtbox gc --grace 0`
+must leave nothing of any box except the ones that are fully alive and listed by `wtbox ls`.
+
+Runs with every resource this machine has: a PostgreSQL schema (own embedded cluster), a
+service under the supervisor, and a VictoriaMetrics per box.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import git
+
+pytestmark = pytest.mark.chaos
+
+ITERATIONS = int(os.environ.get("WTBOX_CHAOS_ITERATIONS", "32"))
+HAVE_PG = bool(shutil.which("pg_ctl") or list(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl")))
+HAVE_VM = bool(shutil.which("victoria-metrics"))
+
+SERVICE = '''
+import http.server, os
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+'''
+
+
+def _toml() -> str:
+    parts = ['[box]\nports = ["web"]\n',
+             f'[database]\nmode = "{"schema" if HAVE_PG else "none"}"\n',
+             f"[observability]\nenabled = {'true' if HAVE_VM else 'false'}\n",
+             '[services.web]\ncmd = "{python} server.py"\nready = "tcp:{{{{ ports.web }}}}"\n'.format(python=sys.executable)]
+    return "\n".join(parts)
+
+
+class Chaos:
+    def __init__(self, home: Path, repo: Path, tmp: Path) -> None:
+        self.home, self.repo, self.tmp = home, repo, tmp
+        self.env = {**os.environ, "WTBOX_HOME": str(home), "WTBOX_NO_AUTO_GC": "1"}
+        self.env.pop("WTBOX_POSTGRES_URL", None)  # its own embedded cluster: every wt_* in it is ours
+
+    def wtbox(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, "-m", "worktreebox.cli", *args], capture_output=True, text=True,
+                              env=self.env, timeout=180)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"wtbox {' '.join(args)}: {proc.returncode}\n{proc.stderr}")
+        return proc
+
+    def spawn(self, *args: str) -> tuple[subprocess.Popen, Path]:
+        phase_file = self.tmp / f"phase-{time.monotonic_ns()}"
+        env = {**self.env, "WTBOX_PHASE_FILE": str(phase_file)}
+        p = subprocess.Popen([sys.executable, "-m", "worktreebox.cli", *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env=env)
+        return p, phase_file
+
+    def timed(self, *args: str) -> float:
+        t0 = time.monotonic()
+        p, _ = self.spawn(*args)
+        assert p.wait(120) == 0
+        return time.monotonic() - t0
+
+    def live(self) -> list[dict]:
+        return json.loads(self.wtbox("ls", "--json").stdout)
+
+    # ------------------------------------------------------------ what exists
+    def leftovers(self, alive: set[str]) -> dict[str, set]:
+        from worktreebox.box import pg_name
+        from worktreebox.registry import Registry
+
+        boxes_dir = self.home / "boxes"
+        found: dict[str, set] = {}
+        found["dirs"] = {p.name for p in boxes_dir.iterdir()} if boxes_dir.exists() else set()
+        found["branches"] = {b.strip().removeprefix("wtbox/") for b in
+                             git(self.repo, "for-each-ref", "--format=%(refname:short)", "refs/heads/wtbox/").split()}
+        found["worktrees"] = {Path(line.split()[1]).parent.name for line in
+                              git(self.repo, "worktree", "list", "--porcelain").splitlines()
+                              if line.startswith("worktree ") and str(boxes_dir) in line}
+        found["processes"] = set()
+        found["vm_processes"] = set()
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            env = dict(e.decode(errors="replace").split("=", 1) for e in environ if b"=" in e)
+            # every process of a box carries WTBOX_ID and WTBOX_BOX_DIR (which tells this home's from others')
+            if env.get("WTBOX_ID") and env.get("WTBOX_BOX_DIR", "").startswith(str(boxes_dir)):
+                found["processes"].add(env["WTBOX_ID"])
+                if b"victoria-metrics" in cmd:
+                    found["vm_processes"].add(env["WTBOX_ID"])
+        reg = Registry(self.home / "registry.sqlite3")
+        found["leases"] = {o for o in reg.lease_owners() if not o.startswith("@")}
+        found["rows"] = reg.select_box_ids()
+        reg.close()
+        found["metrics_dirs"] = {p.parent.name for p in boxes_dir.glob("*/metrics")} if boxes_dir.exists() else set()
+        if HAVE_PG:
+            names = self.pg_names()
+            alive_pg = {pg_name(i) for i in alive}
+            found["pg_objects"] = {n for n in names if n not in alive_pg}
+        return {k: {x for x in v if x not in alive} if k != "pg_objects" else v for k, v in found.items()}
+
+    def pg_names(self) -> set[str]:
+        from worktreebox.host import Host
+        from worktreebox import postgres
+
+        saved = os.environ.pop("WTBOX_POSTGRES_URL", None)
+        try:
+            srv = postgres.server(Host(self.home))
+            with srv.session(srv.shared_db) as conn:
+                rows = conn.execute(
+                    "SELECT rolname FROM pg_roles WHERE rolname LIKE 'wt\\_%' "
+                    "UNION SELECT nspname FROM pg_namespace WHERE nspname LIKE 'wt\\_%' "
+                    "UNION SELECT datname FROM pg_database WHERE datname LIKE 'wt\\_%' AND datname NOT LIKE 'wt_golden%'"
+                ).fetchall()
+            return {r[0] for r in rows}
+        finally:
+            if saved is not None:
+                os.environ["WTBOX_POSTGRES_URL"] = saved
+
+
+def test_kill_dash_nine_anywhere_then_gc_leaves_nothing(tmp_path, make_repo):
+    repo = make_repo({"server.py": SERVICE}, toml=_toml())
+    home = tmp_path / "home"
+    chaos = Chaos(home, repo, tmp_path)
+    rng = random.Random(int(os.environ.get("WTBOX_CHAOS_SEED", time.time())))
+    if HAVE_PG:
+        chaos.wtbox("db", "start")
+    try:
+        # calibrate: the usual run time of each command on this machine
+        new_time = chaos.timed("new", "calib", "--repo", str(repo))
+        rm_time = chaos.timed("rm", "calib")
+        phases: collections.Counter = collections.Counter()
+        for i in range(ITERATIONS):
+            live = chaos.live()
+            if live and rng.random() < 0.4:
+                victim = rng.choice(live)["id"]
+                p, phase_file = chaos.spawn("rm", "--force", victim)
+                usual, op = rm_time, "rm"
+            else:
+                p, phase_file = chaos.spawn("new", f"chaos-{i}", "--repo", str(repo))
+                usual, op = new_time, "new"
+            time.sleep(rng.uniform(0, usual))
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            hit = phase_file.read_text().split()[-1] if phase_file.exists() and phase_file.read_text() else "start"
+            phases[f"{op}@{hit}"] += 1
+            chaos.wtbox("gc", "--grace", "0")
+            alive = {b["id"] for b in chaos.live()}
+            for b in chaos.live():
+                assert b["state"] == "ready", b
+            left = chaos.leftovers(alive)
+            assert not any(left.values()), (i, op, hit, {k: v for k, v in left.items() if v})
+            # every box that is alive works: its port answers (the service runs) and its worktree exists
+            for b in chaos.live():
+                assert Path(b["path"]).is_dir()
+        print(f"\nchaos: {ITERATIONS} kills; by phase: {dict(sorted(phases.items()))}")
+    finally:
+        chaos.wtbox("rm", "--all", "--yes", "--force", check=False)
+        chaos.wtbox("gc", "--grace", "0", check=False)
+        final = chaos.leftovers(set())
+        if HAVE_PG:
+            chaos.wtbox("db", "stop", check=False)
+    assert not any(final.values()), final

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,10 @@ def wtbox_home(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "home"
     monkeypatch.setenv("WTBOX_HOME", str(home))
     monkeypatch.setenv("WTBOX_NO_AUTO_GC", "1")
+    # each test home leases from its own slice, so homes that run side by side (helpers,
+    # benchmarks) rarely offer each other the same port
+    base = 20000 + random.randrange(100) * 100
+    monkeypatch.setenv("WTBOX_PORT_RANGE", f"{base}-{base + 99}")
     return home
 
 

@@ -8,6 +8,7 @@ line without json.loads; that is what keeps `--tail`/`--grep` on 200 MB logs fas
 from __future__ import annotations
 
 import collections
+import functools
 import heapq
 import json
 import os
@@ -26,19 +27,20 @@ _ALIASES = {
 }
 MAX_BYTES = 50 * 1024 * 1024
 KEEP = 3
-EVENTS = "_events"  # start/ready/exit/restart events of the supervisor, same record shape
+EVENTS = "_events"
+MAX_TRACEBACK_LINES = 1000  # a "traceback" that never ends is cut into records of this many lines  # start/ready/exit/restart events of the supervisor, same record shape
 
 _TS_PREFIX = '{"ts": "'
 _TS_END = len(_TS_PREFIX) + 24
 # "ERROR ...", "[WARN] ...", "2024-01-01 12:00:00,123 ERROR ...", "2024-... - app - WARNING - ...",
 # "ERROR:root:...", "level=error ...": a level word near the start, possibly after a timestamp.
-_TEXT_LEVEL = re.compile(
+_TEXT_LEVEL_RE = (
     r"^\s*(?:\[?\d{4}-\d\d-\d\d[T ][0-9:.,]+(?:Z|[+-]\d\d:?\d\d)?\]?\s*(?:[-|:]\s*)?"
     r"(?:[\w.\[\]-]+\s+[-|]\s+)?)?"
     r"[\[<(]?(?:level=)?(?P<lvl>CRITICAL|FATAL|ERROR|WARNING|WARN|INFO|DEBUG|TRACE|critical|fatal|error|"
     r"warning|warn|info|debug|trace|Error|Warning|Info|Debug|Critical|Fatal)(?![\w])"
 )
-_LOGFMT_LEVEL = re.compile(r"(?:^|\s)(?:level|lvl|severity)=\"?(?P<lvl>[A-Za-z]+)")
+_LOGFMT_LEVEL_RE = r"(?:^|\s)(?:level|lvl|severity)=\"?(?P<lvl>[A-Za-z]+)"
 _TRACEBACK = "Traceback (most recent call last):"
 _CHAIN = ("During handling of the above exception", "The above exception was the direct cause")
 
@@ -47,6 +49,12 @@ def now_ts() -> str:
     """RFC 3339 UTC with milliseconds; fixed width so string order is time order."""
     t = time.time()
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % (int(t * 1000) % 1000)
+
+
+@functools.lru_cache(maxsize=None)
+def _rx(pattern: str) -> "re.Pattern[str]":
+    # Compiled on first use: only the writer needs these, and compiling costs ~20 ms at import.
+    return re.compile(pattern)
 
 
 def parse_level(line: str) -> str:
@@ -67,10 +75,10 @@ def parse_level(line: str) -> str:
                     return "debug" if val < 20 else "info" if val < 30 else "warning" if val < 40 else \
                         "error" if val < 50 else "critical"
             return "info"
-    m = _TEXT_LEVEL.match(line)
+    m = _rx(_TEXT_LEVEL_RE).match(line)
     if m:
         return _ALIASES[m.group("lvl").lower()]
-    m = _LOGFMT_LEVEL.search(line[:200])
+    m = _rx(_LOGFMT_LEVEL_RE).search(line[:200])
     if m and m.group("lvl").lower() in _ALIASES:
         return _ALIASES[m.group("lvl").lower()]
     if line.startswith(_TRACEBACK):
@@ -108,7 +116,7 @@ class LogWriter:
         with self._lock:
             tb = self._tb.get(stream)
             if tb is not None:
-                if self._continues_traceback(stream, text):
+                if self._continues_traceback(stream, text) and len(tb) < MAX_TRACEBACK_LINES:
                     tb.append(text)
                     return
                 self._flush_tb(stream)
@@ -149,14 +157,14 @@ class LogWriter:
             lines.pop()
         self._write(stream, "error", "\n".join(lines))
 
-    def event(self, level: str, msg: str, **extra: Any) -> None:
-        """A supervisor event (start/ready/exit/restart) for this service (writer on _events.jsonl)."""
+    def event(self, level: str, msg: str, service: str | None = None, **extra: Any) -> None:
+        """An event record (start/ready/exit/restart): stream "event", about `service` (default: this one)."""
         with self._lock:
-            self._write("event", level, msg, **extra)
+            self._write("event", level, msg, service=service, **extra)
 
     # -- output
-    def _write(self, stream: str, level: str, msg: str, **extra: Any) -> None:
-        rec = {"ts": now_ts(), "service": self.service, "stream": stream, "level": level,
+    def _write(self, stream: str, level: str, msg: str, service: str | None = None, **extra: Any) -> None:
+        rec = {"ts": now_ts(), "service": service or self.service, "stream": stream, "level": level,
                "msg": self.redact(msg)}
         if extra:
             rec.update(extra)
@@ -193,14 +201,10 @@ class EventLog:
     """Writer of logs/_events.jsonl where every record carries the service it is about."""
 
     def __init__(self, logs_dir: Path | str) -> None:
-        self._writers: dict[str, LogWriter] = {}
         self._w = LogWriter(logs_dir, EVENTS)
-        self._lock = threading.Lock()
 
     def __call__(self, service: str, level: str, msg: str, **extra: Any) -> None:
-        with self._lock:
-            self._w.service = service
-            self._w.event(level, msg, **extra)
+        self._w.event(level, msg, service=service, **extra)
 
     def close(self) -> None:
         self._w.close()
@@ -350,6 +354,7 @@ class _Filter:
         self.min_level = level_at_least(min_level)
         self.rx = None
         self.raw_ok = False
+        self.literal: bytes | None = None
         if grep:
             try:
                 self.rx = re.compile(grep)
@@ -360,6 +365,10 @@ class _Filter:
             # A match of the message is a match of the raw line (a superset) unless the pattern is
             # anchored or looks around; then every line is parsed.
             self.raw_ok = not re.search(r"[\^$]|\\[AZBGz]|\(\?[<=!]", grep)
+            # A plain string (no regex syntax, no quote, backslash or control character) can be
+            # found in the raw bytes with bytes.find, without decoding, and escapes cannot hide it.
+            if not re.search(r'[.^$*+?{}\[\]\\|()"\x00-\x1f]', grep):
+                self.literal = grep.encode("utf-8")
 
     def ts(self, line: str) -> str | None:
         if line.startswith(_TS_PREFIX):
@@ -425,30 +434,6 @@ def available_services(logs_dir: Path | str) -> list[str]:
     return sorted(names)
 
 
-def _lines_forward(path: Path, since: str | None, block: int = 1 << 22) -> Iterator[str]:
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        return
-    with f:
-        if since:
-            _seek_since(f, since)
-        rest = b""
-        while True:
-            data = f.read(block)
-            if not data:
-                break
-            data = rest + data
-            cut = data.rfind(b"\n")
-            if cut < 0:
-                rest = data
-                continue
-            rest = data[cut + 1:]
-            yield from data[:cut].decode("utf-8", "replace").split("\n")
-        if rest:
-            yield rest.decode("utf-8", "replace")
-
-
 def _seek_since(f: Any, since: str) -> None:
     """Binary search on byte offsets for the first line with ts >= since (records are in ts order)."""
     f.seek(0, os.SEEK_END)
@@ -471,83 +456,8 @@ def _seek_since(f: Any, since: str) -> None:
         f.readline()
 
 
-def _lines_backward(path: Path, block: int = 1 << 20) -> Iterator[str]:
-    """Lines of a file, last first, reading blocks from the end."""
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        return
-    with f:
-        f.seek(0, os.SEEK_END)
-        pos = f.tell()
-        rest = b""
-        while pos > 0:
-            step = min(block, pos)
-            pos -= step
-            f.seek(pos)
-            data = f.read(step) + rest
-            first = data.find(b"\n")
-            if first < 0 or pos == 0:
-                rest = data
-                if pos == 0:
-                    break
-                continue
-            rest = data[:first]
-            lines = data[first + 1:].decode("utf-8", "replace").split("\n")
-            yield from reversed(lines)
-        if rest:
-            yield from reversed(rest.decode("utf-8", "replace").split("\n"))
-
-
-def _forward_records(logs_dir: Path, service: str, flt: _Filter) -> Iterator[tuple[str, dict]]:
-    for path in _files(logs_dir, service):
-        if flt.rx is not None and flt.raw_ok:
-            yield from _grep_file(path, flt)
-            continue
-        for line in _lines_forward(path, flt.since):
-            if flt.until:
-                ts = flt.ts(line)
-                if ts is not None and ts > flt.until:
-                    return
-            if line and flt.raw_maybe(line):
-                rec = flt.record(line)
-                if rec is not None:
-                    yield rec.get("ts", ""), rec
-
-
-def _grep_file(path: Path, flt: _Filter, block: int = 1 << 22) -> Iterator[tuple[str, dict]]:
-    """Forward scan where the regex runs over whole blocks, not line by line."""
-    rx = flt.rx
-    for chunk in _blocks_forward(path, flt.since, block):
-        if "\\" in chunk:
-            # Escaped characters may hide a match from the raw text: check line by line.
-            for line in chunk.split("\n"):
-                if line and flt.raw_maybe(line):
-                    rec = flt.record(line)
-                    if rec is not None:
-                        yield rec.get("ts", ""), rec
-            continue
-        pos = 0
-        n = len(chunk)
-        while pos < n:
-            m = rx.search(chunk, pos)
-            if m is None:
-                break
-            start = chunk.rfind("\n", 0, m.start()) + 1
-            end = chunk.find("\n", m.start())
-            if end < 0:
-                end = n
-            line = chunk[start:end]
-            if line and flt.raw_maybe(line):
-                rec = flt.record(line)
-                if rec is not None:
-                    if flt.until and rec.get("ts", "") > flt.until:
-                        return
-                    yield rec.get("ts", ""), rec
-            pos = end + 1
-
-
-def _blocks_forward(path: Path, since: str | None, block: int) -> Iterator[str]:
+def _blocks_forward(path: Path, since: str | None, block: int = 1 << 22) -> Iterator[bytes]:
+    """The file as chunks of whole lines, first to last (from the first line >= since)."""
     try:
         f = open(path, "rb")
     except FileNotFoundError:
@@ -566,23 +476,115 @@ def _blocks_forward(path: Path, since: str | None, block: int) -> Iterator[str]:
                 rest = data
                 continue
             rest = data[cut + 1:]
-            yield data[:cut].decode("utf-8", "replace")
+            yield data[:cut]
         if rest:
-            yield rest.decode("utf-8", "replace")
+            yield rest
+
+
+def _blocks_backward(path: Path, block: int = 1 << 20) -> Iterator[bytes]:
+    """The file as chunks of whole lines, last chunk first, reading blocks from the end."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return
+    with f:
+        f.seek(0, os.SEEK_END)
+        pos = f.tell()
+        rest = b""
+        while pos > 0:
+            step = min(block, pos)
+            pos -= step
+            f.seek(pos)
+            data = f.read(step) + rest
+            if pos == 0:
+                rest = data
+                break
+            first = data.find(b"\n")
+            if first < 0:
+                rest = data
+                continue
+            rest = data[:first]
+            if first + 1 < len(data):
+                yield data[first + 1:]
+        if rest:
+            yield rest
+
+
+@functools.lru_cache(maxsize=None)
+def _level_rx(min_level: int) -> "re.Pattern[bytes]":
+    return re.compile(b'"level": "(?:%s)"' % "|".join(k for k, v in LEVELS.items() if v >= min_level).encode())
+
+
+def _candidates(chunk: bytes, flt: _Filter) -> list[str]:
+    """Lines of a chunk that may pass the filters, in file order.
+
+    What must match (the --grep string or regex, else the --level pattern) is searched over
+    the whole chunk, so lines that cannot match cost nothing in Python. Escaped characters (a
+    backslash in the raw JSON) can hide a --grep regex match: such chunks go line by line.
+    """
+    data: bytes | str = chunk
+    if flt.literal is not None:
+        literal = flt.literal
+
+        def find(buf, pos):  # type: ignore[no-untyped-def]
+            return buf.find(literal, pos)
+    elif flt.rx is None and flt.min_level > LEVELS["debug"]:
+        rxb = _level_rx(flt.min_level)
+
+        def find(buf, pos):  # type: ignore[no-untyped-def]
+            m = rxb.search(buf, pos)
+            return m.start() if m else -1
+    else:
+        data = chunk.decode("utf-8", "replace")
+        if flt.rx is None or not flt.raw_ok or "\\" in data:
+            return [line for line in data.split("\n") if line and flt.raw_maybe(line)]
+        rx = flt.rx
+
+        def find(buf, pos):  # type: ignore[no-untyped-def]
+            m = rx.search(buf, pos)
+            return m.start() if m else -1
+    nl = b"\n" if isinstance(data, bytes) else "\n"
+    out = []
+    pos, n = 0, len(data)
+    while pos < n:
+        at = find(data, pos)
+        if at < 0:
+            break
+        start = data.rfind(nl, 0, at) + 1
+        end = data.find(nl, at)
+        if end < 0:
+            end = n
+        line = data[start:end]
+        if isinstance(line, bytes):
+            line = line.decode("utf-8", "replace")
+        if line and flt.raw_maybe(line):
+            out.append(line)
+        pos = end + 1  # the next match starts in a later line: a match that spans lines skips none
+    return out
+
+
+def _forward_records(logs_dir: Path, service: str, flt: _Filter) -> Iterator[tuple[str, dict]]:
+    for path in _files(logs_dir, service):
+        for chunk in _blocks_forward(path, flt.since):
+            for line in _candidates(chunk, flt):
+                rec = flt.record(line)
+                if rec is not None:
+                    yield rec.get("ts", ""), rec
+                elif flt.until and (flt.ts(line) or "") > flt.until:
+                    return  # records are in time order: nothing later can pass --until
 
 
 def _backward_records(logs_dir: Path, service: str, flt: _Filter) -> Iterator[tuple[str, dict]]:
     for path in reversed(_files(logs_dir, service)):
-        for line in _lines_backward(path):
-            if not line:
-                continue
-            ts = flt.ts(line)
-            if flt.since and ts is not None and ts < flt.since:
-                return  # older than --since: everything before is older too
-            if flt.raw_maybe(line):
+        for chunk in _blocks_backward(path):
+            for line in reversed(_candidates(chunk, flt)):
                 rec = flt.record(line)
                 if rec is not None:
                     yield rec.get("ts", ""), rec
+            if flt.since:
+                first = flt.ts(chunk[:_TS_END].decode("utf-8", "replace"))
+                if first is not None and first < flt.since:
+                    return  # this chunk reached back past --since; everything before is older
 
 
 def _sources(logs_dir: Path, services: Iterable[str] | None, include_events: bool) -> list[str]:
@@ -609,7 +611,8 @@ def read_records(logs_dir: Path | str, services: Iterable[str] | None = None, si
     if tail is not None:
         if tail <= 0:
             return []
-        streams = [_backward_records(logs_dir, n, flt) for n in names]
+        # Reversed source order: records with equal ts come out in the same order as without --tail.
+        streams = [_backward_records(logs_dir, n, flt) for n in reversed(names)]
         merged = heapq.merge(*streams, key=lambda x: x[0], reverse=True)
         out = []
         for _, rec in merged:
@@ -625,7 +628,7 @@ def read_records(logs_dir: Path | str, services: Iterable[str] | None = None, si
 def follow(logs_dir: Path | str, services: Iterable[str] | None = None, min_level: str | None = None,
            grep: str | None = None, include_events: bool = True, poll: float = 0.2,
            stop: Callable[[], bool] | None = None, from_start: bool = False) -> Iterator[dict]:
-    """Records appended after the call (or all, with from_start), forever; survives rotation."""
+    """Records appended after the call (or all, with from_start), until stop(); survives rotation."""
     logs_dir = Path(logs_dir)
     services = list(services) if services else None
     flt = _Filter(services, None, None, min_level, grep)
@@ -645,7 +648,12 @@ def follow(logs_dir: Path | str, services: Iterable[str] | None = None, min_leve
                 fh.seek(0, os.SEEK_END)
             open_files[path] = [fh, os.fstat(fh.fileno()).st_ino, b""]
 
-    scan(True)
+    scan(True)  # now, not at the first next(): lines written after the call must not be missed
+    return _follow_loop(logs_dir, flt, open_files, scan, poll, stop)
+
+
+def _follow_loop(logs_dir: Path, flt: _Filter, open_files: dict[Path, list[Any]], scan: Callable[[bool], None],
+                 poll: float, stop: Callable[[], bool] | None) -> Iterator[dict]:
     try:
         while not (stop and stop()):
             batch: list[tuple[str, dict]] = []

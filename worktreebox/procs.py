@@ -49,17 +49,43 @@ def _pids() -> list[int]:
     return [int(n) for n in os.listdir("/proc") if n.isdigit()]
 
 
-def discover_box_ids() -> set[str]:
-    """WTBOX_ID values of all live processes (except our own, which may have inherited one)."""
+def discover_box_ids(boxes_dir: Path | str) -> set[str]:
+    """WTBOX_ID values of live processes that belong to boxes under `boxes_dir`.
+
+    Several wtbox homes can share one machine (users, test suites): a process counts only
+    when its WTBOX_BOX_DIR (every box process inherits the box env) or, failing that, its
+    cwd lies under this home's boxes dir.
+    """
     me = os.getpid()
+    root = os.path.realpath(boxes_dir) + os.sep
     ids = set()
     for pid in _pids():
         if pid == me:
             continue
         box_id = _environ_id(pid)
-        if box_id:
+        if not box_id:
+            continue
+        box_dir = _environ_var(pid, b"WTBOX_BOX_DIR=")
+        if box_dir is None:
+            try:
+                box_dir = os.readlink(f"/proc/{pid}/cwd")
+            except OSError:
+                continue
+        if os.path.realpath(box_dir).startswith(root) or box_dir.startswith(root):
             ids.add(box_id)
     return ids
+
+
+def _environ_var(pid: int, key: bytes) -> str | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    for item in data.split(b"\0"):
+        if item.startswith(key):
+            return item[len(key):].decode("utf-8", "replace")
+    return None
 
 
 def find_box_processes(box_id: str, box_dir: Path | str | None) -> list[Any]:

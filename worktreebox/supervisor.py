@@ -4,9 +4,9 @@ Like honcho, three parts: a `Service` is what runs (one process group, its outpu
 pumped into a LogWriter), the `Supervisor` coordinates (dependency order, readiness,
 restarts with backoff, control socket, state file), and `worktreebox.logs` writes.
 
-It reads the services from run/services.json (written by the services resource) and
-the box env file; `--secret` values arrive only on stdin and live only in memory (and
-in the services' environment). Stopping is staged: SIGTERM the group, wait, SIGKILL.
+It gets the rendered services and the `--secret` values on stdin (from the services
+resource; they live only in memory and in the services' environment), and the box env
+from the box env file. Stopping is staged: SIGTERM the group, wait, SIGKILL.
 """
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ from typing import Any
 
 from .logs import EventLog, LogWriter, pump
 
-KILL_WAIT = 5.0
+KILL_WAIT = float(os.environ.get("WTBOX_KILL_WAIT", "5"))  # SIGTERM → SIGKILL grace (tests shorten it)
 BACKOFF_START, BACKOFF_CAP = 0.5, 30.0
 STABLE_AFTER = 30.0  # a service that ran this long ready starts its backoff over
-NO_CHECK_GRACE = 0.3  # without a ready check, surviving this long counts as ready
+NO_CHECK_GRACE = 0.2  # without a ready check, surviving this long counts as ready
 COLLECT_EVERY = 5.0
 SOCKET = "ctl.sock"
 STOPPED, STARTING, READY, BACKOFF, EXITED, FAILED = "stopped", "starting", "ready", "backoff", "exited", "failed"
@@ -91,7 +91,8 @@ class Service:
         while self.wanted and not self.sup.stopping:
             self.first_start = self.first_start or _now()
             try:
-                self._spawn()
+                if not self._spawn():
+                    break
             except OSError as e:
                 self.error = f"cannot start: {e}"
                 self.state = FAILED
@@ -127,34 +128,41 @@ class Service:
     def _wait_for_deps(self) -> bool:
         deps = [self.sup.services[d] for d in self.spec.get("depends_on") or [] if d in self.sup.services]
         while self.wanted and not self.sup.stopping:
-            if all(d.state == READY for d in deps):
+            # A one-shot dependency (restart = "no", e.g. a migration) counts once it finished cleanly.
+            if all(d.state == READY or (d.state == EXITED and d.exit_code == 0 and d.ready_at) for d in deps):
                 return True
             self._wake.wait(0.05)
         return False
 
-    def _spawn(self) -> None:
+    def _spawn(self) -> bool:
+        """Start the process; False when a stop came first (checked under the lock `down` takes)."""
         env = dict(self.sup.base_env)
         env.update(self.spec.get("env") or {})
         env.update(self.sup.secrets)
         env["WTBOX_ID"] = self.sup.box_id
         cwd = self.spec.get("cwd") or self.sup.workdir
-        # Own session = own process group, so stopping takes the whole tree the shell started.
-        self.proc = subprocess.Popen(["/bin/sh", "-c", self.spec["cmd"]], cwd=cwd, env=env,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     start_new_session=True, close_fds=True)
-        for pipe, stream in ((self.proc.stdout, "stdout"), (self.proc.stderr, "stderr")):
-            fd = os.dup(pipe.fileno())
-            pipe.close()
-            threading.Thread(target=pump, args=(fd, stream, self.writer), daemon=True,
-                             name=f"pump-{self.name}-{stream}").start()
+        with self._lock:
+            if not self.wanted or self.sup.stopping:
+                return False
+            # Own session = own process group, so stopping takes the whole tree the shell started.
+            self.proc = subprocess.Popen(["/bin/sh", "-c", self.spec["cmd"]], cwd=cwd, env=env,
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         start_new_session=True, close_fds=True)
         self.started_at = _now()
         self.ready_at = None
         self.ready_seconds = None
         self.exit_code = None
         self.state = STARTING
+        # The event goes first so that in the merged logs it precedes the service's own output.
         self.sup.event(self.name, "info", f"{self.name} started (pid {self.proc.pid})", event="start",
                        pid=self.proc.pid)
+        for pipe, stream in ((self.proc.stdout, "stdout"), (self.proc.stderr, "stderr")):
+            fd = os.dup(pipe.fileno())
+            pipe.close()
+            threading.Thread(target=pump, args=(fd, stream, self.writer), daemon=True,
+                             name=f"pump-{self.name}-{stream}").start()
         self.sup.changed()
+        return True
 
     def _wait_ready(self) -> None:
         """Poll the readiness check until it passes, the process exits, or ready_timeout passes."""
@@ -177,8 +185,8 @@ class Service:
                 self.error = f"not ready after {self.ready_timeout:g}s"
                 self.sup.event(self.name, "error", f"{self.name} {self.error}", event="unready")
                 self.sup.changed()
-            self._wake.wait(delay)
-            delay = min(delay * 1.5, 0.25)
+            self._wake.wait(delay if check else max(0.005, NO_CHECK_GRACE - elapsed))
+            delay = min(delay * 1.5, 0.05)
 
     def _wait_exit(self) -> int:
         code = self.proc.wait()
@@ -228,7 +236,9 @@ def _killpg_quiet(pgid: int | None, sig: int) -> None:
 
 def _check_ready(check: str, svc: Service, timeout: float) -> bool:
     """http(s):// answers < 500; tcp:PORT or tcp:HOST:PORT accepts; otherwise a shell command exits 0."""
-    if check.startswith(("http://", "https://")):
+    if check.startswith("http://"):
+        return _http_ok(check, timeout)
+    if check.startswith("https://"):
         import urllib.error
         import urllib.request
 
@@ -258,8 +268,30 @@ def _check_ready(check: str, svc: Service, timeout: float) -> bool:
         return False
 
 
+def _http_ok(url: str, timeout: float) -> bool:
+    """GET over a plain socket: urllib costs ~90 ms to import and ~8 MB of the supervisor's memory."""
+    from urllib.parse import urlsplit
+
+    try:
+        u = urlsplit(url)
+        host, port = u.hostname or "127.0.0.1", u.port or 80
+        path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.sendall(f"GET {path} HTTP/1.0\r\nHost: {u.netloc}\r\nUser-Agent: wtbox\r\n\r\n".encode())
+            head = b""
+            while b"\r\n" not in head and len(head) < 4096:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                head += chunk
+        parts = head.split(b"\r\n", 1)[0].split()
+        return len(parts) >= 2 and parts[0].startswith(b"HTTP/") and int(parts[1]) < 500
+    except (OSError, ValueError):
+        return False
+
+
 class Supervisor:
-    def __init__(self, home: Path, box_id: str, secrets: dict[str, str]) -> None:
+    def __init__(self, home: Path, box_id: str, payload: dict[str, Any]) -> None:
         from .secrets import Redactor
 
         self.home = home
@@ -267,9 +299,10 @@ class Supervisor:
         self.box_dir = home / "boxes" / box_id
         self.run_dir = self.box_dir / "run"
         self.logs_dir = self.box_dir / "logs"
-        self.secrets = secrets
-        spec = json.loads((self.run_dir / "services.json").read_text())
+        self.secrets: dict[str, str] = dict(payload.get("secrets") or {})
+        spec = payload
         self.workdir = spec.get("workdir") or str(self.box_dir / "worktree")
+        secrets = self.secrets
         box_env = read_env_file(self.box_dir / "env")
         self.base_env = dict(os.environ)
         self.base_env.update(box_env)
@@ -282,6 +315,7 @@ class Supervisor:
         self.services: dict[str, Service] = {}
         for s in spec.get("services", []):
             self.services[s["name"]] = Service(self, s)
+        self._state_lock = threading.Lock()
         self._dirty = threading.Event()
         self._done = threading.Event()
         self.started_at = _now()
@@ -299,9 +333,10 @@ class Supervisor:
         state = {"box_id": self.box_id, "pid": os.getpid(), "started_at": self.started_at,
                  "stopping": self.stopping, "updated_at": _now(),
                  "services": {n: s.info() for n, s in self.services.items()}}
-        tmp = self.run_dir / f"state.json.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(state, indent=1))
-        os.replace(tmp, self.run_dir / "state.json")
+        with self._state_lock:  # the main loop and control threads both write it
+            tmp = self.run_dir / f".state.json.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(state, indent=1))
+            os.replace(tmp, self.run_dir / "state.json")
 
     # -- control
     def select(self, name: str | None) -> list[Service]:
@@ -332,8 +367,9 @@ class Supervisor:
         self.stopping = True
         self.changed()
         for s in reversed(list(self.services.values())):
-            s.wanted = False
-            s._wake.set()
+            with s._lock:  # after this no service spawns again (see Service._spawn)
+                s.wanted = False
+                s._wake.set()
         # SIGTERM every group first, then wait once: stopping N services costs one KILL_WAIT, not N.
         procs = [s.proc for s in self.services.values() if s.proc is not None and s.proc.poll() is None]
         for p in procs:
@@ -345,7 +381,12 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 pass
         for s in self.services.values():
-            s._terminate()
+            if s.proc is not None:
+                _killpg_quiet(s.proc.pid, signal.SIGKILL)  # survivors, and stragglers left in the group
+                try:
+                    s.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
             if s.thread is not None:
                 s.thread.join(timeout=2)
             s.state = STOPPED
@@ -423,7 +464,12 @@ class Supervisor:
                 pass
             finally:
                 if req_cmd == "stop":
-                    self._done.set()
+                    self.finish()
+
+    def finish(self) -> None:
+        """Let the main loop end now (it may be sleeping in its 1 s wait)."""
+        self._done.set()
+        self._dirty.set()
 
     def collect(self) -> None:
         if not self.metrics_url:
@@ -516,7 +562,8 @@ def main(argv: list[str] | None = None) -> None:
     home, box_id = Path(argv[0]), argv[1]
     # Secrets come on stdin (a pipe from the resource), never through argv, env or a file.
     raw = sys.stdin.buffer.read() if not sys.stdin.isatty() else b""
-    secrets = json.loads(raw or b"{}").get("secrets", {}) if raw.strip() else {}
+    payload = json.loads(raw) if raw.strip() else {}
+    secrets = payload.get("secrets") or {}
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     # Fork once more so the supervisor is nobody's child: the caller reaps the short-lived
@@ -527,11 +574,11 @@ def main(argv: list[str] | None = None) -> None:
     pid_file = run_dir / "supervisor.pid"
     sup = None
     try:
-        sup = Supervisor(home, box_id, secrets)
+        sup = Supervisor(home, box_id, payload)
         pid_file.write_text(f"{os.getpid()}\n")
 
         def on_term(signum: int, frame: Any) -> None:
-            threading.Thread(target=lambda: (sup.stop_all(), sup._done.set()), daemon=True).start()
+            threading.Thread(target=lambda: (sup.stop_all(), sup.finish()), daemon=True).start()
 
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)

@@ -23,13 +23,21 @@ class Caches(Resource):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         c.env["XDG_CACHE_HOME"] = str(box.cache_dir)
         c.env["TMPDIR"] = str(box.tmp_dir)
-        c.env["PYTHONPYCACHEPREFIX"] = str(box.cache_dir / "pycache")
+        # One prefix per host, not per box: bytecode is keyed by source path, so boxes never
+        # collide, while the stdlib's .pyc files are compiled once instead of once per box
+        # (a per-box prefix made every Python start in a new box 0.5-2 s slower). Box sources
+        # land under <prefix>/<box dir>, which destroy() removes.
+        c.env["PYTHONPYCACHEPREFIX"] = str(pycache_prefix(c.host))
         for var, sub in c.config.box.cache_env.items():
             path = box.cache_dir / sub
             path.mkdir(parents=True, exist_ok=True)
             c.env[var] = str(path)
 
-    # Everything lives under boxes/<id>, which Host removes last; nothing to destroy here.
+    def destroy(self, host: "Host", box) -> None:
+        # Everything else lives under boxes/<id>, which Host removes last.
+        import shutil
+
+        shutil.rmtree(pycache_prefix(host) / str(box.dir).lstrip("/"), ignore_errors=True)
 
     def discover(self, host: "Host") -> set[str]:
         """boxes/<id> directories."""
@@ -37,3 +45,7 @@ class Caches(Resource):
             return {p.name for p in host.boxes_dir.iterdir() if is_box_id(p.name)}
         except FileNotFoundError:
             return set()
+
+
+def pycache_prefix(host: "Host"):
+    return host.home / "pycache"

@@ -7,7 +7,12 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
 if command -v dockerd >/dev/null && [ "${WTBOX_TEST_DOCKER:-1}" = 1 ]; then
-    bash scripts/start_dockerd.sh || echo "test.sh: dockerd did not start; docker tests will skip." >&2
+    if bash scripts/start_dockerd.sh; then
+        # cold build ~80-140 s (debootstrap), then cached by recipe hash; the docker tests skip if it fails
+        bash scripts/build_images.sh >/dev/null || echo "test.sh: docker images not built; docker tests will skip." >&2
+    else
+        echo "test.sh: dockerd did not start; docker tests will skip." >&2
+    fi
 fi
 export TESTCONTAINERS_RYUK_DISABLED=true
 .venv/bin/python -m pytest -q "$@"

@@ -16,4 +16,5 @@ def asset_path(rel: str) -> Path:
             return p
     from .errors import WtboxError
 
-    raise WtboxError(f"The packaged file {rel} is missing (looked in {_BASES[0]} and {_BASES[1]}); reinstall worktreebox.")
+    raise WtboxError(f"The packaged file {rel} is missing (looked in {_BASES[0]} and {_BASES[1]}); "
+                     "reinstall worktreebox.")

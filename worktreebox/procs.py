@@ -98,7 +98,10 @@ def find_box_processes(box_id: str, box_dir: Path | str | None) -> list[Any]:
     for pid in _pids():
         if pid in protected:
             continue
-        mine = _environ_id(pid) == box_id
+        # WTBOX_ID alone could name a box of another home only by a 1-in-4-billion clash;
+        # WTBOX_BOX_DIR rules even that out when the process carries it.
+        mine = _environ_id(pid) == box_id and (
+            box_dir is None or _environ_var(pid, b"WTBOX_BOX_DIR=") in (None, str(box_dir)))
         if not mine and root:
             try:
                 cwd = os.readlink(f"/proc/{pid}/cwd")
@@ -146,11 +149,24 @@ def kill_staged(procs: Iterable[Any], timeout: float = KILL_WAIT) -> list[int]:
                 pass
 
     send(signal.SIGTERM, procs)
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    alive = _wait_gone(procs, timeout)
     if alive:
         send(signal.SIGKILL, alive)
-        psutil.wait_procs(alive, timeout=timeout)
+        _wait_gone(alive, timeout)
     return sorted(pids)
+
+
+def _wait_gone(procs: list[Any], timeout: float) -> list[Any]:
+    """Wait until the processes are dead; a zombie counts as dead (psutil.wait_procs would wait
+    for its reaping, which a slow pid 1 may take seconds to do)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    alive = list(procs)
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.01)
+        alive = [p for p in alive if pid_alive(p.pid)]
+    return alive
 
 
 def pid_alive(pid: int | None) -> bool:

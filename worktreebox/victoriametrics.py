@@ -1,6 +1,7 @@
 """One VictoriaMetrics process per box: find, start, wait, stop; and a small HTTP client for it.
 
-Plain urllib so that the CLI needs no HTTP library and starts fast.
+Plain urllib (imported when used) so that the CLI needs no HTTP library and starts fast; the
+supervisor's pushes use a bare socket, because urllib drags in ssl and email (~6 MB per box).
 """
 from __future__ import annotations
 
@@ -8,11 +9,9 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -85,43 +84,78 @@ def start(box_id: str, *, port: int, data_dir: Path, run_dir: Path, retention: s
     ]
     if scrape_config is not None:
         cmd.append(f"-promscrape.config={scrape_config}")
-    # WTBOX_ID lets teardown find the process even when the pid file is lost.
-    env = {**os.environ, **MEMORY_ENV, "WTBOX_ID": box_id}
+    # WTBOX_ID lets teardown find the process even when the pid file is lost; WTBOX_BOX_DIR tells
+    # this home's boxes from another home's (every process of a box carries both).
+    env = {**os.environ, **MEMORY_ENV, "WTBOX_ID": box_id, "WTBOX_BOX_DIR": str(data_dir.parent)}
     log_path = run_dir / LOG_FILE
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True, close_fds=True)
-    (run_dir / PID_FILE).write_text(f"{proc.pid}\n")
+    pid = spawn_detached(cmd, env=env, log_path=log_path)
+    (run_dir / PID_FILE).write_text(f"{pid}\n")
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while True:
-        if proc.poll() is not None:
+        if not _alive(pid):
             raise WtboxError(f"VictoriaMetrics for box {box_id} exited at start ({_last_line(log_path)}).")
         if healthy(url, timeout=0.25):
-            return proc.pid
+            return pid
         if time.monotonic() > deadline:
             raise WtboxError(f"VictoriaMetrics for box {box_id} did not answer {url}/health within {timeout:.0f} s.")
         time.sleep(0.005)
 
 
-def healthy(url: str, timeout: float = 1.0) -> bool:
+def spawn_detached(cmd: list[str], *, env: dict[str, str], log_path: Path) -> int:
+    """Start cmd in its own session as a grandchild (output appended to log_path); returns its pid.
+
+    A shell starts it in the background and exits, so the process is reparented to init and is
+    never a zombie child of a long-lived caller (a test, `wtbox mcp`), which would make it look
+    alive to everyone who waits for it to end."""
+    sh = subprocess.run(["/bin/sh", "-c", '"$@" >>"$0" 2>&1 </dev/null & echo $!', str(log_path), *cmd],
+                        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                        start_new_session=True, close_fds=True, check=True, text=True)
+    return int(sh.stdout.strip())
+
+
+def _alive(pid: int) -> bool:
     try:
-        with urllib.request.urlopen(url + "/health", timeout=timeout) as r:
-            return r.status == 200
-    except (OSError, urllib.error.URLError):
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
         return False
+    return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X")
 
 
-def find_processes(box_id: str, names: Iterable[str] = (BINARY,)) -> list:
-    """Live processes with one of `names` whose environment carries WTBOX_ID=<box_id>."""
+def healthy(url: str, timeout: float = 1.0) -> bool:
+    """GET /health answers 200. A bare socket: polled during `new`, where importing urllib
+    (ssl, email, http.client) would cost more than VictoriaMetrics takes to start."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    try:
+        with socket.create_connection((u.hostname or "127.0.0.1", u.port or 80), timeout=timeout) as s:
+            s.settimeout(timeout)
+            s.sendall(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            head = s.recv(32)
+    except OSError:
+        return False
+    return head.split(b" ", 2)[1:2] == [b"200"]
+
+
+def find_processes(box_id: str, names: Iterable[str] = (BINARY,), box_dir: Path | None = None) -> list:
+    """Live processes with one of `names` whose environment carries WTBOX_ID=<box_id>
+    (and, when given, WTBOX_BOX_DIR=<box_dir>, so another home's box is never touched)."""
     import psutil
 
     names = set(names)
     found = []
     for p in psutil.process_iter(["name"]):
         try:
-            if p.info["name"] in names and p.environ().get("WTBOX_ID") == box_id:
-                found.append(p)
+            if p.info["name"] not in names:
+                continue
+            env = p.environ()
+            if env.get("WTBOX_ID") != box_id:
+                continue
+            if box_dir is not None and env.get("WTBOX_BOX_DIR", str(box_dir)) != str(box_dir):
+                continue
+            found.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return found
@@ -150,26 +184,54 @@ def terminate(procs: list, wait: float = STOP_WAIT) -> None:
             p.send_signal(signal.SIGTERM)
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=wait)
+    alive = _wait_gone(procs, wait)
     for p in alive:
         try:
             p.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(alive, timeout=wait)
+    _wait_gone(alive, wait)
 
 
-def stop(box_id: str, *, run_dir: Path, names: Iterable[str] = (BINARY,), pid_file: str = PID_FILE) -> None:
-    """Stop the box's processes named `names` (pid file first, then a search by WTBOX_ID)."""
+def _wait_gone(procs: list, timeout: float) -> list:
+    """Wait until the processes are gone; a zombie counts as gone (and is reaped if it is our child).
+
+    A process that started the store (a test, a long-lived Python API user) stays its parent; its
+    exited child lingers as a zombie that psutil would wait for until the timeout."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    alive = list(procs)
+    while alive:
+        still = []
+        for p in alive:
+            try:
+                os.waitpid(p.pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    still.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        alive = still
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.005)
+    return alive
+
+
+def stop(box_id: str, *, run_dir: Path, names: Iterable[str] = (BINARY,),
+         pid_files: Iterable[str] = (PID_FILE,)) -> None:
+    """Stop the box's processes named `names`: those in the pid files, then any found by WTBOX_ID."""
     names = tuple(names)
-    procs = []
-    p = process_from_pid_file(run_dir / pid_file, box_id, names)
-    if p is not None:
-        procs.append(p)
-    procs += [q for q in find_processes(box_id, names) if q.pid not in {x.pid for x in procs}]
+    procs = [p for f in pid_files if (p := process_from_pid_file(run_dir / f, box_id, names)) is not None]
+    known = {p.pid for p in procs}
+    procs += [q for q in find_processes(box_id, names, box_dir=run_dir.parent) if q.pid not in known]
     if procs:
         terminate(procs)
-    (run_dir / pid_file).unlink(missing_ok=True)
+    for f in pid_files:
+        (run_dir / f).unlink(missing_ok=True)
 
 
 def _last_line(path: Path) -> str:
@@ -237,7 +299,24 @@ def _num(v: float) -> str:
     return repr(float(v))
 
 
-# ---------------------------------------------------------------- HTTP client
+# ---------------------------------------------------------------- HTTP
+
+
+def push_prometheus(url: str, text: str, timeout: float = 2.0) -> None:
+    """POST Prometheus text to <url>/api/v1/import/prometheus over a bare socket (plain http only)."""
+    from urllib.parse import urlsplit  # urllib.parse alone is light
+
+    u = urlsplit(url)
+    host, port = u.hostname or "127.0.0.1", u.port or 80
+    body = text.encode()
+    head = (f"POST {u.path.rstrip('/')}/api/v1/import/prometheus HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(head.encode() + body)
+        status = s.recv(64).split(b" ", 2)
+    if len(status) < 2 or not status[1].startswith(b"2"):
+        why = b" ".join(status[1:]).decode(errors="replace").strip() or "no answer"
+        raise WtboxError(f"VictoriaMetrics at {url} refused the push ({why}).")
 
 
 class Client:
@@ -251,9 +330,10 @@ class Client:
     # -- reading
     def query(self, query: str, at: float | None = None) -> dict[str, Any]:
         """Instant query; returns the `data` object ({resultType, result})."""
-        params = {"query": query, "nocache": "1"}
-        if at is not None:
-            params["time"] = f"{at:.3f}"
+        # An explicit millisecond time: without it VictoriaMetrics rounds "now" down to the second
+        # and hides samples pushed within that second.
+        at = time.time() if at is None else at
+        params = {"query": query, "time": f"{at:.3f}", "nocache": "1"}
         return self._api("/api/v1/query", params)
 
     def query_range(self, query: str, start: float, end: float, step: float) -> dict[str, Any]:
@@ -279,6 +359,9 @@ class Client:
 
     # -- plumbing
     def _post(self, path: str, body: bytes, method: str = "POST") -> None:
+        import urllib.error
+        import urllib.request
+
         req = urllib.request.Request(self.url + path, data=body if method == "POST" else None, method=method)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as r:
@@ -289,6 +372,10 @@ class Client:
             raise self._down(e) from None
 
     def _api(self, path: str, params: dict[str, str]) -> Any:
+        import urllib.error
+        import urllib.parse
+        import urllib.request
+
         url = f"{self.url}{path}?{urllib.parse.urlencode(params)}"
         try:
             with urllib.request.urlopen(url, timeout=self.timeout) as r:
@@ -305,14 +392,16 @@ class Client:
         return doc["data"]
 
     def _who(self) -> str:
-        return f"The metrics store of box {self.box_id}" if self.box_id else f"VictoriaMetrics at {self.url}"
+        if self.box_id:
+            return f"The metrics store of box {self.box_id} ({self.url})"
+        return f"VictoriaMetrics at {self.url}"
 
     def _down(self, e: OSError) -> WtboxError:
         reason = getattr(e, "reason", e)
-        return WtboxError(f"{self._who()} at {self.url} is not reachable ({reason}); is the box running?")
+        return WtboxError(f"{self._who()} is not reachable ({reason}); is the box running?")
 
 
-def _error_text(e: urllib.error.HTTPError) -> str:
+def _error_text(e) -> str:
     try:
         body = e.read().decode(errors="replace")
     except OSError:

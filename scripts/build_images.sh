@@ -27,6 +27,9 @@ since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 command -v docker >/dev/null || die "docker is not installed (apt-get install docker.io)."
 docker info >/dev/null 2>&1 || die "the docker daemon is not running (scripts/start_dockerd.sh starts it)."
 mkdir -p "$CACHE"
+# One build at a time per machine (two test sessions may start together).
+exec 9>"$CACHE/.lock"
+flock 9
 T0=$(now)
 
 # Hash of a recipe: the files of a folder (names and contents, sorted) plus extra text.
@@ -112,6 +115,14 @@ ensure_app() {
     if [ -n "$extra" ]; then
         docker tag "$tag" "$extra"
     fi
+    # Images of older recipes are never used again: don't let them pile up.
+    local repo=${tag%%:*} old
+    for old in $(docker images "$repo" --format '{{.Repository}}:{{.Tag}}'); do
+        if [ "$old" != "$tag" ] && [ "$old" != "$extra" ]; then
+            docker rmi "$old" >/dev/null 2>&1 && log "removed old image $old"
+        fi
+    done
+    return 0
 }
 
 PG_HASH=$(recipe_hash "$ROOT/docker/postgres" "$BASE_HASH")

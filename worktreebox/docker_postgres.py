@@ -191,20 +191,25 @@ def _create(c: Any, host: "Host", creds: dict[str, str], port: int) -> dict[str,
     image = host.config.postgres_image
     dockerenv.ensure_image(c, image, "PostgreSQL", IMAGE_SETTING)
     vol = name(host)
+    made_volume = False
     try:
         c.volumes.get(vol)
     except docker.errors.NotFound:
         c.volumes.create(vol, labels=dockerenv.labels(host.home, role="postgres"))
+        made_volume = True
     cmd = ["postgres", "-c", "max_connections=300"]
+    initdb_args = ""
     if host.config.fsync_off:
         # Disposable dev data: durability costs more than it is worth (as with the embedded cluster).
         cmd += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+        initdb_args = "--no-sync"
     tc = (
         DockerContainer(image, command=cmd)
         .with_name(vol)
         .with_env("POSTGRES_USER", creds["user"])
         .with_env("POSTGRES_PASSWORD", creds["password"])
         .with_env("POSTGRES_DB", creds["dbname"])
+        .with_env("POSTGRES_INITDB_ARGS", initdb_args)
         .with_volume_mapping(vol, DATA_DIR, "rw")
         .with_kwargs(labels=dockerenv.labels(host.home, role="postgres"),
                      restart_policy={"Name": "unless-stopped"})
@@ -214,7 +219,7 @@ def _create(c: Any, host: "Host", creds: dict[str, str], port: int) -> dict[str,
     try:
         tc.start()
     except docker.errors.APIError as e:
-        _remove_quietly(c, vol)
+        _remove_quietly(c, vol, made_volume)
         if dockerenv.port_conflict(e):
             raise WtboxError(f"Port {port} on 127.0.0.1 is already in use, so the PostgreSQL container cannot "
                              "publish it; stop what holds it or run 'wtbox gc'.") from None
@@ -230,20 +235,24 @@ def _create(c: Any, host: "Host", creds: dict[str, str], port: int) -> dict[str,
         strategy.wait_until_ready(tc)
     except (TimeoutError, RuntimeError) as e:
         logs = tc.get_wrapped_container().logs(tail=5).decode(errors="replace").strip().replace("\n", " | ")
-        _remove_quietly(c, vol)
+        _remove_quietly(c, vol, made_volume)
         raise WtboxError(f"The PostgreSQL container did not become ready ({dockerenv._first_line(e)[:200]}): "
                          f"{logs[-300:]}") from None
     except WtboxError:
-        _remove_quietly(c, vol)
+        _remove_quietly(c, vol, made_volume)
         raise
     return _info(addr, creds)
 
 
-def _remove_quietly(c: Any, container_name: str) -> None:
+def _remove_quietly(c: Any, container_name: str, volume_too: bool) -> None:
+    """Undo a failed start; a volume is removed only if this start made it (half-initialised)."""
     import docker.errors
 
     with contextlib.suppress(docker.errors.DockerException):
         c.containers.get(container_name).remove(force=True)
+    if volume_too:
+        with contextlib.suppress(docker.errors.DockerException):
+            c.volumes.get(container_name).remove(force=True)
 
 
 def _info(addr: tuple[str, int], creds: dict[str, str]) -> dict[str, Any]:
@@ -340,6 +349,13 @@ def server(host: "Host") -> Any:
 
         def describe(self) -> str:
             return f"docker container {name(host)}"
+
+        def stop(self) -> bool:
+            """`wtbox db stop`: remove the container, keep the volume; True if it was running."""
+            from .postgres import forget_connections
+
+            forget_connections()
+            return stop(host)
 
         def status(self) -> dict[str, Any]:
             out = status(host)

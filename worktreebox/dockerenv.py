@@ -200,8 +200,11 @@ def ensure_image(c: "docker.DockerClient", image: str, what: str, setting: str) 
     try:
         c.images.pull(image)
     except docker.errors.DockerException as e:
+        text = str(e)
+        why = ("no image registry is reachable" if "no such host" in text or "dial tcp" in text
+               else _first_line(e)[:200])
         raise WtboxError(
-            f"The {what} image {image!r} is not on this machine and could not be pulled ({_first_line(e)}); "
+            f"The {what} image {image!r} is not on this machine and could not be pulled ({why}); "
             f"build local images with scripts/build_images.sh and set {setting}, or pull it."
         ) from None
 
@@ -223,7 +226,8 @@ def find_labelled(home: str | Path, box_id: str | None = None, *, host_level: bo
     c = c or client()
     f = _filters(home, box_id, host_level)
     return {
-        "containers": c.containers.list(all=True, filters=f),
+        # ignore_removed: a container removed between list and inspect is simply gone.
+        "containers": c.containers.list(all=True, filters=f, ignore_removed=True),
         "volumes": c.volumes.list(filters=f),
         "networks": c.networks.list(filters=f),
     }
@@ -285,3 +289,80 @@ def port_conflict(e: BaseException) -> bool:
     """True when a docker error (or container log) says the host port is taken."""
     text = str(e).lower()
     return "port is already allocated" in text or "address already in use" in text
+
+
+# ---------------------------------------------------------------- for rm / gc
+# Plain HTTP on the unix socket: `rm` and `gc` call these for every box, and the docker
+# SDK alone costs ~170 ms to import.
+
+def _api(method: str, path: str, timeout: float = 30.0) -> Any:
+    import http.client
+    import json
+
+    sock_path = _socket_path()
+    assert sock_path is not None
+
+    class _Conn(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(sock_path)
+
+    conn = _Conn("docker", timeout=timeout)
+    try:
+        conn.request(method, path)
+        resp = conn.getresponse()
+        body = resp.read()
+    finally:
+        conn.close()
+    if resp.status == 404:
+        return None
+    if resp.status >= 400:
+        try:
+            msg = json.loads(body).get("message", "")
+        except ValueError:
+            msg = body.decode(errors="replace")
+        raise WtboxError(f"Docker refused {method} {path.split('?')[0]}: {msg.strip()[:200]}.")
+    return json.loads(body) if body.strip() else None
+
+
+def _raw_labelled(home: str | Path, box_id: str | None) -> dict[str, list[dict[str, Any]]]:
+    import json
+    from urllib.parse import quote
+
+    q = "filters=" + quote(json.dumps(_filters(home, box_id, False)))
+    return {
+        "containers": _api("GET", f"/containers/json?all=1&{q}") or [],
+        "volumes": (_api("GET", f"/volumes?{q}") or {}).get("Volumes") or [],
+        "networks": _api("GET", f"/networks?{q}") or [],
+    }
+
+
+def sweep_box(home: str | Path, box_id: str) -> dict[str, int]:
+    """rm/rollback: remove every container, volume and network labelled with this box; no-op without Docker."""
+    counts = {"containers": 0, "volumes": 0, "networks": 0}
+    if not docker_available()[0]:
+        return counts
+    if _socket_path() is None:
+        return remove_labelled(home, box_id)
+    found = _raw_labelled(home, box_id)
+    for ct in found["containers"]:
+        _api("DELETE", f"/containers/{ct['Id']}?force=1&v=1")
+        counts["containers"] += 1
+    for net in found["networks"]:
+        _api("DELETE", f"/networks/{net['Id']}")
+        counts["networks"] += 1
+    for vol in found["volumes"]:
+        _api("DELETE", f"/volumes/{vol['Name']}?force=1")
+        counts["volumes"] += 1
+    return counts
+
+
+def discover_box_ids(home: str | Path) -> set[str]:
+    """gc: box ids that own labelled docker things in this home; empty without Docker."""
+    if not docker_available()[0]:
+        return set()
+    if _socket_path() is None:
+        return labelled_box_ids(home)
+    found = _raw_labelled(home, None)
+    return {(o.get("Labels") or {}).get(BOX_LABEL) for objs in found.values() for o in objs} - {None}

@@ -34,6 +34,7 @@ SUPERUSER = "postgres"
 # Schema-mode boxes of the embedded cluster live in this database (keeps `postgres` clean).
 SHARED_DB = "wtbox"
 PORT_OWNER = "@postgres"
+APP_NAME = "wtbox"  # shows wtbox's own sessions in pg_stat_activity
 SYSTEM_USERS = ("postgres", "wtbox-pg")  # reused if present, in this order; else wtbox-pg is created
 _SOCKET_MAX = 107  # sun_path is 108 bytes including the NUL
 _SOCKET_FILE = "/.s.PGSQL.65535"
@@ -113,7 +114,8 @@ class Server:
         import psycopg
 
         try:
-            return psycopg.connect(**self.conninfo(dbname), autocommit=True, connect_timeout=10)
+            return psycopg.connect(**self.conninfo(dbname), autocommit=True, connect_timeout=10,
+                                   application_name=APP_NAME)
         except psycopg.OperationalError as e:
             raise WtboxError(f"Cannot connect to PostgreSQL ({self.describe()}): {_first_line(e)}.") from None
 
@@ -145,7 +147,8 @@ class Server:
         import psycopg
 
         try:
-            return psycopg.connect(**self.conninfo(dbname), autocommit=True, connect_timeout=10)
+            return psycopg.connect(**self.conninfo(dbname), autocommit=True, connect_timeout=10,
+                                   application_name=APP_NAME)
         except psycopg.OperationalError:
             self.ensure_running()
             return self._connect(dbname)
@@ -325,8 +328,10 @@ class EmbeddedCluster(Server):
                               timeout=timeout, start_new_session=True, **kwargs)
         if check and proc.returncode != 0:
             lines = (proc.stderr or proc.stdout).strip().splitlines()
+            # The first error line is the cause; later ones are clean-up chatter.
+            why = next((ln for ln in lines if "error" in ln.lower()), lines[-1] if lines else f"exit {proc.returncode}")
             raise WtboxError(f"{Path(args[0]).name} failed for the embedded PostgreSQL cluster in {self.data_dir}: "
-                             f"{lines[-1] if lines else 'exit ' + str(proc.returncode)}")
+                             f"{why.strip()}")
         return proc
 
     def _own_dir(self, path: Path, user: _OsUser | None) -> None:
@@ -340,12 +345,14 @@ class EmbeddedCluster(Server):
 
     # -- lifecycle
     def pg_ctl_status(self) -> bool:
-        """True when a postmaster runs on our data dir (pg_ctl status, no side effects)."""
-        if not (self.data_dir / "postmaster.pid").exists():
+        """True when a postmaster runs on our data dir: what `pg_ctl status` checks, without a subprocess."""
+        try:
+            pid = int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+            os.kill(pid, 0)
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
             return False
-        proc = self._run([str(find_bin_dir() / "pg_ctl"), "status", "-D", str(self.data_dir)], self._os_user(),
-                         check=False, timeout=30)
-        return proc.returncode == 0
+        return b"postgres" in cmdline
 
     def is_running(self) -> bool:
         return self.initialised and self.pg_ctl_status()
@@ -480,13 +487,20 @@ class EmbeddedCluster(Server):
         return out
 
 
-def server(host: Any) -> Server:
-    """The server boxes of `host` use: external when a URL is configured, else the embedded cluster."""
+def server(host: Any, provider: str | None = None) -> Server:
+    """The server boxes of `host` use: `provider` (a repo's [database] provider, or what a box recorded),
+    else the host's: external when a URL is configured, docker when asked, else the embedded cluster."""
     cfg = host.config
-    if cfg.database_url:
+    provider = provider or cfg.database_provider
+    if provider == "docker":
+        from .docker_postgres import server as docker_server
+
+        return docker_server(host)
+    if provider == "external" or (provider != "embedded" and cfg.database_url):
+        if not cfg.database_url:
+            raise WtboxError("The database provider is 'external' but no server is given; "
+                             "set WTBOX_POSTGRES_URL or [database] url in the host config.")
         return ExternalServer(cfg.database_url)
-    if cfg.database_provider == "docker":
-        raise WtboxError("The docker PostgreSQL provider is not available yet; unset WTBOX_DATABASE_PROVIDER.")
     return EmbeddedCluster(host.home, cfg, lambda: host.lease_host_port(PORT_OWNER))
 
 
@@ -517,11 +531,3 @@ def _tail(path: Path, n: int) -> str:
         return ""
     return " | ".join(lines[-n:])
 
-
-def wait_gone(conn: "psycopg.Connection", where: str, args: tuple, timeout: float = 5.0) -> None:
-    """Poll pg_stat_activity until no backend matches `where` (terminations are asynchronous)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not conn.execute(f"SELECT 1 FROM pg_stat_activity WHERE {where}", args).fetchone():
-            return
-        time.sleep(0.01)

@@ -19,9 +19,12 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
     printf '%s\n' "$POSTGRES_PASSWORD" > "$pwfile"
     chown postgres "$pwfile"
     # Local socket connections are trusted (only reachable inside the container);
-    # every TCP connection must authenticate with scram-sha-256.
+    # every TCP connection must authenticate with scram-sha-256. POSTGRES_INITDB_ARGS as
+    # in the upstream image (wtbox passes --no-sync for disposable data).
+    # shellcheck disable=SC2086
     as_postgres initdb -D "$PGDATA" -U "$PGUSER_NAME" --pwfile="$pwfile" \
-        --auth-local=trust --auth-host=scram-sha-256 --encoding=UTF8 --locale=C.UTF-8 >/dev/null
+        --auth-local=trust --auth-host=scram-sha-256 --encoding=UTF8 --locale=C.UTF-8 \
+        ${POSTGRES_INITDB_ARGS:-} >/dev/null
     rm -f "$pwfile"
     {
         echo "host all all 0.0.0.0/0 scram-sha-256"

@@ -13,12 +13,9 @@ from ._common import emit_json, get_host, info, json_option, run_cmd, table
 
 
 def template_path(name: str) -> Path:
-    """templates/ ships inside the wheel as worktreebox/_assets/templates; a checkout has it at the root."""
-    pkg = Path(__file__).resolve().parent.parent
-    for base in (pkg / "_assets" / "templates", pkg.parent / "templates"):
-        if (base / name).exists():
-            return base / name
-    raise FileNotFoundError(name)
+    from ..assets import asset_path
+
+    return asset_path(f"templates/{name}")
 
 
 @click.command()

@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from ..box import CREATING, FAILED
 from ..errors import WtboxError
-from .base import Creation, Resource, warn
+from .base import Creation, Resource
 
 if TYPE_CHECKING:
     from ..box import Box
@@ -61,7 +62,7 @@ class Database(Resource):
             return
         from .. import postgres
 
-        srv = postgres.server(c.host)
+        srv = postgres.server(c.host, cfg.provider)
         role = c.box.pg_name
         password = secrets.token_urlsafe(24)
         dbname = role if cfg.mode == "database" else srv.shared_db
@@ -72,11 +73,11 @@ class Database(Resource):
         c.note(f"database ({cfg.mode} mode, {srv.provider})")
         try:
             if cfg.mode == "schema":
-                self._create_schema(srv, role, password, cfg.extensions)
+                self._create_schema(srv, c.host.home, role, password, cfg.extensions)
             else:
                 golden = Golden.for_creation(c, srv)
                 golden.ensure()
-                self._create_database(srv, role, password, golden)
+                self._create_database(srv, c.host.home, role, password, golden)
         except BaseException:
             with contextlib.suppress(Exception):
                 _drop(srv, role)
@@ -90,23 +91,25 @@ class Database(Resource):
         c.facts["db"] = {"host": srv.box_host, "port": srv.box_port, "user": role, "password": password,
                          "name": dbname, "schema": schema, "url": url}
 
-    def _create_schema(self, srv: "Server", role: str, password: str, extensions: list[str]) -> None:
+    def _create_schema(self, srv: "Server", home: Path, role: str, password: str, extensions: list[str]) -> None:
         from psycopg import sql
 
         prepare_database(srv, srv.shared_db, extensions)
         with srv.session(srv.shared_db) as conn, conn.transaction():
             conn.execute(_sql("CREATE ROLE {r} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {p}",
                               r=_ident(role), p=sql.Literal(password)))
+            conn.execute(_sql("COMMENT ON ROLE {r} IS {t}", r=_ident(role), t=sql.Literal(owner_tag(home))))
             conn.execute(_sql("CREATE SCHEMA {r} AUTHORIZATION {r}", r=_ident(role)))
             conn.execute(_sql("ALTER ROLE {r} SET search_path = {r}, public", r=_ident(role)))
 
-    def _create_database(self, srv: "Server", role: str, password: str, golden: "Golden") -> None:
+    def _create_database(self, srv: "Server", home: Path, role: str, password: str, golden: "Golden") -> None:
         from psycopg import sql
 
         with srv.session(srv.shared_db) as conn:
             # CREATEDB: test runners such as Django's create their own test_<name> database.
             conn.execute(_sql("CREATE ROLE {r} LOGIN NOSUPERUSER CREATEDB NOCREATEROLE PASSWORD {p}",
                               r=_ident(role), p=sql.Literal(password)))
+            conn.execute(_sql("COMMENT ON ROLE {r} IS {t}", r=_ident(role), t=sql.Literal(owner_tag(home))))
             clone(conn, role, golden.name, role, golden.strategy(conn))
             conn.execute(_sql("REVOKE CONNECT, TEMPORARY ON DATABASE {d} FROM PUBLIC", d=_ident(role)))
         # Migrated objects belong to the golden role; hand them to the box (REASSIGN is per database).
@@ -127,22 +130,36 @@ class Database(Resource):
     # ------------------------------------------------------------ destroy
     def destroy(self, host: "Host", box: "Box") -> None:
         data = box.data.get(self.name)
-        if not data or data.get("mode") == "none":
+        if data and data.get("mode") != "none":
+            srv = _server_for(host, data.get("provider"))
+            if srv is not None:
+                _drop(srv, box.pg_name)
             return
-        srv = _server_for(host, data.get("provider"))
-        if srv is None:
-            return
-        _drop(srv, box.pg_name)
+        if box.data and box.state not in (CREATING, FAILED):
+            return  # a box made without a database (mode none): don't even connect
+        # No record: gc of an orphan whose row is gone (its id may be the `wt_<hex>` discover reported),
+        # or of a `creating` row whose command died between CREATE ROLE and saving the row. Drop only
+        # what discover would call ours, and never start a cluster for it.
+        name = box.id if BOX_NAME.match(box.id) else box.pg_name
+        self.destroy_by_name(host, name, only_ours=True)
 
-    def destroy_by_name(self, host: "Host", pg_name: str) -> None:
+    def destroy_by_name(self, host: "Host", pg_name: str, *, only_ours: bool = False) -> None:
         """Drop an orphan's role, schema and databases given only its `wt_<hex>` name (for gc)."""
         if not BOX_NAME.match(pg_name):
             raise WtboxError(f"{pg_name!r} is not a box database name (wt_ followed by 8 hex digits).")
         from .. import postgres
 
         srv = postgres.server(host)
-        if srv.provider == "embedded" and not srv.initialised:  # type: ignore[attr-defined]
+        if srv.provider != "external" and not srv.is_running():
             return
+        if only_ours:
+            with srv.session(srv.shared_db) as conn:
+                row = conn.execute("SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = %s",
+                                   (pg_name,)).fetchone()
+            if row is not None and row[0] != owner_tag(host.home):
+                return  # another host's box on a shared server
+            if row is None and srv.provider != "embedded":
+                return  # a schema or database without its role: on a shared server we can't tell whose
         _drop(srv, pg_name)
 
     # ------------------------------------------------------------ discover / status
@@ -155,14 +172,19 @@ class Database(Resource):
         from ..box import hex_of
 
         srv = postgres.server(host)
-        if srv.provider == "embedded" and not srv.is_running():
+        if srv.provider != "external" and not srv.is_running():
             return set()
         try:
             with srv.session(srv.shared_db) as conn:
+                # A server may be shared by several hosts: only roles tagged with this host's home are ours.
                 names = {r[0] for r in conn.execute(
                     "SELECT rolname FROM pg_roles WHERE rolname ~ '^wt_[0-9a-f]{8}$'"
-                    " UNION SELECT nspname FROM pg_namespace WHERE nspname ~ '^wt_[0-9a-f]{8}$'"
-                    " UNION SELECT datname FROM pg_database WHERE datname ~ '^wt_[0-9a-f]{8}$'")}
+                    " AND shobj_description(oid, 'pg_authid') = %s", (owner_tag(host.home),))}
+                if srv.provider == "embedded":  # ours alone: schemas and databases whose role is gone, too
+                    names |= {r[0] for r in conn.execute(
+                        "SELECT nspname FROM pg_namespace WHERE nspname ~ '^wt_[0-9a-f]{8}$'"
+                        " UNION SELECT datname FROM pg_database WHERE datname ~ '^wt_[0-9a-f]{8}$'"
+                        " EXCEPT SELECT rolname FROM pg_roles")}
         except WtboxError:
             return set()
         by_hex = {hex_of(i): i for i in host.registry.select_box_ids()}
@@ -180,13 +202,18 @@ class Database(Resource):
 
 # ---------------------------------------------------------------- server-side helpers
 
+def owner_tag(home: Path | str) -> str:
+    """COMMENT on a box role naming the wtbox host that made it (servers may be shared by hosts)."""
+    import socket
+
+    return json.dumps({"wtbox_home": str(home), "hostname": socket.gethostname()}, sort_keys=True)
+
+
 def _server_for(host: "Host", provider: str | None) -> "Server | None":
+    """The server a box's database was made on (as recorded), or None if it cannot hold anything."""
     from .. import postgres
 
-    srv = postgres.server(host)
-    if provider and provider != srv.provider:
-        warn(f"the box's database lives on the {provider} PostgreSQL, but the host now uses {srv.provider}; "
-             "dropping it there.")
+    srv = postgres.server(host, provider)
     if srv.provider == "embedded" and not srv.initialised:  # type: ignore[attr-defined]
         return None
     return srv
@@ -227,7 +254,9 @@ def create_extensions(conn: Any, extensions: list[str]) -> None:
 
 
 def clone(conn: Any, name: str, template: str, owner: str, strategy: str) -> None:
-    conn.execute(_sql("CREATE DATABASE {d} TEMPLATE {t} OWNER {o} STRATEGY " + strategy,
+    # STRATEGY exists from PostgreSQL 15 on; older external servers only know the file copy.
+    clause = f" STRATEGY {strategy}" if strategy in STRATEGIES and conn.info.server_version >= 150000 else ""
+    conn.execute(_sql("CREATE DATABASE {d} TEMPLATE {t} OWNER {o}" + clause,
                       d=_ident(name), t=_ident(template), o=_ident(owner)))
 
 
@@ -350,6 +379,8 @@ class Golden:
                 conn.execute(_sql("ALTER DATABASE {d} RENAME TO {n}", d=_ident(build), n=_ident(self.name)))
                 # Nobody connects to a template: a session on it would make CREATE DATABASE … TEMPLATE fail.
                 conn.execute(_sql("ALTER DATABASE {d} ALLOW_CONNECTIONS false", d=_ident(self.name)))
+                # REASSIGN OWNED in a clone also moves *shared* objects of the golden role: it must own no database.
+                conn.execute(_sql("ALTER DATABASE {d} OWNER TO {o}", d=_ident(self.name), o=_ident(conn.info.user)))
                 conn.execute(_sql("ALTER ROLE {r} NOLOGIN PASSWORD NULL", r=_ident(role)))
                 strategy, timings = self._measure(conn)
                 comment = json.dumps({"repo": self.repo, "strategy": strategy, "clone_ms": timings})
@@ -365,6 +396,8 @@ class Golden:
     def _measure(self, conn: Any, rounds: int = 2) -> tuple[str, dict[str, float]]:
         """Time CREATE DATABASE … TEMPLATE with each strategy; the faster one is used for boxes."""
         best: dict[str, float] = {}
+        if conn.info.server_version < 150000:
+            return "FILE_COPY", best
         probe = self.name + "_probe"
         for _ in range(rounds):
             for strategy in STRATEGIES:

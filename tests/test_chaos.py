@@ -23,7 +23,7 @@ from conftest import git
 
 pytestmark = pytest.mark.chaos
 
-ITERATIONS = int(os.environ.get("WTBOX_CHAOS_ITERATIONS", "32"))
+ITERATIONS = int(os.environ.get("WTBOX_CHAOS_ITERATIONS", "30"))
 HAVE_PG = bool(shutil.which("pg_ctl") or list(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl")))
 HAVE_VM = bool(shutil.which("victoria-metrics"))
 
@@ -145,7 +145,10 @@ def test_kill_dash_nine_anywhere_then_gc_leaves_nothing(tmp_path, make_repo):
         phases: collections.Counter = collections.Counter()
         for i in range(ITERATIONS):
             live = chaos.live()
-            if live and rng.random() < 0.4:
+            if len(live) < 2 and rng.random() < 0.5:  # keep boxes around so that rm gets killed too
+                chaos.wtbox("new", f"alive-{i}", "--repo", str(repo))
+                live = chaos.live()
+            if live and rng.random() < 0.45:
                 victim = rng.choice(live)["id"]
                 p, phase_file = chaos.spawn("rm", "--force", victim)
                 usual, op = rm_time, "rm"

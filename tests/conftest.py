@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# one real PostgreSQL cluster for the whole session (see tests/pg_fixtures.py)
+from pg_fixtures import no_stray_cluster, pg_cluster, pg_host, shared_postgres  # noqa: F401
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # A repo config for tests of the core only: no database, no observability stack.

@@ -131,3 +131,16 @@ def test_two_gc_runs_do_not_race(host, make_repo, run_wtbox, wtbox_home):
 def test_timer_templates_print(run_wtbox):
     out = run_wtbox("gc", "--install-timer", "--print").stdout
     assert "[Timer]" in out and "OnUnitActiveSec=1h" in out and " gc" in out and "* * *" in out
+
+
+def test_kept_branch_with_unique_commits_is_not_an_orphan(host, make_repo, run_wtbox):
+    repo = make_repo(toml=CORE_TOML)
+    box = host.new("keepbranch", repo=repo)
+    (box.path / "f.txt").write_text("work")
+    git(box.path, "add", "f.txt")
+    git(box.path, "-c", "user.email=t@e", "-c", "user.name=t", "commit", "-qm", "work")
+    run_wtbox("rm", "--force", "--keep-branch", box.id)
+    assert f"wtbox/{box.id}" in git(repo, "branch", "--list")
+    out = json.loads(run_wtbox("gc", "--grace", "0", "--json").stdout)
+    assert out["actions"] == []
+    assert f"wtbox/{box.id}" in git(repo, "branch", "--list")  # the only copy of that commit survives

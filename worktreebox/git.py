@@ -59,6 +59,16 @@ def show_file(repo: Path, sha: str, path: str) -> str | None:
     return proc.stdout if proc.returncode == 0 else None
 
 
+def unique_commits(repo: str | Path, branch: str, base_sha: str | None = None) -> int:
+    """How many commits of `branch` no other branch, remote (or the base commit) has; 0 when unknown."""
+    short = branch.removeprefix("refs/heads/")
+    args = ["rev-list", "--count", f"refs/heads/{short}", "--not", f"--exclude={short}", "--branches", "--remotes"]
+    if base_sha:
+        args.append(base_sha)
+    proc = git(repo, *args, check=False)
+    return int(proc.stdout.strip() or 0) if proc.returncode == 0 else 0
+
+
 def unsaved_work(worktree: Path, branch: str, base_sha: str | None) -> str | None:
     """Why removing this worktree would lose work, or None.
 
@@ -71,12 +81,7 @@ def unsaved_work(worktree: Path, branch: str, base_sha: str | None) -> str | Non
     if proc.returncode == 0 and proc.stdout.strip():
         n = len(proc.stdout.strip().splitlines())
         return f"{n} uncommitted change{'s' if n != 1 else ''}"
-    short = branch.removeprefix("refs/heads/")
-    args = ["rev-list", "--count", f"refs/heads/{short}", "--not", f"--exclude={short}", "--branches", "--remotes"]
-    if base_sha:
-        args.append(base_sha)
-    proc = git(worktree, *args, check=False)
-    if proc.returncode == 0 and proc.stdout.strip() not in ("", "0"):
-        n = int(proc.stdout.strip())
-        return f"{n} commit{'s' if n != 1 else ''} on {short} that no other branch has"
+    n = unique_commits(worktree, branch, base_sha)
+    if n:
+        return f"{n} commit{'s' if n != 1 else ''} on {branch.removeprefix('refs/heads/')} that no other branch has"
     return None

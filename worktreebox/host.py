@@ -60,18 +60,14 @@ class Host:
     def resources(self) -> list[Resource]:
         """All resources in creation order (imported lazily: most commands need none)."""
         if self._resources is None:
-            import importlib
-
             from .resources.caches import Caches
+            from .resources.database import Database
+            from .resources.metrics import Metrics
             from .resources.ports import Ports
+            from .resources.services import Services
             from .resources.worktree import Worktree
 
-            self._resources = [Ports(), Worktree(), Caches()]
-            for mod, cls in (("database", "Database"), ("metrics", "Metrics"), ("services", "Services")):
-                try:  # INTEGRATION: made strict once these modules land
-                    self._resources.append(getattr(importlib.import_module(f".resources.{mod}", __package__), cls)())
-                except (ModuleNotFoundError, AttributeError):
-                    pass
+            self._resources = [Ports(), Worktree(), Caches(), Database(), Metrics(), Services()]
         return self._resources
 
     def resource(self, name: str) -> Resource:

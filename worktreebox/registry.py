@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -49,11 +50,21 @@ _MIGRATIONS = [
 
 
 class Registry:
-    """Store with intention-revealing methods; one connection per process."""
+    """Store with intention-revealing methods; one connection per thread (a sqlite3
+    connection can hold only one transaction, and `new` and fanout use threads)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._db: sqlite3.Connection | None = None
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+
+    @property
+    def _db(self) -> sqlite3.Connection | None:
+        return getattr(self._local, "db", None)
+
+    @_db.setter
+    def _db(self, value: sqlite3.Connection | None) -> None:
+        self._local.db = value
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -66,13 +77,18 @@ class Registry:
                 db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = NORMAL")
             self._db = db
+            self._all.append(db)
             self._migrate()
         return self._db
 
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        for db in self._all:
+            try:
+                db.close()
+            except sqlite3.ProgrammingError:
+                pass  # made in another thread that is gone
+        self._all.clear()
+        self._db = None
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

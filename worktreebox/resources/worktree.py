@@ -74,12 +74,24 @@ class Worktree(Resource):
         for repo in host.registry.select_repos():
             if not Path(repo).is_dir():
                 continue
+            checked_out = _checked_out_branches(repo)
             proc = git.git(repo, "for-each-ref", "--format=%(refname:short)", "refs/heads/wtbox/", check=False)
             for ref in proc.stdout.split():
                 box_id = ref.removeprefix("wtbox/")
-                if is_box_id(box_id):
-                    ids.add(box_id)
+                if not is_box_id(box_id):
+                    continue
+                # A branch left without its worktree on purpose (rm --keep-branch, pick) that holds
+                # commits no other branch has is the user's work, not an orphan.
+                if ref not in checked_out and git.unique_commits(repo, ref):
+                    continue
+                ids.add(box_id)
         return ids
+
+
+def _checked_out_branches(repo: str) -> set[str]:
+    out = git.git(repo, "worktree", "list", "--porcelain", check=False).stdout
+    return {line.split(" ", 1)[1].removeprefix("refs/heads/") for line in out.splitlines()
+            if line.startswith("branch ")}
 
 
 def branch_for(box_id: str) -> str:

@@ -1,0 +1,75 @@
+"""`wtbox db start|stop|status`: the host's PostgreSQL (the embedded cluster, or the external server)."""
+from __future__ import annotations
+
+import click
+
+from ..errors import WtboxError
+from ._common import emit_json, get_host, info, json_option, run_cmd
+
+
+@click.group()
+def db() -> None:
+    """The host's PostgreSQL server that boxes get their databases from."""
+
+
+def _server():
+    from ..postgres import server
+
+    return server(get_host())
+
+
+def _print_status(st: dict) -> None:
+    if st.get("running"):
+        state = "running"
+    elif st["provider"] == "external":
+        state = "unreachable"
+    elif st.get("initialised") is False:
+        state = "not initialised (starts on first need)"
+    else:
+        state = "stopped"
+    click.echo(f"{'postgres':<11}{st['provider']}, {state}")
+    for key in ("url", "data_dir", "socket_dir", "host", "port", "version", "pid", "os_user", "error"):
+        if st.get(key) not in (None, ""):
+            click.echo(f"{key:<11}{st[key]}")
+
+
+@db.command()
+@json_option
+@run_cmd
+def start(as_json: bool) -> None:
+    """Start the host's PostgreSQL (initdb on first use); no-op if it runs."""
+    srv = _server()
+    srv.ensure_running()
+    st = srv.status()
+    if as_json:
+        emit_json(st)
+    else:
+        _print_status(st)
+
+
+@db.command()
+@json_option
+@run_cmd
+def stop(as_json: bool) -> None:
+    """Stop the host's cluster or container (boxes keep their data; it starts again on next need)."""
+    srv = _server()
+    if not hasattr(srv, "stop"):
+        raise WtboxError("The host uses an external PostgreSQL server; wtbox does not stop it.")
+    was_running = srv.stop()
+    st = {**srv.status(), "stopped": was_running}
+    if as_json:
+        emit_json(st)
+    else:
+        info("stopped" if was_running else "was not running")
+
+
+@db.command()
+@json_option
+@run_cmd
+def status(as_json: bool) -> None:
+    """Whether the server runs, where, and on which port (never starts it)."""
+    st = _server().status()
+    if as_json:
+        emit_json(st)
+    else:
+        _print_status(st)

@@ -158,7 +158,7 @@ class Database(Resource):
                                    (pg_name,)).fetchone()
             if row is not None and row[0] != owner_tag(host.home):
                 return  # another host's box on a shared server
-            if row is None and srv.provider != "embedded":
+            if row is None and srv.provider not in ("embedded", "docker"):
                 return  # a schema or database without its role: on a shared server we can't tell whose
         _drop(srv, pg_name)
 

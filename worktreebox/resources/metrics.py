@@ -70,6 +70,11 @@ class Metrics(Resource):
             from .. import docker_metrics
 
             docker_metrics.stop(box, home=host.home)
+        # Unconditional (~1 ms without Docker): an orphan of a killed `new` whose docker provider
+        # came from the repo's wtbox.toml has no record that says so.
+        from .. import dockerenv
+
+        dockerenv.sweep_box(host.home, box.id)
         shutil.rmtree(box.metrics_dir, ignore_errors=True)
         for name in (SCRAPE_FILE, VECTOR_FILE, vm.LOG_FILE, "vector.log"):
             (box.run_dir / name).unlink(missing_ok=True)
@@ -78,10 +83,9 @@ class Metrics(Resource):
     def discover(self, host: "Host") -> set[str]:
         ids = {p.parent.name for p in Path(host.boxes_dir).glob("*/metrics") if p.is_dir()}
         ids |= _live_box_ids(Path(host.boxes_dir))
-        if getattr(host.config, "observability_provider", "native") == "docker":
-            from .. import dockerenv
+        from .. import dockerenv
 
-            ids |= dockerenv.discover_box_ids(host.home)
+        ids |= dockerenv.discover_box_ids(host.home)  # labelled containers, whatever the config says now
         return ids
 
     def status(self, host: "Host", box: "Box") -> dict[str, Any] | None:

@@ -155,18 +155,36 @@ def _box_rss(home: Path) -> int:
 
 
 def _raw_checkouts(repo: Path, work: Path, n: int) -> float:
-    """The floor under a fan-out: n plain `git worktree add` at once (then removed, untimed)."""
-    paths = [work / f"raw-fanout-{k}" for k in range(n)]
+    """The floor under a fan-out: n plain `git worktree add` at once (then removed, untimed).
+
+    Concurrent adds in one repo can fail transiently ("failed to read .git/worktrees/...");
+    a failed one is retried, inside the timing, as wtbox itself does.
+    """
+    import secrets
+
+    tag = secrets.token_hex(3)
+    names = [f"raw-fanout-{tag}-{k}" for k in range(n)]
+    paths = [work / name for name in names]
+
+    def add(k: int) -> subprocess.Popen:
+        has = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", "-q", f"refs/heads/{names[k]}"],
+                             capture_output=True).returncode == 0
+        args = [str(paths[k]), names[k]] if has else ["-b", names[k], str(paths[k]), "HEAD"]
+        return subprocess.Popen(["git", "-C", str(repo), "worktree", "add", "-q", *args],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
     t0 = time.perf_counter()
-    procs = [subprocess.Popen(["git", "-C", str(repo), "worktree", "add", "-q", "-b", f"raw-fanout-{k}", str(p),
-                               "HEAD"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for k, p in enumerate(paths)]
-    codes = [p.wait() for p in procs]
+    pending = list(range(n))
+    for _attempt in range(5):
+        procs = {k: add(k) for k in pending}
+        pending = [k for k, p in procs.items() if p.wait() != 0]
+        if not pending:
+            break
     took = time.perf_counter() - t0
-    for k, p in enumerate(paths):
+    for name, p in zip(names, paths):
         subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(p)], capture_output=True)
-        subprocess.run(["git", "-C", str(repo), "branch", "-D", f"raw-fanout-{k}"], capture_output=True)
-    if any(codes):
+        subprocess.run(["git", "-C", str(repo), "branch", "-D", name], capture_output=True)
+    if pending:
         raise RuntimeError("plain git worktree add failed")
     return took
 

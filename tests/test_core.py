@@ -53,6 +53,13 @@ def test_new_ls_status_env_exec_rm(make_repo, run_wtbox, wtbox_home):
     run_wtbox("rm", box_id)
     assert json.loads(run_wtbox("ls", "--json").stdout) == []
     assert not (wtbox_home / "boxes" / box_id).exists()
+    # the worktree's files go in a detached delete; it finishes within moments
+    import time
+
+    deadline = time.monotonic() + 10
+    while any((wtbox_home / "trash").glob("*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any((wtbox_home / "trash").glob("*"))
     assert f"wtbox/{box_id}" not in git(repo, "branch", "--list")
     assert box_id not in git(repo, "worktree", "list")
 

@@ -144,3 +144,11 @@ def test_kept_branch_with_unique_commits_is_not_an_orphan(host, make_repo, run_w
     out = json.loads(run_wtbox("gc", "--grace", "0", "--json").stdout)
     assert out["actions"] == []
     assert f"wtbox/{box.id}" in git(repo, "branch", "--list")  # the only copy of that commit survives
+
+
+def test_gc_empties_trash_left_by_a_dead_background_delete(host, make_repo, run_wtbox, wtbox_home):
+    stale = wtbox_home / "trash" / "dead-12345678-abcdef"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "sub" / "file").write_text("x")
+    run_wtbox("gc")
+    assert not stale.exists()

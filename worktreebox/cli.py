@@ -57,11 +57,15 @@ def main() -> None:
 
 
 def run() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] not in ("gc", "--help", "-h", "--version"):
-        from .gc import maybe_start_background_gc
+    if len(sys.argv) > 1 and sys.argv[1] not in ("gc", "--help", "-h", "--version") \
+            and not os.environ.get("WTBOX_NO_AUTO_GC"):
         from .host import default_home
 
-        maybe_start_background_gc(default_home())
+        home = default_home()
+        if _gc_due(home):
+            from .gc import maybe_start_background_gc
+
+            maybe_start_background_gc(home)
     try:
         main(standalone_mode=True)
     except KeyboardInterrupt:
@@ -72,6 +76,16 @@ def run() -> None:
             raise
         click.echo(f"wtbox: internal error: {type(e).__name__}: {e} (set WTBOX_DEBUG=1 for a traceback).", err=True)
         sys.exit(1)
+
+
+def _gc_due(home) -> bool:
+    """One stat: has an hour passed since the last gc? (the gc module is imported only then)"""
+    import time
+
+    try:
+        return time.time() - os.stat(home / ".last-gc").st_mtime >= 3600
+    except FileNotFoundError:
+        return os.path.exists(home / "registry.sqlite3")
 
 
 if __name__ == "__main__":

@@ -120,8 +120,20 @@ def run(host: "Host", *, grace: float = DEFAULT_GRACE, dry_run: bool = False, wa
             for repo in host.registry.select_repos():
                 if Path(repo).is_dir():
                     git.git(repo, "worktree", "prune", check=False)
+            _empty_trash(host)
             _stamp(host)
     return {"dry_run": dry_run, "actions": actions, "errors": errors, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _empty_trash(host: "Host") -> None:
+    """Worktrees `rm` moved aside for a background delete that may have died (kill -9, reboot)."""
+    import shutil
+
+    from .resources.worktree import trash_dir
+
+    if trash_dir(host).exists():
+        for entry in trash_dir(host).iterdir():
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _human(seconds: float) -> str:

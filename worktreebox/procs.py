@@ -90,7 +90,6 @@ def _environ_var(pid: int, key: bytes) -> str | None:
 
 def find_box_processes(box_id: str, box_dir: Path | str | None) -> list[Any]:
     """psutil.Process objects that carry WTBOX_ID=<box_id> or whose cwd is inside box_dir."""
-    import psutil
 
     root = os.path.realpath(box_dir) if box_dir else None
     protected = _protected()
@@ -112,6 +111,8 @@ def find_box_processes(box_id: str, box_dir: Path | str | None) -> list[Any]:
             mine = bool(cwd) and (cwd == root or cwd.startswith(root + os.sep))
         if not mine:
             continue
+        import psutil  # only once something matched: the import costs ~35 ms per rm
+
         try:
             p = psutil.Process(pid)
             if p.status() == psutil.STATUS_ZOMBIE:

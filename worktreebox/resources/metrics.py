@@ -65,16 +65,21 @@ class Metrics(Resource):
         c.facts["metrics"] = {"url": url, "port": port, "remote_write_url": url + "/api/v1/write"}
 
     def destroy(self, host: "Host", box: "Box") -> None:
-        vm.stop(box.id, run_dir=box.run_dir, names=(vm.BINARY, VECTOR), pid_files=(vm.PID_FILE, VECTOR_PID))
+        data = box.data.get(self.name)
+        # Skip the process scan when nothing of ours was ever started (observability off):
+        # VictoriaMetrics creates its storage dir first thing, and the pid files come with it.
+        if data or box.metrics_dir.exists() or any((box.run_dir / f).exists() for f in (vm.PID_FILE, VECTOR_PID)):
+            vm.stop(box.id, run_dir=box.run_dir, names=(vm.BINARY, VECTOR), pid_files=(vm.PID_FILE, VECTOR_PID))
         if _uses_docker(host, box):
             from .. import docker_metrics
 
             docker_metrics.stop(box, home=host.home)
-        # Unconditional (~1 ms without Docker): an orphan of a killed `new` whose docker provider
-        # came from the repo's wtbox.toml has no record that says so.
-        from .. import dockerenv
+        elif not data and "env_keys" not in box.data:
+            # A `new` killed before it finished creating (no env_keys yet) may have started a container
+            # (its docker provider may have come from the repo's wtbox.toml): sweep by label.
+            from .. import dockerenv
 
-        dockerenv.sweep_box(host.home, box.id)
+            dockerenv.sweep_box(host.home, box.id)
         shutil.rmtree(box.metrics_dir, ignore_errors=True)
         for name in (SCRAPE_FILE, VECTOR_FILE, vm.LOG_FILE, "vector.log"):
             (box.run_dir / name).unlink(missing_ok=True)

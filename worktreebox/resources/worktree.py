@@ -54,20 +54,27 @@ class Worktree(Resource):
 
     def destroy(self, host: "Host", box: "Box") -> None:
         repos = [box.repo] if box.repo and Path(box.repo).is_dir() else host.registry.select_repos()
+        # Deleting thousands of files is most of what `git worktree remove` costs. Move the tree
+        # out of the box (one rename), let git forget it (prune), and delete the files in a
+        # detached process; `gc` empties trash/ if that process dies.
+        trashed = move_to_trash(host, box.path, box.id)
         for repo in repos:
             if not Path(repo).is_dir():
                 continue
-            if box.path.exists():
-                git.git(repo, "worktree", "remove", "--force", "--force", str(box.path), check=False)
+            removed = not trashed and box.path.exists() and git.git(
+                repo, "worktree", "remove", "--force", "--force", str(box.path), check=False).returncode == 0
+            if not removed:
+                # a worktree dir that is gone still "holds" its branch until pruned
+                git.git(repo, "worktree", "prune", check=False)
             if box.data.get("keep_branch"):
                 continue
-            # prune first: a worktree dir deleted underneath us still "holds" the branch
-            git.git(repo, "worktree", "prune", check=False)
             git.git(repo, "branch", "-D", box.branch, check=False)
         if box.path.exists():
             shutil.rmtree(box.path, ignore_errors=True)
         if box.path.exists():
             raise WtboxError(f"Could not delete the worktree {box.path}.")
+        if trashed:
+            empty_trash_in_background(host)
 
     def discover(self, host: "Host") -> set[str]:
         ids: set[str] = set()
@@ -96,3 +103,31 @@ def _checked_out_branches(repo: str) -> set[str]:
 
 def branch_for(box_id: str) -> str:
     return branch_name(box_id)
+
+
+def trash_dir(host: "Host") -> Path:
+    return host.home / "trash"
+
+
+def move_to_trash(host: "Host", path: Path, box_id: str) -> bool:
+    if not path.is_dir():
+        return False
+    import os
+    import secrets
+
+    trash = trash_dir(host)
+    trash.mkdir(mode=0o700, exist_ok=True)
+    try:
+        os.rename(path, trash / f"{box_id}-{secrets.token_hex(3)}")
+        return True
+    except OSError:  # e.g. another filesystem: let git delete it in place
+        return False
+
+
+def empty_trash_in_background(host: "Host") -> None:
+    import subprocess
+
+    entries = [str(p) for p in trash_dir(host).iterdir()] if trash_dir(host).exists() else []
+    if entries:
+        subprocess.Popen(["rm", "-rf", "--", *entries], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)

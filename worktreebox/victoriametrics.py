@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import UsageError, WtboxError
+from .procs import pid_alive
 
 BINARY = "victoria-metrics"
 PACKAGE = "victoria-metrics"  # the Debian package that ships the binary
@@ -93,7 +94,7 @@ def start(box_id: str, *, port: int, data_dir: Path, run_dir: Path, retention: s
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while True:
-        if not _alive(pid):
+        if not pid_alive(pid):
             raise WtboxError(f"VictoriaMetrics for box {box_id} exited at start ({_last_line(log_path)}).")
         if healthy(url, timeout=0.25):
             return pid
@@ -112,15 +113,6 @@ def spawn_detached(cmd: list[str], *, env: dict[str, str], log_path: Path) -> in
                         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                         start_new_session=True, close_fds=True, check=True, text=True)
     return int(sh.stdout.strip())
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X")
 
 
 def healthy(url: str, timeout: float = 1.0) -> bool:

@@ -160,13 +160,7 @@ def exec_(box, cmd):
         cmd = cmd[1:]
     if not cmd:
         raise UsageError("Give a command to run: wtbox exec BOX -- CMD ...")
-    host = get_host()
-    b = host.get(box)
-    if not b.path.is_dir():
-        raise WtboxError(f"The worktree of {b.id} is gone ({b.path}); remove the box with 'wtbox rm {b.id}'.")
-    host.registry.touch(b.id)
-    env = host.exec_env(b, _secrets_for(host, b))
-    os.chdir(b.path)
+    b, env = _enter(box)
     try:
         os.execvpe(cmd[0], list(cmd), env)
     except FileNotFoundError:
@@ -182,16 +176,22 @@ def exec_(box, cmd):
 @run_cmd
 def shell(box):
     """Open your $SHELL in the box."""
+    b, env = _enter(box)
+    env["WTBOX_SHELL"] = b.id
+    sh = os.environ.get("SHELL") or "/bin/bash"
+    os.execvpe(sh, [sh], env)
+
+
+def _enter(ref):
+    """Resolve BOX, record the use (TTL), chdir into its worktree; (box, env with secrets)."""
     host = get_host()
-    b = host.get(box)
+    b = host.get(ref)
     if not b.path.is_dir():
         raise WtboxError(f"The worktree of {b.id} is gone ({b.path}); remove the box with 'wtbox rm {b.id}'.")
     host.registry.touch(b.id)
     env = host.exec_env(b, _secrets_for(host, b))
-    env["WTBOX_SHELL"] = b.id
-    sh = os.environ.get("SHELL") or "/bin/bash"
     os.chdir(b.path)
-    os.execvpe(sh, [sh], env)
+    return b, env
 
 
 @click.command()

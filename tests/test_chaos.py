@@ -139,7 +139,9 @@ def test_kill_dash_nine_anywhere_then_gc_leaves_nothing(tmp_path, make_repo):
     if HAVE_PG:
         chaos.wtbox("db", "start")
     try:
-        # calibrate: the usual run time of each command on this machine
+        # calibrate: the usual (warm) run time of each command on this machine
+        chaos.timed("new", "warmup", "--repo", str(repo))
+        chaos.timed("rm", "warmup")
         new_time = chaos.timed("new", "calib", "--repo", str(repo))
         rm_time = chaos.timed("rm", "calib")
         phases: collections.Counter = collections.Counter()

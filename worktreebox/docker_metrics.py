@@ -58,7 +58,6 @@ def start(box: "Box", port: int, scrape_config_path: Path | None = None, *, host
     import docker.errors
 
     dockerenv.testcontainers()
-    from testcontainers.core.container import DockerContainer
 
     home = _home_of(box, host)
     if image is None:

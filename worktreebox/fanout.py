@@ -7,11 +7,9 @@ box.data["fanout"], so `compare` and `pick` work later from any process.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import os
 import re
-import signal
 import subprocess
 import threading
 import time
@@ -94,17 +92,11 @@ class Runner:
             redactor: Callable[[str], str] | None, timeout: float | None,
             keep_lines: int = 40) -> dict[str, Any]:
         """{exit, seconds, timed_out, last_lines}; the same record shape as service logs (logs/<service>.jsonl)."""
-        from .logs import LogWriter, pump
+        from .logs import LogWriter, OutputTail, join_pumps, kill_group, start_logged
 
         redact = redactor or (lambda s: s)
         writer = LogWriter(logs_dir, service, redact)
-        last: collections.deque[str] = collections.deque(maxlen=keep_lines)
-        lock = threading.Lock()
-
-        def remember(text: str) -> None:
-            with lock:
-                last.append(redact(text))
-
+        tail = OutputTail(redact, keep_lines)
         writer.event("info", f"$ {cmd}", event="start")
         t0 = time.perf_counter()
         with self._lock:
@@ -112,65 +104,41 @@ class Runner:
                 writer.close()
                 return {"exit": None, "seconds": 0.0, "timed_out": False, "last_lines": []}
             # Own session: Ctrl-C on the terminal reaches only us, and we end each group deliberately.
-            proc = subprocess.Popen(["/bin/sh", "-c", cmd], cwd=str(cwd), env=env, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+            proc, threads = start_logged(cmd, cwd, env, writer, tail)
             self._procs.add(proc)
-        threads = []
-        for pipe, stream in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
-            fd = os.dup(pipe.fileno())
-            pipe.close()
-            t = threading.Thread(target=pump, args=(fd, stream, writer, remember), daemon=True)
-            t.start()
-            threads.append(t)
         timed_out = False
         try:
             try:
                 rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 timed_out = True
-                _kill_group(proc)
+                kill_group(proc, KILL_WAIT)
                 rc = 124
         finally:
             with self._lock:
                 self._procs.discard(proc)
-            for t in threads:  # a daemon that keeps the pipe open must not hang us
-                t.join(timeout=2)
+            join_pumps(threads)
         seconds = time.perf_counter() - t0
         if timed_out:
             msg = f"wtbox: timed out after {timeout:g}s"
             writer.line("stderr", msg)
-            remember(msg)
+            tail(msg)
         writer.event("info", f"exited with code {rc} after {seconds:.2f}s", event="exit", code=rc)
         writer.close()
-        return {"exit": rc, "seconds": round(seconds, 3), "timed_out": timed_out, "last_lines": list(last)}
+        return {"exit": rc, "seconds": round(seconds, 3), "timed_out": timed_out, "last_lines": tail.lines()}
 
     def stop(self) -> None:
         """End every running command (SIGTERM to its group, then SIGKILL); no new ones start."""
         with self._lock:
             self.stopped.set()
             procs = list(self._procs)
-        threads = [threading.Thread(target=_kill_group, args=(p,)) for p in procs]
+        from .logs import kill_group
+
+        threads = [threading.Thread(target=kill_group, args=(p, KILL_WAIT)) for p in procs]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            break
-        try:
-            proc.wait(timeout=KILL_WAIT)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    try:
-        proc.wait(timeout=KILL_WAIT)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 # ---------------------------------------------------------------------- the fan-out

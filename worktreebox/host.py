@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from typing import TYPE_CHECKING
 
 from . import git
-from .box import CREATING, FAILED, READY, REMOVING, Box, branch_name, is_box_id, new_id, slugify
+from .box import CREATING, FAILED, READY, REMOVING, Box, branch_name, new_id, slugify
 from .errors import ConfigError, NotFound, UnsavedWork, UsageError, WtboxError
 from .registry import Registry
 from .resources.base import Creation, Resource

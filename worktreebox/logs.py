@@ -16,7 +16,10 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+
+if TYPE_CHECKING:
+    import subprocess
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 _ALIASES = {
@@ -256,21 +259,27 @@ def pump(fd: int, stream: str, writer: LogWriter, on_line: Callable[[str], None]
             pass
 
 
-def run_logged(cmd: str, cwd: Path | str, env: dict[str, str], logs_dir: Path | str, service: str,
-               redactor: Callable[[str], str] | None = None, timeout: float | None = None,
-               keep_lines: int = 10) -> tuple[int, list[str]]:
-    """Run a shell command once with its output captured as records; (returncode, last lines redacted)."""
-    import signal
+class OutputTail:
+    """The last lines of a command's output, redacted, shared by its stdout and stderr pumps."""
+
+    def __init__(self, redact: Callable[[str], str], keep: int) -> None:
+        self._redact = redact
+        self._lines: collections.deque[str] = collections.deque(maxlen=keep)
+        self._lock = threading.Lock()
+
+    def __call__(self, text: str) -> None:
+        with self._lock:
+            self._lines.append(self._redact(text))
+
+    def lines(self) -> list[str]:
+        with self._lock:
+            return list(self._lines)
+
+
+def start_logged(cmd: str, cwd: Path | str, env: dict[str, str], writer: "LogWriter",
+                 tail: OutputTail) -> tuple["subprocess.Popen", list[threading.Thread]]:
+    """Start `sh -c cmd` in its own session with both streams pumped into `writer` as records."""
     import subprocess
-
-    redact = redactor or (lambda s: s)
-    writer = LogWriter(logs_dir, service, redact)
-    last: collections.deque[str] = collections.deque(maxlen=keep_lines)
-    lock = threading.Lock()
-
-    def remember(text: str) -> None:
-        with lock:
-            last.append(redact(text))
 
     proc = subprocess.Popen(["/bin/sh", "-c", cmd], cwd=str(cwd), env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
@@ -278,33 +287,61 @@ def run_logged(cmd: str, cwd: Path | str, env: dict[str, str], logs_dir: Path | 
     for pipe, stream in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
         fd = os.dup(pipe.fileno())
         pipe.close()
-        t = threading.Thread(target=pump, args=(fd, stream, writer, remember), daemon=True)
+        t = threading.Thread(target=pump, args=(fd, stream, writer, tail), daemon=True)
         t.start()
         threads.append(t)
+    return proc, threads
+
+
+def kill_group(proc: "subprocess.Popen", wait: float = 3.0) -> None:
+    """SIGTERM the command's process group, wait, then SIGKILL; reaps the leader."""
+    import signal
+    import subprocess
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            break
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    try:
+        proc.wait(timeout=wait)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def join_pumps(threads: list[threading.Thread]) -> None:
+    # Children that keep the pipe open must not hang us: give the pumps a moment, then move on.
+    for t in threads:
+        t.join(timeout=2)
+
+
+def run_logged(cmd: str, cwd: Path | str, env: dict[str, str], logs_dir: Path | str, service: str,
+               redactor: Callable[[str], str] | None = None, timeout: float | None = None,
+               keep_lines: int = 10) -> tuple[int, list[str]]:
+    """Run a shell command once with its output captured as records; (returncode, last lines redacted)."""
+    import subprocess
+
+    redact = redactor or (lambda s: s)
+    writer = LogWriter(logs_dir, service, redact)
+    tail = OutputTail(redact, keep_lines)
+    proc, threads = start_logged(cmd, cwd, env, writer, tail)
     try:
         rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=3)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        proc.wait()
+        kill_group(proc)
         rc = 124
         msg = f"wtbox: timed out after {timeout:g}s"
         writer.line("stderr", msg)
-        remember(msg)
+        tail(msg)
     finally:
-        # Children that keep the pipe open must not hang us: give the pumps a moment, then move on.
-        for t in threads:
-            t.join(timeout=2)
+        join_pumps(threads)
         writer.close()
-    return rc, list(last)
+    return rc, tail.lines()
 
 
 # ------------------------------------------------------------------ reading

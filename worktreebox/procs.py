@@ -125,8 +125,6 @@ def find_box_processes(box_id: str, box_dir: Path | str | None) -> list[Any]:
 
 def kill_staged(procs: Iterable[Any], timeout: float = KILL_WAIT) -> list[int]:
     """SIGTERM the processes (whole groups they lead), wait up to `timeout`, then SIGKILL. Returns pids killed."""
-    import psutil
-
     procs = [p for p in procs if p.pid != os.getpid()]
     if not procs:
         return []

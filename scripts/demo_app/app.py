@@ -2,7 +2,6 @@
 PostgreSQL schema, exposes Prometheus metrics."""
 import os
 import sys
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import psycopg

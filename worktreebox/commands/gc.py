@@ -8,7 +8,6 @@ from pathlib import Path
 import click
 
 from ..config import parse_duration
-from ..errors import UsageError
 from ._common import box_argument, emit_json, get_host, info, json_option, run_cmd
 
 

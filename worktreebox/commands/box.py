@@ -53,12 +53,22 @@ def new(task, repo, ref, secrets, no_services, ttl, keep, show_secrets, as_json)
     progress = (lambda m: info(f"  {m}")) if sys.stderr.isatty() and not as_json else (lambda m: None)
     box = host.new(task, repo=repo, ref=ref, secrets=parse_secrets(secrets), start_services=not no_services,
                    ttl=ttl, keep=keep, progress=progress)
-    out = box.to_json(show_secrets=show_secrets)
+    out = describe(host, box, show_secrets)
     if as_json:
         emit_json(out)
         return
     info(f"created {box.id} in {time.perf_counter() - t0:.2f}s")
     _print_box(out)
+
+
+def describe(host, b, show_secrets: bool) -> dict:
+    """The JSON contract of `new` and `status`: the box plus what each resource reports."""
+    out = b.to_json(show_secrets=show_secrets)
+    for r in host.resources:
+        extra = r.status(host, b)
+        if extra:
+            out.update(extra)
+    return out
 
 
 def _print_box(out: dict) -> None:
@@ -111,11 +121,8 @@ def status(box, show_secrets, as_json):
     """Show a box: ports, database, services."""
     host = get_host()
     b = host.get(box)
-    out = b.to_json(show_secrets=show_secrets)
-    for r in host.resources:
-        extra = r.status(host, b)
-        if extra:
-            out.update(extra)
+    host.registry.touch(b.id)  # looking at a box is using it (TTL)
+    out = describe(host, b, show_secrets)
     if not b.dir.exists():
         out["problem"] = f"the box directory {b.dir} is gone; 'wtbox rm {b.id}' cleans up the rest"
     if as_json:

@@ -449,12 +449,7 @@ class Supervisor:
                     conn.sendall(b'{"ok": false, "error": "permission denied"}\n')
                     return
                 conn.settimeout(10)
-                data = b""
-                while not data.endswith(b"\n"):
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
+                data = read_line(conn)
                 conn.settimeout(None)
                 req = json.loads(data or b"{}")
                 req_cmd = req.get("cmd") if isinstance(req, dict) else None
@@ -504,6 +499,17 @@ class Supervisor:
                 next_collect = _now() + COLLECT_EVERY
                 self.collect()
         self.write_state()
+
+
+def read_line(sock: socket.socket) -> bytes:
+    """One newline-terminated message of the control protocol (client and server side)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def read_env_file(path: Path) -> dict[str, str]:

@@ -237,12 +237,9 @@ def control(box: "Box", cmd: str, service: str | None = None, timeout: float = 1
             # Through /proc/self/fd: the real path can be longer than sun_path's 107 bytes.
             s.connect(f"/proc/self/fd/{run_fd}/{SOCKET}")
             s.sendall(json.dumps({"cmd": cmd, "service": service}).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+            from ..supervisor import read_line
+
+            data = read_line(s)
         finally:
             s.close()
     finally:

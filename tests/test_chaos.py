@@ -179,3 +179,26 @@ def test_kill_dash_nine_anywhere_then_gc_leaves_nothing(tmp_path, make_repo):
         if HAVE_PG:
             chaos.wtbox("db", "stop", check=False)
     assert not any(final.values()), final
+
+
+@pytest.mark.skipif(not HAVE_PG, reason="PostgreSQL is not installed")
+def test_kill_dash_nine_during_the_first_cluster_start(tmp_path):
+    """initdb and the first start are the one host-level step of `new`; a kill there must not wedge the host."""
+    rng = random.Random(int(os.environ.get("WTBOX_CHAOS_SEED", time.time())))
+    env = {**os.environ, "WTBOX_NO_AUTO_GC": "1"}
+    env.pop("WTBOX_POSTGRES_URL", None)
+    for i in range(4):
+        home = tmp_path / f"home{i}"
+        run_env = {**env, "WTBOX_HOME": str(home)}
+        p = subprocess.Popen([sys.executable, "-m", "worktreebox.cli", "db", "start"], env=run_env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.05, 1.5))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        try:
+            ok = subprocess.run([sys.executable, "-m", "worktreebox.cli", "db", "start", "--json"], env=run_env,
+                                capture_output=True, text=True, timeout=120)
+            assert ok.returncode == 0, ok.stderr
+            assert json.loads(ok.stdout).get("running") is True, ok.stdout
+        finally:
+            subprocess.run([sys.executable, "-m", "worktreebox.cli", "db", "stop"], env=run_env, capture_output=True)

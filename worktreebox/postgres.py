@@ -380,9 +380,13 @@ class EmbeddedCluster(Server):
 
     def _initdb(self, user: _OsUser | None) -> None:
         # initdb into a scratch dir and rename: a crash mid-initdb leaves no half cluster behind.
-        scratch = self.home / "postgres.initdb"
-        if scratch.exists():
-            shutil.rmtree(scratch)
+        # A killed attempt's initdb (and its `postgres --boot`) outlive their parent and keep
+        # writing into their scratch dir: end them before deleting it. We hold the start lock,
+        # so no live attempt of ours owns one.
+        for stale in self.home.glob("postgres.initdb*"):
+            _kill_processes_mentioning(str(stale))
+            shutil.rmtree(stale, ignore_errors=True)
+        scratch = self.home / f"postgres.initdb.{os.getpid()}"
         if self.data_dir.exists():
             if any(self.data_dir.iterdir()):
                 raise WtboxError(f"{self.data_dir} exists but holds no PostgreSQL cluster; move it away and retry.")
@@ -505,6 +509,29 @@ def server(host: Any, provider: str | None = None) -> Server:
 
 
 # ---------------------------------------------------------------- helpers
+
+def _kill_processes_mentioning(text: str) -> None:
+    """SIGKILL processes whose command line contains `text` (orphans of a killed initdb), and wait."""
+    import signal
+
+    from .procs import pid_alive
+
+    needle = text.encode()
+    victims = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                if needle in f.read():
+                    os.kill(int(name), signal.SIGKILL)
+                    victims.append(int(name))
+        except (OSError, ProcessLookupError):
+            continue
+    deadline = time.monotonic() + 5
+    while any(pid_alive(v) for v in victims) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
 
 def _make_traversable(path: Path, uid: int) -> None:
     """Give others search (x, not read) permission on ancestors the cluster user could not pass."""

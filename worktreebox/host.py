@@ -241,11 +241,11 @@ class Host:
         os.replace(tmp, box.env_file)
 
     def exec_env(self, box: Box, secrets: dict[str, str] | None = None) -> dict[str, str]:
-        """The environment a process in the box gets: the caller's, the box env, and secrets."""
-        env = dict(os.environ)
-        env.update(box.env)
-        env.update(secrets or {})
-        return env
+        """The environment a process in the box gets: the caller's (minus another box's ids), the box
+        env, and secrets — the same as the box's services get."""
+        from .resources.services import base_env
+
+        return base_env(box, secrets)
 
     # ------------------------------------------------------------------ rm
     def unsaved_work(self, box: Box) -> str | None:

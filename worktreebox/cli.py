@@ -63,9 +63,9 @@ def run() -> None:
 
         home = default_home()
         if _gc_due(home):
-            from .gc import maybe_start_background_gc
+            from .gc import start_background_gc
 
-            maybe_start_background_gc(home)
+            start_background_gc(home)
     try:
         main(standalone_mode=True)
     except KeyboardInterrupt:
@@ -78,14 +78,17 @@ def run() -> None:
         sys.exit(1)
 
 
+AUTO_GC_INTERVAL = 3600.0
+
+
 def _gc_due(home) -> bool:
     """One stat: has an hour passed since the last gc? (the gc module is imported only then)"""
     import time
 
     try:
-        return time.time() - os.stat(home / ".last-gc").st_mtime >= 3600
+        return time.time() - os.stat(home / ".last-gc").st_mtime >= AUTO_GC_INTERVAL
     except FileNotFoundError:
-        return os.path.exists(home / "registry.sqlite3")
+        return os.path.exists(home / "registry.sqlite3")  # nothing was ever made here: no gc
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from .errors import WtboxError
 if TYPE_CHECKING:
     from .host import Host
 
-AUTO_GC_INTERVAL = 3600.0
 DEFAULT_GRACE = 600.0
 
 
@@ -80,7 +79,7 @@ def plan(host: "Host", *, grace: float, now: float | None = None) -> list[dict]:
         if box_id not in boxes:
             actions.append({"id": box_id, "action": "remove", "reason": f"orphan: {', '.join(sorted(what))} with no registry row"})
     for b in boxes.values():
-        updated = host.registry.box_updated_at(b.id) or b.created_at
+        updated = b.updated_at or b.created_at
         if b.state in (CREATING, REMOVING, FAILED):
             owner = b.data.get("remover" if b.state == REMOVING else "creator")
             if process_alive(owner):
@@ -147,20 +146,12 @@ def _stamp(host: "Host") -> None:
     (host.home / ".last-gc").touch()
 
 
-def maybe_start_background_gc(home: Path) -> None:
-    """At most once an hour, any wtbox command starts a detached `wtbox gc` (cheap: one stat)."""
+def start_background_gc(home: Path) -> None:
+    """Start a detached `wtbox gc` (the CLI decides when: at most once an hour)."""
     import subprocess
     import sys
 
-    if os.environ.get("WTBOX_NO_AUTO_GC"):
-        return
     stamp = home / ".last-gc"
-    try:
-        if time.time() - stamp.stat().st_mtime < AUTO_GC_INTERVAL:
-            return
-    except FileNotFoundError:
-        if not (home / "registry.sqlite3").exists():
-            return  # nothing was ever made here
     try:
         stamp.touch()  # claim this hour before starting, so concurrent commands don't all start one
         subprocess.Popen([sys.executable, "-m", "worktreebox.cli", "gc", "--quiet"], stdin=subprocess.DEVNULL,

@@ -72,6 +72,7 @@ class Box:
     state: str = CREATING
     created_at: float = dataclasses.field(default_factory=time.time)
     last_used_at: float = dataclasses.field(default_factory=time.time)
+    updated_at: float | None = None  # last state change (gc's grace window); set by the registry
     ttl: float | None = None
     keep: bool = False
     ports: dict[str, int] = dataclasses.field(default_factory=dict)

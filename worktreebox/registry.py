@@ -172,13 +172,10 @@ class Registry:
                      self.db.execute("SELECT port, name FROM port_leases WHERE owner=? ORDER BY port", (row["id"],))}
         return Box(
             id=row["id"], task=row["task"], repo=row["repo"], branch=row["branch"], dir=Path(row["dir"]),
-            state=row["state"], created_at=row["created_at"], last_used_at=row["last_used_at"], ttl=row["ttl"],
+            state=row["state"], created_at=row["created_at"], last_used_at=row["last_used_at"],
+            updated_at=row["updated_at"], ttl=row["ttl"],
             keep=bool(row["keep"]), ports=ports, env=json.loads(row["env"]), data=json.loads(row["data"]),
         )
-
-    def box_updated_at(self, box_id: str) -> float | None:
-        row = self.db.execute("SELECT updated_at FROM boxes WHERE id=?", (box_id,)).fetchone()
-        return row[0] if row else None
 
     # ---------------------------------------------------------------- ports
     def _ports_by_owner(self) -> dict[str, dict[str, int]]:

@@ -39,15 +39,13 @@ def _check_binaries(host) -> list[dict]:
     checks = []
     git = shutil.which("git")
     checks.append({"check": "git", "ok": bool(git), "detail": git or "missing: apt-get install git"})
-    try:
-        from ..postgres import find_bin_dir  # type: ignore[attr-defined]
+    from ..errors import WtboxError
+    from ..postgres import find_bin_dir
 
-        pg = str(find_bin_dir())
-        checks.append({"check": "postgres", "ok": True, "detail": pg})
-    except Exception as e:  # noqa: BLE001 - report, don't fail
-        pg = shutil.which("pg_ctl") or next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))), None)
-        checks.append({"check": "postgres", "ok": bool(pg),
-                       "detail": str(pg) if pg else f"missing ({e}): apt-get install postgresql"})
+    try:
+        checks.append({"check": "postgres", "ok": True, "detail": str(find_bin_dir())})
+    except WtboxError as e:  # its message names the package to install
+        checks.append({"check": "postgres", "ok": False, "detail": str(e)})
     vm = shutil.which("victoria-metrics")
     checks.append({"check": "victoria-metrics", "ok": bool(vm), "detail": vm or "missing: apt-get install victoria-metrics"})
     vector = shutil.which("vector")

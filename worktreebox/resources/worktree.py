@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import git
-from ..box import branch_name, is_box_id
+from ..box import is_box_id
 from ..errors import WtboxError
 from .base import Creation, Resource, warn
 
@@ -99,10 +99,6 @@ def _checked_out_branches(repo: str) -> set[str]:
     out = git.git(repo, "worktree", "list", "--porcelain", check=False).stdout
     return {line.split(" ", 1)[1].removeprefix("refs/heads/") for line in out.splitlines()
             if line.startswith("branch ")}
-
-
-def branch_for(box_id: str) -> str:
-    return branch_name(box_id)
 
 
 def trash_dir(host: "Host") -> Path:

@@ -11,6 +11,7 @@ import pytest
 
 # one real PostgreSQL cluster for the whole session (see tests/pg_fixtures.py)
 from pg_fixtures import no_stray_cluster, pg_cluster, pg_host, shared_postgres  # noqa: F401
+from helpers import remove_all_boxes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,13 +74,7 @@ def host(wtbox_home):
 
     h = Host(wtbox_home)
     yield h
-    # leave nothing behind even when a test failed half-way
-    for b in h.list():
-        try:
-            h.rm(b.id, force=True)
-        except Exception:
-            pass
-    h.registry.close()
+    remove_all_boxes(h)
 
 
 @pytest.fixture

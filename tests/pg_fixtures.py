@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import remove_all_boxes
 
 
 @dataclasses.dataclass
@@ -140,12 +141,7 @@ def pg_host(pg_cluster, monkeypatch):
     monkeypatch.setenv("WTBOX_NO_AUTO_GC", "1")
     host = Host(pg_cluster.home)
     yield host
-    for b in host.list():
-        try:
-            host.rm(b.id, force=True)
-        except Exception:
-            pass
-    host.registry.close()
+    remove_all_boxes(host)
 
 
 @pytest.fixture(autouse=True)

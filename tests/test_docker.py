@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import wait_for
 
 from worktreebox import dockerenv
 from worktreebox.errors import WtboxError
@@ -317,13 +318,6 @@ def _query(url: str, q: str) -> list:
         return json.load(r)["data"]["result"]
 
 
-def _wait_for(pred, timeout: float = 20.0, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got or time.monotonic() > deadline:
-            return got
-        time.sleep(every)
 
 
 def test_victoriametrics_container_scrapes_the_box(docker_env, host, app_port):
@@ -349,7 +343,7 @@ def test_victoriametrics_container_scrapes_the_box(docker_env, host, app_port):
         with urllib.request.urlopen(url + "/api/v1/targets", timeout=5) as r:
             t = json.load(r)["data"]["activeTargets"]
         return t and t[0]["health"] == "up" and t[0]["lastSamplesScraped"] == 1 and t
-    targets = _wait_for(scraped, timeout=15, every=0.1)
+    targets = wait_for(scraped, timeout=15, every=0.1)
     assert targets and targets[0]["labels"] == {"instance": f"127.0.0.1:{app_port}", "job": "web"}
     assert _query(url, "vector(42)")[0]["value"][1] == "42"
     assert docker_metrics.status(box, home=host.home)["running"]
@@ -417,7 +411,7 @@ def test_wtbox_metrics_on_a_docker_box(docker_env, host, make_repo, run_wtbox):
             with urllib.request.urlopen(url + "/api/v1/targets", timeout=5) as r:
                 t = json.load(r)["data"]["activeTargets"]
             return t and all(x["health"] == "up" for x in t)
-        assert _wait_for(scraped, timeout=20, every=0.2)
+        assert wait_for(scraped, timeout=20, every=0.2)
         # `wtbox metrics` queries the container (new series are searchable only after ~10 s: a constant here).
         r = run_wtbox("metrics", box_id, "vector(42)", "--json")
         assert '"42"' in r.stdout
@@ -439,7 +433,7 @@ def test_gc_after_kill9_of_new_leaves_no_labelled_thing(docker_env, host, make_r
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         # Kill as soon as the box owns a container: mid-way through `new`.
-        assert _wait_for(lambda: dockerenv.discover_box_ids(wtbox_home), timeout=60, every=0.05)
+        assert wait_for(lambda: dockerenv.discover_box_ids(wtbox_home), timeout=60, every=0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

@@ -8,11 +8,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
+from helpers import wait_for
 
 from worktreebox import victoriametrics as vm
 from worktreebox.collector import Collector
@@ -39,14 +39,6 @@ pytestmark = pytest.mark.skipif(shutil.which("victoria-metrics") is None,
                                 reason="victoria-metrics is not installed (Debian package victoria-metrics)")
 
 
-def wait_for(fn, timeout: float = 15.0, every: float = 0.25):
-    """Poll fn() until it returns something truthy; the last value is returned (or asserted)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(every)
 
 
 def client(box) -> vm.Client:

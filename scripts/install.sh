@@ -15,7 +15,7 @@ for arg in "$@"; do
     esac
 done
 
-PKGS=(git ca-certificates python3 python3-venv python3-pip postgresql postgresql-contrib victoria-metrics procps)
+PKGS=(git ca-certificates python3 python3-venv python3-pip postgresql postgresql-contrib victoria-metrics procps chromium fuse-overlayfs nodejs)
 [ "$WITH_TEST" = 1 ] && PKGS+=(docker.io debootstrap)
 
 missing=()

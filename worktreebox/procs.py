@@ -1,31 +1,100 @@
-"""Finding and ending a box's processes, including daemons that escaped their process group.
+"""The one place that starts, stops and finds processes (honcho's Process, tox's executor).
 
-Every process a box starts carries WTBOX_ID=<id> in its environment (inherited by
-children and double-forked daemons alike), and most run with a cwd inside the box,
-so given an id the kernel can tell us exactly which processes belong to it.
+- spawn: every long-lived or logged child wtbox starts goes through `spawn` (own session,
+  so a group signal reaches its children; `before_exec` hooks run in the child before
+  exec, which is where a box's cgroup placement goes).
+- stop: staged, SIGTERM -> wait -> SIGKILL (`stop_group`, `stop_groups`, `stop_pid`,
+  `kill_staged`), waiting until the processes are gone, not merely reaped.
+- identity: (pid, start time) survives pid reuse, unlike a bare pid.
+- find: every process a box starts carries WTBOX_ID=<id> in its environment (inherited by
+  children and double-forked daemons alike), and most run with a cwd inside the box, so
+  given an id the kernel can tell us exactly which processes belong to it.
+Only this module parses /proc.
 """
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 KILL_WAIT = 5.0
+
+# Run in every spawned child just before exec (cgroup placement registers itself here).
+BeforeExec = Callable[[], None]
+
+
+# ---------------------------------------------------------------- spawning
+
+def spawn(argv: Sequence[str], *, cwd: str | Path | None = None, env: dict[str, str] | None = None,
+          stdin: Any = subprocess.DEVNULL, stdout: Any = subprocess.DEVNULL, stderr: Any = subprocess.DEVNULL,
+          new_session: bool = True, nice: int = 0, before_exec: Sequence[BeforeExec] = (),
+          pass_fds: Sequence[int] = ()) -> subprocess.Popen:
+    """Start `argv` in its own session (its pid is its process group id)."""
+    hooks = list(before_exec)
+    if nice:
+        hooks.insert(0, lambda: os.nice(nice))
+
+    def child() -> None:
+        for hook in hooks:
+            hook()
+
+    return subprocess.Popen(list(argv), cwd=str(cwd) if cwd else None, env=env, stdin=stdin, stdout=stdout,
+                            stderr=stderr, start_new_session=new_session, pass_fds=tuple(pass_fds),
+                            preexec_fn=child if hooks else None)
+
+
+def shell_argv(cmd: str) -> list[str]:
+    """How a wtbox.toml command string is run."""
+    return ["/bin/sh", "-c", cmd]
+
+
+# ---------------------------------------------------------------- identity
+
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """Fields of /proc/<pid>/stat after the command name (state is [0], ppid [1], starttime [19])."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rfind(b")") + 2:].split()
+
+
+def identity(pid: int) -> list[int] | None:
+    """[pid, start time in clock ticks]: survives pid reuse, unlike a bare pid."""
+    fields = _stat_fields(pid)
+    try:
+        return [pid, int(fields[19])] if fields else None
+    except (IndexError, ValueError):
+        return None
+
+
+def is_alive(ident: Sequence[int] | None) -> bool:
+    """True when the process named by `identity()` is still the same live process."""
+    if not ident:
+        return False
+    current = identity(ident[0])
+    return current is not None and current[1] == ident[1] and pid_alive(ident[0])
+
+
+def parent_of(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    try:
+        return int(fields[1]) if fields else None
+    except (IndexError, ValueError):
+        return None
 
 
 def _protected() -> set[int]:
     """Ourselves and our ancestors: `wtbox rm` run from a shell inside the box must not kill that shell."""
     out = set()
-    pid = os.getpid()
-    while pid > 1 and pid not in out:
+    pid: int | None = os.getpid()
+    while pid and pid > 1 and pid not in out:
         out.add(pid)
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-            pid = int(stat[stat.rfind(b")") + 2:].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
+        pid = parent_of(pid)
     return out
 
 
@@ -124,7 +193,8 @@ def find_box_processes(box_id: str, box_dir: Path | str | None) -> list[Any]:
 
 
 def kill_staged(procs: Iterable[Any], timeout: float = KILL_WAIT) -> list[int]:
-    """SIGTERM the processes (whole groups they lead), wait up to `timeout`, then SIGKILL. Returns pids killed."""
+    """Staged stop of found processes (psutil objects, e.g. from find_box_processes): SIGTERM them
+    (whole groups they lead), wait up to `timeout`, then SIGKILL. Returns the pids."""
     procs = [p for p in procs if p.pid != os.getpid()]
     if not procs:
         return []
@@ -148,23 +218,36 @@ def kill_staged(procs: Iterable[Any], timeout: float = KILL_WAIT) -> list[int]:
                 pass
 
     send(signal.SIGTERM, procs)
-    alive = _wait_gone(procs, timeout)
+    alive = wait_gone(procs, timeout)
     if alive:
         send(signal.SIGKILL, alive)
-        _wait_gone(alive, timeout)
+        wait_gone(alive, timeout)
     return sorted(pids)
 
 
-def _wait_gone(procs: list[Any], timeout: float) -> list[Any]:
-    """Wait until the processes are dead; a zombie counts as dead (psutil.wait_procs would wait
-    for its reaping, which a slow pid 1 may take seconds to do)."""
-    import time
-
+def wait_gone(procs: Iterable[Any], timeout: float) -> list[Any]:
+    """Wait until the processes (psutil objects, Popen objects or pids) are dead; returns the
+    ones still alive. A zombie counts as dead, and is reaped when it is our child: psutil's
+    wait_procs would wait for a reaping that a slow pid 1 may take seconds to do."""
     deadline = time.monotonic() + timeout
     alive = list(procs)
-    while alive and time.monotonic() < deadline:
+    while alive:
+        still = []
+        for p in alive:
+            pid = p if isinstance(p, int) else p.pid
+            if isinstance(p, subprocess.Popen):
+                p.poll()
+            else:
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except (ChildProcessError, OSError):
+                    pass
+            if pid_alive(pid):
+                still.append(p)
+        alive = still
+        if not alive or time.monotonic() >= deadline:
+            break
         time.sleep(0.01)
-        alive = [p for p in alive if pid_alive(p.pid)]
     return alive
 
 
@@ -172,12 +255,71 @@ def pid_alive(pid: int | None) -> bool:
     """True when the pid exists and is not a zombie."""
     if not pid:
         return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
+    fields = _stat_fields(pid)
+    return bool(fields) and fields[0] not in (b"Z", b"X")
+
+
+def signal_group(pgid: int | None, sig: int) -> bool:
+    """Signal a whole process group, quietly; False when it is gone (or not ours)."""
+    if not pgid or pgid <= 1:
         return False
-    return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X")
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def stop_groups(procs: Iterable[subprocess.Popen | int], wait: float = KILL_WAIT) -> None:
+    """Staged stop of several process groups at once (each led by a process started with `spawn`):
+    SIGTERM all, one wait, SIGKILL what is left (and stragglers in the groups), reap our children.
+    Stopping N groups costs one `wait`, not N."""
+    procs = [p for p in procs if p]
+    for p in procs:
+        signal_group(p if isinstance(p, int) else p.pid, signal.SIGTERM)
+    wait_gone(procs, wait)
+    for p in procs:
+        signal_group(p if isinstance(p, int) else p.pid, signal.SIGKILL)
+    wait_gone(procs, wait)
+
+
+def stop_group(proc: subprocess.Popen | int | None, wait: float = KILL_WAIT) -> None:
+    """Staged stop of one process group (see stop_groups)."""
+    if proc:
+        stop_groups([proc], wait)
+
+
+def stop_pid(pid: int | None, wait: float = KILL_WAIT) -> bool:
+    """Staged stop of one process (not its group). True when it is gone."""
+    if not pid or not pid_alive(pid):
+        return True
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return True
+        if not wait_gone([pid], wait):
+            return True
+    return not pid_alive(pid)
+
+
+def kill_mentioning(text: str, wait: float = KILL_WAIT) -> list[int]:
+    """SIGKILL processes whose command line contains `text` (orphans of a killed child), and wait."""
+    needle = text.encode()
+    victims = []
+    me = os.getpid()
+    for pid in _pids():
+        if pid == me:
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if needle in f.read():
+                    os.kill(pid, signal.SIGKILL)
+                    victims.append(pid)
+        except (OSError, ProcessLookupError):
+            continue
+    wait_gone(victims, wait)
+    return victims
 
 
 def cmdline(pid: int) -> list[str]:

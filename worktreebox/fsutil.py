@@ -1,0 +1,65 @@
+"""Files written whole or not at all, and the one file lock.
+
+Every state file wtbox keeps (env files, supervisor state, credentials, cluster state)
+goes through `atomic_write`, and every cross-process critical section through
+`file_lock`, so a `kill -9` at any instant leaves either the old or the new file and
+never a lock that outlives its holder (flock dies with the process).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+from .errors import WtboxError
+
+
+class LockBusy(WtboxError):
+    """The lock is held by another process and the wait ran out."""
+
+
+def atomic_write(path: str | Path, data: str | bytes, mode: int = 0o644) -> None:
+    """Write `data` to `path` through a temporary file and a rename; the file is created with `mode`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, mode)  # the umask may have narrowed it
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, *, timeout: float | None = None, what: str = "the lock") -> Iterator[None]:
+    """Hold an exclusive flock on `path` (created if missing). timeout None waits forever,
+    0 tries once; when it runs out, LockBusy names `what`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if timeout is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        else:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise LockBusy(f"{what} is held by another process ({path}); try again shortly.") from None
+                    time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

@@ -1,0 +1,32 @@
+"""The one Jinja2 renderer: box facts into wtbox.toml strings and into shipped templates.
+
+StrictUndefined everywhere: a missing fact is a config error naming where it was used,
+never a silently empty string.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from .errors import ConfigError
+
+
+@lru_cache(maxsize=1)
+def _environment() -> Any:
+    import jinja2  # ~30 ms: only when something is templated
+
+    return jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
+
+
+def render(template: str, facts: dict[str, Any], where: str) -> str:
+    """Render one template string over `facts`; errors are a ConfigError naming `where` (file and key)."""
+    if "{{" not in template and "{%" not in template:
+        return template
+    import jinja2
+
+    try:
+        return _environment().from_string(template).render(**facts)
+    except jinja2.UndefinedError as e:
+        raise ConfigError(f"{where}: {e.message} (available: {', '.join(sorted(facts))}).") from None
+    except jinja2.TemplateError as e:
+        raise ConfigError(f"{where}: bad template {template!r}: {e}.") from None

@@ -1,0 +1,38 @@
+"""What resources, providers and operations may know of the host: a Protocol, not `Host`.
+
+`host.py` composes resources; if resources imported `host.py` back, the two would be one
+knot. They receive an object with these members instead (in practice a `Host`), typed
+here, below both.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .box import Box
+    from .config import HostConfig
+    from .registry import Registry
+
+
+class HostContext(Protocol):
+    home: Path
+    boxes_dir: Path
+    registry: "Registry"
+
+    @property
+    def config(self) -> "HostConfig": ...
+
+    def lease_host_port(self, owner: str) -> int: ...
+
+    def release_host_port(self, owner: str) -> None: ...
+
+    def get(self, ref: str | None = None) -> "Box": ...
+
+    def list(self) -> list["Box"]: ...
+
+    def new(self, task: str, repo: Any = None, ref: str | None = None, **kw: Any) -> "Box": ...
+
+    def rm(self, ref: Any, *, force: bool = False, keep_branch: bool = False) -> "Box": ...
+
+    def exec_env(self, box: "Box", secrets: dict[str, str] | None = None) -> dict[str, str]: ...

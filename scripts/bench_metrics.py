@@ -104,7 +104,7 @@ def bench_new_overhead(runs: int, work: Path, files: int) -> dict:
     The wall-clock difference is noisy on a busy host, so each run also times the resources that
     `new` creates in parallel: the figure that matters is how much longer `metrics` takes than
     the slowest of the others (it hides behind the checkout)."""
-    from worktreebox.host import PARALLEL, Host
+    from worktreebox.host import Host
 
     base = '[database]\nmode = "none"\n'
     repo = _repo(work, files)
@@ -122,7 +122,8 @@ def bench_new_overhead(runs: int, work: Path, files: int) -> dict:
                 box = host.new("bench", repo=repo, config=cfg)
                 out.append(time.perf_counter() - t)
                 host.rm(box.id, force=True)
-            others = max(v for k, v in took.items() if k in PARALLEL and k != "metrics")
+            parallel = {r.name for r in host.resources if r.parallel}
+            others = max(v for k, v in took.items() if k in parallel and k != "metrics")
             over.append(took["metrics"] - others)
             metrics_create.append(took["metrics"])
     return {"new_obs_off": _ms(off), "new_obs_on": _ms(on),

@@ -115,6 +115,22 @@ class Box:
     def pg_name(self) -> str:
         return pg_name(self.id)
 
+    def facts(self) -> dict[str, Any]:
+        """The Jinja2 context of this box ({{ box.id }}, {{ ports.web }}, {{ db.url }}, {{ metrics.url }}):
+        the one builder, used while the box is made and rebuilt from the saved box later (`up`)."""
+        db = dict(self.data.get("database") or {})
+        if db:
+            db.setdefault("host", self.env.get("PGHOST"))
+            db.setdefault("port", int(self.env["PGPORT"]) if self.env.get("PGPORT", "").isdigit() else None)
+        metrics = dict(self.data.get("metrics") or {})
+        if metrics.get("url"):
+            metrics.setdefault("remote_write_url", metrics["url"] + "/api/v1/write")
+        return {
+            "box": {"id": self.id, "task": self.task, "branch": self.branch, "path": str(self.path),
+                    "dir": str(self.dir), "home": str(self.dir.parent.parent)},
+            "ports": dict(self.ports), "db": db, "metrics": metrics,
+        }
+
     def to_json(self, *, show_secrets: bool = False) -> dict[str, Any]:
         """The JSON contract of `new`, `status` and `ls`."""
         from .secrets import mask_env

@@ -374,3 +374,31 @@ def parse_port_range(text: str, where: str) -> tuple[int, int]:
     if not (1024 <= lo < hi <= 65535):
         raise ConfigError(f"{where}: the range {text!r} must lie between 1024 and 65535, low to high.")
     return lo, hi
+
+
+# ---------------------------------------------------------------- which wtbox.toml a box uses
+
+def load_repo_config_file(root: Path, source_label: str | None = None) -> RepoConfig:
+    """The wtbox.toml (or Procfile) in a checkout; the defaults when neither exists."""
+    toml = root / "wtbox.toml"
+    return parse_repo_config(_read(toml), source_label or str(toml), procfile=_read(root / "Procfile"))
+
+
+def load_config_for_new(repo: Path, sha: str, *, explicit_ref: bool) -> RepoConfig:
+    """Without --from, the wtbox.toml in the main checkout as the user sees it (so edits apply
+    before they are committed); with --from, the file at that ref."""
+    from . import git
+
+    if not explicit_ref:
+        return load_repo_config_file(repo)
+    text = git.show_file(repo, sha, "wtbox.toml")
+    return parse_repo_config(text, f"wtbox.toml at {sha[:12]}", procfile=git.show_file(repo, sha, "Procfile"))
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} cannot be read: {e}.") from None

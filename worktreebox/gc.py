@@ -8,13 +8,13 @@ that still has no row is a true orphan, never a box being born.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from . import git
+from . import git, procs
+from .fsutil import LockBusy, file_lock
 from .box import CREATING, EXPIRED, FAILED, READY, REMOVING
 from .errors import WtboxError
 
@@ -27,25 +27,13 @@ DEFAULT_GRACE = 600.0
 @contextlib.contextmanager
 def exclusive_lock(host: "Host", *, wait: float) -> Iterator[bool]:
     """Host-wide gc lock; yields False when another gc holds it for longer than `wait`."""
-    host.home.mkdir(parents=True, exist_ok=True)
-    fd = os.open(host.home / "gc.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    yield False
-                    return
-                time.sleep(0.05)
+    with contextlib.ExitStack() as stack:
         try:
-            yield True
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+            stack.enter_context(file_lock(host.home / "gc.lock", timeout=wait, what="gc"))
+        except LockBusy:
+            yield False
+            return
+        yield True
 
 
 def discover_all(host: "Host") -> dict[str, list[str]]:
@@ -69,8 +57,6 @@ def find_orphans(host: "Host") -> dict[str, list[str]]:
 
 def plan(host: "Host", *, grace: float, now: float | None = None) -> list[dict]:
     """What gc would do, each with its reason. Reads only."""
-    from .host import process_alive
-
     now = time.time() if now is None else now
     found = discover_all(host)
     boxes = {b.id: b for b in host.list()}  # read after discover: see the module docstring
@@ -82,7 +68,7 @@ def plan(host: "Host", *, grace: float, now: float | None = None) -> list[dict]:
         updated = b.updated_at or b.created_at
         if b.state in (CREATING, REMOVING, FAILED):
             owner = b.data.get("remover" if b.state == REMOVING else "creator")
-            if process_alive(owner):
+            if procs.is_alive(owner):
                 continue  # a running command owns it
             if now - updated < grace:
                 continue
@@ -148,14 +134,12 @@ def _stamp(host: "Host") -> None:
 
 def start_background_gc(home: Path) -> None:
     """Start a detached `wtbox gc` (the CLI decides when: at most once an hour)."""
-    import subprocess
     import sys
 
     stamp = home / ".last-gc"
     try:
         stamp.touch()  # claim this hour before starting, so concurrent commands don't all start one
-        subprocess.Popen([sys.executable, "-m", "worktreebox.cli", "gc", "--quiet"], stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                         env={**os.environ, "WTBOX_HOME": str(home), "WTBOX_NO_AUTO_GC": "1"})
+        procs.spawn([sys.executable, "-m", "worktreebox.cli", "gc", "--quiet"],
+                    env={**os.environ, "WTBOX_HOME": str(home), "WTBOX_NO_AUTO_GC": "1"})
     except OSError:
         pass

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
-from typing import TYPE_CHECKING
-
-from . import git
+from . import git, procs
 from .box import CREATING, FAILED, READY, REMOVING, Box, branch_name, new_id, slugify
-from .errors import ConfigError, NotFound, UnsavedWork, UsageError, WtboxError
+from .config import load_config_for_new, load_host_config, load_repo_config_file, parse_duration
+from .envfile import format_env
+from .errors import NotFound, UnsavedWork, UsageError, WtboxError
+from .fsutil import atomic_write
 from .registry import Registry
+from .resources import load_all, stages
 from .resources.base import Creation, Resource
+from .templating import render
 
 if TYPE_CHECKING:
     from .config import HostConfig, RepoConfig
@@ -29,10 +34,6 @@ def default_home() -> Path:
         return Path(os.environ["WTBOX_HOME"]).expanduser()
     state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(state) / "wtbox"
-
-
-# Resources created concurrently in `new` (they don't depend on each other).
-PARALLEL = ("worktree", "caches", "database", "metrics")
 
 
 class Host:
@@ -49,23 +50,14 @@ class Host:
     @property
     def config(self) -> "HostConfig":
         if self._config is None:
-            from .config import load_host_config
-
             self._config = load_host_config(self.home)
         return self._config
 
     @property
     def resources(self) -> list[Resource]:
-        """All resources in creation order (imported lazily: most commands need none)."""
+        """All resources in creation order (resources/__init__.py; imported on first use)."""
         if self._resources is None:
-            from .resources.caches import Caches
-            from .resources.database import Database
-            from .resources.metrics import Metrics
-            from .resources.ports import Ports
-            from .resources.services import Services
-            from .resources.worktree import Worktree
-
-            self._resources = [Ports(), Worktree(), Caches(), Database(), Metrics(), Services()]
+            self._resources = load_all()
         return self._resources
 
     def resource(self, name: str) -> Resource:
@@ -94,6 +86,17 @@ class Host:
                 raise UsageError(f"{ref!r} matches {len(matches)} boxes ({ids}); give more of the id.")
         raise NotFound(f"No box matches {ref!r}; 'wtbox ls' lists the boxes.")
 
+    def describe(self, box: Box, *, show_secrets: bool = False) -> dict:
+        """The JSON contract of `new` and `status`: the box plus what each resource reports."""
+        out = box.to_json(show_secrets=show_secrets)
+        for r in self.resources:
+            extra = r.status(self, box)
+            if extra:
+                out.update(extra)
+        if box.data.get("timings"):
+            out["timings"] = box.data["timings"]
+        return out
+
     def box_of_path(self, path: Path) -> Box | None:
         try:
             rel = path.resolve().relative_to(self.boxes_dir.resolve())
@@ -108,7 +111,7 @@ class Host:
     # ------------------------------------------------------------------ host ports
     def lease_host_port(self, owner: str) -> int:
         """A port for a host-level service (e.g. '@postgres'); stable while leased."""
-        from .resources import ports
+        from .resources import ports  # the lease rules live with the ports resource
 
         existing = self.registry.ports_of(owner)
         if existing:
@@ -133,8 +136,6 @@ class Host:
         config: "RepoConfig | None" = None,
     ) -> Box:
         """Create a box; on any failure everything made so far is destroyed and WtboxError raised."""
-        from .config import parse_duration
-
         slugify(task)  # validates before anything is touched
         repo_root = git.resolve_repo(repo)
         base_sha = git.resolve_commit(repo_root, ref or "HEAD")
@@ -148,7 +149,7 @@ class Host:
         box = Box(id=box_id, task=task, repo=str(repo_root), branch=branch_name(box_id),
                   dir=self.boxes_dir / box_id, state=CREATING, ttl=ttl_s, keep=keep)
         box.data["base_sha"] = base_sha
-        box.data["creator"] = process_identity(os.getpid())
+        box.data["creator"] = procs.identity(os.getpid())
         box._host = self
         self.boxes_dir.mkdir(parents=True, exist_ok=True)
         self.registry.remember_repo(str(repo_root))
@@ -158,10 +159,7 @@ class Host:
 
         c = Creation(host=self, box=box, config=cfg, base_sha=base_sha, secrets=dict(secrets or {}),
                      start_services=start_services, progress=progress or (lambda m: None))
-        c.facts["box"] = {"id": box.id, "task": task, "branch": box.branch, "path": str(box.path),
-                          "dir": str(box.dir), "home": str(self.home)}
-        c.facts.setdefault("db", {})
-        c.facts.setdefault("metrics", {})
+        c.facts.update(box.facts())
         c.env["WTBOX_ID"] = box.id
         c.env["WTBOX_BOX_DIR"] = str(box.dir)
         try:
@@ -176,34 +174,28 @@ class Host:
         return box
 
     def _create(self, c: Creation) -> None:
+        """Walk the resource order: create (stages of parallel resources at once), finish, env, start."""
         box = c.box
-        by_name = {r.name: r for r in self.resources}
-        by_name["ports"].create(c)
-        _phase("new:ports")
-        c.note("ports leased")
-        parallel = [by_name[n] for n in PARALLEL if n in by_name]
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=len(parallel)) as pool:
-            futures = [(r, pool.submit(r.create, c)) for r in parallel]
-            errors = []
-            for r, f in futures:
-                try:
-                    f.result()
-                except BaseException as e:  # report the first, but let all finish
-                    errors.append(e)
-            if errors:
-                raise errors[0]
+        for stage in stages(self.resources):
+            _phase("new:create:" + "+".join(r.name for r in stage))
+            t0 = time.monotonic()
+            _run_stage(stage, lambda r: r.create(c))
+            for r in stage:
+                c.timings.setdefault(r.name, round(time.monotonic() - t0, 4))
         _phase("new:created")
-        by_name["worktree"].copy_files(c)  # type: ignore[attr-defined]
+        for r in self.resources:
+            r.finish(c)
         box.env = finalize_env(c)
         box.data["env_keys"] = sorted(box.env)
         self.write_env_file(box)
         self.registry.save_box(box)
         for r in self.resources:
             _phase(f"new:start:{r.name}")
+            t0 = time.monotonic()
             r.start(c)
+            c.timings[f"{r.name}.start"] = round(time.monotonic() - t0, 4)
         box.state = READY
+        box.data["timings"] = c.timings
         self.registry.save_box(box)
         _phase("new:ready")
 
@@ -232,13 +224,7 @@ class Host:
     # ------------------------------------------------------------------ env
     def write_env_file(self, box: Box) -> None:
         """boxes/<id>/env: KEY=VALUE lines, mode 0600, written atomically."""
-        from .envfile import format_env
-
-        tmp = box.env_file.with_name(".env.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(format_env(box.env, "dotenv"))
-        os.replace(tmp, box.env_file)
+        atomic_write(box.env_file, format_env(box.env, "dotenv"), mode=0o600)
 
     def exec_env(self, box: Box, secrets: dict[str, str] | None = None) -> dict[str, str]:
         """The environment a process in the box gets: the caller's (minus another box's ids), the box
@@ -261,7 +247,7 @@ class Host:
                     f"{box.id} has {why}; commit and push them, or run 'wtbox rm --force {box.id}' to discard them.")
         if keep_branch:
             box.data["keep_branch"] = True
-        box.data["remover"] = process_identity(os.getpid())
+        box.data["remover"] = procs.identity(os.getpid())
         box.state = REMOVING
         self.registry.save_box(box)
         _phase("rm:removing")
@@ -278,50 +264,24 @@ class Host:
         self.registry.delete_box(box_id)
 
 
-# ---------------------------------------------------------------------- config
+# ---------------------------------------------------------------------- helpers
 
-def load_repo_config_file(root: Path, source_label: str | None = None) -> "RepoConfig":
-    from .config import parse_repo_config
-
-    toml = root / "wtbox.toml"
-    procfile = root / "Procfile"
-    text = _read(toml)
-    return parse_repo_config(text, source_label or str(toml), procfile=_read(procfile))
-
-
-def load_config_for_new(repo: Path, sha: str, *, explicit_ref: bool) -> "RepoConfig":
-    """Without --from, the wtbox.toml in the main checkout as the user sees it (so edits apply
-    before they are committed); with --from, the file at that ref."""
-    from .config import parse_repo_config
-
-    if not explicit_ref:
-        return load_repo_config_file(repo)
-    text = git.show_file(repo, sha, "wtbox.toml")
-    return parse_repo_config(text, f"wtbox.toml at {sha[:12]}", procfile=git.show_file(repo, sha, "Procfile"))
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text()
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} cannot be read: {e}.") from None
-
-
-def render(template: str, facts: dict[str, Any], where: str) -> str:
-    """Render one Jinja2 string over box facts; a missing fact is a config error naming `where`."""
-    if "{{" not in template and "{%" not in template:
-        return template
-    import jinja2
-
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
-    try:
-        return env.from_string(template).render(**facts)
-    except jinja2.UndefinedError as e:
-        raise ConfigError(f"{where}: {e.message} (available: {', '.join(sorted(facts))}).") from None
-    except jinja2.TemplateError as e:
-        raise ConfigError(f"{where}: bad template {template!r}: {e}.") from None
+def _run_stage(stage: list[Resource], step: Callable[[Resource], None]) -> None:
+    """Run `step` on every resource of a stage, concurrently when there are several; all finish,
+    the first error is raised."""
+    if len(stage) == 1:
+        step(stage[0])
+        return
+    with ThreadPoolExecutor(max_workers=len(stage)) as pool:
+        futures = [pool.submit(step, r) for r in stage]
+        errors = []
+        for f in futures:
+            try:
+                f.result()
+            except BaseException as e:  # report the first, but let all finish
+                errors.append(e)
+    if errors:
+        raise errors[0]
 
 
 def finalize_env(c: Creation) -> dict[str, str]:
@@ -341,19 +301,3 @@ def _phase(name: str) -> None:
     if path:
         with open(path, "a") as f:
             f.write(name + "\n")
-
-
-def process_identity(pid: int) -> list[int] | None:
-    """(pid, start time in clock ticks): survives pid reuse, unlike a bare pid."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return [pid, int(stat.rsplit(")", 1)[1].split()[19])]
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def process_alive(identity: list[int] | None) -> bool:
-    if not identity:
-        return False
-    current = process_identity(identity[0])
-    return current is not None and current[1] == identity[1]

@@ -62,13 +62,8 @@ def new(task, repo, ref, secrets, no_services, ttl, keep, show_secrets, as_json)
 
 
 def describe(host, b, show_secrets: bool) -> dict:
-    """The JSON contract of `new` and `status`: the box plus what each resource reports."""
-    out = b.to_json(show_secrets=show_secrets)
-    for r in host.resources:
-        extra = r.status(host, b)
-        if extra:
-            out.update(extra)
-    return out
+    """The JSON contract of `new` and `status` (Host.describe)."""
+    return host.describe(b, show_secrets=show_secrets)
 
 
 def _print_box(out: dict) -> None:

@@ -1,1 +1,42 @@
-"""The pieces a box is made of. Each module holds one resource: create, destroy, discover."""
+"""The pieces a box is made of, in creation order: one module per resource, one line each.
+
+Each entry is "module:Class"; modules are imported only when a command needs the resources
+(most commands need none). Each class says whether it is created in parallel with its
+neighbours (see base.Resource.parallel). Adding a resource kind = one file + one line here.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .base import Resource
+
+ORDER = (
+    "ports:Ports",
+    "worktree:Worktree",
+    "caches:Caches",
+    "database:Database",
+    "metrics:Metrics",
+    "services:Services",
+)
+
+
+def load_all() -> list["Resource"]:
+    """One instance of every resource, in creation order."""
+    out = []
+    for entry in ORDER:
+        module, cls = entry.split(":")
+        out.append(getattr(importlib.import_module(f"{__name__}.{module}"), cls)())
+    return out
+
+
+def stages(resources: list["Resource"]) -> list[list["Resource"]]:
+    """The creation order as stages: a run of consecutive parallel resources is one stage."""
+    out: list[list[Resource]] = []
+    for r in resources:
+        if r.parallel and out and out[-1][0].parallel:
+            out[-1].append(r)
+        else:
+            out.append([r])
+    return out

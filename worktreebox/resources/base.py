@@ -1,10 +1,12 @@
-"""The resource interface (DESIGN.md "Lifecycle").
+"""The resource interface (docs/architecture.md, "Lifecycle").
 
-A box is an ordered list of resources. `Host.new` calls `create` on each (some in
-parallel), then `start` once the box env is final; on any failure it calls `destroy`
-in reverse order. `Host.rm` calls `destroy` in reverse order. `Host.gc` compares
-`discover` with the registry. All three must be idempotent: `destroy` succeeds when
-the thing is already gone, because a crashed `rm` is finished by running it again.
+A box is the ordered list of resources in `resources/__init__.py`. `Host.new` walks it:
+`create` on each (a run of consecutive `parallel` resources at once), then `finish` on
+each (the env is not final yet), then writes the env file and calls `start` on each
+(migrations, services). On any failure it calls `destroy` in reverse order; `Host.rm`
+does the same. `gc` compares `discover` with the registry. All must be idempotent:
+`destroy` succeeds when the thing is already gone, because a crashed `rm` is finished by
+running it again.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     from ..box import Box
     from ..config import RepoConfig
-    from ..host import Host
+    from ..context import HostContext
 
 
 @dataclasses.dataclass
@@ -30,7 +32,7 @@ class Creation:
     - `secrets`: `--secret` values; memory only, never written anywhere.
     """
 
-    host: "Host"
+    host: "HostContext"
     box: "Box"
     config: "RepoConfig"
     base_sha: str
@@ -39,6 +41,8 @@ class Creation:
     secrets: dict[str, str] = dataclasses.field(default_factory=dict)
     start_services: bool = True
     progress: Callable[[str], None] = lambda msg: None
+    # seconds per phase, for `new --json`'s timings
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def note(self, msg: str) -> None:
         self.progress(msg)
@@ -48,21 +52,27 @@ class Resource:
     """Base class: override what applies. `name` keys the resource's entry in box.data."""
 
     name = "resource"
+    # True: created at the same time as the neighbouring parallel resources (it needs
+    # nothing from them); False: created alone, after everything before it.
+    parallel = False
 
     def create(self, c: Creation) -> None:
         """Make the thing and record in c.box.data / c.env / c.facts what was made."""
 
-    def start(self, c: Creation) -> None:
-        """Second phase, after the box env is final and written (migrations, services)."""
+    def finish(self, c: Creation) -> None:
+        """After every create, before the env is final (e.g. copying files into the worktree)."""
 
-    def destroy(self, host: "Host", box: "Box") -> None:
+    def start(self, c: Creation) -> None:
+        """After the box env is final and written (setup, migrations, services)."""
+
+    def destroy(self, host: "HostContext", box: "Box") -> None:
         """Remove it; succeed if it is already gone."""
 
-    def discover(self, host: "Host") -> set[str]:
+    def discover(self, host: "HostContext") -> set[str]:
         """Box ids that own such a thing right now."""
         return set()
 
-    def status(self, host: "Host", box: "Box") -> dict[str, Any] | None:
+    def status(self, host: "HostContext", box: "Box") -> dict[str, Any] | None:
         """Extra facts for `wtbox status` (None: nothing to add)."""
         return None
 

@@ -11,11 +11,12 @@ from ..box import is_box_id
 from .base import Creation, Resource
 
 if TYPE_CHECKING:
-    from ..host import Host
+    from ..context import HostContext as Host
 
 
 class Caches(Resource):
     name = "caches"
+    parallel = True
 
     def create(self, c: Creation) -> None:
         box = c.box

@@ -54,6 +54,7 @@ def _sql(text: str, **parts: Any):
 
 class Database(Resource):
     name = "database"
+    parallel = True
 
     # ------------------------------------------------------------ create
     def create(self, c: Creation) -> None:

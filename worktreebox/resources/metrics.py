@@ -28,6 +28,7 @@ SCRAPE_INTERVAL = "5s"
 
 class Metrics(Resource):
     name = "metrics"
+    parallel = True
 
     def create(self, c: Creation) -> None:
         obs = c.config.observability

@@ -15,7 +15,7 @@ from .base import Creation, Resource
 
 if TYPE_CHECKING:
     from ..box import Box
-    from ..host import Host
+    from ..context import HostContext as Host
 
 DEFAULT_LOW = 20000
 

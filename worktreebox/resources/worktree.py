@@ -14,11 +14,12 @@ from .base import Creation, Resource, warn
 
 if TYPE_CHECKING:
     from ..box import Box
-    from ..host import Host
+    from ..context import HostContext as Host
 
 
 class Worktree(Resource):
     name = "worktree"
+    parallel = True
 
     def create(self, c: Creation) -> None:
         box = c.box
@@ -38,8 +39,9 @@ class Worktree(Resource):
                 raise WtboxError(f"git worktree add failed in {box.repo}: {lines[-1] if lines else proc.returncode}.")
             time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
 
-    def copy_files(self, c: Creation) -> None:
-        """[box] copy: bring untracked files (e.g. .env.example → .env) from the main checkout."""
+    def finish(self, c: Creation) -> None:
+        """[box] copy: bring untracked files (e.g. .env.example → .env) from the main checkout
+        (after every create: the worktree exists and the files may name other resources' dirs)."""
         repo = Path(c.box.repo)
         for src, dst in c.config.box.copy:
             s, d = repo / src, c.box.path / dst

@@ -82,7 +82,7 @@ class Box:
     # In-memory only: set by Host.new so the context-manager API can remove the box.
     _host: Any = dataclasses.field(default=None, repr=False, compare=False)
 
-    # Derived paths: the layout of DESIGN.md.
+    # Derived paths: the box layout of docs/architecture.md.
     @property
     def path(self) -> Path:
         return self.dir / "worktree"

@@ -233,6 +233,12 @@ class Host:
 
         return base_env(box, secrets)
 
+    def running_secrets(self, box: Box) -> dict[str, str]:
+        """The --secret values the box's running supervisor holds (memory only); {} without one."""
+        from .resources.services import box_secrets  # the supervisor's client
+
+        return box_secrets(box)
+
     # ------------------------------------------------------------------ rm
     def unsaved_work(self, box: Box) -> str | None:
         return git.unsaved_work(box.path, box.branch, box.data.get("base_sha"))

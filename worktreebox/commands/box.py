@@ -141,17 +141,6 @@ def env(box, fmt, as_json):
     sys.stdout.write(format_env(b.env, "json" if as_json else fmt))
 
 
-def _secrets_for(host, b) -> dict[str, str]:
-    try:
-        from ..resources.services import secrets_from_supervisor
-    except ImportError:
-        return {}
-    try:
-        return secrets_from_supervisor(host, b) or {}
-    except Exception:
-        return {}
-
-
 @click.command(name="exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.argument("box")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
@@ -191,7 +180,7 @@ def _enter(ref):
     if not b.path.is_dir():
         raise WtboxError(f"The worktree of {b.id} is gone ({b.path}); remove the box with 'wtbox rm {b.id}'.")
     host.registry.touch(b.id)
-    env = host.exec_env(b, _secrets_for(host, b))
+    env = host.exec_env(b, host.running_secrets(b))
     os.chdir(b.path)
     return b, env
 

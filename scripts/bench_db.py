@@ -93,7 +93,7 @@ def _creation(host, repo: Path, config):
 def bench_database(runs: int = 10) -> dict:
     """Run the database benchmarks on a private embedded cluster; p50/p90 in ms."""
     from worktreebox.host import Host, load_repo_config_file
-    from worktreebox.postgres import server
+    from worktreebox.providers.postgres import server
     from worktreebox.resources.database import Database, Golden, clone, run_migrate
 
     saved_url = os.environ.pop("WTBOX_POSTGRES_URL", None)

@@ -39,7 +39,7 @@ def _run(home: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
 
 def bench_docker(runs: int = 5, work: Path | None = None) -> dict:
     sys.path.insert(0, str(ROOT))
-    from worktreebox import dockerenv
+    from worktreebox.providers import docker_engine as dockerenv
 
     ok, why = dockerenv.docker_available()
     if not ok:

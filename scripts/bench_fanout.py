@@ -59,7 +59,7 @@ def _database_available() -> bool:
     if os.environ.get("WTBOX_POSTGRES_URL"):
         return True
     try:
-        from worktreebox.postgres import find_bin_dir
+        from worktreebox.providers.postgres.embedded import find_bin_dir
 
         find_bin_dir()
         return True

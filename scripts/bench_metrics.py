@@ -70,7 +70,9 @@ def _tiny_repo(dest: Path) -> Path:
 
 def bench_vm(runs: int) -> dict:
     """Start → /health and SIGTERM → exit of a bare VictoriaMetrics, and its idle memory."""
-    from worktreebox import victoriametrics as vm
+    from worktreebox.exposition import exposition
+    from worktreebox.providers.metrics import native as vm
+    from worktreebox.vmclient import Client
 
     starts, stops = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,9 +87,9 @@ def bench_vm(runs: int) -> dict:
         d = Path(tmp) / "idle"
         port = _free_port()
         pid = vm.start("bench-1d1e0000", port=port, data_dir=d / "metrics", run_dir=d / "run")
-        client = vm.Client(f"http://127.0.0.1:{port}")
+        client = Client(f"http://127.0.0.1:{port}")
         # A box's worth of data: wtbox's own series for 3 services and one probe histogram.
-        client.push_prometheus(vm.exposition([(n, {"box": "b", "service": f"s{k}"}, 1.0) for n in
+        client.push_prometheus(exposition([(n, {"box": "b", "service": f"s{k}"}, 1.0) for n in
                                               ("wtbox_service_up", "wtbox_process_cpu_seconds_total",
                                                "wtbox_process_resident_memory_bytes") for k in range(3)]))
         client.query("wtbox_service_up")
@@ -145,7 +147,7 @@ def _timed(name: str, fn, took: dict):
 
 def bench_idle_boxes(n: int, work: Path, idle: float = 12.0) -> dict:
     """RSS of wtbox's part (supervisor + VictoriaMetrics) in n idle boxes with observability on."""
-    from worktreebox import victoriametrics as vm
+    from worktreebox.providers.metrics import native as vm
     from worktreebox.host import Host
     from worktreebox.resources.services import supervisor_pid
 

@@ -32,7 +32,7 @@ class PgCluster:
     home: Path  # the WTBOX_HOME that owns the embedded cluster
     url: str  # superuser over TCP: postgresql://postgres:<pw>@127.0.0.1:<port>/wtbox
     port: int
-    cluster: Any  # worktreebox.postgres.EmbeddedCluster
+    cluster: Any  # worktreebox.providers.postgres.embedded.EmbeddedCluster
 
     def sql(self, query: str, params: tuple = (), dbname: str = "wtbox") -> list[tuple]:
         """Run one statement as superuser on a fresh connection; rows (or [] without a result)."""
@@ -50,7 +50,7 @@ _STATE: dict[str, Any] = {"refs": 0, "pg": None}
 
 def start_session_cluster(home: Path) -> PgCluster:
     from worktreebox.host import Host
-    from worktreebox.postgres import server
+    from worktreebox.providers.postgres import server
 
     saved = os.environ.pop("WTBOX_POSTGRES_URL", None)
     try:
@@ -82,7 +82,7 @@ while True:
     except ProcessLookupError:
         break
     time.sleep(0.5)
-from worktreebox.postgres import EmbeddedCluster
+from worktreebox.providers.postgres.embedded import EmbeddedCluster
 try:
     EmbeddedCluster(home).stop()
 finally:
@@ -156,6 +156,6 @@ def no_stray_cluster(request):
         data_dir = pid_file.parent
         warnings.warn(f"a test left an embedded PostgreSQL running in {data_dir}; stopping it "
                       "(use the shared session cluster: WTBOX_POSTGRES_URL is set by pg_fixtures)")
-        from worktreebox.postgres import EmbeddedCluster
+        from worktreebox.providers.postgres.embedded import EmbeddedCluster
 
         EmbeddedCluster(data_dir.parent).stop()

@@ -114,7 +114,7 @@ class Chaos:
 
     def pg_names(self) -> set[str]:
         from worktreebox.host import Host
-        from worktreebox import postgres
+        from worktreebox.providers import postgres
 
         saved = os.environ.pop("WTBOX_POSTGRES_URL", None)
         try:

@@ -293,7 +293,7 @@ def test_discover_never_starts_a_cluster(tmp_path, monkeypatch):
 
 
 def test_socket_dir_moves_to_tmp_for_long_homes(tmp_path):
-    from worktreebox.postgres import EmbeddedCluster
+    from worktreebox.providers.postgres.embedded import EmbeddedCluster
 
     short = EmbeddedCluster(tmp_path / "h")
     assert short.socket_dir == tmp_path / "h" / "postgres-socket"
@@ -446,7 +446,7 @@ def test_failed_golden_migration_leaves_no_golden(pg_host, pg_cluster, make_repo
 
 def test_fsync_setting_is_an_opt_out(tmp_path):
     from worktreebox.config import HostConfig
-    from worktreebox.postgres import EmbeddedCluster
+    from worktreebox.providers.postgres.embedded import EmbeddedCluster
 
     for fsync_off, expect in ((True, True), (False, False)):
         cluster = EmbeddedCluster(tmp_path, HostConfig(fsync_off=fsync_off))

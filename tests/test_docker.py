@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from helpers import wait_for
 
-from worktreebox import dockerenv
+from worktreebox.providers import docker_engine as dockerenv
 from worktreebox.errors import WtboxError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +74,7 @@ def docker_env(images, wtbox_home, monkeypatch):
 @pytest.fixture
 def pg(docker_env, host):
     """The host's docker PostgreSQL, destroyed (container, volume, password) at the end."""
-    from worktreebox import docker_postgres as dp
+    from worktreebox.providers.postgres import docker as dp
 
     yield dp
     dp.destroy(host)
@@ -197,7 +197,7 @@ def test_schema_isolation_through_the_superuser_url(pg, host):
 
 
 def _docker_database_wired(host) -> bool:
-    from worktreebox import postgres
+    from worktreebox.providers import postgres
 
     try:
         return postgres.server(host).provider == "docker"
@@ -207,12 +207,13 @@ def _docker_database_wired(host) -> bool:
 
 def test_docker_database_provider_isolation_and_teardown(pg, host, make_repo, monkeypatch):
     """Host.new with [database] provider docker: schema isolation and teardown by the shared code."""
-    from worktreebox import docker_postgres, postgres
+    from worktreebox.providers import postgres
+    from worktreebox.providers.postgres import docker as docker_postgres
 
     if not _docker_database_wired(host):
         # Until Host wires the provider in, apply exactly the wiring the report asks for.
         native = postgres.server
-        monkeypatch.setattr(postgres, "server", lambda h: docker_postgres.server(h)
+        monkeypatch.setattr(postgres, "server", lambda h: docker_postgres.DockerServer(h)
                             if h.config.database_provider == "docker" else native(h))
     repo = make_repo(toml='[database]\nmode = "schema"\n[observability]\nenabled = false\n')
     a = host.new("iso-a", repo=repo)
@@ -274,7 +275,7 @@ def test_docker_unavailable_is_one_sentence(pg, host, monkeypatch, tmp_path):
 def test_testcontainers_configuration(tmp_path):
     """No Ryuk ever; inside a container with a local dockerd, connect to published ports on 127.0.0.1."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TESTCONTAINERS_", "TC_"))}
-    code = ("import json, os\nfrom worktreebox import dockerenv\ncfg = dockerenv.testcontainers()\n"
+    code = ("import json, os\nfrom worktreebox.providers import docker_engine as dockerenv\ncfg = dockerenv.testcontainers()\n"
             "print(json.dumps([cfg.ryuk_disabled, str(cfg.connection_mode_override), cfg.tc_host_override,"
             " dockerenv.inside_container(), dockerenv.daemon_is_local()]))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
@@ -321,7 +322,7 @@ def _query(url: str, q: str) -> list:
 
 
 def test_victoriametrics_container_scrapes_the_box(docker_env, host, app_port):
-    from worktreebox import docker_metrics
+    from worktreebox.providers.metrics import docker as docker_metrics
     from worktreebox.box import Box
 
     box = Box(id="vm-test-0000cccc", task="vm-test", repo="", branch="wtbox/vm-test-0000cccc",
@@ -363,7 +364,7 @@ def test_victoriametrics_container_scrapes_the_box(docker_env, host, app_port):
 
 
 def test_victoriametrics_port_taken_is_one_sentence(docker_env, host):
-    from worktreebox import docker_metrics
+    from worktreebox.providers.metrics import docker as docker_metrics
     from worktreebox.box import Box
 
     box = Box(id="vm-busy-0000dddd", task="vm-busy", repo="", branch="x", dir=host.boxes_dir / "vm-busy-0000dddd")
@@ -391,9 +392,9 @@ metrics = "http://127.0.0.1:{{{{ ports.web }}}}/metrics"
 
 
 def _wired_metrics(host, make_repo) -> bool:
-    from worktreebox.resources import metrics
+    from worktreebox import providers
 
-    return "docker_metrics" in Path(metrics.__file__).read_text()
+    return "docker" in providers.names("metrics")
 
 
 def test_wtbox_metrics_on_a_docker_box(docker_env, host, make_repo, run_wtbox):
@@ -423,7 +424,7 @@ def test_wtbox_metrics_on_a_docker_box(docker_env, host, make_repo, run_wtbox):
 def test_gc_after_kill9_of_new_leaves_no_labelled_thing(docker_env, host, make_repo, run_wtbox, wtbox_home):
     if not _docker_database_wired(host) or not _wired_metrics(host, make_repo):
         pytest.skip("the docker providers are not wired into the database/metrics resources yet")
-    from worktreebox import docker_postgres
+    from worktreebox.providers.postgres import docker as docker_postgres
 
     docker_postgres.start(host)  # the host-level container, which gc must keep
     app = ROOT / "tests" / "metrics_app.py"

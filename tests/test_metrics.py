@@ -14,9 +14,11 @@ import psutil
 import pytest
 from helpers import wait_for
 
-from worktreebox import victoriametrics as vm
 from worktreebox.collector import Collector
+from worktreebox.exposition import exposition, metric_specs
 from worktreebox.probe import buckets
+from worktreebox.providers.metrics import native as vm
+from worktreebox.vmclient import Client
 
 APP = Path(__file__).with_name("metrics_app.py").read_text()
 
@@ -41,8 +43,8 @@ pytestmark = pytest.mark.skipif(shutil.which("victoria-metrics") is None,
 
 
 
-def client(box) -> vm.Client:
-    return vm.Client(box.data["metrics"]["url"], box_id=box.id)
+def client(box) -> Client:
+    return Client(box.data["metrics"]["url"], box_id=box.id)
 
 
 def series(box, query: str) -> list[dict]:
@@ -260,7 +262,7 @@ def test_collector_counts_log_records_incrementally(store):
             f.write(rec("info")[10:] + "\n" + rec("warning") + "\n")
         wait_for(lambda: len(psutil.Process(sleeper.pid).children()) == 1, timeout=5)
         c.tick([svc])
-        vmc = vm.Client(url)
+        vmc = Client(url)
         vmc.flush()
         counts = {s["metric"]["level"]: s["value"][1] for s in vmc.query("wtbox_log_records_total")["result"]}
         assert counts == {"info": "2", "error": "1", "warning": "1"}
@@ -282,7 +284,7 @@ def test_collector_counts_log_records_incrementally(store):
 
 
 def test_metric_names_live_in_one_place():
-    specs = vm.metric_specs()
+    specs = metric_specs()
     assert {"wtbox_service_up", "wtbox_service_ready_seconds", "wtbox_service_restarts_total",
             "wtbox_process_cpu_seconds_total", "wtbox_process_resident_memory_bytes", "wtbox_log_records_total",
             "wtbox_probe_duration_seconds"} == set(specs)
@@ -293,7 +295,7 @@ def test_metric_names_live_in_one_place():
     pushed = {n for n, _, _ in c.samples([{"name": "s", "pids": [os.getpid()], "up": True, "ready_seconds": 1.0,
                                            "restarts": 0}])}
     assert pushed <= set(specs)
-    text = vm.exposition([("wtbox_probe_duration_seconds_bucket", {"box": "b", "path": '/a"b', "le": "0.1"}, 3)])
+    text = exposition([("wtbox_probe_duration_seconds_bucket", {"box": "b", "path": '/a"b', "le": "0.1"}, 3)])
     assert "# TYPE wtbox_probe_duration_seconds histogram" in text and 'path="/a\\"b"' in text
     edges = buckets()
     assert edges == sorted(edges) and 0.2 in edges

@@ -66,7 +66,7 @@ def test_every_source_feeds_a_sink_and_names_are_the_boxs(tmp_path, victorialogs
     assert all(box.id in t.get("source", box.id) for t in transforms.values() if t["type"] == "remap")
 
     # Log records are counted under the name metrics.toml defines, labelled box/service/level.
-    from worktreebox.victoriametrics import metric_specs
+    from worktreebox.exposition import metric_specs
 
     [counts] = [t for t in transforms.values() if t["type"] == "log_to_metric"]
     [m] = counts["metrics"]
@@ -95,7 +95,7 @@ def test_vector_collector_without_vector_falls_back_to_builtin(host, make_repo, 
 
 @pytest.mark.skipif(not HAVE_VECTOR, reason="vector is not installed")
 def test_vector_runs_per_box_and_stops_with_it(host, make_repo):
-    from worktreebox import victoriametrics as vm
+    from worktreebox.providers.metrics import native as vm
 
     repo = make_repo(toml='[database]\nmode = "none"\n[observability]\ncollector = "vector"\n')
     box = host.new("vecrun", repo=repo)

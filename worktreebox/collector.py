@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import victoriametrics as vm
+from .exposition import exposition, metric_specs
+from .vmclient import push_prometheus
 
 
 class Collector:
@@ -26,12 +27,12 @@ class Collector:
         self._offsets: dict[str, tuple[int, int]] = {}  # service → (inode, byte offset)
         self._partial: dict[str, bytes] = {}
         self._counts: dict[tuple[str, str], int] = {}
-        self._seed = vm.metric_specs()["wtbox_log_records_total"].get("seed_levels", [])
+        self._seed = metric_specs()["wtbox_log_records_total"].get("seed_levels", [])
 
     def tick(self, services: list[dict[str, Any]]) -> None:
         """Measure and push once. services: [{"name", "pids", "up", "ready_seconds", "restarts"}]."""
-        text = vm.exposition(self.samples(services), timestamp_ms=int(time.time() * 1000))
-        vm.push_prometheus(self.metrics_url, text)
+        text = exposition(self.samples(services), timestamp_ms=int(time.time() * 1000))
+        push_prometheus(self.metrics_url, text)
 
     def samples(self, services: list[dict[str, Any]]) -> list[tuple[str, dict[str, str], float]]:
         out: list[tuple[str, dict[str, str], float]] = []

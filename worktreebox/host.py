@@ -12,9 +12,11 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from . import git, procs
+from . import git, procs, providers
+from .providers import docker_engine
+from .providers.postgres import server as postgres_server
 from .box import CREATING, FAILED, READY, REMOVING, Box, branch_name, new_id, slugify
 from .config import load_config_for_new, load_host_config, load_repo_config_file, parse_duration
 from .envfile import format_env
@@ -27,6 +29,7 @@ from .templating import render
 
 if TYPE_CHECKING:
     from .config import HostConfig, RepoConfig
+    from .providers.postgres.base import Server
 
 
 def default_home() -> Path:
@@ -261,6 +264,20 @@ class Host:
         self.registry.delete_box(box.id)
         _phase("rm:done")
         return box
+
+    # ------------------------------------------------------------------ backends (providers)
+    # What commands and the MCP server ask of the providers, so neither imports a backend.
+    def database_server(self, provider: str | None = None) -> "Server":
+        """The PostgreSQL server boxes use (`provider` as a box recorded it; default: the host's)."""
+        return postgres_server(self, provider)
+
+    def backend_checks(self) -> list[dict[str, Any]]:
+        """`wtbox doctor`'s lines for what the providers need installed (PostgreSQL, VictoriaMetrics)."""
+        return providers.checks()
+
+    def docker_report(self) -> dict[str, Any]:
+        """`wtbox doctor`'s docker check: is Docker usable, which docker providers would work."""
+        return docker_engine.doctor_report(self.home, self.config)
 
     def destroy_orphan(self, box_id: str) -> None:
         """Destroy every piece of a box that has no (or a stale) registry row."""

@@ -103,7 +103,7 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 def buckets() -> list[float]:
-    from .victoriametrics import metric_specs
+    from .exposition import metric_specs
 
     return [float(b) for b in metric_specs()[HISTOGRAM]["buckets"]]
 
@@ -118,14 +118,15 @@ def histogram(durations: list[float]) -> dict[str, Any]:
 
 def record(result: dict[str, Any], box_id: str, metrics_url: str) -> None:
     """Push the run's histogram, labelled box and path, stamped with the time the run ended."""
-    from . import victoriametrics as vm
+    from .exposition import exposition
+    from .vmclient import Client
 
     labels = {"box": box_id, "path": result["path"]}
     h = result["histogram"]
     samples = [(f"{HISTOGRAM}_bucket", {**labels, "le": _le(le)}, count) for le, count in h["buckets"]]
     samples += [(f"{HISTOGRAM}_sum", labels, h["sum"]), (f"{HISTOGRAM}_count", labels, h["count"])]
-    client = vm.Client(metrics_url, box_id=box_id)
-    client.push_prometheus(vm.exposition(samples, timestamp_ms=int(time.time() * 1000)))
+    client = Client(metrics_url, box_id=box_id)
+    client.push_prometheus(exposition(samples, timestamp_ms=int(time.time() * 1000)))
     client.flush()
 
 

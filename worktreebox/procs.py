@@ -328,3 +328,105 @@ def cmdline(pid: int) -> list[str]:
             return [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
     except OSError:
         return []
+
+
+# ---------------------------------------------------------------- detached helpers by name
+# The metrics store and Vector run detached (reparented to init), found again by their
+# name plus the WTBOX_ID in their environment, or by the pid file written at start.
+
+def comm(pid: int) -> str | None:
+    """The kernel's name of a process (/proc/<pid>/comm), None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read().decode("utf-8", "replace").strip()
+    except OSError:
+        return None
+
+
+def pids_named(name: str) -> list[int]:
+    """Pids of live processes whose kernel name is `name`."""
+    return [pid for pid in _pids() if comm(pid) == name]
+
+
+def spawn_detached(cmd: list[str], *, env: dict[str, str], log_path: Path) -> int:
+    """Start cmd in its own session as a grandchild (output appended to log_path); returns its pid.
+
+    A shell starts it in the background and exits, so the process is reparented to init and is
+    never a zombie child of a long-lived caller (a test, `wtbox mcp`), which would make it look
+    alive to everyone who waits for it to end."""
+    sh = subprocess.run(["/bin/sh", "-c", '"$@" >>"$0" 2>&1 </dev/null & echo $!', str(log_path), *cmd],
+                        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                        start_new_session=True, close_fds=True, check=True, text=True)
+    return int(sh.stdout.strip())
+
+
+def find_named(box_id: str, names: Iterable[str], box_dir: Path | None = None) -> list[Any]:
+    """Live processes (psutil) with one of `names` whose environment carries WTBOX_ID=<box_id>
+    (and, when given, WTBOX_BOX_DIR=<box_dir>, so another home's box is never touched)."""
+    import psutil
+
+    names = set(names)
+    found = []
+    for p in psutil.process_iter(["name"]):
+        try:
+            if p.info["name"] not in names:
+                continue
+            env = p.environ()
+            if env.get("WTBOX_ID") != box_id:
+                continue
+            if box_dir is not None and env.get("WTBOX_BOX_DIR", str(box_dir)) != str(box_dir):
+                continue
+            found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def from_pid_file(pid_file: Path, box_id: str, names: Iterable[str]) -> Any | None:
+    """The process (psutil) a pid file names, if it is still ours (guards against pid reuse)."""
+    import psutil
+
+    try:
+        pid = int(pid_file.read_text().strip())
+        p = psutil.Process(pid)
+        if p.name() in set(names) and p.environ().get("WTBOX_ID") == box_id:
+            return p
+    except (OSError, ValueError, psutil.Error):
+        pass
+    return None
+
+
+def stop_named(box_id: str, *, run_dir: Path, names: Iterable[str], pid_files: Iterable[str],
+               wait: float = KILL_WAIT) -> None:
+    """Staged stop of a box's detached processes named `names`: those in the pid files (under
+    run_dir), then any found by WTBOX_ID; the pid files are removed."""
+    names, pid_files = tuple(names), tuple(pid_files)
+    found = [p for f in pid_files if (p := from_pid_file(run_dir / f, box_id, names)) is not None]
+    known = {p.pid for p in found}
+    found += [q for q in find_named(box_id, names, box_dir=run_dir.parent) if q.pid not in known]
+    if found:
+        kill_staged(found, wait)
+    for f in pid_files:
+        (run_dir / f).unlink(missing_ok=True)
+
+
+def named_box_ids(names: Iterable[str], under: Path) -> set[str]:
+    """Box ids (WTBOX_ID) of live processes with one of `names` whose command line names a path
+    under `under` (a home's boxes dir), as an argument or a `-flag=PATH` value."""
+    import psutil
+
+    names = set(names)
+    root = f"{under}/"
+    ids = set()
+    for p in psutil.process_iter(["name", "cmdline"]):
+        try:
+            if p.info["name"] not in names:
+                continue
+            args = p.info["cmdline"] or []
+            mine = any(a.startswith(root) or a.partition("=")[2].startswith(root) for a in args)
+            box_id = p.environ().get("WTBOX_ID")
+            if mine and box_id:
+                ids.add(box_id)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return ids

@@ -30,3 +30,10 @@ def render(template: str, facts: dict[str, Any], where: str) -> str:
         raise ConfigError(f"{where}: {e.message} (available: {', '.join(sorted(facts))}).") from None
     except jinja2.TemplateError as e:
         raise ConfigError(f"{where}: bad template {template!r}: {e}.") from None
+
+
+def render_file(path: Any, facts: dict[str, Any]) -> str:
+    """Render a template file (a shipped asset) over `facts`; errors name the file."""
+    from pathlib import Path
+
+    return render(Path(path).read_text(), facts, str(path))

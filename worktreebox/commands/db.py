@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import click
 
-from ..errors import WtboxError
 from ._common import emit_json, get_host, info, json_option, run_cmd
 
 
@@ -13,9 +12,7 @@ def db() -> None:
 
 
 def _server():
-    from ..postgres import server
-
-    return server(get_host())
+    return get_host().database_server()
 
 
 def _print_status(st: dict) -> None:
@@ -53,9 +50,7 @@ def start(as_json: bool) -> None:
 def stop(as_json: bool) -> None:
     """Stop the host's cluster or container (boxes keep their data; it starts again on next need)."""
     srv = _server()
-    if not hasattr(srv, "stop"):
-        raise WtboxError("The host uses an external PostgreSQL server; wtbox does not stop it.")
-    was_running = srv.stop()
+    was_running = srv.stop()  # an external server refuses: wtbox does not stop it
     st = {**srv.status(), "stopped": was_running}
     if as_json:
         emit_json(st)

@@ -1,22 +1,9 @@
 """`wtbox metrics BOX QUERY` and `wtbox probe BOX URL|PATH`: the box's own VictoriaMetrics."""
 from __future__ import annotations
 
-import time
-
 import click
 
 from ._common import box_argument, emit_json, get_host, info, json_option, run_cmd, table
-
-
-def _store(box):
-    """The Client of a box's VictoriaMetrics, or a clear error when the box has none."""
-    from ..errors import WtboxError
-    from ..victoriametrics import Client
-
-    data = box.data.get("metrics") or {}
-    if not data.get("url"):
-        raise WtboxError(f"{box.id} has no metrics store: its wtbox.toml sets [observability] enabled = false.")
-    return Client(data["url"], box_id=box.id)
 
 
 @click.command()
@@ -29,8 +16,8 @@ def _store(box):
 @run_cmd
 def metrics(box, query, range_, step, list_, as_json):
     """Query the box's metrics with PromQL/MetricsQL (no QUERY: list the metric names)."""
-    from ..config import parse_duration
-    from ..errors import NotFound, UsageError
+    from .. import metrics_query
+    from ..errors import NotFound
 
     host = get_host()
     try:
@@ -43,9 +30,8 @@ def metrics(box, query, range_, step, list_, as_json):
         if query is not None or here is None:
             raise
         b, query = here, box
-    client = _store(b)
     if list_ or not query:
-        names = client.metric_names()
+        names = metrics_query.series_names(b)
         if as_json:
             emit_json(names)
         else:
@@ -54,15 +40,7 @@ def metrics(box, query, range_, step, list_, as_json):
             if not names:
                 info(f"{b.id} has no metrics yet.")
         return
-    if range_:
-        seconds = parse_duration(range_, where="--range")
-        step_s = parse_duration(step, where="--step")
-        if seconds <= 0 or step_s <= 0:
-            raise UsageError("--range and --step must be longer than zero.")
-        end = time.time()
-        data = client.query_range(query, end - seconds, end, step_s)
-    else:
-        data = client.query(query)
+    data = metrics_query.query(b, query, range_=range_, step=step)
     if as_json:
         emit_json(data)
         return

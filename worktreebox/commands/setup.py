@@ -39,15 +39,7 @@ def _check_binaries(host) -> list[dict]:
     checks = []
     git = shutil.which("git")
     checks.append({"check": "git", "ok": bool(git), "detail": git or "missing: apt-get install git"})
-    from ..errors import WtboxError
-    from ..postgres import find_bin_dir
-
-    try:
-        checks.append({"check": "postgres", "ok": True, "detail": str(find_bin_dir())})
-    except WtboxError as e:  # its message names the package to install
-        checks.append({"check": "postgres", "ok": False, "detail": str(e)})
-    vm = shutil.which("victoria-metrics")
-    checks.append({"check": "victoria-metrics", "ok": bool(vm), "detail": vm or "missing: apt-get install victoria-metrics"})
+    checks += host.backend_checks()  # PostgreSQL, VictoriaMetrics
     vector = shutil.which("vector")
     checks.append({"check": "vector (optional)", "ok": True,
                    "detail": vector or "not installed; the built-in collector is used"})

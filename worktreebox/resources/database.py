@@ -8,7 +8,6 @@ once, so a new box does not re-run the migrations.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -22,13 +21,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..box import CREATING, FAILED
-from ..errors import WtboxError
-from .base import Creation, Resource
+from ..errors import ConfigError, WtboxError
+from ..fsutil import file_lock
+from ..providers.postgres import server
+from ..templating import render
+from .base import Creation, Resource, warn
 
 if TYPE_CHECKING:
     from ..box import Box
-    from ..host import Host
-    from ..postgres import Server
+    from ..context import HostContext
+    from ..providers.postgres.base import Server
 
 BOX_NAME = re.compile(r"^wt_[0-9a-f]{8}$")
 GOLDEN_PREFIX = "wt_golden_"
@@ -61,9 +63,7 @@ class Database(Resource):
         cfg = c.config.database
         if cfg.mode == "none":
             return
-        from .. import postgres
-
-        srv = postgres.server(c.host, cfg.provider)
+        srv = server(c.host, cfg.provider)
         role = c.box.pg_name
         password = secrets.token_urlsafe(24)
         dbname = role if cfg.mode == "database" else srv.shared_db
@@ -129,7 +129,7 @@ class Database(Resource):
         run_migrate(cfg.migrate, c.box.path, env, c.box.logs_dir, [data["password"], *c.secrets.values()])
 
     # ------------------------------------------------------------ destroy
-    def destroy(self, host: "Host", box: "Box") -> None:
+    def destroy(self, host: "HostContext", box: "Box") -> None:
         data = box.data.get(self.name)
         if data and data.get("mode") != "none":
             srv = _server_for(host, data.get("provider"))
@@ -144,13 +144,11 @@ class Database(Resource):
         name = box.id if BOX_NAME.match(box.id) else box.pg_name
         self.destroy_by_name(host, name, only_ours=True)
 
-    def destroy_by_name(self, host: "Host", pg_name: str, *, only_ours: bool = False) -> None:
+    def destroy_by_name(self, host: "HostContext", pg_name: str, *, only_ours: bool = False) -> None:
         """Drop an orphan's role, schema and databases given only its `wt_<hex>` name (for gc)."""
         if not BOX_NAME.match(pg_name):
             raise WtboxError(f"{pg_name!r} is not a box database name (wt_ followed by 8 hex digits).")
-        from .. import postgres
-
-        srv = postgres.server(host)
+        srv = server(host)
         if srv.provider != "external" and not srv.is_running():
             return
         if only_ours:
@@ -164,15 +162,14 @@ class Database(Resource):
         _drop(srv, pg_name)
 
     # ------------------------------------------------------------ discover / status
-    def discover(self, host: "Host") -> set[str]:
+    def discover(self, host: "HostContext") -> set[str]:
         """Ids of boxes with a role, schema or database; `wt_<hex>` for ones the registry doesn't know.
 
         Never starts the embedded cluster: a cluster that is not running holds no live orphans to report.
         """
-        from .. import postgres
         from ..box import hex_of
 
-        srv = postgres.server(host)
+        srv = server(host)
         if srv.provider != "external" and not srv.is_running():
             return set()
         try:
@@ -191,7 +188,7 @@ class Database(Resource):
         by_hex = {hex_of(i): i for i in host.registry.select_box_ids()}
         return {by_hex.get(n[3:], n) for n in names}
 
-    def status(self, host: "Host", box: "Box") -> dict[str, Any] | None:
+    def status(self, host: "HostContext", box: "Box") -> dict[str, Any] | None:
         data = box.data.get(self.name)
         if not data:
             return None
@@ -210,11 +207,9 @@ def owner_tag(home: Path | str) -> str:
     return json.dumps({"wtbox_home": str(home), "hostname": socket.gethostname()}, sort_keys=True)
 
 
-def _server_for(host: "Host", provider: str | None) -> "Server | None":
+def _server_for(host: "HostContext", provider: str | None) -> "Server | None":
     """The server a box's database was made on (as recorded), or None if it cannot hold anything."""
-    from .. import postgres
-
-    srv = postgres.server(host, provider)
+    srv = server(host, provider)
     if srv.provider == "embedded" and not srv.initialised:  # type: ignore[attr-defined]
         return None
     return srv
@@ -316,7 +311,7 @@ class Golden:
 
         def env(db: dict[str, Any]) -> dict[str, str]:
             out = {**c.env, **_db_env(db)}
-            out.update(_render_env(cfg.env, {**c.facts, "db": db}))
+            out.update(_render_env(cfg.env, {**c.facts, "db": db}, c.config.source))
             return {**out, **c.secrets}
 
         return cls(srv, Path(c.host.home), str(c.box.repo), c.base_sha, cfg.migrate, cfg.migrations,
@@ -330,7 +325,7 @@ class Golden:
         with self.srv.session(self.srv.shared_db) as conn:
             if self.exists(conn):
                 return
-        with _file_lock(self.home / f"postgres.{self.name}.lock"):
+        with file_lock(self.home / f"postgres.{self.name}.lock", what=f"the build lock of {self.name}"):
             with self.srv.session(self.srv.shared_db) as conn:
                 if self.exists(conn):
                     return
@@ -494,17 +489,6 @@ def checkout(repo: str, sha: str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 # ---------------------------------------------------------------- migrate
 
 def run_migrate(cmd: str, cwd: Path, env: dict[str, str], logs_dir: Path, redact: list[str],
@@ -525,13 +509,16 @@ def _db_env(db: dict[str, Any]) -> dict[str, str]:
             "PGPASSWORD": db["password"], "PGDATABASE": db["name"]}
 
 
-def _render_env(templates: dict[str, str], facts: dict[str, Any]) -> dict[str, str]:
-    """[database] env for the golden build (the box's own is rendered by Host.new)."""
-    import jinja2
+def _render_env(templates: dict[str, str], facts: dict[str, Any], source: str) -> dict[str, str]:
+    """[database] env for the golden build (the box's own is rendered by Host.new).
 
-    jenv = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
+    A key that does not render here is left out of the migration's env and reported: it may
+    use a fact another resource sets in parallel (`metrics`), which the box env has later.
+    """
     out = {}
     for key, tmpl in templates.items():
-        with contextlib.suppress(jinja2.TemplateError):
-            out[key] = jenv.from_string(tmpl).render(**facts)
+        try:
+            out[key] = render(tmpl, facts, f"{source}: [database] env.{key}")
+        except ConfigError as e:
+            warn(f"{e} The golden database migration runs without {key}.")
     return out

@@ -10,13 +10,19 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import victoriametrics as vm
+from .. import procs
+from ..assets import asset_path
 from ..errors import ConfigError
+from ..providers.metrics import every_store, store
+from ..providers.metrics.native import LOG_FILE as STORE_LOG
+from ..templating import render, render_file
+from ..vmclient import healthy
 from .base import Creation, Resource
 
 if TYPE_CHECKING:
     from ..box import Box
-    from ..host import Host
+    from ..context import HostContext
+    from ..providers.metrics.base import MetricsStore
 
 SCRAPE_FILE = "scrape.yml"
 VECTOR_FILE = "vector.toml"
@@ -48,13 +54,7 @@ class Metrics(Resource):
         box.data[self.name] = {"url": url, "port": port, "provider": provider, "collector": "builtin",
                                "targets": [t["service"] for t in targets]}
         c.note(f"starting VictoriaMetrics ({provider}) on port {port}")
-        if provider == "docker":
-            from .. import docker_metrics
-
-            docker_metrics.start(box, port, scrape, host=c.host, retention=obs.retention)
-        else:
-            vm.start(box.id, port=port, data_dir=box.metrics_dir, run_dir=box.run_dir,
-                     retention=obs.retention, scrape_config=scrape)
+        store(c.host, provider).start(box, port, scrape_config=scrape, retention=obs.retention)
         if obs.collector == "vector":
             if shutil.which(VECTOR):
                 start_vector(box, url, obs.victorialogs_url)
@@ -65,50 +65,50 @@ class Metrics(Resource):
         c.env["WTBOX_PROMETHEUS_REMOTE_WRITE_URL"] = url + "/api/v1/write"
         c.facts["metrics"] = {"url": url, "port": port, "remote_write_url": url + "/api/v1/write"}
 
-    def destroy(self, host: "Host", box: "Box") -> None:
+    def destroy(self, host: "HostContext", box: "Box") -> None:
         data = box.data.get(self.name)
+        stores = _stores_of(host, box)
         # Skip the process scan when nothing of ours was ever started (observability off):
         # VictoriaMetrics creates its storage dir first thing, and the pid files come with it.
-        if data or box.metrics_dir.exists() or any((box.run_dir / f).exists() for f in (vm.PID_FILE, VECTOR_PID)):
-            vm.stop(box.id, run_dir=box.run_dir, names=(vm.BINARY, VECTOR), pid_files=(vm.PID_FILE, VECTOR_PID))
-        if _uses_docker(host, box):
-            from .. import docker_metrics
-
-            docker_metrics.stop(box, home=host.home)
-        elif not data and "env_keys" not in box.data:
-            # A `new` killed before it finished creating (no env_keys yet) may have started a container
-            # (its docker provider may have come from the repo's wtbox.toml): sweep by label.
-            from .. import dockerenv
-
-            dockerenv.sweep_box(host.home, box.id)
+        names = [*(n for s in stores for n in s.processes), VECTOR]
+        pid_files = [*(f for s in stores for f in s.pid_files), VECTOR_PID]
+        if data or box.metrics_dir.exists() or any((box.run_dir / f).exists() for f in pid_files):
+            # The store's and Vector's detached processes in one staged stop (one wait, not two).
+            procs.stop_named(box.id, run_dir=box.run_dir, names=names, pid_files=pid_files)
+        for s in stores:
+            s.remove(box)
         shutil.rmtree(box.metrics_dir, ignore_errors=True)
-        for name in (SCRAPE_FILE, VECTOR_FILE, vm.LOG_FILE, "vector.log"):
+        for name in (SCRAPE_FILE, VECTOR_FILE, STORE_LOG, "vector.log"):
             (box.run_dir / name).unlink(missing_ok=True)
         shutil.rmtree(box.run_dir / "vector", ignore_errors=True)
 
-    def discover(self, host: "Host") -> set[str]:
+    def discover(self, host: "HostContext") -> set[str]:
         ids = {p.parent.name for p in Path(host.boxes_dir).glob("*/metrics") if p.is_dir()}
-        ids |= _live_box_ids(Path(host.boxes_dir))
-        from .. import dockerenv
-
-        ids |= dockerenv.discover_box_ids(host.home)  # labelled containers, whatever the config says now
+        stores = every_store(host)
+        names = {VECTOR, *(n for s in stores for n in s.processes)}
+        ids |= procs.named_box_ids(names, Path(host.boxes_dir))
+        for s in stores:
+            ids |= s.discover()
         return ids
 
-    def status(self, host: "Host", box: "Box") -> dict[str, Any] | None:
+    def status(self, host: "HostContext", box: "Box") -> dict[str, Any] | None:
         data = box.data.get(self.name)
         if not data:
             return None
-        out = {"url": data["url"], "up": vm.healthy(data["url"], timeout=0.5),
+        out = {"url": data["url"], "up": healthy(data["url"], timeout=0.5),
                "provider": data.get("provider", "native"), "collector": data.get("collector", "builtin")}
         return {"metrics": out}
 
 
-def _uses_docker(host: "Host", box: "Box") -> bool:
-    """The box's store is (or, for an orphan without a record, may be) a container."""
+def _stores_of(host: "HostContext", box: "Box") -> list["MetricsStore"]:
+    """The store the box recorded; for a `new` killed before it recorded one (no env_keys yet),
+    every store, since its provider may have come from the repo's wtbox.toml; else the host's."""
     data = box.data.get("metrics") or {}
     if data.get("provider"):
-        return data["provider"] == "docker"
-    return getattr(host.config, "observability_provider", "native") == "docker"
+        return [store(host, data["provider"])]
+    if not data and "env_keys" not in box.data:
+        return every_store(host)
+    return [store(host)]
 
 
 # ---------------------------------------------------------------- scrape config
@@ -124,7 +124,7 @@ def scrape_targets(services: dict, *, facts: dict[str, Any], source: str = "wtbo
             continue
         url = svc.metrics
         if "{" in url:
-            url = _render_string(url, facts, f"{source}: [services.{name}] metrics")
+            url = render(url, facts, f"{source}: [services.{name}] metrics")
         u = urllib.parse.urlsplit(url)
         if u.scheme not in ("http", "https") or not u.netloc:
             raise ConfigError(f"{source}: [services.{name}] metrics: expected an http:// URL such as "
@@ -133,16 +133,6 @@ def scrape_targets(services: dict, *, facts: dict[str, Any], source: str = "wtbo
         out.append({"service": name, "scheme": u.scheme, "address": u.netloc, "path": u.path or "/metrics",
                     "params": params, "url": url})
     return out
-
-
-def _render_string(template: str, facts: dict[str, Any], where: str) -> str:
-    import jinja2
-
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
-    try:
-        return env.from_string(template).render(**facts)
-    except jinja2.TemplateError as e:
-        raise ConfigError(f"{where}: cannot render {template!r}: {e}.") from None
 
 
 def render_scrape_config(box_id: str, targets: list[dict[str, Any]], interval: str = SCRAPE_INTERVAL) -> str:
@@ -167,37 +157,11 @@ def start_vector(box: "Box", metrics_url: str, victorialogs_url: str | None) -> 
     config = box.run_dir / VECTOR_FILE
     config.write_text(render_vector_config(box, metrics_url, victorialogs_url))
     env = {**os.environ, "WTBOX_ID": box.id, "WTBOX_BOX_DIR": str(box.dir)}
-    pid = vm.spawn_detached([shutil.which(VECTOR) or VECTOR, "--config", str(config)], env=env,
-                            log_path=box.run_dir / "vector.log")
+    pid = procs.spawn_detached([shutil.which(VECTOR) or VECTOR, "--config", str(config)], env=env,
+                               log_path=box.run_dir / "vector.log")
     (box.run_dir / VECTOR_PID).write_text(f"{pid}\n")
     return pid
 
 
 def _render(template: str, **ctx: Any) -> str:
-    import jinja2
-
-    from ..assets import asset_path
-
-    path = asset_path(template)
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
-    return env.from_string(path.read_text()).render(**ctx)
-
-
-def _live_box_ids(boxes_dir: Path) -> set[str]:
-    """Box ids of live VictoriaMetrics/Vector processes whose storage lies under this host's boxes dir."""
-    import psutil
-
-    prefix = f"-storageDataPath={boxes_dir}/"
-    ids = set()
-    for p in psutil.process_iter(["name", "cmdline"]):
-        try:
-            if p.info["name"] not in (vm.BINARY, VECTOR):
-                continue
-            cmdline = p.info["cmdline"] or []
-            mine = any(a.startswith(prefix) for a in cmdline) or any(a.startswith(f"{boxes_dir}/") for a in cmdline)
-            box_id = p.environ().get("WTBOX_ID")
-            if mine and box_id:
-                ids.add(box_id)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return ids
+    return render_file(asset_path(template), ctx)

@@ -12,16 +12,20 @@ path of `wtbox doctor` and of the resources, not of `wtbox ls`.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import WtboxError
+from .. import procs
+from ..errors import WtboxError
 
 if TYPE_CHECKING:
     import docker
+
+    from ..config import HostConfig
 
 HOME_LABEL = "wtbox.home"
 BOX_LABEL = "wtbox.box"
@@ -108,7 +112,7 @@ def _ping_with_sdk(timeout: float) -> tuple[bool, str]:
         c.ping()
         return True, f"docker API {c.version().get('ApiVersion', '?')}"
     except Exception as e:  # any transport error means "not usable"
-        return False, f"Docker is not usable at {os.environ.get('DOCKER_HOST')}: {_first_line(e)}."
+        return False, f"Docker is not usable at {os.environ.get('DOCKER_HOST')}: {first_line(e)}."
 
 
 def require_docker() -> None:
@@ -129,17 +133,12 @@ def daemon_is_local() -> bool:
     if _socket_path() is None:
         return False
     try:
-        pid = int(Path("/var/run/docker.pid").read_text().strip())
-        return Path(f"/proc/{pid}/comm").read_text().strip() == "dockerd"
+        name = procs.comm(int(Path("/var/run/docker.pid").read_text().strip()))
+        if name is not None:
+            return name == "dockerd"
     except (OSError, ValueError):
         pass
-    for comm in Path("/proc").glob("[0-9]*/comm"):
-        try:
-            if comm.read_text().strip() == "dockerd":
-                return True
-        except OSError:
-            continue
-    return False
+    return bool(procs.pids_named("dockerd"))
 
 
 def configure_testcontainers() -> None:
@@ -202,11 +201,44 @@ def ensure_image(c: "docker.DockerClient", image: str, what: str, setting: str) 
     except docker.errors.DockerException as e:
         text = str(e)
         why = ("no image registry is reachable" if "no such host" in text or "dial tcp" in text
-               else _first_line(e)[:200])
+               else first_line(e)[:200])
         raise WtboxError(
             f"The {what} image {image!r} is not on this machine and could not be pulled ({why}); "
             f"build local images with scripts/build_images.sh and set {setting}, or pull it."
         ) from None
+
+
+class Attached:
+    """testcontainers' WaitStrategyTarget over a container that already exists (a docker SDK
+    container), so its wait strategies run on it without reaching into DockerContainer."""
+
+    def __init__(self, container: Any, host_ip: str = "127.0.0.1") -> None:
+        self.container = container
+        self.host_ip = host_ip
+
+    def get_container_host_ip(self) -> str:
+        return self.host_ip
+
+    def get_exposed_port(self, port: int) -> int:
+        """The published host port, or `port` itself (host network)."""
+        bindings = (self.container.attrs.get("NetworkSettings") or {}).get("Ports") or {}
+        for binding in bindings.get(f"{port}/tcp") or []:
+            with contextlib.suppress(TypeError, ValueError):
+                return int(binding.get("HostPort"))
+        return port
+
+    def get_wrapped_container(self) -> Any:
+        return self.container
+
+    def get_logs(self) -> tuple[bytes, bytes]:
+        return self.container.logs(stdout=True, stderr=False), self.container.logs(stdout=False, stderr=True)
+
+    def reload(self) -> None:
+        self.container.reload()
+
+    @property
+    def status(self) -> str:
+        return self.container.status
 
 
 # ---------------------------------------------------------------- labelled things
@@ -272,7 +304,7 @@ def remove_labelled(home: str | Path, box_id: str | None = None, *, host_level: 
             except docker.errors.NotFound:
                 pass
             except docker.errors.APIError as e:
-                raise WtboxError(f"Cannot remove docker {kind[:-1]} {_name(obj)}: {_first_line(e)}.") from None
+                raise WtboxError(f"Cannot remove docker {kind[:-1]} {_name(obj)}: {first_line(e)}.") from None
     return counts
 
 
@@ -280,7 +312,8 @@ def _name(obj: Any) -> str:
     return getattr(obj, "name", None) or getattr(obj, "short_id", "?")
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first line of a docker error, without a trailing period (for one-sentence errors)."""
     text = str(e).strip().splitlines()
     return (text[0] if text else type(e).__name__).rstrip(".")
 
@@ -366,3 +399,77 @@ def discover_box_ids(home: str | Path) -> set[str]:
         return labelled_box_ids(home)
     found = _raw_labelled(home, None)
     return {(o.get("Labels") or {}).get(BOX_LABEL) for objs in found.values() for o in objs} - {None}
+
+
+# ---------------------------------------------------------------- for doctor
+
+def doctor_report(home: str | Path, cfg: "HostConfig") -> dict[str, Any]:
+    """`wtbox doctor`'s docker check: availability, reason, images present, and which docker
+    providers are usable (never starts anything)."""
+    ok, reason = docker_available()
+    out: dict[str, Any] = {
+        "available": ok,
+        "reason": reason,
+        "inside_container": inside_container(),
+        "configured": {"database_provider": cfg.database_provider,
+                       "observability_provider": cfg.observability_provider},
+        "images": {"postgres": {"image": cfg.postgres_image, "present": False},
+                   "victoriametrics": {"image": cfg.victoriametrics_image, "present": False}},
+        "providers": {"database": False, "observability": False},
+        "testcontainers": _version("testcontainers"),
+    }
+    if ok:
+        configure_testcontainers()
+        out["connection_mode"] = _connection_mode()
+        try:
+            import docker.errors
+
+            c = client(timeout=5)
+            for img in out["images"].values():
+                try:
+                    c.images.get(img["image"])
+                    img["present"] = True
+                except docker.errors.ImageNotFound:
+                    pass
+            out["labelled"] = {k: len(v) for k, v in find_labelled(home, c=c).items()}
+        except Exception as e:  # doctor reports, it never fails on a half-working daemon
+            out["available"] = False
+            out["reason"] = f"Docker answers a ping but not the API: {first_line(e)}."
+    usable = out["available"] and out["testcontainers"] is not None
+    out["providers"]["database"] = bool(usable and out["images"]["postgres"]["present"])
+    out["providers"]["observability"] = bool(usable and out["images"]["victoriametrics"]["present"])
+    out["summary"] = _summary(out)
+    # Docker is optional: this check fails only when a docker provider is configured but not usable.
+    wants_db = cfg.database_provider == "docker"
+    wants_obs = cfg.observability_provider == "docker"
+    out["ok"] = (not wants_db or out["providers"]["database"]) and (not wants_obs or out["providers"]["observability"])
+    return out
+
+
+def _summary(r: dict[str, Any]) -> str:
+    if not r["available"]:
+        return r["reason"]
+    if r["testcontainers"] is None:
+        return "Docker runs, but testcontainers is not installed (pip install 'testcontainers>=4')."
+    parts = []
+    for key, label, setting in (("postgres", "database", "WTBOX_POSTGRES_IMAGE"),
+                                ("victoriametrics", "observability", "WTBOX_VICTORIAMETRICS_IMAGE")):
+        img = r["images"][key]
+        if img["present"]:
+            parts.append(f"{label}: usable ({img['image']})")
+        else:
+            parts.append(f"{label}: image {img['image']} missing (scripts/build_images.sh, then set {setting})")
+    return f"{r['reason']}; " + "; ".join(parts)
+
+
+def _connection_mode() -> str:
+    return os.environ.get("TESTCONTAINERS_CONNECTION_MODE") or "docker_host"
+
+
+def _version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None

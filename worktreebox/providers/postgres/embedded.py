@@ -1,6 +1,6 @@
-"""The host's PostgreSQL server: the embedded cluster under $WTBOX_HOME/postgres, or an external one by URL.
+"""The embedded PostgreSQL cluster under $WTBOX_HOME/postgres (the `embedded` database provider).
 
-The embedded cluster is created (initdb) and started (pg_ctl) on first need. Start is
+The cluster is created (initdb) and started (pg_ctl) on first need. Start is
 serialised by a file lock so that many `wtbox new` hitting a stopped cluster start it
 once. `initdb` and `postgres` refuse to run as root, so as root the cluster runs as an
 unprivileged system user. Superuser access is over the unix socket (trust, reachable
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -18,23 +17,19 @@ import re
 import shutil
 import stat
 import subprocess
-import threading
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
-from .errors import WtboxError
+from ... import procs
+from ...errors import WtboxError
+from ...fsutil import atomic_write, file_lock
+from .base import SHARED_DB, SUPERUSER, Server, forget_connections
 
 if TYPE_CHECKING:
-    import psycopg
+    from ...config import HostConfig
+    from ...context import HostContext
 
-    from .config import HostConfig
-
-SUPERUSER = "postgres"
-# Schema-mode boxes of the embedded cluster live in this database (keeps `postgres` clean).
-SHARED_DB = "wtbox"
 PORT_OWNER = "@postgres"
-APP_NAME = "wtbox"  # shows wtbox's own sessions in pg_stat_activity
 SYSTEM_USERS = ("postgres", "wtbox-pg")  # reused if present, in this order; else wtbox-pg is created
 _SOCKET_MAX = 107  # sun_path is 108 bytes including the NUL
 _SOCKET_FILE = "/.s.PGSQL.65535"
@@ -63,179 +58,6 @@ def find_bin_dir() -> Path:
     return max(candidates)[1]
 
 
-# ---------------------------------------------------------------- connections
-
-class _Conn:
-    """One cached superuser connection with a lock, so threads of one process can share it."""
-
-    def __init__(self, conn: "psycopg.Connection") -> None:
-        self.conn, self.lock, self.pid = conn, threading.Lock(), os.getpid()
-        self.used_at = time.monotonic()
-
-    def usable(self) -> bool:
-        if self.pid != os.getpid() or self.conn.closed or self.conn.broken:
-            return False
-        if time.monotonic() - self.used_at > _PING_AFTER:
-            # A long-lived process (mcp) may hold a connection across a cluster restart.
-            try:
-                with self.lock:
-                    self.conn.execute("SELECT 1")
-            except Exception:
-                return False
-        return True
-
-
-_PING_AFTER = 0.5  # seconds idle before a reused connection is checked (~0.1 ms)
-_CONNS: dict[tuple[str, str], _Conn] = {}
-_CONNS_LOCK = threading.Lock()
-
-
-class Server:
-    """What the database resource needs from a server, embedded or external."""
-
-    provider = "server"
-    box_host = "127.0.0.1"
-    box_port = 0
-    shared_db = SHARED_DB
-
-    def key(self) -> str:
-        raise NotImplementedError
-
-    def conninfo(self, dbname: str) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def ensure_running(self) -> None:
-        """Make the server reachable (the embedded cluster is started if needed)."""
-
-    def is_running(self) -> bool:
-        return True
-
-    def _connect(self, dbname: str) -> "psycopg.Connection":
-        import psycopg
-
-        try:
-            return psycopg.connect(**self.conninfo(dbname), autocommit=True, connect_timeout=10,
-                                   application_name=APP_NAME)
-        except psycopg.OperationalError as e:
-            raise WtboxError(f"Cannot connect to PostgreSQL ({self.describe()}): {_first_line(e)}.") from None
-
-    def connect(self, dbname: str | None = None) -> "psycopg.Connection":
-        """A new (uncached) superuser connection; the caller closes it."""
-        return self._connect(dbname or self.shared_db)
-
-    @contextlib.contextmanager
-    def session(self, dbname: str | None = None) -> Iterator["psycopg.Connection"]:
-        """The process's cached superuser connection to `dbname` (autocommit), held exclusively."""
-        dbname = dbname or self.shared_db
-        key = (self.key(), dbname)
-        with _CONNS_LOCK:
-            cached = _CONNS.get(key)
-            if cached is not None and not cached.usable():
-                _CONNS.pop(key, None)
-                with contextlib.suppress(Exception):
-                    cached.conn.close()
-                cached = None
-            if cached is None:
-                cached = _CONNS[key] = _Conn(self._open(dbname))
-        with cached.lock:
-            try:
-                yield cached.conn
-            finally:
-                cached.used_at = time.monotonic()
-
-    def _open(self, dbname: str) -> "psycopg.Connection":
-        import psycopg
-
-        try:
-            return psycopg.connect(**self.conninfo(dbname), autocommit=True, connect_timeout=10,
-                                   application_name=APP_NAME)
-        except psycopg.OperationalError:
-            self.ensure_running()
-            return self._connect(dbname)
-
-    def box_url(self, user: str, password: str, dbname: str) -> str:
-        return f"postgresql://{user}:{password}@{_url_host(self.box_host)}:{self.box_port}/{dbname}"
-
-    def describe(self) -> str:
-        return self.provider
-
-    def status(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-
-def forget_connections() -> None:
-    """Close this process's cached connections (before stopping the server, and in tests)."""
-    with _CONNS_LOCK:
-        for c in _CONNS.values():
-            with contextlib.suppress(Exception):
-                c.conn.close()
-        _CONNS.clear()
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__).rstrip(".")
-
-
-# ---------------------------------------------------------------- external
-
-class ExternalServer(Server):
-    """A server given by URL (WTBOX_POSTGRES_URL or [database] url) with a CREATEROLE superuser."""
-
-    provider = "external"
-
-    def __init__(self, url: str) -> None:
-        from psycopg.conninfo import conninfo_to_dict
-
-        try:
-            self.params = conninfo_to_dict(url)
-        except Exception:
-            raise WtboxError("The PostgreSQL URL (WTBOX_POSTGRES_URL or [database] url) is not a valid postgresql:// URL.") from None
-        self.url = url
-        host = str(self.params.get("host") or "127.0.0.1")
-        self.box_host = "127.0.0.1" if host.startswith("/") or host == "localhost" else host
-        self.box_port = int(self.params.get("port") or 5432)
-        self.shared_db = str(self.params.get("dbname") or "postgres")
-
-    def key(self) -> str:
-        return self.url
-
-    def conninfo(self, dbname: str) -> dict[str, Any]:
-        return {**self.params, "dbname": dbname}
-
-    def ensure_running(self) -> None:
-        self.connect().close()
-
-    def is_running(self) -> bool:
-        try:
-            self._connect(self.shared_db).close()
-            return True
-        except WtboxError:
-            return False
-
-    def describe(self) -> str:
-        from .secrets import mask_url
-
-        return f"external server {mask_url(self.url)}"
-
-    def status(self) -> dict[str, Any]:
-        from .secrets import mask_url
-
-        out: dict[str, Any] = {"provider": self.provider, "url": mask_url(self.url), "host": self.box_host,
-                               "port": self.box_port, "running": False, "version": None}
-        try:
-            with self.session() as conn:
-                out["version"] = conn.execute("SHOW server_version").fetchone()[0]
-            out["running"] = True
-        except WtboxError as e:
-            out["error"] = str(e)
-        return out
-
-
 # ---------------------------------------------------------------- embedded
 
 @dataclasses.dataclass
@@ -259,6 +81,17 @@ class EmbeddedCluster(Server):
         self.lock_file = self.home / "postgres.lock"
         self.state_file = self.home / "postgres.json"
         self.log_file = self.data_dir / "server.log"
+
+    @classmethod
+    def from_host(cls, host: "HostContext") -> "EmbeddedCluster":
+        return cls(host.home, host.config, lambda: host.lease_host_port(PORT_OWNER))
+
+    @classmethod
+    def check(cls) -> dict[str, Any]:
+        try:
+            return {"check": "postgres", "ok": True, "detail": str(find_bin_dir())}
+        except WtboxError as e:  # its message names the package to install
+            return {"check": "postgres", "ok": False, "detail": str(e)}
 
     # -- where things are
     @property
@@ -349,23 +182,15 @@ class EmbeddedCluster(Server):
         try:
             pid = int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
             os.kill(pid, 0)
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, ValueError):
             return False
-        return b"postgres" in cmdline
+        return any("postgres" in arg for arg in procs.cmdline(pid))
 
     def is_running(self) -> bool:
         return self.initialised and self.pg_ctl_status()
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.home.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_file, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return file_lock(self.lock_file, what="the embedded PostgreSQL start lock")
 
     def ensure_running(self) -> None:
         """initdb once and start; idempotent and safe when many processes call it at once."""
@@ -384,7 +209,7 @@ class EmbeddedCluster(Server):
         # writing into their scratch dir: end them before deleting it. We hold the start lock,
         # so no live attempt of ours owns one.
         for stale in self.home.glob("postgres.initdb*"):
-            _kill_processes_mentioning(str(stale))
+            procs.kill_mentioning(str(stale))
             shutil.rmtree(stale, ignore_errors=True)
         scratch = self.home / f"postgres.initdb.{os.getpid()}"
         if self.data_dir.exists():
@@ -444,7 +269,7 @@ class EmbeddedCluster(Server):
                 raise WtboxError(f"{socket_dir} exists and is not ours; remove it so the PostgreSQL socket can live there.")
         self._own_dir(socket_dir, user)
         self._write_conf(int(port), socket_dir, user)
-        _atomic_write(self.state_file, json.dumps({
+        atomic_write(self.state_file, json.dumps({
             "port": int(port), "socket_dir": str(socket_dir), "bin_dir": str(find_bin_dir()),
             "os_user": user.name if user else None,
         }))
@@ -491,47 +316,7 @@ class EmbeddedCluster(Server):
         return out
 
 
-def server(host: Any, provider: str | None = None) -> Server:
-    """The server boxes of `host` use: `provider` (a repo's [database] provider, or what a box recorded),
-    else the host's: external when a URL is configured, docker when asked, else the embedded cluster."""
-    cfg = host.config
-    provider = provider or cfg.database_provider
-    if provider == "docker":
-        from .docker_postgres import server as docker_server
-
-        return docker_server(host)
-    if provider == "external" or (provider != "embedded" and cfg.database_url):
-        if not cfg.database_url:
-            raise WtboxError("The database provider is 'external' but no server is given; "
-                             "set WTBOX_POSTGRES_URL or [database] url in the host config.")
-        return ExternalServer(cfg.database_url)
-    return EmbeddedCluster(host.home, cfg, lambda: host.lease_host_port(PORT_OWNER))
-
-
 # ---------------------------------------------------------------- helpers
-
-def _kill_processes_mentioning(text: str) -> None:
-    """SIGKILL processes whose command line contains `text` (orphans of a killed initdb), and wait."""
-    import signal
-
-    from .procs import pid_alive
-
-    needle = text.encode()
-    victims = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                if needle in f.read():
-                    os.kill(int(name), signal.SIGKILL)
-                    victims.append(int(name))
-        except (OSError, ProcessLookupError):
-            continue
-    deadline = time.monotonic() + 5
-    while any(pid_alive(v) for v in victims) and time.monotonic() < deadline:
-        time.sleep(0.02)
-
 
 def _make_traversable(path: Path, uid: int) -> None:
     """Give others search (x, not read) permission on ancestors the cluster user could not pass."""
@@ -543,12 +328,6 @@ def _make_traversable(path: Path, uid: int) -> None:
         if st.st_uid == uid or st.st_mode & stat.S_IXOTH:
             continue
         os.chmod(parent, stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _tail(path: Path, n: int) -> str:

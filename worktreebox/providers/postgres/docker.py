@@ -13,20 +13,22 @@ The superuser password is generated once and kept only in $WTBOX_HOME/postgres-d
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import secrets
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from . import dockerenv
-from .errors import WtboxError
+from ...errors import WtboxError
+from ...fsutil import atomic_write, file_lock
+from .. import docker_engine as engine
+from .base import forget_connections
+from .external import ExternalServer
 
 if TYPE_CHECKING:
-    from .host import Host
+    from ...context import HostContext
 
 PORT_OWNER = "@postgres-docker"
 STATE_FILE = "postgres-docker.json"
@@ -39,18 +41,18 @@ START_TIMEOUT = 120.0
 IMAGE_SETTING = "[database] image in config.toml or WTBOX_POSTGRES_IMAGE"
 
 
-def name(host: "Host") -> str:
+def name(host: "HostContext") -> str:
     """Container and volume name of the host's PostgreSQL."""
-    return f"wtbox-pg-{dockerenv.home_hash(host.home)}"
+    return f"wtbox-pg-{engine.home_hash(host.home)}"
 
 
 # ---------------------------------------------------------------- credentials
 
-def _state_path(host: "Host") -> Path:
+def _state_path(host: "HostContext") -> Path:
     return host.home / STATE_FILE
 
 
-def _credentials(host: "Host", *, create: bool) -> dict[str, str] | None:
+def _credentials(host: "HostContext", *, create: bool) -> dict[str, str] | None:
     """{user, password, dbname} from the 0600 state file; generated on first start."""
     path = _state_path(host)
     try:
@@ -62,23 +64,12 @@ def _credentials(host: "Host", *, create: bool) -> dict[str, str] | None:
         raise WtboxError(f"{path} is unreadable ({e}); remove it together with the docker volume {name(host)}.") from None
     creds = {"user": SUPERUSER, "password": secrets.token_urlsafe(24), "dbname": DBNAME}
     host.home.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{STATE_FILE}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(creds, f)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(creds), mode=0o600)
     return creds
 
 
-@contextlib.contextmanager
-def _lock(host: "Host") -> Iterator[None]:
-    host.home.mkdir(parents=True, exist_ok=True)
-    with open(host.home / LOCK_FILE, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _lock(host: "HostContext") -> contextlib.AbstractContextManager[None]:
+    return file_lock(host.home / LOCK_FILE, what="the docker PostgreSQL lock")
 
 
 # ---------------------------------------------------------------- readiness
@@ -126,7 +117,7 @@ def _raise_if_exited(container: Any) -> None:
 
 # ---------------------------------------------------------------- start / stop / status
 
-def _find(c: Any, host: "Host") -> Any | None:
+def _find(c: Any, host: "HostContext") -> Any | None:
     import docker.errors
 
     try:
@@ -137,7 +128,7 @@ def _find(c: Any, host: "Host") -> Any | None:
 
 def _address(container: Any, port: int) -> tuple[str, int]:
     """Where this process reaches the server: the published port, or the bridge IP when the
-    daemon is another machine's (see dockerenv.configure_testcontainers)."""
+    daemon is another machine's (see engine.configure_testcontainers)."""
     if os.environ.get("TESTCONTAINERS_CONNECTION_MODE") == "bridge_ip":
         container.reload()
         nets = container.attrs["NetworkSettings"]["Networks"]
@@ -147,10 +138,10 @@ def _address(container: Any, port: int) -> tuple[str, int]:
     return "127.0.0.1", port
 
 
-def start(host: "Host") -> dict[str, Any]:
+def start(host: "HostContext") -> dict[str, Any]:
     """Start (or reuse) the container; returns {host, port, user, password, dbname}."""
-    dockerenv.testcontainers()
-    c = dockerenv.client()
+    engine.testcontainers()
+    c = engine.client()
     with _lock(host):
         existing = _find(c, host)
         creds = _credentials(host, create=True)
@@ -159,7 +150,7 @@ def start(host: "Host") -> dict[str, Any]:
         if existing is not None and existing.status == "running" and _published_port(existing) == port:
             addr = _address(existing, port)
             # Running, but perhaps just restarted by dockerd: ready means "accepts a login".
-            _pg_connect_strategy(addr, creds).wait_until_ready(_attach(existing))
+            _pg_connect_strategy(addr, creds).wait_until_ready(engine.Attached(existing))
             return _info(addr, creds)
         if existing is not None:
             # Stopped, exited, or published elsewhere: the container is disposable, the volume is not.
@@ -175,27 +166,18 @@ def _published_port(container: Any) -> int | None:
     return None
 
 
-def _attach(container: Any) -> Any:
-    """A testcontainers handle on a container that already exists (to run wait strategies on it)."""
-    from testcontainers.core.container import DockerContainer
-
-    tc = DockerContainer(container.image.tags[0] if container.image.tags else container.image.id)
-    tc._container = container
-    return tc
-
-
-def _create(c: Any, host: "Host", creds: dict[str, str], port: int) -> dict[str, Any]:
+def _create(c: Any, host: "HostContext", creds: dict[str, str], port: int) -> dict[str, Any]:
     import docker.errors
     from testcontainers.core.container import DockerContainer
 
     image = host.config.postgres_image
-    dockerenv.ensure_image(c, image, "PostgreSQL", IMAGE_SETTING)
+    engine.ensure_image(c, image, "PostgreSQL", IMAGE_SETTING)
     vol = name(host)
     made_volume = False
     try:
         c.volumes.get(vol)
     except docker.errors.NotFound:
-        c.volumes.create(vol, labels=dockerenv.labels(host.home, role="postgres"))
+        c.volumes.create(vol, labels=engine.labels(host.home, role="postgres"))
         made_volume = True
     cmd = ["postgres", "-c", "max_connections=300"]
     initdb_args = ""
@@ -211,7 +193,7 @@ def _create(c: Any, host: "Host", creds: dict[str, str], port: int) -> dict[str,
         .with_env("POSTGRES_DB", creds["dbname"])
         .with_env("POSTGRES_INITDB_ARGS", initdb_args)
         .with_volume_mapping(vol, DATA_DIR, "rw")
-        .with_kwargs(labels=dockerenv.labels(host.home, role="postgres"),
+        .with_kwargs(labels=engine.labels(host.home, role="postgres"),
                      restart_policy={"Name": "unless-stopped"})
     )
     # Only on loopback: the superuser must not be reachable from the network.
@@ -220,10 +202,10 @@ def _create(c: Any, host: "Host", creds: dict[str, str], port: int) -> dict[str,
         tc.start()
     except docker.errors.APIError as e:
         _remove_quietly(c, vol, made_volume)
-        if dockerenv.port_conflict(e):
+        if engine.port_conflict(e):
             raise WtboxError(f"Port {port} on 127.0.0.1 is already in use, so the PostgreSQL container cannot "
                              "publish it; stop what holds it or run 'wtbox gc'.") from None
-        raise WtboxError(f"Docker could not start the PostgreSQL container: {dockerenv._first_line(e)}.") from None
+        raise WtboxError(f"Docker could not start the PostgreSQL container: {engine.first_line(e)}.") from None
     addr = _address(tc.get_wrapped_container(), port)
     from testcontainers.core.wait_strategies import CompositeWaitStrategy, LogMessageWaitStrategy
 
@@ -236,7 +218,7 @@ def _create(c: Any, host: "Host", creds: dict[str, str], port: int) -> dict[str,
     except (TimeoutError, RuntimeError) as e:
         logs = tc.get_wrapped_container().logs(tail=5).decode(errors="replace").strip().replace("\n", " | ")
         _remove_quietly(c, vol, made_volume)
-        raise WtboxError(f"The PostgreSQL container did not become ready ({dockerenv._first_line(e)[:200]}): "
+        raise WtboxError(f"The PostgreSQL container did not become ready ({engine.first_line(e)[:200]}): "
                          f"{logs[-300:]}") from None
     except WtboxError:
         _remove_quietly(c, vol, made_volume)
@@ -260,29 +242,29 @@ def _info(addr: tuple[str, int], creds: dict[str, str]) -> dict[str, Any]:
             "dbname": creds["dbname"]}
 
 
-def superuser_url(host: "Host", *, ensure_running: bool = True) -> str:
+def superuser_url(host: "HostContext", *, ensure_running: bool = True) -> str:
     """postgresql:// URL of the superuser (starts the container unless told not to)."""
     info = start(host) if ensure_running else _current_info(host)
     return (f"postgresql://{quote(info['user'], safe='')}:{quote(info['password'], safe='')}"
             f"@{info['host']}:{info['port']}/{quote(info['dbname'], safe='')}")
 
 
-def _current_info(host: "Host") -> dict[str, Any]:
+def _current_info(host: "HostContext") -> dict[str, Any]:
     """Connection facts without starting anything (the password is made if it does not exist yet)."""
     creds = _credentials(host, create=True)
     assert creds is not None
     port = host.lease_host_port(PORT_OWNER)
     addr: tuple[str, int] = ("127.0.0.1", port)
-    if os.environ.get("TESTCONTAINERS_CONNECTION_MODE") == "bridge_ip" and dockerenv.docker_available()[0]:
-        existing = _find(dockerenv.client(), host)
+    if os.environ.get("TESTCONTAINERS_CONNECTION_MODE") == "bridge_ip" and engine.docker_available()[0]:
+        existing = _find(engine.client(), host)
         if existing is not None:
             addr = _address(existing, port)
     return _info(addr, creds)
 
 
-def stop(host: "Host") -> bool:
+def stop(host: "HostContext") -> bool:
     """Stop and remove the container (the volume keeps the data); True if one was running."""
-    c = dockerenv.client()
+    c = engine.client()
     with _lock(host):
         existing = _find(c, host)
         if existing is None:
@@ -295,27 +277,27 @@ def stop(host: "Host") -> bool:
         return was_running
 
 
-def destroy(host: "Host") -> None:
+def destroy(host: "HostContext") -> None:
     """Remove container, volume, port lease and password: the host's docker PostgreSQL is gone."""
     with _lock(host):
-        if dockerenv.docker_available()[0]:
-            dockerenv.remove_labelled(host.home, host_level=True)
+        if engine.docker_available()[0]:
+            engine.remove_labelled(host.home, host_level=True)
         host.release_host_port(PORT_OWNER)
         with contextlib.suppress(FileNotFoundError):
             _state_path(host).unlink()
 
 
-def status(host: "Host") -> dict[str, Any]:
+def status(host: "HostContext") -> dict[str, Any]:
     """What `wtbox db status` shows for the docker provider (never the password)."""
     out: dict[str, Any] = {"provider": "docker", "container": name(host), "volume": name(host),
                            "image": host.config.postgres_image, "running": False,
                            "port": host.registry.ports_of(PORT_OWNER).get(PORT_OWNER.lstrip("@")),
                            "host": "127.0.0.1"}
-    ok, why = dockerenv.docker_available()
+    ok, why = engine.docker_available()
     if not ok:
         out["error"] = why
         return out
-    c = dockerenv.client()
+    c = engine.client()
     existing = _find(c, host)
     if existing is not None:
         out["running"] = existing.status == "running"
@@ -325,50 +307,49 @@ def status(host: "Host") -> dict[str, Any]:
     return out
 
 
-def server(host: "Host") -> Any:
-    """A postgres.Server for the database resource: the container seen as an external server."""
-    from .postgres import ExternalServer
+class DockerServer(ExternalServer):
+    """The container seen as an external server: schema and database isolation are shared code."""
 
-    class DockerServer(ExternalServer):
-        provider = "docker"
+    provider = "docker"
 
-        def __init__(self) -> None:
-            # No start here: `db status` must not start anything. The first connection that
-            # fails calls ensure_running (Server._open).
-            dockerenv.configure_testcontainers()
-            super().__init__(superuser_url(host, ensure_running=False))
+    def __init__(self, host: "HostContext") -> None:
+        # No start here: `db status` must not start anything. The first connection that
+        # fails calls ensure_running (Server._open).
+        engine.configure_testcontainers()
+        self.host = host
+        super().__init__(superuser_url(host, ensure_running=False))
 
-        def key(self) -> str:
-            return f"docker:{name(host)}"
+    @classmethod
+    def from_host(cls, host: "HostContext") -> "DockerServer":
+        return cls(host)
 
-        def ensure_running(self) -> None:
-            start(host)
+    def key(self) -> str:
+        return f"docker:{name(self.host)}"
 
-        def is_running(self) -> bool:
-            return _is_running(host)
+    def ensure_running(self) -> None:
+        start(self.host)
 
-        def describe(self) -> str:
-            return f"docker container {name(host)}"
+    def is_running(self) -> bool:
+        return _is_running(self.host)
 
-        def stop(self) -> bool:
-            """`wtbox db stop`: remove the container, keep the volume; True if it was running."""
-            from .postgres import forget_connections
+    def describe(self) -> str:
+        return f"docker container {name(self.host)}"
 
-            forget_connections()
-            return stop(host)
+    def stop(self) -> bool:
+        """`wtbox db stop`: remove the container, keep the volume; True if it was running."""
+        forget_connections()
+        return stop(self.host)
 
-        def status(self) -> dict[str, Any]:
-            out = status(host)
-            if out["running"]:
-                with contextlib.suppress(WtboxError), self.session() as conn:
-                    out["version"] = conn.execute("SHOW server_version").fetchone()[0]
-            return out
-
-    return DockerServer()
+    def status(self) -> dict[str, Any]:
+        out = status(self.host)
+        if out["running"]:
+            with contextlib.suppress(WtboxError), self.session() as conn:
+                out["version"] = conn.execute("SHOW server_version").fetchone()[0]
+        return out
 
 
-def _is_running(host: "Host") -> bool:
-    if not dockerenv.docker_available()[0]:
+def _is_running(host: "HostContext") -> bool:
+    if not engine.docker_available()[0]:
         return False
-    existing = _find(dockerenv.client(), host)
+    existing = _find(engine.client(), host)
     return existing is not None and existing.status == "running"

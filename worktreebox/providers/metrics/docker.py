@@ -1,4 +1,4 @@
-"""A box's VictoriaMetrics as a container (the `docker` observability provider).
+"""A box's VictoriaMetrics as a container (the `docker` metrics store).
 
 One container `wtbox-vm-<box id>` per box, started through testcontainers from the
 configured image (HostConfig.victoriametrics_image / WTBOX_VICTORIAMETRICS_IMAGE). It runs
@@ -12,12 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import dockerenv
-from .errors import WtboxError
+from ...errors import WtboxError
+from .. import docker_engine as engine
+from .base import MEMORY_ENV, MetricsStore, flags
 
 if TYPE_CHECKING:
-    from .box import Box
-    from .host import Host
+    from ...box import Box
+    from ...context import HostContext
 
 STORAGE = "/storage"
 SCRAPE_DIR = "/etc/wtbox/scrape"
@@ -30,56 +31,56 @@ def name(box_id: str) -> str:
     return f"wtbox-vm-{box_id}"
 
 
-def _home_of(box: "Box", host: "Host | None") -> Path:
+def _home_of(box: "Box", host: "HostContext | None") -> Path:
     # boxes/<id> lies directly under the home (DESIGN.md layout).
     return host.home if host is not None else box.dir.parent.parent
 
 
-def _flags(port: int, retention: str, scrape_config: str | None) -> list[str]:
-    from .victoriametrics import MEMORY_FLAGS, retention_flag
+class DockerStore(MetricsStore):
+    name = "docker"
 
-    flags = [
-        f"-httpListenAddr=127.0.0.1:{port}",
-        f"-storageDataPath={STORAGE}",
-        f"-retentionPeriod={retention_flag(retention)}",
-        "-loggerLevel=WARN",
-        "-search.latencyOffset=1s",  # same as the native process: pushed data is visible after 1 s
-        "-promscrape.suppressScrapeErrors",
-        *MEMORY_FLAGS,
-    ]
-    if scrape_config:
-        flags.append(f"-promscrape.config={scrape_config}")
-    return flags
+    def start(self, box: "Box", port: int, *, scrape_config: Path | None, retention: str) -> str:
+        return start(box, port, scrape_config, host=self.host, retention=retention)
+
+    def remove(self, box: "Box") -> None:
+        stop(box, home=self.host.home)
+
+    def discover(self) -> set[str]:
+        # Labelled containers, whatever the config says now.
+        return engine.discover_box_ids(self.host.home)
+
+    def status(self, box: "Box") -> dict[str, Any]:
+        return status(box, home=self.host.home)
 
 
-def start(box: "Box", port: int, scrape_config_path: Path | None = None, *, host: "Host | None" = None,
+def start(box: "Box", port: int, scrape_config_path: Path | None = None, *, host: "HostContext | None" = None,
           image: str | None = None, retention: str = "2d", timeout: float = START_TIMEOUT) -> str:
     """Start the box's VictoriaMetrics container, wait for /health; returns its URL. Idempotent."""
     import docker.errors
 
-    dockerenv.testcontainers()
+    engine.testcontainers()
 
     home = _home_of(box, host)
     if image is None:
         if host is not None:
             image = host.config.victoriametrics_image
         else:
-            from .config import load_host_config
+            from ...config import load_host_config
 
             image = load_host_config(home).victoriametrics_image
-    c = dockerenv.client()
-    dockerenv.ensure_image(c, image, "VictoriaMetrics", IMAGE_SETTING)
+    c = engine.client()
+    engine.ensure_image(c, image, "VictoriaMetrics", IMAGE_SETTING)
     cname = name(box.id)
     url = f"http://127.0.0.1:{port}"
     try:
         old = c.containers.get(cname)
         if old.status == "running" and f"-httpListenAddr=127.0.0.1:{port}" in (old.attrs["Config"].get("Cmd") or []):
-            _wait_healthy(_attach(old), port, timeout)
+            _wait_healthy(engine.Attached(old), port, timeout)
             return url
         old.remove(force=True)  # the volume keeps the data
     except docker.errors.NotFound:
         pass
-    box_labels = dockerenv.labels(home, box.id, role="victoria-metrics")
+    box_labels = engine.labels(home, box.id, role="victoria-metrics")
     made_volume = False
     try:
         c.volumes.get(cname)
@@ -95,12 +96,10 @@ def start(box: "Box", port: int, scrape_config_path: Path | None = None, *, host
         path = Path(scrape_config_path).absolute()
         tc.with_volume_mapping(str(path.parent), SCRAPE_DIR, "ro")
         scrape = f"{SCRAPE_DIR}/{path.name}"
-    from .victoriametrics import MEMORY_ENV
-
     for k, v in MEMORY_ENV.items():
         tc.with_env(k, v)
     tc.with_env("WTBOX_ID", box.id)
-    tc.with_command(_flags(port, retention, scrape))
+    tc.with_command(flags(port, STORAGE, retention, scrape))
     # `network`, not `network_mode`: testcontainers fills in `network` itself when it runs in a container.
     tc.with_kwargs(labels=box_labels, network="host")
     try:
@@ -113,7 +112,7 @@ def start(box: "Box", port: int, scrape_config_path: Path | None = None, *, host
             _remove_volume(c, cname)
         if isinstance(e, WtboxError):
             raise
-        raise WtboxError(f"Docker could not start VictoriaMetrics for box {box.id}: {dockerenv._first_line(e)}.") from None
+        raise WtboxError(f"Docker could not start VictoriaMetrics for box {box.id}: {engine.first_line(e)}.") from None
     return url
 
 
@@ -134,12 +133,6 @@ class _HostNetworkContainer:
         return HostNetworkContainer(image)
 
 
-def _attach(container: Any) -> Any:
-    tc = _HostNetworkContainer(container.image.tags[0] if container.image.tags else container.image.id)
-    tc._container = container
-    return tc
-
-
 def _wait_healthy(tc: Any, port: int, timeout: float) -> None:
     """testcontainers' HTTP wait strategy on /health, failing fast if the container exits."""
     from testcontainers.core.wait_strategies import HttpWaitStrategy
@@ -152,7 +145,7 @@ def _wait_healthy(tc: Any, port: int, timeout: float) -> None:
             wrapped.reload()
             if wrapped.status in ("exited", "dead"):
                 logs = wrapped.logs(tail=5).decode(errors="replace")
-                if dockerenv.port_conflict(Exception(logs)):
+                if engine.port_conflict(Exception(logs)):
                     raise WtboxError(f"Port {port} on 127.0.0.1 is already in use, so VictoriaMetrics cannot "
                                      "listen on it; stop what holds it or run 'wtbox gc'.")
                 last = logs.strip().splitlines()[-1] if logs.strip() else "no output"
@@ -197,9 +190,7 @@ def stop(box: "Box | str", *, home: Path | None = None) -> dict[str, int]:
         if isinstance(box, str):
             raise ValueError("stop(box_id) needs home=")
         home = box.dir.parent.parent
-    if not dockerenv.docker_available()[0]:
-        return {"containers": 0, "volumes": 0, "networks": 0}
-    return dockerenv.remove_labelled(home, box_id)
+    return engine.sweep_box(home, box_id)
 
 
 def status(box: "Box", *, home: Path | None = None) -> dict[str, Any]:
@@ -207,12 +198,12 @@ def status(box: "Box", *, home: Path | None = None) -> dict[str, Any]:
     import docker.errors
 
     out: dict[str, Any] = {"provider": "docker", "container": name(box.id), "running": False}
-    ok, why = dockerenv.docker_available()
+    ok, why = engine.docker_available()
     if not ok:
         out["error"] = why
         return out
     try:
-        ct = dockerenv.client().containers.get(name(box.id))
+        ct = engine.client().containers.get(name(box.id))
         out.update(running=ct.status == "running", state=ct.status, image=ct.attrs["Config"].get("Image"))
     except docker.errors.NotFound:
         out["state"] = "missing"

@@ -1,0 +1,100 @@
+"""A box's VictoriaMetrics as a detached host process (the `native` metrics store).
+
+Started from the `victoria-metrics` binary with the box's data dir; it carries WTBOX_ID and
+WTBOX_BOX_DIR in its environment, so teardown finds it even when the pid file is lost.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+from ... import procs
+from ...errors import WtboxError
+from ...vmclient import healthy
+from .base import MEMORY_ENV, MetricsStore, flags
+
+if TYPE_CHECKING:
+    from ...box import Box
+
+BINARY = "victoria-metrics"
+PACKAGE = "victoria-metrics"  # the Debian package that ships the binary
+PID_FILE = "victoria-metrics.pid"
+LOG_FILE = "victoria-metrics.log"
+
+
+class NativeStore(MetricsStore):
+    name = "native"
+    processes = (BINARY,)
+    pid_files = (PID_FILE,)
+
+    def start(self, box: "Box", port: int, *, scrape_config: Path | None, retention: str) -> str:
+        start(box.id, port=port, data_dir=box.metrics_dir, run_dir=box.run_dir, retention=retention,
+              scrape_config=scrape_config)
+        return f"http://127.0.0.1:{port}"
+
+    @classmethod
+    def check(cls) -> dict[str, Any]:
+        path = shutil.which(BINARY)
+        return {"check": BINARY, "ok": bool(path), "detail": path or f"missing: apt-get install {PACKAGE}"}
+
+
+def find_binary() -> str:
+    """Path of the victoria-metrics binary, or a WtboxError naming the package."""
+    path = shutil.which(BINARY)
+    if not path:
+        raise WtboxError(
+            f"The `{BINARY}` binary is not on PATH; install the Debian package `{PACKAGE}` "
+            "(apt-get install victoria-metrics) or set `[observability] enabled = false` in wtbox.toml."
+        )
+    return path
+
+
+def start(box_id: str, *, port: int, data_dir: Path, run_dir: Path, retention: str = "2d",
+          scrape_config: Path | None = None, timeout: float = 15.0) -> int:
+    """Start a detached VictoriaMetrics for a box and wait until /health answers; returns its pid."""
+    binary = find_binary()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [binary, *flags(port, data_dir, retention, scrape_config)]
+    # WTBOX_ID lets teardown find the process even when the pid file is lost; WTBOX_BOX_DIR tells
+    # this home's boxes from another home's (every process of a box carries both).
+    env = {**os.environ, **MEMORY_ENV, "WTBOX_ID": box_id, "WTBOX_BOX_DIR": str(data_dir.parent)}
+    log_path = run_dir / LOG_FILE
+    pid = procs.spawn_detached(cmd, env=env, log_path=log_path)
+    (run_dir / PID_FILE).write_text(f"{pid}\n")
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        if not procs.pid_alive(pid):
+            raise WtboxError(f"VictoriaMetrics for box {box_id} exited at start ({_last_line(log_path)}).")
+        if healthy(url, timeout=0.25):
+            return pid
+        if time.monotonic() > deadline:
+            raise WtboxError(f"VictoriaMetrics for box {box_id} did not answer {url}/health within {timeout:.0f} s.")
+        time.sleep(0.005)
+
+
+def find_processes(box_id: str, names: Iterable[str] = (BINARY,), box_dir: Path | None = None) -> list:
+    """Live processes named `names` (by default the store's) of this box (see procs.find_named)."""
+    return procs.find_named(box_id, names, box_dir)
+
+
+def stop(box_id: str, *, run_dir: Path, names: Iterable[str] = (BINARY,),
+         pid_files: Iterable[str] = (PID_FILE,)) -> None:
+    """Stop the box's store process: the one in its pid file, then any found by WTBOX_ID."""
+    procs.stop_named(box_id, run_dir=run_dir, names=names, pid_files=pid_files)
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
+    if not lines:
+        return "no output"
+    line = lines[-1]
+    # VictoriaMetrics logs "<ts>\t<level>\t<file:line>\t<message>"; the message is what helps.
+    return line.rsplit("\t", 1)[-1].strip()[:300]

@@ -154,6 +154,9 @@ class EmbeddedCluster(Server):
         env.update(LC_ALL="C.UTF-8", LANG="C.UTF-8")
         kwargs: dict[str, Any] = {}
         if user is not None:
+            # Again on every call: something else (a new pytest session resets /tmp/pytest-of-<user>
+            # to 0700, a user's chmod) may have closed the path to the data dir since initdb.
+            _make_traversable(self.data_dir, user.uid)
             env.update(HOME=user.home or "/", USER=user.name, LOGNAME=user.name)
             kwargs.update(user=user.uid, group=user.gid, extra_groups=[])
         # Own session, no inherited pipes: the postmaster outlives this process and its callers.

@@ -149,7 +149,7 @@ def bench_idle_boxes(n: int, work: Path, idle: float = 12.0) -> dict:
     """RSS of wtbox's part (supervisor + VictoriaMetrics) in n idle boxes with observability on."""
     from worktreebox.providers.metrics import native as vm
     from worktreebox.host import Host
-    from worktreebox.resources.services import supervisor_pid
+    from worktreebox.supervisor_client import supervisor_pid
 
     repo, cfg = _repo(work, 0), _config('[database]\nmode = "none"\n' + IDLE_SERVICE)
     vm_mem, sup_mem = [], []

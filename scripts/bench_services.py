@@ -105,8 +105,8 @@ def bench_services(runs: int = 3, work: Path | None = None, idle_seconds: float 
     import psutil
 
     from worktreebox.host import Host
-    from worktreebox.logs import read_records
-    from worktreebox.resources.services import services_status, supervisor_pid
+    from worktreebox.logs.reader import read_records
+    from worktreebox.supervisor_client import services_status, supervisor_pid
 
     if idle_seconds is None:
         idle_seconds = float(os.environ.get("WTBOX_BENCH_IDLE", "30"))

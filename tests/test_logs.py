@@ -9,7 +9,9 @@ import time
 import pytest
 
 from worktreebox.errors import UsageError
-from worktreebox.logs import LogWriter, follow, parse_level, parse_time, read_records, run_logged
+from worktreebox.logs.reader import follow, parse_time, read_records
+from worktreebox.logs.run import run_logged
+from worktreebox.logs.writer import LogWriter, parse_level
 from worktreebox.secrets import Redactor
 
 TRACEBACK = [
@@ -205,7 +207,7 @@ def test_follow_sees_records_written_after_it_started(tmp_path):
 def test_tail_agrees_with_a_full_read_across_block_edges_and_rotation(tmp_path, monkeypatch):
     import random
 
-    import worktreebox.logs as L
+    import worktreebox.logs.reader as L
 
     rng = random.Random(7)
     a, b = LogWriter(tmp_path, "a", max_bytes=5000, keep=3), LogWriter(tmp_path, "b")

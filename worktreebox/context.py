@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from .box import Box
-    from .config import HostConfig
+    from .config import HostConfig, RepoConfig
     from .registry import Registry
 
 
@@ -36,3 +36,7 @@ class HostContext(Protocol):
     def rm(self, ref: Any, *, force: bool = False, keep_branch: bool = False) -> "Box": ...
 
     def exec_env(self, box: "Box", secrets: dict[str, str] | None = None) -> dict[str, str]: ...
+
+    def repo_config(self, box: "Box") -> "RepoConfig": ...
+
+    def unsaved_work(self, box: "Box") -> str | None: ...

@@ -3,12 +3,12 @@
 `run()` creates boxes TASK-1 … TASK-N in parallel (each a normal box), runs the command in
 each, saves what it left on the box branch, then measures every attempt the same way
 (checks, service restart, probes, diff, log errors). Results live in the registry under
-box.data["fanout"], so `compare` and `pick` work later from any process.
+box.data["fanout"], so `compare` (here) and `pick` (pick.py) work later from any process.
+A comparison row is a `FanoutRow`; its JSON names the box `id` (and, for one release, `box`).
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import subprocess
 import threading
@@ -16,12 +16,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import git
+from . import boxenv, git, procs
 from .errors import UsageError, WtboxError
+from .logs.run import OutputTail, join_pumps, start_logged
+from .logs.writer import LogWriter
 
 if TYPE_CHECKING:
     from .box import Box
-    from .host import Host
+    from .context import HostContext
 
 KEY = "fanout"
 RUN_LOG = "run"
@@ -92,8 +94,6 @@ class Runner:
             redactor: Callable[[str], str] | None, timeout: float | None,
             keep_lines: int = 40) -> dict[str, Any]:
         """{exit, seconds, timed_out, last_lines}; the same record shape as service logs (logs/<service>.jsonl)."""
-        from .logs import LogWriter, OutputTail, join_pumps, kill_group, start_logged
-
         redact = redactor or (lambda s: s)
         writer = LogWriter(logs_dir, service, redact)
         tail = OutputTail(redact, keep_lines)
@@ -112,7 +112,7 @@ class Runner:
                 rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 timed_out = True
-                kill_group(proc, KILL_WAIT)
+                procs.stop_group(proc, KILL_WAIT)
                 rc = 124
         finally:
             with self._lock:
@@ -131,14 +131,8 @@ class Runner:
         """End every running command (SIGTERM to its group, then SIGKILL); no new ones start."""
         with self._lock:
             self.stopped.set()
-            procs = list(self._procs)
-        from .logs import kill_group
-
-        threads = [threading.Thread(target=kill_group, args=(p, KILL_WAIT)) for p in procs]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+            running = list(self._procs)
+        procs.stop_groups(running, KILL_WAIT)  # all at once: one wait for N commands
 
 
 # ---------------------------------------------------------------------- the fan-out
@@ -146,8 +140,12 @@ class Runner:
 class Fanout:
     """One fan-out: plan (refuse early), then attempts in parallel threads."""
 
-    def __init__(self, host: "Host", opts: Options, on_change: Callable[[Attempt], None] | None = None) -> None:
+    def __init__(self, host: "HostContext", opts: Options, on_change: Callable[[Attempt], None] | None = None,
+                 new_host: Callable[[Path], "HostContext"] | None = None) -> None:
         self.host = host
+        # Each attempt makes its box through its own host object (its own registry connection,
+        # like a separate `wtbox new`): by default another one of the caller's kind.
+        self.new_host = new_host or type(host)
         self.opts = opts
         self.on_change = on_change or (lambda a: None)
         self.runner = Runner()
@@ -160,7 +158,7 @@ class Fanout:
     # -- planning: every refusal happens here, before anything is created
     def plan(self) -> None:
         from .box import new_id, slugify
-        from .host import load_config_for_new
+        from .config import load_config_for_new
 
         o = self.opts
         slugify(o.task)
@@ -244,7 +242,8 @@ class Fanout:
                 f"inspection; remove them with 'wtbox rm --force {' '.join(ids)}' (--force discards their work).")
 
     def rows(self) -> list[dict[str, Any]]:
-        return [row_for(a.box, self.host, attempt=a) if a.box else _row_without_box(a) for a in self.attempts]
+        return [row_for(a.box, self.host, attempt=a) if a.box else FanoutRow.without_box(a).to_json()
+                for a in self.attempts]
 
     # -- one attempt (in a worker thread)
     def _set(self, a: Attempt, state: str, detail: str = "") -> None:
@@ -260,13 +259,11 @@ class Fanout:
             pass
 
     def _attempt(self, a: Attempt) -> None:
-        from .host import Host
-
         if self.runner.stopped.is_set():
             self._set(a, INTERRUPTED, "not started")
             return
         a.started_at = time.time()
-        host = Host(self.host.home)  # its own registry connection: like a separate `wtbox new`
+        host = self.new_host(self.host.home)
         try:
             self._set(a, CREATING)
             try:
@@ -304,13 +301,13 @@ class Fanout:
                     pass
             host.registry.close()
 
-    def _measure(self, host: "Host", a: Attempt, box: "Box") -> None:
+    def _measure(self, host: "HostContext", a: Attempt, box: "Box") -> None:
         o = self.opts
         res: dict[str, Any] = box.data[KEY]["result"]
-        env = host.exec_env(box)
+        env = boxenv.process_env(box)
         env["WTBOX_FANOUT_INDEX"] = str(a.index)
         env["WTBOX_FANOUT_N"] = str(o.n)
-        redact = _redactor(box)
+        redact = boxenv.redactor_for(box, {})
 
         def step(state: str, detail: str = "") -> None:
             if self.runner.stopped.is_set():
@@ -328,8 +325,8 @@ class Fanout:
                           "last_lines": r["last_lines"][-10:]}
             step(SAVING)
             try:
-                res["commit"] = save_work(box, f"wtbox fanout {o.task}: attempt {a.index} of {o.n}",
-                                          f"Run: {cmd}\nExit code: {r['exit']}\nBox: {box.id}")
+                res["commit"] = git.save_work(box.path, f"wtbox fanout {o.task}: attempt {a.index} of {o.n}",
+                                              f"Run: {cmd}\nExit code: {r['exit']}\nBox: {box.id}", label=box.id)
             except WtboxError as e:
                 res.setdefault("problems", []).append(str(e))
         if o.checks:
@@ -355,7 +352,7 @@ class Fanout:
                 for p in o.probes:
                     step(PROBING, p)
                     res["probes"][p] = run_probe(box, p, o.probe_requests, o.probe_concurrency)
-        res["diff"] = diff_stat(box)
+        res["diff"] = git.diff_stat(box.path, box.data.get("base_sha"))
         res["log_errors"] = log_errors(box)
 
 
@@ -363,55 +360,13 @@ class _Stop(Exception):
     """Raised inside a worker when the fan-out was interrupted."""
 
 
-def run(host: "Host", opts: Options, on_change: Callable[[Attempt], None] | None = None,
+def run(host: "HostContext", opts: Options, on_change: Callable[[Attempt], None] | None = None,
         tick: Callable[[], None] | None = None) -> list[dict[str, Any]]:
     """Plan, create, run and measure; the comparison rows (one per attempt, in index order)."""
     return Fanout(host, opts, on_change).run(tick)
 
 
 # ---------------------------------------------------------------------- measurements
-
-def _redactor(box: "Box") -> Callable[[str], str]:
-    try:
-        from .resources.services import redactor_for
-
-        return redactor_for(box, {})
-    except Exception:
-        from .secrets import Redactor
-
-        pw = (box.data.get("database") or {}).get("password")
-        return Redactor([pw] if pw else [])
-
-
-_IDENTITY = {"GIT_AUTHOR_NAME": "wtbox", "GIT_AUTHOR_EMAIL": "wtbox@localhost",
-             "GIT_COMMITTER_NAME": "wtbox", "GIT_COMMITTER_EMAIL": "wtbox@localhost"}
-
-
-def save_work(box: "Box", subject: str, body: str = "") -> str | None:
-    """Commit everything uncommitted in the worktree onto the box branch; the new sha, or None if clean."""
-    wt = box.path
-    if not wt.is_dir():
-        return None
-    status = git.git(wt, "status", "--porcelain", "--untracked-files=normal", check=False)
-    if status.returncode != 0 or not status.stdout.strip():
-        return None
-    git.git(wt, "add", "-A")
-    msg = subject + ("\n\n" + body if body else "")
-    # --no-verify: this commit only preserves work; a hook must not be able to refuse or rewrite it.
-    proc = _git_as_someone(wt, "commit", "-q", "--no-verify", "-m", msg)
-    if proc.returncode != 0:
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
-        raise WtboxError(f"Saving the work of {box.id} failed: {lines[-1] if lines else proc.returncode}.")
-    return git.out(wt, "rev-parse", "HEAD")
-
-
-def _git_as_someone(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    """A git command that makes commits: with a stand-in identity when the repo has none (work must not be lost)."""
-    env = {**os.environ, "LC_ALL": "C", "GIT_TERMINAL_PROMPT": "0"}
-    if git.git(cwd, "config", "user.email", check=False).returncode != 0:
-        env.update(_IDENTITY)
-    return subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True, env=env)
-
 
 _COUNT = re.compile(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed)\b")
 
@@ -432,7 +387,7 @@ def test_counts(lines: list[str]) -> dict[str, int]:
 test_counts.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
 
 
-def restart_services(host: "Host", box: "Box") -> dict[str, Any]:
+def restart_services(host: "HostContext", box: "Box") -> dict[str, Any]:
     """Restart the box's services (so they run the attempt's code) and time until they are all ready."""
     try:
         cfg = host.repo_config(box)
@@ -440,10 +395,8 @@ def restart_services(host: "Host", box: "Box") -> dict[str, Any]:
         return {"error": str(e)}
     if not cfg.services:
         return {}
-    try:
-        from .resources import services as svc
-    except ImportError:
-        return {"error": "services are not available in this build"}
+    from .resources import services as svc
+
     t0 = time.perf_counter()
     try:
         status = svc.services_restart(host, box)
@@ -485,26 +438,9 @@ def run_probe(box: "Box", target: str, n: int, concurrency: int) -> dict[str, An
     return out
 
 
-_SHORTSTAT = re.compile(r"(\d+) (file|insertion|deletion)")
-
-
-def diff_stat(box: "Box") -> dict[str, int] | None:
-    """Files, insertions and deletions of the worktree against the box's base commit."""
-    base = box.data.get("base_sha")
-    if not base or not box.path.is_dir():
-        return None
-    proc = git.git(box.path, "diff", "--shortstat", base, check=False)
-    if proc.returncode != 0:
-        return None
-    out = {"files": 0, "insertions": 0, "deletions": 0}
-    for num, word in _SHORTSTAT.findall(proc.stdout):
-        out[{"file": "files", "insertion": "insertions", "deletion": "deletions"}[word]] = int(num)
-    return out
-
-
 def log_errors(box: "Box") -> int | None:
     """Error-level records in the box's logs (services, run, events; not the checks)."""
-    from .logs import available_services, read_records
+    from .logs.reader import available_services, read_records
 
     if not box.logs_dir.is_dir():
         return None
@@ -530,16 +466,61 @@ COLUMNS = [
     ("p95", "p95_ms", "low", "P95"),
     ("errors", "log_errors", "low", "ERRORS"),
 ]
-SORT_KEYS = ["best", "index", "box"] + [k for k, *_ in COLUMNS]
+SORT_KEYS = ["best", "index", "id", "box"] + [k for k, *_ in COLUMNS]
 
 
-def row_for(box: "Box", host: "Host | None" = None, attempt: Attempt | None = None) -> dict[str, Any]:
+@dataclasses.dataclass
+class FanoutRow:
+    """One comparison row (`compare`, `fanout --json`): the one definition of its keys.
+
+    `id` names the box, as in `new`/`ls`/`status`; `box` is the same value under its old
+    name, kept for one release.
+    """
+
+    task: str
+    index: int | None = None
+    state: str | None = None
+    id: str | None = None
+    fanout: str | None = None
+    branch: str | None = None
+    commit: str | None = None
+    run_exit: int | None = None
+    run_seconds: float | None = None
+    timed_out: bool = False
+    checks_passed: int | None = None
+    checks_total: int | None = None
+    tests_passed: int | None = None
+    tests_failed: int | None = None
+    diff_files: int | None = None
+    diff_insertions: int | None = None
+    diff_deletions: int | None = None
+    diff_lines: int | None = None
+    ready_seconds: float | None = None
+    services_error: str | None = None
+    p95_ms: float | None = None
+    probes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    checks: list[dict[str, Any]] | None = None
+    log_errors: int | None = None
+    error: str | None = None
+    dir: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        row = dataclasses.asdict(self)
+        return {"id": row["id"], "box": row["id"], **row}
+
+    @classmethod
+    def without_box(cls, a: Attempt) -> "FanoutRow":
+        """An attempt whose box was never made."""
+        return cls(task=a.task, index=a.index, state=a.state, error=a.error)
+
+
+def row_for(box: "Box", host: "HostContext | None" = None, attempt: Attempt | None = None) -> dict[str, Any]:
     """One comparison row: from the recorded fan-out result, else what can be derived from the box now."""
     fo = box.data.get(KEY) or {}
     res = fo.get("result") or {}
     run_ = res.get("run") or {}
     checks = res.get("checks")
-    diff = res["diff"] if "diff" in res else diff_stat(box)
+    diff = res["diff"] if "diff" in res else git.diff_stat(box.path, box.data.get("base_sha"))
     errors = res["log_errors"] if "log_errors" in res else log_errors(box)
     services = res.get("services")
     if services is None and host is not None:
@@ -552,58 +533,30 @@ def row_for(box: "Box", host: "Host | None" = None, attempt: Attempt | None = No
         if counted:
             passed = sum(c.get("passed", 0) for c in counted)
             failed = sum(c.get("failed", 0) + c.get("errors", 0) for c in counted)
-    state = attempt.state if attempt else fo.get("state", box.state)
-    return {
-        "box": box.id,
-        "task": box.task,
-        "fanout": fo.get("id"),
-        "index": fo.get("index"),
-        "state": state,
-        "branch": box.branch,
-        "commit": res.get("commit"),
-        "run_exit": run_.get("exit"),
-        "run_seconds": run_.get("seconds"),
-        "timed_out": run_.get("timed_out", False),
-        "checks_passed": sum(1 for c in checks if c.get("exit") == 0) if checks is not None else None,
-        "checks_total": len(checks) if checks is not None else None,
-        "tests_passed": passed,
-        "tests_failed": failed,
-        "diff_files": diff["files"] if diff else None,
-        "diff_insertions": diff["insertions"] if diff else None,
-        "diff_deletions": diff["deletions"] if diff else None,
-        "diff_lines": diff["insertions"] + diff["deletions"] if diff else None,
-        "ready_seconds": (services or {}).get("ready_seconds"),
-        "services_error": (services or {}).get("error"),
-        "p95_ms": max(p95s) if p95s else None,
-        "probes": probes,
-        "checks": checks,
-        "log_errors": errors,
-        "error": res.get("error") or (attempt.error if attempt else None),
-        "dir": str(box.dir),
-    }
-
-
-def _row_without_box(a: Attempt) -> dict[str, Any]:
-    row = {k: None for k in ("box", "fanout", "commit", "run_exit", "run_seconds", "checks_passed", "checks_total",
-                             "tests_passed", "tests_failed", "diff_files", "diff_insertions", "diff_deletions",
-                             "diff_lines", "ready_seconds", "services_error", "p95_ms", "checks", "log_errors",
-                             "branch", "dir")}
-    row.update({"task": a.task, "index": a.index, "state": a.state, "timed_out": False, "probes": {},
-                "error": a.error})
-    return row
+    return FanoutRow(
+        id=box.id, task=box.task, fanout=fo.get("id"), index=fo.get("index"),
+        state=attempt.state if attempt else fo.get("state", box.state), branch=box.branch, commit=res.get("commit"),
+        run_exit=run_.get("exit"), run_seconds=run_.get("seconds"), timed_out=run_.get("timed_out", False),
+        checks_passed=sum(1 for c in checks if c.get("exit") == 0) if checks is not None else None,
+        checks_total=len(checks) if checks is not None else None, tests_passed=passed, tests_failed=failed,
+        diff_files=diff["files"] if diff else None, diff_insertions=diff["insertions"] if diff else None,
+        diff_deletions=diff["deletions"] if diff else None,
+        diff_lines=diff["insertions"] + diff["deletions"] if diff else None,
+        ready_seconds=(services or {}).get("ready_seconds"), services_error=(services or {}).get("error"),
+        p95_ms=max(p95s) if p95s else None, probes=probes, checks=checks, log_errors=errors,
+        error=res.get("error") or (attempt.error if attempt else None), dir=str(box.dir),
+    ).to_json()
 
 
 def _current_ready(box: "Box") -> dict[str, Any] | None:
-    try:
-        from .resources.services import services_status
-    except ImportError:
-        return None
+    from .supervisor_client import services_status
+
     status = services_status(box)
     readies = [s.get("ready_seconds") for s in status.values() if s.get("ready_seconds") is not None]
     return {"ready_seconds": max(readies)} if readies else None
 
 
-def fanout_boxes(host: "Host", task: str) -> list["Box"]:
+def fanout_boxes(host: "HostContext", task: str) -> list["Box"]:
     """The boxes of the latest fan-out named TASK (or with that fan-out id), in index order."""
     boxes = [b for b in host.list() if (b.data.get(KEY) or {}).get("task") == task
              or (b.data.get(KEY) or {}).get("id") == task]
@@ -613,7 +566,7 @@ def fanout_boxes(host: "Host", task: str) -> list["Box"]:
     return sorted((b for b in boxes if b.data[KEY]["id"] == latest), key=lambda b: b.data[KEY].get("index") or 0)
 
 
-def compare(host: "Host", refs: list[str] | None = None, fanout: str | None = None,
+def compare(host: "HostContext", refs: list[str] | None = None, fanout: str | None = None,
             sort: str | None = None) -> list[dict[str, Any]]:
     if bool(refs) == bool(fanout):
         raise UsageError("Give either BOX... or --fanout TASK to compare.")
@@ -648,7 +601,7 @@ def sort_rows(rows: list[dict[str, Any]], key: str | None) -> list[dict[str, Any
         raise UsageError(f"Cannot sort by {key!r}; use one of {', '.join(SORT_KEYS)}.")
     if key == "best":
         return sorted(rows, key=best_key)
-    if key in ("index", "box"):
+    if key in ("index", "id", "box"):
         return sorted(rows, key=lambda r: (r.get(key) is None, r.get(key) if r.get(key) is not None else 0))
     field, better = next((f, b) for k, f, b, _ in COLUMNS if k == key)
     present = [r for r in rows if r.get(field) is not None]
@@ -668,117 +621,3 @@ def best_values(rows: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             out[field] = None
     return out
-
-
-# ---------------------------------------------------------------------- pick
-
-def pick_plan(host: "Host", ref: str) -> tuple["Box", list["Box"]]:
-    """The chosen box and the other live boxes of its fan-out."""
-    box = host.get(ref)
-    fid = (box.data.get(KEY) or {}).get("id")
-    others = [b for b in host.list() if fid and (b.data.get(KEY) or {}).get("id") == fid and b.id != box.id]
-    return box, others
-
-
-def pick(host: "Host", box: "Box", others: list["Box"], merge_into: str | None = None, push: bool = False,
-         remote: str = "origin", note: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Keep `box` (merge/push first: if that fails nothing is removed), then remove the others.
-
-    Nothing is lost: what a removed attempt left uncommitted is committed to its branch first,
-    and a branch holding commits no other branch has is kept.
-    """
-    note = note or (lambda m: None)
-    out: dict[str, Any] = {"kept": box.id, "branch": box.branch, "merged_into": None, "pushed": None,
-                           "removed": [], "kept_branches": [], "failed": []}
-    if merge_into:
-        out["merged_into"] = merge_branch(box, merge_into)
-        note(f"merged {box.branch} into {merge_into}")
-    if push:
-        target = merge_into or box.branch
-        proc = git.git(box.repo, "push", "--quiet", remote, f"refs/heads/{target}:refs/heads/{target}", check=False)
-        if proc.returncode != 0:
-            lines = proc.stderr.strip().splitlines()
-            raise WtboxError(f"Pushing {target} to {remote} failed ({lines[-1] if lines else proc.returncode}); "
-                             "nothing was removed.")
-        out["pushed"] = f"{remote}/{target}"
-        note(f"pushed {target} to {remote}")
-    box.keep = True
-    box.data.setdefault(KEY, {})["picked"] = True
-    host.registry.save_box(box)
-    for b in others:
-        try:
-            save_work(b, f"wtbox pick: save the uncommitted work of {b.id} before removing it")
-            keep_branch = host.unsaved_work(b) is not None
-            host.rm(b, force=True, keep_branch=keep_branch)
-        except WtboxError as e:
-            out["failed"].append({"box": b.id, "error": str(e)})
-            note(f"could not remove {b.id}: {e}")
-            continue
-        out["removed"].append(b.id)
-        if keep_branch:
-            out["kept_branches"].append(b.branch)
-        note(f"removed {b.id}" + (f" (kept its branch {b.branch}: it has commits no other branch has)"
-                                  if keep_branch else ""))
-    return out
-
-
-def merge_branch(box: "Box", target: str) -> str:
-    """Merge the box branch into `target` in the box's repo; a conflict changes nothing."""
-    repo = box.repo
-    sha = git.out(box.path, "rev-parse", "HEAD")
-    exists = git.git(repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{target}", check=False).returncode == 0
-    if not exists:
-        git.git(repo, "branch", target, sha)
-        return target
-    checked_out = _worktree_of(repo, target)
-    if checked_out is not None:
-        dirty = git.git(checked_out, "status", "--porcelain", "--untracked-files=no", check=False).stdout.strip()
-        if dirty:
-            raise WtboxError(f"{target} is checked out in {checked_out} with uncommitted changes; commit or stash "
-                             "them first (nothing was merged or removed).")
-        proc = _git_as_someone(checked_out, "merge", "--no-edit", box.branch)
-        if proc.returncode != 0:
-            _merge_failed(checked_out, proc, box.branch, target)
-        return target
-    old = git.out(repo, "rev-parse", f"refs/heads/{target}")
-    if git.git(repo, "merge-base", "--is-ancestor", old, sha, check=False).returncode == 0:
-        git.git(repo, "update-ref", f"refs/heads/{target}", sha, old)  # fast-forward
-        return target
-    # Not checked out and diverged: merge in a throwaway worktree, then move the branch.
-    import tempfile
-
-    tmp = Path(tempfile.mkdtemp(prefix="wtbox-merge-"))
-    try:
-        git.git(repo, "worktree", "add", "--quiet", "--detach", str(tmp / "wt"), old)
-        proc = _git_as_someone(tmp / "wt", "merge", "--no-edit", box.branch)
-        if proc.returncode != 0:
-            _merge_failed(tmp / "wt", proc, box.branch, target)
-        git.git(repo, "update-ref", f"refs/heads/{target}", git.out(tmp / "wt", "rev-parse", "HEAD"), old)
-    finally:
-        git.git(repo, "worktree", "remove", "--force", str(tmp / "wt"), check=False)
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _merge_failed(wt: Path, proc: subprocess.CompletedProcess, branch: str, target: str) -> None:
-    conflicts = git.git(wt, "diff", "--name-only", "--diff-filter=U", check=False).stdout.split()
-    git.git(wt, "merge", "--abort", check=False)
-    if conflicts:
-        raise WtboxError(f"Merging {branch} into {target} conflicts in {', '.join(conflicts[:3])}; merge it by hand "
-                         "(nothing was merged or removed).")
-    lines = (proc.stderr or proc.stdout).strip().splitlines()
-    raise WtboxError(f"Merging {branch} into {target} failed ({lines[-1] if lines else proc.returncode}); "
-                     "nothing was removed.")
-
-
-def _worktree_of(repo: str, branch: str) -> Path | None:
-    listing = git.out(repo, "worktree", "list", "--porcelain")
-    path = None
-    for line in listing.splitlines():
-        if line.startswith("worktree "):
-            path = Path(line[len("worktree "):])
-        elif line == f"branch refs/heads/{branch}":
-            return path
-    return None

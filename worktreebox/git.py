@@ -3,6 +3,7 @@ command and we only need a handful of porcelain calls."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -84,4 +85,113 @@ def unsaved_work(worktree: Path, branch: str, base_sha: str | None) -> str | Non
     n = unique_commits(worktree, branch, base_sha)
     if n:
         return f"{n} commit{'s' if n != 1 else ''} on {branch.removeprefix('refs/heads/')} that no other branch has"
+    return None
+
+
+# ---------------------------------------------------------------------- saving and merging work
+# (fan-out and pick: commits that only preserve work, the diff of an attempt, merging a branch)
+
+_IDENTITY = {"GIT_AUTHOR_NAME": "wtbox", "GIT_AUTHOR_EMAIL": "wtbox@localhost",
+             "GIT_COMMITTER_NAME": "wtbox", "GIT_COMMITTER_EMAIL": "wtbox@localhost"}
+_SHORTSTAT = re.compile(r"(\d+) (file|insertion|deletion)")
+
+
+def save_work(worktree: Path, subject: str, body: str = "", *, label: str = "the worktree") -> str | None:
+    """Commit everything uncommitted in `worktree` onto its branch; the new sha, or None if clean.
+
+    `label` names the worktree in the error (e.g. the box id)."""
+    if not worktree.is_dir():
+        return None
+    status = git(worktree, "status", "--porcelain", "--untracked-files=normal", check=False)
+    if status.returncode != 0 or not status.stdout.strip():
+        return None
+    git(worktree, "add", "-A")
+    msg = subject + ("\n\n" + body if body else "")
+    # --no-verify: this commit only preserves work; a hook must not be able to refuse or rewrite it.
+    proc = _git_as_someone(worktree, "commit", "-q", "--no-verify", "-m", msg)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        raise WtboxError(f"Saving the work of {label} failed: {lines[-1] if lines else proc.returncode}.")
+    return out(worktree, "rev-parse", "HEAD")
+
+
+def _git_as_someone(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """A git command that makes commits: with a stand-in identity when the repo has none (work must not be lost)."""
+    env = {**os.environ, **_GIT_ENV}
+    if git(cwd, "config", "user.email", check=False).returncode != 0:
+        env.update(_IDENTITY)
+    return subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True, env=env)
+
+
+def diff_stat(worktree: Path, base: str | None) -> dict[str, int] | None:
+    """Files, insertions and deletions of the worktree against `base`; None when unknown."""
+    if not base or not worktree.is_dir():
+        return None
+    proc = git(worktree, "diff", "--shortstat", base, check=False)
+    if proc.returncode != 0:
+        return None
+    counts = {"files": 0, "insertions": 0, "deletions": 0}
+    for num, word in _SHORTSTAT.findall(proc.stdout):
+        counts[{"file": "files", "insertion": "insertions", "deletion": "deletions"}[word]] = int(num)
+    return counts
+
+
+def merge_branch(repo: str | Path, worktree: Path, branch: str, target: str) -> str:
+    """Merge `branch` (checked out in `worktree`) into `target` in `repo`; a conflict changes nothing."""
+    sha = out(worktree, "rev-parse", "HEAD")
+    exists = git(repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{target}", check=False).returncode == 0
+    if not exists:
+        git(repo, "branch", target, sha)
+        return target
+    checked_out = worktree_of(repo, target)
+    if checked_out is not None:
+        dirty = git(checked_out, "status", "--porcelain", "--untracked-files=no", check=False).stdout.strip()
+        if dirty:
+            raise WtboxError(f"{target} is checked out in {checked_out} with uncommitted changes; commit or stash "
+                             "them first (nothing was merged or removed).")
+        proc = _git_as_someone(checked_out, "merge", "--no-edit", branch)
+        if proc.returncode != 0:
+            _merge_failed(checked_out, proc, branch, target)
+        return target
+    old = out(repo, "rev-parse", f"refs/heads/{target}")
+    if git(repo, "merge-base", "--is-ancestor", old, sha, check=False).returncode == 0:
+        git(repo, "update-ref", f"refs/heads/{target}", sha, old)  # fast-forward
+        return target
+    # Not checked out and diverged: merge in a throwaway worktree, then move the branch.
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="wtbox-merge-"))
+    try:
+        git(repo, "worktree", "add", "--quiet", "--detach", str(tmp / "wt"), old)
+        proc = _git_as_someone(tmp / "wt", "merge", "--no-edit", branch)
+        if proc.returncode != 0:
+            _merge_failed(tmp / "wt", proc, branch, target)
+        git(repo, "update-ref", f"refs/heads/{target}", out(tmp / "wt", "rev-parse", "HEAD"), old)
+    finally:
+        git(repo, "worktree", "remove", "--force", str(tmp / "wt"), check=False)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _merge_failed(wt: Path, proc: subprocess.CompletedProcess, branch: str, target: str) -> None:
+    conflicts = git(wt, "diff", "--name-only", "--diff-filter=U", check=False).stdout.split()
+    git(wt, "merge", "--abort", check=False)
+    if conflicts:
+        raise WtboxError(f"Merging {branch} into {target} conflicts in {', '.join(conflicts[:3])}; merge it by hand "
+                         "(nothing was merged or removed).")
+    lines = (proc.stderr or proc.stdout).strip().splitlines()
+    raise WtboxError(f"Merging {branch} into {target} failed ({lines[-1] if lines else proc.returncode}); "
+                     "nothing was removed.")
+
+
+def worktree_of(repo: str | Path, branch: str) -> Path | None:
+    """The worktree in which `branch` is checked out, or None."""
+    listing = out(repo, "worktree", "list", "--porcelain")
+    path = None
+    for line in listing.splitlines():
+        if line.startswith("worktree "):
+            path = Path(line[len("worktree "):])
+        elif line == f"branch refs/heads/{branch}":
+            return path
     return None

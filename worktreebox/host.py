@@ -18,6 +18,7 @@ from . import git, procs, providers
 from .providers import docker_engine
 from .providers.postgres import server as postgres_server
 from .box import CREATING, FAILED, READY, REMOVING, Box, branch_name, new_id, slugify
+from .boxenv import process_env
 from .config import load_config_for_new, load_host_config, load_repo_config_file, parse_duration
 from .envfile import format_env
 from .errors import NotFound, UnsavedWork, UsageError, WtboxError
@@ -25,6 +26,7 @@ from .fsutil import atomic_write
 from .registry import Registry
 from .resources import load_all, stages
 from .resources.base import Creation, Resource
+from .supervisor_client import box_secrets
 from .templating import render
 
 if TYPE_CHECKING:
@@ -232,14 +234,10 @@ class Host:
     def exec_env(self, box: Box, secrets: dict[str, str] | None = None) -> dict[str, str]:
         """The environment a process in the box gets: the caller's (minus another box's ids), the box
         env, and secrets — the same as the box's services get."""
-        from .resources.services import base_env
-
-        return base_env(box, secrets)
+        return process_env(box, secrets)
 
     def running_secrets(self, box: Box) -> dict[str, str]:
         """The --secret values the box's running supervisor holds (memory only); {} without one."""
-        from .resources.services import box_secrets  # the supervisor's client
-
         return box_secrets(box)
 
     # ------------------------------------------------------------------ rm

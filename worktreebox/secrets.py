@@ -37,3 +37,15 @@ class Redactor:
 
     def __bool__(self) -> bool:
         return self._re is not None
+
+
+def secret_values(env: dict[str, str]) -> list[str]:
+    """Values in an env that must never appear in logs: passwords, tokens, URL passwords."""
+    out = []
+    for k, v in env.items():
+        if _SECRET_NAME.search(k):
+            out.append(v)
+        m = _URL_PASSWORD.match(v)
+        if m:
+            out.append(m.group(2))
+    return [v for v in out if v]

@@ -56,10 +56,10 @@ def fanout(task, n, ref, run_cmd_, checks, probes, probe_requests, timeout, jobs
         emit_json(rows)
     else:
         print_rows(rows)
-        made = [r["box"] for r in rows if r["box"]]
+        made = [r["id"] for r in rows if r["id"]]
         if made:
             info(f"pick one with 'wtbox pick BOX' (removes the others); again: 'wtbox compare --fanout {task}'")
-    if not any(r["box"] for r in rows):
+    if not any(r["id"] for r in rows):
         raise WtboxError(f"No box of the fan-out could be created; first error: {rows[0]['error']}")
 
 
@@ -134,7 +134,7 @@ class _LiveView:
 @click.command()
 @click.argument("boxes", nargs=-1)
 @click.option("--fanout", "task", metavar="TASK", help="Compare the boxes of the latest fan-out of TASK.")
-@click.option("--sort", "sort", help="Order rows by best, index, box, run_exit, run_seconds, checks_passed, "
+@click.option("--sort", "sort", help="Order rows by best, index, id, run_exit, run_seconds, checks_passed, "
               "tests_passed, tests_failed, diff, ready, p95 or errors (best first).")
 @json_option
 @run_cmd
@@ -160,9 +160,10 @@ def compare(boxes, task, sort, as_json):
 def pick(box, merge_into, push, remote, yes, as_json):
     """Keep BOX (marked keep) and remove the other boxes of its fan-out; no committed work is lost."""
     from .. import fanout as F
+    from .. import pick as P
 
     host = get_host()
-    chosen, others = F.pick_plan(host, box)
+    chosen, others = P.pick_plan(host, box)
     if others and not yes:
         ids = ", ".join(b.id for b in others)
         if not sys.stdin.isatty():
@@ -171,7 +172,7 @@ def pick(box, merge_into, push, remote, yes, as_json):
         click.confirm(f"Keep {chosen.id} and remove {len(others)} other boxes ({ids})?", abort=True, err=True)
     if not (chosen.data.get(F.KEY) or {}).get("id"):
         info(f"{chosen.id} is not part of a fan-out; it is only marked keep.")
-    out = F.pick(host, chosen, others, merge_into=merge_into, push=push, remote=remote,
+    out = P.pick(host, chosen, others, merge_into=merge_into, push=push, remote=remote,
                  note=(lambda m: None) if as_json else (lambda m: info(m)))
     if as_json:
         emit_json(out)
@@ -220,7 +221,7 @@ def print_rows(rows: list[dict]) -> None:
     headers = ["BOX", "STATE"] + [h for *_, h in F.COLUMNS]
     body = []
     for r in rows:
-        cells = [(r["box"] or f"{r['task']} (no box)", False), (r.get("state") or "", False)]
+        cells = [(r["id"] or f"{r['task']} (no box)", False), (r.get("state") or "", False)]
         for _, field, _, _ in F.COLUMNS:
             is_best = best[field] is not None and r.get(field) == best[field] and len(rows) > 1
             cells.append((_cell(field, r), is_best))
@@ -244,4 +245,4 @@ def print_rows(rows: list[dict]) -> None:
             info("* best in its column")
     for r in rows:
         if r.get("error"):
-            info(f"{r['box'] or r['task']}: {r['error']}")
+            info(f"{r['id'] or r['task']}: {r['error']}")

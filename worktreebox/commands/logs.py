@@ -53,7 +53,7 @@ def _printer(as_json: bool, colour: bool, width: int):
 @run_cmd
 def logs(box, services, since, until, level, grep, tail, follow, as_json):
     """Show the captured logs of a box's services (and of setup and migrate)."""
-    from .. import logs as L
+    from ..logs import reader as L
     from ..errors import UsageError
 
     host = get_host()

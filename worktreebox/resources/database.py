@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..box import CREATING, FAILED
+from ..boxenv import process_env
 from ..errors import ConfigError, WtboxError
 from ..fsutil import file_lock
 from ..providers.postgres import server
@@ -124,8 +125,8 @@ class Database(Resource):
         if not data or cfg.mode != "schema" or not cfg.migrate:
             return
         c.note("database: migrate")
-        # The box env as written to its env file (Host.new sets box.env), plus --secret values.
-        env = {**os.environ, **(c.box.env or c.env), **c.secrets}
+        # What every process of the box runs with (boxenv): the box env, plus --secret values.
+        env = process_env(c.box, c.secrets)
         run_migrate(cfg.migrate, c.box.path, env, c.box.logs_dir, [data["password"], *c.secrets.values()])
 
     # ------------------------------------------------------------ destroy
@@ -494,7 +495,7 @@ def checkout(repo: str, sha: str) -> Iterator[Path]:
 def run_migrate(cmd: str, cwd: Path, env: dict[str, str], logs_dir: Path, redact: list[str],
                 what: str = "database migration") -> None:
     """Run `[database] migrate` with its output in logs/migrate.jsonl; failure raises with the last lines."""
-    from ..logs import run_logged
+    from ..logs.run import run_logged
     from ..secrets import Redactor
 
     red = Redactor(redact)

@@ -17,9 +17,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import boxenv, git, procs
+from . import probe as P
+from .box import new_id, slugify
+from .config import load_config_for_new
 from .errors import UsageError, WtboxError
+from .logs.reader import available_services, read_records
 from .logs.run import OutputTail, join_pumps, start_logged
 from .logs.writer import LogWriter
+from .resources import services as svc
+from .supervisor_client import services_status
 
 if TYPE_CHECKING:
     from .box import Box
@@ -157,9 +163,6 @@ class Fanout:
 
     # -- planning: every refusal happens here, before anything is created
     def plan(self) -> None:
-        from .box import new_id, slugify
-        from .config import load_config_for_new
-
         o = self.opts
         slugify(o.task)
         if o.n < 1:
@@ -395,8 +398,6 @@ def restart_services(host: "HostContext", box: "Box") -> dict[str, Any]:
         return {"error": str(e)}
     if not cfg.services:
         return {}
-    from .resources import services as svc
-
     t0 = time.perf_counter()
     try:
         status = svc.services_restart(host, box)
@@ -419,8 +420,6 @@ def probe_url(box: "Box", target: str) -> str:
 
 
 def run_probe(box: "Box", target: str, n: int, concurrency: int) -> dict[str, Any]:
-    from . import probe as P
-
     try:
         url = probe_url(box, target)
         r = P.probe(url, n=n, concurrency=concurrency)
@@ -440,8 +439,6 @@ def run_probe(box: "Box", target: str, n: int, concurrency: int) -> dict[str, An
 
 def log_errors(box: "Box") -> int | None:
     """Error-level records in the box's logs (services, run, events; not the checks)."""
-    from .logs.reader import available_services, read_records
-
     if not box.logs_dir.is_dir():
         return None
     names = [s for s in available_services(box.logs_dir) if s not in _NOT_COUNTED and not s.startswith("_")]
@@ -549,8 +546,6 @@ def row_for(box: "Box", host: "HostContext | None" = None, attempt: Attempt | No
 
 
 def _current_ready(box: "Box") -> dict[str, Any] | None:
-    from .supervisor_client import services_status
-
     status = services_status(box)
     readies = [s.get("ready_seconds") for s in status.values() if s.get("ready_seconds") is not None]
     return {"ready_seconds": max(readies)} if readies else None

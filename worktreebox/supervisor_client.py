@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import boxenv, control, procs
+from .box import _iso
 from .control import Request, ServiceState
 from .errors import UsageError, WtboxError
+from .logs.reader import read_records
 from .servicespec import ServiceSpec, SupervisorPayload
 
 if TYPE_CHECKING:
@@ -116,8 +118,6 @@ def read_state(box: "Box") -> control.SupervisorState | None:
 
 
 def last_lines(box: "Box", service: str, n: int = 10) -> list[str]:
-    from .logs.reader import read_records
-
     try:
         recs = read_records(box.logs_dir, services=[service], tail=n, include_events=False)
     except OSError:
@@ -155,8 +155,6 @@ def wait_ready(box: "Box", names: list[str], deadline: float) -> None:
 
 def services_status(box: "Box") -> dict[str, dict[str, Any]]:
     """Per service: state, pid, port, ready time, restarts (stopped when no supervisor runs)."""
-    from .box import _iso
-
     state = read_state(box)
     if not state:
         return {}

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from ..errors import UsageError
 from .record import ALIASES, EVENTS, LEVELS, TS_END, TS_PREFIX
 
 
@@ -22,8 +23,6 @@ def level_at_least(min_level: str | None) -> int:
         return 0
     key = ALIASES.get(min_level.lower())
     if key is None:
-        from ..errors import UsageError
-
         raise UsageError(f"Unknown level {min_level!r}; use one of debug, info, warning, error, critical.")
     return LEVELS[key]
 
@@ -43,8 +42,6 @@ def parse_time(text: str | None, now: float | None = None) -> str | None:
     try:
         d = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
-        from ..errors import UsageError
-
         raise UsageError(f"Cannot read the time {text!r}; use a duration such as '5m' or an ISO time.") from None
     if d.tzinfo is None:
         d = d.astimezone()  # a naive time is the user's local time
@@ -67,9 +64,7 @@ class _Filter:
             try:
                 self.rx = re.compile(grep)
             except re.error as e:
-                from ..errors import UsageError
-
-                raise UsageError(f"--grep {grep!r} is not a valid regular expression: {e}.") from None
+                        raise UsageError(f"--grep {grep!r} is not a valid regular expression: {e}.") from None
             # A match of the message is a match of the raw line (a superset) unless the pattern is
             # anchored or looks around; then every line is parsed.
             self.raw_ok = not re.search(r"[\^$]|\\[AZBGz]|\(\?[<=!]", grep)

@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from .. import control, procs
 from ..boxenv import process_env, redactor_for
+from ..config import services_in_order
 from ..errors import UsageError, WtboxError
 from ..fsutil import atomic_write
+from ..logs.run import run_logged
 from ..servicespec import ServiceSpec
 from ..supervisor_client import (checked, control_request, read_state, services_status, start_supervisor,
                                  stop_supervisor, supervisor_pid, wait_ready)
@@ -62,8 +64,6 @@ class Services(Resource):
 # ---------------------------------------------------------------- setup
 
 def run_setup(c: Creation) -> None:
-    from ..logs.run import run_logged
-
     box, cfg = c.box, c.config
     cmd = render(cfg.setup.cmd, c.facts, f"{cfg.source}: [setup] cmd")
     c.note("running [setup] cmd")
@@ -78,8 +78,6 @@ def run_setup(c: Creation) -> None:
 
 def render_specs(c: Creation) -> list[ServiceSpec]:
     """[services.<name>] of wtbox.toml rendered over the box facts, in dependency order."""
-    from ..config import services_in_order
-
     cfg, box = c.config, c.box
     out = []
     for svc in services_in_order(cfg.services):

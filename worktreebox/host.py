@@ -263,6 +263,16 @@ class Host:
         _phase("rm:done")
         return box
 
+    # ------------------------------------------------------------------ services
+    def services(self, box: Box, action: str, service: str | None = None) -> dict[str, Any]:
+        """up / down / restart the box's services (or one); the services' state afterwards."""
+        from .resources import services as svc  # the resource owns the supervisor's lifecycle
+
+        fn = {"up": svc.services_up, "down": svc.services_down, "restart": svc.services_restart}.get(action)
+        if fn is None:
+            raise UsageError(f"Unknown services action {action!r}; expected up, down or restart.")
+        return fn(self, box, service)
+
     # ------------------------------------------------------------------ backends (providers)
     # What commands and the MCP server ask of the providers, so neither imports a backend.
     def database_server(self, provider: str | None = None) -> "Server":

@@ -9,7 +9,7 @@ from ._common import box_argument, emit_json, get_host, json_option, run_cmd, ta
 def _show(box_id: str, services: dict, as_json: bool) -> None:
     rows = [{"name": n, **s} for n, s in services.items()]
     if as_json:
-        emit_json({"box": box_id, "services": rows})
+        emit_json({"id": box_id, "box": box_id, "services": rows})  # "box": alias for one release
         return
     table([[r["name"], r.get("state") or "", r.get("pid") or "", r.get("port") or "",
             "" if r.get("ready_seconds") is None else f"{r['ready_seconds']:.2f}s", r.get("restarts") or 0,
@@ -24,12 +24,9 @@ def _command(action: str, doc: str):
     @json_option
     @run_cmd
     def cmd(box, service, as_json):
-        from ..resources import services as svc
-
         host = get_host()
         b = host.get(box)
-        fn = {"up": svc.services_up, "down": svc.services_down, "restart": svc.services_restart}[action]
-        _show(b.id, fn(host, b, service), as_json)
+        _show(b.id, host.services(b, action, service), as_json)
 
     return cmd
 

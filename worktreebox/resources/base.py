@@ -76,6 +76,10 @@ class Resource:
         """Extra facts for `wtbox status` (None: nothing to add)."""
         return None
 
+    def checks(self, host: "HostContext") -> list[dict[str, Any]]:
+        """Lines for `wtbox doctor`: [{"check", "ok", "detail"}] (what this host can do for this kind)."""
+        return []
+
 
 def warn(msg: str) -> None:
     print(f"wtbox: {msg}", file=sys.stderr)

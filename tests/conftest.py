@@ -11,21 +11,9 @@ import pytest
 
 # one real PostgreSQL cluster for the whole session (see tests/pg_fixtures.py)
 from pg_fixtures import no_stray_cluster, pg_cluster, pg_host, shared_postgres  # noqa: F401
-from helpers import remove_all_boxes
+from helpers import CORE_TOML, git, remove_all_boxes  # noqa: F401 (CORE_TOML, git: old imports from conftest)
 
 ROOT = Path(__file__).resolve().parent.parent
-
-# A repo config for tests of the core only: no database, no observability stack.
-CORE_TOML = """
-[database]
-mode = "none"
-[observability]
-enabled = false
-"""
-
-
-def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(cwd), *args], check=True, capture_output=True, text=True).stdout
 
 
 @pytest.fixture

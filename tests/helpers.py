@@ -1,7 +1,22 @@
 """Small helpers shared by the test modules and fixture plugins."""
 from __future__ import annotations
 
+import subprocess
 import time
+from pathlib import Path
+
+# A repo config for tests of the core only: no database, no observability stack.
+CORE_TOML = """
+[database]
+mode = "none"
+[observability]
+enabled = false
+"""
+
+
+def git(cwd: Path, *args: str) -> str:
+    """Run git in `cwd` and return its stdout (raises on failure)."""
+    return subprocess.run(["git", "-C", str(cwd), *args], check=True, capture_output=True, text=True).stdout
 
 
 def wait_for(fn, timeout: float = 15.0, every: float = 0.25):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import git
+from helpers import git
 
 pytestmark = pytest.mark.chaos
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORE_TOML, git
+from helpers import CORE_TOML, git
 
 CONTRACT = {"id", "task", "branch", "path", "state", "created_at", "ports", "env"}
 

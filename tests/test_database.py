@@ -159,7 +159,7 @@ TABLES_30 = "\n".join(f"CREATE TABLE t{i} (id serial PRIMARY KEY, name text, cre
 
 
 def test_database_mode_clones_golden_and_rebuilds_on_change(pg_host, pg_cluster, make_repo):
-    from conftest import git
+    from helpers import git
 
     repo = make_repo({"migrate.py": MIGRATE_DB, "migrations/001.sql": TABLES_30},
                      toml=toml(f'mode = "database"\nmigrate = "{PY} migrate.py"'))

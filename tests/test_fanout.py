@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from pg_fixtures import pg_cluster, shared_postgres  # noqa: F401
 
-from conftest import CORE_TOML, git
+from helpers import CORE_TOML, git
 
 PY = sys.executable
 # Other wtbox homes may be live on this host at the same time (other suites): ports are leased

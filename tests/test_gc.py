@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORE_TOML, git
+from helpers import CORE_TOML, git
 from worktreebox import gc as gc_mod
 from worktreebox.errors import WtboxError
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import CORE_TOML
+from helpers import CORE_TOML
 from worktreebox.errors import WtboxError
 
 HERE = Path(__file__).resolve().parent

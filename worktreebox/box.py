@@ -79,6 +79,8 @@ class Box:
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     # Per-resource facts that must survive the CLI process (e.g. database mode, base sha).
     data: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The pool key (config hash) of a box made ahead and not yet claimed; None for every other box.
+    pool: str | None = None
     # In-memory only: set by Host.new so the context-manager API can remove the box.
     _host: Any = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -147,6 +149,7 @@ class Box:
             "last_used_at": _iso(self.last_used_at),
             "ttl_seconds": self.ttl,
             "keep": self.keep,
+            "pooled": self.pool is not None,
             "ports": dict(self.ports),
             "env": dict(self.env) if show_secrets else mask_env(self.env),
         }

@@ -19,9 +19,15 @@ def _other_box_var(name: str) -> bool:
     return name in ("WTBOX_ID", "WTBOX_BOX_DIR", "WTBOX_SHELL", "WTBOX_METRICS_URL") or name.startswith("WTBOX_PORT_")
 
 
+def without_box_vars(parent: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`parent` (default os.environ) without the variables that tie a process to a box: for
+    host-level helpers (the pool's filler) that must never count as some box's process."""
+    return {k: v for k, v in (os.environ if parent is None else parent).items() if not _other_box_var(k)}
+
+
 def compose(box_id: str, *layers: Mapping[str, str] | None, parent: Mapping[str, str] | None = None) -> dict[str, str]:
     """`parent` (default os.environ) without another box's ids, each layer over it in order, WTBOX_ID last."""
-    env = {k: v for k, v in (os.environ if parent is None else parent).items() if not _other_box_var(k)}
+    env = without_box_vars(parent)
     for layer in layers:
         env.update(layer or {})
     env["WTBOX_ID"] = box_id

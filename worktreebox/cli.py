@@ -31,6 +31,7 @@ COMMANDS = {
     "fanout": "fanout:fanout",
     "compare": "fanout:compare",
     "pick": "fanout:pick",
+    "pool": "pool:pool",
 }
 
 

@@ -79,6 +79,12 @@ class ObservabilityConfig:
 
 
 @dataclasses.dataclass
+class PoolConfig:
+    size: int = 0  # boxes made ahead (0: no pool)
+    restart_on_update: bool = False  # restart a claimed box's services after fast-forwarding it
+
+
+@dataclasses.dataclass
 class RepoConfig:
     source: str = "(defaults)"
     box: BoxConfig = dataclasses.field(default_factory=BoxConfig)
@@ -87,6 +93,7 @@ class RepoConfig:
     services: dict[str, ServiceConfig] = dataclasses.field(default_factory=dict)
     services_from_procfile: bool = False
     observability: ObservabilityConfig = dataclasses.field(default_factory=ObservabilityConfig)
+    pool: PoolConfig = dataclasses.field(default_factory=PoolConfig)
 
     @property
     def port_names(self) -> list[str]:
@@ -170,7 +177,7 @@ def parse_repo_config(text: str | None, source: str, procfile: str | None = None
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{source} is not valid TOML: {e}.") from None
-    known = {"box", "setup", "database", "services", "observability"}
+    known = {"box", "setup", "database", "services", "observability", "pool"}
     for key in data:
         if key not in known:
             raise ConfigError(f"{source}: unknown section [{key}]; known sections: {', '.join(sorted(known))}.")
@@ -223,6 +230,13 @@ def parse_repo_config(text: str | None, source: str, procfile: str | None = None
         retention=r.get("retention", str, "2d", "a retention such as \"2d\""),
         victorialogs_url=r.get("victorialogs_url", str, None, "a URL"),
     )
+
+    r = _Reader(source, _table(source, data, "pool"), "pool")
+    r.unknown({"size", "restart_on_update"})
+    size = r.get("size", int, 0, "a whole number of boxes (0 for no pool)")
+    if size < 0 or size > 64:
+        raise r.err("size", "a whole number of boxes from 0 to 64", size)
+    cfg.pool = PoolConfig(size=size, restart_on_update=r.get("restart_on_update", bool, False, "true or false"))
 
     services = _table(source, data, "services")
     for name, table in services.items():
@@ -384,15 +398,21 @@ def load_repo_config_file(root: Path, source_label: str | None = None) -> RepoCo
     return parse_repo_config(_read(toml), source_label or str(toml), procfile=_read(root / "Procfile"))
 
 
-def load_config_for_new(repo: Path, sha: str, *, explicit_ref: bool) -> RepoConfig:
-    """Without --from, the wtbox.toml in the main checkout as the user sees it (so edits apply
-    before they are committed); with --from, the file at that ref."""
+def config_sources(repo: Path, sha: str, *, explicit_ref: bool) -> tuple[str, str | None, str | None]:
+    """(source label, wtbox.toml text, Procfile text) a `new` at `sha` reads: without --from, the
+    files in the main checkout as the user sees them (so edits apply before they are committed);
+    with --from, the files at that ref."""
     from . import git
 
     if not explicit_ref:
-        return load_repo_config_file(repo)
-    text = git.show_file(repo, sha, "wtbox.toml")
-    return parse_repo_config(text, f"wtbox.toml at {sha[:12]}", procfile=git.show_file(repo, sha, "Procfile"))
+        return str(repo / "wtbox.toml"), _read(repo / "wtbox.toml"), _read(repo / "Procfile")
+    return f"wtbox.toml at {sha[:12]}", git.show_file(repo, sha, "wtbox.toml"), git.show_file(repo, sha, "Procfile")
+
+
+def load_config_for_new(repo: Path, sha: str, *, explicit_ref: bool) -> RepoConfig:
+    """The config a `new` at `sha` uses (config_sources says which files)."""
+    source, text, procfile = config_sources(repo, sha, explicit_ref=explicit_ref)
+    return parse_repo_config(text, source, procfile=procfile)
 
 
 def _read(path: Path) -> str | None:

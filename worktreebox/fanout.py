@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import boxenv, git, procs
+from . import pool
 from . import probe as P
 from .box import new_id, slugify
 from .config import load_config_for_new
@@ -68,6 +69,8 @@ class Options:
     jobs: int | None = None
     probe_requests: int = 100
     probe_concurrency: int = 4
+    warm: bool = False  # top the warm pool up to n boxes first, then claim them all
+    use_pool: bool = True
 
 
 @dataclasses.dataclass
@@ -177,6 +180,9 @@ class Fanout:
         self._repo = git.resolve_repo(o.repo)
         self._base_sha = git.resolve_commit(self._repo, o.ref or "HEAD")
         self._config = load_config_for_new(self._repo, self._base_sha, explicit_ref=o.ref is not None)
+        self._target = pool.resolve_target(self._repo, self._base_sha, explicit_ref=o.ref is not None, config=self._config)
+        if o.warm and self._target.why_not:
+            raise UsageError(f"--warm: the pool cannot serve this repo: {self._target.why_not}.")
         limit = self.host.config.max_boxes
         live = len(self.host.registry.select_box_ids())
         if o.n > limit - live:
@@ -191,6 +197,8 @@ class Fanout:
 
         if self.id is None:
             self.plan()
+        if self.opts.warm:
+            pool.top_up(self.host, self._target, self.opts.n, new_host=self.new_host)
         self._pool = ThreadPoolExecutor(max_workers=min(self.opts.jobs or self.opts.n, self.opts.n),
                                         thread_name_prefix="fanout")
         self._futures = [self._pool.submit(self._attempt, a) for a in self.attempts]
@@ -270,8 +278,9 @@ class Fanout:
         try:
             self._set(a, CREATING)
             try:
-                box = host.new(a.task, repo=self._repo, ref=self._base_sha, config=self._config,
-                               progress=lambda m: self._set(a, CREATING, m))
+                box, from_pool = pool.new_box(host, a.task, repo=self._repo, ref=self._base_sha,
+                                              config=self._config, target=self._target, use_pool=self.opts.use_pool,
+                                              progress=lambda m: self._set(a, CREATING, m))
             except WtboxError as e:
                 a.error = str(e)
                 self._set(a, FAILED, "creating the box failed")
@@ -280,7 +289,7 @@ class Fanout:
             o = self.opts
             box.data[KEY] = {"id": self.id, "task": o.task, "index": a.index, "n": o.n, "run": o.run,
                              "checks": list(o.checks), "probes": list(o.probes), "base_sha": self._base_sha,
-                             "started_at": a.started_at, "state": CREATING, "result": {}}
+                             "started_at": a.started_at, "state": CREATING, "result": {}, "from_pool": from_pool}
             host.registry.save_box(box)
             self._measure(host, a, box)
             if self.runner.stopped.is_set():
@@ -500,6 +509,7 @@ class FanoutRow:
     log_errors: int | None = None
     error: str | None = None
     dir: str | None = None
+    from_pool: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         row = dataclasses.asdict(self)
@@ -542,6 +552,7 @@ def row_for(box: "Box", host: "HostContext | None" = None, attempt: Attempt | No
         ready_seconds=(services or {}).get("ready_seconds"), services_error=(services or {}).get("error"),
         p95_ms=max(p95s) if p95s else None, probes=probes, checks=checks, log_errors=errors,
         error=res.get("error") or (attempt.error if attempt else None), dir=str(box.dir),
+        from_pool=fo.get("from_pool"),
     ).to_json()
 
 

@@ -49,9 +49,19 @@ def discover_all(host: "Host") -> dict[str, list[str]]:
     return found
 
 
+def _owners(boxes: list) -> dict[str, str]:
+    """Every name a registry box answers to: its id, and the pool id of a box claimed from the
+    warm pool (its running services still carry that name; pool.py)."""
+    out = {b.id: b.id for b in boxes}
+    for b in boxes:
+        if b.data.get("pool_id"):
+            out.setdefault(b.data["pool_id"], b.id)
+    return out
+
+
 def find_orphans(host: "Host") -> dict[str, list[str]]:
     found = discover_all(host)
-    known = host.registry.select_box_ids()
+    known = _owners(host.list())
     return {i: what for i, what in found.items() if i not in known}
 
 
@@ -59,10 +69,12 @@ def plan(host: "Host", *, grace: float, now: float | None = None) -> list[dict]:
     """What gc would do, each with its reason. Reads only."""
     now = time.time() if now is None else now
     found = discover_all(host)
-    boxes = {b.id: b for b in host.list()}  # read after discover: see the module docstring
+    listed = host.list()  # read after discover: see the module docstring
+    boxes = {b.id: b for b in listed}
+    known = _owners(listed)
     actions: list[dict] = []
     for box_id, what in sorted(found.items()):
-        if box_id not in boxes:
+        if box_id not in known:
             actions.append({"id": box_id, "action": "remove", "reason": f"orphan: {', '.join(sorted(what))} with no registry row"})
     for b in boxes.values():
         updated = b.updated_at or b.created_at
@@ -81,6 +93,13 @@ def plan(host: "Host", *, grace: float, now: float | None = None) -> list[dict]:
                 actions.append({"id": b.id, "action": "expire", "reason": f"{idle} but it has {why}; kept"})
             else:
                 actions.append({"id": b.id, "action": "remove", "reason": f"expired: {idle}"})
+    from .pool import stale_boxes
+
+    planned = {a["id"] for a in actions}
+    for b in stale_boxes(host):
+        if b.id not in planned:
+            actions.append({"id": b.id, "action": "remove",
+                            "reason": "pooled box whose commit or config no longer matches its repo"})
     return actions
 
 

@@ -139,8 +139,11 @@ class Host:
         keep: bool = False,
         progress: Callable[[str], None] | None = None,
         config: "RepoConfig | None" = None,
+        pool: str | None = None,
     ) -> Box:
-        """Create a box; on any failure everything made so far is destroyed and WtboxError raised."""
+        """Create a box; on any failure everything made so far is destroyed and WtboxError raised.
+
+        `pool`: make it ahead for the warm pool under this pool key (pool.py claims it later)."""
         slugify(task)  # validates before anything is touched
         repo_root = git.resolve_repo(repo)
         base_sha = git.resolve_commit(repo_root, ref or "HEAD")
@@ -152,7 +155,7 @@ class Host:
 
         box_id = new_id(task)
         box = Box(id=box_id, task=task, repo=str(repo_root), branch=branch_name(box_id),
-                  dir=self.boxes_dir / box_id, state=CREATING, ttl=ttl_s, keep=keep)
+                  dir=self.boxes_dir / box_id, state=CREATING, ttl=ttl_s, keep=keep, pool=pool)
         box.data["base_sha"] = base_sha
         box.data["creator"] = procs.identity(os.getpid())
         box._host = self
@@ -213,6 +216,16 @@ class Host:
         self.registry.delete_box(box.id)
 
     def _destroy_resources(self, box: Box, *, strict: bool) -> None:
+        # A box claimed from the pool still runs processes started under its pool id (WTBOX_ID,
+        # boxes/<pool id>, now a symlink to boxes/<id>): destroy what that name holds first.
+        pool_id = box.data.get("pool_id")
+        if pool_id and pool_id != box.id:
+            alias = Box(id=pool_id, task=box.task, repo=box.repo, branch=branch_name(pool_id),
+                        dir=self.boxes_dir / pool_id, state=box.state, data=box.data)
+            self._destroy_pieces(alias, strict=strict)
+        self._destroy_pieces(box, strict=strict)
+
+    def _destroy_pieces(self, box: Box, *, strict: bool) -> None:
         errors = []
         for r in reversed(self.resources):
             _phase(f"destroy:{r.name}")
@@ -220,8 +233,10 @@ class Host:
                 r.destroy(self, box)
             except Exception as e:
                 errors.append(f"{r.name}: {e}")
+        if box.dir.is_symlink():
+            box.dir.unlink()
         shutil.rmtree(box.dir, ignore_errors=True)
-        if box.dir.exists():
+        if box.dir.exists() or box.dir.is_symlink():
             errors.append(f"could not delete {box.dir}")
         if errors and strict:
             raise WtboxError(f"Removing {box.id} was incomplete ({'; '.join(errors)}); run 'wtbox rm {box.id}' again.")

@@ -11,11 +11,11 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
-from .box import Box
+from .box import READY, Box
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Each entry migrates from version i to i+1; later issues append to this list.
 _MIGRATIONS = [
@@ -45,6 +45,13 @@ _MIGRATIONS = [
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     -- every repo a box was ever cut from, so gc can find orphaned wtbox/* branches
     CREATE TABLE repos (path TEXT PRIMARY KEY, first_used_at REAL NOT NULL);
+    """,
+    """
+    -- a pooled box (made ahead, not yet claimed) carries its pool key: the config hash it was made for
+    ALTER TABLE boxes ADD COLUMN pool TEXT;
+    CREATE INDEX boxes_pool ON boxes(pool);
+    -- `wtbox pool REPO --size N`: wins over [pool] size of the repo's wtbox.toml
+    CREATE TABLE pool_sizes (repo TEXT PRIMARY KEY, size INTEGER NOT NULL);
     """,
 ]
 
@@ -121,9 +128,9 @@ class Registry:
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO boxes (id, task, repo, branch, dir, state, created_at, updated_at, last_used_at,"
-                " ttl, keep, env, data) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " ttl, keep, env, data, pool) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (box.id, box.task, box.repo, box.branch, str(box.dir), box.state, box.created_at, now,
-                 box.last_used_at, box.ttl, int(box.keep), json.dumps(box.env), json.dumps(box.data)),
+                 box.last_used_at, box.ttl, int(box.keep), json.dumps(box.env), json.dumps(box.data), box.pool),
             )
 
     def save_box(self, box: Box) -> None:
@@ -175,7 +182,54 @@ class Registry:
             state=row["state"], created_at=row["created_at"], last_used_at=row["last_used_at"],
             updated_at=row["updated_at"], ttl=row["ttl"],
             keep=bool(row["keep"]), ports=ports, env=json.loads(row["env"]), data=json.loads(row["data"]),
+            pool=row["pool"],
         )
+
+    # ---------------------------------------------------------------- pool
+    def pool_commits(self, repo: str, key: str) -> set[str]:
+        """Base commits of the ready pooled boxes of (repo, config key)."""
+        rows = self.db.execute("SELECT data FROM boxes WHERE pool=? AND repo=? AND state=?", (key, repo, READY))
+        return {json.loads(r[0]).get("base_sha") for r in rows}
+
+    def claim_pool_box(self, repo: str, key: str, commits: list[str], rename: Callable[[Box], None]) -> Box | None:
+        """Take one ready pooled box of (repo, key) whose base is in `commits` (earlier ones preferred)
+        and hand it to `rename`, which sets its new id, task, branch, dir, data; all in one
+        `BEGIN IMMEDIATE` transaction, so two claims never get the same box."""
+        with self.transaction() as db:
+            rows = db.execute("SELECT * FROM boxes WHERE pool=? AND repo=? AND state=? ORDER BY created_at",
+                              (key, repo, READY)).fetchall()
+            by_commit = {}
+            for r in rows:
+                by_commit.setdefault(json.loads(r["data"]).get("base_sha"), r)
+            row = next((by_commit[c] for c in commits if c in by_commit), None)
+            if row is None:
+                return None
+            box = self._box(row)
+            old = box.id
+            rename(box)
+            db.execute("UPDATE boxes SET id=?, task=?, branch=?, dir=?, state=?, created_at=?, updated_at=?,"
+                       " last_used_at=?, ttl=?, keep=?, env=?, data=?, pool=NULL WHERE id=?",
+                       (box.id, box.task, box.branch, str(box.dir), box.state, box.created_at, time.time(),
+                        box.last_used_at, box.ttl, int(box.keep), json.dumps(box.env), json.dumps(box.data), old))
+            db.execute("UPDATE port_leases SET owner=? WHERE owner=?", (box.id, old))
+            box.pool = None
+            return box
+
+    def set_pool_size(self, repo: str, size: int | None) -> None:
+        """Record `wtbox pool REPO --size N` (None forgets it: the repo's wtbox.toml decides again)."""
+        with self.transaction() as db:
+            if size is None:
+                db.execute("DELETE FROM pool_sizes WHERE repo=?", (repo,))
+            else:
+                db.execute("INSERT INTO pool_sizes (repo, size) VALUES (?, ?)"
+                           " ON CONFLICT(repo) DO UPDATE SET size=excluded.size", (repo, size))
+
+    def pool_size_of(self, repo: str) -> int | None:
+        row = self.db.execute("SELECT size FROM pool_sizes WHERE repo=?", (repo,)).fetchone()
+        return row[0] if row else None
+
+    def pool_size_repos(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT repo FROM pool_sizes ORDER BY repo")]
 
     # ---------------------------------------------------------------- ports
     def _ports_by_owner(self) -> dict[str, dict[str, int]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import boxenv, control, procs
-from .box import _iso
+from .box import _iso, hex_of
 from .control import Request, ServiceState
 from .errors import UsageError, WtboxError
 from .logs.reader import read_records
@@ -36,7 +36,9 @@ def supervisor_pid(box: "Box") -> int | None:
     if not procs.pid_alive(pid):
         return None
     args = procs.cmdline(pid)
-    if "worktreebox.supervisor" not in args or box.id not in args:
+    # The hex suffix, not the whole id: a box claimed from the pool keeps the supervisor started
+    # under its pool id (docs/architecture.md, "Names").
+    if "worktreebox.supervisor" not in args or not any(hex_of(a) == hex_of(box.id) for a in args[-1:]):
         return None
     return pid
 

@@ -44,20 +44,26 @@ def parse_secrets(items: tuple[str, ...]) -> dict[str, str]:
 @click.option("--ttl", help="Remove after this long without use (e.g. 8h); default [box] ttl or 72h.")
 @click.option("--keep", is_flag=True, help="Never remove this box in gc.")
 @click.option("--show-secrets", is_flag=True, help="Show passwords in the output.")
+@click.option("--no-pool", is_flag=True, help="Always make a fresh box, never one from the warm pool.")
 @json_option
 @run_cmd
-def new(task, repo, ref, secrets, no_services, ttl, keep, show_secrets, as_json):
-    """Create a box for TASK."""
+def new(task, repo, ref, secrets, no_services, ttl, keep, show_secrets, no_pool, as_json):
+    """Create a box for TASK (from the warm pool when one matches)."""
+    from ..pool import new_box
+
     host = get_host()
     t0 = time.perf_counter()
     progress = (lambda m: info(f"  {m}")) if sys.stderr.isatty() and not as_json else (lambda m: None)
-    box = host.new(task, repo=repo, ref=ref, secrets=parse_secrets(secrets), start_services=not no_services,
-                   ttl=ttl, keep=keep, progress=progress)
+    box, from_pool = new_box(host, task, repo=repo, ref=ref, secrets=parse_secrets(secrets),
+                             start_services=not no_services, ttl=ttl, keep=keep, progress=progress,
+                             use_pool=not no_pool)
     out = describe(host, box, show_secrets)
+    out["from_pool"] = from_pool
     if as_json:
         emit_json(out)
         return
-    info(f"created {box.id} in {time.perf_counter() - t0:.2f}s")
+    info(f"{'claimed' if from_pool else 'created'} {box.id} in {time.perf_counter() - t0:.2f}s"
+         + (" (from the warm pool)" if from_pool else ""))
     _print_box(out)
 
 
@@ -82,12 +88,13 @@ def _print_box(out: dict) -> None:
 
 
 @click.command()
+@click.option("--all", "all_", is_flag=True, help="Include the warm pool's boxes (made ahead, not yet claimed).")
 @json_option
 @run_cmd
-def ls(as_json):
+def ls(all_, as_json):
     """List boxes."""
     host = get_host()
-    boxes = host.list()
+    boxes = [b for b in host.list() if all_ or b.pool is None]
     if as_json:
         emit_json([b.to_json() for b in boxes])
         return
@@ -95,7 +102,7 @@ def ls(as_json):
         info("no boxes; create one with 'wtbox new TASK'")
         return
     now = time.time()
-    rows = [[b.id, b.state + (" (keep)" if b.keep else ""), " ".join(f"{k}={v}" for k, v in b.ports.items()),
+    rows = [[b.id, b.state + (" (keep)" if b.keep else "") + (" (pool)" if b.pool else ""), " ".join(f"{k}={v}" for k, v in b.ports.items()),
              _age(now - b.created_at), str(b.path)] for b in boxes]
     table(rows, ["ID", "STATE", "PORTS", "AGE", "PATH"])
 

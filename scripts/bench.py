@@ -129,7 +129,8 @@ def _optional_sections() -> None:
     """Benchmarks of the other resources live in their own modules (scripts/bench_*.py)."""
     for name, mod, fn in (("database", "bench_db", "bench_database"), ("services", "bench_services", "bench_services"),
                           ("metrics", "bench_metrics", "bench_metrics"), ("fanout", "bench_fanout", "bench_fanout"),
-                          ("gc", "bench_gc", "bench_gc"), ("docker", "bench_docker", "bench_docker")):
+                          ("gc", "bench_gc", "bench_gc"), ("docker", "bench_docker", "bench_docker"),
+                          ("pool", "bench_pool", "bench_pool")):
         try:
             module = __import__(mod)
             SECTIONS[name] = getattr(module, fn)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import git
+from helpers import git
 from helpers import remove_all_boxes, wait_for
 
 # Answers with what its process sees: the box identity promised in the README ("Warm pool").

@@ -68,15 +68,36 @@ def run() -> None:
 
             start_background_gc(home)
     try:
-        main(standalone_mode=True)
+        rv = main(standalone_mode=False)
+    except click.exceptions.Abort as e:
+        interrupted = isinstance(e.__context__, (KeyboardInterrupt, EOFError)) or isinstance(e.__cause__, KeyboardInterrupt)
+        click.echo("wtbox: interrupted." if interrupted else "wtbox: aborted.", err=True)
+        sys.exit(130 if interrupted else 1)
+    except click.exceptions.NoArgsIsHelpError as e:  # `wtbox`, `wtbox db`: the help, as click prints it
+        e.show()
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        click.echo(f"wtbox: {usage_sentence(e)}", err=True)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         click.echo("wtbox: interrupted.", err=True)
         sys.exit(130)
     except Exception as e:  # an unexpected failure: one sentence unless asked for the traceback
         if os.environ.get("WTBOX_DEBUG"):
             raise
-        click.echo(f"wtbox: internal error: {type(e).__name__}: {e} (set WTBOX_DEBUG=1 for a traceback).", err=True)
+        detail = " ".join(str(e).split())[:300]
+        click.echo(f"wtbox: internal error: {type(e).__name__}: {detail} (set WTBOX_DEBUG=1 for a traceback).", err=True)
         sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def usage_sentence(e: "click.ClickException") -> str:
+    """click's usage errors as one line (click prints a usage block, a hint and the error on three)."""
+    msg = " ".join(e.format_message().split()).rstrip(". ")
+    ctx = getattr(e, "ctx", None)
+    if isinstance(e, click.UsageError) and ctx is not None:
+        return f"{msg} (see '{ctx.command_path} --help')."
+    return f"{msg}."
 
 
 AUTO_GC_INTERVAL = 3600.0

@@ -5,7 +5,9 @@ A config error names the file, the key and what was expected, and exits 2.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import posixpath
 import re
 import tomllib
 from pathlib import Path
@@ -18,16 +20,92 @@ _PORT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+# Longer than any box should live; beyond it timers overflow (threading waits, poll timeouts).
+MAX_DURATION = 10 * 365 * 86400.0
+MAX_PORTS = 64
+MAX_BOXES = 10000
+# Characters no path, name or URL may hold: NUL ends a C string, the others hide in a terminal.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def parse_duration(text: str | int | float, *, where: str = "duration") -> float:
-    """'90s', '10m', '72h', '2d' or a number of seconds → seconds."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return float(text)
-    m = _DURATION.match(str(text))
-    if not m:
-        raise ConfigError(f"{where}: expected a duration such as '30s', '10m' or '72h', got {text!r}.")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+def parse_duration(text: str | int | float, *, where: str = "duration", positive: bool = False) -> float:
+    """'90s', '10m', '72h', '2d' or a number of seconds → seconds (finite, 0 up to ten years;
+    above 0 when `positive`)."""
+    expected = "a duration such as '30s', '10m' or '72h'"
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        raise ConfigError(f"{where}: expected {expected}, got {text!r}.")
+    if isinstance(text, (int, float)):
+        seconds = float(text) if math.isfinite(text) and abs(text) <= MAX_DURATION * 2 else math.inf
+    else:
+        m = _DURATION.match(text)
+        if not m:
+            raise ConfigError(f"{where}: expected {expected}, got {text!r}.")
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if not (0 <= seconds <= MAX_DURATION) or (positive and seconds == 0):
+        low = "more than 0" if positive else "0 or more"
+        raise ConfigError(f"{where}: expected {expected}, {low} and at most ten years, got {text!r}.")
+    return seconds
+
+
+def check_template(text: str, where: str) -> None:
+    """A template that compiles (see templating.check)."""
+    from .templating import check
+
+    check(text, where)
+
+
+def is_template(text: str) -> bool:
+    return "{{" in text or "{%" in text
+
+
+def relative_inside(rel: str, where: str, expected: str) -> str:
+    """A relative path that stays inside its root when read as written (no '..' out, not absolute,
+    no control characters); `path_inside` checks the same again after symlinks, at use."""
+    norm = posixpath.normpath(rel) if rel else ""
+    if not rel or _CONTROL.search(rel) or rel.startswith(("/", "~")) or norm == ".." or norm.startswith("../"):
+        raise ConfigError(f"{where}: expected {expected}, got {rel!r}.")
+    return rel
+
+
+def path_inside(root: Path, rel: str | Path, where: str) -> Path:
+    """root / rel with symlinks resolved; a ConfigError naming `where` unless it lies inside root."""
+    text = str(rel)
+    if not text or _CONTROL.search(text):
+        raise ConfigError(f"{where}: expected a path inside {root}, got {text!r}.")
+    real_root = Path(os.path.realpath(root))
+    target = Path(os.path.realpath(root / rel))
+    if target != real_root and real_root not in target.parents:
+        raise ConfigError(f"{where}: {text!r} leads outside {root} (to {target}); keep it inside.")
+    return target
+
+
+def check_ready(ready: str, where: str) -> None:
+    """A readiness check that can be judged without running it: tcp:[HOST:]PORT and http(s) URLs."""
+    if is_template(ready):
+        return
+    if ready.startswith("tcp:"):
+        host, _, port = ready[4:].rpartition(":")
+        if not (port.isdigit() and 1 <= int(port) <= 65535) or any(c.isspace() for c in host):
+            raise ConfigError(f"{where}: expected tcp:PORT or tcp:HOST:PORT with a port from 1 to 65535, got {ready!r}.")
+    elif ready.startswith(("http://", "https://")):
+        check_url(ready, where)
+
+
+def check_url(url: str, where: str) -> str:
+    """An http(s) URL with a host and a valid port, without spaces or control characters."""
+    from urllib.parse import urlsplit
+
+    expected = "an http:// or https:// URL"
+    if is_template(url):
+        return url
+    try:
+        u = urlsplit(url)
+        ok = u.scheme in ("http", "https") and bool(u.hostname) and (u.port is None or 1 <= u.port <= 65535)
+    except ValueError:
+        ok = False
+    if not ok or _CONTROL.search(url) or any(c.isspace() for c in url):
+        raise ConfigError(f"{where}: expected {expected} such as 'http://127.0.0.1:8000/', got {url!r}.")
+    return url
 
 
 @dataclasses.dataclass
@@ -128,13 +206,33 @@ class _Reader:
             raise self.err(key, expected, val)
         return val
 
-    def str_list(self, key: str, default: list[str]) -> list[str]:
+    def text(self, key: str, default: str | None, expected: str, *, template: bool = False,
+             control: bool = True) -> str | None:
+        """A string without NUL (and, unless `control`, without any control character); with
+        `template`, one that compiles as Jinja2."""
+        if key not in self.table:
+            return default
+        val = self.get(key, str, default, expected)
+        if "\0" in val or (not control and _CONTROL.search(val)):
+            raise self.err(key, expected + " without control characters", val)
+        if template:
+            check_template(val, f"{self.source}: [{self.prefix}] {key}")
+        return val
+
+    def command(self, key: str) -> str | None:
+        """A shell command: not blank, no NUL, a Jinja2 template that compiles."""
+        val = self.text(key, None, "a shell command string", template=True)
+        if val is not None and not val.strip():
+            raise self.err(key, "a shell command string", val)
+        return val
+
+    def str_list(self, key: str, default: list[str], *, control: bool = False) -> list[str]:
         val = self.get(key, list, default, "a list of strings")
-        if not all(isinstance(v, str) for v in val):
-            raise self.err(key, "a list of strings", val)
+        if not all(isinstance(v, str) and (control or not _CONTROL.search(v)) for v in val):
+            raise self.err(key, "a list of strings without control characters", val)
         return list(val)
 
-    def env_map(self, key: str) -> dict[str, str]:
+    def env_map(self, key: str, *, template: bool = True) -> dict[str, str]:
         val = self.get(key, dict, {}, "a table of NAME = \"value\"")
         out = {}
         for k, v in val.items():
@@ -142,19 +240,37 @@ class _Reader:
                 raise self.err(f"{key}.{k}", "an environment variable name", k)
             if isinstance(v, bool) or not isinstance(v, (str, int, float)):
                 raise self.err(f"{key}.{k}", "a string", v)
+            if isinstance(v, str):
+                if "\0" in v:
+                    raise self.err(f"{key}.{k}", "a string without NUL characters", v)
+                if template:
+                    check_template(v, f"{self.source}: [{self.prefix}] {key}.{k}")
             out[k] = str(v)
         return out
 
-    def duration(self, key: str, default: float) -> float:
+    def duration(self, key: str, default: float, *, positive: bool = True) -> float:
         if key not in self.table:
             return default
-        return parse_duration(self.table[key], where=f"{self.source}: [{self.prefix}] {key}")
+        return parse_duration(self.table[key], where=f"{self.source}: [{self.prefix}] {key}", positive=positive)
+
+    def url(self, key: str) -> str | None:
+        val = self.text(key, None, "an http:// or https:// URL", template=True)
+        return check_url(val, f"{self.source}: [{self.prefix}] {key}") if val is not None else None
 
     def choice(self, key: str, choices: tuple[str, ...], default: str | None) -> str | None:
         val = self.get(key, str, default, "one of " + ", ".join(choices))
         if val is not None and val not in choices:
             raise self.err(key, "one of " + ", ".join(repr(c) for c in choices), val)
         return val
+
+
+def _loads(text: str, source: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source} is not valid TOML: {e}.") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise ConfigError(f"{source} is not valid TOML: {str(e).split(';')[0]}.") from None
 
 
 def _tuple(kind: type | tuple) -> tuple:
@@ -173,10 +289,7 @@ def parse_repo_config(text: str | None, source: str, procfile: str | None = None
     cfg = RepoConfig(source=source)
     data: dict[str, Any] = {}
     if text is not None:
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{source} is not valid TOML: {e}.") from None
+        data = _loads(text, source)
     known = {"box", "setup", "database", "services", "observability", "pool"}
     for key in data:
         if key not in known:
@@ -190,32 +303,38 @@ def parse_repo_config(text: str | None, source: str, procfile: str | None = None
         if not _PORT_NAME.match(p) or p in seen:
             raise r.err("ports", "unique lowercase names such as \"web\" or \"api\"", p)
         seen.add(p)
+    if len(ports) > MAX_PORTS:
+        raise r.err("ports", f"at most {MAX_PORTS} names", f"{len(ports)} names")
     copies = []
+    expected = "relative paths inside the repo such as \".env.example:.env\""
     for item in r.str_list("copy", []):
         src, _, dst = item.partition(":")
         dst = dst or src
         for part in (src, dst):
-            if not part or part.startswith("/") or ".." in Path(part).parts:
-                raise r.err("copy", "relative paths inside the repo such as \".env.example:.env\"", item)
+            relative_inside(part, f"{source}: [box] copy", expected)
+        if ".git" in Path(dst).parts:
+            raise r.err("copy", expected + " outside .git", item)
         copies.append((src, dst))
-    cache_env = r.env_map("cache_env")
+    cache_env = r.env_map("cache_env", template=False)
     for k, v in cache_env.items():
-        if v.startswith("/") or ".." in Path(v).parts:
-            raise r.err(f"cache_env.{k}", "a relative directory name inside the box cache", v)
+        relative_inside(v, f"{source}: [box] cache_env.{k}", "a relative directory name inside the box cache")
     cfg.box = BoxConfig(ports=ports, ttl=r.duration("ttl", 72 * 3600.0), copy=copies, env=r.env_map("env"),
                         cache_env=cache_env)
 
     r = _Reader(source, _table(source, data, "setup"), "setup")
     r.unknown({"cmd", "timeout"})
-    cfg.setup = SetupConfig(cmd=r.get("cmd", str, None, "a shell command string"),
-                            timeout=r.duration("timeout", 1800.0))
+    cfg.setup = SetupConfig(cmd=r.command("cmd"), timeout=r.duration("timeout", 1800.0))
 
     r = _Reader(source, _table(source, data, "database"), "database")
     r.unknown({"mode", "extensions", "migrate", "migrations", "env", "provider"})
+    extensions = r.str_list("extensions", [])
+    if any(not e.strip() for e in extensions):
+        raise r.err("extensions", "extension names such as \"uuid-ossp\"", extensions)
     cfg.database = DatabaseConfig(
         mode=r.choice("mode", ("schema", "database", "none"), "schema"),
-        extensions=r.str_list("extensions", []),
-        migrate=r.get("migrate", str, None, "a shell command string"),
+        extensions=extensions,
+        # not a template: run as written (see resources/database.py)
+        migrate=r.text("migrate", None, "a shell command string"),
         migrations=r.str_list("migrations", list(DEFAULT_MIGRATION_GLOBS)),
         env=r.env_map("env"),
         provider=r.choice("provider", ("embedded", "external", "docker"), None),
@@ -223,12 +342,14 @@ def parse_repo_config(text: str | None, source: str, procfile: str | None = None
 
     r = _Reader(source, _table(source, data, "observability"), "observability")
     r.unknown({"enabled", "collector", "provider", "retention", "victorialogs_url"})
+    retention = r.text("retention", "2d", "a retention such as \"2d\"", control=False)
+    parse_duration(retention, where=f"{source}: [observability] retention", positive=True)
     cfg.observability = ObservabilityConfig(
         enabled=r.get("enabled", bool, True, "true or false"),
         collector=r.choice("collector", ("builtin", "vector"), "builtin"),
         provider=r.choice("provider", ("native", "docker"), None),
-        retention=r.get("retention", str, "2d", "a retention such as \"2d\""),
-        victorialogs_url=r.get("victorialogs_url", str, None, "a URL"),
+        retention=retention,
+        victorialogs_url=r.url("victorialogs_url"),
     )
 
     r = _Reader(source, _table(source, data, "pool"), "pool")
@@ -241,20 +362,26 @@ def parse_repo_config(text: str | None, source: str, procfile: str | None = None
     services = _table(source, data, "services")
     for name, table in services.items():
         if not _PORT_NAME.match(name):
-            raise ConfigError(f"{source}: [services.{name}]: service names are lowercase letters, digits and '_'.")
+            raise ConfigError(f"{source}: [services.{name!r}]: service names are lowercase letters, digits and '_'.")
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: [services.{name}] must be a table with at least cmd = \"...\".")
         r = _Reader(source, table, f"services.{name}")
         r.unknown({"cmd", "cwd", "env", "ready", "ready_timeout", "restart", "depends_on", "metrics"})
-        cmd = r.get("cmd", str, None, "a shell command string")
+        cmd = r.command("cmd")
         if not cmd:
             raise r.err("cmd", "a shell command string", cmd)
+        cwd = r.text("cwd", None, "a directory relative to the worktree", template=True, control=False)
+        if cwd is not None and not is_template(cwd):
+            relative_inside(cwd, f"{source}: [services.{name}] cwd", "a directory relative to the worktree")
+        ready = r.text("ready", None, "an http:// URL, tcp:PORT or a shell command", template=True)
+        if ready is not None:
+            check_ready(ready, f"{source}: [services.{name}] ready")
+        deps = r.str_list("depends_on", [])
         cfg.services[name] = ServiceConfig(
-            name=name, cmd=cmd, cwd=r.get("cwd", str, None, "a directory relative to the worktree"),
-            env=r.env_map("env"), ready=r.get("ready", str, None, "an http:// URL, tcp:PORT or a shell command"),
+            name=name, cmd=cmd, cwd=cwd, env=r.env_map("env"), ready=ready,
             ready_timeout=r.duration("ready_timeout", 60.0),
             restart=r.choice("restart", ("on-failure", "always", "no"), "on-failure"),
-            depends_on=r.str_list("depends_on", []), metrics=r.get("metrics", str, None, "a URL"),
+            depends_on=deps, metrics=r.url("metrics"),
         )
     for svc in cfg.services.values():
         for dep in svc.depends_on:
@@ -336,31 +463,40 @@ def load_host_config(home: Path) -> HostConfig:
     data: dict[str, Any] = {}
     if path.exists():
         try:
-            data = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path} is not valid TOML: {e}.") from None
+            data = _loads(path.read_text(), str(path))
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path} cannot be read as UTF-8 TOML: {e}.") from None
     src = str(path)
+    known = {"host", "database", "observability"}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{src}: unknown section [{key}]; known sections: {', '.join(sorted(known))}.")
     r = _Reader(src, _table(src, data, "host"), "host")
     r.unknown({"port_range", "max_boxes"})
     pr = r.get("port_range", str, None, "a range such as \"20000-29999\"")
-    cfg.port_range = parse_port_range(pr, f"{src}: [host] port_range") if pr else None
+    cfg.port_range = parse_port_range(pr, f"{src}: [host] port_range") if pr is not None else None
     cfg.max_boxes = r.get("max_boxes", int, 64, "a whole number")
+    if not 1 <= cfg.max_boxes <= MAX_BOXES:
+        raise r.err("max_boxes", f"a whole number from 1 to {MAX_BOXES}", cfg.max_boxes)
     r = _Reader(src, _table(src, data, "database"), "database")
     r.unknown({"provider", "url", "image", "fsync_off"})
     cfg.database_provider = r.choice("provider", ("embedded", "external", "docker"), "embedded")
-    cfg.database_url = r.get("url", str, None, "a postgresql:// URL")
-    cfg.postgres_image = r.get("image", str, cfg.postgres_image, "an image name")
+    url = r.get("url", str, None, "a postgresql:// URL")
+    cfg.database_url = check_postgres_url(url, f"{src}: [database] url") if url is not None else None
+    cfg.postgres_image = check_image(r.get("image", str, cfg.postgres_image, "an image name"),
+                                     f"{src}: [database] image")
     cfg.fsync_off = r.get("fsync_off", bool, True, "true or false")
     r = _Reader(src, _table(src, data, "observability"), "observability")
     r.unknown({"provider", "image"})
     cfg.observability_provider = r.choice("provider", ("native", "docker"), "native")
-    cfg.victoriametrics_image = r.get("image", str, cfg.victoriametrics_image, "an image name")
+    cfg.victoriametrics_image = check_image(r.get("image", str, cfg.victoriametrics_image, "an image name"),
+                                            f"{src}: [observability] image")
 
     # Environment overrides (documented in the README).
     if os.environ.get("WTBOX_PORT_RANGE"):
         cfg.port_range = parse_port_range(os.environ["WTBOX_PORT_RANGE"], "WTBOX_PORT_RANGE")
     if os.environ.get("WTBOX_POSTGRES_URL"):
-        cfg.database_url = os.environ["WTBOX_POSTGRES_URL"]
+        cfg.database_url = check_postgres_url(os.environ["WTBOX_POSTGRES_URL"], "WTBOX_POSTGRES_URL")
     if cfg.database_url and not os.environ.get("WTBOX_DATABASE_PROVIDER") and "provider" not in data.get("database", {}):
         cfg.database_provider = "external"
     if os.environ.get("WTBOX_DATABASE_PROVIDER"):
@@ -374,14 +510,28 @@ def load_host_config(home: Path) -> HostConfig:
             raise ConfigError(f"WTBOX_OBSERVABILITY_PROVIDER: expected native or docker, got {val!r}.")
         cfg.observability_provider = val
     if os.environ.get("WTBOX_POSTGRES_IMAGE"):
-        cfg.postgres_image = os.environ["WTBOX_POSTGRES_IMAGE"]
+        cfg.postgres_image = check_image(os.environ["WTBOX_POSTGRES_IMAGE"], "WTBOX_POSTGRES_IMAGE")
     if os.environ.get("WTBOX_VICTORIAMETRICS_IMAGE"):
-        cfg.victoriametrics_image = os.environ["WTBOX_VICTORIAMETRICS_IMAGE"]
+        cfg.victoriametrics_image = check_image(os.environ["WTBOX_VICTORIAMETRICS_IMAGE"], "WTBOX_VICTORIAMETRICS_IMAGE")
     return cfg
 
 
+def check_postgres_url(url: str, where: str) -> str:
+    """A postgresql:// (or postgres://) URL without spaces or control characters."""
+    if not re.match(r"^postgres(ql)?://\S+$", url) or _CONTROL.search(url):
+        raise ConfigError(f"{where}: expected a postgresql://USER:PASSWORD@HOST:PORT/DB URL, got a value that is not one.")
+    return url
+
+
+def check_image(image: str, where: str) -> str:
+    """A container image reference: one word of printable characters."""
+    if not image or _CONTROL.search(image) or any(c.isspace() for c in image):
+        raise ConfigError(f"{where}: expected an image name such as 'postgres:15', got {image!r}.")
+    return image
+
+
 def parse_port_range(text: str, where: str) -> tuple[int, int]:
-    m = re.match(r"^\s*(\d+)\s*-\s*(\d+)\s*$", text)
+    m = re.match(r"^\s*([0-9]{1,6})\s*-\s*([0-9]{1,6})\s*$", text)
     if not m:
         raise ConfigError(f"{where}: expected a range such as '20000-29999', got {text!r}.")
     lo, hi = int(m.group(1)), int(m.group(2))

@@ -55,6 +55,13 @@ def resolve_commit(repo: Path, ref: str) -> str:
     return proc.stdout.strip()
 
 
+def check_branch_name(repo: str | Path, name: str, what: str = "branch") -> str:
+    """A name git accepts for a new branch (and not an option in disguise), else UsageError."""
+    if not name or name.startswith("-") or git(repo, "check-ref-format", "--branch", name, check=False).returncode != 0:
+        raise UsageError(f"{name!r} is not a valid git {what} name.")
+    return name
+
+
 def show_file(repo: Path, sha: str, path: str) -> str | None:
     proc = git(repo, "show", f"{sha}:{path}", check=False)
     return proc.stdout if proc.returncode == 0 else None

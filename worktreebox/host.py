@@ -148,7 +148,7 @@ class Host:
         repo_root = git.resolve_repo(repo)
         base_sha = git.resolve_commit(repo_root, ref or "HEAD")
         cfg = config or load_config_for_new(repo_root, base_sha, explicit_ref=ref is not None)
-        ttl_s = parse_duration(ttl, where="--ttl") if ttl is not None else cfg.box.ttl
+        ttl_s = parse_duration(ttl, where="--ttl", positive=True) if ttl is not None else cfg.box.ttl
         live = len(self.registry.select_box_ids())
         if live >= self.config.max_boxes:
             raise WtboxError(f"This host already has {live} boxes, the [host] max_boxes limit; remove some first.")

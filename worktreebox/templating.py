@@ -28,8 +28,21 @@ def render(template: str, facts: dict[str, Any], where: str) -> str:
         return _environment().from_string(template).render(**facts)
     except jinja2.UndefinedError as e:
         raise ConfigError(f"{where}: {e.message} (available: {', '.join(sorted(facts))}).") from None
+    except jinja2.TemplateError as e:  # its str() adds lines of location and source: one line here
+        raise ConfigError(f"{where}: bad template {template!r}: {e.message or type(e).__name__}.") from None
+
+
+def check(template: str, where: str) -> None:
+    """Refuse a template that cannot compile (a syntax error, an unknown filter) when the config
+    is read, not half-way through making a box."""
+    if "{{" not in template and "{%" not in template and "{#" not in template:
+        return
+    import jinja2
+
+    try:
+        _environment().compile(template)
     except jinja2.TemplateError as e:
-        raise ConfigError(f"{where}: bad template {template!r}: {e}.") from None
+        raise ConfigError(f"{where}: bad template {template!r}: {e.message or type(e).__name__}.") from None
 
 
 def render_file(path: Any, facts: dict[str, Any]) -> str:

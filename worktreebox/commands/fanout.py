@@ -164,10 +164,15 @@ def compare(boxes, task, sort, as_json):
 def pick(box, merge_into, push, remote, yes, as_json):
     """Keep BOX (marked keep) and remove the other boxes of its fan-out; no committed work is lost."""
     from .. import fanout as F
+    from .. import git
     from .. import pick as P
 
     host = get_host()
     chosen, others = P.pick_plan(host, box)
+    if merge_into is not None:  # before anything changes: a bad name must not leave a half-made pick
+        git.check_branch_name(chosen.repo, merge_into)
+    if push and (not remote or remote.startswith("-")):
+        raise UsageError(f"--remote {remote!r} is not a git remote name.")
     if others and not yes:
         ids = ", ".join(b.id for b in others)
         if not sys.stdin.isatty():

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from .. import control, procs
 from ..boxenv import process_env, redactor_for
-from ..config import services_in_order
-from ..errors import UsageError, WtboxError
+from ..config import check_ready, path_inside, services_in_order
+from ..errors import ConfigError, UsageError, WtboxError
 from ..fsutil import atomic_write
 from ..logs.run import run_logged
 from ..servicespec import ServiceSpec
@@ -84,7 +84,11 @@ def render_specs(c: Creation) -> list[ServiceSpec]:
         where = f"{cfg.source}: [services.{svc.name}]"
         env = {k: render(v, c.facts, f"{where} env.{k}") for k, v in svc.env.items()}
         ready = render(svc.ready, c.facts, f"{where} ready") if svc.ready else None
-        cwd = box.path / render(svc.cwd, c.facts, f"{where} cwd") if svc.cwd else box.path
+        if ready:
+            check_ready(ready, f"{where} ready")
+        cwd = path_inside(box.path, render(svc.cwd, c.facts, f"{where} cwd"), f"{where} cwd") if svc.cwd else box.path
+        if not cwd.is_dir():
+            raise ConfigError(f"{where} cwd: {svc.cwd!r} is not a directory in the worktree.")
         out.append(ServiceSpec(
             name=svc.name, cmd=render(svc.cmd, c.facts, f"{where} cmd"), cwd=str(cwd), env=env, ready=ready,
             ready_timeout=svc.ready_timeout, restart=svc.restart, depends_on=list(svc.depends_on),

@@ -42,12 +42,16 @@ class Worktree(Resource):
     def finish(self, c: Creation) -> None:
         """[box] copy: bring untracked files (e.g. .env.example → .env) from the main checkout
         (after every create: the worktree exists and the files may name other resources' dirs)."""
+        from ..config import path_inside
+
         repo = Path(c.box.repo)
+        where = f"{c.config.source}: [box] copy"
         for src, dst in c.config.box.copy:
-            s, d = repo / src, c.box.path / dst
-            if not s.exists():
+            if not (repo / src).exists():
                 warn(f"[box] copy: {src} does not exist in {repo}; skipped.")
                 continue
+            # Resolved, not as written: a committed symlink may point anywhere.
+            s, d = path_inside(repo, src, where), path_inside(c.box.path, dst, where)
             d.parent.mkdir(parents=True, exist_ok=True)
             if s.is_dir():
                 shutil.copytree(s, d, symlinks=True, dirs_exist_ok=True)

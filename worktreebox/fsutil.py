@@ -38,12 +38,20 @@ def atomic_write(path: str | Path, data: str | bytes, mode: int = 0o644) -> None
 
 
 @contextlib.contextmanager
-def file_lock(path: str | Path, *, timeout: float | None = None, what: str = "the lock") -> Iterator[None]:
-    """Hold an exclusive flock on `path` (created if missing). timeout None waits forever,
-    0 tries once; when it runs out, LockBusy names `what`."""
+def file_lock(path: str | Path, *, timeout: float | None = None, what: str = "the lock",
+              mode: int = 0o600) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (created with `mode` if missing: 0o666 for a lock that
+    several users share). timeout None waits forever, 0 tries once; when it runs out, LockBusy
+    names `what`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, mode)
+    except PermissionError:  # another user's lock file: reading is enough for flock
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    if mode & 0o066:
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, mode)  # the umask narrowed it; only its owner can widen it
     try:
         if timeout is None:
             fcntl.flock(fd, fcntl.LOCK_EX)

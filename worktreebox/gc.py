@@ -125,8 +125,20 @@ def run(host: "Host", *, grace: float = DEFAULT_GRACE, dry_run: bool = False, wa
                 if Path(repo).is_dir():
                     git.git(repo, "worktree", "prune", check=False)
             _empty_trash(host)
+            released = _sweep_host_leases(host)
             _stamp(host)
-    return {"dry_run": dry_run, "actions": actions, "errors": errors, "seconds": round(time.perf_counter() - t0, 3)}
+        else:
+            released = []
+    return {"dry_run": dry_run, "actions": actions, "errors": errors, "released_ports": released,
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _sweep_host_leases(host: "Host") -> list[int]:
+    """Host-wide port claims of this home that its registry no longer knows, and claims of
+    homes that are gone (see leases.py)."""
+    from .leases import HostLeases
+
+    return HostLeases(host.home).sweep(host.registry.lease_owners())
 
 
 def _empty_trash(host: "Host") -> None:

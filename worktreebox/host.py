@@ -124,7 +124,9 @@ class Host:
         return ports.lease(self, owner, [owner.lstrip("@")])[owner.lstrip("@")]
 
     def release_host_port(self, owner: str) -> None:
-        self.registry.delete_leases(owner)
+        from .resources import ports
+
+        ports.release(self, owner)
 
     # ------------------------------------------------------------------ new
     def new(

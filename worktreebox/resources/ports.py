@@ -1,13 +1,15 @@
 """Named ports leased from a range below the kernel's ephemeral range.
 
-Leases are decided inside one BEGIN IMMEDIATE transaction, so two concurrent `new`
-can never get the same port; each candidate is also checked free (a foreign process
-may hold it), because a lease is a promise only among wtbox boxes.
+A lease is decided inside one BEGIN IMMEDIATE transaction of the home's registry (two `new`
+of one home never race) and claimed in the host-wide lease directory (worktreebox/leases.py:
+two homes or users never get the same port). Each candidate is also checked free, because a
+foreign process may hold it; `check_free` looks again right before services start and names
+the holder.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 from ..box import is_box_id
 from ..errors import WtboxError
@@ -16,6 +18,7 @@ from .base import Creation, Resource
 if TYPE_CHECKING:
     from ..box import Box
     from ..context import HostContext as Host
+    from ..leases import HostLeases
 
 DEFAULT_LOW = 20000
 
@@ -41,12 +44,19 @@ def is_port_free(port: int) -> bool:
     return portpicker.is_port_free(port)
 
 
+def host_leases(host: "Host") -> "HostLeases":
+    from ..leases import HostLeases
+
+    return HostLeases(host.home)
+
+
 def lease(host: "Host", owner: str, names: list[str]) -> dict[str, int]:
     """Lease a block of len(names) consecutive free ports for `owner`."""
     if not names:
         return {}
     lo, hi = host.config.port_range or default_range()
     n = len(names)
+    store = host_leases(host)
     with host.registry.transaction() as db:
         taken = host.registry.leased_ports(db)
         start = lo
@@ -54,11 +64,63 @@ def lease(host: "Host", owner: str, names: list[str]) -> dict[str, int]:
             block = range(start, start + n)
             clash = next((p for p in block if p in taken or not is_port_free(p)), None)
             if clash is None:
-                ports = dict(zip(names, block))
-                host.registry.insert_leases(db, owner, ports)
-                return ports
+                claimed = []
+                for name, p in zip(names, block):
+                    if not store.claim(p, owner, name):
+                        clash = p
+                        break
+                    claimed.append(p)
+                if clash is None:
+                    ports = dict(zip(names, block))
+                    try:
+                        host.registry.insert_leases(db, owner, ports)
+                    except BaseException:
+                        for p in claimed:
+                            store.release(p, owner)
+                        raise
+                    return ports
+                for p in claimed:
+                    store.release(p, owner)
             start = clash + 1
     raise WtboxError(f"No block of {n} free ports is left in {lo}-{hi}; remove boxes or widen [host] port_range.")
+
+
+def release(host: "Host", owner: str) -> None:
+    """Drop every lease of `owner`: the registry's rows and the host-wide claims."""
+    ports = host.registry.ports_of(owner).values()
+    host_leases(host).release_owner(owner, ports)
+    host.registry.delete_leases(owner)
+
+
+def holder_of(port: int) -> str | None:
+    """Who listens on `port`, as 'pid 123 (python3 app.py)', or None when nobody (visibly) does."""
+    import psutil
+
+    try:
+        conns = psutil.net_connections(kind="inet")
+    except (psutil.AccessDenied, OSError):
+        return None
+    for c in conns:
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port:
+            if not c.pid:
+                return "a process of another user"
+            try:
+                cmd = " ".join(" ".join(psutil.Process(c.pid).cmdline()).split())[:80] or psutil.Process(c.pid).name()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                cmd = "?"
+            return f"pid {c.pid} ({cmd})"
+    return None
+
+
+def check_free(box: "Box", ports: Iterable[int | None]) -> None:
+    """Right before services start: each of the box's `ports` must be free, else a WtboxError
+    naming the port and its holder (a lease is only a promise among wtbox boxes)."""
+    names = {p: n for n, p in box.ports.items()}
+    for port in sorted({p for p in ports if p in names}):
+        if not is_port_free(port):
+            who = holder_of(port) or "a process wtbox cannot see"
+            raise WtboxError(f"Port {port} ({names[port]}) of {box.id} is already in use by {who}; stop it, "
+                             f"or remove the box and make a new one to get other ports.")
 
 
 class Ports(Resource):
@@ -74,7 +136,8 @@ class Ports(Resource):
             c.env[f"WTBOX_PORT_{name.upper()}"] = str(port)
 
     def destroy(self, host: "Host", box: "Box") -> None:
-        host.registry.delete_leases(box.id)
+        release(host, box.id)
 
     def discover(self, host: "Host") -> set[str]:
-        return {o for o in host.registry.lease_owners() if is_box_id(o)}
+        owners = host.registry.lease_owners() | host_leases(host).owners()
+        return {o for o in owners if is_box_id(o)}

@@ -43,6 +43,7 @@ class Services(Resource):
         specs = render_specs(c)
         write_specs(box, specs)
         c.note(f"starting services: {', '.join(s.name for s in specs)}")
+        check_ports(box, specs)
         start_supervisor(box, c.secrets, specs)
         wait_ready(box, [s.name for s in specs], deadline=time.time() + sum(s.ready_timeout for s in specs) + 10)
         c.note("services ready")
@@ -132,6 +133,13 @@ def write_specs(box: "Box", specs: list[ServiceSpec]) -> None:
 
 # ---------------------------------------------------------------- up / down / restart
 
+def check_ports(box: "Box", specs: list[ServiceSpec]) -> None:
+    """A stranger on a service's port fails the start here, naming it, before anything runs."""
+    from .ports import check_free
+
+    check_free(box, [s.port for s in specs])
+
+
 def render_from_config(host: "HostContext", box: "Box") -> list[ServiceSpec]:
     """The box's services rendered from its wtbox.toml (to start them after the supervisor stopped)."""
     cfg = host.repo_config(box)
@@ -158,6 +166,7 @@ def services_up(host: "HostContext", box: "Box", service: str | None = None) -> 
             raise UsageError(f"{box.id} has no service {service!r}; it has: {', '.join(names)}.")
         if (box.run_dir / control.STATE_FILE).exists():  # it ran before: the secrets it held died with it
             warn("starting the services again without the --secret values given to 'new' (they are never stored)")
+        check_ports(box, [s for s in specs if not service or s.name == service])
         start_supervisor(box, {}, specs)
         targets = names
     else:

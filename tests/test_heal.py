@@ -213,14 +213,29 @@ def test_stranger_on_the_port_before_the_service_starts_is_never_ready(make_repo
 def test_readiness_answered_by_a_process_outside_the_service_is_not_ready(make_repo, host):
     """A one-shot service plants a detached squatter on web's port; web's HTTP check gets answers,
     but not from web: web must fail, with its own last lines, not be reported ready."""
-    squat = STRANGER.replace("sys.argv[1]", 'os.environ["WTBOX_PORT_WEB"]').replace("import http.server, sys",
-                                                                                      "import http.server, os, sys")
+    # binds web's port, then leaves as a daemon (own session, reparented away from squat's tree)
+    squat = r'''
+import http.server, os, sys, time
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(404); self.end_headers(); self.wfile.write(b"stranger")
+    def log_message(self, *a): pass
+srv = http.server.HTTPServer(("127.0.0.1", int(os.environ["WTBOX_PORT_WEB"])), H)
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        open("bound", "w").close()
+        srv.serve_forever()
+    os._exit(0)
+time.sleep(3)
+'''
     toml = CORE_TOML + """
 [box]
 ports = ["web"]
 
 [services.squat]
-cmd = "setsid python3 squat.py > /dev/null 2>&1 < /dev/null & sleep 0.5"
+cmd = "python3 squat.py"
+ready = "test -f bound"
 restart = "no"
 
 [services.web]

@@ -15,6 +15,9 @@ from .errors import UsageError
 # gc grace window belong to a crashed command; `expired` boxes outlived their TTL but
 # hold unsaved work, so gc reports them instead of destroying them.
 CREATING, READY, FAILED, REMOVING, EXPIRED = "creating", "ready", "failed", "removing", "expired"
+# A box that was ready but is not whole right now (its services' supervisor died); data["degraded"]
+# says why and what brings it back.
+DEGRADED = "degraded"
 
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,40}-[0-9a-f]{8}$")
 MAX_SLUG = 40
@@ -153,6 +156,10 @@ class Box:
             "ports": dict(self.ports),
             "env": dict(self.env) if show_secrets else mask_env(self.env),
         }
+        if self.state == DEGRADED and self.data.get("degraded"):
+            out["reason"] = self.data["degraded"]
+        if "inherited_env" in self.data:  # what the box took from the shell that made it (boxenv.py)
+            out["inherited_env"] = mask_env(self.data["inherited_env"])
         db = self.data.get("database")
         if db:
             from .secrets import mask_url

@@ -1,17 +1,30 @@
-"""The one definition of the environment a box's processes run with.
+"""The one definition of the environment a box's processes run with, decided when the box is made.
 
 Services (through the supervisor), `[setup] cmd`, `[database] migrate`, `wtbox exec`/`shell`
-and fan-out runs all start from the same thing: the caller's environment minus the variables
-that tie a process to some other box, then the box env, then per-process layers (a service's
-own env, `--secret` values), and always WTBOX_ID=<this box>.
+and fan-out runs all start from the same thing: what the box inherited when `new` made it,
+then the box env, then per-process layers (a service's own env, `--secret` values), and
+always WTBOX_ID=<this box>.
+
+Inheriting the environment of whoever ran `new`/`up`/`restart` made the same box behave
+differently from two shells (another PATH found another python3). So `new` captures the
+variables a box inherits and records them in the box's registry row, and every later start
+uses that record, whatever the caller's environment. What is inherited: a short list a program
+needs to run as the user (PATH, HOME, locale, ...) plus `[box] inherit_env` (names, or prefixes
+ending in `*`); with `[box] clean_env = true` only what `inherit_env` names. A name that looks
+like a secret is never captured (those go through `--secret`, memory only).
 """
 from __future__ import annotations
 
+import fnmatch
 import os
 from typing import TYPE_CHECKING, Mapping
 
 if TYPE_CHECKING:
     from .box import Box
+    from .config import BoxConfig
+
+DEFAULT_INHERIT = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "LC_*", "TZ", "TERM")
+DATA_KEY = "inherited_env"
 
 
 def _other_box_var(name: str) -> bool:
@@ -34,9 +47,25 @@ def compose(box_id: str, *layers: Mapping[str, str] | None, parent: Mapping[str,
     return env
 
 
+def patterns(cfg: "BoxConfig") -> list[str]:
+    """The names and prefixes a box inherits under its [box] config."""
+    return list(cfg.inherit_env) if cfg.clean_env else [*DEFAULT_INHERIT, *cfg.inherit_env]
+
+
+def capture(cfg: "BoxConfig", environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What a new box inherits from `environ` (the creating process's), secrets and box ids aside."""
+    from .secrets import _SECRET_NAME
+
+    environ = os.environ if environ is None else environ
+    pats = patterns(cfg)
+    return {k: v for k, v in sorted(environ.items())
+            if any(fnmatch.fnmatchcase(k, p) for p in pats) and not _other_box_var(k) and not _SECRET_NAME.search(k)}
+
+
 def process_env(box: "Box", secrets: Mapping[str, str] | None = None) -> dict[str, str]:
-    """What a process of the box runs with: the caller's env (minus another box's ids), the box env, secrets."""
-    return compose(box.id, box.env, secrets)
+    """What a process of the box runs with: what it inherited at creation, the box env, secrets.
+    A box made before environments were recorded falls back to the caller's environment."""
+    return compose(box.id, box.env, secrets, parent=box.data.get(DATA_KEY))
 
 
 def redactor_for(box: "Box", secrets: Mapping[str, str]):

@@ -18,6 +18,7 @@ from .errors import ConfigError
 DEFAULT_MIGRATION_GLOBS = ["alembic/**", "migrations/**", "**/migrations/*.py"]
 _PORT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\*?$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 # Longer than any box should live; beyond it timers overflow (threading waits, poll timeouts).
@@ -116,6 +117,9 @@ class BoxConfig:
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     # Extra variables pointed into the box's cache dir, e.g. {"npm_config_cache": "npm"}.
     cache_env: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Variables (or PREFIX_*) the box inherits from the shell that makes it (boxenv.py).
+    inherit_env: list[str] = dataclasses.field(default_factory=list)
+    clean_env: bool = False  # inherit only inherit_env, not the default PATH, HOME, locale
 
 
 @dataclasses.dataclass
@@ -145,6 +149,9 @@ class ServiceConfig:
     restart: str = "on-failure"  # on-failure | always | no
     depends_on: list[str] = dataclasses.field(default_factory=list)
     metrics: str | None = None
+    # Ready only when the service's own process tree listens on its port; false for a service
+    # whose port a proxy holds (e.g. `docker run -p`).
+    holds_port: bool = True
 
 
 @dataclasses.dataclass
@@ -264,6 +271,12 @@ class _Reader:
         return val
 
 
+def _looks_secret(name: str) -> bool:
+    from .secrets import _SECRET_NAME
+
+    return bool(_SECRET_NAME.search(name))
+
+
 def _loads(text: str, source: str) -> dict[str, Any]:
     try:
         return tomllib.loads(text)
@@ -296,7 +309,7 @@ def parse_repo_config(text: str | None, source: str, procfile: str | None = None
             raise ConfigError(f"{source}: unknown section [{key}]; known sections: {', '.join(sorted(known))}.")
 
     r = _Reader(source, _table(source, data, "box"), "box")
-    r.unknown({"ports", "ttl", "copy", "env", "cache_env"})
+    r.unknown({"ports", "ttl", "copy", "env", "cache_env", "inherit_env", "clean_env"})
     ports = r.str_list("ports", ["web"])
     seen = set()
     for p in ports:
@@ -318,8 +331,15 @@ def parse_repo_config(text: str | None, source: str, procfile: str | None = None
     cache_env = r.env_map("cache_env", template=False)
     for k, v in cache_env.items():
         relative_inside(v, f"{source}: [box] cache_env.{k}", "a relative directory name inside the box cache")
+    inherit = r.str_list("inherit_env", [])
+    for name in inherit:
+        if not _ENV_PATTERN.match(name):
+            raise r.err("inherit_env", "variable names, or prefixes ending in '*' such as \"AWS_*\"", name)
+        if _looks_secret(name):
+            raise r.err("inherit_env", "names of variables that are not secrets (pass those with --secret)", name)
     cfg.box = BoxConfig(ports=ports, ttl=r.duration("ttl", 72 * 3600.0), copy=copies, env=r.env_map("env"),
-                        cache_env=cache_env)
+                        cache_env=cache_env, inherit_env=inherit,
+                        clean_env=r.get("clean_env", bool, False, "true or false"))
 
     r = _Reader(source, _table(source, data, "setup"), "setup")
     r.unknown({"cmd", "timeout"})
@@ -366,7 +386,7 @@ def parse_repo_config(text: str | None, source: str, procfile: str | None = None
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: [services.{name}] must be a table with at least cmd = \"...\".")
         r = _Reader(source, table, f"services.{name}")
-        r.unknown({"cmd", "cwd", "env", "ready", "ready_timeout", "restart", "depends_on", "metrics"})
+        r.unknown({"cmd", "cwd", "env", "ready", "ready_timeout", "restart", "depends_on", "metrics", "holds_port"})
         cmd = r.command("cmd")
         if not cmd:
             raise r.err("cmd", "a shell command string", cmd)
@@ -381,7 +401,7 @@ def parse_repo_config(text: str | None, source: str, procfile: str | None = None
             name=name, cmd=cmd, cwd=cwd, env=r.env_map("env"), ready=ready,
             ready_timeout=r.duration("ready_timeout", 60.0),
             restart=r.choice("restart", ("on-failure", "always", "no"), "on-failure"),
-            depends_on=deps, metrics=r.url("metrics"),
+            depends_on=deps, metrics=r.url("metrics"), holds_port=r.get("holds_port", bool, True, "true or false"),
         )
     for svc in cfg.services.values():
         for dep in svc.depends_on:

@@ -14,10 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import git, procs, providers
+from . import boxenv, git, procs, providers
 from .providers import docker_engine
 from .providers.postgres import server as postgres_server
-from .box import CREATING, FAILED, READY, REMOVING, Box, branch_name, new_id, slugify
+from .box import CREATING, DEGRADED, FAILED, READY, REMOVING, Box, branch_name, new_id, slugify
 from .boxenv import process_env
 from .config import load_config_for_new, load_host_config, load_repo_config_file, parse_duration
 from .envfile import format_env
@@ -78,18 +78,34 @@ class Host:
             box = self.box_of_path(Path.cwd())
             if box is None:
                 raise UsageError("No BOX given and the current directory is not inside a box; name one (see 'wtbox ls').")
-            return box
+            return self.notice(box)
         box = self.registry.select_box(ref)
         if box:
-            return box
+            return self.notice(box)
         boxes = self.list()
         for matches in ([b for b in boxes if b.id.startswith(ref)], [b for b in boxes if b.task == ref]):
             if len(matches) == 1:
-                return matches[0]
+                return self.notice(matches[0])
             if len(matches) > 1:
                 ids = ", ".join(b.id for b in matches[:5])
                 raise UsageError(f"{ref!r} matches {len(matches)} boxes ({ids}); give more of the id.")
         raise NotFound(f"No box matches {ref!r}; 'wtbox ls' lists the boxes.")
+
+    def notice(self, box: Box) -> Box:
+        """A box that says ready but is not whole (its supervisor died) is marked degraded with the
+        reason each resource gives; one that is whole again is ready. Every command that resolves
+        a box goes through here, and gc."""
+        if box.state not in (READY, DEGRADED):
+            return box
+        reason = next((why for why in (r.health(self, box) for r in self.resources) if why), None)
+        if reason and (box.state != DEGRADED or box.data.get("degraded") != reason):
+            box.state, box.data["degraded"] = DEGRADED, reason
+            self.registry.save_box(box)
+        elif not reason and box.state == DEGRADED:
+            box.state = READY
+            box.data.pop("degraded", None)
+            self.registry.save_box(box)
+        return box
 
     def describe(self, box: Box, *, show_secrets: bool = False) -> dict:
         """The JSON contract of `new` and `status`: the box plus what each resource reports."""
@@ -160,6 +176,9 @@ class Host:
                   dir=self.boxes_dir / box_id, state=CREATING, ttl=ttl_s, keep=keep, pool=pool)
         box.data["base_sha"] = base_sha
         box.data["creator"] = procs.identity(os.getpid())
+        # Fixed now: `up`/`restart`/`exec` from any other shell give the box this environment.
+        box.data[boxenv.DATA_KEY] = boxenv.capture(cfg.box)
+        box.data["secret_names"] = sorted(secrets or {})  # names only: to say what `up` needs again
         box._host = self
         self.boxes_dir.mkdir(parents=True, exist_ok=True)
         self.registry.remember_repo(str(repo_root))
@@ -249,7 +268,7 @@ class Host:
         atomic_write(box.env_file, format_env(box.env, "dotenv"), mode=0o600)
 
     def exec_env(self, box: Box, secrets: dict[str, str] | None = None) -> dict[str, str]:
-        """The environment a process in the box gets: the caller's (minus another box's ids), the box
+        """The environment a process in the box gets: what it inherited when it was made, the box
         env, and secrets — the same as the box's services get."""
         return process_env(box, secrets)
 
@@ -281,14 +300,18 @@ class Host:
         return box
 
     # ------------------------------------------------------------------ services
-    def services(self, box: Box, action: str, service: str | None = None) -> dict[str, Any]:
-        """up / down / restart the box's services (or one); the services' state afterwards."""
+    def services(self, box: Box, action: str, service: str | None = None,
+                 secrets: dict[str, str] | None = None) -> dict[str, Any]:
+        """up / down / restart the box's services (or one); the services' state afterwards.
+        `secrets` reach a supervisor started anew (after `down`, or after one died)."""
         from .resources import services as svc  # the resource owns the supervisor's lifecycle
 
-        fn = {"up": svc.services_up, "down": svc.services_down, "restart": svc.services_restart}.get(action)
+        if action == "down":
+            return svc.services_down(self, box, service)
+        fn = {"up": svc.services_up, "restart": svc.services_restart}.get(action)
         if fn is None:
             raise UsageError(f"Unknown services action {action!r}; expected up, down or restart.")
-        return fn(self, box, service)
+        return fn(self, box, service, secrets)
 
     # ------------------------------------------------------------------ backends (providers)
     # What commands and the MCP server ask of the providers, so neither imports a backend.

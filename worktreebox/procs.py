@@ -430,3 +430,44 @@ def named_box_ids(names: Iterable[str], under: Path) -> set[str]:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return ids
+
+
+# ---------------------------------------------------------------- ports and their holders
+
+def listeners(port: int) -> list[int]:
+    """Pids listening on TCP `port` (any address); 0 stands for a process we may not see."""
+    import psutil
+
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except (psutil.AccessDenied, OSError):
+        return []
+    return sorted({c.pid or 0 for c in conns
+                   if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port})
+
+
+def tree_listens_on(pid: int, port: int) -> bool:
+    """Whether `pid` or one of its descendants listens on TCP `port`."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    for p in tree:
+        try:
+            if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                   for c in p.net_connections(kind="tcp")):
+                return True
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return False
+
+
+def describe(pid: int) -> str:
+    """'pid 123 (python3 app.py)' for messages; one line, at most 80 characters of command."""
+    if not pid:
+        return "a process of another user"
+    cmd = " ".join(" ".join(cmdline(pid)).split())[:80] or comm(pid) or "?"
+    return f"pid {pid} ({cmd})"

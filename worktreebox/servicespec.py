@@ -24,6 +24,7 @@ class ServiceSpec:
     depends_on: list[str] = dataclasses.field(default_factory=list)
     port: int | None = None  # the port it listens on, for `status`
     metrics: str | None = None
+    holds_port: bool = True  # ready only when its own process tree listens on `port` (tcp/http checks)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

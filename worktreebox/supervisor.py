@@ -109,7 +109,9 @@ class Service:
         return self.spec.cwd or self.sup.workdir
 
     def env(self) -> dict[str, str]:
-        return boxenv.compose(self.sup.box_id, self.sup.box_env, self.spec.env, self.sup.secrets)
+        # WTBOX_SERVICE: how a new supervisor finds what a dead one left running
+        return boxenv.compose(self.sup.box_id, self.sup.box_env, self.spec.env, self.sup.secrets,
+                              {"WTBOX_SERVICE": self.name})
 
     # -- control (called from socket threads)
     def up(self) -> None:
@@ -205,6 +207,12 @@ class Service:
         # The event goes first so that in the merged logs it precedes the service's own output.
         self.sup.event(self.name, "info", f"{self.name} started (pid {self.proc.pid})", event="start",
                        pid=self.proc.pid)
+        if self.sup.keeper is not None and self.proc.stdout is not None:
+            # The pipes go to the output keeper (a process of its own): a dead supervisor must not
+            # leave the service writing into a pipe nobody reads.
+            self.sup.keeper.take(self.name, self.proc.stdout, self.proc.stderr)
+            self.sup.changed()
+            return True
         for pipe, stream in ((self.proc.stdout, "stdout"), (self.proc.stderr, "stderr")):
             if pipe is None:
                 continue
@@ -224,6 +232,8 @@ class Service:
             elapsed = clock.now() - self.started_at
             ok = self.sup.check_ready(check, self, min(2.0, max(0.2, self.ready_timeout - elapsed))) if check \
                 else elapsed >= NO_CHECK_GRACE
+            if ok and not self._holds_port():
+                ok = False  # the check was answered, but not by this service (see _holds_port)
             if ok and self.proc.poll() is None:
                 self.ready_at = clock.now()
                 self.ready_seconds = round(self.ready_at - self.started_at, 3)
@@ -239,6 +249,35 @@ class Service:
                 self.sup.changed()
             self._sleep(delay if check else max(0.005, NO_CHECK_GRACE - elapsed))
             delay = min(delay * 1.5, 0.05)
+
+    def _holds_port(self) -> bool:
+        """Honest readiness: when the ready check connects to the service's port, that port must
+        be held by the service's own process tree (or by another service given the same port, as
+        Procfile services share $PORT). A stranger that answers the check is an error naming it."""
+        port = self.spec.port
+        # Only a check that connects to a port can be answered by a stranger on it.
+        if not port or not self.spec.holds_port or not self.sup.verify_ports \
+                or not str(self.spec.ready or "").startswith(("tcp:", "http://", "https://")):
+            return True
+        sharing = [s for s in self.sup.services.values() if s.spec.port == port]
+
+        def ours() -> bool:
+            return any(s.proc is not None and s.proc.poll() is None and procs.tree_listens_on(s.proc.pid, port)
+                       for s in sharing)
+
+        if ours():
+            return True
+        # A listener with no visible pid (0) may be the service's socket made a moment ago, while
+        # the system-wide scan ran: only a named stranger, still there after a second look, counts.
+        roots = {s.proc.pid for s in sharing if s.proc is not None}
+        strangers = [p for p in procs.listeners(port) if p and p not in roots]
+        if strangers and ours():
+            return True
+        if strangers and not self.error:
+            self.error = f"port {port} is held by {procs.describe(strangers[0])}, not by the service"
+            self.sup.event(self.name, "error", f"{self.name}: {self.error}", event="port_taken", port=port)
+            self.sup.changed()
+        return False
 
     def _out_of_time(self) -> bool:
         """Not ready within ready_timeout of the first start (restarts do not buy more time)."""
@@ -335,6 +374,9 @@ class Supervisor:
         self.clock = clock or Clock()
         self.processes = processes or Processes()
         self.check_ready: ReadyCheck = check or check_ready
+        # Real processes only: port ownership is asked of the kernel (fakes in tests hold no ports).
+        self.verify_ports = processes is None
+        self.keeper: OutputKeeper | None = None  # made by run(), before any thread
         self.secrets = dict(payload.secrets)
         self.workdir = payload.workdir or str(self.box_dir / "worktree")
         self.box_env = read_env_file(self.box_dir / "env")
@@ -404,6 +446,8 @@ class Supervisor:
                 s.thread.join(timeout=2)
             s.state = STOPPED
             s.writer.close()
+        if self.keeper is not None:
+            self.keeper.close()
 
     def handle(self, req: Request) -> Response:
         try:
@@ -492,6 +536,7 @@ class Supervisor:
             pass
 
     def run(self) -> None:
+        self.keeper = OutputKeeper(self.logs_dir, self.redact)  # forked before any thread starts
         self.serve()
         self.write_state()
         for s in self.services.values():
@@ -505,6 +550,84 @@ class Supervisor:
                 next_collect = self.clock.now() + COLLECT_EVERY
                 self.collect()
         self.write_state()
+
+
+class OutputKeeper:
+    """A child process that owns the services' output pipes and writes them to the logs.
+
+    Forked from the supervisor before it starts any thread. Each started service's stdout and
+    stderr are handed over a SOCK_SEQPACKET socket (SCM_RIGHTS) and read there, one thread per
+    pipe, into logs/<service>.jsonl. When the supervisor dies (kill -9) the keeper goes on
+    reading until the services close their pipes, so a service never blocks on a full pipe or
+    dies of SIGPIPE for want of a supervisor; it exits once its supervisor is gone and every
+    pipe has ended.
+    """
+
+    def __init__(self, logs_dir: Path, redact: Any) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:  # the keeper
+            parent.close()
+            code = 0
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                _keep(child, logs_dir, redact)
+            except BaseException:  # noqa: BLE001 - nothing to report to; stderr is /dev/null
+                code = 1
+            os._exit(code)
+        child.close()
+        self.pid, self.sock = pid, parent
+        self._lock = threading.Lock()
+
+    def take(self, service: str, *pipes: Any) -> None:
+        """Hand a service's pipes to the keeper and close them here."""
+        pipes = tuple(p for p in pipes if p is not None)
+        with self._lock:
+            try:
+                socket.send_fds(self.sock, [json.dumps({"service": service}).encode()], [p.fileno() for p in pipes])
+            except OSError:
+                pass  # the keeper is gone: the pipes close below and the service sees EOF/EPIPE
+        for p in pipes:
+            p.close()
+
+    def close(self, wait: float = 3.0) -> None:
+        """No more pipes: the keeper drains what it has and exits (waited for, so the logs are whole)."""
+        with self._lock:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(self.pid, os.WNOHANG)[0]:
+                    return
+            except ChildProcessError:
+                return
+            time.sleep(0.01)
+
+
+def _keep(sock: socket.socket, logs_dir: Path, redact: Any) -> None:
+    writers: dict[str, LogWriter] = {}
+    threads: list[threading.Thread] = []
+    while True:
+        try:
+            msg, fds, _, _ = socket.recv_fds(sock, 4096, 4)
+        except OSError:
+            break
+        if not msg:
+            break  # the supervisor closed its end, or died
+        service = json.loads(msg).get("service", "service")
+        writer = writers.get(service) or writers.setdefault(service, LogWriter(logs_dir, service, redact))
+        for fd, stream in zip(fds, ("stdout", "stderr")):
+            t = threading.Thread(target=pump, args=(fd, stream, writer), daemon=True, name=f"pump-{service}-{stream}")
+            t.start()
+            threads.append(t)
+    for t in threads:
+        t.join()
+    for w in writers.values():
+        w.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,13 +24,13 @@ if TYPE_CHECKING:
 
 STOP_TIMEOUT = 20.0
 EXIT_WAIT = 5.0  # after a 'stop' request, how long the supervisor gets to exit by itself
-_PID_FILE = "supervisor.pid"
+PID_FILE = "supervisor.pid"
 
 
 def supervisor_pid(box: "Box") -> int | None:
     """The pid of the box's live supervisor, checked against its command line (pids are reused)."""
     try:
-        pid = int((box.run_dir / _PID_FILE).read_text().strip())
+        pid = int((box.run_dir / PID_FILE).read_text().strip())
     except (FileNotFoundError, ValueError):
         return None
     if not procs.pid_alive(pid):
@@ -47,7 +47,7 @@ def start_supervisor(box: "Box", secrets: dict[str, str], specs: list[ServiceSpe
     """Start the detached supervisor; specs and secrets go over a pipe to its stdin, nowhere else."""
     box.logs_dir.mkdir(parents=True, exist_ok=True)
     box.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for stale in (_PID_FILE, control.SOCKET, control.STATE_FILE):
+    for stale in (PID_FILE, control.SOCKET, control.STATE_FILE):
         try:
             (box.run_dir / stale).unlink()
         except FileNotFoundError:

@@ -23,11 +23,17 @@ def _command(action: str, doc: str):
     @click.argument("service", required=False)
     @json_option
     @run_cmd
-    def cmd(box, service, as_json):
+    def cmd(box, service, as_json, secrets=()):
+        from .box import parse_secrets
+
         host = get_host()
         b = host.get(box)
-        _show(b.id, host.services(b, action, service), as_json)
+        _show(b.id, host.services(b, action, service, parse_secrets(secrets)), as_json)
 
+    if action != "down":
+        cmd = click.option(
+            "--secret", "secrets", multiple=True,
+            help="NAME (from your env) or NAME=@FILE, for a supervisor started anew (they are never stored).")(cmd)
     return cmd
 
 

@@ -72,6 +72,11 @@ class Resource:
         """Box ids that own such a thing right now."""
         return set()
 
+    def health(self, host: "HostContext", box: "Box") -> str | None:
+        """Why a ready box is not whole right now (e.g. its supervisor died), or None. Cheap:
+        every command that resolves a box asks."""
+        return None
+
     def status(self, host: "HostContext", box: "Box") -> dict[str, Any] | None:
         """Extra facts for `wtbox status` (None: nothing to add)."""
         return None

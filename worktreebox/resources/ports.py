@@ -94,22 +94,10 @@ def release(host: "Host", owner: str) -> None:
 
 def holder_of(port: int) -> str | None:
     """Who listens on `port`, as 'pid 123 (python3 app.py)', or None when nobody (visibly) does."""
-    import psutil
+    from .. import procs
 
-    try:
-        conns = psutil.net_connections(kind="inet")
-    except (psutil.AccessDenied, OSError):
-        return None
-    for c in conns:
-        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port:
-            if not c.pid:
-                return "a process of another user"
-            try:
-                cmd = " ".join(" ".join(psutil.Process(c.pid).cmdline()).split())[:80] or psutil.Process(c.pid).name()
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                cmd = "?"
-            return f"pid {c.pid} ({cmd})"
-    return None
+    pids = procs.listeners(port)
+    return ", ".join(procs.describe(p) for p in pids) if pids else None
 
 
 def check_free(box: "Box", ports: Iterable[int | None]) -> None:

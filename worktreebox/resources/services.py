@@ -14,14 +14,15 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .. import control, procs
+from ..box import DEGRADED, READY
 from ..boxenv import process_env, redactor_for
 from ..config import check_ready, path_inside, services_in_order
 from ..errors import ConfigError, UsageError, WtboxError
 from ..fsutil import atomic_write
 from ..logs.run import run_logged
 from ..servicespec import ServiceSpec
-from ..supervisor_client import (checked, control_request, read_state, services_status, start_supervisor,
-                                 stop_supervisor, supervisor_pid, wait_ready)
+from ..supervisor_client import (PID_FILE, checked, control_request, read_state, services_status,
+                                 start_supervisor, stop_supervisor, supervisor_pid, wait_ready)
 from ..templating import render
 from .base import Creation, Resource, warn
 
@@ -56,6 +57,9 @@ class Services(Resource):
 
     def discover(self, host: "HostContext") -> set[str]:
         return procs.discover_box_ids(host.boxes_dir)
+
+    def health(self, host: "HostContext", box: "Box") -> str | None:
+        return supervisor_problem(box)
 
     def status(self, host: "HostContext", box: "Box") -> dict[str, Any] | None:
         services = services_status(box)
@@ -93,7 +97,7 @@ def render_specs(c: Creation) -> list[ServiceSpec]:
         out.append(ServiceSpec(
             name=svc.name, cmd=render(svc.cmd, c.facts, f"{where} cmd"), cwd=str(cwd), env=env, ready=ready,
             ready_timeout=svc.ready_timeout, restart=svc.restart, depends_on=list(svc.depends_on),
-            port=_port_of(svc.name, ready, env, box.ports),
+            port=_port_of(svc.name, ready, env, box.ports), holds_port=svc.holds_port,
             metrics=render(svc.metrics, c.facts, f"{where} metrics") if svc.metrics else None))
     return out
 
@@ -158,16 +162,75 @@ def _names(host: "HostContext", box: "Box") -> list[str]:
     return [s.name for s in render_from_config(host, box)]
 
 
-def services_up(host: "HostContext", box: "Box", service: str | None = None) -> dict[str, Any]:
+# ---------------------------------------------------------------- a supervisor that died
+
+def supervisor_died(box: "Box") -> bool:
+    """Killed or crashed: a supervisor that ends on its own removes its pid file, this one did not."""
+    return (box.run_dir / PID_FILE).exists() and supervisor_pid(box) is None
+
+
+def supervisor_problem(box: "Box") -> str | None:
+    """The reason a box is degraded because of its supervisor, with what brings it back."""
+    if not supervisor_died(box):
+        return None
+    names = box.data.get("secret_names") or []
+    if names:
+        flags = " ".join(f"--secret {n}" for n in names)
+        return (f"its services supervisor died, and with it the --secret values it alone held; "
+                f"run 'wtbox up {box.id} {flags}' to start the services again")
+    return f"its services supervisor died; run 'wtbox up {box.id}' to start the services again"
+
+
+def end_survivors(box: "Box") -> list[int]:
+    """End what a dead supervisor left running (its services, marked WTBOX_SERVICE, and their
+    output keeper) so a new supervisor starts them anew on the same ports; forget its files."""
+    import psutil
+
+    found = []
+    for p in procs.find_box_processes(box.id, box.dir):
+        try:
+            env, cmd = p.environ(), p.cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if env.get("WTBOX_SERVICE") or ("worktreebox.supervisor" in cmd and box.id in cmd):
+            found.append(p)
+    killed = procs.kill_staged(found)
+    for stale in (PID_FILE, control.SOCKET):
+        try:
+            (box.run_dir / stale).unlink()
+        except FileNotFoundError:
+            pass
+    return killed
+
+
+def _recover(box: "Box") -> None:
+    if supervisor_died(box):
+        killed = end_survivors(box)
+        warn(f"the services supervisor of {box.id} had died; ended what it left running"
+             + (f" (pids {', '.join(map(str, killed))})" if killed else ""))
+
+
+def _whole_again(host: "HostContext", box: "Box") -> None:
+    if box.state == DEGRADED:
+        box.state = READY
+        box.data.pop("degraded", None)
+        host.registry.save_box(box)
+
+
+def services_up(host: "HostContext", box: "Box", service: str | None = None,
+                secrets: dict[str, str] | None = None) -> dict[str, Any]:
+    _recover(box)
     if supervisor_pid(box) is None:
         specs = render_from_config(host, box)
         names = [s.name for s in specs]
         if service and service not in names:
             raise UsageError(f"{box.id} has no service {service!r}; it has: {', '.join(names)}.")
-        if (box.run_dir / control.STATE_FILE).exists():  # it ran before: the secrets it held died with it
-            warn("starting the services again without the --secret values given to 'new' (they are never stored)")
+        missing = [n for n in box.data.get("secret_names") or [] if n not in (secrets or {})]
+        if missing and (box.run_dir / control.STATE_FILE).exists():  # the secrets it held died with it
+            warn(f"starting the services without the --secret values {', '.join(missing)} given to 'new' "
+                 f"(they are never stored; pass them again with --secret)")
         check_ports(box, [s for s in specs if not service or s.name == service])
-        start_supervisor(box, {}, specs)
+        start_supervisor(box, dict(secrets or {}), specs)
         targets = names
     else:
         names = _names(host, box)
@@ -176,11 +239,14 @@ def services_up(host: "HostContext", box: "Box", service: str | None = None) -> 
         checked(control_request(box, control.UP, service))
         targets = [service] if service else names
     wait_ready(box, targets, deadline=time.time() + 120)
+    _whole_again(host, box)
     return services_status(box)
 
 
 def services_down(host: "HostContext", box: "Box", service: str | None = None) -> dict[str, Any]:
+    _recover(box)
     if supervisor_pid(box) is None:
+        _whole_again(host, box)
         return services_status(box)
     if service is None:
         stop_supervisor(box)
@@ -189,9 +255,10 @@ def services_down(host: "HostContext", box: "Box", service: str | None = None) -
     return services_status(box)
 
 
-def services_restart(host: "HostContext", box: "Box", service: str | None = None) -> dict[str, Any]:
+def services_restart(host: "HostContext", box: "Box", service: str | None = None,
+                     secrets: dict[str, str] | None = None) -> dict[str, Any]:
     if supervisor_pid(box) is None:
-        return services_up(host, box, service)
+        return services_up(host, box, service, secrets)
     names = _names(host, box)
     checked(control_request(box, control.RESTART, service))
     wait_ready(box, [service] if service else names, deadline=time.time() + 120)

@@ -45,6 +45,16 @@ def _toml() -> str:
     return "\n".join(parts)
 
 
+def _answers(port: int) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+            return r.status == 200 and r.read() == b"ok"
+    except OSError:
+        return False
+
+
 class Chaos:
     def __init__(self, home: Path, repo: Path, tmp: Path) -> None:
         self.home, self.repo, self.tmp = home, repo, tmp
@@ -73,6 +83,19 @@ class Chaos:
 
     def live(self) -> list[dict]:
         return json.loads(self.wtbox("ls", "--json").stdout)
+
+    def check_alive_boxes(self, expect_degraded: set[str] = frozenset()) -> None:
+        """Every listed box works: its worktree exists and its service answers; a degraded one
+        (its supervisor died) says why and comes back with `up`, on the same port."""
+        for b in self.live():
+            assert Path(b["path"]).is_dir(), b
+            if b["id"] in expect_degraded or b["state"] == "degraded":
+                assert b["state"] == "degraded" and "supervisor" in b.get("reason", ""), b
+                assert _answers(b["ports"]["web"]), b  # unsupervised, but not hung
+                self.wtbox("up", b["id"])
+                b = next(x for x in self.live() if x["id"] == b["id"])
+            assert b["state"] == "ready", b
+            assert _answers(b["ports"]["web"]), b
 
     # ------------------------------------------------------------ what exists
     def leftovers(self, alive: set[str]) -> dict[str, set]:
@@ -150,6 +173,17 @@ def test_kill_dash_nine_anywhere_then_gc_leaves_nothing(tmp_path, make_repo):
             if len(live) < 2 and rng.random() < 0.5:  # keep boxes around so that rm gets killed too
                 chaos.wtbox("new", f"alive-{i}", "--repo", str(repo))
                 live = chaos.live()
+            if live and rng.random() < 0.25:
+                # the box's supervisor dies (kill -9) under a live box; its service must go on
+                # answering, the box must be reported degraded, and `up` must bring it back
+                victim = rng.choice(live)["id"]
+                pid_file = home / "boxes" / victim / "run" / "supervisor.pid"
+                if pid_file.exists():
+                    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+                phases["kill-supervisor"] += 1
+                chaos.wtbox("gc", "--grace", "0")
+                chaos.check_alive_boxes(expect_degraded={victim})
+                continue
             if live and rng.random() < 0.45:
                 victim = rng.choice(live)["id"]
                 p, phase_file = chaos.spawn("rm", "--force", victim)
@@ -164,13 +198,9 @@ def test_kill_dash_nine_anywhere_then_gc_leaves_nothing(tmp_path, make_repo):
             phases[f"{op}@{hit}"] += 1
             chaos.wtbox("gc", "--grace", "0")
             alive = {b["id"] for b in chaos.live()}
-            for b in chaos.live():
-                assert b["state"] == "ready", b
+            chaos.check_alive_boxes()
             left = chaos.leftovers(alive)
             assert not any(left.values()), (i, op, hit, {k: v for k, v in left.items() if v})
-            # every box that is alive works: its port answers (the service runs) and its worktree exists
-            for b in chaos.live():
-                assert Path(b["path"]).is_dir()
         print(f"\nchaos: {ITERATIONS} kills; by phase: {dict(sorted(phases.items()))}")
     finally:
         chaos.wtbox("rm", "--all", "--yes", "--force", check=False)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Iterator
 
 from . import git, procs
 from .fsutil import LockBusy, file_lock
-from .box import CREATING, EXPIRED, FAILED, READY, REMOVING
+from .box import CREATING, DEGRADED, EXPIRED, FAILED, READY, REMOVING
 from .errors import WtboxError
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ def plan(host: "Host", *, grace: float, now: float | None = None) -> list[dict]:
                 continue
             actions.append({"id": b.id, "action": "remove",
                             "reason": f"stuck in '{b.state}' for {int(now - updated)}s (its command died)"})
-        elif b.state in (READY, EXPIRED) and not b.keep and b.ttl and now - b.last_used_at > b.ttl:
+        elif b.state in (READY, DEGRADED, EXPIRED) and not b.keep and b.ttl and now - b.last_used_at > b.ttl:
             why = host.unsaved_work(b)
             idle = f"unused for {_human(now - b.last_used_at)} (ttl {_human(b.ttl)})"
             if why:
@@ -108,6 +108,9 @@ def run(host: "Host", *, grace: float = DEFAULT_GRACE, dry_run: bool = False, wa
     with exclusive_lock(host, wait=wait) as locked:
         if not locked:
             raise WtboxError("Another 'wtbox gc' is running on this host; try again when it is done.")
+        if not dry_run:
+            for b in host.list():  # a ready box whose supervisor died is degraded, with the reason
+                host.notice(b)
         actions = plan(host, grace=grace)
         errors = []
         if not dry_run:

@@ -20,8 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import CORE_TOML
-from helpers import wait_for
+from helpers import CORE_TOML, wait_for
 
 PY = sys.executable
 # Answers every GET with 404 "stranger": a readiness check below 500 would take it for the service.

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORE_TOML, git
-from helpers import remove_all_boxes
+from helpers import CORE_TOML, git, remove_all_boxes
 from worktreebox.config import load_host_config, parse_repo_config
 from worktreebox.errors import ConfigError, WtboxError
 

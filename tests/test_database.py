@@ -399,8 +399,11 @@ def test_app_suite_passes_in_five_boxes_but_fails_when_two_share_a_schema(make_r
     assert all(o["database"]["mode"] == "schema" and "***" in o["database"]["url"] for o in outs)
 
     def suite(box_id: str, extra: dict | None = None) -> subprocess.CompletedProcess:
-        return run_wtbox("exec", box_id, "--", "python", "check_app.py", check=False,
-                         env={**env, **(extra or {})}, timeout=180)
+        # the box's processes get the environment fixed when it was made, not the caller's:
+        # variables for this one run go on the command line
+        sets = [f"{k}={v}" for k, v in (extra or {}).items()]
+        return run_wtbox("exec", box_id, "--", "env", *sets, "python", "check_app.py", check=False,
+                         env=env, timeout=180)
 
     def start_line(name: str, parties: int) -> dict:
         """All copies start their tests at the same moment, so any sharing shows deterministically."""

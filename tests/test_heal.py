@@ -338,3 +338,33 @@ def test_up_from_a_shell_with_another_path_behaves_as_at_creation(make_repo, wtb
         assert "PATH" in st["inherited_env"] and "HEAL_MARK" not in st["inherited_env"], st.get("inherited_env")
     finally:
         _cli(wtbox_home, "rm", "--force", box["id"], check=False)
+
+
+def test_lease_store_claims_releases_and_takes_over_only_what_is_stale(tmp_path):
+    """The host-wide claim files themselves (a private directory, real files)."""
+    from worktreebox.leases import HostLeases
+
+    store = tmp_path / "leases"
+    store.mkdir()
+    homes = [tmp_path / "a", tmp_path / "b"]
+    for h in homes:
+        (h / "boxes").mkdir(parents=True)
+    a, b = (HostLeases(h, store) for h in homes)
+    assert a.claim(30001, "box-a-00000001", "web")
+    assert not b.claim(30001, "box-b-00000002", "web")  # taken by another home
+    assert not a.claim(30001, "box-a-00000003", "web")  # and by another box of the same home
+    b.release(30001, "box-b-00000002")  # not b's: nothing happens
+    assert a.holder(30001)["owner"] == "box-a-00000001"
+    # a pool box renamed when claimed: the registry's ports are released whatever the claim's name
+    a.release_owner("fix-a-00000001", ports=[30001])
+    assert a.holder(30001) is None
+    # gc keeps a claim its registry knows by port, drops one it does not know at all
+    assert a.claim(30002, "pool-00000004", "web") and a.claim(30003, "gone-00000005", "web")
+    assert a.sweep({"other"}, {30002}, now=time.time() + 3600) == [30003]
+    assert a.holder(30002) is not None
+    # a home that is gone loses its claims to whoever needs the port
+    import shutil
+
+    shutil.rmtree(homes[0])
+    assert b.claim(30002, "box-b-00000006", "web")
+    assert b.holder(30002)["owner"] == "box-b-00000006"

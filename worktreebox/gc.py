@@ -141,7 +141,7 @@ def _sweep_host_leases(host: "Host") -> list[int]:
     homes that are gone (see leases.py)."""
     from .leases import HostLeases
 
-    return HostLeases(host.home).sweep(host.registry.lease_owners())
+    return HostLeases(host.home).sweep(host.registry.lease_owners(), host.registry.leased_ports())
 
 
 def _empty_trash(host: "Host") -> None:

@@ -108,18 +108,22 @@ class HostLeases:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
 
-    def release(self, port: int, owner: str) -> None:
-        """Drop our claim on `port` (nothing happens when it is not ours)."""
+    def release(self, port: int, owner: str | None) -> None:
+        """Drop this home's claim on `port` if `owner` made it (None: whoever of this home did)."""
         rec = self.holder(port)
-        if rec and rec.get("home") == self.home and rec.get("owner") == owner:
+        if rec and rec.get("home") == self.home and owner in (None, rec.get("owner")):
             with contextlib.suppress(OSError):
                 os.unlink(self.dir / str(port))
 
     def release_owner(self, owner: str, ports: Any = ()) -> None:
-        """Drop every claim of `owner`: the ports given (the registry's) and any other it has here."""
-        for port in set(ports) | {p for p, rec in self._records() if rec.get("home") == self.home
-                                  and rec.get("owner") == owner}:
-            self.release(port, owner)
+        """Drop every claim of `owner`: the ports given (the registry's: this home's claims on them
+        go, whatever name they were made under, e.g. a pool box renamed when claimed) and any other
+        claim it made here."""
+        for port in set(ports):
+            self.release(port, None)
+        for port, rec in list(self._records()):
+            if rec.get("home") == self.home and rec.get("owner") == owner:
+                self.release(port, owner)
 
     # ------------------------------------------------------------ reading
     def holder(self, port: int) -> dict[str, Any] | None:
@@ -176,15 +180,17 @@ class HostLeases:
                 pass
             return True
 
-    def sweep(self, known: set[str], now: float | None = None) -> list[int]:
-        """gc: release this home's claims whose owner the registry no longer knows (past the
-        in-flight grace), and any claim whose home is gone. Returns the ports released."""
+    def sweep(self, known: set[str], known_ports: set[int] = frozenset(), now: float | None = None) -> list[int]:
+        """gc: release this home's claims that its registry no longer knows (neither the owner nor
+        the port: a pool box renamed when claimed keeps its ports), past the in-flight grace,
+        and any claim whose home is gone. Returns the ports released."""
         now = time.time() if now is None else now
         out = []
         for port, rec in list(self._records()):
             mine = rec.get("home") == self.home
             old = now - float(rec.get("_mtime") or 0) > IN_FLIGHT_GRACE
-            if (mine and rec.get("owner") not in known and old) or (rec and _home_gone(rec)):
+            unknown = rec.get("owner") not in known and port not in known_ports
+            if (mine and unknown and old) or (rec and _home_gone(rec)):
                 try:
                     os.unlink(self.dir / str(port))
                     out.append(port)

@@ -32,6 +32,7 @@ COMMANDS = {
     "compare": "fanout:compare",
     "pick": "fanout:pick",
     "pool": "pool:pool",
+    "mcp": "mcp:mcp",
 }
 
 

@@ -53,7 +53,9 @@ def new(task, repo, ref, secrets, no_services, ttl, keep, show_secrets, no_pool,
 
     host = get_host()
     t0 = time.perf_counter()
-    progress = (lambda m: info(f"  {m}")) if sys.stderr.isatty() and not as_json else (lambda m: None)
+    # WTBOX_PROGRESS=1: progress lines on stderr for a program that reads them (`wtbox mcp`).
+    show = (sys.stderr.isatty() and not as_json) or os.environ.get("WTBOX_PROGRESS") == "1"
+    progress = (lambda m: info(f"  {m}")) if show else (lambda m: None)
     box, from_pool = new_box(host, task, repo=repo, ref=ref, secrets=parse_secrets(secrets),
                              start_services=not no_services, ttl=ttl, keep=keep, progress=progress,
                              use_pool=not no_pool)

@@ -40,7 +40,7 @@ enabled = false
 """
 SLOW_SETUP_TOML = """
 [setup]
-cmd = "echo setting up; sleep 60"
+cmd = "echo setting up; sleep 120"
 [database]
 mode = "none"
 [observability]
@@ -77,6 +77,9 @@ def run(fn) -> None:
     anyio.run(fn)
 
 
+# Tests that make boxes take the `host` fixture too: it removes whatever a failed test left.
+
+
 def test_tools_have_schemas_and_errors_are_one_sentence(wtbox_home):
     async def main():
         async with stdio_client(wtbox_home) as client:
@@ -111,7 +114,7 @@ def test_tools_have_schemas_and_errors_are_one_sentence(wtbox_home):
 
 
 @pytest.mark.skipif(shutil.which("victoria-metrics") is None, reason="victoria-metrics is not installed")
-def test_new_exec_logs_metrics_resources_rm(wtbox_home, make_repo):
+def test_new_exec_logs_metrics_resources_rm(wtbox_home, make_repo, host):
     repo = make_repo({"app.py": APP, "sub/keep.txt": "x\n"}, toml=WEB_TOML)
     notes: list[str] = []
 
@@ -198,7 +201,7 @@ def test_new_exec_logs_metrics_resources_rm(wtbox_home, make_repo):
     assert not list((wtbox_home / "boxes").iterdir())
 
 
-def test_cancelled_box_new_leaves_no_box(wtbox_home, make_repo):
+def test_cancelled_box_new_leaves_no_box(wtbox_home, make_repo, host):
     repo = make_repo(toml=SLOW_SETUP_TOML)
 
     async def main():
@@ -213,7 +216,7 @@ def test_cancelled_box_new_leaves_no_box(wtbox_home, make_repo):
             assert scope.cancelled_caught
             # The rollback happens in the server; the same session still answers meanwhile. (Poll
             # without blocking the loop: the client sends its notifications/cancelled from it.)
-            with anyio.move_on_after(60):
+            with anyio.move_on_after(40):  # well before the setup command would end by itself
                 while _leftovers(wtbox_home, repo):
                     assert isinstance(ok(await client.call_tool("box_list", {})), list)
                     await anyio.sleep(0.25)
@@ -247,7 +250,7 @@ def _box_processes(home: Path) -> set[str]:
     return procs.discover_box_ids(home / "boxes")
 
 
-def test_vanished_box_dir_and_allowed_secrets(wtbox_home, make_repo):
+def test_vanished_box_dir_and_allowed_secrets(wtbox_home, make_repo, host):
     repo = make_repo(toml=CORE_TOML)
 
     async def main():
@@ -269,6 +272,49 @@ def test_vanished_box_dir_and_allowed_secrets(wtbox_home, make_repo):
             assert ok(await client.call_tool("box_logs", {"box": "vanish"})) == []
             ok(await client.call_tool("box_rm", {"box": "vanish", "force": True}))
             assert ok(await client.call_tool("box_list", {})) == []
+
+    run(main)
+
+
+def test_fanout_reports_progress_compares_picks_and_cancels_like_ctrl_c(wtbox_home, make_repo, host):
+    repo = make_repo(toml=CORE_TOML)
+    seen: list[tuple[float, float | None, str]] = []
+
+    async def progress(value, total, message):
+        seen.append((value, total, message or ""))
+
+    async def main():
+        async with stdio_client(wtbox_home) as client:
+            rows = ok(await client.call_tool("fanout", {"task": "fo", "n": 2, "repo": str(repo),
+                                                        "run": "echo attempt {i} > out.txt"},
+                                             progress_callback=progress))
+            assert [(r["index"], r["state"], r["run_exit"]) for r in rows] == [(1, "done", 0), (2, "done", 0)]
+            assert seen and all(total == 2 for _, total, _ in seen) and seen[-1][0] == 2
+            assert any("running" in m for *_, m in seen)
+            again = ok(await client.call_tool("compare", {"fanout": "fo", "sort": "index"}))
+            assert [r["box"] for r in again] == [r["box"] for r in rows] and again[0]["diff_files"] == 1
+            picked = ok(await client.call_tool("box_pick", {"box": rows[0]["box"]}))
+            assert picked["kept"] == rows[0]["box"] and picked["removed"] == [rows[1]["box"]]
+            ok(await client.call_tool("box_rm", {"box": rows[0]["box"], "force": True}))
+
+            # Cancelled while the runs run: they are stopped and the boxes recorded, as Ctrl-C does.
+            with anyio.CancelScope() as scope:
+                async def on_progress(value, total, message):
+                    if (message or "").endswith("running"):
+                        scope.cancel()
+                with anyio.fail_after(60):
+                    await client.call_tool("fanout", {"task": "stop", "n": 1, "repo": str(repo),
+                                                      "run": "sleep 60"}, progress_callback=on_progress)
+            assert scope.cancelled_caught
+            with anyio.move_on_after(60):
+                while True:
+                    boxes = ok(await client.call_tool("compare", {"fanout": "stop"}))
+                    if boxes[0]["state"] == "interrupted":
+                        break
+                    await anyio.sleep(0.25)
+            assert boxes[0]["state"] == "interrupted"
+            assert _box_processes(wtbox_home) == set()
+            ok(await client.call_tool("box_rm", {"box": boxes[0]["box"], "force": True}))
 
     run(main)
 

@@ -16,6 +16,7 @@ import anyio
 import pytest
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
+from mcp.shared.exceptions import MCPError
 
 APP = Path(__file__).with_name("metrics_app.py").read_text()
 SECRET = "hunter2-sekret-value"
@@ -109,6 +110,9 @@ def test_tools_have_schemas_and_errors_are_one_sentence(wtbox_home):
             msg = failed(await client.call_tool("box_new", {"task": "!!!"}))
             assert "no letters or digits" in msg
             assert ok(await client.call_tool("box_list", {})) == []
+            with pytest.raises(MCPError, match="No box matches 'nope'"):
+                await client.read_resource("wtbox://box/nope/status")
+            assert (await client.list_resources()).resources == []
 
     run(main)
 

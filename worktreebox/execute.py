@@ -22,8 +22,10 @@ if TYPE_CHECKING:
 
 DEFAULT_TIMEOUT = 600.0
 DEFAULT_TAIL = 100
-# A line longer than this is kept in pieces, so one runaway line cannot fill memory.
+# A line longer than this is kept in pieces, and each stream's tail is bounded in size too, so
+# a runaway command cannot fill the caller's memory (or an agent's context).
 _MAX_LINE = 64 * 1024
+MAX_TAIL_CHARS = 1 << 20
 
 
 def argv_of(cmd: str | Sequence[str]) -> list[str]:
@@ -123,6 +125,7 @@ class _Tail:
     def __init__(self, pipe: Any, keep: int) -> None:
         self._pipe = pipe
         self._lines: collections.deque[str] = collections.deque(maxlen=keep)
+        self._chars = 0
         self.count = 0
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -134,8 +137,15 @@ class _Tail:
                 if not chunk:
                     break
                 self.count += 1
-                if self._lines.maxlen:
-                    self._lines.append(chunk.decode("utf-8", "replace").rstrip("\r\n"))
+                if not self._lines.maxlen:
+                    continue
+                if len(self._lines) == self._lines.maxlen:
+                    self._chars -= len(self._lines[0])
+                line = chunk.decode("utf-8", "replace").rstrip("\r\n")
+                self._lines.append(line)
+                self._chars += len(line)
+                while self._chars > MAX_TAIL_CHARS and len(self._lines) > 1:
+                    self._chars -= len(self._lines.popleft())
         except (OSError, ValueError):
             pass
         finally:

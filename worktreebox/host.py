@@ -12,7 +12,7 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from . import boxenv, git, procs, providers
 from .providers import docker_engine
@@ -30,6 +30,8 @@ from .supervisor_client import box_secrets
 from .templating import render
 
 if TYPE_CHECKING:
+    import threading
+
     from .config import HostConfig, RepoConfig
     from .providers.postgres.base import Server
 
@@ -333,6 +335,86 @@ class Host:
             id=box_id, task="?", repo="", branch=branch_name(box_id), dir=self.boxes_dir / box_id, state=REMOVING)
         self._destroy_resources(box, strict=True)
         self.registry.delete_box(box_id)
+
+    # ------------------------------------------------------------------ operations on one box
+    # What `status`, `logs`, `probe` and `wtbox mcp`'s tools do: the two skins (CLI, MCP) call
+    # these and only render (metrics: metrics_query.py; up/down/restart: services above).
+
+    def status(self, box: Box, *, show_secrets: bool = False) -> dict:
+        """`status --json`: describe(), plus a `problem` when the box dir is gone; looking is using (TTL)."""
+        self.registry.touch(box.id)
+        out = self.describe(box, show_secrets=show_secrets)
+        if not box.dir.exists():
+            out["problem"] = f"the box directory {box.dir} is gone; 'wtbox rm {box.id}' cleans up the rest"
+        return out
+
+    def run(self, box: Box, cmd: "str | Sequence[str]", *, cwd: str | None = None, timeout: float | None = None,
+            tail: int = 100, reveal: bool = False, cancel: "threading.Event | None" = None) -> dict:
+        """Run a command in the box as `exec` does, captured: exit code and output tails, secrets
+        masked unless `reveal` (execute.run_in_box)."""
+        from .execute import DEFAULT_TIMEOUT, run_in_box
+
+        return run_in_box(self, box, cmd, cwd=cwd, timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
+                          tail=tail, secrets=self.running_secrets(box), reveal=reveal, cancel=cancel)
+
+    def log_services(self, box: Box, wanted: "Sequence[str]" = ()) -> list[str]:
+        """The services of the box that have (or will have) logs; a wanted name that is not one is refused."""
+        from .logs import reader
+        from .resources.services import configured_names
+
+        known = set(reader.available_services(box.logs_dir)) | set(configured_names(box))
+        for s in wanted:
+            if s not in known:
+                names = ", ".join(sorted(n for n in known if not n.startswith("_"))) or "none yet"
+                raise UsageError(f"{box.id} has no service {s!r} with logs; services: {names}.")
+        return sorted(known)
+
+    def logs(self, box: Box, services: "Sequence[str]" = (), *, since: str | None = None, until: str | None = None,
+             level: str | None = None, grep: str | None = None, tail: int | None = None) -> list[dict]:
+        """Matching log records, oldest first (`logs --json`); since/until are '5m' or ISO times."""
+        from .logs import reader
+
+        since_ts, until_ts = reader.parse_time(since), reader.parse_time(until)
+        reader.level_at_least(level)  # validated before anything is read
+        self.log_services(box, services)
+        return reader.read_records(box.logs_dir, list(services) or None, since_ts, until_ts, level, grep, tail)
+
+    def probe_url(self, box: Box, target: str) -> str:
+        """A URL as is; a PATH on the box's first port ([box] ports order), never its metrics port."""
+        if target.startswith(("http://", "https://")):
+            return target
+        if not target.startswith("/"):
+            raise UsageError(f"{target!r} is neither a URL nor a path; give e.g. /health or http://127.0.0.1:8000/.")
+        names = [p for p in box.ports if p != "metrics"]
+        try:
+            first = self.repo_config(box).box.ports[0]
+            if first in box.ports:
+                names.insert(0, first)
+        except Exception:  # an unreadable wtbox.toml: the leased order is good enough
+            pass
+        if not names:
+            raise UsageError(f"{box.id} has no ports; give a full URL instead of {target!r}.")
+        return f"http://127.0.0.1:{box.ports[names[0]]}{target}"
+
+    def probe(self, box: Box, target: str, *, n: int = 200, concurrency: int = 4, method: str = "GET",
+              data: str | None = None) -> dict:
+        """`probe --json`: latency of a URL or PATH of the box, recorded as a histogram in its metrics
+        (`recorded`; `not_recorded` says why not)."""
+        from . import probe as P
+
+        result = P.probe(self.probe_url(box, target), n=n, concurrency=concurrency, method=method.upper(), data=data)
+        result["box"] = box.id
+        result["recorded"] = False
+        metrics_url = (box.data.get("metrics") or {}).get("url")
+        if not metrics_url:
+            result["not_recorded"] = f"{box.id} has observability turned off"
+            return result
+        try:
+            P.record(result, box.id, metrics_url)
+            result["recorded"] = True
+        except WtboxError as e:
+            result["not_recorded"] = str(e)
+        return result
 
 
 # ---------------------------------------------------------------------- helpers

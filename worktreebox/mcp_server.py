@@ -299,12 +299,7 @@ async def box_list() -> list[dict[str, Any]]:
 
 @_blocking
 def _status(host, box: str, reveal: bool) -> dict[str, Any]:
-    b = host.get(box)
-    host.registry.touch(b.id)  # looking at a box is using it (TTL)
-    out = host.describe(b, show_secrets=reveal)
-    if not b.dir.exists():
-        out["problem"] = f"the box directory {b.dir} is gone; 'wtbox rm {b.id}' cleans up the rest"
-    return out
+    return host.status(host.get(box), show_secrets=reveal)
 
 
 async def box_status(box: BoxRef, ctx: Context, show_secrets: ShowSecrets = False) -> dict[str, Any]:
@@ -342,36 +337,20 @@ async def box_exec(
 ) -> dict[str, Any]:
     """Run a command in the box's worktree with the box env, as `wtbox exec` does; returns
     exit_code and the last lines of stdout and stderr, with secret values masked."""
-    from .execute import run_in_box
-
     reveal = _reveal(ctx, show_secrets)
     cancel = threading.Event()
 
     def work() -> dict[str, Any]:
         with _Opened() as host:
-            b = host.get(box)
-            return run_in_box(host, b, cmd, cwd=cwd, timeout=timeout, tail=tail,
-                              secrets=host.running_secrets(b), reveal=reveal, cancel=cancel)
+            return host.run(host.get(box), cmd, cwd=cwd, timeout=timeout, tail=tail, reveal=reveal, cancel=cancel)
 
     return await in_thread(work, cancel)
 
 
 @_blocking
 def _logs(host, box, service, level, grep, since, until, tail) -> list[dict[str, Any]]:
-    from . import logs as L
-    from .commands.logs import _configured  # PHASE-A: the configured service names live in the command
-    from .errors import UsageError
-
-    b = host.get(box)
     services = [service] if isinstance(service, str) else list(service or [])
-    since_ts, until_ts = L.parse_time(since), L.parse_time(until)
-    L.level_at_least(level)
-    known = set(L.available_services(b.logs_dir)) | set(_configured(b))
-    for s in services:
-        if s not in known:
-            names = ", ".join(sorted(n for n in known if not n.startswith("_"))) or "none yet"
-            raise UsageError(f"{b.id} has no service {s!r} with logs; services: {names}.")
-    return L.read_records(b.logs_dir, services or None, since_ts, until_ts, level, grep, tail)
+    return host.logs(host.get(box), services, since=since, until=until, level=level, grep=grep, tail=tail)
 
 
 async def box_logs(
@@ -394,23 +373,12 @@ async def box_logs(
 
 @_blocking
 def _metrics(host, box, query, range_, step):
-    import time
+    from . import metrics_query
 
-    from .commands.metrics import _store  # PHASE-A: the box's metrics client is built in the command
-    from .config import parse_duration
-    from .errors import UsageError
-
-    client = _store(host.get(box))
+    b = host.get(box)
     if not query:
-        return {"metric_names": client.metric_names()}
-    if range_:
-        seconds = parse_duration(range_, where="range")
-        step_s = parse_duration(step, where="step")
-        if seconds <= 0 or step_s <= 0:
-            raise UsageError("range and step must be longer than zero.")
-        end = time.time()
-        return client.query_range(query, end - seconds, end, step_s)
-    return client.query(query)
+        return {"metric_names": metrics_query.series_names(b)}
+    return metrics_query.query(b, query, range_=range_, step=step)
 
 
 async def box_metrics(
@@ -421,29 +389,14 @@ async def box_metrics(
                                                    "(e.g. '15m').")] = None,
     step: Annotated[str, Field(description="Resolution of a range query.")] = "15s",
 ) -> dict[str, Any]:
-    """Query the box's own VictoriaMetrics (what `wtbox metrics --json` prints: {resultType, result})."""
+    """Query the box's own VictoriaMetrics (what `wtbox metrics --json` prints: {resultType, result};
+    without a query, {metric_names: [...]})."""
     return await in_thread(lambda: _metrics(box, query, range, step))
 
 
 @_blocking
 def _probe(host, box, target, n, concurrency, method, data):
-    from . import probe as P
-    from .commands.metrics import _resolve_url  # PHASE-A: PATH -> URL of the box is in the command
-    from .errors import WtboxError
-
-    b = host.get(box)
-    url = _resolve_url(host, b, target)
-    result = P.probe(url, n=n, concurrency=concurrency, method=method.upper(), data=data)
-    result["box"] = b.id
-    result["recorded"] = False
-    metrics_url = (b.data.get("metrics") or {}).get("url")
-    if metrics_url:
-        try:
-            P.record(result, b.id, metrics_url)
-            result["recorded"] = True
-        except WtboxError as e:
-            result["not_recorded"] = str(e)
-    return result
+    return host.probe(host.get(box), target, n=n, concurrency=concurrency, method=method, data=data)
 
 
 async def box_probe(
@@ -463,12 +416,9 @@ async def box_probe(
 def _services_tool(action: str, doc: str):
     @_blocking
     def run(host, box, service):
-        from .resources import services as svc
-
         b = host.get(box)
-        fn = {"up": svc.services_up, "down": svc.services_down, "restart": svc.services_restart}[action]
-        rows = fn(host, b, service)
-        return {"box": b.id, "services": [{"name": n, **s} for n, s in rows.items()]}
+        rows = host.services(b, action, service)
+        return {"id": b.id, "box": b.id, "services": [{"name": n, **s} for n, s in rows.items()]}  # as the CLI
 
     async def tool(
         box: BoxRef,
@@ -606,7 +556,7 @@ async def box_pick(
 
 def live_resources() -> list[Resource]:
     """status, env and each service's logs of every live box, for resources/list."""
-    from . import logs as L
+    from .logs import reader as L
 
     out = []
     with _Opened() as host:

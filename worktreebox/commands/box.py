@@ -124,11 +124,7 @@ def _age(s: float) -> str:
 def status(box, show_secrets, as_json):
     """Show a box: ports, database, services."""
     host = get_host()
-    b = host.get(box)
-    host.registry.touch(b.id)  # looking at a box is using it (TTL)
-    out = describe(host, b, show_secrets)
-    if not b.dir.exists():
-        out["problem"] = f"the box directory {b.dir} is gone; 'wtbox rm {b.id}' cleans up the rest"
+    out = host.status(host.get(box), show_secrets=show_secrets)
     if as_json:
         emit_json(out)
         return

@@ -54,17 +54,12 @@ def _printer(as_json: bool, colour: bool, width: int):
 def logs(box, services, since, until, level, grep, tail, follow, as_json):
     """Show the captured logs of a box's services (and of setup and migrate)."""
     from ..logs import reader as L
-    from ..errors import UsageError
 
     host = get_host()
     b = host.get(box)
     since_ts, until_ts = L.parse_time(since), L.parse_time(until)
     L.level_at_least(level)  # validate before reading anything
-    known = set(L.available_services(b.logs_dir)) | set(_configured(b))
-    for s in services:
-        if s not in known:
-            names = ", ".join(sorted(n for n in known if not n.startswith("_"))) or "none yet"
-            raise UsageError(f"{b.id} has no service {s!r} with logs; services: {names}.")
+    known = host.log_services(b, services)
     width = max([len(s) for s in (services or known)] + [6])
     emit = _printer(as_json, sys.stdout.isatty() and not as_json, width)
     if follow and tail is None and since is None:
@@ -91,9 +86,3 @@ def logs(box, services, since, until, level, grep, tail, follow, as_json):
     except BrokenPipeError:  # `wtbox logs ... | head`
         sys.stderr.close()
 
-
-def _configured(b) -> list[str]:
-    try:
-        return [s["name"] for s in json.loads((b.run_dir / "services.json").read_text())["services"]]
-    except (OSError, ValueError, KeyError):
-        return []

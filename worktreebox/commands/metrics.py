@@ -90,24 +90,12 @@ def _fmt(v: float) -> str:
 @run_cmd
 def probe(box, target, n, concurrency, method, data, as_json):
     """Measure a URL of the box (a PATH uses its first port); record the latency histogram."""
-    from .. import probe as P
-    from ..errors import WtboxError
-
     host = get_host()
     b = host.get(box)
-    url = _resolve_url(host, b, target)
-    result = P.probe(url, n=n, concurrency=concurrency, method=method.upper(), data=data)
-    result["box"] = b.id
-    result["recorded"] = False
-    metrics_url = (b.data.get("metrics") or {}).get("url")
-    if metrics_url:
-        try:
-            P.record(result, b.id, metrics_url)
-            result["recorded"] = True
-        except WtboxError as e:
-            info(f"wtbox: not recorded: {e}")
-    else:
-        info(f"wtbox: not recorded: {b.id} has observability turned off.")
+    result = host.probe(b, target, n=n, concurrency=concurrency, method=method, data=data)
+    url = result["url"]
+    if result.get("not_recorded"):
+        info(f"wtbox: not recorded: {result['not_recorded'].rstrip('.')}.")
     if as_json:
         emit_json(result)
         return
@@ -122,21 +110,3 @@ def probe(box, target, n, concurrency, method, data, as_json):
         q = f'histogram_quantile(0.95, wtbox_probe_duration_seconds_bucket{{path="{result["path"]}"}})'
         info(f"recorded; compare later with: wtbox metrics {b.id} '{q}' --range 1h")
 
-
-def _resolve_url(host, box, target: str) -> str:
-    from ..errors import UsageError
-
-    if target.startswith(("http://", "https://")):
-        return target
-    if not target.startswith("/"):
-        raise UsageError(f"{target!r} is neither a URL nor a path; give e.g. /health or http://127.0.0.1:8000/.")
-    names = [p for p in box.ports if p != "metrics"]
-    try:
-        first = host.repo_config(box).box.ports[0]
-        if first in box.ports:
-            names.insert(0, first)
-    except Exception:  # an unreadable wtbox.toml: the leased order is good enough
-        pass
-    if not names:
-        raise UsageError(f"{box.id} has no ports; give a full URL instead of {target!r}.")
-    return f"http://127.0.0.1:{box.ports[names[0]]}{target}"

@@ -135,6 +135,14 @@ def write_specs(box: "Box", specs: list[ServiceSpec]) -> None:
                  json.dumps({"box_id": box.id, "workdir": str(box.path), "services": masked}, indent=1), mode=0o600)
 
 
+def configured_names(box: "Box") -> list[str]:
+    """The service names write_specs recorded (also for a box whose supervisor is not running)."""
+    try:
+        return [s["name"] for s in json.loads((box.run_dir / "services.json").read_text())["services"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
 # ---------------------------------------------------------------- up / down / restart
 
 def check_ports(box: "Box", specs: list[ServiceSpec]) -> None:

@@ -55,18 +55,15 @@ def resolve_cwd(box: "Box", cwd: str | None) -> Path:
 
 def run_in_box(host: "HostContext", box: "Box", cmd: str | Sequence[str], *, cwd: str | None = None,
                timeout: float | None = DEFAULT_TIMEOUT, tail: int = DEFAULT_TAIL,
-               secrets: dict[str, str] | None = None, reveal: bool = False,
+               secrets: dict[str, str] | None = None, redact: Callable[[str], str] | None = None,
                cancel: threading.Event | None = None) -> dict[str, Any]:
     """Run `cmd` in the box's worktree with the box env plus `secrets` (the running supervisor's,
     as `wtbox exec` passes them) and return {exit_code, stdout, stderr (the last `tail` lines
-    each), ...}.
+    each), ...}, both passed through `redact` (which masks the secret values).
 
-    Secret values (those in `secrets` and the box env's passwords) are replaced by *** unless
-    `reveal`. On timeout or `cancel` the command's process group is stopped (SIGTERM, wait,
-    SIGKILL); a timeout gives exit code 124.
+    On timeout or `cancel` the command's process group is stopped (SIGTERM, wait, SIGKILL); a
+    timeout gives exit code 124.
     """
-    from .resources.services import redactor_for
-
     argv = argv_of(cmd)
     if tail < 0:
         raise UsageError("tail must be zero or more lines.")
@@ -74,9 +71,8 @@ def run_in_box(host: "HostContext", box: "Box", cmd: str | Sequence[str], *, cwd
         raise UsageError("timeout must be more than zero seconds.")
     workdir = resolve_cwd(box, cwd)
     host.registry.touch(box.id)  # running something in a box is using it (TTL)
-    secrets = dict(secrets or {})
-    env = host.exec_env(box, secrets)
-    redact: Callable[[str], str] = (lambda s: s) if reveal else redactor_for(box, secrets)
+    env = host.exec_env(box, dict(secrets or {}))
+    redact = redact or (lambda s: s)
     out: dict[str, Any] = {"box": box.id, "cmd": cmd if isinstance(cmd, str) else list(cmd),
                            "cwd": str(workdir.relative_to(box.path.resolve())), "timed_out": False}
     t0 = time.monotonic()

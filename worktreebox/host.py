@@ -353,9 +353,12 @@ class Host:
         """Run a command in the box as `exec` does, captured: exit code and output tails, secrets
         masked unless `reveal` (execute.run_in_box)."""
         from .execute import DEFAULT_TIMEOUT, run_in_box
+        from .resources.services import redactor_for
 
+        secrets = self.running_secrets(box)
         return run_in_box(self, box, cmd, cwd=cwd, timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
-                          tail=tail, secrets=self.running_secrets(box), reveal=reveal, cancel=cancel)
+                          tail=tail, secrets=secrets, redact=None if reveal else redactor_for(box, secrets),
+                          cancel=cancel)
 
     def log_services(self, box: Box, wanted: "Sequence[str]" = ()) -> list[str]:
         """The services of the box that have (or will have) logs; a wanted name that is not one is refused."""

@@ -256,9 +256,15 @@ def _box_processes(home: Path) -> set[str]:
 
 def test_vanished_box_dir_and_allowed_secrets(wtbox_home, make_repo, host):
     repo = make_repo(toml=CORE_TOML)
+    broken = make_repo(toml=CORE_TOML + '[setup]\ncmd = "echo broken-setup-output; exit 3"\n')
 
     async def main():
         async with stdio_client(wtbox_home, "--allow-secrets") as client:
+            # a failed creation: wtbox's whole message (with the setup's last lines), nothing left
+            msg = failed(await client.call_tool("box_new", {"task": "broken", "repo": str(broken)}))
+            assert "exit code 3" in msg and "broken-setup-output" in msg, msg
+            assert ok(await client.call_tool("box_list", {})) == []
+
             box = ok(await client.call_tool("box_new", {"task": "vanish", "repo": str(repo), "show_secrets": True}))
             assert box["env"]["APP_SECRET"] == SECRET
             env = ok(await client.call_tool("box_env", {"box": "vanish"}))

@@ -244,15 +244,14 @@ def new_in_child(argv: list[str], progress: Callable[[str], None], cancel: threa
     child = procs.spawn([sys.executable, "-m", "worktreebox.cli", *argv], env=env,
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     ident = procs.identity(child.pid)
-    errors: list[str] = []
+    lines: list[str] = []
 
-    def read_stderr() -> None:
+    def read_stderr() -> None:  # progress lines ("  ports leased"), warnings, and at the end the error
         for raw in child.stderr:
             line = raw.decode("utf-8", "replace").rstrip()
-            if line.startswith("wtbox: "):
-                errors.append(line[len("wtbox: "):])
-            elif line.strip():
-                progress(line.strip())
+            lines.append(line)
+            if line.strip():
+                progress(line.strip().removeprefix("wtbox: "))
 
     reader = threading.Thread(target=read_stderr, daemon=True)
     reader.start()
@@ -274,7 +273,10 @@ def new_in_child(argv: list[str], progress: Callable[[str], None], cancel: threa
         _remove_made_by(ident)
         return {}  # nobody is waiting for it any more
     if child.returncode != 0:
-        message = errors[-1] if errors else f"wtbox new exited with code {child.returncode}."
+        # The error is the last "wtbox: " line and what follows it (e.g. a setup command's last lines).
+        starts = [i for i, line in enumerate(lines) if line.startswith("wtbox: ")]
+        message = ("\n".join(lines[starts[-1]:])[len("wtbox: "):] if starts
+                   else f"wtbox new exited with code {child.returncode}.")
         raise (UsageError if child.returncode == 2 else WtboxError)(message)
     return json.loads(b"".join(out))
 

@@ -300,6 +300,8 @@ def test_fanout_reports_progress_compares_picks_and_cancels_like_ctrl_c(wtbox_ho
                                              progress_callback=progress))
             assert [(r["index"], r["state"], r["run_exit"]) for r in rows] == [(1, "done", 0), (2, "done", 0)]
             assert seen and all(total == 2 for _, total, _ in seen) and seen[-1][0] == 2
+            values = [v for v, *_ in seen]
+            assert values == sorted(values) and len(set(values)) == len(values)  # MCP: always growing
             assert any("running" in m for *_, m in seen)
             again = ok(await client.call_tool("compare", {"fanout": "fo", "sort": "index"}))
             assert [r["box"] for r in again] == [r["box"] for r in rows] and again[0]["diff_files"] == 1

@@ -29,7 +29,7 @@ from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
 from mcp.server.transport_security import TransportSecuritySettings
-from mcp_types import CallToolResult, ListResourcesResult, Resource, TextContent, ToolAnnotations
+from mcp_types import CallToolResult, Resource, TextContent, ToolAnnotations
 from pydantic import Field, ValidationError
 
 NAME = "wtbox"
@@ -170,26 +170,32 @@ async def in_thread(work: Callable[[], Any], cancel: threading.Event | None = No
 
 class Progress:
     """A progress reporter any thread may call: each report is a notifications/progress (when
-    the client asked for them); silent once the call is cancelled. It never raises."""
+    the client asked for them); silent once the call is cancelled. It never raises.
+
+    MCP wants the value to grow with every notification: without a value each report counts
+    one; a value that would not grow (a fan-out attempt changing state while the number done
+    stays the same) is nudged up a little, and reports past `total` are dropped."""
 
     def __init__(self, ctx: Context, cancel: threading.Event, total: float | None = None) -> None:
         self._ctx = ctx
         self._cancel = cancel
         self._token = anyio.lowlevel.current_token()  # made in the event loop's thread
-        self._lock = threading.Lock()
-        self._n = 0.0
+        self._lock = threading.Lock()  # held while sending, so reports leave in order
+        self._last = 0.0
         self.total = total
 
     def __call__(self, message: str, progress: float | None = None) -> None:
         if self._cancel.is_set():
             return
         with self._lock:
-            self._n = self._n + 1 if progress is None else progress
-            n = self._n
-        try:
-            anyio.from_thread.run(self._ctx.report_progress, n, self.total, message, token=self._token)
-        except Exception:  # a client that went away must not break the work
-            pass
+            n = self._last + 1 if progress is None else max(progress, self._last + 0.001)
+            if self.total is not None and n > self.total:
+                return
+            self._last = n
+            try:
+                anyio.from_thread.run(self._ctx.report_progress, n, self.total, message, token=self._token)
+            except Exception:  # a client that went away must not break the work
+                pass
 
 
 # ---------------------------------------------------------------------- tools: boxes

@@ -33,6 +33,7 @@ from mcp_types import CallToolResult, Resource, TextContent, ToolAnnotations
 from pydantic import Field, ValidationError
 
 NAME = "wtbox"
+RESOURCE_LOG_LINES = 200  # records in a wtbox://box/<id>/logs/<service> resource
 INSTRUCTIONS = (
     "wtbox makes disposable development boxes on this host: each is a git worktree on its own "
     "branch with leased ports, its own PostgreSQL schema, caches, services with captured logs and "
@@ -586,9 +587,6 @@ def live_resources() -> list[Resource]:
     return out
 
 
-RESOURCE_LOG_LINES = 200
-
-
 def _resource(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run a resource reader in a thread; an unknown box is 'not found', other wtbox errors its sentence."""
 
@@ -624,6 +622,8 @@ def box_logs_resource(box: str, service: str) -> str:
 
 # ---------------------------------------------------------------------- the server
 
+# A new operation is one async function above (its blocking part through in_thread, taking its
+# arguments typed and described) and one line here; box_traces and box_browse will be two more.
 TOOLS: list[tuple[Callable[..., Any], ToolAnnotations]] = [
     (box_new, CHANGES), (box_list, READ_ONLY), (box_status, READ_ONLY), (box_env, READ_ONLY),
     (box_exec, CHANGES), (box_logs, READ_ONLY), (box_metrics, READ_ONLY), (box_probe, CHANGES),

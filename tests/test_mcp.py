@@ -141,7 +141,7 @@ def test_new_exec_logs_metrics_resources_rm(wtbox_home, make_repo, host):
             # a shell string, a cwd inside the worktree, the box env with the secret masked, tails
             r = ok(await client.call_tool("box_exec", {"box": bid, "cwd": "sub", "tail": 3,
                                                        "cmd": "echo $APP_SECRET; seq 1 10; pwd; echo $WTBOX_ID"}))
-            assert r["exit_code"] == 0 and r["cwd"] == "sub"
+            assert r["exit_code"] == 0 and r["cwd"] == "sub" and r["id"] == bid
             assert r["stdout"].splitlines() == ["10", str(Path(box["path"]) / "sub"), bid]
             assert r["stdout_lines"] == 13
             r = ok(await client.call_tool("box_exec", {"box": bid, "cmd": "echo $APP_SECRET", "tail": 1}))
@@ -157,7 +157,7 @@ def test_new_exec_logs_metrics_resources_rm(wtbox_home, make_repo, host):
 
             # probe records into the box's metrics; metrics reads them back (instant and range)
             p = ok(await client.call_tool("box_probe", {"box": bid, "target": "/", "n": 20}))
-            assert p["answered"] == 20 and p["recorded"] and p["box"] == bid
+            assert p["answered"] == 20 and p["recorded"] and p["id"] == bid
             m = ok(await client.call_tool("box_metrics", {
                 "box": bid, "query": 'wtbox_probe_duration_seconds_count{path="/"}'}))
             assert m["resultType"] == "vector" and m["result"][0]["value"][1] == "20"
@@ -189,7 +189,7 @@ def test_new_exec_logs_metrics_resources_rm(wtbox_home, make_repo, host):
 
             # services down and up again
             down = ok(await client.call_tool("box_down", {"box": bid}))
-            assert down["box"] == bid and [s["state"] for s in down["services"]] == ["stopped"]
+            assert down["id"] == down["box"] == bid and [s["state"] for s in down["services"]] == ["stopped"]
             up = ok(await client.call_tool("box_up", {"box": bid}))
             assert [s["state"] for s in up["services"]] == ["ready"]
 
@@ -304,10 +304,10 @@ def test_fanout_reports_progress_compares_picks_and_cancels_like_ctrl_c(wtbox_ho
             assert values == sorted(values) and len(set(values)) == len(values)  # MCP: always growing
             assert any("running" in m for *_, m in seen)
             again = ok(await client.call_tool("compare", {"fanout": "fo", "sort": "index"}))
-            assert [r["box"] for r in again] == [r["box"] for r in rows] and again[0]["diff_files"] == 1
-            picked = ok(await client.call_tool("box_pick", {"box": rows[0]["box"]}))
-            assert picked["kept"] == rows[0]["box"] and picked["removed"] == [rows[1]["box"]]
-            ok(await client.call_tool("box_rm", {"box": rows[0]["box"], "force": True}))
+            assert [r["id"] for r in again] == [r["id"] for r in rows] and again[0]["diff_files"] == 1
+            picked = ok(await client.call_tool("box_pick", {"box": rows[0]["id"]}))
+            assert picked["kept"] == rows[0]["id"] and picked["removed"] == [rows[1]["id"]]
+            ok(await client.call_tool("box_rm", {"box": rows[0]["id"], "force": True}))
 
             # Cancelled while the runs run: they are stopped and the boxes recorded, as Ctrl-C does.
             with anyio.CancelScope() as scope:
@@ -326,7 +326,7 @@ def test_fanout_reports_progress_compares_picks_and_cancels_like_ctrl_c(wtbox_ho
                     await anyio.sleep(0.25)
             assert boxes[0]["state"] == "interrupted"
             assert _box_processes(wtbox_home) == set()
-            ok(await client.call_tool("box_rm", {"box": boxes[0]["box"], "force": True}))
+            ok(await client.call_tool("box_rm", {"box": boxes[0]["id"], "force": True}))
 
     run(main)
 

@@ -73,7 +73,7 @@ def run_in_box(host: "HostContext", box: "Box", cmd: str | Sequence[str], *, cwd
     host.registry.touch(box.id)  # running something in a box is using it (TTL)
     env = host.exec_env(box, dict(secrets or {}))
     redact = redact or (lambda s: s)
-    out: dict[str, Any] = {"box": box.id, "cmd": cmd if isinstance(cmd, str) else list(cmd),
+    out: dict[str, Any] = {"id": box.id, "cmd": cmd if isinstance(cmd, str) else list(cmd),
                            "cwd": str(workdir.relative_to(box.path.resolve())), "timed_out": False}
     t0 = time.monotonic()
     try:

@@ -406,7 +406,7 @@ class Host:
         from . import probe as P
 
         result = P.probe(self.probe_url(box, target), n=n, concurrency=concurrency, method=method.upper(), data=data)
-        result["box"] = box.id
+        result["id"] = result["box"] = box.id  # "box": the alias other results keep for one release
         result["recorded"] = False
         metrics_url = (box.data.get("metrics") or {}).get("url")
         if not metrics_url:

@@ -216,6 +216,7 @@ async def box_new(
                                                  "(default: [box] ttl of wtbox.toml, or 72h).")] = None,
     no_services: Annotated[bool, Field(description="Create the box without starting its services.")] = False,
     keep: Annotated[bool, Field(description="Never remove this box in gc.")] = False,
+    no_pool: Annotated[bool, Field(description="Always make a fresh box, never one from the warm pool.")] = False,
     show_secrets: ShowSecrets = False,
 ) -> dict[str, Any]:
     """Create a box for TASK: worktree, ports, database, caches, metrics, services. Returns what
@@ -228,7 +229,7 @@ async def box_new(
     for flag, value in (("--repo", repo), ("--from", ref), ("--ttl", ttl)):
         if value is not None:
             argv += [flag, value]
-    argv += ["--no-services"] * no_services + ["--keep"] * keep + ["--show-secrets"] * reveal
+    argv += ["--no-services"] * no_services + ["--keep"] * keep + ["--no-pool"] * no_pool + ["--show-secrets"] * reveal
     cancel = threading.Event()
     progress = Progress(ctx, cancel)
     return await in_thread(lambda: new_in_child(argv + ["--", task], progress, cancel), cancel)
@@ -489,13 +490,18 @@ async def fanout(
     repo: Annotated[str | None, Field(description="Repository to cut the boxes from (default: the one "
                                                   "around the server's working directory).")] = None,
     ref: Annotated[str | None, Field(description="Git ref every box starts from (default: HEAD).")] = None,
+    warm: Annotated[bool, Field(description="Top the warm pool up to N boxes first, then claim them all.")] = False,
+    no_pool: Annotated[bool, Field(description="Make every box fresh, never from the warm pool.")] = False,
 ) -> list[dict[str, Any]]:
     """Create N boxes for TASK, run a command in each, measure them the same way; returns the
     comparison rows (what `wtbox fanout --json` prints). Reports progress per finished attempt;
     cancelling stops the runs as Ctrl-C does (the boxes stay for inspection)."""
     from . import fanout as F
     from .config import parse_duration
+    from .errors import UsageError, WtboxError
 
+    if warm and no_pool:
+        raise UsageError("warm fills the pool and no_pool ignores it; give one of them.")
     cancel = threading.Event()
     progress = Progress(ctx, cancel, total=n)
 
@@ -503,7 +509,7 @@ async def fanout(
         with _Opened() as host:
             opts = F.Options(task=task, n=n, run=run, checks=tuple(checks), probes=tuple(probes), repo=repo,
                              ref=ref, timeout=parse_duration(timeout, where="timeout") if timeout else None,
-                             jobs=jobs, probe_requests=probe_requests)
+                             jobs=jobs, probe_requests=probe_requests, warm=warm, use_pool=not no_pool)
             fo = F.Fanout(host, opts)
             fo.plan()  # refusals happen before anything is created
 
@@ -517,7 +523,10 @@ async def fanout(
 
             fo.on_change = changed
             fo.start()
-            return fo.wait(tick)
+            rows = fo.wait(tick)
+            if not any(r["id"] for r in rows):  # as `wtbox fanout` does
+                raise WtboxError(f"No box of the fan-out could be created; first error: {rows[0]['error']}")
+            return rows
 
     return await in_thread(work, cancel)
 
@@ -544,10 +553,10 @@ async def compare(
 
 @_blocking
 def _pick(host, box, merge_into, push, remote):
-    from . import fanout as F
+    from . import pick as P
 
-    chosen, others = F.pick_plan(host, box)
-    return F.pick(host, chosen, others, merge_into=merge_into, push=push, remote=remote)
+    chosen, others = P.pick_plan(host, box)
+    return P.pick(host, chosen, others, merge_into=merge_into, push=push, remote=remote)
 
 
 async def box_pick(
@@ -557,7 +566,8 @@ async def box_pick(
     remote: Annotated[str, Field(description="Remote for push.")] = "origin",
 ) -> dict[str, Any]:
     """Keep this box of a fan-out (marked keep) and remove the other boxes of its fan-out; no
-    committed work is lost (what `wtbox pick --json` prints)."""
+    committed work is lost (what `wtbox pick --json` prints; boxes it could not remove are
+    listed under `failed`)."""
     return await in_thread(lambda: _pick(box, merge_into, push, remote))
 
 

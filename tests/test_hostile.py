@@ -360,6 +360,8 @@ CLI_CASES += [
     ["init", "--repo", "/nonexistent"], ["init", "--repo", "/dev/null"],
     ["db", "frobnicate"], ["nosuchcommand"], ["--bogus"], ["status", "BOX", "extra-arg"],
     ["status", "--show-secrets", "--json", "nosuchbox"], ["ls", "extra"], ["doctor", "--bogus"],
+    ["mcp", "--http", "0.0.0.0:8000"], ["mcp", "--http", "[::]:8000"], ["mcp", "--http", "127.0.0.1:99999"],
+    ["mcp", "--http", "127.0.0.1"], ["mcp", "--http", ""], ["mcp", "--http", "evil.example:80"], ["mcp", "--bogus"],
 ]
 
 

@@ -130,7 +130,8 @@ def _optional_sections() -> None:
     for name, mod, fn in (("database", "bench_db", "bench_database"), ("services", "bench_services", "bench_services"),
                           ("metrics", "bench_metrics", "bench_metrics"), ("fanout", "bench_fanout", "bench_fanout"),
                           ("gc", "bench_gc", "bench_gc"), ("docker", "bench_docker", "bench_docker"),
-                          ("pool", "bench_pool", "bench_pool"), ("mcp", "bench_mcp", "bench_mcp")):
+                          ("pool", "bench_pool", "bench_pool"), ("mcp", "bench_mcp", "bench_mcp"),
+                          ("traces", "bench_traces", "bench_traces")):
         try:
             module = __import__(mod)
             SECTIONS[name] = getattr(module, fn)

@@ -24,6 +24,11 @@ def _graph(cfg: dict) -> tuple[dict, dict, dict]:
     return cfg.get("sources", {}), cfg.get("transforms", {}), cfg.get("sinks", {})
 
 
+def _components(inputs: list[str]) -> set[str]:
+    """Input names without a named output (`wtbox_otlp.traces` is an output of `wtbox_otlp`)."""
+    return {i.split(".", 1)[0] for i in inputs}
+
+
 def _reaches_sink(name: str, cfg: dict) -> bool:
     """Follow `inputs` edges downstream from a component until a sink is found."""
     sources, transforms, sinks = _graph(cfg)
@@ -34,9 +39,9 @@ def _reaches_sink(name: str, cfg: dict) -> bool:
             continue
         seen.add(cur)
         for sink in sinks.values():
-            if cur in sink["inputs"]:
+            if cur in _components(sink["inputs"]):
                 return True
-        frontier += [t for t, spec in transforms.items() if cur in spec["inputs"]]
+        frontier += [t for t, spec in transforms.items() if cur in _components(spec["inputs"])]
     return False
 
 
@@ -52,7 +57,7 @@ def test_every_source_feeds_a_sink_and_names_are_the_boxs(tmp_path, victorialogs
     components = set(sources) | set(transforms)
     for name, spec in {**transforms, **sinks}.items():
         assert spec["inputs"], name
-        assert set(spec["inputs"]) <= components, (name, spec["inputs"])
+        assert _components(spec["inputs"]) <= components, (name, spec["inputs"])
     for name in components:
         assert _reaches_sink(name, cfg), f"{name} feeds no sink"
 
@@ -106,3 +111,25 @@ def test_vector_runs_per_box_and_stops_with_it(host, make_repo):
     assert vm.find_processes(box.id, names=("vector",))
     host.rm(box.id, force=True)
     assert vm.find_processes(box.id, names=("vector",)) == []
+
+
+def test_otlp_source_forwards_every_signal_to_the_boxs_receiver(tmp_path):
+    box = _box(tmp_path)
+    otlp = {"grpc_address": "127.0.0.1:20002", "http_address": "127.0.0.1:20003",
+            "receiver_url": "http://127.0.0.1:20004"}
+    cfg = tomllib.loads(render_vector_config(box, "http://127.0.0.1:20001", otlp=otlp))
+    sources, transforms, sinks = _graph(cfg)
+    [(name, src)] = [(n, s) for n, s in sources.items() if s["type"] == "opentelemetry"]
+    assert src["grpc"]["address"] == otlp["grpc_address"] and src["http"]["address"] == otlp["http_address"]
+    assert src["use_otlp_decoding"] is True  # forwarded as OTLP, not converted into Vector events
+    forwarded = {}
+    for sink in sinks.values():
+        for i in sink["inputs"]:
+            if i.startswith(name + "."):
+                assert sink["type"] == "opentelemetry" and sink["protocol"]["encoding"]["codec"] == "otlp"
+                forwarded[i.split(".", 1)[1]] = sink["protocol"]["uri"]
+    assert forwarded == {s: f"{otlp['receiver_url']}/v1/{s}" for s in ("logs", "metrics", "traces")}
+    assert _reaches_sink(name, cfg)
+    # Without a receiver (observability off) there is no OTLP source at all.
+    plain = tomllib.loads(render_vector_config(box, "http://127.0.0.1:20001"))
+    assert not any(s["type"] == "opentelemetry" for s in plain["sources"].values())

@@ -121,8 +121,8 @@ class Box:
         return pg_name(self.id)
 
     def facts(self) -> dict[str, Any]:
-        """The Jinja2 context of this box ({{ box.id }}, {{ ports.web }}, {{ db.url }}, {{ metrics.url }}):
-        the one builder, used while the box is made and rebuilt from the saved box later (`up`)."""
+        """The Jinja2 context of this box ({{ box.id }}, {{ ports.web }}, {{ db.url }}, {{ metrics.url }},
+        {{ traces.url }}): the one builder, used while the box is made and rebuilt from the saved box later (`up`)."""
         db = dict(self.data.get("database") or {})
         if db:
             db.setdefault("host", self.env.get("PGHOST"))
@@ -133,7 +133,7 @@ class Box:
         return {
             "box": {"id": self.id, "task": self.task, "branch": self.branch, "path": str(self.path),
                     "dir": str(self.dir), "home": str(self.dir.parent.parent)},
-            "ports": dict(self.ports), "db": db, "metrics": metrics,
+            "ports": dict(self.ports), "db": db, "metrics": metrics, "traces": dict(self.data.get("traces") or {}),
         }
 
     def to_json(self, *, show_secrets: bool = False) -> dict[str, Any]:

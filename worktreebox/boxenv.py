@@ -25,6 +25,11 @@ if TYPE_CHECKING:
 
 DEFAULT_INHERIT = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "LC_*", "TZ", "TERM")
 DATA_KEY = "inherited_env"
+# The OpenTelemetry SDK variables a box with an OTLP endpoint sets (resources/traces.py).
+OTEL_ENDPOINT, OTEL_PROTOCOL, OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES = (
+    "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES")
+OTEL_VARS = (OTEL_ENDPOINT, OTEL_PROTOCOL, OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES)
+EXEC_SERVICE = "exec"  # OTEL_SERVICE_NAME of exec, shell, setup, migrate and fan-out runs
 
 
 def _other_box_var(name: str) -> bool:
@@ -65,7 +70,16 @@ def capture(cfg: "BoxConfig", environ: Mapping[str, str] | None = None) -> dict[
 def process_env(box: "Box", secrets: Mapping[str, str] | None = None) -> dict[str, str]:
     """What a process of the box runs with: what it inherited at creation, the box env, secrets.
     A box made before environments were recorded falls back to the caller's environment."""
-    return compose(box.id, box.env, secrets, parent=box.data.get(DATA_KEY))
+    return compose(box.id, box.env, otel_service_name(box.env, {}, EXEC_SERVICE), secrets,
+                   parent=box.data.get(DATA_KEY))
+
+
+def otel_service_name(box_env: Mapping[str, str], own_env: Mapping[str, str], service: str) -> dict[str, str]:
+    """OTEL_SERVICE_NAME=<service> for a process of a box with an OTLP endpoint, unless the repo's
+    [box] env or the process's own env names one."""
+    if OTEL_ENDPOINT in box_env and OTEL_SERVICE_NAME not in box_env and OTEL_SERVICE_NAME not in own_env:
+        return {OTEL_SERVICE_NAME: service}
+    return {}
 
 
 def redactor_for(box: "Box", secrets: Mapping[str, str]):

@@ -25,6 +25,7 @@ COMMANDS = {
     "restart": "services:restart",
     "metrics": "metrics:metrics",
     "probe": "metrics:probe",
+    "traces": "traces:traces",
     "gc": "gc:gc",
     "keep": "gc:keep",
     "unkeep": "gc:unkeep",

@@ -182,10 +182,10 @@ class RepoConfig:
 
     @property
     def port_names(self) -> list[str]:
-        """Named ports a box leases: the repo's, plus `metrics` when observability is on."""
+        """Named ports a box leases: the repo's, plus `metrics` and `otlp` when observability is on."""
         names = list(self.box.ports)
-        if self.observability.enabled and "metrics" not in names:
-            names.append("metrics")
+        if self.observability.enabled:
+            names += [n for n in ("metrics", "otlp") if n not in names]
         return names
 
 

@@ -22,6 +22,14 @@ def metric_specs() -> dict[str, dict[str, Any]]:
     return _SPECS
 
 
+def histogram_buckets(name: str) -> list[float]:
+    """Bucket edges (seconds) of a histogram in metrics.toml: its `buckets`, or those of `buckets_of`."""
+    spec = metric_specs()[name]
+    if "buckets_of" in spec:
+        spec = metric_specs()[spec["buckets_of"]]
+    return [float(b) for b in spec["buckets"]]
+
+
 def exposition(samples: Iterable[tuple[str, dict[str, str], float]], timestamp_ms: int | None = None) -> str:
     """Prometheus text exposition of (name, labels, value), with # HELP/# TYPE from metrics.toml."""
     specs = metric_specs()

@@ -348,15 +348,15 @@ def pids_named(name: str) -> list[int]:
     return [pid for pid in _pids() if comm(pid) == name]
 
 
-def spawn_detached(cmd: list[str], *, env: dict[str, str], log_path: Path) -> int:
+def spawn_detached(cmd: list[str], *, env: dict[str, str], log_path: Path, cwd: str | Path | None = None) -> int:
     """Start cmd in its own session as a grandchild (output appended to log_path); returns its pid.
 
     A shell starts it in the background and exits, so the process is reparented to init and is
     never a zombie child of a long-lived caller (a test, `wtbox mcp`), which would make it look
     alive to everyone who waits for it to end."""
     sh = subprocess.run(["/bin/sh", "-c", '"$@" >>"$0" 2>&1 </dev/null & echo $!', str(log_path), *cmd],
-                        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                        start_new_session=True, close_fds=True, check=True, text=True)
+                        env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                        stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True, check=True, text=True)
     return int(sh.stdout.strip())
 
 

@@ -32,13 +32,22 @@ def healthy(url: str, timeout: float = 1.0) -> bool:
 
 def push_prometheus(url: str, text: str, timeout: float = 2.0) -> None:
     """POST Prometheus text to <url>/api/v1/import/prometheus over a bare socket (plain http only)."""
+    _push(url, "/api/v1/import/prometheus", text.encode(), "text/plain", timeout)
+
+
+def push_import_lines(url: str, lines: Iterable[dict[str, Any]], timeout: float = 2.0) -> None:
+    """POST JSON lines ({"metric", "values", "timestamps"}) to <url>/api/v1/import over a bare socket."""
+    body = "".join(json.dumps(line, separators=(",", ":")) + "\n" for line in lines).encode()
+    _push(url, "/api/v1/import", body, "application/json", timeout)
+
+
+def _push(url: str, path: str, body: bytes, content_type: str, timeout: float) -> None:
     from urllib.parse import urlsplit  # urllib.parse alone is light
 
     u = urlsplit(url)
     host, port = u.hostname or "127.0.0.1", u.port or 80
-    body = text.encode()
-    head = (f"POST {u.path.rstrip('/')}/api/v1/import/prometheus HTTP/1.1\r\nHost: {host}:{port}\r\n"
-            f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+    head = (f"POST {u.path.rstrip('/')}{path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n")
     with socket.create_connection((host, port), timeout=timeout) as s:
         s.sendall(head.encode() + body)
         status = s.recv(64).split(b" ", 2)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from ..errors import UsageError
-from .record import ALIASES, EVENTS, LEVELS, TS_END, TS_PREFIX
+from .record import ALIASES, EVENTS, LEVELS, OTLP, TS_END, TS_PREFIX
 
 
 def level_at_least(min_level: str | None) -> int:
@@ -291,11 +291,14 @@ def _backward_records(logs_dir: Path, service: str, flt: _Filter) -> Iterator[tu
 
 
 def _sources(logs_dir: Path, services: Iterable[str] | None, include_events: bool) -> list[str]:
-    names = [s for s in available_services(logs_dir) if not s.startswith("_")]
+    present = available_services(logs_dir)
+    names = [s for s in present if not s.startswith("_")]
     if services:
         names = [s for s in names if s in set(services)]
-    if include_events and EVENTS in available_services(logs_dir):
+    if include_events and EVENTS in present:
         names.append(EVENTS)
+    if OTLP in present:
+        names.append(OTLP)
     return names
 
 

@@ -17,6 +17,8 @@ ALIASES = {
 }
 # start/ready/exit/restart events of the supervisor: same record shape, in logs/_events.jsonl.
 EVENTS = "_events"
+# Log records received on the box's OTLP endpoint (each naming its service), in logs/_otlp.jsonl.
+OTLP = "_otlp"
 
 TS_PREFIX = '{"ts": "'
 TS_END = len(TS_PREFIX) + 24  # where the fixed-width timestamp of a raw line ends

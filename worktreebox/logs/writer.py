@@ -150,6 +150,11 @@ class LogWriter:
         with self._lock:
             self._write("event", level, msg, service=service, **extra)
 
+    def write(self, stream: str, level: str, msg: str, service: str | None = None, **extra: Any) -> None:
+        """One record that arrives structured (OTLP logs): no level guessing, no traceback joining."""
+        with self._lock:
+            self._write(stream, level, msg, service=service, **extra)
+
     # -- output
     def _write(self, stream: str, level: str, msg: str, service: str | None = None, **extra: Any) -> None:
         rec = {"ts": now_ts(), "service": service or self.service, "stream": stream, "level": level,
@@ -168,12 +173,7 @@ class LogWriter:
 
     def _rotate(self) -> None:
         self._fh.close()
-        # <svc>.jsonl.{keep-1} → .{keep} (the oldest is overwritten), …, <svc>.jsonl → .1
-        for i in range(self.keep, 0, -1):
-            dst = self.path.with_name(f"{self.path.name}.{i}")
-            src = self.path.with_name(f"{self.path.name}.{i - 1}") if i > 1 else self.path
-            if src.exists():
-                os.replace(src, dst)
+        rotate(self.path, self.keep)
         self._fh = open(self.path, "ab", buffering=0)
         self._size = 0
 
@@ -183,6 +183,15 @@ class LogWriter:
             if self._fh is not None:
                 self._fh.close()
                 self._fh = None
+
+
+def rotate(path: Path, keep: int) -> None:
+    """<name>.{keep-1} → .{keep} (the oldest is overwritten), …, <name> → <name>.1."""
+    for i in range(keep, 0, -1):
+        dst = path.with_name(f"{path.name}.{i}")
+        src = path.with_name(f"{path.name}.{i - 1}") if i > 1 else path
+        if src.exists():
+            os.replace(src, dst)
 
 
 class EventLog:

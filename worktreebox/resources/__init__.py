@@ -18,6 +18,7 @@ ORDER = (
     "caches:Caches",
     "database:Database",
     "metrics:Metrics",
+    "traces:Traces",
     "services:Services",
 )
 

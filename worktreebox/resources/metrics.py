@@ -57,7 +57,7 @@ class Metrics(Resource):
         store(c.host, provider).start(box, port, scrape_config=scrape, retention=obs.retention)
         if obs.collector == "vector":
             if shutil.which(VECTOR):
-                start_vector(box, url, obs.victorialogs_url)
+                start_vector(box, url, obs.victorialogs_url, vector_otlp(c))
                 box.data[self.name]["collector"] = "vector"
             else:
                 c.note("`vector` is not on PATH; wtbox's built-in collector ships the box's logs and process metrics")
@@ -144,18 +144,34 @@ def render_scrape_config(box_id: str, targets: list[dict[str, Any]], interval: s
 
 
 def render_vector_config(box: "Box", metrics_url: str, victorialogs_url: str | None = None,
-                         interval_secs: int = 15) -> str:
+                         interval_secs: int = 15, otlp: dict[str, str] | None = None) -> str:
+    """otlp: {grpc_address, http_address, receiver_url} adds an OTLP source forwarding to the receiver."""
     return _render("observability/vector.toml.j2", box_id=box.id, logs_dir=str(box.logs_dir),
                    data_dir=str(box.run_dir / "vector"), metrics_url=metrics_url,
-                   victorialogs_url=victorialogs_url, interval_secs=interval_secs)
+                   victorialogs_url=victorialogs_url, interval_secs=interval_secs, otlp=otlp)
 
 
-def start_vector(box: "Box", metrics_url: str, victorialogs_url: str | None) -> int:
+def vector_otlp(c: Creation) -> dict[str, str] | None:
+    """Two more leased ports for Vector's OTLP source (gRPC and HTTP), forwarding to the box's receiver."""
+    from . import ports
+
+    box = c.box
+    if "otlp" not in box.ports:
+        return None
+    extra = ports.lease(c.host, box.id, ["otlp_grpc", "otlp_vector"])
+    box.ports.update(extra)
+    c.env["WTBOX_OTLP_GRPC_ENDPOINT"] = f"http://127.0.0.1:{extra['otlp_grpc']}"
+    return {"grpc_address": f"127.0.0.1:{extra['otlp_grpc']}", "http_address": f"127.0.0.1:{extra['otlp_vector']}",
+            "receiver_url": f"http://127.0.0.1:{box.ports['otlp']}"}
+
+
+def start_vector(box: "Box", metrics_url: str, victorialogs_url: str | None,
+                 otlp: dict[str, str] | None = None) -> int:
     """Start a detached Vector for the box (WTBOX_ID in its env so teardown finds it)."""
     (box.run_dir / "vector").mkdir(parents=True, exist_ok=True)
     box.logs_dir.mkdir(parents=True, exist_ok=True)
     config = box.run_dir / VECTOR_FILE
-    config.write_text(render_vector_config(box, metrics_url, victorialogs_url))
+    config.write_text(render_vector_config(box, metrics_url, victorialogs_url, otlp=otlp))
     env = {**os.environ, "WTBOX_ID": box.id, "WTBOX_BOX_DIR": str(box.dir)}
     pid = procs.spawn_detached([shutil.which(VECTOR) or VECTOR, "--config", str(config)], env=env,
                                log_path=box.run_dir / "vector.log")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import control, procs
 from ..box import DEGRADED, READY
-from ..boxenv import process_env, redactor_for
+from ..boxenv import otel_service_name, process_env, redactor_for
 from ..config import check_ready, path_inside, services_in_order
 from ..errors import ConfigError, UsageError, WtboxError
 from ..fsutil import atomic_write
@@ -88,6 +88,7 @@ def render_specs(c: Creation) -> list[ServiceSpec]:
     for svc in services_in_order(cfg.services):
         where = f"{cfg.source}: [services.{svc.name}]"
         env = {k: render(v, c.facts, f"{where} env.{k}") for k, v in svc.env.items()}
+        env.update(otel_service_name(box.env, env, svc.name))
         ready = render(svc.ready, c.facts, f"{where} ready") if svc.ready else None
         if ready:
             check_ready(ready, f"{where} ready")

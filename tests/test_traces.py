@@ -411,3 +411,24 @@ def test_ge_pattern_matches_exactly_the_numbers_at_least_n():
         for x in [n, n + 1, max(0, n - 1), n * 10, n // 10] + [rng.randrange(10 ** rng.randrange(1, 21))
                                                                for _ in range(20)]:
             assert bool(rx.match(str(x).encode())) == (x >= n), (n, x)
+
+
+def test_a_box_claimed_from_the_pool_keeps_its_spans_and_rm_stops_its_receiver(host, make_repo, run_wtbox):
+    from worktreebox import pool as P
+
+    repo = make_repo({"send.py": SEND}, toml=BARE_TOML)
+    try:
+        P.top_up(host, P.resolve_target(repo), 1)
+        [pooled] = [b for b in host.list() if b.pool]
+        pid = traces_resource.receiver_pid(pooled)
+        assert pid
+        out = json.loads(run_wtbox("new", "claimed", "--repo", str(repo), "--json").stdout)
+        assert out["from_pool"] is True and out["traces"]["up"]
+        sent = set(run_wtbox("exec", out["id"], "--", sys.executable, "send.py", "2").stdout.split())
+        got = json.loads(run_wtbox("traces", out["id"], "--json").stdout)
+        assert {s["trace_id"] for s in got} == sent and len(sent) == 2
+        run_wtbox("rm", out["id"])
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert not (host.boxes_dir / out["id"]).exists() and not (host.boxes_dir / pooled.id).is_symlink()
+    finally:
+        P.stop_filler(host, str(repo))

@@ -424,6 +424,7 @@ def test_a_box_claimed_from_the_pool_keeps_its_spans_and_rm_stops_its_receiver(h
         assert pid
         out = json.loads(run_wtbox("new", "claimed", "--repo", str(repo), "--json").stdout)
         assert out["from_pool"] is True and out["traces"]["up"]
+        assert host.get(out["id"]).env["OTEL_RESOURCE_ATTRIBUTES"] == f"wtbox.box={out['id']}"
         sent = set(run_wtbox("exec", out["id"], "--", sys.executable, "send.py", "2").stdout.split())
         got = json.loads(run_wtbox("traces", out["id"], "--json").stdout)
         assert {s["trace_id"] for s in got} == sent and len(sent) == 2

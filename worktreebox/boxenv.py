@@ -82,6 +82,15 @@ def otel_service_name(box_env: Mapping[str, str], own_env: Mapping[str, str], se
     return {}
 
 
+def renamed_otel_box(env: Mapping[str, str], old_id: str, new_id: str) -> dict[str, str]:
+    """OTEL_RESOURCE_ATTRIBUTES naming the box by its new id (a box claimed from the pool)."""
+    attrs = env.get(OTEL_RESOURCE_ATTRIBUTES, "")
+    old = f"wtbox.box={old_id}"
+    if old in attrs.split(","):
+        return {OTEL_RESOURCE_ATTRIBUTES: ",".join(f"wtbox.box={new_id}" if a == old else a for a in attrs.split(","))}
+    return {}
+
+
 def redactor_for(box: "Box", secrets: Mapping[str, str]):
     """Hides the `--secret` values and the secret values of the box env (passwords, tokens, URL passwords)."""
     from .secrets import Redactor, secret_values

@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import git, procs
+from . import boxenv, git, procs
 from .box import CREATING, READY, Box, branch_name, hex_of, slugify
 from .boxenv import without_box_vars
 from .config import config_sources, parse_duration, parse_repo_config
@@ -190,6 +190,7 @@ def _take_over(host: Host, box: Box, t: Target) -> bool:
     old, new = str(old_dir), str(box.dir)
     box.env = {k: new + v[len(old):] if v == old or v.startswith(old + "/") else v for k, v in box.env.items()}
     box.env["WTBOX_ID"] = box.id
+    box.env.update(boxenv.renamed_otel_box(box.env, pool_id, box.id))
     host.write_env_file(box)
     moved = box.data.get("base_sha") != t.sha
     if moved:

@@ -433,3 +433,25 @@ def test_a_box_claimed_from_the_pool_keeps_its_spans_and_rm_stops_its_receiver(h
         assert not (host.boxes_dir / out["id"]).exists() and not (host.boxes_dir / pooled.id).is_symlink()
     finally:
         P.stop_filler(host, str(repo))
+
+
+def test_box_traces_is_an_mcp_tool(host, make_repo, wtbox_home):
+    import anyio
+    from test_mcp import ok, stdio_client
+
+    box = host.new("mcptr", repo=make_repo(toml=BARE_TOML))
+    url = box.data["traces"]["url"]
+    tid = "ab" * 16
+    assert post(url + "/v1/traces", json_span(tid, "cd" * 8, "GET /slow"), "application/json")[0] == 200
+
+    async def main():
+        async with stdio_client(wtbox_home) as client:
+            tools = {t.name: t for t in (await client.list_tools()).tools}
+            assert {"min_duration", "trace_id", "logs", "limit"} <= set(tools["box_traces"].input_schema["properties"])
+            spans = ok(await client.call_tool("box_traces", {"box": box.id, "min_duration": "400ms"}))
+            assert [(s["trace_id"], s["name"], s["duration_ms"]) for s in spans] == [(tid, "GET /slow", 420.0)]
+            assert ok(await client.call_tool("box_traces", {"box": box.id, "min_duration": "1s"})) == []
+            tree = ok(await client.call_tool("box_traces", {"box": box.id, "trace_id": tid[:8], "logs": True}))
+            assert tree["trace_id"] == tid and tree["spans"][0]["depth"] == 0 and tree["logs"] == []
+
+    anyio.run(main)

@@ -138,6 +138,12 @@ class DatabaseConfig:
     provider: str | None = None  # embedded | external | docker; None = host default
 
 
+# Ports wtbox leases for its own observability (the metrics store, the OTLP receiver; Vector's
+# OTLP source), never taken for the app's first port.
+OBSERVABILITY_PORTS = ("metrics", "otlp")
+OWN_PORTS = (*OBSERVABILITY_PORTS, "otlp_grpc", "otlp_vector")
+
+
 @dataclasses.dataclass
 class ServiceConfig:
     name: str
@@ -185,7 +191,7 @@ class RepoConfig:
         """Named ports a box leases: the repo's, plus `metrics` and `otlp` when observability is on."""
         names = list(self.box.ports)
         if self.observability.enabled:
-            names += [n for n in ("metrics", "otlp") if n not in names]
+            names += [n for n in OBSERVABILITY_PORTS if n not in names]
         return names
 
 

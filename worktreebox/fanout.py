@@ -20,7 +20,7 @@ from . import boxenv, git, procs
 from . import pool
 from . import probe as P
 from .box import new_id, slugify
-from .config import load_config_for_new
+from .config import OWN_PORTS, load_config_for_new
 from .errors import UsageError, WtboxError
 from .logs.reader import available_services, read_records
 from .logs.run import OutputTail, join_pumps, start_logged
@@ -422,7 +422,7 @@ def probe_url(box: "Box", target: str) -> str:
     """A PATH is probed on the box's first port (the [box] ports order), never its metrics port."""
     if target.startswith(("http://", "https://")):
         return target
-    names = [p for p in box.ports if p != "metrics"]
+    names = [p for p in box.ports if p not in OWN_PORTS]
     if not names:
         raise UsageError(f"{box.id} has no ports; give --probe a full URL instead of {target!r}.")
     return f"http://127.0.0.1:{box.ports[names[0]]}{target}"

@@ -19,7 +19,7 @@ from .providers import docker_engine
 from .providers.postgres import server as postgres_server
 from .box import CREATING, DEGRADED, FAILED, READY, REMOVING, Box, branch_name, new_id, slugify
 from .boxenv import process_env
-from .config import load_config_for_new, load_host_config, load_repo_config_file, parse_duration
+from .config import OWN_PORTS, load_config_for_new, load_host_config, load_repo_config_file, parse_duration
 from .envfile import format_env
 from .errors import NotFound, UnsavedWork, UsageError, WtboxError
 from .fsutil import atomic_write
@@ -382,13 +382,33 @@ class Host:
         self.log_services(box, services)
         return reader.read_records(box.logs_dir, list(services) or None, since_ts, until_ts, level, grep, tail)
 
+    def traces(self, box: Box, *, service: str | None = None, name: str | None = None,
+               min_duration: "str | float | None" = None, status: str | None = None, since: "str | float | None" = None,
+               trace_id: str | None = None, with_logs: bool = False, limit: int | None = 100) -> "list[dict] | dict":
+        """`traces --json`: the newest `limit` spans that match every filter, in start order; with
+        `trace_id`, that trace as a tree ({trace_id, start, duration_ms, services, span_count, spans
+        with depth}, plus `logs` with `with_logs`)."""
+        from .traces import query
+
+        if not box.data.get("traces"):
+            raise WtboxError(f"{box.id} has no OTLP endpoint: its wtbox.toml sets [observability] enabled = false.")
+        if with_logs and not trace_id:
+            raise UsageError("--logs goes with --trace ID: it shows the log records of that one trace.")
+        if trace_id:
+            tree = query.trace_tree(box.dir, trace_id)
+            if with_logs:
+                tree["logs"] = query.trace_logs(box.dir, tree["trace_id"])
+            return tree
+        return query.find_spans(box.dir, service=service, name=name, min_duration=min_duration, status=status,
+                                since=since, limit=limit)
+
     def probe_url(self, box: Box, target: str) -> str:
         """A URL as is; a PATH on the box's first port ([box] ports order), never its metrics port."""
         if target.startswith(("http://", "https://")):
             return target
         if not target.startswith("/"):
             raise UsageError(f"{target!r} is neither a URL nor a path; give e.g. /health or http://127.0.0.1:8000/.")
-        names = [p for p in box.ports if p != "metrics"]
+        names = [p for p in box.ports if p not in OWN_PORTS]
         try:
             first = self.repo_config(box).box.ports[0]
             if first in box.ports:

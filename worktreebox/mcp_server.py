@@ -423,6 +423,35 @@ async def box_probe(
     return await in_thread(lambda: _probe(box, target, n, concurrency, method, data))
 
 
+@_blocking
+def _traces(host, box, service, name, min_duration, status, since, trace_id, logs, limit):
+    return host.traces(host.get(box), service=service, name=name, min_duration=min_duration, status=status,
+                       since=since, trace_id=trace_id, with_logs=logs, limit=limit)
+
+
+async def box_traces(
+    box: BoxRef,
+    min_duration: Annotated[str | None, Field(description="Only spans at least this long: '200ms', '1.5s', "
+                                                          "'500us'.")] = None,
+    service: Annotated[str | None, Field(description="Only spans of this service (its OTEL_SERVICE_NAME).")] = None,
+    name: Annotated[str | None, Field(description="Only span names matching this glob, e.g. 'GET /items*'.")] = None,
+    status: Annotated[Literal["error", "ok", "unset"] | None, Field(description="Only spans with this "
+                                                                                "status.")] = None,
+    since: Annotated[str | None, Field(description="Only spans that started after this: a duration ago "
+                                                   "('5m') or an ISO time.")] = None,
+    trace_id: Annotated[str | None, Field(description="One trace (32 hex digits, or the first 8+) as a tree "
+                                                      "instead of a list.")] = None,
+    logs: Annotated[bool, Field(description="With trace_id: also the log records carrying that "
+                                            "trace id.")] = False,
+    limit: Annotated[int | None, Field(ge=0, description="At most this many spans, the newest that "
+                                                         "match (null for all).")] = 100,
+) -> list[dict[str, Any]] | dict[str, Any]:
+    """Spans the box's OTLP endpoint received (what `wtbox traces --json` prints): a list of {trace_id,
+    span_id, parent_span_id, name, service, start, duration_ms, status, kind, attributes}; with trace_id,
+    {trace_id, duration_ms, span_count, services, spans (depth-first, each with depth), logs}."""
+    return await in_thread(lambda: _traces(box, service, name, min_duration, status, since, trace_id, logs, limit))
+
+
 def _services_tool(action: str, doc: str):
     @_blocking
     def run(host, box, service):
@@ -633,10 +662,11 @@ def box_logs_resource(box: str, service: str) -> str:
 # ---------------------------------------------------------------------- the server
 
 # A new operation is one async function above (its blocking part through in_thread, taking its
-# arguments typed and described) and one line here; box_traces and box_browse will be two more.
+# arguments typed and described) and one line here; box_browse will be one more.
 TOOLS: list[tuple[Callable[..., Any], ToolAnnotations]] = [
     (box_new, CHANGES), (box_list, READ_ONLY), (box_status, READ_ONLY), (box_env, READ_ONLY),
-    (box_exec, CHANGES), (box_logs, READ_ONLY), (box_metrics, READ_ONLY), (box_probe, CHANGES),
+    (box_exec, CHANGES), (box_logs, READ_ONLY), (box_metrics, READ_ONLY), (box_traces, READ_ONLY),
+    (box_probe, CHANGES),
     (box_up, CHANGES), (box_down, CHANGES), (box_restart, CHANGES), (box_rm, DESTROYS),
     (fanout, CHANGES), (compare, READ_ONLY), (box_pick, DESTROYS),
 ]

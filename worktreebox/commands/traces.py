@@ -21,26 +21,17 @@ from ._common import box_argument, emit_json, get_host, info, json_option, run_c
 @run_cmd
 def traces(box, service, name, min_duration, status, since, trace_id, with_logs, limit, as_json):
     """List a box's spans (filters combine), or print one trace as an indented tree with durations."""
-    from ..errors import UsageError, WtboxError
-    from ..traces import query
-
     host = get_host()
     b = host.get(box)
-    if not b.data.get("traces"):
-        raise WtboxError(f"{b.id} has no OTLP endpoint: its wtbox.toml sets [observability] enabled = false.")
-    if with_logs and not trace_id:
-        raise UsageError("--logs goes with --trace ID: it shows the log records of that one trace.")
+    found = host.traces(b, service=service, name=name, min_duration=min_duration, status=status, since=since,
+                        trace_id=trace_id, with_logs=with_logs, limit=limit)
     if trace_id:
-        tree = query.trace_tree(b.dir, trace_id)
-        if with_logs:
-            tree["logs"] = query.trace_logs(b.dir, tree["trace_id"])
         if as_json:
-            emit_json(tree)
+            emit_json(found)
         else:
-            _print_tree(tree)
+            _print_tree(found)
         return
-    spans = query.find_spans(b.dir, service=service, name=name, min_duration=min_duration, status=status,
-                             since=since, limit=limit)
+    spans = found
     if as_json:
         emit_json(spans)
         return

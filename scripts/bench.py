@@ -131,7 +131,8 @@ def _optional_sections() -> None:
                           ("metrics", "bench_metrics", "bench_metrics"), ("fanout", "bench_fanout", "bench_fanout"),
                           ("gc", "bench_gc", "bench_gc"), ("docker", "bench_docker", "bench_docker"),
                           ("pool", "bench_pool", "bench_pool"), ("mcp", "bench_mcp", "bench_mcp"),
-                          ("traces", "bench_traces", "bench_traces")):
+                          ("traces", "bench_traces", "bench_traces"),
+                          ("browser", "bench_browser", "bench_browser")):
         try:
             module = __import__(mod)
             SECTIONS[name] = getattr(module, fn)

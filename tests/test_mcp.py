@@ -86,7 +86,7 @@ def test_tools_have_schemas_and_errors_are_one_sentence(wtbox_home):
         async with stdio_client(wtbox_home) as client:
             tools = {t.name: t for t in (await client.list_tools()).tools}
             assert {"box_new", "box_list", "box_status", "box_exec", "box_logs", "box_metrics", "box_probe",
-                    "box_up", "box_down", "box_restart", "box_rm", "fanout", "compare"} <= set(tools)
+                    "box_up", "box_down", "box_restart", "box_rm", "fanout", "compare", "box_browse"} <= set(tools)
             for name, tool in tools.items():
                 assert tool.description, name
                 assert tool.output_schema is not None, name  # structured results
@@ -97,6 +97,8 @@ def test_tools_have_schemas_and_errors_are_one_sentence(wtbox_home):
             assert {"cmd", "cwd", "timeout", "tail"} <= set(exec_props)
             assert {s.get("type") for s in exec_props["cmd"]["anyOf"]} == {"array", "string"}
             assert {"query", "range", "step"} <= set(tools["box_metrics"].input_schema["properties"])
+            assert {"target", "screenshot", "viewport", "wait_for", "timeout", "compare", "diff"} <= \
+                set(tools["box_browse"].input_schema["properties"])
             assert {"task", "repo", "ref", "ttl", "no_services"} <= set(tools["box_new"].input_schema["properties"])
             templates = {t.uri_template for t in (await client.list_resource_templates()).resource_templates}
             assert templates == {"wtbox://box/{box}/status", "wtbox://box/{box}/env",

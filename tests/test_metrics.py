@@ -287,7 +287,9 @@ def test_metric_names_live_in_one_place():
     specs = metric_specs()
     assert {"wtbox_service_up", "wtbox_service_ready_seconds", "wtbox_service_restarts_total",
             "wtbox_process_cpu_seconds_total", "wtbox_process_resident_memory_bytes", "wtbox_log_records_total",
-            "wtbox_probe_duration_seconds", "wtbox_span_duration_seconds", "wtbox_span_errors_total"} == set(specs)
+            "wtbox_probe_duration_seconds", "wtbox_span_duration_seconds", "wtbox_span_errors_total",
+            "wtbox_browser_console_errors_total", "wtbox_browser_failed_requests_total",
+            "wtbox_browser_page_load_seconds"} == set(specs)
     for name, spec in specs.items():
         assert spec["type"] in ("gauge", "counter", "histogram") and spec["help"] and "box" in spec["labels"]
         assert name.endswith("_total") == (spec["type"] == "counter")

@@ -34,6 +34,7 @@ COMMANDS = {
     "pick": "fanout:pick",
     "pool": "pool:pool",
     "mcp": "mcp:mcp",
+    "browse": "browse:browse",
 }
 
 

@@ -141,7 +141,7 @@ class DatabaseConfig:
 # Ports wtbox leases for its own observability (the metrics store, the OTLP receiver; Vector's
 # OTLP source), never taken for the app's first port.
 OBSERVABILITY_PORTS = ("metrics", "otlp")
-OWN_PORTS = (*OBSERVABILITY_PORTS, "otlp_grpc", "otlp_vector")
+OWN_PORTS = (*OBSERVABILITY_PORTS, "otlp_grpc", "otlp_vector", "browser")  # wtbox's, never the app's
 
 
 @dataclasses.dataclass
@@ -176,6 +176,11 @@ class PoolConfig:
 
 
 @dataclasses.dataclass
+class BrowserConfig:
+    enabled: bool = False  # keep a headless Chromium running for the box's lifetime
+
+
+@dataclasses.dataclass
 class RepoConfig:
     source: str = "(defaults)"
     box: BoxConfig = dataclasses.field(default_factory=BoxConfig)
@@ -185,6 +190,7 @@ class RepoConfig:
     services_from_procfile: bool = False
     observability: ObservabilityConfig = dataclasses.field(default_factory=ObservabilityConfig)
     pool: PoolConfig = dataclasses.field(default_factory=PoolConfig)
+    browser: BrowserConfig = dataclasses.field(default_factory=BrowserConfig)
 
     @property
     def port_names(self) -> list[str]:
@@ -192,6 +198,8 @@ class RepoConfig:
         names = list(self.box.ports)
         if self.observability.enabled:
             names += [n for n in OBSERVABILITY_PORTS if n not in names]
+        if self.browser.enabled and "browser" not in names:
+            names.append("browser")
         return names
 
 
@@ -309,7 +317,7 @@ def parse_repo_config(text: str | None, source: str, procfile: str | None = None
     data: dict[str, Any] = {}
     if text is not None:
         data = _loads(text, source)
-    known = {"box", "setup", "database", "services", "observability", "pool"}
+    known = {"box", "setup", "database", "services", "observability", "pool", "browser"}
     for key in data:
         if key not in known:
             raise ConfigError(f"{source}: unknown section [{key}]; known sections: {', '.join(sorted(known))}.")
@@ -384,6 +392,10 @@ def parse_repo_config(text: str | None, source: str, procfile: str | None = None
     if size < 0 or size > 64:
         raise r.err("size", "a whole number of boxes from 0 to 64", size)
     cfg.pool = PoolConfig(size=size, restart_on_update=r.get("restart_on_update", bool, False, "true or false"))
+
+    r = _Reader(source, _table(source, data, "browser"), "browser")
+    r.unknown({"enabled"})
+    cfg.browser = BrowserConfig(enabled=r.get("enabled", bool, False, "true or false"))
 
     services = _table(source, data, "services")
     for name, table in services.items():

@@ -26,6 +26,7 @@ from .logs.reader import available_services, read_records
 from .logs.run import OutputTail, join_pumps, start_logged
 from .logs.writer import LogWriter
 from .resources import services as svc
+from .resources.browser import snapshot
 from .supervisor_client import services_status
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ KEY = "fanout"
 RUN_LOG = "run"
 CHECK_LOG = "check"
 # Logs whose errors are not counted as "errors in logs": a failing check is already its own column.
-_NOT_COUNTED = {CHECK_LOG}
+_NOT_COUNTED = {CHECK_LOG, "browser"}  # console errors have their own column (--browse)
 KILL_WAIT = 3.0
 
 # Attempt states, in the order an attempt goes through them.
@@ -71,6 +72,7 @@ class Options:
     probe_concurrency: int = 4
     warm: bool = False  # top the warm pool up to n boxes first, then claim them all
     use_pool: bool = True
+    browse: str | None = None  # a PATH to load in each box's Chromium: screenshot + console errors
 
 
 @dataclasses.dataclass
@@ -175,6 +177,8 @@ class Fanout:
         if o.probes and not all(p.startswith(("/", "http://", "https://")) for p in o.probes):
             bad = next(p for p in o.probes if not p.startswith(("/", "http://", "https://")))
             raise UsageError(f"--probe {bad!r} is neither a path such as /health nor an http:// URL.")
+        if o.browse and not o.browse.startswith(("/", "http://", "https://")):
+            raise UsageError(f"--browse {o.browse!r} is neither a path such as / nor an http:// URL.")
         for i in (1, o.n):
             slugify(f"{o.task}-{i}")
         self._repo = git.resolve_repo(o.repo)
@@ -364,6 +368,9 @@ class Fanout:
                 for p in o.probes:
                     step(PROBING, p)
                     res["probes"][p] = run_probe(box, p, o.probe_requests, o.probe_concurrency)
+        if o.browse:
+            step(PROBING, f"browse {o.browse}")
+            res["browse"] = browse_attempt(host, box, o.browse)
         res["diff"] = git.diff_stat(box.path, box.data.get("base_sha"))
         res["log_errors"] = log_errors(box)
 
@@ -446,6 +453,15 @@ def run_probe(box: "Box", target: str, n: int, concurrency: int) -> dict[str, An
     return out
 
 
+def browse_attempt(host: "HostContext", box: "Box", target: str) -> dict[str, Any]:
+    """`--browse PATH`: a screenshot in the box dir and the console errors of one load."""
+    try:
+        url = probe_url(box, target)
+    except WtboxError as e:
+        return {"error": str(e), "screenshot": None, "console_errors": None}
+    return snapshot(host, box, url, box.dir / "browser" / "fanout.png")
+
+
 def log_errors(box: "Box") -> int | None:
     """Error-level records in the box's logs (services, run, events; not the checks)."""
     if not box.logs_dir.is_dir():
@@ -471,6 +487,7 @@ COLUMNS = [
     ("ready", "ready_seconds", "low", "READY"),
     ("p95", "p95_ms", "low", "P95"),
     ("errors", "log_errors", "low", "ERRORS"),
+    ("console", "console_errors", "low", "CONSOLE"),
 ]
 SORT_KEYS = ["best", "index", "id", "box"] + [k for k, *_ in COLUMNS]
 
@@ -507,6 +524,8 @@ class FanoutRow:
     probes: dict[str, Any] = dataclasses.field(default_factory=dict)
     checks: list[dict[str, Any]] | None = None
     log_errors: int | None = None
+    console_errors: int | None = None  # fanout --browse
+    screenshot: str | None = None
     error: str | None = None
     dir: str | None = None
     from_pool: bool | None = None
@@ -551,6 +570,8 @@ def row_for(box: "Box", host: "HostContext | None" = None, attempt: Attempt | No
         diff_lines=diff["insertions"] + diff["deletions"] if diff else None,
         ready_seconds=(services or {}).get("ready_seconds"), services_error=(services or {}).get("error"),
         p95_ms=max(p95s) if p95s else None, probes=probes, checks=checks, log_errors=errors,
+        console_errors=(res.get("browse") or {}).get("console_errors"),
+        screenshot=(res.get("browse") or {}).get("screenshot"),
         error=res.get("error") or (attempt.error if attempt else None), dir=str(box.dir),
         from_pool=fo.get("from_pool"),
     ).to_json()

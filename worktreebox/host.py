@@ -403,7 +403,8 @@ class Host:
                                 since=since, limit=limit)
 
     def probe_url(self, box: Box, target: str) -> str:
-        """A URL as is; a PATH on the box's first port ([box] ports order), never its metrics port."""
+        """A URL as is; a PATH on the box's first port ([box] ports order), never wtbox's own
+        (metrics, browser)."""
         if target.startswith(("http://", "https://")):
             return target
         if not target.startswith("/"):
@@ -438,6 +439,54 @@ class Host:
         except WtboxError as e:
             result["not_recorded"] = str(e)
         return result
+
+    def browse(self, box: Box, target: str = "/", *, screenshot: str | None = None, full_page: bool = False,
+               viewport: str = "1280x800", wait_for: str | None = None, timeout: float = 30.0,
+               compare: Box | None = None, diff: str | None = None,
+               progress: Callable[[str], None] = lambda m: None) -> dict:
+        """`browse --json`: load a URL or PATH of the box in its Chromium (warm with [browser] enabled,
+        else started for this call); with `compare`, the same PATH in that box too, and `diff_ratio`.
+        Console errors and failed requests also go to the box's logs and metrics. A page that does not
+        load raises browser.PageTimeout/PageFailed, whose `result` holds what was seen until then."""
+        from . import browser as chromium
+        from .resources.browser import browse as browse_box
+
+        opts = chromium.PageOptions(viewport=chromium.parse_viewport(viewport), full_page=full_page,
+                                    wait_for=wait_for or None, timeout=timeout,
+                                    screenshot=bool(screenshot or compare))
+        if timeout <= 0:
+            raise UsageError("--timeout must be longer than zero.")
+        if diff and compare is None:
+            raise UsageError("--diff needs --compare OTHER_BOX: a diff is between two boxes.")
+        shot = chromium.check_writable(screenshot) if screenshot else None
+        diff_path = chromium.check_writable(diff, "--diff") if diff else None
+        if compare is not None and compare.id == box.id:
+            raise UsageError(f"--compare names {box.id} itself; compare two different boxes.")
+        urls = [self.probe_url(box, target)] + ([self.probe_url(compare, target)] if compare is not None else [])
+        chromium.find_chromium()  # before any box is touched: one sentence naming the package
+        results = []
+        with chromium.Driver() as driver:
+            for b, url in zip([box] + ([compare] if compare is not None else []), urls):
+                self.registry.touch(b.id)  # looking at a box is using it (TTL)
+                result, png = browse_box(self, b, url, opts, driver, progress)
+                result["id"] = b.id
+                results.append((result, png))
+        (result, png), others = results[0], results[1:]
+        if shot is not None:
+            chromium.write_png(shot, png)
+        result["screenshot"] = str(shot) if shot else None
+        if not others:
+            return result
+        other, other_png = others[0]
+        other["screenshot"] = None
+        if shot is not None:
+            other_shot = shot.with_name(f"{shot.stem}.{compare.id}{shot.suffix or '.png'}")
+            chromium.write_png(other_shot, other_png)
+            other["screenshot"] = str(other_shot)
+        ratio, diff_png = chromium.diff_images(png, other_png)
+        if diff_path is not None:
+            chromium.write_png(diff_path, diff_png)
+        return {**result, "compare": other, "diff_ratio": ratio, "diff": str(diff_path) if diff_path else None}
 
 
 # ---------------------------------------------------------------------- helpers

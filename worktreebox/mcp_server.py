@@ -452,6 +452,37 @@ async def box_traces(
     return await in_thread(lambda: _traces(box, service, name, min_duration, status, since, trace_id, logs, limit))
 
 
+@_blocking
+def _browse(host, box, target, screenshot, full_page, viewport, wait_for, timeout, compare, diff):
+    from .config import parse_duration
+
+    b = host.get(box)
+    other = host.get(compare) if compare else None
+    return host.browse(b, target, screenshot=screenshot, full_page=full_page, viewport=viewport, wait_for=wait_for,
+                       timeout=parse_duration(timeout, where="timeout"), compare=other, diff=diff)
+
+
+async def box_browse(
+    box: BoxRef,
+    target: Annotated[str, Field(description="A path of the box's first port (e.g. '/') or a full http:// URL.")] = "/",
+    screenshot: Annotated[str | None, Field(description="Write a PNG of the page to this file (on the "
+                                                        "server's machine).")] = None,
+    full_page: Annotated[bool, Field(description="Capture the whole scrollable page, not only the viewport.")] = False,
+    viewport: Annotated[str, Field(description="Window size as WIDTHxHEIGHT.")] = "1280x800",
+    wait_for: Annotated[str | None, Field(description="After the load event, wait for this CSS selector to be "
+                                                      "visible, or 'networkidle'.")] = None,
+    timeout: Annotated[str, Field(description="Give up when the page has not loaded after this long.")] = "30s",
+    compare: Annotated[str | None, Field(description="Load the same path in this other box and diff the "
+                                                     "two screenshots (diff_ratio 0..1).")] = None,
+    diff: Annotated[str | None, Field(description="With compare: write the pixel diff PNG to this file.")] = None,
+) -> dict[str, Any]:
+    """Load a page of the box in its headless Chromium: final url, status, title, load_seconds,
+    console warnings and errors, failed requests (what `wtbox browse --json` prints); the errors also
+    go to the box's logs (service browser) and metrics."""
+    return await in_thread(lambda: _browse(box, target, screenshot, full_page, viewport, wait_for, timeout,
+                                           compare, diff))
+
+
 def _services_tool(action: str, doc: str):
     @_blocking
     def run(host, box, service):
@@ -662,11 +693,11 @@ def box_logs_resource(box: str, service: str) -> str:
 # ---------------------------------------------------------------------- the server
 
 # A new operation is one async function above (its blocking part through in_thread, taking its
-# arguments typed and described) and one line here; box_browse will be one more.
+# arguments typed and described) and one line here.
 TOOLS: list[tuple[Callable[..., Any], ToolAnnotations]] = [
     (box_new, CHANGES), (box_list, READ_ONLY), (box_status, READ_ONLY), (box_env, READ_ONLY),
     (box_exec, CHANGES), (box_logs, READ_ONLY), (box_metrics, READ_ONLY), (box_traces, READ_ONLY),
-    (box_probe, CHANGES),
+    (box_probe, CHANGES), (box_browse, CHANGES),
     (box_up, CHANGES), (box_down, CHANGES), (box_restart, CHANGES), (box_rm, DESTROYS),
     (fanout, CHANGES), (compare, READ_ONLY), (box_pick, DESTROYS),
 ]

@@ -382,14 +382,16 @@ def find_named(box_id: str, names: Iterable[str], box_dir: Path | None = None) -
     return found
 
 
-def from_pid_file(pid_file: Path, box_id: str, names: Iterable[str]) -> Any | None:
-    """The process (psutil) a pid file names, if it is still ours (guards against pid reuse)."""
+def from_pid_file(pid_file: Path, box_id: str, names: Iterable[str] | None) -> Any | None:
+    """The live process (psutil) a pid file names, if it is still ours (guards against pid reuse);
+    `names` None: whatever its name (a binary the user may swap, such as Chromium)."""
     import psutil
 
     try:
         pid = int(pid_file.read_text().strip())
         p = psutil.Process(pid)
-        if p.name() in set(names) and p.environ().get("WTBOX_ID") == box_id:
+        if (names is None or p.name() in set(names)) and p.environ().get("WTBOX_ID") == box_id \
+                and p.status() != psutil.STATUS_ZOMBIE:
             return p
     except (OSError, ValueError, psutil.Error):
         pass
@@ -471,3 +473,46 @@ def describe(pid: int) -> str:
         return "a process of another user"
     cmd = " ".join(" ".join(cmdline(pid)).split())[:80] or comm(pid) or "?"
     return f"pid {pid} ({cmd})"
+
+
+def find_mentioning(text: str) -> list[Any]:
+    """Live processes (psutil) whose command line contains `text`, e.g. a profile dir: found even
+    when their environment was cleared (Chromium's zygote clears it for what it forks)."""
+    needle = text.encode()
+    me = os.getpid()
+    found = []
+    for pid in _pids():
+        if pid == me:
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if needle not in f.read():
+                    continue
+        except OSError:
+            continue
+        if not pid_alive(pid):
+            continue
+        import psutil  # only once something matched
+
+        try:
+            found.append(psutil.Process(pid))
+        except psutil.Error:
+            continue
+    return found
+
+
+def memory_of(processes: Iterable[Any]) -> dict[str, int]:
+    """RSS, PSS and USS in bytes summed over psutil processes. RSS counts a shared binary's pages
+    once per process; USS (pages no other process has) is what one more such process tree adds."""
+    import psutil
+
+    rss = pss = uss = 0
+    for p in processes:
+        try:
+            m = p.memory_full_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        rss += m.rss
+        pss += getattr(m, "pss", 0)
+        uss += getattr(m, "uss", 0)
+    return {"rss_bytes": rss, "pss_bytes": pss, "uss_bytes": uss}

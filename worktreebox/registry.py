@@ -254,6 +254,11 @@ class Registry:
         with self.transaction() as db:
             db.execute("DELETE FROM port_leases WHERE owner=?", (owner,))
 
+    def delete_lease(self, owner: str, name: str) -> None:
+        """Give back one named port of an owner (a port leased for one command, e.g. a cold browse)."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM port_leases WHERE owner=? AND name=?", (owner, name))
+
     def lease_owners(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT DISTINCT owner FROM port_leases")}
 

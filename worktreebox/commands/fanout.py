@@ -24,6 +24,8 @@ from ._common import emit_json, get_host, info, json_option, run_cmd
               "services restarted (repeatable).")
 @click.option("--probe-requests", default=100, show_default=True, type=click.IntRange(min=1),
               help="Requests per --probe.")
+@click.option("--browse", metavar="PATH", help="Load PATH in each box's Chromium after the services restarted: "
+              "a screenshot and the console errors per attempt.")
 @click.option("--timeout", help="Limit for --run and each --check (e.g. 30m).")
 @click.option("--jobs", type=click.IntRange(min=1), help="At most this many attempts at once (default: all).")
 @click.option("--repo", type=click.Path(), help="Repository to cut the boxes from (default: the one around the cwd).")
@@ -31,7 +33,8 @@ from ._common import emit_json, get_host, info, json_option, run_cmd
 @click.option("--no-pool", is_flag=True, help="Make every box fresh, never from the warm pool.")
 @json_option
 @run_cmd
-def fanout(task, n, ref, run_cmd_, checks, probes, probe_requests, timeout, jobs, repo, warm, no_pool, as_json):
+def fanout(task, n, ref, run_cmd_, checks, probes, probe_requests, browse, timeout, jobs, repo, warm, no_pool,
+           as_json):
     """Create N boxes for TASK, run CMD in each, and compare the results."""
     from .. import fanout as F
     from ..config import parse_duration
@@ -39,7 +42,8 @@ def fanout(task, n, ref, run_cmd_, checks, probes, probe_requests, timeout, jobs
     host = get_host()
     opts = F.Options(task=task, n=n, run=run_cmd_, checks=tuple(checks), probes=tuple(probes), repo=repo, ref=ref,
                      timeout=parse_duration(timeout, where="--timeout") if timeout else None, jobs=jobs,
-                     probe_requests=probe_requests, warm=warm, use_pool=not no_pool)
+                     probe_requests=probe_requests, warm=warm, use_pool=not no_pool,
+                     browse=browse)
     if warm and no_pool:
         raise UsageError("--warm fills the pool and --no-pool ignores it; give one of them.")
     fo = F.Fanout(host, opts)

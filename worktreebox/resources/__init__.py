@@ -19,6 +19,7 @@ ORDER = (
     "database:Database",
     "metrics:Metrics",
     "traces:Traces",
+    "browser:Browser",
     "services:Services",
 )
 

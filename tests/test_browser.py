@@ -79,7 +79,8 @@ def test_browse_screenshot_console_and_failed_requests_reach_json_logs_and_metri
 
     assert r["status"] == 200 and r["title"] == "block ff0000" and r["warm"] is False
     assert r["url"] == f"http://127.0.0.1:{box['ports']['web']}/" and r["load_seconds"] > 0
-    assert {"level": "error", "text": "boom from the page"} in [{k: c[k] for k in ("level", "text")} for c in r["console"]]
+    seen = [{k: c[k] for k in ("level", "text")} for c in r["console"]]
+    assert {"level": "error", "text": "boom from the page"} in seen
     assert any(c["level"] == "warning" and c["text"] == "careful" for c in r["console"])
     assert [f for f in r["failed_requests"] if f["url"].endswith("/missing.png")] == \
         [{"url": f"http://127.0.0.1:{box['ports']['web']}/missing.png", "status": 404}]

@@ -106,8 +106,14 @@ class Cgroups:
     def create(self, box_id: str, limits: Limits) -> None:
         """Make the box's cgroup (idempotent) and apply its limits."""
         for r in self.roots:
-            self._make_parents(r)
-            (r / box_id).mkdir(exist_ok=True)
+            for attempt in range(3):
+                self._make_parents(r)
+                try:
+                    (r / box_id).mkdir(exist_ok=True)
+                    break
+                except FileNotFoundError:  # the home's dir was just removed as empty (see remove)
+                    if attempt == 2:
+                        raise
         self._prepare_box(box_id)
         self.set_limits(box_id, limits)
 
@@ -239,6 +245,10 @@ class Cgroups:
         self.kill(box_id, spare=spare)
         for d in self.box_dirs(box_id):
             _rmtree_cgroup(d)
+            try:
+                d.parent.rmdir()  # the home's dir, once its last box is gone
+            except OSError:
+                pass
 
     def remove_leaf(self, box_id: str, leaf: str) -> None:
         for d in self.box_dirs(box_id, leaf):
@@ -618,10 +628,14 @@ def _read(path: Path) -> str:
 def _write_if(path: Path, value: int) -> bool:
     """Write a limit when the controller offers the file; False when it does not."""
     try:
-        path.write_text(str(value))
-        return True
+        fd = os.open(path, os.O_WRONLY)  # never O_CREAT: cgroupfs refuses that with EACCES
     except FileNotFoundError:
         return False
+    try:
+        os.write(fd, str(value).encode())
+    finally:
+        os.close(fd)
+    return True
 
 
 def _int(text: str) -> int | None:

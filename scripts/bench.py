@@ -132,7 +132,8 @@ def _optional_sections() -> None:
                           ("gc", "bench_gc", "bench_gc"), ("docker", "bench_docker", "bench_docker"),
                           ("pool", "bench_pool", "bench_pool"), ("mcp", "bench_mcp", "bench_mcp"),
                           ("traces", "bench_traces", "bench_traces"),
-                          ("browser", "bench_browser", "bench_browser")):
+                          ("browser", "bench_browser", "bench_browser"),
+                          ("cgroups", "bench_cgroups", "bench_cgroups")):
         try:
             module = __import__(mod)
             SECTIONS[name] = getattr(module, fn)

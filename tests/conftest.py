@@ -11,7 +11,7 @@ import pytest
 
 # one real PostgreSQL cluster for the whole session (see tests/pg_fixtures.py)
 from pg_fixtures import no_stray_cluster, pg_cluster, pg_host, shared_postgres  # noqa: F401
-from helpers import CORE_TOML, git, remove_all_boxes  # noqa: F401 (CORE_TOML, git: old imports from conftest)
+from helpers import CORE_TOML, git, remove_all_boxes, remove_box_cgroups  # noqa: F401 (CORE_TOML, git: old imports from conftest)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,7 +25,8 @@ def wtbox_home(tmp_path, monkeypatch) -> Path:
     # benchmarks) rarely offer each other the same port
     base = 20000 + random.randrange(100) * 100
     monkeypatch.setenv("WTBOX_PORT_RANGE", f"{base}-{base + 99}")
-    return home
+    yield home
+    remove_box_cgroups(home)  # boxes a test left behind live in tmp_path, their cgroups on the host
 
 
 @pytest.fixture

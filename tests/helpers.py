@@ -37,3 +37,14 @@ def remove_all_boxes(host) -> None:
         except Exception:
             pass
     host.registry.close()
+    remove_box_cgroups(host.home)  # also of boxes whose row a test deleted on purpose
+
+
+def remove_box_cgroups(home) -> None:
+    """Kill and delete the cgroups of every box of `home` (they outlive the test's tmp dir otherwise)."""
+    from worktreebox import cgroups
+
+    backend = cgroups.for_home(home)
+    if backend is not None:
+        for box_id in backend.box_keys():
+            backend.remove(box_id)

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import git
+from helpers import git, wait_for
+from worktreebox import cgroups
+from worktreebox.box import hex_of
 
 pytestmark = pytest.mark.chaos
 
@@ -124,6 +126,10 @@ class Chaos:
                 found["processes"].add(env["WTBOX_ID"])
                 if b"victoria-metrics" in cmd:
                     found["vm_processes"].add(env["WTBOX_ID"])
+        # box cgroups of this home, empty or not (every hierarchy: a kill can fall between two mkdirs)
+        backend = cgroups.for_home(self.home)
+        alive_hex = {hex_of(i) for i in alive}
+        found["cgroups"] = {k for k in backend.box_keys() if k not in alive_hex} if backend is not None else set()
         reg = Registry(self.home / "registry.sqlite3")
         found["leases"] = {o for o in reg.lease_owners() if not o.startswith("@")}
         found["rows"] = reg.select_box_ids()
@@ -209,6 +215,38 @@ def test_kill_dash_nine_anywhere_then_gc_leaves_nothing(tmp_path, make_repo):
         if HAVE_PG:
             chaos.wtbox("db", "stop", check=False)
     assert not any(final.values()), final
+
+
+@pytest.mark.skipif(cgroups.for_home("/") is None, reason=f"no cgroups here: {cgroups.unavailable('/')}")
+@pytest.mark.parametrize("stop_at", [
+    "new:create:worktree",  # the box's cgroup exists, the registry row does not know of it yet
+    "new:start:services",   # VictoriaMetrics runs inside the cgroup; the services are about to start
+])
+def test_kill_between_cgroup_creation_and_registry_write(tmp_path, make_repo, stop_at):
+    """A `new` killed right after it made the box's cgroup: gc leaves no cgroup (empty or not) behind."""
+    repo = make_repo({"server.py": SERVICE}, toml=_toml())
+    chaos = Chaos(tmp_path / "home", repo, tmp_path)
+    if HAVE_PG:
+        chaos.wtbox("db", "start")
+    try:
+        chaos.env["WTBOX_PHASE_STOP"] = stop_at
+        p, phase_file = chaos.spawn("new", "halted", "--repo", str(repo))
+        chaos.env.pop("WTBOX_PHASE_STOP")
+        assert wait_for(lambda: phase_file.exists() and stop_at in phase_file.read_text().split()[-1], timeout=60)
+        backend = cgroups.for_home(chaos.home)
+        [box_id] = backend.box_keys()
+        if stop_at == "new:start:services":
+            assert backend.pids(box_id)  # VictoriaMetrics, in the box's _metrics leaf
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        chaos.wtbox("gc", "--grace", "0")
+        left = chaos.leftovers(set())
+        assert not any(left.values()), {k: v for k, v in left.items() if v}
+        assert not any(d.exists() for d in backend.box_dirs(box_id))
+    finally:
+        chaos.wtbox("gc", "--grace", "0", check=False)
+        if HAVE_PG:
+            chaos.wtbox("db", "stop", check=False)
 
 
 @pytest.mark.skipif(not HAVE_PG, reason="PostgreSQL is not installed")

@@ -289,7 +289,11 @@ def test_metric_names_live_in_one_place():
             "wtbox_process_cpu_seconds_total", "wtbox_process_resident_memory_bytes", "wtbox_log_records_total",
             "wtbox_probe_duration_seconds", "wtbox_span_duration_seconds", "wtbox_span_errors_total",
             "wtbox_browser_console_errors_total", "wtbox_browser_failed_requests_total",
-            "wtbox_browser_page_load_seconds"} == set(specs)
+            "wtbox_browser_page_load_seconds",
+            "wtbox_box_cpu_seconds_total", "wtbox_box_memory_bytes",
+            "wtbox_box_memory_peak_bytes", "wtbox_box_pids", "wtbox_box_io_read_bytes_total",
+            "wtbox_box_io_write_bytes_total", "wtbox_box_oom_kills_total"} == set(specs)
+
     for name, spec in specs.items():
         assert spec["type"] in ("gauge", "counter", "histogram") and spec["help"] and "box" in spec["labels"]
         assert name.endswith("_total") == (spec["type"] == "counter")

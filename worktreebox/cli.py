@@ -26,6 +26,7 @@ COMMANDS = {
     "metrics": "metrics:metrics",
     "probe": "metrics:probe",
     "traces": "traces:traces",
+    "top": "top:top",
     "gc": "gc:gc",
     "keep": "gc:keep",
     "unkeep": "gc:unkeep",

@@ -1,7 +1,8 @@
 """wtbox's built-in collector: the supervisor calls tick() every few seconds.
 
-Pushes service state, process-tree CPU/RSS and log record counts of one box into that
-box's VictoriaMetrics through the import API. Names and help texts: observability/metrics.toml.
+Pushes service state, process-tree CPU/RSS, the box's cgroup accounting (CPU, memory,
+pids, I/O, OOM kills) and log record counts of one box into that box's VictoriaMetrics
+through the import API. Names and help texts: observability/metrics.toml.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import cgroups
 from .exposition import exposition, metric_specs
 from .vmclient import push_prometheus
 
@@ -18,8 +20,10 @@ from .vmclient import push_prometheus
 class Collector:
     """Measures one box; keep one instance alive so log counting stays incremental."""
 
-    def __init__(self, box_id: str, metrics_url: str, logs_dir: Path | str, *, count_logs: bool | None = None) -> None:
+    def __init__(self, box_id: str, metrics_url: str, logs_dir: Path | str, *, count_logs: bool | None = None,
+                 home: Path | str | None = None) -> None:
         self.box_id = box_id
+        self.cgroups = cgroups.for_home(home) if home is not None else None
         self.metrics_url = metrics_url
         self.logs_dir = Path(logs_dir)
         # When a per-box Vector runs, it counts log records; counting here too would double them.
@@ -45,11 +49,29 @@ class Collector:
             cpu, rss = process_tree_usage(s.get("pids") or [])
             out.append(("wtbox_process_cpu_seconds_total", labels, cpu))
             out.append(("wtbox_process_resident_memory_bytes", labels, rss))
+        out += self.box_samples()
         if self.counting_logs():
             for s in services:
                 self._read_new_records(s["name"])
             for (service, level), n in sorted(self._counts.items()):
                 out.append(("wtbox_log_records_total", {"box": self.box_id, "service": service, "level": level}, n))
+        return out
+
+    def box_samples(self) -> list[tuple[str, dict[str, str], float]]:
+        """The whole box, from its cgroup: CPU, memory, pids, I/O, and OOM kills per leaf."""
+        usage = self.cgroups.usage(self.box_id) if self.cgroups else None
+        if usage is None:
+            return []
+        box = {"box": self.box_id}
+        out = [("wtbox_box_cpu_seconds_total", box, usage.cpu_seconds)]
+        for name, value in (("wtbox_box_memory_bytes", usage.memory_bytes),
+                            ("wtbox_box_memory_peak_bytes", usage.memory_peak_bytes), ("wtbox_box_pids", usage.pids),
+                            ("wtbox_box_io_read_bytes_total", usage.io_read_bytes),
+                            ("wtbox_box_io_write_bytes_total", usage.io_write_bytes)):
+            if value is not None:
+                out.append((name, box, value))
+        for leaf, n in sorted(self.cgroups.oom_kills(self.box_id).items()):
+            out.append(("wtbox_box_oom_kills_total", {**box, "service": leaf}, n))
         return out
 
     def counting_logs(self) -> bool:

@@ -110,6 +110,27 @@ def check_url(url: str, where: str) -> str:
 
 
 @dataclasses.dataclass
+class LimitsConfig:
+    """What a box may use ([box] in wtbox.toml; host defaults in config.toml's [box]).
+    None = not set here (the host default applies); UNLIMITED = "max" said explicitly."""
+
+    cpu_weight: int | None = None  # 1..10000; every box gets 100 unless it says otherwise
+    memory_max: int | None = None  # bytes
+    pids_max: int | None = None
+
+    def over(self, defaults: "LimitsConfig") -> "LimitsConfig":
+        """These limits, with the unset ones taken from `defaults`."""
+        return LimitsConfig(*(mine if mine is not None else theirs for mine, theirs in
+                              zip(dataclasses.astuple(self), dataclasses.astuple(defaults))))
+
+
+UNLIMITED = 0
+LIMIT_KEYS = ("cpu_weight", "memory_max", "pids_max")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.I)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+@dataclasses.dataclass
 class BoxConfig:
     ports: list[str] = dataclasses.field(default_factory=lambda: ["web"])
     ttl: float = 72 * 3600.0
@@ -120,6 +141,7 @@ class BoxConfig:
     # Variables (or PREFIX_*) the box inherits from the shell that makes it (boxenv.py).
     inherit_env: list[str] = dataclasses.field(default_factory=list)
     clean_env: bool = False  # inherit only inherit_env, not the default PATH, HOME, locale
+    limits: LimitsConfig = dataclasses.field(default_factory=LimitsConfig)
 
 
 @dataclasses.dataclass
@@ -278,6 +300,36 @@ class _Reader:
         val = self.text(key, None, "an http:// or https:// URL", template=True)
         return check_url(val, f"{self.source}: [{self.prefix}] {key}") if val is not None else None
 
+    def size(self, key: str) -> int | None:
+        """A memory size: bytes as a number, or "512M", "2G", "1.5GiB"; "max" = UNLIMITED."""
+        if key not in self.table:
+            return None
+        val = self.table[key]
+        expected = "a size such as \"512M\" or \"2G\", or \"max\""
+        if isinstance(val, int) and not isinstance(val, bool) and val > 0:
+            return val
+        if isinstance(val, str) and val.strip().lower() == "max":
+            return UNLIMITED
+        m = _SIZE.match(val) if isinstance(val, str) else None
+        if not m or (m.group(3) and not m.group(2)) or float(m.group(1)) <= 0:
+            raise self.err(key, expected, val)
+        return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+    def limits(self) -> LimitsConfig:
+        """cpu_weight, memory_max, pids_max of a [box] table."""
+        weight = self.get("cpu_weight", int, None, "a whole number from 1 to 10000 (100 is every box's share)")
+        if weight is not None and not 1 <= weight <= 10000:
+            raise self.err("cpu_weight", "a whole number from 1 to 10000 (100 is every box's share)", weight)
+        memory = self.size("memory_max")
+        if memory not in (None, UNLIMITED) and memory < 4 << 20:
+            raise self.err("memory_max", "at least \"4M\" (a box needs some memory to start)", self.table["memory_max"])
+        pids = self.table.get("pids_max")
+        if isinstance(pids, str) and pids.strip().lower() == "max":
+            pids = UNLIMITED
+        elif pids is not None and (not isinstance(pids, int) or isinstance(pids, bool) or pids < 1):
+            raise self.err("pids_max", "a whole number of processes above 0, or \"max\"", pids)
+        return LimitsConfig(cpu_weight=weight, memory_max=memory, pids_max=pids)
+
     def choice(self, key: str, choices: tuple[str, ...], default: str | None) -> str | None:
         val = self.get(key, str, default, "one of " + ", ".join(choices))
         if val is not None and val not in choices:
@@ -323,7 +375,7 @@ def parse_repo_config(text: str | None, source: str, procfile: str | None = None
             raise ConfigError(f"{source}: unknown section [{key}]; known sections: {', '.join(sorted(known))}.")
 
     r = _Reader(source, _table(source, data, "box"), "box")
-    r.unknown({"ports", "ttl", "copy", "env", "cache_env", "inherit_env", "clean_env"})
+    r.unknown({"ports", "ttl", "copy", "env", "cache_env", "inherit_env", "clean_env", *LIMIT_KEYS})
     ports = r.str_list("ports", ["web"])
     seen = set()
     for p in ports:
@@ -353,7 +405,7 @@ def parse_repo_config(text: str | None, source: str, procfile: str | None = None
             raise r.err("inherit_env", "names of variables that are not secrets (pass those with --secret)", name)
     cfg.box = BoxConfig(ports=ports, ttl=r.duration("ttl", 72 * 3600.0), copy=copies, env=r.env_map("env"),
                         cache_env=cache_env, inherit_env=inherit,
-                        clean_env=r.get("clean_env", bool, False, "true or false"))
+                        clean_env=r.get("clean_env", bool, False, "true or false"), limits=r.limits())
 
     r = _Reader(source, _table(source, data, "setup"), "setup")
     r.unknown({"cmd", "timeout"})
@@ -493,6 +545,10 @@ class HostConfig:
     observability_provider: str = "native"
     victoriametrics_image: str = "victoriametrics/victoria-metrics:v1.93.0"
     fsync_off: bool = True
+    # Admission: `new`/`fanout` wait (or refuse with --no-wait) while the host is this full.
+    max_active: int | None = None  # boxes being made or running processes
+    max_load: float | None = None  # 1-minute load average
+    box_limits: LimitsConfig = dataclasses.field(default_factory=LimitsConfig)  # [box]: defaults for every box
 
 
 def load_host_config(home: Path) -> HostConfig:
@@ -505,17 +561,27 @@ def load_host_config(home: Path) -> HostConfig:
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path} cannot be read as UTF-8 TOML: {e}.") from None
     src = str(path)
-    known = {"host", "database", "observability"}
+    known = {"host", "box", "database", "observability"}
     for key in data:
         if key not in known:
             raise ConfigError(f"{src}: unknown section [{key}]; known sections: {', '.join(sorted(known))}.")
     r = _Reader(src, _table(src, data, "host"), "host")
-    r.unknown({"port_range", "max_boxes"})
+    r.unknown({"port_range", "max_boxes", "max_active", "max_load"})
     pr = r.get("port_range", str, None, "a range such as \"20000-29999\"")
     cfg.port_range = parse_port_range(pr, f"{src}: [host] port_range") if pr is not None else None
     cfg.max_boxes = r.get("max_boxes", int, 64, "a whole number")
     if not 1 <= cfg.max_boxes <= MAX_BOXES:
         raise r.err("max_boxes", f"a whole number from 1 to {MAX_BOXES}", cfg.max_boxes)
+    cfg.max_active = r.get("max_active", int, None, "a whole number of boxes above 0")
+    if cfg.max_active is not None and cfg.max_active < 1:
+        raise r.err("max_active", "a whole number of boxes above 0", cfg.max_active)
+    load = r.get("max_load", (int, float), None, "a load average above 0, such as 4.0")
+    if load is not None and load <= 0:
+        raise r.err("max_load", "a load average above 0, such as 4.0", load)
+    cfg.max_load = float(load) if load is not None else None
+    r = _Reader(src, _table(src, data, "box"), "box")
+    r.unknown(set(LIMIT_KEYS))
+    cfg.box_limits = r.limits()
     r = _Reader(src, _table(src, data, "database"), "database")
     r.unknown({"provider", "url", "image", "fsync_off"})
     cfg.database_provider = r.choice("provider", ("embedded", "external", "docker"), "embedded")

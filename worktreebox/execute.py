@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from . import procs
+from . import cgroups, procs
 from .errors import UsageError, WtboxError
 
 if TYPE_CHECKING:
@@ -77,7 +77,8 @@ def run_in_box(host: "HostContext", box: "Box", cmd: str | Sequence[str], *, cwd
                            "cwd": str(workdir.relative_to(box.path.resolve())), "timed_out": False}
     t0 = time.monotonic()
     try:
-        proc = procs.spawn(argv, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = procs.spawn(argv, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           cgroup=cgroups.Leaf(host.home, box.id, cgroups.EXEC))
     except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
         code = 127 if isinstance(e, FileNotFoundError) else 126
         why = "command not found" if code == 127 else "permission denied"

@@ -21,6 +21,7 @@ from . import pool
 from . import probe as P
 from .box import new_id, slugify
 from .config import OWN_PORTS, load_config_for_new
+from .cgroups import RUN, Leaf
 from .errors import UsageError, WtboxError
 from .logs.reader import available_services, read_records
 from .logs.run import OutputTail, join_pumps, start_logged
@@ -73,6 +74,7 @@ class Options:
     warm: bool = False  # top the warm pool up to n boxes first, then claim them all
     use_pool: bool = True
     browse: str | None = None  # a PATH to load in each box's Chromium: screenshot + console errors
+    wait: bool = True  # for room on a full host ([host] max_active / max_load); False: refuse at once
 
 
 @dataclasses.dataclass
@@ -103,7 +105,7 @@ class Runner:
 
     def run(self, cmd: str, cwd: Path, env: dict[str, str], logs_dir: Path, service: str,
             redactor: Callable[[str], str] | None, timeout: float | None,
-            keep_lines: int = 40) -> dict[str, Any]:
+            keep_lines: int = 40, cgroup: "Leaf | None" = None) -> dict[str, Any]:
         """{exit, seconds, timed_out, last_lines}; the same record shape as service logs (logs/<service>.jsonl)."""
         redact = redactor or (lambda s: s)
         writer = LogWriter(logs_dir, service, redact)
@@ -115,7 +117,7 @@ class Runner:
                 writer.close()
                 return {"exit": None, "seconds": 0.0, "timed_out": False, "last_lines": []}
             # Own session: Ctrl-C on the terminal reaches only us, and we end each group deliberately.
-            proc, threads = start_logged(cmd, cwd, env, writer, tail)
+            proc, threads = start_logged(cmd, cwd, env, writer, tail, cgroup)
             self._procs.add(proc)
         timed_out = False
         try:
@@ -193,6 +195,10 @@ class Fanout:
             raise WtboxError(
                 f"A fan-out of {o.n} boxes does not fit: this host has {live} of its {limit} boxes ([host] max_boxes), "
                 f"so at most {max(0, limit - live)} more; remove boxes or ask for fewer with -n.")
+        if not o.wait:
+            from .admission import check
+
+            check(self.host, more=o.n)  # fan-out boxes stay up for compare: all n count
         self.id = new_id(o.task)
 
     # -- running
@@ -284,7 +290,8 @@ class Fanout:
             try:
                 box, from_pool = pool.new_box(host, a.task, repo=self._repo, ref=self._base_sha,
                                               config=self._config, target=self._target, use_pool=self.opts.use_pool,
-                                              progress=lambda m: self._set(a, CREATING, m))
+                                              progress=lambda m: self._set(a, CREATING, m), wait=self.opts.wait,
+                                              on_wait=lambda m: self._set(a, CREATING, m))
             except WtboxError as e:
                 a.error = str(e)
                 self._set(a, FAILED, "creating the box failed")
@@ -334,7 +341,8 @@ class Fanout:
         if o.run:
             step(RUNNING)
             cmd = o.run.replace("{i}", str(a.index)).replace("{box}", box.id)
-            r = self.runner.run(cmd, box.path, env, box.logs_dir, RUN_LOG, redact, o.timeout)
+            r = self.runner.run(cmd, box.path, env, box.logs_dir, RUN_LOG, redact, o.timeout,
+                                cgroup=Leaf(host.home, box.id, RUN))
             if self.runner.stopped.is_set():
                 raise _Stop()
             res["run"] = {"cmd": cmd, **{k: r[k] for k in ("exit", "seconds", "timed_out")},
@@ -349,7 +357,8 @@ class Fanout:
             checks = []
             for j, cmd in enumerate(o.checks, 1):
                 step(CHECKING, f"{j}/{len(o.checks)}: {cmd}")
-                r = self.runner.run(cmd, box.path, env, box.logs_dir, CHECK_LOG, redact, o.timeout)
+                r = self.runner.run(cmd, box.path, env, box.logs_dir, CHECK_LOG, redact, o.timeout,
+                                    cgroup=Leaf(host.home, box.id, RUN))
                 if self.runner.stopped.is_set():
                     raise _Stop()
                 checks.append({"cmd": cmd, "exit": r["exit"], "seconds": r["seconds"], "timed_out": r["timed_out"],

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from . import boxenv, git, procs, providers
+from . import admission, boxenv, git, procs, providers
 from .providers import docker_engine
 from .providers.postgres import server as postgres_server
 from .box import CREATING, DEGRADED, FAILED, READY, REMOVING, Box, branch_name, new_id, slugify
@@ -160,18 +160,19 @@ class Host:
         progress: Callable[[str], None] | None = None,
         config: "RepoConfig | None" = None,
         pool: str | None = None,
+        wait: bool = True,
+        on_wait: Callable[[str], None] | None = None,
     ) -> Box:
         """Create a box; on any failure everything made so far is destroyed and WtboxError raised.
 
-        `pool`: make it ahead for the warm pool under this pool key (pool.py claims it later)."""
+        `pool`: make it ahead for the warm pool under this pool key (pool.py claims it later).
+        When the host is full ([host] max_active / max_load) it waits for room, telling `on_wait`
+        (default: stderr), or with wait=False raises admission.HostFull."""
         slugify(task)  # validates before anything is touched
         repo_root = git.resolve_repo(repo)
         base_sha = git.resolve_commit(repo_root, ref or "HEAD")
         cfg = config or load_config_for_new(repo_root, base_sha, explicit_ref=ref is not None)
         ttl_s = parse_duration(ttl, where="--ttl", positive=True) if ttl is not None else cfg.box.ttl
-        live = len(self.registry.select_box_ids())
-        if live >= self.config.max_boxes:
-            raise WtboxError(f"This host already has {live} boxes, the [host] max_boxes limit; remove some first.")
 
         box_id = new_id(task)
         box = Box(id=box_id, task=task, repo=str(repo_root), branch=branch_name(box_id),
@@ -184,7 +185,11 @@ class Host:
         box._host = self
         self.boxes_dir.mkdir(parents=True, exist_ok=True)
         self.registry.remember_repo(str(repo_root))
-        self.registry.insert_box(box)
+        with admission.admitted(self, wait=wait, on_wait=on_wait):
+            live = len(self.registry.select_box_ids())
+            if live >= self.config.max_boxes:
+                raise WtboxError(f"This host already has {live} boxes, the [host] max_boxes limit; remove some first.")
+            self.registry.insert_box(box)
         _phase("new:row")
         box.dir.mkdir(mode=0o700)
 
@@ -521,8 +526,12 @@ def finalize_env(c: Creation) -> dict[str, str]:
 
 
 def _phase(name: str) -> None:
-    """Crash-test hook: with WTBOX_PHASE_FILE set, append each phase name as it starts."""
+    """Crash-test hooks: with WTBOX_PHASE_FILE set, append each phase name as it starts; with
+    WTBOX_PHASE_STOP set, halt at the first phase whose name starts with it (for a kill -9 there)."""
     path = os.environ.get("WTBOX_PHASE_FILE")
     if path:
         with open(path, "a") as f:
             f.write(name + "\n")
+    stop = os.environ.get("WTBOX_PHASE_STOP")
+    if stop and name.startswith(stop):
+        time.sleep(3600)

@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import boxenv, git, procs
+from . import admission, boxenv, git, procs
 from .box import CREATING, READY, Box, branch_name, hex_of, slugify
 from .boxenv import without_box_vars
 from .config import config_sources, parse_duration, parse_repo_config
@@ -103,10 +103,12 @@ def new_box(host: Host, task: str, repo: str | Path | None = None, ref: str | No
             secrets: dict[str, str] | None = None, start_services: bool = True, ttl: str | float | None = None,
             keep: bool = False, progress: Callable[[str], None] | None = None,
             config: "RepoConfig | None" = None, use_pool: bool = True,
-            target: Target | None = None) -> tuple[Box, bool]:
+            target: Target | None = None, wait: bool = True,
+            on_wait: Callable[[str], None] | None = None) -> tuple[Box, bool]:
     """A box for TASK: claimed from the warm pool when one matches, else made fresh by Host.new.
     Returns (box, from_pool). Starts the repo's filler when it has a pool. `target`: the caller
-    already resolved repo, commit and config (fan-out)."""
+    already resolved repo, commit and config (fan-out). A claimed box was already active, so only
+    a fresh one waits for room on a full host (`wait`, `on_wait`: see Host.new)."""
     t0 = time.perf_counter()
     slugify(task)
     if target is not None:
@@ -126,7 +128,7 @@ def new_box(host: Host, task: str, repo: str | Path | None = None, ref: str | No
         box.data["timings"]["total"] = round(time.perf_counter() - t0, 4)
         return box, True
     box = host.new(task, repo=repo_root, ref=ref, secrets=secrets, start_services=start_services, ttl=ttl,
-                   keep=keep, progress=progress, config=t.config)
+                   keep=keep, progress=progress, config=t.config, wait=wait, on_wait=on_wait)
     return box, False
 
 
@@ -388,11 +390,14 @@ def _fill_locked(host: Host, repo: str, idle_exit: float, poll: float) -> int:
             seen, last_change = now_seen, time.monotonic()
         making = [b for b in mine if b.state == CREATING]
         room = host.config.max_boxes - len(host.registry.select_box_ids())
-        if len(mine) < size and room > 0 and not making:
+        # A full host ([host] max_active / max_load) is no failure: the filler waits like a `new` would.
+        if len(mine) < size and room > 0 and not making and admission.why_full(host) is None:
             try:
-                b = host.new(POOL_TASK, repo=repo, ref=t.sha, config=t.config, pool=t.key)
+                b = host.new(POOL_TASK, repo=repo, ref=t.sha, config=t.config, pool=t.key, wait=False)
                 _log(f"made {b.id} at {t.sha[:12]}")
                 failures = 0
+            except admission.HostFull:
+                time.sleep(poll)  # another `new` took the last slot meanwhile
             except WtboxError as e:
                 if _stopping:
                     break

@@ -2,13 +2,15 @@
 
 - spawn: every long-lived or logged child wtbox starts goes through `spawn` (own session,
   so a group signal reaches its children; `before_exec` hooks run in the child before
-  exec, which is where a box's cgroup placement goes).
+  exec; `cgroup=` puts the child into a leaf of its box's cgroup before it runs anything).
 - stop: staged, SIGTERM -> wait -> SIGKILL (`stop_group`, `stop_groups`, `stop_pid`,
   `kill_staged`), waiting until the processes are gone, not merely reaped.
 - identity: (pid, start time) survives pid reuse, unlike a bare pid.
-- find: every process a box starts carries WTBOX_ID=<id> in its environment (inherited by
-  children and double-forked daemons alike), and most run with a cwd inside the box, so
-  given an id the kernel can tell us exactly which processes belong to it.
+- find: every process a box starts sits in the box's cgroup (where the host has cgroups),
+  carries WTBOX_ID=<id> in its environment (inherited by children and double-forked
+  daemons alike), and most run with a cwd inside the box, so given an id the kernel can
+  tell us exactly which processes belong to it. The cgroup is exact (a daemon that cleared
+  its environment and left the box dir is still in it); env and cwd are the second net.
 Only this module parses /proc.
 """
 from __future__ import annotations
@@ -20,9 +22,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from . import cgroups
+
 KILL_WAIT = 5.0
 
-# Run in every spawned child just before exec (cgroup placement registers itself here).
+# Run in every spawned child just before exec (`spawn(cgroup=...)` puts the cgroup placement first).
 BeforeExec = Callable[[], None]
 
 
@@ -31,19 +35,27 @@ BeforeExec = Callable[[], None]
 def spawn(argv: Sequence[str], *, cwd: str | Path | None = None, env: dict[str, str] | None = None,
           stdin: Any = subprocess.DEVNULL, stdout: Any = subprocess.DEVNULL, stderr: Any = subprocess.DEVNULL,
           new_session: bool = True, nice: int = 0, before_exec: Sequence[BeforeExec] = (),
-          pass_fds: Sequence[int] = ()) -> subprocess.Popen:
-    """Start `argv` in its own session (its pid is its process group id)."""
+          pass_fds: Sequence[int] = (), cgroup: cgroups.Leaf | None = None) -> subprocess.Popen:
+    """Start `argv` in its own session (its pid is its process group id); with `cgroup`, inside
+    that leaf of its box's cgroup from its first instruction (nothing of it ever runs outside)."""
     hooks = list(before_exec)
     if nice:
         hooks.insert(0, lambda: os.nice(nice))
+    if cgroup is not None:
+        enter = cgroups.placement(cgroup)
+        if enter is not None:
+            hooks.insert(0, enter)
 
     def child() -> None:
         for hook in hooks:
             hook()
 
-    return subprocess.Popen(list(argv), cwd=str(cwd) if cwd else None, env=env, stdin=stdin, stdout=stdout,
-                            stderr=stderr, start_new_session=new_session, pass_fds=tuple(pass_fds),
-                            preexec_fn=child if hooks else None)
+    try:
+        return subprocess.Popen(list(argv), cwd=str(cwd) if cwd else None, env=env, stdin=stdin, stdout=stdout,
+                                stderr=stderr, start_new_session=new_session, pass_fds=tuple(pass_fds),
+                                preexec_fn=child if hooks else None)
+    except subprocess.SubprocessError as e:  # a hook failed in the child (e.g. its cgroup was just removed)
+        raise OSError(f"could not prepare the process ({e})") from None
 
 
 def shell_argv(cmd: str) -> list[str]:
@@ -348,16 +360,20 @@ def pids_named(name: str) -> list[int]:
     return [pid for pid in _pids() if comm(pid) == name]
 
 
-def spawn_detached(cmd: list[str], *, env: dict[str, str], log_path: Path, cwd: str | Path | None = None) -> int:
-    """Start cmd in its own session as a grandchild (output appended to log_path); returns its pid.
+def spawn_detached(cmd: list[str], *, env: dict[str, str], log_path: Path, cwd: str | Path | None = None,
+                   cgroup: cgroups.Leaf | None = None) -> int:
+    """Start cmd in its own session (and `cgroup`) as a grandchild (output appended to log_path);
+    returns its pid.
 
     A shell starts it in the background and exits, so the process is reparented to init and is
     never a zombie child of a long-lived caller (a test, `wtbox mcp`), which would make it look
     alive to everyone who waits for it to end."""
-    sh = subprocess.run(["/bin/sh", "-c", '"$@" >>"$0" 2>&1 </dev/null & echo $!', str(log_path), *cmd],
-                        env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                        stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True, check=True, text=True)
-    return int(sh.stdout.strip())
+    sh = spawn(["/bin/sh", "-c", '"$@" >>"$0" 2>&1 </dev/null & echo $!', str(log_path), *cmd], env=env, cwd=cwd,
+               stdout=subprocess.PIPE, cgroup=cgroup)
+    out, _ = sh.communicate()
+    if sh.returncode != 0:
+        raise subprocess.CalledProcessError(sh.returncode, cmd[0])
+    return int(out.decode().strip())
 
 
 def find_named(box_id: str, names: Iterable[str], box_dir: Path | None = None) -> list[Any]:
@@ -516,3 +532,60 @@ def memory_of(processes: Iterable[Any]) -> dict[str, int]:
         pss += getattr(m, "pss", 0)
         uss += getattr(m, "uss", 0)
     return {"rss_bytes": rss, "pss_bytes": pss, "uss_bytes": uss}
+
+
+# ---------------------------------------------------------------- a box's cgroup
+
+def enter_cgroup(leaf: cgroups.Leaf) -> bool:
+    """Move this process into a leaf of its box's cgroup (`exec`/`shell` do it just before exec)."""
+    backend = cgroups.for_home(leaf.home)
+    return backend is not None and backend.place(os.getpid(), leaf.box_id, leaf.name)
+
+
+def cgroup_pids(home: Path | str, box_id: str, leaf: str | None = None) -> set[int]:
+    """The live processes in the box's cgroup (or one leaf); empty without cgroups."""
+    backend = cgroups.for_home(home)
+    return backend.pids(box_id, leaf) if backend is not None else set()
+
+
+def kill_cgroup(home: Path | str, box_id: str, leaf: str | None = None) -> set[int]:
+    """SIGKILL everything in the box's cgroup (or one leaf), sparing ourselves and our ancestors,
+    and wait until it is empty. Returns the pids killed (none without cgroups)."""
+    backend = cgroups.for_home(home)
+    if backend is None:
+        return set()
+    return backend.kill(box_id, leaf, spare=_protected())
+
+
+def stop_cgroup(home: Path | str, box_id: str, leaves: Sequence[str | None] = (None,),
+                wait: float = KILL_WAIT) -> set[int]:
+    """Staged stop of everything in the box's cgroup, or in some of its leaves: SIGTERM each
+    process (daemons in their own session too), one wait of up to `wait`, then kill the cgroups."""
+    members: set[int] = set()
+    for leaf in leaves:
+        members |= cgroup_pids(home, box_id, leaf)
+    members -= _protected()
+    for pid in members:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    wait_gone(members, wait)
+    for leaf in leaves:
+        members |= kill_cgroup(home, box_id, leaf)
+    return members
+
+
+def remove_box_cgroup(home: Path | str, box_id: str) -> None:
+    """Kill what is left in the box's cgroup and delete it (leaves first)."""
+    backend = cgroups.for_home(home)
+    if backend is not None:
+        backend.remove(box_id, spare=_protected())
+
+
+def end_box_processes(home: Path | str, box_id: str, box_dir: Path | str | None) -> list[int]:
+    """Every process of a box, gone: its cgroup killed first (exact), then what still carries
+    WTBOX_ID or sits in the box dir (the second net, and the only one without cgroups)."""
+    killed = kill_cgroup(home, box_id)
+    strays = find_box_processes(box_id, box_dir)
+    return sorted(killed | set(kill_staged(strays) if strays else []))

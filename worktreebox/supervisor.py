@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
-from . import boxenv, control, procs
+from . import boxenv, cgroups, control, procs
 from .control import BACKOFF, EXITED, FAILED, READY, STARTING, STOPPED, Request, Response, ServiceState
 from .envfile import read_env_file
 from .logs.writer import EventLog, LogWriter, pump
@@ -67,14 +67,24 @@ class Process(Protocol):
 
 
 class Processes:
-    """How service processes are started and stopped: procs.spawn in a new session, staged group stops."""
+    """How service processes are started and stopped: procs.spawn in a new session and in the
+    service's leaf of the box's cgroup; staged group stops, then whatever is left in the leaves."""
 
-    def start(self, cmd: str, cwd: str, env: dict[str, str]) -> Process:
-        # Own session = own process group, so stopping takes the whole tree the shell started.
-        return procs.spawn(procs.shell_argv(cmd), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    def __init__(self, home: Path | None = None, box_id: str | None = None) -> None:
+        self.home, self.box_id = home, box_id
 
-    def stop(self, processes: Sequence[Process], wait: float) -> None:
+    def start(self, cmd: str, cwd: str, env: dict[str, str], leaf: str | None = None) -> Process:
+        # Own session = own process group, so stopping takes the whole tree the shell started; own
+        # cgroup leaf, so a stop also finds what left the group, and the kernel counts its OOM kills.
+        where = cgroups.Leaf(self.home, self.box_id, leaf) if leaf and self.home and self.box_id else None
+        return procs.spawn(procs.shell_argv(cmd), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           cgroup=where)
+
+    def stop(self, processes: Sequence[Process], wait: float, leaves: Sequence[str] = ()) -> None:
         procs.stop_groups(processes, wait)  # type: ignore[arg-type]
+        if leaves and self.home and self.box_id:
+            # Daemons the services started in sessions of their own are still in their leaves.
+            procs.stop_cgroup(self.home, self.box_id, list(leaves), wait)
 
 
 ReadyCheck = Callable[[str, "Service", float], bool]
@@ -158,6 +168,9 @@ class Service:
                 return
             self._wait_ready()
             code = self._wait_exit()
+            # Was it the kernel's OOM killer (of the shell's child: the shell then exits 137)? Say so
+            # before the restart; a few file reads.
+            self.sup.check_oom()
             if not self.wanted or self.sup.stopping:
                 break
             if self.ready_at is not None and clock.now() - self.ready_at >= STABLE_AFTER:
@@ -198,7 +211,7 @@ class Service:
         with self._lock:
             if not self.wanted or self.sup.stopping:
                 return False
-            self.proc = self.sup.processes.start(self.spec.cmd, self.cwd, env)
+            self.proc = self.sup.processes.start(self.spec.cmd, self.cwd, env, leaf=self.name)
         self.started_at = self.sup.clock.now()
         self.ready_at = None
         self.ready_seconds = None
@@ -295,9 +308,9 @@ class Service:
         return code
 
     def _terminate(self) -> None:
-        """Staged stop of the group; for an exited leader it still ends stragglers left in the group."""
-        if self.proc is not None:
-            self.sup.processes.stop([self.proc], KILL_WAIT)
+        """Staged stop of the group and of the service's cgroup leaf; for an exited leader it still
+        ends stragglers left in the group, and daemons that left it."""
+        self.sup.processes.stop([self.proc] if self.proc is not None else [], KILL_WAIT, leaves=[self.name])
 
     def info(self) -> ServiceState:
         alive = self.proc is not None and self.proc.poll() is None
@@ -330,7 +343,8 @@ def check_ready(check: str, svc: Service, timeout: float) -> bool:
         except (OSError, ValueError):
             return False
     try:
-        proc = procs.spawn(procs.shell_argv(check), cwd=svc.cwd, env=svc.env())
+        proc = procs.spawn(procs.shell_argv(check), cwd=svc.cwd, env=svc.env(),
+                           cgroup=cgroups.Leaf(svc.sup.home, svc.sup.box_id, svc.name))
     except OSError:
         return False
     try:
@@ -372,7 +386,7 @@ class Supervisor:
         self.run_dir = self.box_dir / "run"
         self.logs_dir = self.box_dir / "logs"
         self.clock = clock or Clock()
-        self.processes = processes or Processes()
+        self.processes = processes or Processes(home, box_id)
         self.check_ready: ReadyCheck = check or check_ready
         # Real processes only: port ownership is asked of the kernel (fakes in tests hold no ports).
         self.verify_ports = processes is None
@@ -389,6 +403,8 @@ class Supervisor:
         self._dirty = threading.Event()
         self._done = threading.Event()
         self.started_at = self.clock.now()
+        self.oom = cgroups.OomWatch(home, box_id)
+        self._collect_lock = threading.Lock()
 
     def event(self, service: str, level: str, msg: str, **extra: Any) -> None:
         try:
@@ -398,6 +414,20 @@ class Supervisor:
 
     def changed(self) -> None:
         self._dirty.set()
+
+    def check_oom(self) -> None:
+        """Record each OOM kill in the box as an error event naming the process (the service is
+        restarted as for any crash), and push the counters at once."""
+        kills = self.oom.new_kills()
+        if not kills:
+            return
+        limit = self.oom.memory_max()
+        why = f"the box reached its memory limit (memory_max {_size(limit)})" if limit else "out of memory"
+        for k in kills:
+            who = f"process {k['pid']} ({k['task']})" if k["pid"] else "a process"
+            self.event(k["leaf"], "error", f"{k['leaf']}: the kernel killed {who}: {why}", event="oom",
+                       pid=k["pid"], task=k["task"], memory_max=limit)
+        self.collect()
 
     def state(self) -> control.SupervisorState:
         return control.SupervisorState(box_id=self.box_id, pid=os.getpid(), started_at=self.started_at,
@@ -439,8 +469,9 @@ class Supervisor:
             with s._lock:  # after this no service spawns again (see Service._spawn)
                 s.wanted = False
                 s._wake.set()
-        # All groups at once: stopping N services costs one KILL_WAIT, not N.
-        self.processes.stop([s.proc for s in self.services.values() if s.proc is not None], KILL_WAIT)
+        # All groups (and the services' cgroup leaves) at once: stopping N services costs one KILL_WAIT, not N.
+        self.processes.stop([s.proc for s in self.services.values() if s.proc is not None], KILL_WAIT,
+                            leaves=list(self.services))
         for s in self.services.values():
             if s.thread is not None:
                 s.thread.join(timeout=2)
@@ -523,15 +554,16 @@ class Supervisor:
         if not self.metrics_url:
             return
         try:
-            if not hasattr(self, "_collector"):
-                from .collector import Collector  # only boxes with metrics pay for its imports
+            with self._collect_lock:  # the main loop's tick and an OOM report may come at once
+                if not hasattr(self, "_collector"):
+                    from .collector import Collector  # only boxes with metrics pay for its imports
 
-                self._collector = Collector(self.box_id, self.metrics_url, self.logs_dir)
-            self._collector.tick([
-                {"name": s.name, "pids": [s.proc.pid] if s.proc and s.proc.poll() is None else [],
-                 "up": s.state == READY, "ready_seconds": s.ready_seconds, "restarts": s.restarts}
-                for s in self.services.values()
-            ])
+                    self._collector = Collector(self.box_id, self.metrics_url, self.logs_dir, home=self.home)
+                self._collector.tick([
+                    {"name": s.name, "pids": [s.proc.pid] if s.proc and s.proc.poll() is None else [],
+                     "up": s.state == READY, "ready_seconds": s.ready_seconds, "restarts": s.restarts}
+                    for s in self.services.values()
+                ])
         except Exception:  # noqa: BLE001 - metrics must never take the supervisor down
             pass
 
@@ -548,6 +580,7 @@ class Supervisor:
                 self.write_state()
             if self.clock.now() >= next_collect:
                 next_collect = self.clock.now() + COLLECT_EVERY
+                self.check_oom()  # kills of processes that were not a service's main process
                 self.collect()
         self.write_state()
 
@@ -628,6 +661,13 @@ def _keep(sock: socket.socket, logs_dir: Path, redact: Any) -> None:
         t.join()
     for w in writers.values():
         w.close()
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):g} {unit}"
+    return f"{n} bytes"
 
 
 def main(argv: list[str] | None = None) -> None:

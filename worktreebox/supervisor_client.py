@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import boxenv, control, procs
+from . import boxenv, cgroups, control, procs
 from .box import _iso, hex_of
 from .control import Request, ServiceState
 from .errors import UsageError, WtboxError
@@ -58,7 +58,7 @@ def start_supervisor(box: "Box", secrets: dict[str, str], specs: list[ServiceSpe
     pkg_parent = str(Path(__file__).resolve().parents[1])
     home = box.dir.parent.parent
     proc = procs.spawn([sys.executable, "-m", "worktreebox.supervisor", str(home), box.id], cwd=pkg_parent, env=env,
-                       stdin=subprocess.PIPE)
+                       stdin=subprocess.PIPE, cgroup=cgroups.Leaf(home, box.id, cgroups.SUPERVISOR))
     payload = SupervisorPayload(services=specs, workdir=str(box.path), secrets=dict(secrets))
     try:
         proc.stdin.write(json.dumps(payload.to_json()).encode())

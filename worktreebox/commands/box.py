@@ -45,9 +45,11 @@ def parse_secrets(items: tuple[str, ...]) -> dict[str, str]:
 @click.option("--keep", is_flag=True, help="Never remove this box in gc.")
 @click.option("--show-secrets", is_flag=True, help="Show passwords in the output.")
 @click.option("--no-pool", is_flag=True, help="Always make a fresh box, never one from the warm pool.")
+@click.option("--no-wait", is_flag=True, help="Refuse at once when the host is full ([host] max_active / max_load) "
+              "instead of waiting for room.")
 @json_option
 @run_cmd
-def new(task, repo, ref, secrets, no_services, ttl, keep, show_secrets, no_pool, as_json):
+def new(task, repo, ref, secrets, no_services, ttl, keep, show_secrets, no_pool, no_wait, as_json):
     """Create a box for TASK (from the warm pool when one matches)."""
     from ..pool import new_box
 
@@ -58,7 +60,7 @@ def new(task, repo, ref, secrets, no_services, ttl, keep, show_secrets, no_pool,
     progress = (lambda m: info(f"  {m}")) if show else (lambda m: None)
     box, from_pool = new_box(host, task, repo=repo, ref=ref, secrets=parse_secrets(secrets),
                              start_services=not no_services, ttl=ttl, keep=keep, progress=progress,
-                             use_pool=not no_pool)
+                             use_pool=not no_pool, wait=not no_wait, on_wait=lambda m: info(f"wtbox: {m}"))
     out = describe(host, box, show_secrets)
     out["from_pool"] = from_pool
     if as_json:
@@ -179,7 +181,10 @@ def shell(box):
 
 
 def _enter(ref):
-    """Resolve BOX, record the use (TTL), chdir into its worktree; (box, env with secrets)."""
+    """Resolve BOX, record the use (TTL), chdir into its worktree and step into its cgroup (what we
+    exec next runs there, and the box's limits and teardown cover it); (box, env with secrets)."""
+    from .. import cgroups, procs
+
     host = get_host()
     b = host.get(ref)
     if not b.path.is_dir():
@@ -187,6 +192,7 @@ def _enter(ref):
     host.registry.touch(b.id)
     env = host.exec_env(b, host.running_secrets(b))
     os.chdir(b.path)
+    procs.enter_cgroup(cgroups.Leaf(host.home, b.id, cgroups.EXEC))
     return b, env
 
 

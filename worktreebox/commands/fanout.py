@@ -31,10 +31,12 @@ from ._common import emit_json, get_host, info, json_option, run_cmd
 @click.option("--repo", type=click.Path(), help="Repository to cut the boxes from (default: the one around the cwd).")
 @click.option("--warm", is_flag=True, help="Top the warm pool up to N boxes first, then claim them all.")
 @click.option("--no-pool", is_flag=True, help="Make every box fresh, never from the warm pool.")
+@click.option("--no-wait", is_flag=True, help="Refuse at once when the host is full ([host] max_active / max_load) "
+              "instead of waiting for room.")
 @json_option
 @run_cmd
 def fanout(task, n, ref, run_cmd_, checks, probes, probe_requests, browse, timeout, jobs, repo, warm, no_pool,
-           as_json):
+           no_wait, as_json):
     """Create N boxes for TASK, run CMD in each, and compare the results."""
     from .. import fanout as F
     from ..config import parse_duration
@@ -43,7 +45,7 @@ def fanout(task, n, ref, run_cmd_, checks, probes, probe_requests, browse, timeo
     opts = F.Options(task=task, n=n, run=run_cmd_, checks=tuple(checks), probes=tuple(probes), repo=repo, ref=ref,
                      timeout=parse_duration(timeout, where="--timeout") if timeout else None, jobs=jobs,
                      probe_requests=probe_requests, warm=warm, use_pool=not no_pool,
-                     browse=browse)
+                     browse=browse, wait=not no_wait)
     if warm and no_pool:
         raise UsageError("--warm fills the pool and --no-pool ignores it; give one of them.")
     fo = F.Fanout(host, opts)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import procs
+from ..cgroups import Leaf
 from .writer import LogWriter, pump
 
 STOP_WAIT = 3.0  # SIGTERM -> SIGKILL grace for a command that timed out
@@ -36,9 +37,10 @@ class OutputTail:
 
 
 def start_logged(cmd: str, cwd: Path | str, env: dict[str, str], writer: LogWriter,
-                 tail: OutputTail) -> tuple[subprocess.Popen, list[threading.Thread]]:
-    """Start `sh -c cmd` in its own session with both streams pumped into `writer` as records."""
-    proc = procs.spawn(procs.shell_argv(cmd), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 tail: OutputTail, cgroup: Leaf | None = None) -> tuple[subprocess.Popen, list[threading.Thread]]:
+    """Start `sh -c cmd` in its own session (and `cgroup`) with both streams pumped into `writer` as records."""
+    proc = procs.spawn(procs.shell_argv(cmd), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       cgroup=cgroup)
     threads = []
     for pipe, stream in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
         fd = os.dup(pipe.fileno())
@@ -57,12 +59,12 @@ def join_pumps(threads: list[threading.Thread]) -> None:
 
 def run_logged(cmd: str, cwd: Path | str, env: dict[str, str], logs_dir: Path | str, service: str,
                redactor: Callable[[str], str] | None = None, timeout: float | None = None,
-               keep_lines: int = 10) -> tuple[int, list[str]]:
+               keep_lines: int = 10, cgroup: Leaf | None = None) -> tuple[int, list[str]]:
     """Run a shell command once with its output captured as records; (returncode, last lines redacted)."""
     redact = redactor or (lambda s: s)
     writer = LogWriter(logs_dir, service, redact)
     tail = OutputTail(redact, keep_lines)
-    proc, threads = start_logged(cmd, cwd, env, writer, tail)
+    proc, threads = start_logged(cmd, cwd, env, writer, tail, cgroup)
     try:
         rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:

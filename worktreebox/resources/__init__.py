@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 ORDER = (
     "ports:Ports",
+    "cgroup:Cgroup",  # before anything of the box runs: every later process starts inside it
     "worktree:Worktree",
     "caches:Caches",
     "database:Database",

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from .. import cgroups
 from ..box import CREATING, FAILED
 from ..boxenv import process_env
 from ..errors import ConfigError, WtboxError
@@ -127,7 +128,8 @@ class Database(Resource):
         c.note("database: migrate")
         # What every process of the box runs with (boxenv): the box env, plus --secret values.
         env = process_env(c.box, c.secrets)
-        run_migrate(cfg.migrate, c.box.path, env, c.box.logs_dir, [data["password"], *c.secrets.values()])
+        run_migrate(cfg.migrate, c.box.path, env, c.box.logs_dir, [data["password"], *c.secrets.values()],
+                    cgroup=cgroups.Leaf(c.host.home, c.box.id, cgroups.MIGRATE))
 
     # ------------------------------------------------------------ destroy
     def destroy(self, host: "HostContext", box: "Box") -> None:
@@ -493,13 +495,14 @@ def checkout(repo: str, sha: str) -> Iterator[Path]:
 # ---------------------------------------------------------------- migrate
 
 def run_migrate(cmd: str, cwd: Path, env: dict[str, str], logs_dir: Path, redact: list[str],
-                what: str = "database migration") -> None:
+                what: str = "database migration", cgroup: "cgroups.Leaf | None" = None) -> None:
     """Run `[database] migrate` with its output in logs/migrate.jsonl; failure raises with the last lines."""
     from ..logs.run import run_logged
     from ..secrets import Redactor
 
     red = Redactor(redact)
-    code, last = run_logged(cmd, cwd, env, logs_dir, "migrate", red, timeout=MIGRATE_TIMEOUT, keep_lines=_LAST_LINES)
+    code, last = run_logged(cmd, cwd, env, logs_dir, "migrate", red, timeout=MIGRATE_TIMEOUT, keep_lines=_LAST_LINES,
+                            cgroup=cgroup)
     if code != 0:
         tail = "\n".join(last) or "(no output)"
         raise WtboxError(f"The {what} `{red(cmd)}` failed with exit code {code}; last lines:\n{tail}")

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import procs
+from .. import cgroups, procs
 from ..assets import asset_path
 from ..errors import ConfigError
 from ..providers.metrics import every_store, store
@@ -57,7 +57,8 @@ class Metrics(Resource):
         store(c.host, provider).start(box, port, scrape_config=scrape, retention=obs.retention)
         if obs.collector == "vector":
             if shutil.which(VECTOR):
-                start_vector(box, url, obs.victorialogs_url, vector_otlp(c))
+                start_vector(box, url, obs.victorialogs_url, vector_otlp(c),
+                             cgroups.Leaf(c.host.home, box.id, cgroups.METRICS))
                 box.data[self.name]["collector"] = "vector"
             else:
                 c.note("`vector` is not on PATH; wtbox's built-in collector ships the box's logs and process metrics")
@@ -166,7 +167,7 @@ def vector_otlp(c: Creation) -> dict[str, str] | None:
 
 
 def start_vector(box: "Box", metrics_url: str, victorialogs_url: str | None,
-                 otlp: dict[str, str] | None = None) -> int:
+                 otlp: dict[str, str] | None = None, cgroup: "cgroups.Leaf | None" = None) -> int:
     """Start a detached Vector for the box (WTBOX_ID in its env so teardown finds it)."""
     (box.run_dir / "vector").mkdir(parents=True, exist_ok=True)
     box.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -174,7 +175,7 @@ def start_vector(box: "Box", metrics_url: str, victorialogs_url: str | None,
     config.write_text(render_vector_config(box, metrics_url, victorialogs_url, otlp=otlp))
     env = {**os.environ, "WTBOX_ID": box.id, "WTBOX_BOX_DIR": str(box.dir)}
     pid = procs.spawn_detached([shutil.which(VECTOR) or VECTOR, "--config", str(config)], env=env,
-                               log_path=box.run_dir / "vector.log")
+                               log_path=box.run_dir / "vector.log", cgroup=cgroup)
     (box.run_dir / VECTOR_PID).write_text(f"{pid}\n")
     return pid
 

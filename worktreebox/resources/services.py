@@ -13,7 +13,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from .. import control, procs
+from .. import cgroups, control, procs
 from ..box import DEGRADED, READY
 from ..boxenv import otel_service_name, process_env, redactor_for
 from ..config import check_ready, path_inside, services_in_order
@@ -50,10 +50,10 @@ class Services(Resource):
         c.note("services ready")
 
     def destroy(self, host: "HostContext", box: "Box") -> None:
-        stop_supervisor(box)
-        strays = procs.find_box_processes(box.id, box.dir)
-        if strays:
-            procs.kill_staged(strays)
+        stop_supervisor(box)  # the services get their SIGTERM and grace first
+        # Then everything else of the box (exec sessions, daemons that left their group, session and
+        # environment, VictoriaMetrics): its cgroup is killed, and env/cwd are swept as a second net.
+        procs.end_box_processes(host.home, box.id, box.dir)
 
     def discover(self, host: "HostContext") -> set[str]:
         return procs.discover_box_ids(host.boxes_dir)
@@ -73,7 +73,8 @@ def run_setup(c: Creation) -> None:
     cmd = render(cfg.setup.cmd, c.facts, f"{cfg.source}: [setup] cmd")
     c.note("running [setup] cmd")
     rc, last = run_logged(cmd, box.path, process_env(box, c.secrets), box.logs_dir, "setup",
-                          redactor_for(box, c.secrets), timeout=cfg.setup.timeout)
+                          redactor_for(box, c.secrets), timeout=cfg.setup.timeout,
+                          cgroup=cgroups.Leaf(c.host.home, box.id, cgroups.SETUP))
     if rc != 0:
         tail = "\n".join("  " + line for line in last) or "  (no output)"
         raise WtboxError(f"[setup] cmd failed with exit code {rc}; its last output lines:\n{tail}")

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import cgroups
 from ..boxenv import OTEL_ENDPOINT, OTEL_PROTOCOL, OTEL_RESOURCE_ATTRIBUTES, OTEL_VARS
 from ..errors import WtboxError
 from .base import Creation, Resource
@@ -49,7 +50,7 @@ class Traces(Resource):
         # Recorded before the start, so a failed `new` still finds and destroys what was started.
         box.data[self.name] = {"url": url, "port": port}
         c.note(f"starting the OTLP receiver on port {port}")
-        start_receiver(box, port, metrics_url)
+        start_receiver(box, port, metrics_url, cgroup=cgroups.Leaf(c.host.home, box.id, cgroups.TRACES))
         c.env.update(otel_env(box.id, url))
         c.env["WTBOX_OTLP_URL"] = url
         c.facts["traces"] = {"url": url, "port": port}
@@ -94,8 +95,9 @@ def traces_dir(box: "Box") -> Path:
     return box.dir / "traces"
 
 
-def start_receiver(box: "Box", port: int, metrics_url: str, timeout: float = START_TIMEOUT) -> int:
-    """Start the box's receiver detached and wait until it answers /health; returns its pid."""
+def start_receiver(box: "Box", port: int, metrics_url: str, timeout: float = START_TIMEOUT,
+                   cgroup: "cgroups.Leaf | None" = None) -> int:
+    """Start the box's receiver detached (in `cgroup`) and wait until it answers /health; returns its pid."""
     from .. import procs
     from ..fsutil import atomic_write
     from ..vmclient import healthy
@@ -107,7 +109,7 @@ def start_receiver(box: "Box", port: int, metrics_url: str, timeout: float = STA
     # -m finds the package from the cwd, so this works from a checkout as well as when installed.
     pkg_parent = str(Path(__file__).resolve().parents[2])
     pid = procs.spawn_detached([sys.executable, "-m", MODULE, str(box.dir), str(port), metrics_url], env=env,
-                            log_path=log_path, cwd=pkg_parent)
+                            log_path=log_path, cwd=pkg_parent, cgroup=cgroup)
     atomic_write(box.run_dir / PID_FILE, f"{pid}\n")
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from ... import procs
+from ... import cgroups, procs
 from ...errors import WtboxError
 from ...vmclient import healthy
 from .base import MEMORY_ENV, MetricsStore, flags
@@ -32,7 +32,7 @@ class NativeStore(MetricsStore):
 
     def start(self, box: "Box", port: int, *, scrape_config: Path | None, retention: str) -> str:
         start(box.id, port=port, data_dir=box.metrics_dir, run_dir=box.run_dir, retention=retention,
-              scrape_config=scrape_config)
+              scrape_config=scrape_config, cgroup=cgroups.Leaf(self.host.home, box.id, cgroups.METRICS))
         return f"http://127.0.0.1:{port}"
 
     @classmethod
@@ -53,8 +53,8 @@ def find_binary() -> str:
 
 
 def start(box_id: str, *, port: int, data_dir: Path, run_dir: Path, retention: str = "2d",
-          scrape_config: Path | None = None, timeout: float = 15.0) -> int:
-    """Start a detached VictoriaMetrics for a box and wait until /health answers; returns its pid."""
+          scrape_config: Path | None = None, timeout: float = 15.0, cgroup: "cgroups.Leaf | None" = None) -> int:
+    """Start a detached VictoriaMetrics for a box (in `cgroup`) and wait until /health answers; returns its pid."""
     binary = find_binary()
     data_dir.mkdir(parents=True, exist_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -63,7 +63,7 @@ def start(box_id: str, *, port: int, data_dir: Path, run_dir: Path, retention: s
     # this home's boxes from another home's (every process of a box carries both).
     env = {**os.environ, **MEMORY_ENV, "WTBOX_ID": box_id, "WTBOX_BOX_DIR": str(data_dir.parent)}
     log_path = run_dir / LOG_FILE
-    pid = procs.spawn_detached(cmd, env=env, log_path=log_path)
+    pid = procs.spawn_detached(cmd, env=env, log_path=log_path, cgroup=cgroup)
     (run_dir / PID_FILE).write_text(f"{pid}\n")
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout

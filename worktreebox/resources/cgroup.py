@@ -1,0 +1,94 @@
+"""The cgroup resource: the box's control group, made before anything of the box runs.
+
+create: `wtbox-<home key>-<box hex>/` in every hierarchy (see worktreebox/cgroups.py) with the
+limits of [box] cpu_weight / memory_max / pids_max over the host's [box] defaults. On a
+host without cgroups it makes nothing and the box runs as before (`doctor` says why).
+destroy: kill whatever is still inside (the services resource already stopped the
+supervisor gracefully and killed the cgroup before its own sweep), then remove it.
+discover: box ids that have a cgroup under this home (by the hex their cgroup is named after).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import TYPE_CHECKING, Any
+
+from .. import cgroups, procs
+from ..box import hex_of, is_box_id
+from .base import Creation, Resource, warn
+
+if TYPE_CHECKING:
+    from ..box import Box
+    from ..config import LimitsConfig
+    from ..context import HostContext
+
+
+class Cgroup(Resource):
+    name = "cgroup"
+    parallel = False  # everything after it (VictoriaMetrics, setup, services) starts inside it
+
+    def create(self, c: Creation) -> None:
+        backend = cgroups.for_home(c.host.home)
+        if backend is None:
+            return
+        limits = effective_limits(c.config.box.limits, c.host.config.box_limits)
+        backend.create(c.box.id, limits)
+        c.box.data[self.name] = {"version": backend.version, "path": backend.relative(c.box.id),
+                                 **{k: v for k, v in dataclasses.asdict(limits).items() if v is not None}}
+        unenforced = [key for key, controller in (("cpu_weight", "cpu"), ("memory_max", "memory"),
+                                                  ("pids_max", "pids"))
+                      if getattr(limits, key) is not None and controller in backend.missing]
+        if unenforced:
+            warn(f"{', '.join(unenforced)} cannot be enforced here: this host's cgroups lack the "
+                 f"{', '.join(c for c in ('cpu', 'memory', 'pids') if c in backend.missing)} controller")
+
+    def destroy(self, host: "HostContext", box: "Box") -> None:
+        backend = cgroups.for_home(host.home)
+        if backend is not None and backend.exists(box.id):
+            procs.remove_box_cgroup(host.home, box.id)
+
+    def discover(self, host: "HostContext") -> set[str]:
+        """Ids of boxes with a cgroup (named by the id's hex): the registry's, else the box dir's
+        (`new` makes the dir before the cgroup), else `wt_<hex>` as the database names such a box."""
+        backend = cgroups.for_home(host.home)
+        if backend is None:
+            return set()
+        keys = backend.box_keys()
+        if not keys:
+            return set()
+        by_hex = {hex_of(i): i for i in host.registry.select_box_ids()}
+        try:
+            dirs = {hex_of(e.name): e.name for e in os.scandir(host.boxes_dir) if is_box_id(e.name)}
+        except FileNotFoundError:
+            dirs = {}
+        return {by_hex.get(k) or dirs.get(k) or f"wt_{k}" for k in keys}
+
+    def status(self, host: "HostContext", box: "Box") -> dict[str, Any] | None:
+        data = box.data.get(self.name)
+        backend = cgroups.for_home(host.home)
+        if not data or backend is None:
+            return None
+        usage = backend.usage(box.id)
+        return {"cgroup": {**data, "usage": dataclasses.asdict(usage) if usage else None}}
+
+
+    def checks(self, host: "HostContext") -> list[dict[str, Any]]:
+        """Informational: without cgroups boxes work as before, only without limits and exact teardown."""
+        backend = cgroups.for_home(host.home)
+        if backend is None:
+            return [{"check": "cgroups", "ok": True, "cgroups": None,
+                     "detail": f"unavailable, {cgroups.unavailable(host.home)}: boxes run without cpu_weight, "
+                               "memory_max and pids_max, and teardown finds their processes by WTBOX_ID and cwd only"}]
+        where = ", ".join(str(b / f"{backend.prefix}<box>") for b in backend.bases[:2]) + \
+            (", ..." if len(backend.bases) > 2 else "")
+        missing = f"; no {', '.join(backend.missing)} controller (those limits are not enforced)" \
+            if backend.missing else ""
+        return [{"check": "cgroups", "ok": True, "cgroups": backend.version,
+                 "detail": f"{backend.version}: one per box under {where}{missing}"}]
+
+
+def effective_limits(repo: "LimitsConfig", host: "LimitsConfig") -> cgroups.Limits:
+    """The repo's [box] limits over the host's defaults; "max" (0) and unset mean no limit."""
+    merged = repo.over(host)
+    return cgroups.Limits(cpu_weight=merged.cpu_weight or None, memory_max=merged.memory_max or None,
+                          pids_max=merged.pids_max or None)

@@ -8,6 +8,7 @@ in full where /sys/fs/cgroup itself is cgroup2.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -24,6 +25,7 @@ PY = sys.executable
 HOST_CGROUPS, WHY_NOT = cgroups.detect("probe")
 needs_cgroups = pytest.mark.skipif(HOST_CGROUPS is None, reason=f"no cgroups here: {WHY_NOT}")
 UNIFIED = Path("/sys/fs/cgroup/unified")
+HAVE_CHROMIUM = bool(shutil.which("chromium"))
 V2_FULL = (cgroups.CGROUP_FS / "cgroup.controllers").exists()
 
 
@@ -295,7 +297,7 @@ while True:
 '''
 
 
-def service_toml(*, name="web", cmd=None, limits="", setup=None, observability=False) -> str:
+def service_toml(*, name="web", cmd=None, limits="", setup=None, observability=False, browser=False) -> str:
     cmd = cmd or f"{PY} server.py"
     parts = ['[box]\nports = ["web"]\n' + limits,
              '[database]\nmode = "none"\n',
@@ -303,6 +305,8 @@ def service_toml(*, name="web", cmd=None, limits="", setup=None, observability=F
              f'[services.{name}]\ncmd = "{cmd}"\nready = "tcp:{{{{ ports.web }}}}"\nready_timeout = "30s"\n']
     if setup:
         parts.insert(1, f'[setup]\ncmd = "{setup}"\n')
+    if browser:
+        parts.append("[browser]\nenabled = true\n")
     return "\n".join(parts)
 
 
@@ -326,18 +330,21 @@ def service_pid(run_wtbox, box: dict, name: str = "web") -> int:
 @needs_cgroups
 def test_every_process_of_a_box_is_in_its_cgroup(make_repo, run_wtbox, wtbox_home):
     setup = "cat /proc/self/cgroup > setup.cgroup"
-    repo = make_repo({"server.py": SERVER}, toml=service_toml(setup=setup, observability=True,
-                                                               limits='cpu_weight = 200\nmemory_max = "1G"\n'))
+    repo = make_repo({"server.py": SERVER}, toml=service_toml(setup=setup, observability=True, browser=HAVE_CHROMIUM,
+                                                               limits='cpu_weight = 200\nmemory_max = "2G"\n'))
     box = new_box(run_wtbox, repo, "members")
     cg = cgroups.for_home(wtbox_home)
     rel = cg.relative(box["id"])
-    assert box["cgroup"]["path"] == rel and box["cgroup"]["memory_max"] == 1 << 30
-    assert cg.limits(box["id"]).memory_max == 1 << 30 and cg.limits(box["id"]).cpu_weight == 200
+    assert box["cgroup"]["path"] == rel and box["cgroup"]["memory_max"] == 2 << 30
+    assert cg.limits(box["id"]).memory_max == 2 << 30 and cg.limits(box["id"]).cpu_weight == 200
     assert in_cgroup(supervisor_of(box), f"{rel}/_supervisor")
     assert in_cgroup(service_pid(run_wtbox, box), f"{rel}/web")
     vm_pid = int((Path(box["dir"]) / "run" / "victoria-metrics.pid").read_text())
     assert in_cgroup(vm_pid, f"{rel}/_metrics")
     assert f"{rel}/_setup" in (Path(box["path"]) / "setup.cgroup").read_text()
+    if HAVE_CHROMIUM:
+        chromium = int((Path(box["dir"]) / "run" / "browser.pid").read_text())
+        assert in_cgroup(chromium, f"{rel}/_browser")
     shown = run_wtbox("exec", box["id"], "--", "cat", "/proc/self/cgroup").stdout
     assert f"{rel}/_exec" in shown
     # and nothing of the box runs outside it

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import procs
+from . import cgroups, procs
 from .errors import UsageError, WtboxError
 from .exposition import exposition
 from .fsutil import atomic_write, file_lock
@@ -134,7 +134,9 @@ def spawn(box_id: str, box_dir: Path, port: int) -> int:
         env["TMPDIR"] = str(base / "tmp")
     log_path = run_dir / LOG_FILE
     log_path.write_bytes(b"")  # this start's output only: the error message quotes its last line
-    pid = procs.spawn_detached(chromium_command(binary, port, box_dir), env=env, log_path=log_path, cwd=base)
+    home = Path(box_dir).parent.parent  # boxes/<id> lies under the home
+    pid = procs.spawn_detached(chromium_command(binary, port, box_dir), env=env, log_path=log_path, cwd=base,
+                               cgroup=cgroups.Leaf(home, box_id, cgroups.BROWSER))
     (run_dir / PID_FILE).write_text(f"{pid}\n")
     return pid
 

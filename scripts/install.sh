@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install everything worktreebox needs on a Debian machine, idempotently:
 # apt packages (git, PostgreSQL 15, VictoriaMetrics; with --test also docker.io and
-# debootstrap for the docker provider's tests), a venv in .venv, and `pip install -e .`.
+# debootstrap for the docker provider's tests, xfsprogs for the reflink provider's), a venv in .venv, and `pip install -e .`.
 # Runs as root (apt); a second run changes nothing and takes a few seconds.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -16,7 +16,8 @@ for arg in "$@"; do
 done
 
 PKGS=(git ca-certificates python3 python3-venv python3-pip postgresql postgresql-contrib victoria-metrics procps chromium fuse-overlayfs nodejs)
-[ "$WITH_TEST" = 1 ] && PKGS+=(docker.io debootstrap)
+# xfsprogs: the reflink mount provider's tests run on a loop-mounted XFS
+[ "$WITH_TEST" = 1 ] && PKGS+=(docker.io debootstrap xfsprogs)
 
 missing=()
 for p in "${PKGS[@]}"; do

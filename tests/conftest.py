@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def wtbox_home(tmp_path, monkeypatch) -> Path:
+def wtbox_home(tmp_path, monkeypatch):
     home = tmp_path / "home"
     monkeypatch.setenv("WTBOX_HOME", str(home))
     monkeypatch.setenv("WTBOX_NO_AUTO_GC", "1")
@@ -27,6 +27,10 @@ def wtbox_home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("WTBOX_PORT_RANGE", f"{base}-{base + 99}")
     yield home
     remove_box_cgroups(home)  # boxes a test left behind live in tmp_path, their cgroups on the host
+    # boxes a test left behind keep their copy-on-write mounts: take down whatever is under the test's dir
+    from worktreebox.providers.mounts.base import unmount_all
+
+    unmount_all(tmp_path)
 
 
 @pytest.fixture

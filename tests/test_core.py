@@ -262,7 +262,10 @@ def test_repo_defaults_to_cwd_and_from_ref(make_repo, run_wtbox):
 def test_box_vanished_underneath(host, make_repo, run_wtbox):
     import shutil
 
+    from worktreebox.providers.mounts.base import unmount_all
+
     box = host.new("vanish", repo=make_repo(toml=CORE_TOML))
+    unmount_all(box.dir)  # a copy-on-write worktree is a mount: the dir can only vanish once it is gone (reboot)
     shutil.rmtree(box.dir)
     status = json.loads(run_wtbox("status", box.id, "--json").stdout)
     assert "problem" in status

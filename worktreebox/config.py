@@ -549,6 +549,9 @@ class HostConfig:
     max_active: int | None = None  # boxes being made or running processes
     max_load: float | None = None  # 1-minute load average
     box_limits: LimitsConfig = dataclasses.field(default_factory=LimitsConfig)  # [box]: defaults for every box
+    mounts: str | None = None  # a mount provider by name (providers/mounts); None = the first that works
+    mounts_where: str = "[host] mounts"  # where that came from, for error messages
+    layer_ttl: float = 24 * 3600.0  # gc removes trees and dependency layers no box used for this long
 
 
 def load_host_config(home: Path) -> HostConfig:
@@ -566,12 +569,15 @@ def load_host_config(home: Path) -> HostConfig:
         if key not in known:
             raise ConfigError(f"{src}: unknown section [{key}]; known sections: {', '.join(sorted(known))}.")
     r = _Reader(src, _table(src, data, "host"), "host")
-    r.unknown({"port_range", "max_boxes", "max_active", "max_load"})
+    r.unknown({"port_range", "max_boxes", "max_active", "max_load", "mounts", "layer_ttl"})
     pr = r.get("port_range", str, None, "a range such as \"20000-29999\"")
     cfg.port_range = parse_port_range(pr, f"{src}: [host] port_range") if pr is not None else None
     cfg.max_boxes = r.get("max_boxes", int, 64, "a whole number")
     if not 1 <= cfg.max_boxes <= MAX_BOXES:
         raise r.err("max_boxes", f"a whole number from 1 to {MAX_BOXES}", cfg.max_boxes)
+    cfg.mounts = r.get("mounts", str, None, "a mount provider name such as \"overlay\" or \"checkout\"")
+    cfg.mounts_where = f"{src}: [host] mounts"
+    cfg.layer_ttl = r.duration("layer_ttl", cfg.layer_ttl)
     cfg.max_active = r.get("max_active", int, None, "a whole number of boxes above 0")
     if cfg.max_active is not None and cfg.max_active < 1:
         raise r.err("max_active", "a whole number of boxes above 0", cfg.max_active)
@@ -597,6 +603,10 @@ def load_host_config(home: Path) -> HostConfig:
                                             f"{src}: [observability] image")
 
     # Environment overrides (documented in the README).
+    if os.environ.get("WTBOX_MOUNTS"):
+        cfg.mounts, cfg.mounts_where = os.environ["WTBOX_MOUNTS"], "WTBOX_MOUNTS"
+    if os.environ.get("WTBOX_LAYER_TTL"):
+        cfg.layer_ttl = parse_duration(os.environ["WTBOX_LAYER_TTL"], where="WTBOX_LAYER_TTL")
     if os.environ.get("WTBOX_PORT_RANGE"):
         cfg.port_range = parse_port_range(os.environ["WTBOX_PORT_RANGE"], "WTBOX_PORT_RANGE")
     if os.environ.get("WTBOX_POSTGRES_URL"):

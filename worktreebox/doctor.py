@@ -11,7 +11,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .gc import find_orphans
+from .gc import find_orphans, stray_mounts
+from .layerstore import STORES, LayerStore
 from .resources.ports import default_range, ephemeral_range, is_port_free
 
 if TYPE_CHECKING:
@@ -25,9 +26,21 @@ def report(host: "Host") -> dict[str, Any]:
     checks.append({"check": "docker", "ok": d["ok"], "detail": d["summary"]})
     for r in host.resources:
         checks += r.checks(host)
-    boxes = [{"id": b.id, "state": b.state, "bytes": _dir_size(b.dir)} for b in host.list()]
-    return {"home": str(host.home), "checks": checks, "boxes": boxes, "orphans": find_orphans(host),
+    mounts = next((c.get("mounts") for c in checks if c.get("check") == "mounts"), None)
+    boxes = [{"id": b.id, "state": b.state, "bytes": host.disk_bytes(b)} for b in host.list()]
+    return {"home": str(host.home), "checks": checks, "mounts": mounts, "boxes": boxes, "layers": _layers(host),
+            "orphans": find_orphans(host), "stray_mounts": [m.target for m in stray_mounts(host)],
             "ok": all(c["ok"] for c in checks)}
+
+
+def _layers(host) -> dict:
+    """Pristine trees and dependency layers on disk (each shared by every box that uses it)."""
+    out = {}
+    for name in STORES:
+        store = LayerStore(host.home / name)
+        keys = store.keys()
+        out[name] = {"count": len(keys), "bytes": sum(_dir_size(store.path(k)) for k in keys)}
+    return out
 
 
 def _check_binaries(host) -> list[dict]:

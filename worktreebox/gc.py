@@ -129,11 +129,14 @@ def run(host: "Host", *, grace: float = DEFAULT_GRACE, dry_run: bool = False, wa
                     git.git(repo, "worktree", "prune", check=False)
             _empty_trash(host)
             released = _sweep_host_leases(host)
+            mounts = _unmount_strays(host, errors)
+            layers = _sweep_layers(host)
             _stamp(host)
         else:
             released = []
-    return {"dry_run": dry_run, "actions": actions, "errors": errors, "released_ports": released,
-            "seconds": round(time.perf_counter() - t0, 3)}
+            mounts, layers = [m.target for m in stray_mounts(host)], []
+    return {"dry_run": dry_run, "actions": actions, "errors": errors, "released_ports": released, "mounts": mounts,
+            "layers": layers, "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def _sweep_host_leases(host: "Host") -> list[int]:
@@ -142,6 +145,48 @@ def _sweep_host_leases(host: "Host") -> list[int]:
     from .leases import HostLeases
 
     return HostLeases(host.home).sweep(host.registry.lease_owners(), host.registry.leased_ports())
+
+
+def stray_mounts(host: "Host") -> list:
+    """Mounts under $WTBOX_HOME that no box in the registry owns (deepest first)."""
+    from .box import is_box_id
+    from .providers.mounts.base import mounts_under
+
+    found = mounts_under(host.home)
+    if not found:
+        return []
+    known = host.registry.select_box_ids()
+    boxes = str(host.boxes_dir) + "/"
+    out = []
+    for m in found:
+        owner = m.target[len(boxes):].split("/", 1)[0] if m.target.startswith(boxes) else None
+        if owner is None or not is_box_id(owner) or owner not in known:
+            out.append(m)
+    return out
+
+
+def _unmount_strays(host: "Host", errors: list[str]) -> list[str]:
+    """Mounts left by probes or by boxes whose teardown was cut short; and the probe dirs."""
+    from .providers import mounts
+    from .providers.mounts.base import unmount
+
+    done = []
+    for m in stray_mounts(host):
+        try:
+            unmount(m)
+            done.append(m.target)
+        except WtboxError as e:
+            errors.append(str(e))
+    for probe in mounts.stale_probes(host.home):
+        mounts.clean_probe(probe)
+    return done
+
+
+def _sweep_layers(host: "Host") -> list[str]:
+    """Pristine trees and dependency layers no box uses, unused for [host] layer_ttl; half-built ones."""
+    from .layerstore import sweep_all
+
+    return sweep_all(host.home, host.boxes_dir, host.config.layer_ttl)
 
 
 def _empty_trash(host: "Host") -> None:

@@ -76,6 +76,13 @@ class Host:
 
     def get(self, ref: str | None = None) -> Box:
         """Resolve BOX: id, unique id prefix, task name, or (None) the box containing the cwd."""
+        box = self._resolve(ref)
+        if box.data.get("revive") and box.state not in (CREATING, REMOVING):
+            for r in self.resources:
+                r.revive(self, box)
+        return box
+
+    def _resolve(self, ref: str | None) -> Box:
         if ref is None or ref == "":
             box = self.box_of_path(Path.cwd())
             if box is None:
@@ -119,6 +126,12 @@ class Host:
         if box.data.get("timings"):
             out["timings"] = box.data["timings"]
         return out
+
+    def disk_bytes(self, box: Box) -> int:
+        """Disk the box uses of its own: its dir without the shared trees and layers mounted into it."""
+        from .providers.mounts.base import own_bytes
+
+        return own_bytes(box.dir)
 
     def box_of_path(self, path: Path) -> Box | None:
         try:
@@ -214,10 +227,7 @@ class Host:
         box = c.box
         for stage in stages(self.resources):
             _phase("new:create:" + "+".join(r.name for r in stage))
-            t0 = time.monotonic()
-            _run_stage(stage, lambda r: r.create(c))
-            for r in stage:
-                c.timings.setdefault(r.name, round(time.monotonic() - t0, 4))
+            _run_stage(stage, lambda r: _timed(c, r.phase, r.create))
         _phase("new:created")
         for r in self.resources:
             r.finish(c)
@@ -227,9 +237,7 @@ class Host:
         self.registry.save_box(box)
         for r in self.resources:
             _phase(f"new:start:{r.name}")
-            t0 = time.monotonic()
-            r.start(c)
-            c.timings[f"{r.name}.start"] = round(time.monotonic() - t0, 4)
+            _timed(c, r.start_phase, r.start)
         box.state = READY
         box.data["timings"] = c.timings
         self.registry.save_box(box)
@@ -349,6 +357,7 @@ class Host:
         """`status --json`: describe(), plus a `problem` when the box dir is gone; looking is using (TTL)."""
         self.registry.touch(box.id)
         out = self.describe(box, show_secrets=show_secrets)
+        out["disk_bytes"] = self.disk_bytes(box)
         if not box.dir.exists():
             out["problem"] = f"the box directory {box.dir} is gone; 'wtbox rm {box.id}' cleans up the rest"
         return out
@@ -512,6 +521,16 @@ def _run_stage(stage: list[Resource], step: Callable[[Resource], None]) -> None:
                 errors.append(e)
     if errors:
         raise errors[0]
+
+
+def _timed(c: Creation, phase: str | None, step: Callable[[Creation], None]) -> None:
+    """Run one resource step, adding its seconds to `c.timings[phase]` (new --json's timings)."""
+    t0 = time.monotonic()
+    try:
+        step(c)
+    finally:
+        if phase:
+            c.timings[phase] = round(c.timings.get(phase, 0.0) + time.monotonic() - t0, 4)
 
 
 def finalize_env(c: Creation) -> dict[str, str]:

@@ -56,7 +56,11 @@ def gc(dry_run, grace, install_timer, print_only, quiet, as_json):
         verb = "would" if dry_run else "did"
         for a in result["actions"]:
             click.echo(f"{a['action']:<7} {a['id']}  ({a['reason']})" + ("" if dry_run or a.get("done") else "  FAILED"))
-        if not result["actions"]:
+        for target in result.get("mounts", []):
+            click.echo(f"unmount {target}  (no box owns it)")
+        for layer in result.get("layers", []):
+            click.echo(f"remove  {layer}  (no box uses it)")
+        if not result["actions"] and not result.get("mounts") and not result.get("layers"):
             info("nothing to clean")
         else:
             info(f"gc {verb} {len(result['actions'])} actions in {result['seconds']}s")

@@ -52,4 +52,8 @@ def doctor(as_json):
             table([[b["id"], b["state"], f"{b['bytes'] / 1e6:.1f} MB"] for b in boxes], ["BOX", "STATE", "DISK"])
         for box_id, what in orphans.items():
             click.echo(f"orphan {box_id}: {', '.join(what)} ('wtbox gc' removes it)")
+        for name, layer in out["layers"].items():
+            click.echo(f"{name:<8} {layer['count']} shared, {layer['bytes'] / 1e6:.1f} MB")
+        for target in out["stray_mounts"]:
+            click.echo(f"stray mount {target}: no box owns it ('wtbox gc' unmounts it)")
     sys.exit(0 if out["ok"] else 1)

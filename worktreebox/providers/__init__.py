@@ -24,7 +24,14 @@ PROVIDERS: dict[str, dict[str, str]] = {
         "native": "metrics.native:NativeStore",
         "docker": "metrics.docker:DockerStore",
     },
-    # "mounts": how a box's worktree is materialised (overlay, fuse-overlayfs, reflink, checkout).
+    # How a box gets its copy-on-write view of a shared tree, in order of preference (mounts/__init__.py
+    # picks the first that works on this host).
+    "mounts": {
+        "overlay": "mounts.overlay:Overlay",
+        "fuse-overlayfs": "mounts.fuse:FuseOverlay",
+        "reflink": "mounts.reflink:Reflink",
+        "checkout": "mounts.checkout:Checkout",
+    },
 }
 
 

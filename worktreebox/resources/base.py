@@ -55,6 +55,9 @@ class Resource:
     # True: created at the same time as the neighbouring parallel resources (it needs
     # nothing from them); False: created alone, after everything before it.
     parallel = False
+    # Keys of `new --json`'s timings this resource's create and start count towards (None: untimed).
+    phase: str | None = None
+    start_phase: str | None = None
 
     def create(self, c: Creation) -> None:
         """Make the thing and record in c.box.data / c.env / c.facts what was made."""
@@ -67,6 +70,9 @@ class Resource:
 
     def destroy(self, host: "HostContext", box: "Box") -> None:
         """Remove it; succeed if it is already gone."""
+
+    def revive(self, host: "HostContext", box: "Box") -> None:
+        """Bring back what a reboot took from a live box (mounts); nothing when it is all there."""
 
     def discover(self, host: "HostContext") -> set[str]:
         """Box ids that own such a thing right now."""

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 class Caches(Resource):
     name = "caches"
+    phase = "caches"
     parallel = True
 
     def create(self, c: Creation) -> None:

@@ -58,6 +58,8 @@ def _sql(text: str, **parts: Any):
 
 class Database(Resource):
     name = "database"
+    phase = "database"
+    start_phase = "migrate"
     parallel = True
 
     # ------------------------------------------------------------ create

@@ -34,6 +34,7 @@ SCRAPE_INTERVAL = "5s"
 
 class Metrics(Resource):
     name = "metrics"
+    phase = "metrics"
     parallel = True
 
     def create(self, c: Creation) -> None:

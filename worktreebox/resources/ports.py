@@ -113,6 +113,7 @@ def check_free(box: "Box", ports: Iterable[int | None]) -> None:
 
 class Ports(Resource):
     name = "ports"
+    phase = "ports"
 
     def create(self, c: Creation) -> None:
         c.box.ports = lease(c.host, c.box.id, c.config.port_names)

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 class Services(Resource):
     name = "services"
+    start_phase = "services"
 
     def start(self, c: Creation) -> None:
         cfg = c.config

@@ -1,6 +1,14 @@
-"""The git worktree of a box, on branch wtbox/<id>, and the untracked files it copies in."""
+"""The git worktree of a box, on branch wtbox/<id>, and the untracked files it copies in.
+
+The worktree is a copy-on-write view of the commit's pristine tree (trees.py) through the
+host's mount provider (providers/mounts): `git worktree add --no-checkout` makes the branch
+and git's admin dir, the view is mounted on the empty directory, the `.git` pointer file is
+written through it (so it lives in the box's upper layer) and the tree's index is copied in
+as the worktree's own. With the `checkout` provider it is a plain `git worktree add`.
+"""
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import time
@@ -15,29 +23,45 @@ from .base import Creation, Resource, warn
 if TYPE_CHECKING:
     from ..box import Box
     from ..context import HostContext as Host
-
+    from ..providers.mounts.base import MountProvider
 
 class Worktree(Resource):
     name = "worktree"
     parallel = True
+    phase = "tree"
 
     def create(self, c: Creation) -> None:
+        from .. import layerstore
+        from ..providers import mounts
+
         box = c.box
-        # Concurrent `git worktree add` in one repo race on reading each other's half-written
-        # .git/worktrees/<name>/ (all our worktrees share the basename "worktree"); git fails
-        # with "failed to read ...". That is transient, so retry, reusing the branch if the
-        # failed attempt already made it.
-        for attempt in range(10):
-            has_branch = git.git(box.repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{box.branch}",
-                                 check=False).returncode == 0
-            args = [str(box.path), box.branch] if has_branch else ["-b", box.branch, str(box.path), c.base_sha]
-            proc = git.git(box.repo, "worktree", "add", "--quiet", *args, check=False)
-            if proc.returncode == 0:
-                return
-            if "failed to read" not in proc.stderr or attempt == 9:
-                lines = proc.stderr.strip().splitlines()
-                raise WtboxError(f"git worktree add failed in {box.repo}: {lines[-1] if lines else proc.returncode}.")
-            time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
+        provider = mounts.for_host(c.host)
+        box.data[self.name] = {"mount": provider.name}
+        if not provider.uses_tree:
+            add_worktree(box, c.base_sha, checkout=True)
+            return
+        from .. import trees
+
+        layerstore.record_use(box, "trees", c.base_sha)  # before the tree is used: gc keeps it for this box
+        with trees.use(c.host.home, box.repo, c.base_sha, on_wait=lambda: c.note("waiting for the tree")) as (tree, _):
+            box.data[self.name]["tree"] = c.base_sha
+            box.data["revive"] = provider.mounts  # a reboot takes mounts down: Host.get brings them back
+            add_worktree(box, c.base_sha, checkout=False)
+            attach_view(provider, tree, box)
+
+    def revive(self, host: "Host", box: "Box") -> None:
+        """Mount the view again when it is gone (after a reboot); the upper layer kept the box's changes."""
+        from .. import trees
+        from ..providers import mounts
+
+        data = box.data.get(self.name) or {}
+        provider = mounts.get(data["mount"]) if data.get("mount") in mounts.PROVIDERS else None
+        if provider is None or not provider.mounts or not data.get("tree") or not box.dir.is_dir():
+            return
+        if mounts.base.is_mountpoint(box.path):
+            return
+        with trees.use(host.home, box.repo, data["tree"]) as (tree, _):
+            provider.attach(tree / "tree", box.path, box.dir)
 
     def finish(self, c: Creation) -> None:
         """[box] copy: bring untracked files (e.g. .env.example → .env) from the main checkout
@@ -59,17 +83,25 @@ class Worktree(Resource):
                 shutil.copy2(s, d)
 
     def destroy(self, host: "Host", box: "Box") -> None:
+        from ..providers.mounts.base import unmount_all
+
         repos = [box.repo] if box.repo and Path(box.repo).is_dir() else host.registry.select_repos()
-        # Deleting thousands of files is most of what `git worktree remove` costs. Move the tree
-        # out of the box (one rename), let git forget it (prune), and delete the files in a
-        # detached process; `gc` empties trash/ if that process dies.
-        trashed = move_to_trash(host, box.path, box.id)
+        admin = _admin_dir(box)  # read before unmounting: the pointer may live in the upper layer
+        # Every view and layer under the box dir, deepest first, recorded or not (a kill -9
+        # between mount and registry write leaves a mount the row does not know).
+        unmount_all(box.dir)
+        # Deleting thousands of files is most of what `git worktree remove` costs. Move the box's
+        # files out (one rename: the checkout, or the upper layer of a view), let git forget the
+        # worktree, and delete the files in a detached process; `gc` empties trash/ if it dies.
+        trashed = [move_to_trash(host, p, box.id) for p in (box.dir / "upper", box.path)]
         for repo in repos:
             if not Path(repo).is_dir():
                 continue
-            removed = not trashed and box.path.exists() and git.git(
-                repo, "worktree", "remove", "--force", "--force", str(box.path), check=False).returncode == 0
-            if not removed:
+            if admin is not None:
+                shutil.rmtree(admin, ignore_errors=True)  # what `git worktree remove` does last
+            elif box.path.exists() and not any(trashed):
+                git.git(repo, "worktree", "remove", "--force", "--force", str(box.path), check=False)
+            else:
                 # a worktree dir that is gone still "holds" its branch until pruned
                 git.git(repo, "worktree", "prune", check=False)
             if box.data.get("keep_branch"):
@@ -79,11 +111,21 @@ class Worktree(Resource):
             shutil.rmtree(box.path, ignore_errors=True)
         if box.path.exists():
             raise WtboxError(f"Could not delete the worktree {box.path}.")
-        if trashed:
+        if any(trashed):
             empty_trash_in_background(host)
 
+    def status(self, host: "Host", box: "Box") -> dict | None:
+        """How the worktree is made: {"mount": provider, "tree": commit of the shared tree}."""
+        data = box.data.get(self.name)
+        return {"worktree": dict(data)} if data else None
+
     def discover(self, host: "Host") -> set[str]:
-        ids: set[str] = set()
+        """Boxes with a wtbox/<id> branch, or with a mount under boxes/<id>/."""
+        from ..providers.mounts.base import mounts_under
+
+        boxes = str(host.boxes_dir) + "/"
+        ids = {m.target[len(boxes):].split("/", 1)[0] for m in mounts_under(host.boxes_dir)}
+        ids = {i for i in ids if is_box_id(i)}
         for repo in host.registry.select_repos():
             if not Path(repo).is_dir():
                 continue
@@ -99,6 +141,63 @@ class Worktree(Resource):
                     continue
                 ids.add(box_id)
         return ids
+
+
+def add_worktree(box: "Box", sha: str, *, checkout: bool) -> None:
+    """`git worktree add` on the box branch (without the files when the view brings them)."""
+    extra = [] if checkout else ["--no-checkout"]
+    has_branch = False  # a new box's branch does not exist yet; only a retry may find it
+    # Concurrent `git worktree add` in one repo race on reading each other's half-written
+    # .git/worktrees/<name>/ (all our worktrees share the basename "worktree"); git fails
+    # with "failed to read ...". That is transient, so retry, reusing the branch if the
+    # failed attempt already made it.
+    for attempt in range(10):
+        args = [str(box.path), box.branch] if has_branch else ["-b", box.branch, str(box.path), sha]
+        proc = git.git(box.repo, "worktree", "add", "--quiet", *extra, *args, check=False)
+        if proc.returncode == 0:
+            return
+        if attempt == 9 or ("failed to read" not in proc.stderr and "already exists" not in proc.stderr):
+            lines = proc.stderr.strip().splitlines()
+            raise WtboxError(f"git worktree add failed in {box.repo}: {lines[-1] if lines else proc.returncode}.")
+        has_branch = git.git(box.repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{box.branch}",
+                             check=False).returncode == 0
+        if box.path.exists() and not any(box.path.iterdir()):
+            box.path.rmdir()  # left by the failed attempt
+        time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
+
+
+def attach_view(provider: "MountProvider", tree: Path, box: "Box") -> None:
+    """Mount the view of trees/<sha>/tree on the (empty but for .git) worktree dir and hand git
+    the tree's index: the worktree is then clean without git reading a single file."""
+    gitfile = box.path / ".git"
+    pointer = gitfile.read_text()
+    gitfile.unlink()
+    provider.attach(tree / "tree", box.path, box.dir)
+    (box.path / ".git").write_text(pointer)  # through the view: it lands in the box's own layer
+    admin = Path(pointer.split(":", 1)[1].strip())
+    shutil.copyfile(tree / "index", admin / "index")
+    if not provider.same_inodes:  # a copy has new inodes and times: let git look once
+        git.git(box.path, "update-index", "-q", "--refresh", check=False)
+
+
+def _admin_dir(box: "Box") -> Path | None:
+    """git's .git/worktrees/<name> of this box, if its pointer file says so and it points back here."""
+    for gitfile in (box.path / ".git", box.dir / "upper" / ".git"):
+        try:
+            pointer = gitfile.read_text()
+        except OSError:
+            continue
+        if not pointer.startswith("gitdir:"):
+            continue
+        admin = Path(pointer.split(":", 1)[1].strip())
+        try:
+            back = (admin / "gitdir").read_text().strip()
+        except OSError:
+            return None
+        if admin.parent.name == "worktrees" and back == str(box.path / ".git"):
+            return admin
+        return None
+    return None
 
 
 def _checked_out_branches(repo: str) -> set[str]:

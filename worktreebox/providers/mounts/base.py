@@ -1,0 +1,207 @@
+"""What every mount provider shares: the interface, the kernel's mount table, and unmounting.
+
+A provider makes `target` a copy-on-write view of a read-only `lower` directory whose writes
+land in `scratch/upper` (overlayfs, fuse-overlayfs), or a cheap private copy of it (reflink),
+or a plain copy (the fallback). Unmounting does not depend on the provider that mounted:
+whatever the kernel lists under a box's directory is taken down, deepest first, so a box
+whose registry row never recorded its mounts (kill -9 between mount and save) is still
+cleaned exactly.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import dataclasses
+import errno
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from ...errors import WtboxError
+
+MNT_DETACH = 2
+
+
+class MountError(WtboxError):
+    """A mount or unmount failed; the message says which and why."""
+
+
+class MountProvider:
+    """One way of giving a box a private, writable view of a shared read-only tree."""
+
+    name = "provider"
+    # False: the view is a private copy, nothing to unmount (reflink, copy).
+    mounts = True
+    # False: the box's worktree is a plain `git worktree add`, without a pristine tree.
+    uses_tree = True
+    # True: files in the view keep the tree's inode numbers and times, so the tree's git index
+    # is valid as is (False: git must refresh it once).
+    same_inodes = True
+
+    @classmethod
+    def check(cls) -> dict | None:
+        """`wtbox doctor`'s line for what this provider needs installed (None: nothing; the worktree
+        resource reports which provider is in use and why)."""
+        return None
+
+    def probe(self, scratch: Path) -> str | None:
+        """None when this provider works with directories under `scratch`, else why not (one phrase)."""
+        raise NotImplementedError
+
+    def attach(self, lower: Path, target: Path, scratch: Path) -> None:
+        """Make the (empty) directory `target` a writable view of `lower`; writes go to `scratch`."""
+        raise NotImplementedError
+
+    def own_changes(self, target: Path, scratch: Path) -> Path:
+        """Where the view's own changes are on disk (what `status` counts as the box's disk)."""
+        return scratch / "upper" if self.mounts else target
+
+
+# ---------------------------------------------------------------- the kernel's mount table
+
+@dataclasses.dataclass
+class Mount:
+    target: str
+    fstype: str
+    source: str
+    options: str  # per-superblock options (overlay: lowerdir=...,upperdir=...)
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
+    if "\\" not in field:
+        return field
+    out, i = [], 0
+    while i < len(field):
+        code = field[i + 1:i + 4]
+        if field[i] == "\\" and len(code) == 3 and code.isdigit():
+            out.append(chr(int(code, 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_table() -> list[Mount]:
+    """Every mount this process sees (/proc/self/mountinfo), in mount order."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        fields, tail = left.split(), right.split()
+        if len(fields) < 5 or len(tail) < 2:
+            continue
+        out.append(Mount(target=_unescape(fields[4]), fstype=tail[0], source=_unescape(tail[1]),
+                         options=_unescape(tail[2]) if len(tail) > 2 else ""))
+    return out
+
+
+def mounts_under(root: Path | str, table: list[Mount] | None = None, *, include_root: bool = False) -> list[Mount]:
+    """Mounts below `root` (and on it, with include_root), deepest first (the order to take them down in)."""
+    root = os.path.abspath(root)
+    prefix = root.rstrip("/") + "/"
+    found = [m for m in (mount_table() if table is None else table)
+             if m.target.startswith(prefix) or (include_root and m.target == root)]
+    return sorted(found, key=lambda m: m.target.count("/"), reverse=True)
+
+
+def is_mountpoint(path: Path | str) -> bool:
+    path = os.path.abspath(path)
+    return any(m.target == path for m in mount_table())
+
+
+# ---------------------------------------------------------------- mount(2) / umount2(2)
+
+_LIBC = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return _LIBC
+
+
+def sys_mount(source: str, target: Path, fstype: str, options: str) -> None:
+    """mount(2) directly: a `mount` process costs more than the mount itself."""
+    rc = _libc().mount(source.encode(), str(target).encode(), fstype.encode(), 0, options.encode())
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise MountError(f"mounting {fstype} on {target} failed: {os.strerror(e)}.")
+
+
+def _umount2(target: str, flags: int) -> int:
+    rc = _libc().umount2(target.encode(), flags)
+    return 0 if rc == 0 else ctypes.get_errno()
+
+
+def unmount(m: Mount) -> None:
+    """Take one mount down: normally, or through fusermount when we may not (unprivileged fuse),
+    or lazily when something still holds it (a shell whose cwd is inside)."""
+    err = _umount2(m.target, 0)
+    if err in (0, errno.EINVAL, errno.ENOENT):
+        return  # EINVAL: not a mount point (any more)
+    if err == errno.EPERM and m.fstype.startswith("fuse"):
+        for tool in ("fusermount3", "fusermount"):
+            if shutil.which(tool):
+                proc = subprocess.run([tool, "-u", m.target], capture_output=True, text=True)
+                if proc.returncode == 0:
+                    return
+                if "busy" in proc.stderr.lower():
+                    subprocess.run([tool, "-uz", m.target], capture_output=True)
+                    return
+        raise MountError(f"cannot unmount {m.target}: fusermount failed.")
+    if err == errno.EBUSY:
+        # Still in use after the box's processes were stopped (someone's shell is in there):
+        # detach it now; the kernel frees it when the last user leaves.
+        err = _umount2(m.target, MNT_DETACH)
+        if err in (0, errno.EINVAL):
+            return
+    raise MountError(f"cannot unmount {m.target}: {os.strerror(err)}.")
+
+
+def unmount_all(root: Path | str, *, include_root: bool = False) -> list[str]:
+    """Unmount everything below `root` (and on it, with include_root), deepest first; the targets taken down."""
+    done = []
+    for m in mounts_under(root, include_root=include_root):
+        unmount(m)
+        done.append(m.target)
+    return done
+
+
+def own_bytes(path: Path | str) -> int:
+    """Disk blocks used under `path` without crossing into mounts (a box's shared views are not its own)."""
+    try:
+        dev = os.lstat(path).st_dev
+    except OSError:
+        return 0
+    total = 0
+    for root, dirs, files in os.walk(path):
+        keep = []
+        for d in dirs:
+            try:
+                if os.lstat(os.path.join(root, d)).st_dev == dev:
+                    keep.append(d)
+            except OSError:
+                pass
+        dirs[:] = keep
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def clean_env() -> dict[str, str]:
+    """The environment for a mount helper daemon: not a box process (no WTBOX_* ids), so tearing
+    down a box's processes never takes its file system with it."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("WTBOX_")}

@@ -40,12 +40,13 @@ def leftovers(pg, box_id: str) -> dict[str, list]:
 
 
 NOTHING = {"roles": [], "schemas": [], "databases": []}
+SCHEMA = 'mode = "schema"'
 
 
 # ------------------------------------------------------------------ schema mode
 
 def test_two_boxes_are_isolated(pg_host, pg_cluster, make_repo):
-    repo = make_repo(toml=toml())
+    repo = make_repo(toml=toml(SCHEMA))
     a = pg_host.new("a", repo=repo)
     b = pg_host.new("b", repo=repo)
     assert a.data["database"]["mode"] == "schema"
@@ -78,8 +79,9 @@ def test_two_boxes_are_isolated(pg_host, pg_cluster, make_repo):
         assert cb.execute("SELECT count(*) FROM items").fetchone()[0] == 1  # B's session survived
 
 
-def test_rm_leaves_no_role_schema_or_database(pg_host, pg_cluster, make_repo):
-    repo = make_repo(toml=toml())
+@pytest.mark.parametrize("mode", ["database", "schema"])
+def test_rm_leaves_no_role_schema_or_database(pg_host, pg_cluster, make_repo, mode):
+    repo = make_repo(toml=toml(f'mode = "{mode}"'))
     box = pg_host.new("gone", repo=repo)
     assert leftovers(pg_cluster, box.id) != NOTHING
     held = connect(box)  # rm must terminate sessions the box still holds
@@ -127,7 +129,7 @@ def test_failed_migration_rolls_back_with_last_lines(pg_host, pg_cluster, make_r
            'c = psycopg.connect(os.environ["DATABASE_URL"], autocommit=True)\n'
            'print("step one")\n'
            'c.execute(\'CREATE EXTENSION IF NOT EXISTS "pg_trgm"\')\n')  # not listed: the box may not create it
-    repo = make_repo({"migrate.py": mig}, toml=toml(f'migrate = "{PY} migrate.py"'))
+    repo = make_repo({"migrate.py": mig}, toml=toml(f'{SCHEMA}\nmigrate = "{PY} migrate.py"'))
     before = {r[0] for r in pg_cluster.sql("SELECT rolname FROM pg_roles WHERE rolname ~ '^wt_[0-9a-f]{8}$'")}
     with pytest.raises(WtboxError) as err:
         pg_host.new("badmig", repo=repo)
@@ -136,6 +138,87 @@ def test_failed_migration_rolls_back_with_last_lines(pg_host, pg_cluster, make_r
     after = {r[0] for r in pg_cluster.sql("SELECT rolname FROM pg_roles WHERE rolname ~ '^wt_[0-9a-f]{8}$'")}
     assert after == before
     assert pg_host.list() == []
+
+
+def test_database_mode_is_the_default_and_boxes_cannot_reach_each_other(pg_host, pg_cluster, make_repo):
+    """The isolation schema mode has, for the default: no other box's data, no CREATE in shared places."""
+    repo = make_repo(toml=toml())
+    a = pg_host.new("a", repo=repo)
+    b = pg_host.new("b", repo=repo)
+    assert a.data["database"]["mode"] == "database" and a.env["PGDATABASE"] == f"wt_{hex_of(a.id)}"
+    base = a.env["DATABASE_URL"].rsplit("/", 1)[0]
+    with connect(a) as ca, connect(b) as cb:
+        ca.execute("CREATE TABLE items (name text)")
+        ca.execute("INSERT INTO items VALUES ('apple')")
+        cb.execute("CREATE TABLE items (name text)")
+        assert cb.execute("SELECT count(*) FROM items").fetchone()[0] == 0
+        # A may not open a session on B's database, nor create anything in the server's shared ones
+        with pytest.raises(psycopg.OperationalError, match="permission denied"):
+            psycopg.connect(f"{base}/{b.env['PGDATABASE']}").close()
+        for shared in ("postgres", "wtbox", "template1"):
+            try:
+                conn = psycopg.connect(f"{base}/{shared}", autocommit=True)
+            except psycopg.OperationalError:
+                continue  # not even a session
+            with conn:
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute("CREATE TABLE public.sneaky (x int)")
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute("CREATE SCHEMA sneaky")
+        b_pid = cb.execute("SELECT pg_backend_pid()").fetchone()[0]
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            ca.execute("SELECT pg_terminate_backend(%s)", (b_pid,))
+        assert cb.execute("SELECT count(*) FROM items").fetchone()[0] == 0
+    for box in (a, b):
+        pg_host.rm(box.id, force=True)
+        assert leftovers(pg_cluster, box.id) == NOTHING
+
+
+DJANGO_STYLE_RUNNER = """
+import os, psycopg
+# Django's test runner: connect to the 'postgres' database, CREATE DATABASE test_<NAME>, run the
+# tests there, DROP it (pytest-django and Rails' db:test:prepare do the same).
+base = os.environ["DATABASE_URL"].rsplit("/", 1)[0]
+name = "test_" + os.environ["PGDATABASE"]
+with psycopg.connect(base + "/postgres", autocommit=True) as nodb:
+    nodb.execute(f'CREATE DATABASE "{name}"')
+with psycopg.connect(base + "/" + name, autocommit=True) as t:
+    t.execute("CREATE TABLE things (n int)")
+    t.execute("INSERT INTO things VALUES (1), (2)")
+    assert t.execute("SELECT sum(n) FROM things").fetchone()[0] == 3
+if os.environ.get("KEEP") != "1":
+    with psycopg.connect(base + "/postgres", autocommit=True) as nodb:
+        nodb.execute(f'DROP DATABASE "{name}"')
+print("ran in", name)
+"""
+
+
+def test_a_django_style_test_runner_creates_and_drops_its_test_database(pg_host, pg_cluster, make_repo, run_wtbox):
+    repo = make_repo({"runtests.py": DJANGO_STYLE_RUNNER}, toml=toml())  # the default config
+    env = {"WTBOX_HOME": str(pg_cluster.home), "WTBOX_POSTGRES_URL": ""}
+    a = json.loads(run_wtbox("new", "dj-a", "--repo", str(repo), "--json", env=env).stdout)
+    b = json.loads(run_wtbox("new", "dj-b", "--repo", str(repo), "--json", env=env).stdout)
+    try:
+        for box in (a, b):  # both at once would collide on one shared database; each has its own name
+            proc = run_wtbox("exec", box["id"], "--", PY, "runtests.py", env=env)
+            assert f"ran in test_wt_{hex_of(box['id'])}" in proc.stdout
+        assert pg_cluster.sql("SELECT datname FROM pg_database WHERE datname LIKE 'test\\_wt\\_%%'") == []
+        # a test database left behind is the box's: B cannot read it, and rm drops it
+        run_wtbox("exec", a["id"], "--", PY, "runtests.py", env={**env, "KEEP": "1"})
+        left = f"test_wt_{hex_of(a['id'])}"
+        b_env = json.loads(run_wtbox("env", b["id"], "--format", "json", env=env).stdout)
+        b_base = b_env["DATABASE_URL"].rsplit("/", 1)[0]
+        try:
+            conn = psycopg.connect(f"{b_base}/{left}", autocommit=True)
+        except psycopg.OperationalError:
+            conn = None
+        if conn is not None:  # PostgreSQL lets anyone open a session on a new database; never read its data
+            with conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("SELECT * FROM things")
+    finally:
+        run_wtbox("rm", "--force", a["id"], b["id"], env=env)
+    assert pg_cluster.sql("SELECT datname FROM pg_database WHERE datname LIKE 'test\\_wt\\_%%'") == []
+    assert leftovers(pg_cluster, a["id"]) == NOTHING and leftovers(pg_cluster, b["id"]) == NOTHING
 
 
 def test_mode_none_touches_nothing(host, make_repo):
@@ -347,7 +430,7 @@ def test_twenty_parallel_new_start_a_stopped_cluster_once(pg_host, pg_cluster, m
     assert not failures, failures[:2]
     outs = [json.loads(r.stdout) for r in results]
     urls = {o["database"]["url"] for o in outs}
-    assert len(urls) == 20 and len({o["database"]["schema"] for o in outs}) == 20
+    assert len(urls) == 20 and len({o["database"]["name"] for o in outs}) == 20
     log = (pg_cluster.cluster.log_file).read_text()
     assert log.count("database system is ready to accept connections") == 2  # session start + this one
     for o in outs:

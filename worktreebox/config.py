@@ -151,8 +151,27 @@ class SetupConfig:
 
 
 @dataclasses.dataclass
+class RecipeConfig:
+    """[deps.<name>]: a dependency layer made by any command (e.g. `bundle install --path vendor/bundle`)."""
+
+    name: str
+    cmd: str
+    paths: list[str]  # what cmd makes, relative to dir; attached copy-on-write in every box
+    lock: list[str] = dataclasses.field(default_factory=list)  # files (relative to dir) whose contents key it
+    dir: str = ""  # where cmd runs, relative to the repo root
+
+
+@dataclasses.dataclass
+class DepsConfig:
+    detect: bool = True  # find uv.lock, poetry.lock, requirements*.txt, package-lock.json, ... by themselves
+    files: list[str] = dataclasses.field(default_factory=list)  # lock files detection would not find
+    recipes: dict[str, RecipeConfig] = dataclasses.field(default_factory=dict)
+    timeout: float = 1800.0
+
+
+@dataclasses.dataclass
 class DatabaseConfig:
-    mode: str = "schema"  # schema | database | none
+    mode: str = "database"  # database | schema | none
     extensions: list[str] = dataclasses.field(default_factory=list)
     migrate: str | None = None
     migrations: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_MIGRATION_GLOBS))
@@ -207,6 +226,7 @@ class RepoConfig:
     source: str = "(defaults)"
     box: BoxConfig = dataclasses.field(default_factory=BoxConfig)
     setup: SetupConfig = dataclasses.field(default_factory=SetupConfig)
+    deps: DepsConfig = dataclasses.field(default_factory=DepsConfig)
     database: DatabaseConfig = dataclasses.field(default_factory=DatabaseConfig)
     services: dict[str, ServiceConfig] = dataclasses.field(default_factory=dict)
     services_from_procfile: bool = False
@@ -369,7 +389,7 @@ def parse_repo_config(text: str | None, source: str, procfile: str | None = None
     data: dict[str, Any] = {}
     if text is not None:
         data = _loads(text, source)
-    known = {"box", "setup", "database", "services", "observability", "pool", "browser"}
+    known = {"box", "setup", "database", "services", "observability", "pool", "browser", "deps"}
     for key in data:
         if key not in known:
             raise ConfigError(f"{source}: unknown section [{key}]; known sections: {', '.join(sorted(known))}.")
@@ -410,6 +430,7 @@ def parse_repo_config(text: str | None, source: str, procfile: str | None = None
     r = _Reader(source, _table(source, data, "setup"), "setup")
     r.unknown({"cmd", "timeout"})
     cfg.setup = SetupConfig(cmd=r.command("cmd"), timeout=r.duration("timeout", 1800.0))
+    cfg.deps = _parse_deps(source, _table(source, data, "deps"))
 
     r = _Reader(source, _table(source, data, "database"), "database")
     r.unknown({"mode", "extensions", "migrate", "migrations", "env", "provider"})
@@ -417,7 +438,7 @@ def parse_repo_config(text: str | None, source: str, procfile: str | None = None
     if any(not e.strip() for e in extensions):
         raise r.err("extensions", "extension names such as \"uuid-ossp\"", extensions)
     cfg.database = DatabaseConfig(
-        mode=r.choice("mode", ("schema", "database", "none"), "schema"),
+        mode=r.choice("mode", ("database", "schema", "none"), "database"),
         extensions=extensions,
         # not a template: run as written (see resources/database.py)
         migrate=r.text("migrate", None, "a shell command string"),
@@ -481,6 +502,43 @@ def parse_repo_config(text: str | None, source: str, procfile: str | None = None
     if not cfg.services and procfile:
         cfg.services = parse_procfile(procfile, cfg.box.ports[0] if cfg.box.ports else None)
         cfg.services_from_procfile = True
+    return cfg
+
+
+def _relative(r: "_Reader", key: str, value: str, what: str) -> str:
+    if value.startswith("/") or ".." in Path(value).parts:
+        raise r.err(key, what, value)
+    return value.strip("/").removeprefix("./") if value not in (".", "./") else ""
+
+
+def _parse_deps(source: str, table: dict[str, Any]) -> DepsConfig:
+    """[deps]: detect = true|false, files = [...], timeout, and [deps.<name>] recipes (cmd + paths)."""
+    scalars = {"detect", "files", "timeout"}
+    r = _Reader(source, {k: v for k, v in table.items() if k in scalars or not isinstance(v, dict)}, "deps")
+    r.unknown(scalars)
+    cfg = DepsConfig(detect=r.get("detect", bool, True, "true or false"),
+                     files=[_relative(r, "files", f, "lock file paths relative to the repo root")
+                            for f in r.str_list("files", [])],
+                     timeout=r.duration("timeout", 1800.0))
+    for name, sub in table.items():
+        if not isinstance(sub, dict):
+            continue
+        if not _PORT_NAME.match(name):
+            raise ConfigError(f"{source}: [deps.{name}]: recipe names are lowercase letters, digits and '_'.")
+        rr = _Reader(source, sub, f"deps.{name}")
+        rr.unknown({"cmd", "paths", "lock", "dir"})
+        cmd = rr.get("cmd", str, None, "a shell command string")
+        if not cmd:
+            raise rr.err("cmd", "a shell command string", cmd)
+        paths = [_relative(rr, "paths", p, "directories relative to dir that cmd makes") for p in rr.str_list("paths", [])]
+        if not paths or "" in paths:
+            raise rr.err("paths", "a non-empty list of directories that cmd makes, such as [\"vendor/bundle\"]",
+                         sub.get("paths"))
+        cfg.recipes[name] = RecipeConfig(
+            name=name, cmd=cmd, paths=paths,
+            lock=[_relative(rr, "lock", p, "files relative to dir") for p in rr.str_list("lock", [])],
+            dir=_relative(rr, "dir", rr.get("dir", str, ".", "a directory relative to the repo root"),
+                          "a directory relative to the repo root"))
     return cfg
 
 

@@ -21,6 +21,9 @@ ORDER = (
     "metrics:Metrics",
     "traces:Traces",
     "browser:Browser",
+    "deps:Deps",  # into the worktree: after it exists
+    "setup:Setup",  # tree -> deps -> setup -> migrations -> services (their `start`s run in this order)
+    "migrations:Migrations",
     "services:Services",
 )
 

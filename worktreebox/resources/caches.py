@@ -1,12 +1,15 @@
 """Per-box cache and temp dirs, so copies of one app never share build or temp state.
 
-Download caches that are safe to share (pip's, npm's) stay shared unless the repo
-points them into the box with [box] cache_env.
+XDG_CACHE_HOME and TMPDIR are the box's own. Download caches are the opposite: pip, uv,
+npm, yarn, pnpm and cargo download into one host-wide cache under $WTBOX_HOME/downloads/
+(downloads.py), so a new box does not fetch again what another one already has. [box]
+cache_env points further variables into the box's own cache dir.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .. import downloads
 from ..box import is_box_id
 from .base import Creation, Resource
 
@@ -30,6 +33,7 @@ class Caches(Resource):
         # (a per-box prefix made every Python start in a new box 0.5-2 s slower). Box sources
         # land under <prefix>/<box dir>, which destroy() removes.
         c.env["PYTHONPYCACHEPREFIX"] = str(pycache_prefix(c.host))
+        c.env.update(downloads.env(c.host.home))
         for var, sub in c.config.box.cache_env.items():
             path = box.cache_dir / sub
             path.mkdir(parents=True, exist_ok=True)

@@ -13,12 +13,9 @@ import json
 import os
 import re
 import secrets
-import shutil
-import subprocess
-import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 from .. import cgroups
 from ..box import CREATING, FAILED
@@ -59,7 +56,6 @@ def _sql(text: str, **parts: Any):
 class Database(Resource):
     name = "database"
     phase = "database"
-    start_phase = "migrate"
     parallel = True
 
     # ------------------------------------------------------------ create
@@ -81,8 +77,13 @@ class Database(Resource):
                 self._create_schema(srv, c.host.home, role, password, cfg.extensions)
             else:
                 golden = Golden.for_creation(c, srv)
-                golden.ensure()
-                self._create_database(srv, c.host.home, role, password, golden)
+                self._create_role(srv, c.host.home, role, password)
+                if golden.needed and not golden.ready():
+                    # The golden copy is migrated in this box's own tree once its dependency layers and
+                    # [setup] have run (Migrations.start); the box's database is cloned then.
+                    c.box.data[self.name]["pending"] = golden.hash
+                else:
+                    self._create_database(srv, role, golden)
         except BaseException:
             with contextlib.suppress(Exception):
                 _drop(srv, role)
@@ -107,31 +108,59 @@ class Database(Resource):
             conn.execute(_sql("CREATE SCHEMA {r} AUTHORIZATION {r}", r=_ident(role)))
             conn.execute(_sql("ALTER ROLE {r} SET search_path = {r}, public", r=_ident(role)))
 
-    def _create_database(self, srv: "Server", home: Path, role: str, password: str, golden: "Golden") -> None:
+    def _create_role(self, srv: "Server", home: Path, role: str, password: str) -> None:
         from psycopg import sql
 
         with srv.session(srv.shared_db) as conn:
-            # CREATEDB: test runners such as Django's create their own test_<name> database.
+            # CREATEDB: test runners (Django's, pytest-django, Rails') create and drop their own test
+            # databases. Those are owned by the box's role, so `rm` drops them with it.
             conn.execute(_sql("CREATE ROLE {r} LOGIN NOSUPERUSER CREATEDB NOCREATEROLE PASSWORD {p}",
                               r=_ident(role), p=sql.Literal(password)))
             conn.execute(_sql("COMMENT ON ROLE {r} IS {t}", r=_ident(role), t=sql.Literal(owner_tag(home))))
-            clone(conn, role, golden.name, role, golden.strategy(conn))
-            conn.execute(_sql("REVOKE CONNECT, TEMPORARY ON DATABASE {d} FROM PUBLIC", d=_ident(role)))
-        # Migrated objects belong to the golden role; hand them to the box (REASSIGN is per database).
-        with contextlib.closing(srv.connect(role)) as conn:
-            conn.execute(_sql("REASSIGN OWNED BY {g} TO {r}", g=_ident(golden.name), r=_ident(role)))
 
-    # ------------------------------------------------------------ start
-    def start(self, c: Creation) -> None:
+    def _create_database(self, srv: "Server", role: str, golden: "Golden") -> None:
+        """The box's own database: a clone of the golden copy, or (nothing to migrate) a new one."""
+        with srv.session(srv.shared_db) as conn:
+            if golden.needed:
+                clone(conn, role, golden.name, role, golden.strategy(conn))
+            else:
+                conn.execute(_sql("CREATE DATABASE {d} OWNER {r}", d=_ident(role), r=_ident(role)))
+            # no other role may open a session on it (boxes included)
+            conn.execute(_sql("REVOKE CONNECT, TEMPORARY ON DATABASE {d} FROM PUBLIC", d=_ident(role)))
+        if golden.needed:
+            # Migrated objects belong to the golden role; hand them to the box (REASSIGN is per database).
+            with contextlib.closing(srv.connect(role)) as conn:
+                conn.execute(_sql("REASSIGN OWNED BY {g} TO {r}", g=_ident(golden.name), r=_ident(role)))
+
+    def migrate(self, c: Creation) -> None:
+        """The box's migrations, in its own tree after its dependency layers and [setup] (Migrations.start):
+        schema mode runs `[database] migrate` in the box; database mode builds the golden copy once per
+        migration hash (in this box's tree, if it is the first) and clones it."""
         cfg = c.config.database
         data = c.box.data.get(self.name)
-        if not data or cfg.mode != "schema" or not cfg.migrate:
+        if not data or cfg.mode == "none":
             return
-        c.note("database: migrate")
-        # What every process of the box runs with (boxenv): the box env, plus --secret values.
-        env = process_env(c.box, c.secrets)
-        run_migrate(cfg.migrate, c.box.path, env, c.box.logs_dir, [data["password"], *c.secrets.values()],
-                    cgroup=cgroups.Leaf(c.host.home, c.box.id, cgroups.MIGRATE))
+        t0 = time.monotonic()
+        if cfg.mode == "schema":
+            if cfg.migrate:
+                c.note("database: migrate")
+                # What every process of the box runs with (boxenv): the box env, plus --secret values.
+                env = process_env(c.box, c.secrets)
+                run_migrate(cfg.migrate, c.box.path, env, c.box.logs_dir, [data["password"], *c.secrets.values()],
+                            cgroup=cgroups.Leaf(c.host.home, c.box.id, cgroups.MIGRATE))
+            c.timings["migrate"] = round(time.monotonic() - t0, 4)
+            return
+        if not data.get("pending"):
+            return
+        srv = server(c.host, cfg.provider)
+        golden = Golden.for_creation(c, srv)
+        c.note("database: migrating the golden copy (once per migration set)")
+        golden.ensure(c.box.path, cgroup=cgroups.Leaf(c.host.home, c.box.id, cgroups.MIGRATE))
+        c.timings["migrate"] = round(time.monotonic() - t0, 4)
+        t0 = time.monotonic()
+        self._create_database(srv, data["user"], golden)
+        data.pop("pending", None)
+        c.timings["database"] = round(c.timings.get("database", 0.0) + time.monotonic() - t0, 4)
 
     # ------------------------------------------------------------ destroy
     def destroy(self, host: "HostContext", box: "Box") -> None:
@@ -310,13 +339,25 @@ class Golden:
         self.name = GOLDEN_PREFIX + self.hash
         self._strategy: str | None = None
 
+    @property
+    def needed(self) -> bool:
+        """Without migrations or extensions there is nothing to copy: a box gets a new, empty database."""
+        return bool(self.migrate or self.extensions)
+
+    def ready(self) -> bool:
+        with self.srv.session(self.srv.shared_db) as conn:
+            return self.exists(conn)
+
     @classmethod
     def for_creation(cls, c: Creation, srv: "Server") -> "Golden":
         cfg = c.config.database
 
         def env(db: dict[str, Any]) -> dict[str, str]:
-            out = {**c.env, **_db_env(db)}
-            out.update(_render_env(cfg.env, {**c.facts, "db": db}, c.config.source))
+            # the box's env with every database variable (its own, [database] env, [box] env) naming the golden copy
+            out = {**(c.box.env or c.env), **_db_env(db)}
+            facts = {**c.facts, "db": db}
+            out.update(_render_env(cfg.env, facts, c.config.source))
+            out.update(_render_env(c.config.box.env, facts, c.config.source, "box"))
             return {**out, **c.secrets}
 
         return cls(srv, Path(c.host.home), str(c.box.repo), c.base_sha, cfg.migrate, cfg.migrations,
@@ -325,16 +366,15 @@ class Golden:
     def exists(self, conn: Any) -> bool:
         return bool(conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.name,)).fetchone())
 
-    def ensure(self) -> None:
-        """Build the golden database unless it exists; one build per hash at a time on this host."""
-        with self.srv.session(self.srv.shared_db) as conn:
-            if self.exists(conn):
-                return
+    def ensure(self, tree: Path, cgroup: "cgroups.Leaf | None" = None) -> None:
+        """Build the golden database unless it exists, migrating it in `tree` (a box's worktree with its
+        dependency layers and [setup] done); one build per hash at a time on this host."""
+        if self.ready():
+            return
         with file_lock(self.home / f"postgres.{self.name}.lock", what=f"the build lock of {self.name}"):
-            with self.srv.session(self.srv.shared_db) as conn:
-                if self.exists(conn):
-                    return
-            self._build()
+            if self.ready():
+                return
+            self._build(tree, cgroup)
 
     def strategy(self, conn: Any) -> str:
         if self._strategy is None:
@@ -348,7 +388,7 @@ class Golden:
                 self._strategy = "WAL_LOG"
         return self._strategy
 
-    def _build(self) -> None:
+    def _build(self, tree: Path, cgroup: "cgroups.Leaf | None" = None) -> None:
         from psycopg import sql
 
         srv, role, build = self.srv, self.name, self.name + "_build"
@@ -371,9 +411,8 @@ class Golden:
                 url = srv.box_url(role, password, build)
                 db = {"host": srv.box_host, "port": srv.box_port, "user": role, "password": password,
                       "name": build, "schema": "public", "url": url}
-                with checkout(self.repo, self.base_sha) as tree:
-                    run_migrate(self.migrate, tree, {**os.environ, **self._env(db)}, self.logs_dir,
-                                [password, *self.redact], what="golden database migration")
+                run_migrate(self.migrate, tree, {**os.environ, **self._env(db)}, self.logs_dir,
+                            [password, *self.redact], what="golden database migration", cgroup=cgroup)
             with srv.session(srv.shared_db) as conn:
                 conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (build,))
                 _wait_no_sessions(conn, build)
@@ -384,7 +423,8 @@ class Golden:
                 conn.execute(_sql("ALTER DATABASE {d} OWNER TO {o}", d=_ident(self.name), o=_ident(conn.info.user)))
                 conn.execute(_sql("ALTER ROLE {r} NOLOGIN PASSWORD NULL", r=_ident(role)))
                 strategy, timings = self._measure(conn)
-                comment = json.dumps({"repo": self.repo, "strategy": strategy, "clone_ms": timings})
+                # an extensions-only copy is every repo's: no repo's stale sweep may drop it
+                comment = json.dumps({"repo": self.repo if self.migrate else None, "strategy": strategy, "clone_ms": timings})
                 conn.execute(_sql("COMMENT ON DATABASE {d} IS {c}", d=_ident(self.name), c=sql.Literal(comment)))
                 self._strategy = strategy
                 self._drop_stale(conn)
@@ -444,7 +484,8 @@ def migrations_hash(repo: str, sha: str, migrate: str | None, globs: list[str], 
     listing = git.out(repo, "ls-tree", "-r", "--full-tree", sha)
     pattern = re.compile("|".join(f"(?:{glob_to_regex(g)})" for g in globs) or "(?!)")
     h = hashlib.sha256()
-    for part in (str(Path(repo).resolve()), migrate or "", ",".join(extensions)):
+    # Without a migrate command the golden copy holds only the extensions: one for every repo.
+    for part in (str(Path(repo).resolve()) if migrate else "", migrate or "", ",".join(extensions)):
         h.update(part.encode() + b"\0")
     for line in listing.splitlines():
         meta, _, path = line.partition("\t")
@@ -475,25 +516,6 @@ def glob_to_regex(glob: str) -> str:
     return "".join(out)
 
 
-@contextlib.contextmanager
-def checkout(repo: str, sha: str) -> Iterator[Path]:
-    """The tree of `sha` in a temp dir (git archive: leaves no worktree or ref behind in the repo)."""
-    tmp = Path(tempfile.mkdtemp(prefix="wtbox-golden-"))
-    try:
-        archive = subprocess.Popen(["git", "-C", repo, "archive", "--format=tar", sha], stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE)
-        untar = subprocess.run(["tar", "-x", "-C", str(tmp)], stdin=archive.stdout, capture_output=True)
-        assert archive.stdout is not None
-        archive.stdout.close()
-        err = archive.stderr.read().decode(errors="replace") if archive.stderr else ""
-        if archive.wait() != 0 or untar.returncode != 0:
-            raise WtboxError(f"Cannot export {sha[:12]} of {repo} for the golden database: "
-                             f"{(err or untar.stderr.decode(errors='replace')).strip()}.")
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 # ---------------------------------------------------------------- migrate
 
 def run_migrate(cmd: str, cwd: Path, env: dict[str, str], logs_dir: Path, redact: list[str],
@@ -515,8 +537,9 @@ def _db_env(db: dict[str, Any]) -> dict[str, str]:
             "PGPASSWORD": db["password"], "PGDATABASE": db["name"]}
 
 
-def _render_env(templates: dict[str, str], facts: dict[str, Any], source: str) -> dict[str, str]:
-    """[database] env for the golden build (the box's own is rendered by Host.new).
+def _render_env(templates: dict[str, str], facts: dict[str, Any], source: str, section: str = "database"
+                ) -> dict[str, str]:
+    """[database] (or [box]) env for the golden build (the box's own is rendered by Host.new).
 
     A key that does not render here is left out of the migration's env and reported: it may
     use a fact another resource sets in parallel (`metrics`), which the box env has later.
@@ -524,7 +547,7 @@ def _render_env(templates: dict[str, str], facts: dict[str, Any], source: str) -
     out = {}
     for key, tmpl in templates.items():
         try:
-            out[key] = render(tmpl, facts, f"{source}: [database] env.{key}")
+            out[key] = render(tmpl, facts, f"{source}: [{section}] env.{key}")
         except ConfigError as e:
             warn(f"{e} The golden database migration runs without {key}.")
     return out

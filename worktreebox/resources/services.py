@@ -1,6 +1,6 @@
-"""The services resource: `[setup] cmd`, then a detached supervisor that runs `[services]`.
+"""The services resource: a detached supervisor that runs `[services]` (after setup and migrations).
 
-start(): setup once, render the `ServiceSpec`s, start the supervisor (specs and secrets
+start(): render the `ServiceSpec`s, start the supervisor (specs and secrets
 over its stdin only; run/services.json is a copy for people, with passwords masked) and
 wait until every service is ready.
 destroy(): stop the supervisor, then kill whatever still carries WTBOX_ID=<id> or
@@ -15,11 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from .. import cgroups, control, procs
 from ..box import DEGRADED, READY
-from ..boxenv import otel_service_name, process_env, redactor_for
+from ..boxenv import otel_service_name, redactor_for
 from ..config import check_ready, path_inside, services_in_order
 from ..errors import ConfigError, UsageError, WtboxError
 from ..fsutil import atomic_write
-from ..logs.run import run_logged
 from ..servicespec import ServiceSpec
 from ..supervisor_client import (PID_FILE, checked, control_request, read_state, services_status,
                                  start_supervisor, stop_supervisor, supervisor_pid, wait_ready)
@@ -38,8 +37,6 @@ class Services(Resource):
     def start(self, c: Creation) -> None:
         cfg = c.config
         box = c.box
-        if cfg.setup.cmd:
-            run_setup(c)
         if not cfg.services or not c.start_services:
             return
         specs = render_specs(c)
@@ -65,20 +62,6 @@ class Services(Resource):
     def status(self, host: "HostContext", box: "Box") -> dict[str, Any] | None:
         services = services_status(box)
         return {"services": [{"name": n, **row} for n, row in services.items()]} if services else None
-
-
-# ---------------------------------------------------------------- setup
-
-def run_setup(c: Creation) -> None:
-    box, cfg = c.box, c.config
-    cmd = render(cfg.setup.cmd, c.facts, f"{cfg.source}: [setup] cmd")
-    c.note("running [setup] cmd")
-    rc, last = run_logged(cmd, box.path, process_env(box, c.secrets), box.logs_dir, "setup",
-                          redactor_for(box, c.secrets), timeout=cfg.setup.timeout,
-                          cgroup=cgroups.Leaf(c.host.home, box.id, cgroups.SETUP))
-    if rc != 0:
-        tail = "\n".join("  " + line for line in last) or "  (no output)"
-        raise WtboxError(f"[setup] cmd failed with exit code {rc}; its last output lines:\n{tail}")
 
 
 # ---------------------------------------------------------------- specs

@@ -9,8 +9,6 @@ cleaned exactly.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
 import errno
 import os
@@ -126,12 +124,16 @@ _LIBC = None
 def _libc():
     global _LIBC
     if _LIBC is None:
+        import ctypes.util  # only when mounting: the import costs more than most commands' work
+
         _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     return _LIBC
 
 
 def sys_mount(source: str, target: Path, fstype: str, options: str) -> None:
     """mount(2) directly: a `mount` process costs more than the mount itself."""
+    import ctypes
+
     rc = _libc().mount(source.encode(), str(target).encode(), fstype.encode(), 0, options.encode())
     if rc != 0:
         e = ctypes.get_errno()
@@ -139,6 +141,8 @@ def sys_mount(source: str, target: Path, fstype: str, options: str) -> None:
 
 
 def _umount2(target: str, flags: int) -> int:
+    import ctypes
+
     rc = _libc().umount2(target.encode(), flags)
     return 0 if rc == 0 else ctypes.get_errno()
 

@@ -1,0 +1,35 @@
+"""`[setup] cmd`: run once in a new box, after its dependency layers and before its migrations.
+
+The order real apps need: tree -> dependency layers -> setup -> migrations -> services (a
+migration that needs what setup installs, e.g. `.venv/bin/alembic`, finds it).
+"""
+from __future__ import annotations
+
+from .. import cgroups
+from ..boxenv import process_env, redactor_for
+from ..errors import WtboxError
+from ..logs.run import run_logged
+from ..templating import render
+from .base import Creation, Resource
+
+
+class Setup(Resource):
+    name = "setup"
+    start_phase = "setup"
+
+    def start(self, c: Creation) -> None:
+        if c.config.setup.cmd:
+            run_setup(c)
+
+
+def run_setup(c: Creation) -> None:
+    """Run `[setup] cmd` in the worktree with the box env; its output goes to logs/setup.jsonl."""
+    box, cfg = c.box, c.config
+    cmd = render(cfg.setup.cmd, c.facts, f"{cfg.source}: [setup] cmd")
+    c.note("running [setup] cmd")
+    rc, last = run_logged(cmd, box.path, process_env(box, c.secrets), box.logs_dir, "setup",
+                          redactor_for(box, c.secrets), timeout=cfg.setup.timeout,
+                          cgroup=cgroups.Leaf(c.host.home, box.id, cgroups.SETUP))
+    if rc != 0:
+        tail = "\n".join("  " + line for line in last) or "  (no output)"
+        raise WtboxError(f"[setup] cmd failed with exit code {rc}; its last output lines:\n{tail}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORE_TOML, git
+from helpers import CORE_TOML, git
 from worktreebox.deps import tool
 from worktreebox.providers.mounts.base import mounts_under
 

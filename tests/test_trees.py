@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORE_TOML, git
+from helpers import CORE_TOML, git
 from worktreebox.providers import mounts
 from worktreebox.providers.mounts.base import mount_table, mounts_under, unmount_all
 

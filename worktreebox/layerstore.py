@@ -117,6 +117,7 @@ class LayerStore:
                 key = name[len(TMP):].rsplit("-", 1)[0]
                 with self._try_exclusive(key) as free:
                     if free and (self.root / name).exists():  # its builder is gone
+                        _stop_builds_in(self.root / name)
                         shutil.rmtree(self.root / name, ignore_errors=True)
                         removed.append(name)
             elif name.startswith(TRASH):
@@ -134,6 +135,7 @@ class LayerStore:
 
     @contextlib.contextmanager
     def _try_exclusive(self, key: str) -> Iterator[bool]:
+        """Yields True holding the key's lock exclusively, False if someone holds it (no waiting)."""
         fd = self._open_lock(key)
         try:
             try:
@@ -144,6 +146,16 @@ class LayerStore:
             yield True
         finally:
             os.close(fd)
+
+
+def _stop_builds_in(tmp: Path) -> None:
+    """A build command (uv sync, npm ci) whose `wtbox new` was killed keeps running in its own
+    session with its cwd in the temp dir: end it before deleting the dir under it."""
+    from . import procs
+
+    strays = procs.find_box_processes("-", tmp)  # "-": no box id; matched by cwd alone
+    if strays:
+        procs.kill_staged(strays)
 
 
 # ---------------------------------------------------------------- which boxes use what

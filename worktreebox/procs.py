@@ -589,3 +589,40 @@ def end_box_processes(home: Path | str, box_id: str, box_dir: Path | str | None)
     killed = kill_cgroup(home, box_id)
     strays = find_box_processes(box_id, box_dir)
     return sorted(killed | set(kill_staged(strays) if strays else []))
+
+
+# ---------------------------------------------------------------- the mount table
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
+    if "\\" not in field:
+        return field
+    out, i = [], 0
+    while i < len(field):
+        code = field[i + 1:i + 4]
+        if field[i] == "\\" and len(code) == 3 and code.isdigit():
+            out.append(chr(int(code, 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mountinfo() -> list[tuple[str, str, str, str]]:
+    """(target, fstype, source, super options) of every mount this process sees (/proc/self/mountinfo)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        fields, tail = left.split(), right.split()
+        if len(fields) < 5 or len(tail) < 2:
+            continue
+        out.append((_unescape(fields[4]), tail[0], _unescape(tail[1]), _unescape(tail[2]) if len(tail) > 2 else ""))
+    return out

@@ -114,6 +114,18 @@ class Worktree(Resource):
         if any(trashed):
             empty_trash_in_background(host)
 
+    def checks(self, host: "Host") -> list[dict]:
+        """Which copy-on-write provider boxes get here and why (probed afresh: the host may have changed)."""
+        from ..errors import ConfigError
+        from ..providers import mounts
+
+        try:
+            choice = mounts.choose(host.home, host.config.mounts, where=host.config.mounts_where, refresh=True)
+        except ConfigError as e:
+            return [{"check": "mounts", "ok": False, "detail": str(e), "mounts": {"provider": None, "probes": {}}}]
+        return [{"check": "mounts", "ok": True, "detail": f"{choice.name}: {choice.why}",
+                 "mounts": {"provider": choice.name, "why": choice.why, "probes": choice.probes}}]
+
     def status(self, host: "Host", box: "Box") -> dict | None:
         """How the worktree is made: {"mount": provider, "tree": commit of the shared tree}."""
         data = box.data.get(self.name)

@@ -66,40 +66,11 @@ class Mount:
     options: str  # per-superblock options (overlay: lowerdir=...,upperdir=...)
 
 
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
-    if "\\" not in field:
-        return field
-    out, i = [], 0
-    while i < len(field):
-        code = field[i + 1:i + 4]
-        if field[i] == "\\" and len(code) == 3 and code.isdigit():
-            out.append(chr(int(code, 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def mount_table() -> list[Mount]:
-    """Every mount this process sees (/proc/self/mountinfo), in mount order."""
-    try:
-        with open("/proc/self/mountinfo") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        left, sep, right = line.partition(" - ")
-        if not sep:
-            continue
-        fields, tail = left.split(), right.split()
-        if len(fields) < 5 or len(tail) < 2:
-            continue
-        out.append(Mount(target=_unescape(fields[4]), fstype=tail[0], source=_unescape(tail[1]),
-                         options=_unescape(tail[2]) if len(tail) > 2 else ""))
-    return out
+    """Every mount this process sees, in mount order."""
+    from ... import procs
+
+    return [Mount(*fields) for fields in procs.mountinfo()]
 
 
 def mounts_under(root: Path | str, table: list[Mount] | None = None, *, include_root: bool = False) -> list[Mount]:

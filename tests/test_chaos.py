@@ -1,8 +1,10 @@
 """Crash safety: kill -9 `wtbox new` / `wtbox rm` at random moments, then `wtbox gc --grace 0`
 must leave nothing of any box except the ones that are fully alive and listed by `wtbox ls`.
 
-Runs with every resource this machine has: a PostgreSQL schema (own embedded cluster), a
-service under the supervisor, and a VictoriaMetrics per box.
+Runs with every resource this machine has: a PostgreSQL database per box (the default mode;
+own embedded cluster), a service under the supervisor, a VictoriaMetrics per box, and the
+copy-on-write worktree of the host's mount provider. A second test kills `new` while it
+builds a tree or a dependency layer.
 """
 from __future__ import annotations
 
@@ -41,7 +43,8 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve
 
 def _toml() -> str:
     parts = ['[box]\nports = ["web"]\n',
-             f'[database]\nmode = "{"schema" if HAVE_PG else "none"}"\n',
+             # the default database mode (a database per box); without PostgreSQL, none
+             "" if HAVE_PG else '[database]\nmode = "none"\n',
              f"[observability]\nenabled = {'true' if HAVE_VM else 'false'}\n",
              '[services.web]\ncmd = "{python} server.py"\nready = "tcp:{{{{ ports.web }}}}"\n'.format(python=sys.executable)]
     return "\n".join(parts)
@@ -58,8 +61,8 @@ def _answers(port: int) -> bool:
 
 
 class Chaos:
-    def __init__(self, home: Path, repo: Path, tmp: Path) -> None:
-        self.home, self.repo, self.tmp = home, repo, tmp
+    def __init__(self, home: Path, repo: Path, tmp: Path, *, database: bool = HAVE_PG) -> None:
+        self.home, self.repo, self.tmp, self.database = home, repo, tmp, database
         self.env = {**os.environ, "WTBOX_HOME": str(home), "WTBOX_NO_AUTO_GC": "1"}
         self.env.pop("WTBOX_POSTGRES_URL", None)  # its own embedded cluster: every wt_* in it is ours
 
@@ -135,7 +138,9 @@ class Chaos:
         found["rows"] = reg.select_box_ids()
         reg.close()
         found["metrics_dirs"] = {p.parent.name for p in boxes_dir.glob("*/metrics")} if boxes_dir.exists() else set()
-        if HAVE_PG:
+        found["mounts"] = _mounts_of(self.home)
+        found["half_built"] = _half_built(self.home)
+        if self.database:
             names = self.pg_names()
             alive_pg = {pg_name(i) for i in alive}
             found["pg_objects"] = {n for n in names if n not in alive_pg}
@@ -158,6 +163,21 @@ class Chaos:
         finally:
             if saved is not None:
                 os.environ["WTBOX_POSTGRES_URL"] = saved
+
+
+def _mounts_of(home: Path) -> set[str]:
+    """Box ids (or the path, for anything else) of every mount under the home."""
+    from worktreebox.providers.mounts.base import mounts_under
+
+    boxes = str(home / "boxes") + "/"
+    return {m.target[len(boxes):].split("/", 1)[0] if m.target.startswith(boxes) else m.target
+            for m in mounts_under(home)}
+
+
+def _half_built(home: Path) -> set[str]:
+    """Temp dirs of tree and layer builds (a finished build is renamed into place)."""
+    return {f"{store}/{p.name}" for store in ("trees", "deps") if (home / store).is_dir()
+            for p in (home / store).iterdir() if p.name.startswith(".tmp-")}
 
 
 def test_kill_dash_nine_anywhere_then_gc_leaves_nothing(tmp_path, make_repo):
@@ -270,3 +290,58 @@ def test_kill_dash_nine_during_the_first_cluster_start(tmp_path):
             assert json.loads(ok.stdout).get("running") is True, ok.stdout
         finally:
             subprocess.run([sys.executable, "-m", "worktreebox.cli", "db", "stop"], env=run_env, capture_output=True)
+
+
+LAYER_TOML = """
+[database]
+mode = "none"
+[observability]
+enabled = false
+[deps]
+detect = false
+[deps.gen]
+cmd = "sleep 0.4 && mkdir -p out && cat lock.txt > out/lock && sleep 0.4"
+paths = ["out"]
+lock = ["lock.txt"]
+"""
+
+
+def test_kill_dash_nine_during_tree_and_layer_builds(tmp_path, make_repo):
+    """Every iteration needs a new tree (new commit) and a new layer (new lock), so the kills land in
+    their builds, in the mounts and before the registry write. After `gc`: no stale mount, no half-built
+    tree or layer, and the next box on the same commit gets a complete tree and layer."""
+    files = {f"pkg{i % 20}/mod{i}.py": f"X = {i}\n" * 40 for i in range(1500)}
+    repo = make_repo({**files, "lock.txt": "v0\n"}, toml=LAYER_TOML)
+    home = tmp_path / "home"
+    chaos = Chaos(home, repo, tmp_path, database=False)
+    rng = random.Random(int(os.environ.get("WTBOX_CHAOS_SEED", time.time())))
+    phases: collections.Counter = collections.Counter()
+    for i in range(int(os.environ.get("WTBOX_CHAOS_LAYER_ITERATIONS", "6"))):
+        (repo / "lock.txt").write_text(f"v{i + 1}\n")
+        git(repo, "commit", "-qam", f"lock {i + 1}")
+        first = chaos.timed("new", f"calib-{i}", "--repo", str(repo)) if i == 0 else None
+        if first is not None:  # calibrate once on a cold tree and layer, then start over on a new commit
+            usual = first
+            chaos.wtbox("rm", "--force", f"calib-{i}")
+            (repo / "lock.txt").write_text(f"v{i + 1}b\n")
+            git(repo, "commit", "-qam", "again")
+        p, phase_file = chaos.spawn("new", f"chaos-{i}", "--repo", str(repo))
+        time.sleep(rng.uniform(0, usual))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        hit = phase_file.read_text().split()[-1] if phase_file.exists() and phase_file.read_text() else "start"
+        phases[hit] += 1
+        chaos.wtbox("gc", "--grace", "0")
+        alive = {b["id"] for b in chaos.live()}
+        left = chaos.leftovers(alive)
+        assert not any(left.values()), (i, hit, {k: v for k, v in left.items() if v})
+        # whatever the kill left, a box on this commit now gets a whole tree and a whole layer
+        box = json.loads(chaos.wtbox("new", f"after-{i}", "--repo", str(repo), "--json").stdout)
+        wt = Path(box["path"])
+        assert git(wt, "status", "--porcelain") == ""
+        assert (wt / "pkg3" / "mod1463.py").read_text() == "X = 1463\n" * 40
+        assert (wt / "out" / "lock").read_text() == (repo / "lock.txt").read_text()
+        chaos.wtbox("rm", "--all", "--yes", "--force")
+    chaos.wtbox("gc", "--grace", "0")
+    assert not any(chaos.leftovers(set()).values())
+    print(f"\nlayer chaos: kills by phase: {dict(sorted(phases.items()))}")

@@ -241,6 +241,12 @@ TABLES_30 = "\n".join(f"CREATE TABLE t{i} (id serial PRIMARY KEY, name text, cre
                       for i in range(30)) + "\nINSERT INTO t0 (name) VALUES ('seed');\n"
 
 
+def goldens_of(pg, repo) -> list[str]:
+    """The golden databases a repo's boxes are cloned from (the session cluster holds other tests' too)."""
+    return [r[0] for r in pg.sql("SELECT datname FROM pg_database WHERE datname LIKE 'wt_golden_%%'"
+                                 " AND shobj_description(oid, 'pg_database')::json->>'repo' = %s", (str(repo),))]
+
+
 def test_database_mode_clones_golden_and_rebuilds_on_change(pg_host, pg_cluster, make_repo):
     from helpers import git
 
@@ -250,7 +256,7 @@ def test_database_mode_clones_golden_and_rebuilds_on_change(pg_host, pg_cluster,
     b = pg_host.new("dbb", repo=repo)
     ga = a.data["database"]
     assert ga["name"] == f"wt_{hex_of(a.id)}" and a.env["PGDATABASE"] == ga["name"]
-    goldens = [r[0] for r in pg_cluster.sql("SELECT datname FROM pg_database WHERE datname LIKE 'wt_golden_%%'")]
+    goldens = goldens_of(pg_cluster, repo)
     assert len(goldens) == 1 and not goldens[0].endswith(("_build", "_probe"))
     with connect(a) as ca, connect(b) as cb:
         # both are clones of one migration run
@@ -274,7 +280,7 @@ def test_database_mode_clones_golden_and_rebuilds_on_change(pg_host, pg_cluster,
     # removing a clone leaves the golden alone
     pg_host.rm(a.id, force=True)
     assert leftovers(pg_cluster, a.id) == NOTHING
-    assert [r[0] for r in pg_cluster.sql("SELECT datname FROM pg_database WHERE datname LIKE 'wt_golden_%%'")] == goldens
+    assert goldens_of(pg_cluster, repo) == goldens
 
     # a new migration file: the next box gets a freshly built golden, the old one is dropped
     (repo / "migrations" / "002.sql").write_text("CREATE TABLE added_later (x int);")
@@ -284,7 +290,7 @@ def test_database_mode_clones_golden_and_rebuilds_on_change(pg_host, pg_cluster,
     with connect(c) as cc:
         cc.execute("SELECT * FROM added_later")
         assert len(cc.execute("SELECT at FROM migration_runs").fetchall()) == 1
-    goldens2 = [r[0] for r in pg_cluster.sql("SELECT datname FROM pg_database WHERE datname LIKE 'wt_golden_%%'")]
+    goldens2 = goldens_of(pg_cluster, repo)
     assert len(goldens2) == 1 and goldens2 != goldens
     for box in (b, c):
         pg_host.rm(box.id, force=True)

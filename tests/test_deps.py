@@ -201,3 +201,44 @@ def test_fallbacks_attach_the_same_layer(fallback, make_repo, run_wtbox, wtbox_h
     assert _in_box(run_wtbox, b, ".venv/bin/python", "-c", "import idna", check=False).returncode != 0
     run_wtbox("rm", "--all", "--yes", "--force")
     assert mounts_under(wtbox_home) == []
+
+
+MIGRATE_WITH_DEPS = """\
+import os, subprocess, sys
+import six  # from the dependency layer: the migration runs after it is attached
+assert open("generated.txt").read() == "from setup\\n", "[setup] cmd has not run yet"
+subprocess.run(["psql", "-q", os.environ["DATABASE_URL"], "-c", "CREATE TABLE made_by_migrate (x int)"], check=True)
+print("migrated", os.environ["PGDATABASE"], "with", sys.executable)
+"""
+
+
+@pytest.mark.skipif(UV is None or not shutil.which("psql"), reason="needs uv and psql")
+@pytest.mark.parametrize("mode", ["database", "schema"])
+def test_migrations_run_after_the_dependency_layer_and_setup(mode, make_repo, run_wtbox, wtbox_home, tmp_path,
+                                                             pg_cluster):
+    """tree -> deps -> [setup] -> migrations -> services; in database mode the golden copy is migrated in a
+    box's tree that has the layer and ran setup (not a bare export of the commit)."""
+    toml = f"""
+[setup]
+cmd = "echo 'from setup' > generated.txt"
+[database]
+mode = "{mode}"
+migrate = ".venv/bin/python migrate.py"
+[observability]
+enabled = false
+"""
+    repo = _uv_repo(make_repo, tmp_path, toml=toml)
+    (repo / "migrate.py").write_text(MIGRATE_WITH_DEPS)
+    (repo / ".gitignore").write_text(".venv/\ngenerated.txt\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "migrate")
+    boxes = [_new(run_wtbox, repo, f"mig-{i}") for i in range(2)]
+    for b in boxes:
+        t = b["timings"]
+        assert {"tree", "deps", "database", "setup", "migrate", "services"} <= t.keys()
+        proc = _in_box(run_wtbox, b, "psql", "-qtA", "-c", "SELECT count(*) FROM made_by_migrate")
+        assert proc.stdout.strip() == "0"
+    logs = [(Path(b["dir"]) / "logs" / "migrate.jsonl") for b in boxes]
+    runs = sum(path.read_text().count("migrated") for path in logs if path.exists())
+    assert runs == (1 if mode == "database" else 2)  # once per migration set in database mode
+    run_wtbox("rm", "--all", "--yes", "--force")

@@ -89,7 +89,7 @@ class Deps(Resource):
 def _runner(c: Creation, layer):
     """Run a build command with its output in the box's logs/deps.jsonl; fail with its last lines."""
     def run(cmd: str, cwd, env: dict[str, str]) -> None:
-        from ..logs import run_logged
+        from ..logs.run import run_logged
         from ..secrets import Redactor
 
         c.note(f"building the {layer.kind} layer of {layer.dir or 'the repo root'} (once per lock file)")

@@ -82,10 +82,12 @@ while True:
     except ProcessLookupError:
         break
     time.sleep(0.5)
+from worktreebox.providers.mounts.base import unmount_all
 from worktreebox.providers.postgres.embedded import EmbeddedCluster
 try:
     EmbeddedCluster(home).stop()
 finally:
+    unmount_all(home.parent)  # worktree views of boxes a test left behind
     shutil.rmtree(home.parent, ignore_errors=True)
 """
 
@@ -111,6 +113,9 @@ def pg_cluster() -> PgCluster:
             try:
                 pg.cluster.stop()
             finally:
+                from worktreebox.providers.mounts.base import unmount_all
+
+                unmount_all(pg.home.parent)  # worktree views of boxes a test left behind
                 shutil.rmtree(pg.home.parent, ignore_errors=True)
                 _STATE["pg"] = None
                 watchdog = _STATE.pop("watchdog", None)

@@ -292,3 +292,14 @@ def test_tree_of_a_killed_builder_is_swept_and_rebuilt(make_repo, tmp_path):
     assert not [x for x in (home / "trees").iterdir() if x.name.startswith(".tmp-")]
     with trees.use(home, repo, sha) as (path, built):
         assert built and (path / "tree" / "d3" / "f4.txt").read_text() == "x" * 2000
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="overlayfs needs root")
+def test_rm_from_a_shell_inside_the_box_detaches_the_busy_view(make_repo, run_wtbox, wtbox_home):
+    """`wtbox rm` run from inside the worktree: its own cwd keeps the mount busy, so it is detached lazily."""
+    repo = make_repo(toml=CORE_TOML)
+    box = _new(run_wtbox, repo, "inside")
+    run_wtbox("rm", "--force", box["id"], cwd=box["path"])
+    assert mounts_under(wtbox_home) == []
+    assert not Path(box["dir"]).exists()
+    assert git(repo, "branch", "--list", "wtbox/*") == ""

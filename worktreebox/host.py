@@ -77,7 +77,9 @@ class Host:
     def get(self, ref: str | None = None) -> Box:
         """Resolve BOX: id, unique id prefix, task name, or (None) the box containing the cwd."""
         box = self._resolve(ref)
-        if box.data.get("revive") and box.state not in (CREATING, REMOVING):
+        # A reboot takes a box's copy-on-write mounts away (its upper layers stay): mount them again.
+        if box.data.get("revive") and box.state not in (CREATING, REMOVING) and not os.path.ismount(box.path) \
+                and box.dir.is_dir():
             for r in self.resources:
                 r.revive(self, box)
         return box
@@ -262,13 +264,19 @@ class Host:
         self._destroy_pieces(box, strict=strict)
 
     def _destroy_pieces(self, box: Box, *, strict: bool) -> None:
+        """Every resource's destroy, in reverse creation order; the resources of a parallel stage
+        (worktree, database, metrics, ...) at once, as they were made."""
         errors = []
-        for r in reversed(self.resources):
+
+        def destroy(r: Resource) -> None:
             _phase(f"destroy:{r.name}")
             try:
                 r.destroy(self, box)
             except Exception as e:
                 errors.append(f"{r.name}: {e}")
+
+        for stage in reversed(stages(self.resources)):
+            _run_stage(stage[::-1], destroy)
         if box.dir.is_symlink():
             box.dir.unlink()
         shutil.rmtree(box.dir, ignore_errors=True)

@@ -111,7 +111,8 @@ class Database(Resource):
     def _create_role(self, srv: "Server", home: Path, role: str, password: str) -> None:
         from psycopg import sql
 
-        with srv.session(srv.shared_db) as conn:
+        # One transaction: a role without its owner tag is one no gc would ever call ours.
+        with srv.session(srv.shared_db) as conn, conn.transaction():
             # CREATEDB: test runners (Django's, pytest-django, Rails') create and drop their own test
             # databases. Those are owned by the box's role, so `rm` drops them with it.
             conn.execute(_sql("CREATE ROLE {r} LOGIN NOSUPERUSER CREATEDB NOCREATEROLE PASSWORD {p}",
@@ -482,16 +483,15 @@ def migrations_hash(repo: str, sha: str, migrate: str | None, globs: list[str], 
     """Hash over the migration files at `sha` (by git blob id), the migrate command, extensions and repo."""
     from .. import git
 
-    listing = git.out(repo, "ls-tree", "-r", "--full-tree", sha)
-    pattern = re.compile("|".join(f"(?:{glob_to_regex(g)})" for g in globs) or "(?!)")
     h = hashlib.sha256()
     # Without a migrate command the golden copy holds only the extensions: one for every repo.
     for part in (str(Path(repo).resolve()) if migrate else "", migrate or "", ",".join(extensions)):
         h.update(part.encode() + b"\0")
-    for line in listing.splitlines():
-        meta, _, path = line.partition("\t")
-        if pattern.fullmatch(path):
-            h.update(f"{path}\0{meta.split()[2]}\n".encode())
+    if migrate:
+        pattern = re.compile("|".join(f"(?:{glob_to_regex(g)})" for g in globs) or "(?!)")
+        for path, blob in sorted(git.files_at(repo, sha).items()):
+            if pattern.fullmatch(path):
+                h.update(f"{path}\0{blob}\n".encode())
     return h.hexdigest()[:16]
 
 

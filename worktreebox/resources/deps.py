@@ -22,11 +22,11 @@ class Deps(Resource):
     phase = "deps"
 
     def create(self, c: Creation) -> None:
-        from .. import deps, layerstore
+        from .. import deps, git, layerstore
         from ..providers import mounts
 
         box, home = c.box, c.host.home
-        files = deps.listing(box.repo, c.base_sha)
+        files = git.files_at(box.repo, c.base_sha)
         layers = deps.detect(files, c.config.deps)
         if not layers:
             return

@@ -95,9 +95,10 @@ _LIBC = None
 def _libc():
     global _LIBC
     if _LIBC is None:
-        import ctypes.util  # only when mounting: the import costs more than most commands' work
+        import ctypes  # only when mounting: the import costs more than most commands' work
 
-        _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # the process's own symbols include libc's (ctypes.util.find_library would run ldconfig)
+        _LIBC = ctypes.CDLL(None, use_errno=True)
     return _LIBC
 
 

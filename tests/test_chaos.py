@@ -158,6 +158,7 @@ class Chaos:
                     "SELECT rolname FROM pg_roles WHERE rolname LIKE 'wt\\_%' "
                     "UNION SELECT nspname FROM pg_namespace WHERE nspname LIKE 'wt\\_%' "
                     "UNION SELECT datname FROM pg_database WHERE datname LIKE 'wt\\_%' AND datname NOT LIKE 'wt_golden%'"
+                    " AND datname NOT LIKE 'wt_spare%'"  # spares are the host's, made ahead for the next box
                 ).fetchall()
             return {r[0] for r in rows}
         finally:

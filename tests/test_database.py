@@ -221,6 +221,46 @@ def test_a_django_style_test_runner_creates_and_drops_its_test_database(pg_host,
     assert leftovers(pg_cluster, a["id"]) == NOTHING and leftovers(pg_cluster, b["id"]) == NOTHING
 
 
+def _spares(pg, key: str) -> list[str]:
+    return [r[0] for r in pg.sql("SELECT datname FROM pg_database WHERE datname LIKE %s", (f"wt_spare_{key}_%",))]
+
+
+def test_boxes_take_spare_databases_made_ahead(pg_host, pg_cluster, make_repo):
+    """After a box, spares are made in the background; the next box renames one (no file copy), and it is
+    as private as one made for it. Spares of a golden copy go when the golden copy goes stale."""
+    from helpers import git, wait_for
+
+    repo = make_repo({"migrate.py": MIGRATE_DB, "migrations/001.sql": "CREATE TABLE t (x int);"},
+                     toml=toml(f'migrate = "{PY} migrate.py"'))
+    first = pg_host.new("first", repo=repo)
+    golden = goldens_of(pg_cluster, repo)[0]
+    key = golden.removeprefix("wt_golden_")
+    assert first.data["database"]["spare"] is False
+    assert wait_for(lambda: len(_spares(pg_cluster, key)) >= 3, timeout=60) and len(_spares(pg_cluster, key)) == 3
+    second = pg_host.new("second", repo=repo)
+    assert second.data["database"]["spare"] is True
+    with connect(second) as conn:
+        assert conn.execute("SELECT count(*) FROM migration_runs").fetchone()[0] == 1  # the migrated state
+        assert conn.execute("SELECT tableowner FROM pg_tables WHERE tablename = 't'").fetchone()[0] == \
+            second.data["database"]["user"]
+        conn.execute("CREATE TABLE mine (x int)")
+    owner, acl = pg_cluster.sql("SELECT datdba::regrole::text, datacl::text FROM pg_database WHERE datname = %s",
+                                (second.env["PGDATABASE"],))[0]
+    assert owner == second.data["database"]["user"] and "=CTc/" in acl and not acl.startswith("{=")
+    other = first.env["DATABASE_URL"].rsplit("/", 1)[0] + "/" + second.env["PGDATABASE"]
+    with pytest.raises(psycopg.OperationalError, match="permission denied"):
+        psycopg.connect(other).close()
+    # a new migration: a new golden copy, and the old one's spares go with it
+    (repo / "migrations" / "002.sql").write_text("CREATE TABLE t2 (x int);")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "002")
+    third = pg_host.new("third", repo=repo)
+    assert _spares(pg_cluster, key) == [] and goldens_of(pg_cluster, repo) != [golden]
+    for box in (first, second, third):
+        pg_host.rm(box.id, force=True)
+        assert leftovers(pg_cluster, box.id) == NOTHING
+
+
 def test_mode_none_touches_nothing(host, make_repo):
     repo = make_repo(toml=toml('mode = "none"'))
     with host.new("nodb", repo=repo) as box:

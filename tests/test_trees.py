@@ -303,3 +303,21 @@ def test_rm_from_a_shell_inside_the_box_detaches_the_busy_view(make_repo, run_wt
     assert mounts_under(wtbox_home) == []
     assert not Path(box["dir"]).exists()
     assert git(repo, "branch", "--list", "wtbox/*") == ""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="overlayfs needs root")
+def test_unsaved_work_check_sees_changes_the_upper_layer_does_not_hold(make_repo, run_wtbox, wtbox_home):
+    """rm skips `git status` for a view nobody touched; index-only changes and commits still count."""
+    repo = make_repo({"app.py": "VALUE = 1\n"}, toml=CORE_TOML)
+    staged, committed, touched, fresh = (_new(run_wtbox, repo, n) for n in ("staged", "committed", "touched", "fresh"))
+    git(Path(staged["path"]), "rm", "-q", "--cached", "app.py")  # changes the index, not a file
+    git(Path(committed["path"]), "-c", "user.email=t@e", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "x")
+    os.utime(Path(touched["path"]) / "app.py")  # copied up, content unchanged: git finds nothing
+    proc = run_wtbox("rm", staged["id"], check=False)
+    assert proc.returncode == 1 and "uncommitted" in proc.stderr
+    proc = run_wtbox("rm", committed["id"], check=False)
+    assert proc.returncode == 1 and "no other branch" in proc.stderr
+    run_wtbox("rm", touched["id"])
+    run_wtbox("rm", fresh["id"])
+    assert {b["id"] for b in json.loads(run_wtbox("ls", "--json").stdout)} == {staged["id"], committed["id"]}
+    run_wtbox("rm", "--all", "--yes", "--force")

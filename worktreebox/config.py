@@ -607,6 +607,7 @@ class HostConfig:
     max_active: int | None = None  # boxes being made or running processes
     max_load: float | None = None  # 1-minute load average
     box_limits: LimitsConfig = dataclasses.field(default_factory=LimitsConfig)  # [box]: defaults for every box
+    database_spares: int = 3  # databases made ahead per golden copy (0: none)
     mounts: str | None = None  # a mount provider by name (providers/mounts); None = the first that works
     mounts_where: str = "[host] mounts"  # where that came from, for error messages
     layer_ttl: float = 24 * 3600.0  # gc removes trees and dependency layers no box used for this long
@@ -647,13 +648,16 @@ def load_host_config(home: Path) -> HostConfig:
     r.unknown(set(LIMIT_KEYS))
     cfg.box_limits = r.limits()
     r = _Reader(src, _table(src, data, "database"), "database")
-    r.unknown({"provider", "url", "image", "fsync_off"})
+    r.unknown({"provider", "url", "image", "fsync_off", "spares"})
     cfg.database_provider = r.choice("provider", ("embedded", "external", "docker"), "embedded")
     url = r.get("url", str, None, "a postgresql:// URL")
     cfg.database_url = check_postgres_url(url, f"{src}: [database] url") if url is not None else None
     cfg.postgres_image = check_image(r.get("image", str, cfg.postgres_image, "an image name"),
                                      f"{src}: [database] image")
     cfg.fsync_off = r.get("fsync_off", bool, True, "true or false")
+    cfg.database_spares = r.get("spares", int, cfg.database_spares, "a whole number of spare databases, 0 or more")
+    if cfg.database_spares < 0:
+        raise r.err("spares", "a whole number of spare databases, 0 or more", cfg.database_spares)
     r = _Reader(src, _table(src, data, "observability"), "observability")
     r.unknown({"provider", "image"})
     cfg.observability_provider = r.choice("provider", ("native", "docker"), "native")

@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from . import git
-from .errors import WtboxError
+from .errors import ConfigError, WtboxError
 from .layerstore import LayerStore
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ def detect(files: dict[str, str], cfg: "DepsConfig") -> list[Layer]:
     for recipe in cfg.recipes.values():
         missing = [f for f in recipe.lock if _join(recipe.dir, f) not in files]
         if missing:
-            raise WtboxError(f"[deps.{recipe.name}] lock: {missing[0]} is not in the commit.")
+            raise ConfigError(f"[deps.{recipe.name}] lock: {missing[0]} is not in the commit.")
         layers.append(Layer(kind=f"recipe:{recipe.name}", dir=recipe.dir,
                             files=[_join(recipe.dir, f) for f in recipe.lock], paths=list(recipe.paths),
                             cmd=recipe.cmd))
@@ -117,7 +117,7 @@ def _layers_in(d: str, names: set[str], files: dict[str, str]) -> list[Layer]:
 def _add_named(layers: list[Layer], named: str, files: dict[str, str], by_dir: dict[str, set[str]]) -> list[Layer]:
     """A lock file [deps] files names: a *.txt joins (or makes) the root's pip layer, others their dir's."""
     if named not in files:
-        raise WtboxError(f"[deps] files: {named} is not in the commit.")
+        raise ConfigError(f"[deps] files: {named} is not in the commit.")
     p = PurePosixPath(named)
     d = str(p.parent) if str(p.parent) != "." else ""
     if any(named in layer.files for layer in layers):
@@ -132,7 +132,7 @@ def _add_named(layers: list[Layer], named: str, files: dict[str, str], by_dir: d
     found = _layers_in(d, {p.name, *by_dir.get(d, set())} if p.name in (*PY_LOCKS, *NODE_LOCKS) else set(), files)
     found = [layer for layer in found if named in layer.files]
     if not found:
-        raise WtboxError(f"[deps] files: wtbox does not know how to install {named}; "
+        raise ConfigError(f"[deps] files: wtbox does not know how to install {named}; "
                          f"give it a [deps.<name>] recipe with cmd and paths.")
     return layers + found
 
@@ -143,7 +143,7 @@ def _check_attach_points(layers: list[Layer], files: dict[str, str]) -> None:
         for p in layer.paths:
             where = _join(layer.dir, p) + "/"
             if any(f.startswith(where) for f in files):
-                raise WtboxError(f"The dependency layer {layer.kind} would cover {where}, which holds files "
+                raise ConfigError(f"The dependency layer {layer.kind} would cover {where}, which holds files "
                                  f"tracked in git; turn it off with [deps] detect = false or move them.")
 
 

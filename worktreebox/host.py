@@ -301,6 +301,10 @@ class Host:
 
     # ------------------------------------------------------------------ rm
     def unsaved_work(self, box: Box) -> str | None:
+        """Why removing the box would lose work, or None. A resource that can prove the box is exactly
+        as it was made (a copy-on-write worktree nobody wrote to) spares the `git status` walk."""
+        if box.data.get("revive") and any(r.pristine(self, box) for r in self.resources):
+            return None
         return git.unsaved_work(box.path, box.branch, box.data.get("base_sha"))
 
     def rm(self, ref: str | Box, *, force: bool = False, keep_branch: bool = False) -> Box:

@@ -68,3 +68,29 @@ def status(as_json: bool) -> None:
         emit_json(st)
     else:
         _print_status(st)
+
+
+@db.command(hidden=True)
+@click.option("--key", required=True)
+@click.option("--template", required=True)
+@click.option("--count", "want", type=int, required=True)
+@click.option("--provider")
+@click.option("--strategy")
+@json_option
+@run_cmd
+def refill(key: str, template: str, want: int, provider: str | None, strategy: str | None, as_json: bool) -> None:
+    """Make spare databases ahead (started in the background by `new`; one at a time per key)."""
+    from ..dbspares import refill as make
+    from ..fsutil import LockBusy, file_lock
+
+    host = get_host()
+    made = 0
+    try:
+        with file_lock(host.home / f"postgres.spares.{key}.lock", timeout=0, what="the spare databases' lock"):
+            srv = host.database_server(provider)
+            srv.application_name = "wtbox spares"  # not one of the sessions of a box's `new`
+            made = make(srv, key, template, strategy, want)
+    except LockBusy:
+        pass  # another refill of this key runs now
+    if as_json:
+        emit_json({"key": key, "made": made})

@@ -3,10 +3,11 @@
 A box is the ordered list of resources in `resources/__init__.py`. `Host.new` walks it:
 `create` on each (a run of consecutive `parallel` resources at once), then `finish` on
 each (the env is not final yet), then writes the env file and calls `start` on each
-(migrations, services). On any failure it calls `destroy` in reverse order; `Host.rm`
-does the same. `gc` compares `discover` with the registry. All must be idempotent:
-`destroy` succeeds when the thing is already gone, because a crashed `rm` is finished by
-running it again.
+(setup, migrations, services). On any failure it calls `destroy` in reverse order (a
+parallel stage at once); `Host.rm` does the same. `gc` compares `discover` with the
+registry. `revive` restores what a reboot took (mounts) when `Host.get` finds it gone.
+All must be idempotent: `destroy` succeeds when the thing is already gone, because a
+crashed `rm` is finished by running it again.
 """
 from __future__ import annotations
 
@@ -70,6 +71,11 @@ class Resource:
 
     def destroy(self, host: "HostContext", box: "Box") -> None:
         """Remove it; succeed if it is already gone."""
+
+    def pristine(self, host: "HostContext", box: "Box") -> bool:
+        """True only when this resource can prove the box holds nothing of the user's (rm's unsaved-work
+        check may then skip `git status`); False when it cannot tell."""
+        return False
 
     def revive(self, host: "HostContext", box: "Box") -> None:
         """Bring back what a reboot took from a live box (mounts); nothing when it is all there."""

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from .. import cgroups
+from .. import cgroups, dbspares
 from ..box import CREATING, FAILED
 from ..boxenv import process_env
 from ..errors import ConfigError, WtboxError
@@ -83,7 +83,7 @@ class Database(Resource):
                     # [setup] have run (Migrations.start); the box's database is cloned then.
                     c.box.data[self.name]["pending"] = golden.hash
                 else:
-                    self._create_database(srv, role, golden)
+                    self._create_database(c, srv, role, golden)
         except BaseException:
             with contextlib.suppress(Exception):
                 _drop(srv, role)
@@ -119,19 +119,31 @@ class Database(Resource):
                               r=_ident(role), p=sql.Literal(password)))
             conn.execute(_sql("COMMENT ON ROLE {r} IS {t}", r=_ident(role), t=sql.Literal(owner_tag(home))))
 
-    def _create_database(self, srv: "Server", role: str, golden: "Golden") -> None:
-        """The box's own database: a clone of the golden copy, or (nothing to migrate) a new one."""
+    def _create_database(self, c: Creation, srv: "Server", role: str, golden: "Golden") -> None:
+        """The box's own database: a spare made ahead (a rename), else a clone of the golden copy, else
+        (nothing to migrate) a new one; then spares are made again in the background for the next box."""
+        key = golden.hash if golden.needed else dbspares.EMPTY
+        template = golden.name if golden.needed else "template1"
+        want = c.host.config.database_spares
         with srv.session(srv.shared_db) as conn:
-            if golden.needed:
+            took = want > 0 and dbspares.claim(conn, key, role)
+            if took:
+                conn.execute(_sql("ALTER DATABASE {d} OWNER TO {r}", d=_ident(role), r=_ident(role)))
+            elif golden.needed:
                 clone(conn, role, golden.name, role, golden.strategy(conn))
             else:
                 conn.execute(_sql("CREATE DATABASE {d} OWNER {r}", d=_ident(role), r=_ident(role)))
             # no other role may open a session on it (boxes included)
             conn.execute(_sql("REVOKE CONNECT, TEMPORARY ON DATABASE {d} FROM PUBLIC", d=_ident(role)))
+            short = want > 0 and dbspares.count(conn, key) < want
+            strategy = golden.strategy(conn) if golden.needed else None
+        c.box.data[self.name]["spare"] = bool(took)
         if golden.needed:
             # Migrated objects belong to the golden role; hand them to the box (REASSIGN is per database).
             with contextlib.closing(srv.connect(role)) as conn:
                 conn.execute(_sql("REASSIGN OWNED BY {g} TO {r}", g=_ident(golden.name), r=_ident(role)))
+        if short:
+            dbspares.refill_later(c.host.home, srv.provider, key, template, strategy, want)
 
     def migrate(self, c: Creation) -> None:
         """The box's migrations, in its own tree after its dependency layers and [setup] (Migrations.start):
@@ -160,7 +172,7 @@ class Database(Resource):
         golden.ensure(c.box.path, cgroup=cgroups.Leaf(c.host.home, c.box.id, cgroups.MIGRATE))
         c.timings["migrate"] = round(time.monotonic() - t0, 4)
         t0 = time.monotonic()
-        self._create_database(srv, data["user"], golden)
+        self._create_database(c, srv, data["user"], golden)
         data.pop("pending", None)
         c.timings["database"] = round(c.timings.get("database", 0.0) + time.monotonic() - t0, 4)
 
@@ -467,6 +479,10 @@ class Golden:
             if stale_build and name.rsplit("_", 1)[0] != self.name:
                 continue  # another golden's build may be running right now
             with contextlib.suppress(Exception):
+                if not stale_build:  # its spares (copies of the old state) first; a refill making one ends first
+                    key = name.removeprefix(GOLDEN_PREFIX)
+                    with file_lock(self.home / f"postgres.spares.{key}.lock", timeout=30, what="the spares' lock"):
+                        dbspares.drop(conn, key)
                 conn.execute(_sql("DROP DATABASE IF EXISTS {d} WITH (FORCE)", d=_ident(name)))
                 conn.execute(_sql("DROP ROLE IF EXISTS {r}", r=_ident(name)))
 

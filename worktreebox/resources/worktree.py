@@ -49,6 +49,26 @@ class Worktree(Resource):
             add_worktree(box, c.base_sha, checkout=False)
             attach_view(provider, tree, box)
 
+    def pristine(self, host: "Host", box: "Box") -> bool:
+        """The view is exactly as made: its upper layer holds only git's pointer (and empty mount points of
+        dependency layers), git's index is still the tree's, and the branch still points at the base commit.
+        Then `git status` and the commit count cannot find anything; otherwise they run as usual."""
+        data = box.data.get(self.name) or {}
+        sha = data.get("tree")
+        if not sha or sha != box.data.get("base_sha") or not _only_mount_points(box.dir / "upper"):
+            return False
+        admin = _admin_dir(box)
+        if admin is None:
+            return False
+        from .. import trees
+
+        try:
+            if (admin / "index").read_bytes() != (trees.store(host.home).path(sha) / "index").read_bytes():
+                return False
+            return _branch_tip(admin, box.branch) == sha
+        except OSError:
+            return False
+
     def revive(self, host: "Host", box: "Box") -> None:
         """Mount the view again when it is gone (after a reboot); the upper layer kept the box's changes."""
         from .. import trees
@@ -209,6 +229,46 @@ def _admin_dir(box: "Box") -> Path | None:
         if admin.parent.name == "worktrees" and back == str(box.path / ".git"):
             return admin
         return None
+    return None
+
+
+def _only_mount_points(upper: Path) -> bool:
+    """True when the upper layer holds git's `.git` pointer and empty directories only (the mount
+    points of dependency layers and their parents): no file of the tree was written or deleted."""
+    try:
+        top = list(os.scandir(upper))
+    except OSError:
+        return False
+    pending = [e for e in top if e.name != ".git" or not e.is_file(follow_symlinks=False)]
+    while pending:
+        entry = pending.pop()
+        if not entry.is_dir(follow_symlinks=False):
+            return False  # a file, a symlink, or a whiteout (a deletion)
+        try:
+            if os.getxattr(entry.path, "trusted.overlay.opaque", follow_symlinks=False):
+                return False  # a directory that was deleted and made again
+        except OSError:
+            pass
+        try:
+            pending += list(os.scandir(entry.path))
+        except OSError:
+            return False
+    return True
+
+
+def _branch_tip(admin: Path, branch: str) -> str | None:
+    """The commit the box branch points at, read from the repo's refs (no git process)."""
+    common = admin.parent.parent
+    try:
+        return (common / "refs" / "heads" / branch).read_text().strip()
+    except OSError:
+        pass
+    try:
+        for line in (common / "packed-refs").read_text().splitlines():
+            if line.endswith(f" refs/heads/{branch}"):
+                return line.split(" ", 1)[0]
+    except OSError:
+        pass
     return None
 
 

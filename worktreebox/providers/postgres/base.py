@@ -53,6 +53,8 @@ _CONNS_LOCK = threading.Lock()
 class Server:
     """What the database resource needs from a server, embedded, external or docker."""
 
+    application_name = APP_NAME  # in pg_stat_activity (background work names itself differently)
+
     provider = "server"
     box_host = "127.0.0.1"
     box_port = 0
@@ -89,7 +91,7 @@ class Server:
 
         try:
             return psycopg.connect(**self.conninfo(dbname), autocommit=True, connect_timeout=10,
-                                   application_name=APP_NAME)
+                                   application_name=self.application_name)
         except psycopg.OperationalError as e:
             raise WtboxError(f"Cannot connect to PostgreSQL ({self.describe()}): {first_line(e)}.") from None
 
@@ -122,7 +124,7 @@ class Server:
 
         try:
             return psycopg.connect(**self.conninfo(dbname), autocommit=True, connect_timeout=10,
-                                   application_name=APP_NAME)
+                                   application_name=self.application_name)
         except psycopg.OperationalError:
             self.ensure_running()
             return self._connect(dbname)

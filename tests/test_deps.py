@@ -249,3 +249,12 @@ enabled = false
     runs = sum(path.read_text().count("migrated") for path in logs if path.exists())
     assert runs == (1 if mode == "database" else 2)  # once per migration set in database mode
     run_wtbox("rm", "--all", "--yes", "--force")
+
+
+def test_a_layer_that_would_cover_tracked_files_is_refused(make_repo, run_wtbox, wtbox_home):
+    repo = make_repo({"package.json": PACKAGE_JSON, "package-lock.json": "{}\n",
+                      "node_modules/vendored/index.js": "module.exports = 1\n"}, toml=CORE_TOML)
+    for _ in range(2):  # the second time from the commit's cached scan
+        proc = run_wtbox("new", "vendored", "--repo", str(repo), check=False)
+        assert proc.returncode == 2 and "node_modules/" in proc.stderr and "tracked in git" in proc.stderr
+    assert json.loads(run_wtbox("ls", "--json").stdout) == [] and mounts_under(wtbox_home) == []

@@ -66,6 +66,57 @@ def store(home: Path) -> LayerStore:
 
 # ---------------------------------------------------------------- detection
 
+_RELEVANT = {"uv.lock", "poetry.lock", "pyproject.toml", ".python-version", "setup.py", "package.json",
+             *NODE_LOCKS}
+SCANS = ".scans"  # deps/.scans/<commit>.json: what detection needs of a commit, kept for the next box
+
+
+def scan(repo: str | Path, sha: str, home: Path, cfg: "DepsConfig") -> dict[str, str]:
+    """The files of the commit detection looks at (path -> blob id).
+
+    Without [deps] files or recipes only lock files, project files and one path under each
+    node_modules/.venv/... directory matter; that small list is kept per commit, so the boxes after
+    the first one need neither `git ls-tree` nor a walk over thousands of paths."""
+    if cfg.files or cfg.recipes:
+        return git.files_at(repo, sha)  # named files can be anywhere
+    cache = Path(home) / "deps" / SCANS / f"{sha}.json"
+    try:
+        found = json.loads(cache.read_text())
+        os.utime(cache)  # last use: gc's time-to-live counts from here
+        return found
+    except (OSError, ValueError):
+        pass
+    out: dict[str, str] = {}
+    covered: set[str] = set()
+    for path, blob in git.files_at(repo, sha).items():
+        d, _, name = path.rpartition("/")
+        parts = d.split("/") if d else []
+        skip = next((i for i, part in enumerate(parts) if part in SKIP_DIRS), None)
+        if skip is not None:
+            prefix = "/".join(parts[:skip + 1])
+            if prefix not in covered:  # one tracked file under it is enough to refuse covering it
+                covered.add(prefix)
+                out[path] = blob
+        elif name in _RELEVANT or _REQUIREMENTS.match(name):
+            out[path] = blob
+    from .fsutil import atomic_write
+
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(cache, json.dumps(out))
+    return out
+
+
+def sweep_scans(home: Path, ttl: float, now: float | None = None) -> None:
+    """Drop the scans of commits no box was made from for `ttl` seconds (gc)."""
+    now = time.time() if now is None else now
+    for f in (Path(home) / "deps" / SCANS).glob("*.json"):
+        try:
+            if now - f.stat().st_mtime > ttl:
+                f.unlink()
+        except OSError:
+            pass
+
+
 def detect(files: dict[str, str], cfg: "DepsConfig") -> list[Layer]:
     """The layers a commit needs: lock files found in its tree (unless detection is off), the
     files [deps] names, and [deps.<name>] recipes."""

@@ -184,8 +184,10 @@ def _unmount_strays(host: "Host", errors: list[str]) -> list[str]:
 
 def _sweep_layers(host: "Host") -> list[str]:
     """Pristine trees and dependency layers no box uses, unused for [host] layer_ttl; half-built ones."""
+    from .deps import sweep_scans
     from .layerstore import sweep_all
 
+    sweep_scans(host.home, host.config.layer_ttl)
     return sweep_all(host.home, host.boxes_dir, host.config.layer_ttl)
 
 

@@ -22,11 +22,11 @@ class Deps(Resource):
     phase = "deps"
 
     def create(self, c: Creation) -> None:
-        from .. import deps, git, layerstore
+        from .. import deps, layerstore
         from ..providers import mounts
 
         box, home = c.box, c.host.home
-        files = git.files_at(box.repo, c.base_sha)
+        files = deps.scan(box.repo, c.base_sha, home, c.config.deps)
         layers = deps.detect(files, c.config.deps)
         if not layers:
             return

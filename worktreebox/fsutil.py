@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -24,7 +25,8 @@ class LockBusy(WtboxError):
 def atomic_write(path: str | Path, data: str | bytes, mode: int = 0o644) -> None:
     """Write `data` to `path` through a temporary file and a rename; the file is created with `mode`."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # pid and thread: threads of one process (fan-out's `new`s) may write the same file at once
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         with os.fdopen(fd, "wb") as f:

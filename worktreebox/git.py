@@ -2,6 +2,7 @@
 command and we only need a handful of porcelain calls."""
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -41,21 +42,14 @@ def resolve_repo(path: str | Path | None) -> Path:
     if bare == "true":
         raise UsageError(f"{where} is a bare repository; wtbox needs a repository with a working tree.")
     root = Path(common).parent
-    head = git(root, "rev-parse", "--verify", "--quiet", "HEAD^{commit}", check=False)
-    if head.returncode != 0:
+    if git(root, "rev-parse", "--verify", "--quiet", "HEAD^{commit}", check=False).returncode != 0:
         raise UsageError(f"The repository {root} has no commits yet; commit something first.")
-    _HEADS[str(root)] = head.stdout.strip()  # resolve_commit(root, "HEAD") needs no second process
     return root
-
-
-_HEADS: dict[str, str] = {}
 
 
 def resolve_commit(repo: Path, ref: str) -> str:
     if ref.startswith("-"):
         raise UsageError(f"{ref!r} is not a git ref.")
-    if ref == "HEAD" and str(repo) in _HEADS:
-        return _HEADS[str(repo)]
     proc = git(repo, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", check=False)
     if proc.returncode != 0:
         raise UsageError(f"The ref {ref!r} does not name a commit in {repo}.")
@@ -69,22 +63,17 @@ def check_branch_name(repo: str | Path, name: str, what: str = "branch") -> str:
     return name
 
 
-_LISTINGS: dict[tuple[str, str], dict[str, str]] = {}
-
-
+@functools.lru_cache(maxsize=4)
 def files_at(repo: str | Path, sha: str) -> dict[str, str]:
-    """path -> blob id of every file in the commit (one `git ls-tree` per commit and process; the
-    dependency layers and the migration hash both read it)."""
-    key = (str(repo), sha)
-    if key not in _LISTINGS:
-        files = {}
-        for entry in out(repo, "ls-tree", "-r", "-z", "--full-tree", sha).split("\0"):
-            meta, _, path = entry.partition("\t")
-            parts = meta.split()
-            if len(parts) == 3 and parts[1] == "blob":
-                files[path] = parts[2]
-        _LISTINGS[key] = files
-    return _LISTINGS[key]
+    """path -> blob id of every file in the commit (a commit's content never changes, so one
+    `git ls-tree` per commit serves the dependency layers and the migration hash). Read-only."""
+    files = {}
+    for entry in out(repo, "ls-tree", "-r", "-z", "--full-tree", sha).split("\0"):
+        meta, _, path = entry.partition("\t")
+        parts = meta.split()
+        if len(parts) == 3 and parts[1] == "blob":
+            files[path] = parts[2]
+    return files
 
 
 def show_file(repo: Path, sha: str, path: str) -> str | None:

@@ -77,6 +77,8 @@ class Deps(Resource):
     def destroy(self, host: "Host", box: "Box") -> None:
         from ..providers.mounts.base import unmount_all
 
+        if box.dir.is_symlink():
+            return  # a claimed pool box's old name (see Worktree.destroy)
         # the layers are mounted inside the worktree view: below box.path, taken down before it
         unmount_all(box.path)
         shutil.rmtree(box.dir / "deps", ignore_errors=True)

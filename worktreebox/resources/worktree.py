@@ -105,6 +105,9 @@ class Worktree(Resource):
     def destroy(self, host: "Host", box: "Box") -> None:
         from ..providers.mounts.base import unmount_all
 
+        if box.dir.is_symlink():
+            return  # a claimed pool box's old name: its files are the target's, removed under the real id
+
         repos = [box.repo] if box.repo and Path(box.repo).is_dir() else host.registry.select_repos()
         admin = _admin_dir(box)  # read before unmounting: the pointer may live in the upper layer
         # Every view and layer under the box dir, deepest first, recorded or not (a kill -9

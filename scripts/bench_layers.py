@@ -189,7 +189,8 @@ def _core(home: Home, repo: Path, work: Path, runs: int, tag: str) -> dict:
         new_t.append(t)
         timings.append(box.get("timings") or {})
         _, status = home.run("status", box["id"], "--json")
-        disk.append(json.loads(status).get("disk_bytes"))
+        st = json.loads(status)
+        disk.append((st.get("disk_bytes"), st.get("worktree_bytes")))
         t, _ = home.run("ls")
         ls_t.append(t)
         t, _ = home.run("rm", box["id"])
@@ -203,9 +204,10 @@ def _core(home: Home, repo: Path, work: Path, runs: int, tag: str) -> dict:
     phases = sorted({k for t in timings for k in t})
     if phases:
         out["phases_p50_ms"] = {k: round(statistics.median([t.get(k, 0) for t in timings]) * 1000, 1) for k in phases}
-    known = [d for d in disk if d is not None]
+    known = [d for d in disk if d[0] is not None]
     if known:
-        out["disk_per_box_kb"] = round(statistics.median(known) / 1024, 1)
+        out["disk_per_box_kb"] = round(statistics.median(d[0] for d in known) / 1024, 1)  # logs, metrics too
+        out["worktree_per_box_kb"] = round(statistics.median(d[1] or 0 for d in known) / 1024, 1)
     return out
 
 

@@ -27,7 +27,13 @@ def wtbox_home(tmp_path, monkeypatch):
     monkeypatch.setenv("WTBOX_PORT_RANGE", f"{base}-{base + 99}")
     yield home
     remove_box_cgroups(home)  # boxes a test left behind live in tmp_path, their cgroups on the host
-    # boxes a test left behind keep their copy-on-write mounts: take down whatever is under the test's dir
+
+
+@pytest.fixture(autouse=True)
+def no_mounts_left(tmp_path):
+    """Boxes a test left behind (or a test that failed half-way) keep their copy-on-write mounts:
+    take down whatever is mounted under the test's dir, whichever homes it made there."""
+    yield
     from worktreebox.providers.mounts.base import unmount_all
 
     unmount_all(tmp_path)

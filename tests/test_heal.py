@@ -147,6 +147,9 @@ def test_lease_of_a_home_that_is_gone_is_reclaimed(tmp_path, make_repo):
     assert first["ports"]["web"] == lo
     import shutil
 
+    from worktreebox.providers.mounts.base import unmount_all
+
+    unmount_all(gone)  # copy-on-write worktrees are mounts: a home can only vanish once they are down (reboot)
     shutil.rmtree(gone)  # the user deleted the home (a test's tmp dir, a reinstall)
     _cli(tmp_path / "other", "gc", "--grace", "0", env=rng)
     again = json.loads(_cli(tmp_path / "other", "new", "b", "--repo", str(repo), "--no-services", "--json",

@@ -277,6 +277,9 @@ def test_vanished_box_dir_and_allowed_secrets(wtbox_home, make_repo, host):
                                                        "show_secrets": True}))
             assert r["stdout"] == SECRET
 
+            from worktreebox.providers.mounts.base import unmount_all
+
+            unmount_all(box["dir"])  # a copy-on-write worktree is a mount: the dir vanishes once it is down
             shutil.rmtree(box["dir"])
             status = ok(await client.call_tool("box_status", {"box": "vanish"}))
             assert "is gone" in status["problem"]

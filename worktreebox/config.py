@@ -530,7 +530,8 @@ def _parse_deps(source: str, table: dict[str, Any]) -> DepsConfig:
         cmd = rr.get("cmd", str, None, "a shell command string")
         if not cmd:
             raise rr.err("cmd", "a shell command string", cmd)
-        paths = [_relative(rr, "paths", p, "directories relative to dir that cmd makes") for p in rr.str_list("paths", [])]
+        paths = [_relative(rr, "paths", p, "directories relative to dir that cmd makes")
+                 for p in rr.str_list("paths", [])]
         if not paths or "" in paths:
             raise rr.err("paths", "a non-empty list of directories that cmd makes, such as [\"vendor/bundle\"]",
                          sub.get("paths"))

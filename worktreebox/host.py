@@ -135,6 +135,16 @@ class Host:
 
         return own_bytes(box.dir)
 
+    def worktree_bytes(self, box: Box) -> int:
+        """What the box's worktree costs it: the upper layers of its copy-on-write views (its changes),
+        or the whole checkout when it is a plain one."""
+        from .providers.mounts.base import own_bytes
+
+        uppers = [box.dir / "upper", *sorted((box.dir / "deps").glob("*/upper"))]
+        if uppers[0].is_dir():
+            return sum(own_bytes(p) for p in uppers)
+        return own_bytes(box.path)
+
     def box_of_path(self, path: Path) -> Box | None:
         try:
             rel = path.resolve().relative_to(self.boxes_dir.resolve())
@@ -369,7 +379,8 @@ class Host:
         """`status --json`: describe(), plus a `problem` when the box dir is gone; looking is using (TTL)."""
         self.registry.touch(box.id)
         out = self.describe(box, show_secrets=show_secrets)
-        out["disk_bytes"] = self.disk_bytes(box)
+        out["disk_bytes"] = self.disk_bytes(box)  # logs and metrics included
+        out["worktree_bytes"] = self.worktree_bytes(box)
         if not box.dir.exists():
             out["problem"] = f"the box directory {box.dir} is gone; 'wtbox rm {box.id}' cleans up the rest"
         return out

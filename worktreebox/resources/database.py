@@ -438,7 +438,8 @@ class Golden:
                 conn.execute(_sql("ALTER ROLE {r} NOLOGIN PASSWORD NULL", r=_ident(role)))
                 strategy, timings = self._measure(conn)
                 # an extensions-only copy is every repo's: no repo's stale sweep may drop it
-                comment = json.dumps({"repo": self.repo if self.migrate else None, "strategy": strategy, "clone_ms": timings})
+                comment = json.dumps({"repo": self.repo if self.migrate else None, "strategy": strategy,
+                                      "clone_ms": timings})
                 conn.execute(_sql("COMMENT ON DATABASE {d} IS {c}", d=_ident(self.name), c=sql.Literal(comment)))
                 self._strategy = strategy
                 self._drop_stale(conn)

@@ -85,7 +85,9 @@ class Deps(Resource):
 
     def status(self, host: "Host", box: "Box") -> dict[str, Any] | None:
         data = box.data.get(self.name)
-        return {"deps": [{k: v for k, v in layer.items() if k != "built"} for layer in data["layers"]]} if data else None
+        if not data:
+            return None
+        return {"deps": [{k: v for k, v in layer.items() if k != "built"} for layer in data["layers"]]}
 
 
 def _runner(c: Creation, layer):

@@ -17,7 +17,7 @@ from .. import cgroups, control, procs
 from ..box import DEGRADED, READY
 from ..boxenv import otel_service_name, redactor_for
 from ..config import check_ready, path_inside, services_in_order
-from ..errors import ConfigError, UsageError, WtboxError
+from ..errors import ConfigError, UsageError
 from ..fsutil import atomic_write
 from ..servicespec import ServiceSpec
 from ..supervisor_client import (PID_FILE, checked, control_request, read_state, services_status,

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from ..context import HostContext as Host
     from ..providers.mounts.base import MountProvider
 
+
 class Worktree(Resource):
     name = "worktree"
     parallel = True
@@ -43,7 +44,8 @@ class Worktree(Resource):
         from .. import trees
 
         layerstore.record_use(box, "trees", c.base_sha)  # before the tree is used: gc keeps it for this box
-        with trees.use(c.host.home, box.repo, c.base_sha, on_wait=lambda: c.note("waiting for the tree")) as (tree, _):
+        waiting = lambda: c.note("waiting for the commit's tree (another box is checking it out)")  # noqa: E731
+        with trees.use(c.host.home, box.repo, c.base_sha, on_wait=waiting) as (tree, _):
             box.data[self.name]["tree"] = c.base_sha
             box.data["revive"] = provider.mounts  # a reboot takes mounts down: Host.get brings them back
             add_worktree(box, c.base_sha, checkout=False)

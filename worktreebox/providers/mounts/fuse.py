@@ -19,7 +19,8 @@ class FuseOverlay(MountProvider):
     def check(cls) -> dict:
         exe = shutil.which(BINARY)
         return {"check": f"{BINARY} (optional)", "ok": True,
-                "detail": exe or "not installed; unprivileged users get plain checkouts (apt-get install fuse-overlayfs)"}
+                "detail": exe or "not installed; unprivileged users get plain checkouts "
+                                 "(apt-get install fuse-overlayfs)"}
 
     def attach(self, lower: Path, target: Path, scratch: Path) -> None:
         exe = shutil.which(BINARY)

@@ -13,7 +13,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from .. import cgroups, control, procs
+from .. import control, procs
 from ..box import DEGRADED, READY
 from ..boxenv import otel_service_name, redactor_for
 from ..config import check_ready, path_inside, services_in_order

@@ -119,6 +119,9 @@ class LayerStore:
                     if free and (self.root / name).exists():  # its builder is gone
                         _stop_builds_in(self.root / name)
                         shutil.rmtree(self.root / name, ignore_errors=True)
+                        if (self.root / name).exists():  # a straggler wrote into it meanwhile
+                            _stop_builds_in(self.root / name)
+                            shutil.rmtree(self.root / name, ignore_errors=True)
                         removed.append(name)
             elif name.startswith(TRASH):
                 shutil.rmtree(self.root / name, ignore_errors=True)
@@ -149,13 +152,15 @@ class LayerStore:
 
 
 def _stop_builds_in(tmp: Path) -> None:
-    """A build command (uv sync, npm ci) whose `wtbox new` was killed keeps running in its own
-    session with its cwd in the temp dir: end it before deleting the dir under it."""
+    """What a killed builder started keeps running: a build command (uv sync, npm ci, checkout-index)
+    in its own session with its cwd in the temp dir, a `tar -C <temp dir>` of the export. End them
+    before deleting the dir under them, or they write into it while it is deleted."""
     from . import procs
 
     strays = procs.find_box_processes("-", tmp)  # "-": no box id; matched by cwd alone
     if strays:
         procs.kill_staged(strays)
+    procs.kill_mentioning(str(tmp))
 
 
 # ---------------------------------------------------------------- which boxes use what

@@ -16,6 +16,20 @@ from helpers import CORE_TOML, git, remove_all_boxes, remove_box_cgroups  # noqa
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def no_stray_cgroups(request):
+    """After each test, remove the cgroups of the boxes left in any wtbox home under its tmp_path:
+    the home goes with the tmp dir, the cgroups (on the host) would not."""
+    if "tmp_path" not in request.fixturenames:
+        yield
+        return
+    tmp = request.getfixturevalue("tmp_path")  # now, so it is torn down after this check
+    yield
+    for pattern in ("*/registry.sqlite3", "*/*/registry.sqlite3", "*/*/*/registry.sqlite3"):
+        for registry in tmp.glob(pattern):
+            remove_box_cgroups(registry.parent)
+
+
 @pytest.fixture
 def wtbox_home(tmp_path, monkeypatch):
     home = tmp_path / "home"
@@ -25,8 +39,7 @@ def wtbox_home(tmp_path, monkeypatch):
     # benchmarks) rarely offer each other the same port
     base = 20000 + random.randrange(100) * 100
     monkeypatch.setenv("WTBOX_PORT_RANGE", f"{base}-{base + 99}")
-    yield home
-    remove_box_cgroups(home)  # boxes a test left behind live in tmp_path, their cgroups on the host
+    return home
 
 
 @pytest.fixture(autouse=True)

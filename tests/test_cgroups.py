@@ -622,14 +622,19 @@ def test_a_box_claimed_from_the_pool_keeps_its_cgroup(make_repo, run_wtbox, host
 
     from worktreebox import pool as P
     from worktreebox.box import hex_of
+    from worktreebox.resources.cgroup import POOL_CPU_WEIGHT
 
     repo = make_repo({"server.py": SERVER}, toml=service_toml())
     P.top_up(host, P.resolve_target(repo), 1)
     (pooled,) = [b for b in host.list() if b.pool]
     cg = cgroups.for_home(host.home)
+    # made and kept at the pool's low weight: filling the pool never slows the boxes in use
+    assert cg.limits(pooled.id).cpu_weight == POOL_CPU_WEIGHT < cgroups.DEFAULT_CPU_WEIGHT
     supervisor = supervisor_of({"dir": str(pooled.dir)})
     out = json.loads(run_wtbox("new", "claimed", "--repo", str(repo), "--json").stdout)
     assert out["from_pool"] is True and hex_of(out["id"]) == hex_of(pooled.id)
+    assert cg.limits(out["id"]).cpu_weight == cgroups.DEFAULT_CPU_WEIGHT  # a box in use: its own weight
+    assert "pooled_cpu_weight" not in json.loads(run_wtbox("status", out["id"], "--json").stdout)["cgroup"]
     rel = cg.relative(out["id"])
     assert rel == cg.relative(pooled.id) and in_cgroup(supervisor, f"{rel}/_supervisor")
     assert in_cgroup(service_pid(run_wtbox, out), f"{rel}/web")

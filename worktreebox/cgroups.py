@@ -414,7 +414,7 @@ class CgroupsV1(Cgroups):
     def set_limits(self, box_id: str, limits: Limits) -> None:
         cpu = self._dir("cpu", box_id)
         if cpu and limits.cpu_weight is not None:
-            _write_if(cpu / "cpu.shares", max(2, limits.cpu_weight * 1024 // DEFAULT_CPU_WEIGHT))
+            _write_if(cpu / "cpu.shares", max(2, round(limits.cpu_weight * 1024 / DEFAULT_CPU_WEIGHT)))
         mem = self._dir("memory", box_id)
         if mem and limits.memory_max is not None:
             _write_if(mem / "memory.limit_in_bytes", limits.memory_max)
@@ -430,7 +430,7 @@ class CgroupsV1(Cgroups):
         mem_max = _int(_read(mem / "memory.limit_in_bytes")) if mem else None
         if mem_max is not None and mem_max >= 1 << 62:  # the kernel's "unlimited" (page-rounded LONG_MAX)
             mem_max = None
-        return Limits(cpu_weight=shares * DEFAULT_CPU_WEIGHT // 1024 if shares else None, memory_max=mem_max,
+        return Limits(cpu_weight=round(shares * DEFAULT_CPU_WEIGHT / 1024) if shares else None, memory_max=mem_max,
                       pids_max=_int(_read(pids / "pids.max")) if pids else None)
 
     def _freeze(self, box_id: str, leaf: str | None, on: bool) -> bool:

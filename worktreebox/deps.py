@@ -66,9 +66,13 @@ def store(home: Path) -> LayerStore:
 
 # ---------------------------------------------------------------- detection
 
-_RELEVANT = {"uv.lock", "poetry.lock", "pyproject.toml", ".python-version", "setup.py", "package.json",
-             *NODE_LOCKS}
-SCANS = ".scans"  # deps/.scans/<commit>.json: what detection needs of a commit, kept for the next box
+# Files whose change means new dependencies (the warm pool's key hashes them too).
+LOCK_FILES = frozenset({
+    "uv.lock", "poetry.lock", "Pipfile.lock", "pdm.lock", "requirements.txt", "package-lock.json", "yarn.lock",
+    "pnpm-lock.yaml", "bun.lockb", "Cargo.lock", "go.sum", "Gemfile.lock", "composer.lock", *NODE_LOCKS,
+})
+_RELEVANT = {"pyproject.toml", ".python-version", "setup.py", "package.json", *LOCK_FILES}
+SCANS = ".scans-2"  # deps/.scans-2/<commit>.json: what detection needs of a commit, kept for the next box
 
 
 def scan(repo: str | Path, sha: str, home: Path, cfg: "DepsConfig") -> dict[str, str]:

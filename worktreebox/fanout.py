@@ -186,7 +186,8 @@ class Fanout:
         self._repo = git.resolve_repo(o.repo)
         self._base_sha = git.resolve_commit(self._repo, o.ref or "HEAD")
         self._config = load_config_for_new(self._repo, self._base_sha, explicit_ref=o.ref is not None)
-        self._target = pool.resolve_target(self._repo, self._base_sha, explicit_ref=o.ref is not None, config=self._config)
+        self._target = pool.resolve_target(self._repo, self._base_sha, explicit_ref=o.ref is not None,
+                                           config=self._config, home=self.host.home)
         if o.warm and self._target.why_not:
             raise UsageError(f"--warm: the pool cannot serve this repo: {self._target.why_not}.")
         limit = self.host.config.max_boxes

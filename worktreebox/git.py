@@ -13,11 +13,12 @@ from .errors import UsageError, WtboxError
 _GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
 
 
-def git(repo: str | Path, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+def git(repo: str | Path, *args: str, check: bool = True, timeout: float = 300,
+        input: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, **_GIT_ENV}
     try:
         proc = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, env=env,
-                              timeout=timeout)
+                              timeout=timeout, input=input)
     except FileNotFoundError:
         raise WtboxError("git is not installed; install it with 'apt-get install git'.") from None
     if check and proc.returncode != 0:
@@ -74,6 +75,21 @@ def files_at(repo: str | Path, sha: str) -> dict[str, str]:
         if len(parts) == 3 and parts[1] == "blob":
             files[path] = parts[2]
     return files
+
+
+def repoint_worktree(worktree: Path) -> None:
+    """After a worktree's directory moved: write the new path into its admin dir's `gitdir` (what
+    `git worktree repair` does for this case, without a process; gitrepository-layout(5))."""
+    dotgit = worktree / ".git"
+    try:
+        admin = dotgit.read_text().removeprefix("gitdir:").strip()
+    except OSError:
+        return
+    gitdir = Path(admin) / "gitdir"
+    if gitdir.exists() and gitdir.read_text().strip() != str(dotgit):
+        from .fsutil import atomic_write
+
+        atomic_write(gitdir, f"{dotgit}\n")
 
 
 def show_file(repo: Path, sha: str, path: str) -> str | None:

@@ -33,13 +33,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import admission, boxenv, git, procs
+from . import admission, boxenv, deps, git, procs
 from .box import CREATING, READY, Box, branch_name, hex_of, slugify
 from .boxenv import without_box_vars
 from .config import config_sources, parse_duration, parse_repo_config
 from .errors import ConfigError, UsageError, WtboxError
 from .fsutil import LockBusy, atomic_write, file_lock
 from .host import Host, _phase
+from .resources import cgroup as cgroup_resource
 
 if TYPE_CHECKING:
     from .config import RepoConfig
@@ -48,11 +49,6 @@ POOL_TASK = "pool"
 FILLER_NICE = 10
 # A filler with a full pool and no claims for this long exits; the next `new` starts it again.
 IDLE_EXIT = 300.0
-# Files whose change means new dependencies: a box made before it is not the box the user asks for.
-LOCK_FILES = frozenset({
-    "uv.lock", "poetry.lock", "Pipfile.lock", "pdm.lock", "requirements.txt", "package-lock.json", "yarn.lock",
-    "pnpm-lock.yaml", "bun.lockb", "Cargo.lock", "go.sum", "Gemfile.lock", "composer.lock",
-})
 # Templates that name the box's task-derived identity cannot be rendered before the task is known.
 _NAMES_TASK = re.compile(r"\bbox\s*(?:\.\s*(?:id|task|branch)\b|\[\s*['\"](?:id|task|branch)['\"])")
 
@@ -70,8 +66,10 @@ class Target:
 
 
 def resolve_target(repo: Path | str, sha: str | None = None, *, explicit_ref: bool = False,
-           config: "RepoConfig | None" = None) -> Target:
-    """The pool key of a `new` from `repo` at `sha` (default HEAD): wtbox.toml, Procfile and lock files."""
+           config: "RepoConfig | None" = None, home: Path | None = None) -> Target:
+    """The pool key of a `new` from `repo` at `sha` (default HEAD): wtbox.toml, Procfile and lock files.
+    With `home`, the lock files come from the commit's dependency scan kept there (no `git ls-tree`
+    of the whole commit on every claim)."""
     repo = Path(repo)
     sha = sha or git.resolve_commit(repo, "HEAD")
     source, text, procfile = config_sources(repo, sha, explicit_ref=explicit_ref)
@@ -79,11 +77,15 @@ def resolve_target(repo: Path | str, sha: str | None = None, *, explicit_ref: bo
     h = hashlib.sha256()
     for part in (text or "", procfile or ""):
         h.update(part.encode() + b"\0")
-    listing = git.git(repo, "ls-tree", "-r", sha, check=False).stdout
-    for line in listing.splitlines():
-        meta, _, path = line.partition("\t")
-        if path.rsplit("/", 1)[-1] in LOCK_FILES:
-            h.update(f"{path} {meta.split()[-1]}\n".encode())
+    try:
+        files = deps.scan(repo, sha, home, cfg.deps) if home is not None else git.files_at(repo, sha)
+    except WtboxError:
+        files = {}
+    for path in sorted(files):
+        d, _, name = path.rpartition("/")
+        # as the scan sees them: a lock file inside node_modules/, .venv/... is not the project's
+        if name in deps.LOCK_FILES and not deps.SKIP_DIRS.intersection(d.split("/")):
+            h.update(f"{path} {files[path]}\n".encode())
     why_not = None
     if _NAMES_TASK.search(text or "") or _NAMES_TASK.search(procfile or ""):
         why_not = (f"{source} names box.id, box.task or box.branch in a template, which a box made ahead "
@@ -116,7 +118,7 @@ def new_box(host: Host, task: str, repo: str | Path | None = None, ref: str | No
     else:
         repo_root = git.resolve_repo(repo)
         sha = git.resolve_commit(repo_root, ref or "HEAD")
-        t = resolve_target(repo_root, sha, explicit_ref=ref is not None, config=config)
+        t = resolve_target(repo_root, sha, explicit_ref=ref is not None, config=config, home=host.home)
     pooled = t.why_not is None and desired_size(host, t.repo, t.config) > 0
     box = None
     # Pool boxes run without secrets and with their services up: only such a `new` can take one.
@@ -186,14 +188,15 @@ def _take_over(host: Host, box: Box, t: Target) -> bool:
         # Running services, the supervisor and the metrics store hold paths under the old name.
         os.symlink(box.dir.name, old_dir)
     _phase("claim:dir")
-    _rename_branch(box.repo, box.path, branch_name(pool_id), box.branch)
-    git.git(box.repo, "worktree", "repair", str(box.path), check=False)
+    _rename_branch(box.repo, box.path, branch_name(pool_id), box.branch, box.data.get("base_sha"))
+    git.repoint_worktree(box.path)
     _phase("claim:branch")
     old, new = str(old_dir), str(box.dir)
     box.env = {k: new + v[len(old):] if v == old or v.startswith(old + "/") else v for k, v in box.env.items()}
     box.env["WTBOX_ID"] = box.id
     box.env.update(boxenv.renamed_otel_box(box.env, pool_id, box.id))
     host.write_env_file(box)
+    cgroup_resource.claimed(host, box)
     moved = box.data.get("base_sha") != t.sha
     if moved:
         git.git(box.path, "merge", "--ff-only", "--quiet", t.sha)  # the changed files only
@@ -206,13 +209,17 @@ def _take_over(host: Host, box: Box, t: Target) -> bool:
     return moved
 
 
-def _rename_branch(repo: str, worktree: Path, old: str, new: str) -> None:
+def _rename_branch(repo: str, worktree: Path, old: str, new: str, tip: str | None) -> None:
     """`git branch -m` without it: that rewrites .git/config under one lock, so concurrent claims
-    failed on it. Refs only: make the new one, point the worktree at it, drop the old one."""
-    sha = git.git(repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{old}", check=False).stdout.strip()
-    if not sha:  # a retried claim: already renamed
-        return
-    git.git(repo, "update-ref", f"refs/heads/{new}", sha, "")
+    failed on it. Refs only: make the new one, point the worktree at it, drop the old one. An
+    untouched pool box's branch is at `tip`: then one transaction checks that and makes the new ref."""
+    sha = tip
+    if not tip or git.git(repo, "update-ref", "--stdin", check=False,
+                          input=f"verify refs/heads/{old} {tip}\ncreate refs/heads/{new} {tip}\n").returncode:
+        sha = git.git(repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{old}", check=False).stdout.strip()
+        if not sha:  # a retried claim: already renamed
+            return
+        git.git(repo, "update-ref", f"refs/heads/{new}", sha, "")
     git.git(worktree, "symbolic-ref", "HEAD", f"refs/heads/{new}")
     git.git(repo, "update-ref", "-d", f"refs/heads/{old}", sha)
 
@@ -232,10 +239,10 @@ def is_stale(repo: str, box: Box, t: Target | None) -> bool:
                                                   check=False).returncode != 0)
 
 
-def current_target(repo: str) -> Target | None:
+def current_target(repo: str, home: Path | None = None) -> Target | None:
     """The repo's target at HEAD; None when the repo or its config is gone or broken."""
     try:
-        return resolve_target(repo) if Path(repo).is_dir() else None
+        return resolve_target(repo, home=home) if Path(repo).is_dir() else None
     except (WtboxError, ConfigError):
         return None
 
@@ -248,7 +255,7 @@ def stale_boxes(host: Host) -> list[Box]:
         if b.state == READY:
             by_repo.setdefault(b.repo, []).append(b)
     for repo, boxes in by_repo.items():
-        t = current_target(repo)
+        t = current_target(repo, host.home)
         out += [b for b in boxes if is_stale(repo, b, t)]
     return out
 
@@ -261,7 +268,7 @@ def status(host: Host, repo: str | None = None) -> list[dict[str, Any]]:
         repos = [repo]
     out = []
     for r in repos:
-        t = current_target(r)
+        t = current_target(r, host.home)
         boxes = pool_boxes(host, r)
         ready = [b for b in boxes if b.state == READY and not is_stale(r, b, t)]
         out.append({"repo": r, "commit": t.sha if t else None, "size": desired_size(host, r, t.config) if t else 0,
@@ -374,7 +381,7 @@ def _fill_locked(host: Host, repo: str, idle_exit: float, poll: float) -> int:
     failures = 0
     seen: tuple | None = None
     while not _stopping:
-        t = current_target(repo)
+        t = current_target(repo, host.home)
         size = desired_size(host, repo, t.config) if t else 0
         boxes = pool_boxes(host, repo)
         for b in boxes:

@@ -5,6 +5,7 @@ never a silently empty string.
 """
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from typing import Any
 
@@ -32,10 +33,17 @@ def render(template: str, facts: dict[str, Any], where: str) -> str:
         raise ConfigError(f"{where}: bad template {template!r}: {e.message or type(e).__name__}.") from None
 
 
+# Text with only `{{ name.name }}` substitutions: valid Jinja2 by construction, so reading a config
+# made only of these (the usual case) needs no Jinja2 import (~20 ms of every claim from the pool).
+_PLAIN = re.compile(r"(?:[^{}]|\{(?![{%#])|\}(?!\})|\{\{\s*[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*\s*\}\})*")
+
+
 def check(template: str, where: str) -> None:
     """Refuse a template that cannot compile (a syntax error, an unknown filter) when the config
     is read, not half-way through making a box."""
     if "{{" not in template and "{%" not in template and "{#" not in template:
+        return
+    if _PLAIN.fullmatch(template):
         return
     import jinja2
 

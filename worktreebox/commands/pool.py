@@ -37,7 +37,7 @@ def pool(repo, size, show_status, drain, wait_s, as_json):
         info(f"drained {len(gone)} pooled boxes of {root}")
         _print(P.status(host, root), as_json)
         return
-    t = P.resolve_target(root)
+    t = P.resolve_target(root, home=host.home)
     if t.why_not:
         raise UsageError(f"The pool cannot serve {root}: {t.why_not}.")
     if size is not None:

@@ -23,6 +23,11 @@ if TYPE_CHECKING:
     from ..context import HostContext
 
 
+# A box made ahead for the warm pool is made (and waits) at this CPU weight, a tenth of a box in
+# use, so that filling the pool never slows the boxes people work in; claiming it restores its own.
+POOL_CPU_WEIGHT = 10
+
+
 class Cgroup(Resource):
     name = "cgroup"
     parallel = False  # everything after it (VictoriaMetrics, setup, services) starts inside it
@@ -32,9 +37,12 @@ class Cgroup(Resource):
         if backend is None:
             return
         limits = effective_limits(c.config.box.limits, c.host.config.box_limits)
-        backend.create(c.box.id, limits)
+        pooled = c.box.pool is not None
+        backend.create(c.box.id, dataclasses.replace(limits, cpu_weight=POOL_CPU_WEIGHT) if pooled else limits)
         c.box.data[self.name] = {"version": backend.version, "path": backend.relative(c.box.id),
                                  **{k: v for k, v in dataclasses.asdict(limits).items() if v is not None}}
+        if pooled:
+            c.box.data[self.name]["pooled_cpu_weight"] = POOL_CPU_WEIGHT
         unenforced = [key for key, controller in (("cpu_weight", "cpu"), ("memory_max", "memory"),
                                                   ("pids_max", "pids"))
                       if getattr(limits, key) is not None and controller in backend.missing]
@@ -85,6 +93,15 @@ class Cgroup(Resource):
             if backend.missing else ""
         return [{"check": "cgroups", "ok": True, "cgroups": backend.version,
                  "detail": f"{backend.version}: one per box under {where}{missing}"}]
+
+
+def claimed(host: "HostContext", box: "Box") -> None:
+    """A pool box became a user's box: from the pool's low CPU weight to its own (pool.claim)."""
+    data = box.data.get("cgroup") or {}
+    backend = cgroups.for_home(host.home)
+    if backend is None or data.pop("pooled_cpu_weight", None) is None:
+        return
+    backend.set_limits(box.id, cgroups.Limits(cpu_weight=data.get("cpu_weight") or cgroups.DEFAULT_CPU_WEIGHT))
 
 
 def effective_limits(repo: "LimitsConfig", host: "LimitsConfig") -> cgroups.Limits:

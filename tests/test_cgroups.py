@@ -532,6 +532,51 @@ def test_a_cpu_burning_box_does_not_slow_another(make_repo, run_wtbox):
     assert ratio <= 1.5, f"B's probe p95 rose {ratio:.2f}x with A burning ({quiet} vs {loaded} ms)"
 
 
+def cpu_shares_while_both_burn(make_repo, run_wtbox, env: dict | None = None, window: float = 3.0) -> float:
+    """B's part of the CPU the two boxes got while A spun 2x cores + 1 burners (each in its own
+    session) and B one, measured from the processes themselves (psutil), with or without cgroups."""
+    from worktreebox import procs
+
+    burners_a = 2 * os.cpu_count() + 1
+    toml = lambda n: service_toml(name="burn", cmd=f"{PY} burner.py $WTBOX_BOX_DIR/spin {n}").replace(
+        'ready = "tcp:{{ ports.web }}"\n', "")
+    a = json_of(run_wtbox("new", "hog", "--repo", str(make_repo({"burner.py": BURNER}, toml=toml(burners_a))),
+                          "--json", env=env))
+    b = json_of(run_wtbox("new", "modest", "--repo", str(make_repo({"burner.py": BURNER}, toml=toml(1))),
+                          "--json", env=env))
+    try:
+        def cpu(box: dict) -> float:
+            total = 0.0
+            for p in procs.find_box_processes(box["id"], box["dir"]):
+                try:
+                    total += sum(p.cpu_times()[:2])
+                except Exception:
+                    pass
+            return total
+
+        for box in (a, b):
+            (Path(box["dir"]) / "spin").touch()
+        time.sleep(0.5)  # every burner is spinning
+        a0, b0 = cpu(a), cpu(b)
+        time.sleep(window)
+        got_a, got_b = cpu(a) - a0, cpu(b) - b0
+    finally:
+        run_wtbox("rm", "--force", a["id"], b["id"], env=env)
+    return got_b / (got_a + got_b)
+
+
+@needs_cgroups
+def test_each_box_gets_its_fair_share_of_cpu_however_many_processes_it_runs(make_repo, run_wtbox):
+    """Fair share is per box: with A spinning 5 processes in 5 sessions and B one, B gets half of
+    what the two get (each box is owed one of the 2 cores). Without cgroups every session is an
+    autogroup as heavy as all of B, so B gets about 1/6: the same measurement shows it."""
+    with_cgroups = cpu_shares_while_both_burn(make_repo, run_wtbox)
+    without = cpu_shares_while_both_burn(make_repo, run_wtbox, env={"WTBOX_CGROUPS": "off"})
+    print(f"B's share of the CPU: {with_cgroups:.2f} with cgroups, {without:.2f} without")
+    assert with_cgroups >= 0.4, f"B got {with_cgroups:.0%} of the CPU with cgroups (fair: 50%)"
+    assert without <= 0.3, f"without cgroups B got {without:.0%}: the measurement cannot tell fair from unfair"
+
+
 # ---------------------------------------------------------------- top, admission, gc, config
 
 def test_max_active_makes_new_wait_or_refuse(make_repo, run_wtbox, wtbox_home):

@@ -56,6 +56,22 @@ _MIGRATIONS = [
 ]
 
 
+def _to_wal(db: sqlite3.Connection, timeout: float = 30.0) -> None:
+    """Switch a (new) database to WAL. That takes an exclusive lock SQLite does not wait for
+    (no busy handler): when several processes open a fresh registry at once, some get
+    'database is locked' right away, so they wait here as busy_timeout would."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                db.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class Registry:
     """Store with intention-revealing methods; one connection per thread (a sqlite3
     connection can hold only one transaction, and `new` and fanout use threads)."""
@@ -80,8 +96,7 @@ class Registry:
             db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA busy_timeout = 30000")
-            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                db.execute("PRAGMA journal_mode = WAL")
+            _to_wal(db)
             db.execute("PRAGMA synchronous = NORMAL")
             self._db = db
             self._all.append(db)

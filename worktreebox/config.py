@@ -385,16 +385,32 @@ def _table(source: str, data: dict[str, Any], name: str) -> dict[str, Any]:
 
 def parse_repo_config(text: str | None, source: str, procfile: str | None = None) -> RepoConfig:
     """Parse the text of a wtbox.toml (None → defaults). `procfile` is the repo's Procfile text, if any."""
-    cfg = RepoConfig(source=source)
-    data: dict[str, Any] = {}
-    if text is not None:
-        data = _loads(text, source)
+    data: dict[str, Any] = _loads(text, source) if text is not None else {}
     known = {"box", "setup", "database", "services", "observability", "pool", "browser", "deps"}
     for key in data:
         if key not in known:
             raise ConfigError(f"{source}: unknown section [{key}]; known sections: {', '.join(sorted(known))}.")
 
-    r = _Reader(source, _table(source, data, "box"), "box")
+    def section(name: str) -> dict[str, Any]:
+        return _table(source, data, name)
+
+    cfg = RepoConfig(source=source)
+    cfg.box = _parse_box(source, section("box"))
+    cfg.setup = _parse_setup(source, section("setup"))
+    cfg.deps = _parse_deps(source, section("deps"))
+    cfg.database = _parse_database(source, section("database"))
+    cfg.observability = _parse_observability(source, section("observability"))
+    cfg.pool = _parse_pool(source, section("pool"))
+    cfg.browser = _parse_browser(source, section("browser"))
+    cfg.services = _parse_services(source, section("services"))
+    if not cfg.services and procfile:
+        cfg.services = parse_procfile(procfile, cfg.box.ports[0] if cfg.box.ports else None)
+        cfg.services_from_procfile = True
+    return cfg
+
+
+def _parse_box(source: str, table: dict[str, Any]) -> BoxConfig:
+    r = _Reader(source, table, "box")
     r.unknown({"ports", "ttl", "copy", "env", "cache_env", "inherit_env", "clean_env", *LIMIT_KEYS})
     ports = r.str_list("ports", ["web"])
     seen = set()
@@ -423,21 +439,24 @@ def parse_repo_config(text: str | None, source: str, procfile: str | None = None
             raise r.err("inherit_env", "variable names, or prefixes ending in '*' such as \"AWS_*\"", name)
         if _looks_secret(name):
             raise r.err("inherit_env", "names of variables that are not secrets (pass those with --secret)", name)
-    cfg.box = BoxConfig(ports=ports, ttl=r.duration("ttl", 72 * 3600.0), copy=copies, env=r.env_map("env"),
+    return BoxConfig(ports=ports, ttl=r.duration("ttl", 72 * 3600.0), copy=copies, env=r.env_map("env"),
                         cache_env=cache_env, inherit_env=inherit,
                         clean_env=r.get("clean_env", bool, False, "true or false"), limits=r.limits())
 
-    r = _Reader(source, _table(source, data, "setup"), "setup")
-    r.unknown({"cmd", "timeout"})
-    cfg.setup = SetupConfig(cmd=r.command("cmd"), timeout=r.duration("timeout", 1800.0))
-    cfg.deps = _parse_deps(source, _table(source, data, "deps"))
 
-    r = _Reader(source, _table(source, data, "database"), "database")
+def _parse_setup(source: str, table: dict[str, Any]) -> SetupConfig:
+    r = _Reader(source, table, "setup")
+    r.unknown({"cmd", "timeout"})
+    return SetupConfig(cmd=r.command("cmd"), timeout=r.duration("timeout", 1800.0))
+
+
+def _parse_database(source: str, table: dict[str, Any]) -> DatabaseConfig:
+    r = _Reader(source, table, "database")
     r.unknown({"mode", "extensions", "migrate", "migrations", "env", "provider"})
     extensions = r.str_list("extensions", [])
     if any(not e.strip() for e in extensions):
         raise r.err("extensions", "extension names such as \"uuid-ossp\"", extensions)
-    cfg.database = DatabaseConfig(
+    return DatabaseConfig(
         mode=r.choice("mode", ("database", "schema", "none"), "database"),
         extensions=extensions,
         # not a template: run as written (see resources/database.py)
@@ -447,11 +466,13 @@ def parse_repo_config(text: str | None, source: str, procfile: str | None = None
         provider=r.choice("provider", ("embedded", "external", "docker"), None),
     )
 
-    r = _Reader(source, _table(source, data, "observability"), "observability")
+
+def _parse_observability(source: str, table: dict[str, Any]) -> ObservabilityConfig:
+    r = _Reader(source, table, "observability")
     r.unknown({"enabled", "collector", "provider", "retention", "victorialogs_url"})
     retention = r.text("retention", "2d", "a retention such as \"2d\"", control=False)
     parse_duration(retention, where=f"{source}: [observability] retention", positive=True)
-    cfg.observability = ObservabilityConfig(
+    return ObservabilityConfig(
         enabled=r.get("enabled", bool, True, "true or false"),
         collector=r.choice("collector", ("builtin", "vector"), "builtin"),
         provider=r.choice("provider", ("native", "docker"), None),
@@ -459,19 +480,25 @@ def parse_repo_config(text: str | None, source: str, procfile: str | None = None
         victorialogs_url=r.url("victorialogs_url"),
     )
 
-    r = _Reader(source, _table(source, data, "pool"), "pool")
+
+def _parse_pool(source: str, table: dict[str, Any]) -> PoolConfig:
+    r = _Reader(source, table, "pool")
     r.unknown({"size", "restart_on_update"})
     size = r.get("size", int, 0, "a whole number of boxes (0 for no pool)")
     if size < 0 or size > 64:
         raise r.err("size", "a whole number of boxes from 0 to 64", size)
-    cfg.pool = PoolConfig(size=size, restart_on_update=r.get("restart_on_update", bool, False, "true or false"))
+    return PoolConfig(size=size, restart_on_update=r.get("restart_on_update", bool, False, "true or false"))
 
-    r = _Reader(source, _table(source, data, "browser"), "browser")
+
+def _parse_browser(source: str, table: dict[str, Any]) -> BrowserConfig:
+    r = _Reader(source, table, "browser")
     r.unknown({"enabled"})
-    cfg.browser = BrowserConfig(enabled=r.get("enabled", bool, False, "true or false"))
+    return BrowserConfig(enabled=r.get("enabled", bool, False, "true or false"))
 
-    services = _table(source, data, "services")
-    for name, table in services.items():
+
+def _parse_services(source: str, tables: dict[str, Any]) -> dict[str, ServiceConfig]:
+    out: dict[str, ServiceConfig] = {}
+    for name, table in tables.items():
         if not _PORT_NAME.match(name):
             raise ConfigError(f"{source}: [services.{name!r}]: service names are lowercase letters, digits and '_'.")
         if not isinstance(table, dict):
@@ -488,21 +515,18 @@ def parse_repo_config(text: str | None, source: str, procfile: str | None = None
         if ready is not None:
             check_ready(ready, f"{source}: [services.{name}] ready")
         deps = r.str_list("depends_on", [])
-        cfg.services[name] = ServiceConfig(
+        out[name] = ServiceConfig(
             name=name, cmd=cmd, cwd=cwd, env=r.env_map("env"), ready=ready,
             ready_timeout=r.duration("ready_timeout", 60.0),
             restart=r.choice("restart", ("on-failure", "always", "no"), "on-failure"),
             depends_on=deps, metrics=r.url("metrics"), holds_port=r.get("holds_port", bool, True, "true or false"),
         )
-    for svc in cfg.services.values():
+    for svc in out.values():
         for dep in svc.depends_on:
-            if dep not in cfg.services:
+            if dep not in out:
                 raise ConfigError(f"{source}: [services.{svc.name}] depends_on names {dep!r}, which is not a service.")
-    _check_acyclic(source, cfg.services)
-    if not cfg.services and procfile:
-        cfg.services = parse_procfile(procfile, cfg.box.ports[0] if cfg.box.ports else None)
-        cfg.services_from_procfile = True
-    return cfg
+    _check_acyclic(source, out)
+    return out
 
 
 def _relative(r: "_Reader", key: str, value: str, what: str) -> str:

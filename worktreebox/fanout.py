@@ -18,9 +18,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from . import boxenv, git, procs
 from . import pool
-from . import probe as P
 from .box import new_id, slugify
-from .config import OWN_PORTS, load_config_for_new
+from .config import load_config_for_new
 from .cgroups import RUN, Leaf
 from .errors import UsageError, WtboxError
 from .logs.reader import available_services, read_records
@@ -377,7 +376,7 @@ class Fanout:
                 res["probes"] = {}
                 for p in o.probes:
                     step(PROBING, p)
-                    res["probes"][p] = run_probe(box, p, o.probe_requests, o.probe_concurrency)
+                    res["probes"][p] = run_probe(host, box, p, o.probe_requests, o.probe_concurrency)
         if o.browse:
             step(PROBING, f"browse {o.browse}")
             res["browse"] = browse_attempt(host, box, o.browse)
@@ -435,38 +434,20 @@ def restart_services(host: "HostContext", box: "Box") -> dict[str, Any]:
                          for n, s in status.items()}}
 
 
-def probe_url(box: "Box", target: str) -> str:
-    """A PATH is probed on the box's first port (the [box] ports order), never its metrics port."""
-    if target.startswith(("http://", "https://")):
-        return target
-    names = [p for p in box.ports if p not in OWN_PORTS]
-    if not names:
-        raise UsageError(f"{box.id} has no ports; give --probe a full URL instead of {target!r}.")
-    return f"http://127.0.0.1:{box.ports[names[0]]}{target}"
-
-
-def run_probe(box: "Box", target: str, n: int, concurrency: int) -> dict[str, Any]:
+def run_probe(host: "HostContext", box: "Box", target: str, n: int, concurrency: int) -> dict[str, Any]:
+    """`--probe PATH` of one attempt: Host.probe's figures (recorded in the box's metrics), or the error."""
     try:
-        url = probe_url(box, target)
-        r = P.probe(url, n=n, concurrency=concurrency)
+        r = host.probe(box, target, n=n, concurrency=concurrency)
     except WtboxError as e:
         return {"error": str(e)}
-    out = {k: r.get(k) for k in ("url", "n", "answered", "errors", "p50_ms", "p95_ms", "p99_ms", "max_ms", "rps")}
-    metrics_url = (box.data.get("metrics") or {}).get("url")
-    out["recorded"] = False
-    if metrics_url:
-        try:
-            P.record(r, box.id, metrics_url)
-            out["recorded"] = True
-        except Exception:
-            pass
-    return out
+    return {k: r.get(k) for k in ("url", "n", "answered", "errors", "p50_ms", "p95_ms", "p99_ms", "max_ms", "rps",
+                                  "recorded")}
 
 
 def browse_attempt(host: "HostContext", box: "Box", target: str) -> dict[str, Any]:
     """`--browse PATH`: a screenshot in the box dir and the console errors of one load."""
     try:
-        url = probe_url(box, target)
+        url = host.probe_url(box, target)
     except WtboxError as e:
         return {"error": str(e), "screenshot": None, "console_errors": None}
     return snapshot(host, box, url, box.dir / "browser" / "fanout.png")

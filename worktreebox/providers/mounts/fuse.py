@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 from .base import MountError, MountProvider, clean_env
-from .overlay import Overlay, probe_cow
+from .overlay import Overlay, prepare_dirs, probe_cow
 
 BINARY = "fuse-overlayfs"
 
@@ -26,12 +26,7 @@ class FuseOverlay(MountProvider):
         exe = shutil.which(BINARY)
         if not exe:
             raise MountError(f"{BINARY} is not installed (apt-get install fuse-overlayfs).")
-        upper, work = scratch / "upper", scratch / "work"
-        upper.mkdir(parents=True, exist_ok=True)
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        target.mkdir(parents=True, exist_ok=True)
+        upper, work = prepare_dirs(target, scratch)
         opts = Overlay().options(lower, upper, work, volatile=False) + ",fsync=0"
         # It daemonizes once the mount is up; the daemon must not look like a box process
         # (clean env, cwd /), or tearing down the box's processes would cut its file system.

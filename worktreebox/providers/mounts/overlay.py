@@ -23,14 +23,7 @@ class Overlay(MountProvider):
         return f"lowerdir={lower},upperdir={upper},workdir={work}" + (",volatile" if volatile else "")
 
     def attach(self, lower: Path, target: Path, scratch: Path) -> None:
-        upper, work = scratch / "upper", scratch / "work"
-        upper.mkdir(parents=True, exist_ok=True)
-        # The work dir is overlayfs' own scratch (and marks a volatile mount that a reboot cut
-        # short): a fresh one on every mount lets a box be mounted again after a reboot.
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        target.mkdir(parents=True, exist_ok=True)
+        upper, work = prepare_dirs(target, scratch)
         try:
             sys_mount("overlay", target, "overlay", self.options(lower, upper, work))
         except MountError:
@@ -41,6 +34,19 @@ class Overlay(MountProvider):
         if os.geteuid() != 0:
             return "wtbox is not running as root (overlayfs mounts need CAP_SYS_ADMIN)"
         return probe_cow(self, scratch)
+
+
+def prepare_dirs(target: Path, scratch: Path) -> tuple[Path, Path]:
+    """The upper and work dirs of an overlay (kernel or FUSE) in `scratch`, and the mount point.
+    The work dir is overlayfs' own scratch (and marks a volatile mount that a reboot cut short):
+    a fresh one on every mount lets a box be mounted again after a reboot."""
+    upper, work = scratch / "upper", scratch / "work"
+    upper.mkdir(parents=True, exist_ok=True)
+    if work.exists():
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    target.mkdir(parents=True, exist_ok=True)
+    return upper, work
 
 
 def probe_cow(provider: MountProvider, scratch: Path) -> str | None:

@@ -507,8 +507,9 @@ def json_of(proc) -> dict:
 
 @needs_cgroups
 @pytest.mark.skipif(os.environ.get("WTBOX_FAIRNESS_TEST") != "1",
-                    reason="the 1.5x fairness goal is not met reliably on a quiet 2-core host (1.3-2.4x seen); "
-                           "run with WTBOX_FAIRNESS_TEST=1, and see scripts/bench.py --only cgroups")
+                    reason="the 1.5x latency goal is not met reliably on this 2-core host (1.57-1.85x over 6 quiet "
+                           "runs: some requests wait one 4 ms kernel tick); fair CPU share is tested above. Run "
+                           "with WTBOX_FAIRNESS_TEST=1, and see scripts/bench.py --only cgroups")
 def test_a_cpu_burning_box_does_not_slow_another(make_repo, run_wtbox):
     """Box A runs more CPU burners than cores, each in its own session; box B's p95 stays within 1.5x.
 

@@ -10,12 +10,10 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from . import admission, boxenv, git, procs, providers
-from .providers import docker_engine
 from .providers.postgres import server as postgres_server
 from .box import CREATING, DEGRADED, FAILED, READY, REMOVING, Box, branch_name, new_id, slugify
 from .boxenv import process_env
@@ -26,7 +24,6 @@ from .fsutil import atomic_write
 from .registry import Registry
 from .resources import load_all, stages
 from .resources.base import Creation, Resource
-from .supervisor_client import box_secrets
 from .templating import render
 
 if TYPE_CHECKING:
@@ -307,6 +304,8 @@ class Host:
 
     def running_secrets(self, box: Box) -> dict[str, str]:
         """The --secret values the box's running supervisor holds (memory only); {} without one."""
+        from .supervisor_client import box_secrets  # not loaded by commands that never ask
+
         return box_secrets(box)
 
     # ------------------------------------------------------------------ rm
@@ -362,6 +361,8 @@ class Host:
 
     def docker_report(self) -> dict[str, Any]:
         """`wtbox doctor`'s docker check: is Docker usable, which docker providers would work."""
+        from .providers import docker_engine
+
         return docker_engine.doctor_report(self.home, self.config)
 
     def destroy_orphan(self, box_id: str) -> None:
@@ -534,6 +535,8 @@ def _run_stage(stage: list[Resource], step: Callable[[Resource], None]) -> None:
     if len(stage) == 1:
         step(stage[0])
         return
+    from concurrent.futures import ThreadPoolExecutor  # ~4 ms with logging: only when a stage runs
+
     with ThreadPoolExecutor(max_workers=len(stage)) as pool:
         futures = [pool.submit(step, r) for r in stage]
         errors = []

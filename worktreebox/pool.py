@@ -29,7 +29,6 @@ import re
 import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -351,6 +350,8 @@ def top_up(host: Host, t: Target, n: int, *, jobs: int = 2, new_host: Callable[[
             h.registry.close()
 
     if missing:
+        from concurrent.futures import ThreadPoolExecutor  # only a top-up runs several at once
+
         with ThreadPoolExecutor(max_workers=max(1, min(jobs, missing))) as ex:
             list(ex.map(make, range(missing)))
     deadline = time.monotonic() + timeout

@@ -133,7 +133,7 @@ def status(box, show_secrets, as_json):
     _print_box(out)
     wt = out.get("worktree") or {}
     click.echo(f"disk     {out['disk_bytes'] / 1e6:.1f} MB of its own; its worktree {out['worktree_bytes'] / 1e6:.1f} MB"
-               + (f" (changes over a {wt['mount']} view of trees/{wt['tree'][:12]})" if wt.get("tree") else ""))
+               + (f" (changes over its {wt['mount']} view of trees/{wt['tree'][:12]})" if wt.get("tree") else ""))
     if out.get("problem"):
         info(f"warning: {out['problem']}")
 

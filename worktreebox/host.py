@@ -195,6 +195,8 @@ class Host:
         base_sha = git.resolve_commit(repo_root, ref or "HEAD")
         cfg = config or load_config_for_new(repo_root, base_sha, explicit_ref=ref is not None)
         ttl_s = parse_duration(ttl, where="--ttl", positive=True) if ttl is not None else cfg.box.ttl
+        for r in self.resources:
+            r.warm(None, cfg)
 
         box_id = new_id(task)
         box = Box(id=box_id, task=task, repo=str(repo_root), branch=branch_name(box_id),
@@ -319,6 +321,8 @@ class Host:
     def rm(self, ref: str | Box, *, force: bool = False, keep_branch: bool = False) -> Box:
         """Destroy a box completely; refuses with unsaved work unless force. Restartable after a crash."""
         box = ref if isinstance(ref, Box) else self.get(ref)
+        for r in self.resources:
+            r.warm(box.data, None)
         if not force:
             why = self.unsaved_work(box)
             if why:

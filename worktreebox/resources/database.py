@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -28,6 +29,7 @@ from .base import Creation, Resource, warn
 
 if TYPE_CHECKING:
     from ..box import Box
+    from ..config import RepoConfig
     from ..context import HostContext
     from ..providers.postgres.base import Server
 
@@ -58,11 +60,19 @@ class Database(Resource):
     phase = "database"
     parallel = True
 
+    def warm(self, data: dict[str, Any] | None, config: "RepoConfig | None") -> None:
+        # `import psycopg` is ~120 ms of CPU, the largest single cost of a `new` or `rm` in database
+        # mode; begun now, it overlaps resolving the repo, the config and the ports.
+        wanted = config.database.mode != "none" if config is not None else bool((data or {}).get(self.name))
+        if wanted:
+            _Driver.load_in_background()
+
     # ------------------------------------------------------------ create
     def create(self, c: Creation) -> None:
         cfg = c.config.database
         if cfg.mode == "none":
             return
+        _Driver.ready()
         srv = server(c.host, cfg.provider)
         role = c.box.pg_name
         password = secrets.token_urlsafe(24)
@@ -178,6 +188,7 @@ class Database(Resource):
 
     # ------------------------------------------------------------ destroy
     def destroy(self, host: "HostContext", box: "Box") -> None:
+        _Driver.ready()
         data = box.data.get(self.name)
         if data and data.get("mode") != "none":
             srv = _server_for(host, data.get("provider"))
@@ -247,6 +258,29 @@ class Database(Resource):
 
 
 # ---------------------------------------------------------------- server-side helpers
+
+class _Driver:
+    """psycopg imported on a daemon thread, once per process. Whoever needs it calls ready()
+    first: two threads importing psycopg's modules at once can see one half-initialised."""
+
+    _thread: threading.Thread | None = None
+
+    @classmethod
+    def load_in_background(cls) -> None:
+        if cls._thread is None:
+            cls._thread = threading.Thread(target=cls._load, name="load-psycopg", daemon=True)
+            cls._thread.start()
+
+    @staticmethod
+    def _load() -> None:
+        with contextlib.suppress(Exception):  # a broken install raises again, clearly, where it is used
+            import psycopg  # noqa: F401
+
+    @classmethod
+    def ready(cls) -> None:
+        if cls._thread is not None:
+            cls._thread.join()
+
 
 def owner_tag(home: Path | str) -> str:
     """COMMENT on a box role naming the wtbox host that made it (servers may be shared by hosts)."""

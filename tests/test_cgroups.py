@@ -63,6 +63,19 @@ ESCAPE = ("import os, sys, time\n"
           "time.sleep(300)\n")
 
 
+def start_escaping_daemon(cg, box_id: str, pidfile: Path) -> int:
+    """Start, in the box's `web` leaf, a child that double-forks a daemon escaping all but the cgroup
+    (new session, env -i, cwd /); the daemon's pid, once it has written it."""
+    child = subprocess.Popen(["env", "-i", PY, "-c", ESCAPE, str(pidfile)],
+                             preexec_fn=cg.placer(box_id, "web"), start_new_session=True)
+    assert child.wait(10) == 0
+    deadline = time.monotonic() + 10
+    while not pidfile.exists() or not pidfile.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return int(pidfile.read_text())
+
+
 # ---------------------------------------------------------------- the module, on this host's backend
 
 @needs_cgroups
@@ -71,17 +84,9 @@ def test_box_cgroup_membership_limits_and_exact_kill(cg, tmp_path):
     limits = cg.limits("t-00000001")
     assert limits.memory_max == 256 << 20 and limits.pids_max == 200
     assert limits.cpu_weight == 50 or "cpu" in cg.missing
-    pidfile = tmp_path / "daemon.pid"
     # The child enters the leaf before exec; the daemon it double-forks (own session, env -i, cwd /)
     # stays in it: a cgroup cannot be left by forking.
-    child = subprocess.Popen(["env", "-i", PY, "-c", ESCAPE, str(pidfile)],
-                             preexec_fn=cg.placer("t-00000001", "web"), start_new_session=True)
-    assert child.wait(10) == 0
-    deadline = time.monotonic() + 10
-    while not pidfile.exists() or not pidfile.read_text():
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    daemon = int(pidfile.read_text())
+    daemon = start_escaping_daemon(cg, "t-00000001", tmp_path / "daemon.pid")
     assert in_cgroup(daemon, cg.relative("t-00000001", "web"))
     assert wait_for(lambda: cg.pids("t-00000001") == {daemon})  # the middle process of the double fork exits
     assert cg.pids("t-00000001", "web") == {daemon}
@@ -216,15 +221,7 @@ def test_v2_backend_on_the_hybrid_unified_mount(tmp_path):
     cg = cgroups.CgroupsV2(base, "k", outside=UNIFIED, mount=UNIFIED)
     try:
         cg.create("t-00000006", cgroups.Limits(cpu_weight=50))  # limits without controllers: not applied
-        pidfile = tmp_path / "daemon.pid"
-        child = subprocess.Popen(["env", "-i", PY, "-c", ESCAPE, str(pidfile)],
-                                 preexec_fn=cg.placer("t-00000006", "web"), start_new_session=True)
-        assert child.wait(10) == 0
-        deadline = time.monotonic() + 10
-        while not pidfile.exists() or not pidfile.read_text():
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        daemon = int(pidfile.read_text())
+        daemon = start_escaping_daemon(cg, "t-00000006", tmp_path / "daemon.pid")
         line = next(x for x in Path(f"/proc/{daemon}/cgroup").read_text().splitlines() if x.startswith("0::"))
         assert line[3:] == cg.relative("t-00000006", "web") == f"/{base.name}/wtbox-k-00000006/web"
         assert wait_for(lambda: cg.pids("t-00000006") == {daemon}) and cg.box_keys() == {"00000006"}

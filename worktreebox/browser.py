@@ -143,19 +143,16 @@ def spawn(box_id: str, box_dir: Path, port: int) -> int:
 
 def wait_ready(box_id: str, box_dir: Path, pid: int, port: int, timeout: float = START_TIMEOUT) -> None:
     """Wait until the Chromium `pid` itself listens on its DevTools port (not some other process)."""
-    deadline = time.monotonic() + timeout
     log_path = Path(box_dir) / "run" / LOG_FILE
-    while True:
-        if not procs.pid_alive(pid):
-            raise WtboxError(f"Chromium for box {box_id} exited at start ({_last_line(log_path)}).")
-        # The cheap HTTP check first; then make sure it is our Chromium that answered.
-        if _devtools_answers(port) and procs.tree_listens_on(pid, port):
-            return
-        if time.monotonic() > deadline:
-            stop(box_id, box_dir)
-            raise WtboxError(f"Chromium for box {box_id} did not open its DevTools port {port} within "
-                             f"{timeout:.0f} s ({_last_line(log_path)}).")
-        time.sleep(0.02)
+    # The cheap HTTP check first; then make sure it is our Chromium that answered.
+    why = procs.wait_started(pid, lambda: _devtools_answers(port) and procs.tree_listens_on(pid, port), timeout,
+                             poll=0.02)
+    if why == "exited":
+        raise WtboxError(f"Chromium for box {box_id} exited at start ({_last_line(log_path)}).")
+    if why == "timeout":
+        stop(box_id, box_dir)
+        raise WtboxError(f"Chromium for box {box_id} did not open its DevTools port {port} within "
+                         f"{timeout:.0f} s ({_last_line(log_path)}).")
 
 
 def start(box_id: str, box_dir: Path, port: int, timeout: float = START_TIMEOUT) -> int:

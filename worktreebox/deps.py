@@ -110,6 +110,17 @@ def scan(repo: str | Path, sha: str, home: Path, cfg: "DepsConfig") -> dict[str,
     return out
 
 
+def lock_files(files: dict[str, str]) -> dict[str, str]:
+    """The project's lock files among `files` (path -> blob), as the scan sees them: one inside
+    node_modules/, .venv/, ... is an installed package's, not the project's."""
+    out = {}
+    for path, blob in files.items():
+        d, _, name = path.rpartition("/")
+        if name in LOCK_FILES and not SKIP_DIRS.intersection(d.split("/")):
+            out[path] = blob
+    return out
+
+
 def sweep_scans(home: Path, ttl: float, now: float | None = None) -> None:
     """Drop the scans of commits no box was made from for `ttl` seconds (gc)."""
     now = time.time() if now is None else now

@@ -80,11 +80,8 @@ def resolve_target(repo: Path | str, sha: str | None = None, *, explicit_ref: bo
         files = deps.scan(repo, sha, home, cfg.deps) if home is not None else git.files_at(repo, sha)
     except WtboxError:
         files = {}
-    for path in sorted(files):
-        d, _, name = path.rpartition("/")
-        # as the scan sees them: a lock file inside node_modules/, .venv/... is not the project's
-        if name in deps.LOCK_FILES and not deps.SKIP_DIRS.intersection(d.split("/")):
-            h.update(f"{path} {files[path]}\n".encode())
+    for path, blob in sorted(deps.lock_files(files).items()):
+        h.update(f"{path} {blob}\n".encode())
     why_not = None
     if _NAMES_TASK.search(text or "") or _NAMES_TASK.search(procfile or ""):
         why_not = (f"{source} names box.id, box.task or box.branch in a template, which a box made ahead "

@@ -271,6 +271,21 @@ def pid_alive(pid: int | None) -> bool:
     return bool(fields) and fields[0] not in (b"Z", b"X")
 
 
+def wait_started(pid: int, ready: Callable[[], bool], timeout: float, poll: float = 0.005) -> str | None:
+    """Wait until `ready()` says a process we just started serves: None then, "exited" when it
+    died first, "timeout" when `timeout` seconds passed. (A refused connect costs microseconds,
+    so a short poll answers `new` as soon as the process listens.)"""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not pid_alive(pid):
+            return "exited"
+        if ready():
+            return None
+        if time.monotonic() > deadline:
+            return "timeout"
+        time.sleep(poll)
+
+
 def signal_group(pgid: int | None, sig: int) -> bool:
     """Signal a whole process group, quietly; False when it is gone (or not ours)."""
     if not pgid or pgid <= 1:

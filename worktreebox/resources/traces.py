@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -112,15 +111,12 @@ def start_receiver(box: "Box", port: int, metrics_url: str, timeout: float = STA
                             log_path=log_path, cwd=pkg_parent, cgroup=cgroup)
     atomic_write(box.run_dir / PID_FILE, f"{pid}\n")
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while True:
-        if not procs.pid_alive(pid):
-            raise WtboxError(f"The OTLP receiver of box {box.id} exited at start ({_last_line(log_path)}).")
-        if healthy(url, timeout=0.25):
-            return pid
-        if time.monotonic() > deadline:
-            raise WtboxError(f"The OTLP receiver of box {box.id} did not answer {url}/health within {timeout:.0f} s.")
-        time.sleep(0.005)  # a refused connect costs microseconds; answer `new` as soon as it listens
+    why = procs.wait_started(pid, lambda: healthy(url, timeout=0.25), timeout)
+    if why == "exited":
+        raise WtboxError(f"The OTLP receiver of box {box.id} exited at start ({_last_line(log_path)}).")
+    if why == "timeout":
+        raise WtboxError(f"The OTLP receiver of box {box.id} did not answer {url}/health within {timeout:.0f} s.")
+    return pid
 
 
 def receiver_pid(box: "Box") -> int | None:

@@ -148,10 +148,7 @@ class SpanFilter:
                 at = buf.find(first, pos, end)
                 if at < 0:
                     break
-            line_start = buf.rfind(b"\n", start, at) + 1 or start
-            line_end = buf.find(b"\n", at, end)
-            if line_end < 0:
-                line_end = end
+            line_start, line_end = _line_around(buf, start, end, at)
             line = buf[line_start:line_end]
             # The regex must have matched the line's own leading keys, not an attribute inside it.
             if (not self.rx_at_line_start or at == line_start) and all(lit in line for lit in lits):
@@ -347,15 +344,19 @@ def trace_logs(box_dir: Path | str, trace_id: str) -> list[dict[str, Any]]:
     return out
 
 
+def _line_around(buf: bytes | bytearray, start: int, end: int, at: int) -> tuple[int, int]:
+    """Start and end (without its newline) of the line of buf[start:end] that holds offset `at`."""
+    line_start = buf.rfind(b"\n", start, at) + 1 or start
+    line_end = buf.find(b"\n", at, end)
+    return line_start, end if line_end < 0 else line_end
+
+
 def _lines_with(buf: bytes | bytearray, start: int, end: int, needle: bytes) -> Iterator[bytes]:
     pos = start
     while True:
         at = buf.find(needle, pos, end)
         if at < 0:
             return
-        line_start = buf.rfind(b"\n", start, at) + 1 or start
-        line_end = buf.find(b"\n", at, end)
-        if line_end < 0:
-            line_end = end
+        line_start, line_end = _line_around(buf, start, end, at)
         yield bytes(buf[line_start:line_end])
         pos = line_end + 1

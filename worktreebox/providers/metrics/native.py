@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -66,15 +65,12 @@ def start(box_id: str, *, port: int, data_dir: Path, run_dir: Path, retention: s
     pid = procs.spawn_detached(cmd, env=env, log_path=log_path, cgroup=cgroup)
     (run_dir / PID_FILE).write_text(f"{pid}\n")
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while True:
-        if not procs.pid_alive(pid):
-            raise WtboxError(f"VictoriaMetrics for box {box_id} exited at start ({_last_line(log_path)}).")
-        if healthy(url, timeout=0.25):
-            return pid
-        if time.monotonic() > deadline:
-            raise WtboxError(f"VictoriaMetrics for box {box_id} did not answer {url}/health within {timeout:.0f} s.")
-        time.sleep(0.005)
+    why = procs.wait_started(pid, lambda: healthy(url, timeout=0.25), timeout)
+    if why == "exited":
+        raise WtboxError(f"VictoriaMetrics for box {box_id} exited at start ({_last_line(log_path)}).")
+    if why == "timeout":
+        raise WtboxError(f"VictoriaMetrics for box {box_id} did not answer {url}/health within {timeout:.0f} s.")
+    return pid
 
 
 def find_processes(box_id: str, names: Iterable[str] = (BINARY,), box_dir: Path | None = None) -> list:

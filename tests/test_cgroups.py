@@ -687,3 +687,42 @@ def test_a_box_claimed_from_the_pool_keeps_its_cgroup(make_repo, run_wtbox, host
     assert json.loads(run_wtbox("gc", "--grace", "0", "--dry-run", "--json").stdout)["actions"] == []
     run_wtbox("rm", "--force", out["id"])
     assert not cg.exists(out["id"]) and cg.box_keys() == set()
+
+
+@needs_cgroups
+def test_gc_of_any_home_removes_the_cgroups_of_a_home_that_is_gone(make_repo, run_wtbox, tmp_path):
+    """A deleted home cannot run its own gc: its boxes' cgroups (and what still runs in them) would
+    stay on the host until a reboot. Another home's gc removes them; a live home's are kept."""
+    import json
+
+    from worktreebox.providers.mounts.base import unmount_all
+
+    repo = make_repo(toml='[database]\nmode = "none"\n[observability]\nenabled = false\n')
+    gone, alive_home = tmp_path / "gone", tmp_path / "alive"
+    env = {**os.environ, "WTBOX_NO_AUTO_GC": "1"}
+
+    def cli(home, *args):
+        proc = subprocess.run([PY, "-m", "worktreebox.cli", *args], capture_output=True, text=True,
+                              env={**env, "WTBOX_HOME": str(home)}, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc
+
+    doomed = json.loads(cli(gone, "new", "doomed", "--repo", str(repo), "--json").stdout)
+    kept = json.loads(cli(alive_home, "new", "kept", "--repo", str(repo), "--json").stdout)
+    backend_gone, backend_alive = cgroups.for_home(gone), cgroups.for_home(alive_home)
+    left = subprocess.Popen(["sleep", "300"], preexec_fn=backend_gone.placer(doomed["id"], "_exec"))
+    try:
+        unmount_all(gone)
+        shutil.rmtree(gone)  # the user deleted the home; the sleeper still runs in its box's cgroup
+        out = json.loads(run_wtbox("gc", "--grace", "0", "--json").stdout)
+        assert left.wait(10) == -signal.SIGKILL
+        assert not backend_gone.exists(doomed["id"])
+        assert backend_alive.exists(kept["id"])
+        assert out["cgroups"] == [f"{cgroups.key_of(doomed['id'])} of {gone} (home is gone)"]
+    finally:
+        left.kill()
+        left.wait()
+        cli(alive_home, "rm", "--force", kept["id"])
+        subprocess.run(["git", "-C", str(repo), "worktree", "prune"], check=False)
+        for key in backend_gone.box_keys():
+            backend_gone.remove(key)

@@ -26,6 +26,7 @@ kernel log for that alone); `procs` decides when to place, stop and sweep.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import os
@@ -81,6 +82,7 @@ def placement(leaf: Leaf) -> Callable[[], None] | None:
 
 
 _HEX = re.compile(r"[0-9a-f]{8}$")
+_BOX_DIR = re.compile(r"wtbox-([0-9a-f]{8})-(.+)")
 
 
 def key_of(box_id: str) -> str:
@@ -131,6 +133,26 @@ class Cgroups:
             except FileNotFoundError:
                 continue
         return out
+
+    def other_homes(self) -> dict[str, set[str]]:
+        """Home key → box hex of every other home's box cgroup in our hierarchies."""
+        out: dict[str, set[str]] = {}
+        for b in self.bases:
+            try:
+                names = [e.name for e in os.scandir(b) if e.is_dir()]
+            except FileNotFoundError:
+                continue
+            for name in names:
+                m = _BOX_DIR.fullmatch(name)
+                if m and not name.startswith(self.prefix):
+                    out.setdefault(m.group(1), set()).add(m.group(2))
+        return out
+
+    def of_home(self, key: str) -> "Cgroups":
+        """The same hierarchies, seen as the home with this key (gc of a home that is gone)."""
+        other = copy.copy(self)
+        other.prefix = f"wtbox-{key}-"
+        return other
 
     def leaves(self, box_id: str) -> list[str]:
         names: set[str] = set()

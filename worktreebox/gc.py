@@ -19,6 +19,7 @@ from .box import CREATING, DEGRADED, EXPIRED, FAILED, READY, REMOVING
 from .errors import WtboxError
 
 if TYPE_CHECKING:
+    from .cgroups import Cgroups
     from .host import Host
 
 DEFAULT_GRACE = 600.0
@@ -131,12 +132,42 @@ def run(host: "Host", *, grace: float = DEFAULT_GRACE, dry_run: bool = False, wa
             released = _sweep_host_leases(host)
             mounts = _unmount_strays(host, errors)
             layers = _sweep_layers(host)
+            foreign = _sweep_cgroups_of_gone_homes(host, errors)
             _stamp(host)
         else:
             released = []
             mounts, layers = [m.target for m in stray_mounts(host)], []
+            foreign = [f"{hx} of {home} (home is gone)" for home, _, hx in _cgroups_of_gone_homes(host)]
     return {"dry_run": dry_run, "actions": actions, "errors": errors, "released_ports": released, "mounts": mounts,
-            "layers": layers, "seconds": round(time.perf_counter() - t0, 3)}
+            "layers": layers, "cgroups": foreign, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _cgroups_of_gone_homes(host: "Host") -> list[tuple[str, "Cgroups", str]]:
+    """(home, its cgroups, box hex) of every box cgroup whose home was deleted: nobody else can
+    sweep them (see homes.py). Homes never noted (another user's, an older wtbox) are left alone."""
+    from . import cgroups, homes
+
+    backend = cgroups.for_home(host.home)
+    if backend is None:
+        return []
+    out = []
+    for key, hexes in sorted(backend.other_homes().items()):
+        home = homes.path_of(key)
+        if home is not None and homes.gone(home):
+            out += [(home, backend.of_home(key), hx) for hx in sorted(hexes)]
+    return out
+
+
+def _sweep_cgroups_of_gone_homes(host: "Host", errors: list[str]) -> list[str]:
+    """Kill what still runs in them (it belongs to no box anyone can reach) and remove them."""
+    done = []
+    for home, backend, hx in _cgroups_of_gone_homes(host):
+        try:
+            backend.remove(hx, spare=procs.caller_and_ancestors())
+            done.append(f"{hx} of {home} (home is gone)")
+        except OSError as e:
+            errors.append(f"the cgroup of box {hx} of the deleted home {home}: {e}")
+    return done
 
 
 def _sweep_host_leases(host: "Host") -> list[int]:

@@ -23,11 +23,11 @@ import contextlib
 import json
 import os
 import secrets
-import stat
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import homes
 from .fsutil import file_lock
 
 SHARED_DIR = Path("/var/lib/wtbox/leases")
@@ -40,24 +40,6 @@ def _user_dir() -> Path:
     return Path(state) / "wtbox-leases"
 
 
-def _usable_shared(path: Path) -> bool:
-    """The shared directory, made if we may (root); usable only if it is a real directory that
-    is sticky and writable for us (a world-writable one without the sticky bit would let any
-    user delete anyone's claims)."""
-    try:
-        if not path.exists() and os.geteuid() == 0:
-            path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-            with contextlib.suppress(FileExistsError):
-                path.mkdir()
-                os.chmod(path, 0o1777)
-        st = os.lstat(path)
-    except OSError:
-        return False
-    if not stat.S_ISDIR(st.st_mode) or not os.access(path, os.W_OK | os.X_OK):
-        return False
-    return bool(st.st_mode & stat.S_ISVTX) or (st.st_uid == os.geteuid() and not st.st_mode & 0o022)
-
-
 def lease_dir() -> Path:
     """Where claims live: $WTBOX_LEASE_DIR, else the shared directory, else the per-user one."""
     override = os.environ.get("WTBOX_LEASE_DIR")
@@ -65,7 +47,7 @@ def lease_dir() -> Path:
         path = Path(override)
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         return path
-    if _usable_shared(SHARED_DIR):
+    if homes.usable_shared(SHARED_DIR):
         return SHARED_DIR
     path = _user_dir()
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -208,6 +190,4 @@ class HostLeases:
 
 def _home_gone(rec: dict[str, Any]) -> bool:
     home = rec.get("home")
-    if not home:
-        return False
-    return not os.path.exists(os.path.join(home, "registry.sqlite3")) and not os.path.isdir(os.path.join(home, "boxes"))
+    return bool(home) and homes.gone(home)

@@ -100,7 +100,7 @@ def parent_of(pid: int) -> int | None:
         return None
 
 
-def _protected() -> set[int]:
+def caller_and_ancestors() -> set[int]:
     """Ourselves and our ancestors: `wtbox rm` run from a shell inside the box must not kill that shell."""
     out = set()
     pid: int | None = os.getpid()
@@ -173,7 +173,7 @@ def find_box_processes(box_id: str, box_dir: Path | str | None) -> list[Any]:
     """psutil.Process objects that carry WTBOX_ID=<box_id> or whose cwd is inside box_dir."""
 
     root = os.path.realpath(box_dir) if box_dir else None
-    protected = _protected()
+    protected = caller_and_ancestors()
     found = []
     for pid in _pids():
         if pid in protected:
@@ -569,7 +569,7 @@ def kill_cgroup(home: Path | str, box_id: str, leaf: str | None = None) -> set[i
     backend = cgroups.for_home(home)
     if backend is None:
         return set()
-    return backend.kill(box_id, leaf, spare=_protected())
+    return backend.kill(box_id, leaf, spare=caller_and_ancestors())
 
 
 def stop_cgroup(home: Path | str, box_id: str, leaves: Sequence[str | None] = (None,),
@@ -579,7 +579,7 @@ def stop_cgroup(home: Path | str, box_id: str, leaves: Sequence[str | None] = (N
     members: set[int] = set()
     for leaf in leaves:
         members |= cgroup_pids(home, box_id, leaf)
-    members -= _protected()
+    members -= caller_and_ancestors()
     for pid in members:
         try:
             os.kill(pid, signal.SIGTERM)
@@ -595,7 +595,7 @@ def remove_box_cgroup(home: Path | str, box_id: str) -> None:
     """Kill what is left in the box's cgroup and delete it (leaves first)."""
     backend = cgroups.for_home(home)
     if backend is not None:
-        backend.remove(box_id, spare=_protected())
+        backend.remove(box_id, spare=caller_and_ancestors())
 
 
 def end_box_processes(home: Path | str, box_id: str, box_dir: Path | str | None) -> list[int]:

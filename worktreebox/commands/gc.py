@@ -60,7 +60,9 @@ def gc(dry_run, grace, install_timer, print_only, quiet, as_json):
             click.echo(f"unmount {target}  (no box owns it)")
         for layer in result.get("layers", []):
             click.echo(f"remove  {layer}  (no box uses it)")
-        if not result["actions"] and not result.get("mounts") and not result.get("layers"):
+        for cgroup in result.get("cgroups", []):
+            click.echo(f"remove  cgroup of box {cgroup}")
+        if not any(result.get(k) for k in ("actions", "mounts", "layers", "cgroups")):
             info("nothing to clean")
         else:
             info(f"gc {verb} {len(result['actions'])} actions in {result['seconds']}s")

@@ -13,7 +13,7 @@ import dataclasses
 import os
 from typing import TYPE_CHECKING, Any
 
-from .. import cgroups, procs
+from .. import cgroups, homes, procs
 from ..box import hex_of, is_box_id
 from .base import Creation, Resource, warn
 
@@ -38,6 +38,7 @@ class Cgroup(Resource):
             return
         limits = effective_limits(c.config.box.limits, c.host.config.box_limits)
         pooled = c.box.pool is not None
+        homes.note(cgroups.home_key(c.host.home), c.host.home)  # so that gc elsewhere can sweep it if the home is deleted
         backend.create(c.box.id, dataclasses.replace(limits, cpu_weight=POOL_CPU_WEIGHT) if pooled else limits)
         c.box.data[self.name] = {"version": backend.version, "path": backend.relative(c.box.id),
                                  **{k: v for k, v in dataclasses.asdict(limits).items() if v is not None}}

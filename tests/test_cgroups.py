@@ -719,6 +719,11 @@ def test_gc_of_any_home_removes_the_cgroups_of_a_home_that_is_gone(make_repo, ru
         assert not backend_gone.exists(doomed["id"])
         assert backend_alive.exists(kept["id"])
         assert out["cgroups"] == [f"{cgroups.key_of(doomed['id'])} of {gone} (home is gone)"]
+        from worktreebox import homes
+
+        # the note goes with the last cgroup: notes of deleted homes do not pile up on the host
+        assert homes.path_of(cgroups.home_key(gone)) is None
+        assert homes.path_of(cgroups.home_key(alive_home)) == os.path.realpath(alive_home)
     finally:
         left.kill()
         left.wait()

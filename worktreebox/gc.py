@@ -167,7 +167,19 @@ def _sweep_cgroups_of_gone_homes(host: "Host", errors: list[str]) -> list[str]:
             done.append(f"{hx} of {home} (home is gone)")
         except OSError as e:
             errors.append(f"the cgroup of box {hx} of the deleted home {home}: {e}")
+    _forget_gone_homes(host)
     return done
+
+
+def _forget_gone_homes(host: "Host") -> None:
+    """Drop the notes of deleted homes that have no box cgroup left (they would pile up)."""
+    from . import cgroups, homes
+
+    backend = cgroups.for_home(host.home)
+    left = set(backend.other_homes()) if backend is not None else set()
+    for key, home in homes.noted().items():
+        if key not in left and homes.gone(home):
+            homes.forget(key)
 
 
 def _sweep_host_leases(host: "Host") -> list[int]:

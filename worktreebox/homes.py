@@ -72,6 +72,18 @@ def path_of(key: str) -> str | None:
     return None
 
 
+def noted() -> dict[str, str]:
+    """Every key → home noted on this host (the shared directory and this user's)."""
+    out: dict[str, str] = {}
+    for d in {_dir(), SHARED_DIR}:
+        with contextlib.suppress(OSError):
+            for e in os.scandir(d):
+                if not e.name.startswith("."):
+                    with contextlib.suppress(OSError):
+                        out.setdefault(e.name, Path(e.path).read_text())
+    return out
+
+
 def forget(key: str) -> None:
     for d in {_dir(), SHARED_DIR}:
         with contextlib.suppress(OSError):

@@ -45,11 +45,14 @@ def gone(home: str | Path) -> bool:
     return not os.path.exists(os.path.join(home, "registry.sqlite3")) and not os.path.isdir(os.path.join(home, "boxes"))
 
 
+def user_state_dir() -> Path:
+    """The user's state directory ($XDG_STATE_HOME, else ~/.local/state): where the default home
+    and the per-user fallbacks of the host-wide directories live."""
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+
+
 def _dir() -> Path:
-    if usable_shared(SHARED_DIR):
-        return SHARED_DIR
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state) / "wtbox-homes"
+    return SHARED_DIR if usable_shared(SHARED_DIR) else user_state_dir() / "wtbox-homes"
 
 
 def note(key: str, home: str | Path) -> None:

@@ -21,6 +21,7 @@ from .config import OWN_PORTS, load_config_for_new, load_host_config, load_repo_
 from .envfile import format_env
 from .errors import NotFound, UnsavedWork, UsageError, WtboxError
 from .fsutil import atomic_write
+from .homes import user_state_dir
 from .registry import Registry
 from .resources import load_all, stages
 from .resources.base import Creation, Resource
@@ -36,8 +37,7 @@ if TYPE_CHECKING:
 def default_home() -> Path:
     if os.environ.get("WTBOX_HOME"):
         return Path(os.environ["WTBOX_HOME"]).expanduser()
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state) / "wtbox"
+    return user_state_dir() / "wtbox"
 
 
 class Host:

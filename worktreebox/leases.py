@@ -36,8 +36,7 @@ IN_FLIGHT_GRACE = 60.0
 
 
 def _user_dir() -> Path:
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state) / "wtbox-leases"
+    return homes.user_state_dir() / "wtbox-leases"
 
 
 def lease_dir() -> Path:

@@ -15,8 +15,12 @@ if command -v dockerd >/dev/null && [ "${WTBOX_TEST_DOCKER:-1}" = 1 ]; then
     fi
 fi
 export TESTCONTAINERS_RYUK_DISABLED=true
-.venv/bin/python -m pytest -q "$@"
+# A tmp dir of this run's own: pytest's default (/tmp/pytest-of-USER/pytest-N) keeps only the
+# three newest and deletes older ones, even one a concurrent session is still using.
+basetemp=$(mktemp -d /tmp/wtbox-tests.XXXXXX)
+.venv/bin/python -m pytest -q --basetemp="$basetemp" "$@"
 rc=$?
+rm -rf --one-file-system "$basetemp"  # never into a mount a failed test left
 if [ "$rc" = 5 ]; then
     echo "test.sh: pytest collected no tests; that is a failure." >&2
     exit 1

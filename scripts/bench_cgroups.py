@@ -5,8 +5,9 @@
 - new + rm of a tiny box (no database, no metrics, one service) with cgroups, against the same
   with WTBOX_CGROUPS=off;
 - isolation: box B's `wtbox probe` p95 while box A burns 2 x cores + 1 processes, each in its
-  own session, as a ratio of B's p95 with A idle (the median of alternating rounds' ratios);
-  with cgroups and without, their rounds interleaved. Target: at most 1.5 with cgroups.
+  own session, as a ratio of B's p95 (of 200 requests) with A idle (the median of alternating
+  rounds' ratios); with cgroups and without, their rounds interleaved. Target: at most 1.5 with
+  cgroups.
 """
 from __future__ import annotations
 
@@ -105,10 +106,10 @@ def _isolation(home: Path, tmp: Path, rounds: int) -> dict:
             for on, (a, b) in pairs.items():
                 flag = Path(a["dir"]) / "spin"
                 quiet, loaded = seen[on]
-                quiet.append(_wtbox(home, "probe", b["id"], "/", "-n", "60", cgroups_on=on)["p95_ms"])
+                quiet.append(_wtbox(home, "probe", b["id"], "/", "-n", "200", cgroups_on=on)["p95_ms"])
                 flag.touch()
                 time.sleep(0.1)  # the burners look for the flag every 20 ms
-                loaded.append(_wtbox(home, "probe", b["id"], "/", "-n", "60", cgroups_on=on)["p95_ms"])
+                loaded.append(_wtbox(home, "probe", b["id"], "/", "-n", "200", cgroups_on=on)["p95_ms"])
                 flag.unlink()
                 time.sleep(0.1)
     finally:

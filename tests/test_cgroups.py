@@ -503,10 +503,6 @@ def json_of(proc) -> dict:
 
 
 @needs_cgroups
-@pytest.mark.skipif(os.environ.get("WTBOX_FAIRNESS_TEST") != "1",
-                    reason="the 1.5x latency goal is not met reliably on this 2-core host (1.57-1.85x over 6 quiet "
-                           "runs: some requests wait one 4 ms kernel tick); fair CPU share is tested above. Run "
-                           "with WTBOX_FAIRNESS_TEST=1, and see scripts/bench.py --only cgroups")
 def test_a_cpu_burning_box_does_not_slow_another(make_repo, run_wtbox):
     """Box A runs more CPU burners than cores, each in its own session; box B's p95 stays within 1.5x.
 
@@ -517,11 +513,13 @@ def test_a_cpu_burning_box_does_not_slow_another(make_repo, run_wtbox):
     """
     burners = 2 * os.cpu_count() + 1
     # Each round's two measurements are a second apart, so the other jobs on this shared machine
-    # weigh on both alike: the median of the per-round ratios is what A's burners did to B. Work
-    # outside every box (another test session) can still land on the loaded halves, so a second
-    # measurement is allowed; without cgroups both come out at 2.0-2.4x, so the test still fails.
+    # weigh on both alike: the median of the per-round ratios is what A's burners did to B. A p95
+    # of 200 requests (the 10th slowest) rather than of 60 (the 3rd): a few waits of one kernel
+    # tick (4 ms) no longer decide it. Work outside every box (another test session) can still
+    # land on the loaded halves, so a second measurement is allowed. The same measurement
+    # without cgroups (scripts/bench.py --only cgroups): 2.1-4.2x on a quiet host.
     for attempt in range(2):
-        quiet, loaded = fairness(make_repo, run_wtbox, burners,
+        quiet, loaded = fairness(make_repo, run_wtbox, burners, n=200,
                                  while_burning=lambda a, b: check_top(run_wtbox, a, b))
         ratio = statistics.median(l / q for q, l in zip(quiet, loaded))
         print(f"B's probe p95 quiet {quiet} ms, with A's {burners} burners {loaded} ms: {ratio:.2f}x")

@@ -18,6 +18,7 @@ import stat
 from pathlib import Path
 
 from .fsutil import atomic_write
+from .homedir import user_state_dir
 
 SHARED_DIR = Path("/var/lib/wtbox/homes")
 
@@ -45,14 +46,8 @@ def gone(home: str | Path) -> bool:
     return not os.path.exists(os.path.join(home, "registry.sqlite3")) and not os.path.isdir(os.path.join(home, "boxes"))
 
 
-def user_state_dir() -> Path:
-    """The user's state directory ($XDG_STATE_HOME, else ~/.local/state): where the default home
-    and the per-user fallbacks of the host-wide directories live."""
-    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
-
-
 def _dir() -> Path:
-    return SHARED_DIR if usable_shared(SHARED_DIR) else user_state_dir() / "wtbox-homes"
+    return SHARED_DIR if usable_shared(SHARED_DIR) else Path(user_state_dir()) / "wtbox-homes"
 
 
 def note(key: str, home: str | Path) -> None:

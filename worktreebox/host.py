@@ -21,7 +21,7 @@ from .config import OWN_PORTS, load_config_for_new, load_host_config, load_repo_
 from .envfile import format_env
 from .errors import NotFound, UnsavedWork, UsageError, WtboxError
 from .fsutil import atomic_write
-from .homes import user_state_dir
+from . import homedir
 from .registry import Registry
 from .resources import load_all, stages
 from .resources.base import Creation, Resource
@@ -35,9 +35,7 @@ if TYPE_CHECKING:
 
 
 def default_home() -> Path:
-    if os.environ.get("WTBOX_HOME"):
-        return Path(os.environ["WTBOX_HOME"]).expanduser()
-    return user_state_dir() / "wtbox"
+    return Path(homedir.default_home())
 
 
 class Host:

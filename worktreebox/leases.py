@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 from . import homes
 from .fsutil import file_lock
+from .homedir import user_state_dir
 
 SHARED_DIR = Path("/var/lib/wtbox/leases")
 # A claim not yet in its home's registry may be a `new` between claim and commit.
@@ -36,7 +37,7 @@ IN_FLIGHT_GRACE = 60.0
 
 
 def _user_dir() -> Path:
-    return homes.user_state_dir() / "wtbox-leases"
+    return Path(user_state_dir()) / "wtbox-leases"
 
 
 def lease_dir() -> Path:

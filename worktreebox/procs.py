@@ -100,13 +100,24 @@ def parent_of(pid: int) -> int | None:
         return None
 
 
+# The `wtbox` launcher a CLI server's child runs a command for (cliserver.py): its caller.
+_ACTING_FOR: list[int] = []
+
+
+def act_for(pid: int) -> None:
+    """This process runs a command on behalf of process `pid`: spare it and its ancestors as our own."""
+    _ACTING_FOR.append(pid)
+
+
 def caller_and_ancestors() -> set[int]:
-    """Ourselves and our ancestors: `wtbox rm` run from a shell inside the box must not kill that shell."""
+    """Ourselves and our ancestors (and those of the launcher we serve, if any): `wtbox rm` run
+    from a shell inside the box must not kill that shell."""
     out = set()
-    pid: int | None = os.getpid()
-    while pid and pid > 1 and pid not in out:
-        out.add(pid)
-        pid = parent_of(pid)
+    for start in (os.getpid(), *_ACTING_FOR):
+        pid: int | None = start
+        while pid and pid > 1 and pid not in out:
+            out.add(pid)
+            pid = parent_of(pid)
     return out
 
 

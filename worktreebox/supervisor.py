@@ -33,7 +33,10 @@ from .logs.writer import EventLog, LogWriter, pump
 from .secrets import Redactor, secret_values
 from .servicespec import ServiceSpec, SupervisorPayload
 
-KILL_WAIT = float(os.environ.get("WTBOX_KILL_WAIT", "5"))  # SIGTERM → SIGKILL grace (tests shorten it)
+def kill_wait() -> float:
+    """SIGTERM → SIGKILL grace (tests shorten it), read when used: a value read at import would be
+    the first caller's in a process that serves many (cliserver.py)."""
+    return float(os.environ.get("WTBOX_KILL_WAIT", "5"))
 BACKOFF_START, BACKOFF_CAP = 0.5, 30.0
 STABLE_AFTER = 30.0  # a service that ran this long ready starts its backoff over
 NO_CHECK_GRACE = 0.2  # without a ready check, surviving this long counts as ready
@@ -141,7 +144,7 @@ class Service:
             self._wake.set()
         self._terminate()
         if self.thread is not None:
-            self.thread.join(timeout=KILL_WAIT + 5)
+            self.thread.join(timeout=kill_wait() + 5)
         self.state = STOPPED
         self.sup.changed()
 
@@ -310,7 +313,7 @@ class Service:
     def _terminate(self) -> None:
         """Staged stop of the group and of the service's cgroup leaf; for an exited leader it still
         ends stragglers left in the group, and daemons that left it."""
-        self.sup.processes.stop([self.proc] if self.proc is not None else [], KILL_WAIT, leaves=[self.name])
+        self.sup.processes.stop([self.proc] if self.proc is not None else [], kill_wait(), leaves=[self.name])
 
     def info(self) -> ServiceState:
         alive = self.proc is not None and self.proc.poll() is None
@@ -470,7 +473,7 @@ class Supervisor:
                 s.wanted = False
                 s._wake.set()
         # All groups (and the services' cgroup leaves) at once: stopping N services costs one KILL_WAIT, not N.
-        self.processes.stop([s.proc for s in self.services.values() if s.proc is not None], KILL_WAIT,
+        self.processes.stop([s.proc for s in self.services.values() if s.proc is not None], kill_wait(),
                             leaves=list(self.services))
         for s in self.services.values():
             if s.thread is not None:

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import sys
 import threading
 import time
 from pathlib import Path
@@ -267,7 +268,7 @@ class _Driver:
 
     @classmethod
     def load_in_background(cls) -> None:
-        if cls._thread is None:
+        if cls._thread is None and "psycopg" not in sys.modules:  # a CLI server (cliserver.py) preloads it
             cls._thread = threading.Thread(target=cls._load, name="load-psycopg", daemon=True)
             cls._thread.start()
 

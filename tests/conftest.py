@@ -14,6 +14,8 @@ from pg_fixtures import no_stray_cluster, pg_cluster, pg_host, shared_postgres  
 from helpers import CORE_TOML, git, remove_all_boxes, remove_box_cgroups  # noqa: F401 (CORE_TOML, git: old imports from conftest)
 
 ROOT = Path(__file__).resolve().parent.parent
+# Every test runs wtbox in process, as before the CLI server; tests/test_cliserver.py turns it on.
+os.environ["WTBOX_NO_SERVER"] = "1"
 
 
 @pytest.fixture(autouse=True)

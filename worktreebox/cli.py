@@ -36,6 +36,7 @@ COMMANDS = {
     "pool": "pool:pool",
     "mcp": "mcp:mcp",
     "browse": "browse:browse",
+    "server": "server:server",
 }
 
 

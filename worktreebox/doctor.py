@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import cliproto
 from .gc import find_orphans, stray_mounts
 from .layerstore import STORES, LayerStore
 from .resources.ports import default_range, ephemeral_range, is_port_free
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
 def report(host: "Host") -> dict[str, Any]:
     """Every check, the disk use of each box and the orphans gc would remove."""
-    checks = _check_binaries(host) + [_check_ports(host), _check_disk(host)]
+    checks = _check_binaries(host) + [_check_ports(host), _check_disk(host), _check_cli_server(host)]
     d = host.docker_report()
     checks.append({"check": "docker", "ok": d["ok"], "detail": d["summary"]})
     for r in host.resources:
@@ -73,6 +74,16 @@ def _check_disk(host) -> dict:
     usage = shutil.disk_usage(target)
     free_gb = usage.free / 1e9
     return {"check": "disk", "ok": free_gb > 2, "detail": f"{free_gb:.1f} GB free under {target}"}
+
+
+def _check_cli_server(host) -> dict:
+    """Informational: served commands are fast when it runs, and run in process (slower) when not."""
+    if os.environ.get("WTBOX_NO_SERVER", "") not in ("", "0"):
+        return {"check": "cli server", "ok": True, "detail": "off (WTBOX_NO_SERVER is set)"}
+    st = cliproto.ask(str(host.home), "status")
+    detail = (f"running (pid {st['pid']}, {st['served']} commands served)" if st
+              else "not running (the next served command starts one)")
+    return {"check": "cli server", "ok": True, "detail": detail}
 
 
 def _dir_size(path: Path) -> int:

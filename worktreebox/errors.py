@@ -8,6 +8,12 @@ class WtboxError(Exception):
     exit_code = 1
 
 
+class Interrupted(WtboxError):
+    """Ctrl-C stopped the operation (exit 130, as a shell reports SIGINT); the message says what is left."""
+
+    exit_code = 130
+
+
 class UsageError(WtboxError):
     """Bad input from the user: a task name, a BOX that doesn't resolve, a flag (exit 2)."""
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import boxenv, git, procs
+from . import boxenv, errors, git, procs
 from . import pool
 from .box import new_id, slugify
 from .config import load_config_for_new
@@ -47,10 +47,8 @@ FAILED, INTERRUPTED = "failed", "interrupted"
 FINAL = {DONE, FAILED, INTERRUPTED}
 
 
-class Interrupted(WtboxError):
+class Interrupted(errors.Interrupted):
     """Ctrl-C during a fan-out: the runs were stopped, the boxes left for inspection."""
-
-    exit_code = 130
 
     def __init__(self, message: str, rows: list[dict[str, Any]]) -> None:
         super().__init__(message)

@@ -19,7 +19,7 @@ from .box import CREATING, DEGRADED, FAILED, READY, REMOVING, Box, branch_name, 
 from .boxenv import process_env
 from .config import OWN_PORTS, load_config_for_new, load_host_config, load_repo_config_file, parse_duration
 from .envfile import format_env
-from .errors import NotFound, UnsavedWork, UsageError, WtboxError
+from .errors import Interrupted, NotFound, UnsavedWork, UsageError, WtboxError
 from .fsutil import atomic_write
 from . import homedir
 from .registry import Registry
@@ -227,7 +227,7 @@ class Host:
             if isinstance(e, WtboxError):
                 raise
             if isinstance(e, KeyboardInterrupt):
-                raise WtboxError("Interrupted; the half-made box was removed.") from None
+                raise Interrupted("Interrupted; the half-made box was removed.") from None
             raise WtboxError(f"Creating the box failed ({type(e).__name__}: {e}); nothing was left behind.") from e
         return box
 

@@ -285,3 +285,16 @@ def test_no_server_answering_starts_one(srv):
     assert r.returncode == 0 and "no boxes" in r.stdout + r.stderr
     assert wait_for(srv.status, timeout=30, every=0.1)
     assert srv.run("ls").returncode == 0 and srv.served() == 1
+
+
+def test_a_request_from_another_install_is_refused(srv, tmp_path):
+    srv.start()
+    sock = cliproto.connect(str(srv.home), 5)
+    with open(os.devnull) as null:
+        fds = [null.fileno()] * 3 + [os.open(str(tmp_path), os.O_RDONLY)]
+        cliproto.send(sock, {"op": "run", "argv": ["ls"], "env": {}, "umask": 0o22, "cwd": str(tmp_path), "pid": 1,
+                             "install": ["/other/python", "/other/worktreebox"]}, fds)
+        os.close(fds[3])
+    assert cliproto.recv(sock)[0] == {"refused": "another wtbox install"}
+    sock.close()
+    assert srv.status()["served"] == 0

@@ -20,6 +20,7 @@ import _socket
 import json
 import os
 import struct
+import sys
 
 # Commands a server may run. Everything else runs in the launcher's own process: shell, exec,
 # mcp, browse and pick need a controlling terminal or run long; gc, doctor, init and server are
@@ -128,6 +129,29 @@ def _close(fds: list[int]) -> None:
             os.close(fd)
         except OSError:
             pass
+
+
+def install() -> list[str]:
+    """Which wtbox this is (its Python and its package directory): a server runs only its own
+    install's commands, also when two installs share a home."""
+    return [os.path.realpath(sys.executable), sys.prefix, os.path.dirname(os.path.abspath(__file__))]
+
+
+def server_holds_lock(home: str) -> bool:
+    """Whether a server (running or starting) holds this home's lock: then starting another is useless."""
+    import fcntl
+
+    try:
+        fd = os.open(lock_path(home), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def peer_uid(sock: _socket.socket) -> int:

@@ -54,9 +54,7 @@ def main() -> None:
     if run is None:
         return
     lock = os.open(cliproto.lock_path(home), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    if not _lock(lock):
         return  # another server has this home
     log = os.open(cliproto.log_path(home), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     os.dup2(log, 1)
@@ -64,6 +62,19 @@ def main() -> None:
     os.close(log)
     idle = _idle_seconds()
     Server(home, lock, idle).serve()
+
+
+def _lock(fd: int, wait: float = 0.5) -> bool:
+    """The home's lock; a launcher's brief look at it (cliproto.server_holds_lock) is waited out."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
 
 
 def _max_fd() -> int:
@@ -209,11 +220,17 @@ class Server:
             return "its socket is gone"
         return None
 
-    def _leave(self, why: str) -> None:
-        log(f"exiting: {why} ({self.served} commands served)")
+    def _withdraw(self) -> None:
+        """Take our socket away (if it still is ours) and give up the home's lock."""
         with contextlib.suppress(OSError):
             if os.stat(cliproto.socket_path(self.home)).st_ino == self.sock_ino:
                 os.unlink(cliproto.socket_path(self.home))
+        with contextlib.suppress(OSError):
+            os.close(self.lock_fd)
+
+    def _leave(self, why: str) -> None:
+        log(f"exiting: {why} ({self.served} commands served)")
+        self._withdraw()
         os._exit(0)  # children run on without us; they hold their own connection
 
     @staticmethod
@@ -243,8 +260,12 @@ class Server:
                 self._reply(conn, {"stopping": True})
                 return "asked to stop"
             elif op == "run" and len(fds) == 4:
+                if msg.get("install") != cliproto.install():
+                    self._reply(conn, {"refused": "another wtbox install"})
+                    return None
                 changed = _first_change(self.stamp, code_stamp())
                 if changed:
+                    self._withdraw()  # first: the launcher starts a fresh server as soon as we refuse
                     self._reply(conn, {"refused": f"{changed} changed since the server started"})
                     return f"{changed} changed"
                 self._fork(conn, msg, fds)
@@ -367,9 +388,11 @@ def _run_cli() -> int:
         code = 0
     except SystemExit as e:
         code = _exit_code(e.code)
-    except BaseException as e:  # noqa: BLE001 - run() turns everything into a sentence; this is a last guard
+    except BaseException as e:  # noqa: BLE001 - only with WTBOX_DEBUG=1 does run() let one out: as Python would
         with contextlib.suppress(Exception):
-            sys.stderr.write(f"wtbox: internal error: {type(e).__name__}: {e}\n")
+            import traceback
+
+            traceback.print_exc()
         code = 130 if isinstance(e, KeyboardInterrupt) else 1
     with contextlib.suppress(Exception):
         threading._shutdown()  # type: ignore[attr-defined]  # non-daemon threads, as at interpreter exit

@@ -94,7 +94,8 @@ def _hand_over(sock, args: list[str]) -> int | None:
         os.umask(umask)
         main = sys.modules.get("__main__")
         request = {"op": "run", "argv": args, "argv0": sys.argv[0], "main_package": getattr(main, "__package__", None),
-                   "env": dict(os.environ), "umask": umask, "cwd": cwd, "pid": os.getpid()}
+                   "env": dict(os.environ), "umask": umask, "cwd": cwd, "pid": os.getpid(),
+                   "install": cliproto.install()}
         sock.settimeout(ANSWER_TIMEOUT)
         cliproto.send(sock, request, [0, 1, 2, cwd_fd])
         reply, _ = cliproto.recv(sock)
@@ -139,7 +140,8 @@ def _wait(sock, child: int) -> int:
 def start_server(home: str) -> None:
     """Start this home's CLI server, detached, without waiting for it (one per home: the server
     takes a lock and leaves at once if another holds it)."""
-    if not os.path.isdir(home) or len(cliproto.socket_path(home).encode()) >= 108 or _in_box_cgroup():
+    if not os.path.isdir(home) or len(cliproto.socket_path(home).encode()) >= 108 or _in_box_cgroup() \
+            or cliproto.server_holds_lock(home):
         return
     env = {k: v for k, v in os.environ.items() if k in _SERVER_ENV or k.startswith(("LC_", "PYTHON"))}
     env["WTBOX_HOME"] = home

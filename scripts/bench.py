@@ -144,11 +144,18 @@ def _optional_sections() -> None:
 def print_table(results: dict) -> None:
     for section, data in results.items():
         print(f"\n== {section}")
-        for key, val in data.items():
-            if isinstance(val, dict) and "p50_ms" in val:
-                print(f"  {key:<32} p50 {val['p50_ms']:>9.1f} ms   p90 {val['p90_ms']:>9.1f} ms   (n={val['n']})")
-            else:
-                print(f"  {key:<32} {json.dumps(val)}")
+        _print_rows(data, "  ")
+
+
+def _print_rows(data: dict, indent: str) -> None:
+    for key, val in data.items():
+        if isinstance(val, dict) and "p50_ms" in val:
+            print(f"{indent}{key:<32} p50 {val['p50_ms']:>9.1f} ms   p90 {val['p90_ms']:>9.1f} ms   (n={val['n']})")
+        elif isinstance(val, dict) and any(isinstance(v, dict) and "p50_ms" in v for v in val.values()):
+            print(f"{indent}{key}:")  # a sub-section (e.g. layers' default and checkout_fallback)
+            _print_rows(val, indent + "  ")
+        else:
+            print(f"{indent}{key:<32} {json.dumps(val)}")
 
 
 def main() -> None:

@@ -4,7 +4,8 @@ bench_layers().
 
 On a generated Django-size repo (6,800 files, 71 MB) with a database per box (the default mode)
 and observability on, no services, all figures are the whole CLI process (start-up included)
-against their floor in the same run:
+against their floor in the same run, each through the `wtbox` launcher both served by the CLI
+server and in process (WTBOX_NO_SERVER=1), alternating:
 
 - `new` p50 versus a plain `git worktree add` of the same repo (target <= 300 ms and <= 0.5x);
 - `rm` p50 versus `git worktree remove --force` + `git branch -D` (target <= 300 ms);
@@ -114,26 +115,45 @@ def _locked_packages(repo: Path) -> int:
     return len(tomllib.loads((repo / "uv.lock").read_text()).get("package", []))
 
 
+# The `wtbox` command as users run it: the launcher, which hands served commands to the home's CLI
+# server (README, "CLI server") unless WTBOX_NO_SERVER=1.
+WTBOX = [str(Path(PY).with_name("wtbox"))] if Path(PY).with_name("wtbox").exists() else [PY, "-m", "worktreebox.launcher"]
+MODES = ("in_process", "served")
+
+
 class Home:
     def __init__(self, work: Path, **env: str) -> None:
         self.path = Path(tempfile.mkdtemp(prefix="wtbox-bench-layers-", dir=work))
         self.env = {**os.environ, "WTBOX_HOME": str(self.path), "WTBOX_NO_AUTO_GC": "1", **env}
         self.env.pop("WTBOX_POSTGRES_URL", None)
+        self.env.pop("WTBOX_NO_SERVER", None)
 
-    def run(self, *args: str) -> tuple[float, str]:
+    def run(self, *args: str, served: bool = True) -> tuple[float, str]:
+        env = self.env if served else {**self.env, "WTBOX_NO_SERVER": "1"}
         t0 = time.perf_counter()
-        proc = subprocess.run([PY, "-m", "worktreebox.cli", *args], capture_output=True, text=True, env=self.env,
-                              cwd=ROOT)
+        proc = subprocess.run([*WTBOX, *args], capture_output=True, text=True, env=env, cwd=ROOT)
         took = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"wtbox {' '.join(args)} failed: {proc.stderr.strip()}")
         return took, proc.stdout
 
-    def new(self, task: str, repo: Path) -> tuple[float, dict]:
-        took, out = self.run("new", task, "--repo", str(repo), "--json")
+    def new(self, task: str, repo: Path, served: bool = True) -> tuple[float, dict]:
+        took, out = self.run("new", task, "--repo", str(repo), "--json", served=served)
         return took, json.loads(out)
 
+    def server_up(self, timeout: float = 30.0) -> None:
+        """Wait until the CLI server a served command started answers (it preloads for ~1 s)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            _, out = self.run("server", "status", "--json")
+            if json.loads(out)["running"]:
+                return
+            self.run("ls")  # starts one if the last call found none
+            time.sleep(0.2)
+        raise RuntimeError("the CLI server did not start")
+
     def close(self) -> None:
+        subprocess.run([*WTBOX, "server", "stop"], env=self.env, capture_output=True)
         subprocess.run([PY, "-m", "worktreebox.cli", "rm", "--all", "--yes", "--force"], env=self.env,
                        capture_output=True)
         subprocess.run([PY, "-m", "worktreebox.cli", "gc", "--grace", "0"], env=self.env, capture_output=True)
@@ -177,30 +197,42 @@ def _disk(box: dict) -> int | None:
 
 
 def _core(home: Home, repo: Path, work: Path, runs: int, tag: str) -> dict:
+    """new/ls/rm in process (WTBOX_NO_SERVER=1) and served, alternating within each run, so both
+    see the same machine; the plain keys (wtbox_new) are the served figures, as users get them."""
     home.new(f"warm-{tag}", repo)  # builds the tree, the golden database, starts the cluster
     home.run("rm", "--all", "--yes", "--force")
-    raw_add, raw_rm, new_t, rm_t, ls_t, timings, disk = [], [], [], [], [], [], []
+    home.server_up()
+    raw_add, raw_rm, timings, disk = [], [], [], []
+    took: dict[str, dict[str, list[float]]] = {m: {"new": [], "rm": [], "ls": []} for m in MODES}
     for i in range(runs):
         _background_done(home)
         a, r = _raw_add_rm(repo, work, i)
         raw_add.append(a)
         raw_rm.append(r)
-        t, box = home.new(f"b-{tag}-{i}", repo)
-        new_t.append(t)
-        timings.append(box.get("timings") or {})
-        _, status = home.run("status", box["id"], "--json")
-        st = json.loads(status)
-        disk.append((st.get("disk_bytes"), st.get("worktree_bytes")))
-        t, _ = home.run("ls")
-        ls_t.append(t)
-        t, _ = home.run("rm", box["id"])
-        rm_t.append(t)
-    out = {"raw_worktree_add": _ms(raw_add), "wtbox_new": _ms(new_t),
-           "raw_worktree_remove": _ms(raw_rm), "wtbox_rm": _ms(rm_t),
-           # the CLI's start-up on this machine right now: what any command costs before doing anything
-           "wtbox_ls": _ms(ls_t)}
+        for mode in MODES:
+            served = mode == "served"
+            _background_done(home)
+            t, box = home.new(f"b-{tag}-{i}-{mode[0]}", repo, served=served)
+            took[mode]["new"].append(t)
+            timings.append(box.get("timings") or {})
+            _, status = home.run("status", box["id"], "--json")
+            st = json.loads(status)
+            disk.append((st.get("disk_bytes"), st.get("worktree_bytes")))
+            t, _ = home.run("ls", served=served)
+            took[mode]["ls"].append(t)
+            t, _ = home.run("rm", box["id"], served=served)
+            took[mode]["rm"].append(t)
+    srv = took["served"]
+    out = {"raw_worktree_add": _ms(raw_add), "wtbox_new": _ms(srv["new"]),
+           "wtbox_new_in_process": _ms(took["in_process"]["new"]),
+           "raw_worktree_remove": _ms(raw_rm), "wtbox_rm": _ms(srv["rm"]),
+           "wtbox_rm_in_process": _ms(took["in_process"]["rm"]),
+           # what any command costs before doing anything, served and with Python's start-up and imports
+           "wtbox_ls": _ms(srv["ls"]), "wtbox_ls_in_process": _ms(took["in_process"]["ls"])}
     out["new_ratio"] = round(out["wtbox_new"]["p50_ms"] / out["raw_worktree_add"]["p50_ms"], 2)
     out["rm_ratio"] = round(out["wtbox_rm"]["p50_ms"] / out["raw_worktree_remove"]["p50_ms"], 2)
+    out["served_vs_in_process"] = {c: round(out[f"wtbox_{c}"]["p50_ms"] / out[f"wtbox_{c}_in_process"]["p50_ms"], 2)
+                                   for c in ("new", "rm", "ls")}
     phases = sorted({k for t in timings for k in t})
     if phases:
         out["phases_p50_ms"] = {k: round(statistics.median([t.get(k, 0) for t in timings]) * 1000, 1) for k in phases}

@@ -169,7 +169,9 @@ def _halted_new(srv: Served, repo: Path, tmp: Path, name: str, served: bool) -> 
     if not served:
         env["WTBOX_NO_SERVER"] = "1"
     p = srv.popen("new", name, "--repo", str(repo), env=env)
-    assert wait_for(lambda: phase.exists() and "new:create:worktree" in phase.read_text(), timeout=60, every=0.05)
+    if not wait_for(lambda: phase.exists() and "new:create:worktree" in phase.read_text(), timeout=60, every=0.05):
+        p.kill()
+        raise AssertionError(f"wtbox new {name} never reached new:create:worktree")
     return p
 
 
@@ -179,7 +181,10 @@ def test_ctrl_c_rolls_back_as_in_process(srv, repo, tmp_path):
     for served in (False, True):
         p = _halted_new(srv, repo, tmp_path, f"intr-{served}", served)
         p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=60)
+        try:
+            out, err = p.communicate(timeout=60)
+        finally:
+            p.kill()
         results.append((p.returncode, err.strip().splitlines()[-1], _leftovers(srv.home, repo)))
     assert results[0] == results[1] == (130, "wtbox: Interrupted; the half-made box was removed.", {"dirs": [], "branches": [], "cgroups": []})
     assert srv.served() == 1
@@ -189,9 +194,11 @@ def test_ctrl_c_rolls_back_as_in_process(srv, repo, tmp_path):
 def test_kill_9_of_the_launcher_kills_the_served_child(srv, repo, tmp_path):
     server = srv.start()
     p = _halted_new(srv, repo, tmp_path, "killed", served=True)
-    [child] = psutil.Process(server.pid).children()
-    p.kill()
-    p.wait()
+    try:
+        [child] = psutil.Process(server.pid).children()
+    finally:
+        p.kill()
+        p.wait()
     assert wait_for(lambda: not psutil.pid_exists(child.pid) or child.status() == psutil.STATUS_ZOMBIE, timeout=10)
     assert srv.run("gc", "--grace", "0").returncode == 0
     assert _leftovers(srv.home, repo) == {"dirs": [], "branches": [], "cgroups": []}

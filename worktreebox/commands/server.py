@@ -46,20 +46,11 @@ def stop(as_json: bool) -> None:
     st = cliproto.ask(home, "status")
     stopped = st is not None and cliproto.ask(home, "stop") is not None
     if stopped:
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and _alive(st["pid"]):
-            time.sleep(0.02)
+        from .. import procs
+
+        procs.wait_gone([st["pid"]], timeout=5)
     if as_json:
         emit_json({"stopped": stopped, "pid": st["pid"] if st else None, "home": home})
     else:
         info(f"stopped the CLI server (pid {st['pid']})." if stopped else f"no CLI server runs for {home}.")
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

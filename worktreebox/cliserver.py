@@ -202,7 +202,11 @@ class Server:
                 continue
             last = time.monotonic()
             with conn:
-                why = self._handle(conn)
+                try:
+                    why = self._handle(conn)
+                except Exception as e:  # noqa: BLE001 - e.g. fork failed: that launcher runs it in process
+                    log(f"could not serve a request: {type(e).__name__}: {e}")
+                    why = None
             if why:
                 self._leave(why)
 

@@ -305,3 +305,9 @@ def test_a_request_from_another_install_is_refused(srv, tmp_path):
     assert cliproto.recv(sock)[0] == {"refused": "another wtbox install"}
     sock.close()
     assert srv.status()["served"] == 0
+
+
+def test_the_launcher_imports_nothing_heavy():
+    code = "import sys, worktreebox.launcher; print(' '.join(sorted(sys.modules)))"
+    mods = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    assert not mods & {"click", "worktreebox.cli", "worktreebox.host", "psycopg", "pathlib", "socket", "subprocess"}

@@ -123,3 +123,32 @@ def test_no_own_module_imported_under_try_except_importerror():
                 if isinstance(inner, ast.ImportFrom) and inner.level:
                     offenders.append(f"{path.relative_to(PACKAGE)}:{inner.lineno}")
     assert offenders == []
+
+
+def environ_read_at_import(path: Path) -> list[int]:
+    """Lines that read os.environ / os.getenv outside any function: run once, at import."""
+    tree = ast.parse(path.read_text(), str(path))
+    inside: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            inside |= {id(n) for n in ast.walk(node)}
+    out = []
+    for node in ast.walk(tree):
+        if id(node) in inside or not isinstance(node, ast.Attribute):
+            continue
+        if isinstance(node.value, ast.Name) and node.value.id == "os" and node.attr in ("environ", "getenv", "environb"):
+            out.append(node.lineno)
+    return out
+
+
+def test_no_environment_read_at_import():
+    """A CLI server (cliserver.py) imports the package once and serves callers with other
+    environments: a value read at import would be the server's, frozen."""
+    found = {str(p.relative_to(PACKAGE)): lines for p in PACKAGE.rglob("*.py") if (lines := environ_read_at_import(p))}
+    assert found == {}
+
+
+def test_import_time_environment_reads_are_seen(tmp_path):
+    mod = tmp_path / "m.py"
+    mod.write_text("import os\nWAIT = float(os.environ.get('X', '5'))\n\ndef f():\n    return os.environ['Y']\n")
+    assert environ_read_at_import(mod) == [2]

@@ -7,8 +7,8 @@ standard-library modules; `worktreebox.cli` is imported only when the command ru
 It runs here, and always correctly, when: the command is never served (cliproto.served), no
 server answers (none yet, a stale socket, a server that refuses because wtbox's code changed),
 WTBOX_NO_SERVER=1, or the caller is inside a box (WTBOX_ID set). After a served command ran here
-because no server answered, a server is started detached for the next call, unless the home does
-not exist (a first `wtbox new` makes it; the call after that starts the server).
+because no server answered, a server is started detached for the next call if the home exists
+by then (the first `wtbox new` of a new home makes it); before a home exists nothing is made.
 """
 from __future__ import annotations
 

@@ -311,3 +311,18 @@ def test_the_launcher_imports_nothing_heavy():
     code = "import sys, worktreebox.launcher; print(' '.join(sorted(sys.modules)))"
     mods = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
     assert not mods & {"click", "worktreebox.cli", "worktreebox.host", "psycopg", "pathlib", "socket", "subprocess"}
+
+
+def test_a_served_child_killed_mid_command_is_one_sentence(srv, repo, tmp_path):
+    server = srv.start()
+    p = _halted_new(srv, repo, tmp_path, "child-killed", served=True)
+    try:
+        [child] = psutil.Process(server.pid).children()
+        child.kill()
+        out, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 1 and err.startswith("wtbox: the command ended without an exit status") \
+        and err.count("\n") == 1, err
+    assert srv.run("gc", "--grace", "0").returncode == 0
+    assert _leftovers(srv.home, repo) == {"dirs": [], "branches": [], "cgroups": []}

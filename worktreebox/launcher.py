@@ -107,8 +107,8 @@ def _hand_over(sock, args: list[str]) -> int | None:
     return child if isinstance(child, int) and child > 1 else None
 
 
-def _wait(sock, child: int) -> int:
-    """Forward signals to the child and wait for its exit code."""
+def _wait(sock, child: int) -> int | None:
+    """Forward signals to the child and wait for its exit code (None: it never started; run it here)."""
     got: list[int] = []
 
     def forward(sig: int, _frame) -> None:
@@ -121,11 +121,17 @@ def _wait(sock, child: int) -> int:
         except OSError:
             pass
 
-    for sig in _FORWARDED:
-        signal.signal(sig, forward)
+    before = {sig: signal.signal(sig, forward) for sig in _FORWARDED}
     try:
         sock.settimeout(None)
         cliproto.send(sock, {"go": True})
+    except OSError:
+        if got:
+            return 128 + got[-1]
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        return None
+    try:
         reply, _ = cliproto.recv(sock)
         code = reply.get("exit")
         return code if isinstance(code, int) else 1

@@ -31,6 +31,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -87,11 +88,12 @@ def _max_fd() -> int:
 def _own_run_dir(home: str) -> str | None:
     """run/ as a directory only we may enter (made if missing), else None (then no server)."""
     run = cliproto.run_dir(home)
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(run, 0o700)
-    st = os.lstat(run)
-    import stat
-
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(run, 0o700)
+        st = os.lstat(run)
+    except OSError:
+        return None
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
         return None
     if st.st_mode & 0o077:
@@ -113,7 +115,7 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------- what is loaded, and whether it changed
 
 def preload() -> None:
-    """Import what the served commands import (measured with -X importtime on new/rm/ls/status),
+    """Import what the served commands import (sys.modules after new/rm/ls/status in database mode),
     on this thread: the server must have no other thread when it forks."""
     from . import cli, providers, resources
 

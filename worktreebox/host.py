@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from . import admission, boxenv, git, procs, providers
+from . import admission, boxenv, git, homedir, procs, providers
 from .providers.postgres import server as postgres_server
 from .box import CREATING, DEGRADED, FAILED, READY, REMOVING, Box, branch_name, new_id, slugify
 from .boxenv import process_env
@@ -21,7 +21,6 @@ from .config import OWN_PORTS, load_config_for_new, load_host_config, load_repo_
 from .envfile import format_env
 from .errors import Interrupted, NotFound, UnsavedWork, UsageError, WtboxError
 from .fsutil import atomic_write
-from . import homedir
 from .registry import Registry
 from .resources import load_all, stages
 from .resources.base import Creation, Resource

@@ -460,7 +460,10 @@ def fairness(make_repo, run_wtbox, burners: int, rounds: int = 10, n: int = 60, 
         for _ in range(rounds):
             quiet.append(probe_p95(run_wtbox, b, n, env))
             flag.touch()
-            time.sleep(0.1)  # the burners look for the flag every 20 ms
+            # The burners look for the flag every 20 ms; A's supervisor needs a few looks (up to
+            # 1.5 s) to see them burn and make A a background box (background.py), as it would
+            # for a runaway test suite that burns for longer than a moment.
+            time.sleep(2.0)
             loaded.append(probe_p95(run_wtbox, b, n, env))
             flag.unlink()
             time.sleep(0.1)
@@ -552,7 +555,7 @@ def cpu_shares_while_both_burn(make_repo, run_wtbox, env: dict | None = None, wi
 
         for box in (a, b):
             (Path(box["dir"]) / "spin").touch()
-        time.sleep(0.5)  # every burner is spinning
+        time.sleep(2.0)  # every burner is spinning, and both boxes are background (background.py)
         a0, b0 = cpu(a), cpu(b)
         time.sleep(window)
         got_a, got_b = cpu(a) - a0, cpu(b) - b0

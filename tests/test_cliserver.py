@@ -326,3 +326,17 @@ def test_a_served_child_killed_mid_command_is_one_sentence(srv, repo, tmp_path):
         and err.count("\n") == 1, err
     assert srv.run("gc", "--grace", "0").returncode == 0
     assert _leftovers(srv.home, repo) == {"dirs": [], "branches": [], "cgroups": []}
+
+
+def test_a_caller_inside_a_box_runs_in_process_and_starts_no_server(srv):
+    """With WTBOX_ID set (a box's shell, service or exec) the command is not served, and no server is
+    started from there: it would live in that box's cgroup and die with the box."""
+    srv.start()
+    r = srv.run("ls", env={"WTBOX_ID": "somebox-0000cafe"})
+    assert r.returncode == 0 and srv.served() == 0
+    assert srv.run("ls").returncode == 0 and srv.served() == 1  # the same call from outside is served
+    srv.close()
+    srv.server = None
+    assert srv.run("ls", env={"WTBOX_ID": "somebox-0000cafe"}).returncode == 0
+    time.sleep(1.0)  # a server started by that call would answer by now
+    assert srv.status() is None

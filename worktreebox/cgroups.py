@@ -306,6 +306,23 @@ class Cgroups:
             _rmtree_cgroup(d)
 
     # -- accounting
+    def cpu_dir(self, box_id: str) -> Path | None:
+        """The box's directory in the hierarchy that has the cpu controller."""
+        return self.box_dirs(box_id)[0]
+
+    def set_background(self, box_id: str, on: bool) -> bool:
+        """`cpu.idle` of the box (Linux >= 5.15): a background box gets what the others leave and
+        never delays their wake-ups (background.py says when). False when the kernel has no such file."""
+        d = self.cpu_dir(box_id)
+        try:
+            return d is not None and _write_if(d / "cpu.idle", 1 if on else 0)
+        except OSError:
+            return False
+
+    def background(self, box_id: str) -> bool:
+        d = self.cpu_dir(box_id)
+        return d is not None and _read(d / "cpu.idle").strip() == "1"
+
     def usage(self, box_id: str) -> Usage | None:
         raise NotImplementedError
 
@@ -432,6 +449,9 @@ class CgroupsV1(Cgroups):
             return None
         d = base / (self.prefix + key_of(box_id))
         return d / leaf if leaf else d
+
+    def cpu_dir(self, box_id: str) -> Path | None:
+        return self._dir("cpu", box_id)
 
     def set_limits(self, box_id: str, limits: Limits) -> None:
         cpu = self._dir("cpu", box_id)

@@ -636,6 +636,7 @@ class HostConfig:
     mounts: str | None = None  # a mount provider by name (providers/mounts); None = the first that works
     mounts_where: str = "[host] mounts"  # where that came from, for error messages
     layer_ttl: float = 24 * 3600.0  # gc removes trees and dependency layers no box used for this long
+    background_busy: bool = True  # a box that keeps the CPU busy runs as background (background.py)
 
 
 def load_host_config(home: Path) -> HostConfig:
@@ -653,7 +654,7 @@ def load_host_config(home: Path) -> HostConfig:
         if key not in known:
             raise ConfigError(f"{src}: unknown section [{key}]; known sections: {', '.join(sorted(known))}.")
     r = _Reader(src, _table(src, data, "host"), "host")
-    r.unknown({"port_range", "max_boxes", "max_active", "max_load", "mounts", "layer_ttl"})
+    r.unknown({"port_range", "max_boxes", "max_active", "max_load", "mounts", "layer_ttl", "background_busy"})
     pr = r.get("port_range", str, None, "a range such as \"20000-29999\"")
     cfg.port_range = parse_port_range(pr, f"{src}: [host] port_range") if pr is not None else None
     cfg.max_boxes = r.get("max_boxes", int, 64, "a whole number")
@@ -669,6 +670,7 @@ def load_host_config(home: Path) -> HostConfig:
     if load is not None and load <= 0:
         raise r.err("max_load", "a load average above 0, such as 4.0", load)
     cfg.max_load = float(load) if load is not None else None
+    cfg.background_busy = r.get("background_busy", bool, True, "true or false")
     r = _Reader(src, _table(src, data, "box"), "box")
     r.unknown(set(LIMIT_KEYS))
     cfg.box_limits = r.limits()

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
-from . import boxenv, cgroups, control, procs
+from . import background, boxenv, cgroups, control, procs
 from .control import BACKOFF, EXITED, FAILED, READY, STARTING, STOPPED, Request, Response, ServiceState
 from .envfile import read_env_file
 from .logs.writer import EventLog, LogWriter, pump
@@ -408,6 +408,7 @@ class Supervisor:
         self.started_at = self.clock.now()
         self.oom = cgroups.OomWatch(home, box_id)
         self._collect_lock = threading.Lock()
+        self._busy_watch: threading.Thread | None = None
 
     def event(self, service: str, level: str, msg: str, **extra: Any) -> None:
         try:
@@ -570,10 +571,21 @@ class Supervisor:
         except Exception:  # noqa: BLE001 - metrics must never take the supervisor down
             pass
 
+    def _watch_busy(self) -> None:
+        """While the box keeps the CPU busy it runs as a background box (background.py: why)."""
+        backend = cgroups.for_home(self.home) if self.verify_ports else None
+        if backend is None or not background.wanted(self.home):
+            return
+        watch = background.BusyWatch(lambda: backend.pids(self.box_id),
+                                     lambda on: backend.set_background(self.box_id, on))
+        self._busy_watch = threading.Thread(target=watch.run, args=(self._done.wait,), name="busy", daemon=True)
+        self._busy_watch.start()
+
     def run(self) -> None:
         self.keeper = OutputKeeper(self.logs_dir, self.redact)  # forked before any thread starts
         self.serve()
         self.write_state()
+        self._watch_busy()
         for s in self.services.values():
             s.up()
         next_collect = self.clock.now() + 1.0
@@ -585,6 +597,8 @@ class Supervisor:
                 next_collect = self.clock.now() + COLLECT_EVERY
                 self.check_oom()  # kills of processes that were not a service's main process
                 self.collect()
+        if self._busy_watch is not None:
+            self._busy_watch.join(2.0)  # it makes the box a normal box again as it ends
         self.write_state()
 
 

@@ -47,7 +47,8 @@ def _print(rows: list[dict]) -> None:
         info("no boxes; create one with 'wtbox new TASK'")
         return
     table([[r["id"], f"{r['cpu_percent']:.1f}", _mem(r), _of(r["pids"], r["pids_max"]),
-            " ".join(f"{k}={v}" for k, v in r["ports"].items()), r["state"]] for r in rows],
+            " ".join(f"{k}={v}" for k, v in r["ports"].items()),
+            r["state"] + (" (background)" if r.get("background") else "")] for r in rows],
           ["ID", "CPU%", "MEMORY", "TASKS", "PORTS", "STATE"])
     if any(r["source"] == "processes" for r in rows):
         info("(no cgroups here: usage is summed over the processes found by WTBOX_ID and cwd; see 'wtbox doctor')")

@@ -3,6 +3,7 @@ processes and a real box cgroup."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import wait_for
+from helpers import BURNER, wait_for
 from worktreebox import background, cgroups
 
 SPIN = "while True: pass\n"
@@ -78,23 +79,6 @@ def test_a_box_that_wants_less_than_every_cpu_stays_a_normal_box():
         spinner.wait()
 
 
-BURN_SERVICE = '''
-import os, sys, time
-flag = sys.argv[1]
-for _ in range(os.cpu_count() + 1):  # more spinners than CPUs: the box alone would fill the host
-    if os.fork() == 0:
-        os.setsid()  # daemons of their own sessions: still the box's (its cgroup)
-        while True:
-            if os.path.exists(flag):
-                for _ in range(100000):
-                    pass
-            else:
-                time.sleep(0.02)
-while True:
-    time.sleep(0.05)
-'''
-
-
 @pytest.mark.parametrize("on", [True, False])
 def test_a_box_burning_cpu_runs_as_background_until_it_stops(make_repo, run_wtbox, wtbox_home, on):
     if cgroups.for_home(wtbox_home) is None:
@@ -102,9 +86,9 @@ def test_a_box_burning_cpu_runs_as_background_until_it_stops(make_repo, run_wtbo
     if not on:
         wtbox_home.mkdir(parents=True, exist_ok=True)
         (wtbox_home / "config.toml").write_text("[host]\nbackground_busy = false\n")
-    repo = make_repo({"burn.py": BURN_SERVICE}, toml=(
+    repo = make_repo({"burn.py": BURNER}, toml=(
         '[database]\nmode = "none"\n[observability]\nenabled = false\n'
-        f'[services.burn]\ncmd = "{sys.executable} burn.py $WTBOX_BOX_DIR/spin"\n'))
+        f'[services.burn]\ncmd = "{sys.executable} burn.py $WTBOX_BOX_DIR/spin {os.cpu_count() + 1}"\n'))
     box = json.loads(run_wtbox("new", "spin", "--repo", str(repo), "--json").stdout)
     backend = cgroups.for_home(wtbox_home)
     cpu_idle = backend.cpu_dir(box["id"]) / "cpu.idle"

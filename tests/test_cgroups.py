@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import wait_for
+from helpers import BURNER, wait_for
 from worktreebox import cgroups
 
 PY = sys.executable
@@ -274,25 +274,6 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve
 
 # Escapes everything but the cgroup: a new session, an empty environment, cwd /.
 DAEMON_SH = f'env -i {PY} daemon.py "$WTBOX_BOX_DIR/daemon.pid"'
-
-BURNER = '''
-import os, sys, time
-# One child per burner, each in a session of its own: without cgroups every session is an
-# autogroup with the same share as the whole other box, which is what makes B slow.
-flag = sys.argv[1]
-for _ in range(int(sys.argv[2])):
-    if os.fork() == 0:
-        os.setsid()
-        while True:
-            if os.path.exists(flag):
-                for _ in range(100000):
-                    pass
-            else:
-                time.sleep(0.02)
-while True:
-    time.sleep(60)
-'''
-
 
 def service_toml(*, name="web", cmd=None, limits="", setup=None, observability=False, browser=False) -> str:
     cmd = cmd or f"{PY} server.py"

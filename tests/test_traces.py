@@ -180,7 +180,12 @@ def test_app_spans_tree_histogram_and_logs(host, make_repo, run_wtbox):
     assert got is not None
     measured = max(r["child_ms"] for r in slow) / 1000
     assert abs(bucket_index(got) - bucket_index(measured)) <= 1, (got, measured)
-    [count] = client.query('wtbox_span_duration_seconds_count{span="slow-child"}')["result"]
+    def slow_count():
+        client.flush()  # the three spans may reach the store in more than one push
+        res = client.query('wtbox_span_duration_seconds_count{span="slow-child"}')["result"]
+        return res if res and res[0]["value"][1] == "3" else None
+
+    [count] = wait_for(slow_count, timeout=10) or [{"value": [0, "none"]}]
     assert count["value"][1] == "3" and count["metric"]["box"] == box.id and count["metric"]["service"] == "web"
     [err] = client.query('wtbox_span_errors_total{span="GET /error"}')["result"]
     assert err["value"][1] == "1"

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -222,8 +223,15 @@ def test_gc_after_kill9_of_new_stops_the_stray_chromium(wtbox_home, host, make_r
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     boxes = wtbox_home / "boxes"
     try:
-        # Killed as soon as its Chromium exists: the box is half made.
-        assert wait_for(lambda: browser.live_box_ids(boxes), timeout=60, every=0.05)
+        # Killed once its Chromium exists (seen twice, 0.2 s apart: a process caught in its first
+        # instant may still be one Chromium replaces): the box is half made.
+        def chromium_seen_twice():
+            if browser.live_box_ids(boxes):
+                time.sleep(0.2)
+                return browser.live_box_ids(boxes)
+            return set()
+
+        assert wait_for(chromium_seen_twice, timeout=60, every=0.05)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

@@ -63,15 +63,26 @@ def run_dir(home: str) -> str:
 
 
 def socket_path(home: str) -> str:
-    return os.path.join(home, "run", "cli.sock")
+    return os.path.join(run_dir(home), "cli.sock")
 
 
 def lock_path(home: str) -> str:
-    return os.path.join(home, "run", "cli.lock")
+    return os.path.join(run_dir(home), "cli.lock")
 
 
 def log_path(home: str) -> str:
-    return os.path.join(home, "run", "cli.log")
+    return os.path.join(run_dir(home), "cli.log")
+
+
+def socket_fits(home: str) -> bool:
+    """Whether the home's socket path fits in sun_path (108 bytes with its NUL): a home deeper
+    than that is never served (no server is started for it, none is asked)."""
+    return len(socket_path(home).encode()) < 108
+
+
+def turned_off() -> bool:
+    """WTBOX_NO_SERVER set (to anything but 0): every command runs in its own process."""
+    return os.environ.get("WTBOX_NO_SERVER", "") not in ("", "0")
 
 
 # ---------------------------------------------------------------- framing
@@ -162,9 +173,9 @@ def peer_uid(sock: _socket.socket) -> int:
 
 def connect(home: str, timeout: float) -> _socket.socket | None:
     """A connection to this home's server, or None (none is running, or it is not ours)."""
-    path = socket_path(home)
-    if len(path.encode()) >= 108:  # sun_path: a home this deep is never served (cliserver does the same)
+    if not socket_fits(home):
         return None
+    path = socket_path(home)
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)

@@ -78,7 +78,7 @@ def _check_disk(host) -> dict:
 
 def _check_cli_server(host) -> dict:
     """Informational: served commands are fast when it runs, and run in process (slower) when not."""
-    if os.environ.get("WTBOX_NO_SERVER", "") not in ("", "0"):
+    if cliproto.turned_off():
         return {"check": "cli server", "ok": True, "detail": "off (WTBOX_NO_SERVER is set)"}
     st = cliproto.ask(str(host.home), "status")
     detail = (f"running (pid {st['pid']}, {st['served']} commands served)" if st

@@ -55,7 +55,7 @@ def main() -> None:
 def _off() -> bool:
     """No server for this call: turned off, or the caller is inside a box (a server started from
     there would live in the box's cgroup and die with it)."""
-    return os.environ.get("WTBOX_NO_SERVER", "") not in ("", "0") or bool(os.environ.get("WTBOX_ID"))
+    return cliproto.turned_off() or bool(os.environ.get("WTBOX_ID"))
 
 
 def _isatty(fd: int) -> bool:
@@ -146,7 +146,7 @@ def _wait(sock, child: int) -> int | None:
 def start_server(home: str) -> None:
     """Start this home's CLI server, detached, without waiting for it (one per home: the server
     takes a lock and leaves at once if another holds it)."""
-    if not os.path.isdir(home) or len(cliproto.socket_path(home).encode()) >= 108 or _in_box_cgroup() \
+    if not os.path.isdir(home) or not cliproto.socket_fits(home) or _in_box_cgroup() \
             or cliproto.server_holds_lock(home):
         return
     env = {k: v for k, v in os.environ.items() if k in _SERVER_ENV or k.startswith(("LC_", "PYTHON"))}

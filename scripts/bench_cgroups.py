@@ -32,20 +32,7 @@ class H(http.server.BaseHTTPRequestHandler):
     def log_message(self, *a): pass
 http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
 '''
-BURNER = '''
-import os, sys, time
-for _ in range(int(sys.argv[2])):
-    if os.fork() == 0:
-        os.setsid()
-        while True:
-            if os.path.exists(sys.argv[1]):
-                for _ in range(100000):
-                    pass
-            else:
-                time.sleep(0.02)
-while True:
-    time.sleep(60)
-'''
+BURNER = (ROOT / "tests" / "services" / "burner.py").read_text()  # the one the tests use
 
 
 def _toml(service: str, cmd: str, ready: bool) -> str:

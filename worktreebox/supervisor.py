@@ -33,14 +33,16 @@ from .logs.writer import EventLog, LogWriter, pump
 from .secrets import Redactor, secret_values
 from .servicespec import ServiceSpec, SupervisorPayload
 
-def kill_wait() -> float:
-    """SIGTERM → SIGKILL grace (tests shorten it), read when used: a value read at import would be
-    the first caller's in a process that serves many (cliserver.py)."""
-    return float(os.environ.get("WTBOX_KILL_WAIT", "5"))
 BACKOFF_START, BACKOFF_CAP = 0.5, 30.0
 STABLE_AFTER = 30.0  # a service that ran this long ready starts its backoff over
 NO_CHECK_GRACE = 0.2  # without a ready check, surviving this long counts as ready
 COLLECT_EVERY = 5.0
+
+
+def kill_wait() -> float:
+    """SIGTERM → SIGKILL grace (tests shorten it), read when used: a value read at import would be
+    the first caller's in a process that serves many (cliserver.py)."""
+    return float(os.environ.get("WTBOX_KILL_WAIT", "5"))
 
 
 class Clock:

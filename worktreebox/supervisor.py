@@ -578,7 +578,7 @@ class Supervisor:
         backend = cgroups.for_home(self.home) if self.verify_ports else None
         if backend is None or not background.wanted(self.home):
             return
-        watch = background.BusyWatch(lambda: backend.pids(self.box_id),
+        watch = background.BusyWatch(lambda: backend.cpu_pids(self.box_id),
                                      lambda on: backend.set_background(self.box_id, on))
         self._busy_watch = threading.Thread(target=watch.run, args=(self._done.wait,), name="busy", daemon=True)
         self._busy_watch.start()

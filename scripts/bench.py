@@ -73,7 +73,7 @@ def build_repo(dest: Path, files: int = 3500, total_mb: float = 42.0) -> Path:
 
 def wtbox(home: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "WTBOX_HOME": str(home), "WTBOX_NO_AUTO_GC": "1"}
-    proc = subprocess.run([PY, "-m", "worktreebox.cli", *args], capture_output=True, text=True, env=env)
+    proc = subprocess.run([PY, "-m", "worktreebox.cli.main", *args], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"wtbox {' '.join(args)} failed: {proc.stderr.strip()}")
     return proc

@@ -65,7 +65,7 @@ def _repo(dest: Path) -> Path:
 
 def _wtbox(home: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "WTBOX_HOME": str(home), "WTBOX_NO_AUTO_GC": "1"}
-    proc = subprocess.run([sys.executable, "-m", "worktreebox.cli", *args], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "worktreebox.cli.main", *args], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"wtbox {' '.join(args)} failed: {proc.stderr.strip()}")
     return proc
@@ -73,7 +73,7 @@ def _wtbox(home: Path, *args: str) -> subprocess.CompletedProcess:
 
 def _raw_screenshot(url: str, out: Path, profile: Path) -> None:
     """Chromium's own one-shot screenshot: the floor of "start a browser, load, write a PNG"."""
-    from worktreebox import browser
+    from worktreebox.telemetry import browser
 
     # The same flags as a box's Chromium, minus the DevTools server and the no-tab start (--screenshot needs a tab).
     flags = [f for f in browser.FLAGS if not f.startswith("--remote-debugging") and f != "--no-startup-window"]
@@ -85,9 +85,9 @@ def _raw_screenshot(url: str, out: Path, profile: Path) -> None:
 
 
 def bench_browser(runs: int = 5, work: Path | None = None) -> dict:
-    from worktreebox import browser
-    from worktreebox.config import parse_repo_config
+    from worktreebox.config.load import parse_repo_config
     from worktreebox.host import Host
+    from worktreebox.telemetry import browser
 
     runs = max(3, min(runs, 10))  # every cold run starts a Chromium (~1 s here)
     work = work or ROOT / ".bench"

@@ -54,14 +54,14 @@ def _wtbox(home: Path, *args: str, cgroups_on: bool = True) -> dict | list:
     env = {**os.environ, "WTBOX_HOME": str(home), "WTBOX_NO_AUTO_GC": "1"}
     if not cgroups_on:
         env["WTBOX_CGROUPS"] = "off"
-    proc = subprocess.run([PY, "-m", "worktreebox.cli", *args, "--json"], capture_output=True, text=True, env=env)
+    proc = subprocess.run([PY, "-m", "worktreebox.cli.main", *args, "--json"], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"wtbox {' '.join(args)}: {proc.stderr.strip()}")
     return json.loads(proc.stdout)
 
 
 def _spawn_p50(runs: int, leaf) -> float:
-    from worktreebox import procs
+    from worktreebox.system import procs
 
     times = []
     for _ in range(runs):
@@ -124,7 +124,7 @@ def _isolation(home: Path, tmp: Path, rounds: int) -> dict:
 
 
 def bench_cgroups(runs: int = 10, work: Path | None = None) -> dict:
-    from worktreebox import cgroups
+    from worktreebox.system import cgroups
 
     tmp = Path(tempfile.mkdtemp(prefix="wtbox-bench-cgroups-", dir=work))
     home = tmp / "home"

@@ -81,9 +81,9 @@ def _repo(dest: Path, mode: str) -> Path:
 
 
 def _creation(host, repo: Path, config):
-    from worktreebox import git
     from worktreebox.box import Box, branch_name, new_id
     from worktreebox.resources.base import Creation
+    from worktreebox.system import git
 
     box_id = new_id("bench")
     box = Box(id=box_id, task="bench", repo=str(repo), branch=branch_name(box_id), dir=host.boxes_dir / box_id)

@@ -30,7 +30,7 @@ def _images() -> dict[str, str]:
 
 
 def _run(home: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "worktreebox.cli", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "worktreebox.cli.main", *args], capture_output=True, text=True,
                           env={**env, "WTBOX_HOME": str(home)})
     if proc.returncode != 0:
         raise RuntimeError(f"wtbox {' '.join(args)}: {proc.stderr.strip()}")
@@ -83,11 +83,11 @@ def bench_docker(runs: int = 5, work: Path | None = None) -> dict:
     finally:
         for name, env in variants.items():
             home = tmp / name
-            subprocess.run([sys.executable, "-m", "worktreebox.cli", "rm", "--all", "--yes", "--force"],
+            subprocess.run([sys.executable, "-m", "worktreebox.cli.main", "rm", "--all", "--yes", "--force"],
                            env={**env, "WTBOX_HOME": str(home)}, capture_output=True)
-            subprocess.run([sys.executable, "-m", "worktreebox.cli", "db", "stop"],
+            subprocess.run([sys.executable, "-m", "worktreebox.cli.main", "db", "stop"],
                            env={**env, "WTBOX_HOME": str(home)}, capture_output=True)
-            subprocess.run([sys.executable, "-m", "worktreebox.cli", "gc", "--grace", "0"],
+            subprocess.run([sys.executable, "-m", "worktreebox.cli.main", "gc", "--grace", "0"],
                            env={**env, "WTBOX_HOME": str(home)}, capture_output=True)
         dockerenv.remove_labelled(tmp / "docker", host_level=True)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -89,7 +89,7 @@ class _RssSampler:
         self.pid, self.peak, self._stop = pid, 0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "_RssSampler":
+    def __enter__(self) -> _RssSampler:
         self._thread.start()
         return self
 
@@ -122,7 +122,7 @@ class _RssSampler:
 def _wtbox(home: Path, *args: str, sampler: bool = False) -> tuple[float, str, int]:
     env = {**os.environ, "WTBOX_HOME": str(home), "WTBOX_NO_AUTO_GC": "1"}
     t0 = time.perf_counter()
-    proc = subprocess.Popen([PY, "-m", "worktreebox.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen([PY, "-m", "worktreebox.cli.main", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, cwd=ROOT)
     peak = 0
     if sampler:
@@ -139,8 +139,8 @@ def _wtbox(home: Path, *args: str, sampler: bool = False) -> tuple[float, str, i
 
 def _box_rss(home: Path) -> int:
     """RSS of everything the boxes run (supervisor, service, VictoriaMetrics): what N boxes cost at rest."""
-    from worktreebox import procs
     from worktreebox.host import Host
+    from worktreebox.system import procs
 
     host = Host(home)
     total = 0
@@ -243,10 +243,10 @@ def bench_fanout(runs: int = 3, work: Path | None = None) -> dict:
             _wtbox(home, "rm", "--all", "--yes", "--force")
     finally:
         env = {**os.environ, "WTBOX_HOME": str(home), "WTBOX_NO_AUTO_GC": "1"}
-        subprocess.run([PY, "-m", "worktreebox.cli", "rm", "--all", "--yes", "--force"], env=env,
+        subprocess.run([PY, "-m", "worktreebox.cli.main", "rm", "--all", "--yes", "--force"], env=env,
                        capture_output=True, cwd=ROOT)
         if database and not os.environ.get("WTBOX_POSTGRES_URL"):
-            subprocess.run([PY, "-m", "worktreebox.cli", "db", "stop"], env=env, capture_output=True, cwd=ROOT)
+            subprocess.run([PY, "-m", "worktreebox.cli.main", "db", "stop"], env=env, capture_output=True, cwd=ROOT)
         shutil.rmtree(home, ignore_errors=True)
     fan, one = _ms(fanout_t), _ms(new_t)
     ratio = round(fan["p50_ms"] / one["p50_ms"], 2)

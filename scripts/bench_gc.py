@@ -29,7 +29,7 @@ def bench_gc(runs: int = 5, work: Path | None = None, boxes: int = 50) -> dict:
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "worktreebox.cli", "gc", "--json"], env=env,
+        proc = subprocess.run([sys.executable, "-m", "worktreebox.cli.main", "gc", "--json"], env=env,
                               capture_output=True, text=True)
         times.append(time.perf_counter() - t0)
         assert proc.returncode == 0, proc.stderr

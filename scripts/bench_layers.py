@@ -117,7 +117,7 @@ def _locked_packages(repo: Path) -> int:
 
 # The `wtbox` command as users run it: the launcher, which hands served commands to the home's CLI
 # server (README, "CLI server") unless WTBOX_NO_SERVER=1.
-WTBOX = [str(Path(PY).with_name("wtbox"))] if Path(PY).with_name("wtbox").exists() else [PY, "-m", "worktreebox.launcher"]
+WTBOX = [str(Path(PY).with_name("wtbox"))] if Path(PY).with_name("wtbox").exists() else [PY, "-m", "worktreebox.cli.launcher"]
 MODES = ("in_process", "served")
 
 
@@ -154,14 +154,14 @@ class Home:
 
     def close(self) -> None:
         subprocess.run([*WTBOX, "server", "stop"], env=self.env, capture_output=True)
-        subprocess.run([PY, "-m", "worktreebox.cli", "rm", "--all", "--yes", "--force"], env=self.env,
+        subprocess.run([PY, "-m", "worktreebox.cli.main", "rm", "--all", "--yes", "--force"], env=self.env,
                        capture_output=True)
-        subprocess.run([PY, "-m", "worktreebox.cli", "gc", "--grace", "0"], env=self.env, capture_output=True)
-        subprocess.run([PY, "-m", "worktreebox.cli", "db", "stop"], env=self.env, capture_output=True)
+        subprocess.run([PY, "-m", "worktreebox.cli.main", "gc", "--grace", "0"], env=self.env, capture_output=True)
+        subprocess.run([PY, "-m", "worktreebox.cli.main", "db", "stop"], env=self.env, capture_output=True)
         subprocess.run(["rm", "-rf", str(self.path)])
 
 
-def _background_done(home: "Home", timeout: float = 60.0) -> None:
+def _background_done(home: Home, timeout: float = 60.0) -> None:
     """Wait until the spare databases a `new` started making are made: the floor is measured on a
     machine that is not also doing wtbox's background work."""
     import psutil

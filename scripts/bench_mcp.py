@@ -77,12 +77,12 @@ def bench_mcp(runs: int = 10, work: Path | None = None) -> dict:
         floor, ours = [], []
         for _ in range(runs):  # interleaved, so machine noise falls on both alike
             floor.append(await first_list([str(floor_py)]))
-            ours.append(await first_list(["-m", "worktreebox.cli", "mcp"]))
+            ours.append(await first_list(["-m", "worktreebox.cli.main", "mcp"]))
         return floor, ours
 
     async def status_calls() -> list[float]:
         out = []
-        async with server(["-m", "worktreebox.cli", "mcp"]) as client:
+        async with server(["-m", "worktreebox.cli.main", "mcp"]) as client:
             await client.call_tool("box_status", {"box": box.id})  # warm: first imports of the tool
             for _ in range(runs * 3):
                 t0 = time.perf_counter()
@@ -97,7 +97,7 @@ def bench_mcp(runs: int = 10, work: Path | None = None) -> dict:
         cli_status = []
         for _ in range(runs * 3):
             t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "worktreebox.cli", "status", box.id, "--json"],
+            proc = subprocess.run([sys.executable, "-m", "worktreebox.cli.main", "status", box.id, "--json"],
                                   env={**os.environ, **env}, capture_output=True, text=True)
             cli_status.append(time.perf_counter() - t0)
             assert proc.returncode == 0, proc.stderr

@@ -49,7 +49,7 @@ def _repo(work: Path, files: int) -> Path:
 
 
 def _config(toml: str):
-    from worktreebox.config import parse_repo_config
+    from worktreebox.config.load import parse_repo_config
 
     return parse_repo_config(toml, "bench_metrics")
 
@@ -70,9 +70,9 @@ def _tiny_repo(dest: Path) -> Path:
 
 def bench_vm(runs: int) -> dict:
     """Start → /health and SIGTERM → exit of a bare VictoriaMetrics, and its idle memory."""
-    from worktreebox.exposition import exposition
     from worktreebox.providers.metrics import native as vm
-    from worktreebox.vmclient import Client
+    from worktreebox.telemetry.exposition import exposition
+    from worktreebox.telemetry.vmclient import Client
 
     starts, stops = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,9 +147,9 @@ def _timed(name: str, fn, took: dict):
 
 def bench_idle_boxes(n: int, work: Path, idle: float = 12.0) -> dict:
     """RSS of wtbox's part (supervisor + VictoriaMetrics) in n idle boxes with observability on."""
-    from worktreebox.providers.metrics import native as vm
     from worktreebox.host import Host
-    from worktreebox.supervisor_client import supervisor_pid
+    from worktreebox.providers.metrics import native as vm
+    from worktreebox.services.client import supervisor_pid
 
     repo, cfg = _repo(work, 0), _config('[database]\nmode = "none"\n' + IDLE_SERVICE)
     vm_mem, sup_mem = [], []

@@ -61,7 +61,7 @@ def _answers(port: int) -> bool:
 
 
 def _wtbox(env: dict, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([PY, "-m", "worktreebox.cli", *args], capture_output=True, text=True, env=env)
+    proc = subprocess.run([PY, "-m", "worktreebox.cli.main", *args], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"wtbox {' '.join(args)} failed: {proc.stderr.strip()}")
     return proc
@@ -84,7 +84,7 @@ def _until_answers(env: dict, *args: str) -> tuple[float, list[dict]]:
 def _idle_cost(host, box_ids: list[str], window: float = 5.0) -> dict:
     import psutil
 
-    from worktreebox import procs
+    from worktreebox.system import procs
 
     found = {}
     for i in box_ids:
@@ -108,7 +108,7 @@ def _idle_cost(host, box_ids: list[str], window: float = 5.0) -> dict:
 def bench_pool(runs: int = 7, work: Path | None = None) -> dict:
     from bench import summary
 
-    from worktreebox import pool as P
+    from worktreebox.fleet import pool as P
     from worktreebox.host import Host
 
     runs = max(3, runs)

@@ -105,8 +105,8 @@ def bench_services(runs: int = 3, work: Path | None = None, idle_seconds: float 
     import psutil
 
     from worktreebox.host import Host
-    from worktreebox.logs.reader import read_records
-    from worktreebox.supervisor_client import services_status, supervisor_pid
+    from worktreebox.services.client import services_status, supervisor_pid
+    from worktreebox.telemetry.logs.reader import read_records
 
     if idle_seconds is None:
         idle_seconds = float(os.environ.get("WTBOX_BENCH_IDLE", "30"))
@@ -168,7 +168,7 @@ def bench_services(runs: int = 3, work: Path | None = None, idle_seconds: float 
         _big_log(b.logs_dir, log_mb)
         out["log_file_mb"] = round((b.logs_dir / "big.jsonl").stat().st_size / 2**20, 1)
         out["log_generate_s"] = round(time.perf_counter() - t0, 2)
-        cli = [PY, "-m", "worktreebox.cli", "logs", b.id, "--json"]
+        cli = [PY, "-m", "worktreebox.cli.main", "logs", b.id, "--json"]
         for name, args in (("logs_grep_rare_cli", ["--grep", "req=00000ff1"]),
                            ("logs_grep_regex_cli", ["--grep", r"user=u99\d\b", "--level", "error"]),
                            ("logs_tail100_grep_cli", ["--grep", "items/42", "--tail", "100"])):
@@ -189,7 +189,7 @@ def bench_services(runs: int = 3, work: Path | None = None, idle_seconds: float 
         for b in host.list():
             try:
                 host.rm(b.id, force=True)
-            except Exception:  # noqa: BLE001 - best effort cleanup of the scratch home
+            except Exception:
                 pass
         host.registry.close()
         if env_before is None:

@@ -92,7 +92,7 @@ def _request(rng: random.Random, n: int = BATCH) -> bytes:
 
 def _start_receiver(box_dir: Path, port: int, cpu: int | None = None) -> subprocess.Popen:
     env = {**os.environ, "WTBOX_ID": box_dir.name, "WTBOX_BOX_DIR": str(box_dir)}
-    proc = subprocess.Popen([sys.executable, "-m", "worktreebox.traces.receiver", str(box_dir), str(port), ""],
+    proc = subprocess.Popen([sys.executable, "-m", "worktreebox.services.otlp_receiver", str(box_dir), str(port), ""],
                             cwd=str(ROOT), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if cpu is not None:
         os.sched_setaffinity(proc.pid, {cpu})
@@ -100,7 +100,7 @@ def _start_receiver(box_dir: Path, port: int, cpu: int | None = None) -> subproc
 
 
 def _wait_healthy(port: int, timeout: float = 15.0) -> float:
-    from worktreebox.vmclient import healthy
+    from worktreebox.telemetry.vmclient import healthy
 
     t0 = time.perf_counter()
     while not healthy(f"http://127.0.0.1:{port}", timeout=0.25):
@@ -156,7 +156,7 @@ def _send(port: int, bodies: list[bytes], requests: int, connections: int = 2) -
 def bench_ingest(runs: int, requests: int = 200) -> dict:
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-    from worktreebox.traces import otlp, store
+    from worktreebox.telemetry.traces import otlp, store
 
     rng = random.Random(42)
     bodies = [_request(rng) for _ in range(8)]
@@ -215,9 +215,9 @@ _PROBE = """
 import os, sys, time
 def rss():
     return int([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]) / 1024
-import worktreebox.supervisor, worktreebox.collector
+import worktreebox.services.supervisor, worktreebox.telemetry.collector
 base = rss()
-from worktreebox.traces import receiver
+from worktreebox.telemetry.traces import receiver
 srv = receiver.Server(int(sys.argv[1]), receiver.Receiver(__import__('pathlib').Path(sys.argv[2]), 'b', None))
 import threading
 threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -270,7 +270,7 @@ def bench_memory_and_start(runs: int) -> dict:
 
 def _build_store(dest: Path, n: int) -> dict:
     """n spans in the store layout (rotated files), cached under the bench work dir."""
-    from worktreebox.traces import store
+    from worktreebox.telemetry.traces import store
 
     marker = dest / f".complete-{n}"
     if marker.exists():
@@ -334,9 +334,9 @@ def _timed(cmd: list[str], runs: int, env: dict | None = None, discard: bool = F
 def bench_query(runs: int, work: Path, spans: int) -> dict:
     from bench_metrics import _tiny_repo
 
-    from worktreebox.config import parse_repo_config
+    from worktreebox.config.load import parse_repo_config
     from worktreebox.host import Host
-    from worktreebox.traces import query, store
+    from worktreebox.telemetry.traces import query, store
 
     facts = _build_store(work / f"traces-store-{spans}", spans)
     src_files = store.files(work / f"traces-store-{spans}")
@@ -353,7 +353,7 @@ def bench_query(runs: int, work: Path, spans: int) -> dict:
                 except OSError:
                     shutil.copy2(f, tdir / f.name)
             env = {**os.environ, "WTBOX_HOME": str(home), "WTBOX_NO_AUTO_GC": "1"}
-            wt = [sys.executable, "-m", "worktreebox.cli", "traces", box.id]
+            wt = [sys.executable, "-m", "worktreebox.cli.main", "traces", box.id]
             files = [str(tdir / f.name) for f in src_files]
             out: dict = {"store": {k: facts[k] for k in ("spans", "bytes", "files", "slow")}}
             res, text = _timed(wt + ["--min-duration", "200ms", "--json"], runs, env)

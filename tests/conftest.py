@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import CORE_TOML, git, remove_all_boxes, remove_box_cgroups  # noqa: F401 (CORE_TOML, git: old imports from conftest)
 
 # one real PostgreSQL cluster for the whole session (see tests/pg_fixtures.py)
 from pg_fixtures import no_stray_cluster, pg_cluster, pg_host, shared_postgres  # noqa: F401
-from helpers import CORE_TOML, git, remove_all_boxes, remove_box_cgroups  # noqa: F401 (CORE_TOML, git: old imports from conftest)
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every test runs wtbox in process, as before the CLI server; tests/test_cliserver.py turns it on.
@@ -98,7 +98,7 @@ def run_wtbox(wtbox_home):
     def run(*args: str, check: bool = True, input: str | None = None, env: dict | None = None,
             cwd: str | Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
         full_env = {**os.environ, "WTBOX_HOME": str(wtbox_home), "WTBOX_NO_AUTO_GC": "1", **(env or {})}
-        proc = subprocess.run([sys.executable, "-m", "worktreebox.cli", *args], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-m", "worktreebox.cli.main", *args], capture_output=True, text=True,
                               input=input, env=full_env, cwd=cwd, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"wtbox {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")

@@ -42,7 +42,7 @@ def remove_all_boxes(host) -> None:
 
 def remove_box_cgroups(home) -> None:
     """Kill and delete the cgroups of every box of `home` (they outlive the test's tmp dir otherwise)."""
-    from worktreebox import cgroups
+    from worktreebox.system import cgroups
 
     backend = cgroups.for_home(home)
     if backend is not None:

@@ -1,4 +1,4 @@
-"""A box that keeps the CPU busy runs as a background box (worktreebox/background.py), on real
+"""A box that keeps the CPU busy runs as a background box (worktreebox/system/background.py), on real
 processes and a real box cgroup."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import BURNER, wait_for
-from worktreebox import background, cgroups
+
+from worktreebox.system import background, cgroups
 
 SPIN = "while True: pass\n"
 SLEEPY = "import time\nwhile True: time.sleep(0.01)\n"

@@ -1,7 +1,7 @@
 """Pure logic of the box process environment: what is another box's, what is the host's."""
 from __future__ import annotations
 
-from worktreebox.boxenv import without_box_vars
+from worktreebox.services.boxenv import without_box_vars
 
 
 def test_another_boxs_ids_and_ports_are_dropped_but_host_settings_stay():

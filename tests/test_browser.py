@@ -12,15 +12,14 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 import sys
+import time
 from pathlib import Path
 
 import psutil
 import pytest
-from PIL import Image
-
 from helpers import wait_for
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "tests" / "browser_app.py"
@@ -119,8 +118,8 @@ def test_browse_screenshot_console_and_failed_requests_reach_json_logs_and_metri
 @needs_chromium
 def test_browser_enabled_exports_cdp_url_compares_boxes_and_leaves_nothing_after_rm(run_wtbox, make_repo, tmp_path,
                                                                                   host, wtbox_home):
-    from playwright.sync_api import sync_playwright
     import portpicker
+    from playwright.sync_api import sync_playwright
 
     red = _new(run_wtbox, make_repo, "ff0000", browser=True)
     blue = _new(run_wtbox, make_repo, "0000ff", browser=True)
@@ -162,7 +161,7 @@ def test_browser_enabled_exports_cdp_url_compares_boxes_and_leaves_nothing_after
 
     async def over_mcp():
         env = {"WTBOX_HOME": str(wtbox_home), "WTBOX_NO_AUTO_GC": "1", "PATH": os.environ["PATH"]}
-        async with Client(StdioServerParameters(command=sys.executable, args=["-m", "worktreebox.cli", "mcp"],
+        async with Client(StdioServerParameters(command=sys.executable, args=["-m", "worktreebox.cli.main", "mcp"],
                                                 env=env)) as client:
             res = await client.call_tool("box_browse", {"box": blue["id"], "target": "/", "viewport": "640x400"})
             assert not res.is_error, res.content[0].text
@@ -172,7 +171,7 @@ def test_browser_enabled_exports_cdp_url_compares_boxes_and_leaves_nothing_after
     anyio.run(over_mcp)
 
     # A box's Chromium that died is started again by the next browse, on the same DevTools port.
-    from worktreebox import browser as chromium
+    from worktreebox.telemetry import browser as chromium
 
     main = int((Path(red["dir"]) / "run" / chromium.PID_FILE).read_text())
     os.kill(main, signal.SIGKILL)
@@ -215,11 +214,11 @@ def test_bad_input_is_one_sentence(run_wtbox, make_repo, tmp_path, host):
 
 @needs_chromium
 def test_gc_after_kill9_of_new_stops_the_stray_chromium(wtbox_home, host, make_repo, run_wtbox):
-    from worktreebox import browser
+    from worktreebox.telemetry import browser
 
     repo = make_repo(toml=_toml("ff0000", browser=True))
     env = {**os.environ, "WTBOX_HOME": str(wtbox_home), "WTBOX_NO_AUTO_GC": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "worktreebox.cli", "new", "killed", "--repo", str(repo)],
+    proc = subprocess.Popen([sys.executable, "-m", "worktreebox.cli.main", "new", "killed", "--repo", str(repo)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     boxes = wtbox_home / "boxes"
     try:
@@ -259,7 +258,7 @@ def test_fanout_browse_adds_a_screenshot_and_console_errors_per_attempt(run_wtbo
 
 
 def test_diff_ratio_counts_changed_pixels():
-    from worktreebox.browser import diff_images
+    from worktreebox.telemetry.browser import diff_images
 
     def png(colour, size=(100, 50), block=None):
         img = Image.new("RGB", size, colour)

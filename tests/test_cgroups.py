@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import BURNER, wait_for
-from worktreebox import cgroups
+
+from worktreebox.system import cgroups
 
 PY = sys.executable
 HOST_CGROUPS, WHY_NOT = cgroups.detect("probe")
@@ -326,7 +326,7 @@ def test_every_process_of_a_box_is_in_its_cgroup(make_repo, run_wtbox, wtbox_hom
     shown = run_wtbox("exec", box["id"], "--", "cat", "/proc/self/cgroup").stdout
     assert f"{rel}/_exec" in shown
     # and nothing of the box runs outside it
-    from worktreebox import procs
+    from worktreebox.system import procs
 
     found = {p.pid for p in procs.find_box_processes(box["id"], box["dir"])}
     assert found and found <= cg.pids(box["id"])
@@ -470,7 +470,7 @@ def check_top(run_wtbox, a: dict, b: dict) -> None:
     assert idle["ports"] == b["ports"] and idle["memory_max"] == 512 << 20 and idle["pids_max"] == 100
     table = run_wtbox("top").stdout
     assert a["id"] in table.splitlines()[1] and "/ 512.0M" in table
-    watch = subprocess.Popen([PY, "-m", "worktreebox.cli", "top", "--watch", "--json"], stdout=subprocess.PIPE,
+    watch = subprocess.Popen([PY, "-m", "worktreebox.cli.main", "top", "--watch", "--json"], stdout=subprocess.PIPE,
                              text=True, env={**os.environ})
     try:
         frames = [json.loads(watch.stdout.readline()) for _ in range(2)]  # one array per refresh
@@ -515,7 +515,7 @@ def test_a_cpu_burning_box_does_not_slow_another(make_repo, run_wtbox):
 def cpu_shares_while_both_burn(make_repo, run_wtbox, env: dict | None = None, window: float = 3.0) -> float:
     """B's part of the CPU the two boxes got while A spun 2x cores + 1 burners (each in its own
     session) and B one, measured from the processes themselves (psutil), with or without cgroups."""
-    from worktreebox import procs
+    from worktreebox.system import procs
 
     burners_a = 2 * os.cpu_count() + 1
     toml = lambda n: service_toml(name="burn", cmd=f"{PY} burner.py $WTBOX_BOX_DIR/spin {n}").replace(
@@ -571,7 +571,7 @@ def test_max_active_makes_new_wait_or_refuse(make_repo, run_wtbox, wtbox_home):
     assert refused.returncode == 1 and refused.stdout == ""
     assert refused.stderr.count("\n") == 1 and refused.stderr.startswith("wtbox: This host is full: 1 of its [host] "
                                                                             "max_active = 1 boxes are active;")
-    waiting = subprocess.Popen([PY, "-m", "worktreebox.cli", "new", "third", "--repo", str(repo), "--json"],
+    waiting = subprocess.Popen([PY, "-m", "worktreebox.cli.main", "new", "third", "--repo", str(repo), "--json"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ})
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(waiting.stderr), daemon=True)
@@ -630,7 +630,7 @@ def test_limits_are_checked_with_file_and_key(make_repo, run_wtbox, wtbox_home):
 
 
 def test_limits_merge_repo_over_host_defaults():
-    from worktreebox.config import UNLIMITED, LimitsConfig
+    from worktreebox.config.load import UNLIMITED, LimitsConfig
     from worktreebox.resources.cgroup import effective_limits
 
     host = LimitsConfig(cpu_weight=50, memory_max=2 << 30, pids_max=500)
@@ -645,8 +645,8 @@ def test_a_box_claimed_from_the_pool_keeps_its_cgroup(make_repo, run_wtbox, host
     pool id. Both names lead to the one cgroup (named by the hex), so nothing runs outside it."""
     import json
 
-    from worktreebox import pool as P
     from worktreebox.box import hex_of
+    from worktreebox.fleet import pool as P
     from worktreebox.resources.cgroup import POOL_CPU_WEIGHT
 
     repo = make_repo({"server.py": SERVER}, toml=service_toml())
@@ -684,7 +684,7 @@ def test_gc_of_any_home_removes_the_cgroups_of_a_home_that_is_gone(make_repo, ru
     env = {**os.environ, "WTBOX_NO_AUTO_GC": "1"}
 
     def cli(home, *args):
-        proc = subprocess.run([PY, "-m", "worktreebox.cli", *args], capture_output=True, text=True,
+        proc = subprocess.run([PY, "-m", "worktreebox.cli.main", *args], capture_output=True, text=True,
                               env={**env, "WTBOX_HOME": str(home)}, timeout=120)
         assert proc.returncode == 0, proc.stderr
         return proc
@@ -701,7 +701,7 @@ def test_gc_of_any_home_removes_the_cgroups_of_a_home_that_is_gone(make_repo, ru
         assert not backend_gone.exists(doomed["id"])
         assert backend_alive.exists(kept["id"])
         assert out["cgroups"] == [f"{cgroups.key_of(doomed['id'])} of {gone} (home is gone)"]
-        from worktreebox import homes
+        from worktreebox.system import home_records as homes
 
         # the note goes with the last cgroup: notes of deleted homes do not pile up on the host
         assert homes.path_of(cgroups.home_key(gone)) is None

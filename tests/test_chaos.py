@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import git, wait_for
-from worktreebox import cgroups
+
 from worktreebox.box import hex_of
+from worktreebox.system import cgroups
 
 pytestmark = pytest.mark.chaos
 
@@ -46,7 +46,7 @@ def _toml() -> str:
              # the default database mode (a database per box); without PostgreSQL, none
              "" if HAVE_PG else '[database]\nmode = "none"\n',
              f"[observability]\nenabled = {'true' if HAVE_VM else 'false'}\n",
-             '[services.web]\ncmd = "{python} server.py"\nready = "tcp:{{{{ ports.web }}}}"\n'.format(python=sys.executable)]
+             f'[services.web]\ncmd = "{sys.executable} server.py"\nready = "tcp:{{{{ ports.web }}}}"\n']
     return "\n".join(parts)
 
 
@@ -67,7 +67,7 @@ class Chaos:
         self.env.pop("WTBOX_POSTGRES_URL", None)  # its own embedded cluster: every wt_* in it is ours
 
     def wtbox(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run([sys.executable, "-m", "worktreebox.cli", *args], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-m", "worktreebox.cli.main", *args], capture_output=True, text=True,
                               env=self.env, timeout=180)
         if check and proc.returncode != 0:
             raise AssertionError(f"wtbox {' '.join(args)}: {proc.returncode}\n{proc.stderr}")
@@ -76,7 +76,7 @@ class Chaos:
     def spawn(self, *args: str) -> tuple[subprocess.Popen, Path]:
         phase_file = self.tmp / f"phase-{time.monotonic_ns()}"
         env = {**self.env, "WTBOX_PHASE_FILE": str(phase_file)}
-        p = subprocess.Popen([sys.executable, "-m", "worktreebox.cli", *args], stdout=subprocess.DEVNULL,
+        p = subprocess.Popen([sys.executable, "-m", "worktreebox.cli.main", *args], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, env=env)
         return p, phase_file
 
@@ -279,18 +279,18 @@ def test_kill_dash_nine_during_the_first_cluster_start(tmp_path):
     for i in range(4):
         home = tmp_path / f"home{i}"
         run_env = {**env, "WTBOX_HOME": str(home)}
-        p = subprocess.Popen([sys.executable, "-m", "worktreebox.cli", "db", "start"], env=run_env,
+        p = subprocess.Popen([sys.executable, "-m", "worktreebox.cli.main", "db", "start"], env=run_env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(0.05, 1.5))
         p.send_signal(signal.SIGKILL)
         p.wait()
         try:
-            ok = subprocess.run([sys.executable, "-m", "worktreebox.cli", "db", "start", "--json"], env=run_env,
+            ok = subprocess.run([sys.executable, "-m", "worktreebox.cli.main", "db", "start", "--json"], env=run_env,
                                 capture_output=True, text=True, timeout=120)
             assert ok.returncode == 0, ok.stderr
             assert json.loads(ok.stdout).get("running") is True, ok.stdout
         finally:
-            subprocess.run([sys.executable, "-m", "worktreebox.cli", "db", "stop"], env=run_env, capture_output=True)
+            subprocess.run([sys.executable, "-m", "worktreebox.cli.main", "db", "stop"], env=run_env, capture_output=True)
 
 
 LAYER_TOML = """

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from helpers import CORE_TOML, git, wait_for
-from worktreebox import cgroups, cliproto
+
+from worktreebox.cli import protocol as cliproto
+from worktreebox.system import cgroups
 
 WTBOX = Path(sys.executable).with_name("wtbox")
-LAUNCHER = [str(WTBOX)] if WTBOX.exists() else [sys.executable, "-m", "worktreebox.launcher"]
+LAUNCHER = [str(WTBOX)] if WTBOX.exists() else [sys.executable, "-m", "worktreebox.cli.launcher"]
 
 
 class Served:
@@ -34,7 +35,7 @@ class Served:
         self.server: subprocess.Popen | None = None
 
     def start(self, **env: str) -> subprocess.Popen:
-        self.server = subprocess.Popen([sys.executable, "-P", "-m", "worktreebox.cliserver", str(self.home)],
+        self.server = subprocess.Popen([sys.executable, "-P", "-m", "worktreebox.cli.server", str(self.home)],
                                        env={**self.env, **env}, stdin=subprocess.DEVNULL,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         assert wait_for(lambda: self.status() or self.server.poll() is not None, timeout=30, every=0.05)
@@ -308,9 +309,9 @@ def test_a_request_from_another_install_is_refused(srv, tmp_path):
 
 
 def test_the_launcher_imports_nothing_heavy():
-    code = "import sys, worktreebox.launcher; print(' '.join(sorted(sys.modules)))"
+    code = "import sys, worktreebox.cli.launcher; print(' '.join(sorted(sys.modules)))"
     mods = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
-    assert not mods & {"click", "worktreebox.cli", "worktreebox.host", "psycopg", "pathlib", "socket", "subprocess"}
+    assert not mods & {"click", "worktreebox.cli.main", "worktreebox.host", "psycopg", "pathlib", "socket", "subprocess"}
 
 
 def test_a_served_child_killed_mid_command_is_one_sentence(srv, repo, tmp_path):

@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 from helpers import CORE_TOML, git
 
 CONTRACT = {"id", "task", "branch", "path", "state", "created_at", "ports", "env"}
@@ -18,7 +17,7 @@ CONTRACT = {"id", "task", "branch", "path", "state", "created_at", "ports", "env
 def test_new_ls_status_env_exec_rm(make_repo, run_wtbox, wtbox_home):
     repo = make_repo({"app.py": "print('hi')\n"}, toml=CORE_TOML + '\n[box]\nports = ["web", "api"]\n')
     out = json.loads(run_wtbox("new", "fix-login", "--repo", str(repo), "--json").stdout)
-    assert CONTRACT <= out.keys()
+    assert out.keys() >= CONTRACT
     box_id = out["id"]
     assert box_id.startswith("fix-login-") and len(box_id.rsplit("-", 1)[1]) == 8
     assert out["branch"] == f"wtbox/{box_id}"
@@ -37,9 +36,9 @@ def test_new_ls_status_env_exec_rm(make_repo, run_wtbox, wtbox_home):
     assert f"WTBOX_ID={box_id}" in env_file.read_text()
 
     listed = json.loads(run_wtbox("ls", "--json").stdout)
-    assert [b["id"] for b in listed] == [box_id] and CONTRACT <= listed[0].keys()
+    assert [b["id"] for b in listed] == [box_id] and listed[0].keys() >= CONTRACT
     status = json.loads(run_wtbox("status", box_id, "--json").stdout)
-    assert CONTRACT <= status.keys() and status["ports"] == out["ports"]
+    assert status.keys() >= CONTRACT and status["ports"] == out["ports"]
     env_json = json.loads(run_wtbox("env", box_id, "--format", "json").stdout)
     assert env_json == out["env"]
     sh = run_wtbox("env", box_id, "--format", "sh").stdout

@@ -373,7 +373,7 @@ def test_discover_and_destroy_orphans(pg_host, pg_cluster, make_repo):
 
 def test_gc_removes_database_orphans(pg_host, pg_cluster, make_repo):
     """A box whose registry row is lost: gc's orphan path (discover → destroy_orphan(id)) drops it by name."""
-    from worktreebox import gc
+    from worktreebox.fleet import gc
 
     repo = make_repo(toml=toml())
     box = pg_host.new("lost", repo=repo)
@@ -458,7 +458,7 @@ def test_twenty_parallel_new_start_a_stopped_cluster_once(pg_host, pg_cluster, m
     env.pop("WTBOX_POSTGRES_URL", None)
 
     def wtbox(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([PY, "-m", "worktreebox.cli", *args], capture_output=True, text=True, env=env,
+        return subprocess.run([PY, "-m", "worktreebox.cli.main", *args], capture_output=True, text=True, env=env,
                               timeout=180)
 
     stop = wtbox("db", "stop", "--json")
@@ -577,7 +577,7 @@ def test_failed_golden_migration_leaves_no_golden(pg_host, pg_cluster, make_repo
 
 
 def test_fsync_setting_is_an_opt_out(tmp_path):
-    from worktreebox.config import HostConfig
+    from worktreebox.config.load import HostConfig
     from worktreebox.providers.postgres.embedded import EmbeddedCluster
 
     for fsync_off, expect in ((True, True), (False, False)):

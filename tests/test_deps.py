@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 from helpers import CORE_TOML, git
-from worktreebox.deps import tool
+
+from worktreebox.layers.deps import tool
 from worktreebox.providers.mounts.base import mounts_under
 
 UV = tool("uv")

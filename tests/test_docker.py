@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 from helpers import wait_for
 
-from worktreebox.providers import docker_engine as dockerenv
 from worktreebox.errors import WtboxError
+from worktreebox.providers import docker_engine as dockerenv
 
 ROOT = Path(__file__).resolve().parent.parent
 _OK, _WHY = dockerenv.docker_available()
@@ -262,7 +262,7 @@ def test_docker_unavailable_is_one_sentence(pg, host, monkeypatch, tmp_path):
     assert not ok and "does not exist" in why
     with pytest.raises(WtboxError, match="Docker is not running"):
         pg.start(host)
-    from worktreebox.commands.doctor_docker import docker_report
+    from worktreebox.cli.commands.doctor import docker_report
 
     r = docker_report(host)
     assert r["available"] is False and r["providers"] == {"database": False, "observability": False}
@@ -322,8 +322,8 @@ def _query(url: str, q: str) -> list:
 
 
 def test_victoriametrics_container_scrapes_the_box(docker_env, host, app_port):
-    from worktreebox.providers.metrics import docker as docker_metrics
     from worktreebox.box import Box
+    from worktreebox.providers.metrics import docker as docker_metrics
 
     box = Box(id="vm-test-0000cccc", task="vm-test", repo="", branch="wtbox/vm-test-0000cccc",
               dir=host.boxes_dir / "vm-test-0000cccc")
@@ -364,8 +364,8 @@ def test_victoriametrics_container_scrapes_the_box(docker_env, host, app_port):
 
 
 def test_victoriametrics_port_taken_is_one_sentence(docker_env, host):
-    from worktreebox.providers.metrics import docker as docker_metrics
     from worktreebox.box import Box
+    from worktreebox.providers.metrics import docker as docker_metrics
 
     box = Box(id="vm-busy-0000dddd", task="vm-busy", repo="", branch="x", dir=host.boxes_dir / "vm-busy-0000dddd")
     with socket.socket() as s:
@@ -430,7 +430,7 @@ def test_gc_after_kill9_of_new_leaves_no_labelled_thing(docker_env, host, make_r
     app = ROOT / "tests" / "metrics_app.py"
     repo = make_repo(toml=OBS_TOML.format(py=sys.executable, app=app))
     env = {**os.environ, "WTBOX_HOME": str(wtbox_home), "WTBOX_NO_AUTO_GC": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "worktreebox.cli", "new", "killed", "--repo", str(repo)],
+    proc = subprocess.Popen([sys.executable, "-m", "worktreebox.cli.main", "new", "killed", "--repo", str(repo)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         # Kill as soon as the box owns a container: mid-way through `new`.

@@ -24,7 +24,7 @@ def test_stop_and_start_work_after_an_ancestor_was_closed_again(monkeypatch):
     env.pop("WTBOX_POSTGRES_URL", None)
 
     def db(*args):
-        return subprocess.run([sys.executable, "-m", "worktreebox.cli", "db", *args], env=env,
+        return subprocess.run([sys.executable, "-m", "worktreebox.cli.main", "db", *args], env=env,
                               capture_output=True, text=True, timeout=120)
 
     try:

@@ -10,9 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from pg_fixtures import pg_cluster, shared_postgres  # noqa: F401
-
 from helpers import CORE_TOML, git
+from pg_fixtures import pg_cluster, shared_postgres  # noqa: F401
 
 PY = sys.executable
 # Other wtbox homes may be live on this host at the same time (other suites): ports are leased
@@ -185,7 +184,7 @@ def test_fanout_compare_pick_end_to_end(home, host, make_repo, run_wtbox, tmp_pa
     left = json.loads(run_wtbox("ls", "--json").stdout)
     assert [(b["id"], b["keep"]) for b in left] == [(best["box"], True)]
 
-    from worktreebox import procs
+    from worktreebox.system import procs
 
     worktrees = git(repo, "worktree", "list")
     leases = host.registry.lease_owners()
@@ -273,7 +272,7 @@ def test_timeout_and_pick_needs_yes_without_a_terminal(home, host, make_repo, ru
 def test_ctrl_c_stops_every_run_and_leaves_the_boxes(home, host, make_repo, wtbox_home):
     repo = make_repo(toml=CORE_TOML)
     env = {**os.environ, "WTBOX_HOME": str(wtbox_home), "WTBOX_NO_AUTO_GC": "1"}
-    p = subprocess.Popen([PY, "-m", "worktreebox.cli", "fanout", "stop", "-n", "2", "--repo", str(repo),
+    p = subprocess.Popen([PY, "-m", "worktreebox.cli.main", "fanout", "stop", "-n", "2", "--repo", str(repo),
                           "--run", "sleep 60 & sleep 60"], env=env, stdin=subprocess.DEVNULL,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -294,7 +293,7 @@ def test_ctrl_c_stops_every_run_and_leaves_the_boxes(home, host, make_repo, wtbo
     boxes = host.list()
     assert len(boxes) == 2 and all(b.data["fanout"]["state"] == "interrupted" for b in boxes)
     assert f"wtbox rm --force {boxes[0].id}" in err or f"wtbox rm --force {boxes[1].id}" in err
-    from worktreebox import procs
+    from worktreebox.system import procs
 
     for b in boxes:  # both sleeps of each run were ended with their process group
         assert procs.find_box_processes(b.id, b.dir) == []

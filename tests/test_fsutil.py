@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import threading
-from worktreebox.fsutil import atomic_write
+
+from worktreebox.system.fsutil import atomic_write
+
 
 def test_atomic_write_from_many_threads_at_once(tmp_path):
     errors = []

@@ -2,18 +2,18 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import shutil
+import sqlite3
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 from helpers import CORE_TOML, git
-from worktreebox import gc as gc_mod
+
 from worktreebox.errors import WtboxError
+from worktreebox.fleet import gc as gc_mod
 
 
 def _age(home: Path, box_id: str, *, last_used: float | None = None, updated: float | None = None,

@@ -7,11 +7,9 @@ import json
 import os
 import random
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +17,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from helpers import CORE_TOML, wait_for
 
 PY = sys.executable
@@ -63,7 +60,7 @@ def _range() -> str:
 
 def _cli(home: Path, *args: str, env: dict | None = None, check: bool = True, timeout: float = 120):
     full = {**os.environ, "WTBOX_HOME": str(home), "WTBOX_NO_AUTO_GC": "1", **(env or {})}
-    proc = subprocess.run([PY, "-m", "worktreebox.cli", *args], capture_output=True, text=True, env=full,
+    proc = subprocess.run([PY, "-m", "worktreebox.cli.main", *args], capture_output=True, text=True, env=full,
                           timeout=timeout, stdin=subprocess.DEVNULL)
     if check and proc.returncode != 0:
         raise AssertionError(f"wtbox {' '.join(args)}: {proc.returncode}\n{proc.stderr}")
@@ -184,7 +181,7 @@ def test_foreign_listener_on_a_leased_port_fails_up_naming_port_and_holder(make_
 def test_stranger_on_the_port_before_the_service_starts_is_never_ready(make_repo, wtbox_home, stranger):
     """The stranger binds the leased port while `new` runs its setup: `new` must not say ready."""
     repo = make_repo({"server.py": SERVER}, toml=WEB.replace("[services.web]", '[setup]\ncmd = "sleep 1.5"\n\n[services.web]'))
-    proc = subprocess.Popen([PY, "-m", "worktreebox.cli", "new", "late", "--repo", str(repo), "--json"],
+    proc = subprocess.Popen([PY, "-m", "worktreebox.cli.main", "new", "late", "--repo", str(repo), "--json"],
                             env={**os.environ, "WTBOX_HOME": str(wtbox_home), "WTBOX_NO_AUTO_GC": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -347,7 +344,7 @@ def test_up_from_a_shell_with_another_path_behaves_as_at_creation(make_repo, wtb
 
 def test_lease_store_claims_releases_and_takes_over_only_what_is_stale(tmp_path):
     """The host-wide claim files themselves (a private directory, real files)."""
-    from worktreebox.leases import HostLeases
+    from worktreebox.system.leases import HostLeases
 
     store = tmp_path / "leases"
     store.mkdir()

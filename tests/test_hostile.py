@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 from helpers import CORE_TOML, git, remove_all_boxes
-from worktreebox.config import load_host_config, parse_repo_config
+
+from worktreebox.config.load import load_host_config, parse_repo_config
 from worktreebox.errors import ConfigError, WtboxError
 
 MARK = "wtbox-escaped"  # every service or setup command of a case touches this file in its cwd
@@ -166,7 +166,7 @@ def test_malformed_wtbox_toml_is_refused_in_one_sentence(tmp_path, make_repo, ho
             if "\n" in str(e).strip() or "wtbox.toml" not in str(e):
                 failures.append(f"{case}: not one sentence naming the file: {str(e)!r}")
             continue
-        except Exception as e:  # noqa: BLE001 - what the test is looking for
+        except Exception as e:
             failures.append(f"{case}: {type(e).__name__}: {e}")
             continue
         rendered.append(case)
@@ -199,7 +199,7 @@ def test_a_sample_of_malformed_configs_through_the_cli(tmp_path, make_repo, wtbo
 
     def run(item):
         case, repo = item
-        return case, subprocess.run([sys.executable, "-m", "worktreebox.cli", "new", "t", "--repo", str(repo)],
+        return case, subprocess.run([sys.executable, "-m", "worktreebox.cli.main", "new", "t", "--repo", str(repo)],
                                     capture_output=True, text=True, env=env, timeout=60)
 
     with ThreadPoolExecutor(4) as pool:
@@ -283,7 +283,7 @@ def test_malformed_host_config_is_refused_in_one_sentence(tmp_path, monkeypatch)
             except ConfigError as e:
                 if "\n" in str(e).strip():
                     failures.append(f"{case}: not one sentence: {str(e)!r}")
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 failures.append(f"{case}: {type(e).__name__}: {e}")
             else:
                 failures.append(f"{case}: accepted {data[:80]!r} {env}")
@@ -300,7 +300,7 @@ def test_a_sample_of_host_configs_through_the_cli(tmp_path, make_repo):
         home = tmp_path / f"cli{i}"
         home.mkdir()
         (home / "config.toml").write_bytes(data)
-        proc = subprocess.run([sys.executable, "-m", "worktreebox.cli", "new", "t", "--repo", str(repo)],
+        proc = subprocess.run([sys.executable, "-m", "worktreebox.cli.main", "new", "t", "--repo", str(repo)],
                               capture_output=True, text=True, timeout=60,
                               env={**base, **env, "WTBOX_HOME": str(home), "WTBOX_NO_AUTO_GC": "1"})
         return case, home, proc

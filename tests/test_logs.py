@@ -9,10 +9,10 @@ import time
 import pytest
 
 from worktreebox.errors import UsageError
-from worktreebox.logs.reader import follow, parse_time, read_records
-from worktreebox.logs.run import run_logged
-from worktreebox.logs.writer import LogWriter, parse_level
 from worktreebox.secrets import Redactor
+from worktreebox.telemetry.logs.reader import follow, parse_time, read_records
+from worktreebox.telemetry.logs.run import run_logged
+from worktreebox.telemetry.logs.writer import LogWriter, parse_level
 
 TRACEBACK = [
     "Traceback (most recent call last):",
@@ -116,7 +116,7 @@ def test_reader_filters_and_merges_services_in_time_order(tmp_path):
         ("2026-01-01T10:00:01.000Z", "debug", "tick"),
         ("2026-01-01T10:00:03.000Z", "critical", "worker died: ünïcode"),
     ])
-    ts = lambda recs: [r["ts"][17:19] for r in recs]  # noqa: E731
+    ts = lambda recs: [r["ts"][17:19] for r in recs]
     assert ts(read_records(tmp_path)) == ["00", "01", "02", "03", "04"]
     assert ts(read_records(tmp_path, services=["worker"])) == ["01", "03"]
     assert ts(read_records(tmp_path, min_level="warning")) == ["02", "03", "04"]
@@ -207,7 +207,7 @@ def test_follow_sees_records_written_after_it_started(tmp_path):
 def test_tail_agrees_with_a_full_read_across_block_edges_and_rotation(tmp_path, monkeypatch):
     import random
 
-    import worktreebox.logs.reader as L
+    import worktreebox.telemetry.logs.reader as L
 
     rng = random.Random(7)
     a, b = LogWriter(tmp_path, "a", max_bytes=5000, keep=3), LogWriter(tmp_path, "b")

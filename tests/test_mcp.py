@@ -56,7 +56,7 @@ def server_env(home: Path) -> dict[str, str]:
 
 
 def stdio_client(home: Path, *args: str) -> Client:
-    return Client(StdioServerParameters(command=sys.executable, args=["-m", "worktreebox.cli", "mcp", *args],
+    return Client(StdioServerParameters(command=sys.executable, args=["-m", "worktreebox.cli.main", "mcp", *args],
                                         env=server_env(home)))
 
 
@@ -251,7 +251,7 @@ def _leftovers(home: Path, repo: Path) -> list[str]:
 
 
 def _box_processes(home: Path) -> set[str]:
-    from worktreebox import procs
+    from worktreebox.system import procs
 
     return procs.discover_box_ids(home / "boxes")
 
@@ -373,7 +373,7 @@ def test_http_needs_loopback_token_and_own_host(wtbox_home, run_wtbox):
 
     port = _free_port()
     env = {**os.environ, "WTBOX_HOME": str(wtbox_home), "WTBOX_NO_AUTO_GC": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "worktreebox.cli", "mcp", "--http", f"127.0.0.1:{port}",
+    proc = subprocess.Popen([sys.executable, "-m", "worktreebox.cli.main", "mcp", "--http", f"127.0.0.1:{port}",
                              "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         about = _read_document(proc.stdout)
@@ -411,7 +411,7 @@ def test_http_needs_loopback_token_and_own_host(wtbox_home, run_wtbox):
     assert proc.returncode == 0 and "Traceback" not in proc.stderr.read()
 
     # The token is made once: a second server (or a race of two) reads the same file.
-    from worktreebox.mcp_auth import ensure_token
+    from worktreebox.mcp.auth import ensure_token
 
     assert ensure_token(wtbox_home) == (token, False)
     token_file.chmod(0o644)

@@ -14,11 +14,11 @@ import psutil
 import pytest
 from helpers import wait_for
 
-from worktreebox.collector import Collector
-from worktreebox.exposition import exposition, metric_specs
-from worktreebox.probe import buckets
 from worktreebox.providers.metrics import native as vm
-from worktreebox.vmclient import Client
+from worktreebox.telemetry.collector import Collector
+from worktreebox.telemetry.exposition import exposition, metric_specs
+from worktreebox.telemetry.probe import buckets
+from worktreebox.telemetry.vmclient import Client
 
 APP = Path(__file__).with_name("metrics_app.py").read_text()
 
@@ -308,7 +308,7 @@ def test_metric_names_live_in_one_place():
 
 
 def test_scrape_config_is_accepted_by_victoria_metrics(tmp_path):
-    from worktreebox.config import parse_repo_config
+    from worktreebox.config.load import parse_repo_config
     from worktreebox.resources.metrics import render_scrape_config, scrape_targets
 
     cfg = parse_repo_config("""

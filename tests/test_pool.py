@@ -1,4 +1,4 @@
-"""The warm pool (worktreebox/pool.py): boxes made ahead, claimed by `new`, against real git,
+"""The warm pool (worktreebox/fleet/pool.py): boxes made ahead, claimed by `new`, against real git,
 PostgreSQL, VictoriaMetrics and services."""
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-from helpers import git
-from helpers import remove_all_boxes, wait_for
+from helpers import git, remove_all_boxes, wait_for
 
 # Answers with what its process sees: the box identity promised in the README ("Warm pool").
 SERVER = '''
@@ -52,7 +50,7 @@ def get(port: int) -> dict:
 @pytest.fixture
 def phost(host):
     """The test's host; every pool filler and pooled box is gone afterwards."""
-    from worktreebox import pool as P
+    from worktreebox.fleet import pool as P
 
     yield host
     for repo in {b.repo for b in host.list()} | set(host.registry.select_repos()):
@@ -61,7 +59,7 @@ def phost(host):
 
 
 def fill(host, repo: Path, n: int):
-    from worktreebox import pool as P
+    from worktreebox.fleet import pool as P
 
     t = P.resolve_target(repo)
     P.top_up(host, t, n)
@@ -69,7 +67,7 @@ def fill(host, repo: Path, n: int):
 
 
 def test_concurrent_claims_never_get_the_same_box(phost, make_repo, tmp_path):
-    from worktreebox import pool as P
+    from worktreebox.fleet import pool as P
 
     repo = make_repo({"server.py": SERVER}, toml=toml())
     fill(phost, repo, 2)
@@ -101,8 +99,8 @@ print(json.dumps(b and {{"id": b.id, "pool_id": b.data["pool_id"]}}))
 
 
 def test_claimed_box_has_the_id_derived_names_and_its_own_resources(phost, make_repo, run_wtbox, wtbox_home):
-    from worktreebox import procs
     from worktreebox.box import hex_of
+    from worktreebox.system import procs
 
     repo = make_repo({"server.py": SERVER}, toml=toml(db="schema", metrics=True))
     fill(phost, repo, 1)
@@ -152,7 +150,7 @@ def test_claimed_box_has_the_id_derived_names_and_its_own_resources(phost, make_
     assert f"wtbox/{box_id}" not in git(repo, "branch", "--list")
     gc = json.loads(run_wtbox("gc", "--grace", "0", "--dry-run", "--json").stdout)
     assert gc["actions"] == []
-    from worktreebox.gc import discover_all
+    from worktreebox.fleet.gc import discover_all
 
     assert not [i for i in discover_all(phost) if hex_of(i) == hex_of(box_id)]
 
@@ -198,7 +196,7 @@ def test_restart_on_update_restarts_services_after_fast_forward(phost, make_repo
 
 
 def test_changed_wtbox_toml_rebuilds_the_pool(phost, make_repo, run_wtbox):
-    from worktreebox import pool as P
+    from worktreebox.fleet import pool as P
 
     repo = make_repo({"server.py": SERVER}, toml=toml(extra="[pool]\nsize = 1\n"))
     env = {"WTBOX_POOL_IDLE": "30"}
@@ -223,7 +221,7 @@ def test_changed_wtbox_toml_rebuilds_the_pool(phost, make_repo, run_wtbox):
 
 
 def test_gc_removes_stale_pool_boxes(phost, make_repo, run_wtbox):
-    from worktreebox import pool as P
+    from worktreebox.fleet import pool as P
 
     repo = make_repo({"server.py": SERVER}, toml=toml())
     fill(phost, repo, 1)
@@ -236,7 +234,7 @@ def test_gc_removes_stale_pool_boxes(phost, make_repo, run_wtbox):
 
 
 def test_no_pool_secrets_ls_and_max_boxes(phost, make_repo, run_wtbox, wtbox_home):
-    from worktreebox import pool as P
+    from worktreebox.fleet import pool as P
 
     repo = make_repo({"server.py": SERVER}, toml=toml())
     fill(phost, repo, 2)
@@ -271,7 +269,7 @@ def test_pool_config_errors_name_file_and_key(make_repo, run_wtbox, phost):
 
 
 def test_fanout_claims_from_the_pool_and_warm_tops_it_up(phost, make_repo, run_wtbox):
-    from worktreebox import pool as P
+    from worktreebox.fleet import pool as P
 
     repo = make_repo({"server.py": SERVER}, toml=toml())
     phost.registry.set_pool_size(str(repo), 0)

@@ -10,10 +10,8 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-
 from helpers import CORE_TOML, git, remove_all_boxes
 
 pytestmark = pytest.mark.chaos
@@ -37,9 +35,9 @@ ready = "tcp:{{{{ ports.web }}}}"
 
 
 def test_kill_dash_nine_of_filler_and_claims_then_gc(host, make_repo, wtbox_home):
-    from worktreebox import pool as P
     from worktreebox.box import hex_of
-    from worktreebox.gc import discover_all, _owners
+    from worktreebox.fleet import pool as P
+    from worktreebox.fleet.gc import _owners, discover_all
 
     rng = random.Random(int(os.environ.get("WTBOX_CHAOS_SEED", time.time())))
     repo = make_repo({"server.py": SERVICE}, toml=TOML)
@@ -50,7 +48,7 @@ def test_kill_dash_nine_of_filler_and_claims_then_gc(host, make_repo, wtbox_home
         for i in range(ROUNDS):
             P.ensure_filler(host, str(repo))
             time.sleep(rng.uniform(0.3, 2.5))
-            claims = [subprocess.Popen([sys.executable, "-m", "worktreebox.cli", "new", f"c{i}-{k}", "--repo",
+            claims = [subprocess.Popen([sys.executable, "-m", "worktreebox.cli.main", "new", f"c{i}-{k}", "--repo",
                                         str(repo), "--json"], env=env, stdout=subprocess.PIPE,
                                        stderr=subprocess.DEVNULL, text=True) for k in range(2)]
             time.sleep(rng.uniform(0.0, 0.6))
@@ -67,7 +65,7 @@ def test_kill_dash_nine_of_filler_and_claims_then_gc(host, make_repo, wtbox_home
         if ident:
             os.kill(ident[0], signal.SIGKILL)
         time.sleep(0.2)
-        subprocess.run([sys.executable, "-m", "worktreebox.cli", "gc", "--grace", "0"], env=env, check=True,
+        subprocess.run([sys.executable, "-m", "worktreebox.cli.main", "gc", "--grace", "0"], env=env, check=True,
                        capture_output=True, timeout=180)
 
         boxes = host.list()

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from helpers import CORE_TOML
+
 from worktreebox.errors import WtboxError
 
 HERE = Path(__file__).resolve().parent
@@ -145,7 +145,7 @@ def test_logs_filters_json_and_traceback(two_service_box, run_wtbox):
 def test_follow_sees_a_line_written_after_it_started(two_service_box, wtbox_home):
     box, _ = two_service_box
     env = {**os.environ, "WTBOX_HOME": str(wtbox_home)}
-    follower = subprocess.Popen([PY, "-m", "worktreebox.cli", "logs", box["id"], "--follow", "--json", "-s", "worker"],
+    follower = subprocess.Popen([PY, "-m", "worktreebox.cli.main", "logs", box["id"], "--follow", "--json", "-s", "worker"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         time.sleep(1.0)  # let it start and print its tail
@@ -169,7 +169,7 @@ def test_follow_sees_a_line_written_after_it_started(two_service_box, wtbox_home
 
 def test_secret_reaches_the_service_and_nothing_else(two_service_box, run_wtbox, wtbox_home):
     box, secret = two_service_box
-    wait_for(lambda: any("after traceback" == r["msg"] for r in logs_json(run_wtbox, box["id"], "-s", "worker")),
+    wait_for(lambda: any(r["msg"] == "after traceback" for r in logs_json(run_wtbox, box["id"], "-s", "worker")),
              what="the worker's output")
     msgs = [r["msg"] for r in logs_json(run_wtbox, box["id"])]
     # The service received the value (it printed its hash) ...

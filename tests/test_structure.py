@@ -32,12 +32,12 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
             base = here[: len(here) - node.level + 1] if node.level else []
             mod = ".".join(base + ([node.module] if node.module else []))
             subs = [f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in modules]
-            # `from . import git` imports the module worktreebox.git, not the package's own code
+            # `from . import git` imports the module worktreebox.system.git, not the package's own code
             targets = subs if len(subs) == len(node.names) else [mod, *subs]
         else:
             continue
         for t in targets:
-            # `from . import git` names the module worktreebox.git; `from .box import Box` names worktreebox.box
+            # `from . import git` names the module worktreebox.system.git; `from .box import Box` names worktreebox.box
             if t in modules and t != name:
                 out.add(t)
     return out

@@ -12,11 +12,20 @@ import threading
 
 import pytest
 
-from worktreebox import control
-from worktreebox.control import EXITED, FAILED, READY, STOPPED, Request, Response, ServiceState, SupervisorState
-from worktreebox.logs.reader import read_records
-from worktreebox.servicespec import ServiceSpec, SupervisorPayload
-from worktreebox.supervisor import BACKOFF_CAP, Clock, Supervisor
+from worktreebox.services import control
+from worktreebox.services.control import (
+    EXITED,
+    FAILED,
+    READY,
+    STOPPED,
+    Request,
+    Response,
+    ServiceState,
+    SupervisorState,
+)
+from worktreebox.services.spec import ServiceSpec, SupervisorPayload
+from worktreebox.services.supervisor import BACKOFF_CAP, Clock, Supervisor
+from worktreebox.telemetry.logs.reader import read_records
 
 
 class FakeClock(Clock):

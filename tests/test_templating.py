@@ -5,7 +5,7 @@ import random
 import jinja2
 import pytest
 
-from worktreebox import templating
+from worktreebox.config import templating
 from worktreebox.errors import ConfigError
 
 

@@ -17,10 +17,10 @@ import psutil
 import pytest
 from helpers import wait_for
 
-from worktreebox.exposition import histogram_buckets
-from worktreebox.vmclient import Client
 from worktreebox.resources import traces as traces_resource
-from worktreebox.traces import query, store
+from worktreebox.telemetry.exposition import histogram_buckets
+from worktreebox.telemetry.traces import query, store
+from worktreebox.telemetry.vmclient import Client
 
 APP = (Path(__file__).parent / "apps" / "otel_app.py").read_text()
 WEB_TOML = f"""
@@ -369,7 +369,7 @@ def store_ns(iso: str) -> int:
 def test_trace_tree_orders_children_and_keeps_orphans(tmp_path):
     t = "ab" * 16
     ms = 1_000_000
-    mk = lambda sid, parent, name, start, dur: store.span_record(  # noqa: E731
+    mk = lambda sid, parent, name, start, dur: store.span_record(
         start_ns=start * ms, end_ns=(start + dur) * ms, status=0, trace_id=t, span_id=sid, parent_id=parent, service="web",
         name=name, kind=2, attributes={})
     w = store.SpanWriter(tmp_path / "traces")
@@ -419,7 +419,7 @@ def test_ge_pattern_matches_exactly_the_numbers_at_least_n():
 
 
 def test_a_box_claimed_from_the_pool_keeps_its_spans_and_rm_stops_its_receiver(host, make_repo, run_wtbox):
-    from worktreebox import pool as P
+    from worktreebox.fleet import pool as P
 
     repo = make_repo({"send.py": SEND}, toml=BARE_TOML)
     try:

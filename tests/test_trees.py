@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 from helpers import CORE_TOML, git
+
 from worktreebox.providers import mounts
 from worktreebox.providers.mounts.base import mount_table, mounts_under, unmount_all
 
@@ -226,7 +226,7 @@ def test_a_box_whose_view_is_gone_is_mounted_again_with_its_changes(make_repo, r
 
 
 def test_tree_is_built_once_for_concurrent_users_and_a_failed_build_leaves_nothing(tmp_path):
-    from worktreebox.layerstore import LayerStore
+    from worktreebox.layers.store import LayerStore
 
     store = LayerStore(tmp_path / "store")
     builds = []
@@ -248,9 +248,8 @@ def test_tree_is_built_once_for_concurrent_users_and_a_failed_build_leaves_nothi
         (tmp / "half").write_text("x")
         raise RuntimeError("boom")
 
-    with pytest.raises(RuntimeError):
-        with store.use("k2", broken):
-            pass
+    with pytest.raises(RuntimeError), store.use("k2", broken):
+        pass
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [".locks", "k1"]
     # a holder of the entry keeps gc away from it, however old it is
     held = threading.Event()
@@ -273,7 +272,7 @@ def test_tree_is_built_once_for_concurrent_users_and_a_failed_build_leaves_nothi
 
 def test_tree_of_a_killed_builder_is_swept_and_rebuilt(make_repo, tmp_path):
     """kill -9 in the middle of checking a tree out: the temp dir stays, no lock; gc removes it."""
-    from worktreebox import trees
+    from worktreebox.layers import trees
 
     repo = make_repo({f"d{i}/f{j}.txt": "x" * 2000 for i in range(30) for j in range(30)})
     sha = git(repo, "rev-parse", "HEAD").strip()

@@ -71,7 +71,7 @@ def test_every_source_feeds_a_sink_and_names_are_the_boxs(tmp_path, victorialogs
     assert all(box.id in t.get("source", box.id) for t in transforms.values() if t["type"] == "remap")
 
     # Log records are counted under the name metrics.toml defines, labelled box/service/level.
-    from worktreebox.exposition import metric_specs
+    from worktreebox.telemetry.exposition import metric_specs
 
     [counts] = [t for t in transforms.values() if t["type"] == "log_to_metric"]
     [m] = counts["metrics"]

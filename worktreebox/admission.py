@@ -16,15 +16,16 @@ import contextlib
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
-from . import cgroups, procs
-from .box import CREATING, EXPIRED, READY
-from .errors import WtboxError
-from .fsutil import file_lock
+from worktreebox.box import CREATING, EXPIRED, READY
+from worktreebox.errors import WtboxError
+from worktreebox.system import cgroups, procs
+from worktreebox.system.fsutil import file_lock
 
 if TYPE_CHECKING:
-    from .context import HostContext
+    from worktreebox.context import HostContext
 
 POLL = 1.0  # seconds between looks while waiting
 
@@ -33,7 +34,7 @@ class HostFull(WtboxError):
     """The host has no room for another box right now and the caller asked not to wait."""
 
 
-def active_boxes(host: "HostContext") -> list[str]:
+def active_boxes(host: HostContext) -> list[str]:
     """Ids of the boxes that count against [host] max_active."""
     backend = cgroups.for_home(host.home)
     by_env: set[str] | None = None  # boxes with live processes by WTBOX_ID: one /proc scan, when needed
@@ -54,7 +55,7 @@ def active_boxes(host: "HostContext") -> list[str]:
     return out
 
 
-def why_full(host: "HostContext", more: int = 1) -> str | None:
+def why_full(host: HostContext, more: int = 1) -> str | None:
     """What keeps `more` new boxes out right now (a clause for a sentence), or None when they fit."""
     cfg = host.config
     if cfg.max_active is not None:
@@ -69,7 +70,7 @@ def why_full(host: "HostContext", more: int = 1) -> str | None:
     return None
 
 
-def check(host: "HostContext", more: int = 1) -> None:
+def check(host: HostContext, more: int = 1) -> None:
     """Raise HostFull when `more` new boxes do not fit now (fanout --no-wait asks once for all of them)."""
     why = why_full(host, more)
     if why:
@@ -78,7 +79,7 @@ def check(host: "HostContext", more: int = 1) -> None:
 
 
 @contextlib.contextmanager
-def admitted(host: "HostContext", *, wait: bool = True, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+def admitted(host: HostContext, *, wait: bool = True, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
     """Hold a slot while the body registers the new box: waits for room (telling `on_wait`, by
     default stderr, once per change), or raises HostFull when `wait` is False."""
     cfg = host.config

@@ -9,7 +9,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from worktreebox.errors import UsageError
 
 # States a registry row goes through. `creating` and `removing` rows older than the
 # gc grace window belong to a crashed command; `expired` boxes outlived their TTL but
@@ -140,7 +140,7 @@ class Box:
 
     def to_json(self, *, show_secrets: bool = False) -> dict[str, Any]:
         """The JSON contract of `new`, `status` and `ls`."""
-        from .secrets import mask_env
+        from worktreebox.secrets import mask_env
 
         out: dict[str, Any] = {
             "id": self.id,
@@ -164,7 +164,7 @@ class Box:
             out["inherited_env"] = mask_env(self.data["inherited_env"])
         db = self.data.get("database")
         if db:
-            from .secrets import mask_url
+            from worktreebox.secrets import mask_url
 
             out["database"] = {
                 "mode": db.get("mode"),
@@ -176,7 +176,7 @@ class Box:
         return out
 
     # Context manager: `with host.new("task") as box:` removes the box on exit.
-    def __enter__(self) -> "Box":
+    def __enter__(self) -> Box:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -189,4 +189,4 @@ def _iso(ts: float | None) -> str | None:
         return None
     import datetime as _dt
 
-    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return _dt.datetime.fromtimestamp(ts, _dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

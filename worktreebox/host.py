@@ -10,31 +10,40 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from . import admission, boxenv, git, homedir, procs, providers
-from .providers.postgres import server as postgres_server
-from .box import CREATING, DEGRADED, FAILED, READY, REMOVING, Box, branch_name, new_id, slugify
-from .boxenv import process_env
-from .config import OWN_PORTS, load_config_for_new, load_host_config, load_repo_config_file, parse_duration
-from .envfile import format_env
-from .errors import Interrupted, NotFound, UnsavedWork, UsageError, WtboxError
-from .fsutil import atomic_write
-from .registry import Registry
-from .resources import load_all, stages
-from .resources.base import Creation, Resource
-from .templating import render
+from worktreebox import admission, providers, settings
+from worktreebox.box import CREATING, DEGRADED, FAILED, READY, REMOVING, Box, branch_name, new_id, slugify
+from worktreebox.config.load import (
+    OWN_PORTS,
+    load_config_for_new,
+    load_host_config,
+    load_repo_config_file,
+    parse_duration,
+)
+from worktreebox.config.templating import render
+from worktreebox.errors import Interrupted, NotFound, UnsavedWork, UsageError, WtboxError
+from worktreebox.providers.postgres import server as postgres_server
+from worktreebox.registry import Registry
+from worktreebox.resources import load_all, stages
+from worktreebox.resources.base import Creation, Resource
+from worktreebox.services import boxenv
+from worktreebox.services.boxenv import process_env
+from worktreebox.services.envfile import format_env
+from worktreebox.system import git, procs
+from worktreebox.system.fsutil import atomic_write
 
 if TYPE_CHECKING:
     import threading
 
-    from .config import HostConfig, RepoConfig
-    from .providers.postgres.base import Server
+    from worktreebox.config.load import HostConfig, RepoConfig
+    from worktreebox.providers.postgres.base import Server
 
 
 def default_home() -> Path:
-    return Path(homedir.default_home())
+    return Path(settings.default_home())
 
 
 class Host:
@@ -49,7 +58,7 @@ class Host:
         return f"Host({str(self.home)!r})"
 
     @property
-    def config(self) -> "HostConfig":
+    def config(self) -> HostConfig:
         if self._config is None:
             self._config = load_host_config(self.home)
         return self._config
@@ -125,14 +134,14 @@ class Host:
 
     def disk_bytes(self, box: Box) -> int:
         """Disk the box uses of its own: its dir without the shared trees and layers mounted into it."""
-        from .providers.mounts.base import own_bytes
+        from worktreebox.providers.mounts.base import own_bytes
 
         return own_bytes(box.dir)
 
     def worktree_bytes(self, box: Box) -> int:
         """What the box's worktree costs it: the upper layers of its copy-on-write views (its changes),
         or the whole checkout when it is a plain one."""
-        from .providers.mounts.base import own_bytes
+        from worktreebox.providers.mounts.base import own_bytes
 
         uppers = [box.dir / "upper", *sorted((box.dir / "deps").glob("*/upper"))]
         if uppers[0].is_dir():
@@ -146,14 +155,14 @@ class Host:
             return None
         return self.registry.select_box(rel.parts[0]) if rel.parts else None
 
-    def repo_config(self, box: Box) -> "RepoConfig":
+    def repo_config(self, box: Box) -> RepoConfig:
         """The wtbox.toml of a box: its worktree's file if present, else the defaults."""
         return load_repo_config_file(box.path, source_label=str(box.path / "wtbox.toml"))
 
     # ------------------------------------------------------------------ host ports
     def lease_host_port(self, owner: str) -> int:
         """A port for a host-level service (e.g. '@postgres'); stable while leased."""
-        from .resources import ports  # the lease rules live with the ports resource
+        from worktreebox.resources import ports  # the lease rules live with the ports resource
 
         existing = self.registry.ports_of(owner)
         if existing:
@@ -161,7 +170,7 @@ class Host:
         return ports.lease(self, owner, [owner.lstrip("@")])[owner.lstrip("@")]
 
     def release_host_port(self, owner: str) -> None:
-        from .resources import ports
+        from worktreebox.resources import ports
 
         ports.release(self, owner)
 
@@ -177,7 +186,7 @@ class Host:
         ttl: str | float | None = None,
         keep: bool = False,
         progress: Callable[[str], None] | None = None,
-        config: "RepoConfig | None" = None,
+        config: RepoConfig | None = None,
         pool: str | None = None,
         wait: bool = True,
         on_wait: Callable[[str], None] | None = None,
@@ -303,7 +312,7 @@ class Host:
 
     def running_secrets(self, box: Box) -> dict[str, str]:
         """The --secret values the box's running supervisor holds (memory only); {} without one."""
-        from .supervisor_client import box_secrets  # not loaded by commands that never ask
+        from worktreebox.services.client import box_secrets  # not loaded by commands that never ask
 
         return box_secrets(box)
 
@@ -341,7 +350,7 @@ class Host:
                  secrets: dict[str, str] | None = None) -> dict[str, Any]:
         """up / down / restart the box's services (or one); the services' state afterwards.
         `secrets` reach a supervisor started anew (after `down`, or after one died)."""
-        from .resources import services as svc  # the resource owns the supervisor's lifecycle
+        from worktreebox.resources import services as svc  # the resource owns the supervisor's lifecycle
 
         if action == "down":
             return svc.services_down(self, box, service)
@@ -352,7 +361,7 @@ class Host:
 
     # ------------------------------------------------------------------ backends (providers)
     # What commands and the MCP server ask of the providers, so neither imports a backend.
-    def database_server(self, provider: str | None = None) -> "Server":
+    def database_server(self, provider: str | None = None) -> Server:
         """The PostgreSQL server boxes use (`provider` as a box recorded it; default: the host's)."""
         return postgres_server(self, provider)
 
@@ -362,7 +371,7 @@ class Host:
 
     def docker_report(self) -> dict[str, Any]:
         """`wtbox doctor`'s docker check: is Docker usable, which docker providers would work."""
-        from .providers import docker_engine
+        from worktreebox.providers import docker_engine
 
         return docker_engine.doctor_report(self.home, self.config)
 
@@ -387,22 +396,22 @@ class Host:
             out["problem"] = f"the box directory {box.dir} is gone; 'wtbox rm {box.id}' cleans up the rest"
         return out
 
-    def run(self, box: Box, cmd: "str | Sequence[str]", *, cwd: str | None = None, timeout: float | None = None,
-            tail: int = 100, reveal: bool = False, cancel: "threading.Event | None" = None) -> dict:
+    def run(self, box: Box, cmd: str | Sequence[str], *, cwd: str | None = None, timeout: float | None = None,
+            tail: int = 100, reveal: bool = False, cancel: threading.Event | None = None) -> dict:
         """Run a command in the box as `exec` does, captured: exit code and output tails, secrets
         masked unless `reveal` (execute.run_in_box)."""
-        from .execute import DEFAULT_TIMEOUT, run_in_box
-        from .resources.services import redactor_for
+        from worktreebox.resources.services import redactor_for
+        from worktreebox.services.execute import DEFAULT_TIMEOUT, run_in_box
 
         secrets = self.running_secrets(box)
         return run_in_box(self, box, cmd, cwd=cwd, timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
                           tail=tail, secrets=secrets, redact=None if reveal else redactor_for(box, secrets),
                           cancel=cancel)
 
-    def log_services(self, box: Box, wanted: "Sequence[str]" = ()) -> list[str]:
+    def log_services(self, box: Box, wanted: Sequence[str] = ()) -> list[str]:
         """The services of the box that have (or will have) logs; a wanted name that is not one is refused."""
-        from .logs import reader
-        from .resources.services import configured_names
+        from worktreebox.resources.services import configured_names
+        from worktreebox.telemetry.logs import reader
 
         known = set(reader.available_services(box.logs_dir)) | set(configured_names(box))
         for s in wanted:
@@ -411,10 +420,10 @@ class Host:
                 raise UsageError(f"{box.id} has no service {s!r} with logs; services: {names}.")
         return sorted(known)
 
-    def logs(self, box: Box, services: "Sequence[str]" = (), *, since: str | None = None, until: str | None = None,
+    def logs(self, box: Box, services: Sequence[str] = (), *, since: str | None = None, until: str | None = None,
              level: str | None = None, grep: str | None = None, tail: int | None = None) -> list[dict]:
         """Matching log records, oldest first (`logs --json`); since/until are '5m' or ISO times."""
-        from .logs import reader
+        from worktreebox.telemetry.logs import reader
 
         since_ts, until_ts = reader.parse_time(since), reader.parse_time(until)
         reader.level_at_least(level)  # validated before anything is read
@@ -422,12 +431,12 @@ class Host:
         return reader.read_records(box.logs_dir, list(services) or None, since_ts, until_ts, level, grep, tail)
 
     def traces(self, box: Box, *, service: str | None = None, name: str | None = None,
-               min_duration: "str | float | None" = None, status: str | None = None, since: "str | float | None" = None,
-               trace_id: str | None = None, with_logs: bool = False, limit: int | None = 100) -> "list[dict] | dict":
+               min_duration: str | float | None = None, status: str | None = None, since: str | float | None = None,
+               trace_id: str | None = None, with_logs: bool = False, limit: int | None = 100) -> list[dict] | dict:
         """`traces --json`: the newest `limit` spans that match every filter, in start order; with
         `trace_id`, that trace as a tree ({trace_id, start, duration_ms, services, span_count, spans
         with depth}, plus `logs` with `with_logs`)."""
-        from .traces import query
+        from worktreebox.telemetry.traces import query
 
         if not box.data.get("traces"):
             raise WtboxError(f"{box.id} has no OTLP endpoint: its wtbox.toml sets [observability] enabled = false.")
@@ -463,7 +472,7 @@ class Host:
               data: str | None = None) -> dict:
         """`probe --json`: latency of a URL or PATH of the box, recorded as a histogram in its metrics
         (`recorded`; `not_recorded` says why not)."""
-        from . import probe as P
+        from worktreebox.telemetry import probe as P
 
         result = P.probe(self.probe_url(box, target), n=n, concurrency=concurrency, method=method.upper(), data=data)
         result["id"] = result["box"] = box.id  # "box": the alias other results keep for one release
@@ -487,8 +496,8 @@ class Host:
         else started for this call); with `compare`, the same PATH in that box too, and `diff_ratio`.
         Console errors and failed requests also go to the box's logs and metrics. A page that does not
         load raises browser.PageTimeout/PageFailed, whose `result` holds what was seen until then."""
-        from . import browser as chromium
-        from .resources.browser import browse as browse_box
+        from worktreebox.resources.browser import browse as browse_box
+        from worktreebox.telemetry import browser as chromium
 
         opts = chromium.PageOptions(viewport=chromium.parse_viewport(viewport), full_page=full_page,
                                     wait_for=wait_for or None, timeout=timeout,

@@ -10,10 +10,10 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
-from .box import READY, Box
+from worktreebox.box import READY, Box
 
 SCHEMA_VERSION = 2
 

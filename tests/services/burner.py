@@ -1,5 +1,8 @@
 """Spins argv[2] processes, each in a session of its own, while the file argv[1] exists."""
-import os, sys, time
+import os
+import sys
+import time
+
 # One child per burner, each in a session of its own: without cgroups every session is an
 # autogroup with the same share as the whole other box, which is what makes B slow.
 flag = sys.argv[1]

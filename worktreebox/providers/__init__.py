@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ..errors import ConfigError
+from worktreebox.errors import ConfigError
 
 # kind -> provider name -> "module:Class" (relative to this package).
 PROVIDERS: dict[str, dict[str, str]] = {

@@ -19,13 +19,12 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import procs
-from ..errors import WtboxError
+from worktreebox.errors import WtboxError
+from worktreebox.system import procs
 
 if TYPE_CHECKING:
     import docker
-
-    from ..config import HostConfig
+    from worktreebox.config.load import HostConfig
 
 HOME_LABEL = "wtbox.home"
 BOX_LABEL = "wtbox.box"
@@ -86,7 +85,7 @@ def docker_available(timeout: float = PING_TIMEOUT) -> tuple[bool, str]:
                 data += chunk
     except PermissionError:
         return False, f"Docker is not usable: permission denied on {path} (add this user to the docker group)."
-    except socket.timeout:
+    except TimeoutError:
         return False, f"Docker is not usable: the daemon on {path} did not answer within {timeout:g}s."
     except OSError as e:
         return False, f"Docker is not running: cannot connect to {path} ({e.strerror or e}); start dockerd."
@@ -163,7 +162,8 @@ def testcontainers() -> Any:
     """Import testcontainers configured for wtbox; returns testcontainers.core.config's object."""
     configure_testcontainers()
     try:
-        from testcontainers.core.config import ConnectionMode, testcontainers_config as cfg
+        from testcontainers.core.config import ConnectionMode
+        from testcontainers.core.config import testcontainers_config as cfg
     except ImportError:
         raise WtboxError("The docker providers need testcontainers (pip install 'testcontainers>=4').") from None
     # testcontainers reads the environment once, at import; it may have been imported first.
@@ -177,7 +177,7 @@ def testcontainers() -> Any:
     return cfg
 
 
-def client(timeout: int = 30) -> "docker.DockerClient":
+def client(timeout: int = 30) -> docker.DockerClient:
     """A docker SDK client; WtboxError with one sentence when the daemon is not usable."""
     require_docker()
     try:
@@ -187,7 +187,7 @@ def client(timeout: int = 30) -> "docker.DockerClient":
     return docker.from_env(timeout=timeout)
 
 
-def ensure_image(c: "docker.DockerClient", image: str, what: str, setting: str) -> None:
+def ensure_image(c: docker.DockerClient, image: str, what: str, setting: str) -> None:
     """Make sure `image` is local (pulling it once if it is not); one sentence on failure."""
     import docker.errors
 
@@ -253,7 +253,7 @@ def _filters(home: str | Path, box_id: str | None, host_level: bool) -> dict[str
 
 
 def find_labelled(home: str | Path, box_id: str | None = None, *, host_level: bool = False,
-                  c: "docker.DockerClient | None" = None) -> dict[str, list]:
+                  c: docker.DockerClient | None = None) -> dict[str, list]:
     """Containers (any state), volumes and networks of this home: of one box, host-level ones, or all."""
     c = c or client()
     f = _filters(home, box_id, host_level)
@@ -265,7 +265,7 @@ def find_labelled(home: str | Path, box_id: str | None = None, *, host_level: bo
     }
 
 
-def labelled_box_ids(home: str | Path, c: "docker.DockerClient | None" = None) -> set[str]:
+def labelled_box_ids(home: str | Path, c: docker.DockerClient | None = None) -> set[str]:
     """Box ids owning a labelled container, volume or network (the docker half of `discover`)."""
     found = find_labelled(home, c=c)
     ids = set()
@@ -279,7 +279,7 @@ def labelled_box_ids(home: str | Path, c: "docker.DockerClient | None" = None) -
 
 
 def remove_labelled(home: str | Path, box_id: str | None = None, *, host_level: bool = False,
-                    c: "docker.DockerClient | None" = None) -> dict[str, int]:
+                    c: docker.DockerClient | None = None) -> dict[str, int]:
     """Remove what find_labelled finds (a box's, or with host_level the host's); idempotent.
 
     Refuses to sweep the whole home without saying which half: the host's PostgreSQL
@@ -403,7 +403,7 @@ def discover_box_ids(home: str | Path) -> set[str]:
 
 # ---------------------------------------------------------------- for doctor
 
-def doctor_report(home: str | Path, cfg: "HostConfig") -> dict[str, Any]:
+def doctor_report(home: str | Path, cfg: HostConfig) -> dict[str, Any]:
     """`wtbox doctor`'s docker check: availability, reason, images present, and which docker
     providers are usable (never starts anything)."""
     ok, reason = docker_available()

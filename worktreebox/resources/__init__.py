@@ -10,7 +10,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .base import Resource
+    from worktreebox.resources.base import Resource
 
 ORDER = (
     "ports:Ports",
@@ -28,7 +28,7 @@ ORDER = (
 )
 
 
-def load_all() -> list["Resource"]:
+def load_all() -> list[Resource]:
     """One instance of every resource, in creation order."""
     out = []
     for entry in ORDER:
@@ -37,7 +37,7 @@ def load_all() -> list["Resource"]:
     return out
 
 
-def stages(resources: list["Resource"]) -> list[list["Resource"]]:
+def stages(resources: list[Resource]) -> list[list[Resource]]:
     """The creation order as stages: a run of consecutive parallel resources is one stage."""
     out: list[list[Resource]] = []
     for r in resources:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..box import Box
-    from ..config import RepoConfig
-    from ..context import HostContext
+    from worktreebox.box import Box
+    from worktreebox.config.load import RepoConfig
+    from worktreebox.context import HostContext
 
 
 @dataclasses.dataclass
@@ -33,9 +34,9 @@ class Creation:
     - `secrets`: `--secret` values; memory only, never written anywhere.
     """
 
-    host: "HostContext"
-    box: "Box"
-    config: "RepoConfig"
+    host: HostContext
+    box: Box
+    config: RepoConfig
     base_sha: str
     facts: dict[str, Any] = dataclasses.field(default_factory=dict)
     env: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -60,7 +61,7 @@ class Resource:
     phase: str | None = None
     start_phase: str | None = None
 
-    def warm(self, data: dict[str, Any] | None, config: "RepoConfig | None") -> None:
+    def warm(self, data: dict[str, Any] | None, config: RepoConfig | None) -> None:
         """First thing in `new` (with the repo config) and `rm` (with the box's data): begin, in the
         background, loading what create/destroy will need and costs CPU to load (a driver), so that
         it overlaps git's work instead of following it. Never fails."""
@@ -74,31 +75,31 @@ class Resource:
     def start(self, c: Creation) -> None:
         """After the box env is final and written (setup, migrations, services)."""
 
-    def destroy(self, host: "HostContext", box: "Box") -> None:
+    def destroy(self, host: HostContext, box: Box) -> None:
         """Remove it; succeed if it is already gone."""
 
-    def pristine(self, host: "HostContext", box: "Box") -> bool:
+    def pristine(self, host: HostContext, box: Box) -> bool:
         """True only when this resource can prove the box holds nothing of the user's (rm's unsaved-work
         check may then skip `git status`); False when it cannot tell."""
         return False
 
-    def revive(self, host: "HostContext", box: "Box") -> None:
+    def revive(self, host: HostContext, box: Box) -> None:
         """Bring back what a reboot took from a live box (mounts); nothing when it is all there."""
 
-    def discover(self, host: "HostContext") -> set[str]:
+    def discover(self, host: HostContext) -> set[str]:
         """Box ids that own such a thing right now."""
         return set()
 
-    def health(self, host: "HostContext", box: "Box") -> str | None:
+    def health(self, host: HostContext, box: Box) -> str | None:
         """Why a ready box is not whole right now (e.g. its supervisor died), or None. Cheap:
         every command that resolves a box asks."""
         return None
 
-    def status(self, host: "HostContext", box: "Box") -> dict[str, Any] | None:
+    def status(self, host: HostContext, box: Box) -> dict[str, Any] | None:
         """Extra facts for `wtbox status` (None: nothing to add)."""
         return None
 
-    def checks(self, host: "HostContext") -> list[dict[str, Any]]:
+    def checks(self, host: HostContext) -> list[dict[str, Any]]:
         """Lines for `wtbox doctor`: [{"check", "ok", "detail"}] (what this host can do for this kind)."""
         return []
 

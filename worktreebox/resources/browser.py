@@ -14,18 +14,19 @@ import contextlib
 import dataclasses
 import shutil
 import urllib.parse
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
-from .. import browser as chromium
-from ..errors import WtboxError
-from ..fsutil import file_lock
-from . import ports
-from .base import Creation, Resource
+from worktreebox.errors import WtboxError
+from worktreebox.resources import ports
+from worktreebox.resources.base import Creation, Resource
+from worktreebox.system.fsutil import file_lock
+from worktreebox.telemetry import browser as chromium
 
 if TYPE_CHECKING:
-    from ..box import Box
-    from ..context import HostContext
+    from worktreebox.box import Box
+    from worktreebox.context import HostContext
 
 LOCK_FILE = "browser.lock"  # in run/: one Chromium start at a time per box
 
@@ -47,7 +48,7 @@ class Browser(Resource):
         c.env["WTBOX_CDP_URL"] = url
         c.facts["browser"] = {"cdp_url": url, "port": port}
 
-    def destroy(self, host: "HostContext", box: "Box") -> None:
+    def destroy(self, host: HostContext, box: Box) -> None:
         # Chromium is only ever started after its folder is made: no folder, nothing to look for.
         if chromium.browser_dir(box.dir).exists() or (box.run_dir / chromium.PID_FILE).exists():
             chromium.stop(box.id, box.dir)
@@ -55,13 +56,13 @@ class Browser(Resource):
         for name in (chromium.LOG_FILE, LOCK_FILE):
             (box.run_dir / name).unlink(missing_ok=True)
 
-    def discover(self, host: "HostContext") -> set[str]:
+    def discover(self, host: HostContext) -> set[str]:
         return chromium.live_box_ids(Path(host.boxes_dir))
 
-    def checks(self, host: "HostContext") -> list[dict[str, Any]]:
+    def checks(self, host: HostContext) -> list[dict[str, Any]]:
         return [chromium.check()]
 
-    def status(self, host: "HostContext", box: "Box") -> dict[str, Any] | None:
+    def status(self, host: HostContext, box: Box) -> dict[str, Any] | None:
         data = box.data.get(self.name)
         if not data:
             return None
@@ -86,7 +87,7 @@ class Session:
 
 
 @contextlib.contextmanager
-def session(host: "HostContext", box: "Box", progress: Callable[[str], None] = lambda m: None) -> Iterator[Session]:
+def session(host: HostContext, box: Box, progress: Callable[[str], None] = lambda m: None) -> Iterator[Session]:
     """The box's running Chromium, or one started now and stopped when the block ends.
 
     The cold start is not waited for here: the caller starts Playwright's driver meanwhile and then
@@ -120,7 +121,7 @@ def session(host: "HostContext", box: "Box", progress: Callable[[str], None] = l
             host.registry.delete_lease(box.id, "browser")
 
 
-def _names(host: "HostContext", box: "Box") -> list[tuple[str, Path]]:
+def _names(host: HostContext, box: Box) -> list[tuple[str, Path]]:
     """(id, dir) the box's Chromium may run under: its own, and, for a box claimed from the warm
     pool, the pool name it was started under (WTBOX_ID and profile path keep that name)."""
     out = [(box.id, box.dir)]
@@ -130,7 +131,7 @@ def _names(host: "HostContext", box: "Box") -> list[tuple[str, Path]]:
     return out
 
 
-def browse(host: "HostContext", box: "Box", url: str, opts: "chromium.PageOptions", driver: "chromium.Driver",
+def browse(host: HostContext, box: Box, url: str, opts: chromium.PageOptions, driver: chromium.Driver,
            progress: Callable[[str], None] = lambda m: None) -> tuple[dict[str, Any], bytes | None]:
     """Load `url` in the box's Chromium; record console errors and failed requests in the box's logs
     and metrics (also when the page never loads); (result, PNG bytes)."""
@@ -161,8 +162,8 @@ def _detach(browser: Any) -> None:
         pass
 
 
-def snapshot(host: "HostContext", box: "Box", url: str, png_path: Path,
-             opts: "chromium.PageOptions | None" = None) -> dict[str, Any]:
+def snapshot(host: HostContext, box: Box, url: str, png_path: Path,
+             opts: chromium.PageOptions | None = None) -> dict[str, Any]:
     """One browse for a comparison row (`fanout --browse`): the screenshot goes to `png_path`; a page
     that fails to load is a field of the row, not an exception."""
     opts = opts or chromium.PageOptions()

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .. import downloads
-from ..box import is_box_id
-from .base import Creation, Resource
+from worktreebox.box import is_box_id
+from worktreebox.layers import downloads
+from worktreebox.resources.base import Creation, Resource
 
 if TYPE_CHECKING:
-    from ..context import HostContext as Host
+    from worktreebox.context import HostContext as Host
 
 
 class Caches(Resource):
@@ -39,13 +39,13 @@ class Caches(Resource):
             path.mkdir(parents=True, exist_ok=True)
             c.env[var] = str(path)
 
-    def destroy(self, host: "Host", box) -> None:
+    def destroy(self, host: Host, box) -> None:
         # Everything else lives under boxes/<id>, which Host removes last.
         import shutil
 
         shutil.rmtree(pycache_prefix(host) / str(box.dir).lstrip("/"), ignore_errors=True)
 
-    def discover(self, host: "Host") -> set[str]:
+    def discover(self, host: Host) -> set[str]:
         """boxes/<id> directories."""
         try:
             return {p.name for p in host.boxes_dir.iterdir() if is_box_id(p.name)}
@@ -53,5 +53,5 @@ class Caches(Resource):
             return set()
 
 
-def pycache_prefix(host: "Host"):
+def pycache_prefix(host: Host):
     return host.home / "pycache"

@@ -1,6 +1,6 @@
 """The cgroup resource: the box's control group, made before anything of the box runs.
 
-create: `wtbox-<home key>-<box hex>/` in every hierarchy (see worktreebox/cgroups.py) with the
+create: `wtbox-<home key>-<box hex>/` in every hierarchy (see worktreebox/system/cgroups.py) with the
 limits of [box] cpu_weight / memory_max / pids_max over the host's [box] defaults. On a
 host without cgroups it makes nothing and the box runs as before (`doctor` says why).
 destroy: kill whatever is still inside (the services resource already stopped the
@@ -13,14 +13,15 @@ import dataclasses
 import os
 from typing import TYPE_CHECKING, Any
 
-from .. import cgroups, homes, procs
-from ..box import hex_of, is_box_id
-from .base import Creation, Resource, warn
+from worktreebox.box import hex_of, is_box_id
+from worktreebox.resources.base import Creation, Resource, warn
+from worktreebox.system import cgroups, procs
+from worktreebox.system import home_records as homes
 
 if TYPE_CHECKING:
-    from ..box import Box
-    from ..config import LimitsConfig
-    from ..context import HostContext
+    from worktreebox.box import Box
+    from worktreebox.config.load import LimitsConfig
+    from worktreebox.context import HostContext
 
 
 # A box made ahead for the warm pool is made (and waits) at this CPU weight, a tenth of a box in
@@ -51,12 +52,12 @@ class Cgroup(Resource):
             warn(f"{', '.join(unenforced)} cannot be enforced here: this host's cgroups lack the "
                  f"{', '.join(c for c in ('cpu', 'memory', 'pids') if c in backend.missing)} controller")
 
-    def destroy(self, host: "HostContext", box: "Box") -> None:
+    def destroy(self, host: HostContext, box: Box) -> None:
         backend = cgroups.for_home(host.home)
         if backend is not None and backend.exists(box.id):
             procs.remove_box_cgroup(host.home, box.id)
 
-    def discover(self, host: "HostContext") -> set[str]:
+    def discover(self, host: HostContext) -> set[str]:
         """Ids of boxes with a cgroup (named by the id's hex): the registry's, else the box dir's
         (`new` makes the dir before the cgroup), else `wt_<hex>` as the database names such a box."""
         backend = cgroups.for_home(host.home)
@@ -72,7 +73,7 @@ class Cgroup(Resource):
             dirs = {}
         return {by_hex.get(k) or dirs.get(k) or f"wt_{k}" for k in keys}
 
-    def status(self, host: "HostContext", box: "Box") -> dict[str, Any] | None:
+    def status(self, host: HostContext, box: Box) -> dict[str, Any] | None:
         data = box.data.get(self.name)
         backend = cgroups.for_home(host.home)
         if not data or backend is None:
@@ -81,7 +82,7 @@ class Cgroup(Resource):
         return {"cgroup": {**data, "usage": dataclasses.asdict(usage) if usage else None}}
 
 
-    def checks(self, host: "HostContext") -> list[dict[str, Any]]:
+    def checks(self, host: HostContext) -> list[dict[str, Any]]:
         """Informational: without cgroups boxes work as before, only without limits and exact teardown."""
         backend = cgroups.for_home(host.home)
         if backend is None:
@@ -96,7 +97,7 @@ class Cgroup(Resource):
                  "detail": f"{backend.version}: one per box under {where}{missing}"}]
 
 
-def claimed(host: "HostContext", box: "Box") -> None:
+def claimed(host: HostContext, box: Box) -> None:
     """A pool box became a user's box: from the pool's low CPU weight to its own (pool.claim)."""
     data = box.data.get("cgroup") or {}
     backend = cgroups.for_home(host.home)
@@ -105,7 +106,7 @@ def claimed(host: "HostContext", box: "Box") -> None:
     backend.set_limits(box.id, cgroups.Limits(cpu_weight=data.get("cpu_weight") or cgroups.DEFAULT_CPU_WEIGHT))
 
 
-def effective_limits(repo: "LimitsConfig", host: "LimitsConfig") -> cgroups.Limits:
+def effective_limits(repo: LimitsConfig, host: LimitsConfig) -> cgroups.Limits:
     """The repo's [box] limits over the host's defaults; "max" (0) and unset mean no limit."""
     merged = repo.over(host)
     return cgroups.Limits(cpu_weight=merged.cpu_weight or None, memory_max=merged.memory_max or None,

@@ -16,23 +16,25 @@ import secrets
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from .. import cgroups, dbspares
-from ..box import CREATING, FAILED
-from ..boxenv import process_env
-from ..errors import ConfigError, WtboxError
-from ..fsutil import file_lock
-from ..providers.postgres import server
-from ..templating import render
-from .base import Creation, Resource, warn
+from worktreebox.box import CREATING, FAILED
+from worktreebox.config.templating import render
+from worktreebox.errors import ConfigError, WtboxError
+from worktreebox.providers.postgres import server
+from worktreebox.providers.postgres import spares as dbspares
+from worktreebox.resources.base import Creation, Resource, warn
+from worktreebox.services.boxenv import process_env
+from worktreebox.system import cgroups
+from worktreebox.system.fsutil import file_lock
 
 if TYPE_CHECKING:
-    from ..box import Box
-    from ..config import RepoConfig
-    from ..context import HostContext
-    from ..providers.postgres.base import Server
+    from worktreebox.box import Box
+    from worktreebox.config.load import RepoConfig
+    from worktreebox.context import HostContext
+    from worktreebox.providers.postgres.base import Server
 
 BOX_NAME = re.compile(r"^wt_[0-9a-f]{8}$")
 GOLDEN_PREFIX = "wt_golden_"
@@ -61,7 +63,7 @@ class Database(Resource):
     phase = "database"
     parallel = True
 
-    def warm(self, data: dict[str, Any] | None, config: "RepoConfig | None") -> None:
+    def warm(self, data: dict[str, Any] | None, config: RepoConfig | None) -> None:
         # `import psycopg` is ~120 ms of CPU, the largest single cost of a `new` or `rm` in database
         # mode; begun now, it overlaps resolving the repo, the config and the ports.
         wanted = config.database.mode != "none" if config is not None else bool((data or {}).get(self.name))
@@ -108,7 +110,7 @@ class Database(Resource):
         c.facts["db"] = {"host": srv.box_host, "port": srv.box_port, "user": role, "password": password,
                          "name": dbname, "schema": schema, "url": url}
 
-    def _create_schema(self, srv: "Server", home: Path, role: str, password: str, extensions: list[str]) -> None:
+    def _create_schema(self, srv: Server, home: Path, role: str, password: str, extensions: list[str]) -> None:
         from psycopg import sql
 
         prepare_database(srv, srv.shared_db, extensions)
@@ -119,7 +121,7 @@ class Database(Resource):
             conn.execute(_sql("CREATE SCHEMA {r} AUTHORIZATION {r}", r=_ident(role)))
             conn.execute(_sql("ALTER ROLE {r} SET search_path = {r}, public", r=_ident(role)))
 
-    def _create_role(self, srv: "Server", home: Path, role: str, password: str) -> None:
+    def _create_role(self, srv: Server, home: Path, role: str, password: str) -> None:
         from psycopg import sql
 
         # One transaction: a role without its owner tag is one no gc would ever call ours.
@@ -130,7 +132,7 @@ class Database(Resource):
                               r=_ident(role), p=sql.Literal(password)))
             conn.execute(_sql("COMMENT ON ROLE {r} IS {t}", r=_ident(role), t=sql.Literal(owner_tag(home))))
 
-    def _create_database(self, c: Creation, srv: "Server", role: str, golden: "Golden") -> None:
+    def _create_database(self, c: Creation, srv: Server, role: str, golden: Golden) -> None:
         """The box's own database: a spare made ahead (a rename), else a clone of the golden copy, else
         (nothing to migrate) a new one; then spares are made again in the background for the next box."""
         key = golden.hash if golden.needed else dbspares.EMPTY
@@ -188,7 +190,7 @@ class Database(Resource):
         c.timings["database"] = round(c.timings.get("database", 0.0) + time.monotonic() - t0, 4)
 
     # ------------------------------------------------------------ destroy
-    def destroy(self, host: "HostContext", box: "Box") -> None:
+    def destroy(self, host: HostContext, box: Box) -> None:
         _Driver.ready()
         data = box.data.get(self.name)
         if data and data.get("mode") != "none":
@@ -204,7 +206,7 @@ class Database(Resource):
         name = box.id if BOX_NAME.match(box.id) else box.pg_name
         self.destroy_by_name(host, name, only_ours=True)
 
-    def destroy_by_name(self, host: "HostContext", pg_name: str, *, only_ours: bool = False) -> None:
+    def destroy_by_name(self, host: HostContext, pg_name: str, *, only_ours: bool = False) -> None:
         """Drop an orphan's role, schema and databases given only its `wt_<hex>` name (for gc)."""
         if not BOX_NAME.match(pg_name):
             raise WtboxError(f"{pg_name!r} is not a box database name (wt_ followed by 8 hex digits).")
@@ -222,12 +224,12 @@ class Database(Resource):
         _drop(srv, pg_name)
 
     # ------------------------------------------------------------ discover / status
-    def discover(self, host: "HostContext") -> set[str]:
+    def discover(self, host: HostContext) -> set[str]:
         """Ids of boxes with a role, schema or database; `wt_<hex>` for ones the registry doesn't know.
 
         Never starts the embedded cluster: a cluster that is not running holds no live orphans to report.
         """
-        from ..box import hex_of
+        from worktreebox.box import hex_of
 
         srv = server(host)
         if srv.provider != "external" and not srv.is_running():
@@ -248,11 +250,11 @@ class Database(Resource):
         by_hex = {hex_of(i): i for i in host.registry.select_box_ids()}
         return {by_hex.get(n[3:], n) for n in names}
 
-    def status(self, host: "HostContext", box: "Box") -> dict[str, Any] | None:
+    def status(self, host: HostContext, box: Box) -> dict[str, Any] | None:
         data = box.data.get(self.name)
         if not data:
             return None
-        from ..secrets import mask_url
+        from worktreebox.secrets import mask_url
 
         return {"mode": data.get("mode"), "provider": data.get("provider"), "name": data.get("name"),
                 "schema": data.get("schema"), "user": data.get("user"), "url": mask_url(data.get("url") or "")}
@@ -290,7 +292,7 @@ def owner_tag(home: Path | str) -> str:
     return json.dumps({"wtbox_home": str(home), "hostname": socket.gethostname()}, sort_keys=True)
 
 
-def _server_for(host: "HostContext", provider: str | None) -> "Server | None":
+def _server_for(host: HostContext, provider: str | None) -> Server | None:
     """The server a box's database was made on (as recorded), or None if it cannot hold anything."""
     srv = server(host, provider)
     if srv.provider == "embedded" and not srv.initialised:  # type: ignore[attr-defined]
@@ -298,7 +300,7 @@ def _server_for(host: "HostContext", provider: str | None) -> "Server | None":
     return srv
 
 
-def prepare_database(srv: "Server", dbname: str, extensions: list[str]) -> None:
+def prepare_database(srv: Server, dbname: str, extensions: list[str]) -> None:
     """Once per database: nobody but the owner creates in public; listed extensions exist in public."""
     key = (srv.key(), dbname, tuple(sorted(extensions)))
     if key in _PREPARED:
@@ -339,7 +341,7 @@ def clone(conn: Any, name: str, template: str, owner: str, strategy: str) -> Non
                       d=_ident(name), t=_ident(template), o=_ident(owner)))
 
 
-def _drop(srv: "Server", role: str) -> None:
+def _drop(srv: Server, role: str) -> None:
     """Terminate the role's sessions, drop its databases, schema and the role; fine if gone."""
     import psycopg
 
@@ -378,7 +380,7 @@ def _drop(srv: "Server", role: str) -> None:
 class Golden:
     """The migrated database that boxes of one repo and one migration state are cloned from."""
 
-    def __init__(self, srv: "Server", home: Path, repo: str, base_sha: str, migrate: str | None,
+    def __init__(self, srv: Server, home: Path, repo: str, base_sha: str, migrate: str | None,
                  globs: list[str], extensions: list[str], env: Callable[[dict[str, Any]], dict[str, str]],
                  logs_dir: Path, redact: list[str]) -> None:
         self.srv, self.home, self.repo, self.base_sha = srv, home, repo, base_sha
@@ -398,7 +400,7 @@ class Golden:
             return self.exists(conn)
 
     @classmethod
-    def for_creation(cls, c: Creation, srv: "Server") -> "Golden":
+    def for_creation(cls, c: Creation, srv: Server) -> Golden:
         cfg = c.config.database
 
         def env(db: dict[str, Any]) -> dict[str, str]:
@@ -415,7 +417,7 @@ class Golden:
     def exists(self, conn: Any) -> bool:
         return bool(conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.name,)).fetchone())
 
-    def ensure(self, tree: Path, cgroup: "cgroups.Leaf | None" = None) -> None:
+    def ensure(self, tree: Path, cgroup: cgroups.Leaf | None = None) -> None:
         """Build the golden database unless it exists, migrating it in `tree` (a box's worktree with its
         dependency layers and [setup] done); one build per hash at a time on this host."""
         if self.ready():
@@ -437,7 +439,7 @@ class Golden:
                 self._strategy = "WAL_LOG"
         return self._strategy
 
-    def _build(self, tree: Path, cgroup: "cgroups.Leaf | None" = None) -> None:
+    def _build(self, tree: Path, cgroup: cgroups.Leaf | None = None) -> None:
         from psycopg import sql
 
         srv, role, build = self.srv, self.name, self.name + "_build"
@@ -533,7 +535,7 @@ def _wait_no_sessions(conn: Any, dbname: str, timeout: float = 10.0) -> None:
 
 def migrations_hash(repo: str, sha: str, migrate: str | None, globs: list[str], extensions: list[str]) -> str:
     """Hash over the migration files at `sha` (by git blob id), the migrate command, extensions and repo."""
-    from .. import git
+    from worktreebox.system import git
 
     h = hashlib.sha256()
     # Without a migrate command the golden copy holds only the extensions: one for every repo.
@@ -572,10 +574,10 @@ def glob_to_regex(glob: str) -> str:
 # ---------------------------------------------------------------- migrate
 
 def run_migrate(cmd: str, cwd: Path, env: dict[str, str], logs_dir: Path, redact: list[str],
-                what: str = "database migration", cgroup: "cgroups.Leaf | None" = None) -> None:
+                what: str = "database migration", cgroup: cgroups.Leaf | None = None) -> None:
     """Run `[database] migrate` with its output in logs/migrate.jsonl; failure raises with the last lines."""
-    from ..logs.run import run_logged
-    from ..secrets import Redactor
+    from worktreebox.secrets import Redactor
+    from worktreebox.telemetry.logs.run import run_logged
 
     red = Redactor(redact)
     code, last = run_logged(cmd, cwd, env, logs_dir, "migrate", red, timeout=MIGRATE_TIMEOUT, keep_lines=_LAST_LINES,

@@ -9,12 +9,12 @@ from __future__ import annotations
 import shutil
 from typing import TYPE_CHECKING, Any
 
-from ..errors import WtboxError
-from .base import Creation, Resource, warn
+from worktreebox.errors import WtboxError
+from worktreebox.resources.base import Creation, Resource, warn
 
 if TYPE_CHECKING:
-    from ..box import Box
-    from ..context import HostContext as Host
+    from worktreebox.box import Box
+    from worktreebox.context import HostContext as Host
 
 
 class Deps(Resource):
@@ -22,8 +22,9 @@ class Deps(Resource):
     phase = "deps"
 
     def create(self, c: Creation) -> None:
-        from .. import deps, layerstore
-        from ..providers import mounts
+        from worktreebox.layers import deps
+        from worktreebox.layers import store as layerstore
+        from worktreebox.providers import mounts
 
         box, home = c.box, c.host.home
         files = deps.scan(box.repo, c.base_sha, home, c.config.deps)
@@ -52,11 +53,11 @@ class Deps(Resource):
                     provider.attach(path / "paths" / p, target, box.dir / "deps" / f"{i}.{j}")
             made.append({**layer.to_json(), "built": built})
 
-    def revive(self, host: "Host", box: "Box") -> None:
+    def revive(self, host: Host, box: Box) -> None:
         """Mount the layers again after a reboot (their upper dirs kept the box's changes)."""
-        from .. import deps
-        from ..providers import mounts
-        from ..providers.mounts.base import is_mountpoint
+        from worktreebox.layers import deps
+        from worktreebox.providers import mounts
+        from worktreebox.providers.mounts.base import is_mountpoint
 
         data = box.data.get(self.name) or {}
         provider = mounts.get(data["mount"]) if data.get("mount") in mounts.PROVIDERS else None
@@ -74,8 +75,8 @@ class Deps(Resource):
                 target.mkdir(parents=True, exist_ok=True)
                 provider.attach(entry / "paths" / p, target, box.dir / "deps" / f"{i}.{j}")
 
-    def destroy(self, host: "Host", box: "Box") -> None:
-        from ..providers.mounts.base import unmount_all
+    def destroy(self, host: Host, box: Box) -> None:
+        from worktreebox.providers.mounts.base import unmount_all
 
         if box.dir.is_symlink():
             return  # a claimed pool box's old name (see Worktree.destroy)
@@ -83,7 +84,7 @@ class Deps(Resource):
         unmount_all(box.path)
         shutil.rmtree(box.dir / "deps", ignore_errors=True)
 
-    def status(self, host: "Host", box: "Box") -> dict[str, Any] | None:
+    def status(self, host: Host, box: Box) -> dict[str, Any] | None:
         data = box.data.get(self.name)
         if not data:
             return None
@@ -93,8 +94,8 @@ class Deps(Resource):
 def _runner(c: Creation, layer):
     """Run a build command with its output in the box's logs/deps.jsonl; fail with its last lines."""
     def run(cmd: str, cwd, env: dict[str, str]) -> None:
-        from ..logs.run import run_logged
-        from ..secrets import Redactor
+        from worktreebox.secrets import Redactor
+        from worktreebox.telemetry.logs.run import run_logged
 
         c.note(f"building the {layer.kind} layer of {layer.dir or 'the repo root'} (once per lock file)")
         rc, last = run_logged(cmd, cwd, env, c.box.logs_dir, "deps", Redactor(list(c.secrets.values())),

@@ -10,19 +10,19 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import cgroups, procs
-from ..assets import asset_path
-from ..errors import ConfigError
-from ..providers.metrics import every_store, store
-from ..providers.metrics.native import LOG_FILE as STORE_LOG
-from ..templating import render, render_file
-from ..vmclient import healthy
-from .base import Creation, Resource
+from worktreebox.config.assets import asset_path
+from worktreebox.config.templating import render, render_file
+from worktreebox.errors import ConfigError
+from worktreebox.providers.metrics import every_store, store
+from worktreebox.providers.metrics.native import LOG_FILE as STORE_LOG
+from worktreebox.resources.base import Creation, Resource
+from worktreebox.system import cgroups, procs
+from worktreebox.telemetry.vmclient import healthy
 
 if TYPE_CHECKING:
-    from ..box import Box
-    from ..context import HostContext
-    from ..providers.metrics.base import MetricsStore
+    from worktreebox.box import Box
+    from worktreebox.context import HostContext
+    from worktreebox.providers.metrics.base import MetricsStore
 
 SCRAPE_FILE = "scrape.yml"
 VECTOR_FILE = "vector.toml"
@@ -67,7 +67,7 @@ class Metrics(Resource):
         c.env["WTBOX_PROMETHEUS_REMOTE_WRITE_URL"] = url + "/api/v1/write"
         c.facts["metrics"] = {"url": url, "port": port, "remote_write_url": url + "/api/v1/write"}
 
-    def destroy(self, host: "HostContext", box: "Box") -> None:
+    def destroy(self, host: HostContext, box: Box) -> None:
         data = box.data.get(self.name)
         stores = _stores_of(host, box)
         # Skip the process scan when nothing of ours was ever started (observability off):
@@ -84,7 +84,7 @@ class Metrics(Resource):
             (box.run_dir / name).unlink(missing_ok=True)
         shutil.rmtree(box.run_dir / "vector", ignore_errors=True)
 
-    def discover(self, host: "HostContext") -> set[str]:
+    def discover(self, host: HostContext) -> set[str]:
         ids = {p.parent.name for p in Path(host.boxes_dir).glob("*/metrics") if p.is_dir()}
         stores = every_store(host)
         names = {VECTOR, *(n for s in stores for n in s.processes)}
@@ -93,7 +93,7 @@ class Metrics(Resource):
             ids |= s.discover()
         return ids
 
-    def status(self, host: "HostContext", box: "Box") -> dict[str, Any] | None:
+    def status(self, host: HostContext, box: Box) -> dict[str, Any] | None:
         data = box.data.get(self.name)
         if not data:
             return None
@@ -102,7 +102,7 @@ class Metrics(Resource):
         return {"metrics": out}
 
 
-def _stores_of(host: "HostContext", box: "Box") -> list["MetricsStore"]:
+def _stores_of(host: HostContext, box: Box) -> list[MetricsStore]:
     """The store the box recorded; for a `new` killed before it recorded one (no env_keys yet),
     every store, since its provider may have come from the repo's wtbox.toml; else the host's."""
     data = box.data.get("metrics") or {}
@@ -145,7 +145,7 @@ def render_scrape_config(box_id: str, targets: list[dict[str, Any]], interval: s
 # ---------------------------------------------------------------- vector
 
 
-def render_vector_config(box: "Box", metrics_url: str, victorialogs_url: str | None = None,
+def render_vector_config(box: Box, metrics_url: str, victorialogs_url: str | None = None,
                          interval_secs: int = 15, otlp: dict[str, str] | None = None) -> str:
     """otlp: {grpc_address, http_address, receiver_url} adds an OTLP source forwarding to the receiver."""
     return _render("observability/vector.toml.j2", box_id=box.id, logs_dir=str(box.logs_dir),
@@ -155,7 +155,7 @@ def render_vector_config(box: "Box", metrics_url: str, victorialogs_url: str | N
 
 def vector_otlp(c: Creation) -> dict[str, str] | None:
     """Two more leased ports for Vector's OTLP source (gRPC and HTTP), forwarding to the box's receiver."""
-    from . import ports
+    from worktreebox.resources import ports
 
     box = c.box
     if "otlp" not in box.ports:
@@ -167,8 +167,8 @@ def vector_otlp(c: Creation) -> dict[str, str] | None:
             "receiver_url": f"http://127.0.0.1:{box.ports['otlp']}"}
 
 
-def start_vector(box: "Box", metrics_url: str, victorialogs_url: str | None,
-                 otlp: dict[str, str] | None = None, cgroup: "cgroups.Leaf | None" = None) -> int:
+def start_vector(box: Box, metrics_url: str, victorialogs_url: str | None,
+                 otlp: dict[str, str] | None = None, cgroup: cgroups.Leaf | None = None) -> int:
     """Start a detached Vector for the box (WTBOX_ID in its env so teardown finds it)."""
     (box.run_dir / "vector").mkdir(parents=True, exist_ok=True)
     box.logs_dir.mkdir(parents=True, exist_ok=True)

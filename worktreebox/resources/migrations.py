@@ -5,13 +5,13 @@ the first such box's tree) and every box gets a clone; in schema mode they run i
 """
 from __future__ import annotations
 
-from .base import Creation, Resource
+from worktreebox.resources.base import Creation, Resource
 
 
 class Migrations(Resource):
     name = "migrations"
 
     def start(self, c: Creation) -> None:
-        from .database import Database
+        from worktreebox.resources.database import Database
 
         Database().migrate(c)

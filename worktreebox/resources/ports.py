@@ -1,24 +1,25 @@
 """Named ports leased from a range below the kernel's ephemeral range.
 
 A lease is decided inside one BEGIN IMMEDIATE transaction of the home's registry (two `new`
-of one home never race) and claimed in the host-wide lease directory (worktreebox/leases.py:
+of one home never race) and claimed in the host-wide lease directory (worktreebox/system/leases.py:
 two homes or users never get the same port). Each candidate is also checked free, because a
 foreign process may hold it; `check_free` looks again right before services start and names
 the holder.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
-from ..box import is_box_id
-from ..errors import WtboxError
-from .base import Creation, Resource
+from worktreebox.box import is_box_id
+from worktreebox.errors import WtboxError
+from worktreebox.resources.base import Creation, Resource
 
 if TYPE_CHECKING:
-    from ..box import Box
-    from ..context import HostContext as Host
-    from ..leases import HostLeases
+    from worktreebox.box import Box
+    from worktreebox.context import HostContext as Host
+    from worktreebox.system.leases import HostLeases
 
 DEFAULT_LOW = 20000
 
@@ -44,13 +45,13 @@ def is_port_free(port: int) -> bool:
     return portpicker.is_port_free(port)
 
 
-def host_leases(host: "Host") -> "HostLeases":
-    from ..leases import HostLeases
+def host_leases(host: Host) -> HostLeases:
+    from worktreebox.system.leases import HostLeases
 
     return HostLeases(host.home)
 
 
-def lease(host: "Host", owner: str, names: list[str]) -> dict[str, int]:
+def lease(host: Host, owner: str, names: list[str]) -> dict[str, int]:
     """Lease a block of len(names) consecutive free ports for `owner`."""
     if not names:
         return {}
@@ -85,7 +86,7 @@ def lease(host: "Host", owner: str, names: list[str]) -> dict[str, int]:
     raise WtboxError(f"No block of {n} free ports is left in {lo}-{hi}; remove boxes or widen [host] port_range.")
 
 
-def release(host: "Host", owner: str) -> None:
+def release(host: Host, owner: str) -> None:
     """Drop every lease of `owner`: the registry's rows and the host-wide claims."""
     ports = host.registry.ports_of(owner).values()
     host_leases(host).release_owner(owner, ports)
@@ -94,13 +95,13 @@ def release(host: "Host", owner: str) -> None:
 
 def holder_of(port: int) -> str | None:
     """Who listens on `port`, as 'pid 123 (python3 app.py)', or None when nobody (visibly) does."""
-    from .. import procs
+    from worktreebox.system import procs
 
     pids = procs.listeners(port)
     return ", ".join(procs.describe(p) for p in pids) if pids else None
 
 
-def check_free(box: "Box", ports: Iterable[int | None]) -> None:
+def check_free(box: Box, ports: Iterable[int | None]) -> None:
     """Right before services start: each of the box's `ports` must be free, else a WtboxError
     naming the port and its holder (a lease is only a promise among wtbox boxes)."""
     names = {p: n for n, p in box.ports.items()}
@@ -124,9 +125,9 @@ class Ports(Resource):
         for name, port in c.box.ports.items():
             c.env[f"WTBOX_PORT_{name.upper()}"] = str(port)
 
-    def destroy(self, host: "Host", box: "Box") -> None:
+    def destroy(self, host: Host, box: Box) -> None:
         release(host, box.id)
 
-    def discover(self, host: "Host") -> set[str]:
+    def discover(self, host: Host) -> set[str]:
         owners = host.registry.lease_owners() | host_leases(host).owners()
         return {o for o in owners if is_box_id(o)}

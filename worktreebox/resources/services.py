@@ -5,7 +5,7 @@ over its stdin only; run/services.json is a copy for people, with passwords mask
 wait until every service is ready.
 destroy(): stop the supervisor, then kill whatever still carries WTBOX_ID=<id> or
 sits in the box dir (daemons that double-forked out of their group).
-Talking to the supervisor is `worktreebox.supervisor_client`.
+Talking to the supervisor is `worktreebox.services.client`.
 """
 from __future__ import annotations
 
@@ -13,21 +13,31 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from .. import control, procs
-from ..box import DEGRADED, READY
-from ..boxenv import otel_service_name, redactor_for
-from ..config import check_ready, path_inside, services_in_order
-from ..errors import ConfigError, UsageError
-from ..fsutil import atomic_write
-from ..servicespec import ServiceSpec
-from ..supervisor_client import (PID_FILE, checked, control_request, read_state, services_status,
-                                 start_supervisor, stop_supervisor, supervisor_pid, wait_ready)
-from ..templating import render
-from .base import Creation, Resource, warn
+from worktreebox.box import DEGRADED, READY
+from worktreebox.config.load import check_ready, path_inside, services_in_order
+from worktreebox.config.templating import render
+from worktreebox.errors import ConfigError, UsageError
+from worktreebox.resources.base import Creation, Resource, warn
+from worktreebox.services import control
+from worktreebox.services.boxenv import otel_service_name, redactor_for
+from worktreebox.services.client import (
+    PID_FILE,
+    checked,
+    control_request,
+    read_state,
+    services_status,
+    start_supervisor,
+    stop_supervisor,
+    supervisor_pid,
+    wait_ready,
+)
+from worktreebox.services.spec import ServiceSpec
+from worktreebox.system import procs
+from worktreebox.system.fsutil import atomic_write
 
 if TYPE_CHECKING:
-    from ..box import Box
-    from ..context import HostContext
+    from worktreebox.box import Box
+    from worktreebox.context import HostContext
 
 
 class Services(Resource):
@@ -47,19 +57,19 @@ class Services(Resource):
         wait_ready(box, [s.name for s in specs], deadline=time.time() + sum(s.ready_timeout for s in specs) + 10)
         c.note("services ready")
 
-    def destroy(self, host: "HostContext", box: "Box") -> None:
+    def destroy(self, host: HostContext, box: Box) -> None:
         stop_supervisor(box)  # the services get their SIGTERM and grace first
         # Then everything else of the box (exec sessions, daemons that left their group, session and
         # environment, VictoriaMetrics): its cgroup is killed, and env/cwd are swept as a second net.
         procs.end_box_processes(host.home, box.id, box.dir)
 
-    def discover(self, host: "HostContext") -> set[str]:
+    def discover(self, host: HostContext) -> set[str]:
         return procs.discover_box_ids(host.boxes_dir)
 
-    def health(self, host: "HostContext", box: "Box") -> str | None:
+    def health(self, host: HostContext, box: Box) -> str | None:
         return supervisor_problem(box)
 
-    def status(self, host: "HostContext", box: "Box") -> dict[str, Any] | None:
+    def status(self, host: HostContext, box: Box) -> dict[str, Any] | None:
         services = services_status(box)
         return {"services": [{"name": n, **row} for n, row in services.items()]} if services else None
 
@@ -108,7 +118,7 @@ def _port_of(name: str, ready: str | None, env: dict[str, str], ports: dict[str,
     return ports.get(name)
 
 
-def write_specs(box: "Box", specs: list[ServiceSpec]) -> None:
+def write_specs(box: Box, specs: list[ServiceSpec]) -> None:
     """run/services.json (0600): the rendered services for people to read, passwords masked.
 
     The supervisor gets the real specs over its stdin: a `{{ db.url }}` in a service's env
@@ -121,7 +131,7 @@ def write_specs(box: "Box", specs: list[ServiceSpec]) -> None:
                  json.dumps({"box_id": box.id, "workdir": str(box.path), "services": masked}, indent=1), mode=0o600)
 
 
-def configured_names(box: "Box") -> list[str]:
+def configured_names(box: Box) -> list[str]:
     """The service names write_specs recorded (also for a box whose supervisor is not running)."""
     try:
         return [s["name"] for s in json.loads((box.run_dir / "services.json").read_text())["services"]]
@@ -131,14 +141,14 @@ def configured_names(box: "Box") -> list[str]:
 
 # ---------------------------------------------------------------- up / down / restart
 
-def check_ports(box: "Box", specs: list[ServiceSpec]) -> None:
+def check_ports(box: Box, specs: list[ServiceSpec]) -> None:
     """A stranger on a service's port fails the start here, naming it, before anything runs."""
-    from .ports import check_free
+    from worktreebox.resources.ports import check_free
 
     check_free(box, [s.port for s in specs])
 
 
-def render_from_config(host: "HostContext", box: "Box") -> list[ServiceSpec]:
+def render_from_config(host: HostContext, box: Box) -> list[ServiceSpec]:
     """The box's services rendered from its wtbox.toml (to start them after the supervisor stopped)."""
     cfg = host.repo_config(box)
     if not cfg.services:
@@ -149,7 +159,7 @@ def render_from_config(host: "HostContext", box: "Box") -> list[ServiceSpec]:
     return specs
 
 
-def _names(host: "HostContext", box: "Box") -> list[str]:
+def _names(host: HostContext, box: Box) -> list[str]:
     state = read_state(box)
     if state and supervisor_pid(box) is not None:
         return list(state.services)
@@ -158,12 +168,12 @@ def _names(host: "HostContext", box: "Box") -> list[str]:
 
 # ---------------------------------------------------------------- a supervisor that died
 
-def supervisor_died(box: "Box") -> bool:
+def supervisor_died(box: Box) -> bool:
     """Killed or crashed: a supervisor that ends on its own removes its pid file, this one did not."""
     return (box.run_dir / PID_FILE).exists() and supervisor_pid(box) is None
 
 
-def supervisor_problem(box: "Box") -> str | None:
+def supervisor_problem(box: Box) -> str | None:
     """The reason a box is degraded because of its supervisor, with what brings it back."""
     if not supervisor_died(box):
         return None
@@ -175,7 +185,7 @@ def supervisor_problem(box: "Box") -> str | None:
     return f"its services supervisor died; run 'wtbox up {box.id}' to start the services again"
 
 
-def end_survivors(box: "Box") -> list[int]:
+def end_survivors(box: Box) -> list[int]:
     """End what a dead supervisor left running (its services, marked WTBOX_SERVICE, and their
     output keeper) so a new supervisor starts them anew on the same ports; forget its files."""
     import psutil
@@ -186,7 +196,7 @@ def end_survivors(box: "Box") -> list[int]:
             env, cmd = p.environ(), p.cmdline()
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-        if env.get("WTBOX_SERVICE") or ("worktreebox.supervisor" in cmd and box.id in cmd):
+        if env.get("WTBOX_SERVICE") or ("worktreebox.services.supervisor" in cmd and box.id in cmd):
             found.append(p)
     killed = procs.kill_staged(found)
     for stale in (PID_FILE, control.SOCKET):
@@ -197,21 +207,21 @@ def end_survivors(box: "Box") -> list[int]:
     return killed
 
 
-def _recover(box: "Box") -> None:
+def _recover(box: Box) -> None:
     if supervisor_died(box):
         killed = end_survivors(box)
         warn(f"the services supervisor of {box.id} had died; ended what it left running"
              + (f" (pids {', '.join(map(str, killed))})" if killed else ""))
 
 
-def _whole_again(host: "HostContext", box: "Box") -> None:
+def _whole_again(host: HostContext, box: Box) -> None:
     if box.state == DEGRADED:
         box.state = READY
         box.data.pop("degraded", None)
         host.registry.save_box(box)
 
 
-def services_up(host: "HostContext", box: "Box", service: str | None = None,
+def services_up(host: HostContext, box: Box, service: str | None = None,
                 secrets: dict[str, str] | None = None) -> dict[str, Any]:
     _recover(box)
     if supervisor_pid(box) is None:
@@ -237,7 +247,7 @@ def services_up(host: "HostContext", box: "Box", service: str | None = None,
     return services_status(box)
 
 
-def services_down(host: "HostContext", box: "Box", service: str | None = None) -> dict[str, Any]:
+def services_down(host: HostContext, box: Box, service: str | None = None) -> dict[str, Any]:
     _recover(box)
     if supervisor_pid(box) is None:
         _whole_again(host, box)
@@ -249,7 +259,7 @@ def services_down(host: "HostContext", box: "Box", service: str | None = None) -
     return services_status(box)
 
 
-def services_restart(host: "HostContext", box: "Box", service: str | None = None,
+def services_restart(host: HostContext, box: Box, service: str | None = None,
                      secrets: dict[str, str] | None = None) -> dict[str, Any]:
     if supervisor_pid(box) is None:
         return services_up(host, box, service, secrets)

@@ -5,12 +5,12 @@ migration that needs what setup installs, e.g. `.venv/bin/alembic`, finds it).
 """
 from __future__ import annotations
 
-from .. import cgroups
-from ..boxenv import process_env, redactor_for
-from ..errors import WtboxError
-from ..logs.run import run_logged
-from ..templating import render
-from .base import Creation, Resource
+from worktreebox.config.templating import render
+from worktreebox.errors import WtboxError
+from worktreebox.resources.base import Creation, Resource
+from worktreebox.services.boxenv import process_env, redactor_for
+from worktreebox.system import cgroups
+from worktreebox.telemetry.logs.run import run_logged
 
 
 class Setup(Resource):

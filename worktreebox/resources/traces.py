@@ -1,6 +1,6 @@
 """The traces resource: a per-box OTLP/HTTP receiver on the leased `otlp` port.
 
-create() starts `python -m worktreebox.traces.receiver` (detached, WTBOX_ID in its env, like
+create() starts `python -m worktreebox.services.otlp_receiver` (detached, WTBOX_ID in its env, like
 VictoriaMetrics) and exports the standard OpenTelemetry SDK variables, so an app instrumented
 with the SDK reports to its own box with zero configuration. It runs in parallel with the
 metrics resource: the receiver only needs the metrics port (leased already) and retries its
@@ -14,17 +14,18 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import cgroups
-from ..boxenv import OTEL_ENDPOINT, OTEL_PROTOCOL, OTEL_RESOURCE_ATTRIBUTES, OTEL_VARS
-from ..errors import WtboxError
-from .base import Creation, Resource
+from worktreebox.config.assets import PACKAGE_PARENT
+from worktreebox.errors import WtboxError
+from worktreebox.resources.base import Creation, Resource
+from worktreebox.services.boxenv import OTEL_ENDPOINT, OTEL_PROTOCOL, OTEL_RESOURCE_ATTRIBUTES, OTEL_VARS
+from worktreebox.system import cgroups
 
 if TYPE_CHECKING:
-    from ..box import Box
-    from ..context import HostContext
+    from worktreebox.box import Box
+    from worktreebox.context import HostContext
 
 PORT_NAME = "otlp"
-MODULE = "worktreebox.traces.receiver"
+MODULE = "worktreebox.services.otlp_receiver"
 PID_FILE = "otlp-receiver.pid"
 LOG_FILE = "otlp-receiver.log"
 START_TIMEOUT = 15.0
@@ -54,30 +55,30 @@ class Traces(Resource):
         c.env["WTBOX_OTLP_URL"] = url
         c.facts["traces"] = {"url": url, "port": port}
 
-    def destroy(self, host: "HostContext", box: "Box") -> None:
+    def destroy(self, host: HostContext, box: Box) -> None:
         stop_receiver(box, sweep=bool(box.data.get(self.name)) or traces_dir(box).exists())
         shutil.rmtree(traces_dir(box), ignore_errors=True)
         for name in (PID_FILE, LOG_FILE):
             (box.run_dir / name).unlink(missing_ok=True)
 
-    def discover(self, host: "HostContext") -> set[str]:
+    def discover(self, host: HostContext) -> set[str]:
         boxes = Path(host.boxes_dir)
         ids = {p.parent.name for p in boxes.glob("*/traces") if p.is_dir()}
         ids |= {p.parent.parent.name for p in boxes.glob(f"*/run/{PID_FILE}")}
         return ids  # live receivers without either are found by the services resource (WTBOX_ID)
 
-    def status(self, host: "HostContext", box: "Box") -> dict[str, Any] | None:
+    def status(self, host: HostContext, box: Box) -> dict[str, Any] | None:
         data = box.data.get(self.name)
         if not data:
             return None
-        from ..traces import store
-        from ..vmclient import healthy
+        from worktreebox.telemetry.traces import store
+        from worktreebox.telemetry.vmclient import healthy
 
         return {"traces": {"url": data["url"], "up": healthy(data["url"], timeout=0.5),
                            "store_bytes": store.size(traces_dir(box))}}
 
 
-    def checks(self, host: "HostContext") -> list[dict[str, Any]]:
+    def checks(self, host: HostContext) -> list[dict[str, Any]]:
         """The receiver decodes with opentelemetry-proto (a dependency; a broken install shows here)."""
         from importlib import metadata
 
@@ -90,23 +91,23 @@ class Traces(Resource):
         return [{"check": "OTLP receiver", "ok": ok, "detail": detail}]
 
 
-def traces_dir(box: "Box") -> Path:
+def traces_dir(box: Box) -> Path:
     return box.dir / "traces"
 
 
-def start_receiver(box: "Box", port: int, metrics_url: str, timeout: float = START_TIMEOUT,
-                   cgroup: "cgroups.Leaf | None" = None) -> int:
+def start_receiver(box: Box, port: int, metrics_url: str, timeout: float = START_TIMEOUT,
+                   cgroup: cgroups.Leaf | None = None) -> int:
     """Start the box's receiver detached (in `cgroup`) and wait until it answers /health; returns its pid."""
-    from .. import procs
-    from ..fsutil import atomic_write
-    from ..vmclient import healthy
+    from worktreebox.system import procs
+    from worktreebox.system.fsutil import atomic_write
+    from worktreebox.telemetry.vmclient import healthy
 
     box.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in OTEL_VARS and k != "PYTHONSTARTUP"}
     env.update({"WTBOX_ID": box.id, "WTBOX_BOX_DIR": str(box.dir)})
     log_path = box.run_dir / LOG_FILE
     # -m finds the package from the cwd, so this works from a checkout as well as when installed.
-    pkg_parent = str(Path(__file__).resolve().parents[2])
+    pkg_parent = str(PACKAGE_PARENT)
     pid = procs.spawn_detached([sys.executable, "-m", MODULE, str(box.dir), str(port), metrics_url], env=env,
                             log_path=log_path, cwd=pkg_parent, cgroup=cgroup)
     atomic_write(box.run_dir / PID_FILE, f"{pid}\n")
@@ -119,9 +120,9 @@ def start_receiver(box: "Box", port: int, metrics_url: str, timeout: float = STA
     return pid
 
 
-def receiver_pid(box: "Box") -> int | None:
+def receiver_pid(box: Box) -> int | None:
     """The live receiver named by the pid file, checked against its command line (pids are reused)."""
-    from .. import procs
+    from worktreebox.system import procs
 
     try:
         pid = int((box.run_dir / PID_FILE).read_text().strip())
@@ -130,19 +131,19 @@ def receiver_pid(box: "Box") -> int | None:
     return pid if procs.pid_alive(pid) and _is_receiver(pid, box) else None
 
 
-def _is_receiver(pid: int, box: "Box") -> bool:
-    from .. import procs
+def _is_receiver(pid: int, box: Box) -> bool:
+    from worktreebox.system import procs
 
     args = procs.cmdline(pid)
     return MODULE in args and str(box.dir) in args
 
 
-def stop_receiver(box: "Box", sweep: bool = True) -> None:
+def stop_receiver(box: Box, sweep: bool = True) -> None:
     """SIGTERM (the receiver pushes its last span counts), wait, SIGKILL. Idempotent.
 
     `sweep` also looks for a receiver the pid file does not name (a `new` killed between the
     start and writing the file)."""
-    from .. import procs
+    from worktreebox.system import procs
 
     found = []
     pid_file = box.run_dir / PID_FILE

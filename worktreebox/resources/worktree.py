@@ -15,15 +15,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import git
-from ..box import is_box_id
-from ..errors import WtboxError
-from .base import Creation, Resource, warn
+from worktreebox.box import is_box_id
+from worktreebox.errors import WtboxError
+from worktreebox.resources.base import Creation, Resource, warn
+from worktreebox.system import git
 
 if TYPE_CHECKING:
-    from ..box import Box
-    from ..context import HostContext as Host
-    from ..providers.mounts.base import MountProvider
+    from worktreebox.box import Box
+    from worktreebox.context import HostContext as Host
+    from worktreebox.providers.mounts.base import MountProvider
 
 
 class Worktree(Resource):
@@ -32,8 +32,8 @@ class Worktree(Resource):
     phase = "tree"
 
     def create(self, c: Creation) -> None:
-        from .. import layerstore
-        from ..providers import mounts
+        from worktreebox.layers import store as layerstore
+        from worktreebox.providers import mounts
 
         box = c.box
         provider = mounts.for_host(c.host)
@@ -41,17 +41,17 @@ class Worktree(Resource):
         if not provider.uses_tree:
             add_worktree(box, c.base_sha, checkout=True)
             return
-        from .. import trees
+        from worktreebox.layers import trees
 
         layerstore.record_use(box, "trees", c.base_sha)  # before the tree is used: gc keeps it for this box
-        waiting = lambda: c.note("waiting for the commit's tree (another box is checking it out)")  # noqa: E731
+        waiting = lambda: c.note("waiting for the commit's tree (another box is checking it out)")
         with trees.use(c.host.home, box.repo, c.base_sha, on_wait=waiting) as (tree, _):
             box.data[self.name]["tree"] = c.base_sha
             box.data["revive"] = provider.mounts  # a reboot takes mounts down: Host.get brings them back
             add_worktree(box, c.base_sha, checkout=False)
             attach_view(provider, tree, box)
 
-    def pristine(self, host: "Host", box: "Box") -> bool:
+    def pristine(self, host: Host, box: Box) -> bool:
         """The view is exactly as made: its upper layer holds only git's pointer (and empty mount points of
         dependency layers), git's index is still the tree's, and the branch still points at the base commit.
         Then `git status` and the commit count cannot find anything; otherwise they run as usual."""
@@ -62,7 +62,7 @@ class Worktree(Resource):
         admin = _admin_dir(box)
         if admin is None:
             return False
-        from .. import trees
+        from worktreebox.layers import trees
 
         try:
             if (admin / "index").read_bytes() != (trees.store(host.home).path(sha) / "index").read_bytes():
@@ -71,10 +71,10 @@ class Worktree(Resource):
         except OSError:
             return False
 
-    def revive(self, host: "Host", box: "Box") -> None:
+    def revive(self, host: Host, box: Box) -> None:
         """Mount the view again when it is gone (after a reboot); the upper layer kept the box's changes."""
-        from .. import trees
-        from ..providers import mounts
+        from worktreebox.layers import trees
+        from worktreebox.providers import mounts
 
         data = box.data.get(self.name) or {}
         provider = mounts.get(data["mount"]) if data.get("mount") in mounts.PROVIDERS else None
@@ -88,7 +88,7 @@ class Worktree(Resource):
     def finish(self, c: Creation) -> None:
         """[box] copy: bring untracked files (e.g. .env.example → .env) from the main checkout
         (after every create: the worktree exists and the files may name other resources' dirs)."""
-        from ..config import path_inside
+        from worktreebox.config.load import path_inside
 
         repo = Path(c.box.repo)
         where = f"{c.config.source}: [box] copy"
@@ -104,8 +104,8 @@ class Worktree(Resource):
             else:
                 shutil.copy2(s, d)
 
-    def destroy(self, host: "Host", box: "Box") -> None:
-        from ..providers.mounts.base import unmount_all
+    def destroy(self, host: Host, box: Box) -> None:
+        from worktreebox.providers.mounts.base import unmount_all
 
         if box.dir.is_symlink():
             return  # a claimed pool box's old name: its files are the target's, removed under the real id
@@ -139,10 +139,10 @@ class Worktree(Resource):
         if any(trashed):
             empty_trash_in_background(host)
 
-    def checks(self, host: "Host") -> list[dict]:
+    def checks(self, host: Host) -> list[dict]:
         """Which copy-on-write provider boxes get here and why (probed afresh: the host may have changed)."""
-        from ..errors import ConfigError
-        from ..providers import mounts
+        from worktreebox.errors import ConfigError
+        from worktreebox.providers import mounts
 
         try:
             choice = mounts.choose(host.home, host.config.mounts, where=host.config.mounts_where, refresh=True)
@@ -151,14 +151,14 @@ class Worktree(Resource):
         return [{"check": "mounts", "ok": True, "detail": f"{choice.name}: {choice.why}",
                  "mounts": {"provider": choice.name, "why": choice.why, "probes": choice.probes}}]
 
-    def status(self, host: "Host", box: "Box") -> dict | None:
+    def status(self, host: Host, box: Box) -> dict | None:
         """How the worktree is made: {"mount": provider, "tree": commit of the shared tree}."""
         data = box.data.get(self.name)
         return {"worktree": dict(data)} if data else None
 
-    def discover(self, host: "Host") -> set[str]:
+    def discover(self, host: Host) -> set[str]:
         """Boxes with a wtbox/<id> branch, or with a mount under boxes/<id>/."""
-        from ..providers.mounts.base import mounts_under
+        from worktreebox.providers.mounts.base import mounts_under
 
         boxes = str(host.boxes_dir) + "/"
         ids = {m.target[len(boxes):].split("/", 1)[0] for m in mounts_under(host.boxes_dir)}
@@ -180,7 +180,7 @@ class Worktree(Resource):
         return ids
 
 
-def add_worktree(box: "Box", sha: str, *, checkout: bool) -> None:
+def add_worktree(box: Box, sha: str, *, checkout: bool) -> None:
     """`git worktree add` on the box branch (without the files when the view brings them)."""
     extra = [] if checkout else ["--no-checkout"]
     has_branch = False  # a new box's branch does not exist yet; only a retry may find it
@@ -203,7 +203,7 @@ def add_worktree(box: "Box", sha: str, *, checkout: bool) -> None:
         time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
 
 
-def attach_view(provider: "MountProvider", tree: Path, box: "Box") -> None:
+def attach_view(provider: MountProvider, tree: Path, box: Box) -> None:
     """Mount the view of trees/<sha>/tree on the (empty but for .git) worktree dir and hand git
     the tree's index: the worktree is then clean without git reading a single file."""
     gitfile = box.path / ".git"
@@ -217,7 +217,7 @@ def attach_view(provider: "MountProvider", tree: Path, box: "Box") -> None:
         git.git(box.path, "update-index", "-q", "--refresh", check=False)
 
 
-def _admin_dir(box: "Box") -> Path | None:
+def _admin_dir(box: Box) -> Path | None:
     """git's .git/worktrees/<name> of this box, if its pointer file says so and it points back here."""
     for gitfile in (box.path / ".git", box.dir / "upper" / ".git"):
         try:
@@ -283,11 +283,11 @@ def _checked_out_branches(repo: str) -> set[str]:
             if line.startswith("branch ")}
 
 
-def trash_dir(host: "Host") -> Path:
+def trash_dir(host: Host) -> Path:
     return host.home / "trash"
 
 
-def move_to_trash(host: "Host", path: Path, box_id: str) -> bool:
+def move_to_trash(host: Host, path: Path, box_id: str) -> bool:
     if not path.is_dir():
         return False
     import os
@@ -302,7 +302,7 @@ def move_to_trash(host: "Host", path: Path, box_id: str) -> bool:
         return False
 
 
-def empty_trash_in_background(host: "Host") -> None:
+def empty_trash_in_background(host: Host) -> None:
     import subprocess
 
     entries = [str(p) for p in trash_dir(host).iterdir()] if trash_dir(host).exists() else []

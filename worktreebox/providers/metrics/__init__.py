@@ -3,19 +3,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .. import choose, names
+from worktreebox.providers import choose, names
 
 if TYPE_CHECKING:
-    from ...context import HostContext
-    from .base import MetricsStore
+    from worktreebox.context import HostContext
+    from worktreebox.providers.metrics.base import MetricsStore
 
 
-def store(host: "HostContext", provider: str | None = None) -> "MetricsStore":
+def store(host: HostContext, provider: str | None = None) -> MetricsStore:
     """The metrics store named `provider` (a repo's [observability] provider, or what a box
     recorded), else the host's [observability] provider."""
     return choose("metrics", provider or getattr(host.config, "observability_provider", "native"))(host)
 
 
-def every_store(host: "HostContext") -> list["MetricsStore"]:
+def every_store(host: HostContext) -> list[MetricsStore]:
     """One of each registered store (for sweeping an orphan whose provider is unknown)."""
     return [choose("metrics", n)(host) for n in names("metrics")]

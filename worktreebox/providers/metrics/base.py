@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ...box import Box
-    from ...context import HostContext
+    from worktreebox.box import Box
+    from worktreebox.context import HostContext
 
 # Idle RSS of VictoriaMetrics 1.79.5 on our 2-core host after a push of 20 series and a query,
 # 5 s idle (min-max of 2 runs; start→/health in brackets):
@@ -35,7 +35,7 @@ MEMORY_ENV = {"GOMAXPROCS": "1"}
 
 def retention_flag(retention: str) -> str:
     """wtbox.toml retention ("2d", "12h") → a -retentionPeriod value; VictoriaMetrics keeps at least a day."""
-    from ...config import parse_duration
+    from worktreebox.config.load import parse_duration
 
     hours = max(24, int(round(parse_duration(retention, where="[observability] retention") / 3600)))
     return f"{hours}h"
@@ -66,7 +66,7 @@ class MetricsStore:
     processes: tuple[str, ...] = ()  # names of detached host processes it starts (WTBOX_ID in their env)
     pid_files: tuple[str, ...] = ()  # their pid files under the box's run dir
 
-    def __init__(self, host: "HostContext") -> None:
+    def __init__(self, host: HostContext) -> None:
         self.host = host
 
     @classmethod
@@ -74,17 +74,17 @@ class MetricsStore:
         """`wtbox doctor`'s line for what this provider needs installed (None: nothing)."""
         return None
 
-    def start(self, box: "Box", port: int, *, scrape_config: Path | None, retention: str) -> str:
+    def start(self, box: Box, port: int, *, scrape_config: Path | None, retention: str) -> str:
         """Start the box's store and wait until it answers; returns its URL. Idempotent."""
         raise NotImplementedError
 
-    def remove(self, box: "Box") -> None:
+    def remove(self, box: Box) -> None:
         """Remove what outlives the store's processes (containers, volumes); idempotent."""
 
     def discover(self) -> set[str]:
         """Box ids that own such a thing (beyond processes) right now."""
         return set()
 
-    def status(self, box: "Box") -> dict[str, Any]:
+    def status(self, box: Box) -> dict[str, Any]:
         """Provider facts for `wtbox status`."""
         return {"provider": self.name}

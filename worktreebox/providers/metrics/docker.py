@@ -12,13 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ...errors import WtboxError
-from .. import docker_engine as engine
-from .base import MEMORY_ENV, MetricsStore, flags
+from worktreebox.errors import WtboxError
+from worktreebox.providers import docker_engine as engine
+from worktreebox.providers.metrics.base import MEMORY_ENV, MetricsStore, flags
 
 if TYPE_CHECKING:
-    from ...box import Box
-    from ...context import HostContext
+    from worktreebox.box import Box
+    from worktreebox.context import HostContext
 
 STORAGE = "/storage"
 SCRAPE_DIR = "/etc/wtbox/scrape"
@@ -31,7 +31,7 @@ def name(box_id: str) -> str:
     return f"wtbox-vm-{box_id}"
 
 
-def _home_of(box: "Box", host: "HostContext | None") -> Path:
+def _home_of(box: Box, host: HostContext | None) -> Path:
     # boxes/<id> lies directly under the home (DESIGN.md layout).
     return host.home if host is not None else box.dir.parent.parent
 
@@ -39,21 +39,21 @@ def _home_of(box: "Box", host: "HostContext | None") -> Path:
 class DockerStore(MetricsStore):
     name = "docker"
 
-    def start(self, box: "Box", port: int, *, scrape_config: Path | None, retention: str) -> str:
+    def start(self, box: Box, port: int, *, scrape_config: Path | None, retention: str) -> str:
         return start(box, port, scrape_config, host=self.host, retention=retention)
 
-    def remove(self, box: "Box") -> None:
+    def remove(self, box: Box) -> None:
         stop(box, home=self.host.home)
 
     def discover(self) -> set[str]:
         # Labelled containers, whatever the config says now.
         return engine.discover_box_ids(self.host.home)
 
-    def status(self, box: "Box") -> dict[str, Any]:
+    def status(self, box: Box) -> dict[str, Any]:
         return status(box, home=self.host.home)
 
 
-def start(box: "Box", port: int, scrape_config_path: Path | None = None, *, host: "HostContext | None" = None,
+def start(box: Box, port: int, scrape_config_path: Path | None = None, *, host: HostContext | None = None,
           image: str | None = None, retention: str = "2d", timeout: float = START_TIMEOUT) -> str:
     """Start the box's VictoriaMetrics container, wait for /health; returns its URL. Idempotent."""
     import docker.errors
@@ -65,7 +65,7 @@ def start(box: "Box", port: int, scrape_config_path: Path | None = None, *, host
         if host is not None:
             image = host.config.victoriametrics_image
         else:
-            from ...config import load_host_config
+            from worktreebox.config.load import load_host_config
 
             image = load_host_config(home).victoriametrics_image
     c = engine.client()
@@ -180,7 +180,7 @@ def _remove_volume(c: Any, vname: str) -> None:
         pass
 
 
-def stop(box: "Box | str", *, home: Path | None = None) -> dict[str, int]:
+def stop(box: Box | str, *, home: Path | None = None) -> dict[str, int]:
     """Remove the box's container and volume (everything labelled with its id); idempotent.
 
     Without Docker there is nothing to remove but also nothing to check: returns zeros.
@@ -193,7 +193,7 @@ def stop(box: "Box | str", *, home: Path | None = None) -> dict[str, int]:
     return engine.sweep_box(home, box_id)
 
 
-def status(box: "Box", *, home: Path | None = None) -> dict[str, Any]:
+def status(box: Box, *, home: Path | None = None) -> dict[str, Any]:
     """Container state of a box's VictoriaMetrics for `wtbox status`."""
     import docker.errors
 

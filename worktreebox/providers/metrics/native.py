@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
-from ... import cgroups, procs
-from ...errors import WtboxError
-from ...vmclient import healthy
-from .base import MEMORY_ENV, MetricsStore, flags
+from worktreebox.errors import WtboxError
+from worktreebox.providers.metrics.base import MEMORY_ENV, MetricsStore, flags
+from worktreebox.system import cgroups, procs
+from worktreebox.telemetry.vmclient import healthy
 
 if TYPE_CHECKING:
-    from ...box import Box
+    from worktreebox.box import Box
 
 BINARY = "victoria-metrics"
 PACKAGE = "victoria-metrics"  # the Debian package that ships the binary
@@ -29,7 +30,7 @@ class NativeStore(MetricsStore):
     processes = (BINARY,)
     pid_files = (PID_FILE,)
 
-    def start(self, box: "Box", port: int, *, scrape_config: Path | None, retention: str) -> str:
+    def start(self, box: Box, port: int, *, scrape_config: Path | None, retention: str) -> str:
         start(box.id, port=port, data_dir=box.metrics_dir, run_dir=box.run_dir, retention=retention,
               scrape_config=scrape_config, cgroup=cgroups.Leaf(self.host.home, box.id, cgroups.METRICS))
         return f"http://127.0.0.1:{port}"
@@ -52,7 +53,7 @@ def find_binary() -> str:
 
 
 def start(box_id: str, *, port: int, data_dir: Path, run_dir: Path, retention: str = "2d",
-          scrape_config: Path | None = None, timeout: float = 15.0, cgroup: "cgroups.Leaf | None" = None) -> int:
+          scrape_config: Path | None = None, timeout: float = 15.0, cgroup: cgroups.Leaf | None = None) -> int:
     """Start a detached VictoriaMetrics for a box (in `cgroup`) and wait until /health answers; returns its pid."""
     binary = find_binary()
     data_dir.mkdir(parents=True, exist_ok=True)

@@ -17,13 +17,13 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ...errors import ConfigError
-from .. import PROVIDERS as _TABLE
-from .. import choose as _choose
-from .base import MountProvider, mounts_under, unmount
+from worktreebox.errors import ConfigError
+from worktreebox.providers import PROVIDERS as _TABLE
+from worktreebox.providers import choose as _choose
+from worktreebox.providers.mounts.base import MountProvider, mounts_under, unmount
 
 if TYPE_CHECKING:
-    from ...context import HostContext
+    from worktreebox.context import HostContext
 
 PROVIDERS = _TABLE["mounts"]
 ORDER = tuple(PROVIDERS)
@@ -45,7 +45,7 @@ class Choice:
 _CHOSEN: dict[tuple[str, str | None], Choice] = {}
 
 
-def for_host(host: "HostContext") -> MountProvider:
+def for_host(host: HostContext) -> MountProvider:
     """The provider this host's boxes use (probed once per home, then read from mounts.json)."""
     key = (str(host.home), host.config.mounts)
     if key not in _CHOSEN:
@@ -95,7 +95,7 @@ def _cached(home: Path) -> dict[str, str]:
 
 
 def _save(home: Path, probes: dict[str, str]) -> None:
-    from ...fsutil import atomic_write
+    from worktreebox.system.fsutil import atomic_write
 
     home.mkdir(parents=True, exist_ok=True)
     atomic_write(home / CACHE, json.dumps({"host": _fingerprint(), "probes": probes}, indent=1) + "\n")
@@ -126,7 +126,7 @@ def clean_probe(scratch: Path) -> None:
 
 def stale_probes(home: Path) -> list[Path]:
     """Probe dirs whose process is gone (killed half-way); gc removes them."""
-    from ...procs import pid_alive
+    from worktreebox.system.procs import pid_alive
 
     try:
         probes = [p for p in home.iterdir() if p.name.startswith(PROBE_PREFIX)]

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from ...errors import WtboxError
+from worktreebox.errors import WtboxError
 
 MNT_DETACH = 2
 
@@ -68,7 +68,7 @@ class Mount:
 
 def mount_table() -> list[Mount]:
     """Every mount this process sees, in mount order."""
-    from ... import procs
+    from worktreebox.system import procs
 
     return [Mount(*fields) for fields in procs.mountinfo()]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import MountProvider
-from .reflink import copy_tree
+from worktreebox.providers.mounts.base import MountProvider
+from worktreebox.providers.mounts.reflink import copy_tree
 
 
 class Checkout(MountProvider):

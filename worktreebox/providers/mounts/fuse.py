@@ -6,8 +6,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .base import MountError, MountProvider, clean_env
-from .overlay import Overlay, prepare_dirs, probe_cow
+from worktreebox.providers.mounts.base import MountError, MountProvider, clean_env
+from worktreebox.providers.mounts.overlay import Overlay, prepare_dirs, probe_cow
 
 BINARY = "fuse-overlayfs"
 

@@ -5,7 +5,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .base import MountError, MountProvider, sys_mount, unmount, mounts_under
+from worktreebox.providers.mounts.base import MountError, MountProvider, mounts_under, sys_mount, unmount
 
 # Characters overlayfs' option parser treats specially in lowerdir/upperdir/workdir.
 _SPECIAL = (",", ":", "\\")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from .base import MountError, MountProvider
+from worktreebox.providers.mounts.base import MountError, MountProvider
 
 
 class Reflink(MountProvider):

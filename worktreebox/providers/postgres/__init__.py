@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .. import choose
+from worktreebox.providers import choose
 
 if TYPE_CHECKING:
-    from ...context import HostContext
-    from .base import Server
+    from worktreebox.context import HostContext
+    from worktreebox.providers.postgres.base import Server
 
 
-def provider_name(host: "HostContext", provider: str | None = None) -> str:
+def provider_name(host: HostContext, provider: str | None = None) -> str:
     """`provider` (a repo's [database] provider, or what a box recorded), else the host's:
     external when a URL is configured and nothing else was asked for."""
     cfg = host.config
@@ -20,6 +20,6 @@ def provider_name(host: "HostContext", provider: str | None = None) -> str:
     return provider or "embedded"
 
 
-def server(host: "HostContext", provider: str | None = None) -> "Server":
+def server(host: HostContext, provider: str | None = None) -> Server:
     """The server boxes of `host` use (never starts it: the first connection that fails does)."""
     return choose("postgres", provider_name(host, provider)).from_host(host)

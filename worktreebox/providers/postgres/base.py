@@ -10,14 +10,15 @@ import contextlib
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
-from ...errors import WtboxError
+from worktreebox.errors import WtboxError
 
 if TYPE_CHECKING:
     import psycopg
 
-    from ...context import HostContext
+    from worktreebox.context import HostContext
 
 SUPERUSER = "postgres"
 # Schema-mode boxes of the embedded cluster live in this database (keeps `postgres` clean).
@@ -28,7 +29,7 @@ APP_NAME = "wtbox"  # shows wtbox's own sessions in pg_stat_activity
 class _Conn:
     """One cached superuser connection with a lock, so threads of one process can share it."""
 
-    def __init__(self, conn: "psycopg.Connection") -> None:
+    def __init__(self, conn: psycopg.Connection) -> None:
         self.conn, self.lock, self.pid = conn, threading.Lock(), os.getpid()
         self.used_at = time.monotonic()
 
@@ -61,7 +62,7 @@ class Server:
     shared_db = SHARED_DB
 
     @classmethod
-    def from_host(cls, host: "HostContext") -> "Server":
+    def from_host(cls, host: HostContext) -> Server:
         """The provider as configured for `host` (never starts anything)."""
         raise NotImplementedError
 
@@ -86,7 +87,7 @@ class Server:
         """`wtbox db stop`: stop the server wtbox runs; True if it was running."""
         raise WtboxError(f"wtbox does not stop {self.describe()}.")
 
-    def _connect(self, dbname: str) -> "psycopg.Connection":
+    def _connect(self, dbname: str) -> psycopg.Connection:
         import psycopg
 
         try:
@@ -95,12 +96,12 @@ class Server:
         except psycopg.OperationalError as e:
             raise WtboxError(f"Cannot connect to PostgreSQL ({self.describe()}): {first_line(e)}.") from None
 
-    def connect(self, dbname: str | None = None) -> "psycopg.Connection":
+    def connect(self, dbname: str | None = None) -> psycopg.Connection:
         """A new (uncached) superuser connection; the caller closes it."""
         return self._connect(dbname or self.shared_db)
 
     @contextlib.contextmanager
-    def session(self, dbname: str | None = None) -> Iterator["psycopg.Connection"]:
+    def session(self, dbname: str | None = None) -> Iterator[psycopg.Connection]:
         """The process's cached superuser connection to `dbname` (autocommit), held exclusively."""
         dbname = dbname or self.shared_db
         key = (self.key(), dbname)
@@ -119,7 +120,7 @@ class Server:
             finally:
                 cached.used_at = time.monotonic()
 
-    def _open(self, dbname: str) -> "psycopg.Connection":
+    def _open(self, dbname: str) -> psycopg.Connection:
         import psycopg
 
         try:

@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from ...errors import WtboxError
-from ...fsutil import atomic_write, file_lock
-from .. import docker_engine as engine
-from .base import forget_connections
-from .external import ExternalServer
+from worktreebox.errors import WtboxError
+from worktreebox.providers import docker_engine as engine
+from worktreebox.providers.postgres.base import forget_connections
+from worktreebox.providers.postgres.external import ExternalServer
+from worktreebox.system.fsutil import atomic_write, file_lock
 
 if TYPE_CHECKING:
-    from ...context import HostContext
+    from worktreebox.context import HostContext
 
 PORT_OWNER = "@postgres-docker"
 STATE_FILE = "postgres-docker.json"
@@ -41,18 +41,18 @@ START_TIMEOUT = 120.0
 IMAGE_SETTING = "[database] image in config.toml or WTBOX_POSTGRES_IMAGE"
 
 
-def name(host: "HostContext") -> str:
+def name(host: HostContext) -> str:
     """Container and volume name of the host's PostgreSQL."""
     return f"wtbox-pg-{engine.home_hash(host.home)}"
 
 
 # ---------------------------------------------------------------- credentials
 
-def _state_path(host: "HostContext") -> Path:
+def _state_path(host: HostContext) -> Path:
     return host.home / STATE_FILE
 
 
-def _credentials(host: "HostContext", *, create: bool) -> dict[str, str] | None:
+def _credentials(host: HostContext, *, create: bool) -> dict[str, str] | None:
     """{user, password, dbname} from the 0600 state file; generated on first start."""
     path = _state_path(host)
     try:
@@ -68,7 +68,7 @@ def _credentials(host: "HostContext", *, create: bool) -> dict[str, str] | None:
     return creds
 
 
-def _lock(host: "HostContext") -> contextlib.AbstractContextManager[None]:
+def _lock(host: HostContext) -> contextlib.AbstractContextManager[None]:
     return file_lock(host.home / LOCK_FILE, what="the docker PostgreSQL lock")
 
 
@@ -117,7 +117,7 @@ def _raise_if_exited(container: Any) -> None:
 
 # ---------------------------------------------------------------- start / stop / status
 
-def _find(c: Any, host: "HostContext") -> Any | None:
+def _find(c: Any, host: HostContext) -> Any | None:
     import docker.errors
 
     try:
@@ -138,7 +138,7 @@ def _address(container: Any, port: int) -> tuple[str, int]:
     return "127.0.0.1", port
 
 
-def start(host: "HostContext") -> dict[str, Any]:
+def start(host: HostContext) -> dict[str, Any]:
     """Start (or reuse) the container; returns {host, port, user, password, dbname}."""
     engine.testcontainers()
     c = engine.client()
@@ -166,7 +166,7 @@ def _published_port(container: Any) -> int | None:
     return None
 
 
-def _create(c: Any, host: "HostContext", creds: dict[str, str], port: int) -> dict[str, Any]:
+def _create(c: Any, host: HostContext, creds: dict[str, str], port: int) -> dict[str, Any]:
     import docker.errors
     from testcontainers.core.container import DockerContainer
 
@@ -242,14 +242,14 @@ def _info(addr: tuple[str, int], creds: dict[str, str]) -> dict[str, Any]:
             "dbname": creds["dbname"]}
 
 
-def superuser_url(host: "HostContext", *, ensure_running: bool = True) -> str:
+def superuser_url(host: HostContext, *, ensure_running: bool = True) -> str:
     """postgresql:// URL of the superuser (starts the container unless told not to)."""
     info = start(host) if ensure_running else _current_info(host)
     return (f"postgresql://{quote(info['user'], safe='')}:{quote(info['password'], safe='')}"
             f"@{info['host']}:{info['port']}/{quote(info['dbname'], safe='')}")
 
 
-def _current_info(host: "HostContext") -> dict[str, Any]:
+def _current_info(host: HostContext) -> dict[str, Any]:
     """Connection facts without starting anything (the password is made if it does not exist yet)."""
     creds = _credentials(host, create=True)
     assert creds is not None
@@ -262,7 +262,7 @@ def _current_info(host: "HostContext") -> dict[str, Any]:
     return _info(addr, creds)
 
 
-def stop(host: "HostContext") -> bool:
+def stop(host: HostContext) -> bool:
     """Stop and remove the container (the volume keeps the data); True if one was running."""
     c = engine.client()
     with _lock(host):
@@ -277,7 +277,7 @@ def stop(host: "HostContext") -> bool:
         return was_running
 
 
-def destroy(host: "HostContext") -> None:
+def destroy(host: HostContext) -> None:
     """Remove container, volume, port lease and password: the host's docker PostgreSQL is gone."""
     with _lock(host):
         if engine.docker_available()[0]:
@@ -287,7 +287,7 @@ def destroy(host: "HostContext") -> None:
             _state_path(host).unlink()
 
 
-def status(host: "HostContext") -> dict[str, Any]:
+def status(host: HostContext) -> dict[str, Any]:
     """What `wtbox db status` shows for the docker provider (never the password)."""
     out: dict[str, Any] = {"provider": "docker", "container": name(host), "volume": name(host),
                            "image": host.config.postgres_image, "running": False,
@@ -312,7 +312,7 @@ class DockerServer(ExternalServer):
 
     provider = "docker"
 
-    def __init__(self, host: "HostContext") -> None:
+    def __init__(self, host: HostContext) -> None:
         # No start here: `db status` must not start anything. The first connection that
         # fails calls ensure_running (Server._open).
         engine.configure_testcontainers()
@@ -320,7 +320,7 @@ class DockerServer(ExternalServer):
         super().__init__(superuser_url(host, ensure_running=False))
 
     @classmethod
-    def from_host(cls, host: "HostContext") -> "DockerServer":
+    def from_host(cls, host: HostContext) -> DockerServer:
         return cls(host)
 
     def key(self) -> str:
@@ -348,7 +348,7 @@ class DockerServer(ExternalServer):
         return out
 
 
-def _is_running(host: "HostContext") -> bool:
+def _is_running(host: HostContext) -> bool:
     if not engine.docker_available()[0]:
         return False
     existing = _find(engine.client(), host)

@@ -20,14 +20,14 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ... import procs
-from ...errors import WtboxError
-from ...fsutil import atomic_write, file_lock
-from .base import SHARED_DB, SUPERUSER, Server, forget_connections
+from worktreebox.errors import WtboxError
+from worktreebox.providers.postgres.base import SHARED_DB, SUPERUSER, Server, forget_connections
+from worktreebox.system import procs
+from worktreebox.system.fsutil import atomic_write, file_lock
 
 if TYPE_CHECKING:
-    from ...config import HostConfig
-    from ...context import HostContext
+    from worktreebox.config.load import HostConfig
+    from worktreebox.context import HostContext
 
 PORT_OWNER = "@postgres"
 SYSTEM_USERS = ("postgres", "wtbox-pg")  # reused if present, in this order; else wtbox-pg is created
@@ -73,7 +73,7 @@ class EmbeddedCluster(Server):
 
     provider = "embedded"
 
-    def __init__(self, home: Path, config: "HostConfig | None" = None, lease_port: Any = None) -> None:
+    def __init__(self, home: Path, config: HostConfig | None = None, lease_port: Any = None) -> None:
         self.home = Path(home).absolute()
         self.config = config
         self._lease_port = lease_port  # callable () -> int, asked only when the cluster starts
@@ -83,7 +83,7 @@ class EmbeddedCluster(Server):
         self.log_file = self.data_dir / "server.log"
 
     @classmethod
-    def from_host(cls, host: "HostContext") -> "EmbeddedCluster":
+    def from_host(cls, host: HostContext) -> EmbeddedCluster:
         return cls(host.home, host.config, lambda: host.lease_host_port(PORT_OWNER))
 
     @classmethod

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ...errors import WtboxError
-from ...secrets import mask_url
-from .base import Server
+from worktreebox.errors import WtboxError
+from worktreebox.providers.postgres.base import Server
+from worktreebox.secrets import mask_url
 
 if TYPE_CHECKING:
-    from ...context import HostContext
+    from worktreebox.context import HostContext
 
 
 class ExternalServer(Server):
@@ -30,7 +30,7 @@ class ExternalServer(Server):
         self.shared_db = str(self.params.get("dbname") or "postgres")
 
     @classmethod
-    def from_host(cls, host: "HostContext") -> "ExternalServer":
+    def from_host(cls, host: HostContext) -> ExternalServer:
         url = host.config.database_url
         if not url:
             raise WtboxError("The database provider is 'external' but no server is given; "

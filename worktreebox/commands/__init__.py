@@ -1,1 +1,0 @@
-"""CLI commands, one module per topic; loaded lazily by worktreebox.cli."""

@@ -1,0 +1,1 @@
+"""What configures wtbox: wtbox.toml and the host's config.toml, WTBOX_* settings, templates."""

@@ -1,0 +1,1 @@
+"""What boxes share, built once per recipe: pristine trees, dependency layers, download caches."""

@@ -1,0 +1,1 @@
+"""`wtbox mcp`: the operations served to agents over the Model Context Protocol."""

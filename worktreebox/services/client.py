@@ -1,0 +1,173 @@
+"""The client side of a box's supervisor: start it, talk to it, stop it, read its state.
+
+The supervisor (`worktreebox/services/supervisor.py`) runs detached; this module knows it only
+through `worktreebox.services.control` (socket protocol, state file) and its pid file.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from worktreebox.box import _iso, hex_of
+from worktreebox.config.assets import PACKAGE_PARENT
+from worktreebox.errors import UsageError, WtboxError
+from worktreebox.services import boxenv, control
+from worktreebox.services.control import Request, ServiceState
+from worktreebox.services.spec import ServiceSpec, SupervisorPayload
+from worktreebox.system import cgroups, procs
+from worktreebox.telemetry.logs.reader import read_records
+
+if TYPE_CHECKING:
+    from worktreebox.box import Box
+
+STOP_TIMEOUT = 20.0
+EXIT_WAIT = 5.0  # after a 'stop' request, how long the supervisor gets to exit by itself
+PID_FILE = "supervisor.pid"
+
+
+def supervisor_pid(box: Box) -> int | None:
+    """The pid of the box's live supervisor, checked against its command line (pids are reused)."""
+    try:
+        pid = int((box.run_dir / PID_FILE).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    if not procs.pid_alive(pid):
+        return None
+    args = procs.cmdline(pid)
+    # The hex suffix, not the whole id: a box claimed from the pool keeps the supervisor started
+    # under its pool id (docs/architecture.md, "Names").
+    if "worktreebox.services.supervisor" not in args or not any(hex_of(a) == hex_of(box.id) for a in args[-1:]):
+        return None
+    return pid
+
+
+def start_supervisor(box: Box, secrets: dict[str, str], specs: list[ServiceSpec]) -> int:
+    """Start the detached supervisor; specs and secrets go over a pipe to its stdin, nowhere else."""
+    box.logs_dir.mkdir(parents=True, exist_ok=True)
+    box.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for stale in (PID_FILE, control.SOCKET, control.STATE_FILE):
+        try:
+            (box.run_dir / stale).unlink()
+        except FileNotFoundError:
+            pass
+    env = boxenv.process_env(box)
+    env.pop("PYTHONSTARTUP", None)
+    # -m finds the package from the cwd, so this works from a checkout as well as when installed.
+    pkg_parent = str(PACKAGE_PARENT)
+    home = box.dir.parent.parent
+    proc = procs.spawn([sys.executable, "-m", "worktreebox.services.supervisor", str(home), box.id], cwd=pkg_parent, env=env,
+                       stdin=subprocess.PIPE, cgroup=cgroups.Leaf(home, box.id, cgroups.SUPERVISOR))
+    payload = SupervisorPayload(services=specs, workdir=str(box.path), secrets=dict(secrets))
+    try:
+        proc.stdin.write(json.dumps(payload.to_json()).encode())
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
+    rc = proc.wait()  # the launcher forks the real supervisor and exits at once
+    if rc != 0:
+        raise WtboxError(f"The services supervisor of {box.id} failed to start (exit code {rc}).")
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        pid = supervisor_pid(box)
+        if pid and (box.run_dir / control.STATE_FILE).exists():
+            return pid
+        time.sleep(0.01)
+    raise WtboxError(f"The services supervisor of {box.id} did not start; see 'wtbox logs {box.id}'.")
+
+
+def control_request(box: Box, cmd: str, service: str | None = None, timeout: float = 120.0) -> control.Response:
+    """Send one command to the supervisor's socket and return its answer."""
+    return control.request(box.run_dir, Request(cmd, service), timeout)
+
+
+def checked(resp: control.Response) -> control.Response:
+    """The answer, or UsageError with the supervisor's refusal."""
+    if not resp.ok:
+        raise UsageError(str(resp.error or "the supervisor refused the command").rstrip(".") + ".")
+    return resp
+
+
+def stop_supervisor(box: Box) -> None:
+    """Stop the supervisor and its services: socket 'stop', then a staged stop by pid. Idempotent."""
+    pid = supervisor_pid(box)
+    if pid is None:
+        return
+    try:
+        control_request(box, control.STOP, timeout=STOP_TIMEOUT)
+    except (OSError, ValueError):
+        pass
+    if procs.wait_gone([pid], EXIT_WAIT):
+        procs.stop_pid(pid, STOP_TIMEOUT)
+
+
+def box_secrets(box: Box) -> dict[str, str]:
+    """The --secret values of a running box (for `wtbox exec`); {} when no supervisor runs."""
+    if supervisor_pid(box) is None:
+        return {}
+    try:
+        resp = control_request(box, control.ENV_SECRETS, timeout=5)
+    except (OSError, ValueError):
+        return {}
+    return dict(resp.secrets or {})
+
+
+# ---------------------------------------------------------------- state
+
+def read_state(box: Box) -> control.SupervisorState | None:
+    return control.read_state(box.run_dir)
+
+
+def last_lines(box: Box, service: str, n: int = 10) -> list[str]:
+    try:
+        recs = read_records(box.logs_dir, services=[service], tail=n, include_events=False)
+    except OSError:
+        return []
+    return [line for r in recs for line in str(r.get("msg", "")).splitlines()][-n * 3:]
+
+
+def wait_ready(box: Box, names: list[str], deadline: float) -> None:
+    """Return when every service is ready; raise naming the first that failed, with its last lines."""
+    delay = 0.01
+    while True:
+        state = read_state(box)
+        services = state.services if state else {}
+        none = ServiceState()
+        bad = next((n for n in names if services.get(n, none).failed), None)
+        if bad is None and names and all(services.get(n, none).done for n in names):
+            return
+        alive = supervisor_pid(box) is not None
+        if bad is None and not alive:
+            bad = next((n for n in names if not services.get(n, none).done), names[0])
+            why = "the supervisor exited"
+        elif bad is None and time.time() > deadline:
+            bad = next((n for n in names if not services.get(n, none).done), names[0])
+            why = "it did not become ready in time"
+        elif bad is not None:
+            why = services[bad].error or services[bad].state
+        else:
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.1)
+            continue
+        lines = last_lines(box, bad)
+        tail = "\n".join("  " + line for line in lines) or "  (no output)"
+        raise WtboxError(f"Service {bad!r} failed to start ({why}); its last log lines:\n{tail}")
+
+
+def services_status(box: Box) -> dict[str, dict[str, Any]]:
+    """Per service: state, pid, port, ready time, restarts (stopped when no supervisor runs)."""
+    state = read_state(box)
+    if not state:
+        return {}
+    alive = supervisor_pid(box) is not None
+    out = {}
+    for name, s in state.services.items():
+        row: dict[str, Any] = {"state": s.state, "pid": s.pid, "port": s.port, "ready_seconds": s.ready_seconds,
+                               "restarts": s.restarts, "exit_code": s.exit_code, "error": s.error,
+                               "started_at": _iso(s.started_at), "ready_at": _iso(s.ready_at)}
+        if not alive:
+            row["state"], row["pid"] = "stopped", None
+        out[name] = row
+    return out

@@ -1,0 +1,400 @@
+"""The OTLP/HTTP endpoint of one box: `python -m worktreebox.services.otlp_receiver BOX_DIR PORT [METRICS_URL]`.
+
+Its own small process, not a thread of the supervisor: a box without services (tests run with
+`wtbox exec`) still receives spans, the supervisor's restarts and stops don't drop them, and
+decoding a flood of spans competes with nothing the supervisor does (its GIL stays its own).
+rm/gc find it like every box process: WTBOX_ID and WTBOX_BOX_DIR in its env, cwd in the box dir.
+
+POST /v1/traces  → spans appended to traces/spans.jsonl, durations into the span histogram
+POST /v1/logs    → records in logs/_otlp.jsonl (service from the resource's service.name)
+POST /v1/metrics → samples imported into the box's VictoriaMetrics
+GET  /health     → 200
+
+Bodies are application/x-protobuf or application/json (optionally gzip), as OTLP/HTTP
+exporters send them. A body that is not a request of that signal gets a 400 with one sentence;
+the process keeps serving. The server speaks just enough HTTP/1.1 (keep-alive, chunked
+bodies, 100-continue): http.server would add ~4 MB and 40 ms of imports to every box.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socketserver
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from worktreebox.telemetry.traces import otlp, store
+from worktreebox.telemetry.traces.spanmetrics import SpanMetrics
+
+FLUSH_EVERY = 1.0  # seconds between pushes of the span histogram
+IDLE_TIMEOUT = 120.0  # a keep-alive connection that sends nothing this long is closed
+MAX_HEADER = 64 * 1024
+PATHS = {b"/v1/traces": "traces", b"/v1/logs": "logs", b"/v1/metrics": "metrics"}
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+            413: "Payload Too Large", 415: "Unsupported Media Type", 431: "Request Header Fields Too Large",
+            500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+class Secrets:
+    """The redactor for what the box sends: secret values of the box env and the supervisor's
+    --secret values (asked over its control socket whenever a new supervisor appears)."""
+
+    RETRY_AFTER = 5.0
+
+    def __init__(self, box_dir: Path) -> None:
+        self.box_dir = box_dir
+        self._key: Any = None
+        self._redact: Callable[[str], str] | None = None
+        self._lock = threading.Lock()
+
+    def redactor(self) -> Callable[[str], str] | None:
+        key = (_stat_key(self.box_dir / "env"), _stat_key(self.box_dir / "run" / "supervisor.pid"))
+        if key == self._key:
+            return self._redact
+        with self._lock:
+            if key != self._key:
+                self._rebuild(key)
+        return self._redact
+
+    def _rebuild(self, key: Any) -> None:
+        from worktreebox.secrets import Redactor, secret_values
+        from worktreebox.services.envfile import read_env_file
+
+        values = secret_values(read_env_file(self.box_dir / "env"))
+        supervisor_secrets = self._from_supervisor() if key[1] else {}
+        if supervisor_secrets is None:
+            key = None  # ask again with the next request (after RETRY_AFTER)
+            supervisor_secrets = {}
+        values += list(supervisor_secrets.values())
+        # As they appear inside JSON strings too (quotes and backslashes escaped).
+        values += [json.dumps(v, ensure_ascii=False)[1:-1] for v in values]
+        r = Redactor(values)
+        self._redact = r if r else None
+        self._key = key
+
+    def _from_supervisor(self) -> dict[str, str] | None:
+        """The supervisor's secrets; None when it does not answer (it binds its socket just after
+        writing its pid file, and starts services only after that)."""
+        from worktreebox.services import control
+
+        deadline = time.monotonic() + 1.0
+        while True:
+            try:
+                answer = control.request(self.box_dir / "run", control.Request(control.ENV_SECRETS), timeout=2.0)
+                return dict(answer.secrets or {})
+            except (OSError, ValueError):
+                if time.monotonic() > deadline:
+                    return None
+                time.sleep(0.02)
+
+
+def _stat_key(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+class Receiver:
+    """What the endpoint does with a decoded request; the HTTP layer is in Handler."""
+
+    def __init__(self, box_dir: Path, box_id: str, metrics_url: str | None) -> None:
+        self.box_dir, self.box_id, self.metrics_url = box_dir, box_id, metrics_url
+        self.spans = store.SpanWriter(box_dir / "traces")
+        self.span_metrics = SpanMetrics(box_id)
+        self.secrets = Secrets(box_dir)
+        self._logs: Any = None
+        self._metric_converter: Any = None
+        self._lock = threading.Lock()
+        self.stopping = threading.Event()
+        self._last_push_error: str | None = None
+        self.counts = {"spans": 0, "rejected": 0, "refused": 0, "log_records": 0, "metric_samples": 0}
+
+    def export(self, signal_name: str, body: bytes, encoding: str) -> bytes:
+        """Decode and store one export request; the response body. Raises otlp.BadRequest."""
+        req = otlp.parse_request(signal_name, body, encoding)
+        rejected, why = 0, ""
+        if signal_name == "traces":
+            records, rejected = otlp.span_records(req)
+            if records:
+                self.spans.write(store.encode(records, self.secrets.redactor()))
+                self.span_metrics.observe(records)
+            why = "spans need a 16-byte trace id and an 8-byte span id" if rejected else ""
+            self._count(spans=len(records), rejected=rejected)
+        elif signal_name == "logs":
+            self._write_logs(otlp.log_records(req))
+        else:
+            rejected, why = self._import_metrics(req)
+        return otlp.response(signal_name, encoding, rejected, why)
+
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for k, v in deltas.items():
+                self.counts[k] += v
+
+    def _write_logs(self, records: list[dict[str, Any]]) -> None:
+        from worktreebox.telemetry.logs.record import OTLP
+        from worktreebox.telemetry.logs.writer import LogWriter
+
+        if self._logs is None:
+            self._logs = LogWriter(self.box_dir / "logs", OTLP, self._redact_text)
+        redact = self.secrets.redactor()
+        for r in records:
+            extra: dict[str, Any] = {"time": store.iso_ns(r["time_ns"]) if r["time_ns"] else None}
+            for k in ("trace_id", "span_id"):
+                if k in r:
+                    extra[k] = r[k]
+            if "attributes" in r:
+                extra["attributes"] = _redact_values(r["attributes"], redact) if redact else r["attributes"]
+            self._logs.write("otlp", r["level"], r["msg"], service=r["service"], **extra)
+        self._count(log_records=len(records))
+
+    def _redact_text(self, text: str) -> str:
+        redact = self.secrets.redactor()
+        return redact(text) if redact else text
+
+    def _import_metrics(self, req: Any) -> tuple[int, str]:
+        from worktreebox.errors import WtboxError
+        from worktreebox.telemetry.vmclient import push_import_lines
+
+        if self._metric_converter is None:
+            self._metric_converter = otlp.MetricConverter(self.box_id)
+        with self._lock:  # running totals of delta sums must see requests one at a time
+            lines, skipped = self._metric_converter.lines(req)
+        if lines:
+            if not self.metrics_url:
+                raise otlp.BadRequest("this box has no metrics store", 503)
+            try:
+                push_import_lines(self.metrics_url, lines)
+            except (OSError, WtboxError) as e:
+                raise otlp.BadRequest(f"the box's metrics store did not take the samples ({e})", 503) from None
+        self._count(metric_samples=len(lines))
+        return skipped, "exponential histograms are not stored" if skipped else ""
+
+    # -- the span histogram, pushed by a background thread
+    def flush_metrics(self) -> None:
+        if not self.metrics_url:
+            return
+        from worktreebox.errors import WtboxError
+        from worktreebox.telemetry.vmclient import push_prometheus
+
+        pending = self.span_metrics.pending(int(time.time() * 1000))
+        if pending is None:
+            return
+        text, token = pending
+        try:
+            push_prometheus(self.metrics_url, text)
+        except (OSError, WtboxError) as e:
+            self._log_once(f"pushing span metrics to {self.metrics_url} failed: {e}")
+            return  # still dirty: the next flush sends the newer totals
+        self.span_metrics.committed(token)
+        self._last_push_error = None
+
+    def flusher(self) -> None:
+        while not self.stopping.wait(FLUSH_EVERY):
+            self.flush_metrics()
+
+    def _log_once(self, msg: str) -> None:
+        if msg != self._last_push_error:
+            self._last_push_error = msg
+            print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.flush_metrics()
+        self.spans.close()
+        if self._logs is not None:
+            self._logs.close()
+
+
+def _redact_values(obj: Any, redact: Callable[[str], str]) -> Any:
+    if isinstance(obj, str):
+        return redact(obj)
+    if isinstance(obj, dict):
+        return {k: _redact_values(v, redact) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_redact_values(v, redact) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------- HTTP
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Handler(socketserver.StreamRequestHandler):
+    timeout = IDLE_TIMEOUT
+    disable_nagle_algorithm = True
+
+    def handle(self) -> None:
+        try:
+            while self._one_request():
+                pass
+        except (OSError, _HTTPError):
+            pass  # the client went away or sent something unreadable: nothing to answer
+
+    def _one_request(self) -> bool:
+        """Serve one request; False when the connection should close."""
+        line = self.rfile.readline(MAX_HEADER + 1)
+        while line in (b"\r\n", b"\n"):
+            line = self.rfile.readline(MAX_HEADER + 1)
+        if not line:
+            return False
+        parts = line.split()
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+            self._send(400, b"a malformed HTTP request line\n", b"text/plain", close=True)
+            return False
+        method, target, version = parts
+        headers = self._headers()
+        if headers is None:
+            self._send(431, b"the request headers are too large\n", b"text/plain", close=True)
+            return False
+        keep = version == b"HTTP/1.1" and headers.get(b"connection", b"").lower() != b"close"
+        path = target.split(b"?", 1)[0]
+        try:
+            body = self._body(headers)
+        except _HTTPError as e:
+            self._send(e.status, (str(e) + "\n").encode(), b"text/plain", close=True)
+            return False
+        status, ctype, out = self._route(method, path, headers, body)
+        self._send(status, out, ctype, close=not keep)
+        return keep
+
+    def _headers(self) -> dict[bytes, bytes] | None:
+        headers: dict[bytes, bytes] = {}
+        total = 0
+        while True:
+            h = self.rfile.readline(MAX_HEADER + 1)
+            total += len(h)
+            if total > MAX_HEADER:
+                return None
+            if h in (b"\r\n", b"\n", b""):
+                return headers
+            k, _, v = h.partition(b":")
+            headers[k.strip().lower()] = v.strip()
+
+    def _body(self, headers: dict[bytes, bytes]) -> bytes:
+        chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
+        n = 0
+        if not chunked:
+            try:
+                n = int(headers.get(b"content-length") or 0)
+            except ValueError:
+                raise _HTTPError(400, "Content-Length is not a number") from None
+            if n < 0:
+                raise _HTTPError(400, "Content-Length is negative")
+            if n > otlp.MAX_BODY:
+                raise _HTTPError(413, f"the body is larger than {otlp.MAX_BODY // (1024 * 1024)} MiB")
+        if headers.get(b"expect", b"").lower() == b"100-continue":  # curl asks before large bodies
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if chunked:
+            return self._chunked()
+        body = self.rfile.read(n)
+        if len(body) < n:
+            raise _HTTPError(400, "the body ended before Content-Length bytes")
+        return body
+
+    def _chunked(self) -> bytes:
+        chunks, total = [], 0
+        while True:
+            size_line = self.rfile.readline(1024)
+            try:
+                size = int(size_line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise _HTTPError(400, "a malformed chunk size") from None
+            if size == 0:
+                while self.rfile.readline(MAX_HEADER) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return b"".join(chunks)
+            total += size
+            if total > otlp.MAX_BODY:
+                raise _HTTPError(413, f"the body is larger than {otlp.MAX_BODY // (1024 * 1024)} MiB")
+            chunks.append(self.rfile.read(size))
+            self.rfile.readline(8)  # the CRLF after each chunk
+
+    def _route(self, method: bytes, path: bytes, headers: dict[bytes, bytes], body: bytes) -> tuple[int, bytes, bytes]:
+        receiver: Receiver = self.server.receiver  # type: ignore[attr-defined]
+        if path in (b"/health", b"/"):
+            if method not in (b"GET", b"HEAD"):
+                return 405, b"text/plain", b"GET only\n"
+            return 200, b"application/json", json.dumps({"ok": True, **receiver.counts}).encode()
+        signal_name = PATHS.get(path.rstrip(b"/"))
+        if signal_name is None:
+            return 404, b"text/plain", b"not found: POST /v1/traces, /v1/logs or /v1/metrics\n"
+        if method != b"POST":
+            return 405, b"text/plain", b"POST only\n"
+        ctype_in = headers.get(b"content-type", b"").decode("latin-1")
+        try:
+            encoding = otlp.encoding_of(ctype_in)
+            data = otlp.decompress(body, headers.get(b"content-encoding", b"").decode("latin-1"))
+            out = receiver.export(signal_name, data, encoding)
+        except otlp.BadRequest as e:
+            receiver._count(refused=1)
+            return e.status, b"text/plain", (str(e) + "\n").encode()
+        except Exception as e:
+            receiver._count(refused=1)
+            receiver._log_once(f"error on {path.decode(errors='replace')}: {type(e).__name__}: {e}")
+            return 500, b"text/plain", f"the receiver failed: {type(e).__name__}\n".encode()
+        return 200, b"application/x-protobuf" if encoding == "protobuf" else b"application/json", out
+
+    def _send(self, status: int, body: bytes, ctype: bytes, close: bool) -> None:
+        head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: {ctype.decode()}\r\n"
+                f"Content-Length: {len(body)}\r\n")
+        if close:
+            head += "Connection: close\r\n"
+        self.wfile.write(head.encode() + b"\r\n" + body)
+
+
+class Server(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(self, port: int, receiver: Receiver) -> None:
+        self.receiver = receiver
+        super().__init__(("127.0.0.1", port), Handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) not in (2, 3):
+        print("usage: python -m worktreebox.services.otlp_receiver BOX_DIR PORT [METRICS_URL]", file=sys.stderr)
+        return 2
+    box_dir, port = Path(argv[0]).absolute(), int(argv[1])
+    metrics_url = argv[2] if len(argv) == 3 and argv[2] else None
+    box_id = os.environ.get("WTBOX_ID") or box_dir.name
+    os.chdir(box_dir)  # rm's sweep by cwd finds it too
+    receiver = Receiver(box_dir, box_id, metrics_url)
+    try:
+        server = Server(port, receiver)
+    except OSError as e:
+        print(f"cannot listen on 127.0.0.1:{port}: {e}", file=sys.stderr, flush=True)
+        return 1
+
+    def on_term(signum: int, frame: Any) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    threading.Thread(target=receiver.flusher, daemon=True, name="span-metrics").start()
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        receiver.close()
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

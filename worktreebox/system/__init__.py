@@ -1,0 +1,1 @@
+"""The operating system, one mechanism each: processes, cgroups, mounts' helpers, files, locks, git."""

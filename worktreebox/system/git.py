@@ -1,0 +1,234 @@
+"""Thin git helpers. Plain `git` subprocesses: importing gitpython costs ~100 ms per
+command and we only need a handful of porcelain calls."""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import subprocess
+from pathlib import Path
+
+from worktreebox.errors import UsageError, WtboxError
+
+_GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
+
+
+def git(repo: str | Path, *args: str, check: bool = True, timeout: float = 300,
+        input: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **_GIT_ENV}
+    try:
+        proc = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, env=env,
+                              timeout=timeout, input=input)
+    except FileNotFoundError:
+        raise WtboxError("git is not installed; install it with 'apt-get install git'.") from None
+    if check and proc.returncode != 0:
+        msg = (proc.stderr or proc.stdout).strip().splitlines()
+        raise WtboxError(f"git {args[0]} failed in {repo}: {msg[-1] if msg else 'exit ' + str(proc.returncode)}.")
+    return proc
+
+
+def out(repo: str | Path, *args: str) -> str:
+    return git(repo, *args).stdout.strip()
+
+
+def resolve_repo(path: str | Path | None) -> Path:
+    """The main working tree of the repository containing `path` (default: cwd)."""
+    where = Path(path or os.getcwd())
+    if not where.exists():
+        raise UsageError(f"The repository path {str(where)!r} does not exist.")
+    proc = git(where, "rev-parse", "--is-bare-repository", "--path-format=absolute", "--git-common-dir", check=False)
+    if proc.returncode != 0:
+        raise UsageError(f"{where} is not inside a git repository; pass --repo PATH or cd into one.")
+    bare, common = proc.stdout.split()
+    if bare == "true":
+        raise UsageError(f"{where} is a bare repository; wtbox needs a repository with a working tree.")
+    root = Path(common).parent
+    if git(root, "rev-parse", "--verify", "--quiet", "HEAD^{commit}", check=False).returncode != 0:
+        raise UsageError(f"The repository {root} has no commits yet; commit something first.")
+    return root
+
+
+def resolve_commit(repo: Path, ref: str) -> str:
+    if ref.startswith("-"):
+        raise UsageError(f"{ref!r} is not a git ref.")
+    proc = git(repo, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", check=False)
+    if proc.returncode != 0:
+        raise UsageError(f"The ref {ref!r} does not name a commit in {repo}.")
+    return proc.stdout.strip()
+
+
+def check_branch_name(repo: str | Path, name: str, what: str = "branch") -> str:
+    """A name git accepts for a new branch (and not an option in disguise), else UsageError."""
+    if not name or name.startswith("-") or git(repo, "check-ref-format", "--branch", name, check=False).returncode != 0:
+        raise UsageError(f"{name!r} is not a valid git {what} name.")
+    return name
+
+
+@functools.lru_cache(maxsize=4)
+def files_at(repo: str | Path, sha: str) -> dict[str, str]:
+    """path -> blob id of every file in the commit (a commit's content never changes, so one
+    `git ls-tree` per commit serves the dependency layers and the migration hash). Read-only."""
+    files = {}
+    for entry in out(repo, "ls-tree", "-r", "-z", "--full-tree", sha).split("\0"):
+        meta, _, path = entry.partition("\t")
+        parts = meta.split()
+        if len(parts) == 3 and parts[1] == "blob":
+            files[path] = parts[2]
+    return files
+
+
+def repoint_worktree(worktree: Path) -> None:
+    """After a worktree's directory moved: write the new path into its admin dir's `gitdir` (what
+    `git worktree repair` does for this case, without a process; gitrepository-layout(5))."""
+    dotgit = worktree / ".git"
+    try:
+        admin = dotgit.read_text().removeprefix("gitdir:").strip()
+    except OSError:
+        return
+    gitdir = Path(admin) / "gitdir"
+    if gitdir.exists() and gitdir.read_text().strip() != str(dotgit):
+        from worktreebox.system.fsutil import atomic_write
+
+        atomic_write(gitdir, f"{dotgit}\n")
+
+
+def show_file(repo: Path, sha: str, path: str) -> str | None:
+    proc = git(repo, "show", f"{sha}:{path}", check=False)
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def unique_commits(repo: str | Path, branch: str, base_sha: str | None = None) -> int:
+    """How many commits of `branch` no other branch, remote (or the base commit) has; 0 when unknown."""
+    short = branch.removeprefix("refs/heads/")
+    args = ["rev-list", "--count", f"refs/heads/{short}", "--not", f"--exclude={short}", "--branches", "--remotes"]
+    if base_sha:
+        args.append(base_sha)
+    proc = git(repo, *args, check=False)
+    return int(proc.stdout.strip() or 0) if proc.returncode == 0 else 0
+
+
+def unsaved_work(worktree: Path, branch: str, base_sha: str | None) -> str | None:
+    """Why removing this worktree would lose work, or None.
+
+    Unsaved = uncommitted changes (untracked files included, ignored ones not), or
+    commits on the box branch that are on no other branch, remote or the base commit.
+    """
+    if not worktree.is_dir():
+        return None
+    proc = git(worktree, "status", "--porcelain", "--untracked-files=normal", check=False)
+    if proc.returncode == 0 and proc.stdout.strip():
+        n = len(proc.stdout.strip().splitlines())
+        return f"{n} uncommitted change{'s' if n != 1 else ''}"
+    n = unique_commits(worktree, branch, base_sha)
+    if n:
+        return f"{n} commit{'s' if n != 1 else ''} on {branch.removeprefix('refs/heads/')} that no other branch has"
+    return None
+
+
+# ---------------------------------------------------------------------- saving and merging work
+# (fan-out and pick: commits that only preserve work, the diff of an attempt, merging a branch)
+
+_IDENTITY = {"GIT_AUTHOR_NAME": "wtbox", "GIT_AUTHOR_EMAIL": "wtbox@localhost",
+             "GIT_COMMITTER_NAME": "wtbox", "GIT_COMMITTER_EMAIL": "wtbox@localhost"}
+_SHORTSTAT = re.compile(r"(\d+) (file|insertion|deletion)")
+
+
+def save_work(worktree: Path, subject: str, body: str = "", *, label: str = "the worktree") -> str | None:
+    """Commit everything uncommitted in `worktree` onto its branch; the new sha, or None if clean.
+
+    `label` names the worktree in the error (e.g. the box id)."""
+    if not worktree.is_dir():
+        return None
+    status = git(worktree, "status", "--porcelain", "--untracked-files=normal", check=False)
+    if status.returncode != 0 or not status.stdout.strip():
+        return None
+    git(worktree, "add", "-A")
+    msg = subject + ("\n\n" + body if body else "")
+    # --no-verify: this commit only preserves work; a hook must not be able to refuse or rewrite it.
+    proc = _git_as_someone(worktree, "commit", "-q", "--no-verify", "-m", msg)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        raise WtboxError(f"Saving the work of {label} failed: {lines[-1] if lines else proc.returncode}.")
+    return out(worktree, "rev-parse", "HEAD")
+
+
+def _git_as_someone(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """A git command that makes commits: with a stand-in identity when the repo has none (work must not be lost)."""
+    env = {**os.environ, **_GIT_ENV}
+    if git(cwd, "config", "user.email", check=False).returncode != 0:
+        env.update(_IDENTITY)
+    return subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True, env=env)
+
+
+def diff_stat(worktree: Path, base: str | None) -> dict[str, int] | None:
+    """Files, insertions and deletions of the worktree against `base`; None when unknown."""
+    if not base or not worktree.is_dir():
+        return None
+    proc = git(worktree, "diff", "--shortstat", base, check=False)
+    if proc.returncode != 0:
+        return None
+    counts = {"files": 0, "insertions": 0, "deletions": 0}
+    for num, word in _SHORTSTAT.findall(proc.stdout):
+        counts[{"file": "files", "insertion": "insertions", "deletion": "deletions"}[word]] = int(num)
+    return counts
+
+
+def merge_branch(repo: str | Path, worktree: Path, branch: str, target: str) -> str:
+    """Merge `branch` (checked out in `worktree`) into `target` in `repo`; a conflict changes nothing."""
+    sha = out(worktree, "rev-parse", "HEAD")
+    exists = git(repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{target}", check=False).returncode == 0
+    if not exists:
+        git(repo, "branch", target, sha)
+        return target
+    checked_out = worktree_of(repo, target)
+    if checked_out is not None:
+        dirty = git(checked_out, "status", "--porcelain", "--untracked-files=no", check=False).stdout.strip()
+        if dirty:
+            raise WtboxError(f"{target} is checked out in {checked_out} with uncommitted changes; commit or stash "
+                             "them first (nothing was merged or removed).")
+        proc = _git_as_someone(checked_out, "merge", "--no-edit", branch)
+        if proc.returncode != 0:
+            _merge_failed(checked_out, proc, branch, target)
+        return target
+    old = out(repo, "rev-parse", f"refs/heads/{target}")
+    if git(repo, "merge-base", "--is-ancestor", old, sha, check=False).returncode == 0:
+        git(repo, "update-ref", f"refs/heads/{target}", sha, old)  # fast-forward
+        return target
+    # Not checked out and diverged: merge in a throwaway worktree, then move the branch.
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="wtbox-merge-"))
+    try:
+        git(repo, "worktree", "add", "--quiet", "--detach", str(tmp / "wt"), old)
+        proc = _git_as_someone(tmp / "wt", "merge", "--no-edit", branch)
+        if proc.returncode != 0:
+            _merge_failed(tmp / "wt", proc, branch, target)
+        git(repo, "update-ref", f"refs/heads/{target}", out(tmp / "wt", "rev-parse", "HEAD"), old)
+    finally:
+        git(repo, "worktree", "remove", "--force", str(tmp / "wt"), check=False)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _merge_failed(wt: Path, proc: subprocess.CompletedProcess, branch: str, target: str) -> None:
+    conflicts = git(wt, "diff", "--name-only", "--diff-filter=U", check=False).stdout.split()
+    git(wt, "merge", "--abort", check=False)
+    if conflicts:
+        raise WtboxError(f"Merging {branch} into {target} conflicts in {', '.join(conflicts[:3])}; merge it by hand "
+                         "(nothing was merged or removed).")
+    lines = (proc.stderr or proc.stdout).strip().splitlines()
+    raise WtboxError(f"Merging {branch} into {target} failed ({lines[-1] if lines else proc.returncode}); "
+                     "nothing was removed.")
+
+
+def worktree_of(repo: str | Path, branch: str) -> Path | None:
+    """The worktree in which `branch` is checked out, or None."""
+    listing = out(repo, "worktree", "list", "--porcelain")
+    path = None
+    for line in listing.splitlines():
+        if line.startswith("worktree "):
+            path = Path(line[len("worktree "):])
+        elif line == f"branch refs/heads/{branch}":
+            return path
+    return None

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import BURNER, wait_for
 
+from worktreebox.services.supervisor import background_wanted
 from worktreebox.system import background, cgroups
 
 SPIN = "while True: pass\n"
@@ -116,8 +117,8 @@ def test_a_box_burning_cpu_runs_as_background_until_it_stops(make_repo, run_wtbo
 
 
 def test_turned_off_by_the_host_config(tmp_path):
-    assert background.wanted(tmp_path)
+    assert background_wanted(tmp_path)
     (tmp_path / "config.toml").write_text("[host]\nbackground_busy = false\n")
-    assert not background.wanted(tmp_path)
+    assert not background_wanted(tmp_path)
     (tmp_path / "config.toml").write_text("[host]\nbackground_busy = 'maybe'\n")
-    assert background.wanted(tmp_path)  # a broken config is reported by the commands, not here
+    assert background_wanted(tmp_path)  # a broken config is reported by the commands, not here

@@ -51,6 +51,17 @@ NO_CHECK_GRACE = 0.2  # without a ready check, surviving this long counts as rea
 COLLECT_EVERY = 5.0
 
 
+def background_wanted(home: Path) -> bool:
+    """`[host] background_busy` (default true); a config that cannot be read leaves it on (the
+    commands that read it say what is wrong)."""
+    from worktreebox.config.load import ConfigError, load_host_config
+
+    try:
+        return load_host_config(home).background_busy
+    except ConfigError:
+        return True
+
+
 def kill_wait() -> float:
     """SIGTERM → SIGKILL grace (tests shorten it), read when used: a value read at import would be
     the first caller's in a process that serves many (cliserver.py)."""
@@ -754,14 +765,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def background_wanted(home: Path) -> bool:
-    """`[host] background_busy` (default true); a config that cannot be read leaves it on (the
-    commands that read it say what is wrong)."""
-    from worktreebox.config.load import ConfigError, load_host_config
-
-    try:
-        return load_host_config(home).background_busy
-    except ConfigError:
-        return True

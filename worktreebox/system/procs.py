@@ -653,3 +653,11 @@ def mountinfo() -> list[tuple[str, str, str, str]]:
             continue
         out.append((_unescape(fields[4]), tail[0], _unescape(tail[1]), _unescape(tail[2]) if len(tail) > 2 else ""))
     return out
+
+
+# ---------------------------------------------------------------- namespaces
+
+def namespace_file(pid: int, kind: str) -> str:
+    """The kernel's handle on one namespace ("net", "user", ...) of a live process, as a path that
+    tools take (`pasta --netns PATH`); only as good as the pid: check `is_alive` first."""
+    return f"/proc/{pid}/ns/{kind}"

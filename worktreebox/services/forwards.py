@@ -98,6 +98,7 @@ class Link:
 
     client: asyncio.StreamWriter
     upstream: asyncio.StreamWriter | None = None
+    task: asyncio.Task | None = None
 
     def reset(self) -> None:
         for w in (self.client, self.upstream):
@@ -151,17 +152,22 @@ class Forwards:
         return [self.forwards[name]]
 
     async def close(self) -> None:
+        """Stop listening, cut every open connection and wait until their tasks are done."""
+        tasks = []
         for fwd in self.forwards.values():
-            for link in list(fwd.links):
-                link.reset()
             if fwd.server is not None:
                 fwd.server.close()
-                await fwd.server.wait_closed()
+            for link in list(fwd.links):
+                link.reset()
+                if link.task is not None:
+                    link.task.cancel()
+                    tasks.append(link.task)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.forwards.clear()
 
     # -- one connection
     async def _serve(self, fwd: Forward, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        link = Link(writer)
+        link = Link(writer, task=asyncio.current_task())
         if fwd.faults.down:
             link.reset()
             return

@@ -34,6 +34,7 @@ from pathlib import Path
 from worktreebox.providers.sandbox import layout, network
 from worktreebox.providers.sandbox.base import (
     LOG,
+    NONE,
     RECORD,
     Holder,
     Sandbox,
@@ -92,11 +93,14 @@ class Namespaces(Sandbox):
         if self.mode == "root":
             own_bind_roots(spec, uid, gid)
             share_boxes_dir(spec.home)
-        resolv = _box_resolv(spec) if spec.network != "none" else None
+        resolv = _box_resolv(spec) if spec.network != NONE else None
         holder = self._start(spec, uid=uid, gid=gid, resolv=resolv, cgroup=cgroup)
         try:
-            holder.pasta_pid = network.attach(holder, spec, log=spec.run_dir / LOG, blocked=network.host_addresses(),
-                                              dns_forward=resolv is not None, cgroup=cgroup)
+            blocked = network.host_addresses()
+            if spec.network != NONE or spec.host_ports:  # offline without forwards: nothing for pasta to do
+                holder.pasta_pid = network.attach(holder, spec, log=spec.run_dir / LOG, dns_forward=resolv is not None,
+                                                  cgroup=cgroup)
+            network.apply_rules(holder, network.ruleset(spec.network, blocked, network.Outbound()))
             save(spec.run_dir, holder)
         except BaseException:
             self.destroy(spec.box_id, spec.box_dir)
@@ -140,7 +144,7 @@ class Namespaces(Sandbox):
 
     def prefix(self, holder: Holder, *, cwd: Path | str) -> list[str]:
         """The launcher without the command (what part B hands the supervisor per service)."""
-        if holder.mode == "user":
+        if holder.mode == "user":  # uid 0 of the box's user namespace, which is the caller outside
             enter = ["nsenter", "-t", str(holder.pid), "-U", "--preserve-credentials", "-p", "-m", "-i", "-u", "-n"]
             become: list[str] = []
         else:
@@ -181,14 +185,19 @@ class Namespaces(Sandbox):
 
 def holder_argv(spec: Spec, *, uid: int, gids: set[int], user_ns: bool, resolv: Path | None,
                 info_fd: int, ready_fd: int) -> list[str]:
-    """bwrap's command line for a box's holder (a pure function: tests read it)."""
-    namespaces = ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net", "--hostname", spec.hostname]
-    if user_ns:
-        # the box may not make further user namespaces (where it would hold capabilities again)
-        namespaces[:0] = ["--unshare-user", "--disable-userns"]
+    """bwrap's command line for a box's holder (a pure function: tests read it).
+
+    Unprivileged, bwrap 0.8's own `--unshare-user` nests the sandbox in a second user namespace
+    below the one that owns its other namespaces, and nsenter 2.38 cannot reach the owner (it
+    enters the process's, then may not join the network or pid namespace: EPERM). So the user
+    namespace is made first (`unshare --user --map-root-user`: the caller is uid 0 there, with
+    the capabilities bwrap needs) and bwrap makes every other namespace inside it: one owner,
+    which the launcher enters."""
     hold = f"echo ready >&{ready_fd}; exec sleep infinity {ready_fd}>&-"
-    return ["bwrap", *namespaces, "--new-session", *layout.filesystem_args(spec, uid=uid, gids=gids, resolv=resolv),
+    argv = ["bwrap", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net", "--hostname", spec.hostname,
+            "--new-session", *layout.filesystem_args(spec, uid=uid, gids=gids, resolv=resolv),
             "--info-fd", str(info_fd), "--", "/bin/sh", "-c", hold]
+    return ["unshare", "--user", "--map-root-user", "--", *argv] if user_ns else argv
 
 
 def _alive(holder: Holder | None) -> Holder:

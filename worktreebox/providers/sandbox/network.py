@@ -55,19 +55,16 @@ def pasta_argv(holder: Holder, spec: Spec, *, dns_forward: bool = False) -> list
     """pasta's command line for a holder: join its network namespace and, unless the box is
     offline, configure its tap from the host's; forward the loopback ports of `spec.host_ports`."""
     args = ["pasta", "-q", "--no-map-gw", "-t", "none", "-u", "none", "-U", "none",
-            "-T", _host_ports(spec.host_ports), "--netns", _netns(holder, "net"), "-P", str(spec.run_dir / PID_FILE)]
-    if holder.mode == "root":
-        # As root, pasta would drop to nobody before it opens the namespace, and fail: stay root
-        # (it still shuts itself in its own namespaces and seccomp filter).
-        args[1:1] = ["--runas", "0"]
-        args.append("--netns-only")
-    else:
-        args += ["--userns", _netns(holder, "user")]
+            "-T", _host_ports(spec.host_ports), "-P", str(spec.run_dir / PID_FILE)]
     if spec.network != NONE:
         args.append("--config-net")
         if dns_forward:
             args += ["--dns-forward", DNS_FORWARD]
-    return args
+    if holder.mode == "root":
+        # As root, pasta would drop to nobody before it opens the namespace, and fail: stay root
+        # (it still shuts itself in its own namespaces and seccomp filter).
+        return [*args[:1], "--runas", "0", *args[1:], "--netns", _netns(holder, "net"), "--netns-only"]
+    return [*args, str(holder.pid)]  # joins the holder's user namespace, which owns its network
 
 
 def _host_ports(ports: dict[int, int]) -> str:
@@ -78,10 +75,10 @@ def _netns(holder: Holder, kind: str) -> str:
     return procs.namespace_file(holder.pid, kind)
 
 
-def attach(holder: Holder, spec: Spec, *, log: Path, blocked: Iterable[str], dns_forward: bool = False,
+def attach(holder: Holder, spec: Spec, *, log: Path, dns_forward: bool = False,
            cgroup: cgroups.Leaf | None = None) -> int:
-    """Start pasta for the holder (it forks to the background once the namespace is configured)
-    and load the box's firewall; returns pasta's pid."""
+    """Start pasta for the holder (it forks to the background once the namespace is configured);
+    returns pasta's pid."""
     with open(log, "ab") as out:
         proc = procs.spawn(pasta_argv(holder, spec, dns_forward=dns_forward), env=spec.env(), stdout=out,
                            stderr=out, cgroup=cgroup)
@@ -93,9 +90,7 @@ def attach(holder: Holder, spec: Spec, *, log: Path, blocked: Iterable[str], dns
                 from None
     if rc != 0:
         raise SandboxError(f"pasta could not attach to box {spec.box_id}'s network: {_last_line(log)}.")
-    pid = int((spec.run_dir / PID_FILE).read_text().strip())
-    apply_rules(holder, ruleset(spec.network, blocked, Outbound()))
-    return pid
+    return int((spec.run_dir / PID_FILE).read_text().strip())
 
 
 def _last_line(log: Path) -> str:

@@ -157,7 +157,7 @@ def _outbound_rules(outbound: Outbound) -> list[str]:
 
 def apply_rules(holder: Holder, rules: str) -> None:
     """Load a table into the box's network namespace (as root there: box processes cannot)."""
-    proc = subprocess.run(enter(holder, ["nft", "-f", "-"]), input=rules, capture_output=True, text=True)
+    proc = subprocess.run(enter(holder, [tool("nft"), "-f", "-"]), input=rules, capture_output=True, text=True)
     if proc.returncode != 0:
         why = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[0]
         raise SandboxError(f"nft could not load box {holder.box_id}'s firewall: {why}.")
@@ -180,12 +180,20 @@ def enter(holder: Holder, argv: list[str]) -> list[str]:
 def netem_works(holder: Holder) -> bool:
     """Whether the kernel has netem (delay on a device) inside this box's namespace: tried on its
     loopback and taken away again."""
-    add = subprocess.run(enter(holder, ["tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"]),
+    add = subprocess.run(enter(holder, [tool("tc"), "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"]),
                          capture_output=True, text=True)
     if add.returncode != 0:
         return False
-    subprocess.run(enter(holder, ["tc", "qdisc", "del", "dev", "lo", "root"]), capture_output=True)
+    subprocess.run(enter(holder, [tool("tc"), "qdisc", "del", "dev", "lo", "root"]), capture_output=True)
     return True
+
+
+def tool(name: str) -> str:
+    """An administration tool's path: in /usr/sbin, which an ordinary user's PATH often lacks."""
+    import os
+    import shutil
+
+    return shutil.which(name, path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin") or name
 
 
 def dns_forward_wanted(resolv_text: str | None = None) -> bool:

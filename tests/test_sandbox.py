@@ -185,13 +185,16 @@ def test_destroy_leaves_nothing_of_a_and_spares_b(boxes, home):
     serving(a)
     a.run("cd / && env -i setsid nohup sleep 300 >/dev/null 2>&1 & echo started")
     netns = os.stat(f"/proc/{a.holder.pid}/ns/net").st_ino
+    pidns = os.stat(f"/proc/{a.holder.pid}/ns/pid").st_ino
+    inside = {pid: procs.cmdline(pid) for pid in _members(pidns)}
+    assert ["sleep", "300"] in inside.values()  # the one that left its session, env and directory
     pasta = a.holder.pasta_pid
     ended = a.sandbox.destroy(A_ID, a.dir)
     assert a.holder.pid in ended and pasta in ended
     assert procs.find_box_processes(A_ID, a.dir) == []
     assert procs.cgroup_pids(home, A_ID) == set()
     assert mounts_under(a.dir) == []
-    assert netns not in _live_netns()
+    assert netns not in _live_netns() and _members(pidns) == set()
     assert not (a.dir / "run" / base.RECORD).exists()
     assert a.sandbox.discover(home / "boxes") == {B_ID}
     assert a.sandbox.destroy(A_ID, a.dir) == []  # idempotent
@@ -279,14 +282,23 @@ print("left=" + " ".join(str(p.pid) for p in procs.find_box_processes(box.id, bo
 
 
 def _live_netns() -> set[int]:
-    inodes = set()
+    return {inode for _, inode in _namespaces("net")}
+
+
+def _members(pidns: int) -> set[int]:
+    """Host pids of the live processes in one pid namespace."""
+    return {pid for pid, inode in _namespaces("pid") if inode == pidns and procs.pid_alive(pid)}
+
+
+def _namespaces(kind: str) -> list[tuple[int, int]]:
+    out = []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
-                inodes.add(os.stat(f"/proc/{pid}/ns/net").st_ino)
+                out.append((int(pid), os.stat(f"/proc/{pid}/ns/{kind}").st_ino))
             except OSError:
                 pass
-    return inodes
+    return out
 
 
 def _quote(text: str) -> str:

@@ -78,9 +78,15 @@ def box_git(launcher: list[str], *args: str) -> list[str]:
     return [*launcher, "git", *args]
 
 
-def fetch_back(repo: Path, git_dir: Path, branch: str, launcher: list[str]) -> None:
+def fetch_back(repo: Path, git_dir: Path, branch: str, launcher: list[str], *, extra: tuple[str, ...] = ()) -> None:
     """Bring the box's branch into the repository (`rm`'s unsaved-work check, pick, keep-branch).
     `launcher`: the sandbox's prefix (any cwd); git-upload-pack runs inside the box."""
+    from worktreebox.errors import WtboxError
+
     upload_pack = shlex.join([*launcher, "git-upload-pack"])
-    git.git(repo, "-c", "transfer.fsckObjects=true", "fetch", "--quiet", "--no-tags", "--no-write-fetch-head",
-            "--upload-pack", upload_pack, str(git_dir), f"+refs/heads/{branch}:refs/heads/{branch}")
+    proc = git.git(repo, "-c", "transfer.fsckObjects=true", "fetch", "--quiet", "--no-tags", "--no-write-fetch-head",
+                   *extra, "--upload-pack", upload_pack, str(git_dir), f"+refs/heads/{branch}:refs/heads/{branch}",
+                   check=False)
+    if proc.returncode != 0:
+        why = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        raise WtboxError(f"Could not bring branch {branch} back from its box into {repo}: {why}.")

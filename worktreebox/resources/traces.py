@@ -159,7 +159,7 @@ def stop_receiver(box: Box, sweep: bool = True) -> None:
         # (A pid file naming a dead process means it ended: rm's services sweep usually got it first.)
         found = [p for p in procs.find_box_processes(box.id, box.dir) if _is_receiver(p.pid, box)]
     if found:
-        procs.kill_staged(found)
+        procs.stop_processes(found)
     pid_file.unlink(missing_ok=True)
 
 

@@ -188,10 +188,10 @@ def stop(box_id: str, box_dir: Path, wait: float = STOP_WAIT) -> list[int]:
     # signalling renderers while it tears them down; whatever is left then gets its own staged stop.
     main = [p for p in found if not any(a.startswith("--type=") for a in procs.cmdline(p.pid))]
     if main:
-        procs.kill_staged(main, wait)
+        procs.stop_processes(main, wait)
     rest = find_processes(box_id, box_dir)
     if rest:
-        procs.kill_staged(rest, wait)
+        procs.stop_processes(rest, wait)
     (Path(box_dir) / "run" / PID_FILE).unlink(missing_ok=True)
     return sorted(p.pid for p in found)
 

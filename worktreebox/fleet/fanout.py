@@ -41,7 +41,6 @@ RUN_LOG = "run"
 CHECK_LOG = "check"
 # Logs whose errors are not counted as "errors in logs": a failing check is already its own column.
 _NOT_COUNTED = {CHECK_LOG, "browser"}  # console errors have their own column (--browse)
-KILL_WAIT = 3.0
 
 # Attempt states, in the order an attempt goes through them.
 QUEUED, CREATING, RUNNING, SAVING, CHECKING, SERVICES, PROBING, DONE = (
@@ -125,7 +124,7 @@ class Runner:
                 rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 timed_out = True
-                procs.stop_group(proc, KILL_WAIT)
+                procs.stop_group(proc)
                 rc = 124
         finally:
             with self._lock:
@@ -145,7 +144,7 @@ class Runner:
         with self._lock:
             self.stopped.set()
             running = list(self._procs)
-        procs.stop_groups(running, KILL_WAIT)  # all at once: one wait for N commands
+        procs.stop_groups(running)  # all at once: one wait for N commands
 
 
 # ---------------------------------------------------------------------- the fan-out

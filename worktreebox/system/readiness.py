@@ -68,12 +68,13 @@ class TcpPort(Strategy):
 
 
 class HttpUrl(Strategy):
-    """The URL answers a GET with an accepted status (by default: anything below 500, as a server
-    that answers 404 is up) and, when `body` is given, a body it accepts."""
+    """The URL answers a GET with an accepted status (one code, or a test of it; by default anything
+    below 500, as a server that answers 404 is up) and, when `body` is given, a body it accepts."""
 
-    def __init__(self, url: str, status: Callable[[int], bool] = lambda code: code < 500,
+    def __init__(self, url: str, status: int | Callable[[int], bool] = lambda code: code < 500,
                  body: Callable[[bytes], bool] | None = None) -> None:
-        self.url, self.status, self.body = url, status, body
+        self.url, self.body = url, body
+        self.status = status if callable(status) else (lambda code: code == status)
 
     def ready(self, timeout: float) -> bool:
         try:

@@ -64,6 +64,19 @@ def spawn_detached(cmd: list[str], *, env: dict[str, str], log_path: Path, cwd: 
     return int(out.decode().strip())
 
 
+def last_line(log_path: Path, *, noise: Callable[[str], bool] = lambda line: False,
+              tidy: Callable[[str], str] = lambda line: line) -> str:
+    """The last line a detached process wrote to its log (for a one-sentence error when it did not
+    start): lines that are `noise` are passed over unless nothing else was said; `tidy` keeps the
+    part that helps; at most 300 characters. "no log" / "no output" when there is nothing."""
+    try:
+        lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
+    useful = [ln for ln in lines if not noise(ln)] or lines
+    return tidy(useful[-1]).strip()[:300] if useful else "no output"
+
+
 def enter_cgroup(leaf: cgroups.Leaf) -> bool:
     """Move this process into a leaf of its box's cgroup (`exec`/`shell` do it just before exec)."""
     backend = cgroups.for_home(leaf.home)

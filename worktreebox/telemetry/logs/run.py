@@ -16,7 +16,6 @@ from worktreebox.system import procs
 from worktreebox.system.cgroups import Leaf
 from worktreebox.telemetry.logs.writer import LogWriter, pump
 
-STOP_WAIT = 3.0  # SIGTERM -> SIGKILL grace for a command that timed out
 
 
 class OutputTail:
@@ -68,7 +67,7 @@ def run_logged(cmd: str, cwd: Path | str, env: dict[str, str], logs_dir: Path | 
     try:
         rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        procs.stop_group(proc, STOP_WAIT)
+        procs.stop_group(proc)
         rc = 124
         msg = f"wtbox: timed out after {timeout:g}s"
         writer.line("stderr", msg)

@@ -234,7 +234,7 @@ class Service:
         if outcome is not None:
             return
         self.ready_at = clock.now()
-        self.ready_seconds = round(self.ready_at - self.started_at, 3)
+        self.ready_seconds = round(self.ready_at - (self.started_at or self.ready_at), 3)
         self.state = READY
         self.error = None
         self.sup.event(self.name, "info", f"{self.name} ready after {self.ready_seconds:.3f}s",

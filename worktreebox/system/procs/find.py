@@ -32,8 +32,8 @@ def discover_box_ids(boxes_dir: Path | str) -> set[str]:
     root = os.path.realpath(boxes_dir) + os.sep
     ids = set()
     for pid in procfs.pids():
-        env = procfs.environ(pid) if pid != me else None
-        box_id = procfs.environ_value(env, "WTBOX_ID") if env else None
+        env = (procfs.environ(pid) or b"") if pid != me else b""
+        box_id = procfs.environ_value(env, "WTBOX_ID")
         if not box_id:
             continue
         box_dir = procfs.environ_value(env, "WTBOX_BOX_DIR") or procfs.cwd(pid)
@@ -61,7 +61,7 @@ def _belongs(pid: int, box_id: str, box_dir: Path | str | None, root: str | None
             box_dir is None or procfs.environ_value(env, "WTBOX_BOX_DIR") in (None, str(box_dir))):
         return True
     cwd = procfs.cwd(pid) if root else None
-    return bool(cwd) and (cwd == root or cwd.startswith(f"{root}{os.sep}"))
+    return cwd is not None and (cwd == root or cwd.startswith(f"{root}{os.sep}"))
 
 
 def _live(pids: Iterable[int]) -> list[Any]:

@@ -33,7 +33,7 @@ def pid_alive(pid: int | None) -> bool:
     if not pid:
         return False
     fields = procfs.stat_fields(pid)
-    return bool(fields) and fields[0] not in (b"Z", b"X")
+    return fields is not None and bool(fields) and fields[0] not in (b"Z", b"X")
 
 
 def parent_of(pid: int) -> int | None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -238,8 +237,10 @@ class WaitProbe(readiness.Strategy):
         self.strategy, self.target = strategy, target
 
     def ready(self, timeout: float) -> bool:
-        try:  # whole seconds: testcontainers rounds a timedelta down
-            self.strategy.with_startup_timeout(max(1, math.ceil(timeout))).wait_until_ready(self.target)
+        # One second of the strategy's own polling, whatever the probe's timeout: testcontainers takes
+        # whole seconds, and a shorter slice is what notices an exited container soonest.
+        try:
+            self.strategy.with_startup_timeout(1).wait_until_ready(self.target)
         except (TimeoutError, RuntimeError):  # RuntimeError: a log strategy saw the container exit
             return False
         return True

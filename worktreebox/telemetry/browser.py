@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from worktreebox.errors import UsageError, WtboxError
-from worktreebox.system import cgroups, procs, readiness
+from worktreebox.system import cgroups, procs, readiness, unixsock
 from worktreebox.system.fsutil import atomic_write, file_lock
 from worktreebox.telemetry.exposition import exposition
 from worktreebox.telemetry.logs.writer import LogWriter
@@ -128,7 +128,7 @@ def spawn(box_id: str, box_dir: Path, port: int) -> int:
     # Chromium's singleton socket lives in $TMPDIR/org.chromium.Chromium.XXXXXX/SingletonSocket, and
     # a unix socket path has at most 107 bytes: a deep box dir keeps the caller's TMPDIR (Chromium
     # removes that folder when it exits on SIGTERM, which is how it is always stopped first).
-    if len(str(base / "tmp")) + len("/org.chromium.Chromium.XXXXXX/SingletonSocket") <= 107:
+    if len(str(base / "tmp")) + len("/org.chromium.Chromium.XXXXXX/SingletonSocket") <= unixsock.SUN_PATH_MAX:
         env["TMPDIR"] = str(base / "tmp")
     log_path = run_dir / LOG_FILE
     log_path.write_bytes(b"")  # this start's output only: the error message quotes its last line

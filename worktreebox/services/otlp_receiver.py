@@ -269,7 +269,8 @@ class Handler(socketserver.BaseRequestHandler):
         return conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
     def _body(self, conn: h11.Connection, req: h11.Request) -> bytes:
-        chunks, total = [], 0
+        chunks: list[bytes] = []
+        total = 0
         if int(dict(req.headers).get(b"content-length") or 0) > otlp.MAX_BODY:
             raise _TooLarge
         if conn.they_are_waiting_for_100_continue:  # curl asks before large bodies

@@ -12,16 +12,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from worktreebox.services import boxenv
 from worktreebox.services.control import BACKOFF, EXITED, FAILED, READY, STARTING, STOPPED, ServiceState
 from worktreebox.services.spec import ServiceSpec
 from worktreebox.system import cgroups, procs, readiness
 from worktreebox.telemetry.logs.writer import LogWriter, pump
-
-if TYPE_CHECKING:
-    from worktreebox.services.supervisor import Supervisor
 
 BACKOFF_START, BACKOFF_CAP = 0.5, 30.0
 STABLE_AFTER = 30.0  # a service that ran this long ready starts its backoff over
@@ -78,10 +75,36 @@ class Processes:
 ReadyCheck = Callable[[str, "Service", float], bool]
 
 
+class Coordinator(Protocol):
+    """What a Service needs of its supervisor (supervisor.Supervisor): the box it runs for, the
+    seams, its siblings, and where it reports."""
+
+    home: Path
+    box_id: str
+    box_env: dict[str, str]
+    secrets: dict[str, str]
+    workdir: str
+    logs_dir: Path
+    redact: Any
+    clock: Clock
+    processes: Processes
+    check_ready: ReadyCheck
+    verify_ports: bool
+    keeper: Any
+    services: dict[str, Service]
+    stopping: bool
+
+    def event(self, service: str, level: str, msg: str, **extra: Any) -> None: ...
+
+    def changed(self) -> None: ...
+
+    def check_oom(self) -> None: ...
+
+
 class Service:
     """One service: its process group, readiness, restart policy."""
 
-    def __init__(self, sup: Supervisor, spec: ServiceSpec) -> None:
+    def __init__(self, sup: Coordinator, spec: ServiceSpec) -> None:
         self.sup = sup
         self.spec = spec
         self.name = spec.name

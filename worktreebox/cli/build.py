@@ -44,8 +44,8 @@ def command(op: Operation, *, extras: Sequence[Callable[[Any], Any]] = (), json:
 
 def click_param(p: Param) -> click.Parameter:
     if p.positional:
-        required = p.required and not p.cwd
-        extra = {} if p.many or p.default is None or required else {"default": p.default}
+        required = p.required and not p.cwd  # a BOX left out: the box around the cwd
+        extra = {} if p.many or p.required or p.default is None else {"default": p.default}
         return click.Argument([p.name], required=required, nargs=-1 if p.many else 1, type=_type(p),
                               metavar=p.metavar, **extra)
     if p.type is bool:

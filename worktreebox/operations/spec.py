@@ -72,7 +72,7 @@ class Operation:
     help: str
     params: tuple[Param, ...]
     perform: Callable[..., Any]
-    returns: Any = dict
+    returns: Any = dict[str, Any]
     result: str = ""
     effect: str = READ_ONLY
     tool: str | None = None  # the MCP tool's name; None when only the CLI offers it (exceptions.py)

@@ -43,7 +43,6 @@ SECRET = click.option("--secret", "secrets", multiple=True,
 
 @command(boxes.NEW, extras=[SECRET])
 def new(task, repo, ref, secrets, no_services, ttl, keep, show_secrets, no_pool, no_wait, as_json):
-    """Create a box for TASK (from the warm pool when one matches)."""
     t0 = time.perf_counter()
     # WTBOX_PROGRESS=1: progress lines on stderr for a program that reads them.
     show = (sys.stderr.isatty() and not as_json) or os.environ.get("WTBOX_PROGRESS") == "1"
@@ -76,7 +75,6 @@ def _print_box(out: dict) -> None:
 
 @command(boxes.LS)
 def ls(all, as_json):
-    """List boxes."""
     found = boxes.listed(get_host(), all)
     if as_json:
         emit_json([b.to_json() for b in found])
@@ -99,7 +97,6 @@ def _age(s: float) -> str:
 
 @command(boxes.STATUS)
 def status(box, show_secrets, as_json):
-    """Show a box: ports, database, services."""
     out = boxes.status(get_host(), box, show_secrets)
     if as_json:
         emit_json(out)
@@ -117,7 +114,6 @@ FORMAT = click.option("--format", "fmt", type=click.Choice(["sh", "dotenv", "jso
 
 @command(boxes.ENV, extras=[FORMAT])
 def env(box, fmt, as_json):
-    """Print the box env (eval "$(wtbox env BOX)")."""
     from worktreebox.services.envfile import format_env
 
     values = boxes.env(get_host(), box, show_secrets=True)  # your own terminal: eval needs the real values
@@ -127,7 +123,6 @@ def env(box, fmt, as_json):
 @command(boxes.EXEC, json=False,
          context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 def exec_(box, cmd):
-    """Run CMD in the box's worktree with the box env; exits with CMD's exit code."""
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     if not cmd:
@@ -145,7 +140,6 @@ def exec_(box, cmd):
 
 @command(boxes.SHELL, json=False)
 def shell(box):
-    """Open your $SHELL in the box."""
     b, env = boxes.enter(get_host(), box)
     env["WTBOX_SHELL"] = b.id
     sh = os.environ.get("SHELL") or "/bin/bash"
@@ -158,7 +152,6 @@ YES = click.option("--yes", is_flag=True, help="Don't ask for confirmation with 
 
 @command(boxes.RM, extras=[ALL, YES], several=["box"])
 def rm(box, force, keep_branch, all_, yes, as_json):
-    """Remove boxes (BOX...) and everything they own."""
     host, refs = get_host(), box
     if all_:
         targets = host.list()

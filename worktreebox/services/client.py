@@ -17,7 +17,7 @@ from worktreebox.errors import UsageError, WtboxError
 from worktreebox.services import boxenv, control
 from worktreebox.services.control import Request, ServiceState
 from worktreebox.services.spec import ServiceSpec, SupervisorPayload
-from worktreebox.system import cgroups, procs, readiness
+from worktreebox.system import cancel, cgroups, procs, readiness
 from worktreebox.telemetry.logs.reader import read_records
 
 if TYPE_CHECKING:
@@ -154,7 +154,7 @@ def wait_ready(box: Box, names: list[str], deadline: float) -> None:
         elif bad is not None:
             why = services[bad].error or services[bad].state
         else:
-            time.sleep(delay)
+            cancel.sleep(delay)
             delay = min(delay * 1.5, 0.1)
             continue
         lines = last_lines(box, bad)

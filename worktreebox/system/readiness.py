@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from worktreebox.system import cgroups, httpclient, procs
+from worktreebox.system import cancel, cgroups, httpclient, procs
 
 PROBE_MIN, PROBE_MAX = 0.2, 2.0
 EXITED, TIMEOUT = "exited", "timeout"
@@ -173,10 +173,12 @@ def connects(check: str | None) -> bool:
 
 def wait(strategy: Strategy, timeout: float, *, alive: Callable[[], bool] = lambda: True,
          poll: float = 0.005, poll_max: float | None = None, now: Callable[[], float] = time.monotonic,
-         sleep: Callable[[float], object] = time.sleep, on_timeout: Callable[[], None] | None = None) -> str | None:
+         sleep: Callable[[float], object] = cancel.sleep, on_timeout: Callable[[], None] | None = None
+         ) -> str | None:
     """Probe until ready (None), until `alive()` says the process is gone first (EXITED), or
     until `timeout` seconds passed (TIMEOUT). With `on_timeout` the wait goes on after the
-    timeout, which it reports once (a service may still come up, late)."""
+    timeout, which it reports once (a service may still come up, late). The pauses end early
+    when the work is cancelled (system/cancel.py: a cancelled MCP `box_new`), raising Cancelled."""
     deadline = now() + timeout
     delay, reported = poll, False
     while alive():

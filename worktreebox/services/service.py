@@ -252,7 +252,9 @@ class Service:
         first start: restarts do not buy more time) the service is reported not ready, and probed on."""
         clock = self.sup.clock
         left = (self.first_start or clock.now()) + self.ready_timeout - clock.now()
-        outcome = readiness.wait(self._readiness(), left, alive=self._running, poll=0.02, poll_max=0.05,
+        # Without a check nothing is probed: one pause until the grace is over.
+        poll = (0.02, 0.05) if self.spec.ready else (max(0.005, NO_CHECK_GRACE - self._running_for()),) * 2
+        outcome = readiness.wait(self._readiness(), left, alive=self._running, poll=poll[0], poll_max=poll[1],
                                  now=clock.now, sleep=self._sleep, on_timeout=self._report_unready)
         if outcome is not None:
             return
@@ -263,6 +265,9 @@ class Service:
         self.sup.event(self.name, "info", f"{self.name} ready after {self.ready_seconds:.3f}s",
                        event="ready", ready_seconds=self.ready_seconds)
         self.sup.changed()
+
+    def _running_for(self) -> float:
+        return self.sup.clock.now() - (self.started_at or self.sup.clock.now())
 
     def _running(self) -> bool:
         return self.wanted and not self.sup.stopping and self.proc is not None and self.proc.poll() is None

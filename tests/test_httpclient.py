@@ -77,7 +77,8 @@ def test_status_is_none_when_nothing_answers():
         httpclient.get(f"http://127.0.0.1:{port}/")
 
 
-@pytest.mark.parametrize("answer", [b"SSH-2.0-OpenSSH_9.2\r\n", b"", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"])
+@pytest.mark.parametrize("answer", [b"SSH-2.0-OpenSSH_9.2\r\n", b"",
+                                    b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"])
 def test_a_peer_that_is_not_an_http_server_is_an_oserror(answer):
     with socket.socket() as srv:
         srv.bind(("127.0.0.1", 0))

@@ -63,8 +63,8 @@ def test_stop_pid_and_stop_processes(monkeypatch):
     import psutil
 
     monkeypatch.setenv("WTBOX_KILL_WAIT", "0.3")
-    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
-                                 "signal.SIG_IGN); print(flush=True); time.sleep(30)"], stdout=subprocess.PIPE)
+    ignore_term = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(flush=True); time.sleep(30)"
+    stubborn = subprocess.Popen([sys.executable, "-c", ignore_term], stdout=subprocess.PIPE)
     stubborn.stdout.readline()  # it ignores SIGTERM from here on
     t0 = time.monotonic()
     assert procs.stop_pid(stubborn.pid) and not procs.pid_alive(stubborn.pid)

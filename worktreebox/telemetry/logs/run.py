@@ -17,7 +17,6 @@ from worktreebox.system.cgroups import Leaf
 from worktreebox.telemetry.logs.writer import LogWriter, pump
 
 
-
 class OutputTail:
     """The last lines of a command's output, redacted, shared by its stdout and stderr pumps."""
 

@@ -63,7 +63,7 @@ def test_stop_pid_and_stop_processes(monkeypatch):
     import psutil
 
     monkeypatch.setenv("WTBOX_KILL_WAIT", "0.3")
-    ignore_term = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(flush=True); time.sleep(30)"
+    ignore_term = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(flush=True); time.sleep(9)"
     stubborn = subprocess.Popen([sys.executable, "-c", ignore_term], stdout=subprocess.PIPE)
     stubborn.stdout.readline()  # it ignores SIGTERM from here on
     t0 = time.monotonic()

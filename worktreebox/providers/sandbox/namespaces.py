@@ -45,7 +45,7 @@ from worktreebox.providers.sandbox.base import (
     load,
     save,
 )
-from worktreebox.system import cgroups, procs
+from worktreebox.system import cgroups, procfs, procs
 
 BOX_USER = "wtbox-box"
 TOOLS = ("bwrap", "pasta", "nft", "nsenter", "setpriv")
@@ -137,7 +137,7 @@ class Namespaces(Sandbox):
         if ident is None:
             raise SandboxGone(f"The sandbox of box {spec.box_id} exited as soon as it started.")
         return Holder(spec.box_id, pid, ident[1], self.mode, uid, gid, network=spec.network,
-                      netns_file=procs.namespace_file(pid, "net"))
+                      netns_file=procfs.namespace_file(pid, "net"))
 
     # -- the launcher
     def command(self, holder: Holder | None, argv: list[str], *, cwd: Path | str) -> list[str]:
@@ -180,7 +180,7 @@ class Namespaces(Sandbox):
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        procs.wait_gone(sorted(pids), procs.KILL_WAIT)
+        procs.wait_gone(sorted(pids), procs.kill_wait())
         for name in (RECORD, network.PID_FILE):
             (run_dir / name).unlink(missing_ok=True)
         return sorted(pids)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from worktreebox.providers.sandbox.base import NONE, Holder, SandboxError, Spec
 from worktreebox.providers.sandbox.layout import DNS_FORWARD
-from worktreebox.system import cgroups, procs
+from worktreebox.system import cgroups, procfs, procs
 
 PASTA_NAMES = ("pasta", "passt", "pasta.avx2", "passt.avx2")  # the kernel's name of the running binary
 PID_FILE = "pasta.pid"  # under boxes/<id>/run/
@@ -72,7 +72,7 @@ def _host_ports(ports: dict[int, int]) -> str:
 
 
 def _netns(holder: Holder, kind: str) -> str:
-    return procs.namespace_file(holder.pid, kind)
+    return procfs.namespace_file(holder.pid, kind)
 
 
 def attach(holder: Holder, spec: Spec, *, log: Path, dns_forward: bool = False,

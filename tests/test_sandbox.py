@@ -186,8 +186,8 @@ def test_destroy_leaves_nothing_of_a_and_spares_b(boxes, home):
     a.run("cd / && env -i setsid nohup sleep 300 >/dev/null 2>&1 & echo started")
     netns = os.stat(f"/proc/{a.holder.pid}/ns/net").st_ino
     pidns = os.stat(f"/proc/{a.holder.pid}/ns/pid").st_ino
-    inside = {pid: procs.cmdline(pid) for pid in _members(pidns)}
-    assert ["sleep", "300"] in inside.values()  # the one that left its session, env and directory
+    # the one that left its session, env and directory (once setsid and nohup have exec'd it)
+    assert wait_for(lambda: ["sleep", "300"] in [procs.cmdline(pid) for pid in _members(pidns)], timeout=5)
     pasta = a.holder.pasta_pid
     ended = a.sandbox.destroy(A_ID, a.dir)
     assert a.holder.pid in ended and pasta in ended

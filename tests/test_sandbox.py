@@ -210,13 +210,17 @@ def test_mounts_made_later_reach_the_box_and_other_boxes_unmounts_reach_it_too(b
         sys_mount("tmpfs", layer, "tmpfs", "mode=0755")
         (layer / "dep.js").write_text("module.exports = 1\n")
         assert a.run("cat node_modules/dep.js").stdout == "module.exports = 1\n"
+        # on a bound path itself (the worktree's view mounted after the holder started): seen too
+        sys_mount("tmpfs", a.dir / "cache", "tmpfs", "mode=0777")
+        (a.dir / "cache" / "late").write_text("late\n")
+        assert a.run(f"cat {a.dir}/cache/late").stdout == "late\n"
         sys_mount("tmpfs", elsewhere, "tmpfs", "mode=0755")
         assert str(elsewhere) in Path(f"/proc/{a.holder.pid}/mountinfo").read_text()  # hidden, but there
         unmount_all(elsewhere, include_root=True)
         assert str(elsewhere) not in Path(f"/proc/{a.holder.pid}/mountinfo").read_text()
     finally:
-        unmount_all(layer, include_root=True)
-        unmount_all(elsewhere, include_root=True)
+        for path in (layer, elsewhere, a.dir / "cache"):
+            unmount_all(path, include_root=True)
 
 
 def test_an_unrecorded_holder_is_found_by_its_id_and_ended(boxes, home):

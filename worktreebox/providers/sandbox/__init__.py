@@ -24,7 +24,7 @@ def choose(forced: str | None = None) -> tuple[Sandbox, str]:
     first provider that works."""
     if forced is not None:
         return get(forced), "forced by [host] sandbox"
-    skipped = []
+    skipped: list[str] = []
     for name in PROVIDERS:
         provider = get(name)
         why_not = provider.probe()

@@ -228,6 +228,9 @@ def bench_sandbox_parts(runs: int = 10, work: Path | None = None) -> dict:
     finally:
         from worktreebox.providers.mounts.base import unmount_all
 
+        for box_id in boxes.backend.box_keys() if boxes.backend else ():  # what a failed step left
+            boxes.sandbox.destroy(f"bench-{box_id}", scratch / "home" / "boxes" / f"bench-{box_id}")
+            boxes.backend.remove(box_id)
         unmount_all(scratch)
         shutil.rmtree(scratch, ignore_errors=True)
 

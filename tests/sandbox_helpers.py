@@ -72,7 +72,12 @@ def make_box(home: Path, box_id: str, *, network: str = "open", host_ports: dict
     box = TestBox(box_id, home, box_dir, sandbox or get("namespaces"))  # type: ignore[arg-type]
     spec = base.Spec(box_id, home, box_dir, base.box_binds(box_dir, repo_git=repo_git), network=network,
                      host_ports=host_ports or {})
-    box.holder = box.sandbox.create(spec, cgroup=box.leaf(base.LEAF))
+    try:
+        box.holder = box.sandbox.create(spec, cgroup=box.leaf(base.LEAF))
+    except BaseException:
+        if backend is not None:
+            backend.remove(box_id)  # create cleaned up its own part; the cgroup is ours
+        raise
     return box
 
 

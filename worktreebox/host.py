@@ -7,6 +7,7 @@ The CLI is a thin layer over this class; tests and scripts use it directly:
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
 
     from worktreebox.config.load import HostConfig, RepoConfig
     from worktreebox.providers.postgres.base import Server
+
+log = logging.getLogger("wtbox.host")
 
 
 def default_home() -> Path:
@@ -581,12 +584,14 @@ def finalize_env(c: Creation) -> dict[str, str]:
 
 
 def _phase(name: str) -> None:
-    """Crash-test hooks: with WTBOX_PHASE_FILE set, append each phase name as it starts; with
-    WTBOX_PHASE_STOP set, halt at the first phase whose name starts with it (for a kill -9 there)."""
-    path = os.environ.get("WTBOX_PHASE_FILE")
+    """Each phase of making a box as it starts: a debug line, and the crash-test hooks (with
+    WTBOX_PHASE_FILE set, append the name to it; with WTBOX_PHASE_STOP set, halt at the first
+    phase whose name starts with it, for a kill -9 there)."""
+    log.debug("phase %s", name)
+    path = settings.PHASE_FILE.value()
     if path:
         with open(path, "a") as f:
             f.write(name + "\n")
-    stop = os.environ.get("WTBOX_PHASE_STOP")
+    stop = settings.PHASE_STOP.value()
     if stop and name.startswith(stop):
         time.sleep(3600)

@@ -22,6 +22,8 @@ import os
 import struct
 import sys
 
+from worktreebox import settings
+
 # Commands a server may run. Everything else runs in the launcher's own process: shell, exec,
 # mcp, browse and pick need a controlling terminal or run long; gc, doctor, init and server are
 # rare (and `server stop` must work on a broken server); unknown words get click's own error.
@@ -82,7 +84,7 @@ def socket_fits(home: str) -> bool:
 
 def turned_off() -> bool:
     """WTBOX_NO_SERVER set (to anything but 0): every command runs in its own process."""
-    return os.environ.get("WTBOX_NO_SERVER", "") not in ("", "0")
+    return settings.NO_SERVER.on()
 
 
 # ---------------------------------------------------------------- framing

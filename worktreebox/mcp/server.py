@@ -75,17 +75,25 @@ class WtboxMCP(MCPServer):
                 return tool_error(str(cause))
             if cause is None:  # the SDK's own (an unknown tool)
                 return tool_error(str(e))
-            if os.environ.get("WTBOX_DEBUG"):
-                import traceback
-
-                traceback.print_exception(cause, file=sys.stderr)
-            return tool_error(f"internal error: {type(cause).__name__}: {cause} (set WTBOX_DEBUG=1 for a traceback "
-                              "on the server's stderr).")
+            return tool_error(internal_error(cause, name, arguments))
 
     async def list_resources(self) -> list[Resource]:
         """The static resources plus status, env and logs of every live box."""
         static = await super().list_resources()
         return static + await anyio.to_thread.run_sync(live_resources)
+
+
+def internal_error(error: BaseException, tool: str, arguments: dict[str, Any]) -> str:
+    """A bug's one sentence, naming the crash log it wrote (diagnostics.py); with debugging on,
+    the traceback on the server's stderr too."""
+    from worktreebox import diagnostics
+
+    message = diagnostics.internal_error(error, ["wtbox", "mcp", tool, json.dumps(arguments, default=str)])
+    if diagnostics.debugging():
+        import traceback
+
+        traceback.print_exception(error, file=sys.stderr)
+    return message
 
 
 def tool_error(message: str) -> CallToolResult:

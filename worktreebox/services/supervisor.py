@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from worktreebox import settings
 from worktreebox.secrets import Redactor, secret_values
 from worktreebox.services import boxenv, control
 from worktreebox.services.control import (
@@ -65,7 +66,7 @@ def background_wanted(home: Path) -> bool:
 def kill_wait() -> float:
     """SIGTERM → SIGKILL grace (tests shorten it), read when used: a value read at import would be
     the first caller's in a process that serves many (cliserver.py)."""
-    return float(os.environ.get("WTBOX_KILL_WAIT", "5"))
+    return settings.KILL_WAIT.seconds()
 
 
 class Clock:

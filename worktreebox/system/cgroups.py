@@ -38,12 +38,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NamedTuple
 
+from worktreebox import settings
+
 SUPERVISOR, METRICS, TRACES, EXEC, SETUP, MIGRATE, RUN, BROWSER = (
     "_supervisor", "_metrics", "_traces", "_exec", "_setup", "_migrate", "_run", "_browser")
 CGROUP_FS = Path("/sys/fs/cgroup")
 DEFAULT_CPU_WEIGHT = 100  # cgroup v2's default; v1 cpu.shares 1024 is the same share
 KILL_TIMEOUT = 5.0
-_OFF = ("0", "off", "no", "false")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -634,7 +635,7 @@ def _detect(home: Path | str) -> tuple[Cgroups | None, str | None]:
 
 def detect(key: str, mountinfo: str | None = None) -> tuple[Cgroups | None, str | None]:
     """Pick the backend for this host: (backend, None) or (None, the reason there is none)."""
-    if os.environ.get("WTBOX_CGROUPS", "").lower() in _OFF:
+    if settings.CGROUPS.off():
         return None, "cgroups are turned off by WTBOX_CGROUPS=off"
     if mountinfo is None:
         try:

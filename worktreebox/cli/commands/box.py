@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from worktreebox import settings
 from worktreebox.cli.commands._common import box_argument, emit_json, get_host, info, json_option, run_cmd, table
 from worktreebox.errors import UsageError, WtboxError
 
@@ -56,7 +57,7 @@ def new(task, repo, ref, secrets, no_services, ttl, keep, show_secrets, no_pool,
     host = get_host()
     t0 = time.perf_counter()
     # WTBOX_PROGRESS=1: progress lines on stderr for a program that reads them (`wtbox mcp`).
-    show = (sys.stderr.isatty() and not as_json) or os.environ.get("WTBOX_PROGRESS") == "1"
+    show = (sys.stderr.isatty() and not as_json) or settings.PROGRESS.on()
     progress = (lambda m: info(f"  {m}")) if show else (lambda m: None)
     box, from_pool = new_box(host, task, repo=repo, ref=ref, secrets=parse_secrets(secrets),
                              start_services=not no_services, ttl=ttl, keep=keep, progress=progress,

@@ -1,0 +1,112 @@
+"""wtbox's own diagnostics: the `wtbox` logger hierarchy on stderr, and the crash log.
+
+Modules log to `logging.getLogger("wtbox.<part>")`; nothing shows but warnings unless
+WTBOX_DEBUG=1 or `wtbox -v` turns on debug. An internal error (an exception no command
+expected) writes $WTBOX_HOME/wtbox.log, as pre-commit writes pre-commit.log: wtbox's version,
+Python, the platform, the command (secrets masked) and the traceback; its one sentence names
+that file. The file is replaced by the next crash, and never holds a secret value.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+
+from worktreebox import settings
+from worktreebox.secrets import MASK, Redactor, mask_urls_in, secret_values
+
+ROOT = "wtbox"
+CRASH_LOG = "wtbox.log"
+_FORMAT = "%(asctime)s.%(msecs)03d %(name)s %(levelname)s %(message)s"
+
+
+def configure(verbose: bool = False) -> None:
+    """The `wtbox` loggers to this process's stderr: debug with `verbose` or WTBOX_DEBUG=1, else
+    warnings. Called per command (a served command gets its caller's stderr and environment)."""
+    log = logging.getLogger(ROOT)
+    for old in list(log.handlers):
+        log.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(_FORMAT, "%H:%M:%S"))
+    log.addHandler(handler)
+    log.propagate = False  # the MCP SDK configures the root logger its own way
+    log.setLevel(logging.DEBUG if verbose or settings.DEBUG.on() else logging.WARNING)
+
+
+def debugging() -> bool:
+    return logging.getLogger(ROOT).isEnabledFor(logging.DEBUG)
+
+
+def internal_error(error: BaseException, command: Sequence[str]) -> str:
+    """Write the crash log of `error` (raised by `command`) and return the sentence naming it."""
+    mask = _masker(command)
+    detail = mask(" ".join(str(error).split())[:300])
+    path = write_crash_log(error, command, mask)
+    where = f"details in {path}" if path else "set WTBOX_DEBUG=1 for a traceback"
+    return f"internal error: {type(error).__name__}: {detail} ({where})."
+
+
+def write_crash_log(error: BaseException, command: Sequence[str],
+                    mask: Callable[[str], str] | None = None) -> str | None:
+    """$WTBOX_HOME/wtbox.log (0600) for `error`; None when the home does not exist (a crash never
+    makes one) or cannot be written."""
+    home = settings.default_home()
+    if not os.path.isdir(home):
+        return None
+    path = os.path.join(home, CRASH_LOG)
+    text = (mask or _masker(command))(_report(error, command))
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
+            f.write(text)
+    except OSError:
+        return None
+    return path
+
+
+def _report(error: BaseException, command: Sequence[str]) -> str:
+    import platform
+
+    from worktreebox import __version__
+
+    trace = "".join(traceback.format_exception(error))
+    return (f"### version information\n\nwtbox: {__version__}\npython: {sys.version.split()[0]} "
+            f"({sys.executable})\nplatform: {platform.platform()}\ntime: {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n\n"
+            f"### error information\n\ncommand: {' '.join(masked_command(command))}\n"
+            f"error: {type(error).__name__}: {error}\n\n{trace}")
+
+
+def masked_command(command: Sequence[str]) -> list[str]:
+    """The command line with every value given inline to --secret, and every URL password, as ***."""
+    out = []
+    for i, arg in enumerate(command):
+        if arg.startswith("--secret="):
+            arg = "--secret=" + _masked_secret(arg.removeprefix("--secret="))
+        elif i and command[i - 1] == "--secret":
+            arg = _masked_secret(arg)
+        out.append(mask_urls_in(arg))
+    return out
+
+
+def _masked_secret(spec: str) -> str:
+    """NAME and NAME=@FILE name no secret; NAME=VALUE holds one."""
+    name, eq, value = spec.partition("=")
+    return f"{name}={MASK}" if eq and not value.startswith("@") else spec
+
+
+def _masker(command: Sequence[str]) -> Callable[[str], str]:
+    """Redacts what may be secret: this environment's secret-looking values and URL passwords,
+    the values of variables named by --secret, and values given inline to --secret."""
+    env = dict(os.environ)
+    values = secret_values(env)
+    for i, arg in enumerate(command):
+        spec = arg.removeprefix("--secret=") if arg.startswith("--secret=") else \
+            command[i + 1] if arg == "--secret" and i + 1 < len(command) else None
+        if spec is not None:
+            name, _, inline = spec.partition("=")
+            values.append(inline or env.get(name, ""))
+    redact = Redactor(values)
+    return lambda text: mask_urls_in(redact(text))

@@ -12,7 +12,6 @@ import logging
 import os
 import sys
 import time
-import traceback
 from collections.abc import Callable, Sequence
 
 from worktreebox import settings
@@ -51,15 +50,14 @@ def internal_error(error: BaseException, command: Sequence[str]) -> str:
 
 def write_crash_log(error: BaseException, command: Sequence[str],
                     mask: Callable[[str], str] | None = None) -> str | None:
-    """$WTBOX_HOME/wtbox.log (0600) for `error`; None when the home does not exist (a crash never
-    makes one) or cannot be written."""
-    home = settings.default_home()
-    if not os.path.isdir(home):
-        return None
-    path = os.path.join(home, CRASH_LOG)
+    """$WTBOX_HOME/wtbox.log (0600) for `error` (the home is made if a command crashed before it
+    was); None when it cannot be written."""
+    path = os.path.join(os.path.abspath(settings.default_home()), CRASH_LOG)
     text = (mask or _masker(command))(_report(error, command))
     try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        os.fchmod(fd, 0o600)  # one left by an older wtbox may have been readable by others
         with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
             f.write(text)
     except OSError:
@@ -69,14 +67,22 @@ def write_crash_log(error: BaseException, command: Sequence[str],
 
 def _report(error: BaseException, command: Sequence[str]) -> str:
     import platform
-
-    from worktreebox import __version__
+    import traceback
 
     trace = "".join(traceback.format_exception(error))
-    return (f"### version information\n\nwtbox: {__version__}\npython: {sys.version.split()[0]} "
+    return (f"### version information\n\nwtbox: {_version()}\npython: {sys.version.split()[0]} "
             f"({sys.executable})\nplatform: {platform.platform()}\ntime: {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n\n"
             f"### error information\n\ncommand: {' '.join(masked_command(command))}\n"
             f"error: {type(error).__name__}: {error}\n\n{trace}")
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("worktreebox")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def masked_command(command: Sequence[str]) -> list[str]:
@@ -106,7 +112,20 @@ def _masker(command: Sequence[str]) -> Callable[[str], str]:
         spec = arg.removeprefix("--secret=") if arg.startswith("--secret=") else \
             command[i + 1] if arg == "--secret" and i + 1 < len(command) else None
         if spec is not None:
-            name, _, inline = spec.partition("=")
-            values.append(inline or env.get(name, ""))
+            values.append(_secret_value(spec, env))
     redact = Redactor(values)
     return lambda text: mask_urls_in(redact(text))
+
+
+def _secret_value(spec: str, env: dict[str, str]) -> str:
+    """The value --secret SPEC stands for: NAME's in the environment, FILE's content, or inline."""
+    name, _, source = spec.partition("=")
+    if not source:
+        return env.get(name, "")
+    if source.startswith("@"):
+        try:
+            with open(source[1:], encoding="utf-8", errors="replace") as f:
+                return f.read().rstrip("\n")
+        except OSError:
+            return ""
+    return source

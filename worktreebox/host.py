@@ -7,7 +7,6 @@ The CLI is a thin layer over this class; tests and scripts use it directly:
 """
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import time
@@ -15,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from worktreebox import admission, providers, settings
+from worktreebox import admission, diagnostics, providers, settings
 from worktreebox.box import CREATING, DEGRADED, FAILED, READY, REMOVING, Box, branch_name, new_id, slugify
 from worktreebox.config.load import (
     OWN_PORTS,
@@ -42,7 +41,7 @@ if TYPE_CHECKING:
     from worktreebox.config.load import HostConfig, RepoConfig
     from worktreebox.providers.postgres.base import Server
 
-log = logging.getLogger("wtbox.host")
+log = diagnostics.logger("host")
 
 
 def default_home() -> Path:

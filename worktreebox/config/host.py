@@ -3,16 +3,15 @@ override some of its keys: the dataclass with the defaults, the schema with each
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any
 
-from worktreebox import providers, settings
+from worktreebox import diagnostics, providers, settings
 from worktreebox.config import values as v
 from worktreebox.config.repo import LIMITS, LimitsConfig
 from worktreebox.config.schema import Key, Table, document, table, validated
 
 MAX_BOXES = 10000
-log = logging.getLogger("wtbox.config")
+log = diagnostics.logger("config")
 
 
 @dataclasses.dataclass

@@ -6,9 +6,9 @@ importable from here, where the rest of wtbox has always found them.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
+from worktreebox import diagnostics
 from worktreebox.config.host import HostConfig, parse_host_config
 from worktreebox.config.repo import (
     OWN_PORTS,
@@ -28,7 +28,7 @@ __all__ = [  # what other modules import from here
     "check_ready", "config_sources", "load_config_for_new", "load_host_config", "load_repo_config_file",
     "parse_duration", "parse_repo_config", "path_inside", "services_in_order",
 ]
-log = logging.getLogger("wtbox.config")
+log = diagnostics.logger("config")
 
 
 def load_host_config(home: Path) -> HostConfig:

@@ -6,18 +6,17 @@ the order keys are checked. `tests/test_config_repo.py` holds the two to the sam
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 from typing import Any
 
 import cfgv
 
-from worktreebox import providers
+from worktreebox import diagnostics, providers
 from worktreebox.config import values as v
 from worktreebox.config.schema import Key, NamedTables, Table, document, loads, table, validated
 from worktreebox.errors import ConfigError
 
-log = logging.getLogger("wtbox.config")
+log = diagnostics.logger("config")
 DEFAULT_MIGRATION_GLOBS = ["alembic/**", "migrations/**", "**/migrations/*.py"]
 LIMIT_KEYS = ("cpu_weight", "memory_max", "pids_max")
 # Ports wtbox leases for its own observability (the metrics store, the OTLP receiver; Vector's

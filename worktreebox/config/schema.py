@@ -13,7 +13,7 @@ keys stay absent: the dataclasses in repo.py and host.py hold the defaults).
 from __future__ import annotations
 
 import tomllib
-from typing import Any, NamedTuple
+from typing import Any
 
 import cfgv
 
@@ -21,19 +21,23 @@ from worktreebox.config.values import PORT_NAME, Invalid, Parser
 from worktreebox.errors import ConfigError
 
 
-class At(NamedTuple):
+class At:
     """A step on the way to a problem, as cfgv's context: into a table, or to a key."""
 
-    table: str | None = None
-    key: str | None = None
+    __slots__ = ("key", "table")
+
+    def __init__(self, *, table: str | None = None, key: str | None = None) -> None:
+        self.table, self.key = table, key
 
 
-class Key(NamedTuple):
-    """A key of a table and its parser; a required key missing is parsed as None (and refused)."""
+class Key:
+    """A key of a table and its parser; a required key missing is parsed as None (and refused).
+    cfgv checks with it first, then converts with it: each value is parsed twice (microseconds)."""
 
-    key: str
-    parse: Parser
-    required: bool = False
+    __slots__ = ("key", "parse", "required")
+
+    def __init__(self, key: str, parse: Parser, *, required: bool = False) -> None:
+        self.key, self.parse, self.required = key, parse, required
 
     def check(self, table: dict[str, Any]) -> None:
         if self.key in table or self.required:
@@ -48,11 +52,13 @@ class Key(NamedTuple):
         raise AssertionError("config is never written back")
 
 
-class Table(NamedTuple):
+class Table:
     """[key]: a table of the document, checked by `schema` (a cfgv.Map)."""
 
-    key: str
-    schema: cfgv.Map
+    __slots__ = ("key", "schema")
+
+    def __init__(self, key: str, schema: cfgv.Map) -> None:
+        self.key, self.schema = key, schema
 
     def check(self, doc: dict[str, Any]) -> None:
         if self.key in doc:
@@ -68,16 +74,17 @@ class Table(NamedTuple):
         raise AssertionError("config is never written back")
 
 
-class NamedTables(NamedTuple):
+class NamedTables:
     """[prefix.<name>]: a table per name ([services.web], [deps.bundle]), each checked by `schema`.
     With `among_keys`, the named tables sit among plain keys of the same table (as in [deps]) and
     are gathered under `into`; otherwise every entry must be a table."""
 
-    prefix: str
-    what: str  # "service", "recipe": for the sentence about a bad name
-    schema: cfgv.Map
-    into: str | None = None
-    among_keys: tuple[str, ...] | None = None
+    __slots__ = ("among_keys", "into", "prefix", "schema", "what")
+
+    def __init__(self, prefix: str, what: str, schema: cfgv.Map, *, into: str | None = None,
+                 among_keys: tuple[str, ...] | None = None) -> None:
+        self.prefix, self.what, self.schema = prefix, what, schema  # what: "service", "recipe"
+        self.into, self.among_keys = into, among_keys
 
     def names(self, table: dict[str, Any]) -> list[str]:
         if self.among_keys is None:
@@ -108,13 +115,14 @@ class NamedTables(NamedTuple):
         raise AssertionError("config is never written back")
 
 
-class NoOtherKeys(NamedTuple):
+class NoOtherKeys:
     """Unknown keys refused, naming the known ones (a misspelt key is never silently ignored).
     `sections`: these are the document's tables. `among_tables`: named tables may sit beside."""
 
-    keys: tuple[str, ...]
-    sections: bool = False
-    among_tables: bool = False
+    __slots__ = ("among_tables", "keys", "sections")
+
+    def __init__(self, keys: tuple[str, ...], *, sections: bool = False, among_tables: bool = False) -> None:
+        self.keys, self.sections, self.among_tables = keys, sections, among_tables
 
     def check(self, table: dict[str, Any]) -> None:
         known = ", ".join(sorted(self.keys))

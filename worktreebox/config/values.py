@@ -93,9 +93,9 @@ def whole(what: str, low: int | None = None, high: int | None = None, *, range_w
 
 
 def above_zero(what: str) -> Parser:
-    """A number above 0, as a float (a load average)."""
+    """A finite number above 0, as a float (a load average)."""
     def parse(value: Any) -> float:
-        if not _is(value, (int, float)) or value <= 0:
+        if not _is(value, (int, float)) or not 0 < value < math.inf:
             raise expected(what, value)
         return float(value)
 

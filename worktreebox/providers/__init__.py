@@ -9,12 +9,12 @@ line here (tox's `ToxEnvRegister` in spirit, without the plugin machinery).
 from __future__ import annotations
 
 import importlib
-import logging
 from typing import Any
 
+from worktreebox import diagnostics
 from worktreebox.errors import ConfigError
 
-log = logging.getLogger("wtbox.providers")
+log = diagnostics.logger("providers")
 # kind -> provider name -> "module:Class" (relative to this package).
 PROVIDERS: dict[str, dict[str, str]] = {
     "postgres": {

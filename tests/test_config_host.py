@@ -29,14 +29,14 @@ def load(tmp_path, text: str | bytes):
 
 @pytest.mark.parametrize(("text", "fields"), [
     ("", {}),
-    ('[host]\nport_range = "21000-21999"\nmax_boxes = 10\nmax_active = 2\nmax_load = 3\nmounts = "checkout"\n'
-     'layer_ttl = "2h"\nbackground_busy = false',
+    (('[host]\nport_range = "21000-21999"\nmax_boxes = 10\nmax_active = 2\nmax_load = 3\nmounts = "checkout"\n'
+      'layer_ttl = "2h"\nbackground_busy = false'),
      {"port_range": (21000, 21999), "max_boxes": 10, "max_active": 2, "max_load": 3.0, "mounts": "checkout",
       "layer_ttl": 7200.0, "background_busy": False}),
     ('[box]\ncpu_weight = 50\nmemory_max = "2G"\npids_max = 500',
      {"box_limits": LimitsConfig(cpu_weight=50, memory_max=2 << 30, pids_max=500)}),
-    ('[database]\nprovider = "external"\nurl = "postgresql://u:p@h:5432/db"\nimage = "postgres:16"\n'
-     "fsync_off = false\nspares = 0",
+    (('[database]\nprovider = "external"\nurl = "postgresql://u:p@h:5432/db"\nimage = "postgres:16"\n'
+      "fsync_off = false\nspares = 0"),
      {"database_provider": "external", "database_url": "postgresql://u:p@h:5432/db", "postgres_image": "postgres:16",
       "fsync_off": False, "database_spares": 0}),
     ('[database]\nurl = "postgres://u:secret@h/db"',  # a URL alone: the external server
@@ -58,14 +58,14 @@ HOST_KEYS = "background_busy, layer_ttl, max_active, max_boxes, max_load, mounts
 
 
 @pytest.mark.parametrize(("text", "sentence"), [
-    ('[hots]\nport_range = "20000-20099"', "unknown section [hots]; known sections: box, database, host, "
-                                           "observability."),
+    ('[hots]\nport_range = "20000-20099"', ("unknown section [hots]; known sections: box, database, host, "
+                                            "observability.")),
     ("host = 5", "[host] must be a table, got 5."),
     ('[host]\nport_rang = "20000-20099"', f"[host] has an unknown key 'port_rang'; known keys: {HOST_KEYS}."),
     ("[host]\nport_range = 5", "[host] port_range: expected a range such as \"20000-29999\", got 5."),
     ('[host]\nport_range = "abc-def"', "[host] port_range: expected a range such as '20000-29999', got 'abc-def'."),
-    ('[host]\nport_range = "30000-20000"', "[host] port_range: the range '30000-20000' must lie between 1024 and "
-                                           "65535, low to high."),
+    ('[host]\nport_range = "30000-20000"', ("[host] port_range: the range '30000-20000' must lie between 1024 and "
+                                            "65535, low to high.")),
     ("[host]\nmax_boxes = 0", "[host] max_boxes: expected a whole number from 1 to 10000, got 0."),
     ('[host]\nmax_boxes = "64"', "[host] max_boxes: expected a whole number, got '64'."),
     ("[host]\nmax_boxes = true", "[host] max_boxes: expected a whole number, got True."),
@@ -79,25 +79,25 @@ HOST_KEYS = "background_busy, layer_ttl, max_active, max_boxes, max_load, mounts
     ("[host]\nlayer_ttl = 0", f"[host] layer_ttl: expected {DURATION}, more than 0 and at most ten years, got 0."),
     ("[host]\nbackground_busy = 'maybe'", "[host] background_busy: expected true or false, got 'maybe'."),
     ('[box]\nttl = "1h"', "[box] has an unknown key 'ttl'; known keys: cpu_weight, memory_max, pids_max."),
-    ("[box]\ncpu_weight = 0", "[box] cpu_weight: expected a whole number from 1 to 10000 (100 is every box's "
-                              "share), got 0."),
+    ("[box]\ncpu_weight = 0", ("[box] cpu_weight: expected a whole number from 1 to 10000 (100 is every box's "
+                               "share), got 0.")),
     ('database = "x"', "[database] must be a table, got 'x'."),
-    ('[database]\nuser = "x"', "[database] has an unknown key 'user'; known keys: fsync_off, image, provider, "
-                               "spares, url."),
-    ('[database]\nprovider = "Embedded"', "[database] provider: expected one of 'embedded', 'external', 'docker', "
-                                          "got 'Embedded'."),
+    ('[database]\nuser = "x"', ("[database] has an unknown key 'user'; known keys: fsync_off, image, provider, "
+                                "spares, url.")),
+    ('[database]\nprovider = "Embedded"', ("[database] provider: expected one of 'embedded', 'external', 'docker', "
+                                           "got 'Embedded'.")),
     ("[database]\nurl = 5", "[database] url: expected a postgresql:// URL, got 5."),
-    ('[database]\nurl = "mysql://root:hunter2@x/db"', "[database] url: expected a postgresql://USER:PASSWORD@HOST:"
-                                                      "PORT/DB URL, got a value that is not one."),
+    ('[database]\nurl = "mysql://root:hunter2@x/db"', ("[database] url: expected a postgresql://USER:PASSWORD@HOST:"
+                                                       "PORT/DB URL, got a value that is not one.")),
     ('[database]\nimage = "a b"', "[database] image: expected an image name such as 'postgres:15', got 'a b'."),
     ("[database]\nimage = 5", "[database] image: expected an image name, got 5."),
     ('[database]\nfsync_off = "no"', "[database] fsync_off: expected true or false, got 'no'."),
     ("[database]\nspares = -1", "[database] spares: expected a whole number of spare databases, 0 or more, got -1."),
     ('[observability]\nprovider = "k8s"', "[observability] provider: expected one of 'native', 'docker', got 'k8s'."),
-    ('[observability]\nretention = "1d"', "[observability] has an unknown key 'retention'; known keys: image, "
-                                          "provider."),
-    ('[database]\nprovider = "x"\n[host]\nmax_boxes = 0', "[host] max_boxes: expected a whole number from 1 to "
-                                                          "10000, got 0."),  # tables in order
+    ('[observability]\nretention = "1d"', ("[observability] has an unknown key 'retention'; known keys: image, "
+                                           "provider.")),
+    ('[database]\nprovider = "x"\n[host]\nmax_boxes = 0', ("[host] max_boxes: expected a whole number from 1 to "
+                                                           "10000, got 0.")),  # tables in order
 ])
 def test_bad_values_get_one_exact_sentence(tmp_path, text, sentence):
     with pytest.raises(ConfigError) as e:
@@ -151,16 +151,16 @@ def test_overrides(tmp_path, monkeypatch, env, fields):
 
 @pytest.mark.parametrize(("env", "sentence"), [
     ({"WTBOX_PORT_RANGE": "garbage"}, "WTBOX_PORT_RANGE: expected a range such as '20000-29999', got 'garbage'."),
-    ({"WTBOX_PORT_RANGE": "30000-20000"}, "WTBOX_PORT_RANGE: the range '30000-20000' must lie between 1024 and "
-                                          "65535, low to high."),
+    ({"WTBOX_PORT_RANGE": "30000-20000"}, ("WTBOX_PORT_RANGE: the range '30000-20000' must lie between 1024 and "
+                                           "65535, low to high.")),
     ({"WTBOX_LAYER_TTL": "soon"}, f"WTBOX_LAYER_TTL: expected {DURATION}, got 'soon'."),
-    ({"WTBOX_DATABASE_PROVIDER": "mysql"}, "WTBOX_DATABASE_PROVIDER: expected embedded, external or docker, "
-                                           "got 'mysql'."),
+    ({"WTBOX_DATABASE_PROVIDER": "mysql"}, ("WTBOX_DATABASE_PROVIDER: expected embedded, external or docker, "
+                                            "got 'mysql'.")),
     ({"WTBOX_OBSERVABILITY_PROVIDER": "k8s"}, "WTBOX_OBSERVABILITY_PROVIDER: expected native or docker, got 'k8s'."),
-    ({"WTBOX_POSTGRES_URL": "not a url"}, "WTBOX_POSTGRES_URL: expected a postgresql://USER:PASSWORD@HOST:PORT/DB "
-                                          "URL, got a value that is not one."),
-    ({"WTBOX_POSTGRES_IMAGE": "a b"}, "WTBOX_POSTGRES_IMAGE: expected an image name such as 'postgres:15', "
-                                      "got 'a b'."),
+    ({"WTBOX_POSTGRES_URL": "not a url"}, ("WTBOX_POSTGRES_URL: expected a postgresql://USER:PASSWORD@HOST:PORT/DB "
+                                           "URL, got a value that is not one.")),
+    ({"WTBOX_POSTGRES_IMAGE": "a b"}, ("WTBOX_POSTGRES_IMAGE: expected an image name such as 'postgres:15', "
+                                       "got 'a b'.")),
 ])
 def test_bad_overrides_name_the_variable(tmp_path, monkeypatch, env, sentence):
     for k, val in env.items():

@@ -128,7 +128,8 @@ def test_bad_images(value, got):
 
 
 @pytest.mark.parametrize(("value", "got"), [
-    ("..", "'..'"), ("a/../../b", "'a/../../b'"), ("/tmp", "'/tmp'"), ("~/x", "'~/x'"), ("", "''"), ("a\x00", "'a\\x00'"),
+    ("..", "'..'"), ("a/../../b", "'a/../../b'"), ("/tmp", "'/tmp'"), ("~/x", "'~/x'"), ("", "''"),
+    ("a\x00", "'a\\x00'"),
 ])
 def test_paths_stay_inside_as_written(value, got):
     assert complaint(lambda x: v.inside("a path inside", x), value) == f"expected a path inside, got {got}"
@@ -165,8 +166,8 @@ def test_repo_relative_paths_are_normalised(value, rel):
     (v.command, "  ", "expected a shell command string, got '  '"),
     (v.command, "{{ x", "bad template '{{ x': unexpected end of template, expected 'end of print statement'."),
     (v.str_list, ["a", 1], "expected a list of strings without control characters, got ['a', 1]"),
-    (v.env_names, ["DB_PASSWORD"], "expected names of variables that are not secrets (pass those with --secret), "
-                                   "got 'DB_PASSWORD'"),
+    (v.env_names, ["DB_PASSWORD"], ("expected names of variables that are not secrets (pass those with --secret), "
+                                    "got 'DB_PASSWORD'")),
 ])
 def test_small_parsers(parse, value, got):
     assert complaint(parse, value) == got

@@ -86,14 +86,13 @@ def test_a_home_that_cannot_hold_the_log_still_gets_one_sentence(tmp_path, monke
 
 
 def test_the_mcp_server_answers_a_bug_with_the_same_sentence(wtbox_home, secret_env, monkeypatch):
+    from worktreebox.host import Host
     from worktreebox.mcp import server
 
     def boom(*args):
         raise RuntimeError(f"listing failed: {os.environ['MY_API_TOKEN']}")
 
-    wtbox_home.mkdir()
-
-    monkeypatch.setattr(server, "_list", boom)
+    monkeypatch.setattr(Host, "list", boom)
     result = anyio.run(server.build_server().call_tool, "box_list", {})
     assert result.is_error
     assert result.content[0].text == (f"internal error: RuntimeError: listing failed: *** "

@@ -96,5 +96,6 @@ def test_no_module_but_settings_reads_a_wtbox_variable():
 def test_the_reader_finder_sees_each_form(tmp_path):
     mod = tmp_path / "m.py"
     mod.write_text('import os\ndef f():\n    a = os.environ.get("WTBOX_A")\n    b = os.environ["WTBOX_B"]\n'
-                   '    c = os.getenv("WTBOX_C", "1")\n    os.environ["WTBOX_D"] = "x"\n    e = os.environ.get("HOME")\n')
+                   '    c = os.getenv("WTBOX_C", "1")\n    os.environ["WTBOX_D"] = "x"\n'
+                   '    e = os.environ.get("HOME")\n')
     assert wtbox_reads(mod) == ["WTBOX_A", "WTBOX_B", "WTBOX_C"]

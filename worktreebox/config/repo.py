@@ -183,7 +183,8 @@ def _extensions(value: Any) -> list[str]:
 
 def _recipe_dir(value: Any) -> str:
     what = "a directory relative to the repo root"
-    return v.repo_relative(what)(v.typed(str, what)(value))
+    path: str = v.typed(str, what)(value)
+    return v.repo_relative(what)(path)
 
 
 BOX = table("box", Key("ports", v.port_names), Key("copy", v.copies), Key("cache_env", v.cache_dirs),

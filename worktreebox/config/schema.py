@@ -167,7 +167,8 @@ def validated(schema: cfgv.Map, doc: dict[str, Any], source: str) -> dict[str, A
         cfgv.validate(doc, schema)
     except cfgv.ValidationError as e:
         raise ConfigError(sentence(source, e)) from None
-    return cfgv.apply_defaults(doc, schema)
+    parsed: dict[str, Any] = cfgv.apply_defaults(doc, schema)
+    return parsed
 
 
 def sentence(source: str, error: cfgv.ValidationError) -> str:

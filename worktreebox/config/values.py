@@ -37,7 +37,7 @@ UNLIMITED = 0  # a limit said to be "max"
 MIN_MEMORY = 4 << 20
 
 
-class Invalid(cfgv.ValidationError):
+class Invalid(cfgv.ValidationError):  # type: ignore[misc]  # cfgv ships no types
     """A value that is not what its key takes. The complaint follows the place, after `sep`:
     "<file>: [table] key: expected ..., got ..."; `part` names the entry of a table at fault."""
 
@@ -80,19 +80,20 @@ def typed(kind: type | tuple[type, ...], what: str) -> Parser:
 boolean = typed(bool, "true or false")
 
 
-def whole(what: str, low: int | None = None, high: int | None = None, *, range_what: str | None = None) -> Parser:
+def whole(what: str, low: int | None = None, high: int | None = None, *,
+          range_what: str | None = None) -> Callable[[Any], int]:
     """A whole number (from `low` to `high`); `range_what` says the range when it is out of it."""
     def parse(value: Any) -> int:
         if not _is(value, int):
             raise expected(what, value)
         if (low is not None and value < low) or (high is not None and value > high):
             raise expected(range_what or what, value)
-        return value
+        return int(value)
 
     return parse
 
 
-def above_zero(what: str) -> Parser:
+def above_zero(what: str) -> Callable[[Any], float]:
     """A finite number above 0, as a float (a load average)."""
     def parse(value: Any) -> float:
         if not _is(value, (int, float)) or not 0 < value < math.inf:
@@ -102,18 +103,18 @@ def above_zero(what: str) -> Parser:
     return parse
 
 
-def choice(*choices: str) -> Parser:
+def choice(*choices: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         if not _is(value, str):
             raise expected("one of " + ", ".join(choices), value)
         if value not in choices:
             raise expected("one of " + ", ".join(repr(c) for c in choices), value)
-        return value
+        return str(value)
 
     return parse
 
 
-def text(what: str, *, template: bool = False, control: bool = True) -> Parser:
+def text(what: str, *, template: bool = False, control: bool = True) -> Callable[[Any], str]:
     """A string without NUL (and, unless `control`, without any control character); with
     `template`, a Jinja2 template that compiles."""
     def parse(value: Any) -> str:
@@ -123,7 +124,7 @@ def text(what: str, *, template: bool = False, control: bool = True) -> Parser:
             raise expected(what + " without control characters", value)
         if template:
             compiles(value)
-        return value
+        return str(value)
 
     return parse
 
@@ -157,7 +158,7 @@ def str_list(value: Any) -> list[str]:
     return list(value)
 
 
-def env_map(*, template: bool = True) -> Parser:
+def env_map(*, template: bool = True) -> Callable[[Any], dict[str, str]]:
     """A table of NAME = "value" (numbers become strings); with `template`, values that compile."""
     def parse(value: Any) -> dict[str, str]:
         if not _is(value, dict):
@@ -236,7 +237,7 @@ def retention(value: Any) -> str:
 def size(value: Any) -> int:
     """A memory size: bytes as a number, or "512M", "2G", "1.5GiB"; "max" = UNLIMITED."""
     if _is(value, int) and value > 0:
-        return value
+        return int(value)
     if isinstance(value, str) and value.strip().lower() == "max":
         return UNLIMITED
     m = _SIZE.match(value) if isinstance(value, str) else None
@@ -262,7 +263,7 @@ def pids_max(value: Any) -> int:
         return UNLIMITED
     if not _is(value, int) or value < 1:
         raise expected('a whole number of processes above 0, or "max"', value)
-    return value
+    return int(value)
 
 
 # ---------------------------------------------------------------- names and paths
@@ -321,7 +322,7 @@ def workdir(value: Any) -> str:
     return cwd if is_template(cwd) else inside(what, cwd)
 
 
-def repo_relative(what: str) -> Parser:
+def repo_relative(what: str) -> Callable[[str], str]:
     """A path under a repo directory, normalised: no leading or trailing '/', no './', '.' → ''."""
     def parse(value: str) -> str:
         if value.startswith("/") or ".." in Path(value).parts:
@@ -331,7 +332,7 @@ def repo_relative(what: str) -> Parser:
     return parse
 
 
-def repo_relatives(what: str) -> Parser:
+def repo_relatives(what: str) -> Callable[[Any], list[str]]:
     one = repo_relative(what)
     return lambda value: [one(v) for v in str_list(value)]
 
@@ -391,7 +392,7 @@ def check_ready(check: str, where: str) -> None:
 def postgres_url(value: Any) -> str:
     """A postgresql:// (or postgres://) URL without spaces or control characters; never shown back
     (it holds a password)."""
-    link = typed(str, "a postgresql:// URL")(value)
+    link: str = typed(str, "a postgresql:// URL")(value)
     if not re.match(r"^postgres(ql)?://\S+$", link) or _CONTROL.search(link):
         raise Invalid("expected a postgresql://USER:PASSWORD@HOST:PORT/DB URL, got a value that is not one")
     return link
@@ -399,14 +400,14 @@ def postgres_url(value: Any) -> str:
 
 def image(value: Any) -> str:
     """A container image reference: one word of printable characters."""
-    ref = typed(str, "an image name")(value)
+    ref: str = typed(str, "an image name")(value)
     if not ref or _CONTROL.search(ref) or any(c.isspace() for c in ref):
         raise Invalid(f"expected an image name such as 'postgres:15', got {ref!r}")
     return ref
 
 
 def port_range(value: Any) -> tuple[int, int]:
-    text_ = typed(str, 'a range such as "20000-29999"')(value)
+    text_: str = typed(str, 'a range such as "20000-29999"')(value)
     m = re.match(r"^\s*([0-9]{1,6})\s*-\s*([0-9]{1,6})\s*$", text_)
     if not m:
         raise Invalid(f"expected a range such as '20000-29999', got {text_!r}")

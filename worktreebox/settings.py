@@ -9,6 +9,7 @@ whether a CLI server answers, so importing it must cost nothing.
 """
 from __future__ import annotations
 
+import math
 import os
 
 _OFF = ("0", "off", "no", "false")
@@ -35,11 +36,13 @@ class Setting:
         return (self.value() or "on").lower() in _OFF
 
     def seconds(self) -> float:
-        """A number of seconds; the default when unset or not a number (a tuning knob never stops a command)."""
+        """A number of seconds, 0 or more; the default when unset or not such a number (a tuning
+        knob never stops a command)."""
         try:
-            return float(self.value() or self.default)
+            seconds = float(self.value() or self.default)
         except ValueError:
             return float(self.default)
+        return seconds if 0 <= seconds < math.inf else float(self.default)
 
 
 # ---------------------------------------------------------------- where and how wtbox runs
@@ -82,7 +85,8 @@ PG_BIN = Setting("WTBOX_PG_BIN", "the directory of `initdb` and `pg_ctl` for the
 CHROMIUM = Setting("WTBOX_CHROMIUM", "the Chromium binary of `browse` and `[browser]`", "`chromium` on PATH")
 
 # ---------------------------------------------------------------- timings (tests shorten them)
-KILL_WAIT = Setting("WTBOX_KILL_WAIT", "seconds a service gets between SIGTERM and SIGKILL", "5")
+KILL_WAIT = Setting("WTBOX_KILL_WAIT", "seconds a stopped process gets between SIGTERM and SIGKILL, and then to be "
+                                       "gone (services, fan-out commands, timed-out runs, Chromium, helpers)", "5")
 POOL_IDLE = Setting("WTBOX_POOL_IDLE", "seconds the pool's filler waits, with the pool full and unclaimed, "
                                        "before it exits", "300")
 PHASE_FILE = Setting("WTBOX_PHASE_FILE", "crash tests: a file `new` appends each phase name to as it starts")
@@ -104,6 +108,11 @@ def default_home() -> str:
     """$WTBOX_HOME, else <user state dir>/wtbox."""
     home = HOME.value()
     return os.path.expanduser(home) if home else os.path.join(user_state_dir(), "wtbox")
+
+
+def kill_wait() -> float:
+    """The one stop grace (system/procs/stop.py)."""
+    return KILL_WAIT.seconds()
 
 
 def markdown() -> str:

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from helpers import CORE_TOML, git
 
+from worktreebox.errors import UsageError
+
 CONTRACT = {"id", "task", "branch", "path", "state", "created_at", "ports", "env"}
 
 
@@ -242,6 +244,21 @@ def test_box_resolution(make_repo, run_wtbox):
     proc = run_wtbox("status", "alpha", check=False)  # two boxes with that task: ambiguous
     assert proc.returncode == 2 and "matches 2 boxes" in proc.stderr
     assert get(c["id"]) == c["id"]
+
+
+def test_an_exact_task_name_wins_over_an_id_prefix(make_repo, host):
+    """`status s7` while `s70-...` exists: the box whose task is s7, not an ambiguity (issue 27)."""
+    repo = make_repo(toml=CORE_TOML)
+    s7 = host.new("s7", repo=repo)
+    s70 = host.new("s70", repo=repo)
+    assert host.get("s7").id == s7.id
+    assert host.get("s70").id == s70.id
+    host.new("s71", repo=repo)
+    with pytest.raises(UsageError, match=r"'s' matches 3 boxes"):  # no exact name, several ids: refused
+        host.get("s")
+    with pytest.raises(UsageError, match=r"'s7' matches 2 boxes"):  # two boxes named s7: refused
+        host.new("s7", repo=repo)
+        host.get("s7")
 
 
 def test_repo_defaults_to_cwd_and_from_ref(make_repo, run_wtbox):

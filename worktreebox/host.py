@@ -79,7 +79,7 @@ class Host:
         return self.registry.select_all_boxes()
 
     def get(self, ref: str | None = None) -> Box:
-        """Resolve BOX: id, unique id prefix, task name, or (None) the box containing the cwd."""
+        """Resolve BOX: id, task name, unique id prefix, or (None) the box containing the cwd."""
         box = self._resolve(ref)
         # A reboot takes a box's copy-on-write mounts away (its upper layers stay): mount them again.
         if box.data.get("revive") and box.state not in (CREATING, REMOVING) and not os.path.ismount(box.path) \
@@ -98,7 +98,8 @@ class Host:
         if box:
             return self.notice(box)
         boxes = self.list()
-        for matches in ([b for b in boxes if b.id.startswith(ref)], [b for b in boxes if b.task == ref]):
+        # An exact task name first: `s7` is the box named s7 even while `s70-1a2b3c4d` exists.
+        for matches in ([b for b in boxes if b.task == ref], [b for b in boxes if b.id.startswith(ref)]):
             if len(matches) == 1:
                 return self.notice(matches[0])
             if len(matches) > 1:

@@ -23,6 +23,7 @@ from worktreebox.resources import ports
 from worktreebox.resources.base import Creation, Resource
 from worktreebox.system.fsutil import file_lock
 from worktreebox.telemetry import browser as chromium
+from worktreebox.telemetry import store_sleep
 
 if TYPE_CHECKING:
     from worktreebox.box import Box
@@ -137,6 +138,8 @@ def browse(host: HostContext, box: Box, url: str, opts: chromium.PageOptions, dr
     and metrics (also when the page never loads); (result, PNG bytes)."""
     path = urllib.parse.urlsplit(url).path or "/"
     metrics_url = (box.data.get("metrics") or {}).get("url")
+    if metrics_url:
+        store_sleep.wake(box)  # the load is recorded there
     with session(host, box, progress) as s:
         driver.start()  # while a cold Chromium starts
         s.ready()

@@ -17,6 +17,7 @@ from worktreebox.providers.metrics import every_store, store
 from worktreebox.providers.metrics.native import LOG_FILE as STORE_LOG
 from worktreebox.resources.base import Creation, Resource
 from worktreebox.system import cgroups, procs
+from worktreebox.telemetry import store_sleep
 from worktreebox.telemetry.vmclient import healthy
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ class Metrics(Resource):
         names = [*(n for s in stores for n in s.processes), VECTOR]
         pid_files = [*(f for s in stores for f in s.pid_files), VECTOR_PID]
         if data or box.metrics_dir.exists() or any((box.run_dir / f).exists() for f in pid_files):
+            store_sleep.wake(box)  # a frozen process takes no signal (cgroup v1)
             # The store's and Vector's detached processes in one staged stop (one wait, not two).
             procs.stop_named(box.id, run_dir=box.run_dir, names=names, pid_files=pid_files)
         for s in stores:
@@ -97,7 +99,9 @@ class Metrics(Resource):
         data = box.data.get(self.name)
         if not data:
             return None
-        out = {"url": data["url"], "up": healthy(data["url"], timeout=0.5),
+        # A sleeping store is up (frozen while its box is quiet: store_sleep.py); asking it would wake it.
+        sleeping = store_sleep.asleep(box)
+        out = {"url": data["url"], "up": sleeping or healthy(data["url"], timeout=0.5), "asleep": sleeping,
                "provider": data.get("provider", "native"), "collector": data.get("collector", "builtin")}
         return {"metrics": out}
 

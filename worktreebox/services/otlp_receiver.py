@@ -35,7 +35,7 @@ from worktreebox import settings
 from worktreebox.telemetry.traces import otlp, store
 from worktreebox.telemetry.traces.spanmetrics import SpanMetrics
 
-FLUSH_EVERY = 1.0  # seconds between pushes of the span histogram
+FLUSH_EVERY = 1.0  # seconds from the first new span to the push of the span histogram (no push without spans)
 IDLE_TIMEOUT = 120.0  # a keep-alive connection that sends nothing this long is closed
 MAX_HEADER = 64 * 1024
 PATHS = {b"/v1/traces": "traces", b"/v1/logs": "logs", b"/v1/metrics": "metrics"}
@@ -114,6 +114,7 @@ class Receiver:
         self._metric_converter: Any = None
         self._lock = threading.Lock()
         self.stopping = threading.Event()
+        self._spans_came = threading.Event()  # the flusher sleeps on it: an idle receiver wakes for nothing
         self._last_push_error: str | None = None
         self.counts = {"spans": 0, "rejected": 0, "refused": 0, "log_records": 0, "metric_samples": 0}
 
@@ -126,11 +127,13 @@ class Receiver:
             if records:
                 self.spans.write(store.encode(records, self.secrets.redactor()))
                 self.span_metrics.observe(records)
+                self._spans_came.set()
             why = "spans need a 16-byte trace id and an 8-byte span id" if rejected else ""
             self._count(spans=len(records), rejected=rejected)
         elif signal_name == "logs":
             self._write_logs(otlp.log_records(req))
         else:
+            self.wake_store()
             rejected, why = self._import_metrics(req)
         return otlp.response(signal_name, encoding, rejected, why)
 
@@ -189,16 +192,31 @@ class Receiver:
         if pending is None:
             return
         text, token = pending
+        self.wake_store()
         try:
             push_prometheus(self.metrics_url, text)
         except (OSError, WtboxError) as e:
             self._log_once(f"pushing span metrics to {self.metrics_url} failed: {e}")
-            return  # still dirty: the next flush sends the newer totals
+            self._spans_came.set()  # still dirty: the next flush sends the newer totals
+            return
         self.span_metrics.committed(token)
         self._last_push_error = None
 
+    def wake_store(self) -> None:
+        """The box's store may sleep while the box is quiet (telemetry/store_sleep.py)."""
+        from worktreebox.system import cgroups
+
+        backend = cgroups.for_home(self.box_dir.parent.parent)
+        if backend is not None and backend.asleep(self.box_id, cgroups.METRICS):
+            backend.sleep(self.box_id, cgroups.METRICS, False)
+
     def flusher(self) -> None:
-        while not self.stopping.wait(FLUSH_EVERY):
+        """Push the span histogram FLUSH_EVERY after spans came (batching what comes meanwhile)."""
+        while True:
+            self._spans_came.wait()
+            if self.stopping.wait(FLUSH_EVERY):
+                return
+            self._spans_came.clear()
             self.flush_metrics()
 
     def _log_once(self, msg: str) -> None:
@@ -208,6 +226,7 @@ class Receiver:
 
     def close(self) -> None:
         self.stopping.set()
+        self._spans_came.set()
         self.flush_metrics()
         self.spans.close()
         if self._logs is not None:
@@ -356,18 +375,31 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     def on_term(signum: int, frame: Any) -> None:
-        threading.Thread(target=server.shutdown, daemon=True).start()
+        threading.Thread(target=_shut_down, args=(server, port), daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     threading.Thread(target=receiver.flusher, daemon=True, name="span-metrics").start()
     try:
-        server.serve_forever(poll_interval=0.5)
+        server.serve_forever(poll_interval=None)  # woken by connections only; see _shut_down
     finally:
         receiver.close()
         server.server_close()
     return 0
+
+
+def _shut_down(server: Server, port: int) -> None:
+    """End serve_forever: it waits in select without a timeout (an idle receiver wakes for
+    nothing), so a connection of our own wakes it to see the request."""
+    done = threading.Thread(target=server.shutdown, daemon=True)
+    done.start()
+    while done.is_alive():
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            pass
+        done.join(0.05)
 
 
 if __name__ == "__main__":

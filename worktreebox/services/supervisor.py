@@ -46,7 +46,9 @@ from worktreebox.telemetry.logs.writer import EventLog
 __all__ = ["BACKOFF_CAP", "BACKOFF_START", "NO_CHECK_GRACE", "STABLE_AFTER", "Clock", "Processes", "Service",
            "Supervisor", "main"]
 
-COLLECT_EVERY = 5.0
+COLLECT_EVERY = 5.0  # seconds between pushes of the box's own metrics while it is active
+COLLECT_CALM = 60.0  # ... while it is calm: a slow steady rate (an idle box wakes for nothing else)
+OWN_LEAVES = (cgroups.SUPERVISOR, cgroups.METRICS, cgroups.TRACES)  # wtbox's own: not the box's activity
 
 
 def background_wanted(home: Path) -> bool:
@@ -92,6 +94,8 @@ class Supervisor:
         self.oom = cgroups.OomWatch(home, box_id)
         self._collect_lock = threading.Lock()
         self._busy_watch: threading.Thread | None = None
+        self.store_sleep: Any = None  # telemetry.store_sleep.StoreSleep of a box whose store can sleep
+        self._last_collect, self._next_collect = 0.0, self.clock.now() + 1.0
 
     def event(self, service: str, level: str, msg: str, **extra: Any) -> None:
         try:
@@ -206,6 +210,8 @@ class Supervisor:
     def collect(self) -> None:
         if not self.metrics_url:
             return
+        if self.store_sleep is not None:
+            self.store_sleep.for_push()
         try:
             with self._collect_lock:  # the main loop's tick and an OOM report may come at once
                 if not hasattr(self, "_collector"):
@@ -220,35 +226,70 @@ class Supervisor:
         except Exception:
             pass
 
-    def _watch_busy(self) -> None:
-        """While the box keeps the CPU busy it runs as a background box (background.py: why)."""
+    def _watch(self) -> None:
+        """One thread watches the box, woken by nothing but its own cadence (background.py): while
+        the box keeps every CPU busy it runs as background; its own metrics are pushed every
+        COLLECT_EVERY while it is active, COLLECT_CALM while calm; its store sleeps while calm
+        (store_sleep.py). OOM kills of processes that were not a service's main one are counted
+        at each push."""
         backend = cgroups.for_home(self.home) if self.verify_ports else None
-        if backend is None or not background_wanted(self.home):
-            return
-        watch = background.BusyWatch(lambda: backend.cpu_pids(self.box_id),
-                                     lambda on: backend.set_background(self.box_id, on))
-        self._busy_watch = threading.Thread(target=watch.run, args=(self._done.wait,), name="busy", daemon=True)
+        if backend is None:
+            self._busy_watch = threading.Thread(target=self._collect_calmly, name="watch", daemon=True)
+        else:
+            if self.metrics_url:
+                from worktreebox.telemetry.store_sleep import StoreSleep, sleeps_here
+
+                if sleeps_here(self.run_dir):
+                    self.store_sleep = StoreSleep(backend, self.box_id, self.run_dir)
+            watch = background.BusyWatch(lambda: backend.cpu_pids(self.box_id),
+                                         lambda on: backend.set_background(self.box_id, on),
+                                         cpu_seconds=lambda: _box_activity(backend, self.box_id),
+                                         switch=background_wanted(self.home))
+            self._busy_watch = threading.Thread(target=watch.run, args=(self._done.wait, self._after_look),
+                                                name="watch", daemon=True)
         self._busy_watch.start()
+
+    def _after_look(self, active: bool) -> None:
+        if self.store_sleep is not None:
+            self.store_sleep.look(active)
+        now = self.clock.now()
+        if now >= self._next_collect or (active and now >= self._last_collect + COLLECT_EVERY):
+            self._last_collect, self._next_collect = now, now + COLLECT_CALM
+            self.check_oom()
+            self.collect()
+
+    def _collect_calmly(self) -> None:
+        """Without box cgroups there is nothing to tell activity by: push at the calm rate."""
+        while not self._done.wait(COLLECT_CALM):
+            self.check_oom()
+            self.collect()
 
     def run(self) -> None:
         self.keeper = OutputKeeper(self.logs_dir, self.redact)  # forked before any thread starts
         self.serve()
         self.write_state()
-        self._watch_busy()
+        self._watch()
         for s in self.services.values():
             s.up()
-        next_collect = self.clock.now() + 1.0
+        # Woken by a change only (a service's thread, a control request, a stop): no timer.
         while not self._done.is_set():
-            if self.clock.wait(self._dirty, 1.0):
-                self._dirty.clear()
-                self.write_state()
-            if self.clock.now() >= next_collect:
-                next_collect = self.clock.now() + COLLECT_EVERY
-                self.check_oom()  # kills of processes that were not a service's main process
-                self.collect()
+            self._dirty.wait()
+            self._dirty.clear()
+            self.write_state()
         if self._busy_watch is not None:
             self._busy_watch.join(2.0)  # it makes the box a normal box again as it ends
+        if self.store_sleep is not None:
+            self.store_sleep.close()
         self.write_state()
+
+
+def _box_activity(backend: cgroups.Cgroups, box_id: str) -> float | None:
+    """CPU seconds the box's processes used so far, wtbox's own (this process, the store, the
+    receiver) aside: a few cgroup file reads."""
+    total = backend.cpu_seconds(box_id)
+    if total is None:
+        return None
+    return total - sum(backend.cpu_seconds(box_id, leaf) or 0.0 for leaf in OWN_LEAVES)
 
 
 def _size(n: int) -> str:

@@ -8,7 +8,11 @@ on our 2-core host a box's probe p95 rose 1.6-1.8x next to a box spinning 5 proc
 shares intact. A background cgroup (Linux >= 5.15, v1 and v2) gets whatever CPU the others leave
 and is preempted at once by their wake-ups: measured on the same host, 0.92x instead of 1.8x.
 
-So a box's supervisor looks at its box's threads (from the box cgroup) every WINDOW seconds.
+So a box's supervisor looks at its box's threads (from the box cgroup) every WINDOW seconds
+while the box is active. A calm box costs one file read every QUIET_WINDOW seconds: the CPU its
+cgroup used (wtbox's own processes aside); only when that grew by ACTIVE of a core does the watch
+walk the box's threads (a walk of every thread's schedstat every 0.5 s was most of an idle
+box's supervisor CPU: issue 27).
 When they were runnable (on a CPU or waiting for one) for at least BUSY of all the host's CPUs'
 time in two looks in a row, i.e. when the box alone would fill every CPU, it becomes background;
 when that falls under CALM for two looks, it is a normal box again. Runnable time, not CPU time:
@@ -31,7 +35,9 @@ from collections.abc import Callable, Iterable
 
 from worktreebox.system import procfs
 
-WINDOW = 0.5  # seconds between looks
+WINDOW = 0.5  # seconds between looks at an active box
+QUIET_WINDOW = 2.0  # seconds between looks at a calm box (one cgroup file read each)
+ACTIVE = 0.005  # cores used since the last look (10 ms in 2 s): the box is doing something
 BUSY = 0.9  # runnable threads worth this part of all CPUs: the box would fill the host
 CALM = 0.5  # below this part: calm (between the two nothing changes)
 LOOKS = 2  # looks in a row before a change
@@ -53,13 +59,18 @@ class BusyWatch:
     processes, `set_background(on)` switches its cgroup."""
 
     def __init__(self, pids: Callable[[], Iterable[int]], set_background: Callable[[bool], bool],
-                 clock: Callable[[], float] = time.monotonic, cpus: int | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, cpus: int | None = None,
+                 cpu_seconds: Callable[[], float | None] | None = None, switch: bool = True) -> None:
         self.pids = pids
         self.cpus = cpus or len(os.sched_getaffinity(0))
         self.set_background = set_background
         self.clock = clock
+        self.cpu_seconds = cpu_seconds  # the box's CPU so far (None: every look walks the threads)
+        self.switch = switch  # False: only tell activity (`[host] background_busy = false`)
         self.background = False
+        self.active = True  # until a quiet look says otherwise
         self._last: tuple[float, dict[tuple[int, str], int]] | None = None
+        self._used: tuple[float, float] | None = None  # (when, CPU seconds) at the last step
         self._streak = 0  # looks in a row that point the other way
 
     def demand(self) -> float | None:
@@ -82,17 +93,42 @@ class BusyWatch:
             self.background = not self.background
             self._streak = 0
 
-    def run(self, stop: Callable[[float], bool]) -> None:
-        """Look every WINDOW seconds until `stop(timeout)` (an Event's wait) says to end; the box
-        is a normal box again at the end (and at the start: a supervisor killed while its box was
-        background left it so)."""
-        self.set_background(False)
+    def busy_since_last(self) -> bool:
+        """Did the box use ACTIVE of a core since the last step (one file read)?"""
+        if self.cpu_seconds is None:
+            return True
+        now, used = self.clock(), self.cpu_seconds()
+        last, self._used = self._used, (now, used) if used is not None else None
+        if last is None or used is None or now <= last[0]:
+            return True  # nothing to compare with yet (or no reading): as if active
+        return (used - last[1]) / (now - last[0]) >= ACTIVE
+
+    def step(self) -> float:
+        """One look; the seconds until the next. A calm box is only measured (QUIET_WINDOW);
+        an active one, or a background one, has its threads looked at every WINDOW."""
+        self.active = self.busy_since_last()
+        if not self.switch:
+            return QUIET_WINDOW
+        if self.active or self.background or self._streak:
+            self.look()
+            return WINDOW
+        self._last = None  # a calm box: the next busy look starts afresh
+        return QUIET_WINDOW
+
+    def run(self, stop: Callable[[float], bool], then: Callable[[bool], None] = lambda active: None) -> None:
+        """Step until `stop(timeout)` (an Event's wait) says to end, calling `then(active)` after
+        each step; the box is a normal box again at the end (and at the start: a supervisor
+        killed while its box was background left it so)."""
+        if self.switch:
+            self.set_background(False)
+        wait = 0.0
         try:
-            while not stop(WINDOW):
+            while not stop(wait):
                 try:
-                    self.look()
+                    wait = self.step()
+                    then(self.active)
                 except Exception:
-                    pass
+                    wait = QUIET_WINDOW
         finally:
             if self.background:
                 self.set_background(False)

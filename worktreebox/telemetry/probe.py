@@ -153,6 +153,9 @@ def measure(box: Box, url: str, *, n: int = 200, concurrency: int = 4, method: s
         result["not_recorded"] = f"{box.id} has observability turned off"
         return result
     try:
+        from worktreebox.telemetry.store_sleep import wake
+
+        wake(box)
         record(result, box.id, metrics_url)
         result["recorded"] = True
     except WtboxError as e:

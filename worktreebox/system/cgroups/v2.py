@@ -93,6 +93,13 @@ class CgroupsV2(Cgroups):
                      pids=to_int(read(d / "pids.current")) if (d / "pids.current").exists() else len(self.pids(box_id)),
                      io_read_bytes=rd, io_write_bytes=wr)
 
+    def cpu_seconds(self, box_id: str, leaf: str | None = None) -> float | None:
+        usec = keyed(read(self.box_dirs(box_id, leaf)[0] / "cpu.stat")).get("usage_usec")
+        return usec / 1e6 if usec is not None else None
+
+    def asleep(self, box_id: str, leaf: str) -> bool:
+        return read(self.box_dirs(box_id, leaf)[0] / "cgroup.freeze").strip() == "1"
+
     def oom_kills(self, box_id: str) -> dict[str, int]:
         out = {}
         for leaf in self.leaves(box_id):

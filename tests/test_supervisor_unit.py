@@ -77,7 +77,7 @@ class FakeProcesses:
         self.stopped: list[FakeProcess] = []
         self.sup: Supervisor | None = None
 
-    def start(self, cmd: str, cwd: str, env: dict[str, str], leaf: str | None = None) -> FakeProcess:
+    def start(self, cmd: str, cwd: str, env: dict[str, str], leaf: str | None = None, output=None) -> FakeProcess:
         n = len(self.started)
         code, runs_for = self.runs[min(n, len(self.runs) - 1)]
         # Pids far above any pid_max: nothing real can ever be signalled through them.

@@ -10,6 +10,7 @@ Talking to the supervisor is `worktreebox.services.client`.
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -18,15 +19,16 @@ from worktreebox.config.load import check_ready, path_inside, services_in_order
 from worktreebox.config.templating import render
 from worktreebox.errors import ConfigError, UsageError
 from worktreebox.resources.base import Creation, Resource, warn
-from worktreebox.services import control
+from worktreebox.services import control, output
 from worktreebox.services.boxenv import otel_service_name, redactor_for
 from worktreebox.services.client import (
     PID_FILE,
     checked,
     control_request,
+    ensure_supervisor,
+    otlp_port,
     read_state,
     services_status,
-    start_supervisor,
     stop_supervisor,
     supervisor_pid,
     wait_ready,
@@ -53,7 +55,7 @@ class Services(Resource):
         write_specs(box, specs)
         c.note(f"starting services: {', '.join(s.name for s in specs)}")
         check_ports(box, specs)
-        start_supervisor(box, c.secrets, specs)
+        ensure_supervisor(box, c.secrets, specs)
         wait_ready(box, [s.name for s in specs], deadline=time.time() + sum(s.ready_timeout for s in specs) + 10)
         c.note("services ready")
 
@@ -62,9 +64,10 @@ class Services(Resource):
         # Then everything else of the box (exec sessions, daemons that left their group, session and
         # environment, VictoriaMetrics): its cgroup is killed, and env/cwd are swept as a second net.
         procs.end_box_processes(host.home, box.id, box.dir)
+        output.remove(output.directory(host.home, box.id))
 
     def discover(self, host: HostContext) -> set[str]:
-        return procs.discover_box_ids(host.boxes_dir)
+        return procs.discover_box_ids(host.boxes_dir) | _with_output(host)
 
     def health(self, host: HostContext, box: Box) -> str | None:
         return supervisor_problem(box)
@@ -72,6 +75,24 @@ class Services(Resource):
     def status(self, host: HostContext, box: Box) -> dict[str, Any] | None:
         services = services_status(box)
         return {"services": [{"name": n, **row} for n, row in services.items()]} if services else None
+
+
+def _with_output(host: HostContext) -> set[str]:
+    """Boxes whose services' output files are left in memory (appendfiles.py), by their hex: the
+    registry's id, else the box dir's, else `wt_<hex>` (how the cgroup resource names such a box)."""
+    from worktreebox.box import hex_of, is_box_id
+    from worktreebox.system import appendfiles
+    from worktreebox.system.cgroups import home_key
+
+    found = appendfiles.dirs_of_home(home_key(host.home))
+    if not found:
+        return set()
+    by_hex = {hex_of(i): i for i in host.registry.select_box_ids()}
+    try:
+        dirs = {hex_of(e.name): e.name for e in os.scandir(host.boxes_dir) if is_box_id(e.name)}
+    except FileNotFoundError:
+        dirs = {}
+    return {by_hex.get(k) or dirs.get(k) or f"wt_{k}" for k in found}
 
 
 # ---------------------------------------------------------------- specs
@@ -166,6 +187,12 @@ def _names(host: HostContext, box: Box) -> list[str]:
     return [s.name for s in render_from_config(host, box)]
 
 
+def _running_services(box: Box) -> list[str]:
+    """The services a live supervisor was given ([] when none runs, or it serves the OTLP endpoint alone)."""
+    state = read_state(box) if supervisor_pid(box) is not None else None
+    return list(state.services) if state else []
+
+
 # ---------------------------------------------------------------- a supervisor that died
 
 def supervisor_died(box: Box) -> bool:
@@ -224,7 +251,7 @@ def _whole_again(host: HostContext, box: Box) -> None:
 def services_up(host: HostContext, box: Box, service: str | None = None,
                 secrets: dict[str, str] | None = None) -> dict[str, Any]:
     _recover(box)
-    if supervisor_pid(box) is None:
+    if not _running_services(box):
         specs = render_from_config(host, box)
         names = [s.name for s in specs]
         if service and service not in names:
@@ -234,7 +261,7 @@ def services_up(host: HostContext, box: Box, service: str | None = None,
             warn(f"starting the services without the --secret values {', '.join(missing)} given to 'new' "
                  f"(they are never stored; pass them again with --secret)")
         check_ports(box, [s for s in specs if not service or s.name == service])
-        start_supervisor(box, dict(secrets or {}), specs)
+        ensure_supervisor(box, dict(secrets or {}), specs)
         targets = names
     else:
         names = _names(host, box)
@@ -252,16 +279,16 @@ def services_down(host: HostContext, box: Box, service: str | None = None) -> di
     if supervisor_pid(box) is None:
         _whole_again(host, box)
         return services_status(box)
-    if service is None:
+    if service is None and not otlp_port(box):
         stop_supervisor(box)
-    else:
+    else:  # a supervisor that serves the box's OTLP endpoint stays for it
         checked(control_request(box, control.DOWN, service))
     return services_status(box)
 
 
 def services_restart(host: HostContext, box: Box, service: str | None = None,
                      secrets: dict[str, str] | None = None) -> dict[str, Any]:
-    if supervisor_pid(box) is None:
+    if not _running_services(box):
         return services_up(host, box, service, secrets)
     names = _names(host, box)
     checked(control_request(box, control.RESTART, service))

@@ -1,33 +1,28 @@
-"""The traces resource: a per-box OTLP/HTTP receiver on the leased `otlp` port.
+"""The traces resource: a per-box OTLP/HTTP endpoint on the leased `otlp` port.
 
-create() starts `python -m worktreebox.services.otlp_receiver` (detached, WTBOX_ID in its env, like
-VictoriaMetrics) and exports the standard OpenTelemetry SDK variables, so an app instrumented
-with the SDK reports to its own box with zero configuration. It runs in parallel with the
-metrics resource: the receiver only needs the metrics port (leased already) and retries its
-pushes until VictoriaMetrics answers. destroy() stops it and deletes traces/.
+create() leases nothing more and exports the standard OpenTelemetry SDK variables, so an app
+instrumented with the SDK reports to its own box with zero configuration; start() (after the
+box env file exists, before setup and migrations) starts the box's supervisor, which serves the
+endpoint in threads of its own (services/otlp_receiver.py; one wtbox process per box) from then
+on, services or not. The services resource stops that process with the box; destroy() deletes
+traces/.
 """
 from __future__ import annotations
 
-import os
 import shutil
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from worktreebox.config.assets import PACKAGE_PARENT
 from worktreebox.errors import WtboxError
 from worktreebox.resources.base import Creation, Resource
-from worktreebox.services.boxenv import OTEL_ENDPOINT, OTEL_PROTOCOL, OTEL_RESOURCE_ATTRIBUTES, OTEL_VARS
-from worktreebox.system import cgroups
+from worktreebox.services import client
+from worktreebox.services.boxenv import OTEL_ENDPOINT, OTEL_PROTOCOL, OTEL_RESOURCE_ATTRIBUTES
 
 if TYPE_CHECKING:
     from worktreebox.box import Box
     from worktreebox.context import HostContext
 
 PORT_NAME = "otlp"
-MODULE = "worktreebox.services.otlp_receiver"
-PID_FILE = "otlp-receiver.pid"
-LOG_FILE = "otlp-receiver.log"
 START_TIMEOUT = 15.0
 
 
@@ -46,35 +41,35 @@ class Traces(Resource):
         box = c.box
         port = box.ports[PORT_NAME]
         url = f"http://127.0.0.1:{port}"
-        metrics_url = f"http://127.0.0.1:{box.ports['metrics']}" if "metrics" in box.ports else ""
-        # Recorded before the start, so a failed `new` still finds and destroys what was started.
         box.data[self.name] = {"url": url, "port": port}
-        c.note(f"starting the OTLP receiver on port {port}")
-        start_receiver(box, port, metrics_url, cgroup=cgroups.Leaf(c.host.home, box.id, cgroups.TRACES))
         c.env.update(otel_env(box.id, url))
         c.env["WTBOX_OTLP_URL"] = url
         c.facts["traces"] = {"url": url, "port": port}
 
+    def start(self, c: Creation) -> None:
+        data = c.box.data.get(self.name)
+        if not data or client.supervisor_pid(c.box) is not None:
+            return
+        c.note(f"starting the OTLP endpoint on port {data['port']}")
+        start_endpoint(c.box, c.secrets)
+
     def destroy(self, host: HostContext, box: Box) -> None:
-        stop_receiver(box, sweep=bool(box.data.get(self.name)) or traces_dir(box).exists())
+        client.stop_supervisor(box)  # (the services resource, destroyed first, has stopped it already)
         shutil.rmtree(traces_dir(box), ignore_errors=True)
-        for name in (PID_FILE, LOG_FILE):
-            (box.run_dir / name).unlink(missing_ok=True)
 
     def discover(self, host: HostContext) -> set[str]:
         boxes = Path(host.boxes_dir)
         ids = {p.parent.name for p in boxes.glob("*/traces") if p.is_dir()}
-        ids |= {p.parent.parent.name for p in boxes.glob(f"*/run/{PID_FILE}")}
-        return ids  # live receivers without either are found by the services resource (WTBOX_ID)
+        return ids  # its live process is found by the services resource (WTBOX_ID)
 
     def status(self, host: HostContext, box: Box) -> dict[str, Any] | None:
         data = box.data.get(self.name)
         if not data:
             return None
         from worktreebox.telemetry.traces import store
-        from worktreebox.telemetry.vmclient import healthy
 
-        return {"traces": {"url": data["url"], "up": healthy(data["url"], timeout=0.5),
+        # Served by the box's supervisor: up while it runs (no request: status stays fast with many boxes).
+        return {"traces": {"url": data["url"], "up": client.supervisor_pid(box) is not None,
                            "store_bytes": store.size(traces_dir(box))}}
 
 
@@ -95,68 +90,19 @@ def traces_dir(box: Box) -> Path:
     return box.dir / "traces"
 
 
-def start_receiver(box: Box, port: int, metrics_url: str, timeout: float = START_TIMEOUT,
-                   cgroup: cgroups.Leaf | None = None) -> int:
-    """Start the box's receiver detached (in `cgroup`) and wait until it answers /health; returns its pid."""
-    from worktreebox.system import procs, readiness
-    from worktreebox.system.fsutil import atomic_write
+def start_endpoint(box: Box, secrets: dict[str, str], timeout: float = START_TIMEOUT) -> int:
+    """Start the box's supervisor (without services yet) and wait until its endpoint answers /health."""
+    from worktreebox.system import readiness
 
-    box.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k not in OTEL_VARS and k != "PYTHONSTARTUP"}
-    env.update({"WTBOX_ID": box.id, "WTBOX_BOX_DIR": str(box.dir)})
-    log_path = box.run_dir / LOG_FILE
-    # -m finds the package from the cwd, so this works from a checkout as well as when installed.
-    pkg_parent = str(PACKAGE_PARENT)
-    pid = procs.spawn_detached([sys.executable, "-m", MODULE, str(box.dir), str(port), metrics_url], env=env,
-                            log_path=log_path, cwd=pkg_parent, cgroup=cgroup)
-    atomic_write(box.run_dir / PID_FILE, f"{pid}\n")
-    url = f"http://127.0.0.1:{port}"
+    pid = client.start_supervisor(box, secrets, [])
+    url = box.data["traces"]["url"]
     why = readiness.wait(readiness.HttpUrl(f"{url}/health", status=200), timeout, alive=readiness.process_alive(pid))
-    if why == readiness.EXITED:
-        raise WtboxError(f"The OTLP receiver of box {box.id} exited at start ({procs.last_line(log_path)}).")
-    if why == readiness.TIMEOUT:
-        raise WtboxError(f"The OTLP receiver of box {box.id} did not answer {url}/health within {timeout:.0f} s.")
+    if why is not None:
+        raise WtboxError(f"The OTLP endpoint of box {box.id} did not answer {url}/health within {timeout:.0f} s; "
+                         f"see 'wtbox logs {box.id} --service _otlp'.")
     return pid
 
 
 def receiver_pid(box: Box) -> int | None:
-    """The live receiver named by the pid file, checked against its command line (pids are reused)."""
-    from worktreebox.system import procs
-
-    try:
-        pid = int((box.run_dir / PID_FILE).read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if procs.pid_alive(pid) and _is_receiver(pid, box) else None
-
-
-def _is_receiver(pid: int, box: Box) -> bool:
-    from worktreebox.system import procs
-
-    args = procs.cmdline(pid)
-    return MODULE in args and str(box.dir) in args
-
-
-def stop_receiver(box: Box, sweep: bool = True) -> None:
-    """SIGTERM (the receiver pushes its last span counts), wait, SIGKILL. Idempotent.
-
-    `sweep` also looks for a receiver the pid file does not name (a `new` killed between the
-    start and writing the file)."""
-    from worktreebox.system import procs
-
-    found = []
-    pid_file = box.run_dir / PID_FILE
-    pid = receiver_pid(box)
-    if pid is not None:
-        import psutil  # only when there is something to stop: the import costs ~35 ms
-
-        try:
-            found.append(psutil.Process(pid))
-        except psutil.Error:
-            pass
-    elif sweep and not pid_file.exists():
-        # (A pid file naming a dead process means it ended: rm's services sweep usually got it first.)
-        found = [p for p in procs.find_box_processes(box.id, box.dir) if _is_receiver(p.pid, box)]
-    if found:
-        procs.stop_processes(found)
-    pid_file.unlink(missing_ok=True)
+    """The live process serving the box's endpoint: its supervisor."""
+    return client.supervisor_pid(box) if box.data.get("traces") else None

@@ -45,6 +45,21 @@ def supervisor_pid(box: Box) -> int | None:
     return pid
 
 
+def otlp_port(box: Box) -> int | None:
+    """The port of the box's OTLP endpoint, which its supervisor serves (None: observability is off)."""
+    return (box.data.get("traces") or {}).get("port")
+
+
+def ensure_supervisor(box: Box, secrets: dict[str, str], specs: list[ServiceSpec]) -> None:
+    """Run `specs` in the box's supervisor: hand them to the running one (it may run for the box's
+    OTLP endpoint alone), else start one with them."""
+    if supervisor_pid(box) is None:
+        start_supervisor(box, secrets, specs)
+        return
+    payload = SupervisorPayload(services=specs, workdir=str(box.path), secrets=dict(secrets))
+    checked(control.request(box.run_dir, Request(control.SERVICES, payload=payload.to_json()), timeout=30))
+
+
 def start_supervisor(box: Box, secrets: dict[str, str], specs: list[ServiceSpec]) -> int:
     """Start the detached supervisor; specs and secrets go over a pipe to its stdin, nowhere else."""
     box.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -61,7 +76,8 @@ def start_supervisor(box: Box, secrets: dict[str, str], specs: list[ServiceSpec]
     home = box.dir.parent.parent
     proc = procs.spawn([sys.executable, "-m", "worktreebox.services.supervisor", str(home), box.id], cwd=pkg_parent, env=env,
                        stdin=subprocess.PIPE, cgroup=cgroups.Leaf(home, box.id, cgroups.SUPERVISOR))
-    payload = SupervisorPayload(services=specs, workdir=str(box.path), secrets=dict(secrets))
+    payload = SupervisorPayload(services=specs, workdir=str(box.path), secrets=dict(secrets),
+                                otlp_port=otlp_port(box))
     try:
         proc.stdin.write(json.dumps(payload.to_json()).encode())
         proc.stdin.close()

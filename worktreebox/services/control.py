@@ -22,7 +22,7 @@ from worktreebox.system.fsutil import atomic_write
 
 SOCKET = "ctl.sock"
 STATE_FILE = "state.json"
-MAX_REQUEST = 64 * 1024  # a request is a command and a service name; a longer one is not ours
+MAX_REQUEST = 1024 * 1024  # a command, a service name, at most the services' specs; a longer one is not ours
 READ_TIMEOUT = 10.0  # a client that connects and sends nothing holds a thread this long at most
 
 # Service states, as `status` shows them.
@@ -30,6 +30,9 @@ STOPPED, STARTING, READY, BACKOFF, EXITED, FAILED = "stopped", "starting", "read
 
 # Requests: `service` None means every service.
 STATUS, UP, DOWN, RESTART, ENV_SECRETS, STOP = "status", "up", "down", "restart", "env-secrets", "stop"
+# The services to run (a SupervisorPayload in `payload`: specs and --secret values), for a box
+# process that runs without them so far (it was started for the box's OTLP endpoint).
+SERVICES = "services"
 
 
 @dataclasses.dataclass
@@ -98,16 +101,22 @@ def read_state(run_dir: Path) -> SupervisorState | None:
 class Request:
     cmd: str
     service: str | None = None
+    payload: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"cmd": self.cmd, "service": self.service}
+        out: dict[str, Any] = {"cmd": self.cmd, "service": self.service}
+        if self.payload is not None:
+            out["payload"] = self.payload
+        return out
 
     @classmethod
     def from_json(cls, data: Any) -> Request:
         """A malformed request becomes one the supervisor refuses (cmd "")."""
         if not isinstance(data, dict):
             return cls("")
-        return cls(cmd=data.get("cmd") or "", service=data.get("service"))
+        payload = data.get("payload")
+        return cls(cmd=data.get("cmd") or "", service=data.get("service"),
+                   payload=payload if isinstance(payload, dict) else None)
 
 
 @dataclasses.dataclass

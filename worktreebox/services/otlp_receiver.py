@@ -1,9 +1,11 @@
-"""The OTLP/HTTP endpoint of one box: `python -m worktreebox.services.otlp_receiver BOX_DIR PORT [METRICS_URL]`.
+"""The OTLP/HTTP endpoint of one box, served by the box's supervisor (`start`: threads of it).
 
-Its own small process, not a thread of the supervisor: a box without services (tests run with
-`wtbox exec`) still receives spans, the supervisor's restarts and stops don't drop them, and
-decoding a flood of spans competes with nothing the supervisor does (its GIL stays its own).
-rm/gc find it like every box process: WTBOX_ID and WTBOX_BOX_DIR in its env, cwd in the box dir.
+Threads of the supervisor, not a process of their own: one wtbox process per box (issue 27: a
+receiver process was 15.9 MB RSS / 9.1 MB PSS of every box). The supervisor runs for a box with
+observability from its start phase on, services or not (tests run with `wtbox exec` still send
+spans), and `down` stops the services, not the endpoint. Idle, it waits in accept(): no timer.
+`python -m worktreebox.services.otlp_receiver BOX_DIR PORT [METRICS_URL]` runs one alone (the
+traces benchmark measures it so).
 
 POST /v1/traces  → spans appended to traces/spans.jsonl, durations into the span histogram
 POST /v1/logs    → records in logs/_otlp.jsonl (service from the resource's service.name)
@@ -47,14 +49,18 @@ class Secrets:
 
     RETRY_AFTER = 5.0
 
-    def __init__(self, box_dir: Path) -> None:
+    def __init__(self, box_dir: Path, supervisor_secrets: Callable[[], dict[str, str]] | None = None) -> None:
         self.box_dir = box_dir
+        self.in_process = supervisor_secrets  # a receiver inside the supervisor asks it directly
         self._key: Any = None
         self._redact: Callable[[str], str] | None = None
         self._lock = threading.Lock()
 
     def redactor(self) -> Callable[[str], str] | None:
-        key = (_stat_key(self.box_dir / "env"), _stat_key(self.box_dir / "run" / "supervisor.pid"))
+        # In process the supervisor's secrets can change (its services came later): asked each time.
+        pid_key = tuple(sorted(self.in_process().items())) if self.in_process \
+            else _stat_key(self.box_dir / "run" / "supervisor.pid")
+        key = (_stat_key(self.box_dir / "env"), pid_key)
         if key == self._key:
             return self._redact
         with self._lock:
@@ -81,6 +87,8 @@ class Secrets:
     def _from_supervisor(self) -> dict[str, str] | None:
         """The supervisor's secrets; None when it does not answer (it binds its socket just after
         writing its pid file, and starts services only after that)."""
+        if self.in_process is not None:
+            return dict(self.in_process())
         from worktreebox.services import control
 
         deadline = time.monotonic() + 1.0
@@ -105,11 +113,14 @@ def _stat_key(path: Path) -> tuple[int, int] | None:
 class Receiver:
     """What the endpoint does with a decoded request; the HTTP layer is in Handler."""
 
-    def __init__(self, box_dir: Path, box_id: str, metrics_url: str | None) -> None:
+    def __init__(self, box_dir: Path, box_id: str, metrics_url: str | None,
+                 supervisor_secrets: Callable[[], dict[str, str]] | None = None,
+                 wake_store: Callable[[], None] | None = None) -> None:
         self.box_dir, self.box_id, self.metrics_url = box_dir, box_id, metrics_url
         self.spans = store.SpanWriter(box_dir / "traces")
         self.span_metrics = SpanMetrics(box_id)
-        self.secrets = Secrets(box_dir)
+        self.secrets = Secrets(box_dir, supervisor_secrets)
+        self._wake_store = wake_store
         self._logs: Any = None
         self._metric_converter: Any = None
         self._lock = threading.Lock()
@@ -204,6 +215,9 @@ class Receiver:
 
     def wake_store(self) -> None:
         """The box's store may sleep while the box is quiet (telemetry/store_sleep.py)."""
+        if self._wake_store is not None:
+            self._wake_store()
+            return
         from worktreebox.system import cgroups
 
         backend = cgroups.for_home(self.box_dir.parent.parent)
@@ -356,6 +370,34 @@ class Server(socketserver.ThreadingTCPServer):
     def __init__(self, port: int, receiver: Receiver) -> None:
         self.receiver = receiver
         super().__init__(("127.0.0.1", port), Handler)
+
+
+class Running:
+    """A receiver serving in threads of this process (the supervisor's)."""
+
+    def __init__(self, server: Server, receiver: Receiver, port: int) -> None:
+        self.server, self.receiver, self.port = server, receiver, port
+        self.thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": None},
+                                       name="otlp", daemon=True)
+        self.flusher = threading.Thread(target=receiver.flusher, daemon=True, name="span-metrics")
+
+    def stop(self) -> None:
+        """Stop serving and push the last span counts."""
+        _shut_down(self.server, self.port)
+        self.receiver.close()
+        self.server.server_close()
+
+
+def start(box_dir: Path, box_id: str, port: int, metrics_url: str | None, *,
+          supervisor_secrets: Callable[[], dict[str, str]] | None = None,
+          wake_store: Callable[[], None] | None = None) -> Running:
+    """Serve the box's endpoint on 127.0.0.1:`port` in threads of this process; OSError when the
+    port cannot be bound."""
+    receiver = Receiver(box_dir, box_id, metrics_url, supervisor_secrets, wake_store)
+    running = Running(Server(port, receiver), receiver, port)
+    running.thread.start()
+    running.flusher.start()
+    return running
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ from worktreebox.services import boxenv
 from worktreebox.services.control import BACKOFF, EXITED, FAILED, READY, STARTING, STOPPED, ServiceState
 from worktreebox.services.spec import ServiceSpec
 from worktreebox.system import cgroups, procs, readiness
-from worktreebox.telemetry.logs.writer import LogWriter, pump
+from worktreebox.telemetry.logs.writer import LogWriter
 
 BACKOFF_START, BACKOFF_CAP = 0.5, 30.0
 STABLE_AFTER = 30.0  # a service that ran this long ready starts its backoff over
@@ -58,12 +58,14 @@ class Processes:
     def __init__(self, home: Path | None = None, box_id: str | None = None) -> None:
         self.home, self.box_id = home, box_id
 
-    def start(self, cmd: str, cwd: str, env: dict[str, str], leaf: str | None = None) -> Process:
+    def start(self, cmd: str, cwd: str, env: dict[str, str], leaf: str | None = None,
+              output: tuple[int, int] | None = None) -> Process:
+        """`output`: the fds its stdout and stderr write to (output.py), else nowhere."""
         # Own session = own process group, so stopping takes the whole tree the shell started; own
         # cgroup leaf, so a stop also finds what left the group, and the kernel counts its OOM kills.
         where = cgroups.Leaf(self.home, self.box_id, leaf) if leaf and self.home and self.box_id else None
-        return procs.spawn(procs.shell_argv(cmd), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           cgroup=where)
+        out, err = output or (subprocess.DEVNULL, subprocess.DEVNULL)
+        return procs.spawn(procs.shell_argv(cmd), cwd=cwd, env=env, stdout=out, stderr=err, cgroup=where)
 
     def stop(self, processes: Sequence[Process], wait: float, leaves: Sequence[str] = ()) -> None:
         procs.stop_groups(processes, wait)  # type: ignore[arg-type]
@@ -90,7 +92,7 @@ class Coordinator(Protocol):
     processes: Processes
     check_ready: ReadyCheck
     verify_ports: bool
-    keeper: Any
+    output: Any
     services: dict[str, Service]
     stopping: bool
 
@@ -222,7 +224,12 @@ class Service:
         with self._lock:
             if not self.wanted or self.sup.stopping:
                 return False
-            self.proc = self.sup.processes.start(self.spec.cmd, self.cwd, env, leaf=self.name)
+            fds = self.sup.output.files_for(self.name) if self.sup.output is not None else None
+            try:
+                self.proc = self.sup.processes.start(self.spec.cmd, self.cwd, env, leaf=self.name, output=fds)
+            finally:
+                for fd in fds or ():
+                    os.close(fd)
         self.started_at = self.sup.clock.now()
         self.ready_at = None
         self.ready_seconds = None
@@ -231,19 +238,6 @@ class Service:
         # The event goes first so that in the merged logs it precedes the service's own output.
         self.sup.event(self.name, "info", f"{self.name} started (pid {self.proc.pid})", event="start",
                        pid=self.proc.pid)
-        if self.sup.keeper is not None and self.proc.stdout is not None:
-            # The pipes go to the output keeper (a process of its own): a dead supervisor must not
-            # leave the service writing into a pipe nobody reads.
-            self.sup.keeper.take(self.name, self.proc.stdout, self.proc.stderr)
-            self.sup.changed()
-            return True
-        for pipe, stream in ((self.proc.stdout, "stdout"), (self.proc.stderr, "stderr")):
-            if pipe is None:
-                continue
-            fd = os.dup(pipe.fileno())
-            pipe.close()
-            threading.Thread(target=pump, args=(fd, stream, self.writer), daemon=True,
-                             name=f"pump-{self.name}-{stream}").start()
         self.sup.changed()
         return True
 
@@ -309,6 +303,8 @@ class Service:
 
     def _wait_exit(self) -> int:
         code = self.proc.wait()
+        if self.sup.output is not None:
+            self.sup.output.finish(self.name)  # its last words before its exit event
         self.exit_code = code
         level = "info" if code == 0 or not self.wanted else "error"
         self.sup.event(self.name, level, f"{self.name} exited with code {code}", event="exit", code=code)

@@ -1,14 +1,24 @@
-"""The per-box supervisor: `python -m worktreebox.services.supervisor <home> <box_id>`.
+"""The per-box supervisor, the box's one wtbox process: `python -m worktreebox.services.supervisor <home> <box_id>`.
 
 Like honcho, three parts: a `Service` is what runs (service.py: one process group, readiness,
 restarts with backoff), the `Supervisor` coordinates (dependency order, the control socket, the
-state file, OOM reports, the box's own metrics), and an `OutputKeeper` (keeper.py) writes the
-services' output to the logs.
+state file, OOM reports, the box's own metrics), and `Output` (output.py) writes the services'
+output to the logs. It also serves the box's OTLP/HTTP endpoint (otlp_receiver.py), so a box
+with observability has it from its start phase on, services or not (`down` stops the services,
+not the endpoint).
 
-It gets a `SupervisorPayload` (the rendered `ServiceSpec`s and the `--secret` values) on
-stdin from the services resource; the secrets live only in memory and in the services'
-environment. The box env comes from the box env file. Stopping is staged (procs.stop_groups).
-What clients may send and read is `worktreebox.services.control`.
+A few threads, each asleep in the kernel on one thing, and no timer while the box is quiet: the
+main loop (a change), the control socket (accept), one per service (waitpid; readiness polls
+only while it starts), the output follower (inotify), the receiver (accept, then one per
+connection), the box watch (its own cadence: 2 s while calm, background.py). Threads rather than
+one event loop because each of them blocks in a call that has no asynchronous form (waitpid,
+the readiness probes, h11 over blocking sockets), and a thread that sleeps costs nothing; an
+asyncio part (the forwards) runs its loop in a thread of its own.
+
+It gets a `SupervisorPayload` (the rendered `ServiceSpec`s, the `--secret` values, the OTLP
+port) on stdin, or the services later over its socket (control.SERVICES); the secrets live only
+in memory and in the services' environment. The box env comes from the box env file. Stopping
+is staged (procs.stop_groups). What clients may send and read is `worktreebox.services.control`.
 
 Test seams: a `Clock` and a `Processes` factory (service.py) are injected, so restart backoff
 and ready timeouts are unit-tested without real time.
@@ -27,7 +37,7 @@ from worktreebox.secrets import Redactor, secret_values
 from worktreebox.services import control
 from worktreebox.services.control import EXITED, FAILED, READY, STOPPED, Request, Response
 from worktreebox.services.envfile import read_env_file
-from worktreebox.services.keeper import OutputKeeper
+from worktreebox.services.output import Output
 from worktreebox.services.service import (
     BACKOFF_CAP,
     BACKOFF_START,
@@ -78,15 +88,13 @@ class Supervisor:
         self.check_ready: ReadyCheck = check or check_ready
         # Real processes only: port ownership is asked of the kernel (fakes in tests hold no ports).
         self.verify_ports = processes is None
-        self.keeper: OutputKeeper | None = None  # made by run(), before any thread
-        self.secrets = dict(payload.secrets)
-        self.workdir = payload.workdir or str(self.box_dir / "worktree")
-        self.box_env = read_env_file(self.box_dir / "env")
-        self.metrics_url = self.box_env.get("WTBOX_METRICS_URL")
-        self.redact = Redactor(list(self.secrets.values()) + secret_values(self.box_env))
+        self.output: Output | None = None  # made by run()
+        self.receiver: Any = None  # otlp_receiver.Running, when the box has an OTLP port
+        self.otlp_port = payload.otlp_port
         self.stopping = False
         self.events = EventLog(self.logs_dir)
-        self.services: dict[str, Service] = {s.name: Service(self, s) for s in payload.services}
+        self.services: dict[str, Service] = {}
+        self.take(payload)
         self._state_lock = threading.Lock()
         self._dirty = threading.Event()
         self._done = threading.Event()
@@ -96,6 +104,23 @@ class Supervisor:
         self._busy_watch: threading.Thread | None = None
         self.store_sleep: Any = None  # telemetry.store_sleep.StoreSleep of a box whose store can sleep
         self._last_collect, self._next_collect = 0.0, self.clock.now() + 1.0
+
+    def take(self, payload: SupervisorPayload) -> None:
+        """The services to run, with the --secret values and the box env they run with."""
+        self.secrets = dict(payload.secrets)
+        self.workdir = payload.workdir or str(self.box_dir / "worktree")
+        self.box_env = read_env_file(self.box_dir / "env")
+        self.metrics_url = self.box_env.get("WTBOX_METRICS_URL")
+        self.redact = Redactor(list(self.secrets.values()) + secret_values(self.box_env))
+        self.services = {s.name: Service(self, s) for s in payload.services}
+
+    def writer_for(self, service: str) -> Any:
+        """The log writer of a service's output (output.py), also of one no longer configured."""
+        if service in self.services:
+            return self.services[service].writer
+        from worktreebox.telemetry.logs.writer import LogWriter
+
+        return LogWriter(self.logs_dir, service, self.redact)
 
     def event(self, service: str, level: str, msg: str, **extra: Any) -> None:
         try:
@@ -167,9 +192,12 @@ class Supervisor:
             if s.thread is not None:
                 s.thread.join(timeout=2)
             s.state = STOPPED
+        if self.output is not None:
+            self.output.close()
+        for s in self.services.values():
             s.writer.close()
-        if self.keeper is not None:
-            self.keeper.close()
+        if self.receiver is not None:
+            self.receiver.stop()
 
     def handle(self, req: Request) -> Response:
         try:
@@ -184,6 +212,8 @@ class Supervisor:
                 self.up(req.service)
             elif req.cmd == control.ENV_SECRETS:
                 return Response(ok=True, secrets=dict(self.secrets))
+            elif req.cmd == control.SERVICES:
+                return self._take_services(req)
             elif req.cmd == control.STOP:
                 self.stop_all()  # the reply is sent before the process exits (see _after)
             else:
@@ -191,6 +221,14 @@ class Supervisor:
         except KeyError:
             known = ", ".join(self.services)
             return Response(ok=False, error=f"the box has no service {req.service!r}; it has: {known}")
+        self.write_state()
+        return Response(ok=True, services={n: s.info() for n, s in self.services.items()})
+
+    def _take_services(self, req: Request) -> Response:
+        if any(s.wanted for s in self.services.values()):
+            return Response(ok=False, error="services run already; stop them first")
+        self.take(SupervisorPayload.from_json(req.payload or {}))
+        self.up()
         self.write_state()
         return Response(ok=True, services={n: s.info() for n, s in self.services.items()})
 
@@ -225,6 +263,23 @@ class Supervisor:
                 ])
         except Exception:
             pass
+
+    def _serve_otlp(self) -> None:
+        """The box's OTLP endpoint, in this process (otlp_receiver.py); a port that cannot be bound
+        is an error event, and the services run all the same."""
+        if not self.otlp_port:
+            return
+        from worktreebox.services import otlp_receiver
+
+        try:
+            self.receiver = otlp_receiver.start(self.box_dir, self.box_id, self.otlp_port, self.metrics_url,
+                                                supervisor_secrets=lambda: self.secrets, wake_store=self._wake_store)
+        except OSError as e:
+            self.event("_otlp", "error", f"the OTLP endpoint cannot listen on 127.0.0.1:{self.otlp_port}: {e}")
+
+    def _wake_store(self) -> None:
+        if self.store_sleep is not None:
+            self.store_sleep.for_push()
 
     def _watch(self) -> None:
         """One thread watches the box, woken by nothing but its own cadence (background.py): while
@@ -265,7 +320,10 @@ class Supervisor:
             self.collect()
 
     def run(self) -> None:
-        self.keeper = OutputKeeper(self.logs_dir, self.redact)  # forked before any thread starts
+        from worktreebox.services import output
+
+        self.output = Output(output.directory(self.home, self.box_id), self.writer_for)
+        self._serve_otlp()
         self.serve()
         self.write_state()
         self._watch()

@@ -41,13 +41,14 @@ def exclusive_lock(host: Host, *, wait: float) -> Iterator[bool]:
 def discover_all(host: Host) -> dict[str, list[str]]:
     """box id → names of the resources that hold something of it right now."""
     found: dict[str, list[str]] = {}
-    for r in host.resources:
-        try:
-            ids = r.discover(host)
-        except WtboxError:
-            continue  # e.g. the database is unreachable: nothing of it can be swept now
-        for box_id in ids:
-            found.setdefault(box_id, []).append(r.name)
+    with procs.one_walk():  # the resources that look for processes share one walk of /proc
+        for r in host.resources:
+            try:
+                ids = r.discover(host)
+            except WtboxError:
+                continue  # e.g. the database is unreachable: nothing of it can be swept now
+            for box_id in ids:
+                found.setdefault(box_id, []).append(r.name)
     return found
 
 

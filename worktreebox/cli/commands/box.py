@@ -180,10 +180,7 @@ def rm(box, force, keep_branch, all_, yes, as_json):
             b, why = refusals[0]
             more = f" (and {len(refusals) - 1} more boxes)" if len(refusals) > 1 else ""
             raise WtboxError(f"{b.id} has {why}{more}; nothing was removed. Commit and push, or use --force to discard.")
-    removed = []
-    for b in targets:
-        removed.append(boxes.rm(host, b, force=True, keep_branch=keep_branch))
-        if not as_json:
-            info(f"removed {b.id}")
+    removed = boxes.rm_many(host, targets, keep_branch=keep_branch,
+                            removed=(lambda b: None) if as_json else (lambda b: info(f"removed {b.id}")))
     if as_json:
         emit_json(removed)

@@ -19,6 +19,7 @@ from worktreebox.system.procs.find import (
     listeners,
     memory_of,
     named_box_ids,
+    one_walk,
     pids_named,
     tree_listens_on,
 )
@@ -54,7 +55,7 @@ __all__ = [
     "BeforeExec", "act_for", "caller_and_ancestors", "cgroup_pids", "cmdline", "comm", "describe",
     "discover_box_ids", "end_box_processes", "enter_cgroup", "find_box_processes", "find_mentioning", "find_named",
     "from_pid_file", "identity", "is_alive", "kill_cgroup", "kill_mentioning", "kill_wait", "last_line", "listeners",
-    "memory_of", "named_box_ids", "parent_of", "pid_alive", "pids_named", "remove_box_cgroup", "shell_argv",
+    "memory_of", "named_box_ids", "one_walk", "parent_of", "pid_alive", "pids_named", "remove_box_cgroup", "shell_argv",
     "signal_group", "spawn", "spawn_detached", "stop_cgroup", "stop_group", "stop_groups", "stop_named", "stop_pid",
     "stop_processes", "tree_listens_on", "wait_gone",
 ]

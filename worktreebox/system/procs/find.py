@@ -10,13 +10,76 @@ once something matched (~35 ms).
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from worktreebox.system import cgroups, procfs
 from worktreebox.system.procs.identity import caller_and_ancestors, pid_alive
+
+
+# ---------------------------------------------------------------- one walk of /proc for many questions
+
+class Seen(NamedTuple):
+    """What the scans below need of one process: its box (WTBOX_ID, WTBOX_BOX_DIR), its cwd, and
+    for a box's process its name (comm: at most 15 characters)."""
+
+    pid: int
+    box_id: str | None
+    box_dir: str | None
+    cwd: str | None
+    name: str | None
+
+
+_walk: list[Seen] | None = None
+_walking = 0  # depth of one_walk() contexts
+_walk_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def one_walk() -> Iterator[None]:
+    """Within it the scans below share one walk of /proc, made on first use, instead of one each:
+    `rm --all` of 300 boxes made two walks of ~1,500 processes per box (issue 27). For work over
+    many boxes whose processes do not start meanwhile (a box's cgroup kill stays exact)."""
+    global _walk, _walking
+    with _walk_lock:
+        _walking += 1
+    try:
+        yield
+    finally:
+        with _walk_lock:
+            _walking -= 1
+            if not _walking:
+                _walk = None
+
+
+def _processes() -> list[Seen]:
+    global _walk
+    with _walk_lock:
+        if not _walking:
+            return _scan()
+        if _walk is None:
+            _walk = _scan()
+        return _walk
+
+
+def _scan() -> list[Seen]:
+    me = os.getpid()
+    out = []
+    for pid in procfs.pids():
+        env = (procfs.environ(pid) or b"") if pid != me else b""
+        box_id = procfs.environ_value(env, "WTBOX_ID")
+        out.append(Seen(pid, box_id, procfs.environ_value(env, "WTBOX_BOX_DIR"), procfs.cwd(pid),
+                        procfs.comm(pid) if box_id else None))
+    return out
+
+
+def _named(seen: Seen, names: set[str]) -> bool:
+    return seen.name is not None and any(seen.name == n[:15] for n in names)
+
 
 # ---------------------------------------------------------------- a box's processes
 
@@ -28,17 +91,12 @@ def discover_box_ids(boxes_dir: Path | str) -> set[str]:
     when its WTBOX_BOX_DIR (every box process inherits the box env) or, failing that, its
     cwd lies under this home's boxes dir.
     """
-    me = os.getpid()
     root = os.path.realpath(boxes_dir) + os.sep
     ids = set()
-    for pid in procfs.pids():
-        env = (procfs.environ(pid) or b"") if pid != me else b""
-        box_id = procfs.environ_value(env, "WTBOX_ID")
-        if not box_id:
-            continue
-        box_dir = procfs.environ_value(env, "WTBOX_BOX_DIR") or procfs.cwd(pid)
-        if box_dir and (os.path.realpath(box_dir).startswith(root) or box_dir.startswith(root)):
-            ids.add(box_id)
+    for seen in _processes():
+        box_dir = seen.box_dir or seen.cwd
+        if seen.box_id and box_dir and (os.path.realpath(box_dir).startswith(root) or box_dir.startswith(root)):
+            ids.add(seen.box_id)
     return ids
 
 
@@ -47,20 +105,18 @@ def find_box_processes(box_id: str, box_dir: Path | str | None) -> list[Any]:
     root = os.path.realpath(box_dir) if box_dir else None
     protected = caller_and_ancestors()
     found = []
-    for pid in procfs.pids():
-        if pid not in protected and _belongs(pid, box_id, box_dir, root):
-            found += _live([pid])
+    for seen in _processes():
+        if seen.pid not in protected and _belongs(seen, box_id, box_dir, root):
+            found += _live([seen.pid])
     return found
 
 
-def _belongs(pid: int, box_id: str, box_dir: Path | str | None, root: str | None) -> bool:
-    env = procfs.environ(pid) or b""
+def _belongs(seen: Seen, box_id: str, box_dir: Path | str | None, root: str | None) -> bool:
     # WTBOX_ID alone could name a box of another home only by a 1-in-4-billion clash;
     # WTBOX_BOX_DIR rules even that out when the process carries it.
-    if procfs.environ_value(env, "WTBOX_ID") == box_id and (
-            box_dir is None or procfs.environ_value(env, "WTBOX_BOX_DIR") in (None, str(box_dir))):
+    if seen.box_id == box_id and (box_dir is None or seen.box_dir in (None, str(box_dir))):
         return True
-    cwd = procfs.cwd(pid) if root else None
+    cwd = seen.cwd if root else None
     return cwd is not None and (cwd == root or cwd.startswith(f"{root}{os.sep}"))
 
 
@@ -107,23 +163,10 @@ def pids_named(name: str) -> list[int]:
 def find_named(box_id: str, names: Iterable[str], box_dir: Path | None = None) -> list[Any]:
     """Live processes (psutil) with one of `names` whose environment carries WTBOX_ID=<box_id>
     (and, when given, WTBOX_BOX_DIR=<box_dir>, so another home's box is never touched)."""
-    import psutil
-
     names = set(names)
-    found = []
-    for p in psutil.process_iter(["name"]):
-        try:
-            if p.info["name"] not in names:
-                continue
-            env = p.environ()
-            if env.get("WTBOX_ID") != box_id:
-                continue
-            if box_dir is not None and env.get("WTBOX_BOX_DIR", str(box_dir)) != str(box_dir):
-                continue
-            found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
+    pids = [s.pid for s in _processes() if s.box_id == box_id and _named(s, names)
+            and (box_dir is None or (s.box_dir or str(box_dir)) == str(box_dir))]
+    return _live(pids) if pids else []
 
 
 def from_pid_file(pid_file: Path, box_id: str, names: Iterable[str] | None) -> Any | None:
@@ -145,22 +188,14 @@ def from_pid_file(pid_file: Path, box_id: str, names: Iterable[str] | None) -> A
 def named_box_ids(names: Iterable[str], under: Path) -> set[str]:
     """Box ids (WTBOX_ID) of live processes with one of `names` whose command line names a path
     under `under` (a home's boxes dir), as an argument or a `-flag=PATH` value."""
-    import psutil
-
     names = set(names)
     root = f"{under}/"
     ids = set()
-    for p in psutil.process_iter(["name", "cmdline"]):
-        try:
-            if p.info["name"] not in names:
-                continue
-            args = p.info["cmdline"] or []
-            mine = any(a.startswith(root) or a.partition("=")[2].startswith(root) for a in args)
-            box_id = p.environ().get("WTBOX_ID")
-            if mine and box_id:
-                ids.add(box_id)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
+    for seen in _processes():
+        if seen.box_id and _named(seen, names):
+            args = procfs.cmdline(seen.pid)
+            if any(a.startswith(root) or a.partition("=")[2].startswith(root) for a in args):
+                ids.add(seen.box_id)
     return ids
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WTBOX = [str(Path(sys.executable).parent / "wtbox")]
 IDLE_SECONDS = 20.0
-SETTLE_SECONDS = 10.0  # after the last `new`: its own work (first scrape, pushes) is not idleness
+SETTLE_SECONDS = 45.0  # after the last `new`: calm boxes' stores sleep after 30 s (store_sleep.SLEEP_AFTER)
 
 APP = '''import http.server, os
 class H(http.server.BaseHTTPRequestHandler):

@@ -20,7 +20,6 @@ from typing import Any, NamedTuple
 from worktreebox.system import cgroups, procfs
 from worktreebox.system.procs.identity import caller_and_ancestors, pid_alive
 
-
 # ---------------------------------------------------------------- one walk of /proc for many questions
 
 class Seen(NamedTuple):
@@ -34,9 +33,16 @@ class Seen(NamedTuple):
     name: str | None
 
 
-_walk: list[Seen] | None = None
-_walking = 0  # depth of one_walk() contexts
-_walk_lock = threading.Lock()
+class _Walk:
+    """The walk `one_walk` shares: made on first use inside the outermost context, dropped at its end."""
+
+    def __init__(self) -> None:
+        self.seen: list[Seen] | None = None
+        self.depth = 0
+        self.lock = threading.Lock()
+
+
+_WALK = _Walk()
 
 
 @contextlib.contextmanager
@@ -44,26 +50,24 @@ def one_walk() -> Iterator[None]:
     """Within it the scans below share one walk of /proc, made on first use, instead of one each:
     `rm --all` of 300 boxes made two walks of ~1,500 processes per box (issue 27). For work over
     many boxes whose processes do not start meanwhile (a box's cgroup kill stays exact)."""
-    global _walk, _walking
-    with _walk_lock:
-        _walking += 1
+    with _WALK.lock:
+        _WALK.depth += 1
     try:
         yield
     finally:
-        with _walk_lock:
-            _walking -= 1
-            if not _walking:
-                _walk = None
+        with _WALK.lock:
+            _WALK.depth -= 1
+            if not _WALK.depth:
+                _WALK.seen = None
 
 
 def _processes() -> list[Seen]:
-    global _walk
-    with _walk_lock:
-        if not _walking:
+    with _WALK.lock:
+        if not _WALK.depth:
             return _scan()
-        if _walk is None:
-            _walk = _scan()
-        return _walk
+        if _WALK.seen is None:
+            _WALK.seen = _scan()
+        return _WALK.seen
 
 
 def _scan() -> list[Seen]:

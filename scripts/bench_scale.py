@@ -35,7 +35,9 @@ class H(http.server.BaseHTTPRequestHandler):
         self.send_response(200); self.end_headers(); self.wfile.write(b"ok\\n")
     def log_message(self, *a):
         pass
-http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+# No poll timeout: an idle app that wakes twice a second (socketserver's default) would cost the
+# host more than the box around it.
+http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever(poll_interval=None)
 '''
 TOML = '''[box]
 ports = ["web"]
@@ -137,27 +139,28 @@ def cpu_of(procs: dict) -> dict[int, float]:
     return out
 
 
-def box_cgroups_cpu(home: Path) -> float:
-    """CPU seconds used so far by every box of the home, from the boxes' cgroups."""
+def box_cgroups_cpu(home: Path) -> tuple[float, int]:
+    """CPU seconds used so far by every box of the home, from the boxes' cgroups; and how many
+    boxes' stores sleep (telemetry/store_sleep.py)."""
     sys.path.insert(0, str(ROOT))
     from worktreebox.host import Host
     from worktreebox.system import cgroups
 
     backend = cgroups.for_home(home)
     if backend is None:
-        return 0.0
-    total = 0.0
+        return 0.0, 0
+    total, asleep = 0.0, 0
     for box in Host(home).list():
-        usage = backend.usage(box.id)
-        total += usage.cpu_seconds if usage else 0.0
-    return total
+        total += backend.cpu_seconds(box.id) or 0.0
+        asleep += backend.asleep(box.id, cgroups.METRICS)
+    return total, asleep
 
 
 def idle_cpu(home: Path, boxes: int, seconds: float = IDLE_SECONDS) -> dict:
     procs = home_processes(home)
-    before, cg_before, t0 = cpu_of(procs), box_cgroups_cpu(home), time.monotonic()
+    before, (cg_before, asleep_before), t0 = cpu_of(procs), box_cgroups_cpu(home), time.monotonic()
     time.sleep(seconds)
-    after, cg_after, wall = cpu_of(procs), box_cgroups_cpu(home), time.monotonic() - t0
+    after, (cg_after, asleep_after), wall = cpu_of(procs), box_cgroups_cpu(home), time.monotonic() - t0
     by_kind: dict[str, float] = {}
     for pid, cpu in after.items():
         if pid in before:
@@ -166,7 +169,8 @@ def idle_cpu(home: Path, boxes: int, seconds: float = IDLE_SECONDS) -> dict:
     cpus = {k: round(v / wall, 4) for k, v in sorted(by_kind.items())}
     boxes_cpu = (cg_after - cg_before) / wall
     own = sum(v for k, v in cpus.items() if k in ("supervisor", "keeper", "receiver", "victoria-metrics"))
-    return {"seconds": round(wall, 1), "box_cgroups_cpu": round(boxes_cpu, 4),
+    return {"seconds": round(wall, 1), "stores_asleep": [asleep_before, asleep_after],
+            "box_cgroups_cpu": round(boxes_cpu, 4),
             "box_cgroups_milli_cpu_per_box": round(1000 * boxes_cpu / max(boxes, 1), 3),
             "processes_cpu_by_kind": cpus, "wtbox_own_cpu": round(own, 4),
             "wtbox_own_milli_cpu_per_box": round(1000 * own / max(boxes, 1), 3)}

@@ -45,9 +45,11 @@ def logs(host: Host, box: str | None, service: str | Sequence[str] = (), since: 
 def metrics(host: Host, box: str | None, query: str | None = None, range: str | None = None,
             step: str = "15s") -> dict:
     """A PromQL/MetricsQL query over the box's own store; without one, {metric_names}."""
+    from worktreebox.services.client import collect_now
     from worktreebox.telemetry import metrics as store
 
     b = host.get(box)
+    collect_now(b)  # a calm box's own metrics are pushed rarely (supervisor.COLLECT_CALM): fresh ones first
     if not query:
         return {"metric_names": store.series_names(b)}
     return store.query(b, query, range_=range, step=step)

@@ -125,6 +125,15 @@ def stop_supervisor(box: Box) -> None:
         procs.stop_pid(pid, STOP_TIMEOUT)
 
 
+def collect_now(box: Box) -> None:
+    """Ask the box's supervisor to push its own metrics now (before a query); nothing when none runs."""
+    if (box.data.get("metrics") or {}).get("url") and supervisor_pid(box) is not None:
+        try:
+            control_request(box, control.COLLECT, timeout=5)
+        except (OSError, ValueError):
+            pass
+
+
 def box_secrets(box: Box) -> dict[str, str]:
     """The --secret values of a running box (for `wtbox exec`); {} when no supervisor runs."""
     if supervisor_pid(box) is None:

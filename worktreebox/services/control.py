@@ -33,6 +33,7 @@ STATUS, UP, DOWN, RESTART, ENV_SECRETS, STOP = "status", "up", "down", "restart"
 # The services to run (a SupervisorPayload in `payload`: specs and --secret values), for a box
 # process that runs without them so far (it was started for the box's OTLP endpoint).
 SERVICES = "services"
+COLLECT = "collect"  # push the box's own metrics now (a query is coming)
 
 
 @dataclasses.dataclass

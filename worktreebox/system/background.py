@@ -9,7 +9,7 @@ shares intact. A background cgroup (Linux >= 5.15, v1 and v2) gets whatever CPU 
 and is preempted at once by their wake-ups: measured on the same host, 0.92x instead of 1.8x.
 
 So a box's supervisor looks at its box's threads (from the box cgroup) every WINDOW seconds
-while the box is active. A calm box costs one file read every QUIET_WINDOW seconds: the CPU its
+while the box is active. A calm box costs a few file reads every QUIET_WINDOW seconds: the CPU its
 cgroup used (wtbox's own processes aside); only when that grew by ACTIVE of a core does the watch
 walk the box's threads (a walk of every thread's schedstat every 0.5 s was most of an idle
 box's supervisor CPU: issue 27).
@@ -36,8 +36,8 @@ from collections.abc import Callable, Iterable
 from worktreebox.system import procfs
 
 WINDOW = 0.5  # seconds between looks at an active box
-QUIET_WINDOW = 2.0  # seconds between looks at a calm box (one cgroup file read each)
-ACTIVE = 0.005  # cores used since the last look (10 ms in 2 s): the box is doing something
+QUIET_WINDOW = 4.0  # seconds between looks at a calm box (a few cgroup file reads each)
+ACTIVE = 0.005  # cores used since the last look (20 ms in 4 s): the box is doing something
 BUSY = 0.9  # runnable threads worth this part of all CPUs: the box would fill the host
 CALM = 0.5  # below this part: calm (between the two nothing changes)
 LOOKS = 2  # looks in a row before a change

@@ -11,7 +11,7 @@ background.ACTIVE of a core at every look) for SLEEP_AFTER seconds and nobody re
 for READ_LINGER seconds. It wakes:
 - when wtbox reads or writes it: `wake(box)` (a `metrics` query, `probe`, `browse`) thaws it
   and stamps run/metrics.read; the box's own process wakes it before each push (`for_push`);
-- when the box is active again (the box process's watch, one look every 2 s at most): an app
+- when the box is active again (the box process's watch, one look every 4 s at most): an app
   that serves requests gets scraped and may push as before.
 While it sleeps nothing is scraped: the box's scrapes back off to one per push of the box
 process (background's calm cadence), which is what a box nobody works in needs. An app that
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 SLEEP_AFTER = 30.0  # seconds of a calm box before its store sleeps
 READ_LINGER = 300.0  # a read keeps the store awake this long: someone is looking at the box
-PUSH_LINGER = 3.0  # after a push of the box process: time for the store to take it and scrape once
+PUSH_LINGER = 1.0  # after a push of the box process: time for the store to take it and scrape once
 READ_STAMP = "metrics.read"
 
 

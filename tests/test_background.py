@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import BURNER, wait_for
 
-from worktreebox.services.supervisor import background_wanted
+from worktreebox.services.client import background_wanted
 from worktreebox.system import background, cgroups
 
 SPIN = "while True: pass\n"

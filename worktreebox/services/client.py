@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from worktreebox.box import _iso, hex_of
@@ -45,6 +46,17 @@ def supervisor_pid(box: Box) -> int | None:
     return pid
 
 
+def background_wanted(home: Path) -> bool:
+    """`[host] background_busy` (default true); a config that cannot be read leaves it on (the
+    commands that read it say what is wrong)."""
+    from worktreebox.config.load import ConfigError, load_host_config
+
+    try:
+        return load_host_config(home).background_busy
+    except ConfigError:
+        return True
+
+
 def otlp_port(box: Box) -> int | None:
     """The port of the box's OTLP endpoint, which its supervisor serves (None: observability is off)."""
     return (box.data.get("traces") or {}).get("port")
@@ -77,7 +89,7 @@ def start_supervisor(box: Box, secrets: dict[str, str], specs: list[ServiceSpec]
     proc = procs.spawn([sys.executable, "-m", "worktreebox.services.supervisor", str(home), box.id], cwd=pkg_parent, env=env,
                        stdin=subprocess.PIPE, cgroup=cgroups.Leaf(home, box.id, cgroups.SUPERVISOR))
     payload = SupervisorPayload(services=specs, workdir=str(box.path), secrets=dict(secrets),
-                                otlp_port=otlp_port(box))
+                                otlp_port=otlp_port(box), background_busy=background_wanted(home))
     try:
         proc.stdin.write(json.dumps(payload.to_json()).encode())
         proc.stdin.close()

@@ -49,13 +49,14 @@ class SupervisorPayload:
     workdir: str | None = None
     secrets: dict[str, str] = dataclasses.field(default_factory=dict)
     otlp_port: int | None = None  # the box's OTLP/HTTP endpoint, served by this process (otlp_receiver.py)
+    background_busy: bool = True  # `[host] background_busy` (the client reads the host config: the supervisor need not)
 
     def to_json(self) -> dict[str, Any]:
         return {"secrets": dict(self.secrets), "workdir": self.workdir, "otlp_port": self.otlp_port,
-                "services": [s.to_json() for s in self.services]}
+                "background_busy": self.background_busy, "services": [s.to_json() for s in self.services]}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SupervisorPayload:
         return cls(services=[ServiceSpec.from_json(s) for s in data.get("services") or []],
                    workdir=data.get("workdir"), secrets=dict(data.get("secrets") or {}),
-                   otlp_port=data.get("otlp_port"))
+                   otlp_port=data.get("otlp_port"), background_busy=data.get("background_busy", True) is not False)

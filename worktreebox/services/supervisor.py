@@ -64,17 +64,6 @@ COLLECT_CALM = 300.0
 OWN_LEAVES = (cgroups.SUPERVISOR, cgroups.METRICS, cgroups.TRACES)  # wtbox's own: not the box's activity
 
 
-def background_wanted(home: Path) -> bool:
-    """`[host] background_busy` (default true); a config that cannot be read leaves it on (the
-    commands that read it say what is wrong)."""
-    from worktreebox.config.load import ConfigError, load_host_config
-
-    try:
-        return load_host_config(home).background_busy
-    except ConfigError:
-        return True
-
-
 class Supervisor:
     """Coordinates a box's services: starts them in dependency order, answers the control socket,
     keeps the state file, reports OOM kills and pushes the box's own metrics."""
@@ -94,6 +83,7 @@ class Supervisor:
         self.output: Output | None = None  # made by run()
         self.receiver: Any = None  # otlp_receiver.Running, when the box has an OTLP port
         self.otlp_port = payload.otlp_port
+        self.background_busy = payload.background_busy
         self.stopping = False
         self.events = EventLog(self.logs_dir)
         self.services: dict[str, Service] = {}
@@ -305,7 +295,7 @@ class Supervisor:
             watch = background.BusyWatch(lambda: backend.cpu_pids(self.box_id),
                                          lambda on: backend.set_background(self.box_id, on),
                                          cpu_seconds=lambda: _box_activity(backend, self.box_id),
-                                         switch=background_wanted(self.home))
+                                         switch=self.background_busy)
             self._busy_watch = threading.Thread(target=watch.run, args=(self._done.wait, self._after_look),
                                                 name="watch", daemon=True)
         self._busy_watch.start()

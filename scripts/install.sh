@@ -15,7 +15,8 @@ for arg in "$@"; do
     esac
 done
 
-PKGS=(git ca-certificates python3 python3-venv python3-pip postgresql postgresql-contrib victoria-metrics procps chromium fuse-overlayfs nodejs)
+PKGS=(git ca-certificates python3 python3-venv python3-pip postgresql postgresql-contrib victoria-metrics procps chromium fuse-overlayfs nodejs
+      redis-server memcached rabbitmq-server)  # the last three: backing services run natively per box
 # xfsprogs: the reflink mount provider's tests run on a loop-mounted XFS
 [ "$WITH_TEST" = 1 ] && PKGS+=(docker.io debootstrap xfsprogs)
 
@@ -33,6 +34,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get update -qq
     # Debian starts a system cluster on install; wtbox runs its own, so keep the packaged one off.
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # The packages start system-wide daemons on their default ports; every box runs its own.
+    for svc in redis-server memcached rabbitmq-server; do
+        case " ${missing[*]} " in *" $svc "*) service "$svc" stop >/dev/null 2>&1 || true ;; esac
+    done
 fi
 # The Debian postgresql package starts its own "main" cluster; we do not use it.
 if command -v pg_lsclusters >/dev/null && pg_lsclusters 2>/dev/null | grep -q online; then

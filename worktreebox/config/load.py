@@ -13,6 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from worktreebox.config.backing import BackingConfig, TestConfig, check_names, parse_backing, parse_test
 from worktreebox.errors import ConfigError
 
 DEFAULT_MIGRATION_GLOBS = ["alembic/**", "migrations/**", "**/migrations/*.py"]
@@ -233,11 +234,14 @@ class RepoConfig:
     observability: ObservabilityConfig = dataclasses.field(default_factory=ObservabilityConfig)
     pool: PoolConfig = dataclasses.field(default_factory=PoolConfig)
     browser: BrowserConfig = dataclasses.field(default_factory=BrowserConfig)
+    backing: dict[str, BackingConfig] = dataclasses.field(default_factory=dict)  # config/backing.py
+    test: TestConfig = dataclasses.field(default_factory=TestConfig)
 
     @property
     def port_names(self) -> list[str]:
-        """Named ports a box leases: the repo's, plus `metrics` and `otlp` when observability is on."""
-        names = list(self.box.ports)
+        """Named ports a box leases: the repo's, its backing services', plus `metrics` and `otlp`
+        when observability is on."""
+        names = list(self.box.ports) + [p for b in self.backing.values() for p in b.port_names]
         if self.observability.enabled:
             names += [n for n in OBSERVABILITY_PORTS if n not in names]
         if self.browser.enabled and "browser" not in names:
@@ -386,7 +390,7 @@ def _table(source: str, data: dict[str, Any], name: str) -> dict[str, Any]:
 def parse_repo_config(text: str | None, source: str, procfile: str | None = None) -> RepoConfig:
     """Parse the text of a wtbox.toml (None → defaults). `procfile` is the repo's Procfile text, if any."""
     data: dict[str, Any] = _loads(text, source) if text is not None else {}
-    known = {"box", "setup", "database", "services", "observability", "pool", "browser", "deps"}
+    known = {"box", "setup", "database", "services", "observability", "pool", "browser", "deps", "backing", "test"}
     for key in data:
         if key not in known:
             raise ConfigError(f"{source}: unknown section [{key}]; known sections: {', '.join(sorted(known))}.")
@@ -406,6 +410,9 @@ def parse_repo_config(text: str | None, source: str, procfile: str | None = None
     if not cfg.services and procfile:
         cfg.services = parse_procfile(procfile, cfg.box.ports[0] if cfg.box.ports else None)
         cfg.services_from_procfile = True
+    cfg.backing = parse_backing(source, section("backing"))
+    check_names(source, cfg.backing, cfg.box.ports, cfg.services)
+    cfg.test = parse_test(source, section("test"))
     return cfg
 
 

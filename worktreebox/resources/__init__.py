@@ -19,6 +19,7 @@ ORDER = (
     "caches:Caches",
     "database:Database",
     "metrics:Metrics",
+    "backing:Backing",  # the box's own Redis, RabbitMQ, ... ([backing.<name>])
     "traces:Traces",
     "browser:Browser",
     "deps:Deps",  # into the worktree: after it exists

@@ -1,0 +1,192 @@
+"""The backing resource: the box's own instance of each [backing.<name>] (Redis, RabbitMQ, ...).
+
+Created in parallel with the worktree, the database and the metrics store (it needs only its
+leased ports and the box dir): every instance is launched first, then all are waited for
+together, so a box with Redis costs its `new` the slowest start, not the sum. What each
+instance is gets recorded in box.data["backing"] before it starts, so a failed `new` destroys
+it. The facts ({{ backing.<name>.url }}, .host, .port, ...) feed [box] env, where `wtbox init`
+puts the repo's own variable names (REDIS_URL, CELERY_BROKER_URL, ...).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from worktreebox.errors import WtboxError
+from worktreebox.providers.backing import choice, runtime_class, runtime_for
+from worktreebox.providers.backing.native import KEEPER_LEAF, KEEPER_PID, PID_DIR, NativeProgram, start_keeper
+from worktreebox.resources.base import Creation, Resource
+from worktreebox.system import procs
+
+if TYPE_CHECKING:
+    from worktreebox.box import Box
+    from worktreebox.config.backing import BackingConfig
+    from worktreebox.context import HostContext
+    from worktreebox.providers.backing.base import Runtime
+
+POLL = 0.005  # a refused connect costs microseconds: answer `new` as soon as the service listens
+KEEPER_FLUSH = 1.0  # seconds to let the keeper write a failed program's last lines
+
+
+class Backing(Resource):
+    name = "backing"
+    phase = "backing"
+    parallel = True
+
+    def create(self, c: Creation) -> None:
+        wanted = c.config.backing
+        if not wanted:
+            return
+        box = c.box
+        classes = {name: runtime_for(cfg, c.config.source) for name, cfg in wanted.items()}  # before anything runs
+        for cfg in wanted.values():
+            _check_port(box, cfg)
+        data: dict[str, Any] = box.data.setdefault(self.name, {})
+        running: dict[str, tuple[Runtime, Any]] = {}
+        c.note(f"starting backing services: {', '.join(f'{n} ({cls.runtime})' for n, cls in classes.items())}")
+        for name, cfg in wanted.items():
+            rt = classes[name](c.host, cfg.kind)
+            data[name] = {"kind": cfg.kind, "image": cfg.image, "runtime": rt.runtime}
+            running[name] = (rt, rt.start(box, cfg, box.ports))
+        start_keeper(box, c.host.home, {n: h for n, (rt, h) in running.items() if isinstance(rt, NativeProgram)})
+        _wait_ready(box, wanted, running)
+        facts = c.facts.setdefault("backing", {})
+        for name, (rt, _) in running.items():
+            facts[name] = data[name]["facts"] = rt.facts(box, wanted[name], box.ports)
+            c.env[f"WTBOX_BACKING_{name.upper()}_URL"] = facts[name]["url"]
+
+    def destroy(self, host: HostContext, box: Box) -> None:
+        data = box.data.get(self.name) or {}
+        pid_dir = box.run_dir / PID_DIR
+        names = set(data) | {p.stem for p in pid_dir.glob("*.pid") if p.name != KEEPER_PID}
+        if names or pid_dir.exists():
+            found = [p for f in pid_dir.glob("*.pid") if (p := procs.from_pid_file(f, box.id, None)) is not None]
+            found += procs.find_named(box.id, _native_process_names(), box_dir=box.dir)
+            procs.kill_staged(list({p.pid: p for p in found}.values()))
+            procs.stop_cgroup(host.home, box.id, leaves=[*sorted(names), KEEPER_LEAF])
+        if any(d.get("runtime") == "docker" for d in data.values()) or (not data and "env_keys" not in box.data
+                                                                       and _docker_used(host)):
+            runtime_class("redis", "docker")(host).remove(box)
+        shutil.rmtree(box.dir / "backing", ignore_errors=True)
+        shutil.rmtree(pid_dir, ignore_errors=True)
+
+    def discover(self, host: HostContext) -> set[str]:
+        boxes = Path(host.boxes_dir)
+        ids = {p.parent.name for p in boxes.glob("*/backing") if p.is_dir()}
+        ids |= {p.parent.parent.name for p in boxes.glob(f"*/run/{PID_DIR}") if p.is_dir()}
+        if _docker_used(host):
+            ids |= runtime_class("redis", "docker")(host).discover()
+        return ids
+
+    def health(self, host: HostContext, box: Box) -> str | None:
+        for name, d in (box.data.get(self.name) or {}).items():
+            if d.get("runtime") == "native" and not _alive(box, name):
+                return (f"its backing service {name!r} ({d.get('image')}) is not running; "
+                        f"remove the box and make a new one (wtbox rm {box.id})")
+        return None
+
+    def status(self, host: HostContext, box: Box) -> dict[str, Any] | None:
+        data = box.data.get(self.name)
+        if not data:
+            return None
+        return {"backing": [{"name": n, "kind": d.get("kind"), "image": d.get("image"), "runtime": d.get("runtime"),
+                             "url": (d.get("facts") or {}).get("url"), "up": _answers(n, d)}
+                            for n, d in data.items()]}
+
+    def checks(self, host: HostContext) -> list[dict[str, Any]]:
+        """Which runtime each kind gets here (optional: only a repo that declares one needs it)."""
+        from worktreebox.config.backing import KINDS
+
+        out = []
+        for kind in KINDS:
+            cls, why = choice(kind, None)
+            detail = f"{cls.runtime}: {cls.describe()}" if cls else f"not on this host ({'; '.join(why)})"
+            out.append({"check": f"backing {kind} (optional)", "ok": True, "detail": detail})
+        return out
+
+
+def _check_port(box: Box, cfg: BackingConfig) -> None:
+    """A stranger on a leased port (taken after the lease) fails the start here, naming the service."""
+    import socket
+
+    from worktreebox.resources.ports import holder_of
+
+    for port_name in cfg.port_names:
+        port = box.ports[port_name]
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                who = holder_of(port) or "a process wtbox cannot see"
+                raise WtboxError(f"The backing service {cfg.name!r} ({cfg.image}) cannot start: its port {port} is "
+                                 f"already in use by {who}.") from None
+
+
+def _wait_ready(box: Box, wanted: dict[str, BackingConfig], running: dict[str, tuple[Runtime, Any]]) -> None:
+    """Until every instance answers its probe; one sentence naming the first that died or timed out."""
+    start = time.monotonic()
+    pending = dict(running)
+    while pending:
+        for name, (rt, handle) in list(pending.items()):
+            cfg = wanted[name]
+            if rt.ready(handle, box.ports[name]):
+                del pending[name]
+            elif (why := rt.failed(handle)) is not None:
+                raise WtboxError(f"The backing service {name!r} ({cfg.image}, {rt.runtime}) {why} at start: "
+                                 f"{_last_words(box, name)}.")
+            elif time.monotonic() - start > cfg.ready_timeout:
+                raise WtboxError(f"The backing service {name!r} ({cfg.image}, {rt.runtime}) did not answer on port "
+                                 f"{box.ports[name]} within {cfg.ready_timeout:g} s; see 'wtbox logs {box.id} "
+                                 f"--service {name}'.")
+        if pending:
+            time.sleep(POLL)
+
+
+def _last_words(box: Box, name: str) -> str:
+    """The last line a failed program wrote (the keeper writes it as its pipe closes)."""
+    keeper = procs.from_pid_file(box.run_dir / PID_DIR / KEEPER_PID, box.id, None)
+    if keeper is not None:
+        procs.wait_gone([keeper.pid], KEEPER_FLUSH)
+    try:
+        lines = (box.logs_dir / f"{name}.jsonl").read_text(errors="replace").splitlines()
+        msgs = [json.loads(ln).get("msg", "") for ln in lines if ln.strip()]
+    except (OSError, ValueError):
+        msgs = []
+    last = next((m for m in reversed(msgs) if m.strip()), "")
+    return " ".join(last.split())[:300] or "it wrote nothing"
+
+
+def _alive(box: Box, name: str) -> bool:
+    try:
+        return procs.pid_alive(int((box.run_dir / PID_DIR / f"{name}.pid").read_text().strip()))
+    except (OSError, ValueError):
+        return False
+
+
+def _answers(name: str, d: dict[str, Any]) -> bool:
+    from worktreebox.providers.backing.base import probe
+
+    port = (d.get("facts") or {}).get("port")
+    return bool(port) and probe(d.get("kind", ""), port)
+
+
+def _native_process_names() -> set[str]:
+    """Kernel names of the native programs (a second net where cgroups are missing); not `python`,
+    which the box's own services may be."""
+    from worktreebox.config.backing import KINDS
+
+    out: set[str] = set()
+    for kind in KINDS:
+        cls = runtime_class(kind, "native")
+        out |= {n for n in getattr(cls, "processes", ()) if not n.startswith("python")}
+    return out
+
+
+def _docker_used(host: HostContext) -> bool:
+    """Whether a docker backing could exist in this home: only asked of a daemon that is up."""
+    from worktreebox.providers.docker_engine import docker_available
+
+    return docker_available(timeout=0.5)[0]

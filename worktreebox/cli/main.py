@@ -17,6 +17,7 @@ COMMANDS = {
     "shell": "box:shell",
     "rm": "box:rm",
     "init": "init:init",
+    "test": "testcmd:test",
     "doctor": "doctor:doctor",
     "db": "db:db",
     "logs": "logs:logs",

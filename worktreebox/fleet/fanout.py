@@ -354,10 +354,12 @@ class Fanout:
                                               f"Run: {cmd}\nExit code: {r['exit']}\nBox: {box.id}", label=box.id)
             except WtboxError as e:
                 res.setdefault("problems", []).append(str(e))
-        if o.checks:
+        # Without --check, the repo's test command ([test] cmd, `wtbox test`) is the check.
+        wanted = o.checks or ((self._config.test.cmd,) if self._config is not None and self._config.test.cmd else ())
+        if wanted:
             checks = []
-            for j, cmd in enumerate(o.checks, 1):
-                step(CHECKING, f"{j}/{len(o.checks)}: {cmd}")
+            for j, cmd in enumerate(wanted, 1):
+                step(CHECKING, f"{j}/{len(wanted)}: {cmd}")
                 r = self.runner.run(cmd, box.path, env, box.logs_dir, CHECK_LOG, redact, o.timeout,
                                     cgroup=Leaf(host.home, box.id, RUN))
                 if self.runner.stopped.is_set():
@@ -538,6 +540,8 @@ def row_for(box: Box, host: HostContext | None = None, attempt: Attempt | None =
     res = fo.get("result") or {}
     run_ = res.get("run") or {}
     checks = res.get("checks")
+    if checks is None and box.data.get("test"):  # no fan-out check: the box's last `wtbox test`
+        checks = [box.data["test"]]
     diff = res["diff"] if "diff" in res else git.diff_stat(box.path, box.data.get("base_sha"))
     errors = res["log_errors"] if "log_errors" in res else log_errors(box)
     services = res.get("services")

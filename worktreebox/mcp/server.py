@@ -359,6 +359,27 @@ async def box_exec(
 
 
 @_blocking
+def _test(host, box, cmd, timeout):
+    from worktreebox.fleet.testrun import run_test
+
+    b = host.get(box)
+    return {"id": b.id, **run_test(host, b, cmd, timeout)}
+
+
+async def box_test(
+    box: BoxRef,
+    cmd: Annotated[str | None, Field(description="Run this shell command instead of the repo's [test] "
+                                                 "cmd.")] = None,
+    timeout: Annotated[float | None, Field(gt=0, description="Seconds before the tests are stopped (exit "
+                                                             "code 124); default [test] timeout.")] = None,
+) -> dict[str, Any]:
+    """Run the repo's test command ([test] cmd, which `wtbox init` finds in its CI) in the box with
+    the box env, as `wtbox test --json` does: exit, seconds, passed/failed counts, the last lines
+    (secrets masked). `compare` shows the result as the box's check."""
+    return await in_thread(lambda: _test(box, cmd, timeout))
+
+
+@_blocking
 def _logs(host, box, service, level, grep, since, until, tail) -> list[dict[str, Any]]:
     services = [service] if isinstance(service, str) else list(service or [])
     return host.logs(host.get(box), services, since=since, until=until, level=level, grep=grep, tail=tail)
@@ -697,7 +718,7 @@ def box_logs_resource(box: str, service: str) -> str:
 # arguments typed and described) and one line here.
 TOOLS: list[tuple[Callable[..., Any], ToolAnnotations]] = [
     (box_new, CHANGES), (box_list, READ_ONLY), (box_status, READ_ONLY), (box_env, READ_ONLY),
-    (box_exec, CHANGES), (box_logs, READ_ONLY), (box_metrics, READ_ONLY), (box_traces, READ_ONLY),
+    (box_exec, CHANGES), (box_test, CHANGES), (box_logs, READ_ONLY), (box_metrics, READ_ONLY), (box_traces, READ_ONLY),
     (box_probe, CHANGES), (box_browse, CHANGES),
     (box_up, CHANGES), (box_down, CHANGES), (box_restart, CHANGES), (box_rm, DESTROYS),
     (fanout, CHANGES), (compare, READ_ONLY), (box_pick, DESTROYS),

@@ -122,8 +122,8 @@ class Box:
 
     def facts(self) -> dict[str, Any]:
         """The Jinja2 context of this box ({{ box.id }}, {{ ports.web }}, {{ db.url }}, {{ metrics.url }},
-        {{ traces.url }}, {{ browser.cdp_url }}, {{ backing.redis.url }}): the one builder, used while the box is made and rebuilt
-        from the saved box later (`up`)."""
+        {{ traces.url }}, {{ browser.cdp_url }}, {{ backing.redis.url }}): the one builder, used while the box
+        is made and rebuilt from the saved box later (`up`)."""
         db = dict(self.data.get("database") or {})
         if db:
             db.setdefault("host", self.env.get("PGHOST"))

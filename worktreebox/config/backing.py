@@ -75,10 +75,9 @@ class TestConfig:
     timeout: float = 1800.0
 
 
-def parse_backing(source: str, tables: dict[str, Any]) -> dict[str, BackingConfig]:
-    """[backing.<name>] tables: image (required), kind, runtime, port, ready_timeout."""
-    from worktreebox.config.load import _Reader, check_image
-
+def parse_backing(source: str, tables: dict[str, Any], reader: Any, check_image: Any) -> dict[str, BackingConfig]:
+    """[backing.<name>] tables: image (required), kind, runtime, port, ready_timeout. `reader` is
+    load.py's table reader, `check_image` its image check (handed in: load.py imports this module)."""
     out = {}
     for name, table in tables.items():
         if not _NAME.match(name):
@@ -87,7 +86,7 @@ def parse_backing(source: str, tables: dict[str, Any]) -> dict[str, BackingConfi
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: [backing.{name}] must be a table with image = \"...\", such as "
                               "image = \"redis:7\".")
-        r = _Reader(source, table, f"backing.{name}")
+        r = reader(source, table, f"backing.{name}")
         r.unknown({"image", "kind", "runtime", "port", "ready_timeout"})
         image = r.get("image", str, None, "an image name such as \"redis:7\"")
         if image is None:
@@ -97,8 +96,9 @@ def parse_backing(source: str, tables: dict[str, Any]) -> dict[str, BackingConfi
         port = r.get("port", int, KINDS[kind].port, "a port number from 1 to 65535")
         if not 1 <= port <= 65535:
             raise r.err("port", "a port number from 1 to 65535", port)
-        out[name] = BackingConfig(name=name, image=image, kind=kind, runtime=r.choice("runtime", ("native", "docker"), None),
-                                  port=port, ready_timeout=r.duration("ready_timeout", 60.0))
+        runtime = r.choice("runtime", ("native", "docker"), None)
+        out[name] = BackingConfig(name=name, image=image, kind=kind, runtime=runtime, port=port,
+                                  ready_timeout=r.duration("ready_timeout", 60.0))
     return out
 
 
@@ -113,10 +113,8 @@ def _kind(source: str, name: str, image: str) -> str:
     return kind
 
 
-def parse_test(source: str, table: dict[str, Any]) -> TestConfig:
-    from worktreebox.config.load import _Reader
-
-    r = _Reader(source, table, "test")
+def parse_test(source: str, table: dict[str, Any], reader: Any) -> TestConfig:
+    r = reader(source, table, "test")
     r.unknown({"cmd", "timeout"})
     return TestConfig(cmd=r.command("cmd"), timeout=r.duration("timeout", 1800.0))
 

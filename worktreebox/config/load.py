@@ -410,9 +410,9 @@ def parse_repo_config(text: str | None, source: str, procfile: str | None = None
     if not cfg.services and procfile:
         cfg.services = parse_procfile(procfile, cfg.box.ports[0] if cfg.box.ports else None)
         cfg.services_from_procfile = True
-    cfg.backing = parse_backing(source, section("backing"))
+    cfg.backing = parse_backing(source, section("backing"), _Reader, check_image)
     check_names(source, cfg.backing, cfg.box.ports, cfg.services)
-    cfg.test = parse_test(source, section("test"))
+    cfg.test = parse_test(source, section("test"), _Reader)
     return cfg
 
 

@@ -18,7 +18,7 @@ def first_matrix_entry(matrix: Any) -> tuple[dict[str, Any], str]:
         return {}, ""
     axes = {k: v for k, v in matrix.items() if k not in ("include", "exclude") and isinstance(v, list) and v}
     excluded = [e for e in matrix.get("exclude") or [] if isinstance(e, dict)]
-    combos = (dict(zip(axes, values)) for values in itertools.product(*axes.values())) if axes else iter([{}])
+    combos = (dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values()))
     entry = next((c for c in combos if not any(all(c.get(k) == v for k, v in e.items()) for e in excluded)), {})
     includes = [i for i in matrix.get("include") or [] if isinstance(i, dict)]
     if not entry and includes:

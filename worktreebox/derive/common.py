@@ -23,7 +23,7 @@ _KINDS = (
     ("migrate", re.compile(r"(manage\.py\s+migrate|alembic\s+upgrade|flask\s+db\s+upgrade|prisma\s+migrate|"
                            r"knex\s+migrate|sequelize\s+db:migrate|npm\s+run\s+(db:)?migrate|rake\s+db:|"
                            r"rails\s+db:|yarn\s+(db:)?migrate)")),
-    ("install", re.compile(r"^(sudo\s+)?(npm\s+(ci|install|i)\b|yarn(\s+install)?\s*$|yarn\s+install|pnpm\s+(i|install)\b|"
+    ("install", re.compile(r"^(sudo\s+)?(npm\s+(ci|install|i)\b|yarn(\s+install)?\s*$|pnpm\s+(i|install)\b|"
                            r"pip3?\s+install|python3?\s+-m\s+pip\s+install|poetry\s+install|uv\s+(sync|pip\s+install)|"
                            r"pipenv\s+install|bundle\s+install|go\s+mod\s+download|apt(-get)?\s)")),
     ("lint", re.compile(r"\b(ruff|flake8|pylint|black\s+--check|mypy|eslint|prettier|tsc\s+--noEmit|"
@@ -74,7 +74,8 @@ def add_container(plan: Plan, name: str, image: str, origin: str, *, hosts: tupl
         if plan.database is None:
             plan.database = Fact(image, origin)
         elif plan.database.origin != origin:
-            plan.note(f"{origin}: a second PostgreSQL ({image}); the box has one database, from {plan.database.origin}.")
+            plan.note(f"{origin}: a second PostgreSQL ({image}); the box has one database, "
+                      f"from {plan.database.origin}.")
         target = Target("db", "db", 5432)
     else:
         bname = box_name(name)

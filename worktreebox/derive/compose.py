@@ -23,7 +23,7 @@ from worktreebox.derive.common import (
     shell_command,
 )
 from worktreebox.derive.interpolate import Interpolation, interpolate_tree
-from worktreebox.derive.model import Fact, Plan, ServicePlan, Target
+from worktreebox.derive.model import Fact, Plan, ServicePlan, Target, tpl
 
 FILES = ("compose.yaml", "compose.yml", "docker-compose.yaml", "docker-compose.yml")
 OVERRIDES = ("compose.override.yaml", "compose.override.yml", "docker-compose.override.yaml",
@@ -127,7 +127,7 @@ class Reader:
         if ports:
             sp.port = bname
             sp.cmd = Fact(_port_in(cmd, ports[0][1], bname), f"{origin} command", _port_note(cmd, ports[0][1]))
-            sp.env["PORT"] = Fact("{{ ports.%s }}" % bname, f"{origin} ports {ports[0][2]!r}")
+            sp.env["PORT"] = Fact(tpl(f"ports.{bname}"), f"{origin} ports {ports[0][2]!r}")
             sp.ready = self.ready(svc, origin, bname, ports[0][1])
         sp.depends_on = [box_name(d) for d, _ in _depends(svc) if self.is_app(d)]
         sp.cwd = self.cwd(svc, origin)
@@ -174,12 +174,12 @@ class Reader:
         if isinstance(test, list) and test[:1] in (["CMD"], ["CMD-SHELL"]):
             test = shell_command(test[1:]) if test[0] == "CMD" else " ".join(map(str, test[1:]))
         if isinstance(test, str) and test.strip():
-            m = re.search(r"https?://(localhost|127\.0\.0\.1|0\.0\.0\.0)(:%d)?(/[^\s'\"]*)?" % port, test)
+            m = re.search(rf"https?://(localhost|127\.0\.0\.1|0\.0\.0\.0)(:{port})?(/[^\s'\"]*)?", test)
             if m:
-                url = "http://127.0.0.1:{{ ports.%s }}%s" % (bname, m.group(3) or "/")
+                url = f"http://127.0.0.1:{tpl(f'ports.{bname}')}{m.group(3) or '/'}"
                 return Fact(url, f"{origin} healthcheck")
             return Fact(_port_in(test, port, bname), f"{origin} healthcheck")
-        return Fact("tcp:{{ ports.%s }}" % bname, f"{origin} ports")
+        return Fact("tcp:" + tpl(f"ports.{bname}"), f"{origin} ports")
 
     def cwd(self, svc: dict[str, Any], origin: str) -> str | None:
         wd = svc.get("working_dir")
@@ -269,11 +269,11 @@ def _project_binds(svc: dict[str, Any], base: Path) -> list[str]:
 
 def _port_in(cmd: str, port: int, name: str) -> str:
     """The container port in a command becomes the box's port (0.0.0.0 becomes loopback)."""
-    cmd = re.sub(r"\b0\.0\.0\.0:%d\b" % port, "127.0.0.1:%d" % port, cmd)
-    return re.sub(r"(?<![\w.])%d\b" % port, "{{ ports.%s }}" % name, cmd)
+    cmd = re.sub(rf"\b0\.0\.0\.0:{port}\b", f"127.0.0.1:{port}", cmd)
+    return re.sub(rf"(?<![\w.]){port}\b", tpl(f"ports.{name}"), cmd)
 
 
 def _port_note(cmd: str, port: int) -> str:
-    if re.search(r"(?<![\w.])%d\b" % port, cmd):
+    if re.search(rf"(?<![\w.]){port}\b", cmd):
         return f"port {port} → the box's port"
     return f"listens on {port} in its container; in the box it gets $PORT (wtbox cannot tell whether it reads it)"

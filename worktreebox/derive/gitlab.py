@@ -41,8 +41,12 @@ def read(root: Path, plan: Plan) -> None:
     if not jobs:
         return
     merged = {k: _merged(doc, v) for k, v in jobs.items()}
-    name = max(merged, key=lambda k: job_score(k, script_lines(merged[k].get("script")), bool(merged[k].get("services")))
-               + (2 if merged[k].get("stage") == "test" else 0))
+    def score(k: str) -> int:
+        job = merged[k]
+        tests = 2 if job.get("stage") == "test" else 0
+        return job_score(k, script_lines(job.get("script")), bool(job.get("services"))) + tests
+
+    name = max(merged, key=score)
     others = [k for k in merged if k != name]
     if others:
         plan.note(f"{FILE} job {name} was read (it runs the tests); the other jobs ({', '.join(others)}) were not.")
@@ -103,7 +107,8 @@ class Job:
             image = _image(svc)
             if not image:
                 continue
-            aliases = [a.strip() for a in str(svc.get("alias", "")).split(",") if a.strip()] if isinstance(svc, dict) else []
+            alias = str(svc.get("alias", "")) if isinstance(svc, dict) else ""
+            aliases = [a.strip() for a in alias.split(",") if a.strip()]
             base = image.split("@")[0].rsplit(":", 1)[0] if ":" in image.split("/")[-1] else image.split("@")[0]
             hosts = (*aliases, base.replace("/", "__"), base.replace("/", "-"))
             add_container(self.plan, aliases[0] if aliases else base.rsplit("/", 1)[-1], image,

@@ -22,8 +22,7 @@ class Interpolation:
         self.required: list[str] = []  # "${VAR:?msg}" whose VAR was unset: "VAR (msg)"
 
     def __call__(self, text: str) -> str:
-        out, end = self._scan(text, 0, stop=None)
-        return out
+        return self._scan(text, 0, stop=None)[0]
 
     def _scan(self, text: str, i: int, stop: str | None) -> tuple[str, int]:
         """Interpolate from i until `stop` (a closing brace of a nested word) or the end."""

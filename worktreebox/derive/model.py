@@ -10,6 +10,11 @@ import dataclasses
 from typing import Any
 
 
+def tpl(expr: str) -> str:
+    """A Jinja2 expression as wtbox.toml writes it: tpl("ports.web") is "{{ ports.web }}"."""
+    return "{{ " + expr + " }}"
+
+
 @dataclasses.dataclass
 class Fact:
     """One derived value and where it came from ("compose.yaml services.web")."""
@@ -40,10 +45,10 @@ class Target:
 
     def template(self, attr: str) -> str:
         if self.kind == "db":
-            return "{{ db.%s }}" % attr
+            return tpl(f"db.{attr}")
         if self.kind == "backing":
-            return "{{ backing.%s.%s }}" % (self.name, attr)
-        return "127.0.0.1" if attr == "host" else "{{ ports.%s }}" % self.name
+            return tpl(f"backing.{self.name}.{attr}")
+        return "127.0.0.1" if attr == "host" else tpl(f"ports.{self.name}")
 
 
 @dataclasses.dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
-from worktreebox.derive.model import Plan, Target
+from worktreebox.derive.model import Plan, Target, tpl
 
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "0.0.0.0", "::1", "[::1]")
 # The database's identity under the names repos give it (the box has its own role, password and database).
@@ -28,7 +28,7 @@ def rewrite(name: str, value: str, plan: Plan) -> tuple[str, str] | None:
     service or an app service; None when it names none of them."""
     for attr, rx in DB_VARS.items():
         if plan.database is not None and rx.match(name):
-            return "{{ db.%s }}" % attr, f"the box database's {attr}"
+            return tpl(f"db.{attr}"), f"the box database's {attr}"
     if "://" in value:
         return _url(value, plan)
     target = plan.hosts.get(value) or _host_port(value, plan)
@@ -57,10 +57,10 @@ def _url(value: str, plan: Plan) -> tuple[str, str] | None:
     tail = u.path + (f"?{u.query}" if u.query else "") + (f"#{u.fragment}" if u.fragment else "")
     if target.kind == "db":
         query = f"?{u.query}" if u.query else ""
-        return "{{ db.url }}" + query, "the box database (its own role, password and database name)"
+        return tpl("db.url") + query, "the box database (its own role, password and database name)"
     if target.kind == "backing":
-        return "{{ backing.%s.url }}%s" % (target.name, tail if tail not in ("", "/") else ""), _what(target)
-    return f"{u.scheme}://127.0.0.1:{{{{ ports.{target.name} }}}}{tail}", _what(target)
+        return tpl(f"backing.{target.name}.url") + (tail if tail not in ("", "/") else ""), _what(target)
+    return f"{u.scheme}://127.0.0.1:{tpl(f'ports.{target.name}')}{tail}", _what(target)
 
 
 def _target(host: str, port: int | None, plan: Plan) -> Target | None:

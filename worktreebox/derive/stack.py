@@ -10,7 +10,7 @@ from typing import Any
 from worktreebox.derive import compose
 from worktreebox.derive.ci import sort_command
 from worktreebox.derive.common import add_variable, box_name, command_kind
-from worktreebox.derive.model import Fact, Plan, ServicePlan
+from worktreebox.derive.model import Fact, Plan, ServicePlan, tpl
 
 NPM_DEFAULT_TEST = "no test specified"  # `npm init`'s placeholder test script
 DEVCONTAINER = (".devcontainer/devcontainer.json", ".devcontainer.json")
@@ -39,8 +39,8 @@ def _add_service(plan: Plan, name: str, cmd: str, origin: str, *, port: bool) ->
     sp = ServicePlan(name=name, cmd=Fact(cmd, origin))
     if port:
         sp.port = name
-        sp.env["PORT"] = Fact("{{ ports.%s }}" % name, f"{origin} ($PORT is the box's port)")
-        sp.ready = Fact("tcp:{{ ports.%s }}" % name, f"{origin} (it listens on $PORT)")
+        sp.env["PORT"] = Fact(tpl(f"ports.{name}"), f"{origin} ($PORT is the box's port)")
+        sp.ready = Fact("tcp:" + tpl(f"ports.{name}"), f"{origin} (it listens on $PORT)")
     plan.services.setdefault(name, sp)
 
 
@@ -101,7 +101,8 @@ def read_devcontainer(root: Path, plan: Plan) -> None:
     if dc.get("image") or dc.get("build"):
         plan.note(f"{rel}: the dev container's image is not used; the box runs on this host's toolchain.")
     if dc.get("features"):
-        plan.note(f"{rel}: features {sorted(dc['features'])} are not installed; install what the app needs on the host.")
+        plan.note(f"{rel}: features {sorted(dc['features'])} are not installed; install what the app needs "
+                  "on the host.")
 
 
 def _compose_read(plan: Plan, root: Path, target: Path) -> bool:
@@ -139,6 +140,7 @@ def read_python(root: Path, plan: Plan) -> None:
         plan.migrate = plan.migrate or Fact("python manage.py migrate --noinput", origin)
         plan.test = plan.test or Fact("python manage.py test", origin)
     pyproject = root / "pyproject.toml"
-    if pyproject.is_file() and re.search(r"^\[tool\.pytest\.ini_options\]", pyproject.read_text(errors="replace"), re.M):
+    text = pyproject.read_text(errors="replace") if pyproject.is_file() else ""
+    if re.search(r"^\[tool\.pytest\.ini_options\]", text, re.M):
         plan.files.append("pyproject.toml")
         plan.test = plan.test or Fact("python -m pytest", "pyproject.toml [tool.pytest.ini_options]")

@@ -73,8 +73,8 @@ def render(plan: Plan) -> str:
 def _database(plan: Plan) -> list[str]:
     if plan.database is None:
         return ["[database]", 'mode = "none"  # no PostgreSQL in the repo\'s files: the box gets no database', ""]
-    lines = ["[database]", f"# the box's own PostgreSQL database (role, database, golden copy) stands for "
-             f"{plan.database.origin} ({plan.database.value})"]
+    stands = f"{plan.database.origin} ({plan.database.value})"
+    lines = ["[database]", f"# the box's own PostgreSQL database (role, database, golden copy) stands for {stands}"]
     if plan.migrate:
         lines.append(_line("migrate", plan.migrate))
     return [*lines, ""]

@@ -41,8 +41,8 @@ def init(repo, force, explain, as_json):
         if as_json:
             emit_json({**explain_json(plan), "would_write": "derived" if text else "starter template"})
         else:
-            click.echo(explain_text(plan) + ("" if text else "nothing to derive: init would write the starter template\n"),
-                       nl=False)
+            starter = "" if text else "nothing to derive: init would write the starter template\n"
+            click.echo(explain_text(plan) + starter, nl=False)
         return
     if dest.exists() and not force:
         raise UsageError(f"{dest} already exists; use --force to overwrite it (or --explain to see what init finds).")
@@ -53,7 +53,8 @@ def init(repo, force, explain, as_json):
     if as_json:
         emit_json({"path": str(dest.resolve()), "derived_from": plan.files, "not_mapped": plan.notes})
     elif text is None:
-        info(f"wrote {dest} (a starter: nothing in the repo declares services); edit it, commit it, then 'wtbox new TASK'")
+        info(f"wrote {dest} (a starter: nothing in the repo declares services); edit it, commit it, "
+             "then 'wtbox new TASK'")
     else:
         info(f"wrote {dest} from {', '.join(plan.files)}"
              + (f"; {len(plan.notes)} thing(s) not mapped (see the end of the file)" if plan.notes else "")

@@ -23,7 +23,7 @@ def test(box, cmd, timeout, as_json):
     host = get_host()
     b = host.get(box)
     limit = parse_duration(timeout, where="--timeout", positive=True) if timeout else None
-    r = run_test(host, b, cmd, limit, on_line=None if as_json else lambda line: click.echo(line))
+    r = run_test(host, b, cmd, limit, on_line=None if as_json else click.echo)
     if as_json:
         emit_json({"id": b.id, **r})
     else:

@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from worktreebox.providers.backing.base import Runtime
 from worktreebox.system import cgroups, procs

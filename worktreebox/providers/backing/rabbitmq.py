@@ -39,7 +39,8 @@ class NativeRabbitMQ(NativeProgram):
             "RABBITMQ_BASE": str(data), "RABBITMQ_MNESIA_BASE": str(data / "mnesia"),
             "RABBITMQ_LOG_BASE": str(data / "log"), "RABBITMQ_LOGS": "-",
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(data / "enabled_plugins"),
-            "RABBITMQ_CONFIG_FILE": str(data / "rabbitmq"), "RABBITMQ_ADVANCED_CONFIG_FILE": str(data / "advanced.config"),
+            "RABBITMQ_CONFIG_FILE": str(data / "rabbitmq"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(data / "advanced.config"),
             "RABBITMQ_CONF_ENV_FILE": str(data / "rabbitmq-env.conf"), "RABBITMQ_PID_FILE": str(data / "pid"),
         }
 

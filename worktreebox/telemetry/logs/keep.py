@@ -28,7 +28,7 @@ def keep(logs_dir: Path, pipes: dict[str, tuple[int, ...]]) -> None:
     for service, fds in pipes.items():
         writer = LogWriter(logs_dir, service)
         writers.append(writer)
-        for fd, stream in zip(fds, ("stdout", "stderr")):
+        for fd, stream in zip(fds, ("stdout", "stderr"), strict=False):
             t = threading.Thread(target=pump, args=(fd, stream, writer), daemon=True)
             t.start()
             threads.append(t)

@@ -24,6 +24,8 @@ def derive(root: Path) -> Plan:
     plan = Plan()
     for read in READERS:
         read(root, plan)
+    for svc in plan.services.values():  # one-shots became setup/migrate, which run before any service
+        svc.depends_on = [d for d in svc.depends_on if d in plan.services]
     if python_env(root):
         _activate(plan)
     return plan

@@ -23,9 +23,9 @@ def first_matrix_entry(matrix: Any) -> tuple[dict[str, Any], str]:
     includes = [i for i in matrix.get("include") or [] if isinstance(i, dict)]
     if not entry and includes:
         entry = dict(includes[0])
-    sizes = ", ".join(f"{k} of {len(v)}" for k, v in axes.items())
+    sizes = " × ".join(str(len(v)) for v in axes.values())
     chosen = ", ".join(f"{k}={v}" for k, v in entry.items())
-    return entry, f"matrix entry taken: {chosen}" + (f" (the first; {sizes})" if sizes else "")
+    return entry, f"matrix entry taken: {chosen}" + (f" (the first of {sizes})" if sizes else "")
 
 
 def job_score(name: str, commands: list[str], has_services: bool) -> int:

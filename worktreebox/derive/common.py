@@ -20,7 +20,7 @@ _CI_EXPR = re.compile(r"\$\{\{.*?\}\}")
 
 # First words of commands, by what they do (checked in this order).
 _KINDS = (
-    ("migrate", re.compile(r"(manage\.py\s+migrate|alembic\s+upgrade|flask\s+db\s+upgrade|prisma\s+migrate|"
+    ("migrate", re.compile(r"(manage\.py\s+migrate|alembic\s+upgrade|flask\b.*\bdb\s+upgrade|prisma\s+migrate|"
                            r"knex\s+migrate|sequelize\s+db:migrate|npm\s+run\s+(db:)?migrate|rake\s+db:|"
                            r"rails\s+db:|yarn\s+(db:)?migrate)")),
     ("install", re.compile(r"^(sudo\s+)?(npm\s+(ci|install|i)\b|yarn(\s+install)?\s*$|pnpm\s+(i|install)\b|"

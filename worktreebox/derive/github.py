@@ -89,7 +89,7 @@ class Job:
 
     def step(self, i: int, step: dict[str, Any]) -> None:
         label = step.get("name") or step.get("id") or (f"uses {step['uses']}" if step.get("uses") else f"#{i + 1}")
-        origin = self.origin(f'step "{label}"')
+        origin = f'{self.origin()}, step "{label}"'
         uses = str(step.get("uses") or "")
         if uses:
             self.uses(uses, step, origin)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from worktreebox.config.load import parse_repo_config
+from worktreebox.derive import VENV_PATH as VENV
 from worktreebox.derive import derive
 from worktreebox.derive.interpolate import Interpolation
 from worktreebox.derive.writer import render
@@ -134,15 +135,15 @@ def test_compose_django_celery_redis(tmp_path):
     assert "LOCAL_ONLY has no value" in notes(plan)
     # services: the port in the command becomes the box's, the healthcheck the readiness
     web, worker = cfg.services["web"], cfg.services["worker"]
-    assert web.cmd == ". .venv/bin/activate && python manage.py runserver 127.0.0.1:{{ ports.web }}"
+    assert web.cmd == VENV + "python manage.py runserver 127.0.0.1:{{ ports.web }}"
     assert web.ready == "http://127.0.0.1:{{ ports.web }}/health/"
     assert web.env["PORT"] == "{{ ports.web }}" and web.cwd == "src"
-    assert worker.cmd == ". .venv/bin/activate && celery -A proj worker --loglevel info"
+    assert worker.cmd == VENV + "celery -A proj worker --loglevel info"
     assert worker.depends_on == ["web"]  # db and redis are ready before any service starts
     assert "debug" not in cfg.services and "profiles" in notes(plan)
     # the one-shot service others wait for is the migration; manage.py gives the test command
-    assert cfg.database.migrate == ". .venv/bin/activate && python manage.py migrate"
-    assert cfg.test.cmd == ". .venv/bin/activate && python manage.py test"
+    assert cfg.database.migrate == 'export PATH="$PWD/.venv/bin:$PATH" && python manage.py migrate'
+    assert cfg.test.cmd == VENV + "python manage.py test"
     # what is not used is named, each in one sentence
     assert "cap_add is not used" in notes(plan)
     assert "['media:/media'] are not mounted" in notes(plan)
@@ -297,13 +298,13 @@ def test_gitlab_ci_services_variables_extends(tmp_path):
     assert cfg.box.env["POSTGRES_DB"] == "{{ db.name }}"
     assert cfg.box.env["REDIS_URL"] == "{{ backing.cache.url }}/0"
     assert cfg.box.env["PY"] == "3.11" and "parallel matrix entry taken: PY=3.11" in notes(plan)
-    assert cfg.database.migrate == ". .venv/bin/activate && flask --app app db upgrade"
-    assert cfg.test.cmd == ". .venv/bin/activate && pytest -q"
+    assert cfg.database.migrate == 'export PATH="$PWD/.venv/bin:$PATH" && flask --app app db upgrade'
+    assert cfg.test.cmd == VENV + "pytest -q"
     assert any("pip install -r requirements.txt" in m for m in plan.mapped)
     assert "artifacts, rules only mean something to a CI runner" in notes(plan)
     assert "image 'python:3.12' is the CI's" in notes(plan)
     web = cfg.services["web"]
-    assert web.cmd == ". .venv/bin/activate && gunicorn app:app --bind 127.0.0.1:$PORT"
+    assert web.cmd == VENV + "gunicorn app:app --bind 127.0.0.1:$PORT"
     assert web.env["PORT"] == "{{ ports.web }}" and web.ready == "tcp:{{ ports.web }}"
     assert "worker" in cfg.services and cfg.services["worker"].ready is None
     assert "# from Procfile web" in text

@@ -16,7 +16,10 @@ from worktreebox.derive.model import Fact, Plan
 READERS = (compose.read, stack.read_devcontainer, github.read, gitlab.read, stack.read_procfile,
            stack.read_package_json, stack.read_python)
 NODE_FIRST_WORDS = ("npm", "npx", "yarn", "pnpm", "node")
-ACTIVATE = ". .venv/bin/activate && "
+# The dependency layer's .venv first on PATH (its activate script needs bash to find itself).
+# [database] migrate runs as written, in the worktree; the others are templates.
+VENV_PATH = 'export PATH="{{ box.path }}/.venv/bin:$PATH" && '
+VENV_PATH_MIGRATE = 'export PATH="$PWD/.venv/bin:$PATH" && '
 
 
 def derive(root: Path) -> Plan:
@@ -33,13 +36,13 @@ def derive(root: Path) -> Plan:
 
 def _activate(plan: Plan) -> None:
     """CI ran `pip install` into the job's Python; a box has the dependency layer's .venv instead,
-    so Python commands run with it activated (npm and node commands are left alone)."""
-    def one(fact: Fact | None) -> Fact | None:
+    so Python commands run with it first on PATH (npm and node commands are left alone)."""
+    def one(fact: Fact | None, prefix: str = VENV_PATH) -> Fact | None:
         first = fact.value.split()[0] if fact is not None and fact.value.split() else ""
-        if fact is None or first in NODE_FIRST_WORDS or fact.value.startswith(ACTIVATE):
+        if fact is None or first in NODE_FIRST_WORDS or fact.value.startswith(prefix):
             return fact
-        return Fact(ACTIVATE + fact.value, fact.origin, fact.note or "run in the dependency layer's .venv")
+        return Fact(prefix + fact.value, fact.origin, fact.note or "with the dependency layer's .venv on PATH")
 
-    plan.setup, plan.migrate, plan.test = one(plan.setup), one(plan.migrate), one(plan.test)
+    plan.setup, plan.migrate, plan.test = one(plan.setup), one(plan.migrate, VENV_PATH_MIGRATE), one(plan.test)
     for svc in plan.services.values():
         svc.cmd = one(svc.cmd)

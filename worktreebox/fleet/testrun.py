@@ -28,12 +28,14 @@ KEEP_LINES = 20
 
 
 def test_command(host: Host, box: Box) -> tuple[str, float]:
-    """([test] cmd, timeout) of the box's wtbox.toml, or a UsageError that says where to get one."""
+    """([test] cmd rendered over the box facts, timeout) of the box's wtbox.toml, or a UsageError that says where to get one."""
+    from worktreebox.config.templating import render
+
     cfg = host.repo_config(box)
     if not cfg.test.cmd:
         raise UsageError(f"{box.id} has no test command: add [test] cmd to {cfg.source} "
                          "(`wtbox init` finds it in the repo's CI), or pass one with --cmd.")
-    return cfg.test.cmd, cfg.test.timeout
+    return render(cfg.test.cmd, box.facts(), f"{cfg.source}: [test] cmd"), cfg.test.timeout
 
 
 def run_test(host: Host, box: Box, cmd: str | None = None, timeout: float | None = None,

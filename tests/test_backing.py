@@ -202,3 +202,28 @@ def test_doctor_says_which_runtime_each_kind_gets(run_wtbox):
     assert set(lines) == {f"backing {k} (optional)" for k in ("redis", "memcached", "rabbitmq", "smtp", "s3")}
     if native("redis"):
         assert lines["backing redis (optional)"].startswith("native: ")
+
+
+@needs("redis")
+def test_a_pooled_box_keeps_its_redis_when_claimed(host, make_repo, run_wtbox):
+    from helpers import remove_all_boxes
+
+    from worktreebox.fleet import pool as P
+
+    repo = make_repo(toml=BARE + '[backing.redis]\nimage = "redis:7"\n[box.env]\nREDIS_URL = "{{ backing.redis.url }}"\n')
+    try:
+        P.top_up(host, P.resolve_target(repo), 1)
+        (pooled,) = P.pool_boxes(host)
+        redis(pooled.ports["redis"], "SET", "made-ahead", "1")
+        out = json.loads(run_wtbox("new", "claim", "--repo", str(repo), "--json").stdout)
+        assert out["from_pool"] is True and out["ports"]["redis"] == pooled.ports["redis"]
+        assert out["env"]["REDIS_URL"] == f"redis://127.0.0.1:{pooled.ports['redis']}"
+        assert redis(out["ports"]["redis"], "EXISTS", "made-ahead") == b":1\r\n"  # the same instance, running
+        assert {row["name"]: row["up"] for row in out["backing"]} == {"redis": True}
+        run_wtbox("rm", "--force", out["id"])
+        assert box_pids(out["id"]) == set() and box_pids(pooled.id) == set()
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", out["ports"]["redis"])) != 0
+    finally:
+        P.stop_filler(host, str(repo))
+        remove_all_boxes(host)

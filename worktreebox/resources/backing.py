@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from worktreebox.errors import WtboxError
 from worktreebox.providers.backing import choice, runtime_class, runtime_for
-from worktreebox.providers.backing.native import KEEPER_LEAF, KEEPER_PID, PID_DIR, NativeProgram, start_keeper
+from worktreebox.providers.backing.native import KEEPER, PID_DIR, NativeProgram, launch, pid_file
 from worktreebox.resources.base import Creation, Resource
 from worktreebox.system import procs
 
@@ -47,11 +47,13 @@ class Backing(Resource):
         data: dict[str, Any] = box.data.setdefault(self.name, {})
         running: dict[str, tuple[Runtime, Any]] = {}
         c.note(f"starting backing services: {', '.join(f'{n} ({cls.runtime})' for n, cls in classes.items())}")
-        for name, cfg in wanted.items():
-            rt = classes[name](c.host, cfg.kind)
-            data[name] = {"kind": cfg.kind, "image": cfg.image, "runtime": rt.runtime}
-            running[name] = (rt, rt.start(box, cfg, box.ports))
-        start_keeper(box, c.host.home, {n: h for n, (rt, h) in running.items() if isinstance(rt, NativeProgram)})
+        runtimes = {name: classes[name](c.host, cfg.kind) for name, cfg in wanted.items()}
+        for name, rt in runtimes.items():
+            data[name] = {"kind": wanted[name].kind, "image": wanted[name].image, "runtime": rt.runtime}
+        natives = [rt.prepare(box, wanted[n], box.ports) for n, rt in runtimes.items() if isinstance(rt, NativeProgram)]
+        pids = launch(box, c.host.home, natives) if natives else {}
+        for name, rt in runtimes.items():
+            running[name] = (rt, pids[name] if name in pids else rt.start(box, wanted[name], box.ports))
         _wait_ready(box, wanted, running)
         facts = c.facts.setdefault("backing", {})
         for name, (rt, _) in running.items():
@@ -61,12 +63,12 @@ class Backing(Resource):
     def destroy(self, host: HostContext, box: Box) -> None:
         data = box.data.get(self.name) or {}
         pid_dir = box.run_dir / PID_DIR
-        names = set(data) | {p.stem for p in pid_dir.glob("*.pid") if p.name != KEEPER_PID}
+        names = set(data) | {p.stem for p in pid_dir.glob("*.pid") if p.stem != KEEPER}
         if names or pid_dir.exists():
             found = [p for f in pid_dir.glob("*.pid") if (p := procs.from_pid_file(f, box.id, None)) is not None]
             found += procs.find_named(box.id, _native_process_names(), box_dir=box.dir)
             procs.kill_staged(list({p.pid: p for p in found}.values()))
-            procs.stop_cgroup(host.home, box.id, leaves=[*sorted(names), KEEPER_LEAF])
+            procs.stop_cgroup(host.home, box.id, leaves=[*sorted(names), KEEPER])
         if any(d.get("runtime") == "docker" for d in data.values()) or (not data and "env_keys" not in box.data
                                                                        and _docker_used(host)):
             runtime_class("redis", "docker")(host).remove(box)
@@ -117,6 +119,8 @@ def _check_port(box: Box, cfg: BackingConfig) -> None:
     for port_name in cfg.port_names:
         port = box.ports[port_name]
         with socket.socket() as s:
+            # as the programs bind: a connection of the box before it, in TIME_WAIT, is no stranger
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
@@ -147,7 +151,7 @@ def _wait_ready(box: Box, wanted: dict[str, BackingConfig], running: dict[str, t
 
 def _last_words(box: Box, name: str) -> str:
     """The last line a failed program wrote (the keeper writes it as its pipe closes)."""
-    keeper = procs.from_pid_file(box.run_dir / PID_DIR / KEEPER_PID, box.id, None)
+    keeper = procs.from_pid_file(pid_file(box, KEEPER), box.id, None)
     if keeper is not None:
         procs.wait_gone([keeper.pid], KEEPER_FLUSH)
     try:
@@ -161,7 +165,7 @@ def _last_words(box: Box, name: str) -> str:
 
 def _alive(box: Box, name: str) -> bool:
     try:
-        return procs.pid_alive(int((box.run_dir / PID_DIR / f"{name}.pid").read_text().strip()))
+        return procs.pid_alive(int(pid_file(box, name).read_text().strip()))
     except (OSError, ValueError):
         return False
 

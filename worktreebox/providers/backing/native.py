@@ -1,16 +1,22 @@
 """Backing services as host programs (Debian's redis-server, memcached, rabbitmq-server; Python's
 aiosmtpd and moto for an SMTP sink and an S3 endpoint): one process tree per box.
 
-Each runs in its own session inside a leaf of the box's cgroup named after it, with WTBOX_ID and
-WTBOX_BOX_DIR in its environment (teardown finds it even when its pid file is lost), its data in
-boxes/<id>/backing/<name>/, its stdout and stderr on pipes that the box's output keeper
-(telemetry/logs/keep.py) writes to logs/<name>.jsonl. A kind is one subclass: which program,
-its command line, and (when a TCP accept is not enough) its readiness.
+Each runs in a leaf of the box's cgroup named after it, with WTBOX_ID and WTBOX_BOX_DIR in its
+environment, its data in boxes/<id>/backing/<name>/, its stdout and stderr on FIFOs that the
+box's output keeper (telemetry/logs/keep.py) writes to logs/<name>.jsonl. A kind is one
+subclass: which program and its command line (readiness is the kind's probe, base.PROBES).
+
+`launch` starts all of a box's programs and their keeper with ONE shell: a child forked from
+`wtbox new` (a large, threaded process) costs 25-70 ms per spawn with a preexec hook on the
+2-core host, and a `new` with Redis paid three of them. The shell moves itself into each
+program's cgroup leaf before starting it (so nothing of a program runs outside), starts it in
+the background as init's child-to-be, and writes its pid file.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -25,8 +31,7 @@ if TYPE_CHECKING:
     from worktreebox.config.backing import BackingConfig
 
 PID_DIR = "backing"  # run/backing/<name>.pid
-KEEPER_PID = "_keeper.pid"
-KEEPER_LEAF = "_backing"
+KEEPER = "_keeper"  # its pid file run/backing/_keeper.pid, its cgroup leaf
 
 
 def data_dir(box: Box, name: str) -> Path:
@@ -70,75 +75,67 @@ class NativeProgram(Runtime):
         """Variables the program needs beyond the box markers."""
         return {}
 
-    def start(self, box: Box, cfg: BackingConfig, ports: dict[str, int]) -> Launched:
+    def prepare(self, box: Box, cfg: BackingConfig, ports: dict[str, int]) -> Launch:
+        """What `launch` runs for this service (nothing is started here)."""
         data = data_dir(box, cfg.name)
         data.mkdir(parents=True, exist_ok=True)
         argv = self.argv(box, cfg, ports, data)
         if self.python_module:
             argv = [sys.executable, "-m", self.python_module, *argv]
-        env = {**_base_env(), **self.env(box, cfg, ports, data), "WTBOX_ID": box.id, "WTBOX_BOX_DIR": str(box.dir)}
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        try:
-            pid = spawn_orphan(argv, env=env, cwd=data, stdout=out_w, stderr=err_w,
-                               cgroup=cgroups.Leaf(self.host.home, box.id, cfg.name),
-                               pid_file=pid_file(box, cfg.name))
-        except BaseException:
-            for fd in (out_r, err_r):
-                os.close(fd)
-            raise
-        finally:
-            for fd in (out_w, err_w):
-                os.close(fd)
-        return Launched(pid, out_r, err_r)
+        return Launch(cfg.name, argv, self.env(box, cfg, ports, data), data)
 
-    def failed(self, handle: Launched) -> str | None:
-        return None if procs.pid_alive(handle.pid) else "exited"
+    def failed(self, handle: int) -> str | None:
+        return None if procs.pid_alive(handle) else "exited"
 
 
 @dataclasses.dataclass
-class Launched:
-    """A started program: its pid and the read ends of its stdout and stderr."""
-
-    pid: int
-    out: int
-    err: int
+class Launch:
+    name: str
+    argv: list[str]
+    env: dict[str, str]  # beyond the box markers
+    cwd: Path
 
 
 def pid_file(box: Box, name: str) -> Path:
     return box.run_dir / PID_DIR / f"{name}.pid"
 
 
-def spawn_orphan(argv: list[str], *, env: dict[str, str], cwd: Path, stdout: int, stderr: int,
-                 cgroup: cgroups.Leaf, pid_file: Path, pass_fds: tuple[int, ...] = ()) -> int:
-    """Start argv in its own session as init's child (a shell starts it and exits: a long-lived
-    caller such as `wtbox mcp` never holds it as a zombie), its output on the given fds; the pid
-    goes to `pid_file` (written by the shell before we read it) and is returned."""
-    pid_file.parent.mkdir(parents=True, exist_ok=True)
-    sh = procs.spawn(["/bin/sh", "-c", '"$@" </dev/null & echo $! >"$0"', str(pid_file), *argv], env=env, cwd=cwd,
-                     stdout=stdout, stderr=stderr, pass_fds=pass_fds, cgroup=cgroup)
-    if sh.wait() != 0:
-        raise OSError(f"could not start {argv[0]} (exit code {sh.returncode})")
-    return int(pid_file.read_text().strip())
+def _base_env(box: Box) -> dict[str, str]:
+    """The host's environment without another box's markers (a `new` run from inside a box), with ours."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WTBOX_")}
+    return {**env, "WTBOX_ID": box.id, "WTBOX_BOX_DIR": str(box.dir)}
 
 
-def _base_env() -> dict[str, str]:
-    """The host's environment without another box's markers (a `new` run from inside a box)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("WTBOX_")}
+def launch(box: Box, home: Path | str, launches: list[Launch]) -> dict[str, int]:
+    """Start every program and the box's output keeper in one shell; {name: pid}."""
+    run = box.run_dir / PID_DIR
+    run.mkdir(parents=True, exist_ok=True)
+    backend = cgroups.for_home(home)
+    lines = ["set -e"]
+    keep_args = []
+    for ln in launches:
+        out, err = run / f"{ln.name}.out", run / f"{ln.name}.err"
+        for fifo in (out, err):
+            fifo.unlink(missing_ok=True)
+            os.mkfifo(fifo, 0o600)
+        keep_args.append(f"{ln.name}={out},{err}")
+        lines += _enter(backend, box, ln.name)
+        env = [f"{k}={v}" for k, v in ln.env.items()]
+        cmd = shlex.join(["env", *env, *ln.argv]) if env else shlex.join(ln.argv)
+        lines.append(f"cd {shlex.quote(str(ln.cwd))} && {cmd} >{shlex.quote(str(out))} 2>{shlex.quote(str(err))} "
+                     f"</dev/null & echo $! >{shlex.quote(str(pid_file(box, ln.name)))}")
+    lines += _enter(backend, box, KEEPER)
+    keeper = [sys.executable, "-m", "worktreebox.telemetry.logs.keep", str(box.logs_dir), *keep_args]
+    lines.append(f"{shlex.join(keeper)} </dev/null >/dev/null 2>&1 & echo $! >{shlex.quote(str(pid_file(box, KEEPER)))}")
+    sh = procs.spawn(["/bin/sh", "-c", "\n".join(lines)], env=_base_env(box), cwd=box.dir,
+                     stderr=subprocess.PIPE)
+    _, err = sh.communicate()
+    if sh.returncode != 0:
+        raise OSError(f"the shell that starts them failed: {err.decode(errors='replace').strip()[:300]}")
+    return {ln.name: int(pid_file(box, ln.name).read_text()) for ln in launches}
 
 
-def start_keeper(box: Box, home: Path | str, started: dict[str, Launched]) -> int | None:
-    """Hand the started programs' output pipes to one keeper process for the box (see keep.py)."""
-    if not started:
-        return None
-    args = [f"{name}={h.out},{h.err}" for name, h in started.items()]
-    fds = tuple(fd for h in started.values() for fd in (h.out, h.err))
-    env = {**_base_env(), "WTBOX_ID": box.id, "WTBOX_BOX_DIR": str(box.dir)}
-    try:
-        return spawn_orphan([sys.executable, "-m", "worktreebox.telemetry.logs.keep", str(box.logs_dir), *args],
-                            env=env, cwd=box.dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            pass_fds=fds, cgroup=cgroups.Leaf(home, box.id, KEEPER_LEAF),
-                            pid_file=box.run_dir / PID_DIR / KEEPER_PID)
-    finally:
-        for fd in fds:  # the keeper holds them now; ours would keep the pipes open after it ends
-            os.close(fd)
+def _enter(backend: cgroups.Cgroups | None, box: Box, leaf: str) -> list[str]:
+    """Shell lines that move the shell into a leaf of the box's cgroup (its next children start there)."""
+    files = backend.create_leaf(box.id, leaf) if backend is not None else None
+    return [f"echo $$ >{shlex.quote(str(f))}" for f in files or []]

@@ -25,4 +25,4 @@ class NativeRedis(NativeProgram):
     def argv(self, box: Box, cfg: BackingConfig, ports: dict[str, int], data: Path) -> list[str]:
         return [self.executable() or self.program, "--bind", LOOPBACK, "--port", str(ports[cfg.name]),
                 "--dir", str(data), "--save", "", "--appendonly", "no", "--daemonize", "no", "--logfile", "",
-                "--protected-mode", "yes"]
+                "--protected-mode", "yes", "--set-proc-title", "no"]  # a title would overwrite its environ (WTBOX_ID)

@@ -97,7 +97,8 @@ AWS_ENDPOINT_URL = "{{ backing.files.endpoint }}"
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=facts["files"]["endpoint"], region_name=facts["files"]["region"],
-                      aws_access_key_id=facts["files"]["access_key"], aws_secret_access_key=facts["files"]["secret_key"])
+                      aws_access_key_id=facts["files"]["access_key"],
+                      aws_secret_access_key=facts["files"]["secret_key"])
     s3.create_bucket(Bucket="uploads")
     s3.put_object(Bucket="uploads", Key="a.txt", Body=b"x")
     assert [o["Key"] for o in s3.list_objects_v2(Bucket="uploads")["Contents"]] == ["a.txt"]
@@ -210,7 +211,8 @@ def test_a_pooled_box_keeps_its_redis_when_claimed(host, make_repo, run_wtbox):
 
     from worktreebox.fleet import pool as P
 
-    repo = make_repo(toml=BARE + '[backing.redis]\nimage = "redis:7"\n[box.env]\nREDIS_URL = "{{ backing.redis.url }}"\n')
+    repo = make_repo(toml=BARE + '[backing.redis]\nimage = "redis:7"\n'
+                     '[box.env]\nREDIS_URL = "{{ backing.redis.url }}"\n')
     try:
         P.top_up(host, P.resolve_target(repo), 1)
         (pooled,) = P.pool_boxes(host)

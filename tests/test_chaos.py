@@ -31,7 +31,7 @@ pytestmark = pytest.mark.chaos
 ITERATIONS = int(os.environ.get("WTBOX_CHAOS_ITERATIONS", "30"))
 HAVE_PG = bool(shutil.which("pg_ctl") or list(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl")))
 HAVE_VM = bool(shutil.which("victoria-metrics"))
-HAVE_REDIS = bool(shutil.which("redis-server")) and not os.environ.get("NOREDIS")  # a backing service per box ([backing.redis])
+HAVE_REDIS = bool(shutil.which("redis-server"))  # a backing service per box ([backing.redis])
 
 SERVICE = '''
 import http.server, os

@@ -343,7 +343,8 @@ def test_nothing_declared_is_empty(tmp_path):
 
 
 def test_init_cli_explain_force_and_starter(tmp_path, run_wtbox):
-    repo = write(tmp_path / "r", {"compose.yaml": "services:\n  cache: {image: 'redis:7'}\n  mysql: {image: mysql:8}\n"})
+    compose = "services:\n  cache: {image: 'redis:7'}\n  mysql: {image: mysql:8}\n"
+    repo = write(tmp_path / "r", {"compose.yaml": compose})
     proc = run_wtbox("init", "--repo", str(repo), "--explain")
     assert not (repo / "wtbox.toml").exists()  # --explain never writes
     assert "backing    cache: redis:7 → native" in proc.stdout and "mysql" in proc.stdout

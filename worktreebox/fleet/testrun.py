@@ -28,7 +28,8 @@ KEEP_LINES = 20
 
 
 def test_command(host: Host, box: Box) -> tuple[str, float]:
-    """([test] cmd rendered over the box facts, timeout) of the box's wtbox.toml, or a UsageError that says where to get one."""
+    """([test] cmd rendered over the box facts, timeout) of the box's wtbox.toml; a UsageError that
+    says where to get one when it has none."""
     from worktreebox.config.templating import render
 
     cfg = host.repo_config(box)

@@ -126,7 +126,8 @@ def launch(box: Box, home: Path | str, launches: list[Launch]) -> dict[str, int]
                      f"</dev/null & echo $! >{shlex.quote(str(pid_file(box, ln.name)))}")
     lines += _enter(backend, box, KEEPER)
     keeper = [sys.executable, "-m", "worktreebox.telemetry.logs.keep", str(box.logs_dir), *keep_args]
-    lines.append(f"{shlex.join(keeper)} </dev/null >/dev/null 2>&1 & echo $! >{shlex.quote(str(pid_file(box, KEEPER)))}")
+    keeper_pid = shlex.quote(str(pid_file(box, KEEPER)))
+    lines.append(f"{shlex.join(keeper)} </dev/null >/dev/null 2>&1 & echo $! >{keeper_pid}")
     sh = procs.spawn(["/bin/sh", "-c", "\n".join(lines)], env=_base_env(box), cwd=box.dir,
                      stderr=subprocess.PIPE)
     _, err = sh.communicate()

@@ -3,7 +3,6 @@ import urllib.request
 
 import psycopg
 import redis
-
 from app import app
 
 

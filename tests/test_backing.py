@@ -11,6 +11,7 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
+from helpers import box_pids, redis_cmd
 
 from worktreebox.errors import WtboxError
 from worktreebox.providers.backing import runtime_class
@@ -28,25 +29,6 @@ def needs(*kinds: str):
     return pytest.mark.skipif(bool(missing), reason=f"no native {', '.join(missing)} on this host")
 
 
-def box_pids(box_id: str) -> set[int]:
-    out = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if f"WTBOX_ID={box_id}".encode() in env and state != "Z":
-            out.add(int(pid))
-    return out
-
-
-def redis(port: int, *words: str) -> bytes:
-    """One Redis command in RESP; the raw reply."""
-    body = f"*{len(words)}\r\n" + "".join(f"${len(w)}\r\n{w}\r\n" for w in words)
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(body.encode())
-        return s.recv(4096)
 
 
 def memcached(port: int, text: str) -> bytes:
@@ -86,7 +68,7 @@ AWS_ENDPOINT_URL = "{{ backing.files.endpoint }}"
     assert box.env["REDIS_URL"] == f"redis://127.0.0.1:{box.ports['redis']}/2"
     assert box.env["WTBOX_BACKING_MAIL_URL"] == f"smtp://127.0.0.1:{box.ports['mail']}"
     # each answers its own protocol on the box's port
-    assert redis(box.ports["redis"], "SET", "k", "v") == b"+OK\r\n"
+    assert redis_cmd(box.ports["redis"], "SET", "k", "v") == b"+OK\r\n"
     assert memcached(box.ports["cache"], "set k 0 0 1\r\nv\r\n") == b"STORED\r\n"
     msg = EmailMessage()
     msg["From"], msg["To"], msg["Subject"] = "app@example.com", "user@example.com", "hello"
@@ -119,11 +101,11 @@ def test_two_boxes_each_have_their_own_redis(host, make_repo):
     repo = make_repo(toml=BARE + '[backing.redis]\nimage = "redis:7"\n')
     a, b = host.new("a", repo), host.new("b", repo)
     assert a.ports["redis"] != b.ports["redis"]
-    redis(a.ports["redis"], "SET", "only-in-a", "1")
-    assert redis(a.ports["redis"], "EXISTS", "only-in-a") == b":1\r\n"
-    assert redis(b.ports["redis"], "EXISTS", "only-in-a") == b":0\r\n"
+    redis_cmd(a.ports["redis"], "SET", "only-in-a", "1")
+    assert redis_cmd(a.ports["redis"], "EXISTS", "only-in-a") == b":1\r\n"
+    assert redis_cmd(b.ports["redis"], "EXISTS", "only-in-a") == b":0\r\n"
     host.rm(a.id, force=True)
-    assert redis(b.ports["redis"], "PING") == b"+PONG\r\n"  # b's is untouched by a's removal
+    assert redis_cmd(b.ports["redis"], "PING") == b"+PONG\r\n"  # b's is untouched by a's removal
 
 
 def _fails_and_leaves_nothing(host, repo) -> str:
@@ -216,11 +198,11 @@ def test_a_pooled_box_keeps_its_redis_when_claimed(host, make_repo, run_wtbox):
     try:
         P.top_up(host, P.resolve_target(repo), 1)
         (pooled,) = P.pool_boxes(host)
-        redis(pooled.ports["redis"], "SET", "made-ahead", "1")
+        redis_cmd(pooled.ports["redis"], "SET", "made-ahead", "1")
         out = json.loads(run_wtbox("new", "claim", "--repo", str(repo), "--json").stdout)
         assert out["from_pool"] is True and out["ports"]["redis"] == pooled.ports["redis"]
         assert out["env"]["REDIS_URL"] == f"redis://127.0.0.1:{pooled.ports['redis']}"
-        assert redis(out["ports"]["redis"], "EXISTS", "made-ahead") == b":1\r\n"  # the same instance, running
+        assert redis_cmd(out["ports"]["redis"], "EXISTS", "made-ahead") == b":1\r\n"  # the same instance, running
         assert {row["name"]: row["up"] for row in out["backing"]} == {"redis": True}
         run_wtbox("rm", "--force", out["id"])
         assert box_pids(out["id"]) == set() and box_pids(pooled.id) == set()

@@ -20,7 +20,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from helpers import git
+from helpers import box_pids, git, redis_cmd
 
 from worktreebox.providers.backing import runtime_class
 
@@ -52,24 +52,6 @@ def at_once(run_env: dict, *argvs: list[str], timeout: float = 900) -> list[subp
     return out
 
 
-def box_pids(box_id: str) -> set[int]:
-    found = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if f"WTBOX_ID={box_id}".encode() in env and state != "Z":
-            found.add(int(pid))
-    return found
-
-
-def redis_cmd(port: int, *words: str) -> bytes:
-    body = f"*{len(words)}\r\n" + "".join(f"${len(w)}\r\n{w}\r\n" for w in words)
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(body.encode())
-        return s.recv(4096)
 
 
 def run_stack(tmp_path: Path, run_wtbox, wtbox_home: Path, name: str, expect: dict[str, str]) -> None:

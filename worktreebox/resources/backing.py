@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from worktreebox.errors import WtboxError
 from worktreebox.providers.backing import choice, runtime_class, runtime_for
-from worktreebox.providers.backing.native import KEEPER, PID_DIR, NativeProgram, launch, pid_file
+from worktreebox.providers.backing.native import KEEPER, LEAF, PID_DIR, NativeProgram, launch, pid_file, release
 from worktreebox.resources.base import Creation, Resource
 from worktreebox.system import procs
 
@@ -51,10 +51,13 @@ class Backing(Resource):
         for name, rt in runtimes.items():
             data[name] = {"kind": wanted[name].kind, "image": wanted[name].image, "runtime": rt.runtime}
         natives = [rt.prepare(box, wanted[n], box.ports) for n, rt in runtimes.items() if isinstance(rt, NativeProgram)]
-        pids = launch(box, c.host.home, natives) if natives else {}
-        for name, rt in runtimes.items():
-            running[name] = (rt, pids[name] if name in pids else rt.start(box, wanted[name], box.ports))
-        _wait_ready(box, wanted, running)
+        pids, held = launch(box, c.host.home, natives) if natives else ({}, [])
+        try:
+            for name, rt in runtimes.items():
+                running[name] = (rt, pids[name] if name in pids else rt.start(box, wanted[name], box.ports))
+            _wait_ready(box, wanted, running, held)
+        finally:
+            release(held)
         facts = c.facts.setdefault("backing", {})
         for name, (rt, _) in running.items():
             facts[name] = data[name]["facts"] = rt.facts(box, wanted[name], box.ports)
@@ -68,10 +71,10 @@ class Backing(Resource):
             found = [p for f in pid_dir.glob("*.pid") if (p := procs.from_pid_file(f, box.id, None)) is not None]
             found += procs.find_named(box.id, _native_process_names(), box_dir=box.dir)
             procs.kill_staged(list({p.pid: p for p in found}.values()))
-            procs.stop_cgroup(host.home, box.id, leaves=[*sorted(names), KEEPER])
+            procs.stop_cgroup(host.home, box.id, leaves=[LEAF])
         if any(d.get("runtime") == "docker" for d in data.values()) or (not data and "env_keys" not in box.data
                                                                        and _docker_used(host)):
-            runtime_class("redis", "docker")(host).remove(box)
+            _docker(host).remove(box)
         shutil.rmtree(box.dir / "backing", ignore_errors=True)
         shutil.rmtree(pid_dir, ignore_errors=True)
 
@@ -80,7 +83,7 @@ class Backing(Resource):
         ids = {p.parent.name for p in boxes.glob("*/backing") if p.is_dir()}
         ids |= {p.parent.parent.name for p in boxes.glob(f"*/run/{PID_DIR}") if p.is_dir()}
         if _docker_used(host):
-            ids |= runtime_class("redis", "docker")(host).discover()
+            ids |= _docker(host).discover()
         return ids
 
     def health(self, host: HostContext, box: Box) -> str | None:
@@ -129,7 +132,8 @@ def _check_port(box: Box, cfg: BackingConfig) -> None:
                                  f"already in use by {who}.") from None
 
 
-def _wait_ready(box: Box, wanted: dict[str, BackingConfig], running: dict[str, tuple[Runtime, Any]]) -> None:
+def _wait_ready(box: Box, wanted: dict[str, BackingConfig], running: dict[str, tuple[Runtime, Any]],
+                held: list[int]) -> None:
     """Until every instance answers its probe; one sentence naming the first that died or timed out."""
     start = time.monotonic()
     pending = dict(running)
@@ -140,7 +144,7 @@ def _wait_ready(box: Box, wanted: dict[str, BackingConfig], running: dict[str, t
                 del pending[name]
             elif (why := rt.failed(handle)) is not None:
                 raise WtboxError(f"The backing service {name!r} ({cfg.image}, {rt.runtime}) {why} at start: "
-                                 f"{_last_words(box, name)}.")
+                                 f"{_last_words(box, name, held)}.")
             elif time.monotonic() - start > cfg.ready_timeout:
                 raise WtboxError(f"The backing service {name!r} ({cfg.image}, {rt.runtime}) did not answer on port "
                                  f"{box.ports[name]} within {cfg.ready_timeout:g} s; see 'wtbox logs {box.id} "
@@ -149,18 +153,32 @@ def _wait_ready(box: Box, wanted: dict[str, BackingConfig], running: dict[str, t
             time.sleep(POLL)
 
 
-def _last_words(box: Box, name: str) -> str:
-    """The last line a failed program wrote (the keeper writes it as its pipe closes)."""
-    keeper = procs.from_pid_file(pid_file(box, KEEPER), box.id, None)
-    if keeper is not None:
-        procs.wait_gone([keeper.pid], KEEPER_FLUSH)
-    try:
-        lines = (box.logs_dir / f"{name}.jsonl").read_text(errors="replace").splitlines()
-        msgs = [json.loads(ln).get("msg", "") for ln in lines if ln.strip()]
-    except (OSError, ValueError):
-        msgs = []
+def _last_words(box: Box, name: str, held: list[int]) -> str:
+    """The last line a failed program wrote. Its output waits in the FIFOs we hold until the keeper
+    (maybe still starting) reads it into the log: wait for that, then let go (a line without its
+    newline comes when the keeper sees the end)."""
+    deadline = time.monotonic() + KEEPER_FLUSH
+    while not (msgs := _logged(box, name)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if msgs:
+        time.sleep(0.05)  # the rest of what it wrote at once
+        msgs = _logged(box, name)
+    release(held)
+    if not msgs:
+        keeper = procs.from_pid_file(pid_file(box, KEEPER), box.id, None)
+        if keeper is not None:
+            procs.wait_gone([keeper.pid], KEEPER_FLUSH)
+        msgs = _logged(box, name)
     last = next((m for m in reversed(msgs) if m.strip()), "")
     return " ".join(last.split())[:300] or "it wrote nothing"
+
+
+def _logged(box: Box, name: str) -> list[str]:
+    try:
+        lines = (box.logs_dir / f"{name}.jsonl").read_text(errors="replace").splitlines()
+        return [json.loads(ln).get("msg", "") for ln in lines if ln.strip()]
+    except (OSError, ValueError):
+        return []
 
 
 def _alive(box: Box, name: str) -> bool:
@@ -187,6 +205,12 @@ def _native_process_names() -> set[str]:
         cls = runtime_class(kind, "native")
         out |= {n for n in getattr(cls, "processes", ()) if not n.startswith("python")}
     return out
+
+
+def _docker(host: HostContext) -> Runtime:
+    from worktreebox.providers.backing.docker import DockerBacking
+
+    return DockerBacking(host)
 
 
 def _docker_used(host: HostContext) -> bool:

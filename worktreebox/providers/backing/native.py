@@ -18,7 +18,6 @@ import dataclasses
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING

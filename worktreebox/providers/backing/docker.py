@@ -5,8 +5,8 @@ port on loopback, carries wtbox's labels (`wtbox.box=<id>`: rm and gc find it by
 and is named `wtbox-<home hash>-<id>-<name>`. Only an image already on this machine is used:
 `unavailable` says so rather than pulling in the middle of a `new`. Readiness is the kind's
 protocol probe (base.PROBES): docker's port proxy accepts connections before the container
-listens. Its output reaches `wtbox logs` when the box is removed or at `status` (the container
-keeps it); the native runtime streams it.
+listens. Its output stays with the container (`docker logs <name>`); only the native runtime
+writes it to `wtbox logs` today.
 """
 from __future__ import annotations
 
@@ -54,7 +54,10 @@ class DockerBacking(Runtime):
         repo = image_repository(cfg.image)
         tc = DockerContainer(cfg.image)
         tc.with_name(container_name(self.host.home, box.id, cfg.name))
-        tc.with_bind_ports(cfg.port, (LOOPBACK, ports[cfg.name]))
+        tc.with_bind_ports(cfg.port, ports[cfg.name])
+        # on loopback only, as the native programs listen: the docker SDK's (ip, port) form of the
+        # mapping testcontainers hands it (its with_bind_ports takes no address)
+        tc.ports[str(cfg.port)] = (LOOPBACK, ports[cfg.name])
         for k, v in ENV.get(repo, {}).items():
             tc.with_env(k, v)
         if repo in COMMANDS:

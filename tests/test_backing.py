@@ -211,3 +211,13 @@ def test_a_pooled_box_keeps_its_redis_when_claimed(host, make_repo, run_wtbox):
     finally:
         P.stop_filler(host, str(repo))
         remove_all_boxes(host)
+
+
+@needs("redis")
+def test_gc_removes_the_backing_service_of_a_box_it_does_not_know(host, make_repo, run_wtbox):
+    repo = make_repo(toml=BARE + '[backing.redis]\nimage = "redis:7"\n')
+    box = host.new("orphan", repo)
+    port = box.ports["redis"]
+    host.registry.delete_box(box.id)  # what a crash leaves when the row is gone and the pieces are not
+    assert box.id in run_wtbox("gc", "--grace", "0", "--json").stdout
+    assert_gone(box, [port])

@@ -42,7 +42,7 @@ def test_command(host: Host, box: Box) -> tuple[str, float]:
 def run_test(host: Host, box: Box, cmd: str | None = None, timeout: float | None = None,
              on_line: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the test command in the box; {cmd, exit, seconds, timed_out, passed/failed/errors, last_lines}."""
-    from worktreebox.fleet.fanout import test_counts
+    from worktreebox.fleet.measure import test_counts
 
     if not box.path.is_dir():
         raise WtboxError(f"The worktree of {box.id} is gone ({box.path}); remove the box with 'wtbox rm {box.id}'.")

@@ -145,13 +145,14 @@ def test_a_port_taken_after_the_lease_fails_new_naming_the_service(host, make_re
     from worktreebox.resources import ports
 
     repo = make_repo(toml=BARE + '[box]\nports = ["web"]\n[backing.cache]\nimage = "redis:7"\n')
-    lo = int(os.environ["WTBOX_PORT_RANGE"].split("-")[0])
     with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", lo + 1))  # where `cache` is leased: web gets lo, cache lo + 1
+        squatter.bind(("127.0.0.1", 0))  # a port no one else holds; the box's lease range ends on it
         squatter.listen()
+        taken = squatter.getsockname()[1]
+        monkeypatch.setattr(host.config, "port_range", (taken - 1, taken))  # web, then cache on `taken`
         monkeypatch.setattr(ports, "is_port_free", lambda port: True)  # the stranger came after the lease
         msg = _fails_and_leaves_nothing(host, repo)
-    assert "'cache'" in msg and f"port {lo + 1} is already in use" in msg
+    assert "'cache'" in msg and f"port {taken} is already in use" in msg
 
 
 @needs("redis")

@@ -4,7 +4,6 @@ service that cannot start fails `new` in one sentence naming it, and leaves noth
 from __future__ import annotations
 
 import json
-import os
 import smtplib
 import socket
 from email.message import EmailMessage

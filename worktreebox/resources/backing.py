@@ -70,7 +70,7 @@ class Backing(Resource):
         if names or pid_dir.exists():
             found = [p for f in pid_dir.glob("*.pid") if (p := procs.from_pid_file(f, box.id, None)) is not None]
             found += procs.find_named(box.id, _native_process_names(), box_dir=box.dir)
-            procs.kill_staged(list({p.pid: p for p in found}.values()))
+            procs.stop_processes(list({p.pid: p for p in found}.values()))
             procs.stop_cgroup(host.home, box.id, leaves=[LEAF])
         if any(d.get("runtime") == "docker" for d in data.values()) or (not data and "env_keys" not in box.data
                                                                        and _docker_used(host)):
@@ -134,23 +134,21 @@ def _check_port(box: Box, cfg: BackingConfig) -> None:
 
 def _wait_ready(box: Box, wanted: dict[str, BackingConfig], running: dict[str, tuple[Runtime, Any]],
                 held: list[int]) -> None:
-    """Until every instance answers its probe; one sentence naming the first that died or timed out."""
-    start = time.monotonic()
-    pending = dict(running)
-    while pending:
-        for name, (rt, handle) in list(pending.items()):
-            cfg = wanted[name]
-            if rt.ready(handle, box.ports[name]):
-                del pending[name]
-            elif (why := rt.failed(handle)) is not None:
-                raise WtboxError(f"The backing service {name!r} ({cfg.image}, {rt.runtime}) {why} at start: "
-                                 f"{_last_words(box, name, held)}.")
-            elif time.monotonic() - start > cfg.ready_timeout:
-                raise WtboxError(f"The backing service {name!r} ({cfg.image}, {rt.runtime}) did not answer on port "
-                                 f"{box.ports[name]} within {cfg.ready_timeout:g} s; see 'wtbox logs {box.id} "
-                                 f"--service {name}'.")
-        if pending:
-            time.sleep(POLL)
+    """Until every instance answers its probe (system/readiness.py; all were launched already, so
+    one after the other costs the slowest); one sentence naming the first that died or timed out."""
+    from worktreebox.system import readiness
+
+    for name, (rt, handle) in running.items():
+        cfg, port = wanted[name], box.ports[name]
+        answers = readiness.Probe(lambda timeout, rt=rt, handle=handle, port=port: rt.ready(handle, port))
+        why = readiness.wait(answers, cfg.ready_timeout, alive=lambda rt=rt, handle=handle: rt.failed(handle) is None,
+                             poll=POLL)
+        if why == readiness.EXITED:
+            raise WtboxError(f"The backing service {name!r} ({cfg.image}, {rt.runtime}) {rt.failed(handle)} at "
+                             f"start: {_last_words(box, name, held)}.")
+        if why == readiness.TIMEOUT:
+            raise WtboxError(f"The backing service {name!r} ({cfg.image}, {rt.runtime}) did not answer on port "
+                             f"{port} within {cfg.ready_timeout:g} s; see 'wtbox logs {box.id} --service {name}'.")
 
 
 def _last_words(box: Box, name: str, held: list[int]) -> str:

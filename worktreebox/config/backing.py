@@ -12,6 +12,10 @@ import dataclasses
 import re
 from typing import Any
 
+import cfgv
+
+from worktreebox.config import values as v
+from worktreebox.config.schema import Key, NamedTables, table
 from worktreebox.errors import ConfigError
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,23}$")
@@ -60,7 +64,7 @@ class BackingConfig:
     image: str
     kind: str
     runtime: str | None = None  # native | docker; None: native when the host has the program, else docker
-    port: int = 0  # canonical port inside the box
+    port: int = 0  # canonical port inside the box (0: the kind's)
     ready_timeout: float = 60.0
 
     @property
@@ -75,30 +79,27 @@ class TestConfig:
     timeout: float = 1800.0
 
 
-def parse_backing(source: str, tables: dict[str, Any], reader: Any, check_image: Any) -> dict[str, BackingConfig]:
-    """[backing.<name>] tables: image (required), kind, runtime, port, ready_timeout. `reader` is
-    load.py's table reader, `check_image` its image check (handed in: load.py imports this module)."""
+TestConfig.__test__ = False  # type: ignore[attr-defined]  # not a pytest test class
+
+# The schema (config/schema.py): [backing.<name>] tables and [test].
+SERVICE = table("backing", Key("image", v.image, required=True), Key("kind", v.choice(*KINDS)),
+                Key("runtime", v.choice("native", "docker")),
+                Key("port", v.whole("a port number from 1 to 65535", 1, 65535)),
+                Key("ready_timeout", v.positive_duration))
+BACKING = cfgv.Map("backing", None, NamedTables("backing", "backing service", SERVICE))  # no keys of its own
+TEST = table("test", Key("cmd", v.command), Key("timeout", v.positive_duration))
+
+
+def backing_from(source: str, tables: dict[str, dict[str, Any]]) -> dict[str, BackingConfig]:
+    """The validated [backing.<name>] tables as BackingConfigs: the kind from the image (or `kind`)."""
     out = {}
-    for name, table in tables.items():
+    for name, t in tables.items():
         if not _NAME.match(name):
-            raise ConfigError(f"{source}: [backing.{name!r}]: names are lowercase letters, digits and '_' "
-                              "(at most 24), such as \"redis\".")
-        if not isinstance(table, dict):
-            raise ConfigError(f"{source}: [backing.{name}] must be a table with image = \"...\", such as "
-                              "image = \"redis:7\".")
-        r = reader(source, table, f"backing.{name}")
-        r.unknown({"image", "kind", "runtime", "port", "ready_timeout"})
-        image = r.get("image", str, None, "an image name such as \"redis:7\"")
-        if image is None:
-            raise r.err("image", "an image name such as \"redis:7\"", None)
-        check_image(image, f"{source}: [backing.{name}] image")
-        kind = r.choice("kind", tuple(KINDS), None) or _kind(source, name, image)
-        port = r.get("port", int, KINDS[kind].port, "a port number from 1 to 65535")
-        if not 1 <= port <= 65535:
-            raise r.err("port", "a port number from 1 to 65535", port)
-        runtime = r.choice("runtime", ("native", "docker"), None)
-        out[name] = BackingConfig(name=name, image=image, kind=kind, runtime=runtime, port=port,
-                                  ready_timeout=r.duration("ready_timeout", 60.0))
+            raise ConfigError(f"{source}: [backing.{name}]: names are at most 24 lowercase letters, digits and '_', "
+                              "such as \"redis\".")
+        kind = t.get("kind") or _kind(source, name, t["image"])
+        out[name] = BackingConfig(name=name, image=t["image"], kind=kind, runtime=t.get("runtime"),
+                                  port=t.get("port", KINDS[kind].port), ready_timeout=t.get("ready_timeout", 60.0))
     return out
 
 
@@ -111,12 +112,6 @@ def _kind(source: str, name: str, image: str) -> str:
         raise ConfigError(f"{source}: [backing.{name}] image {image!r} is not a kind wtbox runs per box; "
                           f"set kind = one of {', '.join(KINDS)}, or run it as a [services] entry.")
     return kind
-
-
-def parse_test(source: str, table: dict[str, Any], reader: Any) -> TestConfig:
-    r = reader(source, table, "test")
-    r.unknown({"cmd", "timeout"})
-    return TestConfig(cmd=r.command("cmd"), timeout=r.duration("timeout", 1800.0))
 
 
 def check_names(source: str, backing: dict[str, BackingConfig], box_ports: list[str], services: dict) -> None:

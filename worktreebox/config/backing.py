@@ -86,7 +86,7 @@ SERVICE = table("backing", Key("image", v.image, required=True), Key("kind", v.c
                 Key("runtime", v.choice("native", "docker")),
                 Key("port", v.whole("a port number from 1 to 65535", 1, 65535)),
                 Key("ready_timeout", v.positive_duration))
-BACKING = cfgv.Map("backing", None, NamedTables("backing", "backing service", SERVICE))  # no keys of its own
+BACKING = cfgv.Map("backing", None, NamedTables("backing", "backing service", SERVICE, needs='image = "..."'))  # no keys of its own
 TEST = table("test", Key("cmd", v.command), Key("timeout", v.positive_duration))
 
 

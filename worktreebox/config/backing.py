@@ -86,7 +86,8 @@ SERVICE = table("backing", Key("image", v.image, required=True), Key("kind", v.c
                 Key("runtime", v.choice("native", "docker")),
                 Key("port", v.whole("a port number from 1 to 65535", 1, 65535)),
                 Key("ready_timeout", v.positive_duration))
-BACKING = cfgv.Map("backing", None, NamedTables("backing", "backing service", SERVICE, needs='image = "..."'))  # no keys of its own
+# [backing] has no keys of its own: each entry is a table [backing.<name>]
+BACKING = cfgv.Map("backing", None, NamedTables("backing", "backing service", SERVICE, needs='image = "..."'))
 TEST = table("test", Key("cmd", v.command), Key("timeout", v.positive_duration))
 
 

@@ -17,6 +17,7 @@ import sys
 import threading
 from pathlib import Path
 
+from worktreebox.system import procfs
 from worktreebox.telemetry.logs.writer import LogWriter, pump
 
 NAME = "wtbox-keeper"
@@ -59,10 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     logs_dir, pipes = parse_args(sys.argv[1:] if argv is None else argv)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
-    try:
-        Path("/proc/self/comm").write_text(NAME)
-    except OSError:
-        pass
+    procfs.name_self(NAME)
     keep(logs_dir, pipes)
 
 

@@ -50,6 +50,14 @@ def remove_box_cgroups(home) -> None:
             backend.remove(box_id)
 
 
+def stop_router(home) -> None:
+    """Stop the router (Caddy) of `home` if one runs: a test that left boxes behind leaves it too."""
+    from worktreebox.router import caddy
+    from worktreebox.router.state import read_state
+
+    caddy.stop(read_state(Path(home)).get("pid"))
+
+
 # A service that spins `argv[2]` processes, each in a session of its own, while the file argv[1]
 # exists (tests of fair CPU and of background boxes, and scripts/bench_cgroups.py).
 BURNER = (Path(__file__).parent / "services" / "burner.py").read_text()

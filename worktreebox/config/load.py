@@ -637,6 +637,10 @@ class HostConfig:
     mounts_where: str = "[host] mounts"  # where that came from, for error messages
     layer_ttl: float = 24 * 3600.0  # gc removes trees and dependency layers no box used for this long
     background_busy: bool = True  # a box that keeps the CPU busy runs as background (background.py)
+    # The host router (worktreebox/router): on, on a leased port (None) or this one, on the loopback.
+    router: bool = True
+    router_port: int | None = None
+    router_listen: str = "127.0.0.1"
 
 
 def load_host_config(home: Path) -> HostConfig:
@@ -654,7 +658,8 @@ def load_host_config(home: Path) -> HostConfig:
         if key not in known:
             raise ConfigError(f"{src}: unknown section [{key}]; known sections: {', '.join(sorted(known))}.")
     r = _Reader(src, _table(src, data, "host"), "host")
-    r.unknown({"port_range", "max_boxes", "max_active", "max_load", "mounts", "layer_ttl", "background_busy"})
+    r.unknown({"port_range", "max_boxes", "max_active", "max_load", "mounts", "layer_ttl", "background_busy",
+               "router", "router_port", "router_listen"})
     pr = r.get("port_range", str, None, "a range such as \"20000-29999\"")
     cfg.port_range = parse_port_range(pr, f"{src}: [host] port_range") if pr is not None else None
     cfg.max_boxes = r.get("max_boxes", int, 64, "a whole number")
@@ -671,6 +676,7 @@ def load_host_config(home: Path) -> HostConfig:
         raise r.err("max_load", "a load average above 0, such as 4.0", load)
     cfg.max_load = float(load) if load is not None else None
     cfg.background_busy = r.get("background_busy", bool, True, "true or false")
+    _read_router(r, cfg)
     r = _Reader(src, _table(src, data, "box"), "box")
     r.unknown(set(LIMIT_KEYS))
     cfg.box_limits = r.limits()
@@ -717,6 +723,21 @@ def load_host_config(home: Path) -> HostConfig:
     if os.environ.get("WTBOX_VICTORIAMETRICS_IMAGE"):
         cfg.victoriametrics_image = check_image(os.environ["WTBOX_VICTORIAMETRICS_IMAGE"], "WTBOX_VICTORIAMETRICS_IMAGE")
     return cfg
+
+
+def _read_router(r: _Reader, cfg: HostConfig) -> None:
+    """[host] router, router_port, router_listen (an IP address: Caddy binds it as given)."""
+    import ipaddress
+
+    cfg.router = r.get("router", bool, True, "true or false")
+    cfg.router_port = r.get("router_port", int, None, "a port number from 1 to 65535")
+    if cfg.router_port is not None and not 1 <= cfg.router_port <= 65535:
+        raise r.err("router_port", "a port number from 1 to 65535", cfg.router_port)
+    listen = r.get("router_listen", str, cfg.router_listen, "an IP address such as \"127.0.0.1\" or \"0.0.0.0\"")
+    try:
+        cfg.router_listen = str(ipaddress.ip_address(listen))
+    except ValueError:
+        raise r.err("router_listen", "an IP address such as \"127.0.0.1\" or \"0.0.0.0\"", listen) from None
 
 
 def check_postgres_url(url: str, where: str) -> str:

@@ -129,8 +129,13 @@ class _Opened:
 
     def __enter__(self):
         from worktreebox.host import Host
+        from worktreebox.router.state import needs_revive
 
         self.host = Host()
+        if needs_revive(self.host.home):  # a killed router comes back with every route, as for the CLI
+            from worktreebox.resources.router import push
+
+            push(self.host)
         return self.host
 
     def __exit__(self, *exc: object) -> None:
@@ -300,7 +305,8 @@ def _remove_made_by(ident: list[int] | None) -> None:
 
 @_blocking
 def _list(host) -> list[dict[str, Any]]:
-    return [b.to_json() for b in host.list()]
+    every = host.list()
+    return [host.list_json(b, every) for b in every]
 
 
 async def box_list() -> list[dict[str, Any]]:
@@ -317,6 +323,19 @@ async def box_status(box: BoxRef, ctx: Context, show_secrets: ShowSecrets = Fals
     """A box's ports, database, services and metrics (what `wtbox status --json` prints)."""
     reveal = _reveal(ctx, show_secrets)
     return await in_thread(lambda: _status(box, reveal))
+
+
+@_blocking
+def _url(host, box: str, service: str | None) -> dict[str, Any]:
+    return host.url(host.get(box), service)
+
+
+async def box_url(box: BoxRef, service: Annotated[str | None, Field(
+        description="One service (port name) of the box; default its first.")] = None) -> dict[str, Any]:
+    """The URL of a box (or of one of its services) through the host router, e.g.
+    http://web.fix-login.localhost:20017/ (what `wtbox url --json` prints); one SSH tunnel to the
+    router's port reaches every box by name."""
+    return await in_thread(lambda: _url(box, service))
 
 
 @_blocking
@@ -696,7 +715,7 @@ def box_logs_resource(box: str, service: str) -> str:
 # A new operation is one async function above (its blocking part through in_thread, taking its
 # arguments typed and described) and one line here.
 TOOLS: list[tuple[Callable[..., Any], ToolAnnotations]] = [
-    (box_new, CHANGES), (box_list, READ_ONLY), (box_status, READ_ONLY), (box_env, READ_ONLY),
+    (box_new, CHANGES), (box_list, READ_ONLY), (box_status, READ_ONLY), (box_url, READ_ONLY), (box_env, READ_ONLY),
     (box_exec, CHANGES), (box_logs, READ_ONLY), (box_metrics, READ_ONLY), (box_traces, READ_ONLY),
     (box_probe, CHANGES), (box_browse, CHANGES),
     (box_up, CHANGES), (box_down, CHANGES), (box_restart, CHANGES), (box_rm, DESTROYS),

@@ -133,7 +133,8 @@ def _optional_sections() -> None:
                           ("pool", "bench_pool", "bench_pool"), ("mcp", "bench_mcp", "bench_mcp"),
                           ("traces", "bench_traces", "bench_traces"),
                           ("browser", "bench_browser", "bench_browser"),
-                          ("cgroups", "bench_cgroups", "bench_cgroups"), ("layers", "bench_layers", "bench_layers")):
+                          ("cgroups", "bench_cgroups", "bench_cgroups"), ("layers", "bench_layers", "bench_layers"),
+                          ("router", "bench_router", "bench_router")):
         try:
             module = __import__(mod)
             SECTIONS[name] = getattr(module, fn)

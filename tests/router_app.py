@@ -18,6 +18,11 @@ PAGE = f"<!doctype html><html><head><title>box {NAME}</title></head><body><h1 id
 
 
 class Page(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as browsers and the router's upstream connections use it
+    # Headers and body leave in two writes: with Nagle's algorithm the body would wait for the
+    # peer's delayed ACK (40 ms), as no real app server lets it (they set TCP_NODELAY too).
+    disable_nagle_algorithm = True
+
     def do_GET(self) -> None:
         if self.path == "/events":
             self.send_response(200)

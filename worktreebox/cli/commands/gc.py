@@ -12,7 +12,7 @@ from worktreebox.config.load import parse_duration
 
 
 def _timer_files() -> dict[str, str]:
-    from worktreebox.cli.commands.setup import template_path
+    from worktreebox.cli.commands.init import template_path
 
     wtbox = Path(sys.executable).with_name("wtbox")
     exe = str(wtbox) if wtbox.exists() else f"{sys.executable} -m worktreebox.cli.main"

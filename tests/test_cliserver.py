@@ -143,7 +143,7 @@ def test_stdin_reaches_the_served_command(srv, repo):
     for t in ("one", "two"):
         assert srv.run("new", t, "--repo", str(repo)).returncode == 0
     master, slave = pty.openpty()
-    code = ("import sys; from worktreebox import launcher; "
+    code = ("import sys; from worktreebox.cli import launcher; "
             f"sys.exit(launcher.serve({str(srv.home)!r}, ['rm', '--all']))")
     p = subprocess.Popen([sys.executable, "-c", code], stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          env=srv.env, text=True)
@@ -215,7 +215,7 @@ def test_changed_code_makes_the_server_refuse_and_exit(srv, repo):
         r = srv.run("ls", "--json")
         assert r.returncode == 0 and json.loads(r.stdout) == []  # ran in process
         assert server.wait(10) == 0
-        assert "cliproto.py changed" in srv.log()
+        assert "protocol.py changed" in srv.log()
         assert wait_for(srv.status, timeout=30, every=0.1)["served"] == 0  # a fresh one, started by the launcher
     finally:
         os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -237,7 +237,7 @@ def test_another_uid_is_refused(srv):
     os.chmod(os.path.dirname(sock), 0o711)
     os.chmod(sock, 0o777)
     # from inside run/ (0711) by a relative path: the test's tmp dirs above it are 0700
-    code = ("import os, _socket; from worktreebox import cliproto; os.setuid(65534); "
+    code = ("import os, _socket; from worktreebox.cli import protocol as cliproto; os.setuid(65534); "
             "s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM); s.settimeout(5); s.connect('cli.sock'); "
             "\ntry: cliproto.send(s, {'op': 'status'}); print(s.recv(100))\nexcept (BrokenPipeError, ConnectionResetError): print(b'')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, env=srv.env,

@@ -369,7 +369,7 @@ def _driver_source() -> str:
     """Runs many CLI invocations in one interpreter; one JSON result per case on stdout."""
     return r'''
 import contextlib, io, json, os, sys, traceback
-from worktreebox import cli
+from worktreebox.cli import main as cli
 cases = json.loads(sys.stdin.read())
 results = []
 for argv in cases:

@@ -76,7 +76,7 @@ def test_concurrent_claims_never_get_the_same_box(phost, make_repo, tmp_path):
     go = tmp_path / "go"
     script = f'''
 import json, os, sys, time
-from worktreebox import pool as P
+from worktreebox.fleet import pool as P
 from worktreebox.host import Host
 while not os.path.exists({str(go)!r}): time.sleep(0.001)
 h = Host(os.environ["WTBOX_HOME"])

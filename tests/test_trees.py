@@ -277,7 +277,7 @@ def test_tree_of_a_killed_builder_is_swept_and_rebuilt(make_repo, tmp_path):
     repo = make_repo({f"d{i}/f{j}.txt": "x" * 2000 for i in range(30) for j in range(30)})
     sha = git(repo, "rev-parse", "HEAD").strip()
     home = tmp_path / "h"
-    code = ("import sys, time; from pathlib import Path; from worktreebox import trees\n"
+    code = ("import sys, time; from pathlib import Path; from worktreebox.layers import trees\n"
             "def slow(repo, sha, dest):\n"
             "    (dest / 'tree').mkdir(); print('building', flush=True); time.sleep(30)\n"
             "trees.build = slow\n"

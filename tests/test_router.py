@@ -62,17 +62,17 @@ def router_port(home: Path) -> int:
 # ---------------------------------------------------------------- the route table (pure)
 
 def _box(box_id: str, ports: dict[str, int], *, state: str = READY, pool: str | None = None,
-         first: str | None = None) -> Box:
+         first: str | None = None, created_at: float = 1000.0) -> Box:
     env = {"PORT": str(ports[first])} if first else {}
     return Box(id=box_id, task=box_id.rsplit("-", 1)[0], repo="/r", branch=f"wtbox/{box_id}", dir=Path("/x") / box_id,
-               state=state, ports=ports, env=env, pool=pool)
+               state=state, ports=ports, env=env, pool=pool, created_at=created_at)
 
 
 def test_route_table_names_services_and_what_is_left_out():
     boxes = [
         _box("fix-login-0000000a", {"web": 20001, "api_v2": 20002, "metrics": 20003}, first="web"),
-        _box("twin-0000000b", {"web": 20011}, first="web"),
-        _box("twin-0000000c", {"web": 20021}, first="web"),
+        _box("twin-0000000c", {"web": 20021}, first="web", created_at=2000.0),
+        _box("twin-0000000b", {"web": 20011}, first="web", created_at=3000.0),
         _box("pool-0000000d", {"web": 20031}, pool="key", first="web"),  # waits in the warm pool
         _box("going-0000000e", {"web": 20041}, state=REMOVING, first="web"),
         _box("born-0000000f", {"api": 20051, "web": 20050}, state=CREATING, first="api"),
@@ -88,7 +88,10 @@ def test_route_table_names_services_and_what_is_left_out():
     # A port name with '_' becomes a DNS label with '-'; only the first port answers to the bare name.
     assert set(table[("fix-login-0000000a", "api_v2")].hosts) == {"api-v2.fix-login-0000000a.localhost",
                                                                    "api-v2.fix-login.localhost"}
-    # Two live boxes of one task: each by its id only (as `wtbox status twin` refuses to guess).
+    # Two live boxes of one task: the older keeps the task's name (a URL once printed stays good),
+    # the younger answers to its id.
+    assert set(table[("twin-0000000c", "web")].hosts) == {"web.twin-0000000c.localhost", "web.twin.localhost",
+                                                          "twin-0000000c.localhost", "twin.localhost"}
     assert set(table[("twin-0000000b", "web")].hosts) == {"web.twin-0000000b.localhost", "twin-0000000b.localhost"}
     # $PORT decides which port is first, not the name or the number.
     assert table[("born-0000000f", "api")].first and not table[("born-0000000f", "web")].first

@@ -50,12 +50,13 @@ def slug_of(box_id: str) -> str:
 
 
 def names(boxes: list[Box]) -> dict[str, list[str]]:
-    """box id -> the names it answers to: its id, and its slug when that is unique and no id."""
+    """box id -> the names it answers to: its id, and its slug unless an older live box has the
+    same slug (so a URL once printed keeps working while its box lives) or the slug is some id."""
     ids = {b.id for b in boxes}
-    slugs: dict[str, int] = {}
-    for b in boxes:
-        slugs[slug_of(b.id)] = slugs.get(slug_of(b.id), 0) + 1
-    return {b.id: [b.id] + ([slug_of(b.id)] if slugs[slug_of(b.id)] == 1 and slug_of(b.id) not in ids else [])
+    owner: dict[str, str] = {}
+    for b in sorted(boxes, key=lambda b: (b.created_at, b.id)):
+        owner.setdefault(slug_of(b.id), b.id)
+    return {b.id: [b.id] + ([slug_of(b.id)] if owner[slug_of(b.id)] == b.id and slug_of(b.id) not in ids else [])
             for b in boxes}
 
 
@@ -89,7 +90,7 @@ def box_urls(box: Box, boxes: list[Box], port: int) -> dict[str, str]:
     live = routed(boxes)
     if box.id not in {b.id for b in live}:
         return {}
-    name = names(live)[box.id][-1]  # the slug when it is unique, else the id
+    name = names(live)[box.id][-1]  # the slug when it is the box's, else the id
     return {s: url(port, name, s) for s in app_ports(box)}
 
 

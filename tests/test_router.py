@@ -154,7 +154,7 @@ def test_kill_9_of_caddy_and_the_next_command_brings_every_route_back(run_wtbox,
     port = router_port(wtbox_home)
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: not procs.pid_alive(pid), timeout=5)
-    with pytest.raises(ConnectionRefusedError):
+    with pytest.raises(ConnectionError):  # refused; reset when the dying socket took the connect
         get(port, "one.localhost")
     doctor = json.loads(run_wtbox("doctor", "--json", check=False).stdout)
     line = next(c for c in doctor["checks"] if c["check"] == "router")
@@ -304,3 +304,28 @@ def test_started_router_leaves_the_admin_default_port_alone():
     """Guard: no config wtbox makes ever names Caddy's default admin address."""
     text = routes.encode(routes.caddy_config([], listen="127.0.0.1", port=1, admin="/s", log_file="/l")).decode()
     assert "2019" not in text and '"listen":"unix//s"' in text and '"persist":false' in text
+
+
+@needs_caddy
+def test_mcp_box_url_list_and_status_carry_the_url(run_wtbox, make_repo, wtbox_home):
+    import anyio
+    from test_mcp import failed, ok, stdio_client
+
+    repo = make_repo(toml=router_toml())
+    box = json.loads(run_wtbox("new", "agent-view", "--repo", str(repo), "--json").stdout)
+    port = router_port(wtbox_home)
+    want = f"http://web.agent-view.localhost:{port}/"
+
+    async def main():
+        async with stdio_client(wtbox_home) as client:
+            url = ok(await client.call_tool("box_url", {"box": "agent-view"}))
+            assert url["url"] == want and url["urls"]["ws"] == f"http://ws.agent-view.localhost:{port}/"
+            assert ok(await client.call_tool("box_url", {"box": box["id"], "service": "ws"}))["service"] == "ws"
+            assert "no service port 'nope'" in failed(await client.call_tool("box_url", {"box": box["id"],
+                                                                                          "service": "nope"}))
+            assert [b["url"] for b in ok(await client.call_tool("box_list", {}))] == [want]
+            assert ok(await client.call_tool("box_status", {"box": "agent-view"}))["url"] == want
+
+    anyio.run(main)
+    assert get(port, "agent-view.localhost")[0] == 200
+    run_wtbox("rm", "agent-view")

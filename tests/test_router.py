@@ -11,6 +11,7 @@ import base64
 import http.client
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from worktreebox.system import procs
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "tests" / "router_app.py"
-needs_caddy = pytest.mark.skipif(not os.path.exists("/usr/bin/caddy"), reason="the Debian package caddy is not installed")
+needs_caddy = pytest.mark.skipif(not shutil.which("caddy"), reason="the Debian package caddy is not installed")
 
 
 def router_toml(extra: str = "", name: str = " {{ box.id }}") -> str:
@@ -97,7 +98,8 @@ def test_route_table_names_services_and_what_is_left_out():
     assert table[("born-0000000f", "api")].first and not table[("born-0000000f", "web")].first
     # The same boxes give the same config, byte for byte (so an unchanged set is never pushed again).
     def cfg(bs):
-        return routes.encode(routes.caddy_config(routes.table(bs), listen="127.0.0.1", port=1, admin="/s", log_file="/l"))
+        return routes.encode(routes.caddy_config(routes.table(bs), listen="127.0.0.1", port=1, admin="/s",
+                                                 log_file="/l"))
     assert cfg(boxes) == cfg(list(reversed(boxes)))
     assert routes.url(8080, "fix-login", "api_v2") == "http://api-v2.fix-login.localhost:8080/"
 
@@ -123,8 +125,9 @@ def test_two_boxes_by_name_unknown_names_get_the_list_and_the_last_rm_stops_it(h
 
     for box in (a, b):
         for name in (box.task, box.id):
-            assert get(port, f"{name}.localhost") == (200, f"<!doctype html><html><head><title>box {box.id}</title>"
-                                                           f"</head><body><h1 id='name'>{box.id}</h1></body></html>")
+            page = (f"<!doctype html><html><head><title>box {box.id}</title></head><body>"
+                    f"<h1 id='name'>{box.id}</h1></body></html>")
+            assert get(port, f"{name}.localhost") == (200, page)
             assert get(port, f"web.{name}.localhost")[0] == 200
     status, page = get(port, "nobody.localhost")
     assert status == 404 and "alpha.localhost" in page and "beta.localhost" in page
@@ -225,7 +228,8 @@ def test_url_open_and_bad_input(run_wtbox, make_repo, wtbox_home):
     opened = json.loads(run_wtbox("open", "fix-login", "--json", env={"BROWSER": "true"}).stdout)
     assert opened["opened_with"] == "true" and opened["url"] == f"http://web.fix-login.localhost:{port}/"
     plain = run_wtbox("open", "fix-login", env={"BROWSER": "", "DISPLAY": "", "WAYLAND_DISPLAY": ""})
-    assert plain.stdout == f"http://web.fix-login.localhost:{port}/\n" and f"ssh -L {port}:127.0.0.1:{port}" in plain.stderr
+    assert plain.stdout == f"http://web.fix-login.localhost:{port}/\n"
+    assert f"ssh -L {port}:127.0.0.1:{port}" in plain.stderr
     run_wtbox("rm", "fix-login")
 
 

@@ -160,27 +160,10 @@ class Host:
 
     def url(self, box: Box, service: str | None = None, *, show_token: bool = False) -> dict:
         """`url --json`: the URL of the box (its first service) or of one service through the host
-        router, which is brought in step with the registry first (started if need be), so the URL
-        answers; `token` (with show_token) when the router asks for one."""
+        router, brought in step with the registry first so the URL answers (router/control.py)."""
         from worktreebox.router import control
 
-        if not self.config.router:
-            raise WtboxError(f"The router is off ([host] router = false in {self.config.source}); "
-                             f"{box.id} listens on {_ports_text(box)}.")
-        urls = control.urls(self, box)
-        if not urls:
-            raise WtboxError(f"{box.id} has no port to route" + ("" if box.pool is None else " (it waits in the pool)")
-                             + ".")
-        if service is not None and service not in urls:
-            raise UsageError(f"{box.id} has no service port {service!r}; its ports: {', '.join(urls)}.")
-        router = control.sync(self)
-        out = {"id": box.id, "service": service or next(iter(urls)), "url": urls[service or next(iter(urls))],
-               "urls": urls, "router": {k: router.get(k) for k in ("port", "listen")}}
-        if router.get("listen") and not control.loopback(router["listen"]):
-            out["token_needed"] = True
-            if show_token:
-                out["token"] = control.token(self.home)
-        return out
+        return control.url(self, box, service, show_token=show_token)
 
     def box_of_path(self, path: Path) -> Box | None:
         try:
@@ -572,10 +555,6 @@ class Host:
 
 
 # ---------------------------------------------------------------------- helpers
-
-def _ports_text(box: Box) -> str:
-    return ", ".join(f"{n}={p}" for n, p in box.ports.items()) or "no ports"
-
 
 def _run_stage(stage: list[Resource], step: Callable[[Resource], None]) -> None:
     """Run `step` on every resource of a stage, concurrently when there are several; all finish,

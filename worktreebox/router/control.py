@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from worktreebox.errors import WtboxError
+from worktreebox.errors import UsageError, WtboxError
 from worktreebox.router import caddy, routes
 from worktreebox.router import token as tokens
 from worktreebox.router.state import PORT_OWNER, Paths, read_state
@@ -83,17 +82,31 @@ def urls(host: HostContext, box: Box, boxes: list[Box] | None = None) -> dict[st
     return routes.box_urls(box, boxes, port) if port else {}
 
 
+def url(host: HostContext, box: Box, service: str | None = None, *, show_token: bool = False) -> dict[str, Any]:
+    """What `wtbox url --json` prints; the router is synced first (started if need be)."""
+    if not host.config.router:
+        ports = ", ".join(f"{n}={p}" for n, p in box.ports.items()) or "no ports"
+        raise WtboxError(f"The router is off ([host] router = false in {host.config.source}); {box.id} listens on "
+                         f"{ports}.")
+    every = urls(host, box)
+    if not every:
+        waiting = "" if box.pool is None else " (it waits in the warm pool)"
+        raise WtboxError(f"{box.id} has no port to route{waiting}.")
+    if service is not None and service not in every:
+        raise UsageError(f"{box.id} has no service port {service!r}; its ports: {', '.join(every)}.")
+    service = service or next(iter(every))
+    router = sync(host)
+    out = {"id": box.id, "service": service, "url": every[service], "urls": every,
+           "router": {"port": router.get("port"), "listen": router.get("listen")}}
+    if not tokens.loopback(router.get("listen") or "127.0.0.1"):
+        out["token_needed"] = True
+        if show_token:
+            out["token"] = tokens.read(Paths(host.home))
+    return out
+
+
 def _leased_port(host: HostContext) -> int | None:
     return next(iter(host.registry.ports_of(PORT_OWNER).values()), None)
-
-
-def loopback(address: str) -> bool:
-    return tokens.loopback(address)
-
-
-def token(home: Path) -> str | None:
-    """The token a request needs when the router listens beyond the loopback (None: none made)."""
-    return tokens.read(Paths(home))
 
 
 def status(host: HostContext) -> dict[str, Any]:

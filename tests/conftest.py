@@ -14,6 +14,7 @@ from helpers import (  # noqa: F401 (CORE_TOML, git: old imports from conftest)
     remove_all_boxes,
     remove_box_cgroups,
     stop_router,
+    stop_routers_under,
 )
 
 # one real PostgreSQL cluster for the whole session (see tests/pg_fixtures.py)
@@ -37,6 +38,7 @@ def no_stray_cgroups(request):
         for registry in tmp.glob(pattern):
             remove_box_cgroups(registry.parent)
             stop_router(registry.parent)
+    stop_routers_under(tmp)  # also of homes the test deleted
 
 
 @pytest.fixture

@@ -333,3 +333,34 @@ def test_mcp_box_url_list_and_status_carry_the_url(run_wtbox, make_repo, wtbox_h
     anyio.run(main)
     assert get(port, "agent-view.localhost")[0] == 200
     run_wtbox("rm", "agent-view")
+
+
+@needs_caddy
+def test_a_caddy_its_starter_never_recorded_is_swept_by_gc(run_wtbox, wtbox_home):
+    """`new` killed between starting Caddy and writing router/state.json: gc finds it by the home's
+    bootstrap file on its command line, and ends it."""
+    from worktreebox.router.state import Paths
+
+    paths = Paths(wtbox_home)
+    paths.make()
+    ident = caddy.start(paths, caddy.find(), routes.encode(routes.bootstrap(str(paths.socket), str(paths.log))))
+    assert procs.is_alive(ident) and read_state(wtbox_home) == {}
+    out = json.loads(run_wtbox("gc", "--json").stdout)
+    assert out["router"] == {"running": False, "routes": 0}
+    assert wait_for(lambda: not procs.pid_alive(ident[0]), timeout=5)
+
+
+@needs_caddy
+def test_gc_of_any_home_stops_the_router_of_a_deleted_home(run_wtbox, tmp_path):
+    """A home deleted while its router ran: nothing of that home is left to stop it, so gc of any
+    home does (as it sweeps the cgroups of deleted homes)."""
+    from worktreebox.router.state import Paths
+
+    gone = tmp_path / "gone"
+    paths = Paths(gone)
+    paths.make()
+    ident = caddy.start(paths, caddy.find(), routes.encode(routes.bootstrap(str(paths.socket), str(paths.log))))
+    dry = json.loads(run_wtbox("gc", "--dry-run", "--json").stdout)
+    assert dry["routers"] == [f"router pid {ident[0]} of {gone} (home is gone)"] and procs.is_alive(ident)
+    out = json.loads(run_wtbox("gc", "--json").stdout)
+    assert out["routers"] == dry["routers"] and not procs.pid_alive(ident[0])

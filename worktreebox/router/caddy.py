@@ -76,6 +76,19 @@ def stop(ident: list[int] | None) -> None:
         procs.stop_pid(ident[0])
 
 
+def of_gone_homes() -> list[tuple[int, str]]:
+    """(pid, home) of every router Caddy whose home is gone (no registry left): nothing else would
+    ever stop it. Found by the bootstrap file on its command line."""
+    out = []
+    for pid in procs.pids_named(BINARY):
+        argv = procs.cmdline(pid)
+        config = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else ""
+        home = Path(config).parent.parent
+        if config.endswith("/router/bootstrap.json") and not (home / "registry.sqlite3").exists():
+            out.append((pid, str(home)))
+    return out
+
+
 def load(sock: Path, config: bytes) -> None:
     """Replace Caddy's whole config (it applies it at once, or keeps the old one and says why)."""
     status, body = _request(sock, "POST", "/load", config)

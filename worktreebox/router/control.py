@@ -20,19 +20,25 @@ if TYPE_CHECKING:
 KEEP_STREAMS_SINCE = (2, 7)
 
 
-def sync(host: HostContext) -> dict[str, Any]:
+def sync(host: HostContext, *, sweep: bool = False) -> dict[str, Any]:
     """Make the router serve exactly the routes the registry implies: start it when the first box
     needs it, push the route set when it changed, stop it when no box needs it. Serialised per
-    home; a `kill -9` at any point leaves a state the next sync repairs."""
+    home; a `kill -9` at any point leaves a state the next sync repairs (`sweep`, as gc asks:
+    also end a Caddy of this home that no state file names)."""
     paths = Paths(host.home)
     paths.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     with file_lock(paths.lock, what="the router lock"):
-        return _sync_locked(host, paths)
+        return _sync_locked(host, paths, sweep)
 
 
-def _sync_locked(host: HostContext, paths: Paths) -> dict[str, Any]:
+def _sync_locked(host: HostContext, paths: Paths, sweep: bool) -> dict[str, Any]:
     state = read_state(host.home)
     table = routes.table(host.list()) if host.config.router else []
+    started = not procs.is_alive(state.get("pid"))
+    if started and (sweep or table):
+        # A command killed between starting Caddy and recording it left one no file names: its
+        # command line names this home's bootstrap file. (A /proc scan: only when none runs.)
+        procs.kill_mentioning(str(paths.bootstrap))
     if not table:
         caddy.stop(state.get("pid"))
         paths.state.unlink(missing_ok=True)
@@ -40,8 +46,8 @@ def _sync_locked(host: HostContext, paths: Paths) -> dict[str, Any]:
     binary = caddy.find()
     port = port_of(host)
     listen = host.config.router_listen
-    started = not procs.is_alive(state.get("pid"))
     if started:
+        paths.state.unlink(missing_ok=True)  # a failed start leaves nothing for every command to retry
         state = {"pid": caddy.start(paths, binary, routes.encode(routes.bootstrap(str(paths.socket), str(paths.log)))),
                  "version": list(caddy.version(binary))}
         atomic_write(paths.state, json.dumps(state), mode=0o600)  # from now on a kill -9 is noticed

@@ -281,7 +281,7 @@ def test_beyond_the_loopback_every_request_needs_the_token(run_wtbox, make_repo,
 
     quiet = run_wtbox("url", "guarded", "--json")
     assert token not in quiet.stdout + quiet.stderr and json.loads(quiet.stdout)["token_needed"] is True
-    assert json.loads(run_wtbox("url", "guarded", "--json", "--show-token").stdout)["token"] == token
+    assert json.loads(run_wtbox("url", "guarded", "--json", "--show-secrets").stdout)["token"] == token
     logs = "".join(p.read_text() for p in (wtbox_home / "router").glob("caddy.*") if p.is_file())
     assert token not in logs
     run_wtbox("rm", "guarded")

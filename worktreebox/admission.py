@@ -15,13 +15,12 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from worktreebox.box import CREATING, EXPIRED, READY
 from worktreebox.errors import WtboxError
-from worktreebox.system import cgroups, procs
+from worktreebox.system import cancel, cgroups, procs
 from worktreebox.system.fsutil import file_lock
 
 if TYPE_CHECKING:
@@ -98,7 +97,7 @@ def admitted(host: HostContext, *, wait: bool = True, on_wait: Callable[[str], N
         if why.split(" ")[:3] != (said or "").split(" ")[:3]:  # say it again when the kind of reason changes
             (on_wait or _stderr)(f"waiting for room on this host: {why} (Ctrl-C to give up)")
             said = why
-        time.sleep(POLL)
+        cancel.sleep(POLL)
 
 
 def _stderr(msg: str) -> None:

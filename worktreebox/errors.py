@@ -1,6 +1,11 @@
 """Errors that the CLI turns into one sentence and an exit code (never a traceback)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 
 class WtboxError(Exception):
     """An operation failed (exit 1). The message is one sentence meant for the user."""
@@ -18,6 +23,23 @@ class UsageError(WtboxError):
     """Bad input from the user: a task name, a BOX that doesn't resolve, a flag (exit 2)."""
 
     exit_code = 2
+
+
+class ParamError(UsageError):
+    """Bad input that is about an operation's parameters: the message names them as `{name}`,
+    and each front end spells them its own way (`--diff` in the CLI, `diff` in MCP).
+
+    str() gives the plain names, for a reader that knows no front end."""
+
+    def __init__(self, template: str, *params: str) -> None:
+        self.template, self.params = template, params
+        super().__init__(self.spelled(lambda name: name))
+
+    def spelled(self, spell: Callable[[str], str]) -> str:
+        text = self.template
+        for name in self.params:
+            text = text.replace("{" + name + "}", spell(name))
+        return text
 
 
 class ConfigError(UsageError):

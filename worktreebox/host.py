@@ -1,23 +1,24 @@
-"""Host: new / rm / get / list, composition of resources and rollback.
+"""Host: new / rm / get / list / describe / services / env, composition of resources and rollback.
 
-The CLI is a thin layer over this class; tests and scripts use it directly:
+What the front ends do with one box (status, run, logs, traces, probe, browse) is in
+operations/; they and the fleet call this class; tests and scripts use it directly:
 
     with Host(home).new("fix-login", repo=path) as box:
         ...  # the box is removed on exit
 """
 from __future__ import annotations
 
+import contextvars
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from worktreebox import admission, providers, settings
 from worktreebox.box import CREATING, DEGRADED, FAILED, READY, REMOVING, Box, branch_name, new_id, slugify
 from worktreebox.config.load import (
-    OWN_PORTS,
     load_config_for_new,
     load_host_config,
     load_repo_config_file,
@@ -32,12 +33,10 @@ from worktreebox.resources.base import Creation, Resource
 from worktreebox.services import boxenv
 from worktreebox.services.boxenv import process_env
 from worktreebox.services.envfile import format_env
-from worktreebox.system import git, procs
+from worktreebox.system import cancel, git, procs
 from worktreebox.system.fsutil import atomic_write
 
 if TYPE_CHECKING:
-    import threading
-
     from worktreebox.config.load import HostConfig, RepoConfig
     from worktreebox.providers.postgres.base import Server
 
@@ -217,7 +216,7 @@ class Host:
         repo_root = git.resolve_repo(repo)
         base_sha = git.resolve_commit(repo_root, ref or "HEAD")
         cfg = config or load_config_for_new(repo_root, base_sha, explicit_ref=ref is not None)
-        ttl_s = parse_duration(ttl, where="--ttl", positive=True) if ttl is not None else cfg.box.ttl
+        ttl_s = parse_duration(ttl, where="ttl", positive=True) if ttl is not None else cfg.box.ttl
         for r in self.resources:
             r.warm(None, cfg)
 
@@ -249,10 +248,10 @@ class Host:
             self._create(c)
         except BaseException as e:
             self._rollback(box)
+            if isinstance(e, KeyboardInterrupt) or cancel.cancelled():  # Ctrl-C, or a cancelled MCP call
+                raise Interrupted("Interrupted; the half-made box was removed.") from None
             if isinstance(e, WtboxError):
                 raise
-            if isinstance(e, KeyboardInterrupt):
-                raise Interrupted("Interrupted; the half-made box was removed.") from None
             raise WtboxError(f"Creating the box failed ({type(e).__name__}: {e}); nothing was left behind.") from e
         return box
 
@@ -399,160 +398,6 @@ class Host:
         self._destroy_resources(box, strict=True)
         self.registry.delete_box(box_id)
 
-    # ------------------------------------------------------------------ operations on one box
-    # What `status`, `logs`, `probe` and `wtbox mcp`'s tools do: the two skins (CLI, MCP) call
-    # these and only render (metrics: metrics_query.py; up/down/restart: services above).
-
-    def status(self, box: Box, *, show_secrets: bool = False) -> dict:
-        """`status --json`: describe(), plus a `problem` when the box dir is gone; looking is using (TTL)."""
-        self.registry.touch(box.id)
-        out = self.describe(box, show_secrets=show_secrets)
-        out["disk_bytes"] = self.disk_bytes(box)  # logs and metrics included
-        out["worktree_bytes"] = self.worktree_bytes(box)
-        if not box.dir.exists():
-            out["problem"] = f"the box directory {box.dir} is gone; 'wtbox rm {box.id}' cleans up the rest"
-        return out
-
-    def run(self, box: Box, cmd: str | Sequence[str], *, cwd: str | None = None, timeout: float | None = None,
-            tail: int = 100, reveal: bool = False, cancel: threading.Event | None = None) -> dict:
-        """Run a command in the box as `exec` does, captured: exit code and output tails, secrets
-        masked unless `reveal` (execute.run_in_box)."""
-        from worktreebox.resources.services import redactor_for
-        from worktreebox.services.execute import DEFAULT_TIMEOUT, run_in_box
-
-        secrets = self.running_secrets(box)
-        return run_in_box(self, box, cmd, cwd=cwd, timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
-                          tail=tail, secrets=secrets, redact=None if reveal else redactor_for(box, secrets),
-                          cancel=cancel)
-
-    def log_services(self, box: Box, wanted: Sequence[str] = ()) -> list[str]:
-        """The services of the box that have (or will have) logs; a wanted name that is not one is refused."""
-        from worktreebox.resources.services import configured_names
-        from worktreebox.telemetry.logs import reader
-
-        known = set(reader.available_services(box.logs_dir)) | set(configured_names(box))
-        for s in wanted:
-            if s not in known:
-                names = ", ".join(sorted(n for n in known if not n.startswith("_"))) or "none yet"
-                raise UsageError(f"{box.id} has no service {s!r} with logs; services: {names}.")
-        return sorted(known)
-
-    def logs(self, box: Box, services: Sequence[str] = (), *, since: str | None = None, until: str | None = None,
-             level: str | None = None, grep: str | None = None, tail: int | None = None) -> list[dict]:
-        """Matching log records, oldest first (`logs --json`); since/until are '5m' or ISO times."""
-        from worktreebox.telemetry.logs import reader
-
-        since_ts, until_ts = reader.parse_time(since), reader.parse_time(until)
-        reader.level_at_least(level)  # validated before anything is read
-        self.log_services(box, services)
-        return reader.read_records(box.logs_dir, list(services) or None, since_ts, until_ts, level, grep, tail)
-
-    def traces(self, box: Box, *, service: str | None = None, name: str | None = None,
-               min_duration: str | float | None = None, status: str | None = None, since: str | float | None = None,
-               trace_id: str | None = None, with_logs: bool = False, limit: int | None = 100) -> list[dict] | dict:
-        """`traces --json`: the newest `limit` spans that match every filter, in start order; with
-        `trace_id`, that trace as a tree ({trace_id, start, duration_ms, services, span_count, spans
-        with depth}, plus `logs` with `with_logs`)."""
-        from worktreebox.telemetry.traces import query
-
-        if not box.data.get("traces"):
-            raise WtboxError(f"{box.id} has no OTLP endpoint: its wtbox.toml sets [observability] enabled = false.")
-        if with_logs and not trace_id:
-            raise UsageError("--logs goes with --trace ID: it shows the log records of that one trace.")
-        if trace_id:
-            tree = query.trace_tree(box.dir, trace_id)
-            if with_logs:
-                tree["logs"] = query.trace_logs(box.dir, tree["trace_id"])
-            return tree
-        return query.find_spans(box.dir, service=service, name=name, min_duration=min_duration, status=status,
-                                since=since, limit=limit)
-
-    def probe_url(self, box: Box, target: str) -> str:
-        """A URL as is; a PATH on the box's first port ([box] ports order), never wtbox's own
-        (metrics, browser)."""
-        if target.startswith(("http://", "https://")):
-            return target
-        if not target.startswith("/"):
-            raise UsageError(f"{target!r} is neither a URL nor a path; give e.g. /health or http://127.0.0.1:8000/.")
-        names = [p for p in box.ports if p not in OWN_PORTS]
-        try:
-            first = self.repo_config(box).box.ports[0]
-            if first in box.ports:
-                names.insert(0, first)
-        except Exception:  # an unreadable wtbox.toml: the leased order is good enough
-            pass
-        if not names:
-            raise UsageError(f"{box.id} has no ports; give a full URL instead of {target!r}.")
-        return f"http://127.0.0.1:{box.ports[names[0]]}{target}"
-
-    def probe(self, box: Box, target: str, *, n: int = 200, concurrency: int = 4, method: str = "GET",
-              data: str | None = None) -> dict:
-        """`probe --json`: latency of a URL or PATH of the box, recorded as a histogram in its metrics
-        (`recorded`; `not_recorded` says why not)."""
-        from worktreebox.telemetry import probe as P
-
-        result = P.probe(self.probe_url(box, target), n=n, concurrency=concurrency, method=method.upper(), data=data)
-        result["id"] = result["box"] = box.id  # "box": the alias other results keep for one release
-        result["recorded"] = False
-        metrics_url = (box.data.get("metrics") or {}).get("url")
-        if not metrics_url:
-            result["not_recorded"] = f"{box.id} has observability turned off"
-            return result
-        try:
-            P.record(result, box.id, metrics_url)
-            result["recorded"] = True
-        except WtboxError as e:
-            result["not_recorded"] = str(e)
-        return result
-
-    def browse(self, box: Box, target: str = "/", *, screenshot: str | None = None, full_page: bool = False,
-               viewport: str = "1280x800", wait_for: str | None = None, timeout: float = 30.0,
-               compare: Box | None = None, diff: str | None = None,
-               progress: Callable[[str], None] = lambda m: None) -> dict:
-        """`browse --json`: load a URL or PATH of the box in its Chromium (warm with [browser] enabled,
-        else started for this call); with `compare`, the same PATH in that box too, and `diff_ratio`.
-        Console errors and failed requests also go to the box's logs and metrics. A page that does not
-        load raises browser.PageTimeout/PageFailed, whose `result` holds what was seen until then."""
-        from worktreebox.resources.browser import browse as browse_box
-        from worktreebox.telemetry import browser as chromium
-
-        opts = chromium.PageOptions(viewport=chromium.parse_viewport(viewport), full_page=full_page,
-                                    wait_for=wait_for or None, timeout=timeout,
-                                    screenshot=bool(screenshot or compare))
-        if timeout <= 0:
-            raise UsageError("--timeout must be longer than zero.")
-        if diff and compare is None:
-            raise UsageError("--diff needs --compare OTHER_BOX: a diff is between two boxes.")
-        shot = chromium.check_writable(screenshot) if screenshot else None
-        diff_path = chromium.check_writable(diff, "--diff") if diff else None
-        if compare is not None and compare.id == box.id:
-            raise UsageError(f"--compare names {box.id} itself; compare two different boxes.")
-        urls = [self.probe_url(box, target)] + ([self.probe_url(compare, target)] if compare is not None else [])
-        chromium.find_chromium()  # before any box is touched: one sentence naming the package
-        results = []
-        with chromium.Driver() as driver:
-            for b, url in zip([box] + ([compare] if compare is not None else []), urls):
-                self.registry.touch(b.id)  # looking at a box is using it (TTL)
-                result, png = browse_box(self, b, url, opts, driver, progress)
-                result["id"] = b.id
-                results.append((result, png))
-        (result, png), others = results[0], results[1:]
-        if shot is not None:
-            chromium.write_png(shot, png)
-        result["screenshot"] = str(shot) if shot else None
-        if not others:
-            return result
-        other, other_png = others[0]
-        other["screenshot"] = None
-        if shot is not None:
-            other_shot = shot.with_name(f"{shot.stem}.{compare.id}{shot.suffix or '.png'}")
-            chromium.write_png(other_shot, other_png)
-            other["screenshot"] = str(other_shot)
-        ratio, diff_png = chromium.diff_images(png, other_png)
-        if diff_path is not None:
-            chromium.write_png(diff_path, diff_png)
-        return {**result, "compare": other, "diff_ratio": ratio, "diff": str(diff_path) if diff_path else None}
-
 
 # ---------------------------------------------------------------------- helpers
 
@@ -565,7 +410,8 @@ def _run_stage(stage: list[Resource], step: Callable[[Resource], None]) -> None:
     from concurrent.futures import ThreadPoolExecutor  # ~4 ms with logging: only when a stage runs
 
     with ThreadPoolExecutor(max_workers=len(stage)) as pool:
-        futures = [pool.submit(step, r) for r in stage]
+        # each in a copy of this context: a cancelled MCP call reaches their waits (system/cancel.py)
+        futures = [pool.submit(contextvars.copy_context().run, step, r) for r in stage]
         errors = []
         for f in futures:
             try:
@@ -578,6 +424,7 @@ def _run_stage(stage: list[Resource], step: Callable[[Resource], None]) -> None:
 
 def _timed(c: Creation, phase: str | None, step: Callable[[Creation], None]) -> None:
     """Run one resource step, adding its seconds to `c.timings[phase]` (new --json's timings)."""
+    cancel.check()  # between steps, as Ctrl-C would land (system/cancel.py)
     t0 = time.monotonic()
     try:
         step(c)

@@ -5,7 +5,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from worktreebox.errors import WtboxError
-from worktreebox.fleet.fanout import KEY
+from worktreebox.fleet.compare import KEY
 from worktreebox.system import git
 
 if TYPE_CHECKING:

@@ -147,7 +147,7 @@ def claim(host: Host, task: str, t: Target, *, ttl: str | float | None = None, k
     if not usable:
         return None
     slug = slugify(task)
-    ttl_s = parse_duration(ttl, where="--ttl") if ttl is not None else t.config.box.ttl
+    ttl_s = parse_duration(ttl, where="ttl", positive=True) if ttl is not None else t.config.box.ttl
     claimer = procs.identity(os.getpid())
     now = time.time()
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from worktreebox.errors import WtboxError
 from worktreebox.layers.store import LayerStore
-from worktreebox.system import git
+from worktreebox.system import cancel, git
 
 
 def store(home: Path) -> LayerStore:
@@ -42,12 +42,10 @@ def build(repo: Path, sha: str, dest: Path) -> None:
     env = {**os.environ, "GIT_INDEX_FILE": str(dest / "index"), "GIT_DIR": common, "GIT_WORK_TREE": str(tree),
            "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
     env.pop("GIT_OBJECT_DIRECTORY", None)
-    import subprocess
-
     for args in (["read-tree", sha], ["checkout-index", "--all", "--force", "--index"]):
         # checkout-index --index writes each file's stat data into the index as it goes, which is
         # what makes `git status` in a box a stat-only pass.
-        proc = subprocess.run(["git", *args], cwd=tree, env=env, capture_output=True, text=True)
+        proc = cancel.run(["git", *args], cwd=tree, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             lines = (proc.stderr or proc.stdout).strip().splitlines()
             raise WtboxError(f"Checking out {sha[:12]} of {repo} into the tree store failed: "

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from worktreebox.box import is_box_id
-from worktreebox.errors import WtboxError
+from worktreebox.errors import UsageError, WtboxError
 from worktreebox.resources.base import Creation, Resource
 
 if TYPE_CHECKING:
@@ -131,3 +131,24 @@ class Ports(Resource):
     def discover(self, host: Host) -> set[str]:
         owners = host.registry.lease_owners() | host_leases(host).owners()
         return {o for o in owners if is_box_id(o)}
+
+
+def url_for(host: Host, box: Box, target: str) -> str:
+    """A URL as is; a PATH on the box's first port ([box] ports order), never wtbox's own (metrics,
+    browser): what probe, browse and fan-out's --probe/--browse load."""
+    from worktreebox.config.load import OWN_PORTS
+
+    if target.startswith(("http://", "https://")):
+        return target
+    if not target.startswith("/"):
+        raise UsageError(f"{target!r} is neither a URL nor a path; give e.g. /health or http://127.0.0.1:8000/.")
+    names = [p for p in box.ports if p not in OWN_PORTS]
+    try:
+        first = host.repo_config(box).box.ports[0]
+        if first in box.ports:
+            names.insert(0, first)
+    except Exception:  # an unreadable wtbox.toml: the leased order is good enough
+        pass
+    if not names:
+        raise UsageError(f"{box.id} has no ports; give a full URL instead of {target!r}.")
+    return f"http://127.0.0.1:{box.ports[names[0]]}{target}"

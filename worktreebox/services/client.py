@@ -17,7 +17,7 @@ from worktreebox.errors import UsageError, WtboxError
 from worktreebox.services import boxenv, control
 from worktreebox.services.control import Request, ServiceState
 from worktreebox.services.spec import ServiceSpec, SupervisorPayload
-from worktreebox.system import cgroups, procs
+from worktreebox.system import cancel, cgroups, procs
 from worktreebox.telemetry.logs.reader import read_records
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ def start_supervisor(box: Box, secrets: dict[str, str], specs: list[ServiceSpec]
         pid = supervisor_pid(box)
         if pid and (box.run_dir / control.STATE_FILE).exists():
             return pid
-        time.sleep(0.01)
+        cancel.sleep(0.01)
     raise WtboxError(f"The services supervisor of {box.id} did not start; see 'wtbox logs {box.id}'.")
 
 
@@ -148,7 +148,7 @@ def wait_ready(box: Box, names: list[str], deadline: float) -> None:
         elif bad is not None:
             why = services[bad].error or services[bad].state
         else:
-            time.sleep(delay)
+            cancel.sleep(delay)
             delay = min(delay * 1.5, 0.1)
             continue
         lines = last_lines(box, bad)

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 from worktreebox.errors import UsageError, WtboxError
+from worktreebox.system import cancel
 
 _GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
 
@@ -17,8 +18,8 @@ def git(repo: str | Path, *args: str, check: bool = True, timeout: float = 300,
         input: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, **_GIT_ENV}
     try:
-        proc = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, env=env,
-                              timeout=timeout, input=input)
+        proc = cancel.run(["git", "-C", str(repo), *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, input=input)
     except FileNotFoundError:
         raise WtboxError("git is not installed; install it with 'apt-get install git'.") from None
     if check and proc.returncode != 0:

@@ -7,9 +7,12 @@ import math
 import threading
 import time
 import urllib.parse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from worktreebox.errors import UsageError, WtboxError
+
+if TYPE_CHECKING:
+    from worktreebox.box import Box
 
 HISTOGRAM = "wtbox_probe_duration_seconds"
 
@@ -136,3 +139,22 @@ def _le(le: float | str) -> str:
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
+
+
+def measure(box: Box, url: str, *, n: int = 200, concurrency: int = 4, method: str = "GET",
+            data: str | None = None) -> dict[str, Any]:
+    """`probe --json`: probe(url) for a box, recorded as a histogram in its metrics (`recorded`;
+    `not_recorded` says why not)."""
+    result = probe(url, n=n, concurrency=concurrency, method=method.upper(), data=data)
+    result["id"] = result["box"] = box.id  # "box": the alias other results keep for one release
+    result["recorded"] = False
+    metrics_url = (box.data.get("metrics") or {}).get("url")
+    if not metrics_url:
+        result["not_recorded"] = f"{box.id} has observability turned off"
+        return result
+    try:
+        record(result, box.id, metrics_url)
+        result["recorded"] = True
+    except WtboxError as e:
+        result["not_recorded"] = str(e)
+    return result

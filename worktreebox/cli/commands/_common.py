@@ -1,15 +1,12 @@
 """Shared pieces of the CLI commands: --json, BOX resolution, output, error handling."""
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
-
-from worktreebox.errors import WtboxError
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 box_argument = click.argument("box", required=False)
@@ -19,10 +16,6 @@ def get_host():
     from worktreebox.host import Host
 
     return Host()
-
-
-def resolve_box(host, ref: str | None):
-    return host.get(ref)
 
 
 def emit_json(obj: Any) -> None:
@@ -36,16 +29,9 @@ def info(msg: str) -> None:
 
 def run_cmd(fn: Callable) -> Callable:
     """Turn WtboxError into 'wtbox: <sentence>' on stderr and its exit code (1 or 2)."""
+    from worktreebox.cli.build import errors_as_sentences
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except WtboxError as e:
-            click.echo(f"wtbox: {e}", err=True)
-            sys.exit(e.exit_code)
-
-    return wrapper
+    return errors_as_sentences()(fn)
 
 
 def table(rows: list[list[str]], headers: list[str]) -> None:

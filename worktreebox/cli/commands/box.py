@@ -8,8 +8,10 @@ from pathlib import Path
 
 import click
 
-from worktreebox.cli.commands._common import box_argument, emit_json, get_host, info, json_option, run_cmd, table
+from worktreebox.cli.build import command
+from worktreebox.cli.commands._common import emit_json, get_host, info, table
 from worktreebox.errors import UsageError, WtboxError
+from worktreebox.operations import boxes
 
 
 def parse_secrets(items: tuple[str, ...]) -> dict[str, str]:
@@ -35,45 +37,25 @@ def parse_secrets(items: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-@click.command()
-@click.argument("task")
-@click.option("--repo", type=click.Path(), help="Repository to cut the box from (default: the one around the cwd).")
-@click.option("--from", "ref", help="Git ref to start from (default: HEAD).")
-@click.option("--secret", "secrets", multiple=True, help="NAME (from your env) or NAME=@FILE; services get it, disk never does.")
-@click.option("--no-services", is_flag=True, help="Create the box without starting its services.")
-@click.option("--ttl", help="Remove after this long without use (e.g. 8h); default [box] ttl or 72h.")
-@click.option("--keep", is_flag=True, help="Never remove this box in gc.")
-@click.option("--show-secrets", is_flag=True, help="Show passwords in the output.")
-@click.option("--no-pool", is_flag=True, help="Always make a fresh box, never one from the warm pool.")
-@click.option("--no-wait", is_flag=True, help="Refuse at once when the host is full ([host] max_active / max_load) "
-              "instead of waiting for room.")
-@json_option
-@run_cmd
-def new(task, repo, ref, secrets, no_services, ttl, keep, show_secrets, no_pool, no_wait, as_json):
-    """Create a box for TASK (from the warm pool when one matches)."""
-    from worktreebox.fleet.pool import new_box
+SECRET = click.option("--secret", "secrets", multiple=True,
+                      help="NAME (from your env) or NAME=@FILE; services get it, disk never does.")
 
-    host = get_host()
+
+@command(boxes.NEW, extras=[SECRET])
+def new(task, repo, ref, secrets, no_services, ttl, keep, show_secrets, no_pool, no_wait, as_json):
     t0 = time.perf_counter()
-    # WTBOX_PROGRESS=1: progress lines on stderr for a program that reads them (`wtbox mcp`).
+    # WTBOX_PROGRESS=1: progress lines on stderr for a program that reads them.
     show = (sys.stderr.isatty() and not as_json) or os.environ.get("WTBOX_PROGRESS") == "1"
     progress = (lambda m: info(f"  {m}")) if show else (lambda m: None)
-    box, from_pool = new_box(host, task, repo=repo, ref=ref, secrets=parse_secrets(secrets),
-                             start_services=not no_services, ttl=ttl, keep=keep, progress=progress,
-                             use_pool=not no_pool, wait=not no_wait, on_wait=lambda m: info(f"wtbox: {m}"))
-    out = describe(host, box, show_secrets)
-    out["from_pool"] = from_pool
+    out = boxes.new(get_host(), task, repo, ref, no_services, ttl, keep, no_pool, no_wait, show_secrets,
+                    secrets=parse_secrets(secrets), progress=progress, on_wait=lambda m: info(f"wtbox: {m}"))
     if as_json:
         emit_json(out)
         return
-    info(f"{'claimed' if from_pool else 'created'} {box.id} in {time.perf_counter() - t0:.2f}s"
+    from_pool = out["from_pool"]
+    info(f"{'claimed' if from_pool else 'created'} {out['id']} in {time.perf_counter() - t0:.2f}s"
          + (" (from the warm pool)" if from_pool else ""))
     _print_box(out)
-
-
-def describe(host, b, show_secrets: bool) -> dict:
-    """The JSON contract of `new` and `status` (Host.describe)."""
-    return host.describe(b, show_secrets=show_secrets)
 
 
 def _print_box(out: dict) -> None:
@@ -93,25 +75,21 @@ def _print_box(out: dict) -> None:
     click.echo(f"enter    cd {out['path']} && set -a && . {out['dir']}/env && set +a   (or: wtbox shell {out['id']})")
 
 
-@click.command()
-@click.option("--all", "all_", is_flag=True, help="Include the warm pool's boxes (made ahead, not yet claimed).")
-@json_option
-@run_cmd
-def ls(all_, as_json):
-    """List boxes."""
+@command(boxes.LS)
+def ls(all, as_json):
     host = get_host()
     every = host.list()
-    boxes = [b for b in every if all_ or b.pool is None]
+    found = [b for b in every if all or b.pool is None]
     if as_json:
-        emit_json([host.list_json(b, every) for b in boxes])
+        emit_json([host.list_json(b, every) for b in found])
         return
-    if not boxes:
+    if not found:
         info("no boxes; create one with 'wtbox new TASK'")
         return
     now = time.time()
     rows = [[b.id, b.state + (" (keep)" if b.keep else "") + (" (pool)" if b.pool else ""),
              " ".join(f"{k}={v}" for k, v in b.ports.items()), host.first_url(b, every) or "-",
-             _age(now - b.created_at), str(b.path)] for b in boxes]
+             _age(now - b.created_at), str(b.path)] for b in found]
     table(rows, ["ID", "STATE", "PORTS", "URL", "AGE", "PATH"])
 
 
@@ -122,15 +100,9 @@ def _age(s: float) -> str:
     return f"{int(s)}s"
 
 
-@click.command()
-@box_argument
-@click.option("--show-secrets", is_flag=True, help="Show passwords in the output.")
-@json_option
-@run_cmd
+@command(boxes.STATUS)
 def status(box, show_secrets, as_json):
-    """Show a box: ports, database, services."""
-    host = get_host()
-    out = host.status(host.get(box), show_secrets=show_secrets)
+    out = boxes.status(get_host(), box, show_secrets)
     if as_json:
         emit_json(out)
         return
@@ -142,30 +114,25 @@ def status(box, show_secrets, as_json):
         info(f"warning: {out['problem']}")
 
 
-@click.command()
-@box_argument
-@click.option("--format", "fmt", type=click.Choice(["sh", "dotenv", "json"]), default="sh", show_default=True)
-@json_option
-@run_cmd
+FORMAT = click.option("--format", "fmt", type=click.Choice(["sh", "dotenv", "json"]), default="sh", show_default=True)
+
+
+@command(boxes.ENV, extras=[FORMAT])
 def env(box, fmt, as_json):
-    """Print the box env (eval "$(wtbox env BOX)")."""
     from worktreebox.services.envfile import format_env
 
-    b = get_host().get(box)
-    sys.stdout.write(format_env(b.env, "json" if as_json else fmt))
+    values = boxes.env(get_host(), box, show_secrets=True)  # your own terminal: eval needs the real values
+    sys.stdout.write(format_env(values, "json" if as_json else fmt))
 
 
-@click.command(name="exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
-@click.argument("box")
-@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
-@run_cmd
+@command(boxes.EXEC, json=False,
+         context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 def exec_(box, cmd):
-    """Run CMD in the box's worktree with the box env; exits with CMD's exit code."""
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     if not cmd:
         raise UsageError("Give a command to run: wtbox exec BOX -- CMD ...")
-    b, env = _enter(box)
+    _, env = boxes.enter(get_host(), box)
     try:
         os.execvpe(cmd[0], list(cmd), env)
     except FileNotFoundError:
@@ -176,44 +143,21 @@ def exec_(box, cmd):
         sys.exit(126)
 
 
-@click.command()
-@box_argument
-@run_cmd
+@command(boxes.SHELL, json=False)
 def shell(box):
-    """Open your $SHELL in the box."""
-    b, env = _enter(box)
+    b, env = boxes.enter(get_host(), box)
     env["WTBOX_SHELL"] = b.id
     sh = os.environ.get("SHELL") or "/bin/bash"
     os.execvpe(sh, [sh], env)
 
 
-def _enter(ref):
-    """Resolve BOX, record the use (TTL), chdir into its worktree and step into its cgroup (what we
-    exec next runs there, and the box's limits and teardown cover it); (box, env with secrets)."""
-    from worktreebox.system import cgroups, procs
-
-    host = get_host()
-    b = host.get(ref)
-    if not b.path.is_dir():
-        raise WtboxError(f"The worktree of {b.id} is gone ({b.path}); remove the box with 'wtbox rm {b.id}'.")
-    host.registry.touch(b.id)
-    env = host.exec_env(b, host.running_secrets(b))
-    os.chdir(b.path)
-    procs.enter_cgroup(cgroups.Leaf(host.home, b.id, cgroups.EXEC))
-    return b, env
+ALL = click.option("--all", "all_", is_flag=True, help="Remove every box.")
+YES = click.option("--yes", is_flag=True, help="Don't ask for confirmation with --all.")
 
 
-@click.command()
-@click.argument("boxes", nargs=-1)
-@click.option("--force", is_flag=True, help="Also discard uncommitted work and commits no other branch has.")
-@click.option("--all", "all_", is_flag=True, help="Remove every box.")
-@click.option("--yes", is_flag=True, help="Don't ask for confirmation with --all.")
-@click.option("--keep-branch", is_flag=True, help="Keep the wtbox/<id> branch in the repo.")
-@json_option
-@run_cmd
-def rm(boxes, force, all_, yes, keep_branch, as_json):
-    """Remove boxes and everything they own."""
-    host = get_host()
+@command(boxes.RM, extras=[ALL, YES], several=["box"])
+def rm(box, force, keep_branch, all_, yes, as_json):
+    host, refs = get_host(), box
     if all_:
         targets = host.list()
         if not targets:
@@ -225,11 +169,11 @@ def rm(boxes, force, all_, yes, keep_branch, as_json):
             if not sys.stdin.isatty():
                 raise UsageError("--all needs --yes when there is no terminal to confirm on.")
             click.confirm(f"Remove all {len(targets)} boxes?", abort=True, err=True)
-    elif not boxes:
+    elif not refs:
         targets = [host.get(None)]
     else:
         targets = []
-        for ref in boxes:
+        for ref in refs:
             b = host.get(ref)
             if b.id not in {t.id for t in targets}:
                 targets.append(b)
@@ -242,9 +186,7 @@ def rm(boxes, force, all_, yes, keep_branch, as_json):
             raise WtboxError(f"{b.id} has {why}{more}; nothing was removed. Commit and push, or use --force to discard.")
     removed = []
     for b in targets:
-        t0 = time.perf_counter()
-        host.rm(b, force=True, keep_branch=keep_branch)
-        removed.append({"id": b.id, "seconds": round(time.perf_counter() - t0, 3)})
+        removed.append(boxes.rm(host, b, force=True, keep_branch=keep_branch))
         if not as_json:
             info(f"removed {b.id}")
     if as_json:

@@ -4,37 +4,20 @@ from __future__ import annotations
 
 import click
 
-from worktreebox.cli.commands._common import emit_json, get_host, info, json_option, run_cmd
+from worktreebox.cli.build import command
+from worktreebox.cli.commands._common import emit_json, get_host, info
+from worktreebox.operations import observe
 
 
-@click.command()
-@click.argument("box", required=False)
-@click.argument("target", required=False, metavar="[PATH|URL]")
-@click.option("--screenshot", "screenshot", metavar="FILE.png", help="Write a PNG of the page here.")
-@click.option("--full-page", is_flag=True, help="Capture the whole scrollable page, not just the viewport.")
-@click.option("--viewport", default="1280x800", show_default=True, metavar="WxH", help="Browser window size.")
-@click.option("--wait-for", metavar="SELECTOR|networkidle",
-              help="After the load event, also wait for this CSS selector to be visible (or for the network to idle).")
-@click.option("--timeout", default="30s", show_default=True, metavar="DURATION",
-              help="Give up when the page has not loaded after this long.")
-@click.option("--compare", "other", metavar="OTHER_BOX", help="Load the same PATH in OTHER_BOX and diff the two.")
-@click.option("--diff", "diff_file", metavar="FILE.png", help="With --compare: write the pixel diff here.")
-@json_option
-@run_cmd
-def browse(box, target, screenshot, full_page, viewport, wait_for, timeout, other, diff_file, as_json):
-    """Load PATH (on the box's first port; default /) or URL in the box's Chromium."""
-    from worktreebox.config.load import parse_duration
+@command(observe.BROWSE)
+def browse(box, target, screenshot, full_page, viewport, wait_for, timeout, compare, diff, as_json):
     from worktreebox.telemetry import browser as chromium
 
-    host = get_host()
-    if target is None and box and box.startswith(("/", "http://", "https://")):
+    if target == "/" and box and box.startswith(("/", "http://", "https://")):
         box, target = None, box  # `wtbox browse /path` inside a box
-    b = host.get(box)
-    ob = host.get(other) if other else None
     try:
-        out = host.browse(b, target or "/", screenshot=screenshot, full_page=full_page, viewport=viewport,
-                          wait_for=wait_for, timeout=parse_duration(timeout, where="--timeout"), compare=ob,
-                          diff=diff_file, progress=lambda m: info(f"wtbox: {m}"))
+        out = observe.browse(get_host(), box, target, screenshot, full_page, viewport, wait_for, timeout, compare,
+                             diff, progress=lambda m: info(f"wtbox: {m}"))
     except (chromium.PageTimeout, chromium.PageFailed) as e:
         _partial(e)
         raise
@@ -42,7 +25,7 @@ def browse(box, target, screenshot, full_page, viewport, wait_for, timeout, othe
         emit_json(out)
         return
     _report(out)
-    if ob is not None:
+    if compare:
         _report(out["compare"])
         click.echo(f"diff: {out['diff_ratio'] * 100:.2f}% of the pixels changed"
                    + (f" ({out['diff']})" if out["diff"] else ""))

@@ -3,16 +3,14 @@ from __future__ import annotations
 
 import click
 
+from worktreebox.cli.build import command
 from worktreebox.cli.commands._common import emit_json, get_host, info, json_option, run_cmd
+from worktreebox.operations import admin
 
 
 @click.group()
 def db() -> None:
     """The host's PostgreSQL server that boxes get their databases from."""
-
-
-def _server():
-    return get_host().database_server()
 
 
 def _print_status(st: dict) -> None:
@@ -30,44 +28,35 @@ def _print_status(st: dict) -> None:
             click.echo(f"{key:<11}{st[key]}")
 
 
-@db.command()
-@json_option
-@run_cmd
+@command(admin.DB_START)
 def start(as_json: bool) -> None:
-    """Start the host's PostgreSQL (initdb on first use); no-op if it runs."""
-    srv = _server()
-    srv.ensure_running()
-    st = srv.status()
+    st = admin.db_start(get_host())
     if as_json:
         emit_json(st)
     else:
         _print_status(st)
 
 
-@db.command()
-@json_option
-@run_cmd
+@command(admin.DB_STOP)
 def stop(as_json: bool) -> None:
-    """Stop the host's cluster or container (boxes keep their data; it starts again on next need)."""
-    srv = _server()
-    was_running = srv.stop()  # an external server refuses: wtbox does not stop it
-    st = {**srv.status(), "stopped": was_running}
+    st = admin.db_stop(get_host())
     if as_json:
         emit_json(st)
     else:
-        info("stopped" if was_running else "was not running")
+        info("stopped" if st["stopped"] else "was not running")
 
 
-@db.command()
-@json_option
-@run_cmd
+@command(admin.DB_STATUS)
 def status(as_json: bool) -> None:
-    """Whether the server runs, where, and on which port (never starts it)."""
-    st = _server().status()
+    st = admin.db_status(get_host())
     if as_json:
         emit_json(st)
     else:
         _print_status(st)
+
+
+for _cmd in (start, stop, status):
+    db.add_command(_cmd)
 
 
 @db.command(hidden=True)

@@ -8,18 +8,15 @@ from typing import Any
 import click
 
 from worktreebox.cli import protocol as cliproto
-from worktreebox.cli.commands._common import emit_json, get_host, json_option, run_cmd, table
+from worktreebox.cli.build import command
+from worktreebox.cli.commands._common import emit_json, get_host, table
+from worktreebox.operations import admin
 
 
-@click.command()
-@json_option
-@run_cmd
+@command(admin.DOCTOR)
 def doctor(as_json):
-    """Check binaries, ports and disk; report orphans and disk use per box."""
-    from worktreebox.fleet.doctor import report
-
     host = get_host()
-    out = report(host, [_check_cli_server(host)])
+    out = admin.doctor(host, [_check_cli_server(host)])
     checks, boxes, orphans = out["checks"], out["boxes"], out["orphans"]
     if as_json:
         emit_json(out)

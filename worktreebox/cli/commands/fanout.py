@@ -7,49 +7,19 @@ import time
 
 import click
 
-from worktreebox.cli.commands._common import emit_json, get_host, info, json_option, run_cmd
+from worktreebox.cli.build import command
+from worktreebox.cli.commands._common import emit_json, get_host, info
 from worktreebox.errors import UsageError, WtboxError
+from worktreebox.operations import fleet
 
 
-@click.command()
-@click.argument("task")
-@click.option("-n", "n", type=int, required=True, help="Number of attempts (boxes TASK-1 … TASK-N).")
-@click.option("--from", "ref", help="Git ref every box starts from (default: HEAD).")
-@click.option("--run", "run_cmd_", metavar="CMD",
-              help="Shell command run in each box's worktree; {i} and {box} are replaced, "
-                   "$WTBOX_FANOUT_INDEX and $WTBOX_FANOUT_N are set.")
-@click.option("--check", "checks", multiple=True, metavar="CMD", help="Command run after the run (repeatable), "
-              "e.g. 'pytest -q'; exit code, duration and test counts are recorded.")
-@click.option("--probe", "probes", multiple=True, metavar="PATH", help="Path (or URL) to measure after the "
-              "services restarted (repeatable).")
-@click.option("--probe-requests", default=100, show_default=True, type=click.IntRange(min=1),
-              help="Requests per --probe.")
-@click.option("--browse", metavar="PATH", help="Load PATH in each box's Chromium after the services restarted: "
-              "a screenshot and the console errors per attempt.")
-@click.option("--timeout", help="Limit for --run and each --check (e.g. 30m).")
-@click.option("--jobs", type=click.IntRange(min=1), help="At most this many attempts at once (default: all).")
-@click.option("--repo", type=click.Path(), help="Repository to cut the boxes from (default: the one around the cwd).")
-@click.option("--warm", is_flag=True, help="Top the warm pool up to N boxes first, then claim them all.")
-@click.option("--no-pool", is_flag=True, help="Make every box fresh, never from the warm pool.")
-@click.option("--no-wait", is_flag=True, help="Refuse at once when the host is full ([host] max_active / max_load) "
-              "instead of waiting for room.")
-@json_option
-@run_cmd
-def fanout(task, n, ref, run_cmd_, checks, probes, probe_requests, browse, timeout, jobs, repo, warm, no_pool,
+@command(fleet.FANOUT)
+def fanout(task, n, ref, run, checks, probes, probe_requests, browse, timeout, jobs, repo, warm, no_pool,
            no_wait, as_json):
-    """Create N boxes for TASK, run CMD in each, and compare the results."""
-    from worktreebox.config.load import parse_duration
     from worktreebox.fleet import fanout as F
 
-    host = get_host()
-    opts = F.Options(task=task, n=n, run=run_cmd_, checks=tuple(checks), probes=tuple(probes), repo=repo, ref=ref,
-                     timeout=parse_duration(timeout, where="--timeout") if timeout else None, jobs=jobs,
-                     probe_requests=probe_requests, warm=warm, use_pool=not no_pool,
-                     browse=browse, wait=not no_wait)
-    if warm and no_pool:
-        raise UsageError("--warm fills the pool and --no-pool ignores it; give one of them.")
-    fo = F.Fanout(host, opts)
-    fo.plan()  # refusals happen before anything is created or drawn
+    fo = fleet.plan_fanout(get_host(), task, n, ref, run, checks, probes, probe_requests, browse, timeout, jobs,
+                           repo, warm, no_pool, no_wait)  # refusals happen before anything is created or drawn
     t0 = time.perf_counter()
     view = _LiveView(fo) if sys.stderr.isatty() else _PlainView(fo)
     fo.on_change = view.changed
@@ -69,8 +39,7 @@ def fanout(task, n, ref, run_cmd_, checks, probes, probe_requests, browse, timeo
         made = [r["id"] for r in rows if r["id"]]
         if made:
             info(f"pick one with 'wtbox pick BOX' (removes the others); again: 'wtbox compare --fanout {task}'")
-    if not any(r["id"] for r in rows):
-        raise WtboxError(f"No box of the fan-out could be created; first error: {rows[0]['error']}")
+    fleet.none_made(rows)
 
 
 class _PlainView:
@@ -141,54 +110,35 @@ class _LiveView:
         return t
 
 
-@click.command()
-@click.argument("boxes", nargs=-1)
-@click.option("--fanout", "task", metavar="TASK", help="Compare the boxes of the latest fan-out of TASK.")
-@click.option("--sort", "sort", help="Order rows by best, index, id, run_exit, run_seconds, checks_passed, "
-              "tests_passed, tests_failed, diff, ready, p95 or errors (best first).")
-@json_option
-@run_cmd
-def compare(boxes, task, sort, as_json):
-    """Compare boxes side by side: run, checks, tests, diff, ready time, p95, errors in logs."""
-    from worktreebox.fleet import fanout as F
-
-    rows = F.compare(get_host(), list(boxes), task, sort)
+@command(fleet.COMPARE)
+def compare(boxes, fanout, sort, as_json):
+    rows = fleet.compare(get_host(), boxes, fanout, sort)
     if as_json:
         emit_json(rows)
         return
     print_rows(rows)
 
 
-@click.command()
-@click.argument("box")
-@click.option("--merge-into", metavar="BRANCH", help="Merge the box's branch into BRANCH first.")
-@click.option("--push", is_flag=True, help="Push the branch (BRANCH with --merge-into) to --remote.")
-@click.option("--remote", default="origin", show_default=True, help="Remote for --push.")
-@click.option("--yes", is_flag=True, help="Remove the other boxes of the fan-out without asking.")
-@json_option
-@run_cmd
+YES = click.option("--yes", is_flag=True, help="Remove the other boxes of the fan-out without asking.")
+
+
+@command(fleet.PICK, extras=[YES])
 def pick(box, merge_into, push, remote, yes, as_json):
-    """Keep BOX (marked keep) and remove the other boxes of its fan-out; no committed work is lost."""
-    from worktreebox.fleet import fanout as F
+    from worktreebox.fleet import compare as C
     from worktreebox.fleet import pick as P
-    from worktreebox.system import git
 
     host = get_host()
-    chosen, others = P.pick_plan(host, box)
-    if merge_into is not None:  # before anything changes: a bad name must not leave a half-made pick
-        git.check_branch_name(chosen.repo, merge_into)
-    if push and (not remote or remote.startswith("-")):
-        raise UsageError(f"--remote {remote!r} is not a git remote name.")
+    chosen, others = fleet.plan_pick(host, box, merge_into, push, remote)
     if others and not yes:
         ids = ", ".join(b.id for b in others)
         if not sys.stdin.isatty():
             raise UsageError(f"pick would remove {len(others)} other boxes of the fan-out ({ids}); "
                              "pass --yes to confirm when there is no terminal.")
         click.confirm(f"Keep {chosen.id} and remove {len(others)} other boxes ({ids})?", abort=True, err=True)
-    if not (chosen.data.get(F.KEY) or {}).get("id"):
+    if not (chosen.data.get(C.KEY) or {}).get("id"):
         info(f"{chosen.id} is not part of a fan-out; it is only marked keep.")
     out = P.pick(host, chosen, others, merge_into=merge_into, push=push, remote=remote,
-                 note=(lambda m: None) if as_json else (lambda m: info(m)))
+                 note=(lambda m: None) if as_json else info)
     if as_json:
         emit_json(out)
     else:
@@ -227,17 +177,17 @@ def _cell(field: str, r: dict) -> str:
 
 def print_rows(rows: list[dict]) -> None:
     """The comparison table on stdout; the best value of each column is highlighted (or starred)."""
-    from worktreebox.fleet import fanout as F
+    from worktreebox.fleet import compare as C
 
     if not rows:
         info("nothing to compare")
         return
-    best = F.best_values(rows)
-    headers = ["BOX", "STATE"] + [h for *_, h in F.COLUMNS] + ["URL"]
+    best = C.best_values(rows)
+    headers = ["BOX", "STATE"] + [h for *_, h in C.COLUMNS] + ["URL"]
     body = []
     for r in rows:
         cells = [(r["id"] or f"{r['task']} (no box)", False), (r.get("state") or "", False)]
-        for _, field, _, _ in F.COLUMNS:
+        for _, field, _, _ in C.COLUMNS:
             is_best = best[field] is not None and r.get(field) == best[field] and len(rows) > 1
             cells.append((_cell(field, r), is_best))
         cells.append((r.get("url") or "-", False))

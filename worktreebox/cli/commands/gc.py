@@ -7,12 +7,13 @@ from pathlib import Path
 
 import click
 
-from worktreebox.cli.commands._common import box_argument, emit_json, get_host, info, json_option, run_cmd
-from worktreebox.config.load import parse_duration
+from worktreebox.cli.build import command
+from worktreebox.cli.commands._common import emit_json, get_host, info
+from worktreebox.operations import boxes, fleet
 
 
 def _timer_files() -> dict[str, str]:
-    from worktreebox.cli.commands.init import template_path
+    from worktreebox.operations.admin import template_path
 
     wtbox = Path(sys.executable).with_name("wtbox")
     exe = str(wtbox) if wtbox.exists() else f"{sys.executable} -m worktreebox.cli.main"
@@ -23,17 +24,14 @@ def _timer_files() -> dict[str, str]:
     return out
 
 
-@click.command()
-@click.option("--dry-run", is_flag=True, help="Print what would be removed and why; change nothing.")
-@click.option("--grace", default="10m", show_default=True,
-              help="Leave boxes in creating/removing alone for this long (their command may still run).")
-@click.option("--install-timer", is_flag=True, help="Install a systemd user timer that runs gc hourly.")
-@click.option("--print", "print_only", is_flag=True, help="With --install-timer: only print the unit files and cron line.")
-@click.option("--quiet", is_flag=True, hidden=True)
-@json_option
-@run_cmd
+INSTALL_TIMER = click.option("--install-timer", is_flag=True, help="Install a systemd user timer that runs gc hourly.")
+PRINT = click.option("--print", "print_only", is_flag=True,
+                     help="With --install-timer: only print the unit files and cron line.")
+QUIET = click.option("--quiet", is_flag=True, hidden=True)
+
+
+@command(fleet.GC, extras=[INSTALL_TIMER, PRINT, QUIET])
 def gc(dry_run, grace, install_timer, print_only, quiet, as_json):
-    """Remove orphans, crashed half-boxes and boxes whose TTL expired."""
     if install_timer:
         files = _timer_files()
         if print_only:
@@ -46,10 +44,7 @@ def gc(dry_run, grace, install_timer, print_only, quiet, as_json):
             (unit_dir / name).write_text(files[name])
         info(f"wrote {unit_dir}/wtbox-gc.{{service,timer}}; enable with: systemctl --user enable --now wtbox-gc.timer")
         return
-    from worktreebox.fleet import gc as gc_mod
-
-    grace_s = parse_duration(grace, where="--grace")
-    result = gc_mod.run(get_host(), grace=grace_s, dry_run=dry_run)
+    result = fleet.gc(get_host(), dry_run, grace)
     if as_json:
         emit_json(result)
     elif not quiet:
@@ -74,30 +69,18 @@ def gc(dry_run, grace, install_timer, print_only, quiet, as_json):
         sys.exit(1)
 
 
-@click.command()
-@box_argument
-@json_option
-@run_cmd
+@command(boxes.KEEP)
 def keep(box, as_json):
-    """Mark a box so gc never removes it."""
-    _set_keep(box, True, as_json)
+    _show_keep(boxes.KEEP.perform(get_host(), box), as_json)
 
 
-@click.command()
-@box_argument
-@json_option
-@run_cmd
+@command(boxes.UNKEEP)
 def unkeep(box, as_json):
-    """Let gc remove the box again when its TTL expires."""
-    _set_keep(box, False, as_json)
+    _show_keep(boxes.UNKEEP.perform(get_host(), box), as_json)
 
 
-def _set_keep(ref, value: bool, as_json: bool) -> None:
-    host = get_host()
-    b = host.get(ref)
-    host.registry.set_keep(b.id, value)
-    b.keep = value
+def _show_keep(out: dict, as_json: bool) -> None:
     if as_json:
-        emit_json(b.to_json())
+        emit_json(out)
     else:
-        info(f"{b.id}: {'kept' if value else 'no longer kept'}")
+        info(f"{out['id']}: {'kept' if out['keep'] else 'no longer kept'}")

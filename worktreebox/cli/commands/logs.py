@@ -7,7 +7,9 @@ import zlib
 
 import click
 
-from worktreebox.cli.commands._common import box_argument, get_host, run_cmd
+from worktreebox.cli.build import command
+from worktreebox.cli.commands._common import get_host
+from worktreebox.operations import observe
 
 # Like honcho: each service keeps one colour, picked from its name so it is stable across runs.
 _COLOURS = ["36", "33", "32", "35", "34", "96", "93", "92", "95", "94"]
@@ -40,26 +42,19 @@ def _printer(as_json: bool, colour: bool, width: int):
     return emit
 
 
-@click.command()
-@box_argument
-@click.option("--service", "-s", "services", multiple=True, help="Only this service (repeatable).")
-@click.option("--since", help="Records from this time on: a duration ago (5m, 2h) or an ISO time.")
-@click.option("--until", help="Records up to this time: a duration ago or an ISO time.")
-@click.option("--level", help="This level and above: debug, info, warning, error, critical.")
-@click.option("--grep", help="Only messages matching this regular expression.")
-@click.option("--tail", "-n", type=click.IntRange(min=0), help="Only the last N matching records.")
-@click.option("--follow", "-f", is_flag=True, help="Keep printing new records as they are written.")
-@click.option("--json", "as_json", is_flag=True, help="JSON lines: one record per line, nothing else.")
-@run_cmd
-def logs(box, services, since, until, level, grep, tail, follow, as_json):
-    """Show the captured logs of a box's services (and of setup and migrate)."""
+FOLLOW = click.option("--follow", "-f", is_flag=True, help="Keep printing new records as they are written.")
+JSON_LINES = click.option("--json", "as_json", is_flag=True, help="JSON lines: one record per line, nothing else.")
+
+
+@command(observe.LOGS, extras=[FOLLOW, JSON_LINES], json=False)
+def logs(box, service, since, until, level, grep, tail, follow, as_json):
     from worktreebox.telemetry.logs import reader as L
 
-    host = get_host()
+    host, services = get_host(), list(service)
     b = host.get(box)
     since_ts, until_ts = L.parse_time(since), L.parse_time(until)
     L.level_at_least(level)  # validate before reading anything
-    known = host.log_services(b, services)
+    known = observe.log_services(host, b, services)
     width = max([len(s) for s in (services or known)] + [6])
     emit = _printer(as_json, sys.stdout.isatty() and not as_json, width)
     if follow and tail is None and since is None:

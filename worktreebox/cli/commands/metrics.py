@@ -3,22 +3,16 @@ from __future__ import annotations
 
 import click
 
-from worktreebox.cli.commands._common import box_argument, emit_json, get_host, info, json_option, run_cmd, table
+from worktreebox.cli.build import command
+from worktreebox.cli.commands._common import emit_json, get_host, info, table
+from worktreebox.operations import observe
+
+LIST = click.option("--list", "list_", is_flag=True, help="List the metric names the box has.")
 
 
-@click.command()
-@box_argument
-@click.argument("query", required=False)
-@click.option("--range", "range_", metavar="DURATION", help="Range query over the last DURATION (e.g. 15m, 1h).")
-@click.option("--step", default="15s", show_default=True, metavar="DURATION", help="Resolution of a range query.")
-@click.option("--list", "list_", is_flag=True, help="List the metric names the box has.")
-@json_option
-@run_cmd
-def metrics(box, query, range_, step, list_, as_json):
-    """Query the box's metrics with PromQL/MetricsQL (no QUERY: list the metric names)."""
+@command(observe.METRICS, extras=[LIST])
+def metrics(box, query, range, step, list_, as_json):
     from worktreebox.errors import NotFound
-    from worktreebox.telemetry import metrics as metrics_query
-
     host = get_host()
     try:
         b = host.get(box)
@@ -31,7 +25,7 @@ def metrics(box, query, range_, step, list_, as_json):
             raise
         b, query = here, box
     if list_ or not query:
-        names = metrics_query.series_names(b)
+        names = observe.metrics(host, b.id)["metric_names"]
         if as_json:
             emit_json(names)
         else:
@@ -40,7 +34,7 @@ def metrics(box, query, range_, step, list_, as_json):
             if not names:
                 info(f"{b.id} has no metrics yet.")
         return
-    data = metrics_query.query(b, query, range_=range_, step=step)
+    data = observe.metrics(host, b.id, query, range, step)
     if as_json:
         emit_json(data)
         return
@@ -78,21 +72,9 @@ def _fmt(v: float) -> str:
     return f"{v:.6g}"
 
 
-@click.command()
-@box_argument
-@click.argument("target", metavar="URL|PATH")
-@click.option("-n", "n", default=200, show_default=True, type=click.IntRange(min=1), help="Number of requests.")
-@click.option("-c", "concurrency", default=4, show_default=True, type=click.IntRange(min=1, max=256),
-              help="Requests in flight at once (one keep-alive connection each).")
-@click.option("--method", default="GET", show_default=True, help="HTTP method.")
-@click.option("--data", help="Request body (sent with every request).")
-@json_option
-@run_cmd
+@command(observe.PROBE)
 def probe(box, target, n, concurrency, method, data, as_json):
-    """Measure a URL of the box (a PATH uses its first port); record the latency histogram."""
-    host = get_host()
-    b = host.get(box)
-    result = host.probe(b, target, n=n, concurrency=concurrency, method=method, data=data)
+    result = observe.probe(get_host(), box, target, n, concurrency, method, data)
     url = result["url"]
     if result.get("not_recorded"):
         info(f"wtbox: not recorded: {result['not_recorded'].rstrip('.')}.")
@@ -108,5 +90,5 @@ def probe(box, target, n, concurrency, method, data, as_json):
     click.echo(f"status {codes}" + (f"  failed {fails}" if fails else ""))
     if result["recorded"]:
         q = f'histogram_quantile(0.95, wtbox_probe_duration_seconds_bucket{{path="{result["path"]}"}})'
-        info(f"recorded; compare later with: wtbox metrics {b.id} '{q}' --range 1h")
+        info(f"recorded; compare later with: wtbox metrics {result['id']} '{q}' --range 1h")
 

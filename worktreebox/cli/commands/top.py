@@ -7,23 +7,23 @@ import time
 
 import click
 
-from worktreebox.cli.commands._common import emit_json, get_host, info, json_option, run_cmd, table
+from worktreebox.cli.build import command
+from worktreebox.cli.commands._common import emit_json, get_host, info, table
+from worktreebox.operations import observe
 
 WATCH_EVERY = 2.0
 
 
-@click.command()
-@click.option("--watch", is_flag=True, help="Refresh every 2 s until Ctrl-C (with --json: one JSON array per line).")
-@json_option
-@run_cmd
-def top(watch, as_json):
-    """CPU %, memory, tasks, ports and state of every box, sorted by CPU."""
-    from worktreebox.telemetry.accounting import sample
+WATCH = click.option("--watch", is_flag=True,
+                     help="Refresh every 2 s until Ctrl-C (with --json: one JSON array per line).")
 
+
+@command(observe.TOP, extras=[WATCH])
+def top(watch, as_json):
     host = get_host()
     while True:
         t0 = time.monotonic()
-        rows = sample(host)
+        rows = observe.top(host)
         if as_json:
             if watch:
                 sys.stdout.write(json.dumps(rows, default=str) + "\n")

@@ -3,28 +3,14 @@ from __future__ import annotations
 
 import click
 
-from worktreebox.cli.commands._common import box_argument, emit_json, get_host, info, json_option, run_cmd, table
+from worktreebox.cli.build import command
+from worktreebox.cli.commands._common import emit_json, get_host, info, table
+from worktreebox.operations import observe
 
 
-@click.command()
-@box_argument
-@click.option("--service", "-s", help="Only spans of this service (OTEL_SERVICE_NAME).")
-@click.option("--name", help="Only span names matching this glob, e.g. 'GET /items*'.")
-@click.option("--min-duration", metavar="DURATION", help="Only spans at least this long: 200ms, 1.5s, 500us.")
-@click.option("--status", type=click.Choice(["error", "ok", "unset"]), help="Only spans with this status.")
-@click.option("--since", help="Only spans that started after this: a duration ago (5m, 2h) or an ISO time.")
-@click.option("--trace", "trace_id", metavar="ID", help="Show one trace (its id or first 8+ hex digits) as a tree.")
-@click.option("--logs", "with_logs", is_flag=True, help="With --trace: also the log records carrying its id.")
-@click.option("--limit", "-n", type=click.IntRange(min=0), default=100, show_default=True,
-              help="At most this many spans (the newest that match).")
-@json_option
-@run_cmd
-def traces(box, service, name, min_duration, status, since, trace_id, with_logs, limit, as_json):
-    """List a box's spans (filters combine), or print one trace as an indented tree with durations."""
-    host = get_host()
-    b = host.get(box)
-    found = host.traces(b, service=service, name=name, min_duration=min_duration, status=status, since=since,
-                        trace_id=trace_id, with_logs=with_logs, limit=limit)
+@command(observe.TRACES)
+def traces(box, service, name, min_duration, status, since, trace_id, logs, limit, as_json):
+    found = observe.traces(get_host(), box, service, name, min_duration, status, since, trace_id, logs, limit)
     if trace_id:
         if as_json:
             emit_json(found)

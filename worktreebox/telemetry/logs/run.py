@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from worktreebox.system import procs
+from worktreebox.system import cancel, procs
 from worktreebox.system.cgroups import Leaf
 from worktreebox.telemetry.logs.writer import LogWriter, pump
 
@@ -66,7 +66,7 @@ def run_logged(cmd: str, cwd: Path | str, env: dict[str, str], logs_dir: Path | 
     tail = OutputTail(redact, keep_lines)
     proc, threads = start_logged(cmd, cwd, env, writer, tail, cgroup)
     try:
-        rc = proc.wait(timeout=timeout)
+        rc = cancel.wait(proc, timeout)  # a cancelled box_new stops it as Ctrl-C would
     except subprocess.TimeoutExpired:
         procs.stop_group(proc, STOP_WAIT)
         rc = 124

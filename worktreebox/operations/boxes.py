@@ -1,0 +1,171 @@
+"""Operations on boxes as wholes: new, ls, status, env, exec, shell, rm, keep, unkeep."""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from worktreebox.operations.spec import (
+    BOX,
+    CHANGES,
+    DESTROYS,
+    NO_POOL,
+    NO_WAIT,
+    REF,
+    REPO,
+    REQUIRED,
+    SHOW_SECRETS,
+    Operation,
+    Param,
+    parsed,
+)
+
+if TYPE_CHECKING:
+    import threading
+
+    from worktreebox.box import Box
+    from worktreebox.host import Host
+
+
+def new(host: Host, task: str, repo: str | None = None, ref: str | None = None, no_services: bool = False,
+        ttl: str | None = None, keep: bool = False, no_pool: bool = False, no_wait: bool = False,
+        show_secrets: bool = False, *, secrets: dict[str, str] | None = None,
+        progress: Callable[[str], None] | None = None, on_wait: Callable[[str], None] | None = None) -> dict:
+    """Host.new through the warm pool (fleet.pool.new_box); describe() plus `from_pool`. Under a
+    cancelled MCP call (system/cancel.py) it unwinds as Ctrl-C does, and a box finished just
+    before the cancel is removed too."""
+    from worktreebox.config.load import parse_duration
+    from worktreebox.errors import Interrupted
+    from worktreebox.fleet.pool import new_box
+    from worktreebox.system import cancel
+
+    ttl_s = parsed("ttl", parse_duration, ttl, positive=True) if ttl is not None else None
+    box, from_pool = new_box(host, task, repo=repo, ref=ref, secrets=secrets or {}, start_services=not no_services,
+                             ttl=ttl_s, keep=keep, progress=progress, use_pool=not no_pool, wait=not no_wait,
+                             on_wait=on_wait)
+    if cancel.cancelled():
+        host.rm(box, force=True)
+        raise Interrupted("Interrupted; the box was removed.")
+    out = host.describe(box, show_secrets=show_secrets)
+    out["from_pool"] = from_pool
+    return out
+
+
+def ls(host: Host, all: bool = False) -> list[dict]:
+    """Each box's JSON and its `url` through the host router."""
+    every = host.list()
+    return [host.list_json(b, every) for b in every if all or b.pool is None]
+
+
+def status(host: Host, box: str | None, show_secrets: bool = False) -> dict:
+    """describe(), disk use, and a `problem` when the box dir is gone; looking is using (TTL)."""
+    b = host.get(box)
+    host.registry.touch(b.id)
+    out = host.describe(b, show_secrets=show_secrets)
+    out["disk_bytes"] = host.disk_bytes(b)  # logs and metrics included
+    out["worktree_bytes"] = host.worktree_bytes(b)
+    if not b.dir.exists():
+        out["problem"] = f"the box directory {b.dir} is gone; 'wtbox rm {b.id}' cleans up the rest"
+    return out
+
+
+def env(host: Host, box: str | None, show_secrets: bool = False) -> dict[str, str]:
+    from worktreebox.secrets import mask_env
+
+    b = host.get(box)
+    return dict(b.env) if show_secrets else mask_env(b.env)
+
+
+def run(host: Host, box: str | None, cmd: str | Sequence[str], cwd: str | None = None, timeout: float = 600.0,
+        tail: int = 100, show_secrets: bool = False, *, cancel: threading.Event | None = None) -> dict:
+    """A command in the box as `exec` runs it, captured: exit code and output tails, secrets masked
+    unless `show_secrets` (execute.run_in_box)."""
+    from worktreebox.services.boxenv import redactor_for
+    from worktreebox.services.execute import run_in_box
+
+    b = host.get(box)
+    secrets = host.running_secrets(b)
+    return run_in_box(host, b, cmd, cwd=cwd, timeout=timeout, tail=tail, secrets=secrets,
+                      redact=None if show_secrets else redactor_for(b, secrets), cancel=cancel)
+
+
+def enter(host: Host, box: str | None) -> tuple[Box, dict[str, str]]:
+    """For `exec` and `shell`, which become the command: resolve BOX, record the use (TTL), chdir into
+    its worktree and step into its cgroup (what runs next runs there, and the box's limits and
+    teardown cover it); (box, env with secrets)."""
+    from worktreebox.errors import WtboxError
+    from worktreebox.system import cgroups, procs
+
+    b = host.get(box)
+    if not b.path.is_dir():
+        raise WtboxError(f"The worktree of {b.id} is gone ({b.path}); remove the box with 'wtbox rm {b.id}'.")
+    host.registry.touch(b.id)
+    env = host.exec_env(b, host.running_secrets(b))
+    os.chdir(b.path)
+    procs.enter_cgroup(cgroups.Leaf(host.home, b.id, cgroups.EXEC))
+    return b, env
+
+
+def rm(host: Host, box: str | Box | None, force: bool = False, keep_branch: bool = False) -> dict:
+    b = host.get(box) if box is None or isinstance(box, str) else box
+    t0 = time.perf_counter()
+    host.rm(b, force=force, keep_branch=keep_branch)
+    return {"id": b.id, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def set_keep(host: Host, box: str | None, value: bool) -> dict:
+    b = host.get(box)
+    host.registry.set_keep(b.id, value)
+    b.keep = value
+    return b.to_json()
+
+
+NEW = Operation(
+    "new", "Create a box for TASK (from the warm pool when one matches): worktree, ports, database, caches, "
+           "metrics, services.",
+    (Param("task", "Short task name; the box id is derived from it (e.g. fix-login).", default=REQUIRED,
+           positional=True),
+     REPO, REF,
+     Param("no_services", "Create the box without starting its services.", bool, False),
+     Param("ttl", "Remove after this long without use (e.g. 8h); default [box] ttl of wtbox.toml, or 72h."),
+     Param("keep", "Never remove this box in gc.", bool, False),
+     SHOW_SECRETS, NO_POOL, NO_WAIT),
+    new, result="The box as `wtbox status` shows it, plus from_pool. Reports progress; cancelling the call "
+                "removes the half-made box.",
+    effect=CHANGES, tool="box_new")
+
+LS = Operation(
+    "ls", "List boxes.",
+    (Param("all", "Include the warm pool's boxes (made ahead, not yet claimed).", bool, False),),
+    ls, list[dict[str, Any]], "Each box: id, task, state, branch, path, ports, ...", tool="box_list")
+
+STATUS = Operation(
+    "status", "Show a box: ports, database, services, disk.", (BOX, SHOW_SECRETS), status,
+    result="The box with what each of its resources reports, disk_bytes, worktree_bytes, and a problem when "
+           "something is wrong.", tool="box_status")
+
+ENV = Operation(
+    "env", "The environment variables the box exports.", (BOX,), env, dict[str, str],
+    "Variable -> value (passwords masked unless show_secrets).", tool="box_env")
+
+EXEC = Operation(
+    "exec", "Run CMD in the box's worktree with the box env, as its services run.",
+    (BOX, Param("cmd", "The command: an argv list (run as is) or, in MCP, a shell string (run with sh -c).",
+                many=True, default=REQUIRED, positional=True)),
+    run, result="exit_code, the last lines of stdout and stderr (secret values masked), seconds, timed_out.",
+    effect=CHANGES, tool="box_exec")
+
+SHELL = Operation("shell", "Open your $SHELL in the box.", (BOX,), enter, effect=CHANGES)
+
+RM = Operation(
+    "rm", "Remove a box and everything it owns; refused when its worktree holds unsaved work, unless force.",
+    (BOX,
+     Param("force", "Also discard uncommitted work and commits no other branch has.", bool, False),
+     Param("keep_branch", "Keep the wtbox/<id> branch in the repo.", bool, False)),
+    rm, result="{id, seconds}.", effect=DESTROYS, tool="box_rm")
+
+KEEP = Operation("keep", "Mark a box so gc never removes it.", (BOX,),
+                 lambda host, box: set_keep(host, box, True), effect=CHANGES)
+UNKEEP = Operation("unkeep", "Let gc remove the box again when its TTL expires.", (BOX,),
+                   lambda host, box: set_keep(host, box, False), effect=CHANGES)

@@ -360,7 +360,10 @@ def test_gc_of_any_home_stops_the_router_of_a_deleted_home(run_wtbox, tmp_path):
     paths = Paths(gone)
     paths.make()
     ident = caddy.start(paths, caddy.find(), routes.encode(routes.bootstrap(str(paths.socket), str(paths.log))))
+    line = f"router pid {ident[0]} of {gone} (home is gone)"
+    # (Another home's gc, of a test running beside this one, may stop it first: that is the point.)
     dry = json.loads(run_wtbox("gc", "--dry-run", "--json").stdout)
-    assert dry["routers"] == [f"router pid {ident[0]} of {gone} (home is gone)"] and procs.is_alive(ident)
+    assert line in dry["routers"] or not procs.pid_alive(ident[0])
     out = json.loads(run_wtbox("gc", "--json").stdout)
-    assert out["routers"] == dry["routers"] and not procs.pid_alive(ident[0])
+    assert wait_for(lambda: not procs.pid_alive(ident[0]), timeout=5)
+    assert line in out["routers"] or line not in dry["routers"]

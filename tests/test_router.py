@@ -367,3 +367,15 @@ def test_gc_of_any_home_stops_the_router_of_a_deleted_home(run_wtbox, tmp_path):
     out = json.loads(run_wtbox("gc", "--json").stdout)
     assert wait_for(lambda: not procs.pid_alive(ident[0]), timeout=5)
     assert line in out["routers"] or line not in dry["routers"]
+
+
+@needs_caddy
+def test_url_names_a_missing_caddy(run_wtbox, make_repo, wtbox_home):
+    repo = make_repo(toml=router_toml())
+    no_caddy = {"WTBOX_CADDY": "no-such-caddy"}
+    run_wtbox("new", "first", "--repo", str(repo), env=no_caddy)
+    r = run_wtbox("url", "first", check=False, env=no_caddy)
+    assert r.returncode == 1 and "Caddy is not installed" in r.stderr and r.stderr.count("\n") == 1
+    port = json.loads(run_wtbox("url", "first", "--json").stdout)["router"]["port"]  # with Caddy: it starts
+    assert get(port, "first.localhost")[0] == 200
+    run_wtbox("rm", "first")

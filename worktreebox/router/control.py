@@ -94,14 +94,15 @@ def url(host: HostContext, box: Box, service: str | None = None, *, show_token: 
         ports = ", ".join(f"{n}={p}" for n, p in box.ports.items()) or "no ports"
         raise WtboxError(f"The router is off ([host] router = false in {host.config.source}); {box.id} listens on "
                          f"{ports}.")
-    every = urls(host, box)
-    if not every:
+    if not routes.routed([box]):
         waiting = "" if box.pool is None else " (it waits in the warm pool)"
         raise WtboxError(f"{box.id} has no port to route{waiting}.")
-    if service is not None and service not in every:
-        raise UsageError(f"{box.id} has no service port {service!r}; its ports: {', '.join(every)}.")
+    names = list(routes.app_ports(box))
+    if service is not None and service not in names:
+        raise UsageError(f"{box.id} has no service port {service!r}; its ports: {', '.join(names)}.")
+    router = sync(host)  # before the URLs: it leases the router's port the first time
+    every = urls(host, box)
     service = service or next(iter(every))
-    router = sync(host)
     out = {"id": box.id, "service": service, "url": every[service], "urls": every,
            "router": {"port": router.get("port"), "listen": router.get("listen")}}
     if not tokens.loopback(router.get("listen") or "127.0.0.1"):
@@ -116,7 +117,7 @@ def _leased_port(host: HostContext) -> int | None:
 
 
 def status(host: HostContext) -> dict[str, Any]:
-    """What `doctor` says and `wtbox url --json` carries: enabled, running, port, listen, routes."""
+    """What `doctor` says of the router: enabled, running, pid, port, listen, routes, token."""
     state = read_state(host.home)
     running = procs.is_alive(state.get("pid"))
     out: dict[str, Any] = {"enabled": host.config.router, "running": running, "listen": host.config.router_listen,

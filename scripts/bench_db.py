@@ -94,7 +94,8 @@ def bench_database(runs: int = 10) -> dict:
     """Run the database benchmarks on a private embedded cluster; p50/p90 in ms."""
     from worktreebox.host import Host, load_repo_config_file
     from worktreebox.providers.postgres import server
-    from worktreebox.resources.database import Database, Golden, clone, run_migrate
+    from worktreebox.providers.postgres.golden import clone, run_migrate
+    from worktreebox.resources.database import Database, golden_for
 
     saved_url = os.environ.pop("WTBOX_POSTGRES_URL", None)
     work = Path(tempfile.mkdtemp(prefix="wtbox-bench-db-"))
@@ -152,7 +153,7 @@ def bench_database(runs: int = 10) -> dict:
         db_repo = _repo(work / "database-repo", "database")
         dcfg = load_repo_config_file(db_repo)
         c0 = _creation(host, db_repo, dcfg)
-        golden = Golden.for_creation(c0, srv)
+        golden = golden_for(c0, srv)
         # migrate once (in the repo's own checkout: a tree with what the migration needs) + strategy probe
         out["golden_build_ms"] = round(_timed(lambda: golden.ensure(db_repo)) * 1000, 1)
         creates, destroys = [], []

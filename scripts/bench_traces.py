@@ -217,7 +217,7 @@ def rss():
     return int([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]) / 1024
 import worktreebox.services.supervisor, worktreebox.telemetry.collector
 base = rss()
-from worktreebox.telemetry.traces import receiver
+from worktreebox.services import otlp_receiver as receiver
 srv = receiver.Server(int(sys.argv[1]), receiver.Receiver(__import__('pathlib').Path(sys.argv[2]), 'b', None))
 import threading
 threading.Thread(target=srv.serve_forever, daemon=True).start()

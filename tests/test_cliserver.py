@@ -344,3 +344,15 @@ def test_a_caller_inside_a_box_runs_in_process_and_starts_no_server(srv):
     assert srv.run("ls", env={"WTBOX_ID": "somebox-0000cafe"}).returncode == 0
     time.sleep(1.0)  # a server started by that call would answer by now
     assert srv.status() is None
+
+
+def test_a_home_deeper_than_sun_path_is_served(tmp_path):
+    """The socket path's length is no reason to run in process: unixsock reaches it through its directory."""
+    deep = Served(tmp_path / ("deep" * 20) / "home")
+    assert len(cliproto.socket_path(str(deep.home)).encode()) > 108
+    try:
+        deep.start()
+        r = deep.run("ls")
+        assert r.returncode == 0 and deep.served() == 1, r.stderr
+    finally:
+        deep.close()

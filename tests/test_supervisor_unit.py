@@ -6,7 +6,6 @@ Events are read back from the real events log the supervisor writes.
 """
 from __future__ import annotations
 
-import json
 import socket
 import threading
 
@@ -210,10 +209,10 @@ def test_control_messages_round_trip_over_a_socket(tmp_path):
     a, b = socket.socketpair()
     with a, b:
         control.write_message(a, Request("restart", "web"))
-        assert Request.from_json(json.loads(control.read_line(b))) == Request("restart", "web")
+        assert control.read_request(b) == Request("restart", "web")
         resp = Response(ok=True, services={"web": ServiceState(state=READY, pid=7, restarts=2)})
         control.write_message(b, resp)
-        assert Response.from_json(json.loads(control.read_line(a))) == resp
+        assert control.read_response(a) == resp
 
 
 def test_state_file_round_trip(tmp_path):

@@ -19,3 +19,13 @@ def default_home() -> str:
     if os.environ.get("WTBOX_HOME"):
         return os.path.expanduser(os.environ["WTBOX_HOME"])
     return os.path.join(user_state_dir(), "wtbox")
+
+
+def kill_wait() -> float:
+    """WTBOX_KILL_WAIT (default 5): the seconds a stopped process gets between SIGTERM and SIGKILL,
+    and then to be gone. Read when used: a CLI server serves callers with their own environment."""
+    try:
+        wait = float(os.environ.get("WTBOX_KILL_WAIT") or 5.0)
+    except ValueError:
+        return 5.0
+    return wait if wait >= 0 else 5.0

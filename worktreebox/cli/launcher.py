@@ -18,6 +18,7 @@ import sys
 
 from worktreebox.cli import protocol as cliproto
 from worktreebox.settings import default_home
+from worktreebox.system import procfs
 
 CONNECT_TIMEOUT = 1.0
 # A server binds its socket before it preloads (~1 s), so a call that arrives meanwhile waits in
@@ -26,7 +27,7 @@ ANSWER_TIMEOUT = 10.0
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGWINCH)
 _TO_GROUP = (signal.SIGINT, signal.SIGQUIT, signal.SIGWINCH)  # what a terminal sends to a whole job
 # What the server's own environment keeps (each request brings its full environment; the
-# server's /proc/<pid>/environ should not show whatever secrets the first caller had).
+# server's environment, as the kernel shows it to others, should not show whatever secrets the first caller had).
 _SERVER_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "VIRTUAL_ENV",
                "XDG_STATE_HOME", "WTBOX_HOME", "WTBOX_SERVER_IDLE")
 
@@ -146,8 +147,7 @@ def _wait(sock, child: int) -> int | None:
 def start_server(home: str) -> None:
     """Start this home's CLI server, detached, without waiting for it (one per home: the server
     takes a lock and leaves at once if another holds it)."""
-    if not os.path.isdir(home) or not cliproto.socket_fits(home) or _in_box_cgroup() \
-            or cliproto.server_holds_lock(home):
+    if not os.path.isdir(home) or _in_box_cgroup() or cliproto.server_holds_lock(home):
         return
     env = {k: v for k, v in os.environ.items() if k in _SERVER_ENV or k.startswith(("LC_", "PYTHON"))}
     env["WTBOX_HOME"] = home
@@ -163,11 +163,7 @@ def start_server(home: str) -> None:
 def _in_box_cgroup() -> bool:
     """Whether we run inside a box's cgroup (a box process that dropped WTBOX_ID): a server started
     here would be killed with that box."""
-    try:
-        with open("/proc/self/cgroup") as f:
-            return "/wtbox-" in f.read()
-    except OSError:
-        return False
+    return "/wtbox-" in procfs.own_cgroup()
 
 
 if __name__ == "__main__":

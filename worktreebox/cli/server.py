@@ -178,7 +178,7 @@ class Server:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.bind(tmp)
+        cliproto.bind(s, tmp)  # a path of any length (unixsock)
         s.listen(64)
         os.rename(tmp, path)  # replaces a stale socket of a dead server at once
         return s, os.stat(path).st_ino

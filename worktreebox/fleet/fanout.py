@@ -42,7 +42,6 @@ if TYPE_CHECKING:
     from worktreebox.context import HostContext
 
 RUN_LOG = "run"
-KILL_WAIT = 3.0
 
 # Attempt states, in the order an attempt goes through them.
 QUEUED, CREATING, RUNNING, SAVING, CHECKING, SERVICES, PROBING, DONE = (
@@ -126,7 +125,7 @@ class Runner:
                 rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 timed_out = True
-                procs.stop_group(proc, KILL_WAIT)
+                procs.stop_group(proc)
                 rc = 124
         finally:
             with self._lock:
@@ -146,7 +145,7 @@ class Runner:
         with self._lock:
             self.stopped.set()
             running = list(self._procs)
-        procs.stop_groups(running, KILL_WAIT)  # all at once: one wait for N commands
+        procs.stop_groups(running)  # all at once: one wait for N commands
 
 
 # ---------------------------------------------------------------------- the fan-out

@@ -160,7 +160,7 @@ def _stop_builds_in(tmp: Path) -> None:
 
     strays = procs.find_box_processes("-", tmp)  # "-": no box id; matched by cwd alone
     if strays:
-        procs.kill_staged(strays)
+        procs.stop_processes(strays)
     procs.kill_mentioning(str(tmp))
 
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from worktreebox.errors import WtboxError
-from worktreebox.system import procs
+from worktreebox.system import httpclient, procs, readiness
 
 if TYPE_CHECKING:
     import docker
@@ -73,31 +73,18 @@ def docker_available(timeout: float = PING_TIMEOUT) -> tuple[bool, str]:
         return False, (f"Docker is not running: {path} does not exist "
                        "(install docker.io and start dockerd, e.g. scripts/start_dockerd.sh).")
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(path)
-            s.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
-            data = b""
-            while len(data) < 4096:
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
+        reply = httpclient.get("http://docker/_ping", timeout=timeout, unix_socket=path)
     except PermissionError:
         return False, f"Docker is not usable: permission denied on {path} (add this user to the docker group)."
     except TimeoutError:
         return False, f"Docker is not usable: the daemon on {path} did not answer within {timeout:g}s."
+    except httpclient.HttpError as e:
+        return False, f"Docker is not usable: the daemon on {path} answered something else ({e})."
     except OSError as e:
         return False, f"Docker is not running: cannot connect to {path} ({e.strerror or e}); start dockerd."
-    head, _, body = data.partition(b"\r\n\r\n")
-    status = head.split(b"\r\n", 1)[0]
-    if b" 200 " not in status + b" " or body.strip() != b"OK":
-        return False, f"Docker is not usable: the daemon on {path} answered {status.decode(errors='replace')!r}."
-    version = ""
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"api-version":
-            version = value.strip().decode()
+    if reply.status != 200 or reply.body.strip() != b"OK":
+        return False, f"Docker is not usable: the daemon on {path} answered {reply.status}."
+    version = reply.headers.get("api-version", "")
     return True, f"docker API {version}" if version else "docker is running"
 
 
@@ -241,6 +228,44 @@ class Attached:
         return self.container.status
 
 
+class WaitProbe(readiness.Strategy):
+    """One of testcontainers' public wait strategies as one readiness probe: it waits at most the
+    probe's timeout, so `readiness.wait` can ask between probes whether the container still runs
+    (`running`) and fail fast when it exited, which no public strategy does while it polls HTTP."""
+
+    def __init__(self, strategy: Any, target: Any) -> None:
+        self.strategy, self.target = strategy, target
+
+    def ready(self, timeout: float) -> bool:
+        # One second of the strategy's own polling, whatever the probe's timeout: testcontainers takes
+        # whole seconds, and a shorter slice is what notices an exited container soonest.
+        try:
+            self.strategy.with_startup_timeout(1).wait_until_ready(self.target)
+        except (TimeoutError, RuntimeError):  # RuntimeError: a log strategy saw the container exit
+            return False
+        return True
+
+
+def running(target: Any) -> Callable[[], bool]:
+    """alive() for readiness.wait: the container (a WaitStrategyTarget) has not exited."""
+    import docker.errors
+
+    def alive() -> bool:
+        try:
+            wrapped = target.get_wrapped_container()
+            wrapped.reload()
+        except docker.errors.NotFound:
+            return False
+        return wrapped.status not in ("exited", "dead")
+
+    return alive
+
+
+def last_logs(target: Any, lines: int = 5) -> str:
+    """The container's last log lines on one line (for a one-sentence error)."""
+    return target.get_wrapped_container().logs(tail=lines).decode(errors="replace").strip().replace("\n", " | ")
+
+
 # ---------------------------------------------------------------- labelled things
 
 def _filters(home: str | Path, box_id: str | None, host_level: bool) -> dict[str, Any]:
@@ -325,38 +350,22 @@ def port_conflict(e: BaseException) -> bool:
 
 
 # ---------------------------------------------------------------- for rm / gc
-# Plain HTTP on the unix socket: `rm` and `gc` call these for every box, and the docker
-# SDK alone costs ~170 ms to import.
+# The Engine API on the unix socket through the one HTTP client: `rm` and `gc` call these for
+# every box, and the docker SDK alone costs ~170 ms to import.
 
 def _api(method: str, path: str, timeout: float = 30.0) -> Any:
-    import http.client
     import json
 
-    sock_path = _socket_path()
-    assert sock_path is not None
-
-    class _Conn(http.client.HTTPConnection):
-        def connect(self) -> None:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.settimeout(timeout)
-            self.sock.connect(sock_path)
-
-    conn = _Conn("docker", timeout=timeout)
-    try:
-        conn.request(method, path)
-        resp = conn.getresponse()
-        body = resp.read()
-    finally:
-        conn.close()
-    if resp.status == 404:
+    reply = httpclient.request(method, f"http://docker{path}", timeout=timeout, unix_socket=_socket_path())
+    if reply.status == 404:
         return None
-    if resp.status >= 400:
+    if reply.status >= 400:
         try:
-            msg = json.loads(body).get("message", "")
+            msg = json.loads(reply.body).get("message", "")
         except ValueError:
-            msg = body.decode(errors="replace")
+            msg = reply.text()
         raise WtboxError(f"Docker refused {method} {path.split('?')[0]}: {msg.strip()[:200]}.")
-    return json.loads(body) if body.strip() else None
+    return json.loads(reply.body) if reply.body.strip() else None
 
 
 def _raw_labelled(home: str | Path, box_id: str | None) -> dict[str, list[dict[str, Any]]]:

@@ -1,6 +1,6 @@
 """The cgroup resource: the box's control group, made before anything of the box runs.
 
-create: `wtbox-<home key>-<box hex>/` in every hierarchy (see worktreebox/system/cgroups.py) with the
+create: `wtbox-<home key>-<box hex>/` in every hierarchy (see worktreebox/system/cgroups/) with the
 limits of [box] cpu_weight / memory_max / pids_max over the host's [box] defaults. On a
 host without cgroups it makes nothing and the box runs as before (`doctor` says why).
 destroy: kill whatever is still inside (the services resource already stopped the

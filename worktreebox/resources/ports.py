@@ -9,7 +9,6 @@ the holder.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from worktreebox.box import is_box_id
@@ -25,10 +24,12 @@ DEFAULT_LOW = 20000
 
 
 def ephemeral_range() -> tuple[int, int]:
+    from worktreebox.system import procfs
+
     try:
-        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        lo, hi = (procfs.sysctl("net/ipv4/ip_local_port_range") or "").split()
         return int(lo), int(hi)
-    except (OSError, ValueError):
+    except ValueError:
         return 32768, 60999
 
 

@@ -198,7 +198,7 @@ def end_survivors(box: Box) -> list[int]:
             continue
         if env.get("WTBOX_SERVICE") or ("worktreebox.services.supervisor" in cmd and box.id in cmd):
             found.append(p)
-    killed = procs.kill_staged(found)
+    killed = procs.stop_processes(found)
     for stale in (PID_FILE, control.SOCKET):
         try:
             (box.run_dir / stale).unlink()

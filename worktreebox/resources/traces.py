@@ -98,9 +98,8 @@ def traces_dir(box: Box) -> Path:
 def start_receiver(box: Box, port: int, metrics_url: str, timeout: float = START_TIMEOUT,
                    cgroup: cgroups.Leaf | None = None) -> int:
     """Start the box's receiver detached (in `cgroup`) and wait until it answers /health; returns its pid."""
-    from worktreebox.system import procs
+    from worktreebox.system import procs, readiness
     from worktreebox.system.fsutil import atomic_write
-    from worktreebox.telemetry.vmclient import healthy
 
     box.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in OTEL_VARS and k != "PYTHONSTARTUP"}
@@ -112,10 +111,10 @@ def start_receiver(box: Box, port: int, metrics_url: str, timeout: float = START
                             log_path=log_path, cwd=pkg_parent, cgroup=cgroup)
     atomic_write(box.run_dir / PID_FILE, f"{pid}\n")
     url = f"http://127.0.0.1:{port}"
-    why = procs.wait_started(pid, lambda: healthy(url, timeout=0.25), timeout)
-    if why == "exited":
-        raise WtboxError(f"The OTLP receiver of box {box.id} exited at start ({_last_line(log_path)}).")
-    if why == "timeout":
+    why = readiness.wait(readiness.HttpUrl(f"{url}/health", status=200), timeout, alive=readiness.process_alive(pid))
+    if why == readiness.EXITED:
+        raise WtboxError(f"The OTLP receiver of box {box.id} exited at start ({procs.last_line(log_path)}).")
+    if why == readiness.TIMEOUT:
         raise WtboxError(f"The OTLP receiver of box {box.id} did not answer {url}/health within {timeout:.0f} s.")
     return pid
 
@@ -159,13 +158,5 @@ def stop_receiver(box: Box, sweep: bool = True) -> None:
         # (A pid file naming a dead process means it ended: rm's services sweep usually got it first.)
         found = [p for p in procs.find_box_processes(box.id, box.dir) if _is_receiver(p.pid, box)]
     if found:
-        procs.kill_staged(found)
+        procs.stop_processes(found)
     pid_file.unlink(missing_ok=True)
-
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return "no log"
-    return lines[-1][:300] if lines else "no output"

@@ -17,13 +17,14 @@ from worktreebox.errors import UsageError, WtboxError
 from worktreebox.services import boxenv, control
 from worktreebox.services.control import Request, ServiceState
 from worktreebox.services.spec import ServiceSpec, SupervisorPayload
-from worktreebox.system import cancel, cgroups, procs
+from worktreebox.system import cancel, cgroups, procs, readiness
 from worktreebox.telemetry.logs.reader import read_records
 
 if TYPE_CHECKING:
     from worktreebox.box import Box
 
 STOP_TIMEOUT = 20.0
+SUPERVISOR_START = 10.0
 EXIT_WAIT = 5.0  # after a 'stop' request, how long the supervisor gets to exit by itself
 PID_FILE = "supervisor.pid"
 
@@ -69,13 +70,18 @@ def start_supervisor(box: Box, secrets: dict[str, str], specs: list[ServiceSpec]
     rc = proc.wait()  # the launcher forks the real supervisor and exits at once
     if rc != 0:
         raise WtboxError(f"The services supervisor of {box.id} failed to start (exit code {rc}).")
-    deadline = time.time() + 10
-    while time.time() < deadline:
+    pids: list[int] = []
+
+    def started(timeout: float) -> bool:
+        """It wrote its pid file and its first state (it listens on its socket by then)."""
         pid = supervisor_pid(box)
         if pid and (box.run_dir / control.STATE_FILE).exists():
-            return pid
-        cancel.sleep(0.01)
-    raise WtboxError(f"The services supervisor of {box.id} did not start; see 'wtbox logs {box.id}'.")
+            pids.append(pid)
+        return bool(pids)
+
+    if readiness.wait(readiness.Probe(started), SUPERVISOR_START, poll=0.01) is not None:
+        raise WtboxError(f"The services supervisor of {box.id} did not start; see 'wtbox logs {box.id}'.")
+    return pids[0]
 
 
 def control_request(box: Box, cmd: str, service: str | None = None, timeout: float = 120.0) -> control.Response:

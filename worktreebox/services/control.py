@@ -1,9 +1,10 @@
 """The contract between a box's supervisor and its clients: the control socket and the state file.
 
 Both ends import this module and nothing of each other. The socket (`run/ctl.sock`, 0600,
-peer uid checked) takes one JSON `Request` per connection, newline-terminated, and answers
-one JSON `Response` the same way. `run/state.json` is a `SupervisorState`, rewritten whole
-(atomically) whenever a service changes state.
+peer uid checked) takes one `Request` per connection and answers one `Response`, framed as
+every wtbox socket is (`worktreebox.system.unixsock`: a length, then JSON); `serve` is the
+supervisor's side, `request` the clients'. `run/state.json` is a `SupervisorState`, rewritten
+whole (atomically) whenever a service changes state.
 """
 from __future__ import annotations
 
@@ -11,13 +12,18 @@ import dataclasses
 import json
 import os
 import socket
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from worktreebox.system import unixsock
 from worktreebox.system.fsutil import atomic_write
 
 SOCKET = "ctl.sock"
 STATE_FILE = "state.json"
+MAX_REQUEST = 64 * 1024  # a request is a command and a service name; a longer one is not ours
+READ_TIMEOUT = 10.0  # a client that connects and sends nothing holds a thread this long at most
 
 # Service states, as `status` shows them.
 STOPPED, STARTING, READY, BACKOFF, EXITED, FAILED = "stopped", "starting", "ready", "backoff", "exited", "failed"
@@ -128,39 +134,83 @@ class Response:
                    services={n: ServiceState.from_json(s) for n, s in services.items()} if services else None)
 
 
-def read_line(sock: socket.socket) -> bytes:
-    """One newline-terminated message (both ends)."""
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
 def write_message(sock: socket.socket, message: Request | Response) -> None:
-    sock.sendall(json.dumps(message.to_json()).encode() + b"\n")
+    unixsock.send(sock, message.to_json())
+
+
+def read_request(sock: socket.socket) -> Request:
+    """One request; a malformed one becomes one the supervisor refuses (cmd "")."""
+    return Request.from_json(unixsock.recv(sock, limit=MAX_REQUEST)[0])
+
+
+def read_response(sock: socket.socket) -> Response:
+    return Response.from_json(unixsock.recv(sock)[0])
 
 
 def request(run_dir: Path, req: Request, timeout: float) -> Response:
-    """Send one request to the supervisor listening in `run_dir` and return its answer."""
-    run_fd = os.open(run_dir, os.O_PATH | os.O_DIRECTORY)
-    try:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    """Send one request to the supervisor listening in `run_dir` and return its answer; OSError
+    when it is not there or went away, ValueError when it answered something else."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
+        unixsock.connect(s, str(run_dir / SOCKET))
+        write_message(s, req)
         try:
-            # Through /proc/self/fd: the real path can be longer than sun_path's 107 bytes.
-            s.connect(f"/proc/self/fd/{run_fd}/{SOCKET}")
-            write_message(s, req)
-            data = read_line(s)
-        finally:
-            s.close()
+            return read_response(s)
+        except unixsock.Closed:
+            raise OSError("the supervisor closed the connection") from None
+        except unixsock.ProtocolError as e:
+            raise ValueError(f"the supervisor answered something that is not a message ({e})") from None
+
+
+def serve(run_dir: Path, handle: Callable[[Request], Response], after: Callable[[Request], None]) -> socket.socket:
+    """Listen on the control socket (0600; only our own uid is answered), one thread per client:
+    `handle` makes the answer, `after` runs once it was sent (a stop ends the process there)."""
+    path = run_dir / SOCKET
+    path.unlink(missing_ok=True)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        unixsock.bind(srv, str(path))
     finally:
-        os.close(run_fd)
-    if not data:
-        raise OSError("the supervisor closed the connection")
-    answer = json.loads(data)
-    if not isinstance(answer, dict):
-        raise ValueError("the supervisor answered something that is not an object")
-    return Response.from_json(answer)
+        os.umask(old)
+    srv.listen(16)
+    threading.Thread(target=_accept, args=(srv, handle, after), daemon=True, name="control").start()
+    return srv
+
+
+def _accept(srv: socket.socket, handle: Callable[[Request], Response], after: Callable[[Request], None]) -> None:
+    while True:
+        try:
+            conn, _ = srv.accept()
+        except OSError:
+            return
+        threading.Thread(target=_serve_one, args=(conn, handle, after), daemon=True).start()
+
+
+def _serve_one(conn: socket.socket, handle: Callable[[Request], Response], after: Callable[[Request], None]) -> None:
+    req = None
+    with conn:
+        try:
+            if unixsock.peer_uid(conn) != os.getuid():
+                write_message(conn, Response(ok=False, error="permission denied"))
+                return
+            conn.settimeout(READ_TIMEOUT)
+            req = read_request(conn)
+            conn.settimeout(None)
+            write_message(conn, handle(req))
+        except unixsock.Closed:
+            pass
+        except unixsock.ProtocolError as e:
+            _answer(conn, Response(ok=False, error=f"not a request: {e}"))
+        except OSError:
+            pass
+        finally:
+            if req is not None:
+                after(req)
+
+
+def _answer(conn: socket.socket, response: Response) -> None:
+    try:
+        write_message(conn, response)
+    except OSError:
+        pass

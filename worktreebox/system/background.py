@@ -29,32 +29,20 @@ import os
 import time
 from collections.abc import Callable, Iterable
 
+from worktreebox.system import procfs
+
 WINDOW = 0.5  # seconds between looks
 BUSY = 0.9  # runnable threads worth this part of all CPUs: the box would fill the host
 CALM = 0.5  # below this part: calm (between the two nothing changes)
 LOOKS = 2  # looks in a row before a change
 
 
-def _runnable_ns(pid: int, tid: str) -> int | None:
-    """ns the thread has been on a CPU or waiting for one (schedstat's first two fields)."""
-    try:
-        with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
-            fields = f.read().split()
-        return int(fields[0]) + int(fields[1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def runnable_ns(pids: Iterable[int]) -> dict[tuple[int, str], int]:
     """Runnable ns of every thread of `pids`, by (pid, tid)."""
     out = {}
     for pid in pids:
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            ns = _runnable_ns(pid, tid)
+        for tid in procfs.thread_ids(pid):
+            ns = procfs.runnable_ns(pid, tid)
             if ns is not None:
                 out[(pid, tid)] = ns
     return out

@@ -14,13 +14,12 @@ import io
 import json
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
 from worktreebox.errors import UsageError, WtboxError
-from worktreebox.system import cgroups, procs
+from worktreebox.system import cgroups, procs, readiness, unixsock
 from worktreebox.system.fsutil import atomic_write, file_lock
 from worktreebox.telemetry.exposition import exposition
 from worktreebox.telemetry.logs.writer import LogWriter
@@ -36,7 +35,6 @@ COUNTERS_FILE = "counters.json"
 SERVICE = "browser"  # the service name of browse records in the box's logs
 DEFAULT_VIEWPORT = (1280, 800)
 START_TIMEOUT = 30.0
-STOP_WAIT = 5.0
 
 # --headless without a display, --no-sandbox because wtbox runs as root (Chromium refuses the
 # sandbox for root), and everything that phones home switched off: this host has no network
@@ -130,7 +128,7 @@ def spawn(box_id: str, box_dir: Path, port: int) -> int:
     # Chromium's singleton socket lives in $TMPDIR/org.chromium.Chromium.XXXXXX/SingletonSocket, and
     # a unix socket path has at most 107 bytes: a deep box dir keeps the caller's TMPDIR (Chromium
     # removes that folder when it exits on SIGTERM, which is how it is always stopped first).
-    if len(str(base / "tmp")) + len("/org.chromium.Chromium.XXXXXX/SingletonSocket") <= 107:
+    if len(str(base / "tmp")) + len("/org.chromium.Chromium.XXXXXX/SingletonSocket") <= unixsock.SUN_PATH_MAX:
         env["TMPDIR"] = str(base / "tmp")
     log_path = run_dir / LOG_FILE
     log_path.write_bytes(b"")  # this start's output only: the error message quotes its last line
@@ -145,11 +143,12 @@ def wait_ready(box_id: str, box_dir: Path, pid: int, port: int, timeout: float =
     """Wait until the Chromium `pid` itself listens on its DevTools port (not some other process)."""
     log_path = Path(box_dir) / "run" / LOG_FILE
     # The cheap HTTP check first; then make sure it is our Chromium that answered.
-    why = procs.wait_started(pid, lambda: _devtools_answers(port) and procs.tree_listens_on(pid, port), timeout,
-                             poll=0.02)
-    if why == "exited":
+    ready = readiness.HttpUrl(f"{cdp_url(port)}/json/version", status=200) \
+        & readiness.HoldsPort(port, lambda: [pid])
+    why = readiness.wait(ready, timeout, alive=readiness.process_alive(pid), poll=0.02)
+    if why == readiness.EXITED:
         raise WtboxError(f"Chromium for box {box_id} exited at start ({_last_line(log_path)}).")
-    if why == "timeout":
+    if why == readiness.TIMEOUT:
         stop(box_id, box_dir)
         raise WtboxError(f"Chromium for box {box_id} did not open its DevTools port {port} within "
                          f"{timeout:.0f} s ({_last_line(log_path)}).")
@@ -181,17 +180,17 @@ def find_processes(box_id: str, box_dir: Path) -> list[Any]:
     return found
 
 
-def stop(box_id: str, box_dir: Path, wait: float = STOP_WAIT) -> list[int]:
+def stop(box_id: str, box_dir: Path, wait: float | None = None) -> list[int]:
     """Staged stop (SIGTERM, wait, SIGKILL) of the box's Chromium; returns the pids that were running."""
     found = find_processes(box_id, box_dir)
     # The browser process first: on SIGTERM it ends its children itself, which is cleaner than
     # signalling renderers while it tears them down; whatever is left then gets its own staged stop.
     main = [p for p in found if not any(a.startswith("--type=") for a in procs.cmdline(p.pid))]
     if main:
-        procs.kill_staged(main, wait)
+        procs.stop_processes(main, wait)
     rest = find_processes(box_id, box_dir)
     if rest:
-        procs.kill_staged(rest, wait)
+        procs.stop_processes(rest, wait)
     (Path(box_dir) / "run" / PID_FILE).unlink(missing_ok=True)
     return sorted(p.pid for p in found)
 
@@ -216,26 +215,9 @@ def memory(box_id: str, box_dir: Path) -> dict[str, int]:
     return procs.memory_of(find_processes(box_id, box_dir))
 
 
-def _devtools_answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            s.settimeout(0.5)
-            # HTTP/1.1: Chromium's DevTools server refuses 1.0.
-            s.sendall(b"GET /json/version HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-            head = s.recv(32)
-    except OSError:
-        return False
-    return head.split(b" ", 2)[1:2] == [b"200"]
-
-
 def _last_line(path: Path) -> str:
     """The last line of Chromium's output that says something (its D-Bus complaints never do)."""
-    try:
-        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return "no log"
-    useful = [ln for ln in lines if "dbus" not in ln.lower()] or lines
-    return useful[-1][:300] if useful else "no output"
+    return procs.last_line(path, noise=lambda line: "dbus" in line.lower())
 
 
 # ---------------------------------------------------------------- loading a page

@@ -1,59 +1,41 @@
 """Speaking to a VictoriaMetrics over HTTP: health, push and query (whichever provider runs it).
 
-Plain urllib (imported when used) so that the CLI needs no HTTP library and starts fast; the
-supervisor's pushes and the health poll use a bare socket, because urllib drags in ssl and
-email (~6 MB per box).
+Through the one HTTP client (system/httpclient.py): it is light enough for the supervisor's
+pushes and the health polls of `new`, where urllib (ssl, email) would cost more memory than
+the rest of the supervisor and more time than VictoriaMetrics takes to start.
 """
 from __future__ import annotations
 
 import json
-import socket
 import time
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlencode
 
 from worktreebox.errors import UsageError, WtboxError
+from worktreebox.system import httpclient
 
 
 def healthy(url: str, timeout: float = 1.0) -> bool:
-    """GET /health answers 200. A bare socket: polled during `new`, where importing urllib
-    (ssl, email, http.client) would cost more than VictoriaMetrics takes to start."""
-    from urllib.parse import urlsplit
-
-    u = urlsplit(url)
-    try:
-        with socket.create_connection((u.hostname or "127.0.0.1", u.port or 80), timeout=timeout) as s:
-            s.settimeout(timeout)
-            s.sendall(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")
-            head = s.recv(32)
-    except OSError:
-        return False
-    return head.split(b" ", 2)[1:2] == [b"200"]
+    """GET /health answers 200."""
+    return httpclient.status(url.rstrip("/") + "/health", timeout) == 200
 
 
 def push_prometheus(url: str, text: str, timeout: float = 2.0) -> None:
-    """POST Prometheus text to <url>/api/v1/import/prometheus over a bare socket (plain http only)."""
+    """POST Prometheus text to <url>/api/v1/import/prometheus."""
     _push(url, "/api/v1/import/prometheus", text.encode(), "text/plain", timeout)
 
 
 def push_import_lines(url: str, lines: Iterable[dict[str, Any]], timeout: float = 2.0) -> None:
-    """POST JSON lines ({"metric", "values", "timestamps"}) to <url>/api/v1/import over a bare socket."""
+    """POST JSON lines ({"metric", "values", "timestamps"}) to <url>/api/v1/import."""
     body = "".join(json.dumps(line, separators=(",", ":")) + "\n" for line in lines).encode()
     _push(url, "/api/v1/import", body, "application/json", timeout)
 
 
 def _push(url: str, path: str, body: bytes, content_type: str, timeout: float) -> None:
-    from urllib.parse import urlsplit  # urllib.parse alone is light
-
-    u = urlsplit(url)
-    host, port = u.hostname or "127.0.0.1", u.port or 80
-    head = (f"POST {u.path.rstrip('/')}{path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n")
-    with socket.create_connection((host, port), timeout=timeout) as s:
-        s.sendall(head.encode() + body)
-        status = s.recv(64).split(b" ", 2)
-    if len(status) < 2 or not status[1].startswith(b"2"):
-        why = b" ".join(status[1:]).decode(errors="replace").strip() or "no answer"
+    reply = httpclient.post(url.rstrip("/") + path, body, content_type, timeout)
+    if not 200 <= reply.status < 300:
+        why = f"{reply.status} {_error_text(reply)}".strip()
         raise WtboxError(f"VictoriaMetrics at {url} refused the push ({why}).")
 
 
@@ -97,34 +79,27 @@ class Client:
 
     # -- plumbing
     def _post(self, path: str, body: bytes, method: str = "POST") -> None:
-        import urllib.error
-        import urllib.request
-
-        req = urllib.request.Request(self.url + path, data=body if method == "POST" else None, method=method)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                r.read()
-        except urllib.error.HTTPError as e:
-            raise WtboxError(f"{self._who()} rejected {path}: {_error_text(e)}.") from None
+            reply = httpclient.request(method, self.url + path, body=body, timeout=self.timeout)
         except OSError as e:
             raise self._down(e) from None
+        if reply.status >= 400:
+            raise WtboxError(f"{self._who()} rejected {path}: {_error_text(reply)}.")
 
     def _api(self, path: str, params: dict[str, str]) -> Any:
-        import urllib.error
-        import urllib.parse
-        import urllib.request
-
-        url = f"{self.url}{path}?{urllib.parse.urlencode(params)}"
         try:
-            with urllib.request.urlopen(url, timeout=self.timeout) as r:
-                doc = json.load(r)
-        except urllib.error.HTTPError as e:
-            # 400/422: the query itself is wrong, a user mistake (exit 2).
-            if e.code in (400, 422):
-                raise UsageError(f"The query was rejected: {_error_text(e)}.") from None
-            raise WtboxError(f"{self._who()} answered {e.code} to {path}: {_error_text(e)}.") from None
+            reply = httpclient.get(f"{self.url}{path}?{urlencode(params)}", timeout=self.timeout)
         except OSError as e:
             raise self._down(e) from None
+        if reply.status >= 400:
+            # 400/422: the query itself is wrong, a user mistake (exit 2).
+            if reply.status in (400, 422):
+                raise UsageError(f"The query was rejected: {_error_text(reply)}.")
+            raise WtboxError(f"{self._who()} answered {reply.status} to {path}: {_error_text(reply)}.")
+        try:
+            doc = reply.json()
+        except ValueError:
+            raise WtboxError(f"{self._who()} answered {path} with something that is not JSON.") from None
         if doc.get("status") != "success":
             raise UsageError(f"The query was rejected: {doc.get('error', doc)}.")
         return doc["data"]
@@ -135,18 +110,14 @@ class Client:
         return f"VictoriaMetrics at {self.url}"
 
     def _down(self, e: OSError) -> WtboxError:
-        reason = getattr(e, "reason", e)
-        return WtboxError(f"{self._who()} is not reachable ({reason}); is the box running?")
+        return WtboxError(f"{self._who()} is not reachable ({e}); is the box running?")
 
 
-def _error_text(e) -> str:
-    try:
-        body = e.read().decode(errors="replace")
-    except OSError:
-        body = ""
+def _error_text(reply: httpclient.Reply) -> str:
+    body = reply.text()
     try:
         msg = json.loads(body).get("error") or body
-    except ValueError:
+    except (ValueError, AttributeError):
         msg = body
     msg = " ".join(str(msg).split()).rstrip(".")
-    return msg[:400] or f"HTTP {e.code}"
+    return msg[:400] or f"HTTP {reply.status}"

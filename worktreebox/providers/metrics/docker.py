@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from worktreebox.errors import WtboxError
 from worktreebox.providers import docker_engine as engine
 from worktreebox.providers.metrics.base import MEMORY_ENV, MetricsStore, flags
+from worktreebox.system import readiness
 
 if TYPE_CHECKING:
     from worktreebox.box import Box
@@ -137,29 +138,20 @@ def _wait_healthy(tc: Any, port: int, timeout: float) -> None:
     """testcontainers' HTTP wait strategy on /health, failing fast if the container exits."""
     from testcontainers.core.wait_strategies import HttpWaitStrategy
 
-    class AliveHttpWaitStrategy(HttpWaitStrategy):
-        def _try_http_request(self, url: str, headers: dict[str, str], ssl_context: Any) -> bool:
-            if super()._try_http_request(url, headers, ssl_context):
-                return True
-            wrapped = tc.get_wrapped_container()
-            wrapped.reload()
-            if wrapped.status in ("exited", "dead"):
-                logs = wrapped.logs(tail=5).decode(errors="replace")
-                if engine.port_conflict(Exception(logs)):
-                    raise WtboxError(f"Port {port} on 127.0.0.1 is already in use, so VictoriaMetrics cannot "
-                                     "listen on it; stop what holds it or run 'wtbox gc'.")
-                last = logs.strip().splitlines()[-1] if logs.strip() else "no output"
-                raise WtboxError(f"The VictoriaMetrics container exited at start ({last[:300]}).")
-            return False
-
     # The body check matters: on the host network another server on the same port would answer too.
-    strategy = (AliveHttpWaitStrategy(port, "/health").for_response_predicate(lambda body: body.strip() == "OK")
-                .with_poll_interval(0.02).with_startup_timeout(timeout))
-    try:
-        strategy.wait_until_ready(tc)
-    except TimeoutError:
+    health = HttpWaitStrategy(port, "/health").for_response_predicate(lambda body: body.strip() == "OK")
+    why = readiness.wait(engine.WaitProbe(health.with_poll_interval(0.02), tc), timeout, alive=engine.running(tc),
+                         poll=0.02)
+    if why == readiness.EXITED:
+        logs = tc.get_wrapped_container().logs(tail=5).decode(errors="replace")
+        if engine.port_conflict(Exception(logs)):
+            raise WtboxError(f"Port {port} on 127.0.0.1 is already in use, so VictoriaMetrics cannot "
+                             "listen on it; stop what holds it or run 'wtbox gc'.")
+        last = logs.strip().splitlines()[-1] if logs.strip() else "no output"
+        raise WtboxError(f"The VictoriaMetrics container exited at start ({last[:300]}).")
+    if why == readiness.TIMEOUT:
         raise WtboxError(f"VictoriaMetrics in container {tc.get_wrapped_container().name} did not answer "
-                         f"http://127.0.0.1:{port}/health within {timeout:.0f} s.") from None
+                         f"http://127.0.0.1:{port}/health within {timeout:.0f} s.")
 
 
 def _remove_container(c: Any, cname: str) -> None:

@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from worktreebox.errors import WtboxError
 from worktreebox.providers.metrics.base import MEMORY_ENV, MetricsStore, flags
-from worktreebox.system import cgroups, procs
-from worktreebox.telemetry.vmclient import healthy
+from worktreebox.system import cgroups, procs, readiness
 
 if TYPE_CHECKING:
     from worktreebox.box import Box
@@ -66,10 +65,10 @@ def start(box_id: str, *, port: int, data_dir: Path, run_dir: Path, retention: s
     pid = procs.spawn_detached(cmd, env=env, log_path=log_path, cgroup=cgroup)
     (run_dir / PID_FILE).write_text(f"{pid}\n")
     url = f"http://127.0.0.1:{port}"
-    why = procs.wait_started(pid, lambda: healthy(url, timeout=0.25), timeout)
-    if why == "exited":
+    why = readiness.wait(readiness.HttpUrl(f"{url}/health", status=200), timeout, alive=readiness.process_alive(pid))
+    if why == readiness.EXITED:
         raise WtboxError(f"VictoriaMetrics for box {box_id} exited at start ({_last_line(log_path)}).")
-    if why == "timeout":
+    if why == readiness.TIMEOUT:
         raise WtboxError(f"VictoriaMetrics for box {box_id} did not answer {url}/health within {timeout:.0f} s.")
     return pid
 
@@ -86,12 +85,5 @@ def stop(box_id: str, *, run_dir: Path, names: Iterable[str] = (BINARY,),
 
 
 def _last_line(path: Path) -> str:
-    try:
-        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return "no log"
-    if not lines:
-        return "no output"
-    line = lines[-1]
     # VictoriaMetrics logs "<ts>\t<level>\t<file:line>\t<message>"; the message is what helps.
-    return line.rsplit("\t", 1)[-1].strip()[:300]
+    return procs.last_line(path, tidy=lambda line: line.rsplit("\t", 1)[-1])

@@ -68,9 +68,9 @@ class Mount:
 
 def mount_table() -> list[Mount]:
     """Every mount this process sees, in mount order."""
-    from worktreebox.system import procs
+    from worktreebox.system import procfs
 
-    return [Mount(*fields) for fields in procs.mountinfo()]
+    return [Mount(*fields) for fields in procfs.mountinfo()]
 
 
 def mounts_under(root: Path | str, table: list[Mount] | None = None, *, include_root: bool = False) -> list[Mount]:

@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import secrets
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -25,6 +24,7 @@ from worktreebox.errors import WtboxError
 from worktreebox.providers import docker_engine as engine
 from worktreebox.providers.postgres.base import forget_connections
 from worktreebox.providers.postgres.external import ExternalServer
+from worktreebox.system import readiness
 from worktreebox.system.fsutil import atomic_write, file_lock
 
 if TYPE_CHECKING:
@@ -74,45 +74,54 @@ def _lock(host: HostContext) -> contextlib.AbstractContextManager[None]:
 
 # ---------------------------------------------------------------- readiness
 
-def _pg_connect_strategy(address: tuple[str, int], creds: dict[str, str]) -> Any:
-    """A testcontainers wait strategy that succeeds once the superuser can log in over TCP.
+class _Login(readiness.Strategy):
+    """The superuser can log in over TCP (a password the volume was not made with is an error at once)."""
 
-    The log line alone is not enough with the upstream image: on first start it prints
-    "ready" once for its private init server, before the real one listens.
-    """
-    from testcontainers.core.waiting_utils import WaitStrategy
+    def __init__(self, address: tuple[str, int], creds: dict[str, str]) -> None:
+        self.address, self.creds = address, creds
+        self.last = "no answer yet"
 
-    class PostgresLoginWaitStrategy(WaitStrategy):
-        def wait_until_ready(self, container: Any) -> None:
-            import psycopg
+    def ready(self, timeout: float) -> bool:
+        import psycopg
 
-            deadline = time.monotonic() + self._startup_timeout
-            last = ""
-            while True:
-                try:
-                    psycopg.connect(host=address[0], port=address[1], user=creds["user"],
-                                    password=creds["password"], dbname=creds["dbname"], connect_timeout=2).close()
-                    return
-                except psycopg.OperationalError as e:
-                    last = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                    if "password authentication failed" in last:
-                        raise WtboxError(
-                            f"The docker PostgreSQL rejects the password in {STATE_FILE}; its volume was "
-                            "initialised with another one (remove the volume to start afresh).") from None
-                _raise_if_exited(container)
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"PostgreSQL did not accept logins within {self._startup_timeout:g}s ({last}).")
-                time.sleep(self._poll_interval)
-
-    return PostgresLoginWaitStrategy().with_poll_interval(0.1).with_startup_timeout(START_TIMEOUT)
+        try:
+            psycopg.connect(host=self.address[0], port=self.address[1], user=self.creds["user"],
+                            password=self.creds["password"], dbname=self.creds["dbname"],
+                            connect_timeout=max(1, round(timeout))).close()
+            return True
+        except psycopg.OperationalError as e:
+            self.last = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "password authentication failed" in self.last:
+            raise WtboxError(f"The docker PostgreSQL rejects the password in {STATE_FILE}; its volume was "
+                             "initialised with another one (remove the volume to start afresh).")
+        return False
 
 
-def _raise_if_exited(container: Any) -> None:
-    wrapped = container.get_wrapped_container()
-    wrapped.reload()
-    if wrapped.status in ("exited", "dead"):
-        logs = wrapped.logs(tail=5).decode(errors="replace").strip().replace("\n", " | ")
-        raise WtboxError(f"The docker PostgreSQL container exited during start: {logs[-400:]}")
+def _wait_ready(target: Any, address: tuple[str, int], creds: dict[str, str], *, fresh: bool) -> None:
+    """Until the superuser can log in. A fresh container says "ready" in its log first (testcontainers'
+    LogMessageWaitStrategy), but the line alone is not enough with the upstream image: on first
+    start it prints it once for its private init server, before the real one listens."""
+    from testcontainers.core.wait_strategies import LogMessageWaitStrategy
+
+    login = _Login(address, creds)
+    ready: readiness.Strategy = login
+    if fresh:
+        ready = engine.WaitProbe(LogMessageWaitStrategy(READY_LINE).with_poll_interval(0.05), target) & login
+    why = readiness.wait(ready, START_TIMEOUT, alive=engine.running(target), poll=0.05, poll_max=0.1)
+    if why == readiness.EXITED:
+        raise WtboxError(f"The docker PostgreSQL container exited during start: {engine.last_logs(target)[-400:]}")
+    if why == readiness.TIMEOUT:
+        raise WtboxError(f"The PostgreSQL container did not become ready (no login within {START_TIMEOUT:g}s: "
+                         f"{login.last[:200]}): {engine.last_logs(target)[-300:]}")
+
+
+def _publish_on_loopback(tc: Any, container_port: int, host_port: int) -> None:
+    """Publish the port on 127.0.0.1 only: the superuser must not be reachable from the network.
+
+    testcontainers' public API cannot say so: `with_bind_ports` takes a host port and no address,
+    and `with_kwargs(ports=...)` collides with the `ports` it passes to docker itself. So its
+    `ports` table is set directly, with the (address, port) pair the docker SDK takes there."""
+    tc.ports[f"{container_port}/tcp"] = ("127.0.0.1", host_port)
 
 
 # ---------------------------------------------------------------- start / stop / status
@@ -150,7 +159,7 @@ def start(host: HostContext) -> dict[str, Any]:
         if existing is not None and existing.status == "running" and _published_port(existing) == port:
             addr = _address(existing, port)
             # Running, but perhaps just restarted by dockerd: ready means "accepts a login".
-            _pg_connect_strategy(addr, creds).wait_until_ready(engine.Attached(existing))
+            _wait_ready(engine.Attached(existing), addr, creds, fresh=False)
             return _info(addr, creds)
         if existing is not None:
             # Stopped, exited, or published elsewhere: the container is disposable, the volume is not.
@@ -196,8 +205,7 @@ def _create(c: Any, host: HostContext, creds: dict[str, str], port: int) -> dict
         .with_kwargs(labels=engine.labels(host.home, role="postgres"),
                      restart_policy={"Name": "unless-stopped"})
     )
-    # Only on loopback: the superuser must not be reachable from the network.
-    tc.ports["5432/tcp"] = ("127.0.0.1", port)  # type: ignore[assignment]
+    _publish_on_loopback(tc, 5432, port)
     try:
         tc.start()
     except docker.errors.APIError as e:
@@ -207,19 +215,8 @@ def _create(c: Any, host: HostContext, creds: dict[str, str], port: int) -> dict
                              "publish it; stop what holds it or run 'wtbox gc'.") from None
         raise WtboxError(f"Docker could not start the PostgreSQL container: {engine.first_line(e)}.") from None
     addr = _address(tc.get_wrapped_container(), port)
-    from testcontainers.core.wait_strategies import CompositeWaitStrategy, LogMessageWaitStrategy
-
-    strategy = CompositeWaitStrategy(
-        LogMessageWaitStrategy(READY_LINE).with_poll_interval(0.05).with_startup_timeout(START_TIMEOUT),
-        _pg_connect_strategy(addr, creds),
-    )
     try:
-        strategy.wait_until_ready(tc)
-    except (TimeoutError, RuntimeError) as e:
-        logs = tc.get_wrapped_container().logs(tail=5).decode(errors="replace").strip().replace("\n", " | ")
-        _remove_quietly(c, vol, made_volume)
-        raise WtboxError(f"The PostgreSQL container did not become ready ({engine.first_line(e)[:200]}): "
-                         f"{logs[-300:]}") from None
+        _wait_ready(tc, addr, creds, fresh=True)
     except WtboxError:
         _remove_quietly(c, vol, made_volume)
         raise

@@ -24,6 +24,7 @@ from worktreebox.errors import WtboxError
 from worktreebox.providers.postgres.base import SHARED_DB, SUPERUSER, Server, forget_connections
 from worktreebox.system import procs
 from worktreebox.system.fsutil import atomic_write, file_lock
+from worktreebox.system.unixsock import SUN_PATH_MAX
 
 if TYPE_CHECKING:
     from worktreebox.config.load import HostConfig
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
 PORT_OWNER = "@postgres"
 SYSTEM_USERS = ("postgres", "wtbox-pg")  # reused if present, in this order; else wtbox-pg is created
-_SOCKET_MAX = 107  # sun_path is 108 bytes including the NUL
 _SOCKET_FILE = "/.s.PGSQL.65535"
 
 
@@ -98,7 +98,7 @@ class EmbeddedCluster(Server):
     def socket_dir(self) -> Path:
         """$WTBOX_HOME/postgres-socket, or a short dir in /tmp when that path is too long for a socket."""
         inside = self.home / "postgres-socket"
-        if len(str(inside)) + len(_SOCKET_FILE) <= _SOCKET_MAX:
+        if len(str(inside)) + len(_SOCKET_FILE) <= SUN_PATH_MAX:  # PostgreSQL binds it by its full path
             return inside
         digest = hashlib.sha256(str(self.home).encode()).hexdigest()[:12]
         return Path(f"/tmp/wtbox-pg-{digest}")

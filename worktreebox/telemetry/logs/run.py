@@ -16,8 +16,6 @@ from worktreebox.system import cancel, procs
 from worktreebox.system.cgroups import Leaf
 from worktreebox.telemetry.logs.writer import LogWriter, pump
 
-STOP_WAIT = 3.0  # SIGTERM -> SIGKILL grace for a command that timed out
-
 
 class OutputTail:
     """The last lines of a command's output, redacted, shared by its stdout and stderr pumps."""
@@ -68,7 +66,7 @@ def run_logged(cmd: str, cwd: Path | str, env: dict[str, str], logs_dir: Path | 
     try:
         rc = cancel.wait(proc, timeout)  # a cancelled box_new stops it as Ctrl-C would
     except subprocess.TimeoutExpired:
-        procs.stop_group(proc, STOP_WAIT)
+        procs.stop_group(proc)
         rc = 124
         msg = f"wtbox: timed out after {timeout:g}s"
         writer.line("stderr", msg)

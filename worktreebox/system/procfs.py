@@ -1,0 +1,173 @@
+"""The one reader of /proc: every file wtbox reads there, and the parsers of their formats.
+
+Standard library `os` only, and nothing at import: the `wtbox` launcher imports it on every call.
+Readers return None (or an empty value) when the file is gone or not ours to read: a process
+can end between listing and reading, and that is never an error here. The parsers take the
+file's text, so tests feed them lines without any process.
+"""
+from __future__ import annotations
+
+import os
+
+PROC = "/proc"
+SELF_CGROUP = f"{PROC}/self/cgroup"  # named in messages, so a reader knows which file said so
+SELF_MOUNTINFO = f"{PROC}/self/mountinfo"
+
+
+def _path(pid: int | str, name: str) -> str:
+    return f"{PROC}/{pid}/{name}"
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:  # gone, a kernel thread, or not ours to read
+        return None
+
+
+# ---------------------------------------------------------------- processes
+
+def pids() -> list[int]:
+    """Every process id the kernel shows us now."""
+    return [int(n) for n in os.listdir(PROC) if n.isdigit()]
+
+
+def stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of a process's stat file after its command name (see parse_stat)."""
+    data = _read(_path(pid, "stat"))
+    return parse_stat(data) if data else None
+
+
+def parse_stat(data: bytes) -> list[bytes]:
+    """stat's fields after `(comm)`: state is [0], ppid [1], starttime [19]. The command name may
+    hold spaces and parentheses, so the split starts after the last ')'."""
+    return data[data.rfind(b")") + 2:].split()
+
+
+def environ(pid: int) -> bytes | None:
+    """A process's environment, NUL-separated as the kernel keeps it."""
+    return _read(_path(pid, "environ"))
+
+
+def environ_value(data: bytes, key: str) -> str | None:
+    """KEY's value in an environ block (see environ), or None when it is not set."""
+    needle = key.encode() + b"="
+    i = data.find(needle)
+    while i > 0 and data[i - 1] != 0:  # FOO_KEY=... is not KEY=...
+        i = data.find(needle, i + 1)
+    if i < 0:
+        return None
+    end = data.find(b"\0", i)
+    return data[i + len(needle):end if end >= 0 else None].decode("utf-8", "replace")
+
+
+def cmdline_bytes(pid: int) -> bytes | None:
+    """A process's command line, NUL-separated."""
+    return _read(_path(pid, "cmdline"))
+
+
+def cmdline(pid: int) -> list[str]:
+    return [a.decode("utf-8", "replace") for a in (cmdline_bytes(pid) or b"").split(b"\0") if a]
+
+
+def comm(pid: int) -> str | None:
+    """The kernel's name of a process, None when it is gone."""
+    data = _read(_path(pid, "comm"))
+    return data.decode("utf-8", "replace").strip() if data is not None else None
+
+
+def cwd(pid: int) -> str | None:
+    """A process's working directory (without the kernel's ' (deleted)' mark), None when unreadable."""
+    try:
+        where = os.readlink(_path(pid, "cwd"))
+    except OSError:
+        return None
+    return where.removesuffix(" (deleted)")
+
+
+def thread_ids(pid: int) -> list[str]:
+    try:
+        return os.listdir(_path(pid, "task"))
+    except OSError:
+        return []
+
+
+def runnable_ns(pid: int, tid: str) -> int | None:
+    """ns a thread has been on a CPU or waiting for one (schedstat's first two fields)."""
+    data = _read(_path(pid, f"task/{tid}/schedstat"))
+    try:
+        fields = (data or b"").split()
+        return int(fields[0]) + int(fields[1])
+    except (ValueError, IndexError):
+        return None
+
+
+# ---------------------------------------------------------------- this process
+
+def own_cgroup() -> str:
+    """This process's cgroup file ('' when unreadable): one `id:controllers:path` line per hierarchy."""
+    return (_read(SELF_CGROUP) or b"").decode("utf-8", "replace")
+
+
+def unified_cgroup_path(text: str) -> str | None:
+    """The cgroup v2 path in a cgroup file (its `0::` line), None when there is none."""
+    return next((line[3:] for line in text.splitlines() if line.startswith("0::")), None)
+
+
+def fd_path(fd: int) -> str:
+    """A path that names what this process's descriptor `fd` names (a short path to a deep directory)."""
+    return _path("self", f"fd/{fd}")
+
+
+def sysctl(name: str) -> str | None:
+    """A kernel setting by its sysctl name with slashes (net/ipv4/ip_local_port_range), None if unreadable."""
+    data = _read(f"{PROC}/sys/{name}")
+    return data.decode().strip() if data is not None else None
+
+
+# ---------------------------------------------------------------- the mount table
+
+def mountinfo_text() -> str:
+    """This process's mount table as the kernel writes it; OSError when it cannot be read."""
+    with open(SELF_MOUNTINFO, "rb") as f:
+        return f.read().decode("utf-8", "surrogateescape")
+
+
+def mountinfo() -> list[tuple[str, str, str, str]]:
+    """(target, fstype, source, super options) of every mount this process sees, in mount order."""
+    try:
+        return parse_mountinfo(mountinfo_text())
+    except OSError:
+        return []
+
+
+def parse_mountinfo(text: str) -> list[tuple[str, str, str, str]]:
+    """(target, fstype, source, super options) per well-formed line of a mountinfo file:
+    `id parent major:minor root target options [optional...] - fstype source super-options`."""
+    out = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            continue
+        fields, tail = left.split(), right.split()
+        if len(fields) < 5 or len(tail) < 2:
+            continue
+        out.append((unescape(fields[4]), tail[0], unescape(tail[1]), unescape(tail[2]) if len(tail) > 2 else ""))
+    return out
+
+
+def unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo (octal)."""
+    if "\\" not in field:
+        return field
+    out, i = [], 0
+    while i < len(field):
+        code = field[i + 1:i + 4]
+        if field[i] == "\\" and len(code) == 3 and code.isdigit():
+            out.append(chr(int(code, 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)

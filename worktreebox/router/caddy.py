@@ -15,11 +15,10 @@ import shutil
 import socket
 import subprocess
 from pathlib import Path
-from typing import Any
 
 from worktreebox.errors import WtboxError
 from worktreebox.router.state import Paths
-from worktreebox.system import procs
+from worktreebox.system import httpclient, procs, readiness
 from worktreebox.system.fsutil import atomic_write
 
 BINARY = "caddy"
@@ -61,7 +60,8 @@ def start(paths: Paths, binary: str, bootstrap: bytes) -> list[int]:
     paths.output.write_bytes(b"")
     pid = procs.spawn_detached([binary, "run", "--config", str(paths.bootstrap)], env=env, log_path=paths.output,
                                cwd=paths.dir)
-    why = procs.wait_started(pid, lambda: _answers(paths.socket), START_TIMEOUT)
+    why = readiness.wait(readiness.Probe(lambda timeout: _answers(paths.socket)), START_TIMEOUT,
+                         alive=readiness.process_alive(pid))
     ident = procs.identity(pid)
     if why is None and ident:
         return ident
@@ -108,34 +108,13 @@ def config(sock: Path) -> dict:
     return json.loads(body) or {}
 
 
-def _connection(sock: Path) -> Any:
-    """http.client over the admin API's unix socket (imported here: ~20 ms that `ls` never needs)."""
-    import http.client
-
-    class UnixConnection(http.client.HTTPConnection):
-        def connect(self) -> None:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.settimeout(API_TIMEOUT)
-            self.sock.connect(str(sock))
-
-    return UnixConnection("localhost", timeout=API_TIMEOUT)
-
-
 def _request(sock: Path, method: str, path: str, body: bytes | None) -> tuple[int, bytes]:
-    conn = _connection(sock)
     try:
-        # Caddy checks the Host header of admin requests; over a unix socket it expects an empty one.
-        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
-        conn.putheader("Host", "")
-        conn.putheader("Content-Type", "application/json")
-        conn.putheader("Content-Length", str(len(body or b"")))
-        conn.endheaders(body)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
+        reply = httpclient.request(method, f"http://localhost{path}", body=body or b"", timeout=API_TIMEOUT,
+                                   headers={"Content-Type": "application/json"}, unix_socket=str(sock))
     except OSError as e:
         raise WtboxError(f"The router's admin API ({sock}) did not answer: {e.strerror or e}.") from None
-    finally:
-        conn.close()
+    return reply.status, reply.body
 
 
 def _answers(sock: Path) -> bool:

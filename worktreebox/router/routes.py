@@ -146,7 +146,8 @@ def caddy_config(routes: list[Route], *, listen: str, port: int, admin: str, log
 def bootstrap(admin: str, log_file: str) -> dict[str, Any]:
     """What Caddy starts with: its admin socket and its log (routes come by the API)."""
     writer = {"output": "file", "filename": log_file, "roll_size_mb": 1, "roll_keep": 1}
-    return {"admin": {"listen": f"unix/{admin}", "config": {"persist": False}},
+    # origins: the Host our HTTP client names; the socket's 0700 dir is what keeps others out.
+    return {"admin": {"listen": f"unix/{admin}", "origins": ["localhost"], "config": {"persist": False}},
             "logging": {"logs": {"default": {"level": "WARN", "writer": writer}}}}
 
 

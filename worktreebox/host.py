@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from worktreebox import admission, providers, settings
+from worktreebox import admission, diagnostics, providers, settings
 from worktreebox.box import CREATING, DEGRADED, FAILED, READY, REMOVING, Box, branch_name, new_id, slugify
 from worktreebox.config.load import (
     load_config_for_new,
@@ -39,6 +39,8 @@ from worktreebox.system.fsutil import atomic_write
 if TYPE_CHECKING:
     from worktreebox.config.load import HostConfig, RepoConfig
     from worktreebox.providers.postgres.base import Server
+
+log = diagnostics.logger("host")
 
 
 def default_home() -> Path:
@@ -445,12 +447,14 @@ def finalize_env(c: Creation) -> dict[str, str]:
 
 
 def _phase(name: str) -> None:
-    """Crash-test hooks: with WTBOX_PHASE_FILE set, append each phase name as it starts; with
-    WTBOX_PHASE_STOP set, halt at the first phase whose name starts with it (for a kill -9 there)."""
-    path = os.environ.get("WTBOX_PHASE_FILE")
+    """Each phase of making a box as it starts: a debug line, and the crash-test hooks (with
+    WTBOX_PHASE_FILE set, append the name to it; with WTBOX_PHASE_STOP set, halt at the first
+    phase whose name starts with it, for a kill -9 there)."""
+    log.debug("phase %s", name)
+    path = settings.PHASE_FILE.value()
     if path:
         with open(path, "a") as f:
             f.write(name + "\n")
-    stop = os.environ.get("WTBOX_PHASE_STOP")
+    stop = settings.PHASE_STOP.value()
     if stop and name.startswith(stop):
         time.sleep(3600)

@@ -7,10 +7,21 @@ MASK = "***"
 # Env names whose values are secret even though they are written to the 0600 env file.
 _SECRET_NAME = re.compile(r"(PASSWORD|SECRET|TOKEN|API_KEY|PRIVATE_KEY|CREDENTIAL)", re.I)
 _URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^:/@]*:)([^@]*)(@)", re.I)
+_URL_PASSWORD_ANYWHERE = re.compile(r"([a-z][a-z0-9+.-]*://[^:/@\s]*:)([^@\s]*)(@)", re.I)
+
+
+def looks_secret(name: str) -> bool:
+    """A variable name whose value is a secret (PASSWORD, TOKEN, API_KEY, ...)."""
+    return bool(_SECRET_NAME.search(name))
 
 
 def mask_url(url: str) -> str:
     return _URL_PASSWORD.sub(lambda m: m.group(1) + MASK + m.group(3), url or "")
+
+
+def mask_urls_in(text: str) -> str:
+    """Every URL password in free text (a traceback, an exception's message) as ***."""
+    return _URL_PASSWORD_ANYWHERE.sub(lambda m: m.group(1) + MASK + m.group(3), text)
 
 
 def mask_env(env: dict[str, str]) -> dict[str, str]:

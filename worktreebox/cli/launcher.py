@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 
+from worktreebox import settings
 from worktreebox.cli import protocol as cliproto
 from worktreebox.settings import default_home
 from worktreebox.system import procfs
@@ -29,7 +30,7 @@ _TO_GROUP = (signal.SIGINT, signal.SIGQUIT, signal.SIGWINCH)  # what a terminal 
 # What the server's own environment keeps (each request brings its full environment; the
 # server's environment, as the kernel shows it to others, should not show whatever secrets the first caller had).
 _SERVER_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "VIRTUAL_ENV",
-               "XDG_STATE_HOME", "WTBOX_HOME", "WTBOX_SERVER_IDLE")
+               "XDG_STATE_HOME", settings.HOME.name, settings.SERVER_IDLE.name)
 
 
 def main() -> None:
@@ -56,7 +57,7 @@ def main() -> None:
 def _off() -> bool:
     """No server for this call: turned off, or the caller is inside a box (a server started from
     there would live in the box's cgroup and die with it)."""
-    return cliproto.turned_off() or bool(os.environ.get("WTBOX_ID"))
+    return cliproto.turned_off() or bool(settings.BOX_ID.value())
 
 
 def _isatty(fd: int) -> bool:

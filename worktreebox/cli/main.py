@@ -8,6 +8,8 @@ import sys
 
 import click
 
+from worktreebox import diagnostics, settings
+
 COMMANDS = {
     "new": "box:new",
     "ls": "box:ls",
@@ -59,14 +61,17 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="worktreebox")
-def main() -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Debug diagnostics on stderr (as WTBOX_DEBUG=1).")
+def main(verbose: bool) -> None:
     """Isolated, disposable development boxes: a git worktree plus its own ports, database,
     caches, services, logs and metrics."""
+    if verbose:
+        diagnostics.configure(verbose=True)
 
 
 def run() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] not in ("gc", "--help", "-h", "--version") \
-            and not os.environ.get("WTBOX_NO_AUTO_GC"):
+    diagnostics.configure()
+    if len(sys.argv) > 1 and sys.argv[1] not in ("gc", "--help", "-h", "--version") and not settings.NO_AUTO_GC.on():
         from worktreebox.host import default_home
 
         home = default_home()
@@ -91,11 +96,11 @@ def run() -> None:
     except KeyboardInterrupt:
         click.echo("wtbox: interrupted.", err=True)
         sys.exit(130)
-    except Exception as e:  # an unexpected failure: one sentence unless asked for the traceback
-        if os.environ.get("WTBOX_DEBUG"):
+    except Exception as e:  # an unexpected failure: one sentence naming the crash log (and the traceback if debugging)
+        message = diagnostics.internal_error(e, ["wtbox", *sys.argv[1:]])
+        if diagnostics.debugging():
             raise
-        detail = " ".join(str(e).split())[:300]
-        click.echo(f"wtbox: internal error: {type(e).__name__}: {detail} (set WTBOX_DEBUG=1 for a traceback).", err=True)
+        click.echo(f"wtbox: {message}", err=True)
         sys.exit(1)
     sys.exit(rv if isinstance(rv, int) else 0)
 

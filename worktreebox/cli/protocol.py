@@ -20,6 +20,7 @@ import _socket
 import os
 import sys
 
+from worktreebox import settings
 from worktreebox.system.unixsock import MAX_MESSAGE, ProtocolError, bind, peer_uid, recv, send
 from worktreebox.system.unixsock import connect as connect_path
 
@@ -72,7 +73,7 @@ def log_path(home: str) -> str:
 
 def turned_off() -> bool:
     """WTBOX_NO_SERVER set (to anything but 0): every command runs in its own process."""
-    return os.environ.get("WTBOX_NO_SERVER", "") not in ("", "0")
+    return settings.NO_SERVER.on()
 
 
 def install() -> list[str]:

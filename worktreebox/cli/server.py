@@ -37,9 +37,9 @@ import threading
 import time
 import types
 
+from worktreebox import settings
 from worktreebox.cli import protocol as cliproto
 
-IDLE_DEFAULT = 600.0
 TICK = 1.0  # how often an idle server checks its home (and its idle time)
 REQUEST_TIMEOUT = 5.0  # a connected launcher sends its request at once
 
@@ -102,10 +102,7 @@ def _own_run_dir(home: str) -> str | None:
 
 
 def _idle_seconds() -> float:
-    try:
-        return max(1.0, float(os.environ.get("WTBOX_SERVER_IDLE") or IDLE_DEFAULT))
-    except ValueError:
-        return IDLE_DEFAULT
+    return max(1.0, settings.SERVER_IDLE.seconds())
 
 
 def log(msg: str) -> None:

@@ -41,16 +41,24 @@ _PLAIN = re.compile(r"(?:[^{}]|\{(?![{%#])|\}(?!\})|\{\{\s*[A-Za-z_]\w*(?:\.[A-Z
 def check(template: str, where: str) -> None:
     """Refuse a template that cannot compile (a syntax error, an unknown filter) when the config
     is read, not half-way through making a box."""
+    problem = compile_error(template)
+    if problem:
+        raise ConfigError(f"{where}: {problem}.")
+
+
+def compile_error(template: str) -> str | None:
+    """Why `template` cannot compile ("bad template '...': ..."), or None when it can."""
     if "{{" not in template and "{%" not in template and "{#" not in template:
-        return
+        return None
     if _PLAIN.fullmatch(template):
-        return
+        return None
     import jinja2
 
     try:
         _environment().compile(template)
     except jinja2.TemplateError as e:
-        raise ConfigError(f"{where}: bad template {template!r}: {e.message or type(e).__name__}.") from None
+        return f"bad template {template!r}: {e.message or type(e).__name__}"
+    return None
 
 
 def render_file(path: Any, facts: dict[str, Any]) -> str:

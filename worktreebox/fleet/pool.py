@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from worktreebox import admission
+from worktreebox import admission, settings
 from worktreebox.box import CREATING, READY, Box, branch_name, hex_of, slugify
 from worktreebox.config.assets import PACKAGE_PARENT
 from worktreebox.config.load import config_sources, parse_duration, parse_repo_config
@@ -444,7 +444,7 @@ def main(argv: list[str]) -> int:
     """`python -m worktreebox.fleet.pool HOME REPO`: the detached filler."""
     signal.signal(signal.SIGTERM, _on_term)
     home, repo = argv
-    idle = float(os.environ.get("WTBOX_POOL_IDLE", IDLE_EXIT))
+    idle = settings.POOL_IDLE.seconds()
     try:
         return fill(Host(home), repo, idle_exit=idle)
     except KeyboardInterrupt:

@@ -14,7 +14,7 @@ list should be the SDK's own.
 A cancelled `box_new` rolls back exactly as Ctrl-C does, a cancelled `box_exec` stops its
 command, a cancelled `fanout` stops its runs as Ctrl-C does.
 """
-import os
+import json
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -61,12 +61,7 @@ class WtboxMCP(MCPServer):
                 return tool_error(str(cause))
             if cause is None:  # the SDK's own (an unknown tool)
                 return tool_error(str(e))
-            if os.environ.get("WTBOX_DEBUG"):
-                import traceback
-
-                traceback.print_exception(cause, file=sys.stderr)
-            return tool_error(f"internal error: {type(cause).__name__}: {cause} (set WTBOX_DEBUG=1 for a traceback "
-                              "on the server's stderr).")
+            return tool_error(internal_error(cause, name, arguments))
 
     async def list_resources(self) -> list[Resource]:
         """The static resources plus status, env and logs of every live box."""
@@ -74,6 +69,19 @@ class WtboxMCP(MCPServer):
         from worktreebox.mcp.resources import live_resources
 
         return static + await anyio.to_thread.run_sync(live_resources)
+
+
+def internal_error(error: BaseException, tool: str, arguments: dict[str, Any]) -> str:
+    """A bug's one sentence, naming the crash log it wrote (diagnostics.py); with debugging on,
+    the traceback on the server's stderr too."""
+    from worktreebox import diagnostics
+
+    message = diagnostics.internal_error(error, ["wtbox", "mcp", tool, json.dumps(arguments, default=str)])
+    if diagnostics.debugging():
+        import traceback
+
+        traceback.print_exception(error, file=sys.stderr)
+    return message
 
 
 def tool_error(message: str) -> CallToolResult:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from worktreebox import diagnostics
 from worktreebox.errors import ConfigError
 
+log = diagnostics.logger("providers")
 # kind -> provider name -> "module:Class" (relative to this package).
 PROVIDERS: dict[str, dict[str, str]] = {
     "postgres": {
@@ -59,5 +61,6 @@ def choose(kind: str, name: str) -> Any:
     target = table.get(name)
     if target is None:
         raise ConfigError(f"Unknown {kind} provider {name!r}; choose one of {', '.join(table)}.")
+    log.debug("%s provider: %s", kind, name)
     module, _, cls = target.partition(":")
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)

@@ -16,6 +16,7 @@ import socket
 import subprocess
 from pathlib import Path
 
+from worktreebox import settings
 from worktreebox.errors import WtboxError
 from worktreebox.router.state import Paths
 from worktreebox.system import httpclient, procs, readiness
@@ -23,14 +24,13 @@ from worktreebox.system.fsutil import atomic_write
 
 BINARY = "caddy"
 PACKAGE = "caddy"  # the Debian package that ships it
-ENV_BINARY = "WTBOX_CADDY"  # overrides the binary (a test points it at a missing one)
 START_TIMEOUT = 10.0
 API_TIMEOUT = 10.0
 
 
 def find() -> str:
     """Path of the Caddy binary ($WTBOX_CADDY, else `caddy` on PATH), or an error naming the package."""
-    name = os.environ.get(ENV_BINARY) or BINARY
+    name = settings.CADDY.value() or BINARY  # a test points it at a missing one
     path = shutil.which(name)
     if not path:
         raise WtboxError(f"Caddy is not installed (no {name!r} on PATH), so boxes have no router; install the "

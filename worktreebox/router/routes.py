@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from worktreebox.box import CREATING, DEGRADED, EXPIRED, READY, Box
-from worktreebox.config.load import OWN_PORTS
+from worktreebox.config.repo import OWN_PORTS
 
 DOMAIN = "localhost"  # browsers resolve *.localhost to the loopback by themselves
 ROUTED_STATES = (CREATING, READY, DEGRADED, EXPIRED)  # not removing or failed: those are going

@@ -31,6 +31,7 @@ from typing import Any
 
 import h11
 
+from worktreebox import settings
 from worktreebox.telemetry.traces import otlp, store
 from worktreebox.telemetry.traces.spanmetrics import SpanMetrics
 
@@ -345,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     box_dir, port = Path(argv[0]).absolute(), int(argv[1])
     metrics_url = argv[2] if len(argv) == 3 and argv[2] else None
-    box_id = os.environ.get("WTBOX_ID") or box_dir.name
+    box_id = settings.BOX_ID.value() or box_dir.name
     os.chdir(box_dir)  # rm's sweep by cwd finds it too
     receiver = Receiver(box_dir, box_id, metrics_url)
     try:

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from worktreebox import settings
 from worktreebox.settings import user_state_dir
 from worktreebox.system import home_records as homes
 from worktreebox.system.fsutil import file_lock
@@ -43,7 +44,7 @@ def _user_dir() -> Path:
 
 def lease_dir() -> Path:
     """Where claims live: $WTBOX_LEASE_DIR, else the shared directory, else the per-user one."""
-    override = os.environ.get("WTBOX_LEASE_DIR")
+    override = settings.LEASE_DIR.value()
     if override:
         path = Path(override)
         path.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from worktreebox import settings
 from worktreebox.errors import UsageError, WtboxError
 from worktreebox.system import cgroups, procs, readiness, unixsock
 from worktreebox.system.fsutil import atomic_write, file_lock
@@ -27,7 +28,7 @@ from worktreebox.telemetry.vmclient import Client
 
 BINARY = "chromium"
 PACKAGE = "chromium"  # the Debian package that ships the binary
-ENV_BINARY = "WTBOX_CHROMIUM"  # overrides the binary (a test points it at a missing one)
+ENV_BINARY = settings.CHROMIUM.name  # overrides the binary (a test points it at a missing one)
 DIR = "browser"  # boxes/<id>/browser: profile/, and the HOME, caches and temp files Chromium writes
 PID_FILE = "browser.pid"  # in run/, next to the other pid files
 LOG_FILE = "browser.log"
@@ -79,7 +80,7 @@ def cdp_url(port: int) -> str:
 
 def find_chromium() -> str:
     """Path of the Chromium binary ($WTBOX_CHROMIUM, else `chromium` on PATH), or an error naming the package."""
-    override = os.environ.get(ENV_BINARY)
+    override = settings.CHROMIUM.value()
     if override:
         path = shutil.which(override)
         if not path:

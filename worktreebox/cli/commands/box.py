@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from worktreebox import settings
 from worktreebox.cli.build import command
 from worktreebox.cli.commands._common import emit_json, get_host, info, table
 from worktreebox.errors import UsageError, WtboxError
@@ -45,7 +46,7 @@ SECRET = click.option("--secret", "secrets", multiple=True,
 def new(task, repo, ref, secrets, no_services, ttl, keep, show_secrets, no_pool, no_wait, as_json):
     t0 = time.perf_counter()
     # WTBOX_PROGRESS=1: progress lines on stderr for a program that reads them.
-    show = (sys.stderr.isatty() and not as_json) or os.environ.get("WTBOX_PROGRESS") == "1"
+    show = (sys.stderr.isatty() and not as_json) or settings.PROGRESS.on()
     progress = (lambda m: info(f"  {m}")) if show else (lambda m: None)
     out = boxes.new(get_host(), task, repo, ref, no_services, ttl, keep, no_pool, no_wait, show_secrets,
                     secrets=parse_secrets(secrets), progress=progress, on_wait=lambda m: info(f"wtbox: {m}"))

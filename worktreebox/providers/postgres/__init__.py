@@ -11,13 +11,9 @@ if TYPE_CHECKING:
 
 
 def provider_name(host: HostContext, provider: str | None = None) -> str:
-    """`provider` (a repo's [database] provider, or what a box recorded), else the host's:
-    external when a URL is configured and nothing else was asked for."""
-    cfg = host.config
-    provider = provider or cfg.database_provider
-    if provider not in ("embedded", "docker") and cfg.database_url:
-        return "external"
-    return provider or "embedded"
+    """`provider` (a repo's [database] provider, or what a box recorded), else the host's (which
+    is the external server when config.toml or the environment gives only its URL: host.py)."""
+    return provider or host.config.database_provider
 
 
 def server(host: HostContext, provider: str | None = None) -> Server:

@@ -20,6 +20,7 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from worktreebox import settings
 from worktreebox.errors import WtboxError
 from worktreebox.providers.postgres.base import SHARED_DB, SUPERUSER, Server, forget_connections
 from worktreebox.system import procs
@@ -39,7 +40,7 @@ _SOCKET_FILE = "/.s.PGSQL.65535"
 
 def find_bin_dir() -> Path:
     """Directory with initdb/pg_ctl: from PATH, else the highest /usr/lib/postgresql/*/bin."""
-    env = os.environ.get("WTBOX_PG_BIN")
+    env = settings.PG_BIN.value()
     if env and (Path(env) / "pg_ctl").exists():
         return Path(env)
     found = shutil.which("pg_ctl")

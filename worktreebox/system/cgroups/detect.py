@@ -5,12 +5,12 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from worktreebox import settings
 from worktreebox.system import procfs
 from worktreebox.system.cgroups.base import CGROUP_FS, Cgroups, Leaf, home_key
 from worktreebox.system.cgroups.v1 import CgroupsV1
 from worktreebox.system.cgroups.v2 import CgroupsV2
 
-_OFF = ("0", "off", "no", "false")
 _V1_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids", "freezer", "blkio")
 _cache: dict[str, tuple[Cgroups | None, str | None]] = {}
 
@@ -34,7 +34,7 @@ def _detect(home: Path | str) -> tuple[Cgroups | None, str | None]:
 
 def detect(key: str, mountinfo: str | None = None) -> tuple[Cgroups | None, str | None]:
     """Pick the backend for this host: (backend, None) or (None, the reason there is none)."""
-    if os.environ.get("WTBOX_CGROUPS", "").lower() in _OFF:
+    if settings.CGROUPS.off():
         return None, "cgroups are turned off by WTBOX_CGROUPS=off"
     if mountinfo is None:
         try:

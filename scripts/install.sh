@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything worktreebox needs on a Debian machine, idempotently:
-# apt packages (git, PostgreSQL 15, VictoriaMetrics; with --test also docker.io and
+# apt packages (git, PostgreSQL 15, VictoriaMetrics, Caddy for the router; with --test also docker.io and
 # debootstrap for the docker provider's tests, xfsprogs for the reflink provider's), a venv in .venv, and `pip install -e .`.
 # Runs as root (apt); a second run changes nothing and takes a few seconds.
 set -euo pipefail
@@ -15,7 +15,7 @@ for arg in "$@"; do
     esac
 done
 
-PKGS=(git ca-certificates python3 python3-venv python3-pip postgresql postgresql-contrib victoria-metrics procps chromium fuse-overlayfs nodejs)
+PKGS=(git ca-certificates python3 python3-venv python3-pip postgresql postgresql-contrib victoria-metrics procps chromium fuse-overlayfs nodejs caddy)
 # the sandbox: bubblewrap (the holder), passt (pasta: outbound network), nftables (a box's firewall),
 # iproute2 (tc: netem where the kernel has it), acl; nsenter/setpriv/unshare come with util-linux
 PKGS+=(bubblewrap passt nftables iproute2 acl)
@@ -47,6 +47,12 @@ fi
 # The Debian postgresql package starts its own "main" cluster; we do not use it.
 if command -v pg_lsclusters >/dev/null && pg_lsclusters 2>/dev/null | grep -q online; then
     pg_ctlcluster 15 main stop 2>/dev/null || true
+fi
+
+# The Debian caddy package serves :80 as a system service where systemd runs; wtbox runs its own
+# Caddy per home (the router), so keep the packaged one off.
+if command -v systemctl >/dev/null && systemctl is-active --quiet caddy 2>/dev/null; then
+    systemctl disable --now caddy >/dev/null 2>&1 || true
 fi
 
 PY=${PYTHON:-python3}

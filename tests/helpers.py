@@ -52,6 +52,23 @@ def remove_box_cgroups(home) -> None:
             backend.remove(box_id)
 
 
+def stop_router(home) -> None:
+    """Stop the router (Caddy) of `home` if one runs: a test that left boxes behind leaves it too."""
+    from worktreebox.router import caddy
+    from worktreebox.router.state import read_state
+
+    caddy.stop(read_state(Path(home)).get("pid"))
+
+
+def stop_routers_under(tmp) -> None:
+    """Stop every router whose home lies under `tmp`, also of a home the test deleted."""
+    from worktreebox.system import procs
+
+    for pid in procs.pids_named("caddy"):
+        if any(a.startswith(f"{tmp}/") for a in procs.cmdline(pid)):
+            procs.stop_pid(pid)
+
+
 # A service that spins `argv[2]` processes, each in a session of its own, while the file argv[1]
 # exists (tests of fair CPU and of background boxes, and scripts/bench_cgroups.py).
 BURNER = (Path(__file__).parent / "services" / "burner.py").read_text()

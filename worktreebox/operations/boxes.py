@@ -52,12 +52,10 @@ def new(host: Host, task: str, repo: str | None = None, ref: str | None = None, 
     return out
 
 
-def listed(host: Host, all: bool = False) -> list[Box]:
-    return [b for b in host.list() if all or b.pool is None]
-
-
 def ls(host: Host, all: bool = False) -> list[dict]:
-    return [b.to_json() for b in listed(host, all)]
+    """Each box's JSON and its `url` through the host router."""
+    every = host.list()
+    return [host.list_json(b, every) for b in every if all or b.pool is None]
 
 
 def status(host: Host, box: str | None, show_secrets: bool = False) -> dict:

@@ -26,6 +26,7 @@ ORDER = (
     "setup:Setup",  # tree -> deps -> setup -> migrations -> services (their `start`s run in this order)
     "migrations:Migrations",
     "services:Services",
+    "router:Router",  # routes last: a box is routed once its services start, unrouted first when it goes
 )
 
 

@@ -245,6 +245,7 @@ def test_github_actions_services_matrix_and_steps(tmp_path):
     assert any("npm ci" in m and "dependency layers" in m for m in plan.mapped)
     assert "CI sets up node (node-version 20)" in notes(plan)
     assert "codecov/codecov-action@v4 is not run" in notes(plan)
+    assert "options '--health-cmd pg_isready' are docker's" in notes(plan)
     assert cfg.services["web"].cmd == "npm start"  # package.json, as no compose file declares services
 
 
@@ -319,6 +320,7 @@ def test_devcontainer_with_comments_reads_its_compose(tmp_path):
             "service": "workspace",
             "postCreateCommand": "make assets",
             "containerEnv": {"FEATURE_FLAG": "on",},
+            "forwardPorts": [8000],
             "features": {"ghcr.io/devcontainers/features/node:1": {}},
         }""",
         ".devcontainer/docker-compose.yml": """
@@ -333,7 +335,7 @@ def test_devcontainer_with_comments_reads_its_compose(tmp_path):
     assert {n: b.kind for n, b in cfg.backing.items()} == {"queue": "rabbitmq", "files": "s3", "cache": "memcached"}
     assert "workspace" not in cfg.services and "is the dev container itself" in notes(plan)
     assert cfg.setup.cmd == "make assets" and cfg.box.env["FEATURE_FLAG"] == "on"
-    assert "features" in notes(plan)
+    assert "features" in notes(plan) and "forwardPorts [8000] are not forwarded" in notes(plan)
     assert cfg.database.mode == "none"  # no PostgreSQL anywhere: no database per box
 
 

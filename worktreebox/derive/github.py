@@ -84,6 +84,9 @@ class Job:
                 continue
             published = tuple(int(p) for p in (_published(x) for x in (svc.get("ports") or [])
                                                 if isinstance(svc, dict)) if p)
+            if isinstance(svc, dict) and svc.get("options"):
+                self.plan.note(f"{self.origin(f'services.{sid}')}: options {svc['options']!r} are docker's; wtbox "
+                               "waits until the service answers its own protocol instead.")
             # A job on the runner reaches it on localhost:<published>, one in a container by its id.
             add_container(self.plan, sid, self.expand(image), self.origin(f"services.{sid}"), published=published)
 

@@ -98,6 +98,8 @@ def read_devcontainer(root: Path, plan: Plan) -> None:
     for scope in ("containerEnv", "remoteEnv"):
         for k, v in (dc.get(scope) or {}).items():
             add_variable(plan, k, v, f"{rel} {scope}")
+    if dc.get("forwardPorts"):
+        plan.note(f"{rel}: forwardPorts {dc['forwardPorts']} are not forwarded; a box's services get leased ports.")
     if dc.get("image") or dc.get("build"):
         plan.note(f"{rel}: the dev container's image is not used; the box runs on this host's toolchain.")
     if dc.get("features"):

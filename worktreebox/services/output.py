@@ -32,7 +32,7 @@ class Stream:
     """One followed file: where reading stopped, the unfinished last line, the writer it feeds."""
 
     def __init__(self, path: Path, stream: str, writer: LogWriter) -> None:
-        self.fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)  # RDWR: punching holes writes
         self.offset = appendfiles.start_of_data(self.fd)  # past what a dead predecessor consumed
         self.stream, self.writer = stream, writer
         self.partial = b""

@@ -1,0 +1,207 @@
+"""What keeps an idle box idle (issue 27), each part on the real thing where the kernel is involved:
+the services' output files in memory (tmpfs, inotify, punched holes), the store that sleeps in a
+frozen cgroup leaf, the box watch's calm cadence, one walk of /proc for many scans."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import wait_for
+
+from worktreebox.services import output
+from worktreebox.system import appendfiles, background, cgroups, procfs, procs
+from worktreebox.telemetry import store_sleep
+from worktreebox.telemetry.logs.writer import LogWriter
+
+# ---------------------------------------------------------------- output files
+
+
+@pytest.fixture
+def out_dir(tmp_path):
+    d = appendfiles.box_dir("test" + os.urandom(2).hex(), "0123abcd", tmp_path / "fallback")
+    yield d
+    output.remove(d)
+
+
+def _msgs(logs: Path, service: str = "web") -> list[str]:
+    path = logs / f"{service}.jsonl"
+    return [json.loads(line)["msg"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_output_files_are_logged_as_written_and_freed(out_dir, tmp_path):
+    logs = tmp_path / "logs"
+    out = output.Output(out_dir, lambda s: LogWriter(logs, s))
+    try:
+        fd_out, fd_err = out.files_for("web")
+        code = ("import sys\nprint('x' * 5000, flush=True)\n"
+                "for i in range(200): print(f'line {i}', flush=True)\nprint('oops', file=sys.stderr)")
+        p = subprocess.Popen([sys.executable, "-c", code], stdout=fd_out, stderr=fd_err)
+        os.close(fd_out)
+        os.close(fd_err)
+        p.wait()
+        # inotify wakes the follower: no finish() needed for complete lines
+        assert wait_for(lambda: "line 199" in _msgs(logs), timeout=5)
+        out.finish("web")
+    finally:
+        out.close()
+    msgs = _msgs(logs)
+    assert "oops" in msgs  # stderr: its own file (between the streams no order is kept, as between two pipes)
+    assert [m for m in msgs if m != "oops"] == ["x" * 5000] + [f"line {i}" for i in range(200)]
+    st = os.stat(out_dir / "web.stdout")
+    assert st.st_size > 5000 and st.st_blocks * 512 <= 4096  # consumed pages were given back (all but the last)
+
+
+def test_a_new_follower_logs_what_nobody_read_and_nothing_twice(out_dir, tmp_path):
+    """A supervisor killed with kill -9 leaves the files: the next one starts where the first stopped."""
+    logs = tmp_path / "logs"
+    first = output.Output(out_dir, lambda s: LogWriter(logs, s))
+    fd_out, fd_err = first.files_for("web")
+    os.write(fd_out, b"read by the first\n" + b"y" * 3000 + b"\n")
+    assert wait_for(lambda: len(_msgs(logs)) == 2, timeout=5)
+    first._closed = True  # as if killed: nobody follows any more
+    os.write(first._wake_w, b"x")
+    first.thread.join(5)
+    os.write(fd_out, b"written while nobody read\nunfinished")
+    os.close(fd_out)
+    os.close(fd_err)
+    second = output.Output(out_dir, lambda s: LogWriter(logs, s))
+    second.finish("web")
+    second.close()
+    assert _msgs(logs) == ["read by the first", "y" * 3000, "written while nobody read", "unfinished"]
+
+
+def test_start_of_data_skips_what_was_released(tmp_path):
+    path = tmp_path / "f"
+    with open(path, "wb") as f:
+        f.write(b"a" * 10000 + b"rest")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        appendfiles.release(fd, 10000)
+        where = appendfiles.start_of_data(fd)
+        # on tmpfs/ext4 the hole is skipped; where holes are not kept the file reads from the start
+        assert where in (10000, 0)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- the store sleeps
+
+
+class FakeBackend:
+    def __init__(self) -> None:
+        self.frozen = False
+        self.calls: list[bool] = []
+
+    def sleep(self, box_id: str, leaf: str, on: bool) -> bool:
+        self.frozen = on
+        self.calls.append(on)
+        return True
+
+    def asleep(self, box_id: str, leaf: str) -> bool:
+        return self.frozen
+
+
+def test_a_calm_box_store_sleeps_and_activity_reads_and_pushes_wake_it(tmp_path):
+    now = [1000.0]
+    backend = FakeBackend()
+    s = store_sleep.StoreSleep(backend, "b-0123abcd", tmp_path, clock=lambda: now[0])
+    s.look(active=False)
+    assert not s.asleep  # a new box stays awake SLEEP_AFTER
+    now[0] += store_sleep.SLEEP_AFTER
+    s.look(active=False)
+    assert s.asleep and backend.frozen
+    s.look(active=True)
+    assert not s.asleep  # the box works again
+    now[0] += store_sleep.SLEEP_AFTER
+    s.look(active=False)
+    assert s.asleep
+    s.for_push()
+    assert not s.asleep  # a push wakes it, for PUSH_LINGER
+    now[0] += store_sleep.PUSH_LINGER
+    s.look(active=False)
+    assert s.asleep
+    (tmp_path / store_sleep.READ_STAMP).touch()  # `wtbox metrics` read it (and thawed it itself)
+    now[0] = time.time()
+    backend.frozen = False
+    s.look(active=False)
+    assert not backend.frozen  # a read keeps it awake READ_LINGER
+    now[0] += store_sleep.READ_LINGER
+    s.look(active=False)
+    assert backend.frozen
+
+
+@pytest.mark.skipif(cgroups.detect("probe")[0] is None, reason="no cgroups here")
+def test_a_sleeping_leaf_is_frozen_and_rm_still_kills_it(tmp_path):
+    backend, _ = cgroups.detect(cgroups.home_key(tmp_path / "home"))
+    box = "idle-0badcafe"
+    backend.create(box, cgroups.Limits())
+    p = subprocess.Popen(["sleep", "300"], preexec_fn=backend.placer(box, cgroups.METRICS))
+    try:
+        assert backend.sleep(box, cgroups.METRICS, True) or pytest.skip("no freezer here")
+        assert backend.asleep(box, cgroups.METRICS)
+        assert procfs.stat_fields(p.pid) is not None
+        before = backend.cpu_seconds(box, cgroups.METRICS)
+        assert before is not None
+        assert backend.kill(box) == {p.pid}  # a frozen task takes no signal on v1: kill thaws it first
+        assert p.wait(5) == -9
+    finally:
+        if p.poll() is None:
+            p.kill()
+        backend.remove(box)
+
+
+# ---------------------------------------------------------------- the box watch
+
+
+def test_a_calm_box_is_only_measured_and_an_active_one_looked_at():
+    used = [0.0]
+    looked: list[int] = []
+    watch = background.BusyWatch(lambda: looked.append(1) or [], lambda on: True, cpus=2,
+                                 cpu_seconds=lambda: used[0], clock=iter(range(0, 10**6, 4)).__next__)
+    assert watch.step() == background.WINDOW  # nothing to compare with: as if active
+    assert watch.step() == background.QUIET_WINDOW and not watch.active
+    n = len(looked)
+    assert watch.step() == background.QUIET_WINDOW and len(looked) == n  # calm: no walk of its threads
+    used[0] += 1.0  # a core's quarter over the next 4 s
+    assert watch.step() == background.WINDOW and watch.active and len(looked) == n + 1
+
+
+def test_one_walk_serves_every_scan_inside_it(monkeypatch):
+    walks = []
+    real = procfs.pids
+    monkeypatch.setattr(procfs, "pids", lambda: walks.append(1) or real())
+    with procs.one_walk():
+        procs.find_box_processes("nobody-00000000", None)
+        procs.discover_box_ids("/nonexistent/boxes")
+        procs.find_named("nobody-00000000", ["victoria-metrics"])
+    assert len(walks) == 1
+    procs.discover_box_ids("/nonexistent/boxes")
+    assert len(walks) == 2  # outside, every scan walks afresh
+
+
+# ---------------------------------------------------------------- a real idle box
+
+
+def test_an_idle_box_has_one_wtbox_process_and_keeps_its_output_in_memory(make_repo, run_wtbox, wtbox_home):
+    """One wtbox process per box: the supervisor (the OTLP endpoint inside it), no keeper."""
+    server = ("import http.server, os\nprint('hello', flush=True)\nhttp.server.HTTPServer(('127.0.0.1', "
+              "int(os.environ['PORT'])), http.server.SimpleHTTPRequestHandler).serve_forever()\n")
+    repo = make_repo({"server.py": server}, toml='[box]\nports = ["web"]\n[database]\nmode = "none"\n'
+                     '[services.web]\ncmd = "python3 server.py"\nready = "tcp:{{ ports.web }}"\n')
+    box = json.loads(run_wtbox("new", "idle", "--repo", str(repo), "--json").stdout)
+    try:
+        mine = [p for p in procfs.pids() if procfs.environ_value(procfs.environ(p) or b"", "WTBOX_ID") == box["id"]]
+        wtbox = [p for p in mine if any("worktreebox" in a for a in procfs.cmdline(p))]
+        assert len(wtbox) == 1 and "worktreebox.services.supervisor" in procfs.cmdline(wtbox[0])
+        assert box["traces"]["up"]
+        shm = output.directory(wtbox_home, box["id"])
+        assert (shm / "web.stdout").exists() and oct(shm.stat().st_mode & 0o777) == "0o700"
+        assert wait_for(lambda: "hello" in run_wtbox("logs", box["id"]).stdout, timeout=5)
+    finally:
+        run_wtbox("rm", "--force", box["id"])
+    assert not output.directory(wtbox_home, box["id"]).exists()

@@ -205,3 +205,23 @@ def test_an_idle_box_has_one_wtbox_process_and_keeps_its_output_in_memory(make_r
     finally:
         run_wtbox("rm", "--force", box["id"])
     assert not output.directory(wtbox_home, box["id"]).exists()
+
+
+def test_a_box_without_services_gets_its_endpoint_back_with_up(make_repo, run_wtbox, wtbox_home):
+    """Its supervisor serves the OTLP endpoint alone; killed, the box is degraded and `up` restarts it."""
+    import signal
+
+    repo = make_repo(toml='[database]\nmode = "none"\n')
+    box = json.loads(run_wtbox("new", "bare", "--repo", str(repo), "--json").stdout)
+    try:
+        pid = int((Path(box["dir"]) / "run" / "supervisor.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        st = json.loads(run_wtbox("status", box["id"], "--json").stdout)
+        assert st["state"] == "degraded" and not st["traces"]["up"]
+        run_wtbox("up", box["id"])
+        st = json.loads(run_wtbox("status", box["id"], "--json").stdout)
+        assert st["state"] == "ready" and st["traces"]["up"]
+        run_wtbox("down", box["id"])  # no services to stop; the endpoint stays
+        assert json.loads(run_wtbox("status", box["id"], "--json").stdout)["traces"]["up"]
+    finally:
+        run_wtbox("rm", "--force", box["id"])

@@ -187,6 +187,11 @@ def _names(host: HostContext, box: Box) -> list[str]:
     return [s.name for s in render_from_config(host, box)]
 
 
+def _endpoint_only(host: HostContext, box: Box) -> bool:
+    """A box whose supervisor serves its OTLP endpoint and runs no services (its wtbox.toml has none)."""
+    return bool(otlp_port(box)) and not host.repo_config(box).services
+
+
 def _running_services(box: Box) -> list[str]:
     """The services a live supervisor was given ([] when none runs, or it serves the OTLP endpoint alone)."""
     state = read_state(box) if supervisor_pid(box) is not None else None
@@ -251,6 +256,12 @@ def _whole_again(host: HostContext, box: Box) -> None:
 def services_up(host: HostContext, box: Box, service: str | None = None,
                 secrets: dict[str, str] | None = None) -> dict[str, Any]:
     _recover(box)
+    if not _running_services(box) and not service and _endpoint_only(host, box):
+        # No services, only the OTLP endpoint its supervisor serves (which died): bring that back.
+        if supervisor_pid(box) is None:
+            ensure_supervisor(box, dict(secrets or {}), [])
+        _whole_again(host, box)
+        return services_status(box)
     if not _running_services(box):
         specs = render_from_config(host, box)
         names = [s.name for s in specs]

@@ -225,3 +225,30 @@ def test_a_box_without_services_gets_its_endpoint_back_with_up(make_repo, run_wt
         assert json.loads(run_wtbox("status", box["id"], "--json").stdout)["traces"]["up"]
     finally:
         run_wtbox("rm", "--force", box["id"])
+
+
+@pytest.mark.skipif(cgroups.detect("probe")[0] is None, reason="no cgroups here")
+def test_an_oom_kill_in_a_box_is_an_event(tmp_path):
+    """The supervisor sleeps on it (no polling): the kernel's OOM killer acting in the box wakes the wait."""
+    import threading
+
+    backend, _ = cgroups.detect(cgroups.home_key(tmp_path / "home"))
+    if "memory" in backend.missing:
+        pytest.skip("no memory controller here")
+    box = "oom-0badf00d"
+    backend.create(box, cgroups.Limits(memory_max=64 << 20))
+    try:
+        wait = backend.oom_event(box)
+        assert wait is not None
+        woke: list[bool] = []
+        t = threading.Thread(target=lambda: woke.append(wait()), daemon=True)
+        t.start()
+        time.sleep(0.2)
+        assert not woke  # nothing happened: the wait sleeps
+        hog = subprocess.Popen([sys.executable, "-c", "x = bytearray(256 << 20); x[::4096] = b'1' * len(x[::4096])"],
+                               preexec_fn=backend.placer(box, "hog"))
+        assert hog.wait(30) == -9
+        t.join(10)
+        assert woke == [True] and backend.oom_kills(box).get("hog") == 1
+    finally:
+        backend.remove(box)

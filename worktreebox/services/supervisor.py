@@ -281,8 +281,7 @@ class Supervisor:
         """One thread watches the box, woken by nothing but its own cadence (background.py): while
         the box keeps every CPU busy it runs as background; its own metrics are pushed every
         COLLECT_EVERY while it is active, COLLECT_CALM while calm; its store sleeps while calm
-        (store_sleep.py). OOM kills of processes that were not a service's main one are counted
-        at each push."""
+        (store_sleep.py). OOM kills wake a thread of their own (the kernel's event)."""
         backend = cgroups.for_home(self.home) if self.verify_ports else None
         if backend is None:
             self._busy_watch = threading.Thread(target=self._collect_calmly, name="watch", daemon=True)
@@ -298,7 +297,21 @@ class Supervisor:
                                          switch=self.background_busy)
             self._busy_watch = threading.Thread(target=watch.run, args=(self._done.wait, self._after_look),
                                                 name="watch", daemon=True)
+            self._watch_oom(backend)
         self._busy_watch.start()
+
+    def _watch_oom(self, backend: cgroups.Cgroups) -> None:
+        """Record an OOM kill as it happens (the kernel's event, no polling): a process that was not
+        a service's main one (those are seen when they exit) is named at once."""
+        wait = backend.oom_event(self.box_id)
+        if wait is None:
+            return
+
+        def run() -> None:
+            while not self._done.is_set() and wait():
+                self.check_oom()
+
+        threading.Thread(target=run, name="oom", daemon=True).start()
 
     def _after_look(self, active: bool) -> None:
         if self.store_sleep is not None:

@@ -308,6 +308,11 @@ class Cgroups:
     def usage(self, box_id: str) -> Usage | None:
         raise NotImplementedError
 
+    def oom_event(self, box_id: str) -> Callable[[], bool] | None:
+        """A call that blocks until the kernel's OOM killer acts in the box (True), or the box's
+        cgroup is gone (False); None when this host cannot tell."""
+        return None
+
     def cpu_seconds(self, box_id: str, leaf: str | None = None) -> float | None:
         """CPU used so far by the box (or one leaf): one file read, for a watch that looks often."""
         raise NotImplementedError

@@ -1,6 +1,8 @@
 """cgroup v1: one tree per controller (cpu, cpuacct, memory, pids, freezer, blkio), the same box path in each."""
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 from worktreebox.system.cgroups.base import DEFAULT_CPU_WEIGHT, Cgroups, Limits, Usage, key_of
@@ -87,6 +89,28 @@ class CgroupsV1(Cgroups):
         return Usage(cpu_seconds=cpu, memory_bytes=current, memory_peak_bytes=peak,
                      pids=to_int(read(pids / "pids.current")) if pids else len(self.pids(box_id)),
                      io_read_bytes=rd, io_write_bytes=wr)
+
+    def oom_event(self, box_id: str) -> Callable[[], bool] | None:
+        """memory.oom_control's eventfd (cgroup.event_control): signalled for an OOM in the box,
+        and when the cgroup is removed."""
+        mem = self._dir("memory", box_id)
+        if mem is None:
+            return None
+        try:
+            efd = os.eventfd(0, os.EFD_CLOEXEC)
+            ofd = os.open(mem / "memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
+            (mem / "cgroup.event_control").write_text(f"{efd} {ofd}")
+        except (OSError, AttributeError):
+            return None
+
+        def wait() -> bool:
+            try:
+                os.eventfd_read(efd)
+            except OSError:
+                return False
+            return mem.is_dir()
+
+        return wait
 
     def cpu_seconds(self, box_id: str, leaf: str | None = None) -> float | None:
         acct = self._dir("cpuacct", box_id, leaf)

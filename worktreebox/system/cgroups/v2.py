@@ -1,6 +1,9 @@
 """cgroup v2: one unified tree; a box's limits, kill and freeze in the files of its one directory."""
 from __future__ import annotations
 
+import os
+import select
+from collections.abc import Callable
 from pathlib import Path
 
 from worktreebox.system.cgroups.base import CGROUP_FS, Cgroups, Limits, Usage
@@ -92,6 +95,28 @@ class CgroupsV2(Cgroups):
         return Usage(cpu_seconds=cpu, memory_bytes=current, memory_peak_bytes=to_int(read(d / "memory.peak")),
                      pids=to_int(read(d / "pids.current")) if (d / "pids.current").exists() else len(self.pids(box_id)),
                      io_read_bytes=rd, io_write_bytes=wr)
+
+    def oom_event(self, box_id: str) -> Callable[[], bool] | None:
+        """memory.events changes (a modified event: poll's POLLPRI); its oom_kill counts every leaf."""
+        path = self.box_dirs(box_id)[0] / "memory.events"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        poller = select.poll()
+        poller.register(fd, select.POLLPRI)
+        seen = [keyed(read(path)).get("oom_kill", 0)]
+
+        def wait() -> bool:
+            while path.parent.is_dir():
+                poller.poll()
+                now = keyed(read(path)).get("oom_kill", 0)
+                if now != seen[0]:
+                    seen[0] = now
+                    return True
+            return False
+
+        return wait
 
     def cpu_seconds(self, box_id: str, leaf: str | None = None) -> float | None:
         usec = keyed(read(self.box_dirs(box_id, leaf)[0] / "cpu.stat")).get("usage_usec")

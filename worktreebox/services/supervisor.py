@@ -124,9 +124,9 @@ class Supervisor:
     def changed(self) -> None:
         self._dirty.set()
 
-    def check_oom(self) -> None:
+    def check_oom(self, push: bool = True) -> None:
         """Record each OOM kill in the box as an error event naming the process (the service is
-        restarted as for any crash), and push the counters at once."""
+        restarted as for any crash), and push the counters at once (`push`)."""
         kills = self.oom.new_kills()
         if not kills:
             return
@@ -136,7 +136,8 @@ class Supervisor:
             who = f"process {k['pid']} ({k['task']})" if k["pid"] else "a process"
             self.event(k["leaf"], "error", f"{k['leaf']}: the kernel killed {who}: {why}", event="oom",
                        pid=k["pid"], task=k["task"], memory_max=limit)
-        self.collect()
+        if push:
+            self.collect()
 
     def state(self) -> control.SupervisorState:
         return control.SupervisorState(box_id=self.box_id, pid=os.getpid(), started_at=self.started_at,
@@ -308,8 +309,10 @@ class Supervisor:
             return
 
         def run() -> None:
+            # No push from here: the box is at its limit while the victim's memory is being freed,
+            # and a push allocates (the active box's next look pushes within COLLECT_EVERY).
             while not self._done.is_set() and wait():
-                self.check_oom()
+                self.check_oom(push=False)
 
         threading.Thread(target=run, name="oom", daemon=True).start()
 

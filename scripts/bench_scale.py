@@ -7,7 +7,7 @@ the processes of the home and from the boxes' cgroups), RSS and PSS per kind of 
 `status`, `top` and `gc` with N live, and `rm --all`.
 
     .venv/bin/python scripts/bench.py --only scale                 # N=100, K=4
-    WTBOX_BENCH_BOXES=20 .venv/bin/python scripts/bench.py --only scale --json
+    BENCH_BOXES=20 .venv/bin/python scripts/bench.py --only scale --json
 
 It loads a 2-core host for minutes: run it on a quiet machine (`uptime` below 2).
 """
@@ -216,8 +216,8 @@ def make_boxes(home: Home, repo: Path, n: int, k: int) -> dict:
 
 
 def bench_scale(work: Path | None = None, boxes: int | None = None, at_a_time: int | None = None) -> dict:
-    n = boxes or int(os.environ.get("WTBOX_BENCH_BOXES", "100"))
-    k = at_a_time or int(os.environ.get("WTBOX_BENCH_AT_A_TIME", "4"))
+    n = boxes or int(os.environ.get("BENCH_BOXES", "100"))
+    k = at_a_time or int(os.environ.get("BENCH_AT_A_TIME", "4"))
     tmp = Path(tempfile.mkdtemp(prefix="wtbox-bench-scale-", dir=work))
     home = Home(tmp / "home")
     out: dict = {"load_average_at_start": round(os.getloadavg()[0], 2),

@@ -56,6 +56,25 @@ def test_output_files_are_logged_as_written_and_freed(out_dir, tmp_path):
     assert st.st_size > 5000 and st.st_blocks * 512 <= 4096  # consumed pages were given back (all but the last)
 
 
+def test_the_follower_sleeps_between_writes_and_ends_a_lone_traceback(out_dir, tmp_path):
+    """Freeing what it read is a modification inotify reports too: it must not wake it for ever.
+    A traceback with nothing after it on its stream is written once the output was quiet."""
+    logs = tmp_path / "logs"
+    out = output.Output(out_dir, lambda s: LogWriter(logs, s))
+    try:
+        fd_out, fd_err = out.files_for("web")
+        os.write(fd_err, b"Traceback (most recent call last):\n  File \"x\", line 1\nValueError: no\n")
+        os.write(fd_out, b"after\n")
+        assert wait_for(lambda: any(m.startswith("Traceback") for m in _msgs(logs)), timeout=5)
+        t0 = time.process_time()
+        time.sleep(1)
+        assert time.process_time() - t0 < 0.05  # asleep in select: no wake-up of its own making
+        os.close(fd_out)
+        os.close(fd_err)
+    finally:
+        out.close()
+
+
 def test_a_new_follower_logs_what_nobody_read_and_nothing_twice(out_dir, tmp_path):
     """A supervisor killed with kill -9 leaves the files: the next one starts where the first stopped."""
     logs = tmp_path / "logs"

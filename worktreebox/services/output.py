@@ -39,12 +39,15 @@ class Stream:
         self.lock = threading.Lock()
 
     def read(self) -> None:
-        """Feed every complete line appended since the last read, then free what was read."""
+        """Feed every complete line appended since the last read, then free what was read (only
+        then: punching a hole is itself a modification inotify reports, which would wake us again)."""
         with self.lock:
+            start = self.offset
             while data := os.pread(self.fd, CHUNK, self.offset):
                 self.offset += len(data)
                 self._lines(data)
-            appendfiles.release(self.fd, self.offset)
+            if self.offset > start:
+                appendfiles.release(self.fd, self.offset)
 
     def _lines(self, data: bytes) -> None:
         *lines, self.partial = (self.partial + data).split(b"\n")

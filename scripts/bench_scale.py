@@ -108,7 +108,7 @@ def kind_of(proc, home: str) -> str | None:
         return "victoria-metrics"
     if in_box:
         return "app"
-    if "postgres" in cmd and home in cmd or env.get("PGDATA", "").startswith(home):
+    if ("postgres" in cmd and home in cmd) or env.get("PGDATA", "").startswith(home):
         return "postgres"
     if "worktreebox.cli.server" in cmd and home in " ".join(env.get(k, "") for k in ("WTBOX_HOME",)):
         return "cli-server"

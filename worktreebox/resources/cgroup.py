@@ -63,15 +63,7 @@ class Cgroup(Resource):
         backend = cgroups.for_home(host.home)
         if backend is None:
             return set()
-        keys = backend.box_keys()
-        if not keys:
-            return set()
-        by_hex = {hex_of(i): i for i in host.registry.select_box_ids()}
-        try:
-            dirs = {hex_of(e.name): e.name for e in os.scandir(host.boxes_dir) if is_box_id(e.name)}
-        except FileNotFoundError:
-            dirs = {}
-        return {by_hex.get(k) or dirs.get(k) or f"wt_{k}" for k in keys}
+        return ids_of_hex(host, backend.box_keys())
 
     def status(self, host: HostContext, box: Box) -> dict[str, Any] | None:
         data = box.data.get(self.name)
@@ -95,6 +87,19 @@ class Cgroup(Resource):
             if backend.missing else ""
         return [{"check": "cgroups", "ok": True, "cgroups": backend.version,
                  "detail": f"{backend.version}: one per box under {where}{missing}"}]
+
+
+def ids_of_hex(host: HostContext, keys: set[str]) -> set[str]:
+    """Box ids for what is named by a box's hex (its cgroup, its output files): the registry's id,
+    else the box dir's, else `wt_<hex>` (as the database names such a box)."""
+    if not keys:
+        return set()
+    by_hex = {hex_of(i): i for i in host.registry.select_box_ids()}
+    try:
+        dirs = {hex_of(e.name): e.name for e in os.scandir(host.boxes_dir) if is_box_id(e.name)}
+    except FileNotFoundError:
+        dirs = {}
+    return {by_hex.get(k) or dirs.get(k) or f"wt_{k}" for k in keys}
 
 
 def claimed(host: HostContext, box: Box) -> None:

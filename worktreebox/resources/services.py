@@ -10,7 +10,6 @@ Talking to the supervisor is `worktreebox.services.client`.
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -78,21 +77,12 @@ class Services(Resource):
 
 
 def _with_output(host: HostContext) -> set[str]:
-    """Boxes whose services' output files are left in memory (appendfiles.py), by their hex: the
-    registry's id, else the box dir's, else `wt_<hex>` (how the cgroup resource names such a box)."""
-    from worktreebox.box import hex_of, is_box_id
+    """Boxes whose services' output files are left in memory (appendfiles.py), named by their hex."""
+    from worktreebox.resources.cgroup import ids_of_hex
     from worktreebox.system import appendfiles
     from worktreebox.system.cgroups import home_key
 
-    found = appendfiles.dirs_of_home(home_key(host.home))
-    if not found:
-        return set()
-    by_hex = {hex_of(i): i for i in host.registry.select_box_ids()}
-    try:
-        dirs = {hex_of(e.name): e.name for e in os.scandir(host.boxes_dir) if is_box_id(e.name)}
-    except FileNotFoundError:
-        dirs = {}
-    return {by_hex.get(k) or dirs.get(k) or f"wt_{k}" for k in found}
+    return ids_of_hex(host, set(appendfiles.dirs_of_home(home_key(host.home))))
 
 
 # ---------------------------------------------------------------- specs

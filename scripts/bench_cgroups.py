@@ -119,7 +119,7 @@ def _isolation(home: Path, tmp: Path, rounds: int) -> dict:
         out[name] = {
             "quiet_p95_ms_p50": round(statistics.median(quiet), 2),
             "loaded_p95_ms_p50": round(statistics.median(loaded), 2),
-            "ratio": round(statistics.median(l / q for q, l in zip(quiet, loaded)), 2)}
+            "ratio": round(statistics.median(lo / q for q, lo in zip(quiet, loaded, strict=True)), 2)}
     return {"burners": burners, "rounds": rounds, **out}
 
 

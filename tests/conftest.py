@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from helpers import CORE_TOML, git, remove_all_boxes, remove_box_cgroups  # noqa: F401 (CORE_TOML, git: old imports from conftest)
 
-# one real PostgreSQL cluster for the whole session (see tests/pg_fixtures.py)
-from pg_fixtures import no_stray_cluster, pg_cluster, pg_host, shared_postgres  # noqa: F401
+# one real PostgreSQL cluster for the whole session, its fixtures for every test (tests/pg_fixtures.py)
+pytest_plugins = ["pg_fixtures"]
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every test runs wtbox in process, as before the CLI server; tests/test_cliserver.py turns it on.

@@ -7,7 +7,7 @@ cluster as an *external* server instead of initdb-ing its own (which would cost 
 test and leave clusters running). Tests of the embedded provider itself use `pg_host`,
 a Host on the cluster's own home with WTBOX_POSTGRES_URL unset.
 
-Use from conftest.py:  from pg_fixtures import pg_cluster, shared_postgres, pg_host  # noqa: F401
+Loaded for every test by tests/conftest.py (`pytest_plugins`); a test names a fixture as a parameter.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class PgCluster:
             return cur.fetchall() if cur.description else []
 
 
-# Shared by every definition of the fixture (conftest and test modules may both import it).
+# One cluster per process (an xdist worker is a process of its own).
 _LOCK = threading.Lock()
 _STATE: dict[str, Any] = {"refs": 0, "pg": None}
 
@@ -160,7 +160,7 @@ def no_stray_cluster(request):
     for pid_file in list(tmp.glob("*/postgres/postmaster.pid")) + list(tmp.glob("*/*/postgres/postmaster.pid")):
         data_dir = pid_file.parent
         warnings.warn(f"a test left an embedded PostgreSQL running in {data_dir}; stopping it "
-                      "(use the shared session cluster: WTBOX_POSTGRES_URL is set by pg_fixtures)")
+                      "(use the shared session cluster: WTBOX_POSTGRES_URL is set by pg_fixtures)", stacklevel=2)
         from worktreebox.providers.postgres.embedded import EmbeddedCluster
 
         EmbeddedCluster(data_dir.parent).stop()

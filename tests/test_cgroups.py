@@ -104,7 +104,8 @@ def test_box_cgroup_membership_limits_and_exact_kill(cg, tmp_path):
 def test_a_fork_storm_is_killed_whole(cg):
     """Processes that keep forking cannot outrun the kill (v1: freezer; v2: cgroup.kill)."""
     cg.create("t-00000002", cgroups.Limits(pids_max=300))
-    storm = "import os, time\nwhile True:\n    try:\n        os.fork() or time.sleep(0.05)\n    except OSError:\n        time.sleep(0.01)\n"
+    storm = ("import os, time\nwhile True:\n    try:\n        os.fork() or time.sleep(0.05)\n"
+             "    except OSError:\n        time.sleep(0.01)\n")
     subprocess.Popen([PY, "-c", storm], preexec_fn=cg.placer("t-00000002", "storm"), start_new_session=True)
     deadline = time.monotonic() + 10
     while len(cg.pids("t-00000002")) < 20:
@@ -175,8 +176,8 @@ def test_memory_limit_kills_inside_the_box_and_is_counted(cg):
 @needs_cgroups
 def test_usage_counts_cpu_and_pids(cg):
     cg.create("t-00000005", cgroups.Limits())
-    burn = subprocess.Popen([PY, "-c", "import sys, time\nwhile time.process_time() < 0.3: pass\n"
-                             "print(flush=True)\ntime.sleep(30)"], stdout=subprocess.PIPE,
+    burn = subprocess.Popen([PY, "-c", ("import sys, time\nwhile time.process_time() < 0.3: pass\n"
+                             "print(flush=True)\ntime.sleep(30)")], stdout=subprocess.PIPE,
                             preexec_fn=cg.placer("t-00000005", "burn"))
     try:
         burn.stdout.readline()  # it has used 0.3 s of CPU
@@ -502,10 +503,10 @@ def test_a_cpu_burning_box_does_not_slow_another(make_repo, run_wtbox):
     # tick (4 ms) no longer decide it. Work outside every box (another test session) can still
     # land on the loaded halves, so a second measurement is allowed. The same measurement
     # without cgroups (scripts/bench.py --only cgroups): 2.1-4.2x on a quiet host.
-    for attempt in range(2):
+    for _attempt in range(2):
         quiet, loaded = fairness(make_repo, run_wtbox, burners, n=200,
                                  while_burning=lambda a, b: check_top(run_wtbox, a, b))
-        ratio = statistics.median(l / q for q, l in zip(quiet, loaded))
+        ratio = statistics.median(lo / q for q, lo in zip(quiet, loaded, strict=True))
         print(f"B's probe p95 quiet {quiet} ms, with A's {burners} burners {loaded} ms: {ratio:.2f}x")
         if ratio <= 1.5:
             break
@@ -619,11 +620,13 @@ def test_limits_are_checked_with_file_and_key(make_repo, run_wtbox, wtbox_home):
     repo = make_repo(toml='[box]\nmemory_max = "lots"\n')
     proc = run_wtbox("new", "bad", "--repo", str(repo), check=False)
     assert proc.returncode == 2
-    assert "wtbox.toml: [box] memory_max: expected a size such as \"512M\" or \"2G\", or \"max\", got 'lots'." in proc.stderr
+    assert ("wtbox.toml: [box] memory_max: expected a size such as \"512M\" or \"2G\", or \"max\", got 'lots'."
+            in proc.stderr)
     wtbox_home.mkdir(parents=True, exist_ok=True)
     (wtbox_home / "config.toml").write_text("[box]\ncpu_weight = 0\n")
     proc = run_wtbox("new", "bad", "--repo", str(make_repo(toml='[database]\nmode = "none"\n')), check=False)
-    assert proc.returncode == 2 and f"{wtbox_home / 'config.toml'}: [box] cpu_weight: expected a whole number" in proc.stderr
+    expected = f"{wtbox_home / 'config.toml'}: [box] cpu_weight: expected a whole number"
+    assert proc.returncode == 2 and expected in proc.stderr
     (wtbox_home / "config.toml").write_text("[host]\nmax_load = -1\n")
     proc = run_wtbox("new", "bad", "--repo", str(make_repo(toml='[database]\nmode = "none"\n')), check=False)
     assert proc.returncode == 2 and "[host] max_load: expected a load average above 0" in proc.stderr

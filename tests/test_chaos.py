@@ -157,7 +157,8 @@ class Chaos:
                 rows = conn.execute(
                     "SELECT rolname FROM pg_roles WHERE rolname LIKE 'wt\\_%' "
                     "UNION SELECT nspname FROM pg_namespace WHERE nspname LIKE 'wt\\_%' "
-                    "UNION SELECT datname FROM pg_database WHERE datname LIKE 'wt\\_%' AND datname NOT LIKE 'wt_golden%'"
+                    "UNION SELECT datname FROM pg_database"
+                    " WHERE datname LIKE 'wt\\_%' AND datname NOT LIKE 'wt_golden%'"
                     " AND datname NOT LIKE 'wt_spare%'"  # spares are the host's, made ahead for the next box
                 ).fetchall()
             return {r[0] for r in rows}
@@ -290,7 +291,8 @@ def test_kill_dash_nine_during_the_first_cluster_start(tmp_path):
             assert ok.returncode == 0, ok.stderr
             assert json.loads(ok.stdout).get("running") is True, ok.stdout
         finally:
-            subprocess.run([sys.executable, "-m", "worktreebox.cli.main", "db", "stop"], env=run_env, capture_output=True)
+            subprocess.run([sys.executable, "-m", "worktreebox.cli.main", "db", "stop"], env=run_env,
+                           capture_output=True)
 
 
 LAYER_TOML = """

@@ -129,7 +129,8 @@ def test_served_output_and_exit_codes_match_in_process(srv, repo):
 
 def test_a_failing_command_gives_the_same_sentence_and_code(srv, repo):
     srv.start()
-    for args in (("status", "no-such-box"), ("new",), ("rm", "no-such-box"), ("new", "x", "--repo", str(repo / "nope"))):
+    for args in (("status", "no-such-box"), ("new",), ("rm", "no-such-box"),
+                 ("new", "x", "--repo", str(repo / "nope"))):
         s, p = srv.run(*args), srv.run(*args, served=False)
         assert s.returncode == p.returncode != 0, args
         assert s.stderr == p.stderr and s.stderr.startswith("wtbox: ") and s.stderr.count("\n") == 1, s.stderr
@@ -149,7 +150,7 @@ def test_stdin_reaches_the_served_command(srv, repo):
                          env=srv.env, text=True)
     os.close(slave)
     os.write(master, b"y\n")
-    out, err = p.communicate(timeout=60)
+    _out, err = p.communicate(timeout=60)
     os.close(master)
     assert p.returncode == 0, err
     assert "Remove all 2 boxes?" in err and err.count("removed") == 2
@@ -183,11 +184,12 @@ def test_ctrl_c_rolls_back_as_in_process(srv, repo, tmp_path):
         p = _halted_new(srv, repo, tmp_path, f"intr-{served}", served)
         p.send_signal(signal.SIGINT)
         try:
-            out, err = p.communicate(timeout=60)
+            _out, err = p.communicate(timeout=60)
         finally:
             p.kill()
         results.append((p.returncode, err.strip().splitlines()[-1], _leftovers(srv.home, repo)))
-    assert results[0] == results[1] == (130, "wtbox: Interrupted; the half-made box was removed.", {"dirs": [], "branches": [], "cgroups": []})
+    nothing_left = {"dirs": [], "branches": [], "cgroups": []}
+    assert results[0] == results[1] == (130, "wtbox: Interrupted; the half-made box was removed.", nothing_left)
     assert srv.served() == 1
     assert json.loads(srv.run("ls", "--json").stdout) == []
 
@@ -239,7 +241,8 @@ def test_another_uid_is_refused(srv):
     # from inside run/ (0711) by a relative path: the test's tmp dirs above it are 0700
     code = ("import os, _socket; from worktreebox.cli import protocol as cliproto; os.setuid(65534); "
             "s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM); s.settimeout(5); s.connect('cli.sock'); "
-            "\ntry: cliproto.send(s, {'op': 'status'}); print(s.recv(100))\nexcept (BrokenPipeError, ConnectionResetError): print(b'')")
+            "\ntry: cliproto.send(s, {'op': 'status'}); print(s.recv(100))"
+            "\nexcept (BrokenPipeError, ConnectionResetError): print(b'')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, env=srv.env,
                        cwd=os.path.dirname(sock))
     assert r.stdout.strip() == "b''", (r.stdout, r.stderr, srv.log())  # connected, and closed without an answer
@@ -311,7 +314,8 @@ def test_a_request_from_another_install_is_refused(srv, tmp_path):
 def test_the_launcher_imports_nothing_heavy():
     code = "import sys, worktreebox.cli.launcher; print(' '.join(sorted(sys.modules)))"
     mods = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
-    assert not mods & {"click", "worktreebox.cli.main", "worktreebox.host", "psycopg", "pathlib", "socket", "subprocess"}
+    assert not mods & {"click", "worktreebox.cli.main", "worktreebox.host", "psycopg", "pathlib", "socket",
+                       "subprocess"}
 
 
 def test_a_served_child_killed_mid_command_is_one_sentence(srv, repo, tmp_path):
@@ -320,7 +324,7 @@ def test_a_served_child_killed_mid_command_is_one_sentence(srv, repo, tmp_path):
     try:
         [child] = psutil.Process(server.pid).children()
         child.kill()
-        out, err = p.communicate(timeout=30)
+        _out, err = p.communicate(timeout=30)
     finally:
         p.kill()
     assert p.returncode == 1 and err.startswith("wtbox: the command ended without an exit status") \

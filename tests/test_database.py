@@ -12,7 +12,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from pg_fixtures import no_stray_cluster, pg_cluster, pg_host, shared_postgres  # noqa: F401
 
 from worktreebox.box import hex_of
 from worktreebox.errors import WtboxError
@@ -570,7 +569,7 @@ def test_failed_golden_migration_leaves_no_golden(pg_host, pg_cluster, make_repo
     repo = make_repo({"migrate.py": "print('half way'); raise SystemExit(3)\n", "migrations/001.sql": "SELECT 1;"},
                      toml=toml(f'mode = "database"\nmigrate = "{PY} migrate.py"'))
     before = pg_cluster.sql("SELECT datname FROM pg_database WHERE datname LIKE 'wt_golden_%%'")
-    with pytest.raises(WtboxError, match="exit code 3(.|\\n)*half way"):
+    with pytest.raises(WtboxError, match=r"exit code 3(.|\n)*half way"):
         pg_host.new("badgold", repo=repo)
     assert pg_cluster.sql("SELECT datname FROM pg_database WHERE datname LIKE 'wt_golden_%%'") == before
     assert pg_cluster.sql("SELECT count(*) FROM pg_roles WHERE rolname ~ '^wt_[0-9a-f]{8}$'") == [(0,)]

@@ -141,8 +141,8 @@ def test_npm_layer_is_shared_and_npm_install_stays_in_its_box(make_repo, run_wtb
 
 
 def test_a_failed_build_leaves_nothing_and_says_why(make_repo, run_wtbox, wtbox_home):
-    toml = CORE_TOML + '\n[deps]\ndetect = false\n[deps.gen]\ncmd = "echo fetching; echo no such index >&2; exit 7"\n' \
-                       'paths = ["out"]\n'
+    toml = CORE_TOML + ('\n[deps]\ndetect = false\n[deps.gen]\ncmd = "echo fetching; echo no such index >&2; exit 7"\n'
+                        'paths = ["out"]\n')
     repo = make_repo(toml=toml)
     proc = run_wtbox("new", "bad", "--repo", str(repo), check=False)
     assert proc.returncode == 1 and "exit code 7" in proc.stderr and "no such index" in proc.stderr

@@ -275,7 +275,8 @@ def test_docker_unavailable_is_one_sentence(pg, host, monkeypatch, tmp_path):
 def test_testcontainers_configuration(tmp_path):
     """No Ryuk ever; inside a container with a local dockerd, connect to published ports on 127.0.0.1."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TESTCONTAINERS_", "TC_"))}
-    code = ("import json, os\nfrom worktreebox.providers import docker_engine as dockerenv\ncfg = dockerenv.testcontainers()\n"
+    code = ("import json, os\nfrom worktreebox.providers import docker_engine as dockerenv\n"
+            "cfg = dockerenv.testcontainers()\n"
             "print(json.dumps([cfg.ryuk_disabled, str(cfg.connection_mode_override), cfg.tc_host_override,"
             " dockerenv.inside_container(), dockerenv.daemon_is_local()]))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,

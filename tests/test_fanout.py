@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from helpers import CORE_TOML, git
-from pg_fixtures import pg_cluster, shared_postgres  # noqa: F401
 
 PY = sys.executable
 # Other wtbox homes may be live on this host at the same time (other suites): ports are leased

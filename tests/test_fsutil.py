@@ -17,5 +17,8 @@ def test_atomic_write_from_many_threads_at_once(tmp_path):
         except Exception as e:
             errors.append(e)
     ts = [threading.Thread(target=write, args=(i,)) for i in range(8)]
-    [t.start() for t in ts]; [t.join() for t in ts]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
     assert errors == [] and (tmp_path / "f.json").read_text().strip().isdigit()

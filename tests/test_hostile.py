@@ -207,7 +207,8 @@ def test_a_sample_of_malformed_configs_through_the_cli(tmp_path, make_repo, wtbo
     for case, proc in results:
         assert proc.returncode in (1, 2), (case, proc.returncode, proc.stderr)
         lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("wtbox: ") and "Traceback" not in proc.stderr, (case, proc.stderr)
+        one_sentence = len(lines) == 1 and lines[0].startswith("wtbox: ")
+        assert one_sentence and "Traceback" not in proc.stderr, (case, proc.stderr)
     boxes = wtbox_home / "boxes"
     assert not boxes.exists() or not any(boxes.iterdir())
     for _, repo in repos:
@@ -353,10 +354,12 @@ CLI_CASES += [
     ["gc", "--grace", "soon"], ["gc", "--grace", "-1"], ["gc", "--grace", "nan"], ["gc", "--bogus"],
     ["rm", "--all"], ["rm", "nosuchbox", "BOX"], ["rm", "--keep-branch", "🙃"],
     ["fanout", "t"], ["fanout", "t", "-n", "0", "--repo", "REPO"], ["fanout", "t", "-n", "-3", "--repo", "REPO"],
-    ["fanout", "t", "-n", "100000", "--repo", "REPO"], ["fanout", "t", "-n", "2", "--timeout", "soon", "--repo", "REPO"],
+    ["fanout", "t", "-n", "100000", "--repo", "REPO"],
+    ["fanout", "t", "-n", "2", "--timeout", "soon", "--repo", "REPO"],
     ["fanout", "", "-n", "2", "--repo", "REPO"], ["fanout", "t", "-n", "2", "--jobs", "0", "--repo", "REPO"],
     ["compare", "--sort", "worst", "BOX"], ["compare", "--fanout", "nosuchtask"], ["compare", "nosuchbox"],
-    ["pick", "nosuchbox"], ["pick", "BOX", "--merge-into", "--yes"], ["pick", "BOX", "--merge-into", "no/such/branch..lock"],
+    ["pick", "nosuchbox"], ["pick", "BOX", "--merge-into", "--yes"],
+    ["pick", "BOX", "--merge-into", "no/such/branch..lock"],
     ["init", "--repo", "/nonexistent"], ["init", "--repo", "/dev/null"],
     ["db", "frobnicate"], ["nosuchcommand"], ["--bogus"], ["status", "BOX", "extra-arg"],
     ["status", "--show-secrets", "--json", "nosuchbox"], ["ls", "extra"], ["doctor", "--bogus"],
@@ -397,7 +400,8 @@ def test_hostile_cli_arguments_exit_1_or_2_in_one_sentence(tmp_path, make_repo, 
     before = _files_outside(tmp_path, (wtbox_home,))
     cases = [[box["id"] if a == "BOX" else str(repo) if a == "REPO" else a for a in argv] for argv in CLI_CASES]
     # argv cannot carry lone surrogates through exec; give them as the bytes the OS would pass
-    env = {**os.environ, "WTBOX_HOME": str(wtbox_home), "WTBOX_NO_AUTO_GC": "1", "PYTHONIOENCODING": "utf-8:surrogateescape"}
+    env = {**os.environ, "WTBOX_HOME": str(wtbox_home), "WTBOX_NO_AUTO_GC": "1",
+           "PYTHONIOENCODING": "utf-8:surrogateescape"}
     env.pop("NOT_SET_ANYWHERE_19", None)
     batches = [cases[i::3] for i in range(3)]
 
@@ -426,7 +430,7 @@ def test_hostile_cli_arguments_exit_1_or_2_in_one_sentence(tmp_path, make_repo, 
     sample = random.Random(19).sample(cases, 12)
     with ThreadPoolExecutor(4) as pool:
         procs = list(pool.map(lambda a: run_wtbox(*a, check=False, cwd=cwd), sample))
-    for argv, proc in zip(sample, procs):
+    for argv, proc in zip(sample, procs, strict=True):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode in (1, 2) and len(lines) == 1 and "Traceback" not in proc.stderr, (argv[:3], proc.stderr)
 

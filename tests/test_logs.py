@@ -74,8 +74,8 @@ def test_record_shape_redaction_and_traceback_is_one_error_record(tmp_path):
 
 def test_chained_traceback_stays_one_record_and_stdout_is_not_mixed_in(tmp_path):
     w = LogWriter(tmp_path, "app")
-    chained = TRACEBACK + ["", "During handling of the above exception, another exception occurred:", ""] + [
-        "Traceback (most recent call last):", '  File "app.py", line 9, in <module>', "KeyError: 'x'"]
+    chained = [*TRACEBACK, "", "During handling of the above exception, another exception occurred:", "",
+               "Traceback (most recent call last):", '  File "app.py", line 9, in <module>', "KeyError: 'x'"]
     for i, line in enumerate(chained):
         w.line("stderr", line)
         if i == 2:
@@ -157,7 +157,7 @@ def test_tail_of_a_200_mb_log_is_fast(tmp_path):
     with open(path, "w") as f:
         n = 0
         while f.tell() < 200 * 1024 * 1024:
-            f.write(block.replace('"TS"', '"2026-01-01T%02d:%02d:%02d.000Z"' % (n // 3600, n // 60 % 60, n % 60)))
+            f.write(block.replace('"TS"', f'"2026-01-01T{n // 3600:02d}:{n // 60 % 60:02d}:{n % 60:02d}.000Z"'))
             n += 1
     for kwargs in ({"tail": 100}, {"tail": 100, "grep": "items/4"}, {"tail": 100, "min_level": "error"}):
         t0 = time.perf_counter()

@@ -362,9 +362,9 @@ async def http_client(url: str, token: str):
     import httpx2
     from mcp.client.streamable_http import streamable_http_client
 
-    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as http:
-        async with Client(streamable_http_client(url, http_client=http)) as client:
-            yield client
+    async with (httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as http,
+                Client(streamable_http_client(url, http_client=http)) as client):
+        yield client
 
 
 def test_http_needs_loopback_token_and_own_host(wtbox_home, run_wtbox):

@@ -133,7 +133,7 @@ def test_service_metrics_own_series_probe_and_logs(host, make_repo, run_wtbox):
     own = ["wtbox_service_up", "wtbox_service_ready_seconds", "wtbox_service_restarts_total",
            "wtbox_process_cpu_seconds_total", "wtbox_process_resident_memory_bytes"]
     for name in own:
-        got = wait_for(lambda: series(box, f'{name}{{service="web"}}'), timeout=12)
+        got = wait_for(lambda: series(box, f'{name}{{service="web"}}'), timeout=12)  # noqa: B023 (called before the loop moves on)
         assert got and got[0]["metric"]["box"] == box.id, name
     assert wait_for(lambda: series(box, 'wtbox_service_up{service="web"} == 1'), timeout=12)
     assert float(series(box, "wtbox_process_resident_memory_bytes")[0]["value"][1]) > 1e6
@@ -167,7 +167,7 @@ def test_boxes_are_isolated_and_rm_removes_everything(host, make_repo, run_wtbox
         run_wtbox("exec", box.id, "--", sys.executable, "-c", push)
         client(box).flush()
     for mine, other in ((a, b), (b, a)):
-        got = wait_for(lambda: series(mine, "app_mark"), timeout=5)
+        got = wait_for(lambda: series(mine, "app_mark"), timeout=5)  # noqa: B023 (called before the loop moves on)
         assert [s["metric"]["who"] for s in got] == [mine.id]
         assert not series(mine, f'{{who="{other.id}"}}')
         assert not series(mine, f'{{box="{other.id}"}}')
@@ -251,9 +251,9 @@ def test_collector_counts_log_records_incrementally(store):
     log = logs / "api.jsonl"
     rec = lambda level: json.dumps({"ts": "t", "service": "api", "stream": "stdout", "level": level, "msg": "m"})
     log.write_text(rec("info") + "\n" + rec("error") + "\n" + rec("info")[:10])  # a half-written last line
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time, subprocess, sys; "
+    sleeper = subprocess.Popen([sys.executable, "-c", ("import time, subprocess, sys; "
                                 "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
-                                "time.sleep(60)"])
+                                "time.sleep(60)")])
     try:
         c = Collector(box_id, url, logs)
         svc = {"name": "api", "pids": [sleeper.pid], "up": True, "ready_seconds": 0.25, "restarts": 2}
@@ -278,7 +278,7 @@ def test_collector_counts_log_records_incrementally(store):
         counts = {s["metric"]["level"]: s["value"][1] for s in vmc.query("wtbox_log_records_total")["result"]}
         assert counts["error"] == "2"
     finally:
-        for p in psutil.Process(sleeper.pid).children(recursive=True) + [psutil.Process(sleeper.pid)]:
+        for p in [*psutil.Process(sleeper.pid).children(recursive=True), psutil.Process(sleeper.pid)]:
             p.kill()
         sleeper.wait()
 

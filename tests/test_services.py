@@ -145,8 +145,8 @@ def test_logs_filters_json_and_traceback(two_service_box, run_wtbox):
 def test_follow_sees_a_line_written_after_it_started(two_service_box, wtbox_home):
     box, _ = two_service_box
     env = {**os.environ, "WTBOX_HOME": str(wtbox_home)}
-    follower = subprocess.Popen([PY, "-m", "worktreebox.cli.main", "logs", box["id"], "--follow", "--json", "-s", "worker"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    follower = subprocess.Popen([PY, "-m", "worktreebox.cli.main", "logs", box["id"], "--follow", "--json",
+                                 "-s", "worker"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         time.sleep(1.0)  # let it start and print its tail
         marker = "marker-" + os.urandom(4).hex()

@@ -123,7 +123,7 @@ def test_backoff_doubles_up_to_the_cap(tmp_path):
 def test_backoff_starts_over_after_a_stable_run(tmp_path):
     # Three quick crashes, one run that stays up 31 s (ready after the no-check grace), then crashes again.
     runs = [(1, 0.0), (1, 0.0), (1, 0.0), (1, 31.0), (1, 0.0)]
-    sup, fake, svc = make(tmp_path, runs=runs, stop_after=6)
+    sup, _fake, svc = make(tmp_path, runs=runs, stop_after=6)
     run_life(svc)
     assert [e["delay"] for e in events(sup, "restart")] == [0.5, 1, 2, 0.5, 1]
     assert len(events(sup, "ready")) == 1
@@ -131,7 +131,7 @@ def test_backoff_starts_over_after_a_stable_run(tmp_path):
 
 def test_a_run_shorter_than_stable_keeps_the_backoff_growing(tmp_path):
     runs = [(1, 0.0), (1, 0.0), (1, 20.0), (1, 0.0)]
-    sup, fake, svc = make(tmp_path, runs=runs, stop_after=5)
+    sup, _fake, svc = make(tmp_path, runs=runs, stop_after=5)
     run_life(svc)
     assert [e["delay"] for e in events(sup, "restart")] == [0.5, 1, 2, 4]
 
@@ -143,7 +143,7 @@ def test_ready_timeout_marks_the_service_failed(tmp_path):
         calls.append(sup.clock.now())
         return False
 
-    sup, fake, svc = make(tmp_path, runs=[(0, 5.0)], stop_after=99, check=never_ready, ready="tcp:1",
+    sup, _fake, svc = make(tmp_path, runs=[(0, 5.0)], stop_after=99, check=never_ready, ready="tcp:1",
                           ready_timeout=2, restart="no")
     run_life(svc)
     assert calls, "the ready check was never asked"
@@ -154,7 +154,7 @@ def test_ready_timeout_marks_the_service_failed(tmp_path):
 
 
 def test_restarts_do_not_buy_more_ready_time(tmp_path):
-    sup, fake, svc = make(tmp_path, runs=[(1, 1.0)], stop_after=4, check=lambda c, s, t: False, ready="tcp:1",
+    _sup, _fake, svc = make(tmp_path, runs=[(1, 1.0)], stop_after=4, check=lambda c, s, t: False, ready="tcp:1",
                           ready_timeout=2.5, restart="always")
     run_life(svc)
     assert svc.error is not None and svc.error.startswith("not ready after 2.5s")
@@ -163,7 +163,7 @@ def test_restarts_do_not_buy_more_ready_time(tmp_path):
 
 def test_ready_check_passing_makes_the_service_ready(tmp_path):
     answers = iter([False, False, True])
-    sup, fake, svc = make(tmp_path, runs=[(0, 10.0)], stop_after=99, check=lambda c, s, t: next(answers),
+    sup, _fake, svc = make(tmp_path, runs=[(0, 10.0)], stop_after=99, check=lambda c, s, t: next(answers),
                           ready="tcp:1", restart="no")
     run_life(svc)
     ready = events(sup, "ready")
@@ -177,7 +177,7 @@ def test_ready_check_passing_makes_the_service_ready(tmp_path):
     ("always", 0, True), ("always", 1, True),
 ])
 def test_restart_policy(tmp_path, policy, code, restarts):
-    sup, fake, svc = make(tmp_path, runs=[(code, 0.0)], stop_after=2, restart=policy)
+    _sup, fake, svc = make(tmp_path, runs=[(code, 0.0)], stop_after=2, restart=policy)
     run_life(svc)
     assert len(fake.started) == (2 if restarts else 1)
     assert svc.restarts == (1 if restarts else 0)
@@ -198,7 +198,7 @@ def test_stop_all_stops_every_group_once_and_nothing_restarts(tmp_path):
 
 
 def test_handle_names_the_services_when_one_is_unknown(tmp_path):
-    sup, fake, svc = make(tmp_path, runs=[(0, 0.0)], stop_after=99)
+    sup, _fake, _svc = make(tmp_path, runs=[(0, 0.0)], stop_after=99)
     resp = sup.handle(Request("up", "nope"))
     assert not resp.ok and resp.error == "the box has no service 'nope'; it has: app"
     assert sup.handle(Request("dance")).error == "unknown command 'dance'"

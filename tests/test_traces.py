@@ -196,8 +196,8 @@ def test_app_spans_tree_histogram_and_logs(host, make_repo, run_wtbox):
 
 
 def test_service_name_per_service_and_exec_and_repo_override(host, make_repo, run_wtbox):
-    toml = BARE_TOML + '[services.a]\ncmd = "sleep 1000"\n[services.b]\ncmd = "sleep 1000"\n' \
-        'env = { OTEL_SERVICE_NAME = "custom-b" }\n'
+    toml = BARE_TOML + ('[services.a]\ncmd = "sleep 1000"\n[services.b]\ncmd = "sleep 1000"\n'
+                        'env = { OTEL_SERVICE_NAME = "custom-b" }\n')
     box = host.new("names", repo=make_repo(toml=toml))
     specs = {s["name"]: s for s in json.loads((box.run_dir / "services.json").read_text())["services"]}
     assert specs["a"]["env"]["OTEL_SERVICE_NAME"] == "a" and specs["b"]["env"]["OTEL_SERVICE_NAME"] == "custom-b"
@@ -370,8 +370,8 @@ def test_trace_tree_orders_children_and_keeps_orphans(tmp_path):
     t = "ab" * 16
     ms = 1_000_000
     mk = lambda sid, parent, name, start, dur: store.span_record(
-        start_ns=start * ms, end_ns=(start + dur) * ms, status=0, trace_id=t, span_id=sid, parent_id=parent, service="web",
-        name=name, kind=2, attributes={})
+        start_ns=start * ms, end_ns=(start + dur) * ms, status=0, trace_id=t, span_id=sid, parent_id=parent,
+        service="web", name=name, kind=2, attributes={})
     w = store.SpanWriter(tmp_path / "traces")
     # Children end (and are exported) before their parent; one span's parent never arrived.
     w.write(store.encode([mk("2" * 16, "1" * 16, "second", 30, 5), mk("3" * 16, "1" * 16, "first", 20, 5),

@@ -31,7 +31,7 @@ def _components(inputs: list[str]) -> set[str]:
 
 def _reaches_sink(name: str, cfg: dict) -> bool:
     """Follow `inputs` edges downstream from a component until a sink is found."""
-    sources, transforms, sinks = _graph(cfg)
+    _sources, transforms, sinks = _graph(cfg)
     frontier, seen = [name], set()
     while frontier:
         cur = frontier.pop()
@@ -118,7 +118,7 @@ def test_otlp_source_forwards_every_signal_to_the_boxs_receiver(tmp_path):
     otlp = {"grpc_address": "127.0.0.1:20002", "http_address": "127.0.0.1:20003",
             "receiver_url": "http://127.0.0.1:20004"}
     cfg = tomllib.loads(render_vector_config(box, "http://127.0.0.1:20001", otlp=otlp))
-    sources, transforms, sinks = _graph(cfg)
+    sources, _transforms, sinks = _graph(cfg)
     [(name, src)] = [(n, s) for n, s in sources.items() if s["type"] == "opentelemetry"]
     assert src["grpc"]["address"] == otlp["grpc_address"] and src["http"]["address"] == otlp["http_address"]
     assert src["use_otlp_decoding"] is True  # forwarded as OTLP, not converted into Vector events

@@ -92,7 +92,8 @@ class Host:
         if ref is None or ref == "":
             box = self.box_of_path(Path.cwd())
             if box is None:
-                raise UsageError("No BOX given and the current directory is not inside a box; name one (see 'wtbox ls').")
+                raise UsageError("No BOX given and the current directory is not inside a box; "
+                                 "name one (see 'wtbox ls').")
             return self.notice(box)
         box = self.registry.select_box(ref)
         if box:

@@ -292,8 +292,8 @@ class Registry:
 
     def set_meta(self, key: str, value: str) -> None:
         with self.transaction() as db:
-            db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                       (key, value))
+            db.execute("INSERT INTO meta (key, value) VALUES (?, ?)"
+                       " ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
 
 
 def _split(script: str) -> Iterable[str]:

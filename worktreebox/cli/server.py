@@ -117,10 +117,11 @@ def preload() -> None:
     from worktreebox import providers, resources
     from worktreebox.cli import main as cli
 
-    names = ["worktreebox.cli.main", "worktreebox.host", "worktreebox.fleet.gc", "worktreebox.fleet.pool", "worktreebox.fleet.doctor",
-             "worktreebox.providers.postgres.spares", "worktreebox.fleet.fanout", "worktreebox.services.client", "psycopg", "psycopg.rows",
-             "jinja2", "psutil", "rich.console", "rich.table"]
-    names += sorted({f"worktreebox.cli.commands.{t.split(':')[0]}" for c, t in cli.COMMANDS.items() if c in cliproto.SERVED})
+    names = ["worktreebox.cli.main", "worktreebox.host", "worktreebox.fleet.gc", "worktreebox.fleet.pool",
+             "worktreebox.fleet.doctor", "worktreebox.providers.postgres.spares", "worktreebox.fleet.fanout",
+             "worktreebox.services.client", "psycopg", "psycopg.rows", "jinja2", "psutil", "rich.console", "rich.table"]
+    names += sorted({f"worktreebox.cli.commands.{t.split(':')[0]}"
+                     for c, t in cli.COMMANDS.items() if c in cliproto.SERVED})
     names += [f"worktreebox.resources.{e.split(':')[0]}" for e in resources.ORDER]
     names += [f"worktreebox.providers.{t.split(':')[0]}" for kind in providers.PROVIDERS.values()
               for name, t in kind.items() if name != "docker"]  # docker ones import testcontainers: docker only

@@ -28,6 +28,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -383,7 +384,7 @@ def _fill_locked(host: Host, repo: str, idle_exit: float, poll: float) -> int:
     last_change = time.monotonic()
     failures = 0
     seen: tuple | None = None
-    while not _stopping:
+    while not _stopping.is_set():
         t = current_target(repo, host.home)
         size = desired_size(host, repo, t.config) if t else 0
         boxes = pool_boxes(host, repo)
@@ -409,7 +410,7 @@ def _fill_locked(host: Host, repo: str, idle_exit: float, poll: float) -> int:
             except admission.HostFull:
                 time.sleep(poll)  # another `new` took the last slot meanwhile
             except WtboxError as e:
-                if _stopping:
+                if _stopping.is_set():
                     break
                 failures += 1
                 _log(f"making a pooled box failed ({failures}): {e}")
@@ -424,12 +425,11 @@ def _fill_locked(host: Host, repo: str, idle_exit: float, poll: float) -> int:
     return 0
 
 
-_stopping = False
+_stopping = threading.Event()  # set by SIGTERM: the filler stops after the box it is making
 
 
 def _on_term(signum: int, frame: Any) -> None:
-    global _stopping
-    _stopping = True
+    _stopping.set()
     raise KeyboardInterrupt  # Host.new rolls back the box being made
 
 

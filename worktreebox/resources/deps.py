@@ -6,6 +6,7 @@ find their dependencies installed.
 """
 from __future__ import annotations
 
+import functools
 import shutil
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +45,8 @@ class Deps(Resource):
             layerstore.record_use(box, "deps", layer.key)  # before the layer is used: gc keeps it for this box
             where = layer.dir or "the repo root"
             with deps.use(home, box.repo, c.base_sha, layer, run=_runner(c, layer),
-                          on_wait=lambda: c.note(f"waiting for the {layer.kind} layer of {where}")) as (path, built):
+                          on_wait=functools.partial(c.note, f"waiting for the {layer.kind} layer of {where}"),
+                          ) as (path, built):
                 if built:
                     c.note(f"built the {layer.kind} layer of {where}")
                 for j, p in enumerate(layer.paths):

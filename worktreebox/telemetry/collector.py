@@ -133,7 +133,7 @@ def process_tree_usage(pids: list[int]) -> tuple[float, int]:
     for pid in pids:
         try:
             root = psutil.Process(pid)
-            procs = [root] + root.children(recursive=True)
+            procs = [root, *root.children(recursive=True)]
         except psutil.Error:
             continue
         for p in procs:

@@ -115,7 +115,7 @@ def histogram(durations: list[float]) -> dict[str, Any]:
     """Cumulative bucket counts over the shared bucket edges (le, seconds)."""
     edges = buckets()
     counts = [sum(1 for d in durations if d <= le) for le in edges]
-    return {"buckets": [[le, c] for le, c in zip(edges, counts)] + [["+Inf", len(durations)]],
+    return {"buckets": [[le, c] for le, c in zip(edges, counts, strict=True)] + [["+Inf", len(durations)]],
             "sum": sum(durations), "count": len(durations)}
 
 

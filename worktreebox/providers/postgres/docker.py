@@ -61,7 +61,8 @@ def _credentials(host: HostContext, *, create: bool) -> dict[str, str] | None:
         if not create:
             return None
     except (OSError, ValueError) as e:
-        raise WtboxError(f"{path} is unreadable ({e}); remove it together with the docker volume {name(host)}.") from None
+        raise WtboxError(f"{path} is unreadable ({e}); "
+                         f"remove it together with the docker volume {name(host)}.") from None
     creds = {"user": SUPERUSER, "password": secrets.token_urlsafe(24), "dbname": DBNAME}
     host.home.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(creds), mode=0o600)

@@ -168,9 +168,7 @@ class SpanFilter:
             return False
         if self.since_ns and rec.get("s", 0) < self.since_ns:
             return False
-        if self.name_rx is not None and not self.name_rx.match(str(rec.get("n", ""))):
-            return False
-        return True
+        return not (self.name_rx is not None and not self.name_rx.match(str(rec.get("n", ""))))
 
 
 BLOCK = 1 << 22

@@ -8,6 +8,7 @@ operations/; they and the fleet call this class; tests and scripts use it direct
 """
 from __future__ import annotations
 
+import builtins  # `list` in the class body below names Host.list
 import contextvars
 import os
 import shutil
@@ -123,7 +124,7 @@ class Host:
             self.registry.save_box(box)
         return box
 
-    def describe(self, box: Box, *, show_secrets: bool = False) -> dict:
+    def describe(self, box: Box, *, show_secrets: bool = False) -> dict[str, Any]:
         """The JSON contract of `new` and `status`: the box plus what each resource reports."""
         out = box.to_json(show_secrets=show_secrets)
         for r in self.resources:
@@ -367,7 +368,7 @@ class Host:
         """The PostgreSQL server boxes use (`provider` as a box recorded it; default: the host's)."""
         return postgres_server(self, provider)
 
-    def backend_checks(self) -> list[dict[str, Any]]:
+    def backend_checks(self) -> builtins.list[dict[str, Any]]:
         """`wtbox doctor`'s lines for what the providers need installed (PostgreSQL, VictoriaMetrics)."""
         return providers.checks()
 

@@ -213,7 +213,7 @@ class Registry:
         with self.transaction() as db:
             rows = db.execute("SELECT * FROM boxes WHERE pool=? AND repo=? AND state=? ORDER BY created_at",
                               (key, repo, READY)).fetchall()
-            by_commit = {}
+            by_commit: dict[str, sqlite3.Row] = {}
             for r in rows:
                 by_commit.setdefault(json.loads(r["data"]).get("base_sha"), r)
             row = next((by_commit[c] for c in commits if c in by_commit), None)

@@ -377,11 +377,13 @@ def _fresh_stdio() -> None:
     if os.environ.get("PYTHONIOENCODING"):
         enc, _, e = os.environ["PYTHONIOENCODING"].partition(":")
         err = e or err
-    sys.stdin = sys.__stdin__ = io.TextIOWrapper(open(0, "rb", closefd=False), encoding=enc, errors=err)
-    sys.stdout = sys.__stdout__ = io.TextIOWrapper(open(1, "wb", closefd=False), encoding=enc, errors=err,
-                                                    line_buffering=os.isatty(1))
-    sys.stderr = sys.__stderr__ = io.TextIOWrapper(open(2, "wb", closefd=False), encoding=enc,
-                                                    errors="backslashreplace", line_buffering=True)
+    # the __std*__ too (typed Final): click and the crash handler fall back to them
+    sys.stdin = sys.__stdin__ = io.TextIOWrapper(  # type: ignore[misc]
+        open(0, "rb", closefd=False), encoding=enc, errors=err)
+    sys.stdout = sys.__stdout__ = io.TextIOWrapper(  # type: ignore[misc]
+        open(1, "wb", closefd=False), encoding=enc, errors=err, line_buffering=os.isatty(1))
+    sys.stderr = sys.__stderr__ = io.TextIOWrapper(  # type: ignore[misc]
+        open(2, "wb", closefd=False), encoding=enc, errors="backslashreplace", line_buffering=True)
 
 
 def _run_cli() -> int:

@@ -26,7 +26,8 @@ def render(template: str, facts: dict[str, Any], where: str) -> str:
     import jinja2
 
     try:
-        return _environment().from_string(template).render(**facts)
+        text: str = _environment().from_string(template).render(**facts)
+        return text
     except jinja2.UndefinedError as e:
         raise ConfigError(f"{where}: {e.message} (available: {', '.join(sorted(facts))}).") from None
     except jinja2.TemplateError as e:  # its str() adds lines of location and source: one line here

@@ -215,7 +215,7 @@ def _rename_branch(repo: str, worktree: Path, old: str, new: str, tip: str | Non
     """`git branch -m` without it: that rewrites .git/config under one lock, so concurrent claims
     failed on it. Refs only: make the new one, point the worktree at it, drop the old one. An
     untouched pool box's branch is at `tip`: then one transaction checks that and makes the new ref."""
-    sha = tip
+    sha = tip or ""
     if not tip or git.git(repo, "update-ref", "--stdin", check=False,
                           input=f"verify refs/heads/{old} {tip}\ncreate refs/heads/{new} {tip}\n").returncode:
         sha = git.git(repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{old}", check=False).stdout.strip()

@@ -125,16 +125,17 @@ def browse(host: Host, box: str | None, target: str = "/", screenshot: str | Non
             result["id"] = x.id
             results.append((result, png))
     (result, png), others = results[0], results[1:]
+    assert png is not None and all(p is not None for _, p in others)  # opts.screenshot: browse always takes one
     if shot is not None:
         chromium.write_png(shot, png)
     result["screenshot"] = str(shot) if shot else None
     if not others:
         return result
-    (seen, seen_png), ratio_and_png = others[0], chromium.diff_images(png, others[0][1])
+    (seen, seen_png), ratio_and_png = others[0], chromium.diff_images(png, others[0][1] or b"")
     seen["screenshot"] = None
     if shot is not None:
         other_shot = shot.with_name(f"{shot.stem}.{seen['id']}{shot.suffix or '.png'}")
-        chromium.write_png(other_shot, seen_png)
+        chromium.write_png(other_shot, seen_png or b"")
         seen["screenshot"] = str(other_shot)
     ratio, diff_png = ratio_and_png
     if diff_path is not None:

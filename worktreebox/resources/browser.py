@@ -171,6 +171,7 @@ def snapshot(host: HostContext, box: Box, url: str, png_path: Path,
     try:
         with chromium.Driver() as driver:  # one per call: Playwright's sync API is per thread
             result, png = browse(host, box, url, opts, driver)
+        assert png is not None  # opts.screenshot
         png_path.parent.mkdir(parents=True, exist_ok=True)
         chromium.write_png(png_path, png)
         row["screenshot"] = str(png_path)

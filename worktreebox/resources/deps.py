@@ -14,8 +14,12 @@ from worktreebox.errors import WtboxError
 from worktreebox.resources.base import Creation, Resource, warn
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
     from worktreebox.box import Box
     from worktreebox.context import HostContext as Host
+    from worktreebox.layers.deps import Layer
 
 
 class Deps(Resource):
@@ -93,9 +97,9 @@ class Deps(Resource):
         return {"deps": [{k: v for k, v in layer.items() if k != "built"} for layer in data["layers"]]}
 
 
-def _runner(c: Creation, layer):
+def _runner(c: Creation, layer: Layer) -> Callable[[str, str | Path, dict[str, str]], None]:
     """Run a build command with its output in the box's logs/deps.jsonl; fail with its last lines."""
-    def run(cmd: str, cwd, env: dict[str, str]) -> None:
+    def run(cmd: str, cwd: str | Path, env: dict[str, str]) -> None:
         from worktreebox.secrets import Redactor
         from worktreebox.telemetry.logs.run import run_logged
 

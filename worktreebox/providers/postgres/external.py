@@ -65,7 +65,7 @@ class ExternalServer(Server):
                                "port": self.box_port, "running": False, "version": None}
         try:
             with self.session() as conn:
-                out["version"] = conn.execute("SHOW server_version").fetchone()[0]
+                out["version"] = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]  # SHOW: one row
             out["running"] = True
         except WtboxError as e:
             out["error"] = str(e)

@@ -224,16 +224,16 @@ def _candidates(chunk: bytes, flt: _Filter) -> list[str]:
     the whole chunk, so lines that cannot match cost nothing in Python. Escaped characters (a
     backslash in the raw JSON) can hide a --grep regex match: such chunks go line by line.
     """
-    data: bytes | str = chunk
+    data: Any = chunk  # bytes, or str when a regex must see decoded text
     if flt.literal is not None:
         literal = flt.literal
 
-        def find(buf, pos):  # type: ignore[no-untyped-def]
+        def find(buf, pos):
             return buf.find(literal, pos)
     elif flt.rx is None and flt.min_level > LEVELS["debug"]:
         rxb = _level_rx(flt.min_level)
 
-        def find(buf, pos):  # type: ignore[no-untyped-def]
+        def find(buf, pos):
             m = rxb.search(buf, pos)
             return m.start() if m else -1
     else:
@@ -242,7 +242,7 @@ def _candidates(chunk: bytes, flt: _Filter) -> list[str]:
             return [line for line in data.split("\n") if line and flt.raw_maybe(line)]
         rx = flt.rx
 
-        def find(buf, pos):  # type: ignore[no-untyped-def]
+        def find(buf, pos):
             m = rx.search(buf, pos)
             return m.start() if m else -1
     nl = b"\n" if isinstance(data, bytes) else "\n"

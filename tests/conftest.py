@@ -14,7 +14,7 @@ from helpers import CORE_TOML, git, remove_all_boxes, remove_box_cgroups  # noqa
 pytest_plugins = ["pg_fixtures"]
 
 ROOT = Path(__file__).resolve().parent.parent
-# Every test runs wtbox in process, as before the CLI server; tests/test_cliserver.py turns it on.
+# Every test runs wtbox in process, as before the CLI server; tests/cli/test_server.py turns it on.
 os.environ["WTBOX_NO_SERVER"] = "1"
 
 # A test that asks for one of these makes boxes or talks to the session's PostgreSQL: real
@@ -33,8 +33,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if SLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
-        if item.get_closest_marker("serial") is not None:
-            item.add_marker(pytest.mark.slow)  # it measures real processes' time
+        if item.get_closest_marker("serial") is not None or item.get_closest_marker("chaos") is not None:
+            item.add_marker(pytest.mark.slow)  # it measures real processes' time, or kills them at random
     which = config.getoption("--wtbox-pass")
     if which == "all":
         return

@@ -19,6 +19,8 @@ import psutil
 import pytest
 from helpers import CORE_TOML, wait_for
 
+pytestmark = pytest.mark.slow  # real boxes, services and supervisors
+
 PY = sys.executable
 # Answers every GET with 404 "stranger": a readiness check below 500 would take it for the service.
 STRANGER = r'''

@@ -191,6 +191,7 @@ def test_malformed_wtbox_toml_is_refused_in_one_sentence(tmp_path, make_repo, ho
     assert not Path("/tmp", MARK).exists()
 
 
+@pytest.mark.slow
 def test_a_sample_of_malformed_configs_through_the_cli(tmp_path, make_repo, wtbox_home):
     rng = random.Random(19)
     sample = rng.sample(REPO_CASES, 24)
@@ -291,6 +292,7 @@ def test_malformed_host_config_is_refused_in_one_sentence(tmp_path, monkeypatch)
     assert not failures, f"{len(failures)} of {len(HOST_CASES)} cases:\n" + "\n".join(failures)
 
 
+@pytest.mark.slow
 def test_a_sample_of_host_configs_through_the_cli(tmp_path, make_repo):
     repo = make_repo(toml=CORE_TOML)
     sample = random.Random(19).sample(HOST_CASES, 10)

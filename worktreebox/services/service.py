@@ -2,7 +2,7 @@
 
 The test seams live here too: a `Clock` (now, interruptible waits) and a `Processes` factory
 (start, stop), injected into the Supervisor so that restart backoff and ready timeouts are
-unit-tested without real time (tests/test_supervisor_unit.py).
+unit-tested without real time (tests/services/test_service.py).
 """
 from __future__ import annotations
 

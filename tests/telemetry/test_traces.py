@@ -11,18 +11,17 @@ import sqlite3
 import sys
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import psutil
 import pytest
-from helpers import wait_for
+from helpers import APPS, wait_for
 
 from worktreebox.resources import traces as traces_resource
 from worktreebox.telemetry.exposition import histogram_buckets
 from worktreebox.telemetry.traces import query, store
 from worktreebox.telemetry.vmclient import Client
 
-APP = (Path(__file__).parent / "apps" / "otel_app.py").read_text()
+APP = (APPS / "otel_app.py").read_text()
 WEB_TOML = f"""
 [database]
 mode = "none"

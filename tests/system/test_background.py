@@ -15,6 +15,9 @@ from helpers import BURNER, wait_for
 from worktreebox.services.supervisor import background_wanted
 from worktreebox.system import background, cgroups
 
+# busy or calm is decided from CPU shares over time: other tests' load would change them
+pytestmark = pytest.mark.serial
+
 SPIN = "while True: pass\n"
 SLEEPY = "import time\nwhile True: time.sleep(0.01)\n"
 

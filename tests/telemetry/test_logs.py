@@ -145,6 +145,7 @@ def test_parse_time():
         parse_time("yesterday-ish")
 
 
+@pytest.mark.serial  # a time limit
 def test_tail_of_a_200_mb_log_is_fast(tmp_path):
     """The last 100 matching records of a 200 MB log in well under a second (read from the end)."""
     path = tmp_path / "web.jsonl"

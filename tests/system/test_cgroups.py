@@ -488,6 +488,7 @@ def json_of(proc) -> dict:
 
 
 @needs_cgroups
+@pytest.mark.serial  # a latency ratio: other tests' load would be measured too
 def test_a_cpu_burning_box_does_not_slow_another(make_repo, run_wtbox):
     """Box A runs more CPU burners than cores, each in its own session; box B's p95 stays within 1.5x.
 
@@ -547,6 +548,7 @@ def cpu_shares_while_both_burn(make_repo, run_wtbox, env: dict | None = None, wi
 
 
 @needs_cgroups
+@pytest.mark.serial  # shares of the CPU: other tests' load would take some
 def test_each_box_gets_its_fair_share_of_cpu_however_many_processes_it_runs(make_repo, run_wtbox):
     """Fair share is per box: with A spinning 5 processes in 5 sessions and B one, B gets half of
     what the two get (each box is owed one of the 2 cores). Without cgroups every session is an

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import anyio
 import pytest
+from helpers import APPS
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 from mcp.shared.exceptions import MCPError
 
-APP = Path(__file__).with_name("metrics_app.py").read_text()
+APP = (APPS / "metrics_app.py").read_text()
 SECRET = "hunter2-sekret-value"
 
 # A small service, the box's own VictoriaMetrics, and a secret-looking variable in the box env.
@@ -81,6 +82,7 @@ def run(fn) -> None:
 # Tests that make boxes take the `host` fixture too: it removes whatever a failed test left.
 
 
+@pytest.mark.slow
 def test_tools_have_schemas_and_errors_are_one_sentence(wtbox_home):
     async def main():
         async with stdio_client(wtbox_home) as client:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from helpers import APPS
 
 from worktreebox.box import hex_of
 from worktreebox.errors import WtboxError
@@ -505,7 +506,7 @@ def test_secrets_stay_out_of_ls_and_status(pg_host, make_repo, run_wtbox, pg_clu
 
 # ------------------------------------------------------------------ end to end: a real app in 5 boxes
 
-APP_DIR = Path(__file__).parent / "apps" / "dbapp"
+APP_DIR = APPS / "dbapp"
 
 
 def test_app_suite_passes_in_five_boxes_but_fails_when_two_share_a_schema(make_repo, run_wtbox, wtbox_home,

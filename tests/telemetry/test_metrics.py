@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import wait_for
+from helpers import APPS, wait_for
 
 from worktreebox.providers.metrics import native as vm
 from worktreebox.telemetry.collector import Collector
@@ -20,7 +20,7 @@ from worktreebox.telemetry.exposition import exposition, metric_specs
 from worktreebox.telemetry.probe import buckets
 from worktreebox.telemetry.vmclient import Client
 
-APP = Path(__file__).with_name("metrics_app.py").read_text()
+APP = (APPS / "metrics_app.py").read_text()
 
 WEB_TOML = """
 [database]
@@ -342,6 +342,7 @@ cmd = "z"
         scrape_targets(cfg.services, facts={"ports": {}, "box": {}})
 
 
+@pytest.mark.slow
 def test_start_failure_is_one_sentence(tmp_path, free_port):
     from worktreebox.errors import WtboxError
 

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 from worktreebox.system import procfs
 
-PACKAGE = Path(__file__).resolve().parent.parent / "worktreebox"
+PACKAGE = ROOT / "worktreebox"
 
 
 def test_no_module_but_procfs_names_proc():

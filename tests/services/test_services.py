@@ -13,14 +13,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import CORE_TOML
+from helpers import APPS, CORE_TOML
 
 from worktreebox.errors import WtboxError
 
-HERE = Path(__file__).resolve().parent
 PY = sys.executable
-WORKER = (HERE / "services" / "worker.py").read_text()
-DAEMON = (HERE / "services" / "daemon.py").read_text()
+WORKER = (APPS / "worker.py").read_text()
+DAEMON = (APPS / "daemon.py").read_text()
 
 TWO_SERVICES = CORE_TOML + f"""
 [box]
@@ -357,6 +356,7 @@ cmd = "trap 'echo got TERM, ignoring it' TERM; while true; do sleep 0.05; done"
     assert box_processes(box.id) == []
 
 
+@pytest.mark.slow
 def test_control_socket_works_when_its_path_is_longer_than_sun_path(make_repo, tmp_path, monkeypatch):
     from worktreebox.host import Host
     from worktreebox.resources import services as svc

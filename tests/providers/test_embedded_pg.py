@@ -10,6 +10,7 @@ import tempfile
 
 import pytest
 
+pytestmark = pytest.mark.slow  # starts and stops a real cluster
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the unprivileged cluster user exists only when wtbox runs as root")
 def test_stop_and_start_work_after_an_ancestor_was_closed_again(monkeypatch):

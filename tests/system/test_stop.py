@@ -49,6 +49,7 @@ def test_stop_group_waits_kill_wait_only_for_what_ignores_sigterm(monkeypatch, s
     assert not any(procs.pid_alive(p) for p in pids)
 
 
+@pytest.mark.slow
 def test_stop_groups_costs_one_wait_for_many(monkeypatch):
     monkeypatch.setenv("WTBOX_KILL_WAIT", "0.4")
     groups = [group(STUBBORN) for _ in range(3)]
@@ -59,6 +60,7 @@ def test_stop_groups_costs_one_wait_for_many(monkeypatch):
     assert not any(procs.pid_alive(p) for p in pids)
 
 
+@pytest.mark.slow
 def test_stop_pid_and_stop_processes(monkeypatch):
     import psutil
 

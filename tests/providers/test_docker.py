@@ -21,12 +21,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import wait_for
+from helpers import APPS, ROOT, wait_for
 
 from worktreebox.errors import WtboxError
 from worktreebox.providers import docker_engine as dockerenv
 
-ROOT = Path(__file__).resolve().parent.parent
 _OK, _WHY = dockerenv.docker_available()
 if _OK and importlib.util.find_spec("testcontainers") is None:
     _OK, _WHY = False, "testcontainers is not installed (pip install -e '.[test]')"
@@ -401,7 +400,7 @@ def _wired_metrics(host, make_repo) -> bool:
 def test_wtbox_metrics_on_a_docker_box(docker_env, host, make_repo, run_wtbox):
     if not _docker_database_wired(host) or not _wired_metrics(host, make_repo):
         pytest.skip("the docker providers are not wired into the database/metrics resources yet")
-    app = ROOT / "tests" / "metrics_app.py"
+    app = APPS / "metrics_app.py"
     repo = make_repo(toml=OBS_TOML.format(py=sys.executable, app=app))
     out = json.loads(run_wtbox("new", "dm", "--repo", str(repo), "--json").stdout)
     box_id = out["id"]
@@ -428,7 +427,7 @@ def test_gc_after_kill9_of_new_leaves_no_labelled_thing(docker_env, host, make_r
     from worktreebox.providers.postgres import docker as docker_postgres
 
     docker_postgres.start(host)  # the host-level container, which gc must keep
-    app = ROOT / "tests" / "metrics_app.py"
+    app = APPS / "metrics_app.py"
     repo = make_repo(toml=OBS_TOML.format(py=sys.executable, app=app))
     env = {**os.environ, "WTBOX_HOME": str(wtbox_home), "WTBOX_NO_AUTO_GC": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "worktreebox.cli.main", "new", "killed", "--repo", str(repo)],

@@ -45,6 +45,7 @@ def test_a_cancelled_run_kills_its_child_at_once():
     assert time.monotonic() - t0 < 2
 
 
+@pytest.mark.slow
 def test_a_cancelled_wait_stops_the_childs_whole_group():
     event = threading.Event()
     proc = procs.spawn(["sh", "-c", "sleep 30 & sleep 30; wait"])

@@ -20,6 +20,8 @@ from helpers import CORE_TOML, git, wait_for
 from worktreebox.cli import protocol as cliproto
 from worktreebox.system import cgroups
 
+pytestmark = pytest.mark.slow  # a real CLI server per test, and boxes
+
 WTBOX = Path(sys.executable).with_name("wtbox")
 LAUNCHER = [str(WTBOX)] if WTBOX.exists() else [sys.executable, "-m", "worktreebox.cli.launcher"]
 
@@ -90,6 +92,13 @@ def repo(make_repo):
     return make_repo({"src/app.py": "print('hi')\n"}, toml=CORE_TOML)
 
 
+def _ages(text: str) -> str:
+    """`ls` output with its AGE column (2s, 5m, ...) blanked."""
+    import re
+
+    return re.sub(r"(?m)(  )\d+[smhd](  )", r"\1<age>\2", text)
+
+
 def _ids(text: str) -> str:
     """Output with box ids, ports and times replaced, for comparing two boxes' outputs."""
     import re
@@ -118,7 +127,8 @@ def test_served_output_and_exit_codes_match_in_process(srv, repo):
     assert _ids(json.dumps(ja)) == _ids(json.dumps(jb)) and _ids(a.stderr) == _ids(b.stderr)
     for args in (("ls", "--json"), ("ls",)):
         s, p = srv.run(*args), srv.run(*args, served=False)
-        assert (s.returncode, s.stdout, s.stderr) == (p.returncode, p.stdout, p.stderr), args
+        # the AGE column is read at each run: a second may pass between the two (0s, then 1s)
+        assert (s.returncode, _ages(s.stdout), s.stderr) == (p.returncode, _ages(p.stdout), p.stderr), args
     s, p = srv.run("status", ida, "--json"), srv.run("status", ida, "--json", served=False)
     assert s.returncode == p.returncode == 0 and _steady(json.loads(s.stdout)) == _steady(json.loads(p.stdout))
     s, p = srv.run("rm", ida), srv.run("rm", idb, served=False)

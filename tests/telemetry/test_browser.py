@@ -1,6 +1,6 @@
 """`wtbox browse` and `[browser] enabled`: a real Chromium (Debian's) against a real service in a box.
 
-The service (tests/browser_app.py) serves a page with a coloured 200x100 block at the top left, a
+The service (tests/apps/browser_app.py) serves a page with a coloured 200x100 block at the top left, a
 console.error and an image that answers 404, and a /slow page that never finishes loading.
 Every Chromium start costs about a second here, so each test makes as few as it can.
 """
@@ -18,11 +18,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import wait_for
+from helpers import APPS, wait_for
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-APP = ROOT / "tests" / "browser_app.py"
+APP = APPS / "browser_app.py"
 HAVE_CHROMIUM = bool(shutil.which("chromium"))
 HAVE_VM = bool(shutil.which("victoria-metrics"))
 needs_chromium = pytest.mark.skipif(not HAVE_CHROMIUM, reason="the Debian package chromium is not installed")

@@ -82,8 +82,9 @@ class Chaos:
 
     def timed(self, *args: str) -> float:
         t0 = time.monotonic()
-        p, _ = self.spawn(*args)
-        assert p.wait(120) == 0
+        proc = subprocess.run([sys.executable, "-m", "worktreebox.cli.main", *args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, env=self.env, timeout=120)
+        assert proc.returncode == 0, (args, proc.stderr)
         return time.monotonic() - t0
 
     def live(self) -> list[dict]:

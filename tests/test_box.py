@@ -102,3 +102,18 @@ def test_every_external_name_comes_from_the_id():
     assert branch_name(box_id) == "wtbox/fix-login-0a1b2c3d"
     # a claimed pool box changes its task part, never its hex: the same PostgreSQL names
     assert pg_name("pool-0a1b2c3d") == pg_name(box_id)
+
+
+def test_a_claimed_pool_box_answers_to_its_pool_name_too(tmp_path):
+    from worktreebox.box import Box
+
+    boxes = tmp_path / "boxes"
+    claimed = Box(id="fix-login-0a1b2c3d", task="fix-login", repo="/r", branch=branch_name("fix-login-0a1b2c3d"),
+                  dir=boxes / "fix-login-0a1b2c3d", data={"pool_id": "pool-0a1b2c3d"})
+    assert claimed.alias == "pool-0a1b2c3d"
+    alias = claimed.under_alias()
+    assert (alias.id, alias.branch, alias.dir) == ("pool-0a1b2c3d", "wtbox/pool-0a1b2c3d", boxes / "pool-0a1b2c3d")
+    assert alias.data is claimed.data and alias.pg_name == claimed.pg_name
+    for never_pooled in ({}, {"pool_id": "fix-login-0a1b2c3d"}, {"pool_id": None}):
+        box = Box(id="fix-login-0a1b2c3d", task="t", repo="/r", branch="b", dir=boxes / "x", data=never_pooled)
+        assert box.alias is None and box.under_alias() is None

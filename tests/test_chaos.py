@@ -50,6 +50,31 @@ def _toml() -> str:
     return "\n".join(parts)
 
 
+@pytest.fixture
+def outside():
+    """A dir for homes that run their own embedded PostgreSQL, outside pytest's basetemp.
+
+    A pytest session started beside this one (another engineer's, or any `pytest` run without
+    scripts/test.sh's --basetemp) chmods /tmp/pytest-of-<user> back to 0700 and prunes all but its
+    three newest numbered dirs. The cluster runs as an unprivileged user; closing the path to its
+    data dir under it is a PANIC at its next checkpoint ("could not open file
+    .../global/pg_control: Permission denied"): the `rm` that follows fails and gc cannot reach
+    the server. That is why this test failed after test_database.py, test_embedded_pg.py and
+    test_gc.py and passed alone: their minutes gave such a session time to start. (The session
+    cluster of pg_fixtures.py and test_embedded_pg.py live outside it for the same reason.)"""
+    import tempfile
+
+    from worktreebox.providers.mounts.base import unmount_all
+    from worktreebox.providers.postgres.embedded import EmbeddedCluster
+
+    out = Path(tempfile.mkdtemp(prefix="wtbox-chaos-"))
+    yield out
+    for pid_file in out.glob("*/postgres/postmaster.pid"):  # a test that failed before its `db stop`
+        EmbeddedCluster(pid_file.parent.parent).stop()
+    unmount_all(out)
+    shutil.rmtree(out, ignore_errors=True)
+
+
 def _answers(port: int) -> bool:
     import urllib.request
 
@@ -183,9 +208,9 @@ def _half_built(home: Path) -> set[str]:
             for p in (home / store).iterdir() if p.name.startswith(".tmp-")}
 
 
-def test_kill_dash_nine_anywhere_then_gc_leaves_nothing(tmp_path, make_repo):
+def test_kill_dash_nine_anywhere_then_gc_leaves_nothing(tmp_path, make_repo, outside):
     repo = make_repo({"server.py": SERVICE}, toml=_toml())
-    home = tmp_path / "home"
+    home = outside / "home"
     chaos = Chaos(home, repo, tmp_path)
     rng = random.Random(int(os.environ.get("WTBOX_CHAOS_SEED", time.time())))
     if HAVE_PG:
@@ -245,10 +270,10 @@ def test_kill_dash_nine_anywhere_then_gc_leaves_nothing(tmp_path, make_repo):
     "new:create:worktree",  # the box's cgroup exists, the registry row does not know of it yet
     "new:start:services",   # VictoriaMetrics runs inside the cgroup; the services are about to start
 ])
-def test_kill_between_cgroup_creation_and_registry_write(tmp_path, make_repo, stop_at):
+def test_kill_between_cgroup_creation_and_registry_write(tmp_path, make_repo, stop_at, outside):
     """A `new` killed right after it made the box's cgroup: gc leaves no cgroup (empty or not) behind."""
     repo = make_repo({"server.py": SERVICE}, toml=_toml())
-    chaos = Chaos(tmp_path / "home", repo, tmp_path)
+    chaos = Chaos(outside / "home", repo, tmp_path)
     if HAVE_PG:
         chaos.wtbox("db", "start")
     try:
@@ -273,13 +298,13 @@ def test_kill_between_cgroup_creation_and_registry_write(tmp_path, make_repo, st
 
 
 @pytest.mark.skipif(not HAVE_PG, reason="PostgreSQL is not installed")
-def test_kill_dash_nine_during_the_first_cluster_start(tmp_path):
+def test_kill_dash_nine_during_the_first_cluster_start(outside):
     """initdb and the first start are the one host-level step of `new`; a kill there must not wedge the host."""
     rng = random.Random(int(os.environ.get("WTBOX_CHAOS_SEED", time.time())))
     env = {**os.environ, "WTBOX_NO_AUTO_GC": "1"}
     env.pop("WTBOX_POSTGRES_URL", None)
     for i in range(4):
-        home = tmp_path / f"home{i}"
+        home = outside / f"home{i}"
         run_env = {**env, "WTBOX_HOME": str(home)}
         p = subprocess.Popen([sys.executable, "-m", "worktreebox.cli.main", "db", "start"], env=run_env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -272,12 +272,10 @@ class Host:
         self.registry.delete_box(box.id)
 
     def _destroy_resources(self, box: Box, *, strict: bool) -> None:
-        # A box claimed from the pool still runs processes started under its pool id (WTBOX_ID,
-        # boxes/<pool id>, now a symlink to boxes/<id>): destroy what that name holds first.
-        pool_id = box.data.get("pool_id")
-        if pool_id and pool_id != box.id:
-            alias = Box(id=pool_id, task=box.task, repo=box.repo, branch=branch_name(pool_id),
-                        dir=self.boxes_dir / pool_id, state=box.state, data=box.data)
+        # A box claimed from the pool still runs processes started under its pool id (Box.alias):
+        # destroy what that name holds first.
+        alias = box.under_alias()
+        if alias is not None:
             self._destroy_pieces(alias, strict=strict)
         self._destroy_pieces(box, strict=strict)
 

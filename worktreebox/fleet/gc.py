@@ -56,8 +56,8 @@ def _owners(boxes: list) -> dict[str, str]:
     warm pool (its running services still carry that name; pool.py)."""
     out = {b.id: b.id for b in boxes}
     for b in boxes:
-        if b.data.get("pool_id"):
-            out.setdefault(b.data["pool_id"], b.id)
+        if b.alias is not None:
+            out.setdefault(b.alias, b.id)
     return out
 
 

@@ -13,8 +13,9 @@ A pooled box is an ordinary box made by `Host.new` under the task `pool` (id
   fast-forwarded when the caller's base moved on; state `ready`.
 
 What is not renamed is what running processes hold: the services keep WTBOX_ID=<pool id>
-in their environment (same hex), the database is `wt_<hex>` anyway. `Host.rm` destroys
-the pool-id name's pieces too (`data["pool_id"]`), and `gc` counts them as the claimed box's.
+in their environment (same hex), the database is `wt_<hex>` anyway. The claim records that
+name (`data["pool_id"]`, read only as `Box.alias`); `Host.rm` destroys the pieces under it
+too, and `gc` counts them as the claimed box's.
 
 One filler process per repo (`python -m worktreebox.fleet.pool HOME REPO`, niced, under a file
 lock) keeps the pool at its size and exits after a while without claims.
@@ -173,7 +174,7 @@ def claim(host: Host, task: str, t: Target, *, ttl: str | float | None = None, k
         finally:
             if not isinstance(e, Exception):
                 raise
-        print(f"wtbox: taking {box.data['pool_id']} from the pool failed ({e}); it was removed, "
+        print(f"wtbox: taking {box.alias} from the pool failed ({e}); it was removed, "
               "making a fresh box instead", file=sys.stderr)
         return None
     box.data["timings"] = {"claim": round(t1 - t0, 4), "take_over": round(time.perf_counter() - t1, 4),
@@ -183,7 +184,8 @@ def claim(host: Host, task: str, t: Target, *, ttl: str | float | None = None, k
 
 def _take_over(host: Host, box: Box, t: Target) -> bool:
     """Rename what can be renamed to the claimed box's id, fast-forward it; True when its base moved."""
-    pool_id = box.data["pool_id"]
+    pool_id = box.alias
+    assert pool_id is not None  # set by the claim's rename
     old_dir = host.boxes_dir / pool_id
     if old_dir.is_dir() and not old_dir.is_symlink() and not box.dir.exists():
         os.rename(old_dir, box.dir)

@@ -15,17 +15,18 @@ set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
-gate() {
-    local name=$1
+gate() {  # quiet when it passes; its findings and one sentence when it does not
+    local name=$1 out
     shift
-    if ! "$@"; then
+    if ! out=$("$@" 2>&1); then
+        printf '%s\n' "$out" >&2
         echo "test.sh: the $name gate failed (its findings are above); no test was run." >&2
         exit 1
     fi
 }
 if [ "${WTBOX_TEST_GATES:-1}" = 1 ]; then
     gate ruff .venv/bin/ruff check --quiet worktreebox tests scripts
-    gate import-linter .venv/bin/lint-imports --no-cache >/dev/null
+    gate import-linter .venv/bin/lint-imports --no-cache
     gate mypy .venv/bin/mypy --no-error-summary
     echo "test.sh: gates passed (ruff, import-linter, mypy)." >&2
 fi

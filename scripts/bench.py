@@ -134,7 +134,8 @@ def _optional_sections() -> None:
                           ("pool", "bench_pool", "bench_pool"), ("mcp", "bench_mcp", "bench_mcp"),
                           ("traces", "bench_traces", "bench_traces"),
                           ("browser", "bench_browser", "bench_browser"),
-                          ("cgroups", "bench_cgroups", "bench_cgroups"), ("layers", "bench_layers", "bench_layers")):
+                          ("cgroups", "bench_cgroups", "bench_cgroups"), ("layers", "bench_layers", "bench_layers"),
+                          ("sandbox_parts", "bench_sandbox", "bench_sandbox_parts")):
         try:
             module = __import__(mod)
             SECTIONS[name] = getattr(module, fn)

@@ -16,8 +16,12 @@ for arg in "$@"; do
 done
 
 PKGS=(git ca-certificates python3 python3-venv python3-pip postgresql postgresql-contrib victoria-metrics procps chromium fuse-overlayfs nodejs)
-# xfsprogs: the reflink mount provider's tests run on a loop-mounted XFS
-[ "$WITH_TEST" = 1 ] && PKGS+=(docker.io debootstrap xfsprogs)
+# the sandbox: bubblewrap (the holder), passt (pasta: outbound network), nftables (a box's firewall),
+# iproute2 (tc: netem where the kernel has it), acl; nsenter/setpriv/unshare come with util-linux
+PKGS+=(bubblewrap passt nftables iproute2 acl)
+# xfsprogs: the reflink mount provider's tests run on a loop-mounted XFS; curl and psmisc (fuser,
+# killall): what the sandbox tests' agent runs inside a box
+[ "$WITH_TEST" = 1 ] && PKGS+=(docker.io debootstrap xfsprogs curl psmisc)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -34,6 +34,11 @@ PROVIDERS: dict[str, dict[str, str]] = {
         "reflink": "mounts.reflink:Reflink",
         "checkout": "mounts.checkout:Checkout",
     },
+    # What keeps a box's processes apart from the host and from other boxes (sandbox/__init__.py).
+    "sandbox": {
+        "namespaces": "sandbox.namespaces:Namespaces",
+        "off": "sandbox.off:Off",
+    },
 }
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from worktreebox.errors import WtboxError
 
 MNT_DETACH = 2
+MS_BIND, MS_SHARED = 4096, 1 << 20
 
 
 class MountError(WtboxError):
@@ -98,14 +99,22 @@ def _libc():
     return ctypes.CDLL(None, use_errno=True)
 
 
-def sys_mount(source: str, target: Path, fstype: str, options: str) -> None:
+def sys_mount(source: str, target: Path, fstype: str, options: str, flags: int = 0) -> None:
     """mount(2) directly: a `mount` process costs more than the mount itself."""
     import ctypes
 
-    rc = _libc().mount(source.encode(), str(target).encode(), fstype.encode(), 0, options.encode())
+    rc = _libc().mount(source.encode(), str(target).encode(), fstype.encode(), flags, options.encode())
     if rc != 0:
         e = ctypes.get_errno()
-        raise MountError(f"mounting {fstype} on {target} failed: {os.strerror(e)}.")
+        raise MountError(f"mounting {fstype or 'a bind'} on {target} failed: {os.strerror(e)}.")
+
+
+def make_shared(path: Path, *, bind: bool) -> None:
+    """Make `path` a shared mount (with `bind`: first a bind of itself, so that it is a mount):
+    mounts made under it later reach the mount namespaces that copied it, and so do unmounts."""
+    if bind:
+        sys_mount(str(path), path, "", "", MS_BIND)
+    sys_mount("none", path, "", "", MS_SHARED)
 
 
 def _umount2(target: str, flags: int) -> int:

@@ -133,21 +133,11 @@ class EmbeddedCluster(Server):
     def _os_user(self) -> _OsUser | None:
         if os.geteuid() != 0:
             return None
-        import pwd
+        from worktreebox.system import users
 
-        for name in SYSTEM_USERS:
-            try:
-                pw = pwd.getpwnam(name)
-                return _OsUser(name, pw.pw_uid, pw.pw_gid, pw.pw_dir)
-            except KeyError:
-                continue
-        proc = subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir",
-                               "/nonexistent", "--shell", "/usr/sbin/nologin", "wtbox-pg"],
-                              capture_output=True, text=True)
-        if proc.returncode not in (0, 9):  # 9: created meanwhile by another process
-            raise WtboxError(f"Cannot create the system user 'wtbox-pg' for PostgreSQL: {proc.stderr.strip()}.")
-        pw = pwd.getpwnam("wtbox-pg")
-        return _OsUser("wtbox-pg", pw.pw_uid, pw.pw_gid, pw.pw_dir)
+        found = next((u for u in map(users.lookup, SYSTEM_USERS) if u is not None), None)
+        user = found or users.ensure("wtbox-pg", purpose="PostgreSQL")
+        return _OsUser(user.name, user.uid, user.gid, user.home)
 
     def _run(self, args: list[str], user: _OsUser | None, *, check: bool = True,
              timeout: float = 120) -> subprocess.CompletedProcess:

@@ -1,0 +1,92 @@
+"""Git inside a box: a git dir of the box's own that borrows the repository's objects.
+
+A box must commit on its branch without being able to damage the user's repository or another
+box's branch. Its worktree's admin dir lives in `boxes/<id>/git` (the box user's), not in the
+repository's `.git/worktrees/`:
+
+- `objects/info/alternates` names the repository's object store, bound read-only inside: every
+  object of the repository is there without a copy; what the box commits lands in its own dir;
+- `packed-refs` is a snapshot of the repository's branches, tags and remote-tracking refs at
+  `new` (not other boxes' `wtbox/*`), so `git log main`, `git diff main...` work as outside;
+  `git fetch <repo> main` inside refreshes it (the repository is readable);
+- its `config` is the repository's (remotes, filters), its hooks the repository's (read-only);
+- HEAD is detached at the base commit; `git --git-dir <this> worktree add -b wtbox/<id>` makes
+  the branch and the worktree's admin dir here.
+
+The host never runs git as itself in a box-writable git dir: a box could set `core.fsmonitor`
+(or a hook) there, and `git --git-dir=...` skips the ownership check (safe.directory) that
+guards discovered repositories, so root would run the box's command. What the host needs of a
+box's git runs inside the box through the launcher (`box_git`); the box's branch comes into the
+repository with `fetch_back`, whose `git-upload-pack` runs inside the box as well: the host only
+receives a pack, checked object by object (transfer.fsckObjects).
+
+Chosen over a copy-on-write overlay of the repository's `.git` (measured in scripts/
+bench_sandbox.py): no mount per box, no list of files git rewrites to copy up ahead of time with
+the right owner (logs/HEAD, logs/refs/heads/wtbox/<id>, worktrees/<n>/*, objects/xx: each
+missing one was a "Permission denied" on commit), and a repository that changes underneath is
+read as git reads any alternate object store, not as an overlay lower dir modified while
+mounted (undefined behaviour).
+"""
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from worktreebox.system import git
+
+SKIPPED_REFS = "refs/heads/wtbox/"  # other boxes' branches stay theirs
+
+
+def common_dir(repo: Path) -> Path:
+    """The repository's git dir (its `.git`, also when `repo` is one of its worktrees)."""
+    return Path(git.out(repo, "rev-parse", "--path-format=absolute", "--git-common-dir"))
+
+
+def make(repo: Path, git_dir: Path, base_sha: str, *, owner: tuple[int, int] | None = None) -> None:
+    """Make the box's git dir (see the module docstring); `owner` (uid, gid) is given all of it."""
+    common = common_dir(repo)
+    (git_dir / "objects" / "info").mkdir(parents=True, exist_ok=True)
+    (git_dir / "refs" / "heads").mkdir(parents=True, exist_ok=True)
+    (git_dir / "objects" / "info" / "alternates").write_text(f"{common / 'objects'}\n")
+    (git_dir / "HEAD").write_text(f"{base_sha}\n")
+    (git_dir / "packed-refs").write_text(_refs_snapshot(repo))
+    (git_dir / "config").write_text((common / "config").read_text())
+    git.git(git_dir, "config", "--file", str(git_dir / "config"), "--unset-all", "core.worktree", check=False)
+    git.git(git_dir, "config", "--file", str(git_dir / "config"), "core.hooksPath", str(common / "hooks"))
+    if owner is not None:
+        from worktreebox.system.users import give_tree
+
+        give_tree(git_dir, *owner)
+
+
+def _refs_snapshot(repo: Path) -> str:
+    lines = git.out(repo, "for-each-ref", "--format=%(objectname) %(refname)",
+                    "refs/heads", "refs/tags", "refs/remotes").splitlines()
+    return "".join(f"{line}\n" for line in lines if f" {SKIPPED_REFS}" not in line)
+
+
+def worktree_add(git_dir: Path, worktree: Path, branch: str, sha: str) -> None:
+    """The box's branch and worktree admin dir, in the box's git dir (`--no-checkout`: the files
+    come from the tree's copy-on-write view, as today)."""
+    git.git(git_dir, "--git-dir", str(git_dir), "worktree", "add", "--quiet", "--no-checkout", "-b", branch,
+            str(worktree), sha)
+
+
+def box_git(launcher: list[str], *args: str) -> list[str]:
+    """argv for a git command the host needs answered about a box (status, diff, log), run inside
+    the box as its user. `launcher` is the sandbox's prefix for the box's worktree."""
+    return [*launcher, "git", *args]
+
+
+def fetch_back(repo: Path, git_dir: Path, branch: str, launcher: list[str], *, extra: tuple[str, ...] = ()) -> None:
+    """Bring the box's branch into the repository (`rm`'s unsaved-work check, pick, keep-branch).
+    `launcher`: the sandbox's prefix (any cwd); git-upload-pack runs inside the box."""
+    from worktreebox.errors import WtboxError
+
+    upload_pack = shlex.join([*launcher, "git-upload-pack"])
+    proc = git.git(repo, "-c", "transfer.fsckObjects=true", "fetch", "--quiet", "--no-tags", "--no-write-fetch-head",
+                   *extra, "--upload-pack", upload_pack, str(git_dir), f"+refs/heads/{branch}:refs/heads/{branch}",
+                   check=False)
+    if proc.returncode != 0:
+        why = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        raise WtboxError(f"Could not bring branch {branch} back from its box into {repo}: {why}.")

@@ -1,0 +1,277 @@
+"""The `namespaces` sandbox: a bubblewrap holder per box, pasta for its network, and one launcher.
+
+The holder is `bwrap --unshare-pid --unshare-ipc --unshare-uts --unshare-net ... sh -c 'echo
+ready; exec sleep infinity >/dev/null'`, started detached in the box's cgroup (leaf `_sandbox`) with
+WTBOX_ID in its environment. bwrap's `--info-fd` names the box's pid 1 (a host pid, bwrap's
+own init, which reaps whatever is orphaned inside); the `ready` line comes from inside the
+finished sandbox (the info arrives before the mounts are done, and a process entering then
+finds a half-built root). Killing that pid 1 ends every process of the box at once.
+
+Every box process starts through `command()`:
+
+    nsenter -t <pid 1> -p -m -i -u -n -- setpriv --reuid=U --regid=G --clear-groups
+        --inh-caps=-all --bounding-set=-all --no-new-privs -- env --chdir=<cwd> -- CMD
+
+(measured in scripts/bench_sandbox.py; the lead's nsenter + setpriv without env: +2.8 ms over a
+bare `true`). nsenter forks to enter the pid
+namespace: CMD is its child, in the same process group (signal the group; nsenter exits with
+CMD's status). Placement in the box's cgroup is procs.spawn's, before exec, as for every
+process: nothing launched can leave the cgroup (the cgroup file system is read-only inside).
+
+Modes: as root, box processes run as the dedicated system user `wtbox-box` (made when missing),
+without capabilities; as an ordinary user, bubblewrap adds a user namespace (where the kernel
+allows one) and box processes keep the user's own uid, without capabilities.
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import time
+from pathlib import Path
+
+from worktreebox.providers.sandbox import layout, network
+from worktreebox.providers.sandbox.base import (
+    LOG,
+    NONE,
+    RECORD,
+    Holder,
+    Sandbox,
+    SandboxError,
+    SandboxGone,
+    Spec,
+    load,
+    save,
+)
+from worktreebox.system import cgroups, procfs, procs
+
+BOX_USER = "wtbox-box"
+TOOLS = ("bwrap", "pasta", "nft", "nsenter", "setpriv")
+HOLDER_NAMES = ("bwrap",)
+READY_TIMEOUT = 10.0
+SHARED_LOCK = ".sandbox-mounts.lock"
+
+
+class Namespaces(Sandbox):
+    name = "namespaces"
+
+    def __init__(self) -> None:
+        self.mode = "root" if os.geteuid() == 0 else "user"
+
+    @classmethod
+    def check(cls) -> dict | None:
+        missing = [t for t in TOOLS if shutil.which(t) is None]
+        if not missing:
+            return None
+        return {"check": "sandbox tools", "ok": False,
+                "detail": f"missing {', '.join(missing)}; install them with "
+                          "'apt-get install bubblewrap passt nftables util-linux'."}
+
+    def probe(self) -> str | None:
+        missing = [t for t in TOOLS if shutil.which(t) is None]
+        if missing:
+            return f"{', '.join(missing)} not installed"
+        if self.mode == "user" and not _userns_allowed():
+            return "the kernel refuses user namespaces to ordinary users"
+        return None
+
+    # -- the box's user
+    def box_user(self) -> tuple[int, int]:
+        """(uid, gid) box processes run as: `wtbox-box` as root, the caller otherwise."""
+        if self.mode != "root":
+            return os.geteuid(), os.getegid()
+        from worktreebox.system import users
+
+        user = users.ensure(BOX_USER, purpose="sandboxed box processes")
+        return user.uid, user.gid
+
+    # -- the holder
+    def create(self, spec: Spec, *, cgroup: cgroups.Leaf | None = None) -> Holder:
+        uid, gid = self.box_user()
+        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.mode == "root":
+            own_bind_roots(spec, uid, gid)
+            share_boxes_dir(spec.home)
+        resolv = _box_resolv(spec) if spec.network != NONE else None
+        holder = self._start(spec, uid=uid, gid=gid, resolv=resolv, cgroup=cgroup)
+        try:
+            blocked = network.host_addresses()
+            if spec.network != NONE or spec.host_ports:  # offline without forwards: nothing for pasta to do
+                holder.pasta_pid = network.attach(holder, spec, log=spec.run_dir / LOG, dns_forward=resolv is not None,
+                                                  cgroup=cgroup)
+            network.apply_rules(holder, network.ruleset(spec.network, blocked, network.Outbound()))
+            save(spec.run_dir, holder)
+        except BaseException:
+            self.destroy(spec.box_id, spec.box_dir)
+            raise
+        return holder
+
+    def _start(self, spec: Spec, *, uid: int, gid: int, resolv: Path | None, cgroup: cgroups.Leaf | None) -> Holder:
+        info_r, info_w = os.pipe()
+        ready_r, ready_w = os.pipe()
+        argv = holder_argv(spec, uid=uid, gids={gid}, user_ns=self.mode == "user", resolv=resolv, info_fd=info_w)
+        try:
+            with open(spec.run_dir / LOG, "ab") as log:
+                # setsid -f: the holder is reparented to init at once, never a zombie of a long-lived caller;
+                # its stdout is the ready pipe, its stderr (bwrap's complaints) the log
+                starter = procs.spawn(["setsid", "-f", *argv], env=spec.env(), stdout=ready_w, stderr=log,
+                                      pass_fds=(info_w,), cgroup=cgroup)
+            os.close(info_w)
+            os.close(ready_w)
+            info_w = ready_w = -1
+            starter.wait()
+            ready = _read_until(ready_r, b"\n", READY_TIMEOUT)
+            info = _read_until(info_r, b"}", 1.0) if ready else b""
+        finally:
+            for fd in (info_r, ready_r, info_w, ready_w):
+                if fd >= 0:
+                    os.close(fd)
+        if not ready.startswith(b"ready"):
+            why = network._last_line(spec.run_dir / LOG)
+            self.destroy(spec.box_id, spec.box_dir)
+            raise SandboxError(f"The sandbox of box {spec.box_id} did not start: {why}.")
+        pid = int(json.loads(info)["child-pid"])
+        ident = procs.identity(pid)
+        if ident is None:
+            raise SandboxGone(f"The sandbox of box {spec.box_id} exited as soon as it started.")
+        return Holder(spec.box_id, pid, ident[1], self.mode, uid, gid, network=spec.network,
+                      netns_file=procfs.namespace_file(pid, "net"))
+
+    # -- the launcher
+    def command(self, holder: Holder | None, argv: list[str], *, cwd: Path | str) -> list[str]:
+        return [*self.prefix(_alive(holder), cwd=cwd), *argv]
+
+    def prefix(self, holder: Holder, *, cwd: Path | str) -> list[str]:
+        """The launcher without the command (what part B hands the supervisor per service).
+
+        The directory is entered last, by `env --chdir`, inside the box's mount namespace:
+        `nsenter --wd` opens it *before* entering, so the process would start in the host's
+        directory, outside its root, and `os.chdir("..")` from there walked the host's file
+        system (the box dir's env file, the home's registry: tests/test_sandbox.py)."""
+        if holder.mode == "user":  # uid 0 of the box's user namespace, which is the caller outside
+            enter = ["nsenter", "-t", str(holder.pid), "-U", "--preserve-credentials", "-p", "-m", "-i", "-u", "-n"]
+            become: list[str] = []
+        else:
+            enter = ["nsenter", "-t", str(holder.pid), "-p", "-m", "-i", "-u", "-n"]
+            become = [f"--reuid={holder.uid}", f"--regid={holder.gid}", "--clear-groups"]
+        return [*enter, "--", "setpriv", *become, "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--",
+                "env", f"--chdir={cwd}", "--"]
+
+    def netns_command(self, holder: Holder | None, argv: list[str]) -> list[str]:
+        return network.enter(_alive(holder), argv)
+
+    # -- the end
+    def destroy(self, box_id: str, box_dir: Path) -> list[int]:
+        """SIGKILL the box's pid 1 (the kernel then ends every process in its pid namespace) and
+        pasta: neither has anything to flush, and bwrap's init ignores SIGTERM from outside."""
+        run_dir = box_dir / "run"
+        pids = set()
+        holder = load(run_dir)
+        if holder is not None and procs.is_alive(holder.identity):
+            pids.add(holder.pid)
+        pasta = network.pasta_pid(run_dir)
+        if pasta is not None and procs.from_pid_file(run_dir / network.PID_FILE, box_id, None) is not None:
+            pids.add(pasta)
+        pids |= {p.pid for p in procs.find_named(box_id, (*HOLDER_NAMES, *network.PASTA_NAMES), box_dir=box_dir)}
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        procs.wait_gone(sorted(pids), procs.kill_wait())
+        for name in (RECORD, network.PID_FILE):
+            (run_dir / name).unlink(missing_ok=True)
+        return sorted(pids)
+
+    def discover(self, boxes_dir: Path) -> set[str]:
+        return procs.named_box_ids((*HOLDER_NAMES, *network.PASTA_NAMES), boxes_dir)
+
+
+def holder_argv(spec: Spec, *, uid: int, gids: set[int], user_ns: bool, resolv: Path | None,
+                info_fd: int) -> list[str]:
+    """bwrap's command line for a box's holder (a pure function: tests read it).
+
+    Unprivileged, bwrap 0.8's own `--unshare-user` nests the sandbox in a second user namespace
+    below the one that owns its other namespaces, and nsenter 2.38 cannot reach the owner (it
+    enters the process's, then may not join the network or pid namespace: EPERM). So the user
+    namespace is made first (`unshare --user --map-root-user`: the caller is uid 0 there, with
+    the capabilities bwrap needs) and bwrap makes every other namespace inside it: one owner,
+    which the launcher enters."""
+    hold = "echo ready; exec sleep infinity >/dev/null"  # stdout: the ready pipe, closed once said
+    argv = ["bwrap", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net", "--hostname", spec.hostname,
+            "--new-session", *layout.filesystem_args(spec, uid=uid, gids=gids, resolv=resolv),
+            "--info-fd", str(info_fd), "--", "/bin/sh", "-c", hold]
+    return ["unshare", "--user", "--map-root-user", "--", *argv] if user_ns else argv
+
+
+def _alive(holder: Holder | None) -> Holder:
+    """The holder if it is still the process it was (a pid reused by another process is never entered)."""
+    if holder is None or not procs.is_alive(holder.identity):
+        box = holder.box_id if holder is not None else "this box"
+        raise SandboxGone(f"The sandbox of box {box} is not running; 'wtbox up' makes it again.")
+    return holder
+
+
+def _read_until(fd: int, end: bytes, timeout: float) -> bytes:
+    """Bytes from a pipe until `end` is among them, EOF, or `timeout` seconds."""
+    data, deadline = b"", time.monotonic() + timeout
+    while end not in data:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _box_resolv(spec: Spec) -> Path | None:
+    """A resolv.conf of the box's own when the host's names only loopback resolvers."""
+    try:
+        text = Path("/etc/resolv.conf").read_text()
+    except OSError:
+        return None
+    wanted = layout.resolver(text)
+    if wanted is None:
+        return None
+    path = spec.run_dir / "resolv.conf"
+    path.write_text(wanted)
+    return path
+
+
+def _userns_allowed() -> bool:
+    import subprocess
+
+    proc = subprocess.run(["bwrap", "--unshare-user", "--ro-bind", "/", "/", "true"], capture_output=True)
+    return proc.returncode == 0
+
+
+# ---------------------------------------------------------------- host-side preparation (root)
+
+def own_bind_roots(spec: Spec, uid: int, gid: int) -> None:
+    """Give the box's user the top of each writable bind (not its content: a worktree's files come
+    from a tree whose owner is settled when the tree is built; see docs/sandbox.md)."""
+    for bind in spec.binds:
+        if bind.writable:
+            bind.src.mkdir(parents=True, exist_ok=True)
+            os.chown(bind.src, uid, gid)
+
+
+def share_boxes_dir(home: Path) -> None:
+    """Make $WTBOX_HOME/boxes a shared mount (a bind of itself), once per home.
+
+    Every holder copies the host's mount table when it starts, including other boxes' mounts
+    under boxes/ (hidden under its tmpfs). With boxes/ shared, each holder's copy is a slave:
+    a mount made later under its own worktree (a dependency layer) appears inside, and when
+    another box's mount is taken down on the host its hidden copy goes too, instead of pinning
+    that file system until this box ends."""
+    from worktreebox.providers.mounts.base import is_mountpoint, make_shared
+    from worktreebox.system.fsutil import file_lock
+
+    boxes = home / "boxes"
+    boxes.mkdir(parents=True, exist_ok=True)
+    with file_lock(home / SHARED_LOCK, what="the boxes mount"):
+        make_shared(boxes, bind=not is_mountpoint(boxes))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import wait_for
+from helpers import ROOT, wait_for
 from sandbox_helpers import end_box, free_listener, make_box, needs_sandbox_tools, serve_forwards, wait_http
 
 from worktreebox.providers.mounts.base import mounts_under, sys_mount, unmount_all
@@ -254,7 +254,7 @@ def test_ordinary_user_mode_through_a_user_namespace():
         os.chown(work, 65534, 65534)
         (work / "box.py").write_text(USER_MODE_SCRIPT)
         env = {"HOME": str(work), "PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1",
-               "PYTHONPATH": f"{Path(__file__).parent}:{Path(base.__file__).parents[3]}:{site}"}
+               "PYTHONPATH": f"{ROOT / 'tests'}:{Path(base.__file__).parents[3]}:{site}"}
         proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "box.py"],
                               env=env, capture_output=True, text=True, timeout=60, cwd=work)
     finally:

@@ -32,7 +32,7 @@ class H(http.server.BaseHTTPRequestHandler):
     def log_message(self, *a): pass
 http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
 '''
-BURNER = (ROOT / "tests" / "services" / "burner.py").read_text()  # the one the tests use
+BURNER = (ROOT / "tests" / "apps" / "burner.py").read_text()  # the one the tests use
 
 
 def _toml(service: str, cmd: str, ready: bool) -> str:

@@ -16,8 +16,8 @@ import anyio
 import pytest
 from helpers import APPS
 from mcp import Client
-from mcp.client.stdio import StdioServerParameters
 from mcp.shared.exceptions import MCPError
+from mcp_helpers import ok, stdio_client
 
 APP = (APPS / "metrics_app.py").read_text()
 SECRET = "hunter2-sekret-value"
@@ -48,24 +48,6 @@ mode = "none"
 [observability]
 enabled = false
 """
-
-
-def server_env(home: Path) -> dict[str, str]:
-    """What the SDK's stdio client passes on: its safe defaults plus these."""
-    keep = ("PATH", "WTBOX_PORT_RANGE", "WTBOX_POSTGRES_URL")
-    return {"WTBOX_HOME": str(home), "WTBOX_NO_AUTO_GC": "1", **{k: os.environ[k] for k in keep if k in os.environ}}
-
-
-def stdio_client(home: Path, *args: str) -> Client:
-    return Client(StdioServerParameters(command=sys.executable, args=["-m", "worktreebox.cli.main", "mcp", *args],
-                                        env=server_env(home)))
-
-
-def ok(result) -> object:
-    """The structured result of a successful call (a list comes wrapped as {"result": [...]})."""
-    assert not result.is_error, result.content[0].text
-    data = result.structured_content
-    return data["result"] if set(data) == {"result"} else data
 
 
 def failed(result) -> str:

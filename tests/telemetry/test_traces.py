@@ -441,7 +441,7 @@ def test_a_box_claimed_from_the_pool_keeps_its_spans_and_rm_stops_its_receiver(h
 
 def test_box_traces_is_an_mcp_tool(host, make_repo, wtbox_home):
     import anyio
-    from test_mcp import ok, stdio_client
+    from mcp_helpers import ok, stdio_client
 
     box = host.new("mcptr", repo=make_repo(toml=BARE_TOML))
     url = box.data["traces"]["url"]

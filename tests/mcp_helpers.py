@@ -26,3 +26,10 @@ def ok(result) -> object:
     assert not result.is_error, result.content[0].text
     data = result.structured_content
     return data["result"] if set(data) == {"result"} else data
+
+
+def failed(result) -> str:
+    assert result.is_error, result.structured_content
+    [content] = result.content
+    assert "Traceback" not in content.text
+    return content.text

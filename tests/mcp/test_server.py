@@ -17,7 +17,7 @@ import pytest
 from helpers import APPS
 from mcp import Client
 from mcp.shared.exceptions import MCPError
-from mcp_helpers import ok, stdio_client
+from mcp_helpers import failed, ok, stdio_client
 
 APP = (APPS / "metrics_app.py").read_text()
 SECRET = "hunter2-sekret-value"
@@ -48,13 +48,6 @@ mode = "none"
 [observability]
 enabled = false
 """
-
-
-def failed(result) -> str:
-    assert result.is_error, result.structured_content
-    [content] = result.content
-    assert "Traceback" not in content.text
-    return content.text
 
 
 def run(fn) -> None:

@@ -66,6 +66,8 @@ def _print_box(out: dict) -> None:
     click.echo(f"path     {out['path']}")
     if out["ports"]:
         click.echo("ports    " + "  ".join(f"{k}={v}" for k, v in out["ports"].items()))
+    for service, link in (out.get("urls") or {}).items():
+        click.echo(f"url      {link}" + (f"  ({service})" if len(out["urls"]) > 1 else ""))
     if out.get("database"):
         db = out["database"]
         click.echo(f"database {db['mode']}: {db['url']}")
@@ -77,17 +79,20 @@ def _print_box(out: dict) -> None:
 
 @command(boxes.LS)
 def ls(all, as_json):
-    found = boxes.listed(get_host(), all)
+    host = get_host()
+    every = host.list()
+    found = [b for b in every if all or b.pool is None]
     if as_json:
-        emit_json([b.to_json() for b in found])
+        emit_json([host.list_json(b, every) for b in found])
         return
     if not found:
         info("no boxes; create one with 'wtbox new TASK'")
         return
     now = time.time()
     rows = [[b.id, b.state + (" (keep)" if b.keep else "") + (" (pool)" if b.pool else ""),
-             " ".join(f"{k}={v}" for k, v in b.ports.items()), _age(now - b.created_at), str(b.path)] for b in found]
-    table(rows, ["ID", "STATE", "PORTS", "AGE", "PATH"])
+             " ".join(f"{k}={v}" for k, v in b.ports.items()), host.first_url(b, every) or "-",
+             _age(now - b.created_at), str(b.path)] for b in found]
+    table(rows, ["ID", "STATE", "PORTS", "URL", "AGE", "PATH"])
 
 
 def _age(s: float) -> str:

@@ -56,7 +56,7 @@ def sample(host: HostContext, interval: float = SAMPLE_INTERVAL) -> list[dict[st
     first = {b.id: _cpu_now(host.home, backend, b) for b in boxes}
     time.sleep(max(0.0, interval - (time.monotonic() - t0)))
     elapsed = time.monotonic() - t0
-    rows = []
+    rows: list[dict[str, Any]] = []
     for b in boxes:
         usage, source = usage_of(host.home, b)
         limits = b.data.get("cgroup") or {}

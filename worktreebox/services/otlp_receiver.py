@@ -424,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     threading.Thread(target=receiver.flusher, daemon=True, name="span-metrics").start()
     try:
-        server.serve_forever(poll_interval=None)  # woken by connections only; see _shut_down
+        # None: the selector waits without a timeout (typeshed says float; socketserver passes it on as is)
+        server.serve_forever(poll_interval=None)  # type: ignore[arg-type]  # woken by connections only
     finally:
         receiver.close()
         server.server_close()

@@ -137,10 +137,10 @@ class Output:
                 continue
             if self._watch in ready:
                 for name in appendfiles.changed_names(self._watch):
-                    s = self.streams.get(name)
-                    if s is not None:
+                    changed = self.streams.get(name)
+                    if changed is not None:
                         try:
-                            s.read()
+                            changed.read()
                         except OSError:
                             pass
 

@@ -46,13 +46,18 @@ def remove_all_boxes(host) -> None:
 
 
 def remove_box_cgroups(home) -> None:
-    """Kill and delete the cgroups of every box of `home` (they outlive the test's tmp dir otherwise)."""
-    from worktreebox.system import cgroups
+    """Kill and delete the cgroups of every box of `home`, then its services' output files on
+    /dev/shm (both outlive the test's tmp dir otherwise)."""
+    import shutil
+
+    from worktreebox.system import appendfiles, cgroups
 
     backend = cgroups.for_home(home)
     if backend is not None:
         for box_id in backend.box_keys():
             backend.remove(box_id)
+    for directory in appendfiles.dirs_of_home(cgroups.home_key(home)).values():
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def stop_router(home) -> None:

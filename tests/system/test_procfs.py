@@ -102,3 +102,28 @@ def test_readers_of_a_process_that_is_gone():
     gone = 2**22 + 1  # above pid_max's largest value: never a process
     assert procfs.stat_fields(gone) is None and procfs.environ(gone) is None and procfs.cmdline(gone) == []
     assert procfs.comm(gone) is None and procfs.cwd(gone) is None and procfs.thread_ids(gone) == []
+
+
+def test_descendants_and_usage_of_a_real_process_tree():
+    """The collector's per-service CPU and RSS without psutil: a shell and its two sleeping
+    children, found from the shell's pid; a process that burned CPU shows it."""
+    import subprocess
+    import time
+
+    shell = subprocess.Popen(["sh", "-c", "sleep 30 & sleep 30 & wait"])
+    try:
+        deadline = time.monotonic() + 5
+        while len(procfs.descendants({shell.pid})) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(procfs.descendants({shell.pid})) == 3
+        assert procfs.descendants({shell.pid}) >= {shell.pid}
+        t0 = time.process_time()
+        while time.process_time() - t0 < 0.2:
+            pass
+        cpu, rss = procfs.usage(os.getpid())
+        assert cpu >= 0.15 and rss > 1 << 20
+        assert procfs.usage(2 ** 22 + 1) is None and procfs.descendants({2 ** 22 + 1}) == set()
+    finally:
+        for pid in procfs.descendants({shell.pid}):
+            os.kill(pid, 9)
+        shell.wait()

@@ -83,6 +83,9 @@ def start_supervisor(box: Box, secrets: dict[str, str], specs: list[ServiceSpec]
             pass
     env = boxenv.process_env(box)
     env.pop("PYTHONSTARTUP", None)
+    # One glibc arena for all its threads (by default each thread that allocates gets one, and
+    # the supervisor has seven that mostly sleep); the supervisor drops it from what its services get.
+    env["MALLOC_ARENA_MAX"] = "1"
     # -m finds the package from the cwd, so this works from a checkout as well as when installed.
     pkg_parent = str(PACKAGE_PARENT)
     home = box.dir.parent.parent

@@ -29,13 +29,18 @@ import time
 from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h11
 
 from worktreebox import settings
-from worktreebox.telemetry.traces import otlp, store
-from worktreebox.telemetry.traces.spanmetrics import SpanMetrics
+
+if TYPE_CHECKING:
+    from worktreebox.telemetry.traces import store
+    from worktreebox.telemetry.traces.spanmetrics import SpanMetrics
+
+# The trace modules (OTLP decoding, the span store, the span histogram) are imported with the
+# first request: an idle box's supervisor never needs them (1.8 MB of its RSS).
 
 FLUSH_EVERY = 1.0  # seconds from the first new span to the push of the span histogram (no push without spans)
 IDLE_TIMEOUT = 120.0  # a keep-alive connection that sends nothing this long is closed
@@ -117,8 +122,8 @@ class Receiver:
                  supervisor_secrets: Callable[[], dict[str, str]] | None = None,
                  wake_store: Callable[[], None] | None = None) -> None:
         self.box_dir, self.box_id, self.metrics_url = box_dir, box_id, metrics_url
-        self.spans = store.SpanWriter(box_dir / "traces")
-        self.span_metrics = SpanMetrics(box_id)
+        self._spans: store.SpanWriter | None = None  # made with the first span (see the imports)
+        self._span_metrics: SpanMetrics | None = None
         self.secrets = Secrets(box_dir, supervisor_secrets)
         self._wake_store = wake_store
         self._logs: Any = None
@@ -131,13 +136,16 @@ class Receiver:
 
     def export(self, signal_name: str, body: bytes, encoding: str) -> bytes:
         """Decode and store one export request; the response body. Raises otlp.BadRequest."""
+        from worktreebox.telemetry.traces import otlp, store
+
         req = otlp.parse_request(signal_name, body, encoding)
         rejected, why = 0, ""
         if signal_name == "traces":
             records, rejected = otlp.span_records(req)
             if records:
-                self.spans.write(store.encode(records, self.secrets.redactor()))
-                self.span_metrics.observe(records)
+                spans, span_metrics = self._span_sinks()
+                spans.write(store.encode(records, self.secrets.redactor()))
+                span_metrics.observe(records)
                 self._spans_came.set()
             why = "spans need a 16-byte trace id and an 8-byte span id" if rejected else ""
             self._count(spans=len(records), rejected=rejected)
@@ -148,6 +156,15 @@ class Receiver:
             rejected, why = self._import_metrics(req)
         return otlp.response(signal_name, encoding, rejected, why)
 
+    def _span_sinks(self) -> tuple[store.SpanWriter, SpanMetrics]:
+        from worktreebox.telemetry.traces import store
+        from worktreebox.telemetry.traces.spanmetrics import SpanMetrics
+
+        with self._lock:
+            if self._spans is None or self._span_metrics is None:
+                self._spans, self._span_metrics = store.SpanWriter(self.box_dir / "traces"), SpanMetrics(self.box_id)
+            return self._spans, self._span_metrics
+
     def _count(self, **deltas: int) -> None:
         with self._lock:
             for k, v in deltas.items():
@@ -156,6 +173,7 @@ class Receiver:
     def _write_logs(self, records: list[dict[str, Any]]) -> None:
         from worktreebox.telemetry.logs.record import OTLP
         from worktreebox.telemetry.logs.writer import LogWriter
+        from worktreebox.telemetry.traces import store
 
         if self._logs is None:
             self._logs = LogWriter(self.box_dir / "logs", OTLP, self._redact_text)
@@ -176,6 +194,7 @@ class Receiver:
 
     def _import_metrics(self, req: Any) -> tuple[int, str]:
         from worktreebox.errors import WtboxError
+        from worktreebox.telemetry.traces import otlp
         from worktreebox.telemetry.vmclient import push_import_lines
 
         if self._metric_converter is None:
@@ -199,7 +218,9 @@ class Receiver:
         from worktreebox.errors import WtboxError
         from worktreebox.telemetry.vmclient import push_prometheus
 
-        pending = self.span_metrics.pending(int(time.time() * 1000))
+        if self._span_metrics is None:
+            return  # no span came
+        pending = self._span_metrics.pending(int(time.time() * 1000))
         if pending is None:
             return
         text, token = pending
@@ -210,7 +231,7 @@ class Receiver:
             self._log_once(f"pushing span metrics to {self.metrics_url} failed: {e}")
             self._spans_came.set()  # still dirty: the next flush sends the newer totals
             return
-        self.span_metrics.committed(token)
+        self._span_metrics.committed(token)
         self._last_push_error = None
 
     def wake_store(self) -> None:
@@ -242,7 +263,8 @@ class Receiver:
         self.stopping.set()
         self._spans_came.set()
         self.flush_metrics()
-        self.spans.close()
+        if self._spans is not None:
+            self._spans.close()
         if self._logs is not None:
             self._logs.close()
 
@@ -291,11 +313,13 @@ class Handler(socketserver.BaseRequestHandler):
         req = self._next(conn)
         if not isinstance(req, h11.Request):
             return False  # the client closed the connection between requests
+        from worktreebox.telemetry.traces.otlp import MAX_BODY
+
         headers = dict(req.headers)
         try:
             body = self._body(conn, req)
         except _TooLarge:
-            self._refuse(conn, 413, f"the body is larger than {otlp.MAX_BODY // (1024 * 1024)} MiB\n".encode())
+            self._refuse(conn, 413, f"the body is larger than {MAX_BODY // (1024 * 1024)} MiB\n".encode())
             return False
         path = req.target.split(b"?", 1)[0]
         status, ctype, out = self._route(req.method, path, headers, body)
@@ -303,9 +327,11 @@ class Handler(socketserver.BaseRequestHandler):
         return conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
     def _body(self, conn: h11.Connection, req: h11.Request) -> bytes:
+        from worktreebox.telemetry.traces.otlp import MAX_BODY
+
         chunks: list[bytes] = []
         total = 0
-        if int(dict(req.headers).get(b"content-length") or 0) > otlp.MAX_BODY:
+        if int(dict(req.headers).get(b"content-length") or 0) > MAX_BODY:
             raise _TooLarge
         if conn.they_are_waiting_for_100_continue:  # curl asks before large bodies
             self.request.sendall(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
@@ -316,7 +342,7 @@ class Handler(socketserver.BaseRequestHandler):
             if not isinstance(event, h11.Data):
                 raise h11.RemoteProtocolError("the body ended before it was whole", error_status_hint=400)
             total += len(event.data)
-            if total > otlp.MAX_BODY:
+            if total > MAX_BODY:
                 raise _TooLarge
             chunks.append(bytes(event.data))
 
@@ -331,6 +357,8 @@ class Handler(socketserver.BaseRequestHandler):
             return 404, b"text/plain", b"not found: POST /v1/traces, /v1/logs or /v1/metrics\n"
         if method != b"POST":
             return 405, b"text/plain", b"POST only\n"
+        from worktreebox.telemetry.traces import otlp
+
         ctype_in = headers.get(b"content-type", b"").decode("latin-1")
         try:
             encoding = otlp.encoding_of(ctype_in)

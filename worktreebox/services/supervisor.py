@@ -369,18 +369,6 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-def _one_malloc_arena() -> None:
-    """All threads allocate from one glibc arena (M_ARENA_MAX = 1), set before any thread starts:
-    by default each thread that allocates gets an arena of its own, and a box's supervisor has
-    seven threads that mostly sleep."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).mallopt(-8, 1)  # M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     home, box_id = Path(argv[0]), argv[1]
@@ -393,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     # parent at once and no zombie waits for a parent that never calls wait().
     if os.fork() > 0:
         os._exit(0)
-    _one_malloc_arena()
+    os.environ.pop("MALLOC_ARENA_MAX", None)  # set by the client for this process only (client.py)
     run_dir = home / "boxes" / box_id / "run"
     pid_file = run_dir / "supervisor.pid"
     sup = None

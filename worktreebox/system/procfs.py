@@ -45,6 +45,33 @@ def parse_stat(data: bytes) -> list[bytes]:
     return data[data.rfind(b")") + 2:].split()
 
 
+def usage(pid: int) -> tuple[float, int] | None:
+    """A process's CPU seconds (user + system) and resident bytes, from its stat file."""
+    fields = stat_fields(pid) or []
+    try:
+        ticks = int(fields[11]) + int(fields[12])  # utime, stime
+        return ticks / os.sysconf("SC_CLK_TCK"), int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # rss in pages
+    except (ValueError, IndexError):
+        return None
+
+
+def descendants(roots: set[int]) -> set[int]:
+    """The processes under `roots` (roots included while alive): one pass over every stat file."""
+    children: dict[int, list[int]] = {}
+    for pid in pids():
+        fields = stat_fields(pid)
+        if fields and len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(pid)
+    found = {r for r in roots if os.path.exists(_path(r, "stat"))}
+    todo = list(found)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
 def environ(pid: int) -> bytes | None:
     """A process's environment, NUL-separated as the kernel keeps it."""
     return _read(_path(pid, "environ"))

@@ -127,3 +127,39 @@ def test_descendants_and_usage_of_a_real_process_tree():
         for pid in procfs.descendants({shell.pid}):
             os.kill(pid, 9)
         shell.wait()
+
+
+def test_a_listening_tree_is_found_on_its_port_and_not_on_another():
+    """tree_listens_on without psutil: a shell whose child listens (v4, then v6) holds the port;
+    the shell alone on a port nobody holds does not; the /proc/net/tcp parser on written rows."""
+    import shlex
+    import socket
+    import subprocess
+    import sys
+
+    from worktreebox.system import procs
+
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        code = (f"import socket,time; s=socket.socket({int(family)}); s.bind(('{host}', 0)); s.listen();"
+                "print(s.getsockname()[1], flush=True); time.sleep(30)")
+        shell = subprocess.Popen(["sh", "-c", f"{sys.executable} -c {shlex.quote(code)}; true"], stdout=subprocess.PIPE)
+        try:
+            port = int(shell.stdout.readline())
+            assert procs.tree_listens_on(shell.pid, port)
+            assert procs.listeners(port) == sorted(procfs.descendants({shell.pid}) - {shell.pid})
+            assert not procs.tree_listens_on(shell.pid, port + 1 if port < 65535 else port - 1)
+            other = subprocess.Popen(["sleep", "30"])
+            assert not procs.tree_listens_on(other.pid, port)  # a sibling tree does not hold it
+            other.kill()
+            other.wait()
+        finally:
+            for pid in procfs.descendants({shell.pid}):
+                os.kill(pid, 9)
+            shell.wait()
+    rows = ("  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+            "   0: 0100007F:4E20 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 111 1\n"
+            "   1: 0100007F:4E20 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 222 1\n"
+            "   2: 00000000:4E21 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 333 1\n")
+    assert procfs.parse_listening(rows, 0x4E20) == {111}
+    assert procfs.parse_listening(rows, 0x4E21) == {333}
+    assert procfs.parse_listening("", 1) == set()

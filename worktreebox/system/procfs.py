@@ -72,6 +72,41 @@ def descendants(roots: set[int]) -> set[int]:
     return found
 
 
+def listening_inodes(pid: int | str, port: int) -> set[int]:
+    """Socket inodes listening on TCP `port` (any address, v4 or v6) in `pid`'s network namespace."""
+    found: set[int] = set()
+    for name in ("net/tcp", "net/tcp6"):
+        found |= parse_listening((_read(_path(pid, name)) or b"").decode("ascii", "replace"), port)
+    return found
+
+
+def parse_listening(text: str, port: int) -> set[int]:
+    """The inodes of /proc/net/tcp{,6} rows in state LISTEN (0A) whose local port is `port`."""
+    found = set()
+    for row in text.splitlines()[1:]:
+        fields = row.split()
+        if len(fields) > 9 and fields[3] == "0A" and fields[1].rsplit(":", 1)[-1] == f"{port:04X}":
+            found.add(int(fields[9]))
+    return found
+
+
+def socket_inodes(pid: int | str) -> set[int]:
+    """The inodes of the sockets a process holds open (its fd links read `socket:[inode]`)."""
+    try:
+        names = os.listdir(_path(pid, "fd"))
+    except OSError:
+        return set()
+    found = set()
+    for fd in names:
+        try:
+            link = os.readlink(_path(pid, f"fd/{fd}"))
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            found.add(int(link[8:-1]))
+    return found
+
+
 def environ(pid: int) -> bytes | None:
     """A process's environment, NUL-separated as the kernel keeps it."""
     return _read(_path(pid, "environ"))

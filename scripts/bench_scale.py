@@ -238,6 +238,7 @@ def bench_scale(work: Path | None = None, boxes: int | None = None, at_a_time: i
         home.run("rm", "--all", "--force", "--yes")
         out["rm_all_s"] = round(time.perf_counter() - t0, 1)
         out["targets"] = targets(out, n)
+        out["load_average_at_end"] = round(os.getloadavg()[0], 2)
     finally:
         home.run("rm", "--all", "--force", "--yes", check=False)
         home.run("server", "stop", check=False)

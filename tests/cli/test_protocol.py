@@ -33,7 +33,8 @@ from worktreebox.cli import protocol
     (["exec", "box", "--", "ls"], False, False),  # needs the caller's terminal and process
     (["shell", "box"], True, False),
     (["mcp"], False, False),
-    (["gc"], False, False),
+    (["gc"], False, True),
+    (["doctor"], False, False),
     (["server", "stop"], False, False),  # must work on a broken server
     (["nosuchcommand"], False, False),
     ([], False, False),

@@ -80,7 +80,9 @@ def drop(srv: Server, role: str) -> None:
     """Terminate the role's sessions, drop its databases, schema and the role; fine if gone."""
     import psycopg
 
-    with srv.session(srv.shared_db) as conn:
+    # A connection of its own, not the process's shared session: `rm --all` drops boxes from
+    # several threads, which queued on that one connection (most of the time of removing 100).
+    with contextlib.closing(srv.connect()) as conn:
         conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                      " WHERE usename = %s AND pid <> pg_backend_pid()", (role,))
         dbs = [r[0] for r in conn.execute(

@@ -97,6 +97,7 @@ class Supervisor:
         self._busy_watch: threading.Thread | None = None
         self.store_sleep: Any = None  # telemetry.store_sleep.StoreSleep of a box whose store can sleep
         self._last_collect, self._next_collect = 0.0, self.clock.now() + 1.0
+        self._was_active = True  # the first calm look gives back what starting up used
 
     def take(self, payload: SupervisorPayload) -> None:
         """The services to run, with the --secret values and the box env they run with."""
@@ -324,6 +325,9 @@ class Supervisor:
             self._last_collect, self._next_collect = now, now + COLLECT_CALM
             self.check_oom()
             self.collect()
+        if self._was_active and not active:
+            _give_back_memory()
+        self._was_active = active
 
     def _collect_calmly(self) -> None:
         """Without box cgroups there is nothing to tell activity by: push at the calm rate."""
@@ -367,6 +371,17 @@ def _size(n: int) -> str:
         if n >= 1 << shift:
             return f"{n / (1 << shift):g} {unit}"
     return f"{n} bytes"
+
+
+def _give_back_memory() -> None:
+    """The heap's free pages back to the kernel (glibc's malloc_trim) when the box goes calm: what
+    starting up, a push or a busy spell freed stays resident otherwise (0.9 MB of an idle supervisor)."""
+    try:
+        import ctypes  # loaded already: the output files' inotify and hole punching use it
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -363,3 +363,40 @@ def test_url_names_a_missing_caddy(run_wtbox, make_repo, wtbox_home):
     port = json.loads(run_wtbox("url", "first", "--json").stdout)["router"]["port"]  # with Caddy: it starts
     assert get(port, "first.localhost")[0] == 200
     run_wtbox("rm", "first")
+
+
+def test_threads_asking_at_once_share_syncs_that_began_after_they_asked():
+    """rm --all's threads each ask for a router sync: they share runs, and every caller still
+    sees one that started after it asked (the registry as it left it)."""
+    import threading
+    import time
+
+    from worktreebox.router.control import _Batch
+
+    batch, runs, lock = _Batch(), [], threading.Lock()
+    asked: dict[int, float] = {}
+    served: dict[int, float] = {}
+
+    def run():
+        start = time.monotonic()
+        time.sleep(0.05)
+        with lock:
+            runs.append(start)
+        return {"started": start}
+
+    def caller(i):
+        asked[i] = time.monotonic()
+        served[i] = batch.sync(run)["started"]
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+        time.sleep(0.005)
+    for t in threads:
+        t.join()
+    assert len(runs) < 12
+    assert all(served[i] >= asked[i] for i in asked)
+    failing = _Batch()
+    with pytest.raises(ZeroDivisionError):
+        failing.sync(lambda: {"x": 1 / 0})
+    assert failing.sync(lambda: {"x": 1}) == {"x": 1}

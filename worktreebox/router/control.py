@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from typing import TYPE_CHECKING, Any
 
 from worktreebox.errors import UsageError, WtboxError
@@ -13,6 +14,8 @@ from worktreebox.system import procs
 from worktreebox.system.fsutil import atomic_write, file_lock
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from worktreebox.box import Box
     from worktreebox.context import HostContext
 
@@ -25,10 +28,50 @@ def sync(host: HostContext, *, sweep: bool = False) -> dict[str, Any]:
     needs it, push the route set when it changed, stop it when no box needs it. Serialised per
     home; a `kill -9` at any point leaves a state the next sync repairs (`sweep`, as gc asks:
     also end a Caddy of this home that no state file names)."""
+    if sweep:
+        return _sync(host, sweep)
+    return _BATCHES.setdefault(str(host.home), _Batch()).sync(lambda: _sync(host, False))
+
+
+def _sync(host: HostContext, sweep: bool) -> dict[str, Any]:
     paths = Paths(host.home)
     paths.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     with file_lock(paths.lock, what="the router lock"):
         return _sync_locked(host, paths, sweep)
+
+
+class _Batch:
+    """Threads of one process that ask for a sync at once share one: a caller waits for a sync
+    that began after it asked (it reads the registry as the caller left it), runs it itself when
+    none is running. `rm --all` removes several boxes at a time; one sync each queued on the
+    router lock for a quarter of its time."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.running = False
+        self.done = 0  # syncs finished
+        self.result: dict[str, Any] = {}
+
+    def sync(self, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        with self.cond:
+            wanted = self.done + (2 if self.running else 1)  # a running one may have read too early
+            while self.done < wanted:
+                if self.running:
+                    self.cond.wait()
+                    continue
+                self.running = True
+                self.cond.release()
+                try:
+                    result = run()
+                finally:
+                    self.cond.acquire()
+                    self.running = False
+                    self.cond.notify_all()
+                self.done, self.result = self.done + 1, result
+            return self.result
+
+
+_BATCHES: dict[str, _Batch] = {}
 
 
 def _sync_locked(host: HostContext, paths: Paths, sweep: bool) -> dict[str, Any]:

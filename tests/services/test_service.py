@@ -227,3 +227,36 @@ def test_service_spec_from_the_wire_ignores_unknown_keys():
     spec = ServiceSpec.from_json({"name": "web", "cmd": "serve", "colour": "red", "restart": None, "env": None})
     assert spec == ServiceSpec(name="web", cmd="serve")
     assert ServiceSpec.from_json(spec.to_json()) == spec
+
+
+def test_an_oom_kill_is_written_before_a_second_checker_returns(tmp_path):
+    """The OOM thread takes a kill and writes it; the service's thread, checking at once before
+    it logs its restart, returns only after that record is written (the cause before the restart:
+    test_cgroups' OOM test saw them the other way round under load)."""
+    import threading
+    import time
+
+    sup, _svc, _fake = make(tmp_path, runs=[0], stop_after=1)
+    kills = [[{"leaf": "web", "pid": 7, "task": "python3"}]]
+
+    class Oom:
+        def new_kills(self):
+            return kills.pop() if kills else []
+
+        def memory_max(self):
+            return 96 << 20
+
+    written = []
+
+    def slow_event(service, level, msg, **extra):
+        time.sleep(0.2)
+        written.append(msg)
+
+    sup.oom, sup.event = Oom(), slow_event
+    first = threading.Thread(target=sup.check_oom, kwargs={"push": False})
+    first.start()
+    time.sleep(0.05)  # the first has taken the kill and is writing it
+    sup.check_oom(push=False)
+    assert written == [("web: the kernel killed process 7 (python3): the box reached its memory limit "
+                        "(memory_max 96 MiB)")]
+    first.join()

@@ -94,6 +94,7 @@ class Supervisor:
         self.started_at = self.clock.now()
         self.oom = cgroups.OomWatch(home, box_id)
         self._collect_lock = threading.Lock()
+        self._oom_lock = threading.Lock()
         self._busy_watch: threading.Thread | None = None
         self.store_sleep: Any = None  # telemetry.store_sleep.StoreSleep of a box whose store can sleep
         self._last_collect, self._next_collect = 0.0, self.clock.now() + 1.0
@@ -128,15 +129,18 @@ class Supervisor:
     def check_oom(self, push: bool = True) -> None:
         """Record each OOM kill in the box as an error event naming the process (the service is
         restarted as for any crash), and push the counters at once (`push`)."""
-        kills = self.oom.new_kills()
-        if not kills:
-            return
-        limit = self.oom.memory_max()
-        why = f"the box reached its memory limit (memory_max {_size(limit)})" if limit else "out of memory"
-        for k in kills:
-            who = f"process {k['pid']} ({k['task']})" if k["pid"] else "a process"
-            self.event(k["leaf"], "error", f"{k['leaf']}: the kernel killed {who}: {why}", event="oom",
-                       pid=k["pid"], task=k["task"], memory_max=limit)
+        # One caller at a time, from taking the kills to writing them: the OOM thread may take a
+        # kill while the service's thread checks before it logs its restart, which must come after.
+        with self._oom_lock:
+            kills = self.oom.new_kills()
+            if not kills:
+                return
+            limit = self.oom.memory_max()
+            why = f"the box reached its memory limit (memory_max {_size(limit)})" if limit else "out of memory"
+            for k in kills:
+                who = f"process {k['pid']} ({k['task']})" if k["pid"] else "a process"
+                self.event(k["leaf"], "error", f"{k['leaf']}: the kernel killed {who}: {why}", event="oom",
+                           pid=k["pid"], task=k["task"], memory_max=limit)
         if push:
             self.collect()
 

@@ -286,5 +286,6 @@ def test_every_field_is_a_key_and_every_key_a_field(cls, schema, not_keys):
 
 def test_the_document_names_every_table():
     tables = {item.key for item in repo.REPO.items if hasattr(item, "schema")}
-    assert tables == {f.name for f in dataclasses.fields(repo.RepoConfig)} - {"source", "services_from_procfile"}
+    assert tables == {f.name for f in dataclasses.fields(repo.RepoConfig)} - {"source", "services_from_procfile", "text",
+                                                                        "procfile_text"}
     assert any(isinstance(item, NamedTables) for item in repo.SERVICES.items)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from worktreebox import admission, diagnostics, providers, settings
 from worktreebox.box import CREATING, DEGRADED, FAILED, READY, REMOVING, Box, branch_name, new_id, slugify
+from worktreebox.config import recorded
 from worktreebox.config.load import (
     load_config_for_new,
     load_host_config,
@@ -131,6 +132,9 @@ class Host:
                 out.update(extra)
         if box.data.get("timings"):
             out["timings"] = box.data["timings"]
+        rec = box.data.get(recorded.DATA_KEY)
+        if rec:  # which config the box runs with (the text itself: boxes/<id>/... nowhere; the row)
+            out["config"] = {"source": rec["source"], "sha256": rec["sha256"]}
         return out
 
     def disk_bytes(self, box: Box) -> int:
@@ -157,8 +161,9 @@ class Host:
         return self.registry.select_box(rel.parts[0]) if rel.parts else None
 
     def repo_config(self, box: Box) -> RepoConfig:
-        """The wtbox.toml of a box: its worktree's file if present, else the defaults."""
-        return load_repo_config_file(box.path, source_label=str(box.path / "wtbox.toml"))
+        """The config the box was made with (or last `up --reload`ed): its record, not today's files.
+        A box made before configs were recorded: its worktree's file, else the defaults."""
+        return recorded.config_of(box.data) or load_repo_config_file(box.path, source_label=str(box.path / "wtbox.toml"))
 
     # ------------------------------------------------------------------ host ports
     def lease_host_port(self, owner: str) -> int:
@@ -209,6 +214,7 @@ class Host:
         box = Box(id=box_id, task=task, repo=str(repo_root), branch=branch_name(box_id),
                   dir=self.boxes_dir / box_id, state=CREATING, ttl=ttl_s, keep=keep, pool=pool)
         box.data["base_sha"] = base_sha
+        box.data[recorded.DATA_KEY] = recorded.record(cfg)  # what up, restart, the pool and gc use for it
         box.data["creator"] = procs.identity(os.getpid())
         # Fixed now: `up`/`restart`/`exec` from any other shell give the box this environment.
         box.data[boxenv.DATA_KEY] = boxenv.capture(cfg.box)
@@ -348,11 +354,18 @@ class Host:
 
     # ------------------------------------------------------------------ services
     def services(self, box: Box, action: str, service: str | None = None,
-                 secrets: dict[str, str] | None = None) -> dict[str, Any]:
+                 secrets: dict[str, str] | None = None, *, reload: bool = False) -> dict[str, Any]:
         """up / down / restart the box's services (or one); the services' state afterwards.
-        `secrets` reach a supervisor started anew (after `down`, or after one died)."""
+        `secrets` reach a supervisor started anew (after `down`, or after one died). `reload` (up):
+        first apply and record the box's own edited wtbox.toml."""
         from worktreebox.resources import services as svc  # the resource owns the supervisor's lifecycle
 
+        if reload:
+            if action != "up":
+                raise UsageError("Only 'up' reloads the box's wtbox.toml.")
+            secrets = svc.reload_config(self, box, secrets)
+            if not self.repo_config(box).services:
+                return {}  # the reloaded config has none: they were stopped
         if action == "down":
             return svc.services_down(self, box, service)
         fn = {"up": svc.services_up, "restart": svc.services_restart}.get(action)

@@ -145,6 +145,9 @@ class RepoConfig:
     observability: ObservabilityConfig = dataclasses.field(default_factory=ObservabilityConfig)
     pool: PoolConfig = dataclasses.field(default_factory=PoolConfig)
     browser: BrowserConfig = dataclasses.field(default_factory=BrowserConfig)
+    # The exact texts this config was read from (None: no such file), what a box records (recorded.py).
+    text: str | None = dataclasses.field(default=None, repr=False, compare=False)
+    procfile_text: str | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def port_names(self) -> list[str]:
@@ -236,7 +239,8 @@ def parse_repo_config(text: str | None, source: str, procfile: str | None = None
         deps=DepsConfig(**deps),
         database=DatabaseConfig(**tables["database"]), observability=ObservabilityConfig(**tables["observability"]),
         pool=PoolConfig(**tables["pool"]), browser=BrowserConfig(**tables["browser"]),
-        services={n: ServiceConfig(name=n, **s) for n, s in tables["services"].items()})
+        services={n: ServiceConfig(name=n, **s) for n, s in tables["services"].items()},
+        text=text, procfile_text=procfile)
     _check_depends_on(source, cfg.services)
     if not cfg.services and procfile:
         cfg.services = parse_procfile(procfile, cfg.box.ports[0] if cfg.box.ports else None)

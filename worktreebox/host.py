@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from worktreebox import admission, diagnostics, providers, settings
+from worktreebox import __version__, admission, diagnostics, providers, settings
 from worktreebox.box import CREATING, DEGRADED, FAILED, READY, REMOVING, Box, branch_name, new_id, slugify
 from worktreebox.config import recorded
 from worktreebox.config.load import (
@@ -26,6 +26,7 @@ from worktreebox.config.load import (
     parse_duration,
 )
 from worktreebox.config.templating import render
+from worktreebox.layers.deps import runtime_toolchain
 from worktreebox.errors import Interrupted, NotFound, UnsavedWork, UsageError, WtboxError
 from worktreebox.providers.postgres import server as postgres_server
 from worktreebox.registry import Registry
@@ -218,6 +219,8 @@ class Host:
         box.data["creator"] = procs.identity(os.getpid())
         # Fixed now: `up`/`restart`/`exec` from any other shell give the box this environment.
         box.data[boxenv.DATA_KEY] = boxenv.capture(cfg.box)
+        box.data["toolchain"] = runtime_toolchain(box.data[boxenv.DATA_KEY].get("PATH"), self.home)
+        box.data["wtbox_version"] = __version__
         box.data["secret_names"] = sorted(secrets or {})  # names only: to say what `up` needs again
         box._host = self
         self.boxes_dir.mkdir(parents=True, exist_ok=True)

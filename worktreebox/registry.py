@@ -206,16 +206,18 @@ class Registry:
         rows = self.db.execute("SELECT data FROM boxes WHERE pool=? AND repo=? AND state=?", (key, repo, READY))
         return {json.loads(r[0]).get("base_sha") for r in rows}
 
-    def claim_pool_box(self, repo: str, key: str, commits: list[str], rename: Callable[[Box], None]) -> Box | None:
-        """Take one ready pooled box of (repo, key) whose base is in `commits` (earlier ones preferred)
-        and hand it to `rename`, which sets its new id, task, branch, dir, data; all in one
-        `BEGIN IMMEDIATE` transaction, so two claims never get the same box."""
+    def claim_pool_box(self, repo: str, key: str, commits: list[str], rename: Callable[[Box], None],
+                       accept: Callable[[Box], bool] = lambda box: True) -> Box | None:
+        """Take one ready pooled box of (repo, key) that `accept`s and whose base is in `commits` (earlier
+        ones preferred) and hand it to `rename`, which sets its new id, task, branch, dir, data; all in
+        one `BEGIN IMMEDIATE` transaction, so two claims never get the same box."""
         with self.transaction() as db:
             rows = db.execute("SELECT * FROM boxes WHERE pool=? AND repo=? AND state=? ORDER BY created_at",
                               (key, repo, READY)).fetchall()
             by_commit = {}
             for r in rows:
-                by_commit.setdefault(json.loads(r["data"]).get("base_sha"), r)
+                if accept(self._box(r, {})):
+                    by_commit.setdefault(json.loads(r["data"]).get("base_sha"), r)
             row = next((by_commit[c] for c in commits if c in by_commit), None)
             if row is None:
                 return None

@@ -34,6 +34,7 @@ COMMANDS = {
     "unkeep": "gc:unkeep",
     "fanout": "fanout:fanout",
     "compare": "fanout:compare",
+    "diff": "diff:diff",
     "pick": "fanout:pick",
     "pool": "pool:pool",
     "mcp": "mcp:mcp",

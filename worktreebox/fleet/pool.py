@@ -107,11 +107,13 @@ def new_box(host: Host, task: str, repo: str | Path | None = None, ref: str | No
             keep: bool = False, progress: Callable[[str], None] | None = None,
             config: RepoConfig | None = None, use_pool: bool = True,
             target: Target | None = None, wait: bool = True,
-            on_wait: Callable[[str], None] | None = None) -> tuple[Box, bool]:
+            on_wait: Callable[[str], None] | None = None, report: dict[str, Any] | None = None) -> tuple[Box, bool]:
     """A box for TASK: claimed from the warm pool when one matches, else made fresh by Host.new.
     Returns (box, from_pool). Starts the repo's filler when it has a pool. `target`: the caller
     already resolved repo, commit and config (fan-out). A claimed box was already active, so only
-    a fresh one waits for room on a full host (`wait`, `on_wait`: see Host.new)."""
+    a fresh one waits for room on a full host (`wait`, `on_wait`: see Host.new). `report` is filled
+    with why the pool served or did not (`new --json`'s "pool")."""
+    report = {} if report is None else report
     t0 = time.perf_counter()
     slugify(task)
     if target is not None:
@@ -124,7 +126,11 @@ def new_box(host: Host, task: str, repo: str | Path | None = None, ref: str | No
     box = None
     # Pool boxes run without secrets and with their services up: only such a `new` can take one.
     if use_pool and t.why_not is None and not secrets and start_services:
-        box = claim(host, task, t, ttl=ttl, keep=keep)
+        box = claim(host, task, t, ttl=ttl, keep=keep, report=report)
+    else:
+        report["why"] = ("--no-pool" if not use_pool else t.why_not or
+                         ("--secret values" if secrets else "--no-services") + " (pooled boxes run without them)")
+    report["claimed"] = box is not None
     if pooled:
         ensure_filler(host, repo_root)
     if box is not None:
@@ -135,16 +141,29 @@ def new_box(host: Host, task: str, repo: str | Path | None = None, ref: str | No
     return box, False
 
 
-def claim(host: Host, task: str, t: Target, *, ttl: str | float | None = None, keep: bool = False) -> Box | None:
-    """Take a ready pooled box of `t`'s key whose commit is `t.sha` or an ancestor and make it TASK's box;
-    None when there is none (or taking it failed: then it was destroyed)."""
+def claim(host: Host, task: str, t: Target, *, ttl: str | float | None = None, keep: bool = False,
+          report: dict[str, Any] | None = None) -> Box | None:
+    """Take a ready pooled box of `t`'s key whose commit is `t.sha` or an ancestor, and whose fingerprint
+    is what a fresh box would get, and make it TASK's box; None when there is none (`report` says why)
+    or taking it failed (then it was destroyed)."""
+    from worktreebox.fleet import fingerprint
+
+    report = {} if report is None else report
     t0 = time.perf_counter()
     commits = {c for c in host.registry.pool_commits(t.repo, t.key) if c}
     usable = ([t.sha] if t.sha in commits else []) + sorted(
         c for c in commits if c != t.sha and git.git(t.repo, "merge-base", "--is-ancestor", c, t.sha,
                                                       check=False).returncode == 0)
     if not usable:
+        report["why"] = "no ready pooled box of this commit and config"
         return None
+    want = fingerprint.expected(host, t)
+    mismatches: list[list[str]] = []
+
+    def accept(b: Box) -> bool:
+        differ = fingerprint.pool_mismatch(b, want)
+        mismatches.append(differ)
+        return not differ
     slug = slugify(task)
     ttl_s = parse_duration(ttl, where="ttl", positive=True) if ttl is not None else t.config.box.ttl
     claimer = procs.identity(os.getpid())
@@ -158,8 +177,12 @@ def claim(host: Host, task: str, t: Target, *, ttl: str | float | None = None, k
         box.task, box.branch, box.dir = task, branch_name(box.id), host.boxes_dir / box.id
         box.state, box.created_at, box.last_used_at, box.ttl, box.keep = CREATING, now, now, ttl_s, keep
 
-    box = host.registry.claim_pool_box(t.repo, t.key, usable, rename)
+    box = host.registry.claim_pool_box(t.repo, t.key, usable, rename, accept)
     if box is None:
+        differ = sorted({p for m in mismatches for p in m}, key=fingerprint.PARTS.index)
+        report["why"] = (f"the pooled boxes' fingerprints differ from a fresh box's in: {', '.join(differ)}"
+                         if differ else "no ready pooled box of this commit and config")
+        report["mismatch"] = differ
         return None
     _phase("claim:row")
     box._host = host

@@ -189,6 +189,20 @@ COMPARE = Operation(
                    "tests_failed, diff, ready, p95, errors or console (best first).")),
     compare, list[dict[str, Any]], "One row per box.", tool="compare")
 
+def diff(host: Host, a: str, b: str) -> dict[str, Any]:
+    from worktreebox.fleet.diff import diff as differ
+
+    return differ(host, host.get(a), host.get(b))
+
+
+DIFF = Operation(
+    "diff", "What differs between two boxes: fingerprint parts (what they were made from), then files, then data "
+            "(row counts per table).",
+    (dataclasses.replace(BOX, name="a", cwd=False, metavar="A", help="The first box (id, id prefix or task)."),
+     dataclasses.replace(BOX, name="b", cwd=False, metavar="B", help="The second box.")),
+    diff, result="{a, b, same, fingerprints, fingerprint: [{part, a, b}], files: [path], files_truncated, "
+                 "data: [{table, a, b}]}.", tool="box_diff")
+
 PICK = Operation(
     "pick", "Keep BOX (marked keep) and remove the other boxes of its fan-out; no committed work is lost.",
     (dataclasses.replace(BOX, cwd=False),

@@ -23,7 +23,7 @@ from worktreebox.errors import ConfigError, WtboxError
 from worktreebox.providers.postgres import server
 from worktreebox.providers.postgres import spares as dbspares
 from worktreebox.providers.postgres.boxdb import drop, ident, owner_tag, prepare_database, sql_text
-from worktreebox.providers.postgres.golden import Golden, clone, run_migrate
+from worktreebox.providers.postgres.golden import Golden, clone, migrations_hash, run_migrate
 from worktreebox.resources.base import Creation, Resource, warn
 from worktreebox.services.boxenv import process_env
 from worktreebox.system import cgroups
@@ -62,7 +62,10 @@ class Database(Resource):
         schema = role if cfg.mode == "schema" else "public"
         # Recorded first, so a rollback after a partial create knows what to drop.
         c.box.data[self.name] = {"mode": cfg.mode, "provider": srv.provider, "name": dbname, "schema": schema,
-                                 "user": role, "password": password, "url": None}
+                                 "user": role, "password": password, "url": None,
+                                 # what its data was migrated from (the box's fingerprint names it)
+                                 "migrations": migrations_hash(str(c.box.repo), c.base_sha, cfg.migrate,
+                                                               cfg.migrations, cfg.extensions)}
         c.note(f"database ({cfg.mode} mode, {srv.provider})")
         try:
             if cfg.mode == "schema":

@@ -63,6 +63,8 @@ def _print_box(out: dict) -> None:
     click.echo(f"box      {out['id']}  ({out['state']})")
     click.echo(f"branch   {out['branch']}")
     click.echo(f"path     {out['path']}")
+    if out.get("fingerprint"):
+        click.echo(f"made of  {out['fingerprint']['hash']}  (fingerprint; 'wtbox diff' compares two boxes)")
     if out["ports"]:
         click.echo("ports    " + "  ".join(f"{k}={v}" for k, v in out["ports"].items()))
     if out.get("database"):
@@ -76,17 +78,20 @@ def _print_box(out: dict) -> None:
 
 @command(boxes.LS)
 def ls(all, as_json):
+    from worktreebox.fleet import fingerprint
+
     found = boxes.listed(get_host(), all)
     if as_json:
-        emit_json([b.to_json() for b in found])
+        emit_json([{**b.to_json(), "fingerprint": fingerprint.short(b)} for b in found])
         return
     if not found:
         info("no boxes; create one with 'wtbox new TASK'")
         return
     now = time.time()
     rows = [[b.id, b.state + (" (keep)" if b.keep else "") + (" (pool)" if b.pool else ""),
-             " ".join(f"{k}={v}" for k, v in b.ports.items()), _age(now - b.created_at), str(b.path)] for b in found]
-    table(rows, ["ID", "STATE", "PORTS", "AGE", "PATH"])
+             " ".join(f"{k}={v}" for k, v in b.ports.items()), _age(now - b.created_at), fingerprint.short(b),
+             str(b.path)] for b in found]
+    table(rows, ["ID", "STATE", "PORTS", "AGE", "FINGERPRINT", "PATH"])
 
 
 def _age(s: float) -> str:

@@ -112,3 +112,20 @@ def test_status_ls_and_new_carry_the_fingerprint(repo, run_wtbox):
     assert new["pool"] == {"claimed": False, "why": "no ready pooled box of this commit and config"}
     diff = run_wtbox("diff", new["id"], new["id"])
     assert "are the same" in diff.stdout
+
+
+def test_runtime_is_deterministic_by_default_and_the_config_overrides_it(host, make_repo, monkeypatch):
+    from helpers import CORE_TOML
+
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    monkeypatch.setenv("LC_ALL", "de_DE.UTF-8")
+    repo = make_repo(toml=CORE_TOML)
+    a = host.new("a", repo=repo)
+    env = host.exec_env(a)
+    commit_time = int(git(repo, "show", "-s", "--format=%ct", "HEAD").strip())
+    assert {k: env[k] for k in ("PYTHONHASHSEED", "TZ", "LANG", "LC_ALL", "SOURCE_DATE_EPOCH")} == {
+        "PYTHONHASHSEED": "0", "TZ": "UTC", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "SOURCE_DATE_EPOCH": str(commit_time)}
+    (repo / "wtbox.toml").write_text(CORE_TOML + '[box]\nenv = { TZ = "Europe/Paris" }\ninherit_env = ["LC_ALL"]\n')
+    b = host.new("b", repo=repo)
+    env = host.exec_env(b)
+    assert env["TZ"] == "Europe/Paris" and env["LC_ALL"] == "de_DE.UTF-8" and env["PYTHONHASHSEED"] == "0"

@@ -435,8 +435,9 @@ def _timed(c: Creation, phase: str | None, step: Callable[[Creation], None]) -> 
 
 
 def finalize_env(c: Creation) -> dict[str, str]:
-    """Resource variables, then [database] env, then [box] env (the repo's own words win)."""
-    env = dict(c.env)
+    """The deterministic runtime defaults, resource variables, then [database] env, then [box] env (the
+    repo's own words win)."""
+    env = {**boxenv.deterministic(c.config.box, git.commit_time(c.box.repo, c.base_sha)), **c.env}
     for section, mapping in (("database", c.config.database.env), ("box", c.config.box.env)):
         for k, v in mapping.items():
             env[k] = render(v, c.facts, f"{c.config.source}: [{section}] env.{k}")

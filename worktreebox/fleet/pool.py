@@ -225,6 +225,9 @@ def _take_over(host: Host, box: Box, t: Target) -> bool:
     if moved:
         git.git(box.path, "merge", "--ff-only", "--quiet", t.sha)  # the changed files only
         box.data["base_sha"] = t.sha
+        if boxenv.SOURCE_DATE_EPOCH in box.env and boxenv.SOURCE_DATE_EPOCH not in t.config.box.env:
+            box.env[boxenv.SOURCE_DATE_EPOCH] = str(git.commit_time(t.repo, t.sha))  # the time of its new base
+            host.write_env_file(box)
     _phase("claim:ff")
     box.state = READY
     host.registry.save_box(box)

@@ -127,11 +127,17 @@ def read_state(box: Box) -> control.SupervisorState | None:
 
 
 def last_lines(box: Box, service: str, n: int = 10) -> list[str]:
+    """The service's last output lines, of its last run only (a service restarted five times printed
+    the same lines five times)."""
     try:
-        recs = read_records(box.logs_dir, services=[service], tail=n, include_events=False)
+        recs = read_records(box.logs_dir, services=[service], tail=n * 4)
     except OSError:
         return []
-    return [line for r in recs for line in str(r.get("msg", "")).splitlines()][-n * 3:]
+    starts = [r.get("ts", "") for r in recs if r.get("event") == "start"]
+    if starts:  # by time, not position: a start and its first line may share a millisecond
+        recs = [r for r in recs if r.get("ts", "") >= starts[-1]]
+    lines = [line for r in recs if r.get("stream") != "event" for line in str(r.get("msg", "")).splitlines()]
+    return lines[-n * 3:]
 
 
 def wait_ready(box: Box, names: list[str], deadline: float) -> None:

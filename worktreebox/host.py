@@ -241,9 +241,13 @@ class Host:
         try:
             self._create(c)
         except BaseException as e:
+            cause = next(filter(None, (r.failure_cause(self, box) for r in self.resources)), None)
             self._rollback(box)
             if isinstance(e, KeyboardInterrupt) or cancel.cancelled():  # Ctrl-C, or a cancelled MCP call
                 raise Interrupted("Interrupted; the half-made box was removed.") from None
+            if cause:
+                raise WtboxError(f"Creating the box failed: {cause} ({type(e).__name__}: {e}); nothing was "
+                                 "left behind.") from e
             if isinstance(e, WtboxError):
                 raise
             raise WtboxError(f"Creating the box failed ({type(e).__name__}: {e}); nothing was left behind.") from e

@@ -99,6 +99,11 @@ class Resource:
         """Extra facts for `wtbox status` (None: nothing to add)."""
         return None
 
+    def failure_cause(self, host: HostContext, box: Box) -> str | None:
+        """When making the box failed, a cause this resource can see that the error may not name (a
+        limit the box hit); read before the rollback destroys it. None: nothing to add."""
+        return None
+
     def checks(self, host: HostContext) -> list[dict[str, Any]]:
         """Lines for `wtbox doctor`: [{"check", "ok", "detail"}] (what this host can do for this kind)."""
         return []

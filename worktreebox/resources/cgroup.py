@@ -57,6 +57,16 @@ class Cgroup(Resource):
         if backend is not None and backend.exists(box.id):
             procs.remove_box_cgroup(host.home, box.id)
 
+    def failure_cause(self, host: HostContext, box: Box) -> str | None:
+        """A box whose pids_max refused a process fails in whatever tried to start one (VictoriaMetrics
+        exits 2, a shell says 'fork: retry'): name the limit."""
+        backend = cgroups.for_home(host.home)
+        limit = (box.data.get(self.name) or {}).get("pids_max")
+        if backend is None or not limit or not backend.exists(box.id) or not backend.pids_refused(box.id):
+            return None
+        return (f"the box reached its pids_max ({limit} processes and threads, wtbox's own supervisor and "
+                f"metrics store included); raise [box] pids_max")
+
     def discover(self, host: HostContext) -> set[str]:
         """Ids of boxes with a cgroup (named by the id's hex): the registry's, else the box dir's
         (`new` makes the dir before the cgroup), else `wt_<hex>` as the database names such a box."""

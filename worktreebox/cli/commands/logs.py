@@ -10,6 +10,7 @@ import click
 from worktreebox.cli.build import command
 from worktreebox.cli.commands._common import get_host
 from worktreebox.operations import observe
+from worktreebox.telemetry.logs.record import printable
 
 # Like honcho: each service keeps one colour, picked from its name so it is stable across runs.
 _COLOURS = ["36", "33", "32", "35", "34", "96", "93", "92", "95", "94"]
@@ -29,7 +30,7 @@ def _printer(as_json: bool, colour: bool, width: int):
         sep = "*" if rec.get("stream") == "event" else "|"
         prefix = f"{ts} {svc.ljust(width)} {sep} "
         level = rec.get("level")
-        msg = str(rec.get("msg", ""))
+        msg = printable(str(rec.get("msg", "")))  # a service never drives the reader's terminal
         if colour:
             c = _COLOURS[zlib.crc32(svc.encode()) % len(_COLOURS)]
             prefix = f"\033[{c}m{prefix}\033[0m"

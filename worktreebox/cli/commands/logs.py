@@ -60,7 +60,7 @@ def logs(box, service, since, until, level, grep, tail, follow, as_json):
     emit = _printer(as_json, sys.stdout.isatty() and not as_json, width)
     if follow and tail is None and since is None:
         tail = 10
-    try:
+    try:  # Ctrl-C goes up: "wtbox: interrupted.", exit 130
         stream = L.follow(b.logs_dir, services or None, min_level=level, grep=grep) if follow else None
         seen_last: list[dict] = []
         for rec in L.read_records(b.logs_dir, services or None, since_ts, until_ts, level, grep, tail):
@@ -77,8 +77,6 @@ def logs(box, service, since, until, level, grep, tail, follow, as_json):
             if until_ts and rec.get("ts", "") > until_ts:
                 return
             emit(rec)
-    except KeyboardInterrupt:
-        return
     except BrokenPipeError:  # `wtbox logs ... | head`
         sys.stderr.close()
 

@@ -95,6 +95,7 @@ class DatabaseConfig:
     migrations: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_MIGRATION_GLOBS))
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     provider: str | None = None  # a postgres provider's name; None = host default
+    timeout: float = 600.0  # for `migrate` (a hung migration must not hang `new`)
 
 
 @dataclasses.dataclass
@@ -206,7 +207,7 @@ DEPS = table("deps", Key("detect", v.boolean),
 DATABASE = table("database", Key("extensions", _extensions), Key("mode", v.choice("database", "schema", "none")),
                  Key("migrate", v.text("a shell command string")),  # run as written (resources/database.py)
                  Key("migrations", v.str_list), Key("env", v.env_map()),
-                 Key("provider", v.choice(*providers.names("postgres"))))
+                 Key("provider", v.choice(*providers.names("postgres"))), Key("timeout", v.positive_duration))
 OBSERVABILITY = table("observability", Key("retention", v.retention), Key("enabled", v.boolean),
                       Key("collector", v.choice("builtin", "vector")),
                       Key("provider", v.choice(*providers.names("metrics"))), Key("victorialogs_url", v.url))

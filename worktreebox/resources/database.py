@@ -156,7 +156,7 @@ class Database(Resource):
                 # What every process of the box runs with (boxenv): the box env, plus --secret values.
                 env = process_env(c.box, c.secrets)
                 run_migrate(cfg.migrate, c.box.path, env, c.box.logs_dir, [data["password"], *c.secrets.values()],
-                            cgroup=cgroups.Leaf(c.host.home, c.box.id, cgroups.MIGRATE))
+                            cgroup=cgroups.Leaf(c.host.home, c.box.id, cgroups.MIGRATE), timeout=cfg.timeout)
             c.timings["migrate"] = round(time.monotonic() - t0, 4)
             return
         if not data.get("pending"):
@@ -288,7 +288,7 @@ def golden_for(c: Creation, srv: Server) -> Golden:
         return {**out, **c.secrets}
 
     return Golden(srv, Path(c.host.home), str(c.box.repo), c.base_sha, cfg.migrate, cfg.migrations,
-                  cfg.extensions, env, c.box.logs_dir, list(c.secrets.values()))
+                  cfg.extensions, env, c.box.logs_dir, list(c.secrets.values()), timeout=cfg.timeout)
 
 
 def _db_env(db: dict[str, Any]) -> dict[str, str]:

@@ -195,7 +195,7 @@ BOX_KEYS = "cache_env, clean_env, copy, cpu_weight, env, inherit_env, memory_max
     ('[database]\nprovider = "mysql"', ("[database] provider: expected one of 'embedded', 'external', 'docker', "
                                         "got 'mysql'.")),
     ("[database]\nurl = 1", ("[database] has an unknown key 'url'; known keys: env, extensions, migrate, migrations, "
-                             "mode, provider.")),
+                             "mode, provider, timeout.")),
     # [observability]
     ('[observability]\nenabled = "yes"', "[observability] enabled: expected true or false, got 'yes'."),
     ('[observability]\ncollector = "fluentd"', ("[observability] collector: expected one of 'builtin', 'vector', "

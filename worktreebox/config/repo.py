@@ -207,7 +207,7 @@ DEPS = table("deps", Key("detect", v.boolean),
 DATABASE = table("database", Key("extensions", _extensions), Key("mode", v.choice("database", "schema", "none")),
                  Key("migrate", v.text("a shell command string")),  # run as written (resources/database.py)
                  Key("migrations", v.str_list), Key("env", v.env_map()),
-                 Key("provider", v.choice(*providers.names("postgres"))), Key("timeout", v.positive_duration))
+                 Key("timeout", v.positive_duration), Key("provider", v.choice(*providers.names("postgres"))))
 OBSERVABILITY = table("observability", Key("retention", v.retention), Key("enabled", v.boolean),
                       Key("collector", v.choice("builtin", "vector")),
                       Key("provider", v.choice(*providers.names("metrics"))), Key("victorialogs_url", v.url))

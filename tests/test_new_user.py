@@ -54,3 +54,23 @@ def test_ctrl_c_while_wtbox_is_loading_prints_no_traceback(wtbox_home):
         assert not any(package in f for f in frames), err
         interrupted += p.returncode == 130 and err.strip() == "wtbox: interrupted."
     assert interrupted, "no signal landed while wtbox was loading"
+
+
+def test_fanout_exits_1_when_a_check_fails_and_probe_when_requests_fail(make_repo, run_wtbox):
+    """Defect 7: `fanout` exited 0 when a --check failed; `probe` exited 0 with errors."""
+    repo = make_repo(toml=CORE_TOML)
+    ok = run_wtbox("fanout", "fo", "-n", "1", "--check", "true", "--json", cwd=repo, check=False)
+    assert ok.returncode == 0, ok.stderr
+    bad = run_wtbox("fanout", "fb", "-n", "2", "--check", "test $WTBOX_ID != nothing && false", "--json", cwd=repo,
+                    check=False)
+    rows = json.loads(bad.stdout)
+    assert bad.returncode == 1 and len(rows) == 2 and "failed" in bad.stderr and "Traceback" not in bad.stderr
+    web = make_repo(toml=CORE_TOML + f"""
+[services.web]
+cmd = "{sys.executable} -m http.server {{{{ ports.web }}}} --bind 127.0.0.1"
+ready = "tcp:{{{{ ports.web }}}}"
+""")
+    box = json.loads(run_wtbox("new", "web", "--json", cwd=web).stdout)["id"]
+    assert run_wtbox("probe", box, "/", "-n", "3", check=False).returncode == 0
+    probe = run_wtbox("probe", box, "/missing", "-n", "3", "--json", check=False)  # 404s
+    assert probe.returncode == 1 and json.loads(probe.stdout)["errors"] == 3 and "3 of 3" in probe.stderr

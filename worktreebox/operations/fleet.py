@@ -71,6 +71,24 @@ def none_made(rows: list[dict]) -> None:
         raise WtboxError(f"No box of the fan-out could be created; first error: {rows[0]['error']}")
 
 
+def failed(rows: list[dict]) -> list[str]:
+    """Attempts that did not succeed: not made, their --run exited non-zero or timed out, or a --check failed."""
+    return [r["id"] or f"attempt {r.get('index')}" for r in rows
+            if not r["id"] or r.get("error") or r.get("timed_out") or r.get("run_exit") not in (None, 0)
+            or (r.get("checks_total") or 0) > (r.get("checks_passed") or 0)]
+
+
+def all_succeeded(rows: list[dict]) -> None:
+    """The CLI's exit code: 1 (after the table or JSON) when any attempt failed, naming them."""
+    from worktreebox.errors import WtboxError
+
+    none_made(rows)
+    bad = failed(rows)
+    if bad:
+        raise WtboxError(f"{len(bad)} of {len(rows)} attempts failed their run or checks ({', '.join(bad[:5])}); "
+                         "the table says which.")
+
+
 def compare(host: Host, boxes: Any = (), fanout: str | None = None, sort: str | None = None) -> list[dict]:
     from worktreebox.fleet import compare as C
 

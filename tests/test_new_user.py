@@ -74,3 +74,25 @@ ready = "tcp:{{{{ ports.web }}}}"
     assert run_wtbox("probe", box, "/", "-n", "3", check=False).returncode == 0
     probe = run_wtbox("probe", box, "/missing", "-n", "3", "--json", check=False)  # 404s
     assert probe.returncode == 1 and json.loads(probe.stdout)["errors"] == 3 and "3 of 3" in probe.stderr
+
+
+def test_five_concurrent_new_of_one_name_make_one_box(make_repo, wtbox_home, run_wtbox):
+    """Defect 8: five concurrent `new same` made five boxes named `same`; `status same` was then refused."""
+    repo = make_repo(toml=CORE_TOML)
+    procs = [spawn(["new", "same", "--json"], wtbox_home, cwd=repo) for _ in range(5)]
+    results = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in procs]
+    made = [json.loads(out)["id"] for code, out, _ in results if code == 0]
+    refused = [err for code, _, err in results if code != 0]
+    assert len(made) == 1, results
+    assert len(refused) == 4 and all(err.startswith("wtbox: A box named 'same' already exists") for err in refused)
+    assert json.loads(run_wtbox("status", "same", "--json").stdout)["id"] == made[0]
+    assert [b["id"] for b in json.loads(run_wtbox("ls", "--json").stdout)] == made
+
+
+@pytest.mark.parametrize(("task", "slug"), [("日本", "riben"), ("ünïcödé-ταsk-日本", "unicode-task-riben")])
+def test_a_task_name_in_any_script_makes_a_box(make_repo, run_wtbox, task, slug):
+    """Defect 8: `日本` was refused as having "no letters or digits"; `ünïcödé-ταsk-日本` became `unicode-sk`."""
+    repo = make_repo(toml=CORE_TOML)
+    box = json.loads(run_wtbox("new", task, "--json", cwd=repo).stdout)
+    assert box["id"].rsplit("-", 1)[0] == slug and box["task"] == task
+    assert json.loads(run_wtbox("status", task, "--json").stdout)["id"] == box["id"]

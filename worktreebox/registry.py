@@ -14,6 +14,11 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from worktreebox.box import READY, Box
+from worktreebox.errors import WtboxError
+
+
+class TaskTaken(WtboxError):
+    """Another box already has this task name (names resolve boxes: they must be unique)."""
 
 SCHEMA_VERSION = 2
 
@@ -139,8 +144,12 @@ class Registry:
 
     # ---------------------------------------------------------------- boxes
     def insert_box(self, box: Box) -> None:
+        """Add a box's row; a task name another box (not a pooled one) has is refused, in the same
+        transaction: five concurrent `new same` make one box named `same`."""
         now = time.time()
         with self.transaction() as db:
+            if box.pool is None:
+                _refuse_taken_task(db, box.task)
             db.execute(
                 "INSERT INTO boxes (id, task, repo, branch, dir, state, created_at, updated_at, last_used_at,"
                 " ttl, keep, env, data, pool) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -224,6 +233,7 @@ class Registry:
             box = self._box(row)
             old = box.id
             rename(box)
+            _refuse_taken_task(db, box.task)
             db.execute("UPDATE boxes SET id=?, task=?, branch=?, dir=?, state=?, created_at=?, updated_at=?,"
                        " last_used_at=?, ttl=?, keep=?, env=?, data=?, pool=NULL WHERE id=?",
                        (box.id, box.task, box.branch, str(box.dir), box.state, box.created_at, time.time(),
@@ -296,6 +306,13 @@ class Registry:
         with self.transaction() as db:
             db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                        (key, value))
+
+
+def _refuse_taken_task(db: sqlite3.Connection, task: str) -> None:
+    row = db.execute("SELECT id FROM boxes WHERE task=? AND pool IS NULL LIMIT 1", (task,)).fetchone()
+    if row is not None:
+        raise TaskTaken(f"A box named {task!r} already exists ({row[0]}); use it, remove it with 'wtbox rm "
+                        f"{row[0]}', or choose another name.")
 
 
 def _split(script: str) -> Iterable[str]:

@@ -96,3 +96,47 @@ def test_a_task_name_in_any_script_makes_a_box(make_repo, run_wtbox, task, slug)
     box = json.loads(run_wtbox("new", task, "--json", cwd=repo).stdout)
     assert box["id"].rsplit("-", 1)[0] == slug and box["task"] == task
     assert json.loads(run_wtbox("status", task, "--json").stdout)["id"] == box["id"]
+
+
+def _web_repo(make_repo):
+    return make_repo(toml=CORE_TOML + f"""
+[services.web]
+cmd = "{sys.executable} -m http.server {{{{ ports.web }}}} --bind 127.0.0.1"
+ready = "tcp:{{{{ ports.web }}}}"
+""")
+
+
+def test_a_killed_supervisor_shows_in_ls_and_status_with_its_reason(make_repo, run_wtbox):
+    """Defect 9: after `kill -9` of a supervisor, `ls` said ready until a command touched the box; plain
+    `status` said "(degraded)" with no reason and "web: stopped pid=None" while the service answered."""
+    from pathlib import Path
+
+    box = json.loads(run_wtbox("new", "sup", "--json", cwd=_web_repo(make_repo)).stdout)
+    os.kill(int((Path(box["dir"]) / "run" / "supervisor.pid").read_text()), signal.SIGKILL)
+    wait_for(lambda: not os.path.exists(f"/proc/{int((Path(box['dir']) / 'run' / 'supervisor.pid').read_text())}"))
+    listed = json.loads(run_wtbox("ls", "--json").stdout)[0]
+    assert listed["state"] == "degraded" and "supervisor died" in listed["reason"]
+    assert "degraded" in run_wtbox("ls").stdout
+    status = run_wtbox("status", box["id"]).stdout
+    assert "supervisor died" in status and f"wtbox up {box['id']}" in status
+    web = next(line for line in status.splitlines() if line.startswith("service  web"))
+    assert "pid=None" not in web and "unsupervised" in web, status
+    run_wtbox("up", box["id"])
+    assert json.loads(run_wtbox("ls", "--json").stdout)[0]["state"] == "ready"
+
+
+def test_a_box_whose_directory_was_deleted_is_not_ready(make_repo, run_wtbox, wtbox_home):
+    """Defect 10: a box whose directory was deleted still showed `ready` in `ls`/`status`."""
+    import shutil
+    from pathlib import Path
+
+    from worktreebox.providers.mounts.base import unmount_all
+
+    box = json.loads(run_wtbox("new", "gone", "--json", cwd=make_repo(toml=CORE_TOML)).stdout)
+    unmount_all(Path(box["dir"]))
+    shutil.rmtree(box["dir"])
+    listed = json.loads(run_wtbox("ls", "--json").stdout)[0]
+    assert listed["state"] == "degraded" and "is gone" in listed["reason"]
+    assert "is gone" in run_wtbox("status", box["id"]).stdout
+    run_wtbox("rm", box["id"])
+    assert json.loads(run_wtbox("ls", "--json").stdout) == []

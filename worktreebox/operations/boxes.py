@@ -58,7 +58,8 @@ def new(host: Host, task: str, repo: str | None = None, ref: str | None = None, 
 
 
 def listed(host: Host, all: bool = False) -> list[Box]:
-    return [b for b in host.list() if all or b.pool is None]
+    """The boxes, each as it is now (a dead supervisor, a deleted directory: degraded, with the reason)."""
+    return [host.notice(b) for b in host.list() if all or b.pool is None]
 
 
 def ls(host: Host, all: bool = False) -> list[dict]:

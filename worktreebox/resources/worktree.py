@@ -141,6 +141,14 @@ class Worktree(Resource):
         if any(trashed):
             empty_trash_in_background(host)
 
+    def health(self, host: Host, box: Box) -> str | None:
+        """A box whose directory or worktree was deleted underneath it is not whole (two stats)."""
+        if not box.dir.is_dir():
+            return f"its directory {box.dir} is gone; 'wtbox rm {box.id}' cleans up the rest"
+        if not box.path.is_dir() and not box.data.get("revive"):  # a view after a reboot comes back by itself
+            return f"its worktree {box.path} is gone; 'wtbox rm {box.id}' cleans up the rest"
+        return None
+
     def checks(self, host: Host) -> list[dict]:
         """Which copy-on-write provider boxes get here and why (probed afresh: the host may have changed)."""
         from worktreebox.errors import ConfigError

@@ -168,6 +168,15 @@ def wait_ready(box: Box, names: list[str], deadline: float) -> None:
         raise WtboxError(f"Service {bad!r} failed to start ({why}); its last log lines:\n{tail}")
 
 
+def _service_alive(box: Box, name: str, pid: int) -> bool:
+    """Is `pid` still this box's service `name` (not a reused pid)? Its environment says (WTBOX_SERVICE)."""
+    from worktreebox.system import procfs
+
+    env = procfs.environ(pid)
+    return env is not None and procfs.environ_value(env, "WTBOX_SERVICE") == name and \
+        procfs.environ_value(env, "WTBOX_ID") in (box.id, box.data.get("pool_id"))
+
+
 def services_status(box: Box) -> dict[str, dict[str, Any]]:
     """Per service: state, pid, port, ready time, restarts (stopped when no supervisor runs)."""
     state = read_state(box)
@@ -179,7 +188,8 @@ def services_status(box: Box) -> dict[str, dict[str, Any]]:
         row: dict[str, Any] = {"state": s.state, "pid": s.pid, "port": s.port, "ready_seconds": s.ready_seconds,
                                "restarts": s.restarts, "exit_code": s.exit_code, "error": s.error,
                                "started_at": _iso(s.started_at), "ready_at": _iso(s.ready_at)}
-        if not alive:
-            row["state"], row["pid"] = "stopped", None
+        if not alive:  # a dead supervisor's services may still run (their pipes are the keeper's)
+            running = s.pid is not None and _service_alive(box, name, s.pid)
+            row["state"], row["pid"] = ("unsupervised", s.pid) if running else ("stopped", None)
         out[name] = row
     return out

@@ -61,6 +61,8 @@ def new(task, repo, ref, secrets, no_services, ttl, keep, show_secrets, no_pool,
 
 def _print_box(out: dict) -> None:
     click.echo(f"box      {out['id']}  ({out['state']})")
+    if out.get("reason"):
+        click.echo(f"reason   {out['reason']}")
     click.echo(f"branch   {out['branch']}")
     click.echo(f"path     {out['path']}")
     if out.get("fingerprint"):
@@ -71,8 +73,9 @@ def _print_box(out: dict) -> None:
         db = out["database"]
         click.echo(f"database {db['mode']}: {db['url']}")
     for svc in out.get("services") or []:
-        click.echo(f"service  {svc.get('name')}: {svc.get('state')} pid={svc.get('pid')} "
-                   f"restarts={svc.get('restarts', 0)}")
+        pid = f" pid={svc['pid']}" if svc.get("pid") else ""
+        click.echo(f"service  {svc.get('name')}: {svc.get('state')}{pid} restarts={svc.get('restarts', 0)}"
+                   + (f"  ({svc['error']})" if svc.get("error") else ""))
     click.echo(f"enter    cd {out['path']} && set -a && . {out['dir']}/env && set +a   (or: wtbox shell {out['id']})")
 
 

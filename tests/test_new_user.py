@@ -140,3 +140,18 @@ def test_a_box_whose_directory_was_deleted_is_not_ready(make_repo, run_wtbox, wt
     assert "is gone" in run_wtbox("status", box["id"]).stdout
     run_wtbox("rm", box["id"])
     assert json.loads(run_wtbox("ls", "--json").stdout) == []
+
+
+def test_a_drained_pool_stays_empty_when_wtbox_toml_asks_for_none(make_repo, run_wtbox, wtbox_home):
+    """Defect 11: after `pool --drain`, a `new --no-pool` restarted the filler and refilled the pool although
+    wtbox.toml has no [pool] (the `--size` given earlier was still recorded)."""
+    repo = make_repo(toml=CORE_TOML)
+    run_wtbox("pool", str(repo), "--size", "1", "--wait", "60")
+    assert json.loads(run_wtbox("pool", "--status", "--json").stdout)["pools"][0]["ready"] == 1
+    run_wtbox("pool", str(repo), "--drain")
+    run_wtbox("new", "after", "--no-pool", cwd=repo)
+    run_wtbox("new", "later", cwd=repo)
+    time.sleep(2)  # a filler started now would be making a box by then
+    pools = json.loads(run_wtbox("pool", "--status", "--json").stdout)["pools"]
+    assert all(p["ready"] == 0 and p["filling"] == 0 and not p["filler"] for p in pools), pools
+    assert sorted(b["task"] for b in json.loads(run_wtbox("ls", "--all", "--json").stdout)) == ["after", "later"]

@@ -131,7 +131,7 @@ def new_box(host: Host, task: str, repo: str | Path | None = None, ref: str | No
         report["why"] = ("--no-pool" if not use_pool else t.why_not or
                          ("--secret values" if secrets else "--no-services") + " (pooled boxes run without them)")
     report["claimed"] = box is not None
-    if pooled:
+    if pooled and use_pool:  # `--no-pool` starts no background work either
         ensure_filler(host, repo_root)
     if box is not None:
         box.data["timings"]["total"] = round(time.perf_counter() - t0, 4)

@@ -138,6 +138,7 @@ def pool(host: Host, repo: str | None = None, size: int | None = None, status: b
             raise ParamError("{drain} empties the pool; give {size} separately (or {size} 0 to keep it empty).",
                              "drain", "size")
         gone = P.drain(host, root)
+        host.registry.set_pool_size(root, None)  # an earlier --size refills nothing now: wtbox.toml decides
         note(f"drained {len(gone)} pooled boxes of {root}")
         return {"pools": P.status(host, root)}
     t = P.resolve_target(root, home=host.home)

@@ -155,3 +155,24 @@ def test_a_drained_pool_stays_empty_when_wtbox_toml_asks_for_none(make_repo, run
     pools = json.loads(run_wtbox("pool", "--status", "--json").stdout)["pools"]
     assert all(p["ready"] == 0 and p["filling"] == 0 and not p["filler"] for p in pools), pools
     assert sorted(b["task"] for b in json.loads(run_wtbox("ls", "--all", "--json").stdout)) == ["after", "later"]
+
+
+def test_rm_of_a_box_being_made_is_refused_in_one_sentence_and_new_is_unharmed(make_repo, run_wtbox, wtbox_home):
+    """Defect 12: `rm` during `new` printed "Removing ... was incomplete (database: role ... does not exist);
+    run 'wtbox rm ...' again" though the end state was clean, and `new` said "the supervisor exited"."""
+    repo = _web_repo(make_repo)
+    env = {**os.environ, "WTBOX_HOME": str(wtbox_home), "WTBOX_NO_AUTO_GC": "1", "WTBOX_PHASE_STOP": "new:start:services"}
+    p = subprocess.Popen([sys.executable, "-m", "worktreebox.cli.main", "new", "busy", "--json"], cwd=repo, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: json.loads(run_wtbox("ls", "--json").stdout), timeout=60)
+        for args in (["rm", "busy"], ["rm", "--force", "busy"]):
+            proc = run_wtbox(*args, check=False)
+            assert proc.returncode == 1 and "is still being made" in proc.stderr and "incomplete" not in proc.stderr
+            assert len(proc.stderr.strip().splitlines()) == 1
+        assert json.loads(run_wtbox("ls", "--json").stdout)[0]["state"] == "creating"
+    finally:
+        p.send_signal(signal.SIGINT)  # its own rollback removes the half-made box
+        _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "half-made box was removed" in err
+    assert json.loads(run_wtbox("ls", "--json").stdout) == []

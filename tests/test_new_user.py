@@ -176,3 +176,24 @@ def test_rm_of_a_box_being_made_is_refused_in_one_sentence_and_new_is_unharmed(m
         _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "half-made box was removed" in err
     assert json.loads(run_wtbox("ls", "--json").stdout) == []
+
+
+@pytest.mark.parametrize("command", [["ls"], ["new", "x"], ["status", "x"], ["gc"], ["doctor"]])
+def test_a_broken_home_is_one_sentence(make_repo, tmp_path, command):
+    """Defect 13: WTBOX_HOME at a regular file gave a NotADirectoryError traceback ("internal error"), a
+    corrupt registry.sqlite3 "internal error: DatabaseError"; each deserves one sentence that says what to do.
+    (A home whose parent is missing is made, parents and all.)"""
+    repo = make_repo(toml=CORE_TOML)
+    afile = tmp_path / "afile"
+    afile.write_text("not a home\n")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "registry.sqlite3").write_text("garbage, not SQLite\n")
+    for home, code, words in ((afile, 2, "is a file, not a directory"), (corrupt, 1, "not a readable SQLite")):
+        env = {**os.environ, "WTBOX_HOME": str(home), "WTBOX_NO_AUTO_GC": "1"}
+        proc = subprocess.run([sys.executable, "-m", "worktreebox.cli.main", *command], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == code and len(lines) == 1 and words in lines[0], (home, proc.stderr)
+        assert "internal error" not in proc.stderr and "Traceback" not in proc.stderr
+    assert (corrupt / "registry.sqlite3").read_text() == "garbage, not SQLite\n"  # never "repaired" away

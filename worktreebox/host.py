@@ -27,7 +27,7 @@ from worktreebox.config.load import (
 )
 from worktreebox.config.templating import render
 from worktreebox.layers.deps import runtime_toolchain
-from worktreebox.errors import Interrupted, NotFound, UnsavedWork, UsageError, WtboxError
+from worktreebox.errors import ConfigError, Interrupted, NotFound, UnsavedWork, UsageError, WtboxError
 from worktreebox.providers.postgres import server as postgres_server
 from worktreebox.registry import Registry
 from worktreebox.resources import load_all, stages
@@ -52,6 +52,9 @@ def default_home() -> Path:
 class Host:
     def __init__(self, home: str | Path | None = None) -> None:
         self.home = Path(home).expanduser().absolute() if home else default_home().absolute()
+        if self.home.exists() and not self.home.is_dir():  # one stat; everything below assumes a directory
+            raise ConfigError(f"WTBOX_HOME {self.home} is a file, not a directory; point WTBOX_HOME at a "
+                              "directory (wtbox makes it when it is missing).")
         self.boxes_dir = self.home / "boxes"
         self.registry = Registry(self.home / "registry.sqlite3")
         self._config: HostConfig | None = None

@@ -97,16 +97,31 @@ class Registry:
     @property
     def db(self) -> sqlite3.Connection:
         if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            try:
+                self._open()
+            except sqlite3.DatabaseError as e:
+                if isinstance(e, sqlite3.OperationalError) and "unable to open" not in str(e):
+                    raise  # locked, busy: not about the file itself
+                raise WtboxError(f"The registry {self.path} is not a readable SQLite database ({e}); restore it, "
+                                 "or move it aside to start an empty one (the boxes it listed then look like "
+                                 "orphans to 'wtbox gc': save their work first).") from None
+        assert self._db is not None
+        return self._db
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        try:
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA busy_timeout = 30000")
             _to_wal(db)
             db.execute("PRAGMA synchronous = NORMAL")
-            self._db = db
-            self._all.append(db)
-            self._migrate()
-        return self._db
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+        self._all.append(db)
+        self._migrate()
 
     def close(self) -> None:
         for db in self._all:

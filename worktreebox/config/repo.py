@@ -18,7 +18,7 @@ from worktreebox.errors import ConfigError
 
 log = diagnostics.logger("config")
 DEFAULT_MIGRATION_GLOBS = ["alembic/**", "migrations/**", "**/migrations/*.py"]
-LIMIT_KEYS = ("cpu_weight", "memory_max", "pids_max")
+LIMIT_KEYS = ("cpu_weight", "memory_max", "pids_max", "disk_max")
 # Ports wtbox leases for its own observability (the metrics store, the OTLP receiver; Vector's
 # OTLP source), never taken for the app's first port.
 OBSERVABILITY_PORTS = ("metrics", "otlp")
@@ -33,6 +33,7 @@ class LimitsConfig:
     cpu_weight: int | None = None  # 1..10000; every box gets 100 unless it says otherwise
     memory_max: int | None = None  # bytes
     pids_max: int | None = None
+    disk_max: int | None = None  # bytes of the box's own files (resources/disk.py)
 
     def over(self, defaults: LimitsConfig) -> LimitsConfig:
         """These limits, with the unset ones taken from `defaults`."""
@@ -45,7 +46,8 @@ class LimitsConfig:
         return cls(**{k: tables.pop(k) for k in LIMIT_KEYS if k in tables})
 
 
-LIMITS = (Key("cpu_weight", v.cpu_weight), Key("memory_max", v.memory_max), Key("pids_max", v.pids_max))
+LIMITS = (Key("cpu_weight", v.cpu_weight), Key("memory_max", v.memory_max), Key("pids_max", v.pids_max),
+          Key("disk_max", v.disk_max))
 
 
 @dataclasses.dataclass

@@ -208,7 +208,12 @@ def _take_over(host: Host, box: Box, t: Target) -> bool:
     pool_id = box.data["pool_id"]
     old_dir = host.boxes_dir / pool_id
     if old_dir.is_dir() and not old_dir.is_symlink() and not box.dir.exists():
-        os.rename(old_dir, box.dir)
+        if os.path.ismount(old_dir):  # a disk_max box's dir is a filesystem of its own (resources/disk.py)
+            from worktreebox.providers.mounts.base import move_mount
+
+            move_mount(old_dir, box.dir)
+        else:
+            os.rename(old_dir, box.dir)
         # Running services, the supervisor and the metrics store hold paths under the old name.
         os.symlink(box.dir.name, old_dir)
     _phase("claim:dir")

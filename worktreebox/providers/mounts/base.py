@@ -19,7 +19,7 @@ from pathlib import Path
 from worktreebox.errors import WtboxError
 
 MNT_DETACH = 2
-MS_BIND, MS_SHARED = 4096, 1 << 20
+MS_MOVE, MS_BIND, MS_SHARED = 8192, 4096, 1 << 20
 
 
 class MountError(WtboxError):
@@ -111,6 +111,18 @@ def sys_mount(source: str, target: Path, fstype: str, options: str, flags: int =
     if rc != 0:
         e = ctypes.get_errno()
         raise MountError(f"mounting {fstype or 'a bind'} on {target} failed: {os.strerror(e)}.")
+
+
+def move_mount(source: Path, target: Path) -> None:
+    """Move the mount on `source` (with everything mounted under it) to the new directory `target`, which
+    rename(2) refuses to do for a mount point. The kernel refuses it under a shared mount (EINVAL)."""
+    target.mkdir(mode=0o700)
+    try:
+        sys_mount(str(source), target, "", "", MS_MOVE)
+    except MountError:
+        target.rmdir()
+        raise
+    source.rmdir()
 
 
 def make_shared(path: Path, *, bind: bool) -> None:

@@ -1,0 +1,146 @@
+"""[box] disk_max: a limit on the box's own files, enforced by the filesystem where this host can.
+
+`image` (root, with loop devices, mkfs.ext4 and mount): the box's directory `boxes/<id>/` is a
+loop-mounted ext4 of disk_max made for the box (`disks/<box hex>.img`, sparse: it costs only
+what the box writes; made and mounted in ~25 ms), so the kernel refuses a write past the limit
+(ENOSPC) to every process of the box, and the host's disk never fills. Everything of the box's
+own lives there: its worktree changes (the overlay's upper layer) and dependency layer changes,
+TMPDIR, XDG_CACHE_HOME, logs, metrics, traces. Not what a box writes outside its directory
+(its HOME, /tmp when it is not sandboxed) nor its database rows (the shared PostgreSQL).
+
+`none` otherwise (not root, no loop devices): the limit cannot be enforced; `new` says so once
+and `doctor` says why. Project quotas (XFS/ext4 prjquota) would enforce it without root's loop
+devices, but this machine's kernel has no quota support to build and test them on.
+
+Made first (everything after it writes into the box dir), destroyed last: unmounting frees every
+file at once. The image is named by the box's hex, which a claim from the warm pool keeps.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from worktreebox.box import hex_of, is_box_id
+from worktreebox.errors import WtboxError
+from worktreebox.resources.base import Creation, Resource, warn
+
+if TYPE_CHECKING:
+    from worktreebox.box import Box
+    from worktreebox.context import HostContext
+
+IMAGE, NONE = "image", "none"
+_TOOLS = ("mkfs.ext4", "mount")
+
+
+def mode(host: HostContext) -> tuple[str, str]:
+    """(how disk_max is enforced on this host, why)."""
+    if os.geteuid() != 0:
+        return NONE, "not root: a loop-mounted filesystem per box needs root"
+    missing = [t for t in _TOOLS if not shutil.which(t)]
+    if missing:
+        return NONE, f"{', '.join(missing)} not installed (e2fsprogs, mount)"
+    if not os.path.exists("/dev/loop-control"):
+        return NONE, "no loop devices (/dev/loop-control is missing)"
+    return IMAGE, "each box's directory is a loop-mounted ext4 of its disk_max"
+
+
+def image_of(host: HostContext, box: Box) -> Path:
+    return host.home / "disks" / f"{hex_of(box.id)}.img"
+
+
+class Disk(Resource):
+    name = "disk"
+    parallel = False  # the box dir itself: everything after it writes into it
+
+    def create(self, c: Creation) -> None:
+        limit = c.config.box.limits.over(c.host.config.box_limits).disk_max  # a repo's [box] over the host's
+        if not limit:
+            return
+        how, why = mode(c.host)
+        c.box.data[self.name] = {"max": limit, "mode": how}
+        if how == NONE:
+            warn(f"[box] disk_max cannot be enforced on this host ({why}); the box has no disk limit")
+            return
+        image = image_of(c.host, c.box)
+        c.box.data["revive"] = True  # a reboot takes the mount: Host.get mounts it again
+        make_image(image, limit)
+        attach(image, c.box.dir)
+
+    def revive(self, host: HostContext, box: Box) -> None:
+        data = box.data.get(self.name) or {}
+        image = image_of(host, box)
+        if data.get("mode") == IMAGE and image.exists() and not _mounted(box.dir):
+            attach(image, box.dir)
+
+    def destroy(self, host: HostContext, box: Box) -> None:
+        from worktreebox.providers.mounts.base import Mount, unmount
+
+        if box.dir.is_symlink():
+            return  # a claimed pool box's old name: the image is the box's, removed under its real id
+        if _mounted(box.dir):
+            unmount(Mount(str(box.dir), "ext4", "", ""))
+        image_of(host, box).unlink(missing_ok=True)
+
+    def discover(self, host: HostContext) -> set[str]:
+        """Boxes with an image (named by the hex: the registry's id, else the box dir's)."""
+        try:
+            hexes = {p.stem for p in (host.home / "disks").glob("*.img")}
+        except OSError:
+            return set()
+        if not hexes:
+            return set()
+        by_hex = {hex_of(i): i for i in host.registry.select_box_ids()}
+        try:
+            dirs = {hex_of(e.name): e.name for e in os.scandir(host.boxes_dir) if is_box_id(e.name)}
+        except FileNotFoundError:
+            dirs = {}
+        return {by_hex.get(h) or dirs.get(h) or f"disk-{h}" for h in hexes}
+
+    def status(self, host: HostContext, box: Box) -> dict[str, Any] | None:
+        data = box.data.get(self.name)
+        if not data:
+            return None
+        out = {"max_bytes": data["max"], "enforced": data["mode"] == IMAGE}
+        if data["mode"] == IMAGE and _mounted(box.dir):
+            st = os.statvfs(box.dir)
+            out["free_bytes"] = st.f_bavail * st.f_frsize
+        return {"disk": out}
+
+    def checks(self, host: HostContext) -> list[dict[str, Any]]:
+        how, why = mode(host)
+        return [{"check": "disk_max", "ok": True,
+                 "detail": f"enforced: {why}" if how == IMAGE else f"not enforced here: {why}"}]
+
+
+def make_image(image: Path, size: int) -> None:
+    """A sparse file of `size` bytes holding an empty ext4 without a journal (a box is disposable, and
+    the journal would take part of a small limit), no blocks reserved for root."""
+    image.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with open(image, "wb") as f:
+        f.truncate(size)
+    _run(["mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal", "-E", "lazy_itable_init=1,root_owner=0:0",
+          str(image)], f"making the disk image {image}")
+
+
+def attach(image: Path, target: Path) -> None:
+    """Mount the image on the box dir (a loop device the kernel frees at unmount), as the box dir was."""
+    _run(["mount", "-o", "loop,nosuid,nodev", str(image), str(target)], f"mounting {image} on {target}")
+    os.chmod(target, 0o700)
+    try:
+        (target / "lost+found").rmdir()
+    except OSError:
+        pass
+
+
+def _mounted(path: Path) -> bool:
+    return os.path.ismount(path)
+
+
+def _run(argv: list[str], what: str) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        raise WtboxError(f"{what} failed: {lines[-1] if lines else 'exit ' + str(proc.returncode)}.")

@@ -68,3 +68,36 @@ def test_a_pooled_box_with_disk_max_is_claimed_with_its_limit(host, make_repo, e
     assert "No space left on device" in write.stderr
     run_wtbox("rm", "--force", out["id"])
     assert not list((host.home / "disks").glob("*.img"))
+
+
+def test_where_no_filesystem_enforces_it_disk_max_is_watched_and_the_box_frozen(make_repo, run_wtbox, monkeypatch,
+                                                                                 wtbox_home):
+    """WTBOX_DISK_WATCH=1 (what a host without root or loop devices gets): a service that keeps writing is
+    frozen past the limit, the box says why, and it goes on once files are deleted from it."""
+    import time
+    from pathlib import Path
+
+    from helpers import wait_for
+
+    from worktreebox.system import cgroups
+
+    if cgroups.for_home(wtbox_home) is None:
+        pytest.skip("no cgroups here: nothing to freeze")
+    monkeypatch.setenv("WTBOX_DISK_WATCH", "1")
+    writer = 'while true; do head -c 1048576 /dev/zero >> \\"$TMPDIR/fill\\"; sleep 0.05; done'
+    repo = make_repo(toml=CORE_TOML + LIMIT + f'[services.writer]\ncmd = "{writer}"\n')
+    out = json.loads(run_wtbox("new", "watched", "--json", cwd=repo).stdout)
+    assert out["disk"] == {"max_bytes": 24 << 20, "enforced": False}
+    fill = Path(out["dir"]) / "tmp" / "fill"
+    status = wait_for(lambda: (s := json.loads(run_wtbox("status", out["id"], "--json").stdout))["state"] == "degraded"
+                      and s, timeout=30)
+    assert status and "disk_max" in status["reason"]
+    size = fill.stat().st_size
+    time.sleep(1.0)
+    assert fill.stat().st_size == size  # frozen: no more writes
+    errors = run_wtbox("logs", out["id"], "--level", "error").stdout
+    assert "past its disk_max of 24.0 MiB" in errors
+    fill.unlink()  # room again, from outside the box
+    assert wait_for(lambda: json.loads(run_wtbox("status", out["id"], "--json").stdout)["state"] == "ready", timeout=30)
+    assert wait_for(lambda: fill.exists(), timeout=10)  # it writes again
+    run_wtbox("rm", "--force", out["id"])

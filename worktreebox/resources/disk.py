@@ -8,8 +8,10 @@ own lives there: its worktree changes (the overlay's upper layer) and dependency
 TMPDIR, XDG_CACHE_HOME, logs, metrics, traces. Not what a box writes outside its directory
 (its HOME, /tmp when it is not sandboxed) nor its database rows (the shared PostgreSQL).
 
-`none` otherwise (not root, no loop devices): the limit cannot be enforced; `new` says so once
-and `doctor` says why. Project quotas (XFS/ext4 prjquota) would enforce it without root's loop
+`watch` otherwise (not root, no loop devices, or WTBOX_DISK_WATCH=1): the box's supervisor counts
+its own bytes every few seconds and freezes its processes past the limit (services/diskwatch.py);
+a box without services has no supervisor, and `new` says that nothing keeps its limit. `doctor`
+says which applies and why. Project quotas (XFS/ext4 prjquota) would enforce it without root's loop
 devices, but this machine's kernel has no quota support to build and test them on.
 
 Made first (everything after it writes into the box dir), destroyed last: unmounting frees every
@@ -23,6 +25,7 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from worktreebox import settings
 from worktreebox.box import hex_of, is_box_id
 from worktreebox.errors import WtboxError
 from worktreebox.resources.base import Creation, Resource, warn
@@ -31,20 +34,23 @@ if TYPE_CHECKING:
     from worktreebox.box import Box
     from worktreebox.context import HostContext
 
-IMAGE, NONE = "image", "none"
+IMAGE, WATCH = "image", "watch"
 _TOOLS = ("mkfs.ext4", "mount")
+_WATCHED = "watched by the box's supervisor, which freezes the box's processes past it (services/diskwatch.py)"
 
 
 def mode(host: HostContext) -> tuple[str, str]:
-    """(how disk_max is enforced on this host, why)."""
+    """(how disk_max is kept on this host, why)."""
+    if settings.DISK_WATCH.on():
+        return WATCH, f"WTBOX_DISK_WATCH=1: {_WATCHED}"
     if os.geteuid() != 0:
-        return NONE, "not root: a loop-mounted filesystem per box needs root"
+        return WATCH, f"not root, so no loop-mounted filesystem per box: {_WATCHED}"
     missing = [t for t in _TOOLS if not shutil.which(t)]
     if missing:
-        return NONE, f"{', '.join(missing)} not installed (e2fsprogs, mount)"
+        return WATCH, f"{', '.join(missing)} not installed (e2fsprogs, mount): {_WATCHED}"
     if not os.path.exists("/dev/loop-control"):
-        return NONE, "no loop devices (/dev/loop-control is missing)"
-    return IMAGE, "each box's directory is a loop-mounted ext4 of its disk_max"
+        return WATCH, f"no loop devices (/dev/loop-control is missing): {_WATCHED}"
+    return IMAGE, "each box's directory is a loop-mounted ext4 of its disk_max: a write past it fails (ENOSPC)"
 
 
 def image_of(host: HostContext, box: Box) -> Path:
@@ -61,8 +67,10 @@ class Disk(Resource):
             return
         how, why = mode(c.host)
         c.box.data[self.name] = {"max": limit, "mode": how}
-        if how == NONE:
-            warn(f"[box] disk_max cannot be enforced on this host ({why}); the box has no disk limit")
+        if how == WATCH:
+            if not c.config.services:
+                warn("[box] disk_max is watched by the box's services supervisor here, and this box runs no "
+                     f"services: nothing keeps it ({why.split(':')[0]})")
             return
         image = image_of(c.host, c.box)
         c.box.data["revive"] = True  # a reboot takes the mount: Host.get mounts it again
@@ -99,6 +107,15 @@ class Disk(Resource):
             dirs = {}
         return {by_hex.get(h) or dirs.get(h) or f"disk-{h}" for h in hexes}
 
+    def health(self, host: HostContext, box: Box) -> str | None:
+        """A watched box frozen for its disk_max (one stat)."""
+        from worktreebox.services.diskwatch import FULL_MARK
+
+        if (box.data.get(self.name) or {}).get("mode") == WATCH and (box.run_dir / FULL_MARK).exists():
+            return (f"it reached its disk_max ({box.data[self.name]['max'] >> 20} MiB) and its processes are frozen; "
+                    f"delete files from {box.dir} and they go on")
+        return None
+
     def status(self, host: HostContext, box: Box) -> dict[str, Any] | None:
         data = box.data.get(self.name)
         if not data:
@@ -111,8 +128,8 @@ class Disk(Resource):
 
     def checks(self, host: HostContext) -> list[dict[str, Any]]:
         how, why = mode(host)
-        return [{"check": "disk_max", "ok": True,
-                 "detail": f"enforced: {why}" if how == IMAGE else f"not enforced here: {why}"}]
+        return [{"check": "disk_max", "ok": True, "mode": how,
+                 "detail": f"enforced: {why}" if how == IMAGE else f"watched, not enforced: {why}"}]
 
 
 def make_image(image: Path, size: int) -> None:

@@ -61,7 +61,9 @@ def start_supervisor(box: Box, secrets: dict[str, str], specs: list[ServiceSpec]
     home = box.dir.parent.parent
     proc = procs.spawn([sys.executable, "-m", "worktreebox.services.supervisor", str(home), box.id], cwd=pkg_parent, env=env,
                        stdin=subprocess.PIPE, cgroup=cgroups.Leaf(home, box.id, cgroups.SUPERVISOR))
-    payload = SupervisorPayload(services=specs, workdir=str(box.path), secrets=dict(secrets))
+    disk = box.data.get("disk") or {}
+    payload = SupervisorPayload(services=specs, workdir=str(box.path), secrets=dict(secrets),
+                                disk_max=disk.get("max") if disk.get("mode") == "watch" else None)
     try:
         proc.stdin.write(json.dumps(payload.to_json()).encode())
         proc.stdin.close()

@@ -301,6 +301,12 @@ class Cgroups:
     def usage(self, box_id: str) -> Usage | None:
         raise NotImplementedError
 
+    def freeze_box(self, box_id: str, on: bool, *, spare: Iterable[str] = (SUPERVISOR,)) -> None:
+        """Freeze (or thaw) every leaf of the box but `spare`: its processes stop where they are."""
+        for leaf in self.leaves(box_id):
+            if leaf not in spare:
+                self._freeze(box_id, leaf, on)
+
     def pids_refused(self, box_id: str) -> int:
         """How often the box's pids_max refused a new process or thread (pids.events "max", v1 and v2).
         Kernels count it in the cgroup that forked (a leaf) or in the one whose limit was hit: both."""

@@ -89,8 +89,11 @@ def test_where_no_filesystem_enforces_it_disk_max_is_watched_and_the_box_frozen(
     out = json.loads(run_wtbox("new", "watched", "--json", cwd=repo).stdout)
     assert out["disk"] == {"max_bytes": 24 << 20, "enforced": False}
     fill = Path(out["dir"]) / "tmp" / "fill"
-    status = wait_for(lambda: (s := json.loads(run_wtbox("status", out["id"], "--json").stdout))["state"] == "degraded"
-                      and s, timeout=30)
+    def degraded() -> dict | None:
+        s = json.loads(run_wtbox("status", out["id"], "--json").stdout)
+        return s if s["state"] == "degraded" else None
+
+    status = wait_for(degraded, timeout=30)
     assert status and "disk_max" in status["reason"]
     size = fill.stat().st_size
     time.sleep(1.0)
@@ -99,5 +102,5 @@ def test_where_no_filesystem_enforces_it_disk_max_is_watched_and_the_box_frozen(
     assert "past its disk_max of 24.0 MiB" in errors
     fill.unlink()  # room again, from outside the box
     assert wait_for(lambda: json.loads(run_wtbox("status", out["id"], "--json").stdout)["state"] == "ready", timeout=30)
-    assert wait_for(lambda: fill.exists(), timeout=10)  # it writes again
+    assert wait_for(fill.exists, timeout=10)  # it writes again
     run_wtbox("rm", "--force", out["id"])

@@ -161,7 +161,8 @@ def test_rm_of_a_box_being_made_is_refused_in_one_sentence_and_new_is_unharmed(m
     """Defect 12: `rm` during `new` printed "Removing ... was incomplete (database: role ... does not exist);
     run 'wtbox rm ...' again" though the end state was clean, and `new` said "the supervisor exited"."""
     repo = _web_repo(make_repo)
-    env = {**os.environ, "WTBOX_HOME": str(wtbox_home), "WTBOX_NO_AUTO_GC": "1", "WTBOX_PHASE_STOP": "new:start:services"}
+    env = {**os.environ, "WTBOX_HOME": str(wtbox_home), "WTBOX_NO_AUTO_GC": "1",
+           "WTBOX_PHASE_STOP": "new:start:services"}
     p = subprocess.Popen([sys.executable, "-m", "worktreebox.cli.main", "new", "busy", "--json"], cwd=repo, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -12,14 +12,26 @@ from helpers import CORE_TOML
 PY = sys.executable
 
 
+# Answers its second argument on / (the text says which config started it).
+SERVER = """
+import http.server, sys
+text = sys.argv[2].encode()
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(text)
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
 def serve(text: str) -> str:
-    """A service answering `text` on / at the box's web port."""
-    return f'''
+    """A service answering `text` on / at the box's web port (server.py is committed in every repo here)."""
+    return f"""
 [services.web]
-cmd = "{PY} -c 'import http.server as h, sys; t=sys.argv[2].encode(); (lambda s: s.serve_forever())(h.HTTPServer((\\\"127.0.0.1\\\", int(sys.argv[1])), type(\\\"H\\\", (h.BaseHTTPRequestHandler,), {{\\\"do_GET\\\": lambda self: (self.send_response(200), self.end_headers(), self.wfile.write(t))}})))' {{{{ ports.web }}}} {text}"
+cmd = "{PY} server.py {{{{ ports.web }}}} {text}"
 ready = "http://127.0.0.1:{{{{ ports.web }}}}/"
 ready_timeout = "20s"
-'''
+"""
 
 
 def answer(port: int) -> str:
@@ -29,7 +41,7 @@ def answer(port: int) -> str:
 def test_up_after_down_uses_the_config_the_box_was_made_with(make_repo, run_wtbox):
     """Defect 1: `new` read the main checkout's uncommitted [services.web]; `up` after `down` re-read
     the worktree's committed file and said "has no services" (and ran an old cmd when it changed)."""
-    repo = make_repo(toml=CORE_TOML)
+    repo = make_repo({"server.py": SERVER}, toml=CORE_TOML)
     (repo / "wtbox.toml").write_text(CORE_TOML + serve("first"))  # uncommitted
     out = json.loads(run_wtbox("new", "rec", "--json", cwd=repo).stdout)
     assert answer(out["ports"]["web"]) == "first"
@@ -44,7 +56,7 @@ def test_up_after_down_uses_the_config_the_box_was_made_with(make_repo, run_wtbo
 
 
 def test_up_reload_applies_the_boxs_own_wtbox_toml_and_records_it(make_repo, run_wtbox):
-    repo = make_repo(toml=CORE_TOML + serve("first"))
+    repo = make_repo({"server.py": SERVER}, toml=CORE_TOML + serve("first"))
     out = json.loads(run_wtbox("new", "rel", "--json", cwd=repo).stdout)
     port, path = out["ports"]["web"], out["path"]
     before = json.loads(run_wtbox("status", out["id"], "--json").stdout)["config"]["sha256"]
@@ -62,7 +74,7 @@ def test_up_reload_applies_the_boxs_own_wtbox_toml_and_records_it(make_repo, run
 
 
 def test_up_reload_refuses_what_it_cannot_apply_and_changes_nothing(make_repo, run_wtbox):
-    repo = make_repo(toml=CORE_TOML + serve("first"))
+    repo = make_repo({"server.py": SERVER}, toml=CORE_TOML + serve("first"))
     out = json.loads(run_wtbox("new", "ref", "--json", cwd=repo).stdout)
     (repo.parent / out["path"] / "wtbox.toml").write_text(
         CORE_TOML.replace('mode = "none"', 'mode = "schema"') + serve("edited"))

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from worktreebox import __version__, admission, diagnostics, providers, settings
+from worktreebox import admission, diagnostics, providers, settings
 from worktreebox.box import CREATING, DEGRADED, FAILED, READY, REMOVING, Box, branch_name, new_id, slugify
 from worktreebox.config import recorded
 from worktreebox.config.load import (
@@ -26,8 +26,8 @@ from worktreebox.config.load import (
     parse_duration,
 )
 from worktreebox.config.templating import render
-from worktreebox.layers.deps import runtime_toolchain
 from worktreebox.errors import ConfigError, Interrupted, NotFound, UnsavedWork, UsageError, WtboxError
+from worktreebox.layers.deps import runtime_toolchain
 from worktreebox.providers.postgres import server as postgres_server
 from worktreebox.registry import Registry
 from worktreebox.resources import load_all, stages
@@ -37,6 +37,7 @@ from worktreebox.services.boxenv import process_env
 from worktreebox.services.envfile import format_env
 from worktreebox.system import cancel, git, procs
 from worktreebox.system.fsutil import atomic_write
+from worktreebox.version import __version__
 
 if TYPE_CHECKING:
     from worktreebox.config.load import HostConfig, RepoConfig
@@ -143,14 +144,14 @@ class Host:
 
     def disk_bytes(self, box: Box) -> int:
         """Disk the box uses of its own: its dir without the shared trees and layers mounted into it."""
-        from worktreebox.providers.mounts.base import own_bytes
+        from worktreebox.system.fsutil import own_bytes
 
         return own_bytes(box.dir)
 
     def worktree_bytes(self, box: Box) -> int:
         """What the box's worktree costs it: the upper layers of its copy-on-write views (its changes),
         or the whole checkout when it is a plain one."""
-        from worktreebox.providers.mounts.base import own_bytes
+        from worktreebox.system.fsutil import own_bytes
 
         uppers = [box.dir / "upper", *sorted((box.dir / "deps").glob("*/upper"))]
         if uppers[0].is_dir():
@@ -167,7 +168,8 @@ class Host:
     def repo_config(self, box: Box) -> RepoConfig:
         """The config the box was made with (or last `up --reload`ed): its record, not today's files.
         A box made before configs were recorded: its worktree's file, else the defaults."""
-        return recorded.config_of(box.data) or load_repo_config_file(box.path, source_label=str(box.path / "wtbox.toml"))
+        return recorded.config_of(box.data) or load_repo_config_file(box.path,
+                                                                    source_label=str(box.path / "wtbox.toml"))
 
     # ------------------------------------------------------------------ host ports
     def lease_host_port(self, owner: str) -> int:

@@ -12,11 +12,9 @@ by then (the first `wtbox new` of a new home makes it); before a home exists not
 """
 from __future__ import annotations
 
+import _signal  # the C module under `signal`, which imports enum first (~9 ms of the window this closes)
 import os
 import sys
-
-# The C module under `signal`, which imports enum first (~9 ms of the window this closes).
-import _signal
 
 
 def _interrupted_while_loading(signum: int, frame: object) -> None:

@@ -15,11 +15,11 @@ import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
-from worktreebox import __version__
+from worktreebox.version import __version__
 
 if TYPE_CHECKING:
     from worktreebox.box import Box
-    from worktreebox.fleet.pool import Target
+    from worktreebox.config.repo import RepoConfig
     from worktreebox.host import Host
 
 # In the order `diff` and `status` show them.
@@ -72,8 +72,9 @@ def differing(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 # ---------------------------------------------------------------------- a fresh box's, without making one
 
-def expected(host: Host, t: Target, environ: dict[str, str] | None = None) -> dict[str, Any]:
-    """The parts a box made now from `t` (repo, commit, config) by this process would get; the warm
+def expected(host: Host, repo: str, sha: str, cfg: RepoConfig, environ: dict[str, str] | None = None
+             ) -> dict[str, Any]:
+    """The parts a box made now from `repo` at `sha` with `cfg` by this process would get; the warm
     pool claims only a box whose parts are these. The same functions the resources record with:
     layer keys (toolchain versions cached per binary), the migration hash, the environment capture."""
     from worktreebox.config import recorded
@@ -82,8 +83,7 @@ def expected(host: Host, t: Target, environ: dict[str, str] | None = None) -> di
     from worktreebox.providers.postgres.golden import migrations_hash
     from worktreebox.services import boxenv
 
-    cfg = t.config
-    files = deps.scan(t.repo, t.sha, host.home, cfg.deps)
+    files = deps.scan(repo, sha, host.home, cfg.deps)
     layers = []
     for layer in deps.detect(files, cfg.deps):
         if deps.missing_tool(layer) is None:
@@ -92,11 +92,11 @@ def expected(host: Host, t: Target, environ: dict[str, str] | None = None) -> di
     inherited = boxenv.capture(cfg.box, environ)
     db = cfg.database
     return {
-        "commit": t.sha,
+        "commit": sha,
         "config": recorded.digest(cfg.text, cfg.procfile_text),
         "layers": _layers(layers),
         "toolchain": deps.runtime_toolchain(inherited.get("PATH"), host.home),
-        "migrations": None if db.mode == "none" else migrations_hash(t.repo, t.sha, db.migrate, db.migrations,
+        "migrations": None if db.mode == "none" else migrations_hash(repo, sha, db.migrate, db.migrations,
                                                                      db.extensions),
         "env": inherited,
         "secrets": [],

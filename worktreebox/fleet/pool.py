@@ -157,7 +157,7 @@ def claim(host: Host, task: str, t: Target, *, ttl: str | float | None = None, k
     if not usable:
         report["why"] = "no ready pooled box of this commit and config"
         return None
-    want = fingerprint.expected(host, t)
+    want = fingerprint.expected(host, t.repo, t.sha, t.config)
     mismatches: list[list[str]] = []
 
     def accept(b: Box) -> bool:

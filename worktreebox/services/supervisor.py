@@ -236,7 +236,7 @@ class Supervisor:
         backend = cgroups.for_home(self.home) if self.verify_ports else None
         if not self.disk_max or backend is None:
             return
-        from worktreebox.providers.mounts.base import own_bytes
+        from worktreebox.system.fsutil import own_bytes
         from worktreebox.services.diskwatch import DiskWatch
 
         watch = DiskWatch(self.box_dir, self.disk_max, measure=lambda: own_bytes(self.box_dir),

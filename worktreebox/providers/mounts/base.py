@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 
 from worktreebox.errors import WtboxError
+from worktreebox.system.fsutil import own_bytes  # noqa: F401 (where mount code has always found it)
 
 MNT_DETACH = 2
 MS_MOVE, MS_BIND, MS_SHARED = 8192, 4096, 1 << 20
@@ -172,30 +173,6 @@ def unmount_all(root: Path | str, *, include_root: bool = False) -> list[str]:
         unmount(m)
         done.append(m.target)
     return done
-
-
-def own_bytes(path: Path | str) -> int:
-    """Disk blocks used under `path` without crossing into mounts (a box's shared views are not its own)."""
-    try:
-        dev = os.lstat(path).st_dev
-    except OSError:
-        return 0
-    total = 0
-    for root, dirs, files in os.walk(path):
-        keep = []
-        for d in dirs:
-            try:
-                if os.lstat(os.path.join(root, d)).st_dev == dev:
-                    keep.append(d)
-            except OSError:
-                pass
-        dirs[:] = keep
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(root, f)).st_blocks * 512
-            except OSError:
-                pass
-    return total
 
 
 def clean_env() -> dict[str, str]:

@@ -5,10 +5,8 @@ written; `pump` feeds a pipe into a writer; `EventLog` writes the supervisor's e
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
-import re
 import threading
 import time
 from collections.abc import Callable

@@ -236,8 +236,8 @@ class Supervisor:
         backend = cgroups.for_home(self.home) if self.verify_ports else None
         if not self.disk_max or backend is None:
             return
-        from worktreebox.system.fsutil import own_bytes
         from worktreebox.services.diskwatch import DiskWatch
+        from worktreebox.system.fsutil import own_bytes
 
         watch = DiskWatch(self.box_dir, self.disk_max, measure=lambda: own_bytes(self.box_dir),
                           freeze=lambda on: backend.freeze_box(self.box_id, on),

@@ -134,7 +134,9 @@ def _optional_sections() -> None:
                           ("traces", "bench_traces", "bench_traces"),
                           ("browser", "bench_browser", "bench_browser"),
                           ("cgroups", "bench_cgroups", "bench_cgroups"), ("layers", "bench_layers", "bench_layers"),
-                          ("sandbox_parts", "bench_sandbox", "bench_sandbox_parts")):
+                          ("router", "bench_router", "bench_router"),
+                          ("sandbox_parts", "bench_sandbox", "bench_sandbox_parts"),
+                          ("backing", "bench_backing", "bench_backing")):
         try:
             module = __import__(mod)
             SECTIONS[name] = getattr(module, fn)

@@ -8,7 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import CORE_TOML, git, remove_all_boxes, remove_box_cgroups  # noqa: F401 (CORE_TOML, git: old imports from conftest)
+from helpers import (  # noqa: F401 (CORE_TOML, git: old imports from conftest)
+    CORE_TOML,
+    git,
+    remove_all_boxes,
+    remove_box_cgroups,
+    stop_router,
+    stop_routers_under,
+)
 
 # one real PostgreSQL cluster for the whole session (see tests/pg_fixtures.py)
 from pg_fixtures import no_stray_cluster, pg_cluster, pg_host, shared_postgres  # noqa: F401
@@ -20,8 +27,8 @@ os.environ["WTBOX_NO_SERVER"] = "1"
 
 @pytest.fixture(autouse=True)
 def no_stray_cgroups(request):
-    """After each test, remove the cgroups of the boxes left in any wtbox home under its tmp_path:
-    the home goes with the tmp dir, the cgroups (on the host) would not."""
+    """After each test, remove the cgroups of the boxes left in any wtbox home under its tmp_path,
+    and stop its router: the home goes with the tmp dir, the cgroups and Caddy would not."""
     if "tmp_path" not in request.fixturenames:
         yield
         return
@@ -30,6 +37,8 @@ def no_stray_cgroups(request):
     for pattern in ("*/registry.sqlite3", "*/*/registry.sqlite3", "*/*/*/registry.sqlite3"):
         for registry in tmp.glob(pattern):
             remove_box_cgroups(registry.parent)
+            stop_router(registry.parent)
+    stop_routers_under(tmp)  # also of homes the test deleted
 
 
 @pytest.fixture

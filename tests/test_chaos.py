@@ -2,9 +2,9 @@
 must leave nothing of any box except the ones that are fully alive and listed by `wtbox ls`.
 
 Runs with every resource this machine has: a PostgreSQL database per box (the default mode;
-own embedded cluster), a service under the supervisor, a VictoriaMetrics per box, and the
-copy-on-write worktree of the host's mount provider. A second test kills `new` while it
-builds a tree or a dependency layer.
+own embedded cluster), a service under the supervisor, a VictoriaMetrics per box, a Redis per
+box ([backing.redis], with its output keeper), and the copy-on-write worktree of the host's
+mount provider. A second test kills `new` while it builds a tree or a dependency layer.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import pytest
 from helpers import git, wait_for
 
 from worktreebox.box import hex_of
+from worktreebox.providers.backing.base import probe
 from worktreebox.system import cgroups
 
 pytestmark = pytest.mark.chaos
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.chaos
 ITERATIONS = int(os.environ.get("WTBOX_CHAOS_ITERATIONS", "30"))
 HAVE_PG = bool(shutil.which("pg_ctl") or list(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl")))
 HAVE_VM = bool(shutil.which("victoria-metrics"))
+HAVE_REDIS = bool(shutil.which("redis-server"))  # a backing service per box ([backing.redis])
 
 SERVICE = '''
 import http.server, os
@@ -46,7 +48,8 @@ def _toml() -> str:
              # the default database mode (a database per box); without PostgreSQL, none
              "" if HAVE_PG else '[database]\nmode = "none"\n',
              f"[observability]\nenabled = {'true' if HAVE_VM else 'false'}\n",
-             f'[services.web]\ncmd = "{sys.executable} server.py"\nready = "tcp:{{{{ ports.web }}}}"\n']
+             f'[services.web]\ncmd = "{sys.executable} server.py"\nready = "tcp:{{{{ ports.web }}}}"\n',
+             '[backing.redis]\nimage = "redis:7"\n' if HAVE_REDIS else ""]
     return "\n".join(parts)
 
 
@@ -101,6 +104,8 @@ class Chaos:
                 b = next(x for x in self.live() if x["id"] == b["id"])
             assert b["state"] == "ready", b
             assert _answers(b["ports"]["web"]), b
+            if HAVE_REDIS:
+                assert probe("redis", b["ports"]["redis"]), b
 
     # ------------------------------------------------------------ what exists
     def leftovers(self, alive: set[str]) -> dict[str, set]:
@@ -138,6 +143,7 @@ class Chaos:
         found["rows"] = reg.select_box_ids()
         reg.close()
         found["metrics_dirs"] = {p.parent.name for p in boxes_dir.glob("*/metrics")} if boxes_dir.exists() else set()
+        found["backing_dirs"] = {p.parent.name for p in boxes_dir.glob("*/backing")} if boxes_dir.exists() else set()
         found["mounts"] = _mounts_of(self.home)
         found["half_built"] = _half_built(self.home)
         if self.database:

@@ -30,9 +30,9 @@ def load(tmp_path, text: str | bytes):
 @pytest.mark.parametrize(("text", "fields"), [
     ("", {}),
     (('[host]\nport_range = "21000-21999"\nmax_boxes = 10\nmax_active = 2\nmax_load = 3\nmounts = "checkout"\n'
-      'layer_ttl = "2h"\nbackground_busy = false'),
+      'layer_ttl = "2h"\nbackground_busy = false\nrouter = false\nrouter_port = 8800\nrouter_listen = "::"'),
      {"port_range": (21000, 21999), "max_boxes": 10, "max_active": 2, "max_load": 3.0, "mounts": "checkout",
-      "layer_ttl": 7200.0, "background_busy": False}),
+      "layer_ttl": 7200.0, "background_busy": False, "router": False, "router_port": 8800, "router_listen": "::"}),
     ('[box]\ncpu_weight = 50\nmemory_max = "2G"\npids_max = 500',
      {"box_limits": LimitsConfig(cpu_weight=50, memory_max=2 << 30, pids_max=500)}),
     (('[database]\nprovider = "external"\nurl = "postgresql://u:p@h:5432/db"\nimage = "postgres:16"\n'
@@ -54,7 +54,8 @@ def test_good_values(tmp_path, text, fields):
     assert cfg == want
 
 
-HOST_KEYS = "background_busy, layer_ttl, max_active, max_boxes, max_load, mounts, port_range"
+HOST_KEYS = ("background_busy, layer_ttl, max_active, max_boxes, max_load, mounts, port_range, router, router_listen, "
+             "router_port")
 
 
 @pytest.mark.parametrize(("text", "sentence"), [

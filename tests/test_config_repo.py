@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from worktreebox import providers
-from worktreebox.config import repo
+from worktreebox.config import backing, repo
 from worktreebox.config.repo import LimitsConfig, RecipeConfig, ServiceConfig, parse_repo_config
 from worktreebox.config.schema import Key, NamedTables
 from worktreebox.config.values import UNLIMITED
@@ -106,8 +106,8 @@ BOX_KEYS = "cache_env, clean_env, copy, cpu_weight, disk_max, env, inherit_env, 
 
 @pytest.mark.parametrize(("text", "sentence"), [
     # the file and its tables
-    ("[boxes]", ("unknown section [boxes]; known sections: box, browser, database, deps, observability, pool, "
-                 "services, setup.")),
+    ("[boxes]", ("unknown section [boxes]; known sections: backing, box, browser, database, deps, observability, "
+                 "pool, services, setup, test.")),
     ("box = 5", "[box] must be a table, got 5."),
     ('[[services]]\ncmd = "x"', "[services] must be a table, got [{'cmd': 'x'}]."),
     ("[box]\nport = 1", f"[box] has an unknown key 'port'; known keys: {BOX_KEYS}."),
@@ -276,6 +276,8 @@ def _keys(schema) -> set[str]:
     (repo.PoolConfig, repo.POOL, set()),
     (repo.BrowserConfig, repo.BROWSER, set()),
     (repo.ServiceConfig, repo.SERVICE, {"name"}),
+    (backing.BackingConfig, backing.SERVICE, {"name"}),
+    (backing.TestConfig, backing.TEST, set()),
 ])
 def test_every_field_is_a_key_and_every_key_a_field(cls, schema, not_keys):
     fields = {f.name for f in dataclasses.fields(cls)} - not_keys

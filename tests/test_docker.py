@@ -446,3 +446,26 @@ def test_gc_after_kill9_of_new_leaves_no_labelled_thing(docker_env, host, make_r
         assert _labelled(wtbox_home, box_id) == {"containers": [], "volumes": [], "networks": []}
     # The host's PostgreSQL is host-level: gc keeps it.
     assert docker_postgres.status(host)["running"]
+
+
+def test_a_backing_service_as_a_container(images, wtbox_home, make_repo, run_wtbox, monkeypatch):
+    """[backing.*] with runtime = "docker": the declared image, published on the box's port, labelled,
+    removed with the box (local/wtbox-redis:7 is built by scripts/build_images.sh from Debian's redis)."""
+    from helpers import redis_cmd
+
+    if not dockerenv.image_present("local/wtbox-redis:7"):
+        pytest.skip("scripts/build_images.sh did not build local/wtbox-redis:7")
+    toml = ('[database]\nmode = "none"\n[observability]\nenabled = false\n'
+            '[backing.cache]\nimage = "local/wtbox-redis:7"\nkind = "redis"\nruntime = "docker"\n')
+    repo = make_repo(toml=toml)
+    env = {"WTBOX_PORT_RANGE": PORT_RANGE}
+    box = json.loads(run_wtbox("new", "dk", "--repo", str(repo), "--json", env=env).stdout)
+    port = box["ports"]["cache"]
+    assert {r["name"]: (r["runtime"], r["up"]) for r in box["backing"]} == {"cache": ("docker", True)}
+    assert redis_cmd(port, "PING") == b"+PONG\r\n"
+    found = dockerenv.find_labelled(wtbox_home, box["id"], c=dockerenv.client())["containers"]
+    assert len(found) == 1
+    run_wtbox("rm", "--force", box["id"], env=env)
+    assert dockerenv.find_labelled(wtbox_home, box["id"], c=dockerenv.client())["containers"] == []
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0

@@ -174,7 +174,7 @@ def test_fanout_compare_pick_end_to_end(home, host, make_repo, run_wtbox, tmp_pa
     assert {r["box"] for r in ranked} == {r["box"] for r in rows}
     table = run_wtbox("compare", "--fanout", "fix").stdout
     assert table.splitlines()[0].split() == ["BOX", "STATE", "RUN", "TIME", "CHECKS", "PASSED", "FAILED", "DIFF",
-                                             "READY", "P95", "ERRORS", "CONSOLE"]
+                                             "READY", "P95", "ERRORS", "CONSOLE", "URL"]
     assert len(table.splitlines()) == 6
 
     best = ranked[0]

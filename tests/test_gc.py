@@ -55,7 +55,8 @@ def test_orphans_are_removed_and_dry_run_changes_nothing(host, make_repo, run_wt
     assert not box.dir.exists()
     assert git(repo, "branch", "--list", "wtbox/*") == ""
     assert box.id not in git(repo, "worktree", "list")
-    assert host.registry.leased_ports() == set()
+    # The box's leases are gone; the router keeps its host-level port, and stopped: no box needs it.
+    assert host.registry.lease_owners() == {"@router"} and out["router"] == {"running": False, "routes": 0}
     assert json.loads(run_wtbox("gc", "--json").stdout)["actions"] == []
 
 

@@ -358,6 +358,8 @@ CLI_CASES += [
     ["compare", "--sort", "worst", "BOX"], ["compare", "--fanout", "nosuchtask"], ["compare", "nosuchbox"],
     ["pick", "nosuchbox"], ["pick", "BOX", "--merge-into", "--yes"], ["pick", "BOX", "--merge-into", "no/such/branch..lock"],
     ["init", "--repo", "/nonexistent"], ["init", "--repo", "/dev/null"],
+    ["init", "--explain", "--repo", "/nonexistent"],
+    ["test", "nosuchbox"], ["test", "BOX", "--timeout", "soon"], ["test", "BOX", "--timeout", "-1s"],
     ["db", "frobnicate"], ["nosuchcommand"], ["--bogus"], ["status", "BOX", "extra-arg"],
     ["status", "--show-secrets", "--json", "nosuchbox"], ["ls", "extra"], ["doctor", "--bogus"],
     ["mcp", "--http", "0.0.0.0:8000"], ["mcp", "--http", "[::]:8000"], ["mcp", "--http", "127.0.0.1:99999"],

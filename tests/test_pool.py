@@ -279,6 +279,26 @@ def test_fanout_claims_from_the_pool_and_warm_tops_it_up(phost, make_repo, run_w
     assert P.pool_boxes(phost) == []
 
 
+def test_a_box_running_as_background_can_be_claimed(phost, make_repo):
+    """A pooled box that went background (cpu.idle, while a busy host made it so) keeps its idle
+    flag through the claim, and the claim raises its CPU weight all the same: the kernel refuses a
+    weight for an idle group (EINVAL), which once made every such claim fail."""
+    from worktreebox.fleet import pool as P
+    from worktreebox.system import cgroups
+
+    repo = make_repo({"server.py": SERVER}, toml=toml())
+    fill(phost, repo, 1)
+    (pool_box,) = P.pool_boxes(phost)
+    backend = cgroups.for_home(phost.home)
+    if backend is None or not backend.set_background(pool_box.id, True):
+        pytest.skip("no cgroups, or a kernel without cpu.idle (Linux < 5.15)")
+    box = P.claim(phost, "busy-claim", P.resolve_target(repo))
+    assert box is not None and box.data["pool_id"] == pool_box.id
+    assert backend.background(box.id)
+    backend.set_background(box.id, False)  # (an idle group reports the idle weight, not its own)
+    assert backend.limits(box.id).cpu_weight == cgroups.DEFAULT_CPU_WEIGHT
+
+
 def test_a_pooled_box_is_claimed_only_when_its_fingerprint_is_a_fresh_boxs(phost, make_repo, run_wtbox, monkeypatch):
     """Pool boxes made in another environment (here: another inherited variable) are not what a fresh
     box would be: `new` makes a fresh one and says which part differed; the same environment claims."""

@@ -132,8 +132,8 @@ class Box:
 
     def facts(self) -> dict[str, Any]:
         """The Jinja2 context of this box ({{ box.id }}, {{ ports.web }}, {{ db.url }}, {{ metrics.url }},
-        {{ traces.url }}, {{ browser.cdp_url }}): the one builder, used while the box is made and rebuilt
-        from the saved box later (`up`)."""
+        {{ traces.url }}, {{ browser.cdp_url }}, {{ backing.redis.url }}): the one builder, used while the box
+        is made and rebuilt from the saved box later (`up`)."""
         db = dict(self.data.get("database") or {})
         if db:
             db.setdefault("host", self.env.get("PGHOST"))
@@ -146,6 +146,7 @@ class Box:
                     "dir": str(self.dir), "home": str(self.dir.parent.parent)},
             "ports": dict(self.ports), "db": db, "metrics": metrics, "traces": dict(self.data.get("traces") or {}),
             "browser": {k: v for k, v in (self.data.get("browser") or {}).items() if k != "enabled"},
+            "backing": {n: d["facts"] for n, d in (self.data.get("backing") or {}).items() if d.get("facts")},
         }
 
     def to_json(self, *, show_secrets: bool = False) -> dict[str, Any]:

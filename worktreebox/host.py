@@ -158,6 +158,23 @@ class Host:
             return sum(own_bytes(p) for p in uppers)
         return own_bytes(box.path)
 
+    def list_json(self, box: Box, boxes: list[Box]) -> dict:
+        """One element of `ls --json`: the box's JSON (Box.to_json) and its `url` through the router."""
+        return {**box.to_json(), "url": self.first_url(box, boxes)}
+
+    def first_url(self, box: Box, boxes: list[Box] | None = None) -> str | None:
+        """The box's URL through the host router (its first port), None when it has none. Reads only."""
+        from worktreebox.router.control import urls
+
+        return next(iter(urls(self, box, boxes).values()), None)
+
+    def url(self, box: Box, service: str | None = None, *, show_token: bool = False) -> dict:
+        """`url --json`: the URL of the box (its first service) or of one service through the host
+        router, brought in step with the registry first so the URL answers (router/control.py)."""
+        from worktreebox.router import control
+
+        return control.url(self, box, service, show_token=show_token)
+
     def box_of_path(self, path: Path) -> Box | None:
         try:
             rel = path.resolve().relative_to(self.boxes_dir.resolve())

@@ -19,6 +19,7 @@ COMMANDS = {
     "shell": "box:shell",
     "rm": "box:rm",
     "init": "init:init",
+    "test": "testcmd:test",
     "doctor": "doctor:doctor",
     "db": "db:db",
     "logs": "logs:logs",
@@ -40,6 +41,8 @@ COMMANDS = {
     "mcp": "mcp:mcp",
     "browse": "browse:browse",
     "server": "server:server",
+    "url": "router:url",
+    "open": "router:open_",
 }
 
 
@@ -78,6 +81,8 @@ def run() -> None:
             from worktreebox.fleet.gc import start_background_gc
 
             start_background_gc(home)
+    if len(sys.argv) > 1 and sys.argv[1] not in ("gc", "doctor", "server", "--help", "-h", "--version"):
+        revive_router()
     try:
         rv = main(standalone_mode=False)
     except click.exceptions.Abort as e:
@@ -100,6 +105,25 @@ def run() -> None:
         click.echo(f"wtbox: {message}", err=True)
         sys.exit(1)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def revive_router() -> None:
+    """A router that was killed (kill -9, a reboot) comes back with every route before the command
+    runs: a file read and a /proc read when it is fine (gc brings it in step itself)."""
+    from worktreebox.host import default_home
+    from worktreebox.router.state import needs_revive
+
+    home = default_home()
+    if not needs_revive(home):
+        return
+    from worktreebox.errors import WtboxError
+    from worktreebox.host import Host
+    from worktreebox.resources.router import push
+
+    try:
+        push(Host(home))
+    except WtboxError:  # e.g. an unreadable config.toml: the command itself says so
+        pass
 
 
 def usage_sentence(e: click.ClickException) -> str:

@@ -18,7 +18,7 @@ from worktreebox.errors import UsageError
 DATA_KEY = "config"
 # Tables `up --reload` can apply to a made box; the others were spent making it (ports leased,
 # layers attached, database migrated) and need a new box.
-RELOADABLE = ("services", "services_from_procfile", "pool")
+RELOADABLE = ("services", "services_from_procfile", "pool", "test")
 
 
 def digest(toml: str | None, procfile: str | None) -> str:

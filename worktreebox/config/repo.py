@@ -13,6 +13,7 @@ import cfgv
 
 from worktreebox import diagnostics, providers
 from worktreebox.config import values as v
+from worktreebox.config.backing import BACKING, TEST, BackingConfig, TestConfig, backing_from, check_names
 from worktreebox.config.schema import Key, NamedTables, Table, document, loads, table, validated
 from worktreebox.errors import ConfigError
 
@@ -148,14 +149,17 @@ class RepoConfig:
     observability: ObservabilityConfig = dataclasses.field(default_factory=ObservabilityConfig)
     pool: PoolConfig = dataclasses.field(default_factory=PoolConfig)
     browser: BrowserConfig = dataclasses.field(default_factory=BrowserConfig)
+    backing: dict[str, BackingConfig] = dataclasses.field(default_factory=dict)  # config/backing.py
+    test: TestConfig = dataclasses.field(default_factory=TestConfig)
     # The exact texts this config was read from (None: no such file), what a box records (recorded.py).
     text: str | None = dataclasses.field(default=None, repr=False, compare=False)
     procfile_text: str | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def port_names(self) -> list[str]:
-        """Named ports a box leases: the repo's, plus `metrics` and `otlp` when observability is on."""
-        names = list(self.box.ports)
+        """Named ports a box leases: the repo's, its backing services', plus `metrics` and `otlp`
+        when observability is on."""
+        names = list(self.box.ports) + [p for b in self.backing.values() for p in b.port_names]
         if self.observability.enabled:
             names += [n for n in OBSERVABILITY_PORTS if n not in names]
         if self.browser.enabled and "browser" not in names:
@@ -226,7 +230,7 @@ SERVICE = table("service", Key("cmd", v.command, required=True), Key("cwd", v.wo
 SERVICES = cfgv.Map("services", None, NamedTables("services", "service", SERVICE))  # no keys of its own
 REPO = document("wtbox.toml", Table("box", BOX), Table("setup", SETUP), Table("deps", DEPS),
                 Table("database", DATABASE), Table("observability", OBSERVABILITY), Table("pool", POOL),
-                Table("browser", BROWSER), Table("services", SERVICES))
+                Table("browser", BROWSER), Table("services", SERVICES), Table("backing", BACKING), Table("test", TEST))
 
 
 # ---------------------------------------------------------------- reading it
@@ -243,11 +247,13 @@ def parse_repo_config(text: str | None, source: str, procfile: str | None = None
         database=DatabaseConfig(**tables["database"]), observability=ObservabilityConfig(**tables["observability"]),
         pool=PoolConfig(**tables["pool"]), browser=BrowserConfig(**tables["browser"]),
         services={n: ServiceConfig(name=n, **s) for n, s in tables["services"].items()},
+        backing=backing_from(source, tables["backing"]), test=TestConfig(**tables["test"]),
         text=text, procfile_text=procfile)
     _check_depends_on(source, cfg.services)
     if not cfg.services and procfile:
         cfg.services = parse_procfile(procfile, cfg.box.ports[0] if cfg.box.ports else None)
         cfg.services_from_procfile = True
+    check_names(source, cfg.backing, cfg.box.ports, cfg.services)
     return cfg
 
 

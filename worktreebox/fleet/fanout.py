@@ -349,10 +349,12 @@ class Fanout:
                                               f"Run: {cmd}\nExit code: {r['exit']}\nBox: {box.id}", label=box.id)
             except WtboxError as e:
                 res.setdefault("problems", []).append(str(e))
-        if o.checks:
+        # Without --check, the repo's test command ([test] cmd, `wtbox test`) is the check.
+        wanted = o.checks or ((self._config.test.cmd,) if self._config is not None and self._config.test.cmd else ())
+        if wanted:
             checks = []
-            for j, cmd in enumerate(o.checks, 1):
-                step(CHECKING, f"{j}/{len(o.checks)}: {cmd}")
+            for j, cmd in enumerate(wanted, 1):
+                step(CHECKING, f"{j}/{len(wanted)}: {cmd}")
                 r = self.runner.run(cmd, box.path, env, box.logs_dir, CHECK_LOG, redact, o.timeout,
                                     cgroup=Leaf(host.home, box.id, RUN))
                 if self.runner.stopped.is_set():

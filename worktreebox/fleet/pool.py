@@ -41,6 +41,7 @@ from worktreebox.errors import ConfigError, UsageError, WtboxError
 from worktreebox.host import Host, _phase
 from worktreebox.layers import deps
 from worktreebox.resources import cgroup as cgroup_resource
+from worktreebox.resources import router as router_resource
 from worktreebox.services import boxenv
 from worktreebox.services.boxenv import without_box_vars
 from worktreebox.system import git, procs
@@ -238,6 +239,8 @@ def _take_over(host: Host, box: Box, t: Target) -> bool:
     host.registry.save_box(box)
     if moved and t.config.pool.restart_on_update and t.config.services:
         host.services(box, "restart")
+    router_resource.push(host)  # a claimed box is routed by its new names
+    _phase("claim:router")
     return moved
 
 

@@ -19,7 +19,7 @@ from mcp_types import ToolAnnotations
 from pydantic import Field
 
 from worktreebox.mcp.calls import Opened, Progress, in_thread, reveal
-from worktreebox.operations import boxes, fleet, observe, services
+from worktreebox.operations import boxes, fleet, observe, router, services
 from worktreebox.operations.spec import CHANGES, DESTROYS, READ_ONLY, SHOW_SECRETS, Operation, Param
 
 ANNOTATIONS = {
@@ -164,8 +164,10 @@ def all_tools() -> list[tuple[Callable[..., Any], Operation]]:
         (make_tool(boxes.NEW, new_body), boxes.NEW),
         (make_tool(boxes.LS), boxes.LS),
         (make_tool(boxes.STATUS), boxes.STATUS),
+        (make_tool(router.URL), router.URL),
         (make_tool(boxes.ENV, extras=[SHOW_SECRETS]), boxes.ENV),
         (make_tool(boxes.EXEC, exec_body, extras=EXEC_EXTRAS), boxes.EXEC),
+        (make_tool(boxes.TEST), boxes.TEST),
         (make_tool(observe.LOGS, defaults={"tail": 200}), observe.LOGS),
         (make_tool(observe.METRICS), observe.METRICS),
         (make_tool(observe.TRACES), observe.TRACES),

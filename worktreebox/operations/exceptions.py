@@ -17,6 +17,7 @@ EXCEPTIONS: dict[str, str] = {
     "keep": "CLI only for now: marks a box for gc.",
     "unkeep": "CLI only for now: unmarks a box for gc.",
     "init": "CLI only: writes a file in your repository.",
+    "open": "CLI only: starts a browser where the CLI runs (an agent opens box_url's URL itself).",
     "doctor": "CLI only: checks this host for its operator.",
     "top": "CLI only: a live view for a terminal (--watch).",
     "gc": "CLI only: the host's sweep (also run hourly by itself).",

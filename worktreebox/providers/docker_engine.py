@@ -400,6 +400,16 @@ def sweep_box(home: str | Path, box_id: str) -> dict[str, int]:
     return counts
 
 
+def image_present(image: str) -> bool:
+    """The image is on this machine (no pull); False without a local daemon socket."""
+    if _socket_path() is None:
+        return False
+    try:
+        return _api("GET", f"/images/{image}/json", timeout=5) is not None
+    except (OSError, WtboxError):
+        return False
+
+
 def discover_box_ids(home: str | Path) -> set[str]:
     """gc: box ids that own labelled docker things in this home; empty without Docker."""
     if not docker_available()[0]:

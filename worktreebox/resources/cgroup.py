@@ -113,7 +113,15 @@ def claimed(host: HostContext, box: Box) -> None:
     backend = cgroups.for_home(host.home)
     if backend is None or data.pop("pooled_cpu_weight", None) is None:
         return
-    backend.set_limits(box.id, cgroups.Limits(cpu_weight=data.get("cpu_weight") or cgroups.DEFAULT_CPU_WEIGHT))
+    # The kernel refuses a weight for an idle (background) group: lift the flag around the write.
+    background = backend.background(box.id)
+    if background:
+        backend.set_background(box.id, False)
+    try:
+        backend.set_limits(box.id, cgroups.Limits(cpu_weight=data.get("cpu_weight") or cgroups.DEFAULT_CPU_WEIGHT))
+    finally:
+        if background:
+            backend.set_background(box.id, True)
 
 
 def effective_limits(repo: LimitsConfig, host: LimitsConfig) -> cgroups.Limits:

@@ -69,6 +69,8 @@ def _print_box(out: dict) -> None:
         click.echo(f"made of  {out['fingerprint']['hash']}  (fingerprint; 'wtbox diff' compares two boxes)")
     if out["ports"]:
         click.echo("ports    " + "  ".join(f"{k}={v}" for k, v in out["ports"].items()))
+    for service, link in (out.get("urls") or {}).items():
+        click.echo(f"url      {link}" + (f"  ({service})" if len(out["urls"]) > 1 else ""))
     if out.get("database"):
         db = out["database"]
         click.echo(f"database {db['mode']}: {db['url']}")
@@ -83,18 +85,19 @@ def _print_box(out: dict) -> None:
 def ls(all, as_json):
     from worktreebox.fleet import fingerprint
 
-    found = boxes.listed(get_host(), all)
+    host = get_host()
+    found, every = boxes.listed(host, all)
     if as_json:
-        emit_json([{**b.to_json(), "fingerprint": fingerprint.short(b)} for b in found])
+        emit_json([boxes.ls_json(host, b, every) for b in found])
         return
     if not found:
         info("no boxes; create one with 'wtbox new TASK'")
         return
     now = time.time()
     rows = [[b.id, b.state + (" (keep)" if b.keep else "") + (" (pool)" if b.pool else ""),
-             " ".join(f"{k}={v}" for k, v in b.ports.items()), _age(now - b.created_at), fingerprint.short(b),
-             str(b.path)] for b in found]
-    table(rows, ["ID", "STATE", "PORTS", "AGE", "FINGERPRINT", "PATH"])
+             " ".join(f"{k}={v}" for k, v in b.ports.items()), host.first_url(b, every) or "-",
+             _age(now - b.created_at), fingerprint.short(b), str(b.path)] for b in found]
+    table(rows, ["ID", "STATE", "PORTS", "URL", "AGE", "FINGERPRINT", "PATH"])
 
 
 def _age(s: float) -> str:

@@ -57,7 +57,9 @@ def gc(dry_run, grace, install_timer, print_only, quiet, as_json):
             click.echo(f"remove  {layer}  (no box uses it)")
         for cgroup in result.get("cgroups", []):
             click.echo(f"remove  cgroup of box {cgroup}")
-        if not any(result.get(k) for k in ("actions", "mounts", "layers", "cgroups")):
+        for router in result.get("routers", []):
+            click.echo(f"stop    {router}")
+        if not any(result.get(k) for k in ("actions", "mounts", "layers", "cgroups", "routers")):
             info("nothing to clean")
         else:
             info(f"gc {verb} {len(result['actions'])} actions in {result['seconds']}s")

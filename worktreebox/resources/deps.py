@@ -88,7 +88,7 @@ class Deps(Resource):
         data = box.data.get(self.name)
         if not data:
             return None
-        return {"deps": [{k: v for k, v in layer.items() if k != "built"} for layer in data["layers"]]}
+        return {"deps": [{k: v for k, v in layer.items() if k not in ("built", "toolchain")} for layer in data["layers"]]}
 
 
 def _runner(c: Creation, layer):

@@ -27,7 +27,6 @@ from worktreebox.config.load import (
 )
 from worktreebox.config.templating import render
 from worktreebox.errors import ConfigError, Interrupted, NotFound, UnsavedWork, UsageError, WtboxError
-from worktreebox.layers.deps import runtime_toolchain
 from worktreebox.providers.postgres import server as postgres_server
 from worktreebox.registry import Registry
 from worktreebox.resources import load_all, stages
@@ -241,6 +240,8 @@ class Host:
         box.data["creator"] = procs.identity(os.getpid())
         # Fixed now: `up`/`restart`/`exec` from any other shell give the box this environment.
         box.data[boxenv.DATA_KEY] = boxenv.capture(cfg.box)
+        from worktreebox.layers.deps import runtime_toolchain  # ~2 ms: only `new` needs it
+
         box.data["toolchain"] = runtime_toolchain(box.data[boxenv.DATA_KEY].get("PATH"), self.home)
         box.data["wtbox_version"] = __version__
         box.data["secret_names"] = sorted(secrets or {})  # names only: to say what `up` needs again

@@ -2,7 +2,7 @@
 
 `image` (root, with loop devices, mkfs.ext4 and mount): the box's directory `boxes/<id>/` is a
 loop-mounted ext4 of disk_max made for the box (`disks/<box hex>.img`, sparse: it costs only
-what the box writes; made and mounted in ~25 ms), so the kernel refuses a write past the limit
+what the box writes; 1 GB made and mounted in 26 ms on a quiet machine), so the kernel refuses a write past the limit
 (ENOSPC) to every process of the box, and the host's disk never fills. Everything of the box's
 own lives there: its worktree changes (the overlay's upper layer) and dependency layer changes,
 TMPDIR, XDG_CACHE_HOME, logs, metrics, traces. Not what a box writes outside its directory

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-APP = ROOT / "tests" / "router_app.py"  # the router tests' app: a page naming its box
+APP = ROOT / "tests" / "apps" / "router_app.py"  # the router tests' app: a page naming its box
 TOML = ('[box]\nports = ["web"]\n[database]\nmode = "none"\n[observability]\nenabled = false\n'
         f'[services.web]\ncmd = "{sys.executable} {APP} http {{{{ ports.web }}}} {{{{ box.id }}}}"\n'
         'ready = "http://127.0.0.1:{{ ports.web }}/"\n')

@@ -7,6 +7,9 @@ import subprocess
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+APPS = Path(__file__).resolve().parent / "apps"  # small programs the tests run as services
+
 # A repo config for tests of the core only: no database, no observability stack.
 CORE_TOML = """
 [database]
@@ -71,7 +74,7 @@ def stop_routers_under(tmp) -> None:
 
 # A service that spins `argv[2]` processes, each in a session of its own, while the file argv[1]
 # exists (tests of fair CPU and of background boxes, and scripts/bench_cgroups.py).
-BURNER = (Path(__file__).parent / "services" / "burner.py").read_text()
+BURNER = (APPS / "burner.py").read_text()
 
 
 def box_pids(box_id: str) -> set[int]:

@@ -135,7 +135,9 @@ def test_port_taken_by_foreign_process_is_skipped(host, make_repo, monkeypatch):
     sock.listen()
     try:
         box = host.new("skip", repo=make_repo(toml=CORE_TOML))
-        assert box.ports["web"] == lo + 501
+        # the bound port is never leased; which free one comes next depends on what other
+        # sessions on this host lease at the same moment (leases are host-wide)
+        assert lo + 500 < box.ports["web"] <= lo + 600
     finally:
         sock.close()
 

@@ -77,7 +77,8 @@ def run() -> None:
         _before_the_command()
         rv = main(standalone_mode=False)
     except click.exceptions.Abort as e:
-        interrupted = isinstance(e.__context__, (KeyboardInterrupt, EOFError)) or isinstance(e.__cause__, KeyboardInterrupt)
+        interrupted = (isinstance(e.__context__, (KeyboardInterrupt, EOFError))
+                       or isinstance(e.__cause__, KeyboardInterrupt))
         click.echo("wtbox: interrupted." if interrupted else "wtbox: aborted.", err=True)
         sys.exit(130 if interrupted else 1)
     except click.exceptions.NoArgsIsHelpError as e:  # `wtbox`, `wtbox db`: the help, as click prints it

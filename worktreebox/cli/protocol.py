@@ -48,9 +48,8 @@ def served(args: list[str], stdin_is_tty: bool) -> bool:
             return False
         if args[0] == "logs" and a.startswith("-") and not a.startswith("--") and "f" in a:
             return False  # -f, or -f inside a cluster of short flags
-    if args[0] == "rm" and "--all" in options and "--yes" not in options and stdin_is_tty:
-        return False  # it asks on the terminal
-    return True
+    asks = args[0] == "rm" and "--all" in options and "--yes" not in options and stdin_is_tty
+    return not asks  # a question on the terminal is answered here, not through the server
 
 
 # ---------------------------------------------------------------- where

@@ -115,7 +115,7 @@ def _kind(source: str, name: str, image: str) -> str:
     return kind
 
 
-def check_names(source: str, backing: dict[str, BackingConfig], box_ports: list[str], services: dict) -> None:
+def check_names(source: str, backing: dict[str, BackingConfig], box_ports: list[str], services: dict[str, Any]) -> None:
     """A backing service's name is its port's and its log's: no [box] port or service may share it."""
     for b in backing.values():
         clash = next((p for p in b.port_names if p in box_ports), None)

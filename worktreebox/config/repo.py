@@ -1,7 +1,7 @@
 """wtbox.toml, a repo's config: what its boxes are made of, as dataclasses and their schema.
 
 Each table's dataclass holds the defaults; its schema (REPO, below) holds each key's parser, in
-the order keys are checked. `tests/test_config_repo.py` holds the two to the same keys.
+the order keys are checked. `tests/config/test_repo.py` holds the two to the same keys.
 """
 from __future__ import annotations
 

@@ -45,4 +45,4 @@ def _activate(plan: Plan) -> None:
 
     plan.setup, plan.migrate, plan.test = one(plan.setup), one(plan.migrate, VENV_PATH_MIGRATE), one(plan.test)
     for svc in plan.services.values():
-        svc.cmd = one(svc.cmd)
+        svc.cmd = one(svc.cmd) or svc.cmd  # one() keeps a command (it only prefixes it)

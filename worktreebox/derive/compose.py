@@ -61,6 +61,7 @@ def read(root: Path, plan: Plan, path: Path | None = None) -> None:
     variables = read_dotenv(path.parent / ".env") if (path.parent / ".env").is_file() else {}
     interp = Interpolation(variables)
     doc = interpolate_tree(doc, interp)
+    assert isinstance(doc, dict)  # a map stays a map
     for name in interp.unset:
         plan.note(f"{rel}: ${{{name}}} is not set in .env (Compose would take your shell's); read as empty.")
     for req in interp.required:

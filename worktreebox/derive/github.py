@@ -53,7 +53,8 @@ def read(root: Path, plan: Plan) -> None:
 class Job:
     def __init__(self, root: Path, plan: Plan, rel: str, name: str, job: dict[str, Any], doc: dict[str, Any]) -> None:
         self.root, self.plan, self.rel, self.name, self.job = root, plan, rel, name, job
-        self.workflow_env = doc.get("env") if isinstance(doc.get("env"), dict) else {}
+        env = doc.get("env")
+        self.workflow_env: dict[str, Any] = env if isinstance(env, dict) else {}
         self.matrix: dict[str, Any] = {}
         self.env: dict[str, Any] = {}
 

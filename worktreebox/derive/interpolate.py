@@ -26,7 +26,7 @@ class Interpolation:
 
     def _scan(self, text: str, i: int, stop: str | None) -> tuple[str, int]:
         """Interpolate from i until `stop` (a closing brace of a nested word) or the end."""
-        out = []
+        out: list[str] = []
         while i < len(text):
             ch = text[i]
             if stop is not None and ch == stop:

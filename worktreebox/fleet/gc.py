@@ -56,8 +56,8 @@ def _owners(boxes: list) -> dict[str, str]:
     warm pool (its running services still carry that name; pool.py)."""
     out = {b.id: b.id for b in boxes}
     for b in boxes:
-        if b.data.get("pool_id"):
-            out.setdefault(b.data["pool_id"], b.id)
+        if b.alias is not None:
+            out.setdefault(b.alias, b.id)
     return out
 
 
@@ -77,7 +77,8 @@ def plan(host: Host, *, grace: float, now: float | None = None) -> list[dict]:
     actions: list[dict] = []
     for box_id, what in sorted(found.items()):
         if box_id not in known:
-            actions.append({"id": box_id, "action": "remove", "reason": f"orphan: {', '.join(sorted(what))} with no registry row"})
+            reason = f"orphan: {', '.join(sorted(what))} with no registry row"
+            actions.append({"id": box_id, "action": "remove", "reason": reason})
     for b in boxes.values():
         updated = b.updated_at or b.created_at
         if b.state in (CREATING, REMOVING, FAILED):

@@ -37,8 +37,7 @@ def annotation(p: Param) -> Any:
         kind = list[kind] | kind  # a list, or one value
     if p.default is None:
         kind = kind | None
-    bounds = {k: v for k, v in (("ge", p.min), ("le", p.max)) if v is not None}
-    return Annotated[kind, Field(description=p.help, **bounds)]
+    return Annotated[kind, Field(description=p.help, ge=p.min, le=p.max)]
 
 
 def tool_signature(op: Operation, params: Sequence[Param]) -> inspect.Signature:

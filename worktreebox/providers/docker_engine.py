@@ -334,7 +334,7 @@ def remove_labelled(home: str | Path, box_id: str | None = None, *, host_level: 
 
 
 def _name(obj: Any) -> str:
-    return getattr(obj, "name", None) or getattr(obj, "short_id", "?")
+    return str(getattr(obj, "name", None) or getattr(obj, "short_id", "?"))
 
 
 def first_line(e: BaseException) -> str:
@@ -417,7 +417,8 @@ def discover_box_ids(home: str | Path) -> set[str]:
     if _socket_path() is None:
         return labelled_box_ids(home)
     found = _raw_labelled(home, None)
-    return {(o.get("Labels") or {}).get(BOX_LABEL) for objs in found.values() for o in objs} - {None}
+    ids = {(o.get("Labels") or {}).get(BOX_LABEL) for objs in found.values() for o in objs}
+    return {i for i in ids if i is not None}
 
 
 # ---------------------------------------------------------------- for doctor

@@ -9,6 +9,7 @@ puts the repo's own variable names (REDIS_URL, CELERY_BROKER_URL, ...).
 """
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -140,9 +141,8 @@ def _wait_ready(box: Box, wanted: dict[str, BackingConfig], running: dict[str, t
 
     for name, (rt, handle) in running.items():
         cfg, port = wanted[name], box.ports[name]
-        answers = readiness.Probe(lambda timeout, rt=rt, handle=handle, port=port: rt.ready(handle, port))
-        why = readiness.wait(answers, cfg.ready_timeout, alive=lambda rt=rt, handle=handle: rt.failed(handle) is None,
-                             poll=POLL)
+        answers = readiness.Probe(functools.partial(_ready, rt, handle, port))
+        why = readiness.wait(answers, cfg.ready_timeout, alive=functools.partial(_running, rt, handle), poll=POLL)
         if why == readiness.EXITED:
             raise WtboxError(f"The backing service {name!r} ({cfg.image}, {rt.runtime}) {rt.failed(handle)} at "
                              f"start: {_last_words(box, name, held)}.")
@@ -186,11 +186,21 @@ def _alive(box: Box, name: str) -> bool:
         return False
 
 
+def _ready(rt: Runtime, handle: Any, port: int, timeout: float) -> bool:
+    return bool(rt.ready(handle, port))
+
+
+def _running(rt: Runtime, handle: Any) -> bool:
+    return rt.failed(handle) is None
+
+
 def _answers(name: str, d: dict[str, Any]) -> bool:
     from worktreebox.providers.backing.base import probe
 
     port = (d.get("facts") or {}).get("port")
-    return bool(port) and probe(d.get("kind", ""), port)
+    if not port:
+        return False
+    return bool(probe(d.get("kind", ""), port))
 
 
 def _native_process_names() -> set[str]:

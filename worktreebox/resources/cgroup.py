@@ -39,7 +39,8 @@ class Cgroup(Resource):
             return
         limits = effective_limits(c.config.box.limits, c.host.config.box_limits)
         pooled = c.box.pool is not None
-        homes.note(cgroups.home_key(c.host.home), c.host.home)  # so that gc elsewhere can sweep it if the home is deleted
+        # so that gc elsewhere can sweep it if the home is deleted
+        homes.note(cgroups.home_key(c.host.home), c.host.home)
         backend.create(c.box.id, dataclasses.replace(limits, cpu_weight=POOL_CPU_WEIGHT) if pooled else limits)
         c.box.data[self.name] = {"version": backend.version, "path": backend.relative(c.box.id),
                                  **{k: v for k, v in dataclasses.asdict(limits).items() if v is not None}}

@@ -72,7 +72,7 @@ def start(paths: Paths, binary: str, bootstrap: bytes) -> list[int]:
 
 def stop(ident: list[int] | None) -> None:
     """Stop the router's Caddy (staged: SIGTERM, wait, SIGKILL) if that process still runs."""
-    if procs.is_alive(ident):
+    if ident is not None and procs.is_alive(ident):
         procs.stop_pid(ident[0])
 
 

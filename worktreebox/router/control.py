@@ -103,7 +103,7 @@ def url(host: HostContext, box: Box, service: str | None = None, *, show_token: 
     router = sync(host)  # before the URLs: it leases the router's port the first time
     every = urls(host, box)
     service = service or next(iter(every))
-    out = {"id": box.id, "service": service, "url": every[service], "urls": every,
+    out: dict[str, Any] = {"id": box.id, "service": service, "url": every[service], "urls": every,
            "router": {"port": router.get("port"), "listen": router.get("listen")}}
     if not tokens.loopback(router.get("listen") or "127.0.0.1"):
         out["token_needed"] = True

@@ -51,8 +51,8 @@ class SupervisorPayload:
     disk_max: int | None = None  # watched by the supervisor (services/diskwatch.py) when no filesystem enforces it
 
     def to_json(self) -> dict[str, Any]:
-        return {"secrets": dict(self.secrets), "workdir": self.workdir, "services": [s.to_json() for s in self.services],
-                "disk_max": self.disk_max}
+        return {"secrets": dict(self.secrets), "workdir": self.workdir,
+                "services": [s.to_json() for s in self.services], "disk_max": self.disk_max}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SupervisorPayload:

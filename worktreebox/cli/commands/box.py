@@ -26,7 +26,8 @@ def parse_secrets(items: tuple[str, ...]) -> dict[str, str]:
             raise UsageError(f"--secret {item!r}: expected NAME or NAME=@FILE.")
         if src:
             if not src.startswith("@"):
-                raise UsageError(f"--secret {name}: give the value through the environment or NAME=@FILE, never inline.")
+                raise UsageError(f"--secret {name}: give the value through the environment or NAME=@FILE, "
+                                 "never inline.")
             try:
                 out[name] = Path(src[1:]).read_text().rstrip("\n")
             except OSError as e:
@@ -115,7 +116,8 @@ def status(box, show_secrets, as_json):
         return
     _print_box(out)
     wt = out.get("worktree") or {}
-    click.echo(f"disk     {out['disk_bytes'] / 1e6:.1f} MB of its own; its worktree {out['worktree_bytes'] / 1e6:.1f} MB"
+    click.echo(f"disk     {out['disk_bytes'] / 1e6:.1f} MB of its own; "
+               f"its worktree {out['worktree_bytes'] / 1e6:.1f} MB"
                + (f" (changes over its {wt['mount']} view of trees/{wt['tree'][:12]})" if wt.get("tree") else ""))
     if out.get("problem"):
         info(f"warning: {out['problem']}")
@@ -190,7 +192,8 @@ def rm(box, force, keep_branch, all_, yes, as_json):
         if refusals:
             b, why = refusals[0]
             more = f" (and {len(refusals) - 1} more boxes)" if len(refusals) > 1 else ""
-            raise WtboxError(f"{b.id} has {why}{more}; nothing was removed. Commit and push, or use --force to discard.")
+            raise WtboxError(f"{b.id} has {why}{more}; nothing was removed. "
+                             "Commit and push, or use --force to discard.")
     removed = []
     for b in targets:
         removed.append(boxes.rm(host, b, force=True, keep_branch=keep_branch))

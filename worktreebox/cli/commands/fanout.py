@@ -206,7 +206,7 @@ def print_rows(rows: list[dict]) -> None:
         text = [headers] + [[c + ("*" if b else "") for c, b in cells] for cells in body]
         widths = [max(len(row[i]) for row in text) for i in range(len(headers))]
         for row in text:
-            click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+            click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
         if len(rows) > 1:
             info("* best in its column")
     for r in rows:

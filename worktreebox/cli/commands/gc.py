@@ -50,7 +50,8 @@ def gc(dry_run, grace, install_timer, print_only, quiet, as_json):
     elif not quiet:
         verb = "would" if dry_run else "did"
         for a in result["actions"]:
-            click.echo(f"{a['action']:<7} {a['id']}  ({a['reason']})" + ("" if dry_run or a.get("done") else "  FAILED"))
+            failed = "" if dry_run or a.get("done") else "  FAILED"
+            click.echo(f"{a['action']:<7} {a['id']}  ({a['reason']}){failed}")
         for target in result.get("mounts", []):
             click.echo(f"unmount {target}  (no box owns it)")
         for layer in result.get("layers", []):

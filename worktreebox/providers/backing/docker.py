@@ -57,7 +57,7 @@ class DockerBacking(Runtime):
         tc.with_bind_ports(cfg.port, ports[cfg.name])
         # on loopback only, as the native programs listen: the docker SDK's (ip, port) form of the
         # mapping testcontainers hands it (its with_bind_ports takes no address)
-        tc.ports[str(cfg.port)] = (LOOPBACK, ports[cfg.name])
+        tc.ports[str(cfg.port)] = (LOOPBACK, ports[cfg.name])  # type: ignore[assignment]  # typed as a bare port
         for k, v in ENV.get(repo, {}).items():
             tc.with_env(k, v)
         if repo in COMMANDS:

@@ -134,8 +134,9 @@ def launch(box: Box, home: Path | str, launches: list[Launch]) -> tuple[dict[str
     keeper_pid = shlex.quote(str(pid_file(box, KEEPER)))
     lines.append(f"{shlex.join(keeper)} </dev/null >/dev/null 2>&1 & echo $! >{keeper_pid}")
     errors = run / "_launch.err"  # not a pipe: the programs in the background would hold it open
-    with open(errors, "wb") as err:
-        code = procs.spawn(["/bin/sh", "-c", "\n".join(lines)], env=_base_env(box), cwd=box.dir, stderr=err).wait()
+    with open(errors, "wb") as launch_err:
+        code = procs.spawn(["/bin/sh", "-c", "\n".join(lines)], env=_base_env(box), cwd=box.dir,
+                           stderr=launch_err).wait()
     if code != 0:
         release(held)
         raise OSError(f"the shell that starts them failed: {errors.read_text(errors='replace').strip()[:300]}")

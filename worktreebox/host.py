@@ -365,7 +365,7 @@ class Host:
         """Destroy a box completely; refuses with unsaved work unless force. Restartable after a crash."""
         box = ref if isinstance(ref, Box) else self.get(ref)
         creator = box.data.get("creator")
-        if box.state == CREATING and procs.is_alive(creator) and creator[0] != os.getpid():
+        if box.state == CREATING and creator and procs.is_alive(creator) and creator[0] != os.getpid():
             # Its command rolls back whatever it made on Ctrl-C; removing underneath it leaves both confused.
             raise WtboxError(f"{box.id} is still being made (by process {creator[0]}); wait for it, or interrupt "
                              "that command (Ctrl-C), which removes the half-made box.")

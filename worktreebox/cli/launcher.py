@@ -12,7 +12,7 @@ by then (the first `wtbox new` of a new home makes it); before a home exists not
 """
 from __future__ import annotations
 
-import _signal  # the C module under `signal`, which imports enum first (~9 ms of the window this closes)
+import _signal  # type: ignore[import-not-found]  # the C module under `signal`, which imports enum first (~9 ms of the window this closes)
 import os
 import sys
 

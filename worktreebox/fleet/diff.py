@@ -83,8 +83,8 @@ def row_counts(host: Host, box: Box) -> dict[str, int] | None:
         tables = [r[0] for r in conn.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = %s AND table_type = 'BASE TABLE'"
             " ORDER BY table_name LIMIT %s", (schema, MAX_TABLES))]
-        return {t: conn.execute(sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(schema),
-                                                                             sql.Identifier(t))).fetchone()[0]
+        count = sql.SQL("SELECT count(*) FROM {}.{}")
+        return {t: conn.execute(count.format(sql.Identifier(schema), sql.Identifier(t))).fetchall()[0][0]
                 for t in tables}
 
 

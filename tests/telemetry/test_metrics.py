@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import APPS, wait_for
+from helpers import APPS, ROOT, wait_for
 
 from worktreebox.providers.metrics import native as vm
 from worktreebox.telemetry.collector import Collector
@@ -360,7 +360,7 @@ def test_the_readmes_headline_query_answers_after_the_first_probe(host, make_rep
     after the first probe and worked only after a second: one sample per series has no rate."""
     import re
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     query = re.search(r"wtbox metrics fix-login '(histogram_quantile\(0\.95, sum\(rate\(wtbox_probe[^']*)'",
                       readme).group(1)
     box = host.new("headline", repo=make_repo({"app.py": APP}, toml=WEB_TOML))

@@ -116,7 +116,8 @@ def test_new_exec_logs_metrics_resources_rm(wtbox_home, make_repo, host):
             assert box["fingerprint"]["hash"] and box["pool"]["claimed"] is False
             status = ok(await client.call_tool("box_status", {"box": bid}))
             assert status["fingerprint"] == box["fingerprint"] and status["fingerprint"]["parts"]["commit"]
-            assert [b["fingerprint"] for b in ok(await client.call_tool("box_list", {}))] == [box["fingerprint"]["hash"]]
+            listed = ok(await client.call_tool("box_list", {}))
+            assert [b["fingerprint"] for b in listed] == [box["fingerprint"]["hash"]]
             same = ok(await client.call_tool("diff", {"a": bid, "b": "mcp-life"}))
             assert same["same"] and same["fingerprint"] == same["files"] == same["data"] == []
 

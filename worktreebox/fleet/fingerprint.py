@@ -37,7 +37,7 @@ def parts_of(box: Box) -> dict[str, Any]:
         "layers": _layers((data.get("deps") or {}).get("layers") or []),
         "toolchain": data.get("toolchain"),
         "migrations": db.get("migrations") if db.get("mode") not in (None, "none") else None,
-        "env": data.get("inherited_env"),
+        "env": _env(data.get("inherited_env")),
         "secrets": sorted(data.get("secret_names") or []),
         "mounts": (data.get("worktree") or {}).get("mount"),
         "wtbox": data.get("wtbox_version"),
@@ -48,6 +48,13 @@ def _layers(layers: list[dict[str, Any]]) -> dict[str, Any]:
     """Each layer by where it is attached: its key and the toolchain that built it."""
     return {f"{layer['kind']}:{layer.get('dir') or '.'}": {"key": layer["key"], "toolchain": layer.get("toolchain")}
             for layer in layers}
+
+
+def _env(inherited: dict[str, str] | None) -> dict[str, str] | None:
+    """What the box inherited as status shows it (a URL's password masked): the fingerprint is printed."""
+    from worktreebox.secrets import mask_env
+
+    return None if inherited is None else mask_env(inherited)
 
 
 def digest(parts: dict[str, Any]) -> str:
@@ -98,7 +105,7 @@ def expected(host: Host, repo: str, sha: str, cfg: RepoConfig, environ: dict[str
         "toolchain": deps.runtime_toolchain(inherited.get("PATH"), host.home),
         "migrations": None if db.mode == "none" else migrations_hash(repo, sha, db.migrate, db.migrations,
                                                                      db.extensions),
-        "env": inherited,
+        "env": _env(inherited),
         "secrets": [],
         "mounts": mounts.for_host(host).name,
         "wtbox": __version__,

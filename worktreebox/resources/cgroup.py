@@ -10,11 +10,9 @@ discover: box ids that have a cgroup under this home (by the hex their cgroup is
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import TYPE_CHECKING, Any
 
-from worktreebox.box import hex_of, is_box_id
-from worktreebox.resources.base import Creation, Resource, warn
+from worktreebox.resources.base import Creation, Resource, ids_by_hex, warn
 from worktreebox.system import cgroups, procs
 from worktreebox.system import home_records as homes
 
@@ -74,15 +72,7 @@ class Cgroup(Resource):
         backend = cgroups.for_home(host.home)
         if backend is None:
             return set()
-        keys = backend.box_keys()
-        if not keys:
-            return set()
-        by_hex = {hex_of(i): i for i in host.registry.select_box_ids()}
-        try:
-            dirs = {hex_of(e.name): e.name for e in os.scandir(host.boxes_dir) if is_box_id(e.name)}
-        except FileNotFoundError:
-            dirs = {}
-        return {by_hex.get(k) or dirs.get(k) or f"wt_{k}" for k in keys}
+        return ids_by_hex(host, set(backend.box_keys()), "wt_")
 
     def status(self, host: HostContext, box: Box) -> dict[str, Any] | None:
         data = box.data.get(self.name)

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from worktreebox import settings
-from worktreebox.box import hex_of, is_box_id
+from worktreebox.box import hex_of
 from worktreebox.errors import WtboxError
-from worktreebox.resources.base import Creation, Resource, warn
+from worktreebox.resources.base import Creation, Resource, ids_by_hex, warn
 
 if TYPE_CHECKING:
     from worktreebox.box import Box
@@ -98,14 +98,7 @@ class Disk(Resource):
             hexes = {p.stem for p in (host.home / "disks").glob("*.img")}
         except OSError:
             return set()
-        if not hexes:
-            return set()
-        by_hex = {hex_of(i): i for i in host.registry.select_box_ids()}
-        try:
-            dirs = {hex_of(e.name): e.name for e in os.scandir(host.boxes_dir) if is_box_id(e.name)}
-        except FileNotFoundError:
-            dirs = {}
-        return {by_hex.get(h) or dirs.get(h) or f"disk-{h}" for h in hexes}
+        return ids_by_hex(host, hexes, "disk-")
 
     def health(self, host: HostContext, box: Box) -> str | None:
         """A watched box frozen for its disk_max (one stat)."""

@@ -146,3 +146,12 @@ def test_an_inherited_urls_password_is_not_in_the_fingerprint(host, make_repo, m
 
     want = fingerprint.expected(host, str(repo), a.data["base_sha"], config_of(a.data))
     assert want["env"] == fingerprint.parts_of(a)["env"]
+
+
+def test_data_that_cannot_be_read_is_said_not_taken_as_the_same(host, repo):
+    a = host.new("a", repo=repo)
+    b = host.new("b", repo=repo)
+    b.data["database"] = {**b.data["database"], "name": "wtbox_no_such_db"}  # its database is gone
+    out = D.diff(host, a, b)
+    assert not out["same"] and out["data"] == [] and "wtbox_no_such_db" in out["data_error"]
+    assert any(line.startswith("data         not compared: ") for line in D.lines(out))

@@ -9,10 +9,10 @@ Two boxes made from one commit and config by the same wtbox answer "the same" on
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from worktreebox.errors import WtboxError
 from worktreebox.fleet import fingerprint
 from worktreebox.system import git
 
@@ -29,10 +29,10 @@ def diff(host: Host, a: Box, b: Box) -> dict[str, Any]:
     fa, fb = fingerprint.parts_of(a), fingerprint.parts_of(b)
     parts = [{"part": p, "a": fa.get(p), "b": fb.get(p)} for p in fingerprint.differing(fa, fb)]
     files, truncated = differing_files(a, b)
-    data = differing_rows(host, a, b)
+    data, data_error = differing_rows(host, a, b)
     return {"a": a.id, "b": b.id, "fingerprints": [fingerprint.digest(fa), fingerprint.digest(fb)],
-            "same": not (parts or files or data), "fingerprint": parts, "files": files,
-            "files_truncated": truncated, "data": data}
+            "same": not (parts or files or data or data_error), "fingerprint": parts, "files": files,
+            "files_truncated": truncated, "data": data, "data_error": data_error}
 
 
 # ---------------------------------------------------------------------- files
@@ -75,29 +75,35 @@ def row_counts(host: Host, box: Box) -> dict[str, int] | None:
     db = box.data.get("database") or {}
     if db.get("mode") in (None, "none") or not db.get("name"):
         return None
+    import psycopg
     from psycopg import sql
 
     srv = host.database_server(db.get("provider"))
     schema = db.get("schema") or "public"
-    with srv.session(db["name"]) as conn:
-        tables = [r[0] for r in conn.execute(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s AND table_type = 'BASE TABLE'"
-            " ORDER BY table_name LIMIT %s", (schema, MAX_TABLES))]
-        count = sql.SQL("SELECT count(*) FROM {}.{}")
-        return {t: conn.execute(count.format(sql.Identifier(schema), sql.Identifier(t))).fetchall()[0][0]
-                for t in tables}
+    try:
+        with srv.session(db["name"]) as conn:
+            tables = [r[0] for r in conn.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = %s"
+                " AND table_type = 'BASE TABLE' ORDER BY table_name LIMIT %s", (schema, MAX_TABLES))]
+            count = sql.SQL("SELECT count(*) FROM {}.{}")
+            return {t: conn.execute(count.format(sql.Identifier(schema), sql.Identifier(t))).fetchall()[0][0]
+                    for t in tables}
+    except psycopg.Error as e:
+        raise WtboxError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from e
 
 
-def differing_rows(host: Host, a: Box, b: Box) -> list[dict[str, Any]]:
-    """Tables whose row counts differ ({"table", "a", "b"}; None: the box has no such table)."""
+def differing_rows(host: Host, a: Box, b: Box) -> tuple[list[dict[str, Any]], str | None]:
+    """Tables whose row counts differ ({"table", "a", "b"}; None: the box has no such table), or why
+    the data could not be compared (a server down, a database gone): said, never taken as the same."""
     counts = []
     for box in (a, b):
-        with contextlib.suppress(Exception):  # an unreachable server: no data part rather than no diff
+        try:
             counts.append(row_counts(host, box) or {})
-            continue
-        counts.append({})
+        except (OSError, WtboxError) as e:
+            return [], f"{box.id}'s database: {e}"
     ca, cb = counts
-    return [{"table": t, "a": ca.get(t), "b": cb.get(t)} for t in sorted(set(ca) | set(cb)) if ca.get(t) != cb.get(t)]
+    rows = [{"table": t, "a": ca.get(t), "b": cb.get(t)} for t in sorted(set(ca) | set(cb)) if ca.get(t) != cb.get(t)]
+    return rows, None
 
 
 # ---------------------------------------------------------------------- a few lines for people
@@ -116,6 +122,9 @@ def lines(result: dict[str, Any]) -> list[str]:
     if len(files) > 8:
         out.append(f"             ... and {len(files) - 8} more (--json lists them)")
     data = result["data"]
+    if result.get("data_error"):
+        out.append(f"data         not compared: {result['data_error']}")
+        return out
     out.append("data         " + (", ".join(f"{d['table']} {_n(d['a'])} vs {_n(d['b'])} rows" for d in data[:8])
                                   if data else "the same row counts"))
     return out

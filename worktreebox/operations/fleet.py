@@ -220,7 +220,7 @@ DIFF = Operation(
     (dataclasses.replace(BOX, name="a", cwd=False, metavar="A", help="The first box (id, id prefix or task)."),
      dataclasses.replace(BOX, name="b", cwd=False, metavar="B", help="The second box.")),
     diff, result="{a, b, same, fingerprints, fingerprint: [{part, a, b}], files: [path], files_truncated, "
-                 "data: [{table, a, b}]}.", tool="diff")
+                 "data: [{table, a, b}], data_error (why data was not compared)}.", tool="diff")
 
 PICK = Operation(
     "pick", "Keep BOX (marked keep) and remove the other boxes of its fan-out; no committed work is lost.",

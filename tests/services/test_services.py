@@ -253,6 +253,28 @@ ready_timeout = "1.5s"
     assert not any(box_id.startswith("never-") for box_id in _all_box_ids())
 
 
+def test_a_service_that_exits_at_once_fails_new_fast_with_its_exit_code(make_repo, host):
+    """Defect 2: `exit 3` made `new` wait the whole ready timeout (60 s) and print the same output once
+    per restart, never the exit code."""
+    toml = CORE_TOML + """
+[box]
+ports = ["web"]
+
+[services.web]
+cmd = "echo starting up; exit 3"
+ready = "tcp:{{ ports.web }}"
+"""
+    repo = make_repo(toml=toml)
+    t0 = time.monotonic()
+    with pytest.raises(WtboxError) as err:
+        host.new("exits", repo=repo)
+    took = time.monotonic() - t0
+    msg = str(err.value)
+    assert took < 15, f"new took {took:.1f}s to give up on a service that exits at once"
+    assert "exited with code 3" in msg and msg.count("starting up") == 1, msg
+    assert host.list() == []
+
+
 def _all_box_ids() -> set[str]:
     ids = set()
     for p in psutil.process_iter():

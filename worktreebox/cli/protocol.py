@@ -33,7 +33,7 @@ __all__ = ["MAX_MESSAGE", "SERVED", "ProtocolError", "ask", "bind", "connect", "
 # gc is served: with hundreds of boxes its imports (psycopg, ...) were half of its second.
 SERVED = frozenset({
     "new", "rm", "ls", "status", "env", "logs", "up", "down", "restart", "metrics", "probe", "traces",
-    "top", "pool", "fanout", "compare", "keep", "unkeep", "db", "url", "gc",
+    "top", "pool", "fanout", "compare", "diff", "keep", "unkeep", "db", "url", "gc",
 })
 _LONG_RUNNING = ("--watch", "--follow")  # top --watch, logs --follow: until Ctrl-C, job control wanted
 _HELP = ("--help", "-h", "--version")

@@ -17,7 +17,7 @@ from worktreebox.box import DEGRADED, READY
 from worktreebox.config.load import check_ready, path_inside, services_in_order
 from worktreebox.config.templating import render
 from worktreebox.errors import ConfigError, UsageError
-from worktreebox.resources.base import Creation, Resource, warn
+from worktreebox.resources.base import Creation, Resource, ids_by_hex, warn
 from worktreebox.services import control, output
 from worktreebox.services.boxenv import otel_service_name, redactor_for
 from worktreebox.services.client import (
@@ -78,11 +78,10 @@ class Services(Resource):
 
 def _with_output(host: HostContext) -> set[str]:
     """Boxes whose services' output files are left in memory (appendfiles.py), named by their hex."""
-    from worktreebox.resources.cgroup import ids_of_hex
     from worktreebox.system import appendfiles
     from worktreebox.system.cgroups import home_key
 
-    return ids_of_hex(host, set(appendfiles.dirs_of_home(home_key(host.home))))
+    return ids_by_hex(host, set(appendfiles.dirs_of_home(home_key(host.home))), "wt_")
 
 
 # ---------------------------------------------------------------- specs
@@ -273,6 +272,22 @@ def services_up(host: HostContext, box: Box, service: str | None = None,
     wait_ready(box, targets, deadline=time.time() + 120)
     _whole_again(host, box)
     return services_status(box)
+
+
+def reload_config(host: HostContext, box: Box, secrets: dict[str, str] | None) -> dict[str, str]:
+    """`up --reload`: record the box's own wtbox.toml (services only may change) and stop a running
+    supervisor, so the services start anew from it; the secrets to start them with (the running
+    supervisor's, which would die with it, under the ones given)."""
+    from worktreebox.config import recorded
+
+    new = recorded.read_worktree(box.path)
+    recorded.check_reloadable(box.id, host.repo_config(box), new)
+    held = host.running_secrets(box) if supervisor_pid(box) is not None else {}
+    box.data[recorded.DATA_KEY] = recorded.record(new)
+    host.registry.save_box(box)
+    if supervisor_pid(box) is not None:
+        stop_supervisor(box)
+    return {**held, **(secrets or {})}
 
 
 def services_down(host: HostContext, box: Box, service: str | None = None) -> dict[str, Any]:

@@ -50,13 +50,16 @@ class SupervisorPayload:
     secrets: dict[str, str] = dataclasses.field(default_factory=dict)
     otlp_port: int | None = None  # the box's OTLP/HTTP endpoint, served by this process (otlp_receiver.py)
     background_busy: bool = True  # `[host] background_busy` (the client reads the host config: the supervisor need not)
+    disk_max: int | None = None  # watched by the supervisor (services/diskwatch.py) when no filesystem enforces it
 
     def to_json(self) -> dict[str, Any]:
         return {"secrets": dict(self.secrets), "workdir": self.workdir, "otlp_port": self.otlp_port,
-                "background_busy": self.background_busy, "services": [s.to_json() for s in self.services]}
+                "background_busy": self.background_busy, "services": [s.to_json() for s in self.services],
+                "disk_max": self.disk_max}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SupervisorPayload:
         return cls(services=[ServiceSpec.from_json(s) for s in data.get("services") or []],
                    workdir=data.get("workdir"), secrets=dict(data.get("secrets") or {}),
-                   otlp_port=data.get("otlp_port"), background_busy=data.get("background_busy", True) is not False)
+                   otlp_port=data.get("otlp_port"), background_busy=data.get("background_busy", True) is not False,
+                   disk_max=data.get("disk_max"))

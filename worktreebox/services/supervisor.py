@@ -99,6 +99,7 @@ class Supervisor:
         self.store_sleep: Any = None  # telemetry.store_sleep.StoreSleep of a box whose store can sleep
         self._last_collect, self._next_collect = 0.0, self.clock.now() + 1.0
         self._was_active = True  # the first calm look gives back what starting up used
+        self.disk_max = payload.disk_max
 
     def take(self, payload: SupervisorPayload) -> None:
         """The services to run, with the --secret values and the box env they run with."""
@@ -339,6 +340,19 @@ class Supervisor:
             self.check_oom()
             self.collect()
 
+    def _watch_disk(self) -> None:
+        """[box] disk_max where no filesystem enforces it (diskwatch.py)."""
+        backend = cgroups.for_home(self.home) if self.verify_ports else None
+        if not self.disk_max or backend is None:
+            return
+        from worktreebox.services.diskwatch import DiskWatch
+        from worktreebox.system.fsutil import own_bytes
+
+        watch = DiskWatch(self.box_dir, self.disk_max, measure=lambda: own_bytes(self.box_dir),
+                          freeze=lambda on: backend.freeze_box(self.box_id, on),
+                          event=lambda level, msg: self.event("_box", level, msg, event="disk_max"))
+        threading.Thread(target=watch.run, args=(self._done.wait,), name="disk", daemon=True).start()
+
     def run(self) -> None:
         from worktreebox.services import output
 
@@ -347,6 +361,7 @@ class Supervisor:
         self.serve()
         self.write_state()
         self._watch()
+        self._watch_disk()
         for s in self.services.values():
             s.up()
         # Woken by a change only (a service's thread, a control request, a stop): no timer.

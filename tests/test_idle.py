@@ -44,6 +44,9 @@ def test_output_files_are_logged_as_written_and_freed(out_dir, tmp_path):
         os.close(fd_out)
         os.close(fd_err)
         p.wait()
+        time.sleep(0.3)
+        assert _msgs(logs) == []  # held until its start event was written (`new` shows lines since it)
+        out.started("web")
         # inotify wakes the follower: no finish() needed for complete lines
         assert wait_for(lambda: "line 199" in _msgs(logs), timeout=5)
         out.finish("web")
@@ -63,6 +66,7 @@ def test_the_follower_sleeps_between_writes_and_ends_a_lone_traceback(out_dir, t
     out = output.Output(out_dir, lambda s: LogWriter(logs, s))
     try:
         fd_out, fd_err = out.files_for("web")
+        out.started("web")
         os.write(fd_err, b"Traceback (most recent call last):\n  File \"x\", line 1\nValueError: no\n")
         os.write(fd_out, b"after\n")
         assert wait_for(lambda: any(m.startswith("Traceback") for m in _msgs(logs)), timeout=5)
@@ -80,6 +84,7 @@ def test_a_new_follower_logs_what_nobody_read_and_nothing_twice(out_dir, tmp_pat
     logs = tmp_path / "logs"
     first = output.Output(out_dir, lambda s: LogWriter(logs, s))
     fd_out, fd_err = first.files_for("web")
+    first.started("web")
     os.write(fd_out, b"read by the first\n" + b"y" * 3000 + b"\n")
     assert wait_for(lambda: len(_msgs(logs)) == 2, timeout=5)
     first._closed = True  # as if killed: nobody follows any more

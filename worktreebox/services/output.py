@@ -37,11 +37,14 @@ class Stream:
         self.stream, self.writer = stream, writer
         self.partial = b""
         self.lock = threading.Lock()
+        self.held = False  # a new process's output waits for its start event (Output.files_for)
 
     def read(self) -> None:
         """Feed every complete line appended since the last read, then free what was read (only
         then: punching a hole is itself a modification inotify reports, which would wake us again)."""
         with self.lock:
+            if self.held:
+                return
             start = self.offset
             while data := os.pread(self.fd, CHUNK, self.offset):
                 self.offset += len(data)
@@ -59,6 +62,7 @@ class Stream:
 
     def finish(self) -> None:
         """The writing process ended: everything, the unfinished last line too, goes to the log."""
+        self.held = False
         self.read()
         with self.lock:
             if self.partial:
@@ -91,15 +95,26 @@ class Output:
 
     def files_for(self, service: str) -> tuple[int, int]:
         """The stdout and stderr of a new process of `service`: write ends the caller closes once
-        the process started (close-on-exec: only that process gets them, as its fds 1 and 2)."""
+        the process started (close-on-exec: only that process gets them, as its fds 1 and 2).
+        What it writes is logged once the caller called `started` (its start event goes first)."""
         fds = []
         for stream in STREAMS:
             s = self._stream(service, stream)
+            s.read()  # what an earlier process left, before the new one's start event
             with s.lock:
                 s.writer = self.writer_for(service)  # the service's writer of now (its redactor)
+                s.held = True
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
             fds.append(os.open(self.dir / f"{service}.{stream}", flags, 0o600))
         return fds[0], fds[1]
+
+    def started(self, service: str) -> None:
+        """The new process's start event is written: log its output from now on."""
+        for stream in STREAMS:
+            s = self.streams.get(f"{service}.{stream}")
+            if s is not None:
+                s.held = False
+                s.read()
 
     def finish(self, service: str) -> None:
         """A process of `service` exited: log all it wrote (its exit event comes after)."""

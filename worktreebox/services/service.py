@@ -242,6 +242,10 @@ class Service:
             fds = self.sup.output.files_for(self.name) if self.sup.output is not None else None
             try:
                 self.proc = self.sup.processes.start(self.spec.cmd, self.cwd, env, leaf=self.name, output=fds)
+            except BaseException:
+                if self.sup.output is not None:
+                    self.sup.output.started(self.name)
+                raise
             finally:
                 for fd in fds or ():
                     os.close(fd)
@@ -250,9 +254,12 @@ class Service:
         self.ready_seconds = None
         self.exit_code = None
         self.state = STARTING
-        # The event goes first so that in the merged logs it precedes the service's own output.
+        # The event goes first so that in the merged logs it precedes the service's own output
+        # (`new` shows a failed service's lines since its last start event).
         self.sup.event(self.name, "info", f"{self.name} started (pid {self.proc.pid})", event="start",
                        pid=self.proc.pid)
+        if self.sup.output is not None:
+            self.sup.output.started(self.name)
         self.sup.changed()
         return True
 

@@ -276,3 +276,33 @@ def test_an_oom_kill_in_a_box_is_an_event(tmp_path):
         assert woke == [True] and backend.oom_kills(box).get("hog") == 1
     finally:
         backend.remove(box)
+
+
+def test_more_followed_boxes_than_the_users_inotify_instances(tmp_path):
+    """Every box's supervisor follows one directory, all as one user: past the user's inotify
+    instances (128 by default) the 129th supervisor could not start. Each watch still wakes for a
+    write to its own directory, and for nothing else of its own."""
+    import select
+
+    limit = int(Path("/proc/sys/fs/inotify/max_user_instances").read_text())
+    n = min(limit + 8, 2000)
+    dirs = [tmp_path / f"box{i}" for i in range(n)]
+    watches = []
+    try:
+        for d in dirs:
+            d.mkdir()
+            watches.append(appendfiles.Watch(d))
+        last = watches[-1]
+        for w in watches:
+            w.drain()
+        fd = os.open(dirs[-1] / "web.stdout", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.write(fd, b"hello\n")
+        os.close(fd)
+        ready, _, _ = select.select([last.fileno()], [], [], 5)
+        assert ready == [last.fileno()]
+        last.drain()
+        ready, _, _ = select.select([last.fileno()], [], [], 0.3)
+        assert ready == []  # drained, and nothing new was written
+    finally:
+        for w in watches:
+            w.close()

@@ -9,7 +9,7 @@ write never blocks and never fails for want of a reader, and what a service writ
 supervisor runs waits in memory; the next supervisor logs it first. Raw output may hold secrets:
 the files are 0600 in a 0700 directory in memory, and consumed output is punched out at once.
 
-One thread follows every file of the box: it sleeps in select() on the directory's inotify watch,
+One thread follows every file of the box: it sleeps in select() on the directory's watch (dnotify),
 woken by writes only (0.3 s while a traceback waits for its end, as `pump` does for a pipe).
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ class Stream:
 
     def read(self) -> None:
         """Feed every complete line appended since the last read, then free what was read (only
-        then: punching a hole is itself a modification inotify reports, which would wake us again)."""
+        then: punching a hole is itself a modification the watch reports, which would wake us again)."""
         with self.lock:
             if self.held:
                 return
@@ -83,7 +83,7 @@ class Output:
         self.dir, self.writer_for = directory, writer_for
         self.streams: dict[str, Stream] = {}  # file name (<service>.<stream>) → Stream
         self._lock = threading.Lock()
-        self._watch = appendfiles.watch(directory)
+        self._watch = appendfiles.Watch(directory)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
         self._closed = False
         for name in sorted(os.listdir(directory)):  # what was written while no supervisor ran
@@ -132,7 +132,8 @@ class Output:
             for s in self.streams.values():
                 s.close()
             self.streams.clear()
-        for fd in (self._watch, self._wake_r, self._wake_w):
+        self._watch.close()
+        for fd in (self._wake_r, self._wake_w):
             os.close(fd)
 
     def _stream(self, service: str, stream: str) -> Stream:
@@ -145,19 +146,19 @@ class Output:
     def _follow(self) -> None:
         while not self._closed:
             waiting = [s for s in list(self.streams.values()) if s.writer.pending(s.stream)]
-            ready, _, _ = select.select([self._watch, self._wake_r], [], [], TRACEBACK_QUIET if waiting else None)
+            ready, _, _ = select.select([self._watch.fileno(), self._wake_r], [], [],
+                                        TRACEBACK_QUIET if waiting else None)
             if not ready:
                 for s in waiting:
                     s.writer.flush(s.stream)
                 continue
-            if self._watch in ready:
-                for name in appendfiles.changed_names(self._watch):
-                    changed = self.streams.get(name)
-                    if changed is not None:
-                        try:
-                            changed.read()
-                        except OSError:
-                            pass
+            if self._watch.fileno() in ready:
+                self._watch.drain()
+                for changed in list(self.streams.values()):  # the wake-up names no file: a few preads
+                    try:
+                        changed.read()
+                    except OSError:
+                        pass
 
 
 def directory(home: Path | str, box_id: str) -> Path:

@@ -9,7 +9,7 @@ not the endpoint).
 
 A few threads, each asleep in the kernel on one thing, and no timer while the box is quiet: the
 main loop (a change), the control socket (accept), one per service (waitpid; readiness polls
-only while it starts), the output follower (inotify), the receiver (accept, then one per
+only while it starts), the output follower (dnotify), the receiver (accept, then one per
 connection), the box watch (its own cadence: 4 s while calm, background.py). Threads rather than
 one event loop because each of them blocks in a call that has no asynchronous form (waitpid,
 the readiness probes, h11 over blocking sockets), and a thread that sleeps costs nothing; an
@@ -396,7 +396,7 @@ def _give_back_memory() -> None:
     """The heap's free pages back to the kernel (glibc's malloc_trim) when the box goes calm: what
     starting up, a push or a busy spell freed stays resident otherwise (0.9 MB of an idle supervisor)."""
     try:
-        import ctypes  # loaded already: the output files' inotify and hole punching use it
+        import ctypes  # loaded already: the output files' hole punching uses it
 
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc

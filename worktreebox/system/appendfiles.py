@@ -2,26 +2,26 @@
 
 Where: a directory per box on tmpfs (/dev/shm: memory, never disk, gone at reboot), named like
 the box's cgroup (`wtbox-<home key>-<box hex>`, so a pool box claimed under a new id keeps it).
-Woken: inotify IN_MODIFY on that directory, one watch for every file in it (a write wakes the
-reader; nothing else does). Freed: what the reader consumed is punched out of the file
+Woken: dnotify on that directory, one watch for every file in it (a write wakes the reader;
+nothing else does; `Watch` says why not inotify). Freed: what the reader consumed is punched out of the file
 (fallocate PUNCH_HOLE), so a chatty writer does not grow memory; a new reader starts where
 the holes end (SEEK_DATA), skipping the zeroed head of a partly punched page.
-The three syscalls Python lacks (inotify_init1, inotify_add_watch, fallocate with a mode) are
-called through libc with ctypes, loaded on first use.
+The syscall Python lacks (fallocate with a mode) is called through libc with ctypes, loaded on
+first use.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import os
-import struct
+import signal
 from pathlib import Path
 from typing import Any
 
 SHM = Path("/dev/shm")
-IN_MODIFY, IN_CLOSE_WRITE = 0x2, 0x8
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x1, 0x2
 PAGE = os.sysconf("SC_PAGE_SIZE")
-_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then len bytes of name)
 
 
 @functools.cache
@@ -48,32 +48,43 @@ def dirs_of_home(home_key: str) -> dict[str, Path]:
         return {}
 
 
-def watch(directory: Path) -> int:
-    """An inotify fd (non-blocking) that becomes readable when a file in `directory` is written."""
-    libc = _libc()
-    fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-    if fd < 0:
-        raise OSError(_errno(), "inotify_init1 failed")
-    if libc.inotify_add_watch(fd, os.fsencode(directory), IN_MODIFY | IN_CLOSE_WRITE) < 0:
-        err = _errno()
-        os.close(fd)
-        raise OSError(err, f"inotify_add_watch {directory} failed")
-    return fd
+class Watch:
+    """Wakes a reader when a file in `directory` is written: dnotify (fcntl F_NOTIFY, DN_MODIFY),
+    whose signal (SIGIO) a handler turns into a byte on this watch's pipe; select on `fileno()`.
+    Not inotify: the kernel gives each user 128 inotify instances (fs.inotify.max_user_instances)
+    and every box's supervisor runs as the same user, so the 129th box's could not start; dnotify
+    has no such limit. The handler is installed from the main thread (Python runs it there)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        _WAKE[self.dir_fd] = self.w
+        if signal.getsignal(signal.SIGIO) is not _on_sigio:
+            signal.signal(signal.SIGIO, _on_sigio)  # before the first event: SIGIO's default ends the process
+        fcntl.fcntl(self.dir_fd, fcntl.F_NOTIFY, fcntl.DN_MODIFY | fcntl.DN_MULTISHOT)
+
+    def fileno(self) -> int:
+        return self.r
+
+    def drain(self) -> None:
+        """Forget the wake-ups so far (the reader then looks at every file)."""
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.r, 4096):
+                pass
+
+    def close(self) -> None:
+        _WAKE.pop(self.dir_fd, None)
+        for fd in (self.dir_fd, self.r, self.w):
+            os.close(fd)
 
 
-def changed_names(fd: int) -> set[str]:
-    """Drain the watch: the names of the files written since the last call."""
-    names: set[str] = set()
-    while True:
-        try:
-            data = os.read(fd, 65536)
-        except BlockingIOError:
-            return names
-        i = 0
-        while i + _EVENT.size <= len(data):
-            _wd, _mask, _cookie, n = _EVENT.unpack_from(data, i)
-            names.add(data[i + _EVENT.size:i + _EVENT.size + n].rstrip(b"\0").decode(errors="replace"))
-            i += _EVENT.size + n
+_WAKE: dict[int, int] = {}  # watched directory fd → the write end of its watch's pipe
+
+
+def _on_sigio(signum: int, frame: Any) -> None:
+    for w in list(_WAKE.values()):  # dnotify's SIGIO does not say which directory: wake them all
+        with contextlib.suppress(OSError):  # full (a wake-up is pending anyway) or just closed
+            os.write(w, b"\0")
 
 
 def release(fd: int, upto: int) -> None:

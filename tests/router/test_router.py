@@ -400,3 +400,22 @@ def test_threads_asking_at_once_share_syncs_that_began_after_they_asked():
     with pytest.raises(ZeroDivisionError):
         failing.sync(lambda: {"x": 1 / 0})
     assert failing.sync(lambda: {"x": 1}) == {"x": 1}
+
+
+def test_ls_computes_the_routed_names_once_per_list(monkeypatch):
+    """`ls` asks for each box's URL with the same list of boxes: the names of all of them are
+    computed once, not once per box (ls was quadratic: 0.8 s with 300 boxes)."""
+    import pathlib
+
+    from worktreebox.box import READY, Box
+    from worktreebox.router import routes
+
+    boxes = [Box(id=f"s{i}-{i:08x}", task=f"s{i}", repo="/r", branch="b", dir=pathlib.Path(f"/x/{i}"), state=READY,
+                 ports={"web": 20000 + i}, env={"PORT": str(20000 + i)}) for i in range(50)]
+    calls = []
+    real = routes.names
+    monkeypatch.setattr(routes, "names", lambda bs: calls.append(1) or real(bs))
+    urls = [routes.box_urls(b, boxes, 8080) for b in boxes]
+    assert len(calls) == 1 and urls[7] == {"web": routes.url(8080, "s7", "web")}
+    routes.box_urls(boxes[0], list(boxes), 8080)  # another list: computed for it
+    assert len(calls) == 2

@@ -39,6 +39,9 @@ COMMANDS = {
     "mcp": "mcp:mcp",
     "browse": "browse:browse",
     "server": "server:server",
+    "snapshot": "state:snapshot",
+    "restore": "state:restore",
+    "fork": "state:fork",
 }
 
 

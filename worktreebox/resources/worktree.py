@@ -48,8 +48,8 @@ class Worktree(Resource):
         with trees.use(c.host.home, box.repo, c.base_sha, on_wait=waiting) as (tree, _):
             box.data[self.name]["tree"] = c.base_sha
             box.data["revive"] = provider.mounts  # a reboot takes mounts down: Host.get brings them back
-            add_worktree(box, c.base_sha, checkout=False)
-            attach_view(provider, tree, box)
+            add_worktree(box, c.origin.tip if c.origin else c.base_sha, checkout=False)
+            attach_view(provider, tree, box, c.origin.files if c.origin else None)
 
     def pristine(self, host: Host, box: Box) -> bool:
         """The view is exactly as made: its upper layer holds only git's pointer (and empty mount points of
@@ -90,6 +90,8 @@ class Worktree(Resource):
         (after every create: the worktree exists and the files may name other resources' dirs)."""
         from worktreebox.config.load import path_inside
 
+        if c.origin:
+            return  # a fork's files are its origin's, those copied files included
         repo = Path(c.box.repo)
         where = f"{c.config.source}: [box] copy"
         for src, dst in c.config.box.copy:
@@ -203,16 +205,21 @@ def add_worktree(box: Box, sha: str, *, checkout: bool) -> None:
         time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
 
 
-def attach_view(provider: MountProvider, tree: Path, box: Box) -> None:
+def attach_view(provider: MountProvider, tree: Path, box: Box, origin: Path | None = None) -> None:
     """Mount the view of trees/<sha>/tree on the (empty but for .git) worktree dir and hand git
-    the tree's index: the worktree is then clean without git reading a single file."""
+    the tree's index: the worktree is then clean without git reading a single file. A fork's view
+    (`origin`: a snapshot's files) starts with the snapshot's upper layer and index instead."""
+    from worktreebox.providers.mounts.base import seed_upper
+
     gitfile = box.path / ".git"
     pointer = gitfile.read_text()
     gitfile.unlink()
+    if origin is not None:
+        seed_upper(origin / "upper", box.dir)
     provider.attach(tree / "tree", box.path, box.dir)
     (box.path / ".git").write_text(pointer)  # through the view: it lands in the box's own layer
     admin = Path(pointer.split(":", 1)[1].strip())
-    shutil.copyfile(tree / "index", admin / "index")
+    shutil.copyfile((origin or tree) / "index", admin / "index")
     if not provider.same_inodes:  # a copy has new inodes and times: let git look once
         git.git(box.path, "update-index", "-q", "--refresh", check=False)
 

@@ -85,7 +85,7 @@ def same(box: Box, src: Path, tip: str) -> bool:
     except (OSError, WtboxError):
         return False
     now = uppers(box)
-    then = {str(p.parent.relative_to(src)): p for p in [src / "upper", *sorted(src.glob("deps/*/upper"))]
+    then = {str(p.relative_to(src)): p for p in [src / "upper", *sorted(src.glob("deps/*/upper"))]
             if p.is_dir()}
     return set(now) == set(then) and all(_listing(now[k]) == _listing(then[k]) for k in now)
 

@@ -87,6 +87,8 @@ def hand_to_box(srv: Server, name: str, role: str, *, reassign_from: str | None 
     if not reassign_from or reassign_from == role:
         return
     with contextlib.closing(srv.connect(name)) as conn, conn.transaction():
+        # forks made at once lend the same databases: one at a time ("tuple concurrently updated")
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"wtbox:reassign:{reassign_from}",))
         lent = [r[0] for r in conn.execute(
             "SELECT datname FROM pg_database WHERE datdba = (SELECT oid FROM pg_roles WHERE rolname = %s)",
             (shared_owner,))] if shared_owner else []

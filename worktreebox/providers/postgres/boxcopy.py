@@ -86,17 +86,23 @@ def hand_to_box(srv: Server, name: str, role: str, *, reassign_from: str | None 
         conn.execute(sql_text("REVOKE CONNECT, TEMPORARY ON DATABASE {d} FROM PUBLIC", d=ident(name)))
     if not reassign_from or reassign_from == role:
         return
-    with contextlib.closing(srv.connect(name)) as conn, conn.transaction():
-        # forks made at once lend the same databases: one at a time ("tuple concurrently updated")
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"wtbox:reassign:{reassign_from}",))
-        lent = [r[0] for r in conn.execute(
-            "SELECT datname FROM pg_database WHERE datdba = (SELECT oid FROM pg_roles WHERE rolname = %s)",
-            (shared_owner,))] if shared_owner else []
-        for db in lent:
-            conn.execute(sql_text("ALTER DATABASE {d} OWNER TO {s}", d=ident(db), s=ident(conn.info.user)))
-        conn.execute(sql_text("REASSIGN OWNED BY {g} TO {r}", g=ident(reassign_from), r=ident(role)))
-        for db in lent:
-            conn.execute(sql_text("ALTER DATABASE {d} OWNER TO {o}", d=ident(db), o=ident(shared_owner)))
+    # Forks made at once lend the same databases: one at a time ("tuple concurrently updated"). An
+    # advisory lock is per database, so it is held in the shared one, around the other's transaction.
+    key = f"wtbox:reassign:{shared_owner or reassign_from}"
+    with srv.session(srv.shared_db) as lock:
+        lock.execute("SELECT pg_advisory_lock(hashtext(%s))", (key,))
+        try:
+            with contextlib.closing(srv.connect(name)) as conn, conn.transaction():
+                lent = [r[0] for r in conn.execute(
+                    "SELECT datname FROM pg_database WHERE datdba = (SELECT oid FROM pg_roles WHERE rolname = %s)",
+                    (shared_owner,))] if shared_owner else []
+                for db in lent:
+                    conn.execute(sql_text("ALTER DATABASE {d} OWNER TO {s}", d=ident(db), s=ident(conn.info.user)))
+                conn.execute(sql_text("REASSIGN OWNED BY {g} TO {r}", g=ident(reassign_from), r=ident(role)))
+                for db in lent:
+                    conn.execute(sql_text("ALTER DATABASE {d} OWNER TO {o}", d=ident(db), o=ident(shared_owner)))
+        finally:
+            lock.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
 
 
 def swap_in(srv: Server, box_db: str, incoming: str) -> float:

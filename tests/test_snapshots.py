@@ -193,3 +193,61 @@ def test_cli_json_snapshot_fork_reset_dump(pg_cluster, app, tmp_path):
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
     finally:
         subprocess.run([PY, "-m", "worktreebox.cli.main", "rm", "--force", box["id"]], env=env, capture_output=True)
+
+
+def test_fanout_from_a_box_runs_every_attempt_from_its_state(pg_host, pg_cluster, app):
+    from worktreebox.operations import fleet
+
+    host = pg_host
+    a = host.new("mid", repo=app)
+    (a.path / "app.txt").write_text("midpoint\n")
+    insert(a, "seed")
+    rows_out = fleet.fanout(host, "five", 2, ref=a.id, run="cat app.txt && psql -Atc 'SELECT note FROM items'")
+    try:
+        assert [r["run_exit"] for r in rows_out] == [0, 0]
+        for r in rows_out:
+            b = host.get(r["id"])
+            assert b.data["fanout"]["result"]["run"]["last_lines"][-2:] == ["midpoint", "seed"]
+            assert b.data["fanout"]["from_box"] == a.id and rows(b) == ["seed"]
+        assert not [s for s in S.listed(a)]  # the fan-out's snapshot went away
+    finally:
+        for r in rows_out:
+            if r["id"]:
+                host.rm(r["id"], force=True)
+        host.rm(a.id, force=True)
+
+
+def test_gc_removes_what_a_killed_operation_left_and_thaws_the_box(pg_host, pg_cluster, app):
+    import json
+    import os
+
+    from worktreebox.fleet import gc
+    from worktreebox.providers.postgres import boxcopy
+
+    host = pg_host
+    a = host.new("gcd", repo=app)
+    keep = S.take(host, a, "kept")
+    # what a snapshot killed while the box was frozen leaves: a scratch dir naming a dead owner, a copy
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    scratch = S.root(a) / ".tmp-dead01"
+    scratch.mkdir()
+    stray = boxcopy.copy_name(a.pg_name, boxcopy.SNAPSHOT)
+    half = boxcopy.copy_name(a.pg_name, boxcopy.INCOMING)
+    (scratch / S.OP).write_text(json.dumps({"owner": [dead.pid, 1], "databases": [stray]}))
+    srv = S.server_of(host, a)
+    with srv.session(srv.shared_db) as conn:
+        boxcopy.copy_database(conn, a.data["database"]["name"], stray)
+        boxcopy.copy_database(conn, a.data["database"]["name"], half)
+    backend = cgroups.for_home(host.home)
+    if backend is not None:
+        assert backend.freeze(a.id, True)
+        assert backend.frozen(a.id)
+    out = gc.run(host, grace=0)
+    assert stray in out["snapshots"] and half in out["snapshots"] and str(scratch) in out["snapshots"]
+    assert sorted(copies_of(pg_cluster, a)) == [keep.database]
+    assert not scratch.exists() and [s.name for s in S.shown(a)] == ["kept"]
+    if backend is not None:
+        assert not backend.frozen(a.id) and answer(a) == "v0\n"
+    assert os.path.isdir(a.path)
+    host.rm(a.id, force=True)

@@ -57,6 +57,7 @@ def fork(host: Host, source: Box, n: int = 1, task: str | None = None, from_snap
     t0 = time.perf_counter()
     snap = snapshots.get(source, from_snapshot) if from_snapshot else snapshots.take(host, source, internal=True)
     snapshot_s = time.perf_counter() - t0
+    snapshots.phase("fork:snapshot")
     try:
         made = make_forks(host, source, snap, names, progress=progress, new_host=new_host, ttl=ttl)
     finally:

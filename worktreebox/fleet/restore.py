@@ -39,7 +39,7 @@ def restore(host: Host, box: Box, name: str) -> dict[str, Any]:
         snap = snapshots.get(box, name)
         db = box.data.get("database") or {}
         incoming = boxcopy.copy_name(box.pg_name, boxcopy.INCOMING) if snap.database else None
-        srv = snapshots._server(host, box) if incoming else None
+        srv = snapshots.server_of(host, box) if incoming else None
         with snapshots.operation(box, [incoming] if incoming else []):
             if srv and incoming and snap.database:
                 with srv.session(srv.shared_db) as conn:  # while the box runs on: nobody uses the snapshot
@@ -47,15 +47,20 @@ def restore(host: Host, box: Box, name: str) -> dict[str, Any]:
                                           end_source_sessions=False)
                 boxcopy.hand_to_box(srv, incoming, db["user"])
             copy_ms = (time.perf_counter() - t0) * 1000
+            snapshots.phase("restore:copied")
             files_same = own_changes.same(box, snap.dir, snap.meta["tip"])
             _mark(host, box, name)
+            snapshots.phase("restore:marked")
             if not files_same:
                 _services(host, box, "down")
                 own_changes.put_back(host, box, snap.dir, snap.meta["tip"])
+                snapshots.phase("restore:files")
             with snapshots.frozen(host, box) as pause:
                 swapped_ms = boxcopy.swap_in(srv, db["name"], incoming) if srv and incoming else 0.0
+            snapshots.phase("restore:swapped")
             services = _bring_services(host, box, snap.meta.get("services") or [], restart=not files_same)
             _done(host, box)
+            snapshots.phase("restore:done")
     return {"id": box.id, "snapshot": name, "files_restored": not files_same, "services_restarted": not files_same,
             "services": services, "copy_ms": round(copy_ms, 1), "paused_ms": pause.ms,
             "swap_ms": round(swapped_ms, 1), "seconds": round(time.perf_counter() - t0, 3)}
@@ -115,7 +120,7 @@ def _reset_database(host: Host, box: Box, db: dict[str, Any]) -> dict[str, Any]:
     from worktreebox.providers.postgres import boxcopy
     from worktreebox.providers.postgres import spares as dbspares
 
-    srv = snapshots._server(host, box)
+    srv = snapshots.server_of(host, box)
     key, template = _golden_of(host, box, srv)
     incoming = boxcopy.copy_name(box.pg_name, boxcopy.INCOMING)
     want = host.config.database_spares
@@ -161,7 +166,7 @@ def _reset_schema(host: Host, box: Box, db: dict[str, Any]) -> dict[str, Any]:
     from worktreebox.services.boxenv import process_env
     from worktreebox.system import cgroups
 
-    srv = snapshots._server(host, box)
+    srv = snapshots.server_of(host, box)
     role = db["user"]
     with srv.session(srv.shared_db) as conn:
         conn.execute("SELECT pg_terminate_backend(pid, 2000) FROM pg_stat_activity WHERE usename = %s", (role,))

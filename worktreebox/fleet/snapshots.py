@@ -153,14 +153,17 @@ def _take(host: Host, box: Box, name: str, internal: bool = False) -> Snapshot:
 
     db = box.data.get("database") or {}
     copy = boxcopy.copy_name(box.pg_name, boxcopy.SNAPSHOT) if db.get("mode") == "database" else None
-    srv = _server(host, box) if copy else None
+    srv = server_of(host, box) if copy else None
     services = running_services(box)
     t0 = time.perf_counter()
     with operation(box, [copy] if copy else []) as scratch:
+        phase("snapshot:op")
         strategy = clone_strategy(srv, box) if srv else None
         with frozen(host, box) as pause:
+            phase("snapshot:frozen")
             tip = own_changes.save(box, scratch)
             files_ms = (time.perf_counter() - t0) * 1000
+            phase("snapshot:files")
             if srv and copy:
                 with srv.session(srv.shared_db) as conn:
                     boxcopy.copy_database(conn, db["name"], copy, strategy=strategy)
@@ -175,10 +178,18 @@ def _take(host: Host, box: Box, name: str, internal: bool = False) -> Snapshot:
         if internal:
             meta["owner"] = procs.identity(os.getpid())
         atomic_write(scratch / META, json.dumps(meta, indent=1))
+        phase("snapshot:meta")
         (scratch / OP).unlink()
         os.rename(scratch, root(box) / name)  # the snapshot exists from here on
+        phase("snapshot:done")
     meta["seconds"] = round(time.perf_counter() - t0, 3)
     return Snapshot(root(box) / name, meta)
+
+
+def phase(name: str) -> None:
+    from worktreebox.host import _phase as _host_phase  # the crash-test hooks of Host.new
+
+    _host_phase(name)
 
 
 def check_name(name: str) -> None:
@@ -232,7 +243,7 @@ def _drop(host: Host, box: Box, snap: Snapshot) -> None:
 
     # the database first: a dir without its copy is still a snapshot gc would keep; a copy without a dir is swept
     if snap.database:
-        boxcopy.drop_database(_server(host, box), snap.database)
+        boxcopy.drop_database(server_of(host, box), snap.database)
     gone = snap.dir.with_name(f"{TMP_PREFIX}{snap.name}-gone")
     os.rename(snap.dir, gone)
     shutil.rmtree(gone, ignore_errors=True)
@@ -261,7 +272,7 @@ def clone_strategy(srv: Server, box: Box) -> str | None:
     return strategy if strategy in STRATEGIES else None
 
 
-def _server(host: Host, box: Box) -> Server:
+def server_of(host: Host, box: Box) -> Server:
     return host.database_server((box.data.get("database") or {}).get("provider"))
 
 

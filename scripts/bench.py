@@ -134,7 +134,7 @@ def _optional_sections() -> None:
                           ("traces", "bench_traces", "bench_traces"),
                           ("browser", "bench_browser", "bench_browser"),
                           ("cgroups", "bench_cgroups", "bench_cgroups"), ("layers", "bench_layers", "bench_layers"),
-                          ("sandbox_parts", "bench_sandbox", "bench_sandbox_parts")):
+                          ("sandbox_parts", "bench_sandbox", "bench_sandbox_parts"), ("fork", "bench_fork", "bench_fork")):
         try:
             module = __import__(mod)
             SECTIONS[name] = getattr(module, fn)

@@ -55,8 +55,12 @@ def restore(host: Host, box: Box, name: str) -> dict[str, Any]:
                 _services(host, box, "down")
                 own_changes.put_back(host, box, snap.dir, snap.meta["tip"])
                 snapshots.phase("restore:files")
+            swapped_ms, outgoing = 0.0, None
             with snapshots.frozen(host, box) as pause:
-                swapped_ms = boxcopy.swap_in(srv, db["name"], incoming) if srv and incoming else 0.0
+                if srv and incoming:
+                    swapped_ms, outgoing = boxcopy.swap_in(srv, db["name"], incoming)
+            if srv and outgoing:
+                boxcopy.drop_database(srv, outgoing)
             snapshots.phase("restore:swapped")
             services = _bring_services(host, box, snap.meta.get("services") or [], restart=not files_same)
             _done(host, box)
@@ -134,7 +138,8 @@ def _reset_database(host: Host, box: Box, db: dict[str, Any]) -> dict[str, Any]:
         golden_role = template if key != dbspares.EMPTY else None
         boxcopy.hand_to_box(srv, incoming, db["user"], reassign_from=golden_role)
         with snapshots.frozen(host, box) as pause:
-            boxcopy.swap_in(srv, db["name"], incoming)
+            _, outgoing = boxcopy.swap_in(srv, db["name"], incoming)
+        boxcopy.drop_database(srv, outgoing)
     if short:
         dbspares.refill_later(host.home, srv.provider, key, template, snapshots.clone_strategy(srv, box), want)
     return {"from": template, "spare": bool(took), "paused_ms": pause.ms}

@@ -105,9 +105,9 @@ def hand_to_box(srv: Server, name: str, role: str, *, reassign_from: str | None 
             lock.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
 
 
-def swap_in(srv: Server, box_db: str, incoming: str) -> float:
-    """Put the database `incoming` in `box_db`'s place and drop the one it replaces; the ms the box's
-    sessions were cut for (they may reconnect once the renames committed)."""
+def swap_in(srv: Server, box_db: str, incoming: str) -> tuple[float, str]:
+    """Put the database `incoming` in `box_db`'s place; (the ms the box's sessions were cut for, the
+    name the replaced one now has: the caller drops it once the box runs again)."""
     import psycopg
 
     outgoing = copy_name(box_db, OUTGOING)
@@ -124,9 +124,7 @@ def swap_in(srv: Server, box_db: str, incoming: str) -> float:
                 if attempt == 4:
                     raise WtboxError(f"Could not replace the database {box_db}: sessions outside the box kept "
                                      "reconnecting to it; close them and try again.") from None
-        paused_ms = (time.perf_counter() - t0) * 1000
-        conn.execute(sql_text("DROP DATABASE IF EXISTS {o} WITH (FORCE)", o=ident(outgoing)))
-    return paused_ms
+    return (time.perf_counter() - t0) * 1000, outgoing
 
 
 def drop_database(srv: Server, name: str) -> None:

@@ -40,8 +40,8 @@ TOML = (f'[box]\nports = ["web"]\n\n[database]\nmode = "database"\n'
 
 
 def _wtbox(env: dict, *args: str) -> dict | list:
-    proc = subprocess.run([PY, "-m", "worktreebox.cli.main", *args, "--json"], capture_output=True, text=True,
-                          env=env)
+    # the `wtbox` a user runs: the launcher, served by the home's CLI server (everything imported once)
+    proc = subprocess.run([str(Path(PY).parent / "wtbox"), *args, "--json"], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"wtbox {' '.join(args)} failed: {proc.stderr.strip()}")
     return json.loads(proc.stdout)
@@ -214,6 +214,7 @@ def bench_fork(runs: int = 5, work: Path | None = None) -> dict:
             host.database_server().stop()
         except Exception:
             pass
+        subprocess.run([str(Path(PY).parent / "wtbox"), "server", "stop"], env=env, capture_output=True)
         host.registry.close()
         shutil.rmtree(base, ignore_errors=True)
 

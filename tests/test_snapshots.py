@@ -147,6 +147,15 @@ def test_snapshot_list_rm_and_refusals(pg_host, pg_cluster, app, make_repo):
         S.take(host, a, "snap-1")
     with pytest.raises(WtboxError, match="not usable"):
         S.take(host, a, "../x")
+    import dataclasses
+
+    insert(a, "gone after reset")
+    host._config = dataclasses.replace(host.config, database_spares=0)  # the copy path, no spare to take
+    try:
+        out = R.db_reset(host, a)
+    finally:
+        host._config = None
+    assert out["spare"] is False and rows(a) == []
     S.remove(host, a, "snap-1")
     assert [s.name for s in S.shown(a)] == ["snap-2"] and len(copies_of(pg_cluster, a)) == 1
     with pytest.raises(WtboxError, match="has no snapshot 'snap-1'"):

@@ -26,10 +26,12 @@ if TYPE_CHECKING:
     from worktreebox.host import Host
 
 
-def origin_of(snap: snapshots.Snapshot) -> Origin:
+def origin_of(snap: snapshots.Snapshot, *, take: bool = False) -> Origin:
+    """The origin of a fork made from `snap`; `take`: this fork renames the snapshot's database to its own
+    (one copy fewer: the last use of a fork's own snapshot)."""
     db = snap.meta.get("database") or {}
     return Origin(files=snap.dir, tip=snap.meta["tip"], database=db.get("copy"), database_role=db.get("role"),
-                  strategy=db.get("strategy"))
+                  strategy=db.get("strategy"), take_database=take and bool(db.get("copy")))
 
 
 def tasks(source: Box, n: int, task: str | None) -> list[str]:
@@ -79,13 +81,16 @@ def make_forks(host: Host, source: Box, snap: snapshots.Snapshot, names: list[st
 
     tree = snap.meta["tree"]
     config = load_config_for_new(source.repo, tree, explicit_ref=True)
-    origin = origin_of(snap)
+    # A fork's own snapshot is used up: a single fork takes its database (a rename instead of a copy).
+    # Several copy it at once (one renaming it could do so before the others began their copies).
+    take = snap.meta.get("owner") is not None and len(names) == 1
+    origins = {name: origin_of(snap, take=take) for name in names}
     opener = new_host or type(host)
 
     def one(name: str) -> Box:
         h = opener(host.home)
         try:
-            box = h.new(name, repo=source.repo, ref=tree, config=config, origin=origin, ttl=ttl,
+            box = h.new(name, repo=source.repo, ref=tree, config=config, origin=origins[name], ttl=ttl,
                         progress=(lambda m: progress(f"{name}: {m}")) if progress else None)
             box.data["fork"] = {"from": source.id, "snapshot": None if snap.meta.get("owner") else snap.name,
                                 "tip": snap.meta["tip"]}

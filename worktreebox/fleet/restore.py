@@ -43,8 +43,8 @@ def restore(host: Host, box: Box, name: str) -> dict[str, Any]:
         with snapshots.operation(box, [incoming] if incoming else []):
             if srv and incoming and snap.database:
                 with srv.session(srv.shared_db) as conn:  # while the box runs on: nobody uses the snapshot
-                    boxcopy.copy_database(conn, snap.database, incoming, strategy=snap.meta["database"].get("strategy"),
-                                          end_source_sessions=False)
+                    strategy = boxcopy.strategy_for(conn, snap.database, snap.meta["database"].get("strategy"))
+                    boxcopy.copy_database(conn, snap.database, incoming, strategy=strategy, end_source_sessions=False)
                 boxcopy.hand_to_box(srv, incoming, db["user"])
             copy_ms = (time.perf_counter() - t0) * 1000
             snapshots.phase("restore:copied")
@@ -60,7 +60,7 @@ def restore(host: Host, box: Box, name: str) -> dict[str, Any]:
                 if srv and incoming:
                     swapped_ms, outgoing = boxcopy.swap_in(srv, db["name"], incoming)
             if srv and outgoing:
-                boxcopy.drop_database(srv, outgoing)
+                boxcopy.drop_later(host.home, srv.provider, [outgoing])
             snapshots.phase("restore:swapped")
             services = _bring_services(host, box, snap.meta.get("services") or [], restart=not files_same)
             _done(host, box)
@@ -128,20 +128,20 @@ def _reset_database(host: Host, box: Box, db: dict[str, Any]) -> dict[str, Any]:
     key, template = _golden_of(host, box, srv)
     incoming = boxcopy.copy_name(box.pg_name, boxcopy.INCOMING)
     want = host.config.database_spares
+    strategy = snapshots.clone_strategy(srv, box)
     with snapshots.operation(box, [incoming]):
         with srv.session(srv.shared_db) as conn:
             took = want > 0 and dbspares.claim(conn, key, incoming)
             if not took:
-                boxcopy.copy_database(conn, template, incoming, strategy=snapshots.clone_strategy(srv, box),
-                                      end_source_sessions=False)
+                boxcopy.copy_database(conn, template, incoming, strategy=strategy, end_source_sessions=False)
             short = want > 0 and dbspares.count(conn, key) < want
         golden_role = template if key != dbspares.EMPTY else None
         boxcopy.hand_to_box(srv, incoming, db["user"], reassign_from=golden_role)
         with snapshots.frozen(host, box) as pause:
             _, outgoing = boxcopy.swap_in(srv, db["name"], incoming)
-        boxcopy.drop_database(srv, outgoing)
+        boxcopy.drop_later(host.home, srv.provider, [outgoing])
     if short:
-        dbspares.refill_later(host.home, srv.provider, key, template, snapshots.clone_strategy(srv, box), want)
+        dbspares.refill_later(host.home, srv.provider, key, template, strategy, want)
     return {"from": template, "spare": bool(took), "paused_ms": pause.ms}
 
 

@@ -158,7 +158,11 @@ def _take(host: Host, box: Box, name: str, internal: bool = False) -> Snapshot:
     t0 = time.perf_counter()
     with operation(box, [copy] if copy else []) as scratch:
         phase("snapshot:op")
-        strategy = clone_strategy(srv, box) if srv else None
+        strategy = None
+        if srv:  # chosen before the pause: the size read costs ~1 ms, the wrong choice ~100 ms per 60 MB
+            measured = clone_strategy(srv, box)
+            with srv.session(srv.shared_db) as conn:
+                strategy = boxcopy.strategy_for(conn, db["name"], measured)
         with frozen(host, box) as pause:
             phase("snapshot:frozen")
             tip = own_changes.save(box, scratch)

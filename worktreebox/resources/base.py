@@ -34,6 +34,7 @@ class Origin:
     database: str | None = None
     database_role: str | None = None  # the role that owns the objects in that database
     strategy: str | None = None  # how to copy it (WAL_LOG or FILE_COPY), as the golden copy measured
+    take_database: bool = False  # rename it instead of copying (a fork's own snapshot, used up by one fork)
 
 
 @dataclasses.dataclass

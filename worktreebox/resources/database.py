@@ -151,7 +151,11 @@ class Database(Resource):
         origin = c.origin
         assert origin is not None and origin.database
         with srv.session(srv.shared_db) as conn:
-            boxcopy.copy_database(conn, origin.database, role, strategy=origin.strategy, end_source_sessions=False)
+            if origin.take_database:  # a rename: the snapshot is this fork's alone
+                conn.execute(sql_text("ALTER DATABASE {s} RENAME TO {d}", s=ident(origin.database), d=ident(role)))
+            else:
+                boxcopy.copy_database(conn, origin.database, role, end_source_sessions=False,
+                                      strategy=boxcopy.strategy_for(conn, origin.database, origin.strategy))
         boxcopy.hand_to_box(srv, role, role, reassign_from=origin.database_role, shared_owner=origin.database_role)
 
     def migrate(self, c: Creation) -> None:

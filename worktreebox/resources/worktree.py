@@ -67,7 +67,7 @@ class Worktree(Resource):
         try:
             if (admin / "index").read_bytes() != (trees.store(host.home).path(sha) / "index").read_bytes():
                 return False
-            return _branch_tip(admin, box.branch) == sha
+            return read_branch_tip(admin, box.branch) == sha
         except OSError:
             return False
 
@@ -268,7 +268,7 @@ def _only_mount_points(upper: Path) -> bool:
     return True
 
 
-def _branch_tip(admin: Path, branch: str) -> str | None:
+def read_branch_tip(admin: Path, branch: str) -> str | None:
     """The commit the box branch points at, read from the repo's refs (no git process)."""
     common = admin.parent.parent
     try:

@@ -97,6 +97,22 @@ for _cmd in (start, stop, status, reset, psql, dump):
     db.add_command(_cmd)
 
 
+@db.command("drop-copies", hidden=True)
+@click.argument("names", nargs=-1)
+@click.option("--provider")
+@run_cmd
+def drop_copies(names: tuple[str, ...], provider: str | None) -> None:
+    """Drop databases a restore or reset replaced (started in the background by them)."""
+    from worktreebox.providers.postgres import boxcopy
+
+    srv = get_host().database_server(provider)
+    srv.application_name = "wtbox drop"
+    for name in names:
+        m = boxcopy.COPY_NAME.match(name)
+        if m and m.group(2) == boxcopy.OUTGOING:  # never anything but a replaced box database
+            boxcopy.drop_database(srv, name)
+
+
 @db.command(hidden=True)
 @click.option("--key", required=True)
 @click.option("--template", required=True)

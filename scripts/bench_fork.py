@@ -73,6 +73,10 @@ def _make_repo(repo: Path) -> None:
         subprocess.run(["git", "-C", str(repo), *args], check=True)
     (repo / "slow_server.py").write_text(SERVER)
     (repo / "wtbox.toml").write_text(TOML)
+    for i in range(600):  # a tree of some size (~6 MB), so that "the box's changes, not the tree" shows
+        d = repo / "src" / f"pkg{i % 20}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"mod{i}.py").write_text(f"# module {i}\n" + "x = 1  # padding\n" * 600)
     subprocess.run(["git", "-C", str(repo), "add", "-A"], check=True)
     subprocess.run(["git", "-C", str(repo), "commit", "-qm", "bench"], check=True)
 
@@ -167,7 +171,7 @@ def bench_fork(runs: int = 5, work: Path | None = None) -> dict:
         import psycopg
 
         data_t, file_t = [], []
-        for i in range(runs):
+        for _ in range(runs):
             with psycopg.connect(box.env["DATABASE_URL"], autocommit=True) as conn:
                 conn.execute("INSERT INTO items (note) VALUES ('later')")
             data_t.append(_answer_after(env, port, "restore", source, "s0")[0])

@@ -129,8 +129,8 @@ def test_kill_at_every_phase_then_gc(tmp_path, make_repo):
             p = subprocess.Popen([sys.executable, "-m", "worktreebox.cli.main", *args], stdout=subprocess.DEVNULL,
                                  stderr=err.open("w"), env={**chaos.env, "WTBOX_PHASE_STOP": stop,
                                                             "WTBOX_PHASE_FILE": str(phase_file)})
-            reached = wait_for(lambda: p.poll() is not None or (phase_file.exists() and stop in phase_file.read_text()),
-                               timeout=60)
+            reached = wait_for(lambda p=p, f=phase_file, stop=stop: p.poll() is not None
+                               or (f.exists() and stop in f.read_text()), timeout=60)
             assert reached and p.poll() is None, (stop, err.read_text())
             p.send_signal(signal.SIGKILL)
             p.wait()

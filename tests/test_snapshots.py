@@ -9,7 +9,6 @@ import urllib.request
 import psycopg
 import pytest
 from helpers import git
-from pg_fixtures import no_stray_cluster, pg_cluster, pg_host, shared_postgres  # noqa: F401
 
 from worktreebox.box import hex_of
 from worktreebox.errors import WtboxError
@@ -218,7 +217,7 @@ def test_fanout_from_a_box_runs_every_attempt_from_its_state(pg_host, pg_cluster
             b = host.get(r["id"])
             assert b.data["fanout"]["result"]["run"]["last_lines"][-2:] == ["midpoint", "seed"]
             assert b.data["fanout"]["from_box"] == a.id and rows(b) == ["seed"]
-        assert not [s for s in S.listed(a)]  # the fan-out's snapshot went away
+        assert not S.listed(a)  # the fan-out's snapshot went away
     finally:
         for r in rows_out:
             if r["id"]:

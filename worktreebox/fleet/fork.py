@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from worktreebox.box import Box, slugify
@@ -80,7 +81,7 @@ def make_forks(host: Host, source: Box, snap: snapshots.Snapshot, names: list[st
     from worktreebox.config.load import load_config_for_new
 
     tree = snap.meta["tree"]
-    config = load_config_for_new(source.repo, tree, explicit_ref=True)
+    config = load_config_for_new(Path(source.repo), tree, explicit_ref=True)
     # A fork's own snapshot is used up: a single fork takes its database (a rename instead of a copy).
     # Several copy it at once (one renaming it could do so before the others began their copies).
     take = snap.meta.get("owner") is not None and len(names) == 1

@@ -107,8 +107,11 @@ def put_back(host: HostContext, box: Box, src: Path, tip: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
     for p in [src / "upper", *sorted(src.glob("deps/*/upper"))]:
         copy_tree(p, box.dir / p.relative_to(src))
-    for r in host.resources:  # the worktree view, then the dependency layers inside it
-        r.revive(host, box)
+    from worktreebox.resources.deps import Deps
+    from worktreebox.resources.worktree import Worktree
+
+    Worktree().revive(host, box)  # the worktree view, then the dependency layers inside it
+    Deps().revive(host, box)
     write_git_state(box, src, tip)
 
 

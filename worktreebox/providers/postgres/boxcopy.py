@@ -135,6 +135,7 @@ def hand_to_box(srv: Server, name: str, role: str, *, reassign_from: str | None 
                     conn.execute(sql_text("ALTER DATABASE {d} OWNER TO {s}", d=ident(db), s=ident(conn.info.user)))
                 conn.execute(sql_text("REASSIGN OWNED BY {g} TO {r}", g=ident(reassign_from), r=ident(role)))
                 for db in lent:
+                    assert shared_owner is not None
                     conn.execute(sql_text("ALTER DATABASE {d} OWNER TO {o}", d=ident(db), o=ident(shared_owner)))
         finally:
             lock.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))

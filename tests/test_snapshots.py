@@ -259,3 +259,34 @@ def test_gc_removes_what_a_killed_operation_left_and_thaws_the_box(pg_host, pg_c
         assert not backend.frozen(a.id) and answer(a) == "v0\n"
     assert os.path.isdir(a.path)
     host.rm(a.id, force=True)
+
+
+def test_fork_of_a_box_with_data_only_changes_takes_a_pooled_box(pg_host, pg_cluster, app):
+    """The files are the commit's: a pooled box (services up) gets the snapshot's data; a box with edited
+    files is never served from the pool (its pooled services would run the pristine files)."""
+    from worktreebox.fleet import pool as P
+
+    host = pg_host
+    a = host.new("datamid", repo=app)
+    insert(a, "seeded")
+    host.registry.set_pool_size(str(app), 1)
+    try:
+        P.top_up(host, P.resolve_target(app), 1)
+        [pooled] = P.pool_boxes(host, str(app))
+        pid = host.describe(pooled)["services"][0]["pid"]
+        [f] = F.fork(host, a, 1, "quick")
+        assert f.data.get("pool_id") == pooled.id and f.id == f"quick-{hex_of(pooled.id)}"
+        assert f.branch == f"wtbox/{f.id}" and f.data["database"]["name"] == f"wt_{hex_of(f.id)}"
+        assert rows(f) == ["seeded"] and answer(f) == "v0\n"
+        assert host.describe(f)["services"][0]["pid"] == pid  # its services were up already
+        insert(f, "fork-only")
+        assert rows(a) == ["seeded"]
+
+        (a.path / "app.txt").write_text("changed\n")
+        P.top_up(host, P.resolve_target(app), 1)
+        [g] = F.fork(host, a, 1, "slow")
+        assert not g.data.get("pool_id") and answer(g) == "changed\n" and rows(g) == ["seeded"]
+    finally:
+        P.drain(host, str(app))
+        for b in host.list():
+            host.rm(b.id, force=True)

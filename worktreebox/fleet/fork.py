@@ -47,7 +47,7 @@ def tasks(source: Box, n: int, task: str | None) -> list[str]:
 
 def fork(host: Host, source: Box, n: int = 1, task: str | None = None, from_snapshot: str | None = None, *,
          progress: Callable[[str], None] | None = None, new_host: Callable[[Any], HostContext] | None = None,
-         ttl: float | None = None) -> list[Box]:
+         ttl: float | None = None, use_pool: bool = True) -> list[Box]:
     """N boxes starting from SOURCE's current state (or its snapshot `from_snapshot`)."""
     if n < 1:
         raise WtboxError("A fork makes at least one box.")
@@ -62,7 +62,8 @@ def fork(host: Host, source: Box, n: int = 1, task: str | None = None, from_snap
     snapshot_s = time.perf_counter() - t0
     snapshots.phase("fork:snapshot")
     try:
-        made = make_forks(host, source, snap, names, progress=progress, new_host=new_host, ttl=ttl)
+        made = make_forks(host, source, snap, names, progress=progress, new_host=new_host, ttl=ttl,
+                          use_pool=use_pool)
     finally:
         if not from_snapshot:
             snapshots.remove(host, source, snap.name)
@@ -73,7 +74,8 @@ def fork(host: Host, source: Box, n: int = 1, task: str | None = None, from_snap
 
 def make_forks(host: Host, source: Box, snap: snapshots.Snapshot, names: list[str], *,
                progress: Callable[[str], None] | None = None,
-               new_host: Callable[[Any], HostContext] | None = None, ttl: float | None = None) -> list[Box]:
+               new_host: Callable[[Any], HostContext] | None = None, ttl: float | None = None,
+               use_pool: bool = True) -> list[Box]:
     """One box per task name from `snap`, in parallel, each through its own Host (own registry
     connection, as a separate `wtbox new`); all or none."""
     from concurrent.futures import ThreadPoolExecutor
@@ -91,8 +93,9 @@ def make_forks(host: Host, source: Box, snap: snapshots.Snapshot, names: list[st
     def one(name: str) -> Box:
         h = opener(host.home)
         try:
-            box = h.new(name, repo=source.repo, ref=tree, config=config, origin=origins[name], ttl=ttl,
-                        progress=(lambda m: progress(f"{name}: {m}")) if progress else None)
+            box = from_pool(h, snap, name, origins[name], ttl=ttl) if use_pool else None
+            box = box or h.new(name, repo=source.repo, ref=tree, config=config, origin=origins[name], ttl=ttl,
+                               progress=(lambda m: progress(f"{name}: {m}")) if progress else None)
             box.data["fork"] = {"from": source.id, "snapshot": None if snap.meta.get("owner") else snap.name,
                                 "tip": snap.meta["tip"]}
             h.registry.save_box(box)
@@ -118,3 +121,49 @@ def make_forks(host: Host, source: Box, snap: snapshots.Snapshot, names: list[st
             raise first
         raise WtboxError(f"Forking {source.id} failed ({type(first).__name__}: {first}); no fork was left.") from first
     return made
+
+
+def from_pool(host: Any, snap: snapshots.Snapshot, name: str, origin: Origin, *, ttl: float | None = None
+              ) -> Box | None:
+    """A pooled box of the snapshot's commit and config, its database replaced by the snapshot's copy
+    before it is reported ready: its services are up already, so the fork answers as soon as their
+    sessions reconnect. Only for a snapshot whose files are the tree's (`pristine`): a pooled box's
+    services run the pristine files, and would serve stale ones for a box whose files changed (making
+    them serve the changed ones is their restart, which is their whole start time). None: no such box."""
+    from worktreebox.fleet import pool
+
+    if not snap.meta.get("pristine"):
+        return None
+    source = host.registry.select_box(snap.meta["box"])
+    if source is None:
+        return None
+    target = pool.resolve_target(source.repo, snap.meta["tree"], explicit_ref=True, home=host.home)
+    if target.why_not or pool.desired_size(host, target.repo, target.config) <= 0:
+        return None
+    box = pool.claim(host, name, target, ttl=ttl, before_ready=lambda b: _put_data(host, b, origin))
+    pool.ensure_filler(host, target.repo)
+    return box
+
+
+def _put_data(host: Any, box: Box, origin: Origin) -> None:
+    """The snapshot's data in the claimed box's place (a copy swapped in while the box is frozen)."""
+    from worktreebox.providers.postgres import boxcopy
+    from worktreebox.providers.postgres.boxdb import ident, sql_text
+
+    db = box.data.get("database") or {}
+    if not origin.database or db.get("mode") != "database":
+        return
+    srv = snapshots.server_of(host, box)
+    incoming = boxcopy.copy_name(box.pg_name, boxcopy.INCOMING)
+    with snapshots.operation(box, [incoming]):
+        with srv.session(srv.shared_db) as conn:
+            if origin.take_database:
+                conn.execute(sql_text("ALTER DATABASE {s} RENAME TO {d}", s=ident(origin.database), d=ident(incoming)))
+            else:
+                boxcopy.copy_database(conn, origin.database, incoming, end_source_sessions=False,
+                                      strategy=boxcopy.strategy_for(conn, origin.database, origin.strategy))
+        boxcopy.hand_to_box(srv, incoming, db["user"], reassign_from=origin.database_role,
+                            shared_owner=origin.database_role)
+        with snapshots.frozen(host, box):
+            _, outgoing = boxcopy.swap_in(srv, db["name"], incoming)
+    boxcopy.drop_later(host.home, srv.provider, [outgoing])

@@ -135,9 +135,11 @@ def new_box(host: Host, task: str, repo: str | Path | None = None, ref: str | No
     return box, False
 
 
-def claim(host: Host, task: str, t: Target, *, ttl: str | float | None = None, keep: bool = False) -> Box | None:
+def claim(host: Host, task: str, t: Target, *, ttl: str | float | None = None, keep: bool = False,
+          before_ready: Callable[[Box], None] | None = None) -> Box | None:
     """Take a ready pooled box of `t`'s key whose commit is `t.sha` or an ancestor and make it TASK's box;
-    None when there is none (or taking it failed: then it was destroyed)."""
+    None when there is none (or taking it failed: then it was destroyed). `before_ready(box)` runs while
+    the claimed row is still `creating` (a fork puts its data in: a kill there leaves a row gc removes)."""
     t0 = time.perf_counter()
     commits = {c for c in host.registry.pool_commits(t.repo, t.key) if c}
     usable = ([t.sha] if t.sha in commits else []) + sorted(
@@ -165,7 +167,7 @@ def claim(host: Host, task: str, t: Target, *, ttl: str | float | None = None, k
     box._host = host
     t1 = time.perf_counter()
     try:
-        moved = _take_over(host, box, t)
+        moved = _take_over(host, box, t, before_ready)
     except BaseException as e:
         try:
             host.rm(box, force=True)
@@ -180,7 +182,7 @@ def claim(host: Host, task: str, t: Target, *, ttl: str | float | None = None, k
     return box
 
 
-def _take_over(host: Host, box: Box, t: Target) -> bool:
+def _take_over(host: Host, box: Box, t: Target, before_ready: Callable[[Box], None] | None = None) -> bool:
     """Rename what can be renamed to the claimed box's id, fast-forward it; True when its base moved."""
     pool_id = box.data["pool_id"]
     old_dir = host.boxes_dir / pool_id
@@ -203,6 +205,8 @@ def _take_over(host: Host, box: Box, t: Target) -> bool:
         git.git(box.path, "merge", "--ff-only", "--quiet", t.sha)  # the changed files only
         box.data["base_sha"] = t.sha
     _phase("claim:ff")
+    if before_ready is not None:
+        before_ready(box)
     box.state = READY
     host.registry.save_box(box)
     if moved and t.config.pool.restart_on_update and t.config.services:

@@ -166,6 +166,7 @@ def _take(host: Host, box: Box, name: str, internal: bool = False) -> Snapshot:
         with frozen(host, box) as pause:
             phase("snapshot:frozen")
             tip = own_changes.save(box, scratch)
+            pristine = own_changes.pristine(host, box)
             files_ms = (time.perf_counter() - t0) * 1000
             phase("snapshot:files")
             if srv and copy:
@@ -175,7 +176,7 @@ def _take(host: Host, box: Box, name: str, internal: bool = False) -> Snapshot:
             with srv.session(srv.shared_db) as conn:
                 boxcopy.freeze_copy(conn, copy)
         meta = {"name": name, "box": box.id, "created_at": time.time(), "tree": box.data["worktree"]["tree"],
-                "tip": tip, "services": services, "frozen": pause.frozen, "paused_ms": pause.ms,
+                "tip": tip, "pristine": pristine, "services": services, "frozen": pause.frozen, "paused_ms": pause.ms,
                 "files_ms": round(files_ms, 1), "files_bytes": own_changes.disk_bytes(scratch),
                 "database": {"copy": copy, "role": box.pg_name, "strategy": strategy,
                              "bytes": boxcopy.size_bytes(srv, copy)} if srv and copy else None}

@@ -39,7 +39,7 @@ def restore(host: Host, box: str | None, name: str) -> dict[str, Any]:
 
 
 def fork(host: Host, box: str | None, n: int = 1, task: str | None = None, from_snapshot: str | None = None,
-         ttl: str | None = None, show_secrets: bool = False, *,
+         ttl: str | None = None, no_pool: bool = False, show_secrets: bool = False, *,
          progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """N boxes from BOX's current state (or its snapshot); each as `wtbox status` shows it."""
     from worktreebox.config.load import parse_duration
@@ -51,10 +51,10 @@ def fork(host: Host, box: str | None, n: int = 1, task: str | None = None, from_
     b = host.get(box)
     host.registry.touch(b.id)
     t0 = time.perf_counter()
-    made = F.fork(host, b, n, task, from_snapshot, progress=progress, ttl=ttl_s)
+    made = F.fork(host, b, n, task, from_snapshot, progress=progress, ttl=ttl_s, use_pool=not no_pool)
     seconds = round(time.perf_counter() - t0, 3)
-    return [{**host.describe(x, show_secrets=show_secrets), "fork": x.data.get("fork"), "seconds": seconds}
-            for x in made]
+    return [{**host.describe(x, show_secrets=show_secrets), "fork": x.data.get("fork"), "seconds": seconds,
+             "from_pool": bool(x.data.get("pool_id"))} for x in made]
 
 
 def db_reset(host: Host, box: str | None) -> dict[str, Any]:
@@ -146,8 +146,11 @@ FORK = Operation(
      Param("from_snapshot", "Start from this snapshot of BOX instead of its current state.",
            flags=("--from",), metavar="SNAPSHOT"),
      Param("ttl", "Remove after this long without use (e.g. 8h); default [box] ttl."),
+     Param("no_pool", "Never take a box of the warm pool (used when BOX's files are its commit's: then only "
+                      "the data is put in, and its services are up already).", bool, False),
      SHOW_SECRETS),
-    fork, list[dict[str, Any]], "One entry per fork, as `wtbox status` shows it, plus fork: {from, snapshot, tip}.",
+    fork, list[dict[str, Any]], "One entry per fork, as `wtbox status` shows it, plus fork: {from, snapshot, tip} "
+                                "and from_pool.",
     effect=CHANGES, tool="box_fork")
 
 DB_RESET = Operation(

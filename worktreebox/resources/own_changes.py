@@ -74,6 +74,16 @@ def save(box: Box, dest: Path) -> str:
     return branch_tip(box)
 
 
+def pristine(host: HostContext, box: Box) -> bool:
+    """No file of the box differs from its commit's tree (its worktree view and dependency layers are as
+    made, its index the tree's, its branch at the commit): a fork of it may then be a pooled box whose
+    services run on those very files."""
+    from worktreebox.resources.worktree import Worktree
+
+    layers = [p for rel, p in uppers(box).items() if rel != "upper"]
+    return Worktree().pristine(host, box) and not any(any(p.iterdir()) for p in layers if p.is_dir())
+
+
 def write_git_state(box: Box, src: Path, tip: str) -> None:
     """The snapshot's index as the worktree's, and the box's branch at the snapshot's tip."""
     shutil.copyfile(src / INDEX, admin_dir(box) / INDEX)

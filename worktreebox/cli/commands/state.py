@@ -47,8 +47,8 @@ def restore(box, name, as_json):
 
 
 @command(state.FORK)
-def fork(box, n, task, from_snapshot, ttl, show_secrets, as_json):
-    out = state.fork(get_host(), box, n, task, from_snapshot, ttl, show_secrets, progress=info)
+def fork(box, n, task, from_snapshot, ttl, no_pool, show_secrets, as_json):
+    out = state.fork(get_host(), box, n, task, from_snapshot, ttl, no_pool, show_secrets, progress=info)
     if as_json:
         emit_json(out)
         return

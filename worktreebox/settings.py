@@ -83,6 +83,7 @@ CGROUPS = Setting("WTBOX_CGROUPS", "`off`: boxes get no cgroup (no limits; teard
 PG_BIN = Setting("WTBOX_PG_BIN", "the directory of `initdb` and `pg_ctl` for the embedded cluster",
                  "from PATH, else the newest `/usr/lib/postgresql/*/bin`")
 CHROMIUM = Setting("WTBOX_CHROMIUM", "the Chromium binary of `browse` and `[browser]`", "`chromium` on PATH")
+CADDY = Setting("WTBOX_CADDY", "the Caddy binary of the host router", "`caddy` on PATH")
 
 # ---------------------------------------------------------------- timings (tests shorten them)
 KILL_WAIT = Setting("WTBOX_KILL_WAIT", "seconds a stopped process gets between SIGTERM and SIGKILL, and then to be "
@@ -95,7 +96,7 @@ PHASE_STOP = Setting("WTBOX_PHASE_STOP", "crash tests: `new` halts at the first 
 
 SETTINGS = (HOME, LEASE_DIR, NO_SERVER, SERVER_IDLE, NO_AUTO_GC, DEBUG, PROGRESS, BOX_ID, PORT_RANGE, MOUNTS,
             LAYER_TTL, POSTGRES_URL, DATABASE_PROVIDER, POSTGRES_IMAGE, OBSERVABILITY_PROVIDER,
-            VICTORIAMETRICS_IMAGE, CGROUPS, PG_BIN, CHROMIUM, KILL_WAIT, POOL_IDLE, PHASE_FILE, PHASE_STOP)
+            VICTORIAMETRICS_IMAGE, CGROUPS, PG_BIN, CHROMIUM, CADDY, KILL_WAIT, POOL_IDLE, PHASE_FILE, PHASE_STOP)
 
 
 def user_state_dir() -> str:

@@ -32,7 +32,7 @@ __all__ = ["MAX_MESSAGE", "SERVED", "ProtocolError", "ask", "bind", "connect", "
 # rare (and `server stop` must work on a broken server); unknown words get click's own error.
 SERVED = frozenset({
     "new", "rm", "ls", "status", "env", "logs", "up", "down", "restart", "metrics", "probe", "traces",
-    "top", "pool", "fanout", "compare", "keep", "unkeep", "db", "snapshot", "restore", "fork",
+    "top", "pool", "fanout", "compare", "keep", "unkeep", "db", "url", "snapshot", "restore", "fork",
 })
 _LONG_RUNNING = ("--watch", "--follow")  # top --watch, logs --follow: until Ctrl-C, job control wanted
 _HELP = ("--help", "-h", "--version")
@@ -52,8 +52,8 @@ def served(args: list[str], stdin_is_tty: bool) -> bool:
         return False  # it becomes psql on the terminal
     if args[0] == "db" and "dump" in options and len([a for a in options if not a.startswith("-")]) < 3:
         return False  # to stdout: a stream, not one reply
-    # rm --all without --yes asks on the terminal
-    return not (args[0] == "rm" and "--all" in options and "--yes" not in options and stdin_is_tty)
+    asks = args[0] == "rm" and "--all" in options and "--yes" not in options and stdin_is_tty
+    return not asks  # a question on the terminal is answered here, not through the server
 
 
 # ---------------------------------------------------------------- where

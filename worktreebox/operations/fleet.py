@@ -69,7 +69,7 @@ def _ref_or_box(host: Host, repo: str | None, ref: str) -> tuple[str | None, str
         raise ParamError(f"{{ref}} {ref!r} is neither a git ref of the repo nor a box.", "ref") from None
 
 
-def fanout(host: Host, task: str, n: int, *, on_change: Callable[[Any], None] | None = None,
+def fanout(host: Host, task: str, n: int, *, on_change: Callable[[Any, Any], None] | None = None,
            tick: Callable[[], None] | None = None, **params: Any) -> list[dict]:
     """Plan, start and wait; the comparison rows. Interrupted (Ctrl-C, or a cancelled call's tick)
     stops the runs and leaves the boxes for inspection."""

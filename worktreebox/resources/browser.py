@@ -124,11 +124,8 @@ def session(host: HostContext, box: Box, progress: Callable[[str], None] = lambd
 def _names(host: HostContext, box: Box) -> list[tuple[str, Path]]:
     """(id, dir) the box's Chromium may run under: its own, and, for a box claimed from the warm
     pool, the pool name it was started under (WTBOX_ID and profile path keep that name)."""
-    out = [(box.id, box.dir)]
-    pool_id = box.data.get("pool_id")
-    if pool_id and pool_id != box.id:
-        out.append((pool_id, Path(host.boxes_dir) / pool_id))
-    return out
+    alias = box.under_alias()
+    return [(box.id, box.dir)] + ([(alias.id, alias.dir)] if alias is not None else [])
 
 
 def browse(host: HostContext, box: Box, url: str, opts: chromium.PageOptions, driver: chromium.Driver,
@@ -171,6 +168,7 @@ def snapshot(host: HostContext, box: Box, url: str, png_path: Path,
     try:
         with chromium.Driver() as driver:  # one per call: Playwright's sync API is per thread
             result, png = browse(host, box, url, opts, driver)
+        assert png is not None  # opts.screenshot
         png_path.parent.mkdir(parents=True, exist_ok=True)
         chromium.write_png(png_path, png)
         row["screenshot"] = str(png_path)

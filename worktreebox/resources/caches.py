@@ -14,6 +14,9 @@ from worktreebox.layers import downloads
 from worktreebox.resources.base import Creation, Resource
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from worktreebox.box import Box
     from worktreebox.context import HostContext as Host
 
 
@@ -39,7 +42,7 @@ class Caches(Resource):
             path.mkdir(parents=True, exist_ok=True)
             c.env[var] = str(path)
 
-    def destroy(self, host: Host, box) -> None:
+    def destroy(self, host: Host, box: Box) -> None:
         # Everything else lives under boxes/<id>, which Host removes last.
         import shutil
 
@@ -53,5 +56,5 @@ class Caches(Resource):
             return set()
 
 
-def pycache_prefix(host: Host):
+def pycache_prefix(host: Host) -> Path:
     return host.home / "pycache"

@@ -6,6 +6,7 @@ find their dependencies installed.
 """
 from __future__ import annotations
 
+import functools
 import shutil
 from typing import TYPE_CHECKING, Any
 
@@ -13,8 +14,12 @@ from worktreebox.errors import WtboxError
 from worktreebox.resources.base import Creation, Resource, warn
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
     from worktreebox.box import Box
     from worktreebox.context import HostContext as Host
+    from worktreebox.layers.deps import Layer
 
 
 class Deps(Resource):
@@ -45,7 +50,8 @@ class Deps(Resource):
             layerstore.record_use(box, "deps", layer.key)  # before the layer is used: gc keeps it for this box
             where = layer.dir or "the repo root"
             with deps.use(home, box.repo, c.base_sha, layer, run=_runner(c, layer),
-                          on_wait=lambda: c.note(f"waiting for the {layer.kind} layer of {where}")) as (path, built):
+                          on_wait=functools.partial(c.note, f"waiting for the {layer.kind} layer of {where}"),
+                          ) as (path, built):
                 if built:
                     c.note(f"built the {layer.kind} layer of {where}")
                 for j, p in enumerate(layer.paths):
@@ -94,9 +100,9 @@ class Deps(Resource):
         return {"deps": [{k: v for k, v in layer.items() if k != "built"} for layer in data["layers"]]}
 
 
-def _runner(c: Creation, layer):
+def _runner(c: Creation, layer: Layer) -> Callable[[str, str | Path, dict[str, str]], None]:
     """Run a build command with its output in the box's logs/deps.jsonl; fail with its last lines."""
-    def run(cmd: str, cwd, env: dict[str, str]) -> None:
+    def run(cmd: str, cwd: str | Path, env: dict[str, str]) -> None:
         from worktreebox.secrets import Redactor
         from worktreebox.telemetry.logs.run import run_logged
 

@@ -13,7 +13,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from worktreebox.box import is_box_id
 from worktreebox.errors import WtboxError
@@ -67,7 +67,7 @@ class Worktree(Resource):
         try:
             if (admin / "index").read_bytes() != (trees.store(host.home).path(sha) / "index").read_bytes():
                 return False
-            return read_branch_tip(admin, box.branch) == sha
+            return bool(read_branch_tip(admin, box.branch) == sha)
         except OSError:
             return False
 
@@ -141,7 +141,7 @@ class Worktree(Resource):
         if any(trashed):
             empty_trash_in_background(host)
 
-    def checks(self, host: Host) -> list[dict]:
+    def checks(self, host: Host) -> list[dict[str, Any]]:
         """Which copy-on-write provider boxes get here and why (probed afresh: the host may have changed)."""
         from worktreebox.errors import ConfigError
         from worktreebox.providers import mounts
@@ -153,7 +153,7 @@ class Worktree(Resource):
         return [{"check": "mounts", "ok": True, "detail": f"{choice.name}: {choice.why}",
                  "mounts": {"provider": choice.name, "why": choice.why, "probes": choice.probes}}]
 
-    def status(self, host: Host, box: Box) -> dict | None:
+    def status(self, host: Host, box: Box) -> dict[str, Any] | None:
         """How the worktree is made: {"mount": provider, "tree": commit of the shared tree}."""
         data = box.data.get(self.name)
         return {"worktree": dict(data)} if data else None

@@ -59,9 +59,10 @@ def start_supervisor(box: Box, secrets: dict[str, str], specs: list[ServiceSpec]
     # -m finds the package from the cwd, so this works from a checkout as well as when installed.
     pkg_parent = str(PACKAGE_PARENT)
     home = box.dir.parent.parent
-    proc = procs.spawn([sys.executable, "-m", "worktreebox.services.supervisor", str(home), box.id], cwd=pkg_parent, env=env,
-                       stdin=subprocess.PIPE, cgroup=cgroups.Leaf(home, box.id, cgroups.SUPERVISOR))
+    proc = procs.spawn([sys.executable, "-m", "worktreebox.services.supervisor", str(home), box.id], cwd=pkg_parent,
+                       env=env, stdin=subprocess.PIPE, cgroup=cgroups.Leaf(home, box.id, cgroups.SUPERVISOR))
     payload = SupervisorPayload(services=specs, workdir=str(box.path), secrets=dict(secrets))
+    assert proc.stdin is not None  # stdin=PIPE
     try:
         proc.stdin.write(json.dumps(payload.to_json()).encode())
         proc.stdin.close()

@@ -50,7 +50,8 @@ class SupervisorPayload:
     secrets: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"secrets": dict(self.secrets), "workdir": self.workdir, "services": [s.to_json() for s in self.services]}
+        return {"secrets": dict(self.secrets), "workdir": self.workdir,
+                "services": [s.to_json() for s in self.services]}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SupervisorPayload:

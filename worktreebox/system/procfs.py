@@ -77,6 +77,17 @@ def comm(pid: int) -> str | None:
     return data.decode("utf-8", "replace").strip() if data is not None else None
 
 
+def name_self(name: str) -> bool:
+    """Set this process's kernel name (what `comm` and `ps -o comm` show; 15 bytes at most), the one
+    file written here: teardown finds a helper by it. False when the kernel refuses."""
+    try:
+        with open(_path("self", "comm"), "w") as f:
+            f.write(name[:15])
+        return True
+    except OSError:
+        return False
+
+
 def cwd(pid: int) -> str | None:
     """A process's working directory (without the kernel's ' (deleted)' mark), None when unreadable."""
     try:

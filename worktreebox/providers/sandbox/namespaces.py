@@ -149,7 +149,7 @@ class Namespaces(Sandbox):
         The directory is entered last, by `env --chdir`, inside the box's mount namespace:
         `nsenter --wd` opens it *before* entering, so the process would start in the host's
         directory, outside its root, and `os.chdir("..")` from there walked the host's file
-        system (the box dir's env file, the home's registry: tests/test_sandbox.py)."""
+        system (the box dir's env file, the home's registry: tests/providers/test_sandbox.py)."""
         if holder.mode == "user":  # uid 0 of the box's user namespace, which is the caller outside
             enter = ["nsenter", "-t", str(holder.pid), "-U", "--preserve-credentials", "-p", "-m", "-i", "-u", "-n"]
             become: list[str] = []

@@ -39,7 +39,9 @@ from worktreebox.telemetry.logs.writer import LogWriter
 
 if TYPE_CHECKING:
     from worktreebox.box import Box
+    from worktreebox.fleet.snapshots import Snapshot
     from worktreebox.host import Host
+    from worktreebox.resources.base import Origin
 
 RUN_LOG = "run"
 
@@ -179,7 +181,9 @@ class Fanout:
             raise ParamError("{jobs} must be at least 1.", "jobs")
         for i in (1, o.n):
             slugify(f"{o.task}-{i}")
-        self._source = self._origin = None
+        self._source: Box | None = None
+        self._origin: Origin | None = None
+        self._snapshot: Snapshot | None = None
         if o.from_box:
             self._plan_from_box(o.from_box)
             return
@@ -258,7 +262,7 @@ class Fanout:
         return self.rows()
 
     def _drop_snapshot(self) -> None:
-        if self._source is not None and getattr(self, "_snapshot", None) is not None:
+        if self._source is not None and self._snapshot is not None:
             from worktreebox.fleet import snapshots
 
             snapshots.remove(self.host, self._source, self._snapshot.name)

@@ -23,7 +23,6 @@ from worktreebox.fleet import snapshots
 from worktreebox.resources.base import Origin
 
 if TYPE_CHECKING:
-    from worktreebox.context import HostContext
     from worktreebox.host import Host
 
 
@@ -46,7 +45,7 @@ def tasks(source: Box, n: int, task: str | None) -> list[str]:
 
 
 def fork(host: Host, source: Box, n: int = 1, task: str | None = None, from_snapshot: str | None = None, *,
-         progress: Callable[[str], None] | None = None, new_host: Callable[[Any], HostContext] | None = None,
+         progress: Callable[[str], None] | None = None, new_host: Callable[[Path], Host] | None = None,
          ttl: float | None = None, use_pool: bool = True) -> list[Box]:
     """N boxes starting from SOURCE's current state (or its snapshot `from_snapshot`)."""
     if n < 1:
@@ -74,7 +73,7 @@ def fork(host: Host, source: Box, n: int = 1, task: str | None = None, from_snap
 
 def make_forks(host: Host, source: Box, snap: snapshots.Snapshot, names: list[str], *,
                progress: Callable[[str], None] | None = None,
-               new_host: Callable[[Any], HostContext] | None = None, ttl: float | None = None,
+               new_host: Callable[[Path], Host] | None = None, ttl: float | None = None,
                use_pool: bool = True) -> list[Box]:
     """One box per task name from `snap`, in parallel, each through its own Host (own registry
     connection, as a separate `wtbox new`); all or none."""

@@ -71,7 +71,8 @@ def db_conninfo(host: Host, box: str | None) -> tuple[dict[str, str], str]:
     db = b.data.get("database") or {}
     if not db or db.get("mode") == "none":
         raise WtboxError(f"{b.id} has no database ([database] mode = \"none\").")
-    env = {k: b.env[k] for k in ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE") if k in b.env}
+    names = ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE")
+    env: dict[str, str] = {k: b.env[k] for k in names if k in b.env}
     if db.get("mode") == "schema":
         env["PGOPTIONS"] = f"-c search_path={db['schema']},public"
     return env, db["name"]

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_chaos import HAVE_PG, SERVICE, Chaos, _answers
+from test_chaos import HAVE_PG, HAVE_REDIS, SERVICE, Chaos, _answers, outside  # noqa: F401 (a fixture, used by name)
 
 from worktreebox.system import cgroups
 
@@ -26,7 +26,8 @@ ITERATIONS = int(os.environ.get("WTBOX_CHAOS_ITERATIONS", "12"))
 TOML = ('[box]\nports = ["web"]\n[database]\nmode = "database"\n'
         "migrate = \"psql -q -c 'CREATE TABLE items (id serial PRIMARY KEY, note text)'\"\n"
         "[observability]\nenabled = false\n"
-        f'[services.web]\ncmd = "{sys.executable} server.py"\nready = "tcp:{{{{ ports.web }}}}"\n')
+        f'[services.web]\ncmd = "{sys.executable} server.py"\nready = "tcp:{{{{ ports.web }}}}"\n'
+        + ('[backing.redis]\nimage = "redis:7"\n' if HAVE_REDIS else ""))  # every resource, as test_chaos
 
 
 def _snapshot_copies(home: Path) -> set[str]:
@@ -64,9 +65,9 @@ def _check(chaos: Chaos, source: str) -> None:
     assert not any(left.values()), {k: v for k, v in left.items() if v}
 
 
-def test_kill_dash_nine_during_snapshot_restore_fork_then_gc(tmp_path, make_repo):
+def test_kill_dash_nine_during_snapshot_restore_fork_then_gc(tmp_path, make_repo, outside):  # noqa: F811
     repo = make_repo({"server.py": SERVICE}, toml=TOML)
-    chaos = Chaos(tmp_path / "home", repo, tmp_path)
+    chaos = Chaos(outside / "home", repo, tmp_path)  # the cluster's home outside pytest's basetemp (see outside)
     rng = random.Random(int(os.environ.get("WTBOX_CHAOS_SEED", time.time())))
     chaos.wtbox("db", "start")
     try:
@@ -108,13 +109,13 @@ STOPS = ["snapshot:op", "snapshot:frozen", "snapshot:files", "snapshot:meta", "r
          "restore:files", "restore:swapped", "fork:snapshot", "new:create"]
 
 
-def test_kill_at_every_phase_then_gc(tmp_path, make_repo):
+def test_kill_at_every_phase_then_gc(tmp_path, make_repo, outside):  # noqa: F811
     """Halted at each phase (WTBOX_PHASE_STOP) and killed there: the frozen box is thawed, the half-restored
     one is `restoring` until restored again, the half-made fork and the copies are gone."""
     from helpers import wait_for
 
     repo = make_repo({"server.py": SERVICE}, toml=TOML)
-    chaos = Chaos(tmp_path / "home", repo, tmp_path)
+    chaos = Chaos(outside / "home", repo, tmp_path)
     chaos.wtbox("db", "start")
     try:
         source = json.loads(chaos.wtbox("new", "source", "--repo", str(repo), "--json").stdout)["id"]

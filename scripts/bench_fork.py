@@ -3,7 +3,8 @@
 
 On a box whose database holds ~50 MB of rows and whose service sleeps 3 s before it binds its port,
 each figure against what it can be compared with in the same run:
-- the copy floor: `CREATE DATABASE … TEMPLATE` of a database holding the same data, on this disk;
+- the copy floor: `CREATE DATABASE … TEMPLATE` of a database holding the same data, on this disk (each
+  strategy; and with the box's strategy right before each snapshot, the floor the goals are held to);
 - `wtbox snapshot` (the whole CLI process) and how long the box was paused (its `paused_ms`);
 - `wtbox restore` until the service answers again, after a data change (the service keeps running)
   and after a file change (the service is restarted: its own start time is in it);
@@ -92,28 +93,31 @@ def _fill(url: str) -> int:
 
 
 def _copy_floor(host, box, runs: int) -> dict:
-    """CREATE DATABASE … TEMPLATE of a database holding the box's data (one of its snapshots: no sessions)."""
+    """CREATE DATABASE … TEMPLATE of a database holding the box's data (one of its snapshots: no sessions),
+    with each strategy; the snapshot "floor" is kept for `_floor_once` (interleaved with the snapshots)."""
     from bench import summary
 
     from worktreebox.fleet import snapshots
-    from worktreebox.providers.postgres.boxdb import ident, sql_text
 
     snap = snapshots.take(host, box, "floor")
     srv = snapshots.server_of(host, box)
     strategy = snap.meta["database"]["strategy"]
     out = {"strategy": strategy}
     for name in (strategy, "WAL_LOG", "FILE_COPY") if strategy else ("WAL_LOG", "FILE_COPY"):
-        times = []
-        with srv.session(srv.shared_db) as conn:
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                conn.execute(sql_text(f"CREATE DATABASE {{d}} TEMPLATE {{t}} STRATEGY {name}", d=ident("wt_floor"),
-                                      t=ident(snap.database)))
-                times.append(time.perf_counter() - t0)
-                conn.execute("DROP DATABASE wt_floor")
-        out[name] = summary(times)
-    snapshots.remove(host, box, "floor")
+        out[name] = summary([_floor_once(srv, snap.database, name) for _ in range(runs)])
     return out
+
+
+def _floor_once(srv, template: str, strategy: str | None) -> float:
+    from worktreebox.providers.postgres.boxdb import ident, sql_text
+
+    clause = f" STRATEGY {strategy}" if strategy else ""
+    with srv.session(srv.shared_db) as conn:
+        t0 = time.perf_counter()
+        conn.execute(sql_text("CREATE DATABASE {d} TEMPLATE {t}" + clause, d=ident("wt_floor"), t=ident(template)))
+        took = time.perf_counter() - t0
+        conn.execute("DROP DATABASE wt_floor")
+    return took
 
 
 def _wait_spares(host, box, want: int, timeout: float = 60.0) -> None:
@@ -156,16 +160,24 @@ def bench_fork(runs: int = 5, work: Path | None = None) -> dict:
         (box.path / "notes.txt").write_text("a change of the box's own\n")
         out: dict = {"service_start_s": SLOW_START, "database_mb": round(db_bytes / 2**20, 1)}
         out["copy_floor"] = _copy_floor(host, box, runs)
-        floor = out["copy_floor"][out["copy_floor"]["strategy"] or "WAL_LOG"]["p50_ms"]
+        from worktreebox.fleet import snapshots
 
-        snap_t, paused = [], []
-        for i in range(runs):
+        floor_db, strategy = snapshots.get(box, "floor").database, out["copy_floor"]["strategy"]
+        srv = snapshots.server_of(host, box)
+        snap_t, paused, copied, floor_t = [], [], [], []
+        for i in range(runs):  # each snapshot right after a floor copy: the same load on this shared host
+            floor_t.append(_floor_once(srv, floor_db, strategy))
             t0 = time.perf_counter()
             s = _wtbox(env, "snapshot", source, f"s{i}")
             snap_t.append(time.perf_counter() - t0)
             paused.append(s["paused_ms"] / 1000)
+            copied.append(s["copy_ms"] / 1000)
+        snapshots.remove(host, box, "floor")
+        out["copy_floor_beside_snapshots"] = summary(floor_t)
+        floor = out["copy_floor_beside_snapshots"]["p50_ms"]
         out["snapshot"] = summary(snap_t)
         out["snapshot_paused"] = summary(paused)
+        out["snapshot_copy_in_pause"] = summary(copied)
         out["snapshot_disk"] = {"files_bytes": s["files_bytes"], "database_bytes": s["database"]["bytes"],
                                 "tree_bytes": _tree_bytes(home, box)}
 

@@ -74,14 +74,23 @@ def save(box: Box, dest: Path) -> str:
     return branch_tip(box)
 
 
-def pristine(host: HostContext, box: Box) -> bool:
-    """No file of the box differs from its commit's tree (its worktree view and dependency layers are as
-    made, its index the tree's, its branch at the commit): a fork of it may then be a pooled box whose
-    services run on those very files."""
-    from worktreebox.resources.worktree import Worktree
+def pristine_copy(host: HostContext, box: Box, saved: Path, tip: str) -> bool:
+    """The saved copy (taken with the box frozen) holds no change of the commit's tree: its worktree
+    upper layer only mount points, its dependency layers' empty, its index the tree's and its tip the
+    commit. A fork of it may then be a pooled box whose services run on those very files. Judged on
+    the copy, not the live box, which runs on after the pause."""
+    from worktreebox.layers import trees
+    from worktreebox.resources.worktree import only_mount_points
 
-    layers = [p for rel, p in uppers(box).items() if rel != "upper"]
-    return Worktree().pristine(host, box) and not any(any(p.iterdir()) for p in layers if p.is_dir())
+    sha = (box.data.get("worktree") or {}).get("tree")
+    if not sha or sha != box.data.get("base_sha") or tip != sha or not only_mount_points(saved / "upper"):
+        return False
+    if any(any(p.iterdir()) for p in saved.glob("deps/*/upper") if p.is_dir()):
+        return False
+    try:
+        return (saved / INDEX).read_bytes() == (trees.store(host.home).path(sha) / INDEX).read_bytes()
+    except OSError:
+        return False
 
 
 def write_git_state(box: Box, src: Path, tip: str) -> None:

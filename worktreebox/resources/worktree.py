@@ -57,7 +57,7 @@ class Worktree(Resource):
         Then `git status` and the commit count cannot find anything; otherwise they run as usual."""
         data = box.data.get(self.name) or {}
         sha = data.get("tree")
-        if not sha or sha != box.data.get("base_sha") or not _only_mount_points(box.dir / "upper"):
+        if not sha or sha != box.data.get("base_sha") or not only_mount_points(box.dir / "upper"):
             return False
         admin = _admin_dir(box)
         if admin is None:
@@ -244,7 +244,7 @@ def _admin_dir(box: Box) -> Path | None:
     return None
 
 
-def _only_mount_points(upper: Path) -> bool:
+def only_mount_points(upper: Path) -> bool:
     """True when the upper layer holds git's `.git` pointer and empty directories only (the mount
     points of dependency layers and their parents): no file of the tree was written or deleted."""
     try:

@@ -146,7 +146,9 @@ def bench_fork(runs: int = 5, work: Path | None = None) -> dict:
     _make_repo(repo)
     import random
 
-    lo = 40000 + random.randrange(50) * 200
+    # below the kernel's ephemeral ports (32768-60999 here: any outgoing connection may take one of
+    # those, and a service then fails to bind), above the tests' 20000-29999 and bench_browser's
+    lo = 31000 + random.randrange(8) * 200
     env = {**os.environ, "WTBOX_HOME": str(home), "WTBOX_NO_AUTO_GC": "1", "WTBOX_PORT_RANGE": f"{lo}-{lo + 199}"}
     env.pop("WTBOX_POSTGRES_URL", None)  # its own embedded cluster
     os.environ.update({k: env[k] for k in ("WTBOX_HOME", "WTBOX_PORT_RANGE")})

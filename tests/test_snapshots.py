@@ -290,3 +290,40 @@ def test_fork_of_a_box_with_data_only_changes_takes_a_pooled_box(pg_host, pg_clu
         P.drain(host, str(app))
         for b in host.list():
             host.rm(b.id, force=True)
+
+
+def test_mcp_tools_snapshot_fork_reset_dump_restore(pg_cluster, app, tmp_path, monkeypatch):
+    """The same through `wtbox mcp` (the tools come from the operations' declarations): results are
+    structured, a bad snapshot name is one sentence and the server answers the next call."""
+    from pathlib import Path
+
+    import anyio
+    from mcp_helpers import failed, ok, stdio_client
+
+    monkeypatch.delenv("WTBOX_POSTGRES_URL", raising=False)  # the cluster's own home, as pg_host
+
+    async def main():
+        async with stdio_client(pg_cluster.home) as client:
+            box = ok(await client.call_tool("box_new", {"task": "mcp-state", "repo": str(app)}))
+            bid = box["id"]
+            try:
+                (Path(box["path"]) / "app.txt").write_text("mcp\n")
+                snap = ok(await client.call_tool("box_snapshot", {"box": bid, "name": "m1"}))
+                assert snap["name"] == "m1" and snap["paused_ms"] >= 0 and snap["files_bytes"] > 0
+                [fork] = ok(await client.call_tool("box_fork", {"box": bid, "task": "mcp-fork"}))
+                assert fork["fork"]["from"] == bid and fork["state"] == "ready"
+                assert (Path(fork["path"]) / "app.txt").read_text() == "mcp\n"
+                ok(await client.call_tool("box_rm", {"box": fork["id"], "force": True}))
+                assert ok(await client.call_tool("db_reset", {"box": bid}))["mode"] == "database"
+                dump = ok(await client.call_tool("db_dump", {"box": bid, "file": str(tmp_path / "d.sql")}))
+                assert dump["bytes"] > 0 and "CREATE TABLE public.items" in (tmp_path / "d.sql").read_text()
+                (Path(box["path"]) / "app.txt").write_text("later\n")
+                assert ok(await client.call_tool("box_restore", {"box": bid, "name": "m1"}))["files_restored"]
+                assert (Path(box["path"]) / "app.txt").read_text() == "mcp\n"
+                assert "no snapshot 'nope'" in failed(await client.call_tool("box_restore", {"box": bid,
+                                                                                            "name": "nope"}))
+                assert ok(await client.call_tool("box_snapshot", {"box": bid, "list_": True}))["snapshots"]
+            finally:
+                await client.call_tool("box_rm", {"box": bid, "force": True})
+
+    anyio.run(main)

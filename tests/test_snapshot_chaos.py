@@ -65,6 +65,23 @@ def _check(chaos: Chaos, source: str) -> None:
     assert not any(left.values()), {k: v for k, v in left.items() if v}
 
 
+def _remove_forks(chaos: Chaos, source: str) -> None:
+    """Forks that finished before the kill are whole boxes: removed, to keep the host small."""
+    for b in chaos.live():
+        if b["id"] != source:
+            chaos.wtbox("rm", "--force", b["id"])
+
+
+def _remove_all(chaos: Chaos) -> dict[str, set]:
+    """Every box removed, gc run, the cluster stopped; what is left (the golden copies may stay)."""
+    chaos.wtbox("rm", "--all", "--yes", "--force", check=False)
+    chaos.wtbox("gc", "--grace", "0", check=False)
+    final = chaos.leftovers(set())
+    chaos.wtbox("db", "stop", check=False)
+    final["pg_objects"] = {n for n in final.get("pg_objects", set()) if not n.startswith("wt_golden_")}
+    return final
+
+
 def test_kill_dash_nine_during_snapshot_restore_fork_then_gc(tmp_path, make_repo, outside):  # noqa: F811
     repo = make_repo({"server.py": SERVICE}, toml=TOML)
     chaos = Chaos(outside / "home", repo, tmp_path)  # the cluster's home outside pytest's basetemp (see outside)
@@ -92,16 +109,10 @@ def test_kill_dash_nine_during_snapshot_restore_fork_then_gc(tmp_path, make_repo
             phases[f"{op}@{text.split()[-1] if text else 'start'}"] += 1
             chaos.wtbox("gc", "--grace", "0")
             _check(chaos, source)
-            for b in chaos.live():  # forks that finished before the kill are whole boxes: keep the host small
-                if b["id"] != source:
-                    chaos.wtbox("rm", "--force", b["id"])
+            _remove_forks(chaos, source)
         print(f"\nsnapshot chaos: {ITERATIONS} kills; by phase: {dict(sorted(phases.items()))}")
     finally:
-        chaos.wtbox("rm", "--all", "--yes", "--force", check=False)
-        chaos.wtbox("gc", "--grace", "0", check=False)
-        final = chaos.leftovers(set())
-        chaos.wtbox("db", "stop", check=False)
-    final["pg_objects"] = {n for n in final.get("pg_objects", set()) if not n.startswith("wt_golden_")}
+        final = _remove_all(chaos)
     assert not any(final.values()), final
 
 
@@ -137,13 +148,7 @@ def test_kill_at_every_phase_then_gc(tmp_path, make_repo, outside):  # noqa: F81
             p.wait()
             chaos.wtbox("gc", "--grace", "0")
             _check(chaos, source)
-            for b in chaos.live():
-                if b["id"] != source:
-                    chaos.wtbox("rm", "--force", b["id"])
+            _remove_forks(chaos, source)
     finally:
-        chaos.wtbox("rm", "--all", "--yes", "--force", check=False)
-        chaos.wtbox("gc", "--grace", "0", check=False)
-        final = chaos.leftovers(set())
-        chaos.wtbox("db", "stop", check=False)
-    final["pg_objects"] = {n for n in final.get("pg_objects", set()) if not n.startswith("wt_golden_")}
+        final = _remove_all(chaos)
     assert not any(final.values()), final

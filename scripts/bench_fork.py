@@ -266,7 +266,7 @@ def _fork_from_pool(host, env: dict, repo: Path, runs: int) -> dict:
 
 
 def _tree_bytes(home: Path, box) -> int:
-    from worktreebox.providers.mounts.base import own_bytes
+    from worktreebox.system.fsutil import own_bytes
 
     return own_bytes(home / "trees" / box.data["worktree"]["tree"])
 

@@ -32,7 +32,7 @@ __all__ = ["MAX_MESSAGE", "SERVED", "ProtocolError", "ask", "bind", "connect", "
 # rare (and `server stop` must work on a broken server); unknown words get click's own error.
 SERVED = frozenset({
     "new", "rm", "ls", "status", "env", "logs", "up", "down", "restart", "metrics", "probe", "traces",
-    "top", "pool", "fanout", "compare", "keep", "unkeep", "db", "url", "snapshot", "restore", "fork",
+    "top", "pool", "fanout", "compare", "diff", "keep", "unkeep", "db", "url", "snapshot", "restore", "fork",
 })
 _LONG_RUNNING = ("--watch", "--follow")  # top --watch, logs --follow: until Ctrl-C, job control wanted
 _HELP = ("--help", "-h", "--version")

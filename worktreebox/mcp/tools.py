@@ -178,6 +178,7 @@ def all_tools() -> list[tuple[Callable[..., Any], Operation]]:
         (make_tool(boxes.RM), boxes.RM),
         (make_tool(fleet.FANOUT, fanout_body), fleet.FANOUT),
         (make_tool(fleet.COMPARE), fleet.COMPARE),
+        (make_tool(fleet.DIFF), fleet.DIFF),
         (make_tool(fleet.PICK), fleet.PICK),
         (make_tool(state.SNAPSHOT), state.SNAPSHOT),
         (make_tool(state.RESTORE), state.RESTORE),

@@ -23,7 +23,7 @@ from worktreebox.errors import ConfigError, WtboxError
 from worktreebox.providers.postgres import server
 from worktreebox.providers.postgres import spares as dbspares
 from worktreebox.providers.postgres.boxdb import drop, ident, owner_tag, prepare_database, sql_text
-from worktreebox.providers.postgres.golden import Golden, clone, run_migrate
+from worktreebox.providers.postgres.golden import Golden, clone, migrations_hash, run_migrate
 from worktreebox.resources.base import Creation, Resource, warn
 from worktreebox.services.boxenv import process_env
 from worktreebox.system import cgroups
@@ -65,7 +65,10 @@ class Database(Resource):
         schema = role if cfg.mode == "schema" else "public"
         # Recorded first, so a rollback after a partial create knows what to drop.
         c.box.data[self.name] = {"mode": cfg.mode, "provider": srv.provider, "name": dbname, "schema": schema,
-                                 "user": role, "password": password, "url": None}
+                                 "user": role, "password": password, "url": None,
+                                 # what its data was migrated from (the box's fingerprint names it)
+                                 "migrations": migrations_hash(str(c.box.repo), c.base_sha, cfg.migrate,
+                                                               cfg.migrations, cfg.extensions)}
         c.note(f"database ({cfg.mode} mode, {srv.provider})")
         try:
             if cfg.mode == "schema":
@@ -174,7 +177,7 @@ class Database(Resource):
                 # What every process of the box runs with (boxenv): the box env, plus --secret values.
                 env = process_env(c.box, c.secrets)
                 run_migrate(cfg.migrate, c.box.path, env, c.box.logs_dir, [data["password"], *c.secrets.values()],
-                            cgroup=cgroups.Leaf(c.host.home, c.box.id, cgroups.MIGRATE))
+                            cgroup=cgroups.Leaf(c.host.home, c.box.id, cgroups.MIGRATE), timeout=cfg.timeout)
             c.timings["migrate"] = round(time.monotonic() - t0, 4)
             return
         if not data.get("pending"):
@@ -306,7 +309,7 @@ def golden_for(c: Creation, srv: Server) -> Golden:
         return {**out, **c.secrets}
 
     return Golden(srv, Path(c.host.home), str(c.box.repo), c.base_sha, cfg.migrate, cfg.migrations,
-                  cfg.extensions, env, c.box.logs_dir, list(c.secrets.values()))
+                  cfg.extensions, env, c.box.logs_dir, list(c.secrets.values()), timeout=cfg.timeout)
 
 
 def _db_env(db: dict[str, Any]) -> dict[str, str]:

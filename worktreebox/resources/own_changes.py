@@ -135,7 +135,7 @@ def put_back(host: HostContext, box: Box, src: Path, tip: str) -> None:
 
 
 def disk_bytes(path: Path) -> int:
-    from worktreebox.providers.mounts.base import own_bytes
+    from worktreebox.system.fsutil import own_bytes
 
     return own_bytes(path)
 

@@ -48,12 +48,13 @@ class SupervisorPayload:
     services: list[ServiceSpec]
     workdir: str | None = None
     secrets: dict[str, str] = dataclasses.field(default_factory=dict)
+    disk_max: int | None = None  # watched by the supervisor (services/diskwatch.py) when no filesystem enforces it
 
     def to_json(self) -> dict[str, Any]:
         return {"secrets": dict(self.secrets), "workdir": self.workdir,
-                "services": [s.to_json() for s in self.services]}
+                "services": [s.to_json() for s in self.services], "disk_max": self.disk_max}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SupervisorPayload:
         return cls(services=[ServiceSpec.from_json(s) for s in data.get("services") or []],
-                   workdir=data.get("workdir"), secrets=dict(data.get("secrets") or {}))
+                   workdir=data.get("workdir"), secrets=dict(data.get("secrets") or {}), disk_max=data.get("disk_max"))

@@ -92,6 +92,7 @@ class Supervisor:
         self.oom = cgroups.OomWatch(home, box_id)
         self._collect_lock = threading.Lock()
         self._busy_watch: threading.Thread | None = None
+        self.disk_max = payload.disk_max
 
     def event(self, service: str, level: str, msg: str, **extra: Any) -> None:
         try:
@@ -230,11 +231,25 @@ class Supervisor:
         self._busy_watch = threading.Thread(target=watch.run, args=(self._done.wait,), name="busy", daemon=True)
         self._busy_watch.start()
 
+    def _watch_disk(self) -> None:
+        """[box] disk_max where no filesystem enforces it (diskwatch.py)."""
+        backend = cgroups.for_home(self.home) if self.verify_ports else None
+        if not self.disk_max or backend is None:
+            return
+        from worktreebox.services.diskwatch import DiskWatch
+        from worktreebox.system.fsutil import own_bytes
+
+        watch = DiskWatch(self.box_dir, self.disk_max, measure=lambda: own_bytes(self.box_dir),
+                          freeze=lambda on: backend.freeze_box(self.box_id, on),
+                          event=lambda level, msg: self.event("_box", level, msg, event="disk_max"))
+        threading.Thread(target=watch.run, args=(self._done.wait,), name="disk", daemon=True).start()
+
     def run(self) -> None:
         self.keeper = OutputKeeper(self.logs_dir, self.redact)  # forked before any thread starts
         self.serve()
         self.write_state()
         self._watch_busy()
+        self._watch_disk()
         for s in self.services.values():
             s.up()
         next_collect = self.clock.now() + 1.0

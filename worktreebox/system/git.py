@@ -93,6 +93,12 @@ def repoint_worktree(worktree: Path) -> None:
         atomic_write(gitdir, f"{dotgit}\n")
 
 
+def commit_time(repo: str | Path, sha: str) -> int | None:
+    """The committer time of a commit (seconds since the epoch): a box's SOURCE_DATE_EPOCH."""
+    proc = git(repo, "show", "-s", "--format=%ct", sha, check=False)
+    return int(proc.stdout.strip()) if proc.returncode == 0 and proc.stdout.strip().isdigit() else None
+
+
 def show_file(repo: Path, sha: str, path: str) -> str | None:
     proc = git(repo, "show", f"{sha}:{path}", check=False)
     return proc.stdout if proc.returncode == 0 else None

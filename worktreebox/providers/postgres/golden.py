@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 GOLDEN_PREFIX = "wt_golden_"
 STRATEGIES = ("WAL_LOG", "FILE_COPY")
-MIGRATE_TIMEOUT = 1800.0
+MIGRATE_TIMEOUT = 600.0  # [database] timeout's default (config/repo.py says so too)
 _LAST_LINES = 10
 
 
@@ -38,8 +38,9 @@ class Golden:
 
     def __init__(self, srv: Server, home: Path, repo: str, base_sha: str, migrate: str | None,
                  globs: list[str], extensions: list[str], env: Callable[[dict[str, Any]], dict[str, str]],
-                 logs_dir: Path, redact: list[str]) -> None:
+                 logs_dir: Path, redact: list[str], timeout: float = MIGRATE_TIMEOUT) -> None:
         self.srv, self.home, self.repo, self.base_sha = srv, home, repo, base_sha
+        self.timeout = timeout
         self.migrate, self.globs, self.extensions = migrate, globs, extensions
         self._env, self.logs_dir, self.redact = env, logs_dir, redact
         self.hash = migrations_hash(repo, base_sha, migrate, globs, extensions)
@@ -104,7 +105,8 @@ class Golden:
                 db = {"host": srv.box_host, "port": srv.box_port, "user": role, "password": password,
                       "name": build, "schema": "public", "url": url}
                 run_migrate(self.migrate, tree, {**os.environ, **self._env(db)}, self.logs_dir,
-                            [password, *self.redact], what="golden database migration", cgroup=cgroup)
+                            [password, *self.redact], what="golden database migration", cgroup=cgroup,
+                            timeout=self.timeout)
             with srv.session(srv.shared_db) as conn:
                 conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (build,))
                 _wait_no_sessions(conn, build)
@@ -222,14 +224,19 @@ def clone(conn: Any, name: str, template: str, owner: str, strategy: str) -> Non
 # ---------------------------------------------------------------- migrate
 
 def run_migrate(cmd: str, cwd: Path, env: dict[str, str], logs_dir: Path, redact: list[str],
-                what: str = "database migration", cgroup: cgroups.Leaf | None = None) -> None:
-    """Run `[database] migrate` with its output in logs/migrate.jsonl; failure raises with the last lines."""
+                what: str = "database migration", cgroup: cgroups.Leaf | None = None,
+                timeout: float = MIGRATE_TIMEOUT) -> None:
+    """Run `[database] migrate` with its output in logs/migrate.jsonl; failure (or `timeout`, [database]
+    timeout) raises with the last lines."""
     from worktreebox.secrets import Redactor
     from worktreebox.telemetry.logs.run import run_logged
 
     red = Redactor(redact)
-    code, last = run_logged(cmd, cwd, env, logs_dir, "migrate", red, timeout=MIGRATE_TIMEOUT, keep_lines=_LAST_LINES,
+    code, last = run_logged(cmd, cwd, env, logs_dir, "migrate", red, timeout=timeout, keep_lines=_LAST_LINES,
                             cgroup=cgroup)
+    if code == 124 and last and last[-1].startswith("wtbox: timed out"):
+        raise WtboxError(f"The {what} `{red(cmd)}` did not finish within {timeout:g}s ([database] timeout); "
+                         f"its last lines:\n" + "\n".join(last[:-1] or ["(no output)"]))
     if code != 0:
         tail = "\n".join(last) or "(no output)"
         raise WtboxError(f"The {what} `{red(cmd)}` failed with exit code {code}; last lines:\n{tail}")

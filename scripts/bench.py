@@ -137,7 +137,7 @@ def _optional_sections() -> None:
                           ("cgroups", "bench_cgroups", "bench_cgroups"), ("layers", "bench_layers", "bench_layers"),
                           ("router", "bench_router", "bench_router"),
                           ("sandbox_parts", "bench_sandbox", "bench_sandbox_parts"),
-                          ("backing", "bench_backing", "bench_backing"),
+                          ("backing", "bench_backing", "bench_backing"), ("fork", "bench_fork", "bench_fork"),
                           ("scale", "bench_scale", "bench_scale")):
         try:
             module = __import__(mod)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from worktreebox import admission, diagnostics, providers, settings
-from worktreebox.box import CREATING, DEGRADED, FAILED, READY, REMOVING, Box, branch_name, new_id, slugify
+from worktreebox.box import CREATING, DEGRADED, FAILED, READY, REMOVING, RESTORING, Box, branch_name, new_id, slugify
 from worktreebox.config import recorded
 from worktreebox.config.load import (
     load_config_for_new,
@@ -31,7 +31,7 @@ from worktreebox.errors import ConfigError, Interrupted, NotFound, UnsavedWork, 
 from worktreebox.providers.postgres import server as postgres_server
 from worktreebox.registry import Registry
 from worktreebox.resources import load_all, stages
-from worktreebox.resources.base import Creation, Resource
+from worktreebox.resources.base import Creation, Origin, Resource
 from worktreebox.services import boxenv
 from worktreebox.services.boxenv import process_env
 from worktreebox.services.envfile import format_env
@@ -88,7 +88,8 @@ class Host:
         """Resolve BOX: id, task name, unique id prefix, or (None) the box containing the cwd."""
         box = self._resolve(ref)
         # A reboot takes a box's copy-on-write mounts away (its upper layers stay): mount them again.
-        if box.data.get("revive") and box.state not in (CREATING, REMOVING) and not os.path.ismount(box.path) \
+        if box.data.get("revive") and box.state not in (CREATING, REMOVING, RESTORING) \
+                and not os.path.ismount(box.path) \
                 and box.dir.is_dir():
             for r in self.resources:
                 r.revive(self, box)
@@ -221,12 +222,14 @@ class Host:
         pool: str | None = None,
         wait: bool = True,
         on_wait: Callable[[str], None] | None = None,
+        origin: Origin | None = None,
     ) -> Box:
         """Create a box; on any failure everything made so far is destroyed and WtboxError raised.
 
         `pool`: make it ahead for the warm pool under this pool key (pool.py claims it later).
         When the host is full ([host] max_active / max_load) it waits for room, telling `on_wait`
-        (default: stderr), or with wait=False raises admission.HostFull."""
+        (default: stderr), or with wait=False raises admission.HostFull. `origin`: a fork, whose own
+        changes (files, branch tip, database) start as a snapshot's (fleet/fork.py)."""
         slugify(task)  # validates before anything is touched
         repo_root = git.resolve_repo(repo)
         base_sha = git.resolve_commit(repo_root, ref or "HEAD")
@@ -260,7 +263,7 @@ class Host:
         box.dir.mkdir(mode=0o700)
 
         c = Creation(host=self, box=box, config=cfg, base_sha=base_sha, secrets=dict(secrets or {}),
-                     start_services=start_services, progress=progress or (lambda m: None))
+                     start_services=start_services, progress=progress or (lambda m: None), origin=origin)
         c.facts.update(box.facts())
         c.env["WTBOX_ID"] = box.id
         c.env["WTBOX_BOX_DIR"] = str(box.dir)

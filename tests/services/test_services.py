@@ -396,3 +396,20 @@ def test_control_socket_works_when_its_path_is_longer_than_sun_path(make_repo, t
         h.rm(box.id, force=True)
         h.registry.close()
     assert box_processes(box.id) == []
+
+
+def test_a_python_services_print_reaches_the_logs_as_written(make_repo, run_wtbox):
+    """Python block-buffers stdout into anything but a terminal: without PYTHONUNBUFFERED a
+    service's print() would reach `wtbox logs` only at 8 KB or at its exit."""
+    toml = CORE_TOML + f"""
+[services.talker]
+cmd = "{PY} -c 'import time; print(\\"hello from talker\\"); time.sleep(120)'"
+"""
+    box = json.loads(run_wtbox("new", "talk", "--repo", str(make_repo(toml=toml)), "--json").stdout)
+    try:
+        wait_for(lambda: any("hello from talker" in r.get("msg", "") for r in logs_json(run_wtbox, box["id"])),
+                 timeout=20, what="the print in wtbox logs")
+        env = run_wtbox("env", box["id"]).stdout
+        assert "PYTHONUNBUFFERED=1" in env
+    finally:
+        run_wtbox("rm", "--force", box["id"], check=False)

@@ -145,10 +145,11 @@ def new_box(host: Host, task: str, repo: str | Path | None = None, ref: str | No
 
 
 def claim(host: Host, task: str, t: Target, *, ttl: str | float | None = None, keep: bool = False,
-          report: dict[str, Any] | None = None) -> Box | None:
+          report: dict[str, Any] | None = None, before_ready: Callable[[Box], None] | None = None) -> Box | None:
     """Take a ready pooled box of `t`'s key whose commit is `t.sha` or an ancestor, and whose fingerprint
     is what a fresh box would get, and make it TASK's box; None when there is none (`report` says why)
-    or taking it failed (then it was destroyed)."""
+    or taking it failed (then it was destroyed). `before_ready(box)` runs while the claimed row is
+    still `creating` (a fork puts its data in: a kill there leaves a row gc removes)."""
     from worktreebox.fleet import fingerprint
 
     report = {} if report is None else report
@@ -191,7 +192,7 @@ def claim(host: Host, task: str, t: Target, *, ttl: str | float | None = None, k
     box._host = host
     t1 = time.perf_counter()
     try:
-        moved = _take_over(host, box, t)
+        moved = _take_over(host, box, t, before_ready)
     except BaseException as e:
         try:
             host.rm(box, force=True)
@@ -206,7 +207,7 @@ def claim(host: Host, task: str, t: Target, *, ttl: str | float | None = None, k
     return box
 
 
-def _take_over(host: Host, box: Box, t: Target) -> bool:
+def _take_over(host: Host, box: Box, t: Target, before_ready: Callable[[Box], None] | None = None) -> bool:
     """Rename what can be renamed to the claimed box's id, fast-forward it; True when its base moved."""
     pool_id = box.alias
     assert pool_id is not None  # set by the claim's rename
@@ -238,6 +239,8 @@ def _take_over(host: Host, box: Box, t: Target) -> bool:
             box.env[boxenv.SOURCE_DATE_EPOCH] = str(git.commit_time(t.repo, t.sha))  # the time of its new base
             host.write_env_file(box)
     _phase("claim:ff")
+    if before_ready is not None:
+        before_ready(box)
     box.state = READY
     host.registry.save_box(box)
     if moved and t.config.pool.restart_on_update and t.config.services:

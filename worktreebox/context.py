@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from worktreebox.box import Box
+    from worktreebox.system.procs import Launcher
     from worktreebox.config.load import HostConfig, RepoConfig
     from worktreebox.registry import Registry
 
@@ -40,3 +41,5 @@ class HostContext(Protocol):
     def repo_config(self, box: Box) -> RepoConfig: ...
 
     def unsaved_work(self, box: Box) -> str | None: ...
+
+    def launcher(self, box: Box) -> Launcher: ...

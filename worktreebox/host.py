@@ -323,7 +323,20 @@ class Host:
         as it was made (a copy-on-write worktree nobody wrote to) spares the `git status` walk."""
         if box.data.get("revive") and any(r.pristine(self, box) for r in self.resources):
             return None
-        return git.unsaved_work(box.path, box.branch, box.data.get("base_sha"))
+        return git.unsaved_work(box.path, box.branch, box.data.get("base_sha"), launcher=self.launcher(box))
+
+    def launcher(self, box: Box) -> procs.Launcher:
+        """How a process of the box is started (through its sandbox); a holder a reboot took is made
+        again first (git questions about a sandboxed box are answered inside it, as its user)."""
+        from worktreebox.providers import sandbox
+        from worktreebox.providers.sandbox.base import SandboxGone
+
+        try:
+            return sandbox.launcher_for(box)
+        except SandboxGone:
+            for r in self.resources:
+                r.revive(self, box)
+            return sandbox.launcher_for(box)
 
     def rm(self, ref: str | Box, *, force: bool = False, keep_branch: bool = False) -> Box:
         """Destroy a box completely; refuses with unsaved work unless force. Restartable after a crash."""
@@ -336,6 +349,10 @@ class Host:
                 raise UnsavedWork(
                     f"{box.id} has {why}; commit and push them, or run 'wtbox rm --force {box.id}' to discard them.")
         if keep_branch:
+            from worktreebox.providers import sandbox
+
+            self.launcher(box)  # a holder a reboot took is made again
+            sandbox.bring_back(box)  # its commits live in its own git dir until now
             box.data["keep_branch"] = True
         box.data["remover"] = procs.identity(os.getpid())
         box.state = REMOVING

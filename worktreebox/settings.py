@@ -76,6 +76,8 @@ OBSERVABILITY_PROVIDER = Setting("WTBOX_OBSERVABILITY_PROVIDER", "`[observabilit
                                  "native")
 VICTORIAMETRICS_IMAGE = Setting("WTBOX_VICTORIAMETRICS_IMAGE", "`[observability] image` (docker provider)",
                                 "`victoriametrics/victoria-metrics:v1.93.0`")
+SANDBOX = Setting("WTBOX_SANDBOX", "`[host] sandbox`: auto, namespaces or off (boxes see and signal each other)",
+                  "auto: namespaces where bubblewrap and its tools work")
 
 # ---------------------------------------------------------------- the host's programs and limits
 CGROUPS = Setting("WTBOX_CGROUPS", "`off`: boxes get no cgroup (no limits; teardown by `WTBOX_ID` and cwd)",
@@ -95,7 +97,7 @@ PHASE_STOP = Setting("WTBOX_PHASE_STOP", "crash tests: `new` halts at the first 
 
 SETTINGS = (HOME, LEASE_DIR, NO_SERVER, SERVER_IDLE, NO_AUTO_GC, DEBUG, PROGRESS, BOX_ID, PORT_RANGE, MOUNTS,
             LAYER_TTL, POSTGRES_URL, DATABASE_PROVIDER, POSTGRES_IMAGE, OBSERVABILITY_PROVIDER,
-            VICTORIAMETRICS_IMAGE, CGROUPS, PG_BIN, CHROMIUM, KILL_WAIT, POOL_IDLE, PHASE_FILE, PHASE_STOP)
+            VICTORIAMETRICS_IMAGE, SANDBOX, CGROUPS, PG_BIN, CHROMIUM, KILL_WAIT, POOL_IDLE, PHASE_FILE, PHASE_STOP)
 
 
 def user_state_dir() -> str:

@@ -34,6 +34,7 @@ class HostConfig:
     mounts_where: str = "[host] mounts"  # where that came from, for error messages
     layer_ttl: float = 24 * 3600.0  # gc removes trees and dependency layers no box used for this long
     background_busy: bool = True  # a box that keeps the CPU busy runs as background (background.py)
+    sandbox: str = "auto"  # auto | namespaces | off: how boxes are kept apart (providers/sandbox)
 
 
 HOST = document(
@@ -45,7 +46,8 @@ HOST = document(
                         Key("layer_ttl", v.positive_duration),
                         Key("max_active", v.whole("a whole number of boxes above 0", 1)),
                         Key("max_load", v.above_zero("a load average above 0, such as 4.0")),
-                        Key("background_busy", v.boolean))),
+                        Key("background_busy", v.boolean),
+                        Key("sandbox", v.choice("auto", *providers.names("sandbox"))))),
     Table("box", table("box", *LIMITS)),
     Table("database", table("database", Key("provider", v.choice(*providers.names("postgres"))),
                             Key("url", v.postgres_url), Key("image", v.image), Key("fsync_off", v.boolean),
@@ -81,6 +83,7 @@ OVERRIDES = (
     (settings.OBSERVABILITY_PROVIDER, "observability_provider", _provider("metrics")),
     (settings.POSTGRES_IMAGE, "postgres_image", v.image),
     (settings.VICTORIAMETRICS_IMAGE, "victoriametrics_image", v.image),
+    (settings.SANDBOX, "sandbox", v.choice("auto", *providers.names("sandbox"))),
 )
 
 

@@ -268,7 +268,11 @@ def pids_max(value: Any) -> int:
 
 # ---------------------------------------------------------------- names and paths
 
-def port_names(value: Any) -> list[str]:
+def port_names(value: Any) -> list[str] | dict[str, int]:
+    """[box] ports: a list of names (each box uses its leased number inside too), or a table of
+    name = the port the app binds inside every box (reached at a leased port outside)."""
+    if _is(value, dict):
+        return canonical_ports(value)
     names = str_list(value)
     seen: set[str] = set()
     for name in names:
@@ -278,6 +282,28 @@ def port_names(value: Any) -> list[str]:
     if len(names) > MAX_PORTS:
         raise expected(f"at most {MAX_PORTS} names", f"{len(names)} names")
     return names
+
+
+# Where a sandboxed box finds its own helpers inside (their well-known ports): taken for them.
+INSIDE_PORTS = {"database": 5432, "metrics": 8428, "otlp": 4318, "browser": 9222}
+RESERVED_PORTS = {5432: "the box's database", 8428: "its metrics store", 4318: "its OTLP endpoint",
+                  9222: "its browser's DevTools"}
+
+
+def canonical_ports(value: dict[str, Any]) -> dict[str, int]:
+    what = 'a table of name = port such as { web = 3000 } (ports 1 to 65535, each once)'
+    if len(value) > MAX_PORTS:
+        raise expected(f"at most {MAX_PORTS} names", f"{len(value)} names")
+    taken: dict[int, str] = {}
+    for name, port in value.items():
+        if not PORT_NAME.match(name):
+            raise expected('lowercase names such as "web" or "api"', name)
+        if not _is(port, int) or not 1 <= port <= 65535 or port in taken:
+            raise expected(what, port, part=name)
+        if port in RESERVED_PORTS:
+            raise expected(f"a port other than {port}, which is {RESERVED_PORTS[port]} inside a box", port, part=name)
+        taken[port] = name
+    return {name: int(port) for name, port in value.items()}
 
 
 def inside(what: str, rel: str) -> str:

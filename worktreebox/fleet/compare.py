@@ -87,7 +87,8 @@ def row_for(box: Box, host: HostContext | None = None, attempt: Any = None) -> d
     res = fo.get("result") or {}
     run_ = res.get("run") or {}
     checks = res.get("checks")
-    diff = res["diff"] if "diff" in res else git.diff_stat(box.path, box.data.get("base_sha"))
+    diff = res["diff"] if "diff" in res else git.diff_stat(box.path, box.data.get("base_sha"),
+                                                           launcher=host.launcher(box) if host else None)
     errors = res["log_errors"] if "log_errors" in res else log_errors(box)
     services = res.get("services")
     if services is None and host is not None:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 ORDER = (
     "ports:Ports",
     "cgroup:Cgroup",  # before anything of the box runs: every later process starts inside it
+    "sandbox:Sandbox",  # its namespaces, while the worktree is made; metrics, traces, browser wait for it
     "worktree:Worktree",
     "caches:Caches",
     "database:Database",

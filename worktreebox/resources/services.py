@@ -2,7 +2,8 @@
 
 start(): render the `ServiceSpec`s, start the supervisor (specs and secrets
 over its stdin only; run/services.json is a copy for people, with passwords masked) and
-wait until every service is ready.
+wait until every service is ready. A sandboxed box's supervisor runs already (the sandbox
+resource started it in the box's network): it gets the services over its control socket.
 destroy(): stop the supervisor, then kill whatever still carries WTBOX_ID=<id> or
 sits in the box dir (daemons that double-forked out of their group).
 Talking to the supervisor is `worktreebox.services.client`.
@@ -52,8 +53,7 @@ class Services(Resource):
         specs = render_specs(c)
         write_specs(box, specs)
         c.note(f"starting services: {', '.join(s.name for s in specs)}")
-        check_ports(box, specs)
-        start_supervisor(box, c.secrets, specs)
+        hand_over(c.host, box, specs, c.secrets)
         wait_ready(box, [s.name for s in specs], deadline=time.time() + sum(s.ready_timeout for s in specs) + 10)
         c.note("services ready")
 
@@ -142,10 +142,31 @@ def configured_names(box: Box) -> list[str]:
 # ---------------------------------------------------------------- up / down / restart
 
 def check_ports(box: Box, specs: list[ServiceSpec]) -> None:
-    """A stranger on a service's port fails the start here, naming it, before anything runs."""
+    """A stranger on a service's port fails the start here, naming it, before anything runs (a
+    sandboxed box's ports are its own: nobody else is in its network)."""
+    from worktreebox.providers.sandbox import sandboxed
     from worktreebox.resources.ports import check_free
 
-    check_free(box, [s.port for s in specs])
+    if not sandboxed(box):
+        check_free(box, [s.port for s in specs])
+
+
+def hand_over(host: HostContext, box: Box, specs: list[ServiceSpec], secrets: dict[str, str]) -> None:
+    """The services to the box's supervisor: over its control socket when it runs (a sandboxed box's
+    runs from the start), else in a new one's payload."""
+    from worktreebox.providers.sandbox import sandboxed
+    from worktreebox.resources import sandbox
+    from worktreebox.services.client import wait_started
+    from worktreebox.services.spec import SupervisorPayload
+
+    if sandboxed(box) and supervisor_pid(box) is None and not supervisor_died(box):
+        wait_started(box)  # started by the sandbox resource a moment ago
+    if supervisor_pid(box) is not None:
+        payload = SupervisorPayload(services=specs, workdir=str(box.path), secrets=dict(secrets))
+        checked(control_request(box, control.SERVICES, data=payload.to_json()))
+        return
+    check_ports(box, specs)
+    start_supervisor(box, secrets, specs, sandbox.daemon_net(host, box) if sandboxed(box) else None)
 
 
 def render_from_config(host: HostContext, box: Box) -> list[ServiceSpec]:
@@ -161,9 +182,15 @@ def render_from_config(host: HostContext, box: Box) -> list[ServiceSpec]:
 
 def _names(host: HostContext, box: Box) -> list[str]:
     state = read_state(box)
-    if state and supervisor_pid(box) is not None:
+    if state and state.services and supervisor_pid(box) is not None:
         return list(state.services)
     return [s.name for s in render_from_config(host, box)]
+
+
+def _given(box: Box) -> bool:
+    """Whether the running supervisor has the box's services (a sandboxed box's may have none yet)."""
+    state = read_state(box)
+    return bool(state and state.services)
 
 
 # ---------------------------------------------------------------- a supervisor that died
@@ -214,6 +241,16 @@ def _recover(box: Box) -> None:
              + (f" (pids {', '.join(map(str, killed))})" if killed else ""))
 
 
+def _sandbox_alive(host: HostContext, box: Box) -> None:
+    """A sandboxed box whose holder is gone (a reboot, a kill) gets it again before its supervisor."""
+    from worktreebox.providers.sandbox import holder_of, sandboxed
+
+    if sandboxed(box) and holder_of(box) is None:
+        if supervisor_pid(box) is not None:
+            stop_supervisor(box)  # it served a network that is gone
+        host.launcher(box)  # makes the holder again
+
+
 def _whole_again(host: HostContext, box: Box) -> None:
     if box.state == DEGRADED:
         box.state = READY
@@ -224,17 +261,17 @@ def _whole_again(host: HostContext, box: Box) -> None:
 def services_up(host: HostContext, box: Box, service: str | None = None,
                 secrets: dict[str, str] | None = None) -> dict[str, Any]:
     _recover(box)
-    if supervisor_pid(box) is None:
+    if supervisor_pid(box) is None or not _given(box):
         specs = render_from_config(host, box)
         names = [s.name for s in specs]
         if service and service not in names:
             raise UsageError(f"{box.id} has no service {service!r}; it has: {', '.join(names)}.")
         missing = [n for n in box.data.get("secret_names") or [] if n not in (secrets or {})]
-        if missing and (box.run_dir / control.STATE_FILE).exists():  # the secrets it held died with it
+        if missing and supervisor_pid(box) is None and (box.run_dir / control.STATE_FILE).exists():
             warn(f"starting the services without the --secret values {', '.join(missing)} given to 'new' "
                  f"(they are never stored; pass them again with --secret)")
-        check_ports(box, [s for s in specs if not service or s.name == service])
-        start_supervisor(box, dict(secrets or {}), specs)
+        _sandbox_alive(host, box)
+        hand_over(host, box, specs, dict(secrets or {}))
         targets = names
     else:
         names = _names(host, box)
@@ -248,20 +285,22 @@ def services_up(host: HostContext, box: Box, service: str | None = None,
 
 
 def services_down(host: HostContext, box: Box, service: str | None = None) -> dict[str, Any]:
+    from worktreebox.providers.sandbox import sandboxed
+
     _recover(box)
     if supervisor_pid(box) is None:
         _whole_again(host, box)
         return services_status(box)
-    if service is None:
+    if service is None and not sandboxed(box):
         stop_supervisor(box)
-    else:
+    else:  # a sandboxed box's supervisor stays: it is how the box reaches its database and the host it
         checked(control_request(box, control.DOWN, service))
     return services_status(box)
 
 
 def services_restart(host: HostContext, box: Box, service: str | None = None,
                      secrets: dict[str, str] | None = None) -> dict[str, Any]:
-    if supervisor_pid(box) is None:
+    if supervisor_pid(box) is None or not _given(box):
         return services_up(host, box, service, secrets)
     names = _names(host, box)
     checked(control_request(box, control.RESTART, service))

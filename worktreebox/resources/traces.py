@@ -18,7 +18,7 @@ from worktreebox.config.assets import PACKAGE_PARENT
 from worktreebox.errors import WtboxError
 from worktreebox.resources.base import Creation, Resource
 from worktreebox.services.boxenv import OTEL_ENDPOINT, OTEL_PROTOCOL, OTEL_RESOURCE_ATTRIBUTES, OTEL_VARS
-from worktreebox.system import cgroups
+from worktreebox.system import cgroups, procs
 
 if TYPE_CHECKING:
     from worktreebox.box import Box
@@ -43,17 +43,21 @@ class Traces(Resource):
     def create(self, c: Creation) -> None:
         if not c.config.observability.enabled:
             return
+        from worktreebox.resources.metrics import in_box_network
+
         box = c.box
-        port = box.ports[PORT_NAME]
-        url = f"http://127.0.0.1:{port}"
-        metrics_url = f"http://127.0.0.1:{box.ports['metrics']}" if "metrics" in box.ports else ""
+        port, inside = box.ports[PORT_NAME], box.inside_ports[PORT_NAME]
+        url, inside_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{inside}"
+        # it pushes span counts to the metrics store as a process of the box's network sees it
+        metrics_url = f"http://127.0.0.1:{box.inside_ports['metrics']}" if "metrics" in box.ports else ""
         # Recorded before the start, so a failed `new` still finds and destroys what was started.
         box.data[self.name] = {"url": url, "port": port}
         c.note(f"starting the OTLP receiver on port {port}")
-        start_receiver(box, port, metrics_url, cgroup=cgroups.Leaf(c.host.home, box.id, cgroups.TRACES))
-        c.env.update(otel_env(box.id, url))
-        c.env["WTBOX_OTLP_URL"] = url
-        c.facts["traces"] = {"url": url, "port": port}
+        start_receiver(box, port, metrics_url, cgroup=cgroups.Leaf(c.host.home, box.id, cgroups.TRACES),
+                       inside=inside, launcher=in_box_network(c))
+        c.env.update(otel_env(box.id, inside_url))
+        c.env["WTBOX_OTLP_URL"] = inside_url
+        c.facts["traces"] = {"url": inside_url, "port": inside}
 
     def destroy(self, host: HostContext, box: Box) -> None:
         stop_receiver(box, sweep=bool(box.data.get(self.name)) or traces_dir(box).exists())
@@ -96,9 +100,12 @@ def traces_dir(box: Box) -> Path:
 
 
 def start_receiver(box: Box, port: int, metrics_url: str, timeout: float = START_TIMEOUT,
-                   cgroup: cgroups.Leaf | None = None) -> int:
-    """Start the box's receiver detached (in `cgroup`) and wait until it answers /health; returns its pid."""
-    from worktreebox.system import procs, readiness
+                   cgroup: cgroups.Leaf | None = None, inside: int | None = None,
+                   launcher: procs.Launcher | None = None) -> int:
+    """Start the box's receiver detached (in `cgroup`) and wait until it answers /health on `port`;
+    returns its pid. It listens on `inside` (default `port`), started through `launcher` (a
+    sandboxed box's: in its network namespace)."""
+    from worktreebox.system import readiness
     from worktreebox.system.fsutil import atomic_write
 
     box.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -107,8 +114,9 @@ def start_receiver(box: Box, port: int, metrics_url: str, timeout: float = START
     log_path = box.run_dir / LOG_FILE
     # -m finds the package from the cwd, so this works from a checkout as well as when installed.
     pkg_parent = str(PACKAGE_PARENT)
-    pid = procs.spawn_detached([sys.executable, "-m", MODULE, str(box.dir), str(port), metrics_url], env=env,
-                            log_path=log_path, cwd=pkg_parent, cgroup=cgroup)
+    argv = (launcher or procs.Launcher()).command([sys.executable, "-m", MODULE, str(box.dir), str(inside or port),
+                                                   metrics_url], pkg_parent)
+    pid = procs.spawn_detached(argv, env=env, log_path=log_path, cwd=pkg_parent, cgroup=cgroup)
     atomic_write(box.run_dir / PID_FILE, f"{pid}\n")
     url = f"http://127.0.0.1:{port}"
     why = readiness.wait(readiness.HttpUrl(f"{url}/health", status=200), timeout, alive=readiness.process_alive(pid))

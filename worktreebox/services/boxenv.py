@@ -25,6 +25,13 @@ if TYPE_CHECKING:
     from worktreebox.config.load import BoxConfig
 
 DEFAULT_INHERIT = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "LC_*", "TZ", "TERM")
+# How the host reaches the network: its CAs and proxies. A host whose HTTPS goes through its own CA
+# needs these in a box too, or `uv sync` in [setup] fails ("invalid peer certificate: UnknownIssuer").
+NETWORK_INHERIT = ("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
+                   "PIP_CERT", "GIT_SSL_CAINFO", "AWS_CA_BUNDLE", "HTTPLIB2_CA_CERTS", "NIX_SSL_CERT_FILE",
+                   "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH", "CLOUDSDK_CORE_CUSTOM_CA_CERTS_FILE", "UV_NATIVE_TLS",
+                   "http_proxy", "https_proxy", "ftp_proxy", "all_proxy", "no_proxy",
+                   "HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "ALL_PROXY", "NO_PROXY")
 DATA_KEY = "inherited_env"
 # The OpenTelemetry SDK variables a box with an OTLP endpoint sets (resources/traces.py).
 OTEL_ENDPOINT, OTEL_PROTOCOL, OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES = (
@@ -56,17 +63,19 @@ def compose(box_id: str, *layers: Mapping[str, str] | None, parent: Mapping[str,
 
 def patterns(cfg: BoxConfig) -> list[str]:
     """The names and prefixes a box inherits under its [box] config."""
-    return list(cfg.inherit_env) if cfg.clean_env else [*DEFAULT_INHERIT, *cfg.inherit_env]
+    return list(cfg.inherit_env) if cfg.clean_env else [*DEFAULT_INHERIT, *NETWORK_INHERIT, *cfg.inherit_env]
 
 
 def capture(cfg: BoxConfig, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """What a new box inherits from `environ` (the creating process's), secrets and box ids aside."""
-    from worktreebox.secrets import _SECRET_NAME
+    from worktreebox.secrets import _SECRET_NAME, _URL_PASSWORD
 
     environ = os.environ if environ is None else environ
     pats = patterns(cfg)
+    # a proxy URL with a password in it is a secret too: never recorded
     return {k: v for k, v in sorted(environ.items())
-            if any(fnmatch.fnmatchcase(k, p) for p in pats) and not _other_box_var(k) and not _SECRET_NAME.search(k)}
+            if any(fnmatch.fnmatchcase(k, p) for p in pats) and not _other_box_var(k) and not _SECRET_NAME.search(k)
+            and not _URL_PASSWORD.match(v)}
 
 
 def process_env(box: Box, secrets: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -29,11 +29,13 @@ class OutputKeeper:
     pipe has ended.
     """
 
-    def __init__(self, logs_dir: Path, redact: Any) -> None:
+    def __init__(self, logs_dir: Path, redact: Any, *, close_fds: tuple[int, ...] = ()) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
         if pid == 0:  # the keeper
             parent.close()
+            for fd in close_fds:  # the forwards' host sockets: a keeper outliving its supervisor must not hold them
+                os.close(fd)
             code = 0
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -57,6 +59,14 @@ class OutputKeeper:
         for p in pipes:
             p.close()
 
+    def redact_with(self, redact_values: list[str]) -> None:
+        """From now on the keeper masks these values (a sandboxed box's secrets arrive after the fork)."""
+        with self._lock:
+            try:
+                unixsock.send(self.sock, {"redact": list(redact_values)})
+            except OSError:
+                pass
+
     def close(self, wait: float = 3.0) -> None:
         """No more pipes: the keeper drains what it has and exits (waited for, so the logs are whole)."""
         with self._lock:
@@ -74,14 +84,30 @@ class OutputKeeper:
             time.sleep(0.01)
 
 
+class _Masking:
+    """The keeper's redaction, which a message may replace while its writers use it."""
+
+    def __init__(self, redact: Any) -> None:
+        self.redact = redact
+
+    def __call__(self, text: str) -> str:
+        return self.redact(text)  # type: ignore[no-any-return]
+
+
 def _keep(sock: socket.socket, logs_dir: Path, redact: Any) -> None:
+    from worktreebox.secrets import Redactor
+
     writers: dict[str, LogWriter] = {}
     threads: list[threading.Thread] = []
+    redact = _Masking(redact)
     while True:
         try:
             msg, fds = unixsock.recv(sock, max_fds=4)
         except (OSError, unixsock.ProtocolError):
             break  # the supervisor closed its end, or died
+        if "redact" in msg:
+            redact.redact = Redactor([str(v) for v in msg["redact"] or []])
+            continue
         service = str(msg.get("service") or "service")
         writer = writers.get(service) or writers.setdefault(service, LogWriter(logs_dir, service, redact))
         for fd, stream in zip(fds, ("stdout", "stderr"), strict=False):  # stderr may be merged

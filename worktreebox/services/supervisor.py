@@ -10,6 +10,10 @@ stdin from the services resource; the secrets live only in memory and in the ser
 environment. The box env comes from the box env file. Stopping is staged (procs.stop_groups).
 What clients may send and read is `worktreebox.services.control`.
 
+In a sandboxed box it runs in the box's network namespace (only), started by the sandbox resource
+before the box's services are known: it hosts the box's forwards (boxnet.py) from the start, gets
+its services later (`services` request), and starts each of them through the box's launcher.
+
 Test seams: a `Clock` and a `Processes` factory (service.py) are injected, so restart backoff
 and ready timeouts are unit-tested without real time.
 """
@@ -25,6 +29,7 @@ from typing import Any
 
 from worktreebox.secrets import Redactor, secret_values
 from worktreebox.services import control
+from worktreebox.services.boxnet import BoxNet
 from worktreebox.services.control import EXITED, FAILED, READY, STOPPED, Request, Response
 from worktreebox.services.envfile import read_env_file
 from worktreebox.services.keeper import OutputKeeper
@@ -39,7 +44,7 @@ from worktreebox.services.service import (
     Service,
     check_ready,
 )
-from worktreebox.services.spec import SupervisorPayload
+from worktreebox.services.spec import ForwardSpec, SupervisorPayload
 from worktreebox.system import background, cgroups, procs
 from worktreebox.telemetry.logs.writer import EventLog
 
@@ -72,16 +77,16 @@ class Supervisor:
         self.run_dir = self.box_dir / "run"
         self.logs_dir = self.box_dir / "logs"
         self.clock = clock or Clock()
-        self.processes = processes or Processes(home, box_id)
+        self.processes = processes or Processes(home, box_id, procs.Launcher.from_json(payload.launcher))
+        self.net = BoxNet(payload.forwards, payload.faults) if payload.forwards else None
+        self.host_netns_fd = payload.host_netns_fd  # the host's network: where `wtbox` run for the box works
         self.check_ready: ReadyCheck = check or check_ready
         # Real processes only: port ownership is asked of the kernel (fakes in tests hold no ports).
         self.verify_ports = processes is None
         self.keeper: OutputKeeper | None = None  # made by run(), before any thread
         self.secrets = dict(payload.secrets)
         self.workdir = payload.workdir or str(self.box_dir / "worktree")
-        self.box_env = read_env_file(self.box_dir / "env")
-        self.metrics_url = self.box_env.get("WTBOX_METRICS_URL")
-        self.redact = Redactor(list(self.secrets.values()) + secret_values(self.box_env))
+        self._read_box_env()
         self.stopping = False
         self.events = EventLog(self.logs_dir)
         self.services: dict[str, Service] = {s.name: Service(self, s) for s in payload.services}
@@ -92,6 +97,26 @@ class Supervisor:
         self.oom = cgroups.OomWatch(home, box_id)
         self._collect_lock = threading.Lock()
         self._busy_watch: threading.Thread | None = None
+
+    def _read_box_env(self) -> None:
+        self.box_env = read_env_file(self.box_dir / "env")
+        self.metrics_url = self.box_env.get("WTBOX_METRICS_URL")
+        self.redact = Redactor(list(self.secrets.values()) + secret_values(self.box_env))
+
+    def take_services(self, payload: SupervisorPayload) -> None:
+        """A sandboxed box's services, once its env is written (`services` request): they start now."""
+        if any(s.wanted for s in self.services.values()):
+            raise ValueError("the box's services are running; stop them first")
+        self.secrets.update(payload.secrets)
+        self.workdir = payload.workdir or self.workdir
+        self._read_box_env()
+        if self.keeper is not None:
+            self.keeper.redact_with(list(self.secrets.values()) + secret_values(self.box_env))
+        for s in self.services.values():
+            s.writer.close()
+        self.services = {s.name: Service(self, s) for s in payload.services}
+        for s in self.services.values():
+            s.up()
 
     def event(self, service: str, level: str, msg: str, **extra: Any) -> None:
         try:
@@ -119,7 +144,8 @@ class Supervisor:
     def state(self) -> control.SupervisorState:
         return control.SupervisorState(box_id=self.box_id, pid=os.getpid(), started_at=self.started_at,
                                        stopping=self.stopping, updated_at=self.clock.now(),
-                                       services={n: s.info() for n, s in self.services.items()})
+                                       services={n: s.info() for n, s in self.services.items()},
+                                       forwards=self.net.report() if self.net is not None else {})
 
     def write_state(self) -> None:
         with self._state_lock:  # the main loop and control threads both write it
@@ -182,13 +208,35 @@ class Supervisor:
                 return Response(ok=True, secrets=dict(self.secrets))
             elif req.cmd == control.STOP:
                 self.stop_all()  # the reply is sent before the process exits (see _after)
+            elif req.cmd in (control.SERVICES, control.NET, control.FORWARD, control.UNFORWARD):
+                self.handle_box(req)
             else:
                 return Response(ok=False, error=f"unknown command {req.cmd!r}")
         except KeyError:
             known = ", ".join(self.services)
             return Response(ok=False, error=f"the box has no service {req.service!r}; it has: {known}")
+        except (ValueError, OSError) as e:  # UsageError is a ValueError too: a refusal in one sentence
+            return Response(ok=False, error=str(e).rstrip("."))
         self.write_state()
         return Response(ok=True, services={n: s.info() for n, s in self.services.items()})
+
+    def handle_box(self, req: Request) -> None:
+        """The requests of a sandboxed box's supervisor: its services, its forwards and their faults."""
+        data = req.data or {}
+        if req.cmd == control.SERVICES:
+            self.take_services(SupervisorPayload.from_json(data))
+            return
+        if self.net is None:
+            self.net = BoxNet([])
+        if req.cmd == control.NET:
+            self.net.set_faults(req.service, data)
+            self.event("_net", "warning" if not data.get("reset") else "info", _net_message(req.service, data),
+                       event="net", target=req.service or "all", **{k: v for k, v in data.items() if k != "event"})
+        elif req.cmd == control.FORWARD:
+            fd = os.dup(req.fds[0]) if req.fds else None
+            self.net.add(ForwardSpec.from_json(data), fd)
+        else:
+            self.net.remove(str(data.get("name")))
 
     def serve(self) -> None:
         os.chdir(self.run_dir)  # the supervisor's cwd lies in its box: sweeps by cwd find it too
@@ -231,7 +279,11 @@ class Supervisor:
         self._busy_watch.start()
 
     def run(self) -> None:
-        self.keeper = OutputKeeper(self.logs_dir, self.redact)  # forked before any thread starts
+        host = () if self.host_netns_fd is None else (self.host_netns_fd,)
+        inherited = (*(self.net.inherited_fds if self.net else ()), *host)
+        self.keeper = OutputKeeper(self.logs_dir, self.redact, close_fds=inherited)  # forked before any thread starts
+        if self.net is not None:
+            self.net.start()
         self.serve()
         self.write_state()
         self._watch_busy()
@@ -248,7 +300,19 @@ class Supervisor:
                 self.collect()
         if self._busy_watch is not None:
             self._busy_watch.join(2.0)  # it makes the box a normal box again as it ends
+        if self.net is not None:
+            self.net.stop()
         self.write_state()
+
+
+def _net_message(target: str | None, data: dict[str, Any]) -> str:
+    where = f"the {target} forward" if target else "every forward"
+    if data.get("reset"):
+        return f"net: {where} has no faults again"
+    parts = [f"{k.removesuffix('_ms')} {v:g} ms" for k, v in data.items() if k.endswith("_ms") and v]
+    parts += [f"loss {data['loss']:.0%}"] if data.get("loss") else []
+    parts += ["down"] if data.get("down") else []
+    return f"net: {where}: {', '.join(parts) or 'no faults'}"
 
 
 def _size(n: int) -> str:

@@ -148,6 +148,21 @@ def mountinfo() -> list[tuple[str, str, str, str]]:
         return []
 
 
+def shared_mounts() -> set[str]:
+    """The targets of this process's mounts that are shared (their peers see what is mounted below)."""
+    try:
+        text = mountinfo_text()
+    except OSError:
+        return set()
+    out = set()
+    for line in text.splitlines():
+        left, sep, _ = line.partition(" - ")
+        fields = left.split()
+        if sep and len(fields) >= 5 and any(f.startswith("shared:") for f in fields[6:]):
+            out.add(unescape(fields[4]))
+    return out
+
+
 def parse_mountinfo(text: str) -> list[tuple[str, str, str, str]]:
     """(target, fstype, source, super options) per well-formed line of a mountinfo file:
     `id parent major:minor root target options [optional...] - fstype source super-options`."""

@@ -128,9 +128,11 @@ def exec_(box, cmd):
         cmd = cmd[1:]
     if not cmd:
         raise UsageError("Give a command to run: wtbox exec BOX -- CMD ...")
-    _, env = boxes.enter(get_host(), box)
+    argv, env, code = boxes.exec_argv(get_host(), box, cmd)
+    if code is not None:  # ran in the box's sandbox
+        sys.exit(code)
     try:
-        os.execvpe(cmd[0], list(cmd), env)
+        os.execvpe(argv[0], argv, env)
     except FileNotFoundError:
         click.echo(f"wtbox: command not found: {cmd[0]}", err=True)
         sys.exit(127)
@@ -141,10 +143,9 @@ def exec_(box, cmd):
 
 @command(boxes.SHELL, json=False)
 def shell(box):
-    b, env = boxes.enter(get_host(), box)
-    env["WTBOX_SHELL"] = b.id
     sh = os.environ.get("SHELL") or "/bin/bash"
-    os.execvpe(sh, [sh], env)
+    argv, env, _ = boxes.exec_argv(get_host(), box, [sh], shell=True)
+    os.execvpe(argv[0], argv, env)
 
 
 ALL = click.option("--all", "all_", is_flag=True, help="Remove every box.")

@@ -38,8 +38,11 @@ class Golden:
 
     def __init__(self, srv: Server, home: Path, repo: str, base_sha: str, migrate: str | None,
                  globs: list[str], extensions: list[str], env: Callable[[dict[str, Any]], dict[str, str]],
-                 logs_dir: Path, redact: list[str]) -> None:
+                 logs_dir: Path, redact: list[str], *, seen_at: tuple[str, int] | None = None,
+                 launcher: Any = None) -> None:
         self.srv, self.home, self.repo, self.base_sha = srv, home, repo, base_sha
+        # where the migration (run as a process of the box, `launcher`) reaches the server
+        self.seen_at, self.launcher = seen_at or (srv.box_host, srv.box_port), launcher
         self.migrate, self.globs, self.extensions = migrate, globs, extensions
         self._env, self.logs_dir, self.redact = env, logs_dir, redact
         self.hash = migrations_hash(repo, base_sha, migrate, globs, extensions)
@@ -100,11 +103,12 @@ class Golden:
                 with contextlib.closing(srv.connect(build)) as conn:
                     create_extensions(conn, self.extensions)
             if self.migrate:
-                url = srv.box_url(role, password, build)
-                db = {"host": srv.box_host, "port": srv.box_port, "user": role, "password": password,
+                url = srv.box_url(role, password, build, at=self.seen_at)
+                db = {"host": self.seen_at[0], "port": self.seen_at[1], "user": role, "password": password,
                       "name": build, "schema": "public", "url": url}
                 run_migrate(self.migrate, tree, {**os.environ, **self._env(db)}, self.logs_dir,
-                            [password, *self.redact], what="golden database migration", cgroup=cgroup)
+                            [password, *self.redact], what="golden database migration", cgroup=cgroup,
+                            launcher=self.launcher)
             with srv.session(srv.shared_db) as conn:
                 conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (build,))
                 _wait_no_sessions(conn, build)
@@ -222,14 +226,14 @@ def clone(conn: Any, name: str, template: str, owner: str, strategy: str) -> Non
 # ---------------------------------------------------------------- migrate
 
 def run_migrate(cmd: str, cwd: Path, env: dict[str, str], logs_dir: Path, redact: list[str],
-                what: str = "database migration", cgroup: cgroups.Leaf | None = None) -> None:
+                what: str = "database migration", cgroup: cgroups.Leaf | None = None, launcher: Any = None) -> None:
     """Run `[database] migrate` with its output in logs/migrate.jsonl; failure raises with the last lines."""
     from worktreebox.secrets import Redactor
     from worktreebox.telemetry.logs.run import run_logged
 
     red = Redactor(redact)
     code, last = run_logged(cmd, cwd, env, logs_dir, "migrate", red, timeout=MIGRATE_TIMEOUT, keep_lines=_LAST_LINES,
-                            cgroup=cgroup)
+                            cgroup=cgroup, launcher=launcher)
     if code != 0:
         tail = "\n".join(last) or "(no output)"
         raise WtboxError(f"The {what} `{red(cmd)}` failed with exit code {code}; last lines:\n{tail}")

@@ -1,4 +1,4 @@
-"""The `namespaces` sandbox: a bubblewrap holder per box, pasta for its network, and one launcher.
+"""The `namespaces` sandbox: a bubblewrap holder per box, slirp4netns for its network, and one launcher.
 
 The holder is `bwrap --unshare-pid --unshare-ipc --unshare-uts --unshare-net ... sh -c 'echo
 ready; exec sleep infinity >/dev/null'`, started detached in the box's cgroup (leaf `_sandbox`) with
@@ -48,7 +48,7 @@ from worktreebox.providers.sandbox.base import (
 from worktreebox.system import cgroups, procfs, procs
 
 BOX_USER = "wtbox-box"
-TOOLS = ("bwrap", "pasta", "nft", "nsenter", "setpriv")
+TOOLS = ("bwrap", "slirp4netns", "nft", "nsenter", "setpriv")
 HOLDER_NAMES = ("bwrap",)
 READY_TIMEOUT = 10.0
 SHARED_LOCK = ".sandbox-mounts.lock"
@@ -67,7 +67,7 @@ class Namespaces(Sandbox):
             return None
         return {"check": "sandbox tools", "ok": False,
                 "detail": f"missing {', '.join(missing)}; install them with "
-                          "'apt-get install bubblewrap passt nftables util-linux'."}
+                          "'apt-get install bubblewrap slirp4netns nftables util-linux'."}
 
     def probe(self) -> str | None:
         missing = [t for t in TOOLS if shutil.which(t) is None]
@@ -95,20 +95,32 @@ class Namespaces(Sandbox):
             own_bind_roots(spec, uid, gid)
             share_boxes_dir(spec.home)
         resolv = _box_resolv(spec) if spec.network != NONE else None
-        holder = self._start(spec, uid=uid, gid=gid, resolv=resolv, cgroup=cgroup)
+        # slirp4netns ends when this pipe's write end closes: the holder's sleep keeps it, so the
+        # helper goes with the box however the box ends (a kill -9 of its pid 1 included)
+        exit_r, exit_w = os.pipe()
         try:
-            blocked = network.host_addresses()
-            if spec.network != NONE or spec.host_ports:  # offline without forwards: nothing for pasta to do
-                holder.pasta_pid = network.attach(holder, spec, log=spec.run_dir / LOG, dns_forward=resolv is not None,
-                                                  cgroup=cgroup)
-            network.apply_rules(holder, network.ruleset(spec.network, blocked, network.Outbound()))
-            save(spec.run_dir, holder)
-        except BaseException:
-            self.destroy(spec.box_id, spec.box_dir)
-            raise
+            holder = self._start(spec, uid=uid, gid=gid, resolv=resolv, cgroup=cgroup, keep_fd=exit_w)
+            os.close(exit_w)
+            exit_w = -1
+            try:
+                # the table first: nothing leaves the box before it is in place
+                network.apply_rules(holder, network.ruleset(spec.network, network.host_addresses(),
+                                                            network.Outbound()))
+                if network.wanted(spec):
+                    holder.helper_pid = network.attach(holder, spec, log=spec.run_dir / LOG, exit_fd=exit_r,
+                                                       cgroup=cgroup)
+                save(spec.run_dir, holder)
+            except BaseException:
+                self.destroy(spec.box_id, spec.box_dir)
+                raise
+        finally:
+            for fd in (exit_r, exit_w):
+                if fd >= 0:
+                    os.close(fd)
         return holder
 
-    def _start(self, spec: Spec, *, uid: int, gid: int, resolv: Path | None, cgroup: cgroups.Leaf | None) -> Holder:
+    def _start(self, spec: Spec, *, uid: int, gid: int, resolv: Path | None, cgroup: cgroups.Leaf | None,
+               keep_fd: int) -> Holder:
         info_r, info_w = os.pipe()
         ready_r, ready_w = os.pipe()
         argv = holder_argv(spec, uid=uid, gids={gid}, user_ns=self.mode == "user", resolv=resolv, info_fd=info_w)
@@ -117,7 +129,7 @@ class Namespaces(Sandbox):
                 # setsid -f: the holder is reparented to init at once, never a zombie of a long-lived caller;
                 # its stdout is the ready pipe, its stderr (bwrap's complaints) the log
                 starter = procs.spawn(["setsid", "-f", *argv], env=spec.env(), stdout=ready_w, stderr=log,
-                                      pass_fds=(info_w,), cgroup=cgroup)
+                                      pass_fds=(info_w, keep_fd), cgroup=cgroup)
             os.close(info_w)
             os.close(ready_w)
             info_w = ready_w = -1
@@ -150,31 +162,34 @@ class Namespaces(Sandbox):
         `nsenter --wd` opens it *before* entering, so the process would start in the host's
         directory, outside its root, and `os.chdir("..")` from there walked the host's file
         system (the box dir's env file, the home's registry: tests/test_sandbox.py)."""
-        if holder.mode == "user":  # uid 0 of the box's user namespace, which is the caller outside
-            enter = ["nsenter", "-t", str(holder.pid), "-U", "--preserve-credentials", "-p", "-m", "-i", "-u", "-n"]
-            become: list[str] = []
-        else:
-            enter = ["nsenter", "-t", str(holder.pid), "-p", "-m", "-i", "-u", "-n"]
-            become = [f"--reuid={holder.uid}", f"--regid={holder.gid}", "--clear-groups"]
-        return [*enter, "--", "setpriv", *become, "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--",
-                "env", f"--chdir={cwd}", "--"]
+        user = ["-U", "--preserve-credentials"] if holder.mode == "user" else []
+        enter = ["nsenter", "-t", str(holder.pid), *user, "-p", "-m", "-i", "-u", "-n"]
+        return [*enter, "--", "setpriv", *_become(holder), *NO_PRIVILEGES, "--", "env", f"--chdir={cwd}", "--"]
 
     def netns_command(self, holder: Holder | None, argv: list[str]) -> list[str]:
         return network.enter(_alive(holder), argv)
 
+    def launcher(self, holder: Holder | None) -> procs.Launcher:
+        return procs.Launcher(tuple(self.prefix(_alive(holder), cwd=procs.CWD)))
+
+    def netns_launcher(self, holder: Holder | None, *, as_box_user: bool) -> procs.Launcher:
+        alive = _alive(holder)
+        drop = [*_become(alive), *NO_PRIVILEGES] if as_box_user else []
+        return procs.Launcher(tuple(network.enter(alive, ["setpriv", *drop, "--"] if drop else [])))
+
     # -- the end
     def destroy(self, box_id: str, box_dir: Path) -> list[int]:
         """SIGKILL the box's pid 1 (the kernel then ends every process in its pid namespace) and
-        pasta: neither has anything to flush, and bwrap's init ignores SIGTERM from outside."""
+        slirp4netns: neither has anything to flush, and bwrap's init ignores SIGTERM from outside."""
         run_dir = box_dir / "run"
         pids = set()
         holder = load(run_dir)
         if holder is not None and procs.is_alive(holder.identity):
             pids.add(holder.pid)
-        pasta = network.pasta_pid(run_dir)
-        if pasta is not None and procs.from_pid_file(run_dir / network.PID_FILE, box_id, None) is not None:
-            pids.add(pasta)
-        pids |= {p.pid for p in procs.find_named(box_id, (*HOLDER_NAMES, *network.PASTA_NAMES), box_dir=box_dir)}
+        helper = network.helper_pid(run_dir)
+        if helper is not None and procs.from_pid_file(run_dir / network.PID_FILE, box_id, None) is not None:
+            pids.add(helper)
+        pids |= {p.pid for p in procs.find_named(box_id, (*HOLDER_NAMES, *network.HELPER_NAMES), box_dir=box_dir)}
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -186,7 +201,7 @@ class Namespaces(Sandbox):
         return sorted(pids)
 
     def discover(self, boxes_dir: Path) -> set[str]:
-        return procs.named_box_ids((*HOLDER_NAMES, *network.PASTA_NAMES), boxes_dir)
+        return procs.named_box_ids((*HOLDER_NAMES, *network.HELPER_NAMES), boxes_dir)
 
 
 def holder_argv(spec: Spec, *, uid: int, gids: set[int], user_ns: bool, resolv: Path | None,
@@ -204,6 +219,17 @@ def holder_argv(spec: Spec, *, uid: int, gids: set[int], user_ns: bool, resolv: 
             "--new-session", *layout.filesystem_args(spec, uid=uid, gids=gids, resolv=resolv),
             "--info-fd", str(info_fd), "--", "/bin/sh", "-c", hold]
     return ["unshare", "--user", "--map-root-user", "--", *argv] if user_ns else argv
+
+
+NO_PRIVILEGES = ("--inh-caps=-all", "--bounding-set=-all", "--no-new-privs")
+
+
+def _become(holder: Holder) -> list[str]:
+    """setpriv's user change: to `wtbox-box` as root; unprivileged, uid 0 of the box's user namespace
+    (which is the caller outside) stays."""
+    if holder.mode == "user":
+        return []
+    return [f"--reuid={holder.uid}", f"--regid={holder.gid}", "--clear-groups"]
 
 
 def _alive(holder: Holder | None) -> Holder:
@@ -273,5 +299,12 @@ def share_boxes_dir(home: Path) -> None:
 
     boxes = home / "boxes"
     boxes.mkdir(parents=True, exist_ok=True)
+    if _shared(boxes):
+        return  # every `new` asks: the common case reads the mount table only
     with file_lock(home / SHARED_LOCK, what="the boxes mount"):
-        make_shared(boxes, bind=not is_mountpoint(boxes))
+        if not _shared(boxes):
+            make_shared(boxes, bind=not is_mountpoint(boxes))
+
+
+def _shared(path: Path) -> bool:
+    return str(path) in procfs.shared_mounts()

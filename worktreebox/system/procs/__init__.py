@@ -33,7 +33,16 @@ from worktreebox.system.procs.identity import (
     parent_of,
     pid_alive,
 )
-from worktreebox.system.procs.spawn import BeforeExec, enter_cgroup, last_line, shell_argv, spawn, spawn_detached
+from worktreebox.system.procs.spawn import (
+    CWD,
+    BeforeExec,
+    Launcher,
+    enter_cgroup,
+    last_line,
+    shell_argv,
+    spawn,
+    spawn_detached,
+)
 from worktreebox.system.procs.stop import (
     end_box_processes,
     kill_cgroup,
@@ -51,7 +60,7 @@ from worktreebox.system.procs.stop import (
 )
 
 __all__ = [
-    "BeforeExec", "act_for", "caller_and_ancestors", "cgroup_pids", "cmdline", "comm", "describe",
+    "CWD", "BeforeExec", "Launcher", "act_for", "caller_and_ancestors", "cgroup_pids", "cmdline", "comm", "describe",
     "discover_box_ids", "end_box_processes", "enter_cgroup", "find_box_processes", "find_mentioning", "find_named",
     "from_pid_file", "identity", "is_alive", "kill_cgroup", "kill_mentioning", "kill_wait", "last_line", "listeners",
     "memory_of", "named_box_ids", "parent_of", "pid_alive", "pids_named", "remove_box_cgroup", "shell_argv",

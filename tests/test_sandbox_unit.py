@@ -101,14 +101,16 @@ def test_the_helper_starts_only_for_a_box_that_goes_out_or_reaches_its_database(
 def test_the_launcher_drops_to_the_box_user_and_enters_the_directory_inside():
     ns = Namespaces()
     prefix = ns.prefix(holder(), cwd="/h/boxes/web-12345678/worktree")
-    assert prefix[:8] == ["nsenter", "-t", "4242", "-p", "-m", "-i", "-u", "-n"]
+    assert prefix[:2] == ["env", "--ignore-signal=HUP,INT,QUIT,TERM,USR1,USR2,ALRM"]  # nsenter outlives no stop
+    assert prefix[2:10] == ["nsenter", "-t", "4242", "-p", "-m", "-i", "-u", "-n"]
     assert not [a for a in prefix if a.startswith("--wd")]  # it would start the process in the host's directory
-    assert prefix[prefix.index("setpriv") + 1:prefix.index("env")] == [
+    assert prefix[prefix.index("setpriv") + 1:len(prefix) - 1 - prefix[::-1].index("env")] == [
         "--reuid=995", "--regid=994", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
         "--"]
-    assert prefix[-3:] == ["env", "--chdir=/h/boxes/web-12345678/worktree", "--"]
+    assert prefix[-4:] == ["env", "--default-signal=HUP,INT,QUIT,TERM,USR1,USR2,ALRM",
+                           "--chdir=/h/boxes/web-12345678/worktree", "--"]
     user = ns.prefix(holder("user"), cwd="/w")
-    assert user[3:5] == ["-U", "--preserve-credentials"] and "--reuid=995" not in user
+    assert user[5:7] == ["-U", "--preserve-credentials"] and "--reuid=995" not in user
 
 
 def test_holder_command_lines():

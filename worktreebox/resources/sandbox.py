@@ -57,8 +57,6 @@ class Sandbox(Resource):
                 return
             box = c.box
             c.note(f"sandbox ({data['mode']} mode, network {data['network']})")
-            for sub in ("worktree", "cache", "tmp", "home", "git", "browser", ENDPOINT_DIR):
-                (box.dir / sub).mkdir(parents=True, exist_ok=True)
             holder = make_holder(c.host, box, c.config)
             c.env["HOME"] = str(box.dir / "home")  # the box's user cannot write the caller's
             from worktreebox.services.client import start_supervisor
@@ -88,10 +86,12 @@ class Sandbox(Resource):
         return provider_for("namespaces").discover(Path(host.boxes_dir))
 
     def revive(self, host: HostContext, box: Box) -> None:
-        """After a reboot the holder is gone: make it again (its supervisor comes back with `up`)."""
+        """After a reboot the holder is gone: make it again (its supervisor comes back with `up`).
+        Not for a box whose worktree is gone: there is nothing left to hold."""
         data = box.data.get(NAME) or {}
-        if data.get("provider") in (None, OFF) or holder_of(box) is not None or not box.dir.is_dir():
+        if data.get("provider") in (None, OFF) or holder_of(box) is not None or not box.path.is_dir():
             return
+        provider_for(data["provider"]).destroy(box.id, box.dir)  # what is left of the old one (no record)
         make_holder(host, box, host.repo_config(box))
 
     def health(self, host: HostContext, box: Box) -> str | None:
@@ -207,6 +207,8 @@ def make_holder(host: HostContext, box: Box, config: RepoConfig) -> Holder:
 
     data = box.data[NAME]
     provider = provider_for(data["provider"])
+    for sub in ("worktree", "cache", "tmp", "home", "git", "browser", ENDPOINT_DIR, "run"):
+        (box.dir / sub).mkdir(parents=True, exist_ok=True)
     spec = Spec(box.id, Path(host.home), box.dir, binds(box, config, provider), network=data["network"],
                 gateway=config.database.mode != "none")
     leaf = cgroups.Leaf(host.home, box.id, LEAF) if cgroups.for_home(host.home) is not None else None

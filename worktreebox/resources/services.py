@@ -53,6 +53,11 @@ class Services(Resource):
         specs = render_specs(c)
         write_specs(box, specs)
         c.note(f"starting services: {', '.join(s.name for s in specs)}")
+        from worktreebox.providers.sandbox import sandboxed
+        from worktreebox.services.client import wait_started
+
+        if sandboxed(box):
+            wait_started(box)  # the sandbox resource started it a moment ago
         hand_over(c.host, box, specs, c.secrets)
         wait_ready(box, [s.name for s in specs], deadline=time.time() + sum(s.ready_timeout for s in specs) + 10)
         c.note("services ready")
@@ -156,11 +161,8 @@ def hand_over(host: HostContext, box: Box, specs: list[ServiceSpec], secrets: di
     runs from the start), else in a new one's payload."""
     from worktreebox.providers.sandbox import sandboxed
     from worktreebox.resources import sandbox
-    from worktreebox.services.client import wait_started
     from worktreebox.services.spec import SupervisorPayload
 
-    if sandboxed(box) and supervisor_pid(box) is None and not supervisor_died(box):
-        wait_started(box)  # started by the sandbox resource a moment ago
     if supervisor_pid(box) is not None:
         payload = SupervisorPayload(services=specs, workdir=str(box.path), secrets=dict(secrets))
         checked(control_request(box, control.SERVICES, data=payload.to_json()))

@@ -67,6 +67,10 @@ class Worktree(Resource):
             attach_view(provider, tree, box)
         if owner is not None:
             give(box.dir / "git", owner)
+            # the view's top directory (its upper layer's own) and git's pointer written through it are
+            # the box user's: git refuses a repository whose parts another user owns
+            for path in (box.path, box.path / ".git"):
+                os.chown(path, *owner)
 
     def pristine(self, host: Host, box: Box) -> bool:
         """The view is exactly as made: its upper layer holds only git's pointer (and empty mount points of

@@ -130,7 +130,10 @@ def unsaved_work(worktree: Path, branch: str, base_sha: str | None, launcher: La
     if not worktree.is_dir():
         return None
     proc = git(worktree, "status", "--porcelain", "--untracked-files=normal", check=False, launcher=launcher)
-    if proc.returncode == 0 and proc.stdout.strip():
+    if proc.returncode != 0:  # what cannot be looked at is not known to be safe to delete
+        lines = proc.stderr.strip().splitlines()
+        return f"a worktree whose state git cannot read ({lines[0] if lines else 'exit ' + str(proc.returncode)})"
+    if proc.stdout.strip():
         n = len(proc.stdout.strip().splitlines())
         return f"{n} uncommitted change{'s' if n != 1 else ''}"
     n = unique_commits(worktree, branch, base_sha, launcher)

@@ -156,15 +156,22 @@ class Namespaces(Sandbox):
         return [*self.prefix(_alive(holder), cwd=cwd), *argv]
 
     def prefix(self, holder: Holder, *, cwd: Path | str) -> list[str]:
-        """The launcher without the command (what part B hands the supervisor per service).
+        """The launcher without the command (what the supervisor gets once and uses per service).
 
         The directory is entered last, by `env --chdir`, inside the box's mount namespace:
         `nsenter --wd` opens it *before* entering, so the process would start in the host's
         directory, outside its root, and `os.chdir("..")` from there walked the host's file
-        system (the box dir's env file, the home's registry: tests/test_sandbox.py)."""
+        system (the box dir's env file, the home's registry: tests/test_sandbox.py).
+
+        nsenter forks to enter the pid namespace and waits for the command, in the same process
+        group: a SIGTERM to the group ended nsenter at once (it forwards nothing), so a stop that
+        waits for the group's leader saw the service gone while it ran on (found by a service that
+        ignores SIGTERM). nsenter therefore runs with the terminating signals ignored (it exits
+        when the command does, with its status) and the command gets their defaults back."""
         user = ["-U", "--preserve-credentials"] if holder.mode == "user" else []
         enter = ["nsenter", "-t", str(holder.pid), *user, "-p", "-m", "-i", "-u", "-n"]
-        return [*enter, "--", "setpriv", *_become(holder), *NO_PRIVILEGES, "--", "env", f"--chdir={cwd}", "--"]
+        return ["env", f"--ignore-signal={PROXIED}", *enter, "--", "setpriv", *_become(holder), *NO_PRIVILEGES, "--",
+                "env", f"--default-signal={PROXIED}", f"--chdir={cwd}", "--"]
 
     def netns_command(self, holder: Holder | None, argv: list[str]) -> list[str]:
         return network.enter(_alive(holder), argv)
@@ -222,6 +229,7 @@ def holder_argv(spec: Spec, *, uid: int, gids: set[int], user_ns: bool, resolv: 
 
 
 NO_PRIVILEGES = ("--inh-caps=-all", "--bounding-set=-all", "--no-new-privs")
+PROXIED = "HUP,INT,QUIT,TERM,USR1,USR2,ALRM"  # signals a stop or a terminal sends to a launched process group
 
 
 def _become(holder: Holder) -> list[str]:

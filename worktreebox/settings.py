@@ -60,6 +60,8 @@ PROGRESS = Setting("WTBOX_PROGRESS", "`1`: `new` prints its progress on stderr e
                    "progress only on a terminal")
 BOX_ID = Setting("WTBOX_ID", "set by wtbox in every process of a box (its id); a command run there is never served",
                  "outside a box")
+BOX_SOCKET = Setting("WTBOX_BOX_SOCKET", "set in a sandboxed box: where `wtbox` typed inside it asks its supervisor",
+                     "outside a sandboxed box")
 
 # ---------------------------------------------------------------- overrides of config.toml
 PORT_RANGE = Setting("WTBOX_PORT_RANGE", "`[host] port_range`: ports boxes lease, such as `20000-29999`",
@@ -95,7 +97,7 @@ PHASE_FILE = Setting("WTBOX_PHASE_FILE", "crash tests: a file `new` appends each
 PHASE_STOP = Setting("WTBOX_PHASE_STOP", "crash tests: `new` halts at the first phase starting with this "
                                          "(for a `kill -9` there)")
 
-SETTINGS = (HOME, LEASE_DIR, NO_SERVER, SERVER_IDLE, NO_AUTO_GC, DEBUG, PROGRESS, BOX_ID, PORT_RANGE, MOUNTS,
+SETTINGS = (HOME, LEASE_DIR, NO_SERVER, SERVER_IDLE, NO_AUTO_GC, DEBUG, PROGRESS, BOX_ID, BOX_SOCKET, PORT_RANGE, MOUNTS,
             LAYER_TTL, POSTGRES_URL, DATABASE_PROVIDER, POSTGRES_IMAGE, OBSERVABILITY_PROVIDER,
             VICTORIAMETRICS_IMAGE, SANDBOX, CGROUPS, PG_BIN, CHROMIUM, KILL_WAIT, POOL_IDLE, PHASE_FILE, PHASE_STOP)
 

@@ -24,7 +24,7 @@ from worktreebox import settings
 from worktreebox.system.unixsock import MAX_MESSAGE, ProtocolError, bind, peer_uid, recv, send
 from worktreebox.system.unixsock import connect as connect_path
 
-__all__ = ["MAX_MESSAGE", "SERVED", "ProtocolError", "ask", "bind", "connect", "install", "lock_path", "log_path",
+__all__ = ["HELP", "MAX_MESSAGE", "SERVED", "connect_path", "ProtocolError", "ask", "bind", "connect", "install", "lock_path", "log_path",
            "peer_uid", "recv", "run_dir", "send", "served", "server_holds_lock", "socket_path", "turned_off"]
 
 # Commands a server may run. Everything else runs in the launcher's own process: shell, exec,
@@ -32,10 +32,10 @@ __all__ = ["MAX_MESSAGE", "SERVED", "ProtocolError", "ask", "bind", "connect", "
 # rare (and `server stop` must work on a broken server); unknown words get click's own error.
 SERVED = frozenset({
     "new", "rm", "ls", "status", "env", "logs", "up", "down", "restart", "metrics", "probe", "traces",
-    "top", "pool", "fanout", "compare", "keep", "unkeep", "db",
+    "top", "pool", "fanout", "compare", "keep", "unkeep", "db", "net", "expose",
 })
 _LONG_RUNNING = ("--watch", "--follow")  # top --watch, logs --follow: until Ctrl-C, job control wanted
-_HELP = ("--help", "-h", "--version")
+HELP = ("--help", "-h", "--version")
 
 
 def served(args: list[str], stdin_is_tty: bool) -> bool:
@@ -44,7 +44,7 @@ def served(args: list[str], stdin_is_tty: bool) -> bool:
         return False
     options = args[1:args.index("--")] if "--" in args else args[1:]
     for a in options:
-        if a in _HELP or a.split("=", 1)[0] in _LONG_RUNNING:
+        if a in HELP or a.split("=", 1)[0] in _LONG_RUNNING:
             return False
         if args[0] == "logs" and a.startswith("-") and not a.startswith("--") and "f" in a:
             return False  # -f, or -f inside a cluster of short flags

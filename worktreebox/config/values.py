@@ -24,8 +24,8 @@ Parser = Callable[[Any], Any]
 PORT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,30}$")  # also the names of services and dependency recipes
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ENV_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\*?$")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|[smhdw]?)\s*$")
+_UNITS = {"": 1, "ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.I)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 # Longer than any box should live; beyond it timers overflow (threading waits, poll timeouts).
@@ -225,6 +225,20 @@ def parse_duration(value: str | int | float, *, where: str = "duration", positiv
     """duration() for a flag or a variable: a ConfigError naming `where`."""
     with at(where):
         return duration(value, positive=positive)
+
+
+def share(value: Any) -> float:
+    """'5%', '0.05' or 5 (percent when above 1) -> a share from 0 up to (not including) 1."""
+    what = "a share of traffic such as '5%' or 0.05, below 100%"
+    text = str(value).strip()
+    try:
+        number = float(text.removesuffix("%"))
+    except ValueError:
+        raise expected(what, value) from None
+    got = number / 100 if text.endswith("%") or number > 1 else number
+    if not (math.isfinite(got) and 0 <= got < 1):
+        raise expected(what, value)
+    return got
 
 
 def retention(value: Any) -> str:

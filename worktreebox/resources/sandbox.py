@@ -59,6 +59,7 @@ class Sandbox(Resource):
             c.note(f"sandbox ({data['mode']} mode, network {data['network']})")
             holder = make_holder(c.host, box, c.config)
             c.env["HOME"] = str(box.dir / "home")  # the box's user cannot write the caller's
+            c.env["WTBOX_BOX_SOCKET"] = str(box.dir / ENDPOINT_DIR / "box.sock")  # `wtbox` inside: services/endpoint.py
             from worktreebox.services.client import start_supervisor
 
             start_supervisor(box, c.secrets, [], daemon_net(c.host, box, holder), wait=False)
@@ -66,7 +67,10 @@ class Sandbox(Resource):
             c.provide(self.name)
 
     def finish(self, c: Creation) -> None:
-        """The database forward, now that the database resource knows the server's address."""
+        """The database forward, now that the database resource knows the server's address; and a
+        look that the worktree's view reached the holder (see `check_view`)."""
+        if sandboxed(c.box):
+            check_view(c.box)
         target = db_target(c.host, c.box)
         if target is None:
             return
@@ -236,6 +240,27 @@ def binds(box: Box, config: RepoConfig, provider: Provider) -> list[Any]:
     out += [Bind(p, writable=False) for p in layout.toolchain(path.split(os.pathsep), extra, uid=uid, gids={gid})
             if p not in taken]
     return out
+
+
+def check_view(box: Box) -> None:
+    """The worktree's copy-on-write view, mounted on the host while the holder started, reaches the
+    holder through boxes/, a shared mount. A program that copies the host's mounts into a namespace of
+    its own and detaches them there without making them private first (pasta 2023, slirp4netns's
+    --enable-sandbox: both seen on this host) takes that mount down for everyone: then the box would
+    see an empty worktree. Said here in one sentence instead (and `new` rolls back)."""
+    from worktreebox.providers.mounts.base import is_mountpoint
+    from worktreebox.system import procfs
+
+    holder = holder_of(box)
+    if holder is None or not is_mountpoint(box.path):
+        return
+    try:
+        same = os.stat(procfs.root_path(holder.pid, box.path)).st_dev == os.stat(box.path).st_dev
+    except OSError:
+        same = False
+    if not same:
+        raise WtboxError(f"The worktree of {box.id} did not reach its sandbox: {box.path.parent.parent} is no "
+                         "longer a shared mount (a program on this host unmounted it); make the box again.")
 
 
 def daemon_net(host: HostContext, box: Box, holder: Holder | None = None) -> SandboxNet:

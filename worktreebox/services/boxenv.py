@@ -42,7 +42,8 @@ EXEC_SERVICE = "exec"  # OTEL_SERVICE_NAME of exec, shell, setup, migrate and fa
 
 def _other_box_var(name: str) -> bool:
     """Variables that tie a process to a box: a `wtbox new` run inside box A must not make B's processes A's."""
-    return name in ("WTBOX_ID", "WTBOX_BOX_DIR", "WTBOX_SHELL", "WTBOX_METRICS_URL", "WTBOX_CDP_URL") \
+    return name in ("WTBOX_ID", "WTBOX_BOX_DIR", "WTBOX_SHELL", "WTBOX_METRICS_URL", "WTBOX_CDP_URL",
+                    "WTBOX_BOX_SOCKET") \
         or (name.startswith("WTBOX_PORT_") and name != "WTBOX_PORT_RANGE")  # the range is a host setting
 
 

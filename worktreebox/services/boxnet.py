@@ -61,16 +61,15 @@ class BoxNet:
             self.thread.remove(name)
 
     def set_faults(self, target: str | None, data: dict[str, Any]) -> dict[str, Any]:
-        """`wtbox net`: {"reset": true} or the new faults (Faults.to_json's keys) of one forward or all."""
-        from worktreebox.services.forwards import Faults
-
+        """`wtbox net`: {"reset": true}, or the faults to change (Faults.to_json's keys; the others
+        stay) of one forward or all."""
         if self.thread is None:
             raise UsageError("This box has no forwards to put faults on.")
         if data.get("reset"):
             return self.thread.reset(target)
-        wanted = Faults.from_json(data)
-        return self.thread.set_faults(target, delay=wanted.delay, jitter=wanted.jitter, loss=wanted.loss,
-                                      down=wanted.down)
+        scale = {"delay_ms": ("delay", 1000), "jitter_ms": ("jitter", 1000), "loss": ("loss", 1), "down": ("down", 1)}
+        changes = {scale[k][0]: (v if k == "down" else float(v) / scale[k][1]) for k, v in data.items() if k in scale}
+        return self.thread.set_faults(target, **changes)
 
     def report(self) -> dict[str, Any]:
         return self.thread.report() if self.thread is not None else {}

@@ -230,8 +230,6 @@ class Supervisor:
             self.net = BoxNet([])
         if req.cmd == control.NET:
             self.net.set_faults(req.service, data)
-            self.event("_net", "warning" if not data.get("reset") else "info", _net_message(req.service, data),
-                       event="net", target=req.service or "all", **{k: v for k, v in data.items() if k != "event"})
         elif req.cmd == control.FORWARD:
             fd = os.dup(req.fds[0]) if req.fds else None
             self.net.add(ForwardSpec.from_json(data), fd)
@@ -285,6 +283,10 @@ class Supervisor:
         if self.net is not None:
             self.net.start()
         self.serve()
+        if self.host_netns_fd is not None:  # a sandboxed box: `wtbox` typed inside it reaches us
+            from worktreebox.services.endpoint import Endpoint
+
+            Endpoint(self.home, self.box_id, self.host_netns_fd).start()
         self.write_state()
         self._watch_busy()
         for s in self.services.values():
@@ -303,16 +305,6 @@ class Supervisor:
         if self.net is not None:
             self.net.stop()
         self.write_state()
-
-
-def _net_message(target: str | None, data: dict[str, Any]) -> str:
-    where = f"the {target} forward" if target else "every forward"
-    if data.get("reset"):
-        return f"net: {where} has no faults again"
-    parts = [f"{k.removesuffix('_ms')} {v:g} ms" for k, v in data.items() if k.endswith("_ms") and v]
-    parts += [f"loss {data['loss']:.0%}"] if data.get("loss") else []
-    parts += ["down"] if data.get("down") else []
-    return f"net: {where}: {', '.join(parts) or 'no faults'}"
 
 
 def _size(n: int) -> str:

@@ -7,6 +7,8 @@ file's text, so tests feed them lines without any process.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import os
 
 PROC = "/proc"
@@ -119,6 +121,11 @@ def namespace_file(pid: int, kind: str) -> str:
     """The kernel's handle on one namespace ("net", "user", ...) of a process, as a path tools take
     (`pasta --netns PATH`); only as good as the pid: check its identity first."""
     return _path(pid, f"ns/{kind}")
+
+
+def root_path(pid: int, path: str | Path) -> str:
+    """`path` as process `pid` sees it (through its mount namespace and root)."""
+    return _path(pid, f"root{path}")
 
 
 def fd_path(fd: int) -> str:

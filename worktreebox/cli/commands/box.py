@@ -106,8 +106,28 @@ def status(box, show_secrets, as_json):
     wt = out.get("worktree") or {}
     click.echo(f"disk     {out['disk_bytes'] / 1e6:.1f} MB of its own; its worktree {out['worktree_bytes'] / 1e6:.1f} MB"
                + (f" (changes over its {wt['mount']} view of trees/{wt['tree'][:12]})" if wt.get("tree") else ""))
+    sb = out.get("sandbox") or {}
+    if sb:
+        where = f"{sb['provider']}, {sb.get('mode')} mode, network {sb.get('network')}" \
+            if sb["provider"] != "off" else "off: this box sees and signals every other"
+        click.echo(f"sandbox  {where}" + ("" if sb.get("running", True) else " (NOT RUNNING)"))
+        faults = [f"{n}: {_faults(f['faults'])}" for n, f in (sb.get("forwards") or {}).items()
+                  if any(f["faults"].values())]
+        outbound = sb.get("outbound") or {}
+        if outbound.get("down") or outbound.get("loss"):
+            faults.append(f"outbound: {_faults(outbound)}")
+        if faults:
+            click.echo("net      " + "; ".join(faults))
+        for fixed, name in (sb.get("exposed") or {}).items():
+            click.echo(f"exposed  127.0.0.1:{fixed} -> {name}")
     if out.get("problem"):
         info(f"warning: {out['problem']}")
+
+
+def _faults(f: dict) -> str:
+    from worktreebox.cli.commands.network import _faults as shown
+
+    return shown(f)
 
 
 FORMAT = click.option("--format", "fmt", type=click.Choice(["sh", "dotenv", "json"]), default="sh", show_default=True)

@@ -132,6 +132,8 @@ def run(host: Host, *, grace: float = DEFAULT_GRACE, dry_run: bool = False, wait
             _empty_trash(host)
             released = _sweep_host_leases(host)
             mounts = _unmount_strays(host, errors)
+            if _release_boxes(host):
+                mounts.append(str(host.boxes_dir))
             layers = _sweep_layers(host)
             foreign = _sweep_cgroups_of_gone_homes(host, errors)
             _stamp(host)
@@ -205,10 +207,26 @@ def stray_mounts(host: Host) -> list:
     boxes = str(host.boxes_dir) + "/"
     out = []
     for m in found:
+        if m.target == str(host.boxes_dir):
+            continue  # boxes/ itself, shared for sandboxes: released once no box is left (_release_boxes)
         owner = m.target[len(boxes):].split("/", 1)[0] if m.target.startswith(boxes) else None
         if owner is None or not is_box_id(owner) or owner not in known:
             out.append(m)
     return out
+
+
+def _release_boxes(host: Host) -> bool:
+    """boxes/ made a shared mount for sandboxes (providers/sandbox/namespaces.share_boxes_dir), taken
+    down once no box is left: under the lock `new` shares it under, with nothing mounted below it."""
+    from worktreebox.providers.mounts.base import _umount2, is_mountpoint, mounts_under
+    from worktreebox.providers.sandbox.namespaces import SHARED_LOCK
+
+    if not is_mountpoint(host.boxes_dir) or host.registry.select_box_ids():
+        return False
+    with file_lock(host.home / SHARED_LOCK, what="the boxes mount"):
+        if host.registry.select_box_ids() or mounts_under(host.boxes_dir) or not is_mountpoint(host.boxes_dir):
+            return False
+        return _umount2(str(host.boxes_dir), 0) == 0  # not lazily: a mount that appeared below keeps it
 
 
 def _unmount_strays(host: Host, errors: list[str]) -> list[str]:

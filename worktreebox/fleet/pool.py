@@ -182,14 +182,19 @@ def claim(host: Host, task: str, t: Target, *, ttl: str | float | None = None, k
 
 def _take_over(host: Host, box: Box, t: Target) -> bool:
     """Rename what can be renamed to the claimed box's id, fast-forward it; True when its base moved."""
+    from worktreebox.providers import sandbox
+
     pool_id = box.data["pool_id"]
     old_dir = host.boxes_dir / pool_id
     if old_dir.is_dir() and not old_dir.is_symlink() and not box.dir.exists():
         os.rename(old_dir, box.dir)
         # Running services, the supervisor and the metrics store hold paths under the old name.
         os.symlink(box.dir.name, old_dir)
+    if sandbox.sandboxed(box):  # its holder sees the old name's paths: the new name leads there
+        sandbox.provider_of(box).alias(sandbox.holder_of(box), box.dir, pool_id)
     _phase("claim:dir")
-    _rename_branch(box.repo, box.path, branch_name(pool_id), box.branch, box.data.get("base_sha"))
+    launcher = host.launcher(box)
+    _rename_branch(box.repo, box.path, branch_name(pool_id), box.branch, box.data.get("base_sha"), launcher)
     git.repoint_worktree(box.path)
     _phase("claim:branch")
     old, new = str(old_dir), str(box.dir)
@@ -200,7 +205,7 @@ def _take_over(host: Host, box: Box, t: Target) -> bool:
     cgroup_resource.claimed(host, box)
     moved = box.data.get("base_sha") != t.sha
     if moved:
-        git.git(box.path, "merge", "--ff-only", "--quiet", t.sha)  # the changed files only
+        git.git(box.path, "merge", "--ff-only", "--quiet", t.sha, launcher=launcher)  # the changed files only
         box.data["base_sha"] = t.sha
     _phase("claim:ff")
     box.state = READY
@@ -210,10 +215,15 @@ def _take_over(host: Host, box: Box, t: Target) -> bool:
     return moved
 
 
-def _rename_branch(repo: str, worktree: Path, old: str, new: str, tip: str | None) -> None:
+def _rename_branch(repo: str, worktree: Path, old: str, new: str, tip: str | None,
+                   launcher: procs.Launcher | None = None) -> None:
     """`git branch -m` without it: that rewrites .git/config under one lock, so concurrent claims
     failed on it. Refs only: make the new one, point the worktree at it, drop the old one. An
-    untouched pool box's branch is at `tip`: then one transaction checks that and makes the new ref."""
+    untouched pool box's branch is at `tip`: then one transaction checks that and makes the new ref.
+    A sandboxed box's branch lives in its own git dir: renamed there, inside the box (the repository
+    keeps a branch at the base under the box's name, renamed here)."""
+    if launcher is not None and launcher.sandboxed:
+        git.git(worktree, "branch", "-m", old, new, launcher=launcher)
     sha = tip
     if not tip or git.git(repo, "update-ref", "--stdin", check=False,
                           input=f"verify refs/heads/{old} {tip}\ncreate refs/heads/{new} {tip}\n").returncode:
@@ -221,7 +231,8 @@ def _rename_branch(repo: str, worktree: Path, old: str, new: str, tip: str | Non
         if not sha:  # a retried claim: already renamed
             return
         git.git(repo, "update-ref", f"refs/heads/{new}", sha, "")
-    git.git(worktree, "symbolic-ref", "HEAD", f"refs/heads/{new}")
+    if launcher is None or not launcher.sandboxed:
+        git.git(worktree, "symbolic-ref", "HEAD", f"refs/heads/{new}")
     git.git(repo, "update-ref", "-d", f"refs/heads/{old}", sha)
 
 

@@ -24,7 +24,7 @@ class Deps(Resource):
     def create(self, c: Creation) -> None:
         from worktreebox.layers import deps
         from worktreebox.layers import store as layerstore
-        from worktreebox.providers import mounts
+        from worktreebox.providers import mounts, sandbox
 
         box, home = c.box, c.host.home
         files = deps.scan(box.repo, c.base_sha, home, c.config.deps)
@@ -47,6 +47,10 @@ class Deps(Resource):
                           on_wait=lambda: c.note(f"waiting for the {layer.kind} layer of {where}")) as (path, built):
                 if built:
                     c.note(f"built the {layer.kind} layer of {where}")
+                if sandbox.sandboxed(box):  # a layer built before boxes were sandboxed: copy-up needs the box user's
+                    from worktreebox.resources.worktree import give_once
+
+                    give_once(path / "paths", sandbox.provider_of(box).box_user())
                 for j, p in enumerate(layer.paths):
                     target = box.path / layer.dir / p
                     target.mkdir(parents=True, exist_ok=True)
@@ -92,14 +96,19 @@ class Deps(Resource):
 
 
 def _runner(c: Creation, layer):
-    """Run a build command with its output in the box's logs/deps.jsonl; fail with its last lines."""
+    """Run a build command with its output in the box's logs/deps.jsonl (in a sandbox of its own
+    when the box has one: resources/sandbox.build_sandbox); fail with its last lines."""
     def run(cmd: str, cwd, env: dict[str, str]) -> None:
+        from worktreebox.resources.sandbox import build_sandbox
         from worktreebox.secrets import Redactor
         from worktreebox.telemetry.logs.run import run_logged
 
         c.note(f"building the {layer.kind} layer of {layer.dir or 'the repo root'} (once per lock file)")
-        rc, last = run_logged(cmd, cwd, env, c.box.logs_dir, "deps", Redactor(list(c.secrets.values())),
-                              timeout=c.config.deps.timeout, keep_lines=15)
+        with build_sandbox(c.host, c.box, cwd.parent) as launcher:
+            if launcher.sandboxed:
+                env = {**env, "HOME": str(cwd.parent / "home")}
+            rc, last = run_logged(cmd, cwd, env, c.box.logs_dir, "deps", Redactor(list(c.secrets.values())),
+                                  timeout=c.config.deps.timeout, keep_lines=15, launcher=launcher)
         if rc != 0:
             tail = "\n".join("  " + line for line in last) or "  (no output)"
             raise WtboxError(f"Building the {layer.kind} dependency layer of {layer.dir or 'the repo root'} "

@@ -113,11 +113,14 @@ def _record(box: Box, target: str | None, changes: dict[str, Any], reset: bool) 
     parts = [f"{k.removesuffix('_ms')} {v:g} ms" for k, v in changes.items() if k.endswith("_ms")]
     parts += ([f"loss {changes['loss']:.0%}"] if "loss" in changes else []) + (["down"] if changes.get("down") else [])
     msg = f"net: {where} has no faults again" if reset else f"net: {where}: {', '.join(parts)}"
+    events = EventLog(box.logs_dir)
     try:
-        EventLog(box.logs_dir)("_net", "info" if reset else "warning", msg, event="net", target=target or "all",
-                               reset=reset, **changes)
+        events("_net", "info" if reset else "warning", msg, event="net", target=target or "all", reset=reset,
+               **changes)
     except OSError:
         pass
+    finally:
+        events.close()
     _push(box, target or "all", changes, reset)
 
 

@@ -242,6 +242,44 @@ def binds(box: Box, config: RepoConfig, provider: Provider) -> list[Any]:
     return out
 
 
+@contextlib.contextmanager
+def build_sandbox(host: HostContext, box: Box, build_dir: Path) -> Iterator[procs.Launcher]:
+    """A sandbox of its own for building a dependency layer for `box` (the build runs the repository's
+    commands: npm's install scripts, setup.py): as the box's user, its network open, `build_dir`'s
+    work/ and home/ and the shared download caches writable, nothing else of the home; it ends with
+    the block, and with the process that made it (a kill -9 of `new` leaves nothing of it). What it
+    builds is the box user's, as copy-up in every box's view needs. No sandbox: the launcher as is."""
+    if not sandboxed(box):
+        yield procs.Launcher()
+        return
+    from worktreebox.box import hex_of
+    from worktreebox.layers import downloads
+    from worktreebox.providers.sandbox import layout
+    from worktreebox.providers.sandbox.base import Bind, Spec
+    from worktreebox.system.users import give_tree
+
+    provider = provider_for(box.data[NAME]["provider"])
+    uid, gid = provider.box_user()
+    shared = downloads.root(Path(host.home))
+    for path in (build_dir / "home", build_dir / "run"):
+        path.mkdir(parents=True, exist_ok=True)
+    give_tree(build_dir / "work", uid, gid)
+    give_tree(build_dir / "home", uid, gid)
+    if shared.stat().st_uid != uid:
+        give_tree(shared, uid, gid)  # once: caches filled before boxes were sandboxed
+    extra = [sys.executable, sys.prefix, sys.base_prefix]
+    tools = layout.toolchain(os.environ.get("PATH", "").split(os.pathsep), extra, uid=uid, gids={gid})
+    spec = Spec(f"build-{hex_of(box.id)}", Path(host.home), build_dir,
+                [Bind(build_dir / "work"), Bind(build_dir / "home"), Bind(shared),
+                 *(Bind(p, writable=False) for p in tools)], transient=True)
+    holder = provider.create(spec)
+    try:
+        yield provider.launcher(holder)
+    finally:
+        provider.destroy(spec.box_id, build_dir)
+        give_tree(build_dir / "work", uid, gid)  # what the host moved or rewrote after the build, too
+
+
 def check_view(box: Box) -> None:
     """The worktree's copy-on-write view, mounted on the host while the holder started, reaches the
     holder through boxes/, a shared mount. A program that copies the host's mounts into a namespace of

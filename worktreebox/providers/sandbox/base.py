@@ -56,6 +56,8 @@ class Spec:
     binds: list[Bind]
     network: str = OPEN
     gateway: bool = False
+    # ends with the process that made it (a dependency layer's build: a kill -9 of `new` leaves nothing)
+    transient: bool = False
 
     @property
     def run_dir(self) -> Path:
@@ -163,6 +165,10 @@ class Sandbox:
         """`netns_command()` as a value; with `as_box_user`, without any privilege (the box's
         metrics store: in the box's network, invisible to its processes, held by its firewall)."""
         raise NotImplementedError
+
+    def alias(self, holder: Holder | None, path: Path, target: str) -> None:
+        """Inside the holder, `path` as a symlink to `target` (a box claimed from the pool: its dir got
+        the new id on the host, while its holder was made with the pool id's paths)."""
 
     def destroy(self, box_id: str, box_dir: Path) -> list[int]:
         """End the box's holder and network helper, recorded or found by WTBOX_ID; idempotent.

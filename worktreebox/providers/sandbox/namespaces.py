@@ -127,13 +127,15 @@ class Namespaces(Sandbox):
         try:
             with open(spec.run_dir / LOG, "ab") as log:
                 # setsid -f: the holder is reparented to init at once, never a zombie of a long-lived caller;
-                # its stdout is the ready pipe, its stderr (bwrap's complaints) the log
-                starter = procs.spawn(["setsid", "-f", *argv], env=spec.env(), stdout=ready_w, stderr=log,
-                                      pass_fds=(info_w, keep_fd), cgroup=cgroup)
+                # its stdout is the ready pipe, its stderr (bwrap's complaints) the log. A transient one stays
+                # our child, and bwrap's --die-with-parent ends it with us.
+                starter = procs.spawn(argv if spec.transient else ["setsid", "-f", *argv], env=spec.env(),
+                                      stdout=ready_w, stderr=log, pass_fds=(info_w, keep_fd), cgroup=cgroup)
             os.close(info_w)
             os.close(ready_w)
             info_w = ready_w = -1
-            starter.wait()
+            if not spec.transient:
+                starter.wait()
             ready = _read_until(ready_r, b"\n", READY_TIMEOUT)
             info = _read_until(info_r, b"}", 1.0) if ready else b""
         finally:
@@ -184,6 +186,17 @@ class Namespaces(Sandbox):
         drop = [*_become(alive), *NO_PRIVILEGES] if as_box_user else []
         return procs.Launcher(tuple(network.enter(alive, ["setpriv", *drop, "--"] if drop else [])))
 
+    def alias(self, holder: Holder | None, path: Path, target: str) -> None:
+        alive = _alive(holder)
+        user = ["-U", "--preserve-credentials"] if alive.mode == "user" else []
+        import subprocess
+
+        proc = subprocess.run(["nsenter", "-t", str(alive.pid), *user, "-m", "--", "ln", "-sfn", target, str(path)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SandboxError(f"Could not name {path} inside the sandbox of box {alive.box_id}: "
+                               f"{proc.stderr.strip() or proc.returncode}.")
+
     # -- the end
     def destroy(self, box_id: str, box_dir: Path) -> list[int]:
         """SIGKILL the box's pid 1 (the kernel then ends every process in its pid namespace) and
@@ -223,7 +236,8 @@ def holder_argv(spec: Spec, *, uid: int, gids: set[int], user_ns: bool, resolv: 
     which the launcher enters."""
     hold = "echo ready; exec sleep infinity >/dev/null"  # stdout: the ready pipe, closed once said
     argv = ["bwrap", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net", "--hostname", spec.hostname,
-            "--new-session", *layout.filesystem_args(spec, uid=uid, gids=gids, resolv=resolv),
+            "--new-session", *(["--die-with-parent"] if spec.transient else []),
+            *layout.filesystem_args(spec, uid=uid, gids=gids, resolv=resolv),
             "--info-fd", str(info_fd), "--", "/bin/sh", "-c", hold]
     return ["unshare", "--user", "--map-root-user", "--", *argv] if user_ns else argv
 
@@ -307,9 +321,7 @@ def share_boxes_dir(home: Path) -> None:
 
     boxes = home / "boxes"
     boxes.mkdir(parents=True, exist_ok=True)
-    if _shared(boxes):
-        return  # every `new` asks: the common case reads the mount table only
-    with file_lock(home / SHARED_LOCK, what="the boxes mount"):
+    with file_lock(home / SHARED_LOCK, what="the boxes mount"):  # gc takes it down under this lock
         if not _shared(boxes):
             make_shared(boxes, bind=not is_mountpoint(boxes))
 

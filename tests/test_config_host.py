@@ -54,7 +54,7 @@ def test_good_values(tmp_path, text, fields):
     assert cfg == want
 
 
-HOST_KEYS = "background_busy, layer_ttl, max_active, max_boxes, max_load, mounts, port_range"
+HOST_KEYS = "background_busy, layer_ttl, max_active, max_boxes, max_load, mounts, port_range, sandbox"
 
 
 @pytest.mark.parametrize(("text", "sentence"), [

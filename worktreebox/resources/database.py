@@ -162,6 +162,7 @@ class Database(Resource):
         srv = server(c.host, cfg.provider)
         golden = golden_for(c, srv)
         c.note("database: migrating the golden copy (once per migration set)")
+        golden.launcher = sandbox_launcher(c.box)  # in this box's sandbox, made by now
         golden.ensure(c.box.path, cgroup=cgroups.Leaf(c.host.home, c.box.id, cgroups.MIGRATE))
         c.timings["migrate"] = round(time.monotonic() - t0, 4)
         t0 = time.monotonic()
@@ -297,8 +298,7 @@ def golden_for(c: Creation, srv: Server) -> Golden:
         return {**out, **c.secrets}
 
     return Golden(srv, Path(c.host.home), str(c.box.repo), c.base_sha, cfg.migrate, cfg.migrations,
-                  cfg.extensions, env, c.box.logs_dir, list(c.secrets.values()), seen_at=seen_at(c, srv),
-                  launcher=sandbox_launcher(c.box))
+                  cfg.extensions, env, c.box.logs_dir, list(c.secrets.values()), seen_at=seen_at(c, srv))
 
 
 def sandbox_launcher(box: Box) -> Any:

@@ -268,6 +268,7 @@ class Host:
             pass
         self._destroy_resources(box, strict=False)
         self.registry.delete_box(box.id)
+        self._release_boxes_dir()
 
     def _destroy_resources(self, box: Box, *, strict: bool) -> None:
         # A box claimed from the pool still runs processes started under its pool id (WTBOX_ID,
@@ -360,8 +361,16 @@ class Host:
         _phase("rm:removing")
         self._destroy_resources(box, strict=True)
         self.registry.delete_box(box.id)
+        self._release_boxes_dir()
         _phase("rm:done")
         return box
+
+    def _release_boxes_dir(self) -> None:
+        """The last box gone: boxes/ is no longer a shared mount (the sandboxes' propagation)."""
+        from worktreebox.providers.sandbox.namespaces import release_boxes_dir
+
+        if os.geteuid() == 0:
+            release_boxes_dir(self.home, lambda: not self.registry.select_box_ids())
 
     # ------------------------------------------------------------------ services
     def services(self, box: Box, action: str, service: str | None = None,

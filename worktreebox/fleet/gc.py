@@ -216,17 +216,10 @@ def stray_mounts(host: Host) -> list:
 
 
 def _release_boxes(host: Host) -> bool:
-    """boxes/ made a shared mount for sandboxes (providers/sandbox/namespaces.share_boxes_dir), taken
-    down once no box is left: under the lock `new` shares it under, with nothing mounted below it."""
-    from worktreebox.providers.mounts.base import _umount2, is_mountpoint, mounts_under
-    from worktreebox.providers.sandbox.namespaces import SHARED_LOCK
+    """boxes/, made a shared mount for sandboxes, taken down once no box is left."""
+    from worktreebox.providers.sandbox.namespaces import release_boxes_dir
 
-    if not is_mountpoint(host.boxes_dir) or host.registry.select_box_ids():
-        return False
-    with file_lock(host.home / SHARED_LOCK, what="the boxes mount"):
-        if host.registry.select_box_ids() or mounts_under(host.boxes_dir) or not is_mountpoint(host.boxes_dir):
-            return False
-        return _umount2(str(host.boxes_dir), 0) == 0  # not lazily: a mount that appeared below keeps it
+    return release_boxes_dir(host.home, lambda: not host.registry.select_box_ids())
 
 
 def _unmount_strays(host: Host, errors: list[str]) -> list[str]:

@@ -6,6 +6,7 @@ find their dependencies installed.
 """
 from __future__ import annotations
 
+import os
 import shutil
 from typing import TYPE_CHECKING, Any
 
@@ -47,14 +48,17 @@ class Deps(Resource):
                           on_wait=lambda: c.note(f"waiting for the {layer.kind} layer of {where}")) as (path, built):
                 if built:
                     c.note(f"built the {layer.kind} layer of {where}")
-                if sandbox.sandboxed(box):  # a layer built before boxes were sandboxed: copy-up needs the box user's
+                owner = sandbox.provider_of(box).box_user() if sandbox.sandboxed(box) else None
+                if owner is not None:  # a layer built before boxes were sandboxed: copy-up needs the box user's
                     from worktreebox.resources.worktree import give_once
 
-                    give_once(path / "paths", sandbox.provider_of(box).box_user())
+                    give_once(path / "paths", owner)
                 for j, p in enumerate(layer.paths):
                     target = box.path / layer.dir / p
                     target.mkdir(parents=True, exist_ok=True)
                     provider.attach(path / "paths" / p, target, box.dir / "deps" / f"{i}.{j}")
+                    if owner is not None:  # the view's top (its upper layer's own) is the box user's
+                        os.chown(target, *owner)
             made.append({**layer.to_json(), "built": built})
 
     def revive(self, host: Host, box: Box) -> None:

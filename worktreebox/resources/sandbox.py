@@ -261,16 +261,17 @@ def build_sandbox(host: HostContext, box: Box, build_dir: Path) -> Iterator[proc
     provider = provider_for(box.data[NAME]["provider"])
     uid, gid = provider.box_user()
     shared = downloads.root(Path(host.home))
+    # a cache kept elsewhere (a symlink to a bigger disk) is bound where it really is, too
+    caches = [shared, *{Path(os.path.realpath(shared / sub)) for sub in downloads.CACHES.values()
+                        if (shared / sub).is_symlink() and (shared / sub).is_dir()}]
     for path in (build_dir / "home", build_dir / "run"):
         path.mkdir(parents=True, exist_ok=True)
-    give_tree(build_dir / "work", uid, gid)
-    give_tree(build_dir / "home", uid, gid)
-    if shared.stat().st_uid != uid:
-        give_tree(shared, uid, gid)  # once: caches filled before boxes were sandboxed
+    for path in (build_dir / "work", build_dir / "home", *caches):
+        give_tree(path, uid, gid)  # what was written by others (a build before sandboxes): the build's user's
     extra = [sys.executable, sys.prefix, sys.base_prefix]
     tools = layout.toolchain(os.environ.get("PATH", "").split(os.pathsep), extra, uid=uid, gids={gid})
     spec = Spec(f"build-{hex_of(box.id)}", Path(host.home), build_dir,
-                [Bind(build_dir / "work"), Bind(build_dir / "home"), Bind(shared),
+                [Bind(build_dir / "work"), Bind(build_dir / "home"), *(Bind(c) for c in caches),
                  *(Bind(p, writable=False) for p in tools)], transient=True)
     holder = provider.create(spec)
     try:

@@ -47,12 +47,11 @@ class Worktree(Resource):
         provider = mounts.for_host(c.host)
         box.data[self.name] = {"mount": provider.name}
         owner = sandbox.provider_of(box).box_user() if sandbox.sandboxed(box) else None
-        if owner is not None:
-            box.data[self.name]["git_dir"] = str(box.dir / "git")
         if not provider.uses_tree:
             add_worktree(box, c.base_sha, checkout=True, owner=owner)
             if owner is not None:
                 give(box.path, owner)
+                give(box.dir / "git", owner)
             return
         from worktreebox.layers import trees
 
@@ -236,7 +235,7 @@ def add_own_worktree(box: Box, sha: str, *, checkout: bool) -> None:
     gitdir.make(Path(box.repo), box.dir / "git", sha)
     gitdir.worktree_add(box.dir / "git", box.path, box.branch, sha)
     if checkout:  # nothing of the box has run yet: its git dir is still ours to run git in
-        git.git(box.path, "checkout", "--quiet", "--force", box.branch)
+        git.git(box.path, "-c", f"safe.directory={box.path}", "checkout", "--quiet", "--force", box.branch)
 
 
 def give(path: Path, owner: tuple[int, int]) -> None:

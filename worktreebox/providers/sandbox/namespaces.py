@@ -30,6 +30,7 @@ import select
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from worktreebox.providers.sandbox import layout, network
@@ -324,6 +325,21 @@ def share_boxes_dir(home: Path) -> None:
     with file_lock(home / SHARED_LOCK, what="the boxes mount"):  # gc takes it down under this lock
         if not _shared(boxes):
             make_shared(boxes, bind=not is_mountpoint(boxes))
+
+
+def release_boxes_dir(home: Path, no_box_left: Callable[[], bool]) -> bool:
+    """Take boxes/ down as a mount once no box is left (`rm` of the last box, gc): under the lock
+    `share_boxes_dir` shares it under, never while anything is mounted below it."""
+    from worktreebox.providers.mounts.base import _umount2, is_mountpoint, mounts_under
+    from worktreebox.system.fsutil import file_lock
+
+    boxes = home / "boxes"
+    if not is_mountpoint(boxes) or not no_box_left():
+        return False
+    with file_lock(home / SHARED_LOCK, what="the boxes mount"):
+        if not no_box_left() or mounts_under(boxes) or not is_mountpoint(boxes):
+            return False
+        return _umount2(str(boxes), 0) == 0  # not lazily: a mount that appeared below keeps it
 
 
 def _shared(path: Path) -> bool:

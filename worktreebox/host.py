@@ -83,7 +83,7 @@ class Host:
         box = self._resolve(ref)
         # A reboot takes a box's copy-on-write mounts away (its upper layers stay): mount them again.
         if box.data.get("revive") and box.state not in (CREATING, REMOVING) and not os.path.ismount(box.path) \
-                and box.dir.is_dir():
+                and box.env_file.exists():  # its dir is there (not only what a running process wrote back)
             for r in self.resources:
                 r.revive(self, box)
         return box
@@ -324,7 +324,12 @@ class Host:
         as it was made (a copy-on-write worktree nobody wrote to) spares the `git status` walk."""
         if box.data.get("revive") and any(r.pristine(self, box) for r in self.resources):
             return None
-        return git.unsaved_work(box.path, box.branch, box.data.get("base_sha"), launcher=self.launcher(box))
+        if not box.path.is_dir():
+            return None  # nothing left to lose
+        launcher = self.launcher(box)
+        # a sandboxed box's git dir goes with it: what counts as saved is what its repository holds
+        kept = git.tips(box.repo, but=box.branch) if launcher.sandboxed and Path(box.repo).is_dir() else None
+        return git.unsaved_work(box.path, box.branch, box.data.get("base_sha"), launcher=launcher, kept=kept)
 
     def launcher(self, box: Box) -> procs.Launcher:
         """How a process of the box is started (through its sandbox); a holder a reboot took is made
@@ -344,7 +349,7 @@ class Host:
         box = ref if isinstance(ref, Box) else self.get(ref)
         for r in self.resources:
             r.warm(box.data, None)
-        if not force:
+        if not force and box.state != REMOVING:  # a removal cut short: it was decided already
             why = self.unsaved_work(box)
             if why:
                 raise UnsavedWork(

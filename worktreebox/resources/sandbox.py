@@ -69,15 +69,16 @@ class Sandbox(Resource):
     def finish(self, c: Creation) -> None:
         """The database forward, now that the database resource knows the server's address; and a
         look that the worktree's view reached the holder (see `check_view`)."""
-        if sandboxed(c.box):
-            check_view(c.box)
+        if not sandboxed(c.box):
+            return
+        from worktreebox.services import client, control
+
+        check_view(c.box)
+        client.wait_started(c.box)  # started in create, alongside the checkout: up by now, or it says why not
         target = db_target(c.host, c.box)
         if target is None:
             return
         c.box.data[NAME]["db"] = list(target)
-        from worktreebox.services import client, control
-
-        client.wait_started(c.box)
         client.checked(client.control_request(c.box, control.FORWARD, data=_db_forward(target).to_json()))
 
     def destroy(self, host: HostContext, box: Box) -> None:

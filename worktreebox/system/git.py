@@ -105,23 +105,34 @@ def repoint_worktree(worktree: Path) -> None:
         atomic_write(gitdir, f"{dotgit}\n")
 
 
+def tips(repo: str | Path, *, but: str | None = None) -> list[str]:
+    """The commits the repository's branches and remote-tracking branches point at (but `but`'s)."""
+    out = git(repo, "for-each-ref", "--format=%(objectname) %(refname)", "refs/heads", "refs/remotes", check=False)
+    skip = f"refs/heads/{but}" if but else None
+    return sorted({line.split(" ", 1)[0] for line in out.stdout.splitlines() if line and line.split(" ", 1)[1] != skip})
+
+
 def show_file(repo: Path, sha: str, path: str) -> str | None:
     proc = git(repo, "show", f"{sha}:{path}", check=False)
     return proc.stdout if proc.returncode == 0 else None
 
 
 def unique_commits(repo: str | Path, branch: str, base_sha: str | None = None,
-                   launcher: Launcher | None = None) -> int:
-    """How many commits of `branch` no other branch, remote (or the base commit) has; 0 when unknown."""
+                   launcher: Launcher | None = None, kept: list[str] | None = None) -> int:
+    """How many commits of `branch` no other branch, remote (or the base commit) has; 0 when unknown.
+    `kept`: the commits that count as saved instead of every other branch and remote (a sandboxed
+    box's own git dir goes with the box: only what its repository holds is saved)."""
     short = branch.removeprefix("refs/heads/")
-    args = ["rev-list", "--count", f"refs/heads/{short}", "--not", f"--exclude={short}", "--branches", "--remotes"]
+    others = kept if kept is not None else [f"--exclude={short}", "--branches", "--remotes"]
+    args = ["rev-list", "--count", f"refs/heads/{short}", "--not", *others]
     if base_sha:
         args.append(base_sha)
     proc = git(repo, *args, check=False, launcher=launcher)
     return int(proc.stdout.strip() or 0) if proc.returncode == 0 else 0
 
 
-def unsaved_work(worktree: Path, branch: str, base_sha: str | None, launcher: Launcher | None = None) -> str | None:
+def unsaved_work(worktree: Path, branch: str, base_sha: str | None, launcher: Launcher | None = None,
+                 kept: list[str] | None = None) -> str | None:
     """Why removing this worktree would lose work, or None.
 
     Unsaved = uncommitted changes (untracked files included, ignored ones not), or
@@ -130,13 +141,13 @@ def unsaved_work(worktree: Path, branch: str, base_sha: str | None, launcher: La
     if not worktree.is_dir():
         return None
     proc = git(worktree, "status", "--porcelain", "--untracked-files=normal", check=False, launcher=launcher)
-    if proc.returncode != 0:  # what cannot be looked at is not known to be safe to delete
-        lines = proc.stderr.strip().splitlines()
+    if proc.returncode != 0 and "not a git repository" not in proc.stderr:  # no git left: nothing of it to keep
+        lines = proc.stderr.strip().splitlines()  # what cannot be looked at is not known to be safe to delete
         return f"a worktree whose state git cannot read ({lines[0] if lines else 'exit ' + str(proc.returncode)})"
     if proc.stdout.strip():
         n = len(proc.stdout.strip().splitlines())
         return f"{n} uncommitted change{'s' if n != 1 else ''}"
-    n = unique_commits(worktree, branch, base_sha, launcher)
+    n = unique_commits(worktree, branch, base_sha, launcher, kept)
     if n:
         return f"{n} commit{'s' if n != 1 else ''} on {branch.removeprefix('refs/heads/')} that no other branch has"
     return None

@@ -65,7 +65,12 @@ def launcher_for(box: Box) -> procs.Launcher:
     its holder is not running), or as is when the box is not sandboxed."""
     if not sandboxed(box):
         return procs.Launcher()
-    return provider_of(box).launcher(load(box.run_dir))
+    from worktreebox.providers.sandbox.base import SandboxGone
+
+    try:
+        return provider_of(box).launcher(load(box.run_dir))
+    except SandboxGone:
+        raise SandboxGone(f"The sandbox of box {box.id} is not running; 'wtbox up {box.id}' makes it again.") from None
 
 
 def bring_back(box: Box) -> None:

@@ -258,8 +258,8 @@ def _become(holder: Holder) -> list[str]:
 def _alive(holder: Holder | None) -> Holder:
     """The holder if it is still the process it was (a pid reused by another process is never entered)."""
     if holder is None or not procs.is_alive(holder.identity):
-        box = holder.box_id if holder is not None else "this box"
-        raise SandboxGone(f"The sandbox of box {box} is not running; 'wtbox up' makes it again.")
+        box = f"box {holder.box_id}" if holder is not None else "this box"
+        raise SandboxGone(f"The sandbox of {box} is not running; 'wtbox up' makes it again.")
     return holder
 
 

@@ -53,6 +53,7 @@ TOOLS = ("bwrap", "slirp4netns", "nft", "nsenter", "setpriv")
 HOLDER_NAMES = ("bwrap",)
 READY_TIMEOUT = 10.0
 SHARED_LOCK = ".sandbox-mounts.lock"
+MNT_DETACH = 2
 
 
 class Namespaces(Sandbox):
@@ -339,7 +340,8 @@ def release_boxes_dir(home: Path, no_box_left: Callable[[], bool]) -> bool:
     with file_lock(home / SHARED_LOCK, what="the boxes mount"):
         if not no_box_left() or mounts_under(boxes) or not is_mountpoint(boxes):
             return False
-        return _umount2(str(boxes), 0) == 0  # not lazily: a mount that appeared below keeps it
+        # nothing below it: a process whose cwd lies in it (a dying box's) must not keep it (EBUSY)
+        return _umount2(str(boxes), MNT_DETACH) == 0
 
 
 def _shared(path: Path) -> bool:

@@ -68,7 +68,7 @@ class Browser(Resource):
         if not data:
             return None
         return {"browser": {"cdp_url": data["cdp_url"],
-                            "running": chromium.running(box.id, box.dir, box.inside_ports.get("browser", data["port"]))}}
+                            "running": chromium.running(box.id, box.dir, data["port"], sandboxed=_owner(box) is not None)}}
 
 
 # ---------------------------------------------------------------- a DevTools endpoint for one command
@@ -101,7 +101,7 @@ def session(host: HostContext, box: Box, progress: Callable[[str], None] = lambd
         inside = box.inside_ports.get("browser", port)
         with file_lock(lock, what=f"the browser of {box.id}"):
             names = _names(host, box)
-            if not any(chromium.running(i, d, inside) for i, d in names):
+            if not any(chromium.running(i, d, port, sandboxed=_owner(box) is not None) for i, d in names):
                 progress(f"the Chromium of {box.id} is not running; starting it again")
                 for i, d in names:
                     chromium.stop(i, d)
@@ -122,8 +122,9 @@ def session(host: HostContext, box: Box, progress: Callable[[str], None] = lambd
                 chromium.stop(box.id, box.dir)
             with forwarded(box, "browser", port, inside):
                 pid = chromium.spawn(box.id, box.dir, inside, launcher=host.launcher(box), owner=_owner(box))
+                seen = inside if sandbox.sandboxed(box) else None
                 yield Session(box.id, chromium.cdp_url(port), warm=False,
-                              _wait=lambda: chromium.wait_ready(box.id, box.dir, pid, port, inside=inside))
+                              _wait=lambda: chromium.wait_ready(box.id, box.dir, pid, port, inside=seen))
         finally:
             chromium.stop(box.id, box.dir)
             host.registry.delete_lease(box.id, "browser")
@@ -132,7 +133,9 @@ def session(host: HostContext, box: Box, progress: Callable[[str], None] = lambd
 def _start(box: Box, port: int, inside: int) -> None:
     from worktreebox.providers import sandbox
 
-    chromium.start(box.id, box.dir, port, inside=inside, launcher=sandbox.launcher_for(box), owner=_owner(box))
+    owner = _owner(box)
+    chromium.start(box.id, box.dir, port, inside=inside if owner is not None else None,
+                   launcher=sandbox.launcher_for(box), owner=owner)
 
 
 def _owner(box: Box) -> tuple[int, int] | None:

@@ -150,12 +150,15 @@ def spawn(box_id: str, box_dir: Path, port: int, *, launcher: procs.Launcher | N
 
 def wait_ready(box_id: str, box_dir: Path, pid: int, port: int, timeout: float = START_TIMEOUT,
                inside: int | None = None) -> None:
-    """Wait until the Chromium `pid` itself listens on its DevTools port (not some other process):
-    reached on `port`, listening on `inside` (a sandboxed box's own port; default `port`)."""
+    """Wait until the Chromium `pid` itself listens on its DevTools port (not some other process).
+    In a sandboxed box (`inside`: the port it listens on in the box's own network, reached on `port`
+    through the box's forward) nobody but the box's own processes can hold that port, and a process's
+    sockets in another network namespace are not visible from here: the answer is enough."""
     log_path = Path(box_dir) / "run" / LOG_FILE
     # The cheap HTTP check first; then make sure it is our Chromium that answered.
-    ready = readiness.HttpUrl(f"{cdp_url(port)}/json/version", status=200) \
-        & readiness.HoldsPort(inside or port, lambda: [pid])
+    ready: readiness.Strategy = readiness.HttpUrl(f"{cdp_url(port)}/json/version", status=200)
+    if inside is None:
+        ready = ready & readiness.HoldsPort(port, lambda: [pid])
     why = readiness.wait(ready, timeout, alive=readiness.process_alive(pid), poll=0.02)
     if why == readiness.EXITED:
         raise WtboxError(f"Chromium for box {box_id} exited at start ({_last_line(log_path)}).")
@@ -173,10 +176,15 @@ def start(box_id: str, box_dir: Path, port: int, timeout: float = START_TIMEOUT,
     return pid
 
 
-def running(box_id: str, box_dir: Path, port: int) -> bool:
-    """The Chromium named by the box's pid file is alive, ours, and listening on `port`."""
+def running(box_id: str, box_dir: Path, port: int, *, sandboxed: bool = False) -> bool:
+    """The Chromium named by the box's pid file is alive, ours, and listening on `port` (in a
+    sandboxed box: answering on `port`, its forward)."""
     p = procs.from_pid_file(Path(box_dir) / "run" / PID_FILE, box_id, None)
-    return p is not None and procs.tree_listens_on(p.pid, port)
+    if p is None:
+        return False
+    if sandboxed:
+        return readiness.HttpUrl(f"{cdp_url(port)}/json/version", status=200).ready(1.0)
+    return procs.tree_listens_on(p.pid, port)
 
 
 def find_processes(box_id: str, box_dir: Path) -> list[Any]:

@@ -58,7 +58,8 @@ def build_repo(dest: Path, files: int = 3500, total_mb: float = 42.0) -> Path:
         d.mkdir(parents=True, exist_ok=True)
         lines, size = [], 0
         while size < per_file:
-            line = "    " + " ".join(rng.choice(words) for _ in range(rng.randint(4, 14))) + f"  # {rng.random():.12f}\n"
+            words_here = " ".join(rng.choice(words) for _ in range(rng.randint(4, 14)))
+            line = f"    {words_here}  # {rng.random():.12f}\n"
             lines.append(line)
             size += len(line)
         (d / f"file{i}.py").write_text("".join(lines))
@@ -94,17 +95,17 @@ def bench_core(runs: int, work: Path) -> dict:
     raw_add, raw_rm, new_t, rm_t, ls_t = [], [], [], [], []
     for i in range(runs):
         path = work / f"raw-{i}"
-        t, _ = timed(lambda: git(repo, "worktree", "add", "-q", "-b", f"raw-{i}", str(path), "HEAD"))
+        t, _ = timed(lambda: git(repo, "worktree", "add", "-q", "-b", f"raw-{i}", str(path), "HEAD"))  # noqa: B023 (called before the loop moves on)
         raw_add.append(t)
-        t, _ = timed(lambda: (git(repo, "worktree", "remove", "--force", str(path)),
-                              git(repo, "branch", "-D", f"raw-{i}")))
+        t, _ = timed(lambda: (git(repo, "worktree", "remove", "--force", str(path)),  # noqa: B023 (called before the loop moves on)
+                              git(repo, "branch", "-D", f"raw-{i}")))  # noqa: B023 (called before the loop moves on)
         raw_rm.append(t)
-        t, proc = timed(lambda: wtbox(home, "new", f"bench-{i}", "--repo", str(repo), "--json"))
+        t, proc = timed(lambda: wtbox(home, "new", f"bench-{i}", "--repo", str(repo), "--json"))  # noqa: B023 (called before the loop moves on)
         new_t.append(t)
         box_id = json.loads(proc.stdout)["id"]
         t, _ = timed(lambda: wtbox(home, "ls"))
         ls_t.append(t)
-        t, _ = timed(lambda: wtbox(home, "rm", box_id))
+        t, _ = timed(lambda: wtbox(home, "rm", box_id))  # noqa: B023 (called before the loop moves on)
         rm_t.append(t)
     subprocess.run(["rm", "-rf", str(home)])
     out = {
@@ -134,7 +135,9 @@ def _optional_sections() -> None:
                           ("traces", "bench_traces", "bench_traces"),
                           ("browser", "bench_browser", "bench_browser"),
                           ("cgroups", "bench_cgroups", "bench_cgroups"), ("layers", "bench_layers", "bench_layers"),
-                          ("sandbox_parts", "bench_sandbox", "bench_sandbox_parts")):
+                          ("router", "bench_router", "bench_router"),
+                          ("sandbox_parts", "bench_sandbox", "bench_sandbox_parts"),
+                          ("backing", "bench_backing", "bench_backing")):
         try:
             module = __import__(mod)
             SECTIONS[name] = getattr(module, fn)
@@ -165,7 +168,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--only", action="append", choices=sorted(SECTIONS), help="run only these sections")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--work", type=Path, default=ROOT / ".bench", help="scratch dir (the generated repo is cached here)")
+    ap.add_argument("--work", type=Path, default=ROOT / ".bench",
+                    help="scratch dir (the generated repo is cached here)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results = {}

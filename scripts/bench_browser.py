@@ -65,7 +65,8 @@ def _repo(dest: Path) -> Path:
 
 def _wtbox(home: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "WTBOX_HOME": str(home), "WTBOX_NO_AUTO_GC": "1"}
-    proc = subprocess.run([sys.executable, "-m", "worktreebox.cli.main", *args], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "worktreebox.cli.main", *args], capture_output=True, text=True,
+                          env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"wtbox {' '.join(args)} failed: {proc.stderr.strip()}")
     return proc

@@ -32,7 +32,7 @@ class H(http.server.BaseHTTPRequestHandler):
     def log_message(self, *a): pass
 http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
 '''
-BURNER = (ROOT / "tests" / "services" / "burner.py").read_text()  # the one the tests use
+BURNER = (ROOT / "tests" / "apps" / "burner.py").read_text()  # the one the tests use
 
 
 def _toml(service: str, cmd: str, ready: bool) -> str:
@@ -119,7 +119,7 @@ def _isolation(home: Path, tmp: Path, rounds: int) -> dict:
         out[name] = {
             "quiet_p95_ms_p50": round(statistics.median(quiet), 2),
             "loaded_p95_ms_p50": round(statistics.median(loaded), 2),
-            "ratio": round(statistics.median(l / q for q, l in zip(quiet, loaded)), 2)}
+            "ratio": round(statistics.median(lo / q for q, lo in zip(quiet, loaded, strict=True)), 2)}
     return {"burners": burners, "rounds": rounds, **out}
 
 

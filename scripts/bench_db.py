@@ -115,8 +115,8 @@ def bench_database(runs: int = 10) -> dict:
         creates, destroys = [], []
         for _ in range(runs):
             c = _creation(host, schema_repo, cfg)
-            creates.append(_timed(lambda: db.create(c)))
-            destroys.append(_timed(lambda: db.destroy(host, c.box)))
+            creates.append(_timed(lambda: db.create(c)))  # noqa: B023 (called before the loop moves on)
+            destroys.append(_timed(lambda: db.destroy(host, c.box)))  # noqa: B023 (called before the loop moves on)
         out["schema_create"] = _summary(creates)
         out["schema_rm"] = _summary(destroys)
 
@@ -127,9 +127,9 @@ def bench_database(runs: int = 10) -> dict:
 
                 def ddl() -> None:
                     with conn.transaction():
-                        conn.execute(f"CREATE ROLE {name} LOGIN PASSWORD 'x'")
-                        conn.execute(f"CREATE SCHEMA {name} AUTHORIZATION {name}")
-                        conn.execute(f"ALTER ROLE {name} SET search_path = {name}, public")
+                        conn.execute(f"CREATE ROLE {name} LOGIN PASSWORD 'x'")  # noqa: B023 (called before the loop moves on)
+                        conn.execute(f"CREATE SCHEMA {name} AUTHORIZATION {name}")  # noqa: B023 (called before the loop moves on)
+                        conn.execute(f"ALTER ROLE {name} SET search_path = {name}, public")  # noqa: B023 (called before the loop moves on)
 
                 floor.append(_timed(ddl))
                 conn.execute(f"DROP SCHEMA {name} CASCADE")
@@ -159,8 +159,8 @@ def bench_database(runs: int = 10) -> dict:
         creates, destroys = [], []
         for _ in range(runs):
             c = _creation(host, db_repo, dcfg)
-            creates.append(_timed(lambda: db.create(c)))
-            destroys.append(_timed(lambda: db.destroy(host, c.box)))
+            creates.append(_timed(lambda: db.create(c)))  # noqa: B023 (called before the loop moves on)
+            destroys.append(_timed(lambda: db.destroy(host, c.box)))  # noqa: B023 (called before the loop moves on)
         out["database_create"] = _summary(creates)
         out["database_rm"] = _summary(destroys)
 
@@ -170,7 +170,7 @@ def bench_database(runs: int = 10) -> dict:
             for i in range(runs):
                 for strategy, sink in by_strategy.items():
                     name = f"wt_bench_clone{i}"
-                    sink.append(_timed(lambda: clone(conn, name, golden.name, owner, strategy)))
+                    sink.append(_timed(lambda: clone(conn, name, golden.name, owner, strategy)))  # noqa: B023 (called before the loop moves on)
                     conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
             out["clone_strategy_chosen"] = golden.strategy(conn)
         for strategy, sink in by_strategy.items():
@@ -188,8 +188,8 @@ def bench_database(runs: int = 10) -> dict:
 
             def fresh() -> None:
                 with srv.session() as conn:
-                    conn.execute(sql.SQL("CREATE DATABASE {0} OWNER {0}").format(sql.Identifier(name)))
-                run_migrate(dcfg.database.migrate, db_repo, {**os.environ, "DATABASE_URL": url}, work / "logs", [])
+                    conn.execute(sql.SQL("CREATE DATABASE {0} OWNER {0}").format(sql.Identifier(name)))  # noqa: B023 (called before the loop moves on)
+                run_migrate(dcfg.database.migrate, db_repo, {**os.environ, "DATABASE_URL": url}, work / "logs", [])  # noqa: B023 (called before the loop moves on)
 
             remigrate.append(_timed(fresh))
             with srv.session() as conn:

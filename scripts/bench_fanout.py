@@ -107,7 +107,7 @@ class _RssSampler:
         while not self._stop.is_set():
             total = 0
             try:
-                procs = [root] + root.children(recursive=True)
+                procs = [root, *root.children(recursive=True)]
             except psutil.NoSuchProcess:
                 return
             for p in procs:
@@ -181,7 +181,7 @@ def _raw_checkouts(repo: Path, work: Path, n: int) -> float:
         if not pending:
             break
     took = time.perf_counter() - t0
-    for name, p in zip(names, paths):
+    for name, p in zip(names, paths, strict=True):
         subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(p)], capture_output=True)
         subprocess.run(["git", "-C", str(repo), "branch", "-D", name], capture_output=True)
     if pending:
@@ -213,7 +213,7 @@ def bench_fanout(runs: int = 3, work: Path | None = None) -> dict:
         _, out, _ = _wtbox(home, "new", "warm", "--repo", str(repo), "--json")
         _wtbox(home, "rm", "--force", json.loads(out)["id"])
         for i in range(runs):
-            for attempt in range(3):
+            for _attempt in range(3):
                 try:
                     t, out, peak = _wtbox(home, "new", f"one-{i}", "--repo", str(repo), "--json", sampler=True)
                     break
@@ -224,7 +224,7 @@ def bench_fanout(runs: int = 3, work: Path | None = None) -> dict:
             new_t.append(t)
             new_peaks.append(peak)
             _wtbox(home, "rm", "--force", json.loads(out)["id"])
-            for attempt in range(3):
+            for _attempt in range(3):
                 t, out, peak = _wtbox(home, "fanout", f"five-{i}", "-n", str(N), "--repo", str(repo), "--json",
                                       sampler=True)
                 errors = [r["error"] for r in json.loads(out) if r["box"] is None or r["error"]]

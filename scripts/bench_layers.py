@@ -117,7 +117,8 @@ def _locked_packages(repo: Path) -> int:
 
 # The `wtbox` command as users run it: the launcher, which hands served commands to the home's CLI
 # server (README, "CLI server") unless WTBOX_NO_SERVER=1.
-WTBOX = [str(Path(PY).with_name("wtbox"))] if Path(PY).with_name("wtbox").exists() else [PY, "-m", "worktreebox.cli.launcher"]
+_SCRIPT = Path(PY).with_name("wtbox")
+WTBOX = [str(_SCRIPT)] if _SCRIPT.exists() else [PY, "-m", "worktreebox.cli.launcher"]
 MODES = ("in_process", "served")
 
 

@@ -96,7 +96,7 @@ def _big_log(logs_dir: Path, mb: int) -> None:
     with open(logs_dir / "big.jsonl", "w") as f:
         n = 0
         while f.tell() < mb * 1024 * 1024:
-            f.write(block.replace('"TS"', '"2026-01-01T%02d:%02d:%02d.000Z"' % (n // 3600 % 24, n // 60 % 60, n % 60)))
+            f.write(block.replace('"TS"', f'"2026-01-01T{n // 3600 % 24:02d}:{n // 60 % 60:02d}:{n % 60:02d}.000Z"'))
             n += 1
 
 
@@ -178,7 +178,8 @@ def bench_services(runs: int = 3, work: Path | None = None, idle_seconds: float 
             if p.returncode != 0:
                 raise RuntimeError(p.stderr.strip())
             out[name] = {"ms": round(took * 1000, 1), "records": len(p.stdout.splitlines())}
-        for name, kw in (("read_tail100_ms", {"tail": 100}), ("read_tail100_error_ms", {"tail": 100, "min_level": "error"}),
+        for name, kw in (("read_tail100_ms", {"tail": 100}),
+                         ("read_tail100_error_ms", {"tail": 100, "min_level": "error"}),
                          ("read_grep_full_scan_ms", {"grep": "req=00000ff1"})):
             t0 = time.perf_counter()
             read_records(b.logs_dir, **kw)

@@ -172,7 +172,7 @@ def bench_ingest(runs: int, requests: int = 200) -> dict:
                 fn(bodies[i % len(bodies)])
             return reps * BATCH / (time.perf_counter() - t0)
 
-        decode = statistics.median(per_second(lambda b: ExportTraceServiceRequest.FromString(b)) for _ in range(3))
+        decode = statistics.median(per_second(ExportTraceServiceRequest.FromString) for _ in range(3))
         convert = statistics.median(per_second(
             lambda b: store.encode(otlp.span_records(ExportTraceServiceRequest.FromString(b))[0])) for _ in range(3))
     finally:
@@ -356,17 +356,17 @@ def bench_query(runs: int, work: Path, spans: int) -> dict:
             wt = [sys.executable, "-m", "worktreebox.cli.main", "traces", box.id]
             files = [str(tdir / f.name) for f in src_files]
             out: dict = {"store": {k: facts[k] for k in ("spans", "bytes", "files", "slow")}}
-            res, text = _timed(wt + ["--min-duration", "200ms", "--json"], runs, env)
+            res, text = _timed([*wt, "--min-duration", "200ms", "--json"], runs, env)
             found = json.loads(text)
             assert len(found) == min(facts["slow"], 100) and all(s["duration_ms"] >= 200 for s in found)
             out["min_duration_200ms_rare"] = {**res, "matches": len(found)}
-            out["min_duration_10ms_limit_100"] = _timed(wt + ["--min-duration", "10ms", "--json"], runs, env)[0]
-            out["errors_of_service_worker"] = _timed(wt + ["--status", "error", "--service", "worker", "--json"],
+            out["min_duration_10ms_limit_100"] = _timed([*wt, "--min-duration", "10ms", "--json"], runs, env)[0]
+            out["errors_of_service_worker"] = _timed([*wt, "--status", "error", "--service", "worker", "--json"],
                                                      runs, env)[0]
-            res, text = _timed(wt + ["--trace", facts["trace_mid"], "--json"], runs, env)
+            res, text = _timed([*wt, "--trace", facts["trace_mid"], "--json"], runs, env)
             assert json.loads(text)["trace_id"] == facts["trace_mid"]
             out["trace_tree_one_id"] = res
-            out["newest_100_no_filter"] = _timed(wt + ["--json"], runs, env)[0]
+            out["newest_100_no_filter"] = _timed([*wt, "--json"], runs, env)[0]
             # Floors over the same bytes: reading them, and grep with the same raw-line regex.
             out["floor_cat"] = _timed(["cat", *files], runs, discard=True)[0]
             rx = query.SpanFilter(min_duration="200ms").rx.pattern.decode()

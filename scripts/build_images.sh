@@ -3,6 +3,7 @@
 #   local/debian:bookworm                  debootstrap --variant=minbase, docker import
 #   local/wtbox-postgres:15-<hash> (+ :15)  docker/postgres/Dockerfile
 #   local/wtbox-victoria-metrics:<hash>    docker/victoria-metrics/Dockerfile
+#   local/wtbox-redis:<hash> (+ :7)        docker/redis/Dockerfile (the docker runtime of [backing.*] in tests)
 # Idempotent and cached: <hash> covers the recipe (Dockerfile folder + base recipe), an
 # image already present is not rebuilt, and the rootfs tarball and built images are kept
 # under $WTBOX_IMAGE_CACHE (default /var/cache/wtbox-images) so that a wiped docker
@@ -129,14 +130,18 @@ PG_HASH=$(recipe_hash "$ROOT/docker/postgres" "$BASE_HASH")
 VM_HASH=$(recipe_hash "$ROOT/docker/victoria-metrics" "$BASE_HASH")
 PG_IMAGE=local/wtbox-postgres:15-$PG_HASH
 VM_IMAGE=local/wtbox-victoria-metrics:$VM_HASH
+RD_HASH=$(recipe_hash "$ROOT/docker/redis" "$BASE_HASH")
+RD_IMAGE=local/wtbox-redis:$RD_HASH
 
 case "${1:-all}" in
     all) ensure_app postgres "$PG_IMAGE" local/wtbox-postgres:15
-         ensure_app victoria-metrics "$VM_IMAGE" local/wtbox-victoria-metrics:latest ;;
+         ensure_app victoria-metrics "$VM_IMAGE" local/wtbox-victoria-metrics:latest
+         ensure_app redis "$RD_IMAGE" local/wtbox-redis:7 ;;
     postgres) ensure_app postgres "$PG_IMAGE" local/wtbox-postgres:15 ;;
     victoria-metrics) ensure_app victoria-metrics "$VM_IMAGE" local/wtbox-victoria-metrics:latest ;;
+    redis) ensure_app redis "$RD_IMAGE" local/wtbox-redis:7 ;;
     --print) ;;  # only print the names the current recipes produce
-    *) die "usage: build_images.sh [all|postgres|victoria-metrics|--print]" ;;
+    *) die "usage: build_images.sh [all|postgres|victoria-metrics|redis|--print]" ;;
 esac
 
 log "done in $(since "$T0") s"

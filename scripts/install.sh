@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything worktreebox needs on a Debian machine, idempotently:
-# apt packages (git, PostgreSQL 15, VictoriaMetrics; with --test also docker.io and
+# apt packages (git, PostgreSQL 15, VictoriaMetrics, Caddy for the router; with --test also docker.io and
 # debootstrap for the docker provider's tests, xfsprogs for the reflink provider's), a venv in .venv, and `pip install -e .`.
 # Runs as root (apt); a second run changes nothing and takes a few seconds.
 set -euo pipefail
@@ -15,10 +15,12 @@ for arg in "$@"; do
     esac
 done
 
-PKGS=(git ca-certificates python3 python3-venv python3-pip postgresql postgresql-contrib victoria-metrics procps chromium fuse-overlayfs nodejs)
+PKGS=(git ca-certificates python3 python3-venv python3-pip postgresql postgresql-contrib victoria-metrics procps chromium fuse-overlayfs nodejs caddy)
 # the sandbox: bubblewrap (the holder), passt (pasta: outbound network), nftables (a box's firewall),
 # iproute2 (tc: netem where the kernel has it), acl; nsenter/setpriv/unshare come with util-linux
 PKGS+=(bubblewrap passt nftables iproute2 acl)
+# backing services run natively per box ([backing.*] in wtbox.toml)
+PKGS+=(redis-server memcached rabbitmq-server)
 # xfsprogs: the reflink mount provider's tests run on a loop-mounted XFS; curl and psmisc (fuser,
 # killall): what the sandbox tests' agent runs inside a box
 [ "$WITH_TEST" = 1 ] && PKGS+=(docker.io debootstrap xfsprogs curl psmisc)
@@ -37,10 +39,20 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get update -qq
     # Debian starts a system cluster on install; wtbox runs its own, so keep the packaged one off.
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # The packages start system-wide daemons on their default ports; every box runs its own.
+    for svc in redis-server memcached rabbitmq-server; do
+        case " ${missing[*]} " in *" $svc "*) service "$svc" stop >/dev/null 2>&1 || true ;; esac
+    done
 fi
 # The Debian postgresql package starts its own "main" cluster; we do not use it.
 if command -v pg_lsclusters >/dev/null && pg_lsclusters 2>/dev/null | grep -q online; then
     pg_ctlcluster 15 main stop 2>/dev/null || true
+fi
+
+# The Debian caddy package serves :80 as a system service where systemd runs; wtbox runs its own
+# Caddy per home (the router), so keep the packaged one off.
+if command -v systemctl >/dev/null && systemctl is-active --quiet caddy 2>/dev/null; then
+    systemctl disable --now caddy >/dev/null 2>&1 || true
 fi
 
 PY=${PYTHON:-python3}

@@ -8,20 +8,63 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import CORE_TOML, git, remove_all_boxes, remove_box_cgroups  # noqa: F401 (CORE_TOML, git: old imports from conftest)
+from helpers import (  # noqa: F401 (CORE_TOML, git: old imports from conftest)
+    CORE_TOML,
+    git,
+    remove_all_boxes,
+    remove_box_cgroups,
+    stop_router,
+    stop_routers_under,
+)
 
-# one real PostgreSQL cluster for the whole session (see tests/pg_fixtures.py)
-from pg_fixtures import no_stray_cluster, pg_cluster, pg_host, shared_postgres  # noqa: F401
+# one real PostgreSQL cluster for the whole session, its fixtures for every test (tests/pg_fixtures.py)
+pytest_plugins = ["pg_fixtures"]
 
 ROOT = Path(__file__).resolve().parent.parent
-# Every test runs wtbox in process, as before the CLI server; tests/test_cliserver.py turns it on.
+# Every test runs wtbox in process, as before the CLI server; tests/cli/test_server.py turns it on.
 os.environ["WTBOX_NO_SERVER"] = "1"
+
+# A test that asks for one of these makes boxes or talks to the session's PostgreSQL: real
+# processes for seconds. It is marked `slow` here, so a new test is marked without anyone thinking
+# of it; a slow test that uses none of them says so itself (@pytest.mark.slow).
+SLOW_FIXTURES = frozenset({"host", "run_wtbox", "pg_cluster", "pg_host", "shared_postgres"})
+
+
+def pytest_addoption(parser):
+    parser.addoption("--wtbox-pass", choices=("all", "parallel", "serial"), default="all",
+                     help="scripts/test.sh's passes: the tests not marked serial (on xdist workers), "
+                          "then the serial ones alone")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("serial") is not None or item.get_closest_marker("chaos") is not None:
+            item.add_marker(pytest.mark.slow)  # it measures real processes' time, or kills them at random
+    which = config.getoption("--wtbox-pass")
+    if which == "all":
+        return
+    wanted = which == "serial"
+    keep = [i for i in items if (i.get_closest_marker("serial") is not None) == wanted]
+    dropped = [i for i in items if (i.get_closest_marker("serial") is not None) != wanted]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
+@pytest.fixture(autouse=True)
+def postgres_for_slow_tests(request):
+    """A slow test may make boxes with a database: the session's cluster is there for it (started on
+    first use, so `-m "not slow"` never starts one)."""
+    if request.node.get_closest_marker("slow") is not None:
+        request.getfixturevalue("shared_postgres")
 
 
 @pytest.fixture(autouse=True)
 def no_stray_cgroups(request):
-    """After each test, remove the cgroups of the boxes left in any wtbox home under its tmp_path:
-    the home goes with the tmp dir, the cgroups (on the host) would not."""
+    """After each test, remove the cgroups of the boxes left in any wtbox home under its tmp_path,
+    and stop its router: the home goes with the tmp dir, the cgroups and Caddy would not."""
     if "tmp_path" not in request.fixturenames:
         yield
         return
@@ -30,6 +73,8 @@ def no_stray_cgroups(request):
     for pattern in ("*/registry.sqlite3", "*/*/registry.sqlite3", "*/*/*/registry.sqlite3"):
         for registry in tmp.glob(pattern):
             remove_box_cgroups(registry.parent)
+            stop_router(registry.parent)
+    stop_routers_under(tmp)  # also of homes the test deleted
 
 
 @pytest.fixture

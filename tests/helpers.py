@@ -1,9 +1,14 @@
 """Small helpers shared by the test modules and fixture plugins."""
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+APPS = Path(__file__).resolve().parent / "apps"  # small programs the tests run as services
 
 # A repo config for tests of the core only: no database, no observability stack.
 CORE_TOML = """
@@ -53,6 +58,45 @@ def remove_box_cgroups(home) -> None:
             backend.remove(box_id)
 
 
+def stop_router(home) -> None:
+    """Stop the router (Caddy) of `home` if one runs: a test that left boxes behind leaves it too."""
+    from worktreebox.router import caddy
+    from worktreebox.router.state import read_state
+
+    caddy.stop(read_state(Path(home)).get("pid"))
+
+
+def stop_routers_under(tmp) -> None:
+    """Stop every router whose home lies under `tmp`, also of a home the test deleted."""
+    from worktreebox.system import procs
+
+    for pid in procs.pids_named("caddy"):
+        if any(a.startswith(f"{tmp}/") for a in procs.cmdline(pid)):
+            procs.stop_pid(pid)
+
+
 # A service that spins `argv[2]` processes, each in a session of its own, while the file argv[1]
 # exists (tests of fair CPU and of background boxes, and scripts/bench_cgroups.py).
-BURNER = (Path(__file__).parent / "services" / "burner.py").read_text()
+BURNER = (APPS / "burner.py").read_text()
+
+
+def box_pids(box_id: str) -> set[int]:
+    """Live (not zombie) processes whose environment carries WTBOX_ID=<box_id>."""
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if f"WTBOX_ID={box_id}".encode() in env and state != "Z":
+            found.add(int(pid))
+    return found
+
+
+def redis_cmd(port: int, *words: str) -> bytes:
+    """One Redis command in RESP on 127.0.0.1:port; the raw reply."""
+    body = f"*{len(words)}\r\n" + "".join(f"${len(w)}\r\n{w}\r\n" for w in words)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(body.encode())
+        return s.recv(4096)

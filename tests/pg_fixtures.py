@@ -1,13 +1,14 @@
 """Pytest plugin: one real embedded PostgreSQL cluster per test session, shared by every test.
 
 The cluster lives in its own WTBOX_HOME (started by worktreebox's own EmbeddedCluster code)
-and is stopped at the end of the session. `shared_postgres` (autouse) exports
+and is stopped at the end of the session. `shared_postgres` exports
 WTBOX_POSTGRES_URL for the whole session, so every test's private WTBOX_HOME uses this
 cluster as an *external* server instead of initdb-ing its own (which would cost ~2 s per
-test and leave clusters running). Tests of the embedded provider itself use `pg_host`,
-a Host on the cluster's own home with WTBOX_POSTGRES_URL unset.
+test and leave clusters running); it starts with the first slow test (conftest.py). Tests of
+the embedded provider itself use `pg_host`, a Host on the cluster's own home with
+WTBOX_POSTGRES_URL unset.
 
-Use from conftest.py:  from pg_fixtures import pg_cluster, shared_postgres, pg_host  # noqa: F401
+Loaded for every test by tests/conftest.py (`pytest_plugins`); a test names a fixture as a parameter.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -41,11 +41,6 @@ class PgCluster:
         with psycopg.connect(self.url.rsplit("/", 1)[0] + "/" + dbname, autocommit=True) as conn:
             cur = conn.execute(query, params)
             return cur.fetchall() if cur.description else []
-
-
-# Shared by every definition of the fixture (conftest and test modules may both import it).
-_LOCK = threading.Lock()
-_STATE: dict[str, Any] = {"refs": 0, "pg": None}
 
 
 def start_session_cluster(home: Path) -> PgCluster:
@@ -94,39 +89,31 @@ finally:
 
 @pytest.fixture(scope="session")
 def pg_cluster() -> PgCluster:
-    with _LOCK:
-        if _STATE["pg"] is None:
-            # Not under pytest's basetemp: concurrent pytest sessions prune each other's old
-            # /tmp/pytest-of-<user>/pytest-N dirs, which would delete a running cluster.
-            home = Path(tempfile.mkdtemp(prefix="wtbox-test-pg-")) / "home"
-            _STATE["watchdog"] = subprocess.Popen(
-                [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(home)], start_new_session=True,
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                cwd=str(Path(__file__).resolve().parent.parent))
-            _STATE["pg"] = start_session_cluster(home)
-        _STATE["refs"] += 1
-        pg = _STATE["pg"]
+    """The session's cluster (one per process: an xdist worker has its own)."""
+    # Not under pytest's basetemp: concurrent pytest sessions prune each other's old
+    # /tmp/pytest-of-<user>/pytest-N dirs, which would delete a running cluster.
+    home = Path(tempfile.mkdtemp(prefix="wtbox-test-pg-")) / "home"
+    watchdog = subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(home)], start_new_session=True,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=str(Path(__file__).resolve().parent.parent))
+    pg = start_session_cluster(home)
     yield pg
-    with _LOCK:
-        _STATE["refs"] -= 1
-        if _STATE["refs"] == 0:
-            try:
-                pg.cluster.stop()
-            finally:
-                from worktreebox.providers.mounts.base import unmount_all
+    try:
+        pg.cluster.stop()
+    finally:
+        from worktreebox.providers.mounts.base import unmount_all
 
-                unmount_all(pg.home.parent)  # worktree views of boxes a test left behind
-                shutil.rmtree(pg.home.parent, ignore_errors=True)
-                _STATE["pg"] = None
-                watchdog = _STATE.pop("watchdog", None)
-                if watchdog is not None:
-                    watchdog.kill()
-                    watchdog.wait()
+        unmount_all(pg.home.parent)  # worktree views of boxes a test left behind
+        shutil.rmtree(pg.home.parent, ignore_errors=True)
+        watchdog.kill()
+        watchdog.wait()
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def shared_postgres(pg_cluster) -> PgCluster:
-    """Every test's WTBOX_HOME uses the session cluster (as WTBOX_POSTGRES_URL)."""
+    """From the first test that asks on, every test's WTBOX_HOME uses the session cluster (as
+    WTBOX_POSTGRES_URL); conftest.py asks for every slow test."""
     saved = os.environ.get("WTBOX_POSTGRES_URL")
     os.environ["WTBOX_POSTGRES_URL"] = pg_cluster.url
     yield pg_cluster
@@ -160,7 +147,7 @@ def no_stray_cluster(request):
     for pid_file in list(tmp.glob("*/postgres/postmaster.pid")) + list(tmp.glob("*/*/postgres/postmaster.pid")):
         data_dir = pid_file.parent
         warnings.warn(f"a test left an embedded PostgreSQL running in {data_dir}; stopping it "
-                      "(use the shared session cluster: WTBOX_POSTGRES_URL is set by pg_fixtures)")
+                      "(use the shared session cluster: WTBOX_POSTGRES_URL is set by pg_fixtures)", stacklevel=2)
         from worktreebox.providers.postgres.embedded import EmbeddedCluster
 
         EmbeddedCluster(data_dir.parent).stop()

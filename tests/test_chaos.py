@@ -2,9 +2,9 @@
 must leave nothing of any box except the ones that are fully alive and listed by `wtbox ls`.
 
 Runs with every resource this machine has: a PostgreSQL database per box (the default mode;
-own embedded cluster), a service under the supervisor, a VictoriaMetrics per box, and the
-copy-on-write worktree of the host's mount provider. A second test kills `new` while it
-builds a tree or a dependency layer.
+own embedded cluster), a service under the supervisor, a VictoriaMetrics per box, a Redis per
+box ([backing.redis], with its output keeper), and the copy-on-write worktree of the host's
+mount provider. A second test kills `new` while it builds a tree or a dependency layer.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import pytest
 from helpers import git, wait_for
 
 from worktreebox.box import hex_of
+from worktreebox.providers.backing.base import probe
 from worktreebox.system import cgroups
 
 pytestmark = pytest.mark.chaos
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.chaos
 ITERATIONS = int(os.environ.get("WTBOX_CHAOS_ITERATIONS", "30"))
 HAVE_PG = bool(shutil.which("pg_ctl") or list(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl")))
 HAVE_VM = bool(shutil.which("victoria-metrics"))
+HAVE_REDIS = bool(shutil.which("redis-server"))  # a backing service per box ([backing.redis])
 
 SERVICE = '''
 import http.server, os
@@ -46,8 +48,34 @@ def _toml() -> str:
              # the default database mode (a database per box); without PostgreSQL, none
              "" if HAVE_PG else '[database]\nmode = "none"\n',
              f"[observability]\nenabled = {'true' if HAVE_VM else 'false'}\n",
-             f'[services.web]\ncmd = "{sys.executable} server.py"\nready = "tcp:{{{{ ports.web }}}}"\n']
+             f'[services.web]\ncmd = "{sys.executable} server.py"\nready = "tcp:{{{{ ports.web }}}}"\n',
+             '[backing.redis]\nimage = "redis:7"\n' if HAVE_REDIS else ""]
     return "\n".join(parts)
+
+
+@pytest.fixture
+def outside():
+    """A dir for homes that run their own embedded PostgreSQL, outside pytest's basetemp.
+
+    A pytest session started beside this one (another engineer's, or any `pytest` run without
+    scripts/test.sh's --basetemp) chmods /tmp/pytest-of-<user> back to 0700 and prunes all but its
+    three newest numbered dirs. The cluster runs as an unprivileged user; closing the path to its
+    data dir under it is a PANIC at its next checkpoint ("could not open file
+    .../global/pg_control: Permission denied"): the `rm` that follows fails and gc cannot reach
+    the server. That is why this test failed after test_database.py, test_embedded_pg.py and
+    test_gc.py and passed alone: their minutes gave such a session time to start. (The session
+    cluster of pg_fixtures.py and test_embedded_pg.py live outside it for the same reason.)"""
+    import tempfile
+
+    from worktreebox.providers.mounts.base import unmount_all
+    from worktreebox.providers.postgres.embedded import EmbeddedCluster
+
+    out = Path(tempfile.mkdtemp(prefix="wtbox-chaos-"))
+    yield out
+    for pid_file in out.glob("*/postgres/postmaster.pid"):  # a test that failed before its `db stop`
+        EmbeddedCluster(pid_file.parent.parent).stop()
+    unmount_all(out)
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def _answers(port: int) -> bool:
@@ -82,8 +110,9 @@ class Chaos:
 
     def timed(self, *args: str) -> float:
         t0 = time.monotonic()
-        p, _ = self.spawn(*args)
-        assert p.wait(120) == 0
+        proc = subprocess.run([sys.executable, "-m", "worktreebox.cli.main", *args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, env=self.env, timeout=120)
+        assert proc.returncode == 0, (args, proc.stderr)
         return time.monotonic() - t0
 
     def live(self) -> list[dict]:
@@ -102,6 +131,8 @@ class Chaos:
                 b = next(x for x in self.live() if x["id"] == b["id"])
             assert b["state"] == "ready", b
             assert _answers(b["ports"]["web"]), b
+            if HAVE_REDIS:
+                assert probe("redis", b["ports"]["redis"]), b
 
     # ------------------------------------------------------------ what exists
     def leftovers(self, alive: set[str]) -> dict[str, set]:
@@ -139,6 +170,7 @@ class Chaos:
         found["rows"] = reg.select_box_ids()
         reg.close()
         found["metrics_dirs"] = {p.parent.name for p in boxes_dir.glob("*/metrics")} if boxes_dir.exists() else set()
+        found["backing_dirs"] = {p.parent.name for p in boxes_dir.glob("*/backing")} if boxes_dir.exists() else set()
         found["mounts"] = _mounts_of(self.home, alive)
         found["half_built"] = _half_built(self.home)
         if self.database:
@@ -158,7 +190,8 @@ class Chaos:
                 rows = conn.execute(
                     "SELECT rolname FROM pg_roles WHERE rolname LIKE 'wt\\_%' "
                     "UNION SELECT nspname FROM pg_namespace WHERE nspname LIKE 'wt\\_%' "
-                    "UNION SELECT datname FROM pg_database WHERE datname LIKE 'wt\\_%' AND datname NOT LIKE 'wt_golden%'"
+                    "UNION SELECT datname FROM pg_database"
+                    " WHERE datname LIKE 'wt\\_%' AND datname NOT LIKE 'wt_golden%'"
                     " AND datname NOT LIKE 'wt_spare%'"  # spares are the host's, made ahead for the next box
                 ).fetchall()
             return {r[0] for r in rows}
@@ -187,9 +220,9 @@ def _half_built(home: Path) -> set[str]:
             for p in (home / store).iterdir() if p.name.startswith(".tmp-")}
 
 
-def test_kill_dash_nine_anywhere_then_gc_leaves_nothing(tmp_path, make_repo):
+def test_kill_dash_nine_anywhere_then_gc_leaves_nothing(tmp_path, make_repo, outside):
     repo = make_repo({"server.py": SERVICE}, toml=_toml())
-    home = tmp_path / "home"
+    home = outside / "home"
     chaos = Chaos(home, repo, tmp_path)
     rng = random.Random(int(os.environ.get("WTBOX_CHAOS_SEED", time.time())))
     if HAVE_PG:
@@ -249,10 +282,10 @@ def test_kill_dash_nine_anywhere_then_gc_leaves_nothing(tmp_path, make_repo):
     "new:create:worktree",  # the box's cgroup exists, the registry row does not know of it yet
     "new:start:services",   # VictoriaMetrics runs inside the cgroup; the services are about to start
 ])
-def test_kill_between_cgroup_creation_and_registry_write(tmp_path, make_repo, stop_at):
+def test_kill_between_cgroup_creation_and_registry_write(tmp_path, make_repo, stop_at, outside):
     """A `new` killed right after it made the box's cgroup: gc leaves no cgroup (empty or not) behind."""
     repo = make_repo({"server.py": SERVICE}, toml=_toml())
-    chaos = Chaos(tmp_path / "home", repo, tmp_path)
+    chaos = Chaos(outside / "home", repo, tmp_path)
     if HAVE_PG:
         chaos.wtbox("db", "start")
     try:
@@ -277,13 +310,13 @@ def test_kill_between_cgroup_creation_and_registry_write(tmp_path, make_repo, st
 
 
 @pytest.mark.skipif(not HAVE_PG, reason="PostgreSQL is not installed")
-def test_kill_dash_nine_during_the_first_cluster_start(tmp_path):
+def test_kill_dash_nine_during_the_first_cluster_start(outside):
     """initdb and the first start are the one host-level step of `new`; a kill there must not wedge the host."""
     rng = random.Random(int(os.environ.get("WTBOX_CHAOS_SEED", time.time())))
     env = {**os.environ, "WTBOX_NO_AUTO_GC": "1"}
     env.pop("WTBOX_POSTGRES_URL", None)
     for i in range(4):
-        home = tmp_path / f"home{i}"
+        home = outside / f"home{i}"
         run_env = {**env, "WTBOX_HOME": str(home)}
         p = subprocess.Popen([sys.executable, "-m", "worktreebox.cli.main", "db", "start"], env=run_env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -296,7 +329,8 @@ def test_kill_dash_nine_during_the_first_cluster_start(tmp_path):
             assert ok.returncode == 0, ok.stderr
             assert json.loads(ok.stdout).get("running") is True, ok.stdout
         finally:
-            subprocess.run([sys.executable, "-m", "worktreebox.cli.main", "db", "stop"], env=run_env, capture_output=True)
+            subprocess.run([sys.executable, "-m", "worktreebox.cli.main", "db", "stop"], env=run_env,
+                           capture_output=True)
 
 
 LAYER_TOML = """

@@ -106,7 +106,9 @@ def test_twenty_parallel_new_get_distinct_ports(make_repo, run_wtbox, wtbox_home
     assert json.loads(run_wtbox("ls", "--json").stdout) == []
     from worktreebox.registry import Registry
 
-    assert Registry(wtbox_home / "registry.sqlite3").leased_ports() == set()
+    registry = Registry(wtbox_home / "registry.sqlite3")
+    # Every box's lease is gone; the router keeps its host-level one (a tunnel to it stays valid).
+    assert registry.lease_owners() == {"@router"} and len(registry.ports_of("@router")) == 1
 
 
 def test_leases_released_on_rm_and_reused(host, make_repo):
@@ -133,7 +135,9 @@ def test_port_taken_by_foreign_process_is_skipped(host, make_repo, monkeypatch):
     sock.listen()
     try:
         box = host.new("skip", repo=make_repo(toml=CORE_TOML))
-        assert box.ports["web"] == lo + 501
+        # the bound port is never leased; which free one comes next depends on what other
+        # sessions on this host lease at the same moment (leases are host-wide)
+        assert lo + 500 < box.ports["web"] <= lo + 600
     finally:
         sock.close()
 

@@ -19,6 +19,8 @@ import psutil
 import pytest
 from helpers import CORE_TOML, wait_for
 
+pytestmark = pytest.mark.slow  # real boxes, services and supervisors
+
 PY = sys.executable
 # Answers every GET with 404 "stranger": a readiness check below 500 would take it for the service.
 STRANGER = r'''
@@ -180,7 +182,8 @@ def test_foreign_listener_on_a_leased_port_fails_up_naming_port_and_holder(make_
 
 def test_stranger_on_the_port_before_the_service_starts_is_never_ready(make_repo, wtbox_home, stranger):
     """The stranger binds the leased port while `new` runs its setup: `new` must not say ready."""
-    repo = make_repo({"server.py": SERVER}, toml=WEB.replace("[services.web]", '[setup]\ncmd = "sleep 1.5"\n\n[services.web]'))
+    toml = WEB.replace("[services.web]", '[setup]\ncmd = "sleep 1.5"\n\n[services.web]')
+    repo = make_repo({"server.py": SERVER}, toml=toml)
     proc = subprocess.Popen([PY, "-m", "worktreebox.cli.main", "new", "late", "--repo", str(repo), "--json"],
                             env={**os.environ, "WTBOX_HOME": str(wtbox_home), "WTBOX_NO_AUTO_GC": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -282,7 +285,8 @@ def test_killed_supervisor_is_degraded_then_up_recovers_on_the_same_port(make_re
         web = {s["name"]: s for s in up["services"]}["web"]
         assert web["state"] == "ready" and web["port"] == port
         assert _get(port)[0] == 200
-        assert _listener(port) == web["pid"] or _listener(port) in [c.pid for c in psutil.Process(web["pid"]).children(recursive=True)]
+        children = [c.pid for c in psutil.Process(web["pid"]).children(recursive=True)]
+        assert _listener(port) == web["pid"] or _listener(port) in children
         assert not psutil.pid_exists(svc_pid) or psutil.Process(svc_pid).status() == psutil.STATUS_ZOMBIE \
             or svc_pid == web["pid"]  # ended, or adopted
         st = _status(wtbox_home, box["id"])

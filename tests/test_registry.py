@@ -3,7 +3,8 @@ import subprocess
 import sys
 import time
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+import pytest
+from helpers import ROOT
 
 OPEN = """
 import sys, time
@@ -17,6 +18,7 @@ Registry(Path(sys.argv[1])).select_box_ids()
 """
 
 
+@pytest.mark.slow
 def test_many_processes_creating_the_registry_at_once_all_get_it(tmp_path):
     """Switching a new database to WAL takes an exclusive lock for which SQLite does not wait:
     five `new` in a fresh home used to fail one of them with 'database is locked'."""

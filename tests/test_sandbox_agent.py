@@ -138,7 +138,7 @@ def service_pid(host, box) -> int:
 # ---------------------------------------------------------------- the table of issue 26, row by row
 
 def test_a_sees_only_its_own_processes(pair):
-    host, a, b, _ = pair
+    host, a, _b, _ = pair
     seen = in_box(host, a, "ps -eo args=")["stdout"].splitlines()
     assert sum(line.endswith(" app.py") and not line.startswith("/bin/sh") for line in seen) == 1, seen  # not B's
     assert not [line for line in seen if "supervisor" in line or "victoria" in line or "postgres" in line]
@@ -180,7 +180,8 @@ def test_a_reaches_none_of_bs_services_nor_the_hosts(pair, shared_postgres):
         assert out["stdout"] == "000", (what, "through the gateway", out)
     # its own, at the canonical local addresses
     assert in_box(host, a, "curl -s -m 3 http://127.0.0.1:3000/who")["stdout"] == a.id
-    assert in_box(host, a, "curl -s -m 3 -o /dev/null -w '%{http_code}' http://127.0.0.1:8428/health")["stdout"] == "200"
+    health = "curl -s -m 3 -o /dev/null -w '%{http_code}' http://127.0.0.1:8428/health"
+    assert in_box(host, a, health)["stdout"] == "200"
 
 
 def test_a_gets_no_superuser_session(pair, shared_postgres):
@@ -311,10 +312,10 @@ def _in_pidns(pid: int, ino: int) -> bool:
 
 def test_a_template_that_reaches_for_os_runs_nothing(tmp_path, host, make_repo):
     marker = tmp_path / "pwned"
-    toml = "[box]\nenv = { X = \"{{ lipsum.__globals__['os'].popen('touch " + str(marker) + "').read() }}\" }\n" \
-           "[database]\nmode = \"none\"\n[observability]\nenabled = false\n"
+    toml = ("[box]\nenv = { X = \"{{ lipsum.__globals__['os'].popen('touch " + str(marker) + "').read() }}\" }\n"
+            "[database]\nmode = \"none\"\n[observability]\nenabled = false\n")
     from worktreebox.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="env.X"):
+    with pytest.raises(ConfigError, match=r"env\.X"):
         host.new("tmpl", repo=make_repo(toml=toml))
     assert not marker.exists()

@@ -126,10 +126,28 @@ class Box:
         ([box] ports = { web = 3000 }), else the leased one (`ports` is what the host reaches)."""
         return dict((self.data.get("sandbox") or {}).get("ports") or self.ports)
 
+    # The one reader of data["pool_id"] (written by the claim, fleet/pool.py): the name a box
+    # claimed from the warm pool was made under, `pool-<the same hex>`. Its services, supervisor
+    # and metrics store were started under it and keep it (WTBOX_ID, paths under boxes/<alias>,
+    # now a symlink to boxes/<id>), so rm and gc destroy and count what that name holds too.
+    @property
+    def alias(self) -> str | None:
+        """The pool id this box was made under, or None (a box never pooled, or not yet claimed)."""
+        alias = self.data.get("pool_id")
+        return alias if isinstance(alias, str) and alias != self.id else None
+
+    def under_alias(self) -> Box | None:
+        """This box named by its alias (id, branch, dir), or None when it has none."""
+        if self.alias is None:
+            return None
+        return dataclasses.replace(self, id=self.alias, branch=branch_name(self.alias),
+                                   dir=self.dir.parent / self.alias, _host=None)
+
     def facts(self) -> dict[str, Any]:
         """The Jinja2 context of this box ({{ box.id }}, {{ ports.web }}, {{ db.url }}, {{ metrics.url }},
-        {{ traces.url }}, {{ browser.cdp_url }}): the one builder, used while the box is made and rebuilt
-        from the saved box later (`up`). Addresses are the ones its processes use (inside a sandbox)."""
+        {{ traces.url }}, {{ browser.cdp_url }}, {{ backing.redis.url }}): the one builder, used while the box
+        is made and rebuilt from the saved box later (`up`). Addresses are the ones its processes use
+        (inside a sandbox)."""
         inside = self.inside_ports
         db = dict(self.data.get("database") or {})
         if db:
@@ -143,7 +161,9 @@ class Box:
             "box": {"id": self.id, "task": self.task, "branch": self.branch, "path": str(self.path),
                     "dir": str(self.dir), "home": str(self.dir.parent.parent)},
             "ports": inside, "db": db, "metrics": metrics, "traces": _at(self.data.get("traces"), inside.get("otlp")),
-            "browser": {k: v for k, v in _at(self.data.get("browser"), inside.get("browser"), "cdp_url").items() if k != "enabled"},
+            "browser": {k: v for k, v in _at(self.data.get("browser"), inside.get("browser"), "cdp_url").items()
+                        if k != "enabled"},
+            "backing": {n: d["facts"] for n, d in (self.data.get("backing") or {}).items() if d.get("facts")},
         }
 
     def to_json(self, *, show_secrets: bool = False) -> dict[str, Any]:

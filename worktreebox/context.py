@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from worktreebox.box import Box
-    from worktreebox.system.procs import Launcher
     from worktreebox.config.load import HostConfig, RepoConfig
     from worktreebox.registry import Registry
+    from worktreebox.system.procs import Launcher
 
 
 class HostContext(Protocol):
@@ -31,8 +31,6 @@ class HostContext(Protocol):
     def get(self, ref: str | None = None) -> Box: ...
 
     def list(self) -> list[Box]: ...
-
-    def new(self, task: str, repo: Any = None, ref: str | None = None, **kw: Any) -> Box: ...
 
     def rm(self, ref: Any, *, force: bool = False, keep_branch: bool = False) -> Box: ...
 

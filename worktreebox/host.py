@@ -8,6 +8,7 @@ operations/; they and the fleet call this class; tests and scripts use it direct
 """
 from __future__ import annotations
 
+import builtins  # `list` in the class body below names Host.list
 import contextvars
 import os
 import shutil
@@ -92,7 +93,8 @@ class Host:
         if ref is None or ref == "":
             box = self.box_of_path(Path.cwd())
             if box is None:
-                raise UsageError("No BOX given and the current directory is not inside a box; name one (see 'wtbox ls').")
+                raise UsageError("No BOX given and the current directory is not inside a box; "
+                                 "name one (see 'wtbox ls').")
             return self.notice(box)
         box = self.registry.select_box(ref)
         if box:
@@ -122,7 +124,7 @@ class Host:
             self.registry.save_box(box)
         return box
 
-    def describe(self, box: Box, *, show_secrets: bool = False) -> dict:
+    def describe(self, box: Box, *, show_secrets: bool = False) -> dict[str, Any]:
         """The JSON contract of `new` and `status`: the box plus what each resource reports."""
         out = box.to_json(show_secrets=show_secrets)
         for r in self.resources:
@@ -148,6 +150,23 @@ class Host:
         if uppers[0].is_dir():
             return sum(own_bytes(p) for p in uppers)
         return own_bytes(box.path)
+
+    def list_json(self, box: Box, boxes: builtins.list[Box]) -> dict[str, Any]:
+        """One element of `ls --json`: the box's JSON (Box.to_json) and its `url` through the router."""
+        return {**box.to_json(), "url": self.first_url(box, boxes)}
+
+    def first_url(self, box: Box, boxes: builtins.list[Box] | None = None) -> str | None:
+        """The box's URL through the host router (its first port), None when it has none. Reads only."""
+        from worktreebox.router.control import urls
+
+        return next(iter(urls(self, box, boxes).values()), None)
+
+    def url(self, box: Box, service: str | None = None, *, show_token: bool = False) -> dict[str, Any]:
+        """`url --json`: the URL of the box (its first service) or of one service through the host
+        router, brought in step with the registry first so the URL answers (router/control.py)."""
+        from worktreebox.router import control
+
+        return control.url(self, box, service, show_token=show_token)
 
     def box_of_path(self, path: Path) -> Box | None:
         try:
@@ -271,12 +290,10 @@ class Host:
         self._release_boxes_dir()
 
     def _destroy_resources(self, box: Box, *, strict: bool) -> None:
-        # A box claimed from the pool still runs processes started under its pool id (WTBOX_ID,
-        # boxes/<pool id>, now a symlink to boxes/<id>): destroy what that name holds first.
-        pool_id = box.data.get("pool_id")
-        if pool_id and pool_id != box.id:
-            alias = Box(id=pool_id, task=box.task, repo=box.repo, branch=branch_name(pool_id),
-                        dir=self.boxes_dir / pool_id, state=box.state, data=box.data)
+        # A box claimed from the pool still runs processes started under its pool id (Box.alias):
+        # destroy what that name holds first.
+        alias = box.under_alias()
+        if alias is not None:
             self._destroy_pieces(alias, strict=strict)
         self._destroy_pieces(box, strict=strict)
 
@@ -397,7 +414,7 @@ class Host:
         """The PostgreSQL server boxes use (`provider` as a box recorded it; default: the host's)."""
         return postgres_server(self, provider)
 
-    def backend_checks(self) -> list[dict[str, Any]]:
+    def backend_checks(self) -> builtins.list[dict[str, Any]]:
         """`wtbox doctor`'s lines for what the providers need installed (PostgreSQL, VictoriaMetrics)."""
         return providers.checks()
 

@@ -213,7 +213,7 @@ class Registry:
         with self.transaction() as db:
             rows = db.execute("SELECT * FROM boxes WHERE pool=? AND repo=? AND state=? ORDER BY created_at",
                               (key, repo, READY)).fetchall()
-            by_commit = {}
+            by_commit: dict[str, sqlite3.Row] = {}
             for r in rows:
                 by_commit.setdefault(json.loads(r["data"]).get("base_sha"), r)
             row = next((by_commit[c] for c in commits if c in by_commit), None)
@@ -292,8 +292,8 @@ class Registry:
 
     def set_meta(self, key: str, value: str) -> None:
         with self.transaction() as db:
-            db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                       (key, value))
+            db.execute("INSERT INTO meta (key, value) VALUES (?, ?)"
+                       " ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
 
 
 def _split(script: str) -> Iterable[str]:

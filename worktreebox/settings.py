@@ -87,6 +87,7 @@ CGROUPS = Setting("WTBOX_CGROUPS", "`off`: boxes get no cgroup (no limits; teard
 PG_BIN = Setting("WTBOX_PG_BIN", "the directory of `initdb` and `pg_ctl` for the embedded cluster",
                  "from PATH, else the newest `/usr/lib/postgresql/*/bin`")
 CHROMIUM = Setting("WTBOX_CHROMIUM", "the Chromium binary of `browse` and `[browser]`", "`chromium` on PATH")
+CADDY = Setting("WTBOX_CADDY", "the Caddy binary of the host router", "`caddy` on PATH")
 
 # ---------------------------------------------------------------- timings (tests shorten them)
 KILL_WAIT = Setting("WTBOX_KILL_WAIT", "seconds a stopped process gets between SIGTERM and SIGKILL, and then to be "
@@ -97,9 +98,10 @@ PHASE_FILE = Setting("WTBOX_PHASE_FILE", "crash tests: a file `new` appends each
 PHASE_STOP = Setting("WTBOX_PHASE_STOP", "crash tests: `new` halts at the first phase starting with this "
                                          "(for a `kill -9` there)")
 
-SETTINGS = (HOME, LEASE_DIR, NO_SERVER, SERVER_IDLE, NO_AUTO_GC, DEBUG, PROGRESS, BOX_ID, BOX_SOCKET, PORT_RANGE, MOUNTS,
-            LAYER_TTL, POSTGRES_URL, DATABASE_PROVIDER, POSTGRES_IMAGE, OBSERVABILITY_PROVIDER,
-            VICTORIAMETRICS_IMAGE, SANDBOX, CGROUPS, PG_BIN, CHROMIUM, KILL_WAIT, POOL_IDLE, PHASE_FILE, PHASE_STOP)
+SETTINGS = (HOME, LEASE_DIR, NO_SERVER, SERVER_IDLE, NO_AUTO_GC, DEBUG, PROGRESS, BOX_ID, BOX_SOCKET, PORT_RANGE,
+            MOUNTS, LAYER_TTL, POSTGRES_URL, DATABASE_PROVIDER, POSTGRES_IMAGE, OBSERVABILITY_PROVIDER,
+            VICTORIAMETRICS_IMAGE, SANDBOX, CGROUPS, PG_BIN, CHROMIUM, CADDY, KILL_WAIT, POOL_IDLE, PHASE_FILE,
+            PHASE_STOP)
 
 
 def user_state_dir() -> str:

@@ -1,12 +1,13 @@
 """A tiny demo web app for `scripts/demo.sh`: stdlib HTTP, counts visits in the box's own
 PostgreSQL schema, exposes Prometheus metrics."""
+import itertools
 import os
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import psycopg
 
-HITS = 0
+HITS = itertools.count(1)
 
 
 def db():
@@ -21,10 +22,9 @@ def migrate():
 
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
-        global HITS
-        HITS += 1
+        hits = next(HITS)
         if self.path == "/metrics":
-            body = f"# TYPE demo_requests_total counter\ndemo_requests_total {HITS}\n".encode()
+            body = f"# TYPE demo_requests_total counter\ndemo_requests_total {hits}\n".encode()
         else:
             with db() as conn:
                 conn.execute("INSERT INTO visits DEFAULT VALUES")

@@ -60,8 +60,9 @@ def _type(p: Param) -> Any:
     if p.choices:
         return click.Choice(p.choices)
     if p.min is not None or p.max is not None:
-        ranged = click.IntRange if p.type is int else click.FloatRange
-        return ranged(min=p.min, max=p.max)
+        if p.type is int:  # an int parameter's bounds are whole numbers
+            return click.IntRange(min=None if p.min is None else int(p.min), max=None if p.max is None else int(p.max))
+        return click.FloatRange(min=p.min, max=p.max)
     return p.type
 
 

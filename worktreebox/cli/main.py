@@ -21,6 +21,7 @@ COMMANDS = {
     "net": "network:net",
     "expose": "network:expose",
     "init": "init:init",
+    "test": "testcmd:test",
     "doctor": "doctor:doctor",
     "db": "db:db",
     "logs": "logs:logs",
@@ -41,6 +42,8 @@ COMMANDS = {
     "mcp": "mcp:mcp",
     "browse": "browse:browse",
     "server": "server:server",
+    "url": "router:url",
+    "open": "router:open_",
 }
 
 
@@ -79,10 +82,13 @@ def run() -> None:
             from worktreebox.fleet.gc import start_background_gc
 
             start_background_gc(home)
+    if len(sys.argv) > 1 and sys.argv[1] not in ("gc", "doctor", "server", "--help", "-h", "--version"):
+        revive_router()
     try:
         rv = main(standalone_mode=False)
     except click.exceptions.Abort as e:
-        interrupted = isinstance(e.__context__, (KeyboardInterrupt, EOFError)) or isinstance(e.__cause__, KeyboardInterrupt)
+        interrupted = (isinstance(e.__context__, (KeyboardInterrupt, EOFError))
+                       or isinstance(e.__cause__, KeyboardInterrupt))
         click.echo("wtbox: interrupted." if interrupted else "wtbox: aborted.", err=True)
         sys.exit(130 if interrupted else 1)
     except click.exceptions.NoArgsIsHelpError as e:  # `wtbox`, `wtbox db`: the help, as click prints it
@@ -101,6 +107,25 @@ def run() -> None:
         click.echo(f"wtbox: {message}", err=True)
         sys.exit(1)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def revive_router() -> None:
+    """A router that was killed (kill -9, a reboot) comes back with every route before the command
+    runs: a file read and a /proc read when it is fine (gc brings it in step itself)."""
+    from worktreebox.host import default_home
+    from worktreebox.router.state import needs_revive
+
+    home = default_home()
+    if not needs_revive(home):
+        return
+    from worktreebox.errors import WtboxError
+    from worktreebox.host import Host
+    from worktreebox.resources.router import push
+
+    try:
+        push(Host(home))
+    except WtboxError:  # e.g. an unreadable config.toml: the command itself says so
+        pass
 
 
 def usage_sentence(e: click.ClickException) -> str:

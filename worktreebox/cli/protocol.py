@@ -24,15 +24,34 @@ from worktreebox import settings
 from worktreebox.system.unixsock import MAX_MESSAGE, ProtocolError, bind, peer_uid, recv, send
 from worktreebox.system.unixsock import connect as connect_path
 
-__all__ = ["HELP", "MAX_MESSAGE", "SERVED", "connect_path", "ProtocolError", "ask", "bind", "connect", "install", "lock_path", "log_path",
-           "peer_uid", "recv", "run_dir", "send", "served", "server_holds_lock", "socket_path", "turned_off"]
+__all__ = [
+    "HELP",
+    "MAX_MESSAGE",
+    "SERVED",
+    "ProtocolError",
+    "ask",
+    "bind",
+    "connect",
+    "connect_path",
+    "install",
+    "lock_path",
+    "log_path",
+    "peer_uid",
+    "recv",
+    "run_dir",
+    "send",
+    "served",
+    "server_holds_lock",
+    "socket_path",
+    "turned_off",
+]
 
 # Commands a server may run. Everything else runs in the launcher's own process: shell, exec,
 # mcp, browse and pick need a controlling terminal or run long; gc, doctor, init and server are
 # rare (and `server stop` must work on a broken server); unknown words get click's own error.
 SERVED = frozenset({
     "new", "rm", "ls", "status", "env", "logs", "up", "down", "restart", "metrics", "probe", "traces",
-    "top", "pool", "fanout", "compare", "keep", "unkeep", "db", "net", "expose",
+    "top", "pool", "fanout", "compare", "keep", "unkeep", "db", "url", "net", "expose",
 })
 _LONG_RUNNING = ("--watch", "--follow")  # top --watch, logs --follow: until Ctrl-C, job control wanted
 HELP = ("--help", "-h", "--version")
@@ -48,9 +67,8 @@ def served(args: list[str], stdin_is_tty: bool) -> bool:
             return False
         if args[0] == "logs" and a.startswith("-") and not a.startswith("--") and "f" in a:
             return False  # -f, or -f inside a cluster of short flags
-    if args[0] == "rm" and "--all" in options and "--yes" not in options and stdin_is_tty:
-        return False  # it asks on the terminal
-    return True
+    asks = args[0] == "rm" and "--all" in options and "--yes" not in options and stdin_is_tty
+    return not asks  # a question on the terminal is answered here, not through the server
 
 
 # ---------------------------------------------------------------- where

@@ -117,10 +117,11 @@ def preload() -> None:
     from worktreebox import providers, resources
     from worktreebox.cli import main as cli
 
-    names = ["worktreebox.cli.main", "worktreebox.host", "worktreebox.fleet.gc", "worktreebox.fleet.pool", "worktreebox.fleet.doctor",
-             "worktreebox.providers.postgres.spares", "worktreebox.fleet.fanout", "worktreebox.services.client", "psycopg", "psycopg.rows",
-             "jinja2", "psutil", "rich.console", "rich.table"]
-    names += sorted({f"worktreebox.cli.commands.{t.split(':')[0]}" for c, t in cli.COMMANDS.items() if c in cliproto.SERVED})
+    names = ["worktreebox.cli.main", "worktreebox.host", "worktreebox.fleet.gc", "worktreebox.fleet.pool",
+             "worktreebox.fleet.doctor", "worktreebox.providers.postgres.spares", "worktreebox.fleet.fanout",
+             "worktreebox.services.client", "psycopg", "psycopg.rows", "jinja2", "psutil", "rich.console", "rich.table"]
+    names += sorted({f"worktreebox.cli.commands.{t.split(':')[0]}"
+                     for c, t in cli.COMMANDS.items() if c in cliproto.SERVED})
     names += [f"worktreebox.resources.{e.split(':')[0]}" for e in resources.ORDER]
     names += [f"worktreebox.providers.{t.split(':')[0]}" for kind in providers.PROVIDERS.values()
               for name, t in kind.items() if name != "docker"]  # docker ones import testcontainers: docker only
@@ -376,11 +377,13 @@ def _fresh_stdio() -> None:
     if os.environ.get("PYTHONIOENCODING"):
         enc, _, e = os.environ["PYTHONIOENCODING"].partition(":")
         err = e or err
-    sys.stdin = sys.__stdin__ = io.TextIOWrapper(open(0, "rb", closefd=False), encoding=enc, errors=err)
-    sys.stdout = sys.__stdout__ = io.TextIOWrapper(open(1, "wb", closefd=False), encoding=enc, errors=err,
-                                                    line_buffering=os.isatty(1))
-    sys.stderr = sys.__stderr__ = io.TextIOWrapper(open(2, "wb", closefd=False), encoding=enc,
-                                                    errors="backslashreplace", line_buffering=True)
+    # the __std*__ too (typed Final): click and the crash handler fall back to them
+    sys.stdin = sys.__stdin__ = io.TextIOWrapper(  # type: ignore[misc]
+        open(0, "rb", closefd=False), encoding=enc, errors=err)
+    sys.stdout = sys.__stdout__ = io.TextIOWrapper(  # type: ignore[misc]
+        open(1, "wb", closefd=False), encoding=enc, errors=err, line_buffering=os.isatty(1))
+    sys.stderr = sys.__stderr__ = io.TextIOWrapper(  # type: ignore[misc]
+        open(2, "wb", closefd=False), encoding=enc, errors="backslashreplace", line_buffering=True)
 
 
 def _run_cli() -> int:

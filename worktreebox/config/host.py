@@ -35,6 +35,10 @@ class HostConfig:
     layer_ttl: float = 24 * 3600.0  # gc removes trees and dependency layers no box used for this long
     background_busy: bool = True  # a box that keeps the CPU busy runs as background (background.py)
     sandbox: str = "auto"  # auto | namespaces | off: how boxes are kept apart (providers/sandbox)
+    # The host router (worktreebox/router): on, on a leased port (None) or this one, on the loopback.
+    router: bool = True
+    router_port: int | None = None
+    router_listen: str = "127.0.0.1"
 
 
 HOST = document(
@@ -47,6 +51,9 @@ HOST = document(
                         Key("max_active", v.whole("a whole number of boxes above 0", 1)),
                         Key("max_load", v.above_zero("a load average above 0, such as 4.0")),
                         Key("background_busy", v.boolean),
+                        Key("router", v.boolean),
+                        Key("router_port", v.whole("a port number from 1 to 65535", 1, 65535)),
+                        Key("router_listen", v.ip_address),
                         Key("sandbox", v.choice("auto", *providers.names("sandbox"))))),
     Table("box", table("box", *LIMITS)),
     Table("database", table("database", Key("provider", v.choice(*providers.names("postgres"))),

@@ -1,7 +1,7 @@
 """wtbox.toml, a repo's config: what its boxes are made of, as dataclasses and their schema.
 
 Each table's dataclass holds the defaults; its schema (REPO, below) holds each key's parser, in
-the order keys are checked. `tests/test_config_repo.py` holds the two to the same keys.
+the order keys are checked. `tests/config/test_repo.py` holds the two to the same keys.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import cfgv
 
 from worktreebox import diagnostics, providers
 from worktreebox.config import values as v
+from worktreebox.config.backing import BACKING, TEST, BackingConfig, TestConfig, backing_from, check_names
 from worktreebox.config.schema import Key, NamedTables, Table, document, loads, table, validated
 from worktreebox.errors import ConfigError
 
@@ -149,11 +150,14 @@ class RepoConfig:
     observability: ObservabilityConfig = dataclasses.field(default_factory=ObservabilityConfig)
     pool: PoolConfig = dataclasses.field(default_factory=PoolConfig)
     browser: BrowserConfig = dataclasses.field(default_factory=BrowserConfig)
+    backing: dict[str, BackingConfig] = dataclasses.field(default_factory=dict)  # config/backing.py
+    test: TestConfig = dataclasses.field(default_factory=TestConfig)
 
     @property
     def port_names(self) -> list[str]:
-        """Named ports a box leases: the repo's, plus `metrics` and `otlp` when observability is on."""
-        names = list(self.box.ports)
+        """Named ports a box leases: the repo's, its backing services', plus `metrics` and `otlp`
+        when observability is on."""
+        names = list(self.box.ports) + [p for b in self.backing.values() for p in b.port_names]
         if self.observability.enabled:
             names += [n for n in OBSERVABILITY_PORTS if n not in names]
         if self.browser.enabled and "browser" not in names:
@@ -224,7 +228,7 @@ SERVICE = table("service", Key("cmd", v.command, required=True), Key("cwd", v.wo
 SERVICES = cfgv.Map("services", None, NamedTables("services", "service", SERVICE))  # no keys of its own
 REPO = document("wtbox.toml", Table("box", BOX), Table("setup", SETUP), Table("deps", DEPS),
                 Table("database", DATABASE), Table("observability", OBSERVABILITY), Table("pool", POOL),
-                Table("browser", BROWSER), Table("services", SERVICES))
+                Table("browser", BROWSER), Table("services", SERVICES), Table("backing", BACKING), Table("test", TEST))
 
 
 # ---------------------------------------------------------------- reading it
@@ -243,11 +247,13 @@ def parse_repo_config(text: str | None, source: str, procfile: str | None = None
         deps=DepsConfig(**deps),
         database=DatabaseConfig(**tables["database"]), observability=ObservabilityConfig(**tables["observability"]),
         pool=PoolConfig(**tables["pool"]), browser=BrowserConfig(**tables["browser"]),
-        services={n: ServiceConfig(name=n, **s) for n, s in tables["services"].items()})
+        services={n: ServiceConfig(name=n, **s) for n, s in tables["services"].items()},
+        backing=backing_from(source, tables["backing"]), test=TestConfig(**tables["test"]))
     _check_depends_on(source, cfg.services)
     if not cfg.services and procfile:
         cfg.services = parse_procfile(procfile, cfg.box.ports[0] if cfg.box.ports else None)
         cfg.services_from_procfile = True
+    check_names(source, cfg.backing, cfg.box.ports, cfg.services)
     return cfg
 
 

@@ -79,12 +79,12 @@ class NamedTables:
     With `among_keys`, the named tables sit among plain keys of the same table (as in [deps]) and
     are gathered under `into`; otherwise every entry must be a table."""
 
-    __slots__ = ("among_keys", "into", "prefix", "schema", "what")
+    __slots__ = ("among_keys", "into", "needs", "prefix", "schema", "what")
 
     def __init__(self, prefix: str, what: str, schema: cfgv.Map, *, into: str | None = None,
-                 among_keys: tuple[str, ...] | None = None) -> None:
+                 among_keys: tuple[str, ...] | None = None, needs: str = 'cmd = "..."') -> None:
         self.prefix, self.what, self.schema = prefix, what, schema  # what: "service", "recipe"
-        self.into, self.among_keys = into, among_keys
+        self.into, self.among_keys, self.needs = into, among_keys, needs  # needs: its required key, as written
 
     def names(self, table: dict[str, Any]) -> list[str]:
         if self.among_keys is None:
@@ -101,7 +101,7 @@ class NamedTables:
                 raise Invalid(f"{self.what} names are lowercase letters, digits and '_'")
         with cfgv.validate_context(At(table=f"{self.prefix}.{name}")):
             if not isinstance(value, dict):
-                raise Invalid('must be a table with at least cmd = "..."', sep=" ")
+                raise Invalid(f"must be a table with at least {self.needs}", sep=" ")
             cfgv.validate(value, self.schema)
 
     def apply_default(self, table: dict[str, Any]) -> None:

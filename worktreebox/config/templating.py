@@ -30,13 +30,19 @@ def render(template: str, facts: dict[str, Any], where: str) -> str:
     import jinja2
 
     try:
-        return _environment().from_string(template).render(**facts)
+        text: str = _environment().from_string(template).render(**facts)
+        return text
     except jinja2.UndefinedError as e:
         raise ConfigError(f"{where}: {e.message} (available: {', '.join(sorted(facts))}).") from None
     except jinja2.sandbox.SecurityError as e:
         raise ConfigError(f"{where}: the template reaches for what templates may not ({e}).") from None
     except jinja2.TemplateError as e:  # its str() adds lines of location and source: one line here
         raise ConfigError(f"{where}: bad template {template!r}: {e.message or type(e).__name__}.") from None
+    except (ArithmeticError, LookupError, TypeError, ValueError, RecursionError) as e:
+        # what the template's own expressions raise (1 / 0, 'a' + 1, an include with no loader, a
+        # macro calling itself): the template's fault, so a config error, not an internal one
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{where}: template {template!r} failed: {detail}.") from None
 
 
 # Text with only `{{ name.name }}` substitutions: valid Jinja2 by construction, so reading a config

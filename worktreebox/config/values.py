@@ -455,3 +455,15 @@ def port_range(value: Any) -> tuple[int, int]:
     if not (1024 <= low < high <= 65535):
         raise Invalid(f"the range {text_!r} must lie between 1024 and 65535, low to high")
     return low, high
+
+
+def ip_address(value: Any) -> str:
+    """An IP address to listen on, as the kernel reads it ("0.0.0.0", "127.0.0.1", "::")."""
+    import ipaddress
+
+    what = 'an IP address such as "127.0.0.1" or "0.0.0.0"'
+    text_: str = typed(str, what)(value)
+    try:
+        return str(ipaddress.ip_address(text_))
+    except ValueError:
+        raise expected(what, text_) from None

@@ -70,6 +70,7 @@ class FanoutRow:
     error: str | None = None
     dir: str | None = None
     from_pool: bool | None = None
+    url: str | None = None  # the box's first port through the host router
 
     def to_json(self) -> dict[str, Any]:
         row = dataclasses.asdict(self)
@@ -87,6 +88,8 @@ def row_for(box: Box, host: HostContext | None = None, attempt: Any = None) -> d
     res = fo.get("result") or {}
     run_ = res.get("run") or {}
     checks = res.get("checks")
+    if checks is None and box.data.get("test"):  # no fan-out check: the box's last `wtbox test`
+        checks = [box.data["test"]]
     diff = res["diff"] if "diff" in res else git.diff_stat(box.path, box.data.get("base_sha"),
                                                            launcher=host.launcher(box) if host else None)
     errors = res["log_errors"] if "log_errors" in res else log_errors(box)
@@ -115,8 +118,14 @@ def row_for(box: Box, host: HostContext | None = None, attempt: Any = None) -> d
         console_errors=(res.get("browse") or {}).get("console_errors"),
         screenshot=(res.get("browse") or {}).get("screenshot"),
         error=res.get("error") or (attempt.error if attempt else None), dir=str(box.dir),
-        from_pool=fo.get("from_pool"),
+        from_pool=fo.get("from_pool"), url=_url(host, box),
     ).to_json()
+
+
+def _url(host: HostContext | None, box: Box) -> str | None:
+    from worktreebox.router.control import urls
+
+    return next(iter(urls(host, box).values()), None) if host is not None else None
 
 
 def fanout_boxes(host: HostContext, task: str) -> list[Box]:

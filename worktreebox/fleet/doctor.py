@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,10 +20,10 @@ if TYPE_CHECKING:
     from worktreebox.host import Host
 
 
-def report(host: Host, front_end_checks: list[dict] = ()) -> dict[str, Any]:
+def report(host: Host, front_end_checks: Sequence[dict] = ()) -> dict[str, Any]:
     """Every check (the front end adds its own, e.g. the CLI server's), the disk use of each box
     and the orphans gc would remove."""
-    checks = _check_binaries(host) + [_check_ports(host), _check_disk(host), *front_end_checks]
+    checks = [*_check_binaries(host), _check_ports(host), _check_disk(host), *front_end_checks]
     d = host.docker_report()
     checks.append({"check": "docker", "ok": d["ok"], "detail": d["summary"]})
     for r in host.resources:

@@ -39,7 +39,7 @@ from worktreebox.telemetry.logs.writer import LogWriter
 
 if TYPE_CHECKING:
     from worktreebox.box import Box
-    from worktreebox.context import HostContext
+    from worktreebox.host import Host
 
 RUN_LOG = "run"
 
@@ -153,8 +153,8 @@ class Runner:
 class Fanout:
     """One fan-out: plan (refuse early), then attempts in parallel threads."""
 
-    def __init__(self, host: HostContext, opts: Options, on_change: Callable[[Attempt], None] | None = None,
-                 new_host: Callable[[Path], HostContext] | None = None) -> None:
+    def __init__(self, host: Host, opts: Options, on_change: Callable[[Attempt], None] | None = None,
+                 new_host: Callable[[Path], Host] | None = None) -> None:
         self.host = host
         # Each attempt makes its box through its own host object (its own registry connection,
         # like a separate `wtbox new`): by default another one of the caller's kind.
@@ -320,7 +320,7 @@ class Fanout:
                     pass
             host.registry.close()
 
-    def _measure(self, host: HostContext, a: Attempt, box: Box) -> None:
+    def _measure(self, host: Host, a: Attempt, box: Box) -> None:
         o = self.opts
         res: dict[str, Any] = box.data[KEY]["result"]
         env = boxenv.process_env(box)
@@ -350,10 +350,12 @@ class Fanout:
                                               launcher=host.launcher(box))
             except WtboxError as e:
                 res.setdefault("problems", []).append(str(e))
-        if o.checks:
+        # Without --check, the repo's test command ([test] cmd, `wtbox test`) is the check.
+        wanted = o.checks or ((self._config.test.cmd,) if self._config is not None and self._config.test.cmd else ())
+        if wanted:
             checks = []
-            for j, cmd in enumerate(o.checks, 1):
-                step(CHECKING, f"{j}/{len(o.checks)}: {cmd}")
+            for j, cmd in enumerate(wanted, 1):
+                step(CHECKING, f"{j}/{len(wanted)}: {cmd}")
                 r = self.runner.run(cmd, box.path, env, box.logs_dir, CHECK_LOG, redact, o.timeout,
                                     cgroup=Leaf(host.home, box.id, RUN), launcher=host.launcher(box))
                 if self.runner.stopped.is_set():
@@ -385,7 +387,7 @@ class _Stop(Exception):
     """Raised inside a worker when the fan-out was interrupted."""
 
 
-def run(host: HostContext, opts: Options, on_change: Callable[[Attempt], None] | None = None,
+def run(host: Host, opts: Options, on_change: Callable[[Attempt], None] | None = None,
         tick: Callable[[], None] | None = None) -> list[dict[str, Any]]:
     """Plan, create, run and measure; the comparison rows (one per attempt, in index order)."""
     return Fanout(host, opts, on_change).run(tick)

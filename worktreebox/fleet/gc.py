@@ -56,8 +56,8 @@ def _owners(boxes: list) -> dict[str, str]:
     warm pool (its running services still carry that name; pool.py)."""
     out = {b.id: b.id for b in boxes}
     for b in boxes:
-        if b.data.get("pool_id"):
-            out.setdefault(b.data["pool_id"], b.id)
+        if b.alias is not None:
+            out.setdefault(b.alias, b.id)
     return out
 
 
@@ -77,7 +77,8 @@ def plan(host: Host, *, grace: float, now: float | None = None) -> list[dict]:
     actions: list[dict] = []
     for box_id, what in sorted(found.items()):
         if box_id not in known:
-            actions.append({"id": box_id, "action": "remove", "reason": f"orphan: {', '.join(sorted(what))} with no registry row"})
+            reason = f"orphan: {', '.join(sorted(what))} with no registry row"
+            actions.append({"id": box_id, "action": "remove", "reason": reason})
     for b in boxes.values():
         updated = b.updated_at or b.created_at
         if b.state in (CREATING, REMOVING, FAILED):
@@ -136,13 +137,45 @@ def run(host: Host, *, grace: float = DEFAULT_GRACE, dry_run: bool = False, wait
                 mounts.append(str(host.boxes_dir))
             layers = _sweep_layers(host)
             foreign = _sweep_cgroups_of_gone_homes(host, errors)
+            router = _sync_router(host, errors)
+            routers = _stop_routers_of_gone_homes()
             _stamp(host)
         else:
-            released = []
+            released, router = [], None
+            from worktreebox.router import caddy
+
+            routers = [f"router pid {pid} of {home} (home is gone)" for pid, home in caddy.of_gone_homes()]
             mounts, layers = [m.target for m in stray_mounts(host)], []
             foreign = [f"{hx} of {home} (home is gone)" for home, _, hx in _cgroups_of_gone_homes(host)]
     return {"dry_run": dry_run, "actions": actions, "errors": errors, "released_ports": released, "mounts": mounts,
-            "layers": layers, "cgroups": foreign, "seconds": round(time.perf_counter() - t0, 3)}
+            "layers": layers, "cgroups": foreign, "router": router,
+            "routers": routers, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _sync_router(host: Host, errors: list[str]) -> dict | None:
+    """The router serves exactly the live boxes' routes afterwards (a crash may have left one too
+    many or too few), and stops when no box has a port: nothing runs for a home with no box."""
+    from worktreebox.router import control
+
+    try:
+        return control.sync(host, sweep=True)
+    except WtboxError as e:
+        errors.append(f"router: {e}")
+        return None
+
+
+def _stop_routers_of_gone_homes() -> list[str]:
+    """The router of a home deleted while it ran (its boxes' cgroups are swept just above)."""
+    from worktreebox.router import caddy
+
+    done = []
+    for pid, home in caddy.of_gone_homes():
+        try:
+            procs.stop_pid(pid)
+            done.append(f"router pid {pid} of {home} (home is gone)")
+        except PermissionError:  # another user's: theirs to sweep
+            continue
+    return done
 
 
 def _cgroups_of_gone_homes(host: Host) -> list[tuple[str, Cgroups, str]]:

@@ -55,7 +55,7 @@ def restart_services(host: HostContext, box: Box) -> dict[str, Any]:
         status = svc.services_restart(host, box)
     except (WtboxError, OSError, ValueError) as e:  # OSError/ValueError: the supervisor went away mid-command
         return {"error": str(e).splitlines()[0], "seconds": round(time.perf_counter() - t0, 3)}
-    readies = [s.get("ready_seconds") for s in status.values() if s.get("ready_seconds") is not None]
+    readies = [s["ready_seconds"] for s in status.values() if s.get("ready_seconds") is not None]
     return {"seconds": round(time.perf_counter() - t0, 3), "ready_seconds": round(max(readies), 3) if readies else None,
             "services": {n: {"state": s.get("state"), "ready_seconds": s.get("ready_seconds")}
                          for n, s in status.items()}}
@@ -94,5 +94,5 @@ def log_errors(box: Box) -> int | None:
 
 def current_ready(box: Box) -> dict[str, Any] | None:
     status = services_status(box)
-    readies = [s.get("ready_seconds") for s in status.values() if s.get("ready_seconds") is not None]
+    readies = [s["ready_seconds"] for s in status.values() if s.get("ready_seconds") is not None]
     return {"ready_seconds": max(readies)} if readies else None

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from worktreebox.context import HostContext
 
 
-def pick_plan(host: HostContext, ref: str) -> tuple[Box, list[Box]]:
+def pick_plan(host: HostContext, ref: str | None) -> tuple[Box, list[Box]]:
     """The chosen box and the other live boxes of its fan-out."""
     box = host.get(ref)
     fid = (box.data.get(KEY) or {}).get("id")

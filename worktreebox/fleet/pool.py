@@ -13,8 +13,9 @@ A pooled box is an ordinary box made by `Host.new` under the task `pool` (id
   fast-forwarded when the caller's base moved on; state `ready`.
 
 What is not renamed is what running processes hold: the services keep WTBOX_ID=<pool id>
-in their environment (same hex), the database is `wt_<hex>` anyway. `Host.rm` destroys
-the pool-id name's pieces too (`data["pool_id"]`), and `gc` counts them as the claimed box's.
+in their environment (same hex), the database is `wt_<hex>` anyway. The claim records that
+name (`data["pool_id"]`, read only as `Box.alias`); `Host.rm` destroys the pieces under it
+too, and `gc` counts them as the claimed box's.
 
 One filler process per repo (`python -m worktreebox.fleet.pool HOME REPO`, niced, under a file
 lock) keeps the pool at its size and exits after a while without claims.
@@ -28,6 +29,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +43,7 @@ from worktreebox.errors import ConfigError, UsageError, WtboxError
 from worktreebox.host import Host, _phase
 from worktreebox.layers import deps
 from worktreebox.resources import cgroup as cgroup_resource
+from worktreebox.resources import router as router_resource
 from worktreebox.services import boxenv
 from worktreebox.services.boxenv import without_box_vars
 from worktreebox.system import git, procs
@@ -172,7 +175,7 @@ def claim(host: Host, task: str, t: Target, *, ttl: str | float | None = None, k
         finally:
             if not isinstance(e, Exception):
                 raise
-        print(f"wtbox: taking {box.data['pool_id']} from the pool failed ({e}); it was removed, "
+        print(f"wtbox: taking {box.alias} from the pool failed ({e}); it was removed, "
               "making a fresh box instead", file=sys.stderr)
         return None
     box.data["timings"] = {"claim": round(t1 - t0, 4), "take_over": round(time.perf_counter() - t1, 4),
@@ -184,7 +187,8 @@ def _take_over(host: Host, box: Box, t: Target) -> bool:
     """Rename what can be renamed to the claimed box's id, fast-forward it; True when its base moved."""
     from worktreebox.providers import sandbox
 
-    pool_id = box.data["pool_id"]
+    pool_id = box.alias
+    assert pool_id is not None  # set by the claim's rename
     old_dir = host.boxes_dir / pool_id
     if old_dir.is_dir() and not old_dir.is_symlink() and not box.dir.exists():
         os.rename(old_dir, box.dir)
@@ -212,6 +216,8 @@ def _take_over(host: Host, box: Box, t: Target) -> bool:
     host.registry.save_box(box)
     if moved and t.config.pool.restart_on_update and t.config.services:
         host.services(box, "restart")
+    router_resource.push(host)  # a claimed box is routed by its new names
+    _phase("claim:router")
     return moved
 
 
@@ -224,7 +230,7 @@ def _rename_branch(repo: str, worktree: Path, old: str, new: str, tip: str | Non
     keeps a branch at the base under the box's name, renamed here)."""
     if launcher is not None and launcher.sandboxed:
         git.git(worktree, "branch", "-m", old, new, launcher=launcher)
-    sha = tip
+    sha = tip or ""
     if not tip or git.git(repo, "update-ref", "--stdin", check=False,
                           input=f"verify refs/heads/{old} {tip}\ncreate refs/heads/{new} {tip}\n").returncode:
         sha = git.git(repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{old}", check=False).stdout.strip()
@@ -394,7 +400,7 @@ def _fill_locked(host: Host, repo: str, idle_exit: float, poll: float) -> int:
     last_change = time.monotonic()
     failures = 0
     seen: tuple | None = None
-    while not _stopping:
+    while not _stopping.is_set():
         t = current_target(repo, host.home)
         size = desired_size(host, repo, t.config) if t else 0
         boxes = pool_boxes(host, repo)
@@ -420,7 +426,7 @@ def _fill_locked(host: Host, repo: str, idle_exit: float, poll: float) -> int:
             except admission.HostFull:
                 time.sleep(poll)  # another `new` took the last slot meanwhile
             except WtboxError as e:
-                if _stopping:
+                if _stopping.is_set():
                     break
                 failures += 1
                 _log(f"making a pooled box failed ({failures}): {e}")
@@ -435,12 +441,11 @@ def _fill_locked(host: Host, repo: str, idle_exit: float, poll: float) -> int:
     return 0
 
 
-_stopping = False
+_stopping = threading.Event()  # set by SIGTERM: the filler stops after the box it is making
 
 
 def _on_term(signum: int, frame: Any) -> None:
-    global _stopping
-    _stopping = True
+    _stopping.set()
     raise KeyboardInterrupt  # Host.new rolls back the box being made
 
 

@@ -342,8 +342,8 @@ def build_command(layer: Layer) -> str:
                  else os.path.relpath(f, layer.dir or ".") for f in layer.files if f.endswith(".txt")]
         cmd = f"{uv} venv --quiet --relocatable --seed .venv && {uv} pip install --python .venv/bin/python"
         cmd += "".join(f" -r {q(n)}" for n in names)
-        return cmd + f" && if [ -f pyproject.toml ] && grep -q '^\\[project\\]' pyproject.toml || [ -f setup.py ];" \
-                     f" then {uv} pip install --python .venv/bin/python --no-deps -e .; fi"
+        return cmd + (f" && if [ -f pyproject.toml ] && grep -q '^\\[project\\]' pyproject.toml || [ -f setup.py ];"
+                      f" then {uv} pip install --python .venv/bin/python --no-deps -e .; fi")
     if layer.kind == "poetry":
         return "POETRY_VIRTUALENVS_IN_PROJECT=true POETRY_VIRTUALENVS_CREATE=true poetry install --no-interaction"
     if layer.kind == "npm":
@@ -398,7 +398,7 @@ def relocate_venv(venv: Path, project: Path) -> None:
             # a string literal '<build>/x' becomes an expression resolved next to the finder at import time
             pattern = re.compile(r"""(['"])""" + re.escape(build_root) + r"""(/[^'"]*)?\1""")
             text = pattern.sub(lambda m: ("__import__('os').path.normpath(__import__('os').path.join("
-                                          f"__import__('os').path.dirname(__file__), {rel_project!r} + "
+                                          f"__import__('os').path.dirname(__file__), {rel_project!r} + "  # noqa: B023 (called before the loop moves on)
                                           f"{(m.group(2) or '')!r}))"), text)
             finder.write_text(text)
     trampoline = "#!/bin/sh\n'''exec' \"$(dirname -- \"$(realpath -- \"$0\")\")\"/'python' \"$0\" \"$@\"\n' '''\n"

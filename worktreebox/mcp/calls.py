@@ -21,8 +21,13 @@ class Opened:
 
     def __enter__(self) -> Any:
         from worktreebox.host import Host
+        from worktreebox.router.state import needs_revive
 
         self.host = Host()
+        if needs_revive(self.host.home):  # a killed router comes back with every route, as for the CLI
+            from worktreebox.resources.router import push
+
+            push(self.host)
         return self.host
 
     def __exit__(self, *exc: object) -> None:

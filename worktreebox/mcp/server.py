@@ -28,7 +28,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp_types import CallToolResult, Resource, TextContent
-from pydantic import ValidationError
+from pydantic import AnyHttpUrl, ValidationError
 
 NAME = "wtbox"
 INSTRUCTIONS = (
@@ -164,7 +164,7 @@ def serve_http(host: str, port: int, token: str, *, allow_secrets: bool = False,
     port = sock.getsockname()[1]  # the real one when 0 was asked for
     origin = f"http://{f'[{host}]' if family == socket.AF_INET6 else host}:{port}"
     server = build_server(allow_secrets=allow_secrets, token_verifier=StaticToken(token),
-                          auth=AuthSettings(issuer_url=origin, resource_server_url=None))
+                          auth=AuthSettings(issuer_url=AnyHttpUrl(origin), resource_server_url=None))
     config = uvicorn.Config(http_app(server, host, port), log_level="warning", access_log=False, lifespan="on")
     if ready:
         ready(origin + "/mcp")

@@ -19,7 +19,7 @@ from mcp_types import ToolAnnotations
 from pydantic import Field
 
 from worktreebox.mcp.calls import Opened, Progress, in_thread, reveal
-from worktreebox.operations import boxes, fleet, network, observe, services
+from worktreebox.operations import boxes, fleet, network, observe, router, services
 from worktreebox.operations.spec import CHANGES, DESTROYS, READ_ONLY, SHOW_SECRETS, Operation, Param
 
 ANNOTATIONS = {
@@ -37,8 +37,7 @@ def annotation(p: Param) -> Any:
         kind = list[kind] | kind  # a list, or one value
     if p.default is None:
         kind = kind | None
-    bounds = {k: v for k, v in (("ge", p.min), ("le", p.max)) if v is not None}
-    return Annotated[kind, Field(description=p.help, **bounds)]
+    return Annotated[kind, Field(description=p.help, ge=p.min, le=p.max)]
 
 
 def tool_signature(op: Operation, params: Sequence[Param]) -> inspect.Signature:
@@ -164,8 +163,10 @@ def all_tools() -> list[tuple[Callable[..., Any], Operation]]:
         (make_tool(boxes.NEW, new_body), boxes.NEW),
         (make_tool(boxes.LS), boxes.LS),
         (make_tool(boxes.STATUS), boxes.STATUS),
+        (make_tool(router.URL), router.URL),
         (make_tool(boxes.ENV, extras=[SHOW_SECRETS]), boxes.ENV),
         (make_tool(boxes.EXEC, exec_body, extras=EXEC_EXTRAS), boxes.EXEC),
+        (make_tool(boxes.TEST), boxes.TEST),
         (make_tool(observe.LOGS, defaults={"tail": 200}), observe.LOGS),
         (make_tool(observe.METRICS), observe.METRICS),
         (make_tool(observe.TRACES), observe.TRACES),

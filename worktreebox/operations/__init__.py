@@ -16,8 +16,8 @@ if TYPE_CHECKING:
 
 # "module:NAME" of every declaration, in the order `wtbox --help` and the MCP tool list show them.
 DECLARED = (
-    "boxes:NEW", "boxes:LS", "boxes:STATUS", "boxes:ENV", "boxes:EXEC", "boxes:SHELL", "boxes:RM",
-    "boxes:KEEP", "boxes:UNKEEP", "network:NET", "network:EXPOSE",
+    "boxes:NEW", "boxes:LS", "boxes:STATUS", "router:URL", "router:OPEN", "boxes:ENV", "boxes:EXEC", "boxes:TEST",
+    "boxes:SHELL", "boxes:RM", "boxes:KEEP", "boxes:UNKEEP", "network:NET", "network:EXPOSE",
     "services:UP", "services:DOWN", "services:RESTART",
     "observe:LOGS", "observe:METRICS", "observe:TRACES", "observe:PROBE", "observe:BROWSE", "observe:TOP",
     "fleet:FANOUT", "fleet:COMPARE", "fleet:PICK", "fleet:POOL", "fleet:GC",

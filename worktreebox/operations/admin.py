@@ -17,14 +17,35 @@ def template_path(name: str) -> Path:
     return asset_path(f"templates/{name}")
 
 
-def init(host: Host | None, repo: str = ".", force: bool = False) -> dict:
+def init(host: Host | None, repo: str = ".", force: bool = False, explain: bool = False) -> dict:
+    """wtbox.toml from what the repo declares (derive/), or the starter when it declares nothing;
+    with `explain`, what was found and could not be mapped, nothing written. `text` (not JSON): the
+    report --explain prints."""
+    from worktreebox.derive import derive
+    from worktreebox.derive.writer import check, explain_text, render
+    from worktreebox.derive.writer import explain as explained
     from worktreebox.errors import UsageError
 
-    dest = Path(repo) / "wtbox.toml"
+    root = Path(repo)
+    if not root.is_dir():
+        raise UsageError(f"--repo {repo}: no such directory.")
+    dest = root / "wtbox.toml"
+    plan = derive(root)
+    text = None if plan.empty else render(plan)
+    if text is not None:
+        check(text)
+    if explain:
+        starter = "" if text else "nothing to derive: init would write the starter template\n"
+        return {**explained(plan), "would_write": "derived" if text else "starter template",
+                "text": explain_text(plan) + starter}
     if dest.exists() and not force:
-        raise UsageError(f"{dest} already exists; use --force to overwrite it.")
-    shutil.copyfile(template_path("wtbox.toml"), dest)
-    return {"path": str(dest.resolve())}
+        raise UsageError(f"{dest} already exists; use --force to overwrite it (or --explain to see what init finds).")
+    if text is None:
+        shutil.copyfile(template_path("wtbox.toml"), dest)
+    else:
+        dest.write_text(text)
+    return {"path": str(dest.resolve()), "starter": text is None, "derived_from": plan.files,
+            "not_mapped": plan.notes}
 
 
 def doctor(host: Host, extra: list[dict[str, Any]] | None = None) -> dict:
@@ -50,10 +71,15 @@ def db_status(host: Host) -> dict:
     return host.database_server().status()
 
 
-INIT = Operation("init", "Write a commented starter wtbox.toml.",
+INIT = Operation("init", "Write wtbox.toml from the repo's compose file, CI workflow, Procfile, package.json, "
+                         "devcontainer or manage.py (each line says where it came from); a commented starter when "
+                         "they declare nothing.",
                  (Param("repo", "Where to write wtbox.toml.", default="."),
-                  Param("force", "Overwrite an existing wtbox.toml.", bool, False)),
-                 init, result="{path}.", effect=CHANGES)
+                  Param("force", "Overwrite an existing wtbox.toml.", bool, False),
+                  Param("explain", "Print what init found and what it could not map; write nothing.", bool, False)),
+                 init, result="{path, starter, derived_from, not_mapped}; with explain: what was found, nothing "
+                              "written.",
+                 effect=CHANGES)
 DOCTOR = Operation("doctor", "Check binaries, ports and disk; report orphans and disk use per box.", (), doctor,
                    result="{ok, checks, boxes, orphans, layers, stray_mounts}.")
 DB_START = Operation("db start", "Start the host's PostgreSQL (initdb on first use); no-op if it runs.", (),

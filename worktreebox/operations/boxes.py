@@ -1,4 +1,4 @@
-"""Operations on boxes as wholes: new, ls, status, env, exec, shell, rm, keep, unkeep."""
+"""Operations on boxes as wholes: new, ls, status, env, exec, test, shell, rm, keep, unkeep."""
 from __future__ import annotations
 
 import os
@@ -52,12 +52,10 @@ def new(host: Host, task: str, repo: str | None = None, ref: str | None = None, 
     return out
 
 
-def listed(host: Host, all: bool = False) -> list[Box]:
-    return [b for b in host.list() if all or b.pool is None]
-
-
 def ls(host: Host, all: bool = False) -> list[dict]:
-    return [b.to_json() for b in listed(host, all)]
+    """Each box's JSON and its `url` through the host router."""
+    every = host.list()
+    return [host.list_json(b, every) for b in every if all or b.pool is None]
 
 
 def status(host: Host, box: str | None, show_secrets: bool = False) -> dict:
@@ -90,6 +88,21 @@ def run(host: Host, box: str | None, cmd: str | Sequence[str], cwd: str | None =
     secrets = host.running_secrets(b)
     return run_in_box(host, b, cmd, cwd=cwd, timeout=timeout, tail=tail, secrets=secrets,
                       redact=None if show_secrets else redactor_for(b, secrets), cancel=cancel)
+
+
+def test(host: Host, box: str | None, cmd: str | None = None, timeout: str | None = None, *,
+         on_line: Callable[[str], None] | None = None) -> dict:
+    """The repo's test command ([test] cmd, or `cmd`) in the box (fleet/testrun.py); `on_line` sees
+    each output line as it comes (the CLI's terminal)."""
+    from worktreebox.config.load import parse_duration
+    from worktreebox.fleet.testrun import run_test
+
+    limit = parsed("timeout", parse_duration, timeout, positive=True) if timeout else None
+    b = host.get(box)
+    return {"id": b.id, **run_test(host, b, cmd, limit, on_line=on_line)}
+
+
+test.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
 
 
 def enter(host: Host, box: str | None) -> tuple[Box, dict[str, str]]:
@@ -184,6 +197,14 @@ EXEC = Operation(
                 many=True, default=REQUIRED, positional=True)),
     run, result="exit_code, the last lines of stdout and stderr (secret values masked), seconds, timed_out.",
     effect=CHANGES, tool="box_exec")
+
+TEST = Operation(
+    "test", "Run the repo's test command ([test] cmd, which `wtbox init` finds in its CI) in the box with the "
+            "box env, as exec runs commands; its result is the box's check in compare.",
+    (BOX, Param("cmd", "Run this shell command instead of [test] cmd."),
+     Param("timeout", "Stop it after this long, e.g. 30m (default: [test] timeout).")),
+    test, result="{id, cmd, exit, seconds, timed_out, passed/failed/errors when it prints them, last_lines} "
+                 "(secret values masked).", effect=CHANGES, tool="box_test")
 
 SHELL = Operation("shell", "Open your $SHELL in the box.", (BOX,), enter, effect=CHANGES)
 

@@ -1,7 +1,7 @@
 """What only one front end has, on purpose: the one written list.
 
 Every other parameter of an operation is declared once (operations/*.py) and both the click
-command and the MCP tool are made from it; tests/test_operations.py compares the two front ends
+command and the MCP tool are made from it; tests/operations/test_operations.py compares the two front ends
 and fails on any difference in name, default or presence that is not listed here (and on an
 entry here that no longer differs). Keys are "command.parameter" as the front end names it
 ("*.parameter": in every command), or a command alone.
@@ -17,6 +17,7 @@ EXCEPTIONS: dict[str, str] = {
     "keep": "CLI only for now: marks a box for gc.",
     "unkeep": "CLI only for now: unmarks a box for gc.",
     "init": "CLI only: writes a file in your repository.",
+    "open": "CLI only: starts a browser where the CLI runs (an agent opens box_url's URL itself).",
     "doctor": "CLI only: checks this host for its operator.",
     "top": "CLI only: a live view for a terminal (--watch).",
     "gc": "CLI only: the host's sweep (also run hourly by itself).",

@@ -51,7 +51,7 @@ def plan_fanout(host: Host, task: str, n: int, ref: str | None = None, run: str 
     return fo
 
 
-def fanout(host: Host, task: str, n: int, *, on_change: Callable[[Any], None] | None = None,
+def fanout(host: Host, task: str, n: int, *, on_change: Callable[[Any, Any], None] | None = None,
            tick: Callable[[], None] | None = None, **params: Any) -> list[dict]:
     """Plan, start and wait; the comparison rows. Interrupted (Ctrl-C, or a cancelled call's tick)
     stops the runs and leaves the boxes for inspection."""

@@ -126,11 +126,14 @@ def browse(host: Host, box: str | None, target: str = "/", screenshot: str | Non
             results.append((result, png))
     (result, png), others = results[0], results[1:]
     if shot is not None:
+        assert png is not None  # a screenshot asked for is taken (opts.screenshot)
         chromium.write_png(shot, png)
     result["screenshot"] = str(shot) if shot else None
     if not others:
         return result
-    (seen, seen_png), ratio_and_png = others[0], chromium.diff_images(png, others[0][1])
+    seen, seen_png = others[0]
+    assert png is not None and seen_png is not None  # compare takes both screenshots (opts.screenshot)
+    ratio_and_png = chromium.diff_images(png, seen_png)
     seen["screenshot"] = None
     if shot is not None:
         other_shot = shot.with_name(f"{shot.stem}.{seen['id']}{shot.suffix or '.png'}")

@@ -26,6 +26,13 @@ PROVIDERS: dict[str, dict[str, str]] = {
         "native": "metrics.native:NativeStore",
         "docker": "metrics.docker:DockerStore",
     },
+    # A box's own backing services (providers/backing/), one kind each: `native` runs a host
+    # program, `docker` the declared image; backing.runtime_for picks one.
+    "backing.redis": {"native": "backing.redis:NativeRedis", "docker": "backing.docker:DockerBacking"},
+    "backing.memcached": {"native": "backing.memcached:NativeMemcached", "docker": "backing.docker:DockerBacking"},
+    "backing.rabbitmq": {"native": "backing.rabbitmq:NativeRabbitMQ", "docker": "backing.docker:DockerBacking"},
+    "backing.smtp": {"native": "backing.smtp:NativeSmtpSink", "docker": "backing.docker:DockerBacking"},
+    "backing.s3": {"native": "backing.s3:NativeS3", "docker": "backing.docker:DockerBacking"},
     # How a box gets its copy-on-write view of a shared tree, in order of preference (mounts/__init__.py
     # picks the first that works on this host).
     "mounts": {

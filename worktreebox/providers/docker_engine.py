@@ -334,7 +334,7 @@ def remove_labelled(home: str | Path, box_id: str | None = None, *, host_level: 
 
 
 def _name(obj: Any) -> str:
-    return getattr(obj, "name", None) or getattr(obj, "short_id", "?")
+    return str(getattr(obj, "name", None) or getattr(obj, "short_id", "?"))
 
 
 def first_line(e: BaseException) -> str:
@@ -400,6 +400,16 @@ def sweep_box(home: str | Path, box_id: str) -> dict[str, int]:
     return counts
 
 
+def image_present(image: str) -> bool:
+    """The image is on this machine (no pull); False without a local daemon socket."""
+    if _socket_path() is None:
+        return False
+    try:
+        return _api("GET", f"/images/{image}/json", timeout=5) is not None
+    except (OSError, WtboxError):
+        return False
+
+
 def discover_box_ids(home: str | Path) -> set[str]:
     """gc: box ids that own labelled docker things in this home; empty without Docker."""
     if not docker_available()[0]:
@@ -407,7 +417,8 @@ def discover_box_ids(home: str | Path) -> set[str]:
     if _socket_path() is None:
         return labelled_box_ids(home)
     found = _raw_labelled(home, None)
-    return {(o.get("Labels") or {}).get(BOX_LABEL) for objs in found.values() for o in objs} - {None}
+    ids = {(o.get("Labels") or {}).get(BOX_LABEL) for objs in found.values() for o in objs}
+    return {i for i in ids if i is not None}
 
 
 # ---------------------------------------------------------------- for doctor

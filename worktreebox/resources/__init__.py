@@ -20,12 +20,14 @@ ORDER = (
     "caches:Caches",
     "database:Database",
     "metrics:Metrics",
+    "backing:Backing",  # the box's own Redis, RabbitMQ, ... ([backing.<name>])
     "traces:Traces",
     "browser:Browser",
     "deps:Deps",  # into the worktree: after it exists
     "setup:Setup",  # tree -> deps -> setup -> migrations -> services (their `start`s run in this order)
     "migrations:Migrations",
     "services:Services",
+    "router:Router",  # routes last: a box is routed once its services start, unrouted first when it goes
 )
 
 

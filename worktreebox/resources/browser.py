@@ -67,8 +67,8 @@ class Browser(Resource):
         data = box.data.get(self.name)
         if not data:
             return None
-        return {"browser": {"cdp_url": data["cdp_url"],
-                            "running": chromium.running(box.id, box.dir, data["port"], sandboxed=_owner(box) is not None)}}
+        running = chromium.running(box.id, box.dir, data["port"], sandboxed=_owner(box) is not None)
+        return {"browser": {"cdp_url": data["cdp_url"], "running": running}}
 
 
 # ---------------------------------------------------------------- a DevTools endpoint for one command
@@ -147,11 +147,8 @@ def _owner(box: Box) -> tuple[int, int] | None:
 def _names(host: HostContext, box: Box) -> list[tuple[str, Path]]:
     """(id, dir) the box's Chromium may run under: its own, and, for a box claimed from the warm
     pool, the pool name it was started under (WTBOX_ID and profile path keep that name)."""
-    out = [(box.id, box.dir)]
-    pool_id = box.data.get("pool_id")
-    if pool_id and pool_id != box.id:
-        out.append((pool_id, Path(host.boxes_dir) / pool_id))
-    return out
+    alias = box.under_alias()
+    return [(box.id, box.dir)] + ([(alias.id, alias.dir)] if alias is not None else [])
 
 
 def browse(host: HostContext, box: Box, url: str, opts: chromium.PageOptions, driver: chromium.Driver,
@@ -195,6 +192,7 @@ def snapshot(host: HostContext, box: Box, url: str, png_path: Path,
     try:
         with chromium.Driver() as driver:  # one per call: Playwright's sync API is per thread
             result, png = browse(host, box, url, opts, driver)
+        assert png is not None  # opts.screenshot
         png_path.parent.mkdir(parents=True, exist_ok=True)
         chromium.write_png(png_path, png)
         row["screenshot"] = str(png_path)

@@ -22,6 +22,9 @@ from worktreebox.providers.sandbox import provider_of, sandboxed
 from worktreebox.resources.base import Creation, Resource
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from worktreebox.box import Box
     from worktreebox.context import HostContext as Host
 
 
@@ -57,7 +60,7 @@ class Caches(Resource):
                     os.chown(made, *owner)
             c.env[var] = str(path)
 
-    def destroy(self, host: Host, box) -> None:
+    def destroy(self, host: Host, box: Box) -> None:
         # Everything else lives under boxes/<id>, which Host removes last.
         import shutil
 
@@ -71,5 +74,5 @@ class Caches(Resource):
             return set()
 
 
-def pycache_prefix(host: Host):
+def pycache_prefix(host: Host) -> Path:
     return host.home / "pycache"

@@ -39,7 +39,8 @@ class Cgroup(Resource):
             return
         limits = effective_limits(c.config.box.limits, c.host.config.box_limits)
         pooled = c.box.pool is not None
-        homes.note(cgroups.home_key(c.host.home), c.host.home)  # so that gc elsewhere can sweep it if the home is deleted
+        # so that gc elsewhere can sweep it if the home is deleted
+        homes.note(cgroups.home_key(c.host.home), c.host.home)
         backend.create(c.box.id, dataclasses.replace(limits, cpu_weight=POOL_CPU_WEIGHT) if pooled else limits)
         c.box.data[self.name] = {"version": backend.version, "path": backend.relative(c.box.id),
                                  **{k: v for k, v in dataclasses.asdict(limits).items() if v is not None}}
@@ -103,7 +104,15 @@ def claimed(host: HostContext, box: Box) -> None:
     backend = cgroups.for_home(host.home)
     if backend is None or data.pop("pooled_cpu_weight", None) is None:
         return
-    backend.set_limits(box.id, cgroups.Limits(cpu_weight=data.get("cpu_weight") or cgroups.DEFAULT_CPU_WEIGHT))
+    # The kernel refuses a weight for an idle (background) group: lift the flag around the write.
+    background = backend.background(box.id)
+    if background:
+        backend.set_background(box.id, False)
+    try:
+        backend.set_limits(box.id, cgroups.Limits(cpu_weight=data.get("cpu_weight") or cgroups.DEFAULT_CPU_WEIGHT))
+    finally:
+        if background:
+            backend.set_background(box.id, True)
 
 
 def effective_limits(repo: LimitsConfig, host: LimitsConfig) -> cgroups.Limits:

@@ -154,7 +154,8 @@ class Database(Resource):
                 # What every process of the box runs with (boxenv): the box env, plus --secret values.
                 env = process_env(c.box, c.secrets)
                 run_migrate(cfg.migrate, c.box.path, env, c.box.logs_dir, [data["password"], *c.secrets.values()],
-                            cgroup=cgroups.Leaf(c.host.home, c.box.id, cgroups.MIGRATE), launcher=sandbox_launcher(c.box))
+                            cgroup=cgroups.Leaf(c.host.home, c.box.id, cgroups.MIGRATE),
+                            launcher=sandbox_launcher(c.box))
             c.timings["migrate"] = round(time.monotonic() - t0, 4)
             return
         if not data.get("pending"):

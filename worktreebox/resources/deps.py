@@ -6,6 +6,7 @@ find their dependencies installed.
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from typing import TYPE_CHECKING, Any
@@ -14,8 +15,12 @@ from worktreebox.errors import WtboxError
 from worktreebox.resources.base import Creation, Resource, warn
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
     from worktreebox.box import Box
     from worktreebox.context import HostContext as Host
+    from worktreebox.layers.deps import Layer
 
 
 class Deps(Resource):
@@ -45,7 +50,8 @@ class Deps(Resource):
             layerstore.record_use(box, "deps", layer.key)  # before the layer is used: gc keeps it for this box
             where = layer.dir or "the repo root"
             with deps.use(home, box.repo, c.base_sha, layer, run=_runner(c, layer),
-                          on_wait=lambda: c.note(f"waiting for the {layer.kind} layer of {where}")) as (path, built):
+                          on_wait=functools.partial(c.note, f"waiting for the {layer.kind} layer of {where}"),
+                          ) as (path, built):
                 if built:
                     c.note(f"built the {layer.kind} layer of {where}")
                 owner = sandbox.provider_of(box).box_user() if sandbox.sandboxed(box) else None
@@ -99,18 +105,20 @@ class Deps(Resource):
         return {"deps": [{k: v for k, v in layer.items() if k != "built"} for layer in data["layers"]]}
 
 
-def _runner(c: Creation, layer):
+def _runner(c: Creation, layer: Layer) -> Callable[[str, str | Path, dict[str, str]], None]:
     """Run a build command with its output in the box's logs/deps.jsonl (in a sandbox of its own
     when the box has one: resources/sandbox.build_sandbox); fail with its last lines."""
-    def run(cmd: str, cwd, env: dict[str, str]) -> None:
+    def run(cmd: str, cwd: str | Path, env: dict[str, str]) -> None:
+        from pathlib import Path
+
         from worktreebox.resources.sandbox import build_sandbox
         from worktreebox.secrets import Redactor
         from worktreebox.telemetry.logs.run import run_logged
 
         c.note(f"building the {layer.kind} layer of {layer.dir or 'the repo root'} (once per lock file)")
-        with build_sandbox(c.host, c.box, cwd.parent) as launcher:
+        with build_sandbox(c.host, c.box, Path(cwd).parent) as launcher:
             if launcher.sandboxed:
-                env = {**env, "HOME": str(cwd.parent / "home")}
+                env = {**env, "HOME": str(Path(cwd).parent / "home")}
             rc, last = run_logged(cmd, cwd, env, c.box.logs_dir, "deps", Redactor(list(c.secrets.values())),
                                   timeout=c.config.deps.timeout, keep_lines=15, launcher=launcher)
         if rc != 0:

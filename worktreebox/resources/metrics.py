@@ -132,7 +132,8 @@ def _stores_of(host: HostContext, box: Box) -> list[MetricsStore]:
 # ---------------------------------------------------------------- scrape config
 
 
-def scrape_targets(services: dict, *, facts: dict[str, Any], source: str = "wtbox.toml") -> list[dict[str, Any]]:
+def scrape_targets(services: dict[str, Any], *, facts: dict[str, Any],
+                   source: str = "wtbox.toml") -> list[dict[str, Any]]:
     """Services with `metrics = URL`, their URL rendered with the box facts and split for the config."""
     import urllib.parse
 

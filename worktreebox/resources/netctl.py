@@ -34,13 +34,15 @@ def _data(box: Box, what: str) -> dict[str, Any]:
     if not sandboxed(box):
         raise UsageError(f"{box.id} is not sandboxed ([host] sandbox = \"off\" when it was made): {what} works on "
                          "the network of a sandboxed box only.")
-    return box.data[NAME]
+    data: dict[str, Any] = box.data[NAME]
+    return data
 
 
 # ---------------------------------------------------------------- net
 
 def net(host: HostContext, box: Box, target: str | None = None, *, delay: float | None = None,
-        jitter: float | None = None, loss: float | None = None, down: bool = False, reset: bool = False) -> dict:
+        jitter: float | None = None, loss: float | None = None, down: bool = False,
+        reset: bool = False) -> dict[str, Any]:
     """Change the faults of one target (a forward's name, or `outbound`) or of every forward; the
     report afterwards. With nothing to change: the report alone."""
     data = _data(box, "wtbox net")
@@ -142,7 +144,8 @@ def _push(box: Box, target: str, changes: dict[str, Any], reset: bool) -> None:
 
 # ---------------------------------------------------------------- expose
 
-def expose(host: HostContext, box: Box, port: str, host_port: int | None = None, release: bool = False) -> dict:
+def expose(host: HostContext, box: Box, port: str, host_port: int | None = None,
+           release: bool = False) -> dict[str, Any]:
     """Forward a fixed host port to the box's `port` (a declared name or the number the box's service
     binds); one box per host port (exposing it for another box moves it); `release` ends it."""
     from worktreebox.system.fsutil import file_lock

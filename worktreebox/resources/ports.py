@@ -67,13 +67,13 @@ def lease(host: Host, owner: str, names: list[str]) -> dict[str, int]:
             clash = next((p for p in block if p in taken or not is_port_free(p)), None)
             if clash is None:
                 claimed = []
-                for name, p in zip(names, block):
+                for name, p in zip(names, block, strict=True):
                     if not store.claim(p, owner, name):
                         clash = p
                         break
                     claimed.append(p)
                 if clash is None:
-                    ports = dict(zip(names, block))
+                    ports = dict(zip(names, block, strict=True))
                     try:
                         host.registry.insert_leases(db, owner, ports)
                     except BaseException:

@@ -25,7 +25,7 @@ class Setup(Resource):
 def run_setup(c: Creation) -> None:
     """Run `[setup] cmd` in the worktree with the box env; its output goes to logs/setup.jsonl."""
     box, cfg = c.box, c.config
-    cmd = render(cfg.setup.cmd, c.facts, f"{cfg.source}: [setup] cmd")
+    cmd = render(cfg.setup.cmd or "", c.facts, f"{cfg.source}: [setup] cmd")
     c.note("running [setup] cmd")
     from worktreebox.resources import sandbox
 

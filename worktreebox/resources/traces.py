@@ -87,8 +87,8 @@ class Traces(Resource):
         from importlib import metadata
 
         try:
-            detail = f"opentelemetry-proto {metadata.version('opentelemetry-proto')}, " \
-                     f"protobuf {metadata.version('protobuf')}"
+            detail = (f"opentelemetry-proto {metadata.version('opentelemetry-proto')}, "
+                      f"protobuf {metadata.version('protobuf')}")
             ok = True
         except metadata.PackageNotFoundError as e:
             detail, ok = f"missing: {e.name}; reinstall wtbox (pip install worktreebox)", False

@@ -19,7 +19,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from worktreebox.box import is_box_id
 from worktreebox.errors import WtboxError
@@ -39,9 +39,7 @@ class Worktree(Resource):
 
     def create(self, c: Creation) -> None:
         from worktreebox.layers import store as layerstore
-        from worktreebox.providers import mounts
-
-        from worktreebox.providers import sandbox
+        from worktreebox.providers import mounts, sandbox
 
         box = c.box
         provider = mounts.for_host(c.host)
@@ -87,7 +85,7 @@ class Worktree(Resource):
         try:
             if (admin / "index").read_bytes() != (trees.store(host.home).path(sha) / "index").read_bytes():
                 return False
-            return _branch_tip(admin, box.branch) == sha
+            return bool(_branch_tip(admin, box.branch) == sha)
         except OSError:
             return False
 
@@ -159,7 +157,7 @@ class Worktree(Resource):
         if any(trashed):
             empty_trash_in_background(host)
 
-    def checks(self, host: Host) -> list[dict]:
+    def checks(self, host: Host) -> list[dict[str, Any]]:
         """Which copy-on-write provider boxes get here and why (probed afresh: the host may have changed)."""
         from worktreebox.errors import ConfigError
         from worktreebox.providers import mounts
@@ -171,7 +169,7 @@ class Worktree(Resource):
         return [{"check": "mounts", "ok": True, "detail": f"{choice.name}: {choice.why}",
                  "mounts": {"provider": choice.name, "why": choice.why, "probes": choice.probes}}]
 
-    def status(self, host: Host, box: Box) -> dict | None:
+    def status(self, host: Host, box: Box) -> dict[str, Any] | None:
         """How the worktree is made: {"mount": provider, "tree": commit of the shared tree}."""
         data = box.data.get(self.name)
         return {"worktree": dict(data)} if data else None

@@ -108,8 +108,8 @@ def start_supervisor(box: Box, secrets: dict[str, str], specs: list[ServiceSpec]
             held = [f.bind() for f in net.forwards]
             fds = [os.open(procfs.namespace_file(os.getpid(), "net"), os.O_RDONLY | os.O_CLOEXEC)]
             payload.launcher = net.launcher.to_json()
-            payload.forwards = [*(ForwardSpec(f.name, f.target, fd=s.fileno()) for f, s in zip(net.forwards, held)),
-                                *net.inside]
+            given = zip(net.forwards, held, strict=True)
+            payload.forwards = [*(ForwardSpec(f.name, f.target, fd=s.fileno()) for f, s in given), *net.inside]
             payload.faults, payload.host_netns_fd = dict(net.faults), fds[0]
         proc = procs.spawn(argv, cwd=pkg_parent, env=env, stdin=subprocess.PIPE,
                            pass_fds=[*fds, *(s.fileno() for s in held)],
@@ -119,6 +119,7 @@ def start_supervisor(box: Box, secrets: dict[str, str], specs: list[ServiceSpec]
             s.close()  # the supervisor holds them now
         for fd in fds:
             os.close(fd)
+    assert proc.stdin is not None  # stdin=PIPE
     try:
         proc.stdin.write(json.dumps(payload.to_json()).encode())
         proc.stdin.close()

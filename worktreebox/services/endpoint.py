@@ -54,9 +54,9 @@ def host_argv(argv: list[str], box_id: str, box_named: Callable[[str], str | Non
                           f"the host's files, or names another box); run it on the host.")
     word = next((i for i, a in enumerate(rest) if not a.startswith("-")), None)
     named = box_named(rest[word]) if word is not None else None
-    if named is not None and named != box_id:
+    if word is not None and named is not None and named != box_id:
         raise Refused(f"Inside box {box_id}, wtbox works on this box only; {rest[word]!r} is another box.")
-    if named == box_id and word is not None:
+    if word is not None and named == box_id:
         del rest[word]
     return [argv[0], box_id, *rest]
 

@@ -4,8 +4,9 @@ A forward accepts on a listening socket it is given (bound by root in the host's
 namespace before the box's supervisor was started in the box's: the supervisor inherits it)
 and connects each client to a target inside the box (127.0.0.1:<canonical port>), or, for the
 box's database, from the box's 127.0.0.1:5432 to the host's PostgreSQL through slirp4netns's
-10.0.2.2 (its sockets marked: the box's firewall lets only marked packets reach the host). Bytes are copied chunk by chunk with
-asyncio streams; each target has a fault state that can change while connections are open:
+10.0.2.2 (its sockets marked: the box's firewall lets only marked packets reach the host).
+Bytes are copied chunk by chunk with asyncio streams; each target has a fault state that can
+change while connections are open:
 
 - delay D, jitter J: every chunk waits D/2 ± J/2 in each direction, so one request/response
   exchange takes D longer (order is kept: a chunk never overtakes the one before it);

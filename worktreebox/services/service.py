@@ -2,7 +2,7 @@
 
 The test seams live here too: a `Clock` (now, interruptible waits) and a `Processes` factory
 (start, stop), injected into the Supervisor so that restart backoff and ready timeouts are
-unit-tested without real time (tests/test_supervisor_unit.py).
+unit-tested without real time (tests/services/test_service.py).
 """
 from __future__ import annotations
 
@@ -308,9 +308,10 @@ class Service:
 
     def _out_of_time(self) -> bool:
         """Not ready within ready_timeout of the first start (restarts do not buy more time)."""
-        return bool(self.first_start) and self.sup.clock.now() - self.first_start > self.ready_timeout
+        return self.first_start is not None and self.sup.clock.now() - self.first_start > self.ready_timeout
 
     def _wait_exit(self) -> int:
+        assert self.proc is not None  # called after _start
         code = self.proc.wait()
         self.exit_code = code
         level = "info" if code == 0 or not self.wanted else "error"
@@ -327,8 +328,8 @@ class Service:
         self.sup.processes.stop([self.proc] if self.proc is not None else [], procs.kill_wait(), leaves=[self.name])
 
     def info(self) -> ServiceState:
-        alive = self.proc is not None and self.proc.poll() is None
-        return ServiceState(state=self.state, pid=self.proc.pid if alive else None, port=self.spec.port,
+        pid = self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+        return ServiceState(state=self.state, pid=pid, port=self.spec.port,
                             started_at=self.started_at, ready_at=self.ready_at, ready_seconds=self.ready_seconds,
                             restarts=self.restarts, exit_code=self.exit_code, error=self.error,
                             restart=self.restart_policy)

@@ -86,7 +86,8 @@ class SupervisorPayload:
     host_netns_fd: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"secrets": dict(self.secrets), "workdir": self.workdir, "services": [s.to_json() for s in self.services],
+        return {"secrets": dict(self.secrets), "workdir": self.workdir,
+                "services": [s.to_json() for s in self.services],
                 "launcher": list(self.launcher), "forwards": [f.to_json() for f in self.forwards],
                 "faults": dict(self.faults), "host_netns_fd": self.host_netns_fd}
 

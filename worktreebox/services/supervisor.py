@@ -333,8 +333,12 @@ def main(argv: list[str] | None = None) -> None:
         sup = Supervisor(home, box_id, payload)
         pid_file.write_text(f"{os.getpid()}\n")
 
+        def stop_and_finish() -> None:
+            sup.stop_all()
+            sup.finish()
+
         def on_term(signum: int, frame: Any) -> None:
-            threading.Thread(target=lambda: (sup.stop_all(), sup.finish()), daemon=True).start()
+            threading.Thread(target=stop_and_finish, daemon=True).start()
 
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)

@@ -12,7 +12,6 @@ import os
 import re
 import subprocess
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from worktreebox.errors import UsageError, WtboxError

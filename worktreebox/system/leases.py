@@ -24,7 +24,7 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
 from pathlib import Path
 from typing import Any
 
@@ -164,7 +164,7 @@ class HostLeases:
                 pass
             return True
 
-    def sweep(self, known: set[str], known_ports: set[int] = frozenset(), now: float | None = None) -> list[int]:
+    def sweep(self, known: set[str], known_ports: Set[int] = frozenset(), now: float | None = None) -> list[int]:
         """gc: release this home's claims that its registry no longer knows (neither the owner nor
         the port: a pool box renamed when claimed keeps its ports), past the in-flight grace,
         and any claim whose home is gone. Returns the ports released."""
@@ -192,4 +192,4 @@ class HostLeases:
 
 def _home_gone(rec: dict[str, Any]) -> bool:
     home = rec.get("home")
-    return bool(home) and homes.gone(home)
+    return bool(home) and homes.gone(str(home))

@@ -47,7 +47,7 @@ def sample(host: HostContext, interval: float = SAMPLE_INTERVAL) -> list[dict[st
     first = {b.id: usage_of(host.home, b)[0].cpu_seconds for b in boxes}
     time.sleep(max(0.0, interval - (time.monotonic() - t0)))
     elapsed = time.monotonic() - t0
-    rows = []
+    rows: list[dict[str, Any]] = []
     backend = cgroups.for_home(host.home)
     for b in boxes:
         usage, source = usage_of(host.home, b)

@@ -60,7 +60,7 @@ class Collector:
     def box_samples(self) -> list[tuple[str, dict[str, str], float]]:
         """The whole box, from its cgroup: CPU, memory, pids, I/O, and OOM kills per leaf."""
         usage = self.cgroups.usage(self.box_id) if self.cgroups else None
-        if usage is None:
+        if usage is None or self.cgroups is None:
             return []
         box = {"box": self.box_id}
         out = [("wtbox_box_cpu_seconds_total", box, usage.cpu_seconds)]
@@ -133,7 +133,7 @@ def process_tree_usage(pids: list[int]) -> tuple[float, int]:
     for pid in pids:
         try:
             root = psutil.Process(pid)
-            procs = [root] + root.children(recursive=True)
+            procs = [root, *root.children(recursive=True)]
         except psutil.Error:
             continue
         for p in procs:

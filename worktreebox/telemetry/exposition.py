@@ -5,22 +5,20 @@ texts and histogram buckets live in the one metrics.toml.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
-_SPECS: dict[str, dict[str, Any]] | None = None
 
-
+@functools.cache
 def metric_specs() -> dict[str, dict[str, Any]]:
     """observability/metrics.toml: name → {type, help, labels, ...}."""
-    global _SPECS
-    if _SPECS is None:
-        import tomllib
+    import tomllib
 
-        from worktreebox.config.assets import asset_path
+    from worktreebox.config.assets import asset_path
 
-        _SPECS = tomllib.loads(asset_path("observability/metrics.toml").read_text())["metrics"]
-    return _SPECS
+    specs: dict[str, dict[str, Any]] = tomllib.loads(asset_path("observability/metrics.toml").read_text())["metrics"]
+    return specs
 
 
 def histogram_buckets(name: str) -> list[float]:

@@ -42,7 +42,7 @@ def probe(url: str, n: int = 200, concurrency: int = 4, method: str = "GET", dat
                 if next(tickets) >= n:
                     break
             if conn is None:
-                conn = conn_cls(u.hostname, u.port, timeout=timeout)
+                conn = conn_cls(u.hostname or "", u.port, timeout=timeout)
             t0 = time.perf_counter()
             try:
                 conn.request(method, target, body=body, headers=headers)
@@ -54,7 +54,8 @@ def probe(url: str, n: int = 200, concurrency: int = 4, method: str = "GET", dat
                     conn.close()
                     conn = None
             except (OSError, http.client.HTTPException) as e:
-                conn.close()
+                if conn is not None:
+                    conn.close()
                 conn = None
                 reason = type(e).__name__ if not str(e) else str(e)
                 with lock:
@@ -74,7 +75,7 @@ def probe(url: str, n: int = 200, concurrency: int = 4, method: str = "GET", dat
         t.join()
     wall = time.perf_counter() - started
     if not durations:
-        reason = max(failures, key=failures.get) if failures else "no answer"
+        reason = max(failures, key=failures.__getitem__) if failures else "no answer"
         raise WtboxError(f"None of the {n} requests to {url} got an answer ({reason}); is the service up?")
     durations.sort()
     errors = sum(failures.values()) + sum(c for code, c in codes.items() if int(code) >= 400)
@@ -115,7 +116,7 @@ def histogram(durations: list[float]) -> dict[str, Any]:
     """Cumulative bucket counts over the shared bucket edges (le, seconds)."""
     edges = buckets()
     counts = [sum(1 for d in durations if d <= le) for le in edges]
-    return {"buckets": [[le, c] for le, c in zip(edges, counts)] + [["+Inf", len(durations)]],
+    return {"buckets": [[le, c] for le, c in zip(edges, counts, strict=True)] + [["+Inf", len(durations)]],
             "sum": sum(durations), "count": len(durations)}
 
 

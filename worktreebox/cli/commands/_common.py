@@ -48,5 +48,5 @@ def table(rows: list[list[str]], headers: list[str]) -> None:
         Console().print(t)
         return
     widths = [max([len(h)] + [len(str(r[i])) for r in rows]) for i, h in enumerate(headers)]
-    for r in [headers] + rows:
-        click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    for r in [headers, *rows]:
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

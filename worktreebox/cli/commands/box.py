@@ -26,7 +26,8 @@ def parse_secrets(items: tuple[str, ...]) -> dict[str, str]:
             raise UsageError(f"--secret {item!r}: expected NAME or NAME=@FILE.")
         if src:
             if not src.startswith("@"):
-                raise UsageError(f"--secret {name}: give the value through the environment or NAME=@FILE, never inline.")
+                raise UsageError(f"--secret {name}: give the value through the environment or NAME=@FILE, "
+                                 "never inline.")
             try:
                 out[name] = Path(src[1:]).read_text().rstrip("\n")
             except OSError as e:
@@ -65,6 +66,8 @@ def _print_box(out: dict) -> None:
     click.echo(f"path     {out['path']}")
     if out["ports"]:
         click.echo("ports    " + "  ".join(f"{k}={v}" for k, v in out["ports"].items()))
+    for service, link in (out.get("urls") or {}).items():
+        click.echo(f"url      {link}" + (f"  ({service})" if len(out["urls"]) > 1 else ""))
     if out.get("database"):
         db = out["database"]
         click.echo(f"database {db['mode']}: {db['url']}")
@@ -76,17 +79,20 @@ def _print_box(out: dict) -> None:
 
 @command(boxes.LS)
 def ls(all, as_json):
-    found = boxes.listed(get_host(), all)
+    host = get_host()
+    every = host.list()
+    found = [b for b in every if all or b.pool is None]
     if as_json:
-        emit_json([b.to_json() for b in found])
+        emit_json([host.list_json(b, every) for b in found])
         return
     if not found:
         info("no boxes; create one with 'wtbox new TASK'")
         return
     now = time.time()
     rows = [[b.id, b.state + (" (keep)" if b.keep else "") + (" (pool)" if b.pool else ""),
-             " ".join(f"{k}={v}" for k, v in b.ports.items()), _age(now - b.created_at), str(b.path)] for b in found]
-    table(rows, ["ID", "STATE", "PORTS", "AGE", "PATH"])
+             " ".join(f"{k}={v}" for k, v in b.ports.items()), host.first_url(b, every) or "-",
+             _age(now - b.created_at), str(b.path)] for b in found]
+    table(rows, ["ID", "STATE", "PORTS", "URL", "AGE", "PATH"])
 
 
 def _age(s: float) -> str:
@@ -104,7 +110,8 @@ def status(box, show_secrets, as_json):
         return
     _print_box(out)
     wt = out.get("worktree") or {}
-    click.echo(f"disk     {out['disk_bytes'] / 1e6:.1f} MB of its own; its worktree {out['worktree_bytes'] / 1e6:.1f} MB"
+    click.echo(f"disk     {out['disk_bytes'] / 1e6:.1f} MB of its own; "
+               f"its worktree {out['worktree_bytes'] / 1e6:.1f} MB"
                + (f" (changes over its {wt['mount']} view of trees/{wt['tree'][:12]})" if wt.get("tree") else ""))
     sb = out.get("sandbox") or {}
     if sb:
@@ -200,7 +207,8 @@ def rm(box, force, keep_branch, all_, yes, as_json):
         if refusals:
             b, why = refusals[0]
             more = f" (and {len(refusals) - 1} more boxes)" if len(refusals) > 1 else ""
-            raise WtboxError(f"{b.id} has {why}{more}; nothing was removed. Commit and push, or use --force to discard.")
+            raise WtboxError(f"{b.id} has {why}{more}; nothing was removed. "
+                             "Commit and push, or use --force to discard.")
     removed = []
     for b in targets:
         removed.append(boxes.rm(host, b, force=True, keep_branch=keep_branch))

@@ -183,13 +183,14 @@ def print_rows(rows: list[dict]) -> None:
         info("nothing to compare")
         return
     best = C.best_values(rows)
-    headers = ["BOX", "STATE"] + [h for *_, h in C.COLUMNS]
+    headers = ["BOX", "STATE"] + [h for *_, h in C.COLUMNS] + ["URL"]
     body = []
     for r in rows:
         cells = [(r["id"] or f"{r['task']} (no box)", False), (r.get("state") or "", False)]
         for _, field, _, _ in C.COLUMNS:
             is_best = best[field] is not None and r.get(field) == best[field] and len(rows) > 1
             cells.append((_cell(field, r), is_best))
+        cells.append((r.get("url") or "-", False))
         body.append(cells)
     if sys.stdout.isatty():
         from rich.console import Console
@@ -197,7 +198,7 @@ def print_rows(rows: list[dict]) -> None:
 
         t = Table(box=None, header_style="bold", collapse_padding=True, pad_edge=False)
         for h in headers:
-            t.add_column(h, no_wrap=h in ("BOX", "DIFF"))
+            t.add_column(h, no_wrap=h in ("BOX", "DIFF", "URL"))
         for cells in body:
             t.add_row(*[f"[bold green]{c}[/]" if b else c for c, b in cells])
         Console().print(t)
@@ -205,7 +206,7 @@ def print_rows(rows: list[dict]) -> None:
         text = [headers] + [[c + ("*" if b else "") for c, b in cells] for cells in body]
         widths = [max(len(row[i]) for row in text) for i in range(len(headers))]
         for row in text:
-            click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+            click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
         if len(rows) > 1:
             info("* best in its column")
     for r in rows:

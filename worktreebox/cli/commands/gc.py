@@ -50,14 +50,17 @@ def gc(dry_run, grace, install_timer, print_only, quiet, as_json):
     elif not quiet:
         verb = "would" if dry_run else "did"
         for a in result["actions"]:
-            click.echo(f"{a['action']:<7} {a['id']}  ({a['reason']})" + ("" if dry_run or a.get("done") else "  FAILED"))
+            failed = "" if dry_run or a.get("done") else "  FAILED"
+            click.echo(f"{a['action']:<7} {a['id']}  ({a['reason']}){failed}")
         for target in result.get("mounts", []):
             click.echo(f"unmount {target}  (no box owns it)")
         for layer in result.get("layers", []):
             click.echo(f"remove  {layer}  (no box uses it)")
         for cgroup in result.get("cgroups", []):
             click.echo(f"remove  cgroup of box {cgroup}")
-        if not any(result.get(k) for k in ("actions", "mounts", "layers", "cgroups")):
+        for router in result.get("routers", []):
+            click.echo(f"stop    {router}")
+        if not any(result.get(k) for k in ("actions", "mounts", "layers", "cgroups", "routers")):
             info("nothing to clean")
         else:
             info(f"gc {verb} {len(result['actions'])} actions in {result['seconds']}s")

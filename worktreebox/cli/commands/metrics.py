@@ -43,6 +43,7 @@ def metrics(box, query, range, step, list_, as_json):
 
 def _print_result(data: dict) -> None:
     kind, result = data.get("resultType"), data.get("result")
+    assert result is not None, data  # VictoriaMetrics answers every query with a result
     if kind in ("scalar", "string"):
         click.echo(result[1])
         return

@@ -44,13 +44,14 @@ def stop(as_json: bool) -> None:
     """Stop this home's CLI server (the next served command starts a fresh one)."""
     home = _home()
     st = cliproto.ask(home, "status")
+    pid = st["pid"] if st is not None else None
     stopped = st is not None and cliproto.ask(home, "stop") is not None
     if stopped:
         from worktreebox.system import procs
 
-        procs.wait_gone([st["pid"]], timeout=5)
+        procs.wait_gone([pid], timeout=5)
     if as_json:
-        emit_json({"stopped": stopped, "pid": st["pid"] if st else None, "home": home})
+        emit_json({"stopped": stopped, "pid": pid, "home": home})
     else:
-        info(f"stopped the CLI server (pid {st['pid']})." if stopped else f"no CLI server runs for {home}.")
+        info(f"stopped the CLI server (pid {pid})." if stopped else f"no CLI server runs for {home}.")
 

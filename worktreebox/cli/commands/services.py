@@ -14,7 +14,7 @@ def _show(out: dict, as_json: bool) -> None:
         emit_json(out)
         return
     table([[r["name"], r.get("state") or "", r.get("pid") or "", r.get("port") or "",
-            "" if r.get("ready_seconds") is None else f"{r['ready_seconds']:.2f}s", r.get("restarts") or 0,
+            "" if r.get("ready_seconds") is None else f"{r['ready_seconds']:.2f}s", str(r.get("restarts") or 0),
             r.get("error") or ""] for r in rows],
           ["SERVICE", "STATE", "PID", "PORT", "READY", "RESTARTS", "ERROR"])
 

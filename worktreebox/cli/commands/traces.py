@@ -15,6 +15,7 @@ def traces(box, service, name, min_duration, status, since, trace_id, logs, limi
         if as_json:
             emit_json(found)
         else:
+            assert isinstance(found, dict)  # one trace: its tree
             _print_tree(found)
         return
     spans = found

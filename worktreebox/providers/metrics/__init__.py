@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 def store(host: HostContext, provider: str | None = None) -> MetricsStore:
     """The metrics store named `provider` (a repo's [observability] provider, or what a box
     recorded), else the host's [observability] provider."""
-    return choose("metrics", provider or getattr(host.config, "observability_provider", "native"))(host)
+    return choose("metrics", provider or getattr(host.config, "observability_provider", None) or "native")(host)
 
 
 def every_store(host: HostContext) -> list[MetricsStore]:

@@ -38,7 +38,7 @@ def retention_flag(retention: str) -> str:
     """wtbox.toml retention ("2d", "12h") → a -retentionPeriod value; VictoriaMetrics keeps at least a day."""
     from worktreebox.config.load import parse_duration
 
-    hours = max(24, int(round(parse_duration(retention, where="[observability] retention") / 3600)))
+    hours = max(24, round(parse_duration(retention, where="[observability] retention") / 3600))
     return f"{hours}h"
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import os
 import shutil
 import subprocess
@@ -90,17 +91,12 @@ def is_mountpoint(path: Path | str) -> bool:
 
 # ---------------------------------------------------------------- mount(2) / umount2(2)
 
-_LIBC = None
-
-
+@functools.cache
 def _libc():
-    global _LIBC
-    if _LIBC is None:
-        import ctypes  # only when mounting: the import costs more than most commands' work
+    import ctypes  # only when mounting: the import costs more than most commands' work
 
-        # the process's own symbols include libc's (ctypes.util.find_library would run ldconfig)
-        _LIBC = ctypes.CDLL(None, use_errno=True)
-    return _LIBC
+    # the process's own symbols include libc's (ctypes.util.find_library would run ldconfig)
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def sys_mount(source: str, target: Path, fstype: str, options: str, flags: int = 0) -> None:

@@ -49,7 +49,8 @@ def prepare_database(srv: Server, dbname: str, extensions: list[str]) -> None:
         public_can_create = conn.execute(
             "SELECT EXISTS (SELECT 1 FROM pg_namespace n,"
             " aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) a"
-            " WHERE n.nspname = 'public' AND a.grantee = 0 AND a.privilege_type = 'CREATE')").fetchone()[0]
+            " WHERE n.nspname = 'public' AND a.grantee = 0 AND a.privilege_type = 'CREATE')"
+        ).fetchone()[0]  # type: ignore[index]  # SELECT EXISTS: one row
         have = {r[0] for r in conn.execute("SELECT extname FROM pg_extension")}
         missing = [e for e in extensions if e not in have]
         if public_can_create or missing:

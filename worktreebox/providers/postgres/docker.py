@@ -61,7 +61,8 @@ def _credentials(host: HostContext, *, create: bool) -> dict[str, str] | None:
         if not create:
             return None
     except (OSError, ValueError) as e:
-        raise WtboxError(f"{path} is unreadable ({e}); remove it together with the docker volume {name(host)}.") from None
+        raise WtboxError(f"{path} is unreadable ({e}); "
+                         f"remove it together with the docker volume {name(host)}.") from None
     creds = {"user": SUPERUSER, "password": secrets.token_urlsafe(24), "dbname": DBNAME}
     host.home.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(creds), mode=0o600)
@@ -195,7 +196,7 @@ def _create(c: Any, host: HostContext, creds: dict[str, str], port: int) -> dict
         cmd += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
         initdb_args = "--no-sync"
     tc = (
-        DockerContainer(image, command=cmd)
+        DockerContainer(image, command=cmd)  # type: ignore[arg-type]  # docker-py takes argv; typed as str
         .with_name(vol)
         .with_env("POSTGRES_USER", creds["user"])
         .with_env("POSTGRES_PASSWORD", creds["password"])
@@ -341,7 +342,7 @@ class DockerServer(ExternalServer):
         out = status(self.host)
         if out["running"]:
             with contextlib.suppress(WtboxError), self.session() as conn:
-                out["version"] = conn.execute("SHOW server_version").fetchone()[0]
+                out["version"] = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]  # SHOW: one row
         return out
 
 

@@ -215,7 +215,8 @@ class EmbeddedCluster(Server):
                    "--locale=C.UTF-8", "--no-sync", "--no-instructions", "--auth-local=trust",
                    "--auth-host=scram-sha-256"], user)
         with open(scratch / "postgresql.conf", "a") as f:
-            f.write("\n# wtbox: settings that depend on $WTBOX_HOME and host config\ninclude_if_exists = 'wtbox.conf'\n")
+            f.write("\n# wtbox: settings that depend on $WTBOX_HOME and host config\n"
+                    "include_if_exists = 'wtbox.conf'\n")
         # Trust on the socket for the superuser only; the socket dir is reachable by the cluster user and root.
         (scratch / "pg_hba.conf").write_text(
             "# wtbox: superuser over the unix socket only; boxes over TCP with a password\n"
@@ -260,7 +261,8 @@ class EmbeddedCluster(Server):
         if str(socket_dir).startswith("/tmp/") and socket_dir.exists():
             st = socket_dir.lstat()
             if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (os.geteuid(), user.uid if user else -1):
-                raise WtboxError(f"{socket_dir} exists and is not ours; remove it so the PostgreSQL socket can live there.")
+                raise WtboxError(f"{socket_dir} exists and is not ours; "
+                                 "remove it so the PostgreSQL socket can live there.")
         self._own_dir(socket_dir, user)
         self._write_conf(int(port), socket_dir, user)
         atomic_write(self.state_file, json.dumps({

@@ -22,7 +22,8 @@ class ExternalServer(Server):
         try:
             self.params = conninfo_to_dict(url)
         except Exception:
-            raise WtboxError("The PostgreSQL URL (WTBOX_POSTGRES_URL or [database] url) is not a valid postgresql:// URL.") from None
+            raise WtboxError("The PostgreSQL URL (WTBOX_POSTGRES_URL or [database] url) "
+                             "is not a valid postgresql:// URL.") from None
         self.url = url
         host = str(self.params.get("host") or "127.0.0.1")
         self.box_host = "127.0.0.1" if host.startswith("/") or host == "localhost" else host
@@ -64,7 +65,7 @@ class ExternalServer(Server):
                                "port": self.box_port, "running": False, "version": None}
         try:
             with self.session() as conn:
-                out["version"] = conn.execute("SHOW server_version").fetchone()[0]
+                out["version"] = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]  # SHOW: one row
             out["running"] = True
         except WtboxError as e:
             out["error"] = str(e)

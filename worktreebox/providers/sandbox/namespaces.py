@@ -165,7 +165,7 @@ class Namespaces(Sandbox):
         The directory is entered last, by `env --chdir`, inside the box's mount namespace:
         `nsenter --wd` opens it *before* entering, so the process would start in the host's
         directory, outside its root, and `os.chdir("..")` from there walked the host's file
-        system (the box dir's env file, the home's registry: tests/test_sandbox.py).
+        system (the box dir's env file, the home's registry: tests/providers/test_sandbox.py).
 
         nsenter forks to enter the pid namespace and waits for the command, in the same process
         group: a SIGTERM to the group ended nsenter at once (it forwards nothing), so a stop that

@@ -93,7 +93,7 @@ class Cgroups:
 
     def box_keys(self) -> set[str]:
         """The hex of every box of this home with a cgroup in any hierarchy (a crash can leave some)."""
-        out = set()
+        out: set[str] = set()
         for b in self.bases:
             try:
                 out.update(e.name[len(self.prefix):] for e in os.scandir(b)

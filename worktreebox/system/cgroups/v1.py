@@ -90,7 +90,7 @@ class CgroupsV1(Cgroups):
 
     def oom_kills(self, box_id: str) -> dict[str, int]:
         # v1 counts a kill only in the victim's own cgroup (the leaf), not in the box above it.
-        out = {}
+        out: dict[str, int] = {}
         mem = self._dir("memory", box_id)
         if mem is None:
             return out

@@ -26,7 +26,10 @@ def spawn(argv: Sequence[str], *, cwd: str | Path | None = None, env: dict[str, 
     that leaf of its box's cgroup from its first instruction (nothing of it ever runs outside)."""
     hooks = list(before_exec)
     if nice:
-        hooks.insert(0, lambda: os.nice(nice))
+        def renice() -> None:
+            os.nice(nice)
+
+        hooks.insert(0, renice)
     if cgroup is not None:
         enter = cgroups.placement(cgroup)
         if enter is not None:

@@ -39,7 +39,7 @@ def parse_time(text: str | None, now: float | None = None) -> str | None:
         secs = float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
         t = (now if now is not None else time.time()) - secs
         return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.") + \
-            "%03dZ" % (int(t * 1000) % 1000)
+            f"{int(t * 1000) % 1000:03d}Z"
     try:
         d = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
@@ -47,7 +47,7 @@ def parse_time(text: str | None, now: float | None = None) -> str | None:
     if d.tzinfo is None:
         d = d.astimezone()  # a naive time is the user's local time
     d = d.astimezone(dt.UTC)
-    return d.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (d.microsecond // 1000)
+    return d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}Z"
 
 
 class _Filter:
@@ -93,9 +93,7 @@ class _Filter:
                 j = line.find('"', i + 10)
                 if LEVELS.get(line[i + 10:j], 20) < self.min_level:
                     return False
-        if self.rx is not None and self.raw_ok and "\\" not in line and not self.rx.search(line):
-            return False
-        return True
+        return not (self.rx is not None and self.raw_ok and "\\" not in line and not self.rx.search(line))
 
     def record(self, line: str) -> dict | None:
         """The record when it passes every filter (line already passed raw_maybe)."""
@@ -226,16 +224,16 @@ def _candidates(chunk: bytes, flt: _Filter) -> list[str]:
     the whole chunk, so lines that cannot match cost nothing in Python. Escaped characters (a
     backslash in the raw JSON) can hide a --grep regex match: such chunks go line by line.
     """
-    data: bytes | str = chunk
+    data: Any = chunk  # bytes, or str when a regex must see decoded text
     if flt.literal is not None:
         literal = flt.literal
 
-        def find(buf, pos):  # type: ignore[no-untyped-def]
+        def find(buf, pos):
             return buf.find(literal, pos)
     elif flt.rx is None and flt.min_level > LEVELS["debug"]:
         rxb = _level_rx(flt.min_level)
 
-        def find(buf, pos):  # type: ignore[no-untyped-def]
+        def find(buf, pos):
             m = rxb.search(buf, pos)
             return m.start() if m else -1
     else:
@@ -244,7 +242,7 @@ def _candidates(chunk: bytes, flt: _Filter) -> list[str]:
             return [line for line in data.split("\n") if line and flt.raw_maybe(line)]
         rx = flt.rx
 
-        def find(buf, pos):  # type: ignore[no-untyped-def]
+        def find(buf, pos):
             m = rx.search(buf, pos)
             return m.start() if m else -1
     nl = b"\n" if isinstance(data, bytes) else "\n"

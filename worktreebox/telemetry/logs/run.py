@@ -44,6 +44,7 @@ def start_logged(cmd: str, cwd: Path | str, env: dict[str, str], writer: LogWrit
     proc = procs.spawn(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cgroup=cgroup)
     threads = []
     for pipe, stream in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
+        assert pipe is not None  # both PIPE
         fd = os.dup(pipe.fileno())
         pipe.close()
         t = threading.Thread(target=pump, args=(fd, stream, writer, tail), daemon=True)

@@ -37,7 +37,7 @@ _CHAIN = ("During handling of the above exception", "The above exception was the
 def now_ts() -> str:
     """RFC 3339 UTC with milliseconds; fixed width so string order is time order."""
     t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % (int(t * 1000) % 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
 
 
 @functools.cache

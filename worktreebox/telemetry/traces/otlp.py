@@ -330,7 +330,7 @@ class MetricConverter:
     def _histogram(self, out: list, name: str, labels: dict[str, str], dp: Any, delta: bool) -> None:
         cumulative = 0
         counts = list(dp.bucket_counts)
-        for bound, count in zip(dp.explicit_bounds, counts):
+        for bound, count in zip(dp.explicit_bounds, counts, strict=False):
             cumulative += count
             self._add(out, name + "_bucket", {**labels, "le": f"{bound:g}"}, cumulative, dp, delta)
         self._add(out, name + "_bucket", {**labels, "le": "+Inf"}, dp.count, dp, delta)

@@ -129,7 +129,7 @@ class SpanFilter:
             # Unanchored: a "d" key inside the attributes may match too; matches() then rejects the line.
             self.rx = re.compile(rb',"d":' + ge_pattern(self.min_ns) + rb",")
 
-    def candidates(self, buf: bytes | bytearray, start: int = 0, end: int | None = None) -> list[bytes]:
+    def candidates(self, buf: bytes | bytearray, start: int = 0, end: int | None = None) -> list[bytes | bytearray]:
         """Lines of buf[start:end] (whole lines) that may match, in file order."""
         end = len(buf) if end is None else end
         lits = self.literals
@@ -168,9 +168,7 @@ class SpanFilter:
             return False
         if self.since_ns and rec.get("s", 0) < self.since_ns:
             return False
-        if self.name_rx is not None and not self.name_rx.match(str(rec.get("n", ""))):
-            return False
-        return True
+        return not (self.name_rx is not None and not self.name_rx.match(str(rec.get("n", ""))))
 
 
 BLOCK = 1 << 22
@@ -237,7 +235,7 @@ def chunks_backward(path: Path, block: int = BLOCK) -> Iterator[tuple[bytes, int
 def _records(traces_dir: Path, flt: SpanFilter, limit: int | None) -> list[dict[str, Any]]:
     """Matching records, newest first (by arrival), at most `limit`, duplicates (retried exports) once."""
     out: list[dict[str, Any]] = []
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[Any, Any]] = set()  # (trace id, span id) as stored
     for path in reversed(store.files(traces_dir)):
         if flt.since_ns:
             try:

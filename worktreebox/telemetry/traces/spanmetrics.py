@@ -90,7 +90,7 @@ class SpanMetrics:
         for (service, span, status), (counts, total, count) in sorted(values.items()):
             labels = {"box": self.box_id, "service": service, "span": span, "status": status}
             cumulative = 0
-            for le, c in zip(les, counts):
+            for le, c in zip(les, counts, strict=False):
                 cumulative += c
                 out.append((f"{HISTOGRAM}_bucket", {**labels, "le": le}, cumulative))
             out.append((f"{HISTOGRAM}_sum", labels, total))

@@ -172,10 +172,15 @@ def sandboxed(box: Box) -> bool:
 
 def inside_ports(config: RepoConfig, leased: dict[str, int], sandboxed: bool) -> dict[str, int]:
     """The number each leased port has inside the box: its canonical one ([box] ports = { web = 3000 },
-    wtbox's own helpers at their well-known ports) in a sandboxed box, else the leased number."""
+    wtbox's own helpers at their well-known ports, a backing service at its kind's: Redis at 6379)
+    in a sandboxed box, else the leased number. A second backing service of one kind keeps its
+    leased number (two Redis cannot both listen on 6379 in one network)."""
     if not sandboxed:
         return dict(leased)
     fixed = {**{k: v for k, v in INSIDE_PORTS.items() if k != "database"}, **config.box.canonical}
+    for name, b in config.backing.items():
+        if b.port not in fixed.values():
+            fixed[name] = b.port
     return {name: fixed.get(name, port) for name, port in leased.items()}
 
 

@@ -1,5 +1,6 @@
 """A box as a sandbox: its own processes, files and network (the "sandbox" kind of the providers
-table in providers/__init__.py; docs/sandbox.md says what a box can and cannot do in each mode).
+table in providers/__init__.py; README.md, "The sandbox", says what a box can and cannot do in
+each mode; docs/architecture.md, how).
 
 `namespaces` (bubblewrap for the pid, mount, ipc, uts and, unprivileged, user namespaces;
 slirp4netns and nftables for the network; nsenter + setpriv as the one launcher) where the host

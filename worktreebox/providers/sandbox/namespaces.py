@@ -303,7 +303,7 @@ def _userns_allowed() -> bool:
 
 def own_bind_roots(spec: Spec, uid: int, gid: int) -> None:
     """Give the box's user the top of each writable bind (not its content: a worktree's files come
-    from a tree whose owner is settled when the tree is built; see docs/sandbox.md)."""
+    from a tree whose owner is settled when the tree is built; docs/architecture.md, "The sandbox")."""
     for bind in spec.binds:
         if bind.writable:
             bind.src.mkdir(parents=True, exist_ok=True)

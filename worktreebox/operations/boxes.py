@@ -141,11 +141,10 @@ def exec_argv(host: Host, box: str | None, cmd: Sequence[str], *,
     argv = launcher.command(list(cmd), b.path)
     if shell:
         env["WTBOX_SHELL"] = b.id
-    leaf = cgroups.Leaf(host.home, b.id, cgroups.EXEC)
-    if launcher.sandboxed and not shell:
-        return argv, env, run_attached(argv, env=env, cwd=b.path, cgroup=leaf)
     os.chdir(b.path)
-    procs.enter_cgroup(leaf)
+    procs.enter_cgroup(cgroups.Leaf(host.home, b.id, cgroups.EXEC))  # what it starts starts there
+    if launcher.sandboxed and not shell:
+        return argv, env, run_attached(argv, env=env, cwd=b.path, cgroup=None)
     return argv, env, None
 
 

@@ -57,12 +57,18 @@ class Sandbox(Resource):
                 return
             box = c.box
             c.note(f"sandbox ({data['mode']} mode, network {data['network']})")
-            holder = make_holder(c.host, box, c.config)
             c.env["HOME"] = str(box.dir / "home")  # the box's user cannot write the caller's
             c.env["WTBOX_BOX_SOCKET"] = str(box.dir / ENDPOINT_DIR / "box.sock")  # `wtbox` inside: services/endpoint.py
-            from worktreebox.services.client import start_supervisor
+            from worktreebox.services.client import SandboxNet, start_supervisor
 
-            start_supervisor(box, c.secrets, [], daemon_net(c.host, box, holder), wait=False)
+            if data["mode"] != "root":  # entering a network of another user namespace takes nsenter's -U
+                start_supervisor(box, c.secrets, [], daemon_net(c.host, box, make_holder(c.host, box, c.config)),
+                                 wait=False)
+                return
+            # The supervisor's start-up (its imports) while the holder is made; it enters the network then.
+            first = SandboxNet([], procs.Launcher(), forwards=_host_forwards(box, data))
+            start_supervisor(box, c.secrets, [], first, wait=False,
+                             later=functools.partial(_made_net, c.host, box, c.config))
         finally:
             c.provide(self.name)
 
@@ -312,18 +318,35 @@ def daemon_net(host: HostContext, box: Box, holder: Holder | None = None) -> San
     """How the box's supervisor starts in its network: its forwards (every leased port, the exposed
     ones, the database's once known) and the faults `wtbox net` left on them."""
     from worktreebox.providers.sandbox.base import load
-    from worktreebox.services.client import HostForward, SandboxNet
+    from worktreebox.services.client import SandboxNet
 
     data = box.data[NAME]
     provider = provider_for(data["provider"])
     holder = holder or load(box.run_dir)
+    db = [_db_forward(tuple(data["db"]))] if data.get("db") else []
+    return SandboxNet(enter=provider.netns_command(holder, []), launcher=provider.launcher(holder),
+                      forwards=_host_forwards(box, data), inside=db, faults=dict(data.get("faults") or {}))
+
+
+def _host_forwards(box: Box, data: dict[str, Any]) -> list[Any]:
+    """A forward per leased port (host 127.0.0.1:<leased> -> box 127.0.0.1:<inside>) and per exposed one."""
+    from worktreebox.services.client import HostForward
+
     inside = data.get("ports") or {}
     forwards = [HostForward(name, port, ("127.0.0.1", inside.get(name, port))) for name, port in box.ports.items()]
     for host_port, name in (data.get("exposed") or {}).items():
         forwards.append(HostForward(f"expose:{host_port}", int(host_port), ("127.0.0.1", inside.get(name, 0))))
-    db = [_db_forward(tuple(data["db"]))] if data.get("db") else []
-    return SandboxNet(enter=provider.netns_command(holder, []), launcher=provider.launcher(holder),
-                      forwards=forwards, inside=db, faults=dict(data.get("faults") or {}))
+    return forwards
+
+
+def _made_net(host: HostContext, box: Box, config: RepoConfig) -> SandboxNet:
+    """The holder made, and its network as the supervisor enters it itself (root mode)."""
+    from worktreebox.system import procfs
+
+    holder = make_holder(host, box, config)
+    net = daemon_net(host, box, holder)
+    net.enter, net.netns = [], procfs.namespace_file(holder.pid, "net")
+    return net
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from worktreebox.box import _iso, hex_of
@@ -79,13 +80,19 @@ class SandboxNet:
     forwards: list[HostForward] = dataclasses.field(default_factory=list)
     inside: list[ForwardSpec] = dataclasses.field(default_factory=list)
     faults: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    netns: str | None = None  # the box's network namespace (a path), entered by the supervisor itself
 
 
 def start_supervisor(box: Box, secrets: dict[str, str], specs: list[ServiceSpec], net: SandboxNet | None = None,
-                     *, wait: bool = True) -> int | None:
+                     *, wait: bool = True, later: Callable[[], SandboxNet] | None = None) -> int | None:
     """Start the detached supervisor; specs and secrets go over a pipe to its stdin, nowhere else.
     With `net` (a sandboxed box) it starts in the box's network, with the host sockets of its
-    forwards and the host's network namespace as inherited descriptors."""
+    forwards and the host's network namespace as inherited descriptors.
+
+    With `later` as well, the supervisor starts before the box's network exists: `later()` runs
+    while its Python starts (~0.2 s of imports, which then overlap the making of the holder: measured
+    in scripts/bench.py --only sandbox) and gives the rest; the supervisor enters `netns` itself
+    before it forks. If `later` fails, the waiting process is killed before it read anything."""
     box.logs_dir.mkdir(parents=True, exist_ok=True)
     box.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     for stale in (PID_FILE, control.SOCKET, control.STATE_FILE):
@@ -107,13 +114,21 @@ def start_supervisor(box: Box, secrets: dict[str, str], specs: list[ServiceSpec]
             argv = [*net.enter, *argv]
             held = [f.bind() for f in net.forwards]
             fds = [os.open(procfs.namespace_file(os.getpid(), "net"), os.O_RDONLY | os.O_CLOEXEC)]
-            payload.launcher = net.launcher.to_json()
-            given = zip(net.forwards, held, strict=True)
-            payload.forwards = [*(ForwardSpec(f.name, f.target, fd=s.fileno()) for f, s in given), *net.inside]
-            payload.faults, payload.host_netns_fd = dict(net.faults), fds[0]
         proc = procs.spawn(argv, cwd=pkg_parent, env=env, stdin=subprocess.PIPE,
                            pass_fds=[*fds, *(s.fileno() for s in held)],
                            cgroup=cgroups.Leaf(home, box.id, cgroups.SUPERVISOR))
+        if net is not None:
+            if later is not None:
+                try:
+                    net = dataclasses.replace(later(), forwards=net.forwards)
+                except BaseException:
+                    proc.kill()
+                    proc.wait()
+                    raise
+            payload.launcher = net.launcher.to_json()
+            given = zip(net.forwards, held, strict=True)
+            payload.forwards = [*(ForwardSpec(f.name, f.target, fd=s.fileno()) for f, s in given), *net.inside]
+            payload.faults, payload.host_netns_fd, payload.netns = dict(net.faults), fds[0], net.netns
     finally:
         for s in held:
             s.close()  # the supervisor holds them now

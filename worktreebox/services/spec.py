@@ -84,12 +84,13 @@ class SupervisorPayload:
     forwards: list[ForwardSpec] = dataclasses.field(default_factory=list)
     faults: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     host_netns_fd: int | None = None
+    netns: str | None = None  # the box's network namespace, when the supervisor enters it itself
 
     def to_json(self) -> dict[str, Any]:
         return {"secrets": dict(self.secrets), "workdir": self.workdir,
                 "services": [s.to_json() for s in self.services],
                 "launcher": list(self.launcher), "forwards": [f.to_json() for f in self.forwards],
-                "faults": dict(self.faults), "host_netns_fd": self.host_netns_fd}
+                "faults": dict(self.faults), "host_netns_fd": self.host_netns_fd, "netns": self.netns}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SupervisorPayload:
@@ -97,4 +98,5 @@ class SupervisorPayload:
                    workdir=data.get("workdir"), secrets=dict(data.get("secrets") or {}),
                    launcher=list(data.get("launcher") or []),
                    forwards=[ForwardSpec.from_json(f) for f in data.get("forwards") or []],
-                   faults=dict(data.get("faults") or {}), host_netns_fd=data.get("host_netns_fd"))
+                   faults=dict(data.get("faults") or {}), host_netns_fd=data.get("host_netns_fd"),
+                   netns=data.get("netns"))

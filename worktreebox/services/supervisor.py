@@ -29,7 +29,7 @@ from typing import Any
 
 from worktreebox.secrets import Redactor, secret_values
 from worktreebox.services import control
-from worktreebox.services.boxnet import BoxNet
+from worktreebox.services.boxnet import BoxNet, enter_network
 from worktreebox.services.control import EXITED, FAILED, READY, STOPPED, Request, Response
 from worktreebox.services.envfile import read_env_file
 from worktreebox.services.keeper import OutputKeeper
@@ -320,6 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     # The payload (with the secrets) comes on stdin (a pipe from the resource), never through argv, env or a file.
     raw = sys.stdin.buffer.read() if not sys.stdin.isatty() else b""
     payload = SupervisorPayload.from_json(json.loads(raw) if raw.strip() else {})
+    if payload.netns:  # started before the box's network existed: in it before any thread or fork
+        enter_network(payload.netns)
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     # Fork once more so the supervisor is nobody's child: the caller reaps the short-lived

@@ -111,7 +111,8 @@ def _ids(text: str) -> str:
 def _steady(obj):
     """A status document without what changes between two calls (use time, live accounting)."""
     if isinstance(obj, dict):
-        return {k: _steady(v) for k, v in obj.items() if k not in ("last_used_at", "cpu_seconds", "memory_bytes")}
+        changing = ("last_used_at", "cpu_seconds", "memory_bytes", "memory_peak_bytes", "pids")
+        return {k: _steady(v) for k, v in obj.items() if k not in changing}
     return [_steady(v) for v in obj] if isinstance(obj, list) else obj
 
 

@@ -126,12 +126,13 @@ def test_browser_enabled_exports_cdp_url_compares_boxes_and_leaves_nothing_after
     red2 = _new(run_wtbox, make_repo, "ff0000", browser=True)
     boxes = [red, blue, red2]
 
-    # WTBOX_CDP_URL is the box's own DevTools endpoint, and a CDP client opens pages through it.
-    cdp = red["env"]["WTBOX_CDP_URL"]
-    assert cdp == f"http://127.0.0.1:{red['ports']['browser']}"
-    assert len({b["env"]["WTBOX_CDP_URL"] for b in boxes}) == 3
+    # WTBOX_CDP_URL is the box's own DevTools endpoint (at the port the box sees: 9222 in a sandboxed
+    # one), reached from the host at the leased port, and a CDP client opens pages through it.
+    cdp = f"http://127.0.0.1:{red['ports']['browser']}"
+    assert red["env"]["WTBOX_CDP_URL"] == f"http://127.0.0.1:{red.get('inside_ports', red['ports'])['browser']}"
+    assert len({b["ports"]["browser"] for b in boxes}) == 3
     env_out = run_wtbox("exec", red["id"], "--", "sh", "-c", "echo $WTBOX_CDP_URL").stdout.strip()
-    assert env_out == cdp
+    assert env_out == red["env"]["WTBOX_CDP_URL"]
     with sync_playwright() as pw:
         browser = pw.chromium.connect_over_cdp(cdp)
         page = browser.new_page()

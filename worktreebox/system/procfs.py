@@ -8,7 +8,10 @@ file's text, so tests feed them lines without any process.
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # not imported: the CLI launcher imports this module, and pathlib costs it ~10 ms
+    from pathlib import Path
 
 PROC = "/proc"
 SELF_CGROUP = f"{PROC}/self/cgroup"  # named in messages, so a reader knows which file said so

@@ -80,6 +80,18 @@ def stop_routers_under(tmp) -> None:
 BURNER = (APPS / "burner.py").read_text()
 
 
+SANDBOX_OWN = ("bwrap", "slirp4netns", "worktreebox.services.supervisor", "sleep infinity")
+
+
+def box_runs(box_id: str, box_dir: Path) -> list[str]:
+    """Command lines of a box's processes other than wtbox's own that stay while the box lives (a
+    sandboxed box's holder, slirp4netns, supervisor): what a stopped run must not leave."""
+    from worktreebox.system import procs
+
+    found = [" ".join(p.cmdline()) for p in procs.find_box_processes(box_id, box_dir)]
+    return [c for c in found if c and not any(o in c for o in SANDBOX_OWN)]
+
+
 def box_pids(box_id: str) -> set[int]:
     """Live (not zombie) processes whose environment carries WTBOX_ID=<box_id>."""
     found = set()

@@ -31,6 +31,7 @@ from worktreebox.fleet.measure import (
     run_probe,
     test_counts,
 )
+from worktreebox.providers import sandbox
 from worktreebox.services import boxenv
 from worktreebox.system import git, procs
 from worktreebox.system.cgroups import RUN, Leaf
@@ -348,6 +349,7 @@ class Fanout:
                 res["commit"] = git.save_work(box.path, f"wtbox fanout {o.task}: attempt {a.index} of {o.n}",
                                               f"Run: {cmd}\nExit code: {r['exit']}\nBox: {box.id}", label=box.id,
                                               launcher=host.launcher(box))
+                sandbox.bring_back(box)  # the attempt on its branch in the repository, as without a sandbox
             except WtboxError as e:
                 res.setdefault("problems", []).append(str(e))
         # Without --check, the repo's test command ([test] cmd, `wtbox test`) is the check.

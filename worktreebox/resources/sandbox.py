@@ -162,12 +162,32 @@ def decide(c: Creation) -> dict[str, Any]:
         c.box.data[NAME] = data
         if provider.name == OFF:
             _say_off_once(c.host)
-        elif provider.mode == "root":
+            return data
+        data["outside"] = served_outside(c.host, c.config)
+        if provider.mode == "root":
             # before any mount of this box: a bind of boxes/ made later would hide the box's views
             from worktreebox.providers.sandbox.namespaces import share_boxes_dir
 
             share_boxes_dir(Path(c.host.home))
     return data
+
+
+def served_outside(host: HostContext, config: RepoConfig) -> list[str]:
+    """The box's ports whose server runs outside its network: a docker container (metrics store,
+    backing service) publishing the leased port on the host's loopback. They get no host forward;
+    the box reaches them through a marked forward of its supervisor to the host (10.0.2.2)."""
+    from worktreebox.providers.backing import runtime_for
+
+    obs = config.observability
+    names = ["metrics"] if obs.enabled and (obs.provider or getattr(host.config, "observability_provider",
+                                                                      "native")) == "docker" else []
+    for cfg in config.backing.values():
+        try:
+            docker = runtime_for(cfg, config.source).runtime == "docker"
+        except WtboxError:
+            continue  # the backing resource says why, in its own sentence
+        names += cfg.port_names if docker else []
+    return names
 
 
 def sandboxed(box: Box) -> bool:
@@ -323,17 +343,24 @@ def daemon_net(host: HostContext, box: Box, holder: Holder | None = None) -> San
     data = box.data[NAME]
     provider = provider_for(data["provider"])
     holder = holder or load(box.run_dir)
+    from worktreebox.providers.sandbox.network import GATEWAY
+    from worktreebox.services.spec import ForwardSpec
+
     db = [_db_forward(tuple(data["db"]))] if data.get("db") else []
+    seen = data.get("ports") or {}
+    outside = [ForwardSpec(n, (GATEWAY, box.ports[n]), listen=("127.0.0.1", seen.get(n, box.ports[n])), mark=True)
+               for n in data.get("outside") or () if n in box.ports]
     return SandboxNet(enter=provider.netns_command(holder, []), launcher=provider.launcher(holder),
-                      forwards=_host_forwards(box, data), inside=db, faults=dict(data.get("faults") or {}))
+                      forwards=_host_forwards(box, data), inside=[*db, *outside], faults=dict(data.get("faults") or {}))
 
 
 def _host_forwards(box: Box, data: dict[str, Any]) -> list[Any]:
     """A forward per leased port (host 127.0.0.1:<leased> -> box 127.0.0.1:<inside>) and per exposed one."""
     from worktreebox.services.client import HostForward
 
-    inside = data.get("ports") or {}
-    forwards = [HostForward(name, port, ("127.0.0.1", inside.get(name, port))) for name, port in box.ports.items()]
+    inside, outside = data.get("ports") or {}, set(data.get("outside") or ())
+    forwards = [HostForward(name, port, ("127.0.0.1", inside.get(name, port))) for name, port in box.ports.items()
+                if name not in outside]
     for host_port, name in (data.get("exposed") or {}).items():
         forwards.append(HostForward(f"expose:{host_port}", int(host_port), ("127.0.0.1", inside.get(name, 0))))
     return forwards

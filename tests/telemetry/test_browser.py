@@ -176,10 +176,15 @@ def test_browser_enabled_exports_cdp_url_compares_boxes_and_leaves_nothing_after
 
     main = int((Path(red["dir"]) / "run" / chromium.PID_FILE).read_text())
     os.kill(main, signal.SIGKILL)
-    assert wait_for(lambda: not chromium.running(red["id"], Path(red["dir"]), red["ports"]["browser"]), timeout=10)
+    sandboxed = (red.get("sandbox") or {}).get("provider") not in (None, "off")  # known by its answer, then
+
+    def running() -> bool:
+        return chromium.running(red["id"], Path(red["dir"]), red["ports"]["browser"], sandboxed=sandboxed)
+
+    assert wait_for(lambda: not running(), timeout=10)
     again = json.loads(run_wtbox("browse", red["id"], "/", "--json").stdout)
     assert again["warm"] is True and again["status"] == 200
-    assert chromium.running(red["id"], Path(red["dir"]), red["ports"]["browser"])
+    assert running()
 
     pids = {b["id"]: _chromium_of(b["dir"]) for b in boxes}
     assert all(pids.values()), pids  # each box runs its own

@@ -451,12 +451,12 @@ def fairness(make_repo, run_wtbox, burners: int, rounds: int = 10, n: int = 60, 
     start and spin while a flag file exists: no process start inside the measurement.
     `while_burning(a, b)` runs once at the end with A burning."""
     repo_a = make_repo({"burner.py": BURNER}, toml=service_toml(
-        name="burn", cmd=f"{PY} burner.py $WTBOX_BOX_DIR/spin {burners}").replace(
+        name="burn", cmd=f"{PY} burner.py $TMPDIR/spin {burners}").replace(
         'ready = "tcp:{{ ports.web }}"\n', ""))
     repo_b = make_repo({"server.py": SERVER}, toml=service_toml(limits='memory_max = "512M"\npids_max = 100\n'))
     a = json_of(run_wtbox("new", "burner", "--repo", str(repo_a), "--json", env=env))
     b = json_of(run_wtbox("new", "latency", "--repo", str(repo_b), "--json", env=env))
-    flag = Path(a["dir"]) / "spin"
+    flag = Path(a["dir"]) / "tmp" / "spin"  # the box's own tmp: a sandboxed box sees it
     quiet, loaded = [], []
     try:
         probe_p95(run_wtbox, b, 50, env)  # warm up
@@ -541,7 +541,7 @@ def cpu_shares_while_both_burn(make_repo, run_wtbox, env: dict | None = None, wi
     from worktreebox.system import procs
 
     burners_a = 2 * os.cpu_count() + 1
-    toml = lambda n: service_toml(name="burn", cmd=f"{PY} burner.py $WTBOX_BOX_DIR/spin {n}").replace(
+    toml = lambda n: service_toml(name="burn", cmd=f"{PY} burner.py $TMPDIR/spin {n}").replace(
         'ready = "tcp:{{ ports.web }}"\n', "")
     a = json_of(run_wtbox("new", "hog", "--repo", str(make_repo({"burner.py": BURNER}, toml=toml(burners_a))),
                           "--json", env=env))
@@ -558,7 +558,7 @@ def cpu_shares_while_both_burn(make_repo, run_wtbox, env: dict | None = None, wi
             return total
 
         for box in (a, b):
-            (Path(box["dir"]) / "spin").touch()
+            (Path(box["dir"]) / "tmp" / "spin").touch()
         time.sleep(2.0)  # every burner is spinning, and both boxes are background (background.py)
         a0, b0 = cpu(a), cpu(b)
         time.sleep(window)

@@ -247,10 +247,9 @@ def test_box_resolution(make_repo, run_wtbox):
     assert get(None, cwd=sub) == b["id"]        # cwd inside the box
     proc = run_wtbox("status", "--json", cwd=repo, check=False)
     assert proc.returncode == 2
-    c = json.loads(run_wtbox("new", "alpha", "--repo", str(repo), "--json").stdout)
-    proc = run_wtbox("status", "alpha", check=False)  # two boxes with that task: ambiguous
-    assert proc.returncode == 2 and "matches 2 boxes" in proc.stderr
-    assert get(c["id"]) == c["id"]
+    proc = run_wtbox("new", "alpha", "--repo", str(repo), "--json", check=False)  # a task name is one box's
+    assert proc.returncode == 1 and f"A box named 'alpha' already exists ({a['id']})" in proc.stderr
+    assert get("alpha") == a["id"]
 
 
 def test_repo_defaults_to_cwd_and_from_ref(make_repo, run_wtbox):

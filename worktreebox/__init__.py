@@ -1,7 +1,7 @@
 """worktreebox: many isolated, disposable development boxes on one Linux host."""
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from worktreebox.version import __version__
 
 __all__ = ["Box", "Host", "WtboxError", "__version__"]
 

@@ -31,14 +31,24 @@ def slugify(task: str) -> str:
         raise UsageError(f"The task name is {len(task)} characters long; keep it under 200.")
     if task.startswith("-"):
         raise UsageError(f"The task name {task!r} starts with '-'; pass a name, not an option.")
-    text = unicodedata.normalize("NFKD", task).encode("ascii", "ignore").decode()
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    slug = re.sub(r"[^a-z0-9]+", "-", _ascii(task).lower()).strip("-")
     slug = slug[:MAX_SLUG].rstrip("-")
     if not slug:
         raise UsageError(
             f"The task name {task!r} has no letters or digits to build a box id from; use e.g. 'fix-login'."
         )
     return slug
+
+
+def _ascii(task: str) -> str:
+    """The task's letters and digits in ASCII: transliterated (ταsk -> task, 日本 -> RiBen), not dropped;
+    anything else (emoji, punctuation) separates words."""
+    if task.isascii():
+        return task
+    from anyascii import anyascii  # ~6 ms, only for a name that needs it
+
+    return "".join(anyascii(ch) if unicodedata.category(ch)[0] in "LN" else " "
+                   for ch in unicodedata.normalize("NFC", task))
 
 
 def new_id(task: str) -> str:

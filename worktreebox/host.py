@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from worktreebox import admission, diagnostics, providers, settings
 from worktreebox.box import CREATING, DEGRADED, FAILED, READY, REMOVING, Box, branch_name, new_id, slugify
+from worktreebox.config import recorded
 from worktreebox.config.load import (
     load_config_for_new,
     load_host_config,
@@ -26,7 +27,7 @@ from worktreebox.config.load import (
     parse_duration,
 )
 from worktreebox.config.templating import render
-from worktreebox.errors import Interrupted, NotFound, UnsavedWork, UsageError, WtboxError
+from worktreebox.errors import ConfigError, Interrupted, NotFound, UnsavedWork, UsageError, WtboxError
 from worktreebox.providers.postgres import server as postgres_server
 from worktreebox.registry import Registry
 from worktreebox.resources import load_all, stages
@@ -36,6 +37,7 @@ from worktreebox.services.boxenv import process_env
 from worktreebox.services.envfile import format_env
 from worktreebox.system import cancel, git, procs
 from worktreebox.system.fsutil import atomic_write
+from worktreebox.version import __version__
 
 if TYPE_CHECKING:
     from worktreebox.config.load import HostConfig, RepoConfig
@@ -51,6 +53,9 @@ def default_home() -> Path:
 class Host:
     def __init__(self, home: str | Path | None = None) -> None:
         self.home = Path(home).expanduser().absolute() if home else default_home().absolute()
+        if self.home.exists() and not self.home.is_dir():  # one stat; everything below assumes a directory
+            raise ConfigError(f"WTBOX_HOME {self.home} is a file, not a directory; point WTBOX_HOME at a "
+                              "directory (wtbox makes it when it is missing).")
         self.boxes_dir = self.home / "boxes"
         self.registry = Registry(self.home / "registry.sqlite3")
         self._config: HostConfig | None = None
@@ -133,18 +138,21 @@ class Host:
                 out.update(extra)
         if box.data.get("timings"):
             out["timings"] = box.data["timings"]
+        rec = box.data.get(recorded.DATA_KEY)
+        if rec:  # which config the box runs with (the text itself: boxes/<id>/... nowhere; the row)
+            out["config"] = {"source": rec["source"], "sha256": rec["sha256"]}
         return out
 
     def disk_bytes(self, box: Box) -> int:
         """Disk the box uses of its own: its dir without the shared trees and layers mounted into it."""
-        from worktreebox.providers.mounts.base import own_bytes
+        from worktreebox.system.fsutil import own_bytes
 
         return own_bytes(box.dir)
 
     def worktree_bytes(self, box: Box) -> int:
         """What the box's worktree costs it: the upper layers of its copy-on-write views (its changes),
         or the whole checkout when it is a plain one."""
-        from worktreebox.providers.mounts.base import own_bytes
+        from worktreebox.system.fsutil import own_bytes
 
         uppers = [box.dir / "upper", *sorted((box.dir / "deps").glob("*/upper"))]
         if uppers[0].is_dir():
@@ -176,8 +184,10 @@ class Host:
         return self.registry.select_box(rel.parts[0]) if rel.parts else None
 
     def repo_config(self, box: Box) -> RepoConfig:
-        """The wtbox.toml of a box: its worktree's file if present, else the defaults."""
-        return load_repo_config_file(box.path, source_label=str(box.path / "wtbox.toml"))
+        """The config the box was made with (or last `up --reload`ed): its record, not today's files.
+        A box made before configs were recorded: its worktree's file, else the defaults."""
+        return recorded.config_of(box.data) or load_repo_config_file(box.path,
+                                                                    source_label=str(box.path / "wtbox.toml"))
 
     # ------------------------------------------------------------------ host ports
     def lease_host_port(self, owner: str) -> int:
@@ -228,9 +238,14 @@ class Host:
         box = Box(id=box_id, task=task, repo=str(repo_root), branch=branch_name(box_id),
                   dir=self.boxes_dir / box_id, state=CREATING, ttl=ttl_s, keep=keep, pool=pool)
         box.data["base_sha"] = base_sha
+        box.data[recorded.DATA_KEY] = recorded.record(cfg)  # what up, restart, the pool and gc use for it
         box.data["creator"] = procs.identity(os.getpid())
         # Fixed now: `up`/`restart`/`exec` from any other shell give the box this environment.
         box.data[boxenv.DATA_KEY] = boxenv.capture(cfg.box)
+        from worktreebox.layers.deps import runtime_toolchain  # ~2 ms: only `new` needs it
+
+        box.data["toolchain"] = runtime_toolchain(box.data[boxenv.DATA_KEY].get("PATH"), self.home)
+        box.data["wtbox_version"] = __version__
         box.data["secret_names"] = sorted(secrets or {})  # names only: to say what `up` needs again
         box._host = self
         self.boxes_dir.mkdir(parents=True, exist_ok=True)
@@ -251,9 +266,13 @@ class Host:
         try:
             self._create(c)
         except BaseException as e:
+            cause = next(filter(None, (r.failure_cause(self, box) for r in self.resources)), None)
             self._rollback(box)
             if isinstance(e, KeyboardInterrupt) or cancel.cancelled():  # Ctrl-C, or a cancelled MCP call
                 raise Interrupted("Interrupted; the half-made box was removed.") from None
+            if cause:
+                raise WtboxError(f"Creating the box failed: {cause} ({type(e).__name__}: {e}); nothing was "
+                                 "left behind.") from e
             if isinstance(e, WtboxError):
                 raise
             raise WtboxError(f"Creating the box failed ({type(e).__name__}: {e}); nothing was left behind.") from e
@@ -364,6 +383,11 @@ class Host:
     def rm(self, ref: str | Box, *, force: bool = False, keep_branch: bool = False) -> Box:
         """Destroy a box completely; refuses with unsaved work unless force. Restartable after a crash."""
         box = ref if isinstance(ref, Box) else self.get(ref)
+        creator = box.data.get("creator")
+        if box.state == CREATING and creator and procs.is_alive(creator) and creator[0] != os.getpid():
+            # Its command rolls back whatever it made on Ctrl-C; removing underneath it leaves both confused.
+            raise WtboxError(f"{box.id} is still being made (by process {creator[0]}); wait for it, or interrupt "
+                             "that command (Ctrl-C), which removes the half-made box.")
         for r in self.resources:
             r.warm(box.data, None)
         if not force and box.state != REMOVING:  # a removal cut short: it was decided already
@@ -396,11 +420,18 @@ class Host:
 
     # ------------------------------------------------------------------ services
     def services(self, box: Box, action: str, service: str | None = None,
-                 secrets: dict[str, str] | None = None) -> dict[str, Any]:
+                 secrets: dict[str, str] | None = None, *, reload: bool = False) -> dict[str, Any]:
         """up / down / restart the box's services (or one); the services' state afterwards.
-        `secrets` reach a supervisor started anew (after `down`, or after one died)."""
+        `secrets` reach a supervisor started anew (after `down`, or after one died). `reload` (up):
+        first apply and record the box's own edited wtbox.toml."""
         from worktreebox.resources import services as svc  # the resource owns the supervisor's lifecycle
 
+        if reload:
+            if action != "up":
+                raise UsageError("Only 'up' reloads the box's wtbox.toml.")
+            secrets = svc.reload_config(self, box, secrets)
+            if not self.repo_config(box).services:
+                return {}  # the reloaded config has none: they were stopped
         if action == "down":
             return svc.services_down(self, box, service)
         fn = {"up": svc.services_up, "restart": svc.services_restart}.get(action)
@@ -467,8 +498,9 @@ def _timed(c: Creation, phase: str | None, step: Callable[[Creation], None]) -> 
 
 
 def finalize_env(c: Creation) -> dict[str, str]:
-    """Resource variables, then [database] env, then [box] env (the repo's own words win)."""
-    env = dict(c.env)
+    """The deterministic runtime defaults, resource variables, then [database] env, then [box] env (the
+    repo's own words win)."""
+    env = {**boxenv.deterministic(c.config.box, git.commit_time(c.box.repo, c.base_sha)), **c.env}
     for section, mapping in (("database", c.config.database.env), ("box", c.config.box.env)):
         for k, v in mapping.items():
             env[k] = render(v, c.facts, f"{c.config.source}: [{section}] env.{k}")

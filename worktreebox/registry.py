@@ -14,6 +14,11 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from worktreebox.box import READY, Box
+from worktreebox.errors import WtboxError
+
+
+class TaskTaken(WtboxError):
+    """Another box already has this task name (names resolve boxes: they must be unique)."""
 
 SCHEMA_VERSION = 2
 
@@ -92,16 +97,31 @@ class Registry:
     @property
     def db(self) -> sqlite3.Connection:
         if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            try:
+                self._open()
+            except sqlite3.DatabaseError as e:
+                if isinstance(e, sqlite3.OperationalError) and "unable to open" not in str(e):
+                    raise  # locked, busy: not about the file itself
+                raise WtboxError(f"The registry {self.path} is not a readable SQLite database ({e}); restore it, "
+                                 "or move it aside to start an empty one (the boxes it listed then look like "
+                                 "orphans to 'wtbox gc': save their work first).") from None
+        assert self._db is not None
+        return self._db
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        try:
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA busy_timeout = 30000")
             _to_wal(db)
             db.execute("PRAGMA synchronous = NORMAL")
-            self._db = db
-            self._all.append(db)
-            self._migrate()
-        return self._db
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+        self._all.append(db)
+        self._migrate()
 
     def close(self) -> None:
         for db in self._all:
@@ -139,8 +159,12 @@ class Registry:
 
     # ---------------------------------------------------------------- boxes
     def insert_box(self, box: Box) -> None:
+        """Add a box's row; a task name another box (not a pooled one) has is refused, in the same
+        transaction: five concurrent `new same` make one box named `same`."""
         now = time.time()
         with self.transaction() as db:
+            if box.pool is None:
+                _refuse_taken_task(db, box.task)
             db.execute(
                 "INSERT INTO boxes (id, task, repo, branch, dir, state, created_at, updated_at, last_used_at,"
                 " ttl, keep, env, data, pool) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -206,22 +230,25 @@ class Registry:
         rows = self.db.execute("SELECT data FROM boxes WHERE pool=? AND repo=? AND state=?", (key, repo, READY))
         return {json.loads(r[0]).get("base_sha") for r in rows}
 
-    def claim_pool_box(self, repo: str, key: str, commits: list[str], rename: Callable[[Box], None]) -> Box | None:
-        """Take one ready pooled box of (repo, key) whose base is in `commits` (earlier ones preferred)
-        and hand it to `rename`, which sets its new id, task, branch, dir, data; all in one
-        `BEGIN IMMEDIATE` transaction, so two claims never get the same box."""
+    def claim_pool_box(self, repo: str, key: str, commits: list[str], rename: Callable[[Box], None],
+                       accept: Callable[[Box], bool] = lambda box: True) -> Box | None:
+        """Take one ready pooled box of (repo, key) that `accept`s and whose base is in `commits` (earlier
+        ones preferred) and hand it to `rename`, which sets its new id, task, branch, dir, data; all in
+        one `BEGIN IMMEDIATE` transaction, so two claims never get the same box."""
         with self.transaction() as db:
             rows = db.execute("SELECT * FROM boxes WHERE pool=? AND repo=? AND state=? ORDER BY created_at",
                               (key, repo, READY)).fetchall()
             by_commit: dict[str, sqlite3.Row] = {}
             for r in rows:
-                by_commit.setdefault(json.loads(r["data"]).get("base_sha"), r)
+                if accept(self._box(r, {})):
+                    by_commit.setdefault(json.loads(r["data"]).get("base_sha"), r)
             row = next((by_commit[c] for c in commits if c in by_commit), None)
             if row is None:
                 return None
             box = self._box(row)
             old = box.id
             rename(box)
+            _refuse_taken_task(db, box.task)
             db.execute("UPDATE boxes SET id=?, task=?, branch=?, dir=?, state=?, created_at=?, updated_at=?,"
                        " last_used_at=?, ttl=?, keep=?, env=?, data=?, pool=NULL WHERE id=?",
                        (box.id, box.task, box.branch, str(box.dir), box.state, box.created_at, time.time(),
@@ -294,6 +321,13 @@ class Registry:
         with self.transaction() as db:
             db.execute("INSERT INTO meta (key, value) VALUES (?, ?)"
                        " ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
+
+
+def _refuse_taken_task(db: sqlite3.Connection, task: str) -> None:
+    row = db.execute("SELECT id FROM boxes WHERE task=? AND pool IS NULL LIMIT 1", (task,)).fetchone()
+    if row is not None:
+        raise TaskTaken(f"A box named {task!r} already exists ({row[0]}); use it, remove it with 'wtbox rm "
+                        f"{row[0]}', or choose another name.")
 
 
 def _split(script: str) -> Iterable[str]:

@@ -84,6 +84,9 @@ SANDBOX = Setting("WTBOX_SANDBOX", "`[host] sandbox`: auto, namespaces or off (b
 # ---------------------------------------------------------------- the host's programs and limits
 CGROUPS = Setting("WTBOX_CGROUPS", "`off`: boxes get no cgroup (no limits; teardown by `WTBOX_ID` and cwd)",
                   "a cgroup per box where the host allows it")
+DISK_WATCH = Setting("WTBOX_DISK_WATCH", "`1`: `[box] disk_max` is watched by the box's supervisor instead of "
+                                         "enforced by a loop-mounted filesystem", "enforced where the host can (root, "
+                                         "loop devices), else watched")
 PG_BIN = Setting("WTBOX_PG_BIN", "the directory of `initdb` and `pg_ctl` for the embedded cluster",
                  "from PATH, else the newest `/usr/lib/postgresql/*/bin`")
 CHROMIUM = Setting("WTBOX_CHROMIUM", "the Chromium binary of `browse` and `[browser]`", "`chromium` on PATH")
@@ -100,8 +103,8 @@ PHASE_STOP = Setting("WTBOX_PHASE_STOP", "crash tests: `new` halts at the first 
 
 SETTINGS = (HOME, LEASE_DIR, NO_SERVER, SERVER_IDLE, NO_AUTO_GC, DEBUG, PROGRESS, BOX_ID, BOX_SOCKET, PORT_RANGE,
             MOUNTS, LAYER_TTL, POSTGRES_URL, DATABASE_PROVIDER, POSTGRES_IMAGE, OBSERVABILITY_PROVIDER,
-            VICTORIAMETRICS_IMAGE, SANDBOX, CGROUPS, PG_BIN, CHROMIUM, CADDY, KILL_WAIT, POOL_IDLE, PHASE_FILE,
-            PHASE_STOP)
+            VICTORIAMETRICS_IMAGE, SANDBOX, CGROUPS, DISK_WATCH, PG_BIN, CHROMIUM, CADDY, KILL_WAIT, POOL_IDLE,
+            PHASE_FILE, PHASE_STOP)
 
 
 def user_state_dir() -> str:

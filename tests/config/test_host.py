@@ -79,7 +79,7 @@ HOST_KEYS = ("background_busy, layer_ttl, max_active, max_boxes, max_load, mount
     ('[host]\nlayer_ttl = "x"', f"[host] layer_ttl: expected {DURATION}, got 'x'."),
     ("[host]\nlayer_ttl = 0", f"[host] layer_ttl: expected {DURATION}, more than 0 and at most ten years, got 0."),
     ("[host]\nbackground_busy = 'maybe'", "[host] background_busy: expected true or false, got 'maybe'."),
-    ('[box]\nttl = "1h"', "[box] has an unknown key 'ttl'; known keys: cpu_weight, memory_max, pids_max."),
+    ('[box]\nttl = "1h"', "[box] has an unknown key 'ttl'; known keys: cpu_weight, disk_max, memory_max, pids_max."),
     ("[box]\ncpu_weight = 0", ("[box] cpu_weight: expected a whole number from 1 to 10000 (100 is every box's "
                                "share), got 0.")),
     ('database = "x"', "[database] must be a table, got 'x'."),

@@ -101,7 +101,8 @@ def test_procfile_when_there_are_no_services(text, procfile, services):
 
 # ---------------------------------------------------------------- bad values: the exact sentence
 
-BOX_KEYS = "cache_env, clean_env, copy, cpu_weight, env, inherit_env, memory_max, network, pids_max, ports, ttl"
+BOX_KEYS = ("cache_env, clean_env, copy, cpu_weight, disk_max, env, inherit_env, memory_max, network, pids_max, "
+            "ports, ttl")
 
 
 @pytest.mark.parametrize(("text", "sentence"), [
@@ -195,7 +196,7 @@ BOX_KEYS = "cache_env, clean_env, copy, cpu_weight, env, inherit_env, memory_max
     ('[database]\nprovider = "mysql"', ("[database] provider: expected one of 'embedded', 'external', 'docker', "
                                         "got 'mysql'.")),
     ("[database]\nurl = 1", ("[database] has an unknown key 'url'; known keys: env, extensions, migrate, migrations, "
-                             "mode, provider.")),
+                             "mode, provider, timeout.")),
     # [observability]
     ('[observability]\nenabled = "yes"', "[observability] enabled: expected true or false, got 'yes'."),
     ('[observability]\ncollector = "fluentd"', ("[observability] collector: expected one of 'builtin', 'vector', "
@@ -290,5 +291,6 @@ def test_every_field_is_a_key_and_every_key_a_field(cls, schema, not_keys):
 
 def test_the_document_names_every_table():
     tables = {item.key for item in repo.REPO.items if hasattr(item, "schema")}
-    assert tables == {f.name for f in dataclasses.fields(repo.RepoConfig)} - {"source", "services_from_procfile"}
+    not_tables = {"source", "services_from_procfile", "text", "procfile_text"}
+    assert tables == {f.name for f in dataclasses.fields(repo.RepoConfig)} - not_tables
     assert any(isinstance(item, NamedTables) for item in repo.SERVICES.items)

@@ -67,6 +67,12 @@ def test_bad_sizes(value):
     assert complaint(v.size, value) == f'expected a size such as "512M" or "2G", or "max", got {value!r}'
 
 
+@pytest.mark.parametrize("value", ["99999999999999999999999G", "9000000T", 1 << 70])
+def test_a_memory_limit_the_kernel_cannot_hold_is_refused_not_taken_as_no_limit(value):
+    """Defect 3: "99999999999999999999999G" was accepted and meant no limit."""
+    assert complaint(v.memory_max, value).startswith("expected a size below 8 exabytes")
+
+
 @pytest.mark.parametrize(("value", "parsed"), [("20000-29999", (20000, 29999)), (" 1024 - 65535 ", (1024, 65535))])
 def test_port_ranges(value, parsed):
     assert v.port_range(value) == parsed

@@ -134,9 +134,10 @@ def test_fanout_compare_pick_end_to_end(home, host, make_repo, run_wtbox, tmp_pa
     proc = run_wtbox("fanout", "fix", "-n", "5", "--repo", str(repo),
                      "--run", f"{PY} attempt.py {{i}} {seen} {{box}}",
                      "--check", f"{PY} -m pytest -q -p no:cacheprovider", "--probe", "/", "--probe-requests", "40",
-                     "--json", timeout=120)
+                     "--json", timeout=120, check=False)
     rows = json.loads(proc.stdout)
     by = rows_by_index(rows)
+    assert proc.returncode == 1 and "attempts failed their run or checks" in proc.stderr  # some attempts fail
     assert sorted(by) == [1, 2, 3, 4, 5]
     assert all(r["state"] == "done" and r["error"] is None for r in rows), rows
     assert [r["task"] for r in rows] == [f"fix-{i}" for i in range(1, 6)]
@@ -250,8 +251,10 @@ def test_compare_any_boxes_json_and_sort(home, host, make_repo, run_wtbox):
 def test_timeout_and_pick_needs_yes_without_a_terminal(home, host, make_repo, run_wtbox):
     repo = make_repo(toml=CORE_TOML)
     run = 'if [ "$WTBOX_FANOUT_INDEX" = 2 ]; then exec sleep 30; fi; echo {i} > attempt-{i}.txt'
-    rows = json.loads(run_wtbox("fanout", "try", "-n", "3", "--repo", str(repo), "--run", run, "--timeout", "1s",
-                                "--jobs", "2", "--json").stdout)
+    proc = run_wtbox("fanout", "try", "-n", "3", "--repo", str(repo), "--run", run, "--timeout", "1s", "--jobs", "2",
+                     "--json", check=False)
+    assert proc.returncode == 1 and "1 of 3 attempts failed" in proc.stderr  # the one that timed out
+    rows = json.loads(proc.stdout)
     by = rows_by_index(rows)
     assert by[2]["run_exit"] == 124 and by[2]["timed_out"] and by[2]["commit"] is None
     assert by[1]["run_exit"] == 0 and by[1]["commit"] and by[3]["commit"]

@@ -160,3 +160,32 @@ def test_gc_empties_trash_left_by_a_dead_background_delete(host, make_repo, run_
     (stale / "sub" / "file").write_text("x")
     run_wtbox("gc")
     assert not stale.exists()
+
+
+def test_a_gc_of_another_home_in_the_middle_of_new_leaves_the_new_box_whole(host, make_repo, tmp_path, monkeypatch):
+    """Seen once: `new` failed with FileNotFoundError .git/worktrees/... while a gc ran. A gc (of any home
+    that knows the repo) runs `git worktree prune`, which deleted the admin dir of a worktree whose `.git`
+    pointer `new` had just taken out to mount the box's view over it. Here that gc runs at that moment."""
+    from worktreebox.host import Host
+    from worktreebox.providers import mounts
+
+    repo = make_repo(toml=CORE_TOML)
+    other = Host(tmp_path / "other-home")
+    other.registry.remember_repo(str(repo))  # the other home made boxes of this repo once
+    provider = mounts.for_host(host)
+    if not provider.mounts:
+        pytest.skip(f"the {provider.name} provider mounts no view: no window with the pointer taken out")
+    real = type(provider).attach
+    ran = []
+
+    def attach_during_gc(self, lower, target, scratch):
+        ran.append(gc_mod.run(other, grace=0))
+        return real(self, lower, target, scratch)
+
+    monkeypatch.setattr(type(provider), "attach", attach_during_gc)
+    box = host.new("raced", repo=repo)
+    assert ran and git(box.path, "status", "--porcelain") == ""
+    assert git(repo, "worktree", "list").count(str(box.path)) == 1
+    host.rm(box.id)
+    assert not list((repo / ".git" / "worktrees").iterdir())
+    other.registry.close()

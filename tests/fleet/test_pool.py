@@ -297,3 +297,18 @@ def test_a_box_running_as_background_can_be_claimed(phost, make_repo):
     assert backend.background(box.id)
     backend.set_background(box.id, False)  # (an idle group reports the idle weight, not its own)
     assert backend.limits(box.id).cpu_weight == cgroups.DEFAULT_CPU_WEIGHT
+
+
+def test_a_pooled_box_is_claimed_only_when_its_fingerprint_is_a_fresh_boxs(phost, make_repo, run_wtbox, monkeypatch):
+    """Pool boxes made in another environment (here: another inherited variable) are not what a fresh
+    box would be: `new` makes a fresh one and says which part differed; the same environment claims."""
+    repo = make_repo({"server.py": SERVER},
+                     toml=toml().replace('ports = ["web"]', 'ports = ["web"]\ninherit_env = ["REPRO_SHELL_VAR"]'))
+    monkeypatch.setenv("REPRO_SHELL_VAR", "made-ahead")
+    fill(phost, repo, 1)
+    other = json.loads(run_wtbox("new", "other", "--json", cwd=repo, env={"REPRO_SHELL_VAR": "mine"}).stdout)
+    assert other["from_pool"] is False and other["pool"]["mismatch"] == ["env"]
+    assert "env" in other["pool"]["why"]
+    same = json.loads(run_wtbox("new", "same", "--json", cwd=repo, env={"REPRO_SHELL_VAR": "made-ahead"}).stdout)
+    assert same["from_pool"] is True and same["pool"]["claimed"] is True
+    assert same["fingerprint"]["parts"]["env"]["REPRO_SHELL_VAR"] == "made-ahead"

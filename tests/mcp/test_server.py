@@ -112,6 +112,14 @@ def test_new_exec_logs_metrics_resources_rm(wtbox_home, make_repo, host):
             assert [s["state"] for s in box["services"]] == ["ready"]
             assert any("services" in n for n in notes), notes
             bid = box["id"]
+            # what it was made from: the same fingerprint in new, status and list; diff of a box with itself
+            assert box["fingerprint"]["hash"] and box["pool"]["claimed"] is False
+            status = ok(await client.call_tool("box_status", {"box": bid}))
+            assert status["fingerprint"] == box["fingerprint"] and status["fingerprint"]["parts"]["commit"]
+            listed = ok(await client.call_tool("box_list", {}))
+            assert [b["fingerprint"] for b in listed] == [box["fingerprint"]["hash"]]
+            same = ok(await client.call_tool("diff", {"a": bid, "b": "mcp-life"}))
+            assert same["same"] and same["fingerprint"] == same["files"] == same["data"] == []
 
             # exec: argv list, exit code, both streams
             r = ok(await client.call_tool("box_exec", {"box": "mcp-life", "cmd": [
@@ -169,8 +177,10 @@ def test_new_exec_logs_metrics_resources_rm(wtbox_home, make_repo, host):
             # services down and up again
             down = ok(await client.call_tool("box_down", {"box": bid}))
             assert down["id"] == down["box"] == bid and [s["state"] for s in down["services"]] == ["stopped"]
-            up = ok(await client.call_tool("box_up", {"box": bid}))
+            up = ok(await client.call_tool("box_up", {"box": bid, "reload": True}))
             assert [s["state"] for s in up["services"]] == ["ready"]
+            reloaded = ok(await client.call_tool("box_status", {"box": bid}))["config"]
+            assert reloaded["source"].endswith("(reloaded)") and reloaded["sha256"] == status["config"]["sha256"]
 
             # rm: refuses unsaved work unless force
             await client.call_tool("box_exec", {"box": bid, "cmd": "echo new > untracked.txt"})

@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -613,3 +614,15 @@ def test_one_superuser_connection_per_process(pg_host, pg_cluster, make_repo):
     for b in [first, *boxes]:
         pg_host.rm(b.id, force=True)
     assert wtbox_sessions() == n
+
+
+@pytest.mark.parametrize("mode", ["database", "schema"])
+def test_a_hung_migration_fails_new_after_database_timeout(host, make_repo, mode):
+    """Defect 6: `[database] migrate` had no timeout of its own: `sleep 1000` hung `new` silently."""
+    repo = make_repo(toml=toml(f'mode = "{mode}"\nmigrate = "echo migrating; sleep 1000"\ntimeout = "2s"'))
+    t0 = time.monotonic()
+    with pytest.raises(WtboxError) as err:
+        host.new("hung", repo=repo)
+    assert time.monotonic() - t0 < 30
+    assert "did not finish within 2s ([database] timeout)" in str(err.value) and "migrating" in str(err.value)
+    assert host.list() == []

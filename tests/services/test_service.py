@@ -227,3 +227,14 @@ def test_service_spec_from_the_wire_ignores_unknown_keys():
     spec = ServiceSpec.from_json({"name": "web", "cmd": "serve", "colour": "red", "restart": None, "env": None})
     assert spec == ServiceSpec(name="web", cmd="serve")
     assert ServiceSpec.from_json(spec.to_json()) == spec
+
+
+def test_exits_in_a_row_before_ready_are_an_error_naming_the_code_and_ready_clears_it(tmp_path):
+    runs = [(3, 0.0), (3, 0.0), (3, 0.0), (3, 0.0), (0, 40.0)]
+    sup, _, svc = make(tmp_path, runs=runs, stop_after=99, ready="tcp:1", ready_timeout=3600,
+                       check=lambda c, s, t: s.proc.pid == 10**9 + 4)
+    run_life(svc)
+    # what new/up see at once (no 60 s wait): the error with the exit code
+    said = "app exited with code 3 before it was ready, 3 times in a row"
+    assert [e["msg"] for e in events(sup, "unready_exits")] == [said]
+    assert svc.restarts == 4 and len(events(sup, "ready")) == 1 and svc.error is None  # it came up after all

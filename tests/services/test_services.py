@@ -269,6 +269,28 @@ ready_timeout = "1.5s"
     assert not any(box_id.startswith("never-") for box_id in _all_box_ids())
 
 
+def test_a_service_that_exits_at_once_fails_new_fast_with_its_exit_code(make_repo, host):
+    """Defect 2: `exit 3` made `new` wait the whole ready timeout (60 s) and print the same output once
+    per restart, never the exit code."""
+    toml = CORE_TOML + """
+[box]
+ports = ["web"]
+
+[services.web]
+cmd = "echo starting up; exit 3"
+ready = "tcp:{{ ports.web }}"
+"""
+    repo = make_repo(toml=toml)
+    t0 = time.monotonic()
+    with pytest.raises(WtboxError) as err:
+        host.new("exits", repo=repo)
+    took = time.monotonic() - t0
+    msg = str(err.value)
+    assert took < 15, f"new took {took:.1f}s to give up on a service that exits at once"
+    assert "exited with code 3" in msg and msg.count("starting up") == 1, msg
+    assert host.list() == []
+
+
 def _all_box_ids() -> set[str]:
     ids = set()
     for p in psutil.process_iter():
@@ -390,3 +412,20 @@ def test_control_socket_works_when_its_path_is_longer_than_sun_path(make_repo, t
         h.rm(box.id, force=True)
         h.registry.close()
     assert box_processes(box.id) == []
+
+
+def test_a_python_services_print_reaches_the_logs_as_written(make_repo, run_wtbox):
+    """Python block-buffers stdout into anything but a terminal: without PYTHONUNBUFFERED a
+    service's print() would reach `wtbox logs` only at 8 KB or at its exit."""
+    toml = CORE_TOML + f"""
+[services.talker]
+cmd = "{PY} -c 'import time; print(\\"hello from talker\\"); time.sleep(120)'"
+"""
+    box = json.loads(run_wtbox("new", "talk", "--repo", str(make_repo(toml=toml)), "--json").stdout)
+    try:
+        wait_for(lambda: any("hello from talker" in r.get("msg", "") for r in logs_json(run_wtbox, box["id"])),
+                 timeout=20, what="the print in wtbox logs")
+        env = run_wtbox("env", box["id"]).stdout
+        assert "PYTHONUNBUFFERED=1" in env
+    finally:
+        run_wtbox("rm", "--force", box["id"], check=False)

@@ -7,6 +7,7 @@ in full where /sys/fs/cgroup itself is cgroup2.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -739,3 +740,15 @@ def test_gc_of_any_home_removes_the_cgroups_of_a_home_that_is_gone(make_repo, ru
         subprocess.run(["git", "-C", str(repo), "worktree", "prune"], check=False)
         for key in backend_gone.box_keys():
             backend_gone.remove(key)
+
+
+@needs_cgroups
+def test_a_pids_max_too_low_for_the_box_fails_new_naming_pids_max(make_repo, run_wtbox):
+    """Defect 3: `pids_max = 1` failed `new` with "CalledProcessError: Command '/usr/bin/victoria-metrics'
+    returned non-zero exit status 2", not naming pids_max."""
+    if "pids" in HOST_CGROUPS.missing:
+        pytest.skip("this host's cgroups have no pids controller")
+    repo = make_repo({"server.py": SERVER}, toml=service_toml(limits="pids_max = 1\n", observability=True))
+    proc = run_wtbox("new", "tight", "--repo", str(repo), check=False)
+    assert proc.returncode == 1 and "pids_max" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert json.loads(run_wtbox("ls", "--json").stdout) == []

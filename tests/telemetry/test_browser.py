@@ -37,9 +37,9 @@ def _toml(colour: str, *, browser: bool = False, observability: bool = False) ->
             + ("[browser]\nenabled = true\n" if browser else ""))
 
 
-def _new(run_wtbox, make_repo, colour: str, **kw) -> dict:
+def _new(run_wtbox, make_repo, colour: str, task: str | None = None, **kw) -> dict:
     repo = make_repo(toml=_toml(colour, **kw))
-    return json.loads(run_wtbox("new", f"ui-{colour}", "--repo", str(repo), "--json").stdout)
+    return json.loads(run_wtbox("new", task or f"ui-{colour}", "--repo", str(repo), "--json").stdout)
 
 
 def _chromium_of(box_dir: str) -> list[int]:
@@ -123,7 +123,7 @@ def test_browser_enabled_exports_cdp_url_compares_boxes_and_leaves_nothing_after
 
     red = _new(run_wtbox, make_repo, "ff0000", browser=True)
     blue = _new(run_wtbox, make_repo, "0000ff", browser=True)
-    red2 = _new(run_wtbox, make_repo, "ff0000", browser=True)
+    red2 = _new(run_wtbox, make_repo, "ff0000", task="ui-ff0000-again", browser=True)  # a task name is one box's
     boxes = [red, blue, red2]
 
     # WTBOX_CDP_URL is the box's own DevTools endpoint (at the port the box sees: 9222 in a sandboxed

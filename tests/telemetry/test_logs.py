@@ -226,3 +226,27 @@ def test_tail_agrees_with_a_full_read_across_block_edges_and_rotation(tmp_path, 
             assert full
             for n in (1, 5, 50, 1000):
                 assert [r["msg"] for r in read_records(tmp_path, tail=n, **kw)] == full[-n:], (block, kw, n)
+
+
+@pytest.mark.parametrize(("line", "level"), [
+    ("\x1b[33mWARNING:\x1b[0m disk almost full", "warning"),
+    ("\x1b[1;31mERROR\x1b[0m boom", "error"),
+    ("\x1b[2m2024-01-02 03:04:05\x1b[0m \x1b[33mWARN\x1b[0m slow", "warning"),
+])
+def test_a_coloured_level_is_its_level(line, level):
+    """Defect 5: ANSI-coloured `WARNING:` lines were classed info."""
+    assert parse_level(line) == level
+
+
+def test_logs_never_hand_a_services_control_bytes_to_the_terminal(capsys):
+    """Defect 5: `wtbox logs` passed raw escape bytes (0x1b) from services to the reader's terminal."""
+    from worktreebox.cli.commands.logs import _printer
+
+    for colour in (False, True):
+        _printer(False, colour, 6)({"ts": "2026-01-02T03:04:05.678Z", "service": "web", "stream": "stdout",
+                                    "level": "info", "msg": "\x1b[2J\x1b]0;owned\x07red \x1b[31mtext\x1b[0m\rbell\x07"})
+        out = capsys.readouterr().out
+        body = out.split("| ", 1)[1].removeprefix("\x1b[0m")  # the end of our own colour of the prefix
+        assert "\x1b" not in body and "\x07" not in body and "\r" not in body and "red text" in body
+    _printer(True, False, 6)({"msg": "\x1b[31mraw\x1b[0m"})  # --json keeps the bytes, JSON-escaped
+    assert "\\u001b[31mraw" in capsys.readouterr().out

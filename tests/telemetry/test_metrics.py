@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import APPS, wait_for
+from helpers import APPS, ROOT, wait_for
 
 from worktreebox.providers.metrics import native as vm
 from worktreebox.telemetry.collector import Collector
@@ -353,3 +353,17 @@ def test_start_failure_is_one_sentence(tmp_path, free_port):
             vm.start("busy-00000000", port=free_port, data_dir=tmp_path / "m", run_dir=tmp_path / "run")
     vm.stop("busy-00000000", run_dir=tmp_path / "run")
     assert vm.find_processes("busy-00000000") == []
+
+
+def test_the_readmes_headline_query_answers_after_the_first_probe(host, make_repo, run_wtbox):
+    """Defect 16: the README's metrics query (a rate over the probe histogram) answered "no series match"
+    after the first probe and worked only after a second: one sample per series has no rate."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    query = re.search(r"wtbox metrics fix-login '(histogram_quantile\(0\.95, sum\(rate\(wtbox_probe[^']*)'",
+                      readme).group(1)
+    box = host.new("headline", repo=make_repo({"app.py": APP}, toml=WEB_TOML))
+    run_wtbox("probe", box.id, "/", "-n", "20")
+    [row] = json.loads(run_wtbox("metrics", box.id, query, "--json").stdout)["result"]
+    assert 0 < float(row["value"][1]) < 1

@@ -14,14 +14,26 @@ by then (the first `wtbox new` of a new home makes it); before a home exists not
 """
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # the C module under `signal`, which imports enum first (~9 ms of the window this closes)
 import os
-import signal
 import sys
 
-from worktreebox import settings
-from worktreebox.cli import protocol as cliproto
-from worktreebox.settings import default_home
-from worktreebox.system import procfs
+
+def _interrupted_while_loading(signum: int, frame: object) -> None:
+    """Ctrl-C while wtbox is still importing: nothing has started, so one line and 130, not a traceback."""
+    os.write(2, b"wtbox: interrupted.\n")
+    os._exit(130)
+
+
+# Until main() hands Ctrl-C back to Python (KeyboardInterrupt: the commands' rollbacks) once loaded.
+_signal.signal(_signal.SIGINT, _interrupted_while_loading)
+
+import signal  # noqa: E402 (after the handler: these imports are the window)
+
+from worktreebox import settings  # noqa: E402
+from worktreebox.cli import protocol as cliproto  # noqa: E402
+from worktreebox.settings import default_home  # noqa: E402
+from worktreebox.system import procfs  # noqa: E402
 
 CONNECT_TIMEOUT = 1.0
 # A server binds its socket before it preloads (~1 s), so a call that arrives meanwhile waits in
@@ -43,6 +55,7 @@ def main() -> None:
     home = os.path.abspath(default_home())
     wanted = not _off() and cliproto.served(args, _isatty(0))
     if wanted:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             code = serve(home, args)
         except KeyboardInterrupt:  # before the command started anywhere
@@ -51,12 +64,17 @@ def main() -> None:
         if code is not None:
             sys.exit(code)
     try:
+        signal.signal(signal.SIGINT, _interrupted_while_loading)  # a refused serve restored Python's
         from worktreebox.cli.main import run
 
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         run()
     finally:
         if wanted:
-            start_server(home)
+            try:
+                start_server(home)
+            except KeyboardInterrupt:  # the command is done; a server for the next one can wait
+                pass
 
 
 def via_box(endpoint: str, args: list[str]) -> int:

@@ -37,6 +37,7 @@ COMMANDS = {
     "unkeep": "gc:unkeep",
     "fanout": "fanout:fanout",
     "compare": "fanout:compare",
+    "diff": "diff:diff",
     "pick": "fanout:pick",
     "pool": "pool:pool",
     "mcp": "mcp:mcp",
@@ -74,17 +75,8 @@ def main(verbose: bool) -> None:
 
 def run() -> None:
     diagnostics.configure()
-    if len(sys.argv) > 1 and sys.argv[1] not in ("gc", "--help", "-h", "--version") and not settings.NO_AUTO_GC.on():
-        from worktreebox.host import default_home
-
-        home = default_home()
-        if _gc_due(home):
-            from worktreebox.fleet.gc import start_background_gc
-
-            start_background_gc(home)
-    if len(sys.argv) > 1 and sys.argv[1] not in ("gc", "doctor", "server", "--help", "-h", "--version"):
-        revive_router()
-    try:
+    try:  # Ctrl-C from here on, in what runs before the command too: "interrupted", 130
+        _before_the_command()
         rv = main(standalone_mode=False)
     except click.exceptions.Abort as e:
         interrupted = (isinstance(e.__context__, (KeyboardInterrupt, EOFError))
@@ -107,6 +99,20 @@ def run() -> None:
         click.echo(f"wtbox: {message}", err=True)
         sys.exit(1)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _before_the_command() -> None:
+    """A background gc once an hour, and a router brought back after a kill or a reboot."""
+    if len(sys.argv) > 1 and sys.argv[1] not in ("gc", "--help", "-h", "--version") and not settings.NO_AUTO_GC.on():
+        from worktreebox.host import default_home
+
+        home = default_home()
+        if _gc_due(home):
+            from worktreebox.fleet.gc import start_background_gc
+
+            start_background_gc(home)
+    if len(sys.argv) > 1 and sys.argv[1] not in ("gc", "doctor", "server", "--help", "-h", "--version"):
+        revive_router()
 
 
 def revive_router() -> None:

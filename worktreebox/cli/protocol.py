@@ -51,7 +51,7 @@ __all__ = [
 # rare (and `server stop` must work on a broken server); unknown words get click's own error.
 SERVED = frozenset({
     "new", "rm", "ls", "status", "env", "logs", "up", "down", "restart", "metrics", "probe", "traces",
-    "top", "pool", "fanout", "compare", "keep", "unkeep", "db", "url", "net", "expose",
+    "top", "pool", "fanout", "compare", "diff", "keep", "unkeep", "db", "url", "net", "expose",
 })
 _LONG_RUNNING = ("--watch", "--follow")  # top --watch, logs --follow: until Ctrl-C, job control wanted
 HELP = ("--help", "-h", "--version")

@@ -19,7 +19,7 @@ from worktreebox.errors import ConfigError
 
 log = diagnostics.logger("config")
 DEFAULT_MIGRATION_GLOBS = ["alembic/**", "migrations/**", "**/migrations/*.py"]
-LIMIT_KEYS = ("cpu_weight", "memory_max", "pids_max")
+LIMIT_KEYS = ("cpu_weight", "memory_max", "pids_max", "disk_max")
 # Ports wtbox leases for its own observability (the metrics store, the OTLP receiver; Vector's
 # OTLP source), never taken for the app's first port.
 OBSERVABILITY_PORTS = ("metrics", "otlp")
@@ -34,6 +34,7 @@ class LimitsConfig:
     cpu_weight: int | None = None  # 1..10000; every box gets 100 unless it says otherwise
     memory_max: int | None = None  # bytes
     pids_max: int | None = None
+    disk_max: int | None = None  # bytes of the box's own files (resources/disk.py)
 
     def over(self, defaults: LimitsConfig) -> LimitsConfig:
         """These limits, with the unset ones taken from `defaults`."""
@@ -46,7 +47,8 @@ class LimitsConfig:
         return cls(**{k: tables.pop(k) for k in LIMIT_KEYS if k in tables})
 
 
-LIMITS = (Key("cpu_weight", v.cpu_weight), Key("memory_max", v.memory_max), Key("pids_max", v.pids_max))
+LIMITS = (Key("cpu_weight", v.cpu_weight), Key("memory_max", v.memory_max), Key("pids_max", v.pids_max),
+          Key("disk_max", v.disk_max))
 
 
 @dataclasses.dataclass
@@ -100,6 +102,7 @@ class DatabaseConfig:
     migrations: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_MIGRATION_GLOBS))
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     provider: str | None = None  # a postgres provider's name; None = host default
+    timeout: float = 600.0  # for `migrate` (a hung migration must not hang `new`)
 
 
 @dataclasses.dataclass
@@ -152,6 +155,9 @@ class RepoConfig:
     browser: BrowserConfig = dataclasses.field(default_factory=BrowserConfig)
     backing: dict[str, BackingConfig] = dataclasses.field(default_factory=dict)  # config/backing.py
     test: TestConfig = dataclasses.field(default_factory=TestConfig)
+    # The exact texts this config was read from (None: no such file), what a box records (recorded.py).
+    text: str | None = dataclasses.field(default=None, repr=False, compare=False)
+    procfile_text: str | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def port_names(self) -> list[str]:
@@ -211,7 +217,7 @@ DEPS = table("deps", Key("detect", v.boolean),
 DATABASE = table("database", Key("extensions", _extensions), Key("mode", v.choice("database", "schema", "none")),
                  Key("migrate", v.text("a shell command string")),  # run as written (resources/database.py)
                  Key("migrations", v.str_list), Key("env", v.env_map()),
-                 Key("provider", v.choice(*providers.names("postgres"))))
+                 Key("timeout", v.positive_duration), Key("provider", v.choice(*providers.names("postgres"))))
 OBSERVABILITY = table("observability", Key("retention", v.retention), Key("enabled", v.boolean),
                       Key("collector", v.choice("builtin", "vector")),
                       Key("provider", v.choice(*providers.names("metrics"))), Key("victorialogs_url", v.url))
@@ -248,7 +254,8 @@ def parse_repo_config(text: str | None, source: str, procfile: str | None = None
         database=DatabaseConfig(**tables["database"]), observability=ObservabilityConfig(**tables["observability"]),
         pool=PoolConfig(**tables["pool"]), browser=BrowserConfig(**tables["browser"]),
         services={n: ServiceConfig(name=n, **s) for n, s in tables["services"].items()},
-        backing=backing_from(source, tables["backing"]), test=TestConfig(**tables["test"]))
+        backing=backing_from(source, tables["backing"]), test=TestConfig(**tables["test"]),
+        text=text, procfile_text=procfile)
     _check_depends_on(source, cfg.services)
     if not cfg.services and procfile:
         cfg.services = parse_procfile(procfile, cfg.box.ports[0] if cfg.box.ports else None)

@@ -35,6 +35,8 @@ MAX_PORTS = 64
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 UNLIMITED = 0  # a limit said to be "max"
 MIN_MEMORY = 4 << 20
+MIN_DISK = 16 << 20
+MAX_MEMORY = (1 << 63) - (1 << 16)  # the largest limit a cgroup holds (LONG_MAX in pages, any page size)
 
 
 class Invalid(cfgv.ValidationError):  # type: ignore[misc]  # cfgv ships no types
@@ -269,7 +271,18 @@ def memory_max(value: Any) -> int:
     memory = size(value)
     if memory != UNLIMITED and memory < MIN_MEMORY:
         raise expected('at least "4M" (a box needs some memory to start)', value)
+    if memory > MAX_MEMORY:  # the kernel would take it as no limit at all
+        raise expected('a size below 8 exabytes, the most a cgroup can hold ("max" for no limit)', value)
     return memory
+
+
+def disk_max(value: Any) -> int:
+    disk = size(value)
+    if disk != UNLIMITED and disk < MIN_DISK:
+        raise expected('at least "16M" (a box\'s own files need some room)', value)
+    if disk > MAX_MEMORY:
+        raise expected('a size below 8 exabytes ("max" for no limit)', value)
+    return disk
 
 
 def pids_max(value: Any) -> int:

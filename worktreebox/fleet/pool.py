@@ -111,11 +111,13 @@ def new_box(host: Host, task: str, repo: str | Path | None = None, ref: str | No
             keep: bool = False, progress: Callable[[str], None] | None = None,
             config: RepoConfig | None = None, use_pool: bool = True,
             target: Target | None = None, wait: bool = True,
-            on_wait: Callable[[str], None] | None = None) -> tuple[Box, bool]:
+            on_wait: Callable[[str], None] | None = None, report: dict[str, Any] | None = None) -> tuple[Box, bool]:
     """A box for TASK: claimed from the warm pool when one matches, else made fresh by Host.new.
     Returns (box, from_pool). Starts the repo's filler when it has a pool. `target`: the caller
     already resolved repo, commit and config (fan-out). A claimed box was already active, so only
-    a fresh one waits for room on a full host (`wait`, `on_wait`: see Host.new)."""
+    a fresh one waits for room on a full host (`wait`, `on_wait`: see Host.new). `report` is filled
+    with why the pool served or did not (`new --json`'s "pool")."""
+    report = {} if report is None else report
     t0 = time.perf_counter()
     slugify(task)
     if target is not None:
@@ -128,8 +130,12 @@ def new_box(host: Host, task: str, repo: str | Path | None = None, ref: str | No
     box = None
     # Pool boxes run without secrets and with their services up: only such a `new` can take one.
     if use_pool and t.why_not is None and not secrets and start_services:
-        box = claim(host, task, t, ttl=ttl, keep=keep)
-    if pooled:
+        box = claim(host, task, t, ttl=ttl, keep=keep, report=report)
+    else:
+        report["why"] = ("--no-pool" if not use_pool else t.why_not or
+                         ("--secret values" if secrets else "--no-services") + " (pooled boxes run without them)")
+    report["claimed"] = box is not None
+    if pooled and use_pool:  # `--no-pool` starts no background work either
         ensure_filler(host, repo_root)
     if box is not None:
         box.data["timings"]["total"] = round(time.perf_counter() - t0, 4)
@@ -139,16 +145,29 @@ def new_box(host: Host, task: str, repo: str | Path | None = None, ref: str | No
     return box, False
 
 
-def claim(host: Host, task: str, t: Target, *, ttl: str | float | None = None, keep: bool = False) -> Box | None:
-    """Take a ready pooled box of `t`'s key whose commit is `t.sha` or an ancestor and make it TASK's box;
-    None when there is none (or taking it failed: then it was destroyed)."""
+def claim(host: Host, task: str, t: Target, *, ttl: str | float | None = None, keep: bool = False,
+          report: dict[str, Any] | None = None) -> Box | None:
+    """Take a ready pooled box of `t`'s key whose commit is `t.sha` or an ancestor, and whose fingerprint
+    is what a fresh box would get, and make it TASK's box; None when there is none (`report` says why)
+    or taking it failed (then it was destroyed)."""
+    from worktreebox.fleet import fingerprint
+
+    report = {} if report is None else report
     t0 = time.perf_counter()
     commits = {c for c in host.registry.pool_commits(t.repo, t.key) if c}
     usable = ([t.sha] if t.sha in commits else []) + sorted(
         c for c in commits if c != t.sha and git.git(t.repo, "merge-base", "--is-ancestor", c, t.sha,
                                                       check=False).returncode == 0)
     if not usable:
+        report["why"] = "no ready pooled box of this commit and config"
         return None
+    want = fingerprint.expected(host, t.repo, t.sha, t.config)
+    mismatches: list[list[str]] = []
+
+    def accept(b: Box) -> bool:
+        differ = fingerprint.pool_mismatch(b, want)
+        mismatches.append(differ)
+        return not differ
     slug = slugify(task)
     ttl_s = parse_duration(ttl, where="ttl", positive=True) if ttl is not None else t.config.box.ttl
     claimer = procs.identity(os.getpid())
@@ -162,8 +181,12 @@ def claim(host: Host, task: str, t: Target, *, ttl: str | float | None = None, k
         box.task, box.branch, box.dir = task, branch_name(box.id), host.boxes_dir / box.id
         box.state, box.created_at, box.last_used_at, box.ttl, box.keep = CREATING, now, now, ttl_s, keep
 
-    box = host.registry.claim_pool_box(t.repo, t.key, usable, rename)
+    box = host.registry.claim_pool_box(t.repo, t.key, usable, rename, accept)
     if box is None:
+        differ = sorted({p for m in mismatches for p in m}, key=fingerprint.PARTS.index)
+        report["why"] = (f"the pooled boxes' fingerprints differ from a fresh box's in: {', '.join(differ)}"
+                         if differ else "no ready pooled box of this commit and config")
+        report["mismatch"] = differ
         return None
     _phase("claim:row")
     box._host = host
@@ -192,7 +215,12 @@ def _take_over(host: Host, box: Box, t: Target) -> bool:
     assert pool_id is not None  # set by the claim's rename
     old_dir = host.boxes_dir / pool_id
     if old_dir.is_dir() and not old_dir.is_symlink() and not box.dir.exists():
-        os.rename(old_dir, box.dir)
+        if os.path.ismount(old_dir):  # a disk_max box's dir is a filesystem of its own (resources/disk.py)
+            from worktreebox.providers.mounts.base import move_mount
+
+            move_mount(old_dir, box.dir)
+        else:
+            os.rename(old_dir, box.dir)
         # Running services, the supervisor and the metrics store hold paths under the old name.
         os.symlink(box.dir.name, old_dir)
     launcher = host.launcher(box)
@@ -214,6 +242,9 @@ def _take_over(host: Host, box: Box, t: Target) -> bool:
     if moved:
         git.git(box.path, "merge", "--ff-only", "--quiet", t.sha, launcher=launcher)  # the changed files only
         box.data["base_sha"] = t.sha
+        if boxenv.SOURCE_DATE_EPOCH in box.env and boxenv.SOURCE_DATE_EPOCH not in t.config.box.env:
+            box.env[boxenv.SOURCE_DATE_EPOCH] = str(git.commit_time(t.repo, t.sha))  # the time of its new base
+            host.write_env_file(box)
     _phase("claim:ff")
     box.state = READY
     host.registry.save_box(box)

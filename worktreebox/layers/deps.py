@@ -56,9 +56,10 @@ class Layer:
     paths: list[str]  # what the build makes, relative to dir; attached in every box
     cmd: str | None = None  # recipes only
     key: str = ""
+    toolchain: dict[str, str] = dataclasses.field(default_factory=dict)  # what built it (key_of)
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "dir": self.dir, "paths": self.paths, "key": self.key}
+        return {"kind": self.kind, "dir": self.dir, "paths": self.paths, "key": self.key, "toolchain": self.toolchain}
 
 
 def store(home: Path) -> LayerStore:
@@ -221,9 +222,11 @@ def _join(d: str, name: str) -> str:
 # ---------------------------------------------------------------- keys and toolchains
 
 def key_of(layer: Layer, files: dict[str, str], home: Path) -> str:
-    """SHA-256 over what decides the layer's contents: lock files, toolchain, recipe."""
+    """SHA-256 over what decides the layer's contents: lock files, toolchain, recipe. The toolchain's
+    versions are kept on the layer (a box's fingerprint names them)."""
+    layer.toolchain = toolchain(layer.kind, home)
     doc = {"format": FORMAT, "kind": layer.kind, "dir": layer.dir, "paths": layer.paths, "cmd": layer.cmd,
-           "files": {f: files[f] for f in sorted(layer.files)}, "toolchain": toolchain(layer.kind, home)}
+           "files": {f: files[f] for f in sorted(layer.files)}, "toolchain": layer.toolchain}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -251,6 +254,20 @@ def toolchain(kind: str, home: Path) -> dict[str, str]:
     for var in ("UV_PYTHON", "UV_INDEX_URL", "PIP_INDEX_URL", "npm_config_registry"):
         if os.environ.get(var):
             out[var] = os.environ[var]
+    return out
+
+
+RUNTIMES = ("python3", "node")  # what a box's services most often run with
+
+
+def runtime_toolchain(path: str | None, home: Path) -> dict[str, str]:
+    """Versions of the interpreters on a box's PATH (its services run with them): one stat and the
+    cached answer each; `--version` runs once per binary on this host."""
+    out = {}
+    for name in RUNTIMES:
+        exe = shutil.which(name, path=path)
+        if exe:
+            out[name] = _version(exe, home)
     return out
 
 

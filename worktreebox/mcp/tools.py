@@ -180,5 +180,6 @@ def all_tools() -> list[tuple[Callable[..., Any], Operation]]:
         (make_tool(network.EXPOSE), network.EXPOSE),
         (make_tool(fleet.FANOUT, fanout_body), fleet.FANOUT),
         (make_tool(fleet.COMPARE), fleet.COMPARE),
+        (make_tool(fleet.DIFF), fleet.DIFF),
         (make_tool(fleet.PICK), fleet.PICK),
     )]

@@ -20,7 +20,7 @@ DECLARED = (
     "boxes:SHELL", "boxes:RM", "boxes:KEEP", "boxes:UNKEEP", "network:NET", "network:EXPOSE",
     "services:UP", "services:DOWN", "services:RESTART",
     "observe:LOGS", "observe:METRICS", "observe:TRACES", "observe:PROBE", "observe:BROWSE", "observe:TOP",
-    "fleet:FANOUT", "fleet:COMPARE", "fleet:PICK", "fleet:POOL", "fleet:GC",
+    "fleet:FANOUT", "fleet:COMPARE", "fleet:DIFF", "fleet:PICK", "fleet:POOL", "fleet:GC",
     "admin:INIT", "admin:DOCTOR", "admin:DB_START", "admin:DB_STOP", "admin:DB_STATUS",
 )
 

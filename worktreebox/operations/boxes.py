@@ -41,28 +41,49 @@ def new(host: Host, task: str, repo: str | None = None, ref: str | None = None, 
     from worktreebox.system import cancel
 
     ttl_s = parsed("ttl", parse_duration, ttl, positive=True) if ttl is not None else None
+    pool: dict[str, Any] = {}
     box, from_pool = new_box(host, task, repo=repo, ref=ref, secrets=secrets or {}, start_services=not no_services,
                              ttl=ttl_s, keep=keep, progress=progress, use_pool=not no_pool, wait=not no_wait,
-                             on_wait=on_wait)
+                             on_wait=on_wait, report=pool)
     if cancel.cancelled():
         host.rm(box, force=True)
         raise Interrupted("Interrupted; the box was removed.")
+    from worktreebox.fleet import fingerprint
+
     out = host.describe(box, show_secrets=show_secrets)
+    out["fingerprint"] = fingerprint.of(box)
     out["from_pool"] = from_pool
+    out["pool"] = pool  # claimed, and why not: no pooled box, or which fingerprint parts differed
     return out
 
 
+def listed(host: Host, all: bool = False) -> tuple[list[Box], list[Box]]:
+    """(the boxes to show, every box: the router's URLs need them all), each as it is now (a dead
+    supervisor, a deleted directory: degraded, with the reason)."""
+    every = [host.notice(b) for b in host.list()]
+    return [b for b in every if all or b.pool is None], every
+
+
+def ls_json(host: Host, box: Box, every: list[Box]) -> dict:
+    """One element of `ls --json`: the box, its `url` through the router and its fingerprint's short hash."""
+    from worktreebox.fleet import fingerprint
+
+    return {**host.list_json(box, every), "fingerprint": fingerprint.short(box)}
+
+
 def ls(host: Host, all: bool = False) -> list[dict]:
-    """Each box's JSON and its `url` through the host router."""
-    every = host.list()
-    return [host.list_json(b, every) for b in every if all or b.pool is None]
+    found, every = listed(host, all)
+    return [ls_json(host, b, every) for b in found]
 
 
 def status(host: Host, box: str | None, show_secrets: bool = False) -> dict:
     """describe(), disk use, and a `problem` when the box dir is gone; looking is using (TTL)."""
+    from worktreebox.fleet import fingerprint
+
     b = host.get(box)
     host.registry.touch(b.id)
     out = host.describe(b, show_secrets=show_secrets)
+    out["fingerprint"] = fingerprint.of(b)
     out["disk_bytes"] = host.disk_bytes(b)  # logs and metrics included
     out["worktree_bytes"] = host.worktree_bytes(b)
     if not b.dir.exists():
@@ -172,19 +193,21 @@ NEW = Operation(
      Param("ttl", "Remove after this long without use (e.g. 8h); default [box] ttl of wtbox.toml, or 72h."),
      Param("keep", "Never remove this box in gc.", bool, False),
      SHOW_SECRETS, NO_POOL, NO_WAIT),
-    new, result="The box as `wtbox status` shows it, plus from_pool. Reports progress; cancelling the call "
+    new, result="The box as `wtbox status` shows it (its fingerprint too), plus from_pool and pool (claimed; why "
+                "not: no pooled box, or the fingerprint parts that differed). Reports progress; cancelling the call "
                 "removes the half-made box.",
     effect=CHANGES, tool="box_new")
 
 LS = Operation(
     "ls", "List boxes.",
     (Param("all", "Include the warm pool's boxes (made ahead, not yet claimed).", bool, False),),
-    ls, list[dict[str, Any]], "Each box: id, task, state, branch, path, ports, ...", tool="box_list")
+    ls, list[dict[str, Any]], "Each box: id, task, state, branch, path, ports, fingerprint (its short hash), ...",
+    tool="box_list")
 
 STATUS = Operation(
     "status", "Show a box: ports, database, services, disk.", (BOX, SHOW_SECRETS), status,
-    result="The box with what each of its resources reports, disk_bytes, worktree_bytes, and a problem when "
-           "something is wrong.", tool="box_status")
+    result="The box with what each of its resources reports, its fingerprint (hash and parts: what it was made "
+           "from), disk_bytes, worktree_bytes, and a problem when something is wrong.", tool="box_status")
 
 ENV = Operation(
     "env", "The environment variables the box exports.", (BOX,), env, dict[str, str],

@@ -71,6 +71,24 @@ def none_made(rows: list[dict]) -> None:
         raise WtboxError(f"No box of the fan-out could be created; first error: {rows[0]['error']}")
 
 
+def failed(rows: list[dict]) -> list[str]:
+    """Attempts that did not succeed: not made, their --run exited non-zero or timed out, or a --check failed."""
+    return [r["id"] or f"attempt {r.get('index')}" for r in rows
+            if not r["id"] or r.get("error") or r.get("timed_out") or r.get("run_exit") not in (None, 0)
+            or (r.get("checks_total") or 0) > (r.get("checks_passed") or 0)]
+
+
+def all_succeeded(rows: list[dict]) -> None:
+    """The CLI's exit code: 1 (after the table or JSON) when any attempt failed, naming them."""
+    from worktreebox.errors import WtboxError
+
+    none_made(rows)
+    bad = failed(rows)
+    if bad:
+        raise WtboxError(f"{len(bad)} of {len(rows)} attempts failed their run or checks ({', '.join(bad[:5])}); "
+                         "the table says which.")
+
+
 def compare(host: Host, boxes: Any = (), fanout: str | None = None, sort: str | None = None) -> list[dict]:
     from worktreebox.fleet import compare as C
 
@@ -120,6 +138,7 @@ def pool(host: Host, repo: str | None = None, size: int | None = None, status: b
             raise ParamError("{drain} empties the pool; give {size} separately (or {size} 0 to keep it empty).",
                              "drain", "size")
         gone = P.drain(host, root)
+        host.registry.set_pool_size(root, None)  # an earlier --size refills nothing now: wtbox.toml decides
         note(f"drained {len(gone)} pooled boxes of {root}")
         return {"pools": P.status(host, root)}
     t = P.resolve_target(root, home=host.home)
@@ -188,6 +207,20 @@ COMPARE = Operation(
      Param("sort", "Order rows by best, index, id, run_exit, run_seconds, checks_passed, tests_passed, "
                    "tests_failed, diff, ready, p95, errors or console (best first).")),
     compare, list[dict[str, Any]], "One row per box.", tool="compare")
+
+def diff(host: Host, a: str, b: str) -> dict[str, Any]:
+    from worktreebox.fleet.diff import diff as differ
+
+    return differ(host, host.get(a), host.get(b))
+
+
+DIFF = Operation(
+    "diff", "What differs between two boxes: fingerprint parts (what they were made from), then files, then data "
+            "(row counts per table).",
+    (dataclasses.replace(BOX, name="a", cwd=False, metavar="A", help="The first box (id, id prefix or task)."),
+     dataclasses.replace(BOX, name="b", cwd=False, metavar="B", help="The second box.")),
+    diff, result="{a, b, same, fingerprints, fingerprint: [{part, a, b}], files: [path], files_truncated, "
+                 "data: [{table, a, b}], data_error (why data was not compared)}.", tool="diff")
 
 PICK = Operation(
     "pick", "Keep BOX (marked keep) and remove the other boxes of its fan-out; no committed work is lost.",

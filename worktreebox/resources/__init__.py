@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from worktreebox.resources.base import Resource
 
 ORDER = (
+    "disk:Disk",  # the box dir itself ([box] disk_max): everything after it writes into it
     "ports:Ports",
     "cgroup:Cgroup",  # before anything of the box runs: every later process starts inside it
     "worktree:Worktree",

@@ -12,6 +12,7 @@ crashed `rm` is finished by running it again.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -124,6 +125,11 @@ class Resource:
         """Extra facts for `wtbox status` (None: nothing to add)."""
         return None
 
+    def failure_cause(self, host: HostContext, box: Box) -> str | None:
+        """When making the box failed, a cause this resource can see that the error may not name (a
+        limit the box hit); read before the rollback destroys it. None: nothing to add."""
+        return None
+
     def checks(self, host: HostContext) -> list[dict[str, Any]]:
         """Lines for `wtbox doctor`: [{"check", "ok", "detail"}] (what this host can do for this kind)."""
         return []
@@ -131,3 +137,18 @@ class Resource:
 
 def warn(msg: str) -> None:
     print(f"wtbox: {msg}", file=sys.stderr)
+
+
+def ids_by_hex(host: HostContext, hexes: set[str], unknown: str) -> set[str]:
+    """The box ids whose hex names something a resource keeps per box (a cgroup, a disk image): the
+    registry's id, else the box dir's (`new` makes the dir first), else `unknown` + the hex."""
+    from worktreebox.box import hex_of, is_box_id
+
+    if not hexes:
+        return set()
+    by_hex = {hex_of(i): i for i in host.registry.select_box_ids()}
+    try:
+        dirs = {hex_of(e.name): e.name for e in os.scandir(host.boxes_dir) if is_box_id(e.name)}
+    except FileNotFoundError:
+        dirs = {}
+    return {by_hex.get(h) or dirs.get(h) or f"{unknown}{h}" for h in hexes}

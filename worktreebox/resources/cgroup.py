@@ -10,11 +10,9 @@ discover: box ids that have a cgroup under this home (by the hex their cgroup is
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import TYPE_CHECKING, Any
 
-from worktreebox.box import hex_of, is_box_id
-from worktreebox.resources.base import Creation, Resource, warn
+from worktreebox.resources.base import Creation, Resource, ids_by_hex, warn
 from worktreebox.system import cgroups, procs
 from worktreebox.system import home_records as homes
 
@@ -58,21 +56,23 @@ class Cgroup(Resource):
         if backend is not None and backend.exists(box.id):
             procs.remove_box_cgroup(host.home, box.id)
 
+    def failure_cause(self, host: HostContext, box: Box) -> str | None:
+        """A box whose pids_max refused a process fails in whatever tried to start one (VictoriaMetrics
+        exits 2, a shell says 'fork: retry'): name the limit."""
+        backend = cgroups.for_home(host.home)
+        limit = (box.data.get(self.name) or {}).get("pids_max")
+        if backend is None or not limit or not backend.exists(box.id) or not backend.pids_refused(box.id):
+            return None
+        return (f"the box reached its pids_max ({limit} processes and threads, wtbox's own supervisor and "
+                f"metrics store included); raise [box] pids_max")
+
     def discover(self, host: HostContext) -> set[str]:
         """Ids of boxes with a cgroup (named by the id's hex): the registry's, else the box dir's
         (`new` makes the dir before the cgroup), else `wt_<hex>` as the database names such a box."""
         backend = cgroups.for_home(host.home)
         if backend is None:
             return set()
-        keys = backend.box_keys()
-        if not keys:
-            return set()
-        by_hex = {hex_of(i): i for i in host.registry.select_box_ids()}
-        try:
-            dirs = {hex_of(e.name): e.name for e in os.scandir(host.boxes_dir) if is_box_id(e.name)}
-        except FileNotFoundError:
-            dirs = {}
-        return {by_hex.get(k) or dirs.get(k) or f"wt_{k}" for k in keys}
+        return ids_by_hex(host, set(backend.box_keys()), "wt_")
 
     def status(self, host: HostContext, box: Box) -> dict[str, Any] | None:
         data = box.data.get(self.name)

@@ -23,7 +23,7 @@ from worktreebox.errors import ConfigError, WtboxError
 from worktreebox.providers.postgres import server
 from worktreebox.providers.postgres import spares as dbspares
 from worktreebox.providers.postgres.boxdb import drop, ident, owner_tag, prepare_database, sql_text
-from worktreebox.providers.postgres.golden import Golden, clone, run_migrate
+from worktreebox.providers.postgres.golden import Golden, clone, migrations_hash, run_migrate
 from worktreebox.resources.base import Creation, Resource, warn
 from worktreebox.services.boxenv import process_env
 from worktreebox.system import cgroups
@@ -62,7 +62,10 @@ class Database(Resource):
         schema = role if cfg.mode == "schema" else "public"
         # Recorded first, so a rollback after a partial create knows what to drop.
         c.box.data[self.name] = {"mode": cfg.mode, "provider": srv.provider, "name": dbname, "schema": schema,
-                                 "user": role, "password": password, "url": None}
+                                 "user": role, "password": password, "url": None,
+                                 # what its data was migrated from (the box's fingerprint names it)
+                                 "migrations": migrations_hash(str(c.box.repo), c.base_sha, cfg.migrate,
+                                                               cfg.migrations, cfg.extensions)}
         c.note(f"database ({cfg.mode} mode, {srv.provider})")
         try:
             if cfg.mode == "schema":
@@ -154,7 +157,7 @@ class Database(Resource):
                 # What every process of the box runs with (boxenv): the box env, plus --secret values.
                 env = process_env(c.box, c.secrets)
                 run_migrate(cfg.migrate, c.box.path, env, c.box.logs_dir, [data["password"], *c.secrets.values()],
-                            cgroup=cgroups.Leaf(c.host.home, c.box.id, cgroups.MIGRATE),
+                            cgroup=cgroups.Leaf(c.host.home, c.box.id, cgroups.MIGRATE), timeout=cfg.timeout,
                             launcher=sandbox_launcher(c.box))
             c.timings["migrate"] = round(time.monotonic() - t0, 4)
             return
@@ -299,7 +302,8 @@ def golden_for(c: Creation, srv: Server) -> Golden:
         return {**out, **c.secrets}
 
     return Golden(srv, Path(c.host.home), str(c.box.repo), c.base_sha, cfg.migrate, cfg.migrations,
-                  cfg.extensions, env, c.box.logs_dir, list(c.secrets.values()), seen_at=seen_at(c, srv))
+                  cfg.extensions, env, c.box.logs_dir, list(c.secrets.values()), timeout=cfg.timeout,
+                  seen_at=seen_at(c, srv))
 
 
 def sandbox_launcher(box: Box) -> Any:

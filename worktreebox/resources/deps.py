@@ -102,7 +102,8 @@ class Deps(Resource):
         data = box.data.get(self.name)
         if not data:
             return None
-        return {"deps": [{k: v for k, v in layer.items() if k != "built"} for layer in data["layers"]]}
+        hidden = ("built", "toolchain")  # the toolchain is the fingerprint's; deps status keeps its shape
+        return {"deps": [{k: v for k, v in layer.items() if k not in hidden} for layer in data["layers"]]}
 
 
 def _runner(c: Creation, layer: Layer) -> Callable[[str, str | Path, dict[str, str]], None]:

@@ -286,6 +286,22 @@ def services_up(host: HostContext, box: Box, service: str | None = None,
     return services_status(box)
 
 
+def reload_config(host: HostContext, box: Box, secrets: dict[str, str] | None) -> dict[str, str]:
+    """`up --reload`: record the box's own wtbox.toml (services only may change) and stop a running
+    supervisor, so the services start anew from it; the secrets to start them with (the running
+    supervisor's, which would die with it, under the ones given)."""
+    from worktreebox.config import recorded
+
+    new = recorded.read_worktree(box.path)
+    recorded.check_reloadable(box.id, host.repo_config(box), new)
+    held = host.running_secrets(box) if supervisor_pid(box) is not None else {}
+    box.data[recorded.DATA_KEY] = recorded.record(new)
+    host.registry.save_box(box)
+    if supervisor_pid(box) is not None:
+        stop_supervisor(box)
+    return {**held, **(secrets or {})}
+
+
 def services_down(host: HostContext, box: Box, service: str | None = None) -> dict[str, Any]:
     from worktreebox.providers.sandbox import sandboxed
 

@@ -129,7 +129,9 @@ class Worktree(Resource):
             return  # a claimed pool box's old name: its files are the target's, removed under the real id
 
         repos = [box.repo] if box.repo and Path(box.repo).is_dir() else host.registry.select_repos()
-        admin = _admin_dir(box)  # read before unmounting: the pointer may live in the upper layer
+        # read before unmounting: the pointer may live in the upper layer (or, after a kill -9 while the
+        # view was being attached, nowhere: then the locked admin dir that names this worktree)
+        admin = _admin_dir(box) or next(filter(None, (_admin_naming(r, box) for r in repos)), None)
         # Every view and layer under the box dir, deepest first, recorded or not (a kill -9
         # between mount and registry write leaves a mount the row does not know).
         unmount_all(box.dir)
@@ -156,6 +158,14 @@ class Worktree(Resource):
             raise WtboxError(f"Could not delete the worktree {box.path}.")
         if any(trashed):
             empty_trash_in_background(host)
+
+    def health(self, host: Host, box: Box) -> str | None:
+        """A box whose directory or worktree was deleted underneath it is not whole (two stats)."""
+        if not box.dir.is_dir():
+            return f"its directory {box.dir} is gone; 'wtbox rm {box.id}' cleans up the rest"
+        if not box.path.is_dir() and not box.data.get("revive"):  # a view after a reboot comes back by itself
+            return f"its worktree {box.path} is gone; 'wtbox rm {box.id}' cleans up the rest"
+        return None
 
     def checks(self, host: Host) -> list[dict[str, Any]]:
         """Which copy-on-write provider boxes get here and why (probed afresh: the host may have changed)."""
@@ -200,11 +210,13 @@ class Worktree(Resource):
 
 def add_worktree(box: Box, sha: str, *, checkout: bool, owner: tuple[int, int] | None = None) -> None:
     """`git worktree add` on the box branch (without the files when the view brings them); with
-    `owner` (a sandboxed box), in the box's own git dir."""
+    `owner` (a sandboxed box), in the box's own git dir. A worktree for a view is added locked:
+    attach_view takes its `.git` pointer out while it mounts the view, and a `git worktree prune`
+    then (any home's gc, another box's rm) would delete its admin dir."""
     if owner is not None:
         add_own_worktree(box, sha, checkout=checkout)
         return
-    extra = [] if checkout else ["--no-checkout"]
+    extra = [] if checkout else ["--no-checkout", "--lock", "--reason", "wtbox: being made"]
     has_branch = False  # a new box's branch does not exist yet; only a retry may find it
     # Concurrent `git worktree add` in one repo race on reading each other's half-written
     # .git/worktrees/<name>/ (all our worktrees share the basename "worktree"); git fails
@@ -264,6 +276,7 @@ def attach_view(provider: MountProvider, tree: Path, box: Box) -> None:
     shutil.copyfile(tree / "index", admin / "index")
     if not provider.same_inodes:  # a copy has new inodes and times: let git look once
         git.git(box.path, "update-index", "-q", "--refresh", check=False)
+    (admin / "locked").unlink(missing_ok=True)  # what `git worktree unlock` does, without a process
 
 
 def _admin_dir(box: Box) -> Path | None:
@@ -283,6 +296,18 @@ def _admin_dir(box: Box) -> Path | None:
         if admin.parent.name == "worktrees" and back == str(box.path / ".git"):
             return admin
         return None
+    return None
+
+
+def _admin_naming(repo: str, box: Box) -> Path | None:
+    """git's admin dir in `repo` whose `gitdir` names this box's worktree (found without its pointer)."""
+    want = str(box.path / ".git")
+    for gitdir in (Path(repo) / ".git" / "worktrees").glob("*/gitdir"):
+        try:
+            if gitdir.read_text().strip() == want:
+                return gitdir.parent
+        except OSError:
+            continue
     return None
 
 

@@ -79,6 +79,25 @@ def capture(cfg: BoxConfig, environ: Mapping[str, str] | None = None) -> dict[st
             and not _URL_PASSWORD.match(v)}
 
 
+# What wtbox fixes so that the same inputs give the same box (README, "Reproducible boxes"): hash
+# order, time zone, locale; SOURCE_DATE_EPOCH (the commit's time) for tools that stamp builds.
+# A [box] env entry wins, and so does a variable [box] inherit_env names by its full name.
+DETERMINISTIC = {"PYTHONHASHSEED": "0", "TZ": "UTC", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+SOURCE_DATE_EPOCH = "SOURCE_DATE_EPOCH"
+# A service's output goes to a file, not a terminal, and Python then buffers print() up to 8 KB:
+# `wtbox logs` would show a quiet service's lines only at its exit (Heroku and honcho users set
+# the same). Other runtimes flush per line or per write on their own.
+LOGS_AS_WRITTEN = {"PYTHONUNBUFFERED": "1"}
+
+
+def deterministic(cfg: BoxConfig, commit_time: int | None) -> dict[str, str]:
+    """The runtime defaults a new box gets, less what its config sets or inherits by name."""
+    out = {**DETERMINISTIC, **LOGS_AS_WRITTEN}
+    if commit_time is not None:
+        out[SOURCE_DATE_EPOCH] = str(commit_time)
+    return {k: v for k, v in out.items() if k not in cfg.env and k not in cfg.inherit_env}
+
+
 def process_env(box: Box, secrets: Mapping[str, str] | None = None) -> dict[str, str]:
     """What a process of the box runs with: what it inherited at creation, the box env, secrets.
     A box made before environments were recorded falls back to the caller's environment."""

@@ -105,7 +105,9 @@ def start_supervisor(box: Box, secrets: dict[str, str], specs: list[ServiceSpec]
     # -m finds the package from the cwd, so this works from a checkout as well as when installed.
     pkg_parent = str(PACKAGE_PARENT)
     home = box.dir.parent.parent
-    payload = SupervisorPayload(services=specs, workdir=str(box.path), secrets=dict(secrets))
+    disk = box.data.get("disk") or {}
+    payload = SupervisorPayload(services=specs, workdir=str(box.path), secrets=dict(secrets),
+                                disk_max=disk.get("max") if disk.get("mode") == "watch" else None)
     argv = [sys.executable, "-m", "worktreebox.services.supervisor", str(home), box.id]
     held: list[socket.socket] = []
     fds: list[int] = []
@@ -206,11 +208,17 @@ def read_state(box: Box) -> control.SupervisorState | None:
 
 
 def last_lines(box: Box, service: str, n: int = 10) -> list[str]:
+    """The service's last output lines, of its last run only (a service restarted five times printed
+    the same lines five times)."""
     try:
-        recs = read_records(box.logs_dir, services=[service], tail=n, include_events=False)
+        recs = read_records(box.logs_dir, services=[service], tail=n * 4)
     except OSError:
         return []
-    return [line for r in recs for line in str(r.get("msg", "")).splitlines()][-n * 3:]
+    starts = [r.get("ts", "") for r in recs if r.get("event") == "start"]
+    if starts:  # by time, not position: a start and its first line may share a millisecond
+        recs = [r for r in recs if r.get("ts", "") >= starts[-1]]
+    lines = [line for r in recs if r.get("stream") != "event" for line in str(r.get("msg", "")).splitlines()]
+    return lines[-n * 3:]
 
 
 def wait_ready(box: Box, names: list[str], deadline: float) -> None:
@@ -241,6 +249,15 @@ def wait_ready(box: Box, names: list[str], deadline: float) -> None:
         raise WtboxError(f"Service {bad!r} failed to start ({why}); its last log lines:\n{tail}")
 
 
+def _service_alive(box: Box, name: str, pid: int) -> bool:
+    """Is `pid` still this box's service `name` (not a reused pid)? Its environment says (WTBOX_SERVICE)."""
+    from worktreebox.system import procfs
+
+    env = procfs.environ(pid)
+    return env is not None and procfs.environ_value(env, "WTBOX_SERVICE") == name and \
+        procfs.environ_value(env, "WTBOX_ID") in (box.id, box.data.get("pool_id"))
+
+
 def services_status(box: Box) -> dict[str, dict[str, Any]]:
     """Per service: state, pid, port, ready time, restarts (stopped when no supervisor runs)."""
     state = read_state(box)
@@ -252,7 +269,8 @@ def services_status(box: Box) -> dict[str, dict[str, Any]]:
         row: dict[str, Any] = {"state": s.state, "pid": s.pid, "port": s.port, "ready_seconds": s.ready_seconds,
                                "restarts": s.restarts, "exit_code": s.exit_code, "error": s.error,
                                "started_at": _iso(s.started_at), "ready_at": _iso(s.ready_at)}
-        if not alive:
-            row["state"], row["pid"] = "stopped", None
+        if not alive:  # a dead supervisor's services may still run (their pipes are the keeper's)
+            running = s.pid is not None and _service_alive(box, name, s.pid)
+            row["state"], row["pid"] = ("unsupervised", s.pid) if running else ("stopped", None)
         out[name] = row
     return out

@@ -22,6 +22,9 @@ from worktreebox.telemetry.logs.writer import LogWriter, pump
 
 BACKOFF_START, BACKOFF_CAP = 0.5, 30.0
 STABLE_AFTER = 30.0  # a service that ran this long ready starts its backoff over
+# A service that exits this many times in a row without becoming ready has failed to start: waiting out its
+# ready_timeout (60 s by default) while it restarts would only repeat its output.
+UNREADY_EXITS = 3
 NO_CHECK_GRACE = 0.2  # without a ready check, surviving this long counts as ready
 
 
@@ -123,6 +126,7 @@ class Service:
         self.error: str | None = None
         self.wanted = False
         self.first_start: float | None = None
+        self.unready_exits = 0  # exits in a row without becoming ready
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self.writer = LogWriter(sup.logs_dir, self.name, sup.redact)
@@ -145,6 +149,7 @@ class Service:
             self.wanted = True
             self.error = None
             self.first_start = None
+            self.unready_exits = 0
             self._wake.clear()
             self.thread = threading.Thread(target=self._run, name=f"svc-{self.name}", daemon=True)
             self.thread.start()
@@ -195,6 +200,7 @@ class Service:
                     self.error = f"exited with code {code}"
                 self.sup.changed()
                 return
+            self._count_unready_exit(code)
             self.state = BACKOFF
             self.restarts += 1
             self.sup.event(self.name, "warning", f"{self.name} restarting in {backoff:g}s (restart {self.restarts})",
@@ -206,6 +212,15 @@ class Service:
         if self.state != FAILED:
             self.state = STOPPED
         self.sup.changed()
+
+    def _count_unready_exit(self, code: int) -> None:
+        """After UNREADY_EXITS exits in a row before ready the service reports an error with its exit code
+        (what `new`/`up` wait for: they fail at once); it is still restarted, and ready clears it."""
+        self.unready_exits = 0 if self.ready_at is not None else self.unready_exits + 1
+        if self.unready_exits == UNREADY_EXITS and not self.error:
+            self.error = f"exited with code {code} before it was ready, {self.unready_exits} times in a row"
+            self.sup.event(self.name, "error", f"{self.name} {self.error}", event="unready_exits", code=code)
+            self.sup.changed()
 
     def _restarts_after(self, code: int) -> bool:
         return self.restart_policy == "always" or (self.restart_policy == "on-failure" and code != 0)

@@ -85,12 +85,14 @@ class SupervisorPayload:
     faults: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     host_netns_fd: int | None = None
     netns: str | None = None  # the box's network namespace, when the supervisor enters it itself
+    disk_max: int | None = None  # watched by the supervisor (services/diskwatch.py) when no filesystem enforces it
 
     def to_json(self) -> dict[str, Any]:
         return {"secrets": dict(self.secrets), "workdir": self.workdir,
                 "services": [s.to_json() for s in self.services],
                 "launcher": list(self.launcher), "forwards": [f.to_json() for f in self.forwards],
-                "faults": dict(self.faults), "host_netns_fd": self.host_netns_fd, "netns": self.netns}
+                "faults": dict(self.faults), "host_netns_fd": self.host_netns_fd, "netns": self.netns,
+                "disk_max": self.disk_max}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SupervisorPayload:
@@ -99,4 +101,4 @@ class SupervisorPayload:
                    launcher=list(data.get("launcher") or []),
                    forwards=[ForwardSpec.from_json(f) for f in data.get("forwards") or []],
                    faults=dict(data.get("faults") or {}), host_netns_fd=data.get("host_netns_fd"),
-                   netns=data.get("netns"))
+                   netns=data.get("netns"), disk_max=data.get("disk_max"))

@@ -97,6 +97,7 @@ class Supervisor:
         self.oom = cgroups.OomWatch(home, box_id)
         self._collect_lock = threading.Lock()
         self._busy_watch: threading.Thread | None = None
+        self.disk_max = payload.disk_max
 
     def _read_box_env(self) -> None:
         self.box_env = read_env_file(self.box_dir / "env")
@@ -276,6 +277,19 @@ class Supervisor:
         self._busy_watch = threading.Thread(target=watch.run, args=(self._done.wait,), name="busy", daemon=True)
         self._busy_watch.start()
 
+    def _watch_disk(self) -> None:
+        """[box] disk_max where no filesystem enforces it (diskwatch.py)."""
+        backend = cgroups.for_home(self.home) if self.verify_ports else None
+        if not self.disk_max or backend is None:
+            return
+        from worktreebox.services.diskwatch import DiskWatch
+        from worktreebox.system.fsutil import own_bytes
+
+        watch = DiskWatch(self.box_dir, self.disk_max, measure=lambda: own_bytes(self.box_dir),
+                          freeze=lambda on: backend.freeze_box(self.box_id, on),
+                          event=lambda level, msg: self.event("_box", level, msg, event="disk_max"))
+        threading.Thread(target=watch.run, args=(self._done.wait,), name="disk", daemon=True).start()
+
     def run(self) -> None:
         host = () if self.host_netns_fd is None else (self.host_netns_fd,)
         inherited = (*(self.net.inherited_fds if self.net else ()), *host)
@@ -289,6 +303,7 @@ class Supervisor:
             Endpoint(self.home, self.box_id, self.host_netns_fd).start()
         self.write_state()
         self._watch_busy()
+        self._watch_disk()
         for s in self.services.values():
             s.up()
         next_collect = self.clock.now() + 1.0

@@ -73,3 +73,27 @@ def file_lock(path: str | Path, *, timeout: float | None = None, what: str = "th
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def own_bytes(path: Path | str) -> int:
+    """Disk blocks used under `path` without crossing into mounts (a box's shared views are not its own)."""
+    try:
+        dev = os.lstat(path).st_dev
+    except OSError:
+        return 0
+    total = 0
+    for root, dirs, files in os.walk(path):
+        keep = []
+        for d in dirs:
+            try:
+                if os.lstat(os.path.join(root, d)).st_dev == dev:
+                    keep.append(d)
+            except OSError:
+                pass
+        dirs[:] = keep
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_blocks * 512
+            except OSError:
+                pass
+    return total

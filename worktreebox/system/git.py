@@ -111,6 +111,12 @@ def tips(repo: str | Path, *, but: str | None = None) -> list[str]:
     return sorted({line.split(" ", 1)[0] for line in out.stdout.splitlines() if line and line.split(" ", 1)[1] != skip})
 
 
+def commit_time(repo: str | Path, sha: str) -> int | None:
+    """The committer time of a commit (seconds since the epoch): a box's SOURCE_DATE_EPOCH."""
+    proc = git(repo, "show", "-s", "--format=%ct", sha, check=False)
+    return int(proc.stdout.strip()) if proc.returncode == 0 and proc.stdout.strip().isdigit() else None
+
+
 def show_file(repo: Path, sha: str, path: str) -> str | None:
     proc = git(repo, "show", f"{sha}:{path}", check=False)
     return proc.stdout if proc.returncode == 0 else None

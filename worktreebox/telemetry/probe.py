@@ -121,7 +121,10 @@ def histogram(durations: list[float]) -> dict[str, Any]:
 
 
 def record(result: dict[str, Any], box_id: str, metrics_url: str) -> None:
-    """Push the run's histogram, labelled box and path, stamped with the time the run ended."""
+    """Push the run's histogram, labelled box and path, stamped with the time the run ended, after the
+    same series at zero stamped when it began: each run is then a counter going up from 0, so `rate()`
+    and `increase()` answer after the first run (one sample has no rate) and add up across runs (the
+    next run's zero reads as a counter reset)."""
     from worktreebox.telemetry.exposition import exposition
     from worktreebox.telemetry.vmclient import Client
 
@@ -129,8 +132,11 @@ def record(result: dict[str, Any], box_id: str, metrics_url: str) -> None:
     h = result["histogram"]
     samples = [(f"{HISTOGRAM}_bucket", {**labels, "le": _le(le)}, count) for le, count in h["buckets"]]
     samples += [(f"{HISTOGRAM}_sum", labels, h["sum"]), (f"{HISTOGRAM}_count", labels, h["count"])]
+    end_ms = int(time.time() * 1000)
+    start_ms = min(end_ms - 1, end_ms - int(result.get("seconds", 0) * 1000))
     client = Client(metrics_url, box_id=box_id)
-    client.push_prometheus(exposition(samples, timestamp_ms=int(time.time() * 1000)))
+    client.push_prometheus(exposition([(name, lbl, 0) for name, lbl, _ in samples], timestamp_ms=start_ms))
+    client.push_prometheus(exposition(samples, timestamp_ms=end_ms))
     client.flush()
 
 

@@ -62,8 +62,12 @@ def new(task, repo, ref, secrets, no_services, ttl, keep, show_secrets, no_pool,
 
 def _print_box(out: dict) -> None:
     click.echo(f"box      {out['id']}  ({out['state']})")
+    if out.get("reason"):
+        click.echo(f"reason   {out['reason']}")
     click.echo(f"branch   {out['branch']}")
     click.echo(f"path     {out['path']}")
+    if out.get("fingerprint"):
+        click.echo(f"made of  {out['fingerprint']['hash']}  (fingerprint; 'wtbox diff' compares two boxes)")
     if out["ports"]:
         click.echo("ports    " + "  ".join(f"{k}={v}" for k, v in out["ports"].items()))
     for service, link in (out.get("urls") or {}).items():
@@ -72,18 +76,20 @@ def _print_box(out: dict) -> None:
         db = out["database"]
         click.echo(f"database {db['mode']}: {db['url']}")
     for svc in out.get("services") or []:
-        click.echo(f"service  {svc.get('name')}: {svc.get('state')} pid={svc.get('pid')} "
-                   f"restarts={svc.get('restarts', 0)}")
+        pid = f" pid={svc['pid']}" if svc.get("pid") else ""
+        click.echo(f"service  {svc.get('name')}: {svc.get('state')}{pid} restarts={svc.get('restarts', 0)}"
+                   + (f"  ({svc['error']})" if svc.get("error") else ""))
     click.echo(f"enter    cd {out['path']} && set -a && . {out['dir']}/env && set +a   (or: wtbox shell {out['id']})")
 
 
 @command(boxes.LS)
 def ls(all, as_json):
+    from worktreebox.fleet import fingerprint
+
     host = get_host()
-    every = host.list()
-    found = [b for b in every if all or b.pool is None]
+    found, every = boxes.listed(host, all)
     if as_json:
-        emit_json([host.list_json(b, every) for b in found])
+        emit_json([boxes.ls_json(host, b, every) for b in found])
         return
     if not found:
         info("no boxes; create one with 'wtbox new TASK'")
@@ -91,8 +97,8 @@ def ls(all, as_json):
     now = time.time()
     rows = [[b.id, b.state + (" (keep)" if b.keep else "") + (" (pool)" if b.pool else ""),
              " ".join(f"{k}={v}" for k, v in b.ports.items()), host.first_url(b, every) or "-",
-             _age(now - b.created_at), str(b.path)] for b in found]
-    table(rows, ["ID", "STATE", "PORTS", "URL", "AGE", "PATH"])
+             _age(now - b.created_at), fingerprint.short(b), str(b.path)] for b in found]
+    table(rows, ["ID", "STATE", "PORTS", "URL", "AGE", "FINGERPRINT", "PATH"])
 
 
 def _age(s: float) -> str:

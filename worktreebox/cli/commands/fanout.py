@@ -39,7 +39,7 @@ def fanout(task, n, ref, run, checks, probes, probe_requests, browse, timeout, j
         made = [r["id"] for r in rows if r["id"]]
         if made:
             info(f"pick one with 'wtbox pick BOX' (removes the others); again: 'wtbox compare --fanout {task}'")
-    fleet.none_made(rows)
+    fleet.all_succeeded(rows)
 
 
 class _PlainView:

@@ -10,6 +10,7 @@ import click
 from worktreebox.cli.build import command
 from worktreebox.cli.commands._common import get_host
 from worktreebox.operations import observe
+from worktreebox.telemetry.logs.record import printable
 
 # Like honcho: each service keeps one colour, picked from its name so it is stable across runs.
 _COLOURS = ["36", "33", "32", "35", "34", "96", "93", "92", "95", "94"]
@@ -29,7 +30,7 @@ def _printer(as_json: bool, colour: bool, width: int):
         sep = "*" if rec.get("stream") == "event" else "|"
         prefix = f"{ts} {svc.ljust(width)} {sep} "
         level = rec.get("level")
-        msg = str(rec.get("msg", ""))
+        msg = printable(str(rec.get("msg", "")))  # a service never drives the reader's terminal
         if colour:
             c = _COLOURS[zlib.crc32(svc.encode()) % len(_COLOURS)]
             prefix = f"\033[{c}m{prefix}\033[0m"
@@ -59,7 +60,7 @@ def logs(box, service, since, until, level, grep, tail, follow, as_json):
     emit = _printer(as_json, sys.stdout.isatty() and not as_json, width)
     if follow and tail is None and since is None:
         tail = 10
-    try:
+    try:  # Ctrl-C goes up: "wtbox: interrupted.", exit 130
         stream = L.follow(b.logs_dir, services or None, min_level=level, grep=grep) if follow else None
         seen_last: list[dict] = []
         for rec in L.read_records(b.logs_dir, services or None, since_ts, until_ts, level, grep, tail):
@@ -76,8 +77,6 @@ def logs(box, service, since, until, level, grep, tail, follow, as_json):
             if until_ts and rec.get("ts", "") > until_ts:
                 return
             emit(rec)
-    except KeyboardInterrupt:
-        return
     except BrokenPipeError:  # `wtbox logs ... | head`
         sys.stderr.close()
 

@@ -5,6 +5,7 @@ import click
 
 from worktreebox.cli.build import command
 from worktreebox.cli.commands._common import emit_json, get_host, info, table
+from worktreebox.errors import WtboxError
 from worktreebox.operations import observe
 
 LIST = click.option("--list", "list_", is_flag=True, help="List the metric names the box has.")
@@ -81,7 +82,13 @@ def probe(box, target, n, concurrency, method, data, as_json):
         info(f"wtbox: not recorded: {result['not_recorded'].rstrip('.')}.")
     if as_json:
         emit_json(result)
-        return
+    else:
+        _show_probe(result, url, n, concurrency)
+    if result["errors"]:
+        raise WtboxError(f"{result['errors']} of {n} requests to {url} failed (connection errors or status >= 400).")
+
+
+def _show_probe(result: dict, url: str, n: int, concurrency: int) -> None:
     click.echo(f"{result['method']} {url}: {result['answered']}/{n} answered, concurrency {concurrency}, "
                f"{result['seconds']:.2f} s ({result['rps']} req/s)")
     click.echo(f"p50 {result['p50_ms']:.2f} ms  p95 {result['p95_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms  "

@@ -28,10 +28,10 @@ def _command(op):
     extras = [] if op.name == "down" else [SECRET]
 
     @command(op, extras=extras)
-    def cmd(box, service, as_json, secrets=()):
+    def cmd(box, service, as_json, secrets=(), reload=False):
         from worktreebox.cli.commands.box import parse_secrets
 
-        _show(op.perform(get_host(), box, service, secrets=parse_secrets(secrets)), as_json)
+        _show(op.perform(get_host(), box, service, reload, secrets=parse_secrets(secrets)), as_json)
 
     return cmd
 

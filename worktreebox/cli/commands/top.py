@@ -36,10 +36,7 @@ def top(watch, as_json):
             _print(rows)
         if not watch:
             return
-        try:
-            time.sleep(max(0.0, WATCH_EVERY - (time.monotonic() - t0)))
-        except KeyboardInterrupt:
-            return
+        time.sleep(max(0.0, WATCH_EVERY - (time.monotonic() - t0)))  # Ctrl-C: "interrupted", exit 130
 
 
 def _print(rows: list[dict]) -> None:

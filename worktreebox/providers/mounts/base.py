@@ -18,9 +18,10 @@ import subprocess
 from pathlib import Path
 
 from worktreebox.errors import WtboxError
+from worktreebox.system.fsutil import own_bytes  # noqa: F401 (where mount code has always found it)
 
 MNT_DETACH = 2
-MS_BIND, MS_SHARED = 4096, 1 << 20
+MS_MOVE, MS_BIND, MS_SHARED = 8192, 4096, 1 << 20
 
 
 class MountError(WtboxError):
@@ -109,6 +110,18 @@ def sys_mount(source: str, target: Path, fstype: str, options: str, flags: int =
         raise MountError(f"mounting {fstype or 'a bind'} on {target} failed: {os.strerror(e)}.")
 
 
+def move_mount(source: Path, target: Path) -> None:
+    """Move the mount on `source` (with everything mounted under it) to the new directory `target`, which
+    rename(2) refuses to do for a mount point. The kernel refuses it under a shared mount (EINVAL)."""
+    target.mkdir(mode=0o700)
+    try:
+        sys_mount(str(source), target, "", "", MS_MOVE)
+    except MountError:
+        target.rmdir()
+        raise
+    source.rmdir()
+
+
 def make_shared(path: Path, *, bind: bool) -> None:
     """Make `path` a shared mount (with `bind`: first a bind of itself, so that it is a mount):
     mounts made under it later reach the mount namespaces that copied it, and so do unmounts."""
@@ -156,30 +169,6 @@ def unmount_all(root: Path | str, *, include_root: bool = False) -> list[str]:
         unmount(m)
         done.append(m.target)
     return done
-
-
-def own_bytes(path: Path | str) -> int:
-    """Disk blocks used under `path` without crossing into mounts (a box's shared views are not its own)."""
-    try:
-        dev = os.lstat(path).st_dev
-    except OSError:
-        return 0
-    total = 0
-    for root, dirs, files in os.walk(path):
-        keep = []
-        for d in dirs:
-            try:
-                if os.lstat(os.path.join(root, d)).st_dev == dev:
-                    keep.append(d)
-            except OSError:
-                pass
-        dirs[:] = keep
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(root, f)).st_blocks * 512
-            except OSError:
-                pass
-    return total
 
 
 def clean_env() -> dict[str, str]:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 GOLDEN_PREFIX = "wt_golden_"
 STRATEGIES = ("WAL_LOG", "FILE_COPY")
-MIGRATE_TIMEOUT = 1800.0
+MIGRATE_TIMEOUT = 600.0  # [database] timeout's default (config/repo.py says so too)
 _LAST_LINES = 10
 
 
@@ -38,9 +38,10 @@ class Golden:
 
     def __init__(self, srv: Server, home: Path, repo: str, base_sha: str, migrate: str | None,
                  globs: list[str], extensions: list[str], env: Callable[[dict[str, Any]], dict[str, str]],
-                 logs_dir: Path, redact: list[str], *, seen_at: tuple[str, int] | None = None,
-                 launcher: Any = None) -> None:
+                 logs_dir: Path, redact: list[str], timeout: float = MIGRATE_TIMEOUT, *,
+                 seen_at: tuple[str, int] | None = None, launcher: Any = None) -> None:
         self.srv, self.home, self.repo, self.base_sha = srv, home, repo, base_sha
+        self.timeout = timeout
         # where the migration (run as a process of the box, `launcher`) reaches the server
         self.seen_at, self.launcher = seen_at or (srv.box_host, srv.box_port), launcher
         self.migrate, self.globs, self.extensions = migrate, globs, extensions
@@ -108,7 +109,7 @@ class Golden:
                       "name": build, "schema": "public", "url": url}
                 run_migrate(self.migrate, tree, {**os.environ, **self._env(db)}, self.logs_dir,
                             [password, *self.redact], what="golden database migration", cgroup=cgroup,
-                            launcher=self.launcher)
+                            timeout=self.timeout, launcher=self.launcher)
             with srv.session(srv.shared_db) as conn:
                 conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (build,))
                 _wait_no_sessions(conn, build)
@@ -226,14 +227,19 @@ def clone(conn: Any, name: str, template: str, owner: str, strategy: str) -> Non
 # ---------------------------------------------------------------- migrate
 
 def run_migrate(cmd: str, cwd: Path, env: dict[str, str], logs_dir: Path, redact: list[str],
-                what: str = "database migration", cgroup: cgroups.Leaf | None = None, launcher: Any = None) -> None:
-    """Run `[database] migrate` with its output in logs/migrate.jsonl; failure raises with the last lines."""
+                what: str = "database migration", cgroup: cgroups.Leaf | None = None,
+                timeout: float = MIGRATE_TIMEOUT, launcher: Any = None) -> None:
+    """Run `[database] migrate` with its output in logs/migrate.jsonl; failure (or `timeout`, [database]
+    timeout) raises with the last lines."""
     from worktreebox.secrets import Redactor
     from worktreebox.telemetry.logs.run import run_logged
 
     red = Redactor(redact)
-    code, last = run_logged(cmd, cwd, env, logs_dir, "migrate", red, timeout=MIGRATE_TIMEOUT, keep_lines=_LAST_LINES,
+    code, last = run_logged(cmd, cwd, env, logs_dir, "migrate", red, timeout=timeout, keep_lines=_LAST_LINES,
                             cgroup=cgroup, launcher=launcher)
+    if code == 124 and last and last[-1].startswith("wtbox: timed out"):
+        raise WtboxError(f"The {what} `{red(cmd)}` did not finish within {timeout:g}s ([database] timeout); "
+                         f"its last lines:\n" + "\n".join(last[:-1] or ["(no output)"]))
     if code != 0:
         tail = "\n".join(last) or "(no output)"
         raise WtboxError(f"The {what} `{red(cmd)}` failed with exit code {code}; last lines:\n{tail}")

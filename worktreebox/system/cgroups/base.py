@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from worktreebox.settings import kill_wait
-from worktreebox.system.cgroups.files import members, read, rmtree, sigkill, write_if
+from worktreebox.system.cgroups.files import keyed, members, read, rmtree, sigkill, write_if
 
 SUPERVISOR, METRICS, TRACES, EXEC, SETUP, MIGRATE, RUN, BROWSER = (
     "_supervisor", "_metrics", "_traces", "_exec", "_setup", "_migrate", "_run", "_browser")
@@ -300,6 +300,18 @@ class Cgroups:
 
     def usage(self, box_id: str) -> Usage | None:
         raise NotImplementedError
+
+    def freeze_box(self, box_id: str, on: bool, *, spare: Iterable[str] = (SUPERVISOR,)) -> None:
+        """Freeze (or thaw) every leaf of the box but `spare`: its processes stop where they are."""
+        for leaf in self.leaves(box_id):
+            if leaf not in spare:
+                self._freeze(box_id, leaf, on)
+
+    def pids_refused(self, box_id: str) -> int:
+        """How often the box's pids_max refused a new process or thread (pids.events "max", v1 and v2).
+        Kernels count it in the cgroup that forked (a leaf) or in the one whose limit was hit: both."""
+        dirs = [*self.box_dirs(box_id), *(d for leaf in self.leaves(box_id) for d in self.box_dirs(box_id, leaf))]
+        return sum(keyed(read(d / "pids.events")).get("max", 0) for d in dirs)
 
     def oom_kills(self, box_id: str) -> dict[str, int]:
         """Per leaf: processes the kernel's OOM killer ended there (cumulative while the leaf exists)."""

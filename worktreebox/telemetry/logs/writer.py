@@ -5,17 +5,15 @@ written; `pump` feeds a pipe into a writer; `EventLog` writes the supervisor's e
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
-import re
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from worktreebox.telemetry.logs.record import ALIASES, EVENTS
+from worktreebox.telemetry.logs.record import ALIASES, EVENTS, compiled, strip_ansi
 
 MAX_BYTES = 50 * 1024 * 1024
 KEEP = 3
@@ -40,14 +38,11 @@ def now_ts() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
 
 
-@functools.cache
-def _rx(pattern: str) -> re.Pattern[str]:
-    # Compiled on first use: only the writer needs these, and compiling costs ~20 ms at import.
-    return re.compile(pattern)
 
 
 def parse_level(line: str) -> str:
-    """The level of one raw output line: JSON fields, logfmt, or a text prefix; else info."""
+    """The level of one raw output line: JSON fields, logfmt, or a text prefix (colours aside); else info."""
+    line = strip_ansi(line)
     s = line.lstrip()
     if s.startswith("{"):
         try:
@@ -64,10 +59,10 @@ def parse_level(line: str) -> str:
                     return "debug" if val < 20 else "info" if val < 30 else "warning" if val < 40 else \
                         "error" if val < 50 else "critical"
             return "info"
-    m = _rx(_TEXT_LEVEL_RE).match(line)
+    m = compiled(_TEXT_LEVEL_RE).match(line)
     if m:
         return ALIASES[m.group("lvl").lower()]
-    m = _rx(_LOGFMT_LEVEL_RE).search(line[:200])
+    m = compiled(_LOGFMT_LEVEL_RE).search(line[:200])
     if m and m.group("lvl").lower() in ALIASES:
         return ALIASES[m.group("lvl").lower()]
     if line.startswith(_TRACEBACK):

@@ -109,10 +109,11 @@ def _ids(text: str) -> str:
 
 
 def _steady(obj):
-    """A status document without what changes between two calls (use time, live accounting)."""
+    """A status document without what changes between two calls (use time, live accounting: a
+    sandboxed box's supervisor runs between them)."""
     if isinstance(obj, dict):
-        changing = ("last_used_at", "cpu_seconds", "memory_bytes", "memory_peak_bytes", "pids")
-        return {k: _steady(v) for k, v in obj.items() if k not in changing}
+        return {k: _steady(v) for k, v in obj.items()
+                if k not in ("last_used_at", "pids") and not k.endswith(("_seconds", "_bytes"))}
     return [_steady(v) for v in obj] if isinstance(obj, list) else obj
 
 

@@ -191,6 +191,7 @@ class Worktree(Resource):
         boxes = str(host.boxes_dir) + "/"
         ids = {m.target[len(boxes):].split("/", 1)[0] for m in mounts_under(host.boxes_dir)}
         ids = {i for i in ids if is_box_id(i)}
+        elsewhere: set[str] | None = None
         for repo in host.registry.select_repos():
             if not Path(repo).is_dir():
                 continue
@@ -204,6 +205,10 @@ class Worktree(Resource):
                 # commits no other branch has is the user's work, not an orphan.
                 if ref not in checked_out and git.unique_commits(repo, ref):
                     continue
+                if ref not in checked_out:  # a sandboxed box's branch lives in its own git dir: whose box?
+                    elsewhere = _of_other_homes(host) if elsewhere is None else elsewhere
+                    if box_id in elsewhere:
+                        continue
                 ids.add(box_id)
         return ids
 
@@ -349,6 +354,15 @@ def _branch_tip(admin: Path, branch: str) -> str | None:
     except OSError:
         pass
     return None
+
+
+def _of_other_homes(host: Host) -> set[str]:
+    """Ids of live sandboxed boxes of other homes (their holders run), whose repository branches
+    this home's gc must leave alone: found once another home's gc took one for an orphan."""
+    from worktreebox.providers.sandbox.namespaces import HOLDER_NAMES
+    from worktreebox.system import procs
+
+    return procs.box_ids_elsewhere(HOLDER_NAMES, host.boxes_dir)
 
 
 def _checked_out_branches(repo: str) -> set[str]:

@@ -102,6 +102,8 @@ def start_supervisor(box: Box, secrets: dict[str, str], specs: list[ServiceSpec]
             pass
     env = boxenv.process_env(box)
     env.pop("PYTHONSTARTUP", None)
+    # started while the box is made (sandbox), before its env is whole: what names it as its box's
+    env.update({"WTBOX_ID": box.id, "WTBOX_BOX_DIR": str(box.dir)})
     # -m finds the package from the cwd, so this works from a checkout as well as when installed.
     pkg_parent = str(PACKAGE_PARENT)
     home = box.dir.parent.parent

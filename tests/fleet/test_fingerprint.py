@@ -93,7 +93,7 @@ def test_a_boxs_own_changes_are_files_and_rows(host, repo):
     b = host.new("b", repo=repo)
     (b.path / "notes.txt").write_text("mine\n")
     (b.path / "deps.lock").write_text("lib==3\n")
-    with psycopg.connect(b.env["DATABASE_URL"], autocommit=True) as conn:
+    with psycopg.connect(b.data["database"]["url"], autocommit=True) as conn:  # as the host reaches it
         conn.execute("INSERT INTO items VALUES (5), (6)")
     out = D.diff(host, a, b)
     assert not out["same"] and out["fingerprint"] == []

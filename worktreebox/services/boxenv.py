@@ -69,14 +69,12 @@ def patterns(cfg: BoxConfig) -> list[str]:
 
 def capture(cfg: BoxConfig, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """What a new box inherits from `environ` (the creating process's), secrets and box ids aside."""
-    from worktreebox.secrets import _SECRET_NAME, _URL_PASSWORD
+    from worktreebox.secrets import _SECRET_NAME
 
     environ = os.environ if environ is None else environ
     pats = patterns(cfg)
-    # a proxy URL with a password in it is a secret too: never recorded
     return {k: v for k, v in sorted(environ.items())
-            if any(fnmatch.fnmatchcase(k, p) for p in pats) and not _other_box_var(k) and not _SECRET_NAME.search(k)
-            and not _URL_PASSWORD.match(v)}
+            if any(fnmatch.fnmatchcase(k, p) for p in pats) and not _other_box_var(k) and not _SECRET_NAME.search(k)}
 
 
 # What wtbox fixes so that the same inputs give the same box (README, "Reproducible boxes"): hash

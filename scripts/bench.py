@@ -138,7 +138,7 @@ def _optional_sections() -> None:
                           ("router", "bench_router", "bench_router"),
                           ("sandbox", "bench_box_sandbox", "bench_sandbox"),
                           ("sandbox_parts", "bench_sandbox", "bench_sandbox_parts"),
-                          ("backing", "bench_backing", "bench_backing")):
+                          ("backing", "bench_backing", "bench_backing"), ("fork", "bench_fork", "bench_fork")):
         try:
             module = __import__(mod)
             SECTIONS[name] = getattr(module, fn)

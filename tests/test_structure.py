@@ -52,3 +52,25 @@ def test_import_time_environment_reads_are_seen(tmp_path):
     mod = tmp_path / "m.py"
     mod.write_text("import os\nWAIT = float(os.environ.get('X', '5'))\n\ndef f():\n    return os.environ['Y']\n")
     assert environ_read_at_import(mod) == [2]
+
+
+def own_modules() -> list[Path]:
+    return sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def test_the_top_level_stays_small_and_no_module_is_long():
+    """Issue 25: a newcomer finds a concern by its package; a module is read whole."""
+    top = [p.name for p in PACKAGE.glob("*.py")]
+    assert len(top) <= 12, top
+    long = {str(p.relative_to(PACKAGE)): n for p in own_modules() if (n := len(p.read_text().splitlines())) > 500}
+    assert long == {}
+
+
+def test_only_procfs_names_proc():
+    """One module reads /proc (system/procfs.py); the sandbox's bwrap argv mounts a fresh one."""
+    allowed = {"system/procfs.py", "providers/sandbox/layout.py"}
+    offenders = [str(p.relative_to(PACKAGE)) for p in own_modules()
+                 if "/proc/" in p.read_text() and str(p.relative_to(PACKAGE)) not in allowed]
+    assert offenders == []
+    layout = (PACKAGE / "providers/sandbox/layout.py").read_text()
+    assert "/proc/" not in layout  # the mount point only ("/proc"), never a file under it

@@ -18,6 +18,9 @@ CREATING, READY, FAILED, REMOVING, EXPIRED = "creating", "ready", "failed", "rem
 # A box that was ready but is not whole right now (its services' supervisor died); data["degraded"]
 # says why and what brings it back.
 DEGRADED = "degraded"
+# A box whose own changes are being put back from a snapshot (fleet/restore.py): not ready until that
+# finished; data["restoring"] names the snapshot, so a restore that was killed is finished by running it again.
+RESTORING = "restoring"
 
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,40}-[0-9a-f]{8}$")
 MAX_SLUG = 40
@@ -198,6 +201,9 @@ class Box:
         }
         if self.state == DEGRADED and self.data.get("degraded"):
             out["reason"] = self.data["degraded"]
+        if self.state == RESTORING and self.data.get("restoring"):
+            name = self.data["restoring"]["snapshot"]
+            out["reason"] = f"restoring snapshot {name}; if that stopped, run 'wtbox restore {self.id} {name}' again"
         if "inherited_env" in self.data:  # what the box took from the shell that made it (boxenv.py)
             out["inherited_env"] = mask_env(self.data["inherited_env"])
         db = self.data.get("database")

@@ -14,11 +14,12 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from operator import methodcaller
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from worktreebox import admission, diagnostics, providers, settings
-from worktreebox.box import CREATING, DEGRADED, FAILED, READY, REMOVING, Box, branch_name, new_id, slugify
+from worktreebox.box import CREATING, DEGRADED, FAILED, READY, REMOVING, RESTORING, Box, branch_name, new_id, slugify
 from worktreebox.config import recorded
 from worktreebox.config.load import (
     load_config_for_new,
@@ -28,10 +29,11 @@ from worktreebox.config.load import (
 )
 from worktreebox.config.templating import render
 from worktreebox.errors import ConfigError, Interrupted, NotFound, UnsavedWork, UsageError, WtboxError
+from worktreebox.providers import sandbox
 from worktreebox.providers.postgres import server as postgres_server
 from worktreebox.registry import Registry
 from worktreebox.resources import load_all, stages
-from worktreebox.resources.base import Creation, Resource
+from worktreebox.resources.base import Creation, Origin, Resource
 from worktreebox.services import boxenv
 from worktreebox.services.boxenv import process_env
 from worktreebox.services.envfile import format_env
@@ -88,8 +90,8 @@ class Host:
         """Resolve BOX: id, unique id prefix, task name, or (None) the box containing the cwd."""
         box = self._resolve(ref)
         # A reboot takes a box's copy-on-write mounts away (its upper layers stay): mount them again.
-        if box.data.get("revive") and box.state not in (CREATING, REMOVING) and not os.path.ismount(box.path) \
-                and box.env_file.exists():  # its dir is there (not only what a running process wrote back)
+        if box.data.get("revive") and box.state not in (CREATING, REMOVING, RESTORING) \
+                and not os.path.ismount(box.path) and box.env_file.exists():  # its dir is whole
             for r in self.resources:
                 r.revive(self, box)
         return box
@@ -220,12 +222,14 @@ class Host:
         pool: str | None = None,
         wait: bool = True,
         on_wait: Callable[[str], None] | None = None,
+        origin: Origin | None = None,
     ) -> Box:
         """Create a box; on any failure everything made so far is destroyed and WtboxError raised.
 
         `pool`: make it ahead for the warm pool under this pool key (pool.py claims it later).
         When the host is full ([host] max_active / max_load) it waits for room, telling `on_wait`
-        (default: stderr), or with wait=False raises admission.HostFull."""
+        (default: stderr), or with wait=False raises admission.HostFull. `origin`: a fork, whose own
+        changes (files, branch tip, database) start as a snapshot's (fleet/fork.py)."""
         slugify(task)  # validates before anything is touched
         repo_root = git.resolve_repo(repo)
         base_sha = git.resolve_commit(repo_root, ref or "HEAD")
@@ -259,7 +263,7 @@ class Host:
         box.dir.mkdir(mode=0o700)
 
         c = Creation(host=self, box=box, config=cfg, base_sha=base_sha, secrets=dict(secrets or {}),
-                     start_services=start_services, progress=progress or (lambda m: None))
+                     start_services=start_services, progress=progress or (lambda m: None), origin=origin)
         c.facts.update(box.facts())
         c.env["WTBOX_ID"] = box.id
         c.env["WTBOX_BOX_DIR"] = str(box.dir)
@@ -305,8 +309,7 @@ class Host:
         except Exception:
             pass
         self._destroy_resources(box, strict=False)
-        self.registry.delete_box(box.id)
-        self._release_boxes_dir()
+        self.registry.delete_box(box.id)  # (boxes/ stays shared: the next rm or gc releases it)
 
     def _destroy_resources(self, box: Box, *, strict: bool) -> None:
         # A box claimed from the pool still runs processes started under its pool id (Box.alias):
@@ -356,29 +359,13 @@ class Host:
 
     # ------------------------------------------------------------------ rm
     def unsaved_work(self, box: Box) -> str | None:
-        """Why removing the box would lose work, or None. A resource that can prove the box is exactly
-        as it was made (a copy-on-write worktree nobody wrote to) spares the `git status` walk."""
+        """Why removing the box would lose work, or None; a box provably as made spares `git status`."""
         if box.data.get("revive") and any(r.pristine(self, box) for r in self.resources):
             return None
-        if not box.path.is_dir():
-            return None  # nothing left to lose
-        launcher = self.launcher(box)
-        # a sandboxed box's git dir goes with it: what counts as saved is what its repository holds
-        kept = git.tips(box.repo, but=box.branch) if launcher.sandboxed and Path(box.repo).is_dir() else None
-        return git.unsaved_work(box.path, box.branch, box.data.get("base_sha"), launcher=launcher, kept=kept)
+        return sandbox.unsaved_work(box, self.launcher(box)) if box.path.is_dir() else None
 
-    def launcher(self, box: Box) -> procs.Launcher:
-        """How a process of the box is started (through its sandbox); a holder a reboot took is made
-        again first (git questions about a sandboxed box are answered inside it, as its user)."""
-        from worktreebox.providers import sandbox
-        from worktreebox.providers.sandbox.base import SandboxGone
-
-        try:
-            return sandbox.launcher_for(box)
-        except SandboxGone:
-            for r in self.resources:
-                r.revive(self, box)
-            return sandbox.launcher_for(box)
+    def launcher(self, box: Box) -> procs.Launcher:  # its sandbox's; a holder a reboot took is made again
+        return sandbox.launcher_for(box, revive=lambda: [*map(methodcaller("revive", self, box), self.resources)])
 
     def rm(self, ref: str | Box, *, force: bool = False, keep_branch: bool = False) -> Box:
         """Destroy a box completely; refuses with unsaved work unless force. Restartable after a crash."""
@@ -396,10 +383,7 @@ class Host:
                 raise UnsavedWork(
                     f"{box.id} has {why}; commit and push them, or run 'wtbox rm --force {box.id}' to discard them.")
         if keep_branch:
-            from worktreebox.providers import sandbox
-
-            self.launcher(box)  # a holder a reboot took is made again
-            sandbox.bring_back(box)  # its commits live in its own git dir until now
+            sandbox.bring_back(box, self.launcher(box))  # a sandboxed box's commits live in its own git dir
             box.data["keep_branch"] = True
         box.data["remover"] = procs.identity(os.getpid())
         box.state = REMOVING
@@ -407,16 +391,9 @@ class Host:
         _phase("rm:removing")
         self._destroy_resources(box, strict=True)
         self.registry.delete_box(box.id)
-        self._release_boxes_dir()
+        sandbox.release_boxes_dir(self.home, lambda: not self.registry.select_box_ids())
         _phase("rm:done")
         return box
-
-    def _release_boxes_dir(self) -> None:
-        """The last box gone: boxes/ is no longer a shared mount (the sandboxes' propagation)."""
-        from worktreebox.providers.sandbox.namespaces import release_boxes_dir
-
-        if os.geteuid() == 0:
-            release_boxes_dir(self.home, lambda: not self.registry.select_box_ids())
 
     # ------------------------------------------------------------------ services
     def services(self, box: Box, action: str, service: str | None = None,

@@ -43,6 +43,9 @@ COMMANDS = {
     "mcp": "mcp:mcp",
     "browse": "browse:browse",
     "server": "server:server",
+    "snapshot": "state:snapshot",
+    "restore": "state:restore",
+    "fork": "state:fork",
     "url": "router:url",
     "open": "router:open_",
 }

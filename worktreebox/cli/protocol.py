@@ -51,7 +51,8 @@ __all__ = [
 # rare (and `server stop` must work on a broken server); unknown words get click's own error.
 SERVED = frozenset({
     "new", "rm", "ls", "status", "env", "logs", "up", "down", "restart", "metrics", "probe", "traces",
-    "top", "pool", "fanout", "compare", "diff", "keep", "unkeep", "db", "url", "net", "expose",
+    "top", "pool", "fanout", "compare", "diff", "keep", "unkeep", "db", "url", "snapshot", "restore", "fork",
+    "net", "expose",
 })
 _LONG_RUNNING = ("--watch", "--follow")  # top --watch, logs --follow: until Ctrl-C, job control wanted
 HELP = ("--help", "-h", "--version")
@@ -67,6 +68,10 @@ def served(args: list[str], stdin_is_tty: bool) -> bool:
             return False
         if args[0] == "logs" and a.startswith("-") and not a.startswith("--") and "f" in a:
             return False  # -f, or -f inside a cluster of short flags
+    if args[0] == "db" and "psql" in options:
+        return False  # it becomes psql on the terminal
+    if args[0] == "db" and "dump" in options and len([a for a in options if not a.startswith("-")]) < 3:
+        return False  # to stdout: a stream, not one reply
     asks = args[0] == "rm" and "--all" in options and "--yes" not in options and stdin_is_tty
     return not asks  # a question on the terminal is answered here, not through the server
 

@@ -40,7 +40,9 @@ from worktreebox.telemetry.logs.writer import LogWriter
 
 if TYPE_CHECKING:
     from worktreebox.box import Box
+    from worktreebox.fleet.snapshots import Snapshot
     from worktreebox.host import Host
+    from worktreebox.resources.base import Origin
 
 RUN_LOG = "run"
 
@@ -76,6 +78,7 @@ class Options:
     use_pool: bool = True
     browse: str | None = None  # a PATH to load in each box's Chromium: screenshot + console errors
     wait: bool = True  # for room on a full host ([host] max_active / max_load); False: refuse at once
+    from_box: str | None = None  # every attempt a fork of this box's current state (fork.py)
 
 
 @dataclasses.dataclass
@@ -179,6 +182,12 @@ class Fanout:
             raise ParamError("{jobs} must be at least 1.", "jobs")
         for i in (1, o.n):
             slugify(f"{o.task}-{i}")
+        self._source: Box | None = None
+        self._origin: Origin | None = None
+        self._snapshot: Snapshot | None = None
+        if o.from_box:
+            self._plan_from_box(o.from_box)
+            return
         self._repo = git.resolve_repo(o.repo)
         self._base_sha = git.resolve_commit(self._repo, o.ref or "HEAD")
         self._config = load_config_for_new(self._repo, self._base_sha, explicit_ref=o.ref is not None)
@@ -186,6 +195,11 @@ class Fanout:
                                            config=self._config, home=self.host.home)
         if o.warm and self._target.why_not:
             raise ParamError(f"{{warm}}: the pool cannot serve this repo: {self._target.why_not}.", "warm")
+        self._check_room()
+        self.id = new_id(o.task)
+
+    def _check_room(self) -> None:
+        o = self.opts
         limit = self.host.config.max_boxes
         live = len(self.host.registry.select_box_ids())
         if o.n > limit - live:
@@ -196,9 +210,21 @@ class Fanout:
             from worktreebox.admission import check
 
             check(self.host, more=o.n)  # fan-out boxes stay up for compare: all n count
-        self.id = new_id(o.task)
 
-    # -- running
+    def _plan_from_box(self, ref: str) -> None:
+        """Attempts that start from BOX's state: its repo, its tree, and (at start) a snapshot of it."""
+        from worktreebox.fleet import snapshots
+
+        if self.opts.warm:
+            raise ParamError("{warm} fills the pool, but forks of {from_box} never come from it.", "warm", "from_box")
+        self._source = self.host.get(ref)
+        snapshots.check_box(self._source)
+        self._repo = Path(self._source.repo)
+        self._base_sha = self._source.data["worktree"]["tree"]
+        self._config = load_config_for_new(self._repo, self._base_sha, explicit_ref=True)
+        self._check_room()
+        self.id = new_id(self.opts.task)
+
     def start(self) -> list[Any]:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -206,6 +232,11 @@ class Fanout:
             self.plan()
         if self.opts.warm:
             pool.top_up(self.host, self._target, self.opts.n, new_host=self.new_host)
+        if self._source is not None:  # one snapshot of BOX now; every attempt is a fork of it
+            from worktreebox.fleet import fork, snapshots
+
+            self._snapshot = snapshots.take(self.host, self._source, internal=True)
+            self._origin = fork.origin_of(self._snapshot)
         self._pool = ThreadPoolExecutor(max_workers=min(self.opts.jobs or self.opts.n, self.opts.n),
                                         thread_name_prefix="fanout")
         self._futures = [self._pool.submit(self._attempt, a) for a in self.attempts]
@@ -228,7 +259,15 @@ class Fanout:
             raise Interrupted(self._interrupt_message(), self.rows()) from None
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)
+            self._drop_snapshot()
         return self.rows()
+
+    def _drop_snapshot(self) -> None:
+        if self._source is not None and self._snapshot is not None:
+            from worktreebox.fleet import snapshots
+
+            snapshots.remove(self.host, self._source, self._snapshot.name)
+            self._snapshot = None
 
     def run(self, tick: Callable[[], None] | None = None) -> list[dict[str, Any]]:
         self.plan()
@@ -285,10 +324,16 @@ class Fanout:
         try:
             self._set(a, CREATING)
             try:
-                box, from_pool = pool.new_box(host, a.task, repo=self._repo, ref=self._base_sha,
-                                              config=self._config, target=self._target, use_pool=self.opts.use_pool,
-                                              progress=lambda m: self._set(a, CREATING, m), wait=self.opts.wait,
-                                              on_wait=lambda m: self._set(a, CREATING, m))
+                if self._origin is not None:
+                    box, from_pool = host.new(a.task, repo=self._repo, ref=self._base_sha, config=self._config,
+                                              origin=self._origin, progress=lambda m: self._set(a, CREATING, m),
+                                              wait=self.opts.wait, on_wait=lambda m: self._set(a, CREATING, m)), False
+                else:
+                    box, from_pool = pool.new_box(host, a.task, repo=self._repo, ref=self._base_sha,
+                                                  config=self._config, target=self._target,
+                                                  use_pool=self.opts.use_pool,
+                                                  progress=lambda m: self._set(a, CREATING, m), wait=self.opts.wait,
+                                                  on_wait=lambda m: self._set(a, CREATING, m))
             except WtboxError as e:
                 a.error = str(e)
                 self._set(a, FAILED, "creating the box failed")
@@ -297,7 +342,8 @@ class Fanout:
             o = self.opts
             box.data[KEY] = {"id": self.id, "task": o.task, "index": a.index, "n": o.n, "run": o.run,
                              "checks": list(o.checks), "probes": list(o.probes), "base_sha": self._base_sha,
-                             "started_at": a.started_at, "state": CREATING, "result": {}, "from_pool": from_pool}
+                             "started_at": a.started_at, "state": CREATING, "result": {}, "from_pool": from_pool,
+                             "from_box": self._source.id if self._source else None}
             host.registry.save_box(box)
             self._measure(host, a, box)
             if self.runner.stopped.is_set():

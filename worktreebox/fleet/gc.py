@@ -131,6 +131,7 @@ def run(host: Host, *, grace: float = DEFAULT_GRACE, dry_run: bool = False, wait
                 if Path(repo).is_dir():
                     git.git(repo, "worktree", "prune", check=False)
             _empty_trash(host)
+            swept = _sweep_snapshots(host, errors)
             released = _sweep_host_leases(host)
             mounts = _unmount_strays(host, errors)
             if _release_boxes(host):
@@ -141,14 +142,14 @@ def run(host: Host, *, grace: float = DEFAULT_GRACE, dry_run: bool = False, wait
             routers = _stop_routers_of_gone_homes()
             _stamp(host)
         else:
-            released, router = [], None
+            released, router, swept = [], None, []
             from worktreebox.router import caddy
 
             routers = [f"router pid {pid} of {home} (home is gone)" for pid, home in caddy.of_gone_homes()]
             mounts, layers = [m.target for m in stray_mounts(host)], []
             foreign = [f"{hx} of {home} (home is gone)" for home, _, hx in _cgroups_of_gone_homes(host)]
     return {"dry_run": dry_run, "actions": actions, "errors": errors, "released_ports": released, "mounts": mounts,
-            "layers": layers, "cgroups": foreign, "router": router,
+            "layers": layers, "cgroups": foreign, "snapshots": swept, "router": router,
             "routers": routers, "seconds": round(time.perf_counter() - t0, 3)}
 
 
@@ -176,6 +177,13 @@ def _stop_routers_of_gone_homes() -> list[str]:
         except PermissionError:  # another user's: theirs to sweep
             continue
     return done
+
+
+def _sweep_snapshots(host: Host, errors: list[str]) -> list[str]:
+    """What killed snapshots, restores and forks left (fleet/snapshots.sweep)."""
+    from worktreebox.fleet import snapshots
+
+    return snapshots.sweep(host, errors)
 
 
 def _cgroups_of_gone_homes(host: Host) -> list[tuple[str, Cgroups, str]]:

@@ -32,7 +32,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +42,7 @@ from worktreebox.config.load import config_sources, parse_duration, parse_repo_c
 from worktreebox.errors import ConfigError, UsageError, WtboxError
 from worktreebox.host import Host, _phase
 from worktreebox.layers import deps
+from worktreebox.providers import sandbox
 from worktreebox.resources import cgroup as cgroup_resource
 from worktreebox.resources import router as router_resource
 from worktreebox.services import boxenv
@@ -146,10 +146,11 @@ def new_box(host: Host, task: str, repo: str | Path | None = None, ref: str | No
 
 
 def claim(host: Host, task: str, t: Target, *, ttl: str | float | None = None, keep: bool = False,
-          report: dict[str, Any] | None = None) -> Box | None:
+          report: dict[str, Any] | None = None, before_ready: Callable[[Box], None] | None = None) -> Box | None:
     """Take a ready pooled box of `t`'s key whose commit is `t.sha` or an ancestor, and whose fingerprint
     is what a fresh box would get, and make it TASK's box; None when there is none (`report` says why)
-    or taking it failed (then it was destroyed)."""
+    or taking it failed (then it was destroyed). `before_ready(box)` runs while the claimed row is
+    still `creating` (a fork puts its data in: a kill there leaves a row gc removes)."""
     from worktreebox.fleet import fingerprint
 
     report = {} if report is None else report
@@ -192,7 +193,7 @@ def claim(host: Host, task: str, t: Target, *, ttl: str | float | None = None, k
     box._host = host
     t1 = time.perf_counter()
     try:
-        moved = _take_over(host, box, t)
+        moved = _take_over(host, box, t, before_ready)
     except BaseException as e:
         try:
             host.rm(box, force=True)
@@ -207,10 +208,8 @@ def claim(host: Host, task: str, t: Target, *, ttl: str | float | None = None, k
     return box
 
 
-def _take_over(host: Host, box: Box, t: Target) -> bool:
+def _take_over(host: Host, box: Box, t: Target, before_ready: Callable[[Box], None] | None = None) -> bool:
     """Rename what can be renamed to the claimed box's id, fast-forward it; True when its base moved."""
-    from concurrent.futures import ThreadPoolExecutor
-
     pool_id = box.alias
     assert pool_id is not None  # set by the claim's rename
     old_dir = host.boxes_dir / pool_id
@@ -224,12 +223,10 @@ def _take_over(host: Host, box: Box, t: Target) -> bool:
         # Running services, the supervisor and the metrics store hold paths under the old name.
         os.symlink(box.dir.name, old_dir)
     launcher = host.launcher(box)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        inside = _rename_inside(pool, box, pool_id, launcher)
-        _phase("claim:dir")
-        _rename_branch(box.repo, box.path, branch_name(pool_id), box.branch, box.data.get("base_sha"), launcher)
-        for done in inside:
-            done.result()
+    renamed_inside = sandbox.rename_inside(box, pool_id, launcher)  # beside the repository's refs
+    _phase("claim:dir")
+    _rename_branch(box.repo, box.path, branch_name(pool_id), box.branch, box.data.get("base_sha"), launcher)
+    renamed_inside()
     git.repoint_worktree(box.path)
     _phase("claim:branch")
     old, new = str(old_dir), str(box.dir)
@@ -246,6 +243,8 @@ def _take_over(host: Host, box: Box, t: Target) -> bool:
             box.env[boxenv.SOURCE_DATE_EPOCH] = str(git.commit_time(t.repo, t.sha))  # the time of its new base
             host.write_env_file(box)
     _phase("claim:ff")
+    if before_ready is not None:
+        before_ready(box)
     box.state = READY
     host.registry.save_box(box)
     if moved and t.config.pool.restart_on_update and t.config.services:
@@ -255,26 +254,12 @@ def _take_over(host: Host, box: Box, t: Target) -> bool:
     return moved
 
 
-def _rename_inside(pool: Executor, box: Box, pool_id: str, launcher: procs.Launcher) -> list[Future[Any]]:
-    """A sandboxed box's holder knows its paths by the pool id: the new name is made to lead there
-    (`alias`), and its branch is renamed in its own git dir, reached by the old name's path: both at
-    once, beside the repository's refs (each a few processes: ~20-50 ms on this host)."""
-    if not launcher.sandboxed:
-        return []
-    from worktreebox.providers import sandbox
-
-    old_worktree = box.dir.parent / pool_id / box.path.name
-    return [pool.submit(sandbox.provider_of(box).alias, sandbox.holder_of(box), box.dir, pool_id),
-            pool.submit(git.git, old_worktree, "branch", "-m", branch_name(pool_id), box.branch, launcher=launcher)]
-
-
 def _rename_branch(repo: str, worktree: Path, old: str, new: str, tip: str | None,
                    launcher: procs.Launcher | None = None) -> None:
     """`git branch -m` without it: that rewrites .git/config under one lock, so concurrent claims
     failed on it. Refs only: make the new one, point the worktree at it, drop the old one. An
     untouched pool box's branch is at `tip`: then one transaction checks that and makes the new ref.
-    A sandboxed box's branch lives in its own git dir (renamed there by `_rename_inside`); the
-    repository keeps a branch at the base under the box's name, renamed here."""
+    (A sandboxed box's own branch is renamed in its git dir: sandbox.rename_inside.)"""
     sha = tip or ""
     if not tip or git.git(repo, "update-ref", "--stdin", check=False,
                           input=f"verify refs/heads/{old} {tip}\ncreate refs/heads/{new} {tip}\n").returncode:

@@ -19,7 +19,7 @@ from mcp_types import ToolAnnotations
 from pydantic import Field
 
 from worktreebox.mcp.calls import Opened, Progress, in_thread, reveal
-from worktreebox.operations import boxes, fleet, network, observe, router, services
+from worktreebox.operations import boxes, fleet, network, observe, router, services, state
 from worktreebox.operations.spec import CHANGES, DESTROYS, READ_ONLY, SHOW_SECRETS, Operation, Param
 
 ANNOTATIONS = {
@@ -182,4 +182,9 @@ def all_tools() -> list[tuple[Callable[..., Any], Operation]]:
         (make_tool(fleet.COMPARE), fleet.COMPARE),
         (make_tool(fleet.DIFF), fleet.DIFF),
         (make_tool(fleet.PICK), fleet.PICK),
+        (make_tool(state.SNAPSHOT), state.SNAPSHOT),
+        (make_tool(state.RESTORE), state.RESTORE),
+        (make_tool(state.FORK), state.FORK),
+        (make_tool(state.DB_RESET), state.DB_RESET),
+        (make_tool(state.DB_DUMP), state.DB_DUMP),
     )]

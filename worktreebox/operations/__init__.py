@@ -21,7 +21,9 @@ DECLARED = (
     "services:UP", "services:DOWN", "services:RESTART",
     "observe:LOGS", "observe:METRICS", "observe:TRACES", "observe:PROBE", "observe:BROWSE", "observe:TOP",
     "fleet:FANOUT", "fleet:COMPARE", "fleet:DIFF", "fleet:PICK", "fleet:POOL", "fleet:GC",
+    "state:SNAPSHOT", "state:RESTORE", "state:FORK",
     "admin:INIT", "admin:DOCTOR", "admin:DB_START", "admin:DB_STOP", "admin:DB_STATUS",
+    "state:DB_RESET", "state:DB_PSQL", "state:DB_DUMP",
 )
 
 

@@ -26,6 +26,8 @@ EXCEPTIONS: dict[str, str] = {
     "db stop": "CLI only: the host's PostgreSQL.",
     "db status": "CLI only: the host's PostgreSQL.",
     "db refill": "Internal: started in the background by `new`.",
+    "db drop-copies": "Internal: started in the background by `restore` and `db reset`.",
+    "db psql": "CLI only: becomes psql on your terminal (it replaces the process, like `shell`).",
     "mcp": "The MCP server itself.",
     "server status": "The CLI's own server.",
     "server stop": "The CLI's own server.",

@@ -30,7 +30,7 @@ URL_STARTS = ("/", "http://", "https://")
 def plan_fanout(host: Host, task: str, n: int, ref: str | None = None, run: str | None = None,
                 checks: Any = (), probes: Any = (), probe_requests: int = 100, browse: str | None = None,
                 timeout: str | None = None, jobs: int | None = None, repo: str | None = None, warm: bool = False,
-                no_pool: bool = False, no_wait: bool = False) -> Fanout:
+                no_pool: bool = False, no_wait: bool = False, from_box: str | None = None) -> Fanout:
     """A planned fan-out (every refusal happens here, before anything is created); the front ends
     start it and wait, each showing the attempts its own way."""
     from worktreebox.config.load import parse_duration
@@ -43,12 +43,30 @@ def plan_fanout(host: Host, task: str, n: int, ref: str | None = None, run: str 
         if bad is not None:
             raise ParamError(f"{{{name}}} {bad!r} is neither a path such as /health nor an http:// URL.", name)
     seconds = parsed("timeout", parse_duration, timeout) if timeout else None
+    if ref and not from_box:
+        ref, from_box = _ref_or_box(host, repo, ref)
     opts = F.Options(task=task, n=n, run=run, checks=tuple(as_list(checks)), probes=tuple(as_list(probes)),
                      repo=repo, ref=ref, timeout=seconds, jobs=jobs, probe_requests=probe_requests, warm=warm,
-                     use_pool=not no_pool, browse=browse, wait=not no_wait)
+                     use_pool=not no_pool, browse=browse, wait=not no_wait, from_box=from_box)
     fo = F.Fanout(host, opts)
     fo.plan()
     return fo
+
+
+def _ref_or_box(host: Host, repo: str | None, ref: str) -> tuple[str | None, str | None]:
+    """`--from X`: a git ref of the repo when it is one, else a box (fork its state); (ref, box)."""
+    from worktreebox.errors import WtboxError
+    from worktreebox.system import git
+
+    try:
+        git.resolve_commit(git.resolve_repo(repo), ref)
+        return ref, None
+    except WtboxError:
+        pass
+    try:
+        return None, host.get(ref).id
+    except WtboxError:
+        raise ParamError(f"{{ref}} {ref!r} is neither a git ref of the repo nor a box.", "ref") from None
 
 
 def fanout(host: Host, task: str, n: int, *, on_change: Callable[[Any, Any], None] | None = None,
@@ -180,7 +198,9 @@ FANOUT = Operation(
     "fanout", "Create N boxes for TASK, run CMD in each, and compare the results.",
     (Param("task", "Task name; the boxes are TASK-1 … TASK-N.", default=REQUIRED, positional=True),
      Param("n", "Number of attempts.", int, REQUIRED, flags=("-n",), min=1),
-     Param("ref", "Git ref every box starts from (default: HEAD).", flags=("--from",)),
+     Param("ref", "Git ref every box starts from (default: HEAD), or a box: every attempt then starts from "
+                  "that box's state, as `wtbox fork` makes it.", flags=("--from",)),
+     Param("from_box", "Start every attempt from this box's state (its files, branch and data).", metavar="BOX"),
      Param("run", "Shell command run in each box's worktree; {i} and {box} are replaced, $WTBOX_FANOUT_INDEX "
                   "and $WTBOX_FANOUT_N are set.", metavar="CMD"),
      Param("checks", "Commands run after the run (e.g. 'pytest -q'); exit code, duration and test counts are "
@@ -245,4 +265,4 @@ GC = Operation(
     (Param("dry_run", "Print what would be removed and why; change nothing.", bool, False),
      Param("grace", "Leave boxes in creating/removing alone for this long (their command may still run).",
            default="10m")),
-    gc, result="{actions, mounts, layers, cgroups, errors, seconds}.", effect=DESTROYS)
+    gc, result="{actions, mounts, layers, cgroups, snapshots, errors, seconds}.", effect=DESTROYS)

@@ -16,12 +16,27 @@ import os
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from worktreebox.box import Box
     from worktreebox.config.load import RepoConfig
     from worktreebox.context import HostContext
+
+
+@dataclasses.dataclass(frozen=True)
+class Origin:
+    """Where a fork's own changes start from (fleet/fork.py): a snapshot's files (upper layers and
+    index, resources/own_changes.py), the branch tip its branch starts at, and the database its
+    database is copied from (None: the box has none). Without an origin a box starts pristine."""
+
+    files: Path
+    tip: str
+    database: str | None = None
+    database_role: str | None = None  # the role that owns the objects in that database
+    strategy: str | None = None  # how to copy it (WAL_LOG or FILE_COPY), as the golden copy measured
+    take_database: bool = False  # rename it instead of copying (a fork's own snapshot, used up by one fork)
 
 
 @dataclasses.dataclass
@@ -50,6 +65,7 @@ class Creation:
     # resource name -> set once its create is over (a resource of the same parallel stage may wait)
     made: dict[str, threading.Event] = dataclasses.field(default_factory=dict, repr=False)
     _made_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+    origin: Origin | None = None  # a fork: its own changes start as a snapshot's
 
     def note(self, msg: str) -> None:
         self.progress(msg)

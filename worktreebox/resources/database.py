@@ -54,6 +54,9 @@ class Database(Resource):
         cfg = c.config.database
         if cfg.mode == "none":
             return
+        if c.origin is not None and (cfg.mode != "database" or not c.origin.database):
+            raise WtboxError(f"A fork copies its origin's database, which needs [database] mode = \"database\" "
+                             f"in both; {c.config.source} says {cfg.mode!r}.")
         _Driver.ready()
         srv = server(c.host, cfg.provider)
         role = c.box.pg_name
@@ -70,6 +73,9 @@ class Database(Resource):
         try:
             if cfg.mode == "schema":
                 self._create_schema(srv, c.host.home, role, password, cfg.extensions)
+            elif c.origin is not None:
+                self._create_role(srv, c.host.home, role, password)
+                self._copy_origin(c, srv, role)
             else:
                 golden = golden_for(c, srv)
                 self._create_role(srv, c.host.home, role, password)
@@ -134,12 +140,27 @@ class Database(Resource):
             short = want > 0 and dbspares.count(conn, key) < want
             strategy = golden.strategy(conn) if golden.needed else None
         c.box.data[self.name]["spare"] = bool(took)
+        c.box.data[self.name]["golden"] = {"key": key, "template": template}  # what `db reset` goes back to
         if golden.needed:
             # Migrated objects belong to the golden role; hand them to the box (REASSIGN is per database).
             with contextlib.closing(srv.connect(role)) as conn:
                 conn.execute(sql_text("REASSIGN OWNED BY {g} TO {r}", g=ident(golden.name), r=ident(role)))
         if short:
             dbspares.refill_later(c.host.home, srv.provider, key, template, strategy, want)
+
+    def _copy_origin(self, c: Creation, srv: Server, role: str) -> None:
+        """A fork's database: a copy of its origin's snapshot, its objects handed to this box's role."""
+        from worktreebox.providers.postgres import boxcopy
+
+        origin = c.origin
+        assert origin is not None and origin.database
+        with srv.session(srv.shared_db) as conn:
+            if origin.take_database:  # a rename: the snapshot is this fork's alone
+                conn.execute(sql_text("ALTER DATABASE {s} RENAME TO {d}", s=ident(origin.database), d=ident(role)))
+            else:
+                boxcopy.copy_database(conn, origin.database, role, end_source_sessions=False,
+                                      strategy=boxcopy.strategy_for(conn, origin.database, origin.strategy))
+        boxcopy.hand_to_box(srv, role, role, reassign_from=origin.database_role, shared_owner=origin.database_role)
 
     def migrate(self, c: Creation) -> None:
         """The box's migrations, in its own tree after its dependency layers and [setup] (Migrations.start):

@@ -31,6 +31,7 @@ class Deps(Resource):
         from worktreebox.layers import deps
         from worktreebox.layers import store as layerstore
         from worktreebox.providers import mounts, sandbox
+        from worktreebox.providers.mounts.base import seed_upper
 
         box, home = c.box, c.host.home
         files = deps.scan(box.repo, c.base_sha, home, c.config.deps)
@@ -62,6 +63,8 @@ class Deps(Resource):
                 for j, p in enumerate(layer.paths):
                     target = box.path / layer.dir / p
                     target.mkdir(parents=True, exist_ok=True)
+                    if c.origin:  # a fork: the layer's own changes start as the snapshot's
+                        seed_upper(c.origin.files / "deps" / f"{i}.{j}" / "upper", box.dir / "deps" / f"{i}.{j}")
                     provider.attach(path / "paths" / p, target, box.dir / "deps" / f"{i}.{j}")
                     if owner is not None:  # the view's top (its upper layer's own) is the box user's
                         os.chown(target, *owner)

@@ -18,7 +18,7 @@ class Setup(Resource):
     start_phase = "setup"
 
     def start(self, c: Creation) -> None:
-        if c.config.setup.cmd:
+        if c.config.setup.cmd and not c.origin:  # a fork's files already hold what setup made
             run_setup(c)
 
 

@@ -60,8 +60,8 @@ class Worktree(Resource):
             box.data["revive"] = provider.mounts  # a reboot takes mounts down: Host.get brings them back
             if owner is not None:
                 give_once(tree / "tree", owner)  # copy-up keeps owners: the box's user must own the tree's files
-            add_worktree(box, c.base_sha, checkout=False, owner=owner)
-            attach_view(provider, tree, box)
+            add_worktree(box, c.origin.tip if c.origin else c.base_sha, checkout=False, owner=owner)
+            attach_view(provider, tree, box, c.origin.files if c.origin else None)
         if owner is not None:
             give(box.dir / "git", owner)
             # the view's top directory (its upper layer's own) and git's pointer written through it are
@@ -75,7 +75,7 @@ class Worktree(Resource):
         Then `git status` and the commit count cannot find anything; otherwise they run as usual."""
         data = box.data.get(self.name) or {}
         sha = data.get("tree")
-        if not sha or sha != box.data.get("base_sha") or not _only_mount_points(box.dir / "upper"):
+        if not sha or sha != box.data.get("base_sha") or not only_mount_points(box.dir / "upper"):
             return False
         admin = _admin_dir(box)
         if admin is None:
@@ -85,7 +85,7 @@ class Worktree(Resource):
         try:
             if (admin / "index").read_bytes() != (trees.store(host.home).path(sha) / "index").read_bytes():
                 return False
-            return bool(_branch_tip(admin, box.branch) == sha)
+            return bool(read_branch_tip(admin, box.branch) == sha)
         except OSError:
             return False
 
@@ -108,6 +108,8 @@ class Worktree(Resource):
         (after every create: the worktree exists and the files may name other resources' dirs)."""
         from worktreebox.config.load import path_inside
 
+        if c.origin:
+            return  # a fork's files are its origin's, those copied files included
         repo = Path(c.box.repo)
         where = f"{c.config.source}: [box] copy"
         for src, dst in c.config.box.copy:
@@ -269,16 +271,21 @@ def give_once(tree: Path, owner: tuple[int, int]) -> None:
     give(tree, owner)
 
 
-def attach_view(provider: MountProvider, tree: Path, box: Box) -> None:
+def attach_view(provider: MountProvider, tree: Path, box: Box, origin: Path | None = None) -> None:
     """Mount the view of trees/<sha>/tree on the (empty but for .git) worktree dir and hand git
-    the tree's index: the worktree is then clean without git reading a single file."""
+    the tree's index: the worktree is then clean without git reading a single file. A fork's view
+    (`origin`: a snapshot's files) starts with the snapshot's upper layer and index instead."""
+    from worktreebox.providers.mounts.base import seed_upper
+
     gitfile = box.path / ".git"
     pointer = gitfile.read_text()
     gitfile.unlink()
+    if origin is not None:
+        seed_upper(origin / "upper", box.dir)
     provider.attach(tree / "tree", box.path, box.dir)
     (box.path / ".git").write_text(pointer)  # through the view: it lands in the box's own layer
     admin = Path(pointer.split(":", 1)[1].strip())
-    shutil.copyfile(tree / "index", admin / "index")
+    shutil.copyfile((origin or tree) / "index", admin / "index")
     if not provider.same_inodes:  # a copy has new inodes and times: let git look once
         git.git(box.path, "update-index", "-q", "--refresh", check=False)
     (admin / "locked").unlink(missing_ok=True)  # what `git worktree unlock` does, without a process
@@ -316,7 +323,7 @@ def _admin_naming(repo: str, box: Box) -> Path | None:
     return None
 
 
-def _only_mount_points(upper: Path) -> bool:
+def only_mount_points(upper: Path) -> bool:
     """True when the upper layer holds git's `.git` pointer and empty directories only (the mount
     points of dependency layers and their parents): no file of the tree was written or deleted."""
     try:
@@ -340,7 +347,7 @@ def _only_mount_points(upper: Path) -> bool:
     return True
 
 
-def _branch_tip(admin: Path, branch: str) -> str | None:
+def read_branch_tip(admin: Path, branch: str) -> str | None:
     """The commit the box branch points at, read from the repo's refs (no git process)."""
     common = admin.parent.parent
     try:

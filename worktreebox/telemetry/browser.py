@@ -113,8 +113,7 @@ def chromium_command(binary: str, port: int, box_dir: Path) -> list[str]:
 def spawn(box_id: str, box_dir: Path, port: int, *, launcher: procs.Launcher | None = None,
           owner: tuple[int, int] | None = None) -> int:
     """Start the box's Chromium detached, as a process of the box (through its `launcher`: in a
-    sandboxed box, as its user, its DevTools on the box's own `port`); returns its pid without
-    waiting.
+    sandboxed box, as its user, its DevTools on the box's own `port`); its pid, without waiting.
 
     The one place a Chromium is started, so that placing it in the box's cgroup is one change.
     Its HOME and XDG dirs (and TMPDIR when the path allows) point into boxes/<id>/browser, so
@@ -151,9 +150,8 @@ def spawn(box_id: str, box_dir: Path, port: int, *, launcher: procs.Launcher | N
 def wait_ready(box_id: str, box_dir: Path, pid: int, port: int, timeout: float = START_TIMEOUT,
                inside: int | None = None) -> None:
     """Wait until the Chromium `pid` itself listens on its DevTools port (not some other process).
-    In a sandboxed box (`inside`: the port it listens on in the box's own network, reached on `port`
-    through the box's forward) nobody but the box's own processes can hold that port, and a process's
-    sockets in another network namespace are not visible from here: the answer is enough."""
+    In a sandboxed box (`inside`: its port in the box's own network, reached on `port` through the
+    box's forward) only the box's processes can hold it, and their sockets are not seen from here."""
     log_path = Path(box_dir) / "run" / LOG_FILE
     # The cheap HTTP check first; then make sure it is our Chromium that answered.
     ready: readiness.Strategy = readiness.HttpUrl(f"{cdp_url(port)}/json/version", status=200)
@@ -180,10 +178,8 @@ def running(box_id: str, box_dir: Path, port: int, *, sandboxed: bool = False) -
     """The Chromium named by the box's pid file is alive, ours, and listening on `port` (in a
     sandboxed box: answering on `port`, its forward)."""
     p = procs.from_pid_file(Path(box_dir) / "run" / PID_FILE, box_id, None)
-    if p is None:
-        return False
-    if sandboxed:
-        return readiness.HttpUrl(f"{cdp_url(port)}/json/version", status=200).ready(1.0)
+    if p is None or sandboxed:
+        return p is not None and readiness.HttpUrl(f"{cdp_url(port)}/json/version", status=200).ready(1.0)
     return procs.tree_listens_on(p.pid, port)
 
 

@@ -1,11 +1,12 @@
-"""`wtbox db start|stop|status`: the host's PostgreSQL (the embedded cluster, or the external server)."""
+"""`wtbox db start|stop|status`: the host's PostgreSQL (the embedded cluster, or the external server);
+`wtbox db reset|psql|dump BOX`: one box's database."""
 from __future__ import annotations
 
 import click
 
 from worktreebox.cli.build import command
 from worktreebox.cli.commands._common import emit_json, get_host, info, json_option, run_cmd
-from worktreebox.operations import admin
+from worktreebox.operations import admin, state
 
 
 @click.group()
@@ -55,8 +56,61 @@ def status(as_json: bool) -> None:
         _print_status(st)
 
 
-for _cmd in (start, stop, status):
+@command(state.DB_RESET)
+def reset(box: str | None, as_json: bool) -> None:
+    out = state.db_reset(get_host(), box)
+    if as_json:
+        emit_json(out)
+    else:
+        info(f"{out['id']}: database back to {out['from']} in {out['seconds'] * 1000:.0f} ms")
+
+
+@command(state.DB_PSQL, json=False)
+def psql(box: str | None) -> None:
+    """Becomes psql (like `exec`): the terminal is psql's until it exits."""
+    import os
+
+    argv, env = state.db_psql(get_host(), box)
+    os.execve(argv[0], argv, env)
+
+
+@command(state.DB_DUMP)
+def dump(box: str | None, file: str | None, fmt: str, as_json: bool) -> None:
+    if file is None:  # the CLI alone: to stdout, for a pipe
+        import os
+        import subprocess
+        import sys
+
+        env, dbname = state.db_conninfo(get_host(), box)
+        sys.stdout.flush()
+        rc = subprocess.run([state.pg_tool("pg_dump"), f"--format={fmt}", "--no-owner", dbname],
+                            env={**os.environ, **env}).returncode
+        sys.exit(rc)
+    out = state.db_dump(get_host(), box, file, fmt)
+    if as_json:
+        emit_json(out)
+    else:
+        info(f"wrote {out['file']} ({out['bytes']} bytes) in {out['seconds']:.2f}s")
+
+
+for _cmd in (start, stop, status, reset, psql, dump):
     db.add_command(_cmd)
+
+
+@db.command("drop-copies", hidden=True)
+@click.argument("names", nargs=-1)
+@click.option("--provider")
+@run_cmd
+def drop_copies(names: tuple[str, ...], provider: str | None) -> None:
+    """Drop databases a restore or reset replaced (started in the background by them)."""
+    from worktreebox.providers.postgres import boxcopy
+
+    srv = get_host().database_server(provider)
+    srv.application_name = "wtbox drop"
+    for name in names:
+        m = boxcopy.COPY_NAME.match(name)
+        if m and m.group(2) == boxcopy.OUTGOING:  # never anything but a replaced box database
+            boxcopy.drop_database(srv, name)
 
 
 @db.command(hidden=True)

@@ -14,12 +14,12 @@ from worktreebox.operations import fleet
 
 
 @command(fleet.FANOUT)
-def fanout(task, n, ref, run, checks, probes, probe_requests, browse, timeout, jobs, repo, warm, no_pool,
+def fanout(task, n, ref, from_box, run, checks, probes, probe_requests, browse, timeout, jobs, repo, warm, no_pool,
            no_wait, as_json):
     from worktreebox.fleet import fanout as F
 
     fo = fleet.plan_fanout(get_host(), task, n, ref, run, checks, probes, probe_requests, browse, timeout, jobs,
-                           repo, warm, no_pool, no_wait)  # refusals happen before anything is created or drawn
+                           repo, warm, no_pool, no_wait, from_box)  # refusals before anything is created or drawn
     t0 = time.perf_counter()
     view = _LiveView(fo) if sys.stderr.isatty() else _PlainView(fo)
     fo.on_change = view.changed

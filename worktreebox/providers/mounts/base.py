@@ -171,6 +171,23 @@ def unmount_all(root: Path | str, *, include_root: bool = False) -> list[str]:
     return done
 
 
+def copy_tree(src: Path, dest: Path) -> None:
+    """`cp -a src dest` (dest must not exist), reflinked where the file system can: modes, times and
+    an overlay's own marks (whiteout devices for deletions, `trusted.overlay.*` xattrs) kept."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["cp", "-a", "--reflink=auto", str(src), str(dest)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        raise MountError(f"copying {src} to {dest} failed: {lines[-1] if lines else proc.returncode}.")
+
+
+def seed_upper(src: Path, scratch: Path) -> None:
+    """Before a view is mounted in `scratch`: its upper layer starts as a copy of `src` (a snapshot's
+    upper layer: a fork's view shows what the snapshotted box saw). Nothing when `src` is absent."""
+    if src.is_dir():
+        copy_tree(src, scratch / "upper")
+
+
 def clean_env() -> dict[str, str]:
     """The environment for a mount helper daemon: not a box process (no WTBOX_* ids), so tearing
     down a box's processes never takes its file system with it."""

@@ -85,7 +85,8 @@ def drop(srv: Server, role: str) -> None:
                      " WHERE usename = %s AND pid <> pg_backend_pid()", (role,))
         dbs = [r[0] for r in conn.execute(
             "SELECT datname FROM pg_database WHERE datname = %s"
-            " OR datdba = (SELECT oid FROM pg_roles WHERE rolname = %s)", (role, role))]
+            " OR datdba = (SELECT oid FROM pg_roles WHERE rolname = %s)"
+            " OR datname LIKE %s", (role, role, role.replace("_", "\\_") + "\\_%"))]  # its snapshots (boxcopy.py)
         for db in dbs:
             conn.execute(sql_text("DROP DATABASE IF EXISTS {d} WITH (FORCE)", d=ident(db)))
         exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()

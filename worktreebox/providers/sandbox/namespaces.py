@@ -335,7 +335,7 @@ def release_boxes_dir(home: Path, no_box_left: Callable[[], bool]) -> bool:
     from worktreebox.system.fsutil import file_lock
 
     boxes = home / "boxes"
-    if not is_mountpoint(boxes) or not no_box_left():
+    if os.geteuid() != 0 or not is_mountpoint(boxes) or not no_box_left():
         return False
     with file_lock(home / SHARED_LOCK, what="the boxes mount"):
         if not no_box_left() or mounts_under(boxes) or not is_mountpoint(boxes):

@@ -243,6 +243,26 @@ class Cgroups:
             killed |= left
             time.sleep(0.005)
 
+    def freeze(self, box_id: str, on: bool, *, spare: Iterable[int] = ()) -> list[str]:
+        """Freeze (or thaw) the box's processes, leaf by leaf, skipping a leaf that holds one of
+        `spare` (a snapshot taken from a shell inside the box must not freeze itself); the leaves
+        done. A frozen task stops where it is, in the kernel; thawed, it goes on unaware."""
+        spare = set(spare)
+        done = []
+        for leaf in self.leaves(box_id):
+            if on and spare & self.pids(box_id, leaf):
+                continue
+            if self._freeze(box_id, leaf, on):
+                done.append(leaf)
+        return done
+
+    def frozen(self, box_id: str) -> list[str]:
+        """Leaves of the box left frozen (by a snapshot that was killed half-way)."""
+        return [leaf for leaf in self.leaves(box_id) if self._is_frozen(box_id, leaf)]
+
+    def _is_frozen(self, box_id: str, leaf: str) -> bool:
+        return False
+
     def _kill_at_once(self, box_id: str, leaf: str | None) -> bool:
         """Kill the whole subtree in one kernel operation, if this backend can."""
         return False

@@ -61,6 +61,10 @@ class CgroupsV1(Cgroups):
             wait_until(lambda: read(d / "freezer.state").strip() == "FROZEN", 1.0)
         return True
 
+    def _is_frozen(self, box_id: str, leaf: str) -> bool:
+        d = self._dir("freezer", box_id, leaf)
+        return d is not None and read(d / "freezer.state").strip() in ("FROZEN", "FREEZING")
+
     def usage(self, box_id: str) -> Usage | None:
         if not self.exists(box_id):
             return None

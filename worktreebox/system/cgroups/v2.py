@@ -70,6 +70,9 @@ class CgroupsV2(Cgroups):
             wait_until(lambda: "frozen 1" in read(d / "cgroup.events"), 1.0)
         return True
 
+    def _is_frozen(self, box_id: str, leaf: str) -> bool:
+        return read(self.box_dirs(box_id, leaf)[0] / "cgroup.freeze").strip() == "1"
+
     def usage(self, box_id: str) -> Usage | None:
         d = self.box_dirs(box_id)[0]
         if not d.is_dir():

@@ -309,7 +309,7 @@ class Host:
         except Exception:
             pass
         self._destroy_resources(box, strict=False)
-        self.registry.delete_box(box.id)  # (boxes/ stays shared: the next rm or gc releases it)
+        self.registry.delete_box(box.id)
 
     def _destroy_resources(self, box: Box, *, strict: bool) -> None:
         # A box claimed from the pool still runs processes started under its pool id (Box.alias):
@@ -318,6 +318,7 @@ class Host:
         if alias is not None:
             self._destroy_pieces(alias, strict=strict)
         self._destroy_pieces(box, strict=strict)
+        sandbox.release_boxes_dir(self.home, lambda: not set(self.registry.select_box_ids()) - {box.id})
 
     def _destroy_pieces(self, box: Box, *, strict: bool) -> None:
         """Every resource's destroy, in reverse creation order; the resources of a parallel stage
@@ -391,7 +392,6 @@ class Host:
         _phase("rm:removing")
         self._destroy_resources(box, strict=True)
         self.registry.delete_box(box.id)
-        sandbox.release_boxes_dir(self.home, lambda: not self.registry.select_box_ids())
         _phase("rm:done")
         return box
 

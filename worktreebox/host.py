@@ -244,13 +244,13 @@ class Host:
         box.data["base_sha"] = base_sha
         box.data[recorded.DATA_KEY] = recorded.record(cfg)  # what up, restart, the pool and gc use for it
         box.data["creator"] = procs.identity(os.getpid())
-        # Fixed now: `up`/`restart`/`exec` from any other shell give the box this environment.
-        box.data[boxenv.DATA_KEY] = boxenv.capture(cfg.box)
+        box.data[boxenv.DATA_KEY] = boxenv.capture(cfg.box)  # what up/restart/exec from any shell give it
         from worktreebox.layers.deps import runtime_toolchain  # ~2 ms: only `new` needs it
 
         box.data["toolchain"] = runtime_toolchain(box.data[boxenv.DATA_KEY].get("PATH"), self.home)
         box.data["wtbox_version"] = __version__
-        box.data["secret_names"] = sorted(secrets or {})  # names only: to say what `up` needs again
+        secrets = {**boxenv.inherited_secrets(cfg.box), **(secrets or {})}  # a proxy's password too
+        box.data["secret_names"] = sorted(secrets)  # names only: to say what `up` needs again
         box._host = self
         self.boxes_dir.mkdir(parents=True, exist_ok=True)
         self.registry.remember_repo(str(repo_root))

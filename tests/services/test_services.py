@@ -429,3 +429,24 @@ cmd = "{PY} -c 'import time; print(\\"hello from talker\\"); time.sleep(120)'"
         assert "PYTHONUNBUFFERED=1" in env
     finally:
         run_wtbox("rm", "--force", box["id"], check=False)
+
+
+def test_an_inherited_proxy_password_reaches_the_box_but_never_the_disk(make_repo, run_wtbox, wtbox_home):
+    """A proxy URL with a password is inherited (the box's `uv sync` needs it) like a --secret:
+    held in memory by the box's supervisor, its name recorded, its value in no file."""
+    secret = "pw" + os.urandom(6).hex()
+    proxy = f"http://user:{secret}@proxy.invalid:3128"
+    toml = CORE_TOML + f"""
+[services.idle]
+cmd = "{PY} -c 'import time; time.sleep(600)'"
+"""
+    repo = make_repo(toml=toml)
+    box = json.loads(run_wtbox("new", "proxied", "--repo", str(repo), "--json", env={"HTTPS_PROXY": proxy}).stdout)
+    try:
+        out = run_wtbox("exec", box["id"], "--", "sh", "-c", 'printf %s "$HTTPS_PROXY"', env={"HTTPS_PROXY": ""}).stdout
+        assert out == proxy
+        leaked = [str(p) for p in wtbox_home.rglob("*")
+                  if p.is_file() and not p.is_symlink() and secret.encode() in p.read_bytes()]
+        assert leaked == []
+    finally:
+        run_wtbox("rm", "--force", box["id"], check=False)

@@ -67,14 +67,30 @@ def patterns(cfg: BoxConfig) -> list[str]:
     return list(cfg.inherit_env) if cfg.clean_env else [*DEFAULT_INHERIT, *NETWORK_INHERIT, *cfg.inherit_env]
 
 
-def capture(cfg: BoxConfig, environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """What a new box inherits from `environ` (the creating process's), secrets and box ids aside."""
-    from worktreebox.secrets import _SECRET_NAME
+def _inheritable(cfg: BoxConfig, environ: Mapping[str, str] | None) -> dict[str, str]:
+    """The variables of `environ` a box inherits under its config: secret-looking names and box ids aside."""
+    from worktreebox.secrets import looks_secret
 
     environ = os.environ if environ is None else environ
     pats = patterns(cfg)
     return {k: v for k, v in sorted(environ.items())
-            if any(fnmatch.fnmatchcase(k, p) for p in pats) and not _other_box_var(k) and not _SECRET_NAME.search(k)}
+            if any(fnmatch.fnmatchcase(k, p) for p in pats) and not _other_box_var(k) and not looks_secret(k)}
+
+
+def capture(cfg: BoxConfig, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What a new box inherits from `environ` (the creating process's) and records in its row."""
+    from worktreebox.secrets import has_url_password
+
+    return {k: v for k, v in _inheritable(cfg, environ).items() if not has_url_password(v)}
+
+
+def inherited_secrets(cfg: BoxConfig, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Inherited variables whose value carries a password (HTTPS_PROXY=http://user:pw@proxy:3128):
+    the box gets them as it gets --secret values, held in its supervisor's memory, the name alone
+    recorded; the registry is a file, and no secret is written to disk."""
+    from worktreebox.secrets import has_url_password
+
+    return {k: v for k, v in _inheritable(cfg, environ).items() if has_url_password(v)}
 
 
 # What wtbox fixes so that the same inputs give the same box (README, "Reproducible boxes"): hash

@@ -136,6 +136,7 @@ def _optional_sections() -> None:
                           ("browser", "bench_browser", "bench_browser"),
                           ("cgroups", "bench_cgroups", "bench_cgroups"), ("layers", "bench_layers", "bench_layers"),
                           ("router", "bench_router", "bench_router"),
+                          ("sandbox", "bench_box_sandbox", "bench_sandbox"),
                           ("sandbox_parts", "bench_sandbox", "bench_sandbox_parts"),
                           ("backing", "bench_backing", "bench_backing"), ("fork", "bench_fork", "bench_fork"),
                           ("scale", "bench_scale", "bench_scale")):

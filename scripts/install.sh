@@ -16,9 +16,9 @@ for arg in "$@"; do
 done
 
 PKGS=(git ca-certificates python3 python3-venv python3-pip postgresql postgresql-contrib victoria-metrics procps chromium fuse-overlayfs nodejs caddy)
-# the sandbox: bubblewrap (the holder), passt (pasta: outbound network), nftables (a box's firewall),
+# the sandbox: bubblewrap (the holder), slirp4netns (outbound network, the database hop), nftables (a box's firewall),
 # iproute2 (tc: netem where the kernel has it), acl; nsenter/setpriv/unshare come with util-linux
-PKGS+=(bubblewrap passt nftables iproute2 acl)
+PKGS+=(bubblewrap slirp4netns nftables iproute2 acl)
 # backing services run natively per box ([backing.*] in wtbox.toml)
 PKGS+=(redis-server memcached rabbitmq-server)
 # xfsprogs: the reflink mount provider's tests run on a loop-mounted XFS; curl and psmisc (fuser,

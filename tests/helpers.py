@@ -20,8 +20,11 @@ enabled = false
 
 
 def git(cwd: Path, *args: str) -> str:
-    """Run git in `cwd` and return its stdout (raises on failure)."""
-    return subprocess.run(["git", "-C", str(cwd), *args], check=True, capture_output=True, text=True).stdout
+    """Run git in `cwd` and return its stdout (raises on failure). A sandboxed box's worktree belongs
+    to the box's user, and git refuses another user's repository unless told it is safe: the tests
+    look at boxes' worktrees from the host on purpose (wtbox itself asks inside the box)."""
+    return subprocess.run(["git", "-c", "safe.directory=*", "-C", str(cwd), *args], check=True, capture_output=True,
+                          text=True).stdout
 
 
 def wait_for(fn, timeout: float = 15.0, every: float = 0.25):
@@ -80,6 +83,18 @@ def stop_routers_under(tmp) -> None:
 # A service that spins `argv[2]` processes, each in a session of its own, while the file argv[1]
 # exists (tests of fair CPU and of background boxes, and scripts/bench_cgroups.py).
 BURNER = (APPS / "burner.py").read_text()
+
+
+SANDBOX_OWN = ("bwrap", "slirp4netns", "worktreebox.services.supervisor", "sleep infinity")
+
+
+def box_runs(box_id: str, box_dir: Path) -> list[str]:
+    """Command lines of a box's processes other than wtbox's own that stay while the box lives (a
+    sandboxed box's holder, slirp4netns, supervisor): what a stopped run must not leave."""
+    from worktreebox.system import procs
+
+    found = [" ".join(p.cmdline()) for p in procs.find_box_processes(box_id, box_dir)]
+    return [c for c in found if c and not any(o in c for o in SANDBOX_OWN)]
 
 
 def box_pids(box_id: str) -> set[int]:

@@ -1,4 +1,4 @@
-"""Boxes as the sandbox tests make them: a box dir, a real cgroup, a real holder (bwrap, pasta, nft)."""
+"""Boxes as the sandbox tests make them: a box dir, a real cgroup, a real holder (bwrap, slirp4netns, nft)."""
 from __future__ import annotations
 
 import dataclasses
@@ -61,7 +61,7 @@ class TestBox:
         return self.sandbox.netns_command(self.holder, argv)
 
 
-def make_box(home: Path, box_id: str, *, network: str = "open", host_ports: dict[int, int] | None = None,
+def make_box(home: Path, box_id: str, *, network: str = "open", gateway: bool = False,
              repo_git: Path | None = None, sandbox: Namespaces | None = None) -> TestBox:
     box_dir = home / "boxes" / box_id
     for name in ("worktree", "cache", "tmp", "home", "git", "run"):
@@ -71,7 +71,7 @@ def make_box(home: Path, box_id: str, *, network: str = "open", host_ports: dict
         backend.create(box_id, cgroups.Limits())
     box = TestBox(box_id, home, box_dir, sandbox or get("namespaces"))  # type: ignore[arg-type]
     spec = base.Spec(box_id, home, box_dir, base.box_binds(box_dir, repo_git=repo_git), network=network,
-                     host_ports=host_ports or {})
+                     gateway=gateway)
     try:
         box.holder = box.sandbox.create(spec, cgroup=box.leaf(base.LEAF))
     except BaseException:

@@ -125,7 +125,8 @@ class Chaos:
             assert Path(b["path"]).is_dir(), b
             if b["id"] in expect_degraded or b["state"] == "degraded":
                 assert b["state"] == "degraded" and "supervisor" in b.get("reason", ""), b
-                assert _answers(b["ports"]["web"]), b  # unsupervised, but not hung
+                if not _sandboxed(b):  # (a sandboxed box is reached through its supervisor's forwards)
+                    assert _answers(b["ports"]["web"]), b  # unsupervised, but not hung
                 self.wtbox("up", b["id"])
                 b = next(x for x in self.live() if x["id"] == b["id"])
             assert b["state"] == "ready", b
@@ -170,7 +171,7 @@ class Chaos:
         reg.close()
         found["metrics_dirs"] = {p.parent.name for p in boxes_dir.glob("*/metrics")} if boxes_dir.exists() else set()
         found["backing_dirs"] = {p.parent.name for p in boxes_dir.glob("*/backing")} if boxes_dir.exists() else set()
-        found["mounts"] = _mounts_of(self.home)
+        found["mounts"] = _mounts_of(self.home, alive)
         found["half_built"] = _half_built(self.home)
         if self.database:
             names = self.pg_names()
@@ -199,13 +200,18 @@ class Chaos:
                 os.environ["WTBOX_POSTGRES_URL"] = saved
 
 
-def _mounts_of(home: Path) -> set[str]:
-    """Box ids (or the path, for anything else) of every mount under the home."""
+def _sandboxed(box: dict) -> bool:
+    return (Path(box["dir"]) / "run" / "sandbox.json").exists()  # its holder's record
+
+
+def _mounts_of(home: Path, alive: set[str]) -> set[str]:
+    """Box ids (or the path, for anything else) of every mount under the home: boxes/ itself counts
+    once no box is alive (it is a shared mount while sandboxed boxes live)."""
     from worktreebox.providers.mounts.base import mounts_under
 
     boxes = str(home / "boxes") + "/"
     return {m.target[len(boxes):].split("/", 1)[0] if m.target.startswith(boxes) else m.target
-            for m in mounts_under(home)}
+            for m in mounts_under(home) if not (alive and m.target == boxes.rstrip("/"))}
 
 
 def _half_built(home: Path) -> set[str]:

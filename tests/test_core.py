@@ -159,7 +159,12 @@ def test_rm_refuses_unsaved_work(make_repo, run_wtbox, wtbox_home):
     proc = run_wtbox("rm", box["id"], check=False)
     assert proc.returncode == 1 and "no other branch" in proc.stderr
     assert json.loads(run_wtbox("ls", "--json").stdout)[0]["id"] == box["id"]
-    # 3. once the commit is on another branch, rm goes through without --force
+    # 3. once the commit is on another branch of the repository, rm goes through without --force (a
+    # sandboxed box commits in a git dir of its own: its branch comes into the repository first)
+    from worktreebox.host import Host
+    from worktreebox.providers import sandbox
+
+    sandbox.bring_back(Host(wtbox_home).get(box["id"]))
     git(repo, "branch", "saved", box["branch"])
     run_wtbox("rm", box["id"])
     assert not wt.exists()

@@ -30,7 +30,8 @@ MARK = "wtbox-escaped"  # every service or setup command of a case touches this 
 # get a valid service too, so that a case fails for its own key and not for a missing one.
 BAD_VALUES: dict[tuple[str, str], list[str]] = {
     ("box", "ports"): ['5', '"web"', '[1]', '["Web"]', '["web", "web"]', '[""]', '["' + "a" * 40 + '"]',
-                       '["wéb"]', '["w\\u0000b"]', '[true]', '{}', '["web;rm"]', '["../x"]',
+                       '["wéb"]', '["w\\u0000b"]', '[true]', '{ web = "x" }', '{ web = 5432 }',
+                       '{ web = 3000, api = 3000 }', '["web;rm"]', '["../x"]',
                        "[" + ", ".join(f'"p{i}"' for i in range(300)) + "]"],
     ("box", "ttl"): ['-1', '"-5h"', '"forever"', 'true', '[]', 'nan', 'inf', '-inf', '"1e999h"', '1e300',
                      '9223372036854775807', '0', '"0s"', '"5 parsecs"', '"\\u0000"'],

@@ -36,12 +36,12 @@ def toml(mode: str = "database") -> str:
 
 
 def rows(box) -> list[str]:
-    with psycopg.connect(box.env["DATABASE_URL"], autocommit=True) as conn:
+    with psycopg.connect(box.data["database"]["url"], autocommit=True) as conn:
         return [r[0] for r in conn.execute("SELECT note FROM items ORDER BY id")]
 
 
 def insert(box, note: str) -> None:
-    with psycopg.connect(box.env["DATABASE_URL"], autocommit=True) as conn:
+    with psycopg.connect(box.data["database"]["url"], autocommit=True) as conn:
         conn.execute("INSERT INTO items (note) VALUES (%s)", (note,))
 
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from worktreebox.context import HostContext
 
 POLL = 1.0  # seconds between looks while waiting
+OWN_LEAVES = ("_sandbox", cgroups.SUPERVISOR, cgroups.METRICS, cgroups.TRACES)  # of a box's cgroup: wtbox's
 
 
 class HostFull(WtboxError):
@@ -44,7 +45,8 @@ def active_boxes(host: HostContext) -> list[str]:
                 out.append(b.id)
         elif b.state in (READY, EXPIRED):
             if backend is not None and backend.exists(b.id):
-                running = bool(backend.pids(b.id))
+                # wtbox's own processes of a box (its sandbox, supervisor, metrics store) cost nothing idle
+                running = bool(backend.pids(b.id) - set().union(*(backend.pids(b.id, leaf) for leaf in OWN_LEAVES)))
             else:
                 if by_env is None:
                     by_env = procs.discover_box_ids(host.boxes_dir)

@@ -133,6 +133,12 @@ class Box:
     def pg_name(self) -> str:
         return pg_name(self.id)
 
+    @property
+    def inside_ports(self) -> dict[str, int]:
+        """Each port as the box's own processes see it: its canonical number in a sandboxed box
+        ([box] ports = { web = 3000 }), else the leased one (`ports` is what the host reaches)."""
+        return dict((self.data.get("sandbox") or {}).get("ports") or self.ports)
+
     # The one reader of data["pool_id"] (written by the claim, fleet/pool.py): the name a box
     # claimed from the warm pool was made under, `pool-<the same hex>`. Its services, supervisor
     # and metrics store were started under it and keep it (WTBOX_ID, paths under boxes/<alias>,
@@ -153,19 +159,23 @@ class Box:
     def facts(self) -> dict[str, Any]:
         """The Jinja2 context of this box ({{ box.id }}, {{ ports.web }}, {{ db.url }}, {{ metrics.url }},
         {{ traces.url }}, {{ browser.cdp_url }}, {{ backing.redis.url }}): the one builder, used while the box
-        is made and rebuilt from the saved box later (`up`)."""
+        is made and rebuilt from the saved box later (`up`). Addresses are the ones its processes use
+        (inside a sandbox)."""
+        inside = self.inside_ports
         db = dict(self.data.get("database") or {})
         if db:
-            db.setdefault("host", self.env.get("PGHOST"))
-            db.setdefault("port", int(self.env["PGPORT"]) if self.env.get("PGPORT", "").isdigit() else None)
-        metrics = dict(self.data.get("metrics") or {})
+            db["host"] = self.env.get("PGHOST", db.get("host"))
+            db["port"] = int(self.env["PGPORT"]) if self.env.get("PGPORT", "").isdigit() else db.get("port")
+            db["url"] = self.env.get("DATABASE_URL", db.get("url"))
+        metrics = _at(self.data.get("metrics"), inside.get("metrics"))
         if metrics.get("url"):
-            metrics.setdefault("remote_write_url", metrics["url"] + "/api/v1/write")
+            metrics["remote_write_url"] = metrics["url"] + "/api/v1/write"
         return {
             "box": {"id": self.id, "task": self.task, "branch": self.branch, "path": str(self.path),
                     "dir": str(self.dir), "home": str(self.dir.parent.parent)},
-            "ports": dict(self.ports), "db": db, "metrics": metrics, "traces": dict(self.data.get("traces") or {}),
-            "browser": {k: v for k, v in (self.data.get("browser") or {}).items() if k != "enabled"},
+            "ports": inside, "db": db, "metrics": metrics, "traces": _at(self.data.get("traces"), inside.get("otlp")),
+            "browser": {k: v for k, v in _at(self.data.get("browser"), inside.get("browser"), "cdp_url").items()
+                        if k != "enabled"},
             "backing": {n: d["facts"] for n, d in (self.data.get("backing") or {}).items() if d.get("facts")},
         }
 
@@ -216,6 +226,17 @@ class Box:
     def __exit__(self, *exc: object) -> None:
         if self._host is not None:
             self._host.rm(self.id, force=True)
+
+
+def _at(data: dict[str, Any] | None, seen: int | None, key: str = "url") -> dict[str, Any]:
+    """A helper's facts (`port`, and its URL under `key`) at the port its box sees it on inside."""
+    out = dict(data or {})
+    port = out.get("port")
+    if port and seen and seen != port:
+        out["port"] = seen
+        if out.get(key):
+            out[key] = str(out[key]).replace(f":{port}", f":{seen}")
+    return out
 
 
 def _iso(ts: float | None) -> str | None:

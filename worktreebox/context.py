@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from worktreebox.box import Box
     from worktreebox.config.load import HostConfig, RepoConfig
     from worktreebox.registry import Registry
+    from worktreebox.system.procs import Launcher
 
 
 class HostContext(Protocol):
@@ -40,3 +41,5 @@ class HostContext(Protocol):
     def running_secrets(self, box: Box) -> dict[str, str]: ...
 
     def unsaved_work(self, box: Box) -> str | None: ...
+
+    def launcher(self, box: Box) -> Launcher: ...

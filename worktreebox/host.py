@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from operator import methodcaller
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ from worktreebox.config.load import (
 )
 from worktreebox.config.templating import render
 from worktreebox.errors import ConfigError, Interrupted, NotFound, UnsavedWork, UsageError, WtboxError
+from worktreebox.providers import sandbox
 from worktreebox.providers.postgres import server as postgres_server
 from worktreebox.registry import Registry
 from worktreebox.resources import load_all, stages
@@ -89,8 +91,7 @@ class Host:
         box = self._resolve(ref)
         # A reboot takes a box's copy-on-write mounts away (its upper layers stay): mount them again.
         if box.data.get("revive") and box.state not in (CREATING, REMOVING, RESTORING) \
-                and not os.path.ismount(box.path) \
-                and box.dir.is_dir():
+                and not os.path.ismount(box.path) and box.env_file.exists():  # its dir is whole
             for r in self.resources:
                 r.revive(self, box)
         return box
@@ -244,13 +245,13 @@ class Host:
         box.data["base_sha"] = base_sha
         box.data[recorded.DATA_KEY] = recorded.record(cfg)  # what up, restart, the pool and gc use for it
         box.data["creator"] = procs.identity(os.getpid())
-        # Fixed now: `up`/`restart`/`exec` from any other shell give the box this environment.
-        box.data[boxenv.DATA_KEY] = boxenv.capture(cfg.box)
+        box.data[boxenv.DATA_KEY] = boxenv.capture(cfg.box)  # what up/restart/exec from any shell give it
         from worktreebox.layers.deps import runtime_toolchain  # ~2 ms: only `new` needs it
 
         box.data["toolchain"] = runtime_toolchain(box.data[boxenv.DATA_KEY].get("PATH"), self.home)
         box.data["wtbox_version"] = __version__
-        box.data["secret_names"] = sorted(secrets or {})  # names only: to say what `up` needs again
+        secrets = {**boxenv.inherited_secrets(cfg.box), **(secrets or {})}  # a proxy's password too
+        box.data["secret_names"] = sorted(secrets)  # names only: to say what `up` needs again
         box._host = self
         self.boxes_dir.mkdir(parents=True, exist_ok=True)
         self.registry.remember_repo(str(repo_root))
@@ -318,6 +319,7 @@ class Host:
         if alias is not None:
             self._destroy_pieces(alias, strict=strict)
         self._destroy_pieces(box, strict=strict)
+        sandbox.release_boxes_dir(self.home, lambda: not set(self.registry.select_box_ids()) - {box.id})
 
     def _destroy_pieces(self, box: Box, *, strict: bool) -> None:
         """Every resource's destroy, in reverse creation order; the resources of a parallel stage
@@ -359,11 +361,13 @@ class Host:
 
     # ------------------------------------------------------------------ rm
     def unsaved_work(self, box: Box) -> str | None:
-        """Why removing the box would lose work, or None. A resource that can prove the box is exactly
-        as it was made (a copy-on-write worktree nobody wrote to) spares the `git status` walk."""
+        """Why removing the box would lose work, or None; a box provably as made spares `git status`."""
         if box.data.get("revive") and any(r.pristine(self, box) for r in self.resources):
             return None
-        return git.unsaved_work(box.path, box.branch, box.data.get("base_sha"))
+        return sandbox.unsaved_work(box, self.launcher(box)) if box.path.is_dir() else None
+
+    def launcher(self, box: Box) -> procs.Launcher:  # its sandbox's; a holder a reboot took is made again
+        return sandbox.launcher_for(box, revive=lambda: [*map(methodcaller("revive", self, box), self.resources)])
 
     def rm(self, ref: str | Box, *, force: bool = False, keep_branch: bool = False) -> Box:
         """Destroy a box completely; refuses with unsaved work unless force. Restartable after a crash."""
@@ -375,12 +379,13 @@ class Host:
                              "that command (Ctrl-C), which removes the half-made box.")
         for r in self.resources:
             r.warm(box.data, None)
-        if not force:
+        if not force and box.state != REMOVING:  # a removal cut short: it was decided already
             why = self.unsaved_work(box)
             if why:
                 raise UnsavedWork(
                     f"{box.id} has {why}; commit and push them, or run 'wtbox rm --force {box.id}' to discard them.")
         if keep_branch:
+            sandbox.bring_back(box, self.launcher(box))  # a sandboxed box's commits live in its own git dir
             box.data["keep_branch"] = True
         box.data["remover"] = procs.identity(os.getpid())
         box.state = REMOVING

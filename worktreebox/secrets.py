@@ -15,6 +15,12 @@ def looks_secret(name: str) -> bool:
     return bool(_SECRET_NAME.search(name))
 
 
+def has_url_password(value: str) -> bool:
+    """A value that is a URL with a password in it (scheme://user:password@host)."""
+    m = _URL_PASSWORD.match(value)
+    return bool(m and m.group(2))
+
+
 def mask_url(url: str) -> str:
     return _URL_PASSWORD.sub(lambda m: m.group(1) + MASK + m.group(3), url or "")
 

@@ -60,6 +60,8 @@ PROGRESS = Setting("WTBOX_PROGRESS", "`1`: `new` prints its progress on stderr e
                    "progress only on a terminal")
 BOX_ID = Setting("WTBOX_ID", "set by wtbox in every process of a box (its id); a command run there is never served",
                  "outside a box")
+BOX_SOCKET = Setting("WTBOX_BOX_SOCKET", "set in a sandboxed box: where `wtbox` typed inside it asks its supervisor",
+                     "outside a sandboxed box")
 
 # ---------------------------------------------------------------- overrides of config.toml
 PORT_RANGE = Setting("WTBOX_PORT_RANGE", "`[host] port_range`: ports boxes lease, such as `20000-29999`",
@@ -76,6 +78,8 @@ OBSERVABILITY_PROVIDER = Setting("WTBOX_OBSERVABILITY_PROVIDER", "`[observabilit
                                  "native")
 VICTORIAMETRICS_IMAGE = Setting("WTBOX_VICTORIAMETRICS_IMAGE", "`[observability] image` (docker provider)",
                                 "`victoriametrics/victoria-metrics:v1.93.0`")
+SANDBOX = Setting("WTBOX_SANDBOX", "`[host] sandbox`: auto, namespaces or off (boxes see and signal each other)",
+                  "auto: namespaces where bubblewrap and its tools work")
 
 # ---------------------------------------------------------------- the host's programs and limits
 CGROUPS = Setting("WTBOX_CGROUPS", "`off`: boxes get no cgroup (no limits; teardown by `WTBOX_ID` and cwd)",
@@ -97,9 +101,9 @@ PHASE_FILE = Setting("WTBOX_PHASE_FILE", "crash tests: a file `new` appends each
 PHASE_STOP = Setting("WTBOX_PHASE_STOP", "crash tests: `new` halts at the first phase starting with this "
                                          "(for a `kill -9` there)")
 
-SETTINGS = (HOME, LEASE_DIR, NO_SERVER, SERVER_IDLE, NO_AUTO_GC, DEBUG, PROGRESS, BOX_ID, PORT_RANGE, MOUNTS,
-            LAYER_TTL, POSTGRES_URL, DATABASE_PROVIDER, POSTGRES_IMAGE, OBSERVABILITY_PROVIDER,
-            VICTORIAMETRICS_IMAGE, CGROUPS, DISK_WATCH, PG_BIN, CHROMIUM, CADDY, KILL_WAIT, POOL_IDLE,
+SETTINGS = (HOME, LEASE_DIR, NO_SERVER, SERVER_IDLE, NO_AUTO_GC, DEBUG, PROGRESS, BOX_ID, BOX_SOCKET, PORT_RANGE,
+            MOUNTS, LAYER_TTL, POSTGRES_URL, DATABASE_PROVIDER, POSTGRES_IMAGE, OBSERVABILITY_PROVIDER,
+            VICTORIAMETRICS_IMAGE, SANDBOX, CGROUPS, DISK_WATCH, PG_BIN, CHROMIUM, CADDY, KILL_WAIT, POOL_IDLE,
             PHASE_FILE, PHASE_STOP)
 
 

@@ -101,7 +101,8 @@ def test_procfile_when_there_are_no_services(text, procfile, services):
 
 # ---------------------------------------------------------------- bad values: the exact sentence
 
-BOX_KEYS = "cache_env, clean_env, copy, cpu_weight, disk_max, env, inherit_env, memory_max, pids_max, ports, ttl"
+BOX_KEYS = ("cache_env, clean_env, copy, cpu_weight, disk_max, env, inherit_env, memory_max, network, pids_max, "
+            "ports, ttl")
 
 
 @pytest.mark.parametrize(("text", "sentence"), [
@@ -269,7 +270,7 @@ def _keys(schema) -> set[str]:
 
 
 @pytest.mark.parametrize(("cls", "schema", "not_keys"), [
-    (repo.BoxConfig, repo.BOX, {"limits"}),
+    (repo.BoxConfig, repo.BOX, {"limits", "canonical"}),  # canonical: [box] ports given as a table
     (repo.SetupConfig, repo.SETUP, set()),
     (repo.DepsConfig, repo.DEPS, {"recipes"}),
     (repo.RecipeConfig, repo.RECIPE, {"name"}),

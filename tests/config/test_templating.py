@@ -98,7 +98,15 @@ def test_a_hostile_template_is_one_config_error(template):
     assert message.startswith(f"{WHERE}: ") and "\n" not in message and "Traceback" not in message
 
 
-@pytest.mark.parametrize("template", ["{{ box.__class__ }}", "{{ ports.web.bit_length() }}", "{{ lipsum(1)[:0] }}"])
+@pytest.mark.parametrize("template", ["{{ box.__class__ }}", "{{ lipsum.__globals__['os'].popen('id').read() }}"])
+def test_what_reaches_for_pythons_insides_is_refused(template):
+    """Templates render in Jinja2's sandbox: a wtbox.toml's commands run in the box, its
+    templates ran in wtbox itself, on the host."""
+    with pytest.raises(ConfigError, match="may not"):
+        templating.render(template, FACTS, WHERE)
+
+
+@pytest.mark.parametrize("template", ["{{ ports.web.bit_length() }}", "{{ lipsum(1)[:0] }}"])
 def test_what_jinja_allows_renders_without_harm(template):
-    """Not a sandbox (a wtbox.toml runs commands of its own anyway): these render to text."""
+    """Plain methods of plain values still render to text."""
     assert isinstance(templating.render(template, FACTS, WHERE), str)

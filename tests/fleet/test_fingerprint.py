@@ -93,7 +93,7 @@ def test_a_boxs_own_changes_are_files_and_rows(host, repo):
     b = host.new("b", repo=repo)
     (b.path / "notes.txt").write_text("mine\n")
     (b.path / "deps.lock").write_text("lib==3\n")
-    with psycopg.connect(b.env["DATABASE_URL"], autocommit=True) as conn:
+    with psycopg.connect(b.data["database"]["url"], autocommit=True) as conn:  # as the host reaches it
         conn.execute("INSERT INTO items VALUES (5), (6)")
     out = D.diff(host, a, b)
     assert not out["same"] and out["fingerprint"] == []
@@ -133,19 +133,22 @@ def test_runtime_is_deterministic_by_default_and_the_config_overrides_it(host, m
 
 
 def test_an_inherited_urls_password_is_not_in_the_fingerprint(host, make_repo, monkeypatch):
-    """The fingerprint names what a box inherited, as status shows it: a URL's password masked."""
+    """A URL with a password is inherited like a --secret: the fingerprint names it among the
+    secrets, never with its value."""
     from helpers import CORE_TOML
 
     monkeypatch.setenv("WTBOX_REPRO_PROXY", "http://user:hunter2@proxy.example:3128")
     repo = make_repo(toml=CORE_TOML + '[box]\ninherit_env = ["WTBOX_REPRO_PROXY"]\n')
     a = host.new("a", repo=repo)
     assert "hunter2" not in json.dumps(fingerprint.of(a))
-    assert fingerprint.of(a)["parts"]["env"]["WTBOX_REPRO_PROXY"].startswith("http://user:")
+    assert "WTBOX_REPRO_PROXY" not in fingerprint.of(a)["parts"]["env"]
+    assert fingerprint.of(a)["parts"]["secrets"] == ["WTBOX_REPRO_PROXY"]
     # what a fresh box would get is compared in the same form: a pooled one is still claimable
     from worktreebox.config.recorded import config_of
 
     want = fingerprint.expected(host, str(repo), a.data["base_sha"], config_of(a.data))
     assert want["env"] == fingerprint.parts_of(a)["env"]
+    assert want["secrets"] == fingerprint.parts_of(a)["secrets"]
 
 
 def test_data_that_cannot_be_read_is_said_not_taken_as_the_same(host, repo):

@@ -185,7 +185,8 @@ def test_a_gc_of_another_home_in_the_middle_of_new_leaves_the_new_box_whole(host
     monkeypatch.setattr(type(provider), "attach", attach_during_gc)
     box = host.new("raced", repo=repo)
     assert ran and git(box.path, "status", "--porcelain") == ""
-    assert git(repo, "worktree", "list").count(str(box.path)) == 1
+    own_git = (box.data.get("sandbox") or {}).get("provider") not in (None, "off")  # its worktree in its git dir
+    assert git(repo, "worktree", "list").count(str(box.path)) == (0 if own_git else 1)
     host.rm(box.id)
-    assert not list((repo / ".git" / "worktrees").iterdir())
+    assert not (repo / ".git" / "worktrees").exists() or not list((repo / ".git" / "worktrees").iterdir())
     other.registry.close()

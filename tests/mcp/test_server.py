@@ -14,7 +14,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from helpers import APPS
+from helpers import APPS, box_runs
 from mcp import Client
 from mcp.shared.exceptions import MCPError
 from mcp_helpers import failed, ok, stdio_client
@@ -317,7 +317,7 @@ def test_fanout_reports_progress_compares_picks_and_cancels_like_ctrl_c(wtbox_ho
                         break
                     await anyio.sleep(0.25)
             assert boxes[0]["state"] == "interrupted"
-            assert _box_processes(wtbox_home) == set()
+            assert box_runs(boxes[0]["id"], wtbox_home / "boxes" / boxes[0]["id"]) == []
             ok(await client.call_tool("box_rm", {"box": boxes[0]["id"], "force": True}))
 
     run(main)

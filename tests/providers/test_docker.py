@@ -218,7 +218,7 @@ def test_docker_database_provider_isolation_and_teardown(pg, host, make_repo, mo
     a = host.new("iso-a", repo=repo)
     b = host.new("iso-b", repo=repo)
     assert a.data["database"]["provider"] == "docker"
-    url_a, url_b = a.env["DATABASE_URL"], b.env["DATABASE_URL"]
+    url_a, url_b = a.data["database"]["url"], b.data["database"]["url"]  # as the host reaches them
     assert f":{host.registry.ports_of('@postgres-docker')['postgres-docker']}/" in url_a
     _sql(url_a, "CREATE TABLE t (v int); INSERT INTO t VALUES (1)")
     import psycopg

@@ -1,4 +1,4 @@
-"""The sandbox's isolation guarantees, shown with real tools (bwrap, pasta, nft, nsenter, setpriv)
+"""The sandbox's isolation guarantees, shown with real tools (bwrap, slirp4netns, nft, nsenter, setpriv)
 and real processes: two holders side by side, as two boxes would have, and an agent in box A
 trying what agents try."""
 from __future__ import annotations
@@ -188,9 +188,9 @@ def test_destroy_leaves_nothing_of_a_and_spares_b(boxes, home):
     pidns = os.stat(f"/proc/{a.holder.pid}/ns/pid").st_ino
     # the one that left its session, env and directory (once setsid and nohup have exec'd it)
     assert wait_for(lambda: ["sleep", "300"] in [procs.cmdline(pid) for pid in _members(pidns)], timeout=5)
-    pasta = a.holder.pasta_pid
+    helper = a.holder.helper_pid
     ended = a.sandbox.destroy(A_ID, a.dir)
-    assert a.holder.pid in ended and pasta in ended
+    assert a.holder.pid in ended and helper in ended
     assert procs.find_box_processes(A_ID, a.dir) == []
     assert procs.cgroup_pids(home, A_ID) == set()
     assert mounts_under(a.dir) == []

@@ -1,4 +1,4 @@
-"""The sandbox's pure parts: what a holder mounts, its pasta and bwrap command lines, the launcher,
+"""The sandbox's pure parts: what a holder mounts, its slirp4netns and bwrap command lines, the launcher,
 the firewall text (checked by the real nft), the resolver decision, records and the provider choice."""
 from __future__ import annotations
 
@@ -82,29 +82,35 @@ def holder(mode: str = "root") -> Holder:
     return Holder("web-12345678", 4242, 99, mode, 995, 994)
 
 
-def test_pasta_command_lines():
-    spec = spec_at(Path("/h"), host_ports={5432: 18778, 6379: 18779})
-    root = network.pasta_argv(holder(), spec)
-    assert root[:3] == ["pasta", "--runas", "0"] and "--config-net" in root and "--no-map-gw" in root
-    assert root[root.index("-T") + 1] == "5432:18778,6379:18779"
-    assert root[-3:] == ["--netns", "/proc/4242/ns/net", "--netns-only"]
-    user = network.pasta_argv(holder("user"), spec_at(Path("/h"), network="none"), dns_forward=True)
-    assert "--runas" not in user and "--config-net" not in user and "--dns-forward" not in user
-    assert user[user.index("-T") + 1] == "none" and user[-1] == "4242"  # joins the holder's user namespace
-    assert network.pasta_argv(holder(), spec, dns_forward=True)[-5:-3] == ["--dns-forward", layout.DNS_FORWARD]
+def test_slirp4netns_command_lines():
+    root = network.helper_argv(holder(), ready_fd=5, exit_fd=6)
+    assert root[:5] == ["unshare", "--mount", "--propagation", "private", "--"]  # its sandbox's unmounts stay there
+    assert root[5] == "slirp4netns" and "--configure" in root and "--ready-fd=5" in root and "--exit-fd=6" in root
+    assert "--disable-host-loopback" not in root  # 10.0.2.2 is how the database forward reaches the host
+    assert root[-3:] == ["--netns-type=path", "/proc/4242/ns/net", "tap0"]
+    user = network.helper_argv(holder("user"), ready_fd=5, exit_fd=6)
+    assert "--userns-path=/proc/4242/ns/user" in user  # the holder's user namespace owns its network
+
+
+def test_the_helper_starts_only_for_a_box_that_goes_out_or_reaches_its_database():
+    assert network.wanted(spec_at(Path("/h")))
+    assert network.wanted(spec_at(Path("/h"), network="none", gateway=True))
+    assert not network.wanted(spec_at(Path("/h"), network="none"))
 
 
 def test_the_launcher_drops_to_the_box_user_and_enters_the_directory_inside():
     ns = Namespaces()
     prefix = ns.prefix(holder(), cwd="/h/boxes/web-12345678/worktree")
-    assert prefix[:8] == ["nsenter", "-t", "4242", "-p", "-m", "-i", "-u", "-n"]
+    assert prefix[:2] == ["env", "--ignore-signal=HUP,INT,QUIT,TERM,USR1,USR2,ALRM"]  # nsenter outlives no stop
+    assert prefix[2:10] == ["nsenter", "-t", "4242", "-p", "-m", "-i", "-u", "-n"]
     assert not [a for a in prefix if a.startswith("--wd")]  # it would start the process in the host's directory
-    assert prefix[prefix.index("setpriv") + 1:prefix.index("env")] == [
+    assert prefix[prefix.index("setpriv") + 1:len(prefix) - 1 - prefix[::-1].index("env")] == [
         "--reuid=995", "--regid=994", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
         "--"]
-    assert prefix[-3:] == ["env", "--chdir=/h/boxes/web-12345678/worktree", "--"]
+    assert prefix[-4:] == ["env", "--default-signal=HUP,INT,QUIT,TERM,USR1,USR2,ALRM",
+                           "--chdir=/h/boxes/web-12345678/worktree", "--"]
     user = ns.prefix(holder("user"), cwd="/w")
-    assert user[3:5] == ["-U", "--preserve-credentials"] and "--reuid=995" not in user
+    assert user[5:7] == ["-U", "--preserve-credentials"] and "--reuid=995" not in user
 
 
 def test_holder_command_lines():
@@ -147,7 +153,7 @@ def test_host_addresses_cover_every_address_but_loopback():
 
 def test_records_round_trip_and_a_bad_one_reads_as_none(tmp_path):
     h = holder()
-    h.pasta_pid, h.netns_file = 77, "/proc/4242/ns/net"
+    h.helper_pid, h.netns_file = 77, "/proc/4242/ns/net"
     save(tmp_path, h)
     back = load(tmp_path)
     assert back is not None and back.to_json() == h.to_json() and back.netns_file is None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from helpers import APPS
+from helpers import APPS, wait_for
 
 from worktreebox.box import hex_of
 from worktreebox.errors import WtboxError
@@ -26,8 +26,14 @@ def toml(db: str = "", box: str = "") -> str:
     return f"[box]\nports = []\n{box}\n[database]\n{db}\n" + NO_OBS
 
 
+def host_url(box) -> str:
+    """The box's database as the host reaches it (its env names 127.0.0.1:5432, the forward inside a
+    sandboxed box: see test_sandbox_agent.py for the box's side)."""
+    return box.data["database"]["url"]
+
+
 def connect(box, **kw) -> psycopg.Connection:
-    return psycopg.connect(box.env["DATABASE_URL"], autocommit=True, **kw)
+    return psycopg.connect(host_url(box), autocommit=True, **kw)
 
 
 def leftovers(pg, box_id: str) -> dict[str, list]:
@@ -51,8 +57,9 @@ def test_two_boxes_are_isolated(pg_host, pg_cluster, make_repo):
     a = pg_host.new("a", repo=repo)
     b = pg_host.new("b", repo=repo)
     assert a.data["database"]["mode"] == "schema"
-    assert a.env["PGHOST"] == "127.0.0.1" and a.env["PGPORT"] == str(pg_cluster.port)
+    assert a.env["PGHOST"] == "127.0.0.1" and a.env["PGPORT"] in ("5432", str(pg_cluster.port))  # sandboxed or not
     assert a.env["DATABASE_URL"].startswith(f"postgresql://wt_{hex_of(a.id)}:")
+    assert host_url(a).startswith(f"postgresql://wt_{hex_of(a.id)}:") and f":{pg_cluster.port}/" in host_url(a)
     with connect(a) as ca, connect(b) as cb:
         for conn, rows in ((ca, ["apple", "avocado"]), (cb, ["banana"])):
             conn.execute("CREATE TABLE items (name text)")  # unqualified: lands in the box's own schema
@@ -147,7 +154,7 @@ def test_database_mode_is_the_default_and_boxes_cannot_reach_each_other(pg_host,
     a = pg_host.new("a", repo=repo)
     b = pg_host.new("b", repo=repo)
     assert a.data["database"]["mode"] == "database" and a.env["PGDATABASE"] == f"wt_{hex_of(a.id)}"
-    base = a.env["DATABASE_URL"].rsplit("/", 1)[0]
+    base = host_url(a).rsplit("/", 1)[0]
     with connect(a) as ca, connect(b) as cb:
         ca.execute("CREATE TABLE items (name text)")
         ca.execute("INSERT INTO items VALUES ('apple')")
@@ -207,8 +214,8 @@ def test_a_django_style_test_runner_creates_and_drops_its_test_database(pg_host,
         # a test database left behind is the box's: B cannot read it, and rm drops it
         run_wtbox("exec", a["id"], "--", PY, "runtests.py", env={**env, "KEEP": "1"})
         left = f"test_wt_{hex_of(a['id'])}"
-        b_env = json.loads(run_wtbox("env", b["id"], "--format", "json", env=env).stdout)
-        b_base = b_env["DATABASE_URL"].rsplit("/", 1)[0]
+        b_base = json.loads(run_wtbox("status", b["id"], "--json", "--show-secrets", env=env).stdout
+                            )["database"]["url"].rsplit("/", 1)[0]
         try:
             conn = psycopg.connect(f"{b_base}/{left}", autocommit=True)
         except psycopg.OperationalError:
@@ -248,7 +255,7 @@ def test_boxes_take_spare_databases_made_ahead(pg_host, pg_cluster, make_repo):
     owner, acl = pg_cluster.sql("SELECT datdba::regrole::text, datacl::text FROM pg_database WHERE datname = %s",
                                 (second.env["PGDATABASE"],))[0]
     assert owner == second.data["database"]["user"] and "=CTc/" in acl and not acl.startswith("{=")
-    other = first.env["DATABASE_URL"].rsplit("/", 1)[0] + "/" + second.env["PGDATABASE"]
+    other = host_url(first).rsplit("/", 1)[0] + "/" + second.env["PGDATABASE"]
     with pytest.raises(psycopg.OperationalError, match="permission denied"):
         psycopg.connect(other).close()
     # a new migration: a new golden copy, and the old one's spares go with it
@@ -311,10 +318,10 @@ def test_database_mode_clones_golden_and_rebuilds_on_change(pg_host, pg_cluster,
         ca.execute("ALTER TABLE t1 ADD COLUMN extra int")
         assert cb.execute("SELECT count(*) FROM t0").fetchone()[0] == 1
         assert ca.execute("SELECT tableowner FROM pg_tables WHERE tablename = 't0'").fetchone()[0] == ga["user"]
-    other = a.env["DATABASE_URL"].rsplit("/", 1)[0] + "/" + b.data["database"]["name"]
+    other = host_url(a).rsplit("/", 1)[0] + "/" + b.data["database"]["name"]
     with pytest.raises(psycopg.OperationalError, match="permission denied"):
         psycopg.connect(other).close()
-    golden_url = a.env["DATABASE_URL"].rsplit("/", 1)[0] + "/" + goldens[0]
+    golden_url = host_url(a).rsplit("/", 1)[0] + "/" + goldens[0]
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(golden_url).close()
 
@@ -535,15 +542,23 @@ def test_app_suite_passes_in_five_boxes_but_fails_when_two_share_a_schema(make_r
         return run_wtbox("exec", box_id, "--", "env", *sets, "python", "check_app.py", check=False,
                          env=env, timeout=180)
 
-    def start_line(name: str, parties: int) -> dict:
-        """All copies start their tests at the same moment, so any sharing shows deterministically."""
-        (tmp_path / name).mkdir()
-        return {"DBAPP_BARRIER": str(tmp_path / name), "DBAPP_PARTIES": str(parties)}
+    dirs = {o["id"]: Path(o["dir"]) / "tmp" for o in outs}  # each box's own temp dir: the host sees it
+
+    def start_line(boxes: list[str]) -> None:
+        """All copies start their tests at the same moment, so any sharing shows deterministically:
+        each says `ready` in its own temp dir, and all are told `go` together."""
+        for b in boxes:
+            (dirs[b] / "ready").unlink(missing_ok=True)
+            (dirs[b] / "go").unlink(missing_ok=True)
+        assert wait_for(lambda: all((dirs[b] / "ready").exists() for b in boxes), timeout=120)
+        for b in boxes:
+            (dirs[b] / "go").touch()
 
     try:
-        together = start_line("five", 5)
-        with ThreadPoolExecutor(5) as pool:
-            results = list(pool.map(lambda i: suite(i, together), ids))
+        with ThreadPoolExecutor(6) as pool:
+            runs = [pool.submit(suite, i, {"DBAPP_BARRIER": str(dirs[i])}) for i in ids]
+            start_line(ids)
+            results = [r.result() for r in runs]
         assert [r.returncode for r in results] == [0] * 5, [r.stderr[-1500:] for r in results if r.returncode]
         assert all("Ran 2 tests" in r.stderr and "OK" in r.stderr for r in results)
 
@@ -551,16 +566,12 @@ def test_app_suite_passes_in_five_boxes_but_fails_when_two_share_a_schema(make_r
         a_env = json.loads(run_wtbox("env", ids[0], "--format", "json").stdout)
         shared = {k: a_env[k] for k in a_env if k.startswith("POSTGRES_")}
         assert set(shared) == {"POSTGRES_SERVER", "POSTGRES_PORT", "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"}
-        b_env = json.loads(run_wtbox("env", ids[1], "--format", "json").stdout)
-        together = start_line("two", 2)
-
-        def copy_on_a_schema() -> subprocess.CompletedProcess:
-            # box 1's checkout and port, box 0's database (`wtbox exec` would put box 1's back)
-            return subprocess.run([PY, "check_app.py"], cwd=outs[1]["path"], capture_output=True, text=True,
-                                  env={**os.environ, **env, **b_env, **shared, **together}, timeout=180)
-
-        with ThreadPoolExecutor(2) as pool:
-            clash = [f.result() for f in [pool.submit(suite, ids[0], together), pool.submit(copy_on_a_schema)]]
+        with ThreadPoolExecutor(3) as pool:
+            # box 1's checkout and port, box 0's database settings
+            runs = [pool.submit(suite, ids[0], {"DBAPP_BARRIER": str(dirs[ids[0]])}),
+                    pool.submit(suite, ids[1], {"DBAPP_BARRIER": str(dirs[ids[1]]), **shared})]
+            start_line(ids[:2])
+            clash = [r.result() for r in runs]
         assert any(r.returncode != 0 for r in clash), [r.stderr[-500:] for r in clash]
         assert any("AssertionError" in r.stderr for r in clash)
     finally:

@@ -36,16 +36,32 @@ depends_on = ["web"]
 """
 
 
-def box_processes(box_id: str) -> list[int]:
-    """Every live process that carries WTBOX_ID=<box_id> (psutil over all processes)."""
+def box_processes(box_id: str, *, services_only: bool = False) -> list[int]:
+    """Every live process that carries WTBOX_ID=<box_id> (psutil over all processes); with
+    `services_only`, those the box's services started (a sandboxed box's holder, network helper and
+    supervisor run as long as the box does)."""
     pids = []
     for p in psutil.process_iter():
         try:
-            if p.status() != psutil.STATUS_ZOMBIE and p.environ().get("WTBOX_ID") == box_id:
+            env = p.environ() if p.status() != psutil.STATUS_ZOMBIE else {}
+            if env.get("WTBOX_ID") == box_id and (not services_only or env.get("WTBOX_SERVICE")):
                 pids.append(p.pid)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return pids
+
+
+def host_pid(box_id: str, pid: int) -> int:
+    """The host's pid of a process of the box that knows itself as `pid` (in a sandboxed box's own
+    pid namespace; the same number without a sandbox)."""
+    for p in box_processes(box_id):
+        try:
+            nspid = next(line.split()[1:] for line in open(f"/proc/{p}/status") if line.startswith("NSpid:"))
+        except (OSError, StopIteration):
+            continue
+        if int(nspid[-1]) == pid:
+            return p
+    return pid
 
 
 def port_free(port: int) -> bool:
@@ -222,9 +238,9 @@ cmd = "sleep 600"
         bad = run_wtbox("up", box.id, "nosuch", check=False)
         assert bad.returncode == 2 and "nosuch" in bad.stderr
 
-        # down for all stops the supervisor; up brings everything back.
+        # down for all stops every service; up brings everything back.
         run_wtbox("down", box.id)
-        assert box_processes(box.id) == []
+        assert box_processes(box.id, services_only=True) == []
         out = json.loads(run_wtbox("up", box.id, "--json").stdout)
         assert {s["name"]: s for s in out["services"]}["steady"]["state"] == "ready"
     finally:
@@ -287,14 +303,14 @@ def _all_box_ids() -> set[str]:
 
 
 def test_double_forked_daemon_dies_with_rm(make_repo, host, tmp_path):
-    pidfile = tmp_path / "daemon.pid"
     toml = CORE_TOML + f"""
 [services.spawner]
-cmd = "{PY} daemon.py {pidfile}"
+cmd = "{PY} daemon.py $TMPDIR/daemon.pid"
 """
     repo = make_repo({"daemon.py": DAEMON}, toml=toml)
     box = host.new("daemon", repo=repo)
-    daemon_pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), what="the daemon"))
+    pidfile = box.tmp_dir / "daemon.pid"  # the box's own temp dir (its /tmp is a tmpfs of its own)
+    daemon_pid = host_pid(box.id, int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), what="the daemon")))
     daemon = psutil.Process(daemon_pid)
     # It really escaped: another session, not in the box dir; only WTBOX_ID ties it to the box.
     assert os.getsid(daemon_pid) != os.getsid(host.resource("services").status(host, box)["services"][0]["pid"])
@@ -330,7 +346,7 @@ cmd = "sleep 600"
 """
     repo = make_repo(toml=toml)
     with host.new("nosvc", repo=repo, start_services=False) as box:
-        assert box_processes(box.id) == []
+        assert box_processes(box.id, services_only=True) == []
         setup = logs_json(run_wtbox, box.id, "-s", "setup")
         assert [r["msg"] for r in setup] == [f"setup ran in {box.id}"]
         # `up` renders the services from the box's wtbox.toml and starts them later.
@@ -411,5 +427,26 @@ cmd = "{PY} -c 'import time; print(\\"hello from talker\\"); time.sleep(120)'"
                  timeout=20, what="the print in wtbox logs")
         env = run_wtbox("env", box["id"]).stdout
         assert "PYTHONUNBUFFERED=1" in env
+    finally:
+        run_wtbox("rm", "--force", box["id"], check=False)
+
+
+def test_an_inherited_proxy_password_reaches_the_box_but_never_the_disk(make_repo, run_wtbox, wtbox_home):
+    """A proxy URL with a password is inherited (the box's `uv sync` needs it) like a --secret:
+    held in memory by the box's supervisor, its name recorded, its value in no file."""
+    secret = "pw" + os.urandom(6).hex()
+    proxy = f"http://user:{secret}@proxy.invalid:3128"
+    toml = CORE_TOML + f"""
+[services.idle]
+cmd = "{PY} -c 'import time; time.sleep(600)'"
+"""
+    repo = make_repo(toml=toml)
+    box = json.loads(run_wtbox("new", "proxied", "--repo", str(repo), "--json", env={"HTTPS_PROXY": proxy}).stdout)
+    try:
+        out = run_wtbox("exec", box["id"], "--", "sh", "-c", 'printf %s "$HTTPS_PROXY"', env={"HTTPS_PROXY": ""}).stdout
+        assert out == proxy
+        leaked = [str(p) for p in wtbox_home.rglob("*")
+                  if p.is_file() and not p.is_symlink() and secret.encode() in p.read_bytes()]
+        assert leaked == []
     finally:
         run_wtbox("rm", "--force", box["id"], check=False)

@@ -275,7 +275,28 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve
 '''
 
 # Escapes everything but the cgroup: a new session, an empty environment, cwd /.
-DAEMON_SH = f'env -i {PY} daemon.py "$WTBOX_BOX_DIR/daemon.pid"'
+DAEMON_SH = f'env -i {PY} daemon.py "$TMPDIR/daemon.pid"'  # the box's own tmp: writable in a sandbox too
+
+
+def daemon_pid(pidfile: Path) -> int | None:
+    """The host's pid of the daemon that wrote `pidfile` (a sandboxed box's processes write their pid
+    in the box's own pid namespace: the last NSpid field)."""
+    import psutil
+
+    text = pidfile.read_text() if pidfile.exists() else ""
+    if not text:
+        return None
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if "daemon.py" in " ".join(p.info["cmdline"] or []):
+                status = Path(f"/proc/{p.pid}/status").read_text()
+                nspid = next(line for line in status.splitlines() if line.startswith("NSpid:")).split()[1:]
+                if int(nspid[-1]) == int(text):
+                    return p.pid
+        except (OSError, StopIteration, psutil.Error):
+            continue
+    return None
+
 
 def service_toml(*, name="web", cmd=None, limits="", setup=None, observability=False, browser=False) -> str:
     cmd = cmd or f"{PY} server.py"
@@ -350,8 +371,8 @@ def test_escaped_daemon_is_gone_after_down_and_rm(make_repo, run_wtbox, wtbox_ho
     cmd = f"{DAEMON_SH}; exec {PY} server.py"
     repo = make_repo({"server.py": SERVER, "daemon.py": ESCAPE}, toml=service_toml(cmd=cmd.replace('"', '\\"')))
     box = new_box(run_wtbox, repo, "escape")
-    pidfile = Path(box["dir"]) / "daemon.pid"
-    daemon = wait_for(lambda: pidfile.exists() and pidfile.read_text() and int(pidfile.read_text()))
+    pidfile = Path(box["dir"]) / "tmp" / "daemon.pid"
+    daemon = wait_for(lambda: daemon_pid(pidfile))
     assert alive(daemon)
     environ = Path(f"/proc/{daemon}/environ").read_bytes()
     assert b"WTBOX_ID" not in environ and os.readlink(f"/proc/{daemon}/cwd") == "/"  # invisible to the sweep
@@ -361,11 +382,11 @@ def test_escaped_daemon_is_gone_after_down_and_rm(make_repo, run_wtbox, wtbox_ho
 
     pidfile.unlink()
     run_wtbox("up", box["id"], "web")
-    daemon = wait_for(lambda: pidfile.exists() and pidfile.read_text() and int(pidfile.read_text()))
+    daemon = wait_for(lambda: daemon_pid(pidfile))
     # one more, started by hand through exec: it leaves the box dir and its environment as well
-    (Path(box["dir"]) / "daemon.pid").unlink()
+    pidfile.unlink()
     run_wtbox("exec", box["id"], "--", "sh", "-c", DAEMON_SH + " >/dev/null 2>&1")
-    second = wait_for(lambda: pidfile.exists() and pidfile.read_text() and int(pidfile.read_text()))
+    second = wait_for(lambda: daemon_pid(pidfile))
     assert alive(daemon) and alive(second)
     run_wtbox("rm", "--force", box["id"])
     assert not alive(daemon) and not alive(second)
@@ -431,12 +452,12 @@ def fairness(make_repo, run_wtbox, burners: int, rounds: int = 10, n: int = 60, 
     start and spin while a flag file exists: no process start inside the measurement.
     `while_burning(a, b)` runs once at the end with A burning."""
     repo_a = make_repo({"burner.py": BURNER}, toml=service_toml(
-        name="burn", cmd=f"{PY} burner.py $WTBOX_BOX_DIR/spin {burners}").replace(
+        name="burn", cmd=f"{PY} burner.py $TMPDIR/spin {burners}").replace(
         'ready = "tcp:{{ ports.web }}"\n', ""))
     repo_b = make_repo({"server.py": SERVER}, toml=service_toml(limits='memory_max = "512M"\npids_max = 100\n'))
     a = json_of(run_wtbox("new", "burner", "--repo", str(repo_a), "--json", env=env))
     b = json_of(run_wtbox("new", "latency", "--repo", str(repo_b), "--json", env=env))
-    flag = Path(a["dir"]) / "spin"
+    flag = Path(a["dir"]) / "tmp" / "spin"  # the box's own tmp: a sandboxed box sees it
     quiet, loaded = [], []
     try:
         probe_p95(run_wtbox, b, 50, env)  # warm up
@@ -521,7 +542,7 @@ def cpu_shares_while_both_burn(make_repo, run_wtbox, env: dict | None = None, wi
     from worktreebox.system import procs
 
     burners_a = 2 * os.cpu_count() + 1
-    toml = lambda n: service_toml(name="burn", cmd=f"{PY} burner.py $WTBOX_BOX_DIR/spin {n}").replace(
+    toml = lambda n: service_toml(name="burn", cmd=f"{PY} burner.py $TMPDIR/spin {n}").replace(
         'ready = "tcp:{{ ports.web }}"\n', "")
     a = json_of(run_wtbox("new", "hog", "--repo", str(make_repo({"burner.py": BURNER}, toml=toml(burners_a))),
                           "--json", env=env))
@@ -538,7 +559,7 @@ def cpu_shares_while_both_burn(make_repo, run_wtbox, env: dict | None = None, wi
             return total
 
         for box in (a, b):
-            (Path(box["dir"]) / "spin").touch()
+            (Path(box["dir"]) / "tmp" / "spin").touch()
         time.sleep(2.0)  # every burner is spinning, and both boxes are background (background.py)
         a0, b0 = cpu(a), cpu(b)
         time.sleep(window)

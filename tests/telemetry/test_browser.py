@@ -126,12 +126,13 @@ def test_browser_enabled_exports_cdp_url_compares_boxes_and_leaves_nothing_after
     red2 = _new(run_wtbox, make_repo, "ff0000", task="ui-ff0000-again", browser=True)  # a task name is one box's
     boxes = [red, blue, red2]
 
-    # WTBOX_CDP_URL is the box's own DevTools endpoint, and a CDP client opens pages through it.
-    cdp = red["env"]["WTBOX_CDP_URL"]
-    assert cdp == f"http://127.0.0.1:{red['ports']['browser']}"
-    assert len({b["env"]["WTBOX_CDP_URL"] for b in boxes}) == 3
+    # WTBOX_CDP_URL is the box's own DevTools endpoint (at the port the box sees: 9222 in a sandboxed
+    # one), reached from the host at the leased port, and a CDP client opens pages through it.
+    cdp = f"http://127.0.0.1:{red['ports']['browser']}"
+    assert red["env"]["WTBOX_CDP_URL"] == f"http://127.0.0.1:{red.get('inside_ports', red['ports'])['browser']}"
+    assert len({b["ports"]["browser"] for b in boxes}) == 3
     env_out = run_wtbox("exec", red["id"], "--", "sh", "-c", "echo $WTBOX_CDP_URL").stdout.strip()
-    assert env_out == cdp
+    assert env_out == red["env"]["WTBOX_CDP_URL"]
     with sync_playwright() as pw:
         browser = pw.chromium.connect_over_cdp(cdp)
         page = browser.new_page()
@@ -175,10 +176,15 @@ def test_browser_enabled_exports_cdp_url_compares_boxes_and_leaves_nothing_after
 
     main = int((Path(red["dir"]) / "run" / chromium.PID_FILE).read_text())
     os.kill(main, signal.SIGKILL)
-    assert wait_for(lambda: not chromium.running(red["id"], Path(red["dir"]), red["ports"]["browser"]), timeout=10)
+    sandboxed = (red.get("sandbox") or {}).get("provider") not in (None, "off")  # known by its answer, then
+
+    def running() -> bool:
+        return chromium.running(red["id"], Path(red["dir"]), red["ports"]["browser"], sandboxed=sandboxed)
+
+    assert wait_for(lambda: not running(), timeout=10)
     again = json.loads(run_wtbox("browse", red["id"], "/", "--json").stdout)
     assert again["warm"] is True and again["status"] == 200
-    assert chromium.running(red["id"], Path(red["dir"]), red["ports"]["browser"])
+    assert running()
 
     pids = {b["id"]: _chromium_of(b["dir"]) for b in boxes}
     assert all(pids.values()), pids  # each box runs its own

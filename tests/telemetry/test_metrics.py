@@ -98,7 +98,7 @@ def store(tmp_path, free_port):
 def test_service_metrics_own_series_probe_and_logs(host, make_repo, run_wtbox):
     repo = make_repo({"app.py": APP}, toml=WEB_TOML)
     box = host.new("obs", repo=repo)
-    assert box.env["WTBOX_METRICS_URL"] == f"http://127.0.0.1:{box.ports['metrics']}"
+    assert box.env["WTBOX_METRICS_URL"] == f"http://127.0.0.1:{box.inside_ports['metrics']}"  # what the box sees
     assert box.env["WTBOX_PROMETHEUS_REMOTE_WRITE_URL"] == box.env["WTBOX_METRICS_URL"] + "/api/v1/write"
 
     # The service's own /metrics, scraped with box and service labels (every 5 s).
@@ -292,7 +292,7 @@ def test_metric_names_live_in_one_place():
             "wtbox_browser_page_load_seconds",
             "wtbox_box_cpu_seconds_total", "wtbox_box_memory_bytes",
             "wtbox_box_memory_peak_bytes", "wtbox_box_pids", "wtbox_box_io_read_bytes_total",
-            "wtbox_box_io_write_bytes_total", "wtbox_box_oom_kills_total"} == set(specs)
+            "wtbox_box_io_write_bytes_total", "wtbox_box_oom_kills_total", "wtbox_net_fault"} == set(specs)
 
     for name, spec in specs.items():
         assert spec["type"] in ("gauge", "counter", "histogram") and spec["help"] and "box" in spec["labels"]

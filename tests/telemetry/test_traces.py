@@ -108,7 +108,8 @@ def json_span(trace_id: str, span_id: str, name: str, service: str = "curl") -> 
 def test_app_spans_tree_histogram_and_logs(host, make_repo, run_wtbox):
     box = host.new("otel", repo=make_repo({"app.py": APP}, toml=WEB_TOML))
     url = box.data["traces"]["url"]
-    assert box.env["OTEL_EXPORTER_OTLP_ENDPOINT"] == url == f"http://127.0.0.1:{box.ports['otlp']}"
+    assert url == f"http://127.0.0.1:{box.ports['otlp']}"  # the host's; the box's own at the port it sees
+    assert box.env["OTEL_EXPORTER_OTLP_ENDPOINT"] == f"http://127.0.0.1:{box.inside_ports['otlp']}"
     assert box.env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "http/protobuf"
     assert box.env["OTEL_RESOURCE_ATTRIBUTES"] == f"wtbox.box={box.id}"
     web = f"http://127.0.0.1:{box.ports['web']}"
@@ -201,12 +202,13 @@ def test_service_name_per_service_and_exec_and_repo_override(host, make_repo, ru
     specs = {s["name"]: s for s in json.loads((box.run_dir / "services.json").read_text())["services"]}
     assert specs["a"]["env"]["OTEL_SERVICE_NAME"] == "a" and specs["b"]["env"]["OTEL_SERVICE_NAME"] == "custom-b"
     env = dict(line.split("=", 1) for line in run_wtbox("exec", box.id, "--", "env").stdout.splitlines() if "=" in line)
-    assert env["OTEL_SERVICE_NAME"] == "exec" and env["OTEL_EXPORTER_OTLP_ENDPOINT"] == box.data["traces"]["url"]
+    inside_url = f"http://127.0.0.1:{box.inside_ports['otlp']}"
+    assert env["OTEL_SERVICE_NAME"] == "exec" and env["OTEL_EXPORTER_OTLP_ENDPOINT"] == inside_url
     # A process started from inside another box does not take that box's endpoint along.
     other = host.new("names2", repo=make_repo(toml=BARE_TOML + '[box]\nenv = { OTEL_SERVICE_NAME = "mine" }\n'))
     inner = run_wtbox("exec", box.id, "--", "env", env={"WTBOX_ID": other.id, **{
         k: v for k, v in other.env.items() if k.startswith("OTEL_")}}).stdout
-    assert f"OTEL_EXPORTER_OTLP_ENDPOINT={box.data['traces']['url']}" in inner
+    assert f"OTEL_EXPORTER_OTLP_ENDPOINT={inside_url}" in inner
     assert "OTEL_SERVICE_NAME=exec" in inner
     # The repo's own [box] env wins over wtbox's defaults.
     assert other.env["OTEL_SERVICE_NAME"] == "mine"

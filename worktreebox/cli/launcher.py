@@ -6,7 +6,9 @@ standard-library modules; `worktreebox.cli.main` is imported only when the comma
 
 It runs here, and always correctly, when: the command is never served (cliproto.served), no
 server answers (none yet, a stale socket, a server that refuses because wtbox's code changed),
-WTBOX_NO_SERVER=1, or the caller is inside a box (WTBOX_ID set). After a served command ran here
+WTBOX_NO_SERVER=1, or the caller is inside a box (WTBOX_ID set). Inside a sandboxed box
+(WTBOX_BOX_SOCKET set) a command goes to the box's supervisor instead (services/endpoint.py:
+`logs`, `metrics`, `traces`, `probe`, `browse`, `status`, `restart` for this box only). After a served command ran here
 because no server answered, a server is started detached for the next call if the home exists
 by then (the first `wtbox new` of a new home makes it); before a home exists nothing is made.
 """
@@ -47,6 +49,9 @@ _SERVER_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMP
 
 def main() -> None:
     args = sys.argv[1:]
+    endpoint = settings.BOX_SOCKET.value()
+    if endpoint and settings.BOX_ID.value() and args and args[0] not in cliproto.HELP:
+        sys.exit(via_box(endpoint, args))
     home = os.path.abspath(default_home())
     wanted = not _off() and cliproto.served(args, _isatty(0))
     if wanted:
@@ -70,6 +75,28 @@ def main() -> None:
                 start_server(home)
             except KeyboardInterrupt:  # the command is done; a server for the next one can wait
                 pass
+
+
+def via_box(endpoint: str, args: list[str]) -> int:
+    """Run `wtbox <args>` through the box's endpoint with our stdin, stdout and stderr; its exit code."""
+    import _socket
+
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        cliproto.connect_path(sock, endpoint)
+        cliproto.send(sock, {"op": "run", "argv": args, "env": dict(os.environ)}, [0, 1, 2])
+        signal.signal(signal.SIGINT, lambda *_: os._exit(130))  # our end closes: the command is stopped
+        reply, _ = cliproto.recv(sock)
+    except (OSError, cliproto.ProtocolError) as e:
+        os.write(2, f"wtbox: this box's supervisor does not answer ({e}); run 'wtbox up' from the host.\n".encode())
+        return 1
+    finally:
+        sock.close()
+    if "refused" in reply:
+        os.write(2, f"wtbox: {reply['refused']}\n".encode())
+        return 2
+    code = reply.get("exit")
+    return code if isinstance(code, int) else 1
 
 
 def _off() -> bool:

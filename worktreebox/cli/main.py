@@ -18,6 +18,8 @@ COMMANDS = {
     "exec": "box:exec_",
     "shell": "box:shell",
     "rm": "box:rm",
+    "net": "network:net",
+    "expose": "network:expose",
     "init": "init:init",
     "test": "testcmd:test",
     "doctor": "doctor:doctor",

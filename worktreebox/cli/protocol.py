@@ -24,8 +24,27 @@ from worktreebox import settings
 from worktreebox.system.unixsock import MAX_MESSAGE, ProtocolError, bind, peer_uid, recv, send
 from worktreebox.system.unixsock import connect as connect_path
 
-__all__ = ["MAX_MESSAGE", "SERVED", "ProtocolError", "ask", "bind", "connect", "install", "lock_path", "log_path",
-           "peer_uid", "recv", "run_dir", "send", "served", "server_holds_lock", "socket_path", "turned_off"]
+__all__ = [
+    "HELP",
+    "MAX_MESSAGE",
+    "SERVED",
+    "ProtocolError",
+    "ask",
+    "bind",
+    "connect",
+    "connect_path",
+    "install",
+    "lock_path",
+    "log_path",
+    "peer_uid",
+    "recv",
+    "run_dir",
+    "send",
+    "served",
+    "server_holds_lock",
+    "socket_path",
+    "turned_off",
+]
 
 # Commands a server may run. Everything else runs in the launcher's own process: shell, exec,
 # mcp, browse and pick need a controlling terminal or run long; doctor, init and server are
@@ -35,9 +54,10 @@ SERVED = frozenset({
     "new", "rm", "ls", "status", "env", "logs", "up", "down", "restart", "metrics", "probe", "traces",
     "top", "pool", "fanout", "compare", "diff", "keep", "unkeep", "db", "url", "snapshot", "restore", "fork",
     "gc",
+    "net", "expose",
 })
 _LONG_RUNNING = ("--watch", "--follow")  # top --watch, logs --follow: until Ctrl-C, job control wanted
-_HELP = ("--help", "-h", "--version")
+HELP = ("--help", "-h", "--version")
 
 
 def served(args: list[str], stdin_is_tty: bool) -> bool:
@@ -46,7 +66,7 @@ def served(args: list[str], stdin_is_tty: bool) -> bool:
         return False
     options = args[1:args.index("--")] if "--" in args else args[1:]
     for a in options:
-        if a in _HELP or a.split("=", 1)[0] in _LONG_RUNNING:
+        if a in HELP or a.split("=", 1)[0] in _LONG_RUNNING:
             return False
         if args[0] == "logs" and a.startswith("-") and not a.startswith("--") and "f" in a:
             return False  # -f, or -f inside a cluster of short flags

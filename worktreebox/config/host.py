@@ -34,6 +34,7 @@ class HostConfig:
     mounts_where: str = "[host] mounts"  # where that came from, for error messages
     layer_ttl: float = 24 * 3600.0  # gc removes trees and dependency layers no box used for this long
     background_busy: bool = True  # a box that keeps the CPU busy runs as background (background.py)
+    sandbox: str = "auto"  # auto | namespaces | off: how boxes are kept apart (providers/sandbox)
     # The host router (worktreebox/router): on, on a leased port (None) or this one, on the loopback.
     router: bool = True
     router_port: int | None = None
@@ -52,7 +53,8 @@ HOST = document(
                         Key("background_busy", v.boolean),
                         Key("router", v.boolean),
                         Key("router_port", v.whole("a port number from 1 to 65535", 1, 65535)),
-                        Key("router_listen", v.ip_address))),
+                        Key("router_listen", v.ip_address),
+                        Key("sandbox", v.choice("auto", *providers.names("sandbox"))))),
     Table("box", table("box", *LIMITS)),
     Table("database", table("database", Key("provider", v.choice(*providers.names("postgres"))),
                             Key("url", v.postgres_url), Key("image", v.image), Key("fsync_off", v.boolean),
@@ -88,6 +90,7 @@ OVERRIDES = (
     (settings.OBSERVABILITY_PROVIDER, "observability_provider", _provider("metrics")),
     (settings.POSTGRES_IMAGE, "postgres_image", v.image),
     (settings.VICTORIAMETRICS_IMAGE, "victoriametrics_image", v.image),
+    (settings.SANDBOX, "sandbox", v.choice("auto", *providers.names("sandbox"))),
 )
 
 

@@ -54,6 +54,10 @@ LIMITS = (Key("cpu_weight", v.cpu_weight), Key("memory_max", v.memory_max), Key(
 @dataclasses.dataclass
 class BoxConfig:
     ports: list[str] = dataclasses.field(default_factory=lambda: ["web"])
+    # name -> the port the app binds inside every sandboxed box (`ports = { web = 3000 }`); a name
+    # without one ([box] ports as a list) binds its leased number inside too.
+    canonical: dict[str, int] = dataclasses.field(default_factory=dict)
+    network: str = "open"  # open | none: whether the box reaches anything beyond its own loopback
     ttl: float = 72 * 3600.0
     copy: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     env: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -199,7 +203,7 @@ def _recipe_dir(value: Any) -> str:
 
 BOX = table("box", Key("ports", v.port_names), Key("copy", v.copies), Key("cache_env", v.cache_dirs),
             Key("inherit_env", v.env_names), Key("ttl", v.positive_duration), Key("env", v.env_map()),
-            Key("clean_env", v.boolean), *LIMITS)
+            Key("clean_env", v.boolean), Key("network", v.choice("open", "none")), *LIMITS)
 SETUP = table("setup", Key("cmd", v.command), Key("timeout", v.positive_duration))
 RECIPE = table("recipe", Key("cmd", _recipe_cmd, required=True), Key("paths", _recipe_paths, required=True),
                Key("lock", v.repo_relatives("files relative to dir")), Key("dir", _recipe_dir))
@@ -240,6 +244,9 @@ def parse_repo_config(text: str | None, source: str, procfile: str | None = None
     log.debug("repo config: %s%s", source, "" if text is not None else " (none: the defaults)")
     tables = validated(REPO, loads(text, source) if text is not None else {}, source)
     box, deps = tables["box"], tables["deps"]
+    if isinstance(box.get("ports"), dict):  # { web = 3000 }: the names, and what each binds inside
+        box["canonical"] = box["ports"]
+        box["ports"] = list(box["ports"])
     deps["recipes"] = {name: RecipeConfig(name=name, **recipe) for name, recipe in deps["recipes"].items()}
     cfg = RepoConfig(
         source=source, box=BoxConfig(limits=LimitsConfig.of(box), **box), setup=SetupConfig(**tables["setup"]),

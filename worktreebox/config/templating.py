@@ -1,7 +1,10 @@
 """The one Jinja2 renderer: box facts into wtbox.toml strings and into shipped templates.
 
 StrictUndefined everywhere: a missing fact is a config error naming where it was used,
-never a silently empty string.
+never a silently empty string. Templates come from a repository's wtbox.toml, which whoever
+works in a box can edit: they render in Jinja2's SandboxedEnvironment, where
+`{{ lipsum.__globals__['os'].popen('id').read() }}` is a SecurityError (a config error here),
+not a command run by wtbox at `new`.
 """
 from __future__ import annotations
 
@@ -15,8 +18,9 @@ from worktreebox.errors import ConfigError
 @lru_cache(maxsize=1)
 def _environment() -> Any:
     import jinja2  # ~30 ms: only when something is templated
+    from jinja2.sandbox import SandboxedEnvironment
 
-    return jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
+    return SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
 
 
 def render(template: str, facts: dict[str, Any], where: str) -> str:
@@ -30,6 +34,8 @@ def render(template: str, facts: dict[str, Any], where: str) -> str:
         return text
     except jinja2.UndefinedError as e:
         raise ConfigError(f"{where}: {e.message} (available: {', '.join(sorted(facts))}).") from None
+    except jinja2.sandbox.SecurityError as e:
+        raise ConfigError(f"{where}: the template reaches for what templates may not ({e}).") from None
     except jinja2.TemplateError as e:  # its str() adds lines of location and source: one line here
         raise ConfigError(f"{where}: bad template {template!r}: {e.message or type(e).__name__}.") from None
     except (ArithmeticError, LookupError, TypeError, ValueError, RecursionError) as e:

@@ -24,8 +24,8 @@ Parser = Callable[[Any], Any]
 PORT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,30}$")  # also the names of services and dependency recipes
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ENV_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\*?$")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|[smhdw]?)\s*$")
+_UNITS = {"": 1, "ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.I)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 # Longer than any box should live; beyond it timers overflow (threading waits, poll timeouts).
@@ -229,6 +229,20 @@ def parse_duration(value: str | int | float, *, where: str = "duration", positiv
         return duration(value, positive=positive)
 
 
+def share(value: Any) -> float:
+    """'5%', '0.05' or 5 (percent when above 1) -> a share from 0 up to (not including) 1."""
+    what = "a share of traffic such as '5%' or 0.05, below 100%"
+    text = str(value).strip()
+    try:
+        number = float(text.removesuffix("%"))
+    except ValueError:
+        raise expected(what, value) from None
+    got = number / 100 if text.endswith("%") or number > 1 else number
+    if not (math.isfinite(got) and 0 <= got < 1):
+        raise expected(what, value)
+    return got
+
+
 def retention(value: Any) -> str:
     """How long a metrics store keeps data, as VictoriaMetrics reads it ("2d"): kept as written."""
     kept = text('a retention such as "2d"', control=False)(value)
@@ -281,7 +295,11 @@ def pids_max(value: Any) -> int:
 
 # ---------------------------------------------------------------- names and paths
 
-def port_names(value: Any) -> list[str]:
+def port_names(value: Any) -> list[str] | dict[str, int]:
+    """[box] ports: a list of names (each box uses its leased number inside too), or a table of
+    name = the port the app binds inside every box (reached at a leased port outside)."""
+    if _is(value, dict):
+        return canonical_ports(value)
     names = str_list(value)
     seen: set[str] = set()
     for name in names:
@@ -291,6 +309,28 @@ def port_names(value: Any) -> list[str]:
     if len(names) > MAX_PORTS:
         raise expected(f"at most {MAX_PORTS} names", f"{len(names)} names")
     return names
+
+
+# Where a sandboxed box finds its own helpers inside (their well-known ports): taken for them.
+INSIDE_PORTS = {"database": 5432, "metrics": 8428, "otlp": 4318, "browser": 9222}
+RESERVED_PORTS = {5432: "the box's database", 8428: "its metrics store", 4318: "its OTLP endpoint",
+                  9222: "its browser's DevTools"}
+
+
+def canonical_ports(value: dict[str, Any]) -> dict[str, int]:
+    what = 'a table of name = port such as { web = 3000 } (ports 1 to 65535, each once)'
+    if len(value) > MAX_PORTS:
+        raise expected(f"at most {MAX_PORTS} names", f"{len(value)} names")
+    taken: dict[int, str] = {}
+    for name, port in value.items():
+        if not PORT_NAME.match(name):
+            raise expected('lowercase names such as "web" or "api"', name)
+        if not _is(port, int) or not 1 <= port <= 65535 or port in taken:
+            raise expected(what, port, part=name)
+        if port in RESERVED_PORTS:
+            raise expected(f"a port other than {port}, which is {RESERVED_PORTS[port]} inside a box", port, part=name)
+        taken[port] = name
+    return {name: int(port) for name, port in value.items()}
 
 
 def inside(what: str, rel: str) -> str:

@@ -90,7 +90,8 @@ def row_for(box: Box, host: HostContext | None = None, attempt: Any = None) -> d
     checks = res.get("checks")
     if checks is None and box.data.get("test"):  # no fan-out check: the box's last `wtbox test`
         checks = [box.data["test"]]
-    diff = res["diff"] if "diff" in res else git.diff_stat(box.path, box.data.get("base_sha"))
+    diff = res["diff"] if "diff" in res else git.diff_stat(box.path, box.data.get("base_sha"),
+                                                           launcher=host.launcher(box) if host else None)
     errors = res["log_errors"] if "log_errors" in res else log_errors(box)
     services = res.get("services")
     if services is None and host is not None:

@@ -42,8 +42,13 @@ def own_changes(box: Box) -> set[str]:
     base = box.data.get("base_sha")
     if not box.path.is_dir():
         return set()
-    tracked = git.git(box.path, "diff", "--name-only", "-z", *([base] if base else []), check=False).stdout
-    untracked = git.git(box.path, "ls-files", "--others", "--exclude-standard", "-z", check=False).stdout
+    from worktreebox.providers.sandbox import launcher_for
+
+    launcher = launcher_for(box)  # a sandboxed box's git dir is its own: asked inside the box, as its user
+    tracked = git.git(box.path, "diff", "--name-only", "-z", *([base] if base else []), check=False,
+                      launcher=launcher).stdout
+    untracked = git.git(box.path, "ls-files", "--others", "--exclude-standard", "-z", check=False,
+                        launcher=launcher).stdout
     return {p for p in (tracked + untracked).split("\0") if p}
 
 

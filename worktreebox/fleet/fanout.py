@@ -31,6 +31,7 @@ from worktreebox.fleet.measure import (
     run_probe,
     test_counts,
 )
+from worktreebox.providers import sandbox
 from worktreebox.services import boxenv
 from worktreebox.system import git, procs
 from worktreebox.system.cgroups import RUN, Leaf
@@ -108,7 +109,7 @@ class Runner:
 
     def run(self, cmd: str, cwd: Path, env: dict[str, str], logs_dir: Path, service: str,
             redactor: Callable[[str], str] | None, timeout: float | None,
-            keep_lines: int = 40, cgroup: Leaf | None = None) -> dict[str, Any]:
+            keep_lines: int = 40, cgroup: Leaf | None = None, launcher: procs.Launcher | None = None) -> dict[str, Any]:
         """{exit, seconds, timed_out, last_lines}; the same record shape as service logs (logs/<service>.jsonl)."""
         redact = redactor or (lambda s: s)
         writer = LogWriter(logs_dir, service, redact)
@@ -120,7 +121,7 @@ class Runner:
                 writer.close()
                 return {"exit": None, "seconds": 0.0, "timed_out": False, "last_lines": []}
             # Own session: Ctrl-C on the terminal reaches only us, and we end each group deliberately.
-            proc, threads = start_logged(cmd, cwd, env, writer, tail, cgroup)
+            proc, threads = start_logged(cmd, cwd, env, writer, tail, cgroup, launcher)
             self._procs.add(proc)
         timed_out = False
         try:
@@ -384,7 +385,7 @@ class Fanout:
             step(RUNNING)
             cmd = o.run.replace("{i}", str(a.index)).replace("{box}", box.id)
             r = self.runner.run(cmd, box.path, env, box.logs_dir, RUN_LOG, redact, o.timeout,
-                                cgroup=Leaf(host.home, box.id, RUN))
+                                cgroup=Leaf(host.home, box.id, RUN), launcher=host.launcher(box))
             if self.runner.stopped.is_set():
                 raise _Stop()
             res["run"] = {"cmd": cmd, **{k: r[k] for k in ("exit", "seconds", "timed_out")},
@@ -392,7 +393,9 @@ class Fanout:
             step(SAVING)
             try:
                 res["commit"] = git.save_work(box.path, f"wtbox fanout {o.task}: attempt {a.index} of {o.n}",
-                                              f"Run: {cmd}\nExit code: {r['exit']}\nBox: {box.id}", label=box.id)
+                                              f"Run: {cmd}\nExit code: {r['exit']}\nBox: {box.id}", label=box.id,
+                                              launcher=host.launcher(box))
+                sandbox.bring_back(box)  # the attempt on its branch in the repository, as without a sandbox
             except WtboxError as e:
                 res.setdefault("problems", []).append(str(e))
         # Without --check, the repo's test command ([test] cmd, `wtbox test`) is the check.
@@ -402,7 +405,7 @@ class Fanout:
             for j, cmd in enumerate(wanted, 1):
                 step(CHECKING, f"{j}/{len(wanted)}: {cmd}")
                 r = self.runner.run(cmd, box.path, env, box.logs_dir, CHECK_LOG, redact, o.timeout,
-                                    cgroup=Leaf(host.home, box.id, RUN))
+                                    cgroup=Leaf(host.home, box.id, RUN), launcher=host.launcher(box))
                 if self.runner.stopped.is_set():
                     raise _Stop()
                 checks.append({"cmd": cmd, "exit": r["exit"], "seconds": r["seconds"], "timed_out": r["timed_out"],
@@ -424,7 +427,7 @@ class Fanout:
         if o.browse:
             step(PROBING, f"browse {o.browse}")
             res["browse"] = browse_attempt(host, box, o.browse)
-        res["diff"] = git.diff_stat(box.path, box.data.get("base_sha"))
+        res["diff"] = git.diff_stat(box.path, box.data.get("base_sha"), launcher=host.launcher(box))
         res["log_errors"] = log_errors(box)
 
 

@@ -106,7 +106,7 @@ def expected(host: Host, repo: str, sha: str, cfg: RepoConfig, environ: dict[str
         "migrations": None if db.mode == "none" else migrations_hash(repo, sha, db.migrate, db.migrations,
                                                                      db.extensions),
         "env": _env(inherited),
-        "secrets": [],
+        "secrets": sorted(boxenv.inherited_secrets(cfg.box, environ)),
         "mounts": mounts.for_host(host).name,
         "wtbox": __version__,
     }

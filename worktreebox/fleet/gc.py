@@ -135,6 +135,8 @@ def run(host: Host, *, grace: float = DEFAULT_GRACE, dry_run: bool = False, wait
             swept = _sweep_snapshots(host, errors)
             released = _sweep_host_leases(host)
             mounts = _unmount_strays(host, errors)
+            if _release_boxes(host):
+                mounts.append(str(host.boxes_dir))
             layers = _sweep_layers(host)
             foreign = _sweep_cgroups_of_gone_homes(host, errors)
             router = _sync_router(host, errors)
@@ -247,10 +249,19 @@ def stray_mounts(host: Host) -> list:
     boxes = str(host.boxes_dir) + "/"
     out = []
     for m in found:
+        if m.target == str(host.boxes_dir):
+            continue  # boxes/ itself, shared for sandboxes: released once no box is left (_release_boxes)
         owner = m.target[len(boxes):].split("/", 1)[0] if m.target.startswith(boxes) else None
         if owner is None or not is_box_id(owner) or owner not in known:
             out.append(m)
     return out
+
+
+def _release_boxes(host: Host) -> bool:
+    """boxes/, made a shared mount for sandboxes, taken down once no box is left."""
+    from worktreebox.providers.sandbox.namespaces import release_boxes_dir
+
+    return release_boxes_dir(host.home, lambda: not host.registry.select_box_ids())
 
 
 def _unmount_strays(host: Host, errors: list[str]) -> list[str]:

@@ -31,6 +31,11 @@ def pick(host: HostContext, box: Box, others: list[Box], merge_into: str | None 
     note = note or (lambda m: None)
     out: dict[str, Any] = {"kept": box.id, "branch": box.branch, "merged_into": None, "pushed": None,
                            "removed": [], "kept_branches": [], "failed": []}
+    if merge_into or push:
+        from worktreebox.providers import sandbox
+
+        host.launcher(box)  # a holder a reboot took is made again
+        sandbox.bring_back(box)  # a sandboxed box's commits come into the repository first
     if merge_into:
         out["merged_into"] = git.merge_branch(box.repo, box.path, box.branch, merge_into)
         note(f"merged {box.branch} into {merge_into}")
@@ -48,7 +53,8 @@ def pick(host: HostContext, box: Box, others: list[Box], merge_into: str | None 
     host.registry.save_box(box)
     for b in others:
         try:
-            git.save_work(b.path, f"wtbox pick: save the uncommitted work of {b.id} before removing it", label=b.id)
+            git.save_work(b.path, f"wtbox pick: save the uncommitted work of {b.id} before removing it", label=b.id,
+                          launcher=host.launcher(b))
             keep_branch = host.unsaved_work(b) is not None
             host.rm(b, force=True, keep_branch=keep_branch)
         except WtboxError as e:

@@ -42,6 +42,7 @@ from worktreebox.config.load import config_sources, parse_duration, parse_repo_c
 from worktreebox.errors import ConfigError, UsageError, WtboxError
 from worktreebox.host import Host, _phase
 from worktreebox.layers import deps
+from worktreebox.providers import sandbox
 from worktreebox.resources import cgroup as cgroup_resource
 from worktreebox.resources import router as router_resource
 from worktreebox.services import boxenv
@@ -221,8 +222,11 @@ def _take_over(host: Host, box: Box, t: Target, before_ready: Callable[[Box], No
             os.rename(old_dir, box.dir)
         # Running services, the supervisor and the metrics store hold paths under the old name.
         os.symlink(box.dir.name, old_dir)
+    launcher = host.launcher(box)
+    renamed_inside = sandbox.rename_inside(box, pool_id, launcher)  # beside the repository's refs
     _phase("claim:dir")
-    _rename_branch(box.repo, box.path, branch_name(pool_id), box.branch, box.data.get("base_sha"))
+    _rename_branch(box.repo, box.path, branch_name(pool_id), box.branch, box.data.get("base_sha"), launcher)
+    renamed_inside()
     git.repoint_worktree(box.path)
     _phase("claim:branch")
     old, new = str(old_dir), str(box.dir)
@@ -233,7 +237,7 @@ def _take_over(host: Host, box: Box, t: Target, before_ready: Callable[[Box], No
     cgroup_resource.claimed(host, box)
     moved = box.data.get("base_sha") != t.sha
     if moved:
-        git.git(box.path, "merge", "--ff-only", "--quiet", t.sha)  # the changed files only
+        git.git(box.path, "merge", "--ff-only", "--quiet", t.sha, launcher=launcher)  # the changed files only
         box.data["base_sha"] = t.sha
         if boxenv.SOURCE_DATE_EPOCH in box.env and boxenv.SOURCE_DATE_EPOCH not in t.config.box.env:
             box.env[boxenv.SOURCE_DATE_EPOCH] = str(git.commit_time(t.repo, t.sha))  # the time of its new base
@@ -250,10 +254,12 @@ def _take_over(host: Host, box: Box, t: Target, before_ready: Callable[[Box], No
     return moved
 
 
-def _rename_branch(repo: str, worktree: Path, old: str, new: str, tip: str | None) -> None:
+def _rename_branch(repo: str, worktree: Path, old: str, new: str, tip: str | None,
+                   launcher: procs.Launcher | None = None) -> None:
     """`git branch -m` without it: that rewrites .git/config under one lock, so concurrent claims
     failed on it. Refs only: make the new one, point the worktree at it, drop the old one. An
-    untouched pool box's branch is at `tip`: then one transaction checks that and makes the new ref."""
+    untouched pool box's branch is at `tip`: then one transaction checks that and makes the new ref.
+    (A sandboxed box's own branch is renamed in its git dir: sandbox.rename_inside.)"""
     sha = tip or ""
     if not tip or git.git(repo, "update-ref", "--stdin", check=False,
                           input=f"verify refs/heads/{old} {tip}\ncreate refs/heads/{new} {tip}\n").returncode:
@@ -261,7 +267,8 @@ def _rename_branch(repo: str, worktree: Path, old: str, new: str, tip: str | Non
         if not sha:  # a retried claim: already renamed
             return
         git.git(repo, "update-ref", f"refs/heads/{new}", sha, "")
-    git.git(worktree, "symbolic-ref", "HEAD", f"refs/heads/{new}")
+    if launcher is None or not launcher.sandboxed:
+        git.git(worktree, "symbolic-ref", "HEAD", f"refs/heads/{new}")
     git.git(repo, "update-ref", "-d", f"refs/heads/{old}", sha)
 
 

@@ -167,6 +167,9 @@ def _take(host: Host, box: Box, name: str, internal: bool = False) -> Snapshot:
             phase("snapshot:frozen")
             tip, files_ms, copy_ms = _copy_frozen(box, scratch, srv, db.get("name"), copy, strategy)
             phase("snapshot:files")
+        from worktreebox.providers import sandbox
+
+        sandbox.bring_back(box)  # a sandboxed box's tip is in its own git dir: its forks branch from it here
         if srv and copy:
             with srv.session(srv.shared_db) as conn:
                 boxcopy.freeze_copy(conn, copy)

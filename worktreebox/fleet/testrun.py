@@ -56,7 +56,7 @@ def run_test(host: Host, box: Box, cmd: str | None = None, timeout: float | None
     tail = _Tail(redact, KEEP_LINES, on_line)
     t0 = time.monotonic()
     proc, pumps = start_logged(cmd, box.path, host.exec_env(box, secrets), writer, tail,
-                               cgroups.Leaf(host.home, box.id, cgroups.RUN))
+                               cgroups.Leaf(host.home, box.id, cgroups.RUN), launcher=host.launcher(box))
     timed_out = False
     try:
         code = proc.wait(timeout=timeout)

@@ -19,7 +19,7 @@ from mcp_types import ToolAnnotations
 from pydantic import Field
 
 from worktreebox.mcp.calls import Opened, Progress, in_thread, reveal
-from worktreebox.operations import boxes, fleet, observe, router, services, state
+from worktreebox.operations import boxes, fleet, network, observe, router, services, state
 from worktreebox.operations.spec import CHANGES, DESTROYS, READ_ONLY, SHOW_SECRETS, Operation, Param
 
 ANNOTATIONS = {
@@ -176,6 +176,8 @@ def all_tools() -> list[tuple[Callable[..., Any], Operation]]:
         (make_tool(services.DOWN), services.DOWN),
         (make_tool(services.RESTART), services.RESTART),
         (make_tool(boxes.RM), boxes.RM),
+        (make_tool(network.NET), network.NET),
+        (make_tool(network.EXPOSE), network.EXPOSE),
         (make_tool(fleet.FANOUT, fanout_body), fleet.FANOUT),
         (make_tool(fleet.COMPARE), fleet.COMPARE),
         (make_tool(fleet.DIFF), fleet.DIFF),

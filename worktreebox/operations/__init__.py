@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 # "module:NAME" of every declaration, in the order `wtbox --help` and the MCP tool list show them.
 DECLARED = (
     "boxes:NEW", "boxes:LS", "boxes:STATUS", "router:URL", "router:OPEN", "boxes:ENV", "boxes:EXEC", "boxes:TEST",
-    "boxes:SHELL", "boxes:RM", "boxes:KEEP", "boxes:UNKEEP",
+    "boxes:SHELL", "boxes:RM", "boxes:KEEP", "boxes:UNKEEP", "network:NET", "network:EXPOSE",
     "services:UP", "services:DOWN", "services:RESTART",
     "observe:LOGS", "observe:METRICS", "observe:TRACES", "observe:PROBE", "observe:BROWSE", "observe:TOP",
     "fleet:FANOUT", "fleet:COMPARE", "fleet:DIFF", "fleet:PICK", "fleet:POOL", "fleet:GC",

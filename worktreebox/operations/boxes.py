@@ -130,17 +130,43 @@ def enter(host: Host, box: str | None) -> tuple[Box, dict[str, str]]:
     """For `exec` and `shell`, which become the command: resolve BOX, record the use (TTL), chdir into
     its worktree and step into its cgroup (what runs next runs there, and the box's limits and
     teardown cover it); (box, env with secrets)."""
-    from worktreebox.errors import WtboxError
     from worktreebox.system import cgroups, procs
+
+    b, env = _entering(host, box)
+    os.chdir(b.path)
+    procs.enter_cgroup(cgroups.Leaf(host.home, b.id, cgroups.EXEC))
+    return b, env
+
+
+def _entering(host: Host, box: str | None) -> tuple[Box, dict[str, str]]:
+    from worktreebox.errors import WtboxError
 
     b = host.get(box)
     if not b.path.is_dir():
         raise WtboxError(f"The worktree of {b.id} is gone ({b.path}); remove the box with 'wtbox rm {b.id}'.")
     host.registry.touch(b.id)
-    env = host.exec_env(b, host.running_secrets(b))
+    return b, host.exec_env(b, host.running_secrets(b))
+
+
+def exec_argv(host: Host, box: str | None, cmd: Sequence[str], *,
+              shell: bool = False) -> tuple[list[str], dict[str, str], int | None]:
+    """`exec` and `shell`: (argv, env, None) for the caller to become (it stands in the box's worktree
+    and cgroup then), or, for a sandboxed box's `exec`, (argv, env, exit code) once CMD ran through
+    its launcher in a session of its own (execute.run_attached: no box process gets the caller's
+    terminal as its own). The shell keeps the terminal: it is the person's, not an agent's."""
+    from worktreebox.services.execute import run_attached
+    from worktreebox.system import cgroups, procs
+
+    b, env = _entering(host, box)
+    launcher = host.launcher(b)
+    argv = launcher.command(list(cmd), b.path)
+    if shell:
+        env["WTBOX_SHELL"] = b.id
     os.chdir(b.path)
-    procs.enter_cgroup(cgroups.Leaf(host.home, b.id, cgroups.EXEC))
-    return b, env
+    procs.enter_cgroup(cgroups.Leaf(host.home, b.id, cgroups.EXEC))  # what it starts starts there
+    if launcher.sandboxed and not shell:
+        return argv, env, run_attached(argv, env=env, cwd=b.path, cgroup=None)
+    return argv, env, None
 
 
 def rm(host: Host, box: str | Box | None, force: bool = False, keep_branch: bool = False) -> dict:

@@ -73,6 +73,11 @@ def db_conninfo(host: Host, box: str | None) -> tuple[dict[str, str], str]:
         raise WtboxError(f"{b.id} has no database ([database] mode = \"none\").")
     names = ("PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE")
     env: dict[str, str] = {k: b.env[k] for k in names if k in b.env}
+    if db.get("url"):  # where the host reaches it (a sandboxed box's env names its own 127.0.0.1:5432)
+        from urllib.parse import urlsplit
+
+        at = urlsplit(db["url"])
+        env.update({"PGHOST": at.hostname or env.get("PGHOST", ""), "PGPORT": str(at.port or env.get("PGPORT", ""))})
     if db.get("mode") == "schema":
         env["PGOPTIONS"] = f"-c search_path={db['schema']},public"
     return env, db["name"]

@@ -17,6 +17,7 @@ ORDER = (
     "ports:Ports",
     "cgroup:Cgroup",  # before anything of the box runs: every later process starts inside it
     "worktree:Worktree",
+    "sandbox:Sandbox",  # its namespaces, while the worktree is made; metrics, traces, browser wait for it
     "caches:Caches",
     "database:Database",
     "metrics:Metrics",

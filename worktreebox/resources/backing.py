@@ -20,6 +20,7 @@ from worktreebox.errors import WtboxError
 from worktreebox.providers.backing import choice, runtime_class, runtime_for
 from worktreebox.providers.backing.native import KEEPER, LEAF, PID_DIR, NativeProgram, launch, pid_file, release
 from worktreebox.resources.base import Creation, Resource
+from worktreebox.resources.metrics import in_box_network
 from worktreebox.system import procs
 
 if TYPE_CHECKING:
@@ -43,16 +44,21 @@ class Backing(Resource):
             return
         box = c.box
         classes = {name: runtime_for(cfg, c.config.source) for name, cfg in wanted.items()}  # before anything runs
+        launcher = in_box_network(c)
+        # A sandboxed box's programs listen in its own network, at their canonical ports; the host
+        # reaches them at the leased ones through the supervisor's forwards, which hold those.
+        ports = box.inside_ports if launcher.sandboxed else box.ports
         for cfg in wanted.values():
-            _check_port(box, cfg)
+            if not launcher.sandboxed:
+                _check_port(box, cfg)
         data: dict[str, Any] = box.data.setdefault(self.name, {})
         running: dict[str, tuple[Runtime, Any]] = {}
         c.note(f"starting backing services: {', '.join(f'{n} ({cls.runtime})' for n, cls in classes.items())}")
         runtimes = {name: classes[name](c.host, cfg.kind) for name, cfg in wanted.items()}
         for name, rt in runtimes.items():
             data[name] = {"kind": wanted[name].kind, "image": wanted[name].image, "runtime": rt.runtime}
-        natives = [rt.prepare(box, wanted[n], box.ports) for n, rt in runtimes.items() if isinstance(rt, NativeProgram)]
-        pids, held = launch(box, c.host.home, natives) if natives else ({}, [])
+        natives = [rt.prepare(box, wanted[n], ports) for n, rt in runtimes.items() if isinstance(rt, NativeProgram)]
+        pids, held = launch(box, c.host.home, natives, launcher) if natives else ({}, [])
         try:
             for name, rt in runtimes.items():
                 running[name] = (rt, pids[name] if name in pids else rt.start(box, wanted[name], box.ports))
@@ -61,7 +67,7 @@ class Backing(Resource):
             release(held)
         facts = c.facts.setdefault("backing", {})
         for name, (rt, _) in running.items():
-            facts[name] = data[name]["facts"] = rt.facts(box, wanted[name], box.ports)
+            facts[name] = data[name]["facts"] = rt.facts(box, wanted[name], ports)
             c.env[f"WTBOX_BACKING_{name.upper()}_URL"] = facts[name]["url"]
 
     def destroy(self, host: HostContext, box: Box) -> None:
@@ -99,7 +105,7 @@ class Backing(Resource):
         if not data:
             return None
         return {"backing": [{"name": n, "kind": d.get("kind"), "image": d.get("image"), "runtime": d.get("runtime"),
-                             "url": (d.get("facts") or {}).get("url"), "up": _answers(n, d)}
+                             "url": (d.get("facts") or {}).get("url"), "up": _answers(d, box.ports.get(n))}
                             for n, d in data.items()]}
 
     def checks(self, host: HostContext) -> list[dict[str, Any]]:
@@ -194,10 +200,10 @@ def _running(rt: Runtime, handle: Any) -> bool:
     return rt.failed(handle) is None
 
 
-def _answers(name: str, d: dict[str, Any]) -> bool:
+def _answers(d: dict[str, Any], port: int | None) -> bool:
+    """The instance answers on the port the host reaches it at (a sandboxed box's: its forward)."""
     from worktreebox.providers.backing.base import probe
 
-    port = (d.get("facts") or {}).get("port")
     if not port:
         return False
     return bool(probe(d.get("kind", ""), port))

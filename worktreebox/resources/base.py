@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,10 +62,34 @@ class Creation:
     progress: Callable[[str], None] = lambda msg: None
     # seconds per phase, for `new --json`'s timings
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    # resource name -> set once its create is over (a resource of the same parallel stage may wait)
+    made: dict[str, threading.Event] = dataclasses.field(default_factory=dict, repr=False)
+    _made_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
     origin: Origin | None = None  # a fork: its own changes start as a snapshot's
 
     def note(self, msg: str) -> None:
         self.progress(msg)
+
+    def _made(self, name: str) -> threading.Event:
+        with self._made_lock:
+            return self.made.setdefault(name, threading.Event())
+
+    def provide(self, name: str) -> None:
+        """`name`'s create is over (made, or failed: the stage reports its error)."""
+        self._made(name).set()
+
+    def wait_for(self, name: str, timeout: float = 120.0) -> None:
+        """Within a parallel stage: wait until the resource `name` was made (the metrics store starts
+        in the box's network, which the sandbox resource makes alongside the checkout)."""
+        from worktreebox.system import cancel
+
+        event = self._made(name)
+        waited = 0.0
+        while not event.wait(0.05):
+            cancel.check()
+            waited += 0.05
+            if waited >= timeout:
+                raise TimeoutError(f"the {name} of the box was not made within {timeout:.0f} s")
 
 
 class Resource:

@@ -40,14 +40,15 @@ class Browser(Resource):
         if not c.config.browser.enabled:
             return
         box = c.box
-        port = box.ports["browser"]
+        port, inside = box.ports["browser"], box.inside_ports["browser"]
         url = chromium.cdp_url(port)
         # Recorded before the start, so a failed `new` still finds and stops what was started.
         box.data[self.name] = {"enabled": True, "port": port, "cdp_url": url}
         c.note(f"starting Chromium (DevTools on port {port})")
-        chromium.start(box.id, box.dir, port)
-        c.env["WTBOX_CDP_URL"] = url
-        c.facts["browser"] = {"cdp_url": url, "port": port}
+        c.wait_for("sandbox")  # a process of the box: in its sandbox
+        _start(box, port, inside)
+        c.env["WTBOX_CDP_URL"] = chromium.cdp_url(inside)
+        c.facts["browser"] = {"cdp_url": chromium.cdp_url(inside), "port": inside}
 
     def destroy(self, host: HostContext, box: Box) -> None:
         # Chromium is only ever started after its folder is made: no folder, nothing to look for.
@@ -67,8 +68,8 @@ class Browser(Resource):
         data = box.data.get(self.name)
         if not data:
             return None
-        return {"browser": {"cdp_url": data["cdp_url"],
-                            "running": chromium.running(box.id, box.dir, data["port"])}}
+        running = chromium.running(box.id, box.dir, data["port"], sandboxed=_owner(box) is not None)
+        return {"browser": {"cdp_url": data["cdp_url"], "running": running}}
 
 
 # ---------------------------------------------------------------- a DevTools endpoint for one command
@@ -98,28 +99,50 @@ def session(host: HostContext, box: Box, progress: Callable[[str], None] = lambd
     lock = box.run_dir / LOCK_FILE
     if data.get("enabled"):
         port = data["port"]
+        inside = box.inside_ports.get("browser", port)
         with file_lock(lock, what=f"the browser of {box.id}"):
             names = _names(host, box)
-            if not any(chromium.running(i, d, port) for i, d in names):
+            if not any(chromium.running(i, d, port, sandboxed=_owner(box) is not None) for i, d in names):
                 progress(f"the Chromium of {box.id} is not running; starting it again")
                 for i, d in names:
                     chromium.stop(i, d)
-                chromium.start(box.id, box.dir, port)
+                _start(box, port, inside)
         yield Session(box.id, chromium.cdp_url(port), warm=True)
         return
     # Cold: one at a time per box (they share the profile dir); a leftover of a killed browse
     # (its Chromium, its lease) is reused or ended here, and `rm` ends it in any case.
+    from worktreebox.config.values import INSIDE_PORTS
+    from worktreebox.providers import sandbox
+    from worktreebox.resources.sandbox import forwarded
+
     with file_lock(lock, what=f"the browser of {box.id}"):
         port = host.registry.ports_of(box.id).get("browser") or ports.lease(host, box.id, ["browser"])["browser"]
+        inside = INSIDE_PORTS["browser"] if sandbox.sandboxed(box) else port
         try:
             if chromium.browser_dir(box.dir).exists():
                 chromium.stop(box.id, box.dir)
-            pid = chromium.spawn(box.id, box.dir, port)
-            yield Session(box.id, chromium.cdp_url(port), warm=False,
-                          _wait=lambda: chromium.wait_ready(box.id, box.dir, pid, port))
+            with forwarded(box, "browser", port, inside):
+                pid = chromium.spawn(box.id, box.dir, inside, launcher=host.launcher(box), owner=_owner(box))
+                seen = inside if sandbox.sandboxed(box) else None
+                yield Session(box.id, chromium.cdp_url(port), warm=False,
+                              _wait=lambda: chromium.wait_ready(box.id, box.dir, pid, port, inside=seen))
         finally:
             chromium.stop(box.id, box.dir)
             host.registry.delete_lease(box.id, "browser")
+
+
+def _start(box: Box, port: int, inside: int) -> None:
+    from worktreebox.providers import sandbox
+
+    owner = _owner(box)
+    chromium.start(box.id, box.dir, port, inside=inside if owner is not None else None,
+                   launcher=sandbox.launcher_for(box), owner=owner)
+
+
+def _owner(box: Box) -> tuple[int, int] | None:
+    from worktreebox.providers import sandbox
+
+    return sandbox.provider_of(box).box_user() if sandbox.sandboxed(box) else None
 
 
 def _names(host: HostContext, box: Box) -> list[tuple[str, Path]]:
@@ -134,6 +157,7 @@ def browse(host: HostContext, box: Box, url: str, opts: chromium.PageOptions, dr
     """Load `url` in the box's Chromium; record console errors and failed requests in the box's logs
     and metrics (also when the page never loads); (result, PNG bytes)."""
     path = urllib.parse.urlsplit(url).path or "/"
+    url = ports.seen_inside(box, url)  # the box's Chromium loads what its processes see
     metrics_url = (box.data.get("metrics") or {}).get("url")
     if metrics_url:
         store_sleep.wake(box)  # the load is recorded there

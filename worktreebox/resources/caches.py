@@ -4,13 +4,21 @@ XDG_CACHE_HOME and TMPDIR are the box's own. Download caches are the opposite: p
 npm, yarn, pnpm and cargo download into one host-wide cache under $WTBOX_HOME/downloads/
 (downloads.py), so a new box does not fetch again what another one already has. [box]
 cache_env points further variables into the box's own cache dir.
+
+A sandboxed box shares nothing writable with another: a shared download cache (or bytecode
+prefix) would be a channel from one box into the next (a poisoned wheel, a .pyc planted for
+another box's source). Its download caches and bytecode live in its own cache dir; what is
+shared is what dependency layers hold (built once per lock file, with downloads/ writable, in a
+sandbox of their own: resources/deps.py).
 """
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from worktreebox.box import is_box_id
 from worktreebox.layers import downloads
+from worktreebox.providers.sandbox import provider_of, sandboxed
 from worktreebox.resources.base import Creation, Resource
 
 if TYPE_CHECKING:
@@ -31,15 +39,25 @@ class Caches(Resource):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         c.env["XDG_CACHE_HOME"] = str(box.cache_dir)
         c.env["TMPDIR"] = str(box.tmp_dir)
-        # One prefix per host, not per box: bytecode is keyed by source path, so boxes never
-        # collide, while the stdlib's .pyc files are compiled once instead of once per box
-        # (a per-box prefix made every Python start in a new box 0.5-2 s slower). Box sources
-        # land under <prefix>/<box dir>, which destroy() removes.
-        c.env["PYTHONPYCACHEPREFIX"] = str(pycache_prefix(c.host))
-        c.env.update(downloads.env(c.host.home))
+        if sandboxed(box):  # nothing writable shared with other boxes (see the module docstring)
+            c.env["PYTHONPYCACHEPREFIX"] = str(box.cache_dir / "pycache")
+            c.env.update({var: str(box.cache_dir / "downloads" / sub) for var, sub in downloads.CACHES.items()})
+        else:
+            # One prefix per host, not per box: bytecode is keyed by source path, so boxes never
+            # collide, while the stdlib's .pyc files are compiled once instead of once per box
+            # (a per-box prefix made every Python start in a new box 0.5-2 s slower). Box sources
+            # land under <prefix>/<box dir>, which destroy() removes.
+            c.env["PYTHONPYCACHEPREFIX"] = str(pycache_prefix(c.host))
+            c.env.update(downloads.env(c.host.home))
+        owner = provider_of(box).box_user() if sandboxed(box) else None
         for var, sub in c.config.box.cache_env.items():
             path = box.cache_dir / sub
             path.mkdir(parents=True, exist_ok=True)
+            if owner is not None:  # the box's user writes there
+                for made in [path, *path.parents]:
+                    if made == box.cache_dir.parent:
+                        break
+                    os.chown(made, *owner)
             c.env[var] = str(path)
 
     def destroy(self, host: Host, box: Box) -> None:

@@ -89,13 +89,14 @@ class Database(Resource):
             with contextlib.suppress(Exception):
                 drop(srv, role)
             raise
-        url = srv.box_url(role, password, dbname)
-        c.box.data[self.name]["url"] = url
+        c.box.data[self.name]["url"] = srv.box_url(role, password, dbname)  # the host's way in (status, db)
+        host, port = seen_at(c, srv)
+        url = srv.box_url(role, password, dbname, at=(host, port))
         c.env.update({
-            "DATABASE_URL": url, "PGHOST": srv.box_host, "PGPORT": str(srv.box_port), "PGUSER": role,
+            "DATABASE_URL": url, "PGHOST": host, "PGPORT": str(port), "PGUSER": role,
             "PGPASSWORD": password, "PGDATABASE": dbname,
         })
-        c.facts["db"] = {"host": srv.box_host, "port": srv.box_port, "user": role, "password": password,
+        c.facts["db"] = {"host": host, "port": port, "user": role, "password": password,
                          "name": dbname, "schema": schema, "url": url}
 
     def _create_schema(self, srv: Server, home: Path, role: str, password: str, extensions: list[str]) -> None:
@@ -177,7 +178,8 @@ class Database(Resource):
                 # What every process of the box runs with (boxenv): the box env, plus --secret values.
                 env = process_env(c.box, c.secrets)
                 run_migrate(cfg.migrate, c.box.path, env, c.box.logs_dir, [data["password"], *c.secrets.values()],
-                            cgroup=cgroups.Leaf(c.host.home, c.box.id, cgroups.MIGRATE), timeout=cfg.timeout)
+                            cgroup=cgroups.Leaf(c.host.home, c.box.id, cgroups.MIGRATE), timeout=cfg.timeout,
+                            launcher=sandbox_launcher(c.box))
             c.timings["migrate"] = round(time.monotonic() - t0, 4)
             return
         if not data.get("pending"):
@@ -185,6 +187,7 @@ class Database(Resource):
         srv = server(c.host, cfg.provider)
         golden = golden_for(c, srv)
         c.note("database: migrating the golden copy (once per migration set)")
+        golden.launcher = sandbox_launcher(c.box)  # in this box's sandbox, made by now
         golden.ensure(c.box.path, cgroup=cgroups.Leaf(c.host.home, c.box.id, cgroups.MIGRATE))
         c.timings["migrate"] = round(time.monotonic() - t0, 4)
         t0 = time.monotonic()
@@ -296,6 +299,17 @@ def _server_for(host: HostContext, provider: str | None) -> Server | None:
     return srv
 
 
+def seen_at(c: Creation, srv: Server) -> tuple[str, int]:
+    """Where the box's processes reach the server: 127.0.0.1:5432 in a sandboxed box (its supervisor's
+    forward, where `wtbox net` puts faults), else the server's own address."""
+    from worktreebox.config.values import INSIDE_PORTS
+    from worktreebox.resources import sandbox
+
+    if sandbox.sandboxed(c.box):
+        return "127.0.0.1", INSIDE_PORTS["database"]
+    return srv.box_host, srv.box_port
+
+
 def golden_for(c: Creation, srv: Server) -> Golden:
     """The golden copy a box of this creation is cloned from: its migrations run with the box's env,
     every database variable (its own, [database] env, [box] env) naming the golden copy."""
@@ -309,7 +323,14 @@ def golden_for(c: Creation, srv: Server) -> Golden:
         return {**out, **c.secrets}
 
     return Golden(srv, Path(c.host.home), str(c.box.repo), c.base_sha, cfg.migrate, cfg.migrations,
-                  cfg.extensions, env, c.box.logs_dir, list(c.secrets.values()), timeout=cfg.timeout)
+                  cfg.extensions, env, c.box.logs_dir, list(c.secrets.values()), timeout=cfg.timeout,
+                  seen_at=seen_at(c, srv))
+
+
+def sandbox_launcher(box: Box) -> Any:
+    from worktreebox.resources import sandbox
+
+    return sandbox.launcher(box)
 
 
 def _db_env(db: dict[str, Any]) -> dict[str, str]:

@@ -7,6 +7,7 @@ find their dependencies installed.
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,7 @@ class Deps(Resource):
     def create(self, c: Creation) -> None:
         from worktreebox.layers import deps
         from worktreebox.layers import store as layerstore
-        from worktreebox.providers import mounts
+        from worktreebox.providers import mounts, sandbox
         from worktreebox.providers.mounts.base import seed_upper
 
         box, home = c.box, c.host.home
@@ -54,12 +55,19 @@ class Deps(Resource):
                           ) as (path, built):
                 if built:
                     c.note(f"built the {layer.kind} layer of {where}")
+                owner = sandbox.provider_of(box).box_user() if sandbox.sandboxed(box) else None
+                if owner is not None:  # a layer built before boxes were sandboxed: copy-up needs the box user's
+                    from worktreebox.resources.worktree import give_once
+
+                    give_once(path / "paths", owner)
                 for j, p in enumerate(layer.paths):
                     target = box.path / layer.dir / p
                     target.mkdir(parents=True, exist_ok=True)
                     if c.origin:  # a fork: the layer's own changes start as the snapshot's
                         seed_upper(c.origin.files / "deps" / f"{i}.{j}" / "upper", box.dir / "deps" / f"{i}.{j}")
                     provider.attach(path / "paths" / p, target, box.dir / "deps" / f"{i}.{j}")
+                    if owner is not None:  # the view's top (its upper layer's own) is the box user's
+                        os.chown(target, *owner)
             made.append({**layer.to_json(), "built": built})
 
     def revive(self, host: Host, box: Box) -> None:
@@ -102,14 +110,21 @@ class Deps(Resource):
 
 
 def _runner(c: Creation, layer: Layer) -> Callable[[str, str | Path, dict[str, str]], None]:
-    """Run a build command with its output in the box's logs/deps.jsonl; fail with its last lines."""
+    """Run a build command with its output in the box's logs/deps.jsonl (in a sandbox of its own
+    when the box has one: resources/sandbox.build_sandbox); fail with its last lines."""
     def run(cmd: str, cwd: str | Path, env: dict[str, str]) -> None:
+        from pathlib import Path
+
+        from worktreebox.resources.sandbox import build_sandbox
         from worktreebox.secrets import Redactor
         from worktreebox.telemetry.logs.run import run_logged
 
         c.note(f"building the {layer.kind} layer of {layer.dir or 'the repo root'} (once per lock file)")
-        rc, last = run_logged(cmd, cwd, env, c.box.logs_dir, "deps", Redactor(list(c.secrets.values())),
-                              timeout=c.config.deps.timeout, keep_lines=15)
+        with build_sandbox(c.host, c.box, Path(cwd).parent) as launcher:
+            if launcher.sandboxed:
+                env = {**env, "HOME": str(Path(cwd).parent / "home")}
+            rc, last = run_logged(cmd, cwd, env, c.box.logs_dir, "deps", Redactor(list(c.secrets.values())),
+                                  timeout=c.config.deps.timeout, keep_lines=15, launcher=launcher)
         if rc != 0:
             tail = "\n".join("  " + line for line in last) or "  (no output)"
             raise WtboxError(f"Building the {layer.kind} dependency layer of {layer.dir or 'the repo root'} "

@@ -75,6 +75,11 @@ class Disk(Resource):
         image = image_of(c.host, c.box)
         c.box.data["revive"] = True  # a reboot takes the mount: Host.get mounts it again
         make_image(image, limit)
+        from worktreebox.resources import sandbox
+
+        # boxes/ made a shared bind of itself (a sandboxed home) before this mount, not over it: a
+        # bind made later hid the image, and the box wrote past its limit into what was beneath
+        sandbox.decide(c)
         attach(image, c.box.dir)
 
     def revive(self, host: HostContext, box: Box) -> None:

@@ -44,8 +44,8 @@ class Metrics(Resource):
             return
         provider = obs.provider or getattr(c.host.config, "observability_provider", "native")
         box = c.box
-        port = box.ports["metrics"]
-        url = f"http://127.0.0.1:{port}"
+        port, inside = box.ports["metrics"], box.inside_ports["metrics"]
+        url, inside_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{inside}"
         box.run_dir.mkdir(parents=True, exist_ok=True)
         scrape = None
         targets = scrape_targets(c.config.services, facts=c.facts, source=c.config.source)
@@ -56,7 +56,9 @@ class Metrics(Resource):
         box.data[self.name] = {"url": url, "port": port, "provider": provider, "collector": "builtin",
                                "targets": [t["service"] for t in targets]}
         c.note(f"starting VictoriaMetrics ({provider}) on port {port}")
-        store(c.host, provider).start(box, port, scrape_config=scrape, retention=obs.retention)
+        launcher = in_box_network(c)
+        store(c.host, provider).start(box, port, scrape_config=scrape, retention=obs.retention, inside=inside,
+                                      launcher=launcher)
         if obs.collector == "vector":
             if shutil.which(VECTOR):
                 start_vector(box, url, obs.victorialogs_url, vector_otlp(c),
@@ -64,9 +66,9 @@ class Metrics(Resource):
                 box.data[self.name]["collector"] = "vector"
             else:
                 c.note("`vector` is not on PATH; wtbox's built-in collector ships the box's logs and process metrics")
-        c.env["WTBOX_METRICS_URL"] = url
-        c.env["WTBOX_PROMETHEUS_REMOTE_WRITE_URL"] = url + "/api/v1/write"
-        c.facts["metrics"] = {"url": url, "port": port, "remote_write_url": url + "/api/v1/write"}
+        c.env["WTBOX_METRICS_URL"] = inside_url  # what the box's processes reach (its own network's port)
+        c.env["WTBOX_PROMETHEUS_REMOTE_WRITE_URL"] = inside_url + "/api/v1/write"
+        c.facts["metrics"] = {"url": inside_url, "port": inside, "remote_write_url": inside_url + "/api/v1/write"}
 
     def destroy(self, host: HostContext, box: Box) -> None:
         data = box.data.get(self.name)
@@ -104,6 +106,20 @@ class Metrics(Resource):
         out = {"url": data["url"], "up": sleeping or healthy(data["url"], timeout=0.5), "asleep": sleeping,
                "provider": data.get("provider", "native"), "collector": data.get("collector", "builtin")}
         return {"metrics": out}
+
+
+def in_box_network(c: Creation) -> procs.Launcher:
+    """How wtbox's own helpers of a box start (its metrics store, its OTLP receiver): in a sandboxed
+    box's network namespace, once the sandbox resource made it (it is made alongside), as root
+    there (the box's firewall still holds them; its processes cannot see or signal them)."""
+    from worktreebox.providers import sandbox
+
+    c.wait_for("sandbox")
+    if not sandbox.sandboxed(c.box):
+        return procs.Launcher()
+    from worktreebox.providers.sandbox.base import load
+
+    return sandbox.provider_of(c.box).netns_launcher(load(c.box.run_dir), as_box_user=False)
 
 
 def _stores_of(host: HostContext, box: Box) -> list[MetricsStore]:

@@ -118,12 +118,17 @@ class Ports(Resource):
     phase = "ports"
 
     def create(self, c: Creation) -> None:
+        from worktreebox.resources import sandbox
+
         c.box.ports = lease(c.host, c.box.id, c.config.port_names)
-        c.facts["ports"] = dict(c.box.ports)
-        if c.box.ports:
-            first = c.config.box.ports[0] if c.config.box.ports else next(iter(c.box.ports))
-            c.env["PORT"] = str(c.box.ports[first])
-        for name, port in c.box.ports.items():
+        data = sandbox.decide(c)  # a sandboxed box sees its canonical numbers inside
+        inside = sandbox.inside_ports(c.config, c.box.ports, data["provider"] != sandbox.OFF)
+        data["ports"] = inside
+        c.facts["ports"] = dict(inside)
+        if inside:
+            first = c.config.box.ports[0] if c.config.box.ports else next(iter(inside))
+            c.env["PORT"] = str(inside[first])
+        for name, port in inside.items():
             c.env[f"WTBOX_PORT_{name.upper()}"] = str(port)
 
     def destroy(self, host: Host, box: Box) -> None:
@@ -153,3 +158,15 @@ def url_for(host: Host, box: Box, target: str) -> str:
     if not names:
         raise UsageError(f"{box.id} has no ports; give a full URL instead of {target!r}.")
     return f"http://127.0.0.1:{box.ports[names[0]]}{target}"
+
+
+def seen_inside(box: Box, url: str) -> str:
+    """`url` as a process of the box reaches it: a leased port of the box on its loopback becomes
+    the port the box's own processes listen on (the same in a box without a sandbox)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    inside = {port: box.inside_ports.get(name, port) for name, port in box.ports.items()}
+    if parts.hostname not in ("127.0.0.1", "localhost") or parts.port not in inside:
+        return url
+    return urlunsplit(parts._replace(netloc=f"{parts.hostname}:{inside[parts.port]}"))

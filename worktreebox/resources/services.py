@@ -2,7 +2,9 @@
 
 start(): render the `ServiceSpec`s, start the supervisor (specs and secrets
 over its stdin only; run/services.json is a copy for people, with passwords masked) and
-wait until every service is ready.
+wait until every service is ready. A supervisor that runs already (the sandbox resource started
+a sandboxed box's in the box's network; the traces resource one for the box's OTLP endpoint)
+gets the services over its control socket.
 destroy(): stop the supervisor, then kill whatever still carries WTBOX_ID=<id> or
 sits in the box dir (daemons that double-forked out of their group).
 Talking to the supervisor is `worktreebox.services.client`.
@@ -24,10 +26,11 @@ from worktreebox.services.client import (
     PID_FILE,
     checked,
     control_request,
-    ensure_supervisor,
+    give_services,
     otlp_port,
     read_state,
     services_status,
+    start_supervisor,
     stop_supervisor,
     supervisor_pid,
     wait_ready,
@@ -53,8 +56,13 @@ class Services(Resource):
         specs = render_specs(c)
         write_specs(box, specs)
         c.note(f"starting services: {', '.join(s.name for s in specs)}")
+        from worktreebox.providers.sandbox import sandboxed
+        from worktreebox.services.client import wait_started
+
+        if sandboxed(box):
+            wait_started(box)  # the sandbox resource started it a moment ago
         check_ports(box, specs)
-        ensure_supervisor(box, c.secrets, specs)
+        hand_over(c.host, box, specs, c.secrets)
         wait_ready(box, [s.name for s in specs], deadline=time.time() + sum(s.ready_timeout for s in specs) + 10)
         c.note("services ready")
 
@@ -152,10 +160,26 @@ def configured_names(box: Box) -> list[str]:
 # ---------------------------------------------------------------- up / down / restart
 
 def check_ports(box: Box, specs: list[ServiceSpec]) -> None:
-    """A stranger on a service's port fails the start here, naming it, before anything runs."""
+    """A stranger on a service's port fails the start here, naming it, before anything runs (a
+    sandboxed box's ports are its own: nobody else is in its network)."""
+    from worktreebox.providers.sandbox import sandboxed
     from worktreebox.resources.ports import check_free
 
-    check_free(box, [s.port for s in specs])
+    if not sandboxed(box):
+        check_free(box, [s.port for s in specs])
+
+
+def hand_over(host: HostContext, box: Box, specs: list[ServiceSpec], secrets: dict[str, str]) -> None:
+    """The services to the box's supervisor: over its control socket when it runs (started early: a
+    sandboxed box's runs from the start, a box with observability's from its traces' start for the
+    OTLP endpoint), else in a new one's payload. The caller checked the ports (check_ports)."""
+    from worktreebox.providers.sandbox import sandboxed
+    from worktreebox.resources import sandbox
+
+    if supervisor_pid(box) is not None:
+        give_services(box, secrets, specs)
+        return
+    start_supervisor(box, secrets, specs, sandbox.daemon_net(host, box) if sandboxed(box) else None)
 
 
 def render_from_config(host: HostContext, box: Box) -> list[ServiceSpec]:
@@ -171,7 +195,7 @@ def render_from_config(host: HostContext, box: Box) -> list[ServiceSpec]:
 
 def _names(host: HostContext, box: Box) -> list[str]:
     state = read_state(box)
-    if state and supervisor_pid(box) is not None:
+    if state and state.services and supervisor_pid(box) is not None:
         return list(state.services)
     return [s.name for s in render_from_config(host, box)]
 
@@ -235,6 +259,16 @@ def _recover(box: Box) -> None:
              + (f" (pids {', '.join(map(str, killed))})" if killed else ""))
 
 
+def _sandbox_alive(host: HostContext, box: Box) -> None:
+    """A sandboxed box whose holder is gone (a reboot, a kill) gets it again before its supervisor."""
+    from worktreebox.providers.sandbox import holder_of, sandboxed
+
+    if sandboxed(box) and holder_of(box) is None:
+        if supervisor_pid(box) is not None:
+            stop_supervisor(box)  # it served a network that is gone
+        host.launcher(box)  # makes the holder again
+
+
 def _whole_again(host: HostContext, box: Box) -> None:
     if box.state == DEGRADED:
         box.state = READY
@@ -248,7 +282,8 @@ def services_up(host: HostContext, box: Box, service: str | None = None,
     if not _running_services(box) and not service and _endpoint_only(host, box):
         # No services, only the OTLP endpoint its supervisor serves (which died): bring that back.
         if supervisor_pid(box) is None:
-            ensure_supervisor(box, dict(secrets or {}), [])
+            _sandbox_alive(host, box)
+            hand_over(host, box, [], dict(secrets or {}))
         _whole_again(host, box)
         return services_status(box)
     if not _running_services(box):
@@ -257,11 +292,12 @@ def services_up(host: HostContext, box: Box, service: str | None = None,
         if service and service not in names:
             raise UsageError(f"{box.id} has no service {service!r}; it has: {', '.join(names)}.")
         missing = [n for n in box.data.get("secret_names") or [] if n not in (secrets or {})]
-        if missing and (box.run_dir / control.STATE_FILE).exists():  # the secrets it held died with it
+        if missing and supervisor_pid(box) is None and (box.run_dir / control.STATE_FILE).exists():
             warn(f"starting the services without the --secret values {', '.join(missing)} given to 'new' "
                  f"(they are never stored; pass them again with --secret)")
         check_ports(box, [s for s in specs if not service or s.name == service])
-        ensure_supervisor(box, dict(secrets or {}), specs)
+        _sandbox_alive(host, box)
+        hand_over(host, box, specs, dict(secrets or {}))
         targets = names
     else:
         names = _names(host, box)
@@ -291,13 +327,15 @@ def reload_config(host: HostContext, box: Box, secrets: dict[str, str] | None) -
 
 
 def services_down(host: HostContext, box: Box, service: str | None = None) -> dict[str, Any]:
+    from worktreebox.providers.sandbox import sandboxed
+
     _recover(box)
     if supervisor_pid(box) is None:
         _whole_again(host, box)
         return services_status(box)
-    if service is None and not otlp_port(box):
+    if service is None and not otlp_port(box) and not sandboxed(box):
         stop_supervisor(box)
-    else:  # a supervisor that serves the box's OTLP endpoint stays for it
+    else:  # it stays for the box's OTLP endpoint; a sandboxed box's is how the box reaches its database and the host
         checked(control_request(box, control.DOWN, service))
     return services_status(box)
 

@@ -27,9 +27,11 @@ def run_setup(c: Creation) -> None:
     box, cfg = c.box, c.config
     cmd = render(cfg.setup.cmd or "", c.facts, f"{cfg.source}: [setup] cmd")
     c.note("running [setup] cmd")
+    from worktreebox.resources import sandbox
+
     rc, last = run_logged(cmd, box.path, process_env(box, c.secrets), box.logs_dir, "setup",
                           redactor_for(box, c.secrets), timeout=cfg.setup.timeout,
-                          cgroup=cgroups.Leaf(c.host.home, box.id, cgroups.SETUP))
+                          cgroup=cgroups.Leaf(c.host.home, box.id, cgroups.SETUP), launcher=sandbox.launcher(box))
     if rc != 0:
         tail = "\n".join("  " + line for line in last) or "  (no output)"
         raise WtboxError(f"[setup] cmd failed with exit code {rc}; its last output lines:\n{tail}")

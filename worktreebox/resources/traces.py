@@ -39,19 +39,28 @@ class Traces(Resource):
         if not c.config.observability.enabled:
             return
         box = c.box
-        port = box.ports[PORT_NAME]
-        url = f"http://127.0.0.1:{port}"
+        # The host reaches it on the leased port; the box's processes on the port they see (in a
+        # sandboxed box its canonical one, inside the box's network, where the supervisor serves it).
+        port, inside = box.ports[PORT_NAME], box.inside_ports[PORT_NAME]
+        url, inside_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{inside}"
         box.data[self.name] = {"url": url, "port": port}
-        c.env.update(otel_env(box.id, url))
-        c.env["WTBOX_OTLP_URL"] = url
-        c.facts["traces"] = {"url": url, "port": port}
+        c.env.update(otel_env(box.id, inside_url))
+        c.env["WTBOX_OTLP_URL"] = inside_url
+        c.facts["traces"] = {"url": inside_url, "port": inside}
 
     def start(self, c: Creation) -> None:
+        from worktreebox.providers.sandbox import sandboxed
+
         data = c.box.data.get(self.name)
-        if not data or client.supervisor_pid(c.box) is not None:
+        if not data:
             return
-        c.note(f"starting the OTLP endpoint on port {data['port']}")
-        start_endpoint(c.box, c.secrets)
+        if client.supervisor_pid(c.box) is None:
+            c.note(f"starting the OTLP endpoint on port {data['port']}")
+            start_endpoint(c.box, c.secrets)
+        elif sandboxed(c.box):
+            # The sandbox resource started it before the box env existed: it reads it now (where
+            # its endpoint pushes span counts), and is given its services later, if any.
+            client.give_services(c.box, c.secrets, [])
 
     def destroy(self, host: HostContext, box: Box) -> None:
         client.stop_supervisor(box)  # (the services resource, destroyed first, has stopped it already)
@@ -95,6 +104,7 @@ def start_endpoint(box: Box, secrets: dict[str, str], timeout: float = START_TIM
     from worktreebox.system import readiness
 
     pid = client.start_supervisor(box, secrets, [])
+    assert pid is not None  # (it waited for the start)
     url = box.data["traces"]["url"]
     why = readiness.wait(readiness.HttpUrl(f"{url}/health", status=200), timeout, alive=readiness.process_alive(pid))
     if why is not None:

@@ -5,6 +5,12 @@ host's mount provider (providers/mounts): `git worktree add --no-checkout` makes
 and git's admin dir, the view is mounted on the empty directory, the `.git` pointer file is
 written through it (so it lives in the box's upper layer) and the tree's index is copied in
 as the worktree's own. With the `checkout` provider it is a plain `git worktree add`.
+
+A sandboxed box's branch and admin dir live in a git dir of its own (boxes/<id>/git, which
+borrows the repository's objects: providers/sandbox/gitdir.py), so that it can commit without
+being able to write the repository; the repository gets the branch `wtbox/<id>` at the base
+(keeping the base alive and naming the box for gc), and the box's work comes back into it with
+`fetch_back` (rm --keep-branch, pick). The files are given to the box's user.
 """
 from __future__ import annotations
 
@@ -33,13 +39,17 @@ class Worktree(Resource):
 
     def create(self, c: Creation) -> None:
         from worktreebox.layers import store as layerstore
-        from worktreebox.providers import mounts
+        from worktreebox.providers import mounts, sandbox
 
         box = c.box
         provider = mounts.for_host(c.host)
         box.data[self.name] = {"mount": provider.name}
+        owner = sandbox.provider_of(box).box_user() if sandbox.sandboxed(box) else None
         if not provider.uses_tree:
-            add_worktree(box, c.base_sha, checkout=True)
+            add_worktree(box, c.base_sha, checkout=True, owner=owner)
+            if owner is not None:
+                give(box.path, owner)
+                give(box.dir / "git", owner)
             return
         from worktreebox.layers import trees
 
@@ -48,8 +58,16 @@ class Worktree(Resource):
         with trees.use(c.host.home, box.repo, c.base_sha, on_wait=waiting) as (tree, _):
             box.data[self.name]["tree"] = c.base_sha
             box.data["revive"] = provider.mounts  # a reboot takes mounts down: Host.get brings them back
-            add_worktree(box, c.origin.tip if c.origin else c.base_sha, checkout=False)
+            if owner is not None:
+                give_once(tree / "tree", owner)  # copy-up keeps owners: the box's user must own the tree's files
+            add_worktree(box, c.origin.tip if c.origin else c.base_sha, checkout=False, owner=owner)
             attach_view(provider, tree, box, c.origin.files if c.origin else None)
+        if owner is not None:
+            give(box.dir / "git", owner)
+            # the view's top directory (its upper layer's own) and git's pointer written through it are
+            # the box user's: git refuses a repository whose parts another user owns
+            for path in (box.path, box.path / ".git"):
+                os.chown(path, *owner)
 
     def pristine(self, host: Host, box: Box) -> bool:
         """The view is exactly as made: its upper layer holds only git's pointer (and empty mount points of
@@ -175,6 +193,7 @@ class Worktree(Resource):
         boxes = str(host.boxes_dir) + "/"
         ids = {m.target[len(boxes):].split("/", 1)[0] for m in mounts_under(host.boxes_dir)}
         ids = {i for i in ids if is_box_id(i)}
+        elsewhere: set[str] | None = None
         for repo in host.registry.select_repos():
             if not Path(repo).is_dir():
                 continue
@@ -188,14 +207,22 @@ class Worktree(Resource):
                 # commits no other branch has is the user's work, not an orphan.
                 if ref not in checked_out and git.unique_commits(repo, ref):
                     continue
+                if ref not in checked_out:  # a sandboxed box's branch lives in its own git dir: whose box?
+                    elsewhere = _of_other_homes(host) if elsewhere is None else elsewhere
+                    if box_id in elsewhere:
+                        continue
                 ids.add(box_id)
         return ids
 
 
-def add_worktree(box: Box, sha: str, *, checkout: bool) -> None:
-    """`git worktree add` on the box branch (without the files when the view brings them). A worktree
-    for a view is added locked: attach_view takes its `.git` pointer out while it mounts the view, and
-    a `git worktree prune` then (any home's gc, another box's rm) would delete its admin dir."""
+def add_worktree(box: Box, sha: str, *, checkout: bool, owner: tuple[int, int] | None = None) -> None:
+    """`git worktree add` on the box branch (without the files when the view brings them); with
+    `owner` (a sandboxed box), in the box's own git dir. A worktree for a view is added locked:
+    attach_view takes its `.git` pointer out while it mounts the view, and a `git worktree prune`
+    then (any home's gc, another box's rm) would delete its admin dir."""
+    if owner is not None:
+        add_own_worktree(box, sha, checkout=checkout)
+        return
     extra = [] if checkout else ["--no-checkout", "--lock", "--reason", "wtbox: being made"]
     has_branch = False  # a new box's branch does not exist yet; only a retry may find it
     # Concurrent `git worktree add` in one repo race on reading each other's half-written
@@ -215,6 +242,33 @@ def add_worktree(box: Box, sha: str, *, checkout: bool) -> None:
         if box.path.exists() and not any(box.path.iterdir()):
             box.path.rmdir()  # left by the failed attempt
         time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
+
+
+def add_own_worktree(box: Box, sha: str, *, checkout: bool) -> None:
+    """A sandboxed box's branch in its own git dir; the repository gets the branch at the base."""
+    from worktreebox.providers.sandbox import gitdir
+
+    git.git(box.repo, "branch", "--no-track", box.branch, sha)
+    gitdir.make(Path(box.repo), box.dir / "git", sha)
+    gitdir.worktree_add(box.dir / "git", box.path, box.branch, sha)
+    if checkout:  # nothing of the box has run yet: its git dir is still ours to run git in
+        git.git(box.path, "-c", f"safe.directory={box.path}", "checkout", "--quiet", "--force", box.branch)
+
+
+def give(path: Path, owner: tuple[int, int]) -> None:
+    from worktreebox.system.users import give_tree
+
+    give_tree(path, *owner)
+
+
+def give_once(tree: Path, owner: tuple[int, int]) -> None:
+    """A shared tree to the box user, once (a tree built before sandboxes, or by an unsandboxed host)."""
+    try:
+        if (tree.stat().st_uid, tree.stat().st_gid) == owner:
+            return
+    except OSError:
+        return
+    give(tree, owner)
 
 
 def attach_view(provider: MountProvider, tree: Path, box: Box, origin: Path | None = None) -> None:
@@ -307,6 +361,15 @@ def read_branch_tip(admin: Path, branch: str) -> str | None:
     except OSError:
         pass
     return None
+
+
+def _of_other_homes(host: Host) -> set[str]:
+    """Ids of live sandboxed boxes of other homes (their holders run), whose repository branches
+    this home's gc must leave alone: found once another home's gc took one for an orphan."""
+    from worktreebox.providers.sandbox.namespaces import HOLDER_NAMES
+    from worktreebox.system import procs
+
+    return procs.box_ids_elsewhere(HOLDER_NAMES, host.boxes_dir)
 
 
 def _checked_out_branches(repo: str) -> set[str]:

@@ -25,6 +25,13 @@ if TYPE_CHECKING:
     from worktreebox.config.load import BoxConfig
 
 DEFAULT_INHERIT = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "LC_*", "TZ", "TERM")
+# How the host reaches the network: its CAs and proxies. A host whose HTTPS goes through its own CA
+# needs these in a box too, or `uv sync` in [setup] fails ("invalid peer certificate: UnknownIssuer").
+NETWORK_INHERIT = ("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
+                   "PIP_CERT", "GIT_SSL_CAINFO", "AWS_CA_BUNDLE", "HTTPLIB2_CA_CERTS", "NIX_SSL_CERT_FILE",
+                   "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH", "CLOUDSDK_CORE_CUSTOM_CA_CERTS_FILE", "UV_NATIVE_TLS",
+                   "http_proxy", "https_proxy", "ftp_proxy", "all_proxy", "no_proxy",
+                   "HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "ALL_PROXY", "NO_PROXY")
 DATA_KEY = "inherited_env"
 # The OpenTelemetry SDK variables a box with an OTLP endpoint sets (resources/traces.py).
 OTEL_ENDPOINT, OTEL_PROTOCOL, OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES = (
@@ -35,7 +42,8 @@ EXEC_SERVICE = "exec"  # OTEL_SERVICE_NAME of exec, shell, setup, migrate and fa
 
 def _other_box_var(name: str) -> bool:
     """Variables that tie a process to a box: a `wtbox new` run inside box A must not make B's processes A's."""
-    return name in ("WTBOX_ID", "WTBOX_BOX_DIR", "WTBOX_SHELL", "WTBOX_METRICS_URL", "WTBOX_CDP_URL") \
+    return name in ("WTBOX_ID", "WTBOX_BOX_DIR", "WTBOX_SHELL", "WTBOX_METRICS_URL", "WTBOX_CDP_URL",
+                    "WTBOX_BOX_SOCKET") \
         or (name.startswith("WTBOX_PORT_") and name != "WTBOX_PORT_RANGE")  # the range is a host setting
 
 
@@ -56,17 +64,33 @@ def compose(box_id: str, *layers: Mapping[str, str] | None, parent: Mapping[str,
 
 def patterns(cfg: BoxConfig) -> list[str]:
     """The names and prefixes a box inherits under its [box] config."""
-    return list(cfg.inherit_env) if cfg.clean_env else [*DEFAULT_INHERIT, *cfg.inherit_env]
+    return list(cfg.inherit_env) if cfg.clean_env else [*DEFAULT_INHERIT, *NETWORK_INHERIT, *cfg.inherit_env]
 
 
-def capture(cfg: BoxConfig, environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """What a new box inherits from `environ` (the creating process's), secrets and box ids aside."""
-    from worktreebox.secrets import _SECRET_NAME
+def _inheritable(cfg: BoxConfig, environ: Mapping[str, str] | None) -> dict[str, str]:
+    """The variables of `environ` a box inherits under its config: secret-looking names and box ids aside."""
+    from worktreebox.secrets import looks_secret
 
     environ = os.environ if environ is None else environ
     pats = patterns(cfg)
     return {k: v for k, v in sorted(environ.items())
-            if any(fnmatch.fnmatchcase(k, p) for p in pats) and not _other_box_var(k) and not _SECRET_NAME.search(k)}
+            if any(fnmatch.fnmatchcase(k, p) for p in pats) and not _other_box_var(k) and not looks_secret(k)}
+
+
+def capture(cfg: BoxConfig, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What a new box inherits from `environ` (the creating process's) and records in its row."""
+    from worktreebox.secrets import has_url_password
+
+    return {k: v for k, v in _inheritable(cfg, environ).items() if not has_url_password(v)}
+
+
+def inherited_secrets(cfg: BoxConfig, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Inherited variables whose value carries a password (HTTPS_PROXY=http://user:pw@proxy:3128):
+    the box gets them as it gets --secret values, held in its supervisor's memory, the name alone
+    recorded; the registry is a file, and no secret is written to disk."""
+    from worktreebox.secrets import has_url_password
+
+    return {k: v for k, v in _inheritable(cfg, environ).items() if has_url_password(v)}
 
 
 # What wtbox fixes so that the same inputs give the same box (README, "Reproducible boxes"): hash

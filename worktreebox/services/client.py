@@ -5,11 +5,15 @@ through `worktreebox.services.control` (socket protocol, state file) and its pid
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from worktreebox.box import _iso, hex_of
@@ -17,8 +21,8 @@ from worktreebox.config.assets import PACKAGE_PARENT
 from worktreebox.errors import UsageError, WtboxError
 from worktreebox.services import boxenv, control
 from worktreebox.services.control import Request, ServiceState
-from worktreebox.services.spec import ServiceSpec, SupervisorPayload
-from worktreebox.system import cancel, cgroups, procs, readiness
+from worktreebox.services.spec import ForwardSpec, ServiceSpec, SupervisorPayload
+from worktreebox.system import cancel, cgroups, procfs, procs, readiness
 from worktreebox.telemetry.logs.reader import read_records
 
 if TYPE_CHECKING:
@@ -58,22 +62,63 @@ def background_wanted(home: Path) -> bool:
 
 
 def otlp_port(box: Box) -> int | None:
-    """The port of the box's OTLP endpoint, which its supervisor serves (None: observability is off)."""
-    return (box.data.get("traces") or {}).get("port")
+    """The port the box's supervisor serves its OTLP endpoint on, as the box's processes see it (in a
+    sandboxed box: inside its network, where a forward from the leased host port reaches it); None:
+    observability is off."""
+    return box.inside_ports.get("otlp") if "otlp" in box.ports else None
 
 
-def ensure_supervisor(box: Box, secrets: dict[str, str], specs: list[ServiceSpec]) -> None:
-    """Run `specs` in the box's supervisor: hand them to the running one (it may run for the box's
-    OTLP endpoint alone), else start one with them."""
-    if supervisor_pid(box) is None:
-        start_supervisor(box, secrets, specs)
-        return
+def give_services(box: Box, secrets: dict[str, str], specs: list[ServiceSpec]) -> None:
+    """Hand `specs` to the box's running supervisor (one started early: for the box's OTLP endpoint,
+    or by the sandbox resource in the box's network) over its control socket."""
     payload = SupervisorPayload(services=specs, workdir=str(box.path), secrets=dict(secrets))
-    checked(control.request(box.run_dir, Request(control.SERVICES, payload=payload.to_json()), timeout=30))
+    checked(control_request(box, control.SERVICES, data=payload.to_json()))
 
 
-def start_supervisor(box: Box, secrets: dict[str, str], specs: list[ServiceSpec]) -> int:
-    """Start the detached supervisor; specs and secrets go over a pipe to its stdin, nowhere else."""
+@dataclasses.dataclass
+class HostForward:
+    """A forward whose listening socket is bound here, in the host's network, before the supervisor
+    starts (it inherits it): host `address`:`port` -> `target` in the box."""
+
+    name: str
+    port: int
+    target: tuple[str, int]
+    address: str = "127.0.0.1"
+
+    def bind(self) -> socket.socket:
+        """The listening socket (SO_REUSEADDR: a dead supervisor's connections in TIME_WAIT do not
+        keep its successor off the port); a port someone else holds fails in one sentence."""
+        try:
+            return socket.create_server((self.address, self.port), backlog=128)
+        except OSError as e:
+            who = ", ".join(procs.describe(p) for p in procs.listeners(self.port)) or "a process wtbox cannot see"
+            raise WtboxError(f"Port {self.port} ({self.name}) cannot be bound on {self.address}: "
+                             f"{e.strerror or e}; it is held by {who}.") from None
+
+
+@dataclasses.dataclass
+class SandboxNet:
+    """How a sandboxed box's supervisor starts: in the box's network (`enter`), starting the box's
+    processes through `launcher`, hosting `forwards` (host sockets bound here) and `inside` ones."""
+
+    enter: list[str]
+    launcher: procs.Launcher
+    forwards: list[HostForward] = dataclasses.field(default_factory=list)
+    inside: list[ForwardSpec] = dataclasses.field(default_factory=list)
+    faults: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    netns: str | None = None  # the box's network namespace (a path), entered by the supervisor itself
+
+
+def start_supervisor(box: Box, secrets: dict[str, str], specs: list[ServiceSpec], net: SandboxNet | None = None,
+                     *, wait: bool = True, later: Callable[[], SandboxNet] | None = None) -> int | None:
+    """Start the detached supervisor; specs and secrets go over a pipe to its stdin, nowhere else.
+    With `net` (a sandboxed box) it starts in the box's network, with the host sockets of its
+    forwards and the host's network namespace as inherited descriptors.
+
+    With `later` as well, the supervisor starts before the box's network exists: `later()` runs
+    while its Python starts (~0.2 s of imports, which then overlap the making of the holder: measured
+    in scripts/bench.py --only sandbox) and gives the rest; the supervisor enters `netns` itself
+    before it forks. If `later` fails, the waiting process is killed before it read anything."""
     box.logs_dir.mkdir(parents=True, exist_ok=True)
     box.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     for stale in (PID_FILE, control.SOCKET, control.STATE_FILE):
@@ -86,15 +131,43 @@ def start_supervisor(box: Box, secrets: dict[str, str], specs: list[ServiceSpec]
     # One glibc arena for all its threads (by default each thread that allocates gets one, and
     # the supervisor has seven that mostly sleep); the supervisor drops it from what its services get.
     env["MALLOC_ARENA_MAX"] = "1"
+    # started while the box is made (sandbox), before its env is whole: what names it as its box's
+    env.update({"WTBOX_ID": box.id, "WTBOX_BOX_DIR": str(box.dir)})
     # -m finds the package from the cwd, so this works from a checkout as well as when installed.
     pkg_parent = str(PACKAGE_PARENT)
     home = box.dir.parent.parent
-    proc = procs.spawn([sys.executable, "-m", "worktreebox.services.supervisor", str(home), box.id], cwd=pkg_parent,
-                       env=env, stdin=subprocess.PIPE, cgroup=cgroups.Leaf(home, box.id, cgroups.SUPERVISOR))
     disk = box.data.get("disk") or {}
     payload = SupervisorPayload(services=specs, workdir=str(box.path), secrets=dict(secrets),
                                 otlp_port=otlp_port(box), background_busy=background_wanted(home),
                                 disk_max=disk.get("max") if disk.get("mode") == "watch" else None)
+    argv = [sys.executable, "-m", "worktreebox.services.supervisor", str(home), box.id]
+    held: list[socket.socket] = []
+    fds: list[int] = []
+    try:
+        if net is not None:
+            argv = [*net.enter, *argv]
+            held = [f.bind() for f in net.forwards]
+            fds = [os.open(procfs.namespace_file(os.getpid(), "net"), os.O_RDONLY | os.O_CLOEXEC)]
+        proc = procs.spawn(argv, cwd=pkg_parent, env=env, stdin=subprocess.PIPE,
+                           pass_fds=[*fds, *(s.fileno() for s in held)],
+                           cgroup=cgroups.Leaf(home, box.id, cgroups.SUPERVISOR))
+        if net is not None:
+            if later is not None:
+                try:
+                    net = dataclasses.replace(later(), forwards=net.forwards)
+                except BaseException:
+                    proc.kill()
+                    proc.wait()
+                    raise
+            payload.launcher = net.launcher.to_json()
+            given = zip(net.forwards, held, strict=True)
+            payload.forwards = [*(ForwardSpec(f.name, f.target, fd=s.fileno()) for f, s in given), *net.inside]
+            payload.faults, payload.host_netns_fd, payload.netns = dict(net.faults), fds[0], net.netns
+    finally:
+        for s in held:
+            s.close()  # the supervisor holds them now
+        for fd in fds:
+            os.close(fd)
     assert proc.stdin is not None  # stdin=PIPE
     try:
         proc.stdin.write(json.dumps(payload.to_json()).encode())
@@ -104,6 +177,11 @@ def start_supervisor(box: Box, secrets: dict[str, str], specs: list[ServiceSpec]
     rc = proc.wait()  # the launcher forks the real supervisor and exits at once
     if rc != 0:
         raise WtboxError(f"The services supervisor of {box.id} failed to start (exit code {rc}).")
+    return wait_started(box) if wait else None
+
+
+def wait_started(box: Box) -> int:
+    """The pid of the box's supervisor once it listens on its socket (it wrote its pid and its first state)."""
     pids: list[int] = []
 
     def started(timeout: float) -> bool:
@@ -118,9 +196,10 @@ def start_supervisor(box: Box, secrets: dict[str, str], specs: list[ServiceSpec]
     return pids[0]
 
 
-def control_request(box: Box, cmd: str, service: str | None = None, timeout: float = 120.0) -> control.Response:
+def control_request(box: Box, cmd: str, service: str | None = None, timeout: float = 120.0, *,
+                    data: dict[str, Any] | None = None, fds: list[int] | None = None) -> control.Response:
     """Send one command to the supervisor's socket and return its answer."""
-    return control.request(box.run_dir, Request(cmd, service), timeout)
+    return control.request(box.run_dir, Request(cmd, service, data=data, fds=list(fds or [])), timeout)
 
 
 def checked(resp: control.Response) -> control.Response:

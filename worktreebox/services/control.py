@@ -22,7 +22,7 @@ from worktreebox.system.fsutil import atomic_write
 
 SOCKET = "ctl.sock"
 STATE_FILE = "state.json"
-MAX_REQUEST = 1024 * 1024  # a command, a service name, at most the services' specs; a longer one is not ours
+MAX_REQUEST = 1 << 20  # a command, a service name, or a box's services (`services`); a longer one is not ours
 READ_TIMEOUT = 10.0  # a client that connects and sends nothing holds a thread this long at most
 
 # Service states, as `status` shows them.
@@ -30,9 +30,12 @@ STOPPED, STARTING, READY, BACKOFF, EXITED, FAILED = "stopped", "starting", "read
 
 # Requests: `service` None means every service.
 STATUS, UP, DOWN, RESTART, ENV_SECRETS, STOP = "status", "up", "down", "restart", "env-secrets", "stop"
-# The services to run (a SupervisorPayload in `payload`: specs and --secret values), for a box
-# process that runs without them so far (it was started for the box's OTLP endpoint).
-SERVICES = "services"
+# A supervisor may run before its box's services are known (started for the box's OTLP endpoint,
+# or by the sandbox resource in the box's network): `services` hands them over (a SupervisorPayload
+# in `data`: specs, workdir, --secret values); `net` changes a forward's faults; `forward` adds one
+# on a host socket sent along (expose, a cold browser), `unforward` ends it.
+SERVICES, NET, FORWARD, UNFORWARD = "services", "net", "forward", "unforward"
+MAX_FDS = 1  # a request carries at most one descriptor (a forward's host socket)
 COLLECT = "collect"  # push the box's own metrics now (a query is coming)
 
 
@@ -75,16 +78,19 @@ class SupervisorState:
     stopping: bool = False
     updated_at: float | None = None
     services: dict[str, ServiceState] = dataclasses.field(default_factory=dict)
+    forwards: dict[str, Any] = dataclasses.field(default_factory=dict)  # forwards.Forwards.report()
 
     def to_json(self) -> dict[str, Any]:
         return {"box_id": self.box_id, "pid": self.pid, "started_at": self.started_at, "stopping": self.stopping,
-                "updated_at": self.updated_at, "services": {n: s.to_json() for n, s in self.services.items()}}
+                "updated_at": self.updated_at, "services": {n: s.to_json() for n, s in self.services.items()},
+                "forwards": dict(self.forwards)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SupervisorState:
         return cls(box_id=data.get("box_id", ""), pid=data.get("pid"), started_at=data.get("started_at"),
                    stopping=bool(data.get("stopping")), updated_at=data.get("updated_at"),
-                   services={n: ServiceState.from_json(s) for n, s in (data.get("services") or {}).items()})
+                   services={n: ServiceState.from_json(s) for n, s in (data.get("services") or {}).items()},
+                   forwards=dict(data.get("forwards") or {}))
 
 
 def write_state(run_dir: Path, state: SupervisorState) -> None:
@@ -102,22 +108,23 @@ def read_state(run_dir: Path) -> SupervisorState | None:
 class Request:
     cmd: str
     service: str | None = None
-    payload: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None  # what `services`, `net` and `forward` carry
+    fds: list[int] = dataclasses.field(default_factory=list)  # sent alongside; the receiver owns them
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"cmd": self.cmd, "service": self.service}
-        if self.payload is not None:
-            out["payload"] = self.payload
+        if self.data is not None:
+            out["data"] = self.data
         return out
 
     @classmethod
-    def from_json(cls, data: Any) -> Request:
+    def from_json(cls, data: Any, fds: list[int] | None = None) -> Request:
         """A malformed request becomes one the supervisor refuses (cmd "")."""
         if not isinstance(data, dict):
-            return cls("")
-        payload = data.get("payload")
+            return cls("", fds=list(fds or []))
+        extra = data.get("data")
         return cls(cmd=data.get("cmd") or "", service=data.get("service"),
-                   payload=payload if isinstance(payload, dict) else None)
+                   data=extra if isinstance(extra, dict) else None, fds=list(fds or []))
 
 
 @dataclasses.dataclass
@@ -145,12 +152,13 @@ class Response:
 
 
 def write_message(sock: socket.socket, message: Request | Response) -> None:
-    unixsock.send(sock, message.to_json())
+    unixsock.send(sock, message.to_json(), message.fds if isinstance(message, Request) else ())
 
 
 def read_request(sock: socket.socket) -> Request:
     """One request; a malformed one becomes one the supervisor refuses (cmd "")."""
-    return Request.from_json(unixsock.recv(sock, limit=MAX_REQUEST)[0])
+    obj, fds = unixsock.recv(sock, max_fds=MAX_FDS, limit=MAX_REQUEST)
+    return Request.from_json(obj, fds)
 
 
 def read_response(sock: socket.socket) -> Response:
@@ -216,6 +224,11 @@ def _serve_one(conn: socket.socket, handle: Callable[[Request], Response], after
             pass
         finally:
             if req is not None:
+                for fd in req.fds:  # what the handler kept, it duplicated
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
                 after(req)
 
 

@@ -1,8 +1,13 @@
-"""Running one command inside a box and capturing what it printed (for agents: `box_exec`).
+"""Running one command inside a box: captured (for agents: `box_exec`), or attached to the caller's
+terminal (`wtbox exec` of a sandboxed box).
 
-`wtbox exec` replaces itself with the command (the terminal is the output). A caller that
-needs the result as data gets it here instead: the exit code and the last lines of stdout
-and stderr, with the box's secret values masked, under a timeout, cancellable.
+`wtbox exec` of a box without a sandbox replaces itself with the command (the terminal is the
+output). A sandboxed box's command starts through its launcher in a session of its own
+(`run_attached`): this host lets a process push keystrokes into its controlling terminal
+(dev.tty.legacy_tiocsti = 1), so no box process gets the caller's as its own; `wtbox` waits for
+it and passes the terminal's signals on. A caller that needs the result as data gets it from
+`run_in_box` instead: the exit code and the last lines of stdout and stderr, with the box's
+secret values masked, under a timeout, cancellable.
 """
 from __future__ import annotations
 
@@ -54,6 +59,22 @@ def resolve_cwd(box: Box, cwd: str | None) -> Path:
     return target
 
 
+def run_attached(argv: Sequence[str], *, env: dict[str, str], cwd: Path, cgroup: cgroups.Leaf | None) -> int:
+    """Run `argv` (a launcher's command) on the caller's stdin, stdout and stderr, in a session of its
+    own; the signals a terminal sends reach its process group. Its exit code (128+N when killed by N)."""
+    import signal
+
+    proc = procs.spawn(argv, cwd=cwd, env=env, stdin=None, stdout=None, stderr=None, cgroup=cgroup)
+    passed = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGWINCH)
+    before = {sig: signal.signal(sig, lambda sig, _frame: procs.signal_group(proc.pid, sig)) for sig in passed}
+    try:
+        rc = proc.wait()
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    return 128 - rc if rc < 0 else rc
+
+
 def run_in_box(host: HostContext, box: Box, cmd: str | Sequence[str], *, cwd: str | None = None,
                timeout: float | None = DEFAULT_TIMEOUT, tail: int = DEFAULT_TAIL,
                secrets: dict[str, str] | None = None, redact: Callable[[str], str] | None = None,
@@ -78,8 +99,8 @@ def run_in_box(host: HostContext, box: Box, cmd: str | Sequence[str], *, cwd: st
                            "cwd": str(workdir.relative_to(box.path.resolve())), "timed_out": False}
     t0 = time.monotonic()
     try:
-        proc = procs.spawn(argv, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           cgroup=cgroups.Leaf(host.home, box.id, cgroups.EXEC))
+        proc = procs.spawn(host.launcher(box).command(argv, workdir), cwd=workdir, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, cgroup=cgroups.Leaf(host.home, box.id, cgroups.EXEC))
     except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
         code = 127 if isinstance(e, FileNotFoundError) else 126
         why = "command not found" if code == 127 else "permission denied"

@@ -3,8 +3,10 @@
 A forward accepts on a listening socket it is given (bound by root in the host's network
 namespace before the box's supervisor was started in the box's: the supervisor inherits it)
 and connects each client to a target inside the box (127.0.0.1:<canonical port>), or, for the
-box's database, to the port pasta carries to the host. Bytes are copied chunk by chunk with
-asyncio streams; each target has a fault state that can change while connections are open:
+box's database, from the box's 127.0.0.1:5432 to the host's PostgreSQL through slirp4netns's
+10.0.2.2 (its sockets marked: the box's firewall lets only marked packets reach the host).
+Bytes are copied chunk by chunk with asyncio streams; each target has a fault state that can
+change while connections are open:
 
 - delay D, jitter J: every chunk waits D/2 ± J/2 in each direction, so one request/response
   exchange takes D longer (order is kept: a chunk never overtakes the one before it);
@@ -74,6 +76,11 @@ class Faults:
         return {"delay_ms": round(self.delay * 1000, 3), "jitter_ms": round(self.jitter * 1000, 3),
                 "loss": self.loss, "down": self.down}
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Faults:
+        return cls(delay=float(data.get("delay_ms") or 0) / 1000, jitter=float(data.get("jitter_ms") or 0) / 1000,
+                   loss=float(data.get("loss") or 0), down=bool(data.get("down")))
+
 
 @dataclasses.dataclass
 class Forward:
@@ -83,6 +90,7 @@ class Forward:
     target: tuple[str, int]
     listen: tuple[str, int]
     faults: Faults = Faults()
+    mark: int | None = None  # SO_MARK of the sockets to the target (needs CAP_NET_ADMIN in their namespace)
     served: int = 0
     links: set[Link] = dataclasses.field(default_factory=set)
     server: asyncio.Server | None = None
@@ -113,15 +121,22 @@ class Forwards:
         self.rng = rng or random.Random()
         self.forwards: dict[str, Forward] = {}
 
-    async def add(self, name: str, sock: socket.socket, target: tuple[str, int]) -> Forward:
+    async def add(self, name: str, sock: socket.socket, target: tuple[str, int], *, mark: int | None = None,
+                  faults: Faults | None = None) -> Forward:
         """Start accepting on `sock` (already bound and listening) for connections to `target`."""
         if name in self.forwards:
             raise UsageError(f"There is already a forward named {name!r}.")
         sock.setblocking(False)
-        fwd = Forward(name, target, sock.getsockname()[:2])
+        fwd = Forward(name, target, sock.getsockname()[:2], faults or Faults(), mark=mark)
         fwd.server = await asyncio.start_server(lambda r, w: self._serve(fwd, r, w), sock=sock, limit=CHUNK)
         self.forwards[name] = fwd
         return fwd
+
+    async def remove(self, name: str) -> None:
+        """Stop one forward: its listening socket closed, its connections cut."""
+        fwd = self.forwards.pop(name, None)
+        if fwd is not None:
+            await _close(fwd)
 
     def set_faults(self, name: str | None = None, **changes: Any) -> dict[str, Any]:
         """Change the faults of one target (or all, name None) from here on; open connections
@@ -153,16 +168,7 @@ class Forwards:
 
     async def close(self) -> None:
         """Stop listening, cut every open connection and wait until their tasks are done."""
-        tasks = []
-        for fwd in self.forwards.values():
-            if fwd.server is not None:
-                fwd.server.close()
-            for link in list(fwd.links):
-                link.reset()
-                if link.task is not None:
-                    link.task.cancel()
-                    tasks.append(link.task)
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(_close(fwd) for fwd in self.forwards.values()))
         self.forwards.clear()
 
     # -- one connection
@@ -175,7 +181,7 @@ class Forwards:
         fwd.served += 1
         try:
             try:
-                up_reader, link.upstream = await asyncio.open_connection(*fwd.target, limit=CHUNK)
+                up_reader, link.upstream = await _connect(fwd)
             except OSError:
                 link.reset()  # the target is not there: the client sees what it would see without us
                 return
@@ -207,6 +213,34 @@ class Forwards:
             await deliver
         finally:
             deliver.cancel()
+
+
+async def _close(fwd: Forward) -> None:
+    if fwd.server is not None:
+        fwd.server.close()
+    tasks = []
+    for link in list(fwd.links):
+        link.reset()
+        if link.task is not None:
+            link.task.cancel()
+            tasks.append(link.task)
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _connect(fwd: Forward) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the forward's target; marked when the forward says so."""
+    if fwd.mark is None:
+        return await asyncio.open_connection(*fwd.target, limit=CHUNK)
+    family = socket.AF_INET6 if ":" in fwd.target[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, fwd.mark)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, fwd.target)
+    except BaseException:
+        sock.close()
+        raise
+    return await asyncio.open_connection(sock=sock, limit=CHUNK)
 
 
 async def _deliver(queue: asyncio.Queue[tuple[float, bytes]], writer: asyncio.StreamWriter) -> None:
@@ -252,8 +286,12 @@ class ForwardsThread:
         future: Future = asyncio.run_coroutine_threadsafe(run(), self.loop)
         return future.result()
 
-    def add(self, name: str, sock: socket.socket, target: tuple[str, int]) -> dict[str, Any]:
-        return self._call(lambda: self.forwards.add(name, sock, target)).to_json()
+    def add(self, name: str, sock: socket.socket, target: tuple[str, int], *, mark: int | None = None,
+            faults: Faults | None = None) -> dict[str, Any]:
+        return self._call(lambda: self.forwards.add(name, sock, target, mark=mark, faults=faults)).to_json()
+
+    def remove(self, name: str) -> None:
+        self._call(lambda: self.forwards.remove(name))
 
     def set_faults(self, name: str | None = None, **changes: Any) -> dict[str, Any]:
         return self._call(lambda: self.forwards.set_faults(name, **changes))

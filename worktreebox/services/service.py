@@ -56,10 +56,13 @@ class Process(Protocol):
 
 class Processes:
     """How service processes are started and stopped: procs.spawn in a new session and in the
-    service's leaf of the box's cgroup; staged group stops, then whatever is left in the leaves."""
+    service's leaf of the box's cgroup, through the box's launcher (its sandbox); staged group
+    stops, then whatever is left in the leaves."""
 
-    def __init__(self, home: Path | None = None, box_id: str | None = None) -> None:
+    def __init__(self, home: Path | None = None, box_id: str | None = None,
+                 launcher: procs.Launcher | None = None) -> None:
         self.home, self.box_id = home, box_id
+        self.launcher = launcher or procs.Launcher()
 
     def start(self, cmd: str, cwd: str, env: dict[str, str], leaf: str | None = None,
               output: tuple[int, int] | None = None) -> Process:
@@ -68,7 +71,8 @@ class Processes:
         # cgroup leaf, so a stop also finds what left the group, and the kernel counts its OOM kills.
         where = cgroups.Leaf(self.home, self.box_id, leaf) if leaf and self.home and self.box_id else None
         out, err = output or (subprocess.DEVNULL, subprocess.DEVNULL)
-        return procs.spawn(procs.shell_argv(cmd), cwd=cwd, env=env, stdout=out, stderr=err, cgroup=where)
+        return procs.spawn(self.launcher.command(procs.shell_argv(cmd), cwd), cwd=cwd, env=env, stdout=out, stderr=err,
+                           cgroup=where)
 
     def stop(self, processes: Sequence[Process], wait: float, leaves: Sequence[str] = ()) -> None:
         procs.stop_groups(processes, wait)  # type: ignore[arg-type]
@@ -351,10 +355,10 @@ class Service:
 
 
 def check_ready(check: str, svc: Service, timeout: float) -> bool:
-    """One probe of a service's ready check (readiness.from_spec); a command check runs with the
-    service's cwd and environment, in its cgroup leaf."""
+    """One probe of a service's ready check (readiness.from_spec); a command check runs as a
+    process of the box (its launcher), with the service's cwd and environment, in its cgroup leaf."""
     def command(cmd: str) -> readiness.Strategy:
-        return readiness.Command(procs.shell_argv(cmd), cwd=svc.cwd, env=svc.env(),
-                                 cgroup=cgroups.Leaf(svc.sup.home, svc.sup.box_id, svc.name))
+        return readiness.Command(svc.sup.processes.launcher.command(procs.shell_argv(cmd), svc.cwd), cwd=svc.cwd,
+                                 env=svc.env(), cgroup=cgroups.Leaf(svc.sup.home, svc.sup.box_id, svc.name))
 
     return readiness.from_spec(check, command).ready(timeout)

@@ -20,6 +20,10 @@ port) on stdin, or the services later over its socket (control.SERVICES); the se
 in memory and in the services' environment. The box env comes from the box env file. Stopping
 is staged (procs.stop_groups). What clients may send and read is `worktreebox.services.control`.
 
+In a sandboxed box it runs in the box's network namespace (only), started by the sandbox resource
+before the box's services are known: it hosts the box's forwards (boxnet.py) from the start, gets
+its services later (`services` request), and starts each of them through the box's launcher.
+
 Test seams: a `Clock` and a `Processes` factory (service.py) are injected, so restart backoff
 and ready timeouts are unit-tested without real time.
 """
@@ -35,6 +39,7 @@ from typing import Any
 
 from worktreebox.secrets import Redactor, secret_values
 from worktreebox.services import control
+from worktreebox.services.boxnet import BoxNet, enter_network
 from worktreebox.services.control import EXITED, FAILED, READY, STOPPED, Request, Response
 from worktreebox.services.envfile import read_env_file
 from worktreebox.services.output import Output
@@ -49,7 +54,7 @@ from worktreebox.services.service import (
     Service,
     check_ready,
 )
-from worktreebox.services.spec import SupervisorPayload
+from worktreebox.services.spec import ForwardSpec, SupervisorPayload
 from worktreebox.system import background, cgroups, procs
 from worktreebox.telemetry.logs.writer import EventLog
 
@@ -76,7 +81,9 @@ class Supervisor:
         self.run_dir = self.box_dir / "run"
         self.logs_dir = self.box_dir / "logs"
         self.clock = clock or Clock()
-        self.processes = processes or Processes(home, box_id)
+        self.processes = processes or Processes(home, box_id, procs.Launcher.from_json(payload.launcher))
+        self.net = BoxNet(payload.forwards, payload.faults) if payload.forwards else None
+        self.host_netns_fd = payload.host_netns_fd  # the host's network: where `wtbox` run for the box works
         self.check_ready: ReadyCheck = check or check_ready
         # Real processes only: port ownership is asked of the kernel (fakes in tests hold no ports).
         self.verify_ports = processes is None
@@ -102,12 +109,18 @@ class Supervisor:
         self.disk_max = payload.disk_max
 
     def take(self, payload: SupervisorPayload) -> None:
-        """The services to run, with the --secret values and the box env they run with."""
-        self.secrets = dict(payload.secrets)
+        """The services to run, with the --secret values and the box env they run with (read again:
+        a supervisor started early, for the OTLP endpoint or in a sandbox, may have run before it
+        was written)."""
+        self.secrets = {**getattr(self, "secrets", {}), **payload.secrets}
         self.workdir = payload.workdir or str(self.box_dir / "worktree")
         self.box_env = read_env_file(self.box_dir / "env")
         self.metrics_url = self.box_env.get("WTBOX_METRICS_URL")
         self.redact = Redactor(list(self.secrets.values()) + secret_values(self.box_env))
+        if self.receiver is not None:
+            self.receiver.receiver.metrics_url = self.metrics_url
+        for s in self.services.values():
+            s.writer.close()
         self.services = {s.name: Service(self, s) for s in payload.services}
 
     def writer_for(self, service: str) -> Any:
@@ -148,7 +161,8 @@ class Supervisor:
     def state(self) -> control.SupervisorState:
         return control.SupervisorState(box_id=self.box_id, pid=os.getpid(), started_at=self.started_at,
                                        stopping=self.stopping, updated_at=self.clock.now(),
-                                       services={n: s.info() for n, s in self.services.items()})
+                                       services={n: s.info() for n, s in self.services.items()},
+                                       forwards=self.net.report() if self.net is not None else {})
 
     def write_state(self) -> None:
         with self._state_lock:  # the main loop and control threads both write it
@@ -212,28 +226,46 @@ class Supervisor:
                 self.up(req.service)
             elif req.cmd == control.ENV_SECRETS:
                 return Response(ok=True, secrets=dict(self.secrets))
-            elif req.cmd == control.SERVICES:
-                return self._take_services(req)
             elif req.cmd == control.COLLECT:
                 self.check_oom()
                 self.collect()
             elif req.cmd == control.STOP:
                 self.stop_all()  # the reply is sent before the process exits (see _after)
+            elif req.cmd == control.SERVICES:
+                self.take_services(SupervisorPayload.from_json(req.data or {}))
+            elif req.cmd in (control.NET, control.FORWARD, control.UNFORWARD):
+                self.handle_net(req)
             else:
                 return Response(ok=False, error=f"unknown command {req.cmd!r}")
         except KeyError:
             known = ", ".join(self.services)
             return Response(ok=False, error=f"the box has no service {req.service!r}; it has: {known}")
+        except (ValueError, OSError) as e:  # UsageError is a ValueError too: a refusal in one sentence
+            return Response(ok=False, error=str(e).rstrip("."))
         self.write_state()
         return Response(ok=True, services={n: s.info() for n, s in self.services.items()})
 
-    def _take_services(self, req: Request) -> Response:
+    def take_services(self, payload: SupervisorPayload) -> None:
+        """The box's services for a supervisor started without them (`services` request: it was
+        started early, for the box's OTLP endpoint or by the sandbox resource in the box's network):
+        they start now, in dependency order; the caller waits for them (client.wait_ready)."""
         if any(s.wanted for s in self.services.values()):
-            return Response(ok=False, error="services run already; stop them first")
-        self.take(SupervisorPayload.from_json(req.payload or {}))
-        self.up()
-        self.write_state()
-        return Response(ok=True, services={n: s.info() for n, s in self.services.items()})
+            raise ValueError("the box's services are running; stop them first")
+        self.take(payload)
+        self.up(wait=False)
+
+    def handle_net(self, req: Request) -> None:
+        """A sandboxed box's forwards and their faults (`net`, `forward`, `unforward`)."""
+        data = req.data or {}
+        if self.net is None:
+            self.net = BoxNet([])
+        if req.cmd == control.NET:
+            self.net.set_faults(req.service, data)
+        elif req.cmd == control.FORWARD:
+            fd = os.dup(req.fds[0]) if req.fds else None
+            self.net.add(ForwardSpec.from_json(data), fd)
+        else:
+            self.net.remove(str(data.get("name")))
 
     def serve(self) -> None:
         os.chdir(self.run_dir)  # the supervisor's cwd lies in its box: sweeps by cwd find it too
@@ -357,8 +389,14 @@ class Supervisor:
         from worktreebox.services import output
 
         self.output = Output(output.directory(self.home, self.box_id), self.writer_for)
+        if self.net is not None:
+            self.net.start()
         self._serve_otlp()
         self.serve()
+        if self.host_netns_fd is not None:  # a sandboxed box: `wtbox` typed inside it reaches us
+            from worktreebox.services.endpoint import Endpoint
+
+            Endpoint(self.home, self.box_id, self.host_netns_fd).start()
         self.write_state()
         self._watch()
         self._watch_disk()
@@ -373,6 +411,8 @@ class Supervisor:
             self._busy_watch.join(2.0)  # it makes the box a normal box again as it ends
         if self.store_sleep is not None:
             self.store_sleep.close()
+        if self.net is not None:
+            self.net.stop()
         self.write_state()
 
 
@@ -409,6 +449,12 @@ def main(argv: list[str] | None = None) -> None:
     # The payload (with the secrets) comes on stdin (a pipe from the resource), never through argv, env or a file.
     raw = sys.stdin.buffer.read() if not sys.stdin.isatty() else b""
     payload = SupervisorPayload.from_json(json.loads(raw) if raw.strip() else {})
+    if payload.netns:  # started before the box's network existed: in it before any thread or fork
+        enter_network(payload.netns)
+    # What it inherited from its starter (the forwards' host sockets, the host's network): close-on-exec,
+    # so nothing it starts holds them (a service outliving it would keep a host port bound).
+    for fd in (*(f.fd for f in payload.forwards if f.fd is not None), *filter(None, [payload.host_netns_fd])):
+        os.set_inheritable(fd, False)
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     # Fork once more so the supervisor is nobody's child: the caller reaps the short-lived

@@ -1,5 +1,10 @@
 """Thin git helpers. Plain `git` subprocesses: importing gitpython costs ~100 ms per
-command and we only need a handful of porcelain calls."""
+command and we only need a handful of porcelain calls.
+
+A sandboxed box's worktree and git dir are the box's to write: git run there by the host would
+run what the box put in its config (core.fsmonitor, hooks) as the host's user. The helpers that
+read or write a box's git take its `launcher` (procs.Launcher): git then runs inside the box, as
+its user."""
 from __future__ import annotations
 
 import functools
@@ -7,19 +12,25 @@ import os
 import re
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from worktreebox.errors import UsageError, WtboxError
 from worktreebox.system import cancel
+
+if TYPE_CHECKING:
+    from worktreebox.system.procs import Launcher
 
 _GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
 
 
 def git(repo: str | Path, *args: str, check: bool = True, timeout: float = 300,
-        input: str | None = None) -> subprocess.CompletedProcess:
+        input: str | None = None, launcher: Launcher | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, **_GIT_ENV}
+    argv = ["git", "-C", str(repo), *args]
+    if launcher is not None and launcher.sandboxed:
+        argv = launcher.command(argv, repo)
     try:
-        proc = cancel.run(["git", "-C", str(repo), *args], capture_output=True, text=True, env=env,
-                          timeout=timeout, input=input)
+        proc = cancel.run(argv, capture_output=True, text=True, env=env, timeout=timeout, input=input)
     except FileNotFoundError:
         raise WtboxError("git is not installed; install it with 'apt-get install git'.") from None
     if check and proc.returncode != 0:
@@ -28,8 +39,8 @@ def git(repo: str | Path, *args: str, check: bool = True, timeout: float = 300,
     return proc
 
 
-def out(repo: str | Path, *args: str) -> str:
-    return git(repo, *args).stdout.strip()
+def out(repo: str | Path, *args: str, launcher: Launcher | None = None) -> str:
+    return git(repo, *args, launcher=launcher).stdout.strip()
 
 
 def resolve_repo(path: str | Path | None) -> Path:
@@ -93,6 +104,13 @@ def repoint_worktree(worktree: Path) -> None:
         atomic_write(gitdir, f"{dotgit}\n")
 
 
+def tips(repo: str | Path, *, but: str | None = None) -> list[str]:
+    """The commits the repository's branches and remote-tracking branches point at (but `but`'s)."""
+    out = git(repo, "for-each-ref", "--format=%(objectname) %(refname)", "refs/heads", "refs/remotes", check=False)
+    skip = f"refs/heads/{but}" if but else None
+    return sorted({line.split(" ", 1)[0] for line in out.stdout.splitlines() if line and line.split(" ", 1)[1] != skip})
+
+
 def commit_time(repo: str | Path, sha: str) -> int | None:
     """The committer time of a commit (seconds since the epoch): a box's SOURCE_DATE_EPOCH."""
     proc = git(repo, "show", "-s", "--format=%ct", sha, check=False)
@@ -104,17 +122,22 @@ def show_file(repo: Path, sha: str, path: str) -> str | None:
     return proc.stdout if proc.returncode == 0 else None
 
 
-def unique_commits(repo: str | Path, branch: str, base_sha: str | None = None) -> int:
-    """How many commits of `branch` no other branch, remote (or the base commit) has; 0 when unknown."""
+def unique_commits(repo: str | Path, branch: str, base_sha: str | None = None,
+                   launcher: Launcher | None = None, kept: list[str] | None = None) -> int:
+    """How many commits of `branch` no other branch, remote (or the base commit) has; 0 when unknown.
+    `kept`: the commits that count as saved instead of every other branch and remote (a sandboxed
+    box's own git dir goes with the box: only what its repository holds is saved)."""
     short = branch.removeprefix("refs/heads/")
-    args = ["rev-list", "--count", f"refs/heads/{short}", "--not", f"--exclude={short}", "--branches", "--remotes"]
+    others = kept if kept is not None else [f"--exclude={short}", "--branches", "--remotes"]
+    args = ["rev-list", "--count", f"refs/heads/{short}", "--not", *others]
     if base_sha:
         args.append(base_sha)
-    proc = git(repo, *args, check=False)
+    proc = git(repo, *args, check=False, launcher=launcher)
     return int(proc.stdout.strip() or 0) if proc.returncode == 0 else 0
 
 
-def unsaved_work(worktree: Path, branch: str, base_sha: str | None) -> str | None:
+def unsaved_work(worktree: Path, branch: str, base_sha: str | None, launcher: Launcher | None = None,
+                 kept: list[str] | None = None) -> str | None:
     """Why removing this worktree would lose work, or None.
 
     Unsaved = uncommitted changes (untracked files included, ignored ones not), or
@@ -122,11 +145,14 @@ def unsaved_work(worktree: Path, branch: str, base_sha: str | None) -> str | Non
     """
     if not worktree.is_dir():
         return None
-    proc = git(worktree, "status", "--porcelain", "--untracked-files=normal", check=False)
-    if proc.returncode == 0 and proc.stdout.strip():
+    proc = git(worktree, "status", "--porcelain", "--untracked-files=normal", check=False, launcher=launcher)
+    if proc.returncode != 0 and "not a git repository" not in proc.stderr:  # no git left: nothing of it to keep
+        lines = proc.stderr.strip().splitlines()  # what cannot be looked at is not known to be safe to delete
+        return f"a worktree whose state git cannot read ({lines[0] if lines else 'exit ' + str(proc.returncode)})"
+    if proc.stdout.strip():
         n = len(proc.stdout.strip().splitlines())
         return f"{n} uncommitted change{'s' if n != 1 else ''}"
-    n = unique_commits(worktree, branch, base_sha)
+    n = unique_commits(worktree, branch, base_sha, launcher, kept)
     if n:
         return f"{n} commit{'s' if n != 1 else ''} on {branch.removeprefix('refs/heads/')} that no other branch has"
     return None
@@ -140,38 +166,41 @@ _IDENTITY = {"GIT_AUTHOR_NAME": "wtbox", "GIT_AUTHOR_EMAIL": "wtbox@localhost",
 _SHORTSTAT = re.compile(r"(\d+) (file|insertion|deletion)")
 
 
-def save_work(worktree: Path, subject: str, body: str = "", *, label: str = "the worktree") -> str | None:
+def save_work(worktree: Path, subject: str, body: str = "", *, label: str = "the worktree",
+              launcher: Launcher | None = None) -> str | None:
     """Commit everything uncommitted in `worktree` onto its branch; the new sha, or None if clean.
 
     `label` names the worktree in the error (e.g. the box id)."""
     if not worktree.is_dir():
         return None
-    status = git(worktree, "status", "--porcelain", "--untracked-files=normal", check=False)
+    status = git(worktree, "status", "--porcelain", "--untracked-files=normal", check=False, launcher=launcher)
     if status.returncode != 0 or not status.stdout.strip():
         return None
-    git(worktree, "add", "-A")
+    git(worktree, "add", "-A", launcher=launcher)
     msg = subject + ("\n\n" + body if body else "")
     # --no-verify: this commit only preserves work; a hook must not be able to refuse or rewrite it.
-    proc = _git_as_someone(worktree, "commit", "-q", "--no-verify", "-m", msg)
+    proc = _git_as_someone(worktree, "commit", "-q", "--no-verify", "-m", msg, launcher=launcher)
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         raise WtboxError(f"Saving the work of {label} failed: {lines[-1] if lines else proc.returncode}.")
-    return out(worktree, "rev-parse", "HEAD")
+    return out(worktree, "rev-parse", "HEAD", launcher=launcher)
 
 
-def _git_as_someone(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+def _git_as_someone(cwd: Path, *args: str, launcher: Launcher | None = None) -> subprocess.CompletedProcess:
     """A git command that makes commits: with a stand-in identity when the repo has none (work must not be lost)."""
-    env = {**os.environ, **_GIT_ENV}
-    if git(cwd, "config", "user.email", check=False).returncode != 0:
-        env.update(_IDENTITY)
+    identity = [] if git(cwd, "config", "user.email", check=False, launcher=launcher).returncode == 0 else \
+        [f"{k}={v}" for k, v in _IDENTITY.items()]
+    if launcher is not None and launcher.sandboxed:
+        return git(cwd, *args, check=False, launcher=launcher.with_env(dict(i.split("=", 1) for i in identity)))
+    env = {**os.environ, **_GIT_ENV, **dict(i.split("=", 1) for i in identity)}
     return subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True, env=env)
 
 
-def diff_stat(worktree: Path, base: str | None) -> dict[str, int] | None:
+def diff_stat(worktree: Path, base: str | None, launcher: Launcher | None = None) -> dict[str, int] | None:
     """Files, insertions and deletions of the worktree against `base`; None when unknown."""
     if not base or not worktree.is_dir():
         return None
-    proc = git(worktree, "diff", "--shortstat", base, check=False)
+    proc = git(worktree, "diff", "--shortstat", base, check=False, launcher=launcher)
     if proc.returncode != 0:
         return None
     counts = {"files": 0, "insertions": 0, "deletions": 0}
@@ -181,8 +210,9 @@ def diff_stat(worktree: Path, base: str | None) -> dict[str, int] | None:
 
 
 def merge_branch(repo: str | Path, worktree: Path, branch: str, target: str) -> str:
-    """Merge `branch` (checked out in `worktree`) into `target` in `repo`; a conflict changes nothing."""
-    sha = out(worktree, "rev-parse", "HEAD")
+    """Merge `branch` (checked out in `worktree`, its commits in `repo`) into `target` in `repo`; a
+    conflict changes nothing."""
+    sha = out(repo, "rev-parse", f"refs/heads/{branch}")
     exists = git(repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{target}", check=False).returncode == 0
     if not exists:
         git(repo, "branch", target, sha)

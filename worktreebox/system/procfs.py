@@ -8,6 +8,10 @@ file's text, so tests feed them lines without any process.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # not imported: the CLI launcher imports this module, and pathlib costs it ~10 ms
+    from pathlib import Path
 
 PROC = "/proc"
 SELF_CGROUP = f"{PROC}/self/cgroup"  # named in messages, so a reader knows which file said so
@@ -194,6 +198,11 @@ def namespace_file(pid: int, kind: str) -> str:
     return _path(pid, f"ns/{kind}")
 
 
+def root_path(pid: int, path: str | Path) -> str:
+    """`path` as process `pid` sees it (through its mount namespace and root)."""
+    return _path(pid, f"root{path}")
+
+
 def fd_path(fd: int) -> str:
     """A path that names what this process's descriptor `fd` names (a short path to a deep directory)."""
     return _path("self", f"fd/{fd}")
@@ -219,6 +228,21 @@ def mountinfo() -> list[tuple[str, str, str, str]]:
         return parse_mountinfo(mountinfo_text())
     except OSError:
         return []
+
+
+def shared_mounts() -> set[str]:
+    """The targets of this process's mounts that are shared (their peers see what is mounted below)."""
+    try:
+        text = mountinfo_text()
+    except OSError:
+        return set()
+    out = set()
+    for line in text.splitlines():
+        left, sep, _ = line.partition(" - ")
+        fields = left.split()
+        if sep and len(fields) >= 5 and any(f.startswith("shared:") for f in fields[6:]):
+            out.add(unescape(fields[4]))
+    return out
 
 
 def parse_mountinfo(text: str) -> list[tuple[str, str, str, str]]:

@@ -55,8 +55,8 @@ def ensure(name: str, *, purpose: str) -> SystemUser:
 
 def give_tree(path: Path, uid: int, gid: int) -> None:
     """chown -R without following links (a tree or a dependency layer made by root for boxes to
-    write through copy-up; 6,800 files: ~60 ms)."""
-    for root, dirs, files in os.walk(path):
-        os.lchown(root, uid, gid)
+    write through copy-up; 6,800 files: ~60 ms). The top comes last: whoever sees it given sees all."""
+    for root, dirs, files in os.walk(path, topdown=False):
         for name in (*dirs, *files):
             os.lchown(os.path.join(root, name), uid, gid)
+    os.lchown(path, uid, gid)

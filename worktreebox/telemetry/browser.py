@@ -110,8 +110,10 @@ def chromium_command(binary: str, port: int, box_dir: Path) -> list[str]:
 # ---------------------------------------------------------------- the process
 
 
-def spawn(box_id: str, box_dir: Path, port: int) -> int:
-    """Start the box's Chromium detached, as a process of the box; returns its pid without waiting.
+def spawn(box_id: str, box_dir: Path, port: int, *, launcher: procs.Launcher | None = None,
+          owner: tuple[int, int] | None = None) -> int:
+    """Start the box's Chromium detached, as a process of the box (through its `launcher`: in a
+    sandboxed box, as its user, its DevTools on the box's own `port`); its pid, without waiting.
 
     The one place a Chromium is started, so that placing it in the box's cgroup is one change.
     Its HOME and XDG dirs (and TMPDIR when the path allows) point into boxes/<id>/browser, so
@@ -121,6 +123,10 @@ def spawn(box_id: str, box_dir: Path, port: int) -> int:
     base = browser_dir(box_dir)
     for sub in ("profile", "home", "cache", "config", "tmp"):
         (base / sub).mkdir(parents=True, exist_ok=True)
+    if owner is not None:  # the box's user writes its profile
+        from worktreebox.system.users import give_tree
+
+        give_tree(base, *owner)
     run_dir = Path(box_dir) / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("WTBOX_")}
@@ -134,18 +140,23 @@ def spawn(box_id: str, box_dir: Path, port: int) -> int:
     log_path = run_dir / LOG_FILE
     log_path.write_bytes(b"")  # this start's output only: the error message quotes its last line
     home = Path(box_dir).parent.parent  # boxes/<id> lies under the home
-    pid = procs.spawn_detached(chromium_command(binary, port, box_dir), env=env, log_path=log_path, cwd=base,
+    argv = (launcher or procs.Launcher()).command(chromium_command(binary, port, box_dir), base)
+    pid = procs.spawn_detached(argv, env=env, log_path=log_path, cwd=base,
                                cgroup=cgroups.Leaf(home, box_id, cgroups.BROWSER))
     (run_dir / PID_FILE).write_text(f"{pid}\n")
     return pid
 
 
-def wait_ready(box_id: str, box_dir: Path, pid: int, port: int, timeout: float = START_TIMEOUT) -> None:
-    """Wait until the Chromium `pid` itself listens on its DevTools port (not some other process)."""
+def wait_ready(box_id: str, box_dir: Path, pid: int, port: int, timeout: float = START_TIMEOUT,
+               inside: int | None = None) -> None:
+    """Wait until the Chromium `pid` itself listens on its DevTools port (not some other process).
+    In a sandboxed box (`inside`: its port in the box's own network, reached on `port` through the
+    box's forward) only the box's processes can hold it, and their sockets are not seen from here."""
     log_path = Path(box_dir) / "run" / LOG_FILE
     # The cheap HTTP check first; then make sure it is our Chromium that answered.
-    ready = readiness.HttpUrl(f"{cdp_url(port)}/json/version", status=200) \
-        & readiness.HoldsPort(port, lambda: [pid])
+    ready: readiness.Strategy = readiness.HttpUrl(f"{cdp_url(port)}/json/version", status=200)
+    if inside is None:
+        ready = ready & readiness.HoldsPort(port, lambda: [pid])
     why = readiness.wait(ready, timeout, alive=readiness.process_alive(pid), poll=0.02)
     if why == readiness.EXITED:
         raise WtboxError(f"Chromium for box {box_id} exited at start ({_last_line(log_path)}).")
@@ -155,17 +166,21 @@ def wait_ready(box_id: str, box_dir: Path, pid: int, port: int, timeout: float =
                          f"{timeout:.0f} s ({_last_line(log_path)}).")
 
 
-def start(box_id: str, box_dir: Path, port: int, timeout: float = START_TIMEOUT) -> int:
-    """Start the box's Chromium and wait until its DevTools endpoint answers; returns its pid."""
-    pid = spawn(box_id, box_dir, port)
-    wait_ready(box_id, box_dir, pid, port, timeout)
+def start(box_id: str, box_dir: Path, port: int, timeout: float = START_TIMEOUT, *, inside: int | None = None,
+          launcher: procs.Launcher | None = None, owner: tuple[int, int] | None = None) -> int:
+    """Start the box's Chromium and wait until its DevTools endpoint answers on `port`; returns its pid."""
+    pid = spawn(box_id, box_dir, inside or port, launcher=launcher, owner=owner)
+    wait_ready(box_id, box_dir, pid, port, timeout, inside=inside)
     return pid
 
 
-def running(box_id: str, box_dir: Path, port: int) -> bool:
-    """The Chromium named by the box's pid file is alive, ours, and listening on `port`."""
+def running(box_id: str, box_dir: Path, port: int, *, sandboxed: bool = False) -> bool:
+    """The Chromium named by the box's pid file is alive, ours, and listening on `port` (in a
+    sandboxed box: answering on `port`, its forward)."""
     p = procs.from_pid_file(Path(box_dir) / "run" / PID_FILE, box_id, None)
-    return p is not None and procs.tree_listens_on(p.pid, port)
+    if p is None or sandboxed:
+        return p is not None and readiness.HttpUrl(f"{cdp_url(port)}/json/version", status=200).ready(1.0)
+    return procs.tree_listens_on(p.pid, port)
 
 
 def find_processes(box_id: str, box_dir: Path) -> list[Any]:

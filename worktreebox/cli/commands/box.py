@@ -119,8 +119,28 @@ def status(box, show_secrets, as_json):
     click.echo(f"disk     {out['disk_bytes'] / 1e6:.1f} MB of its own; "
                f"its worktree {out['worktree_bytes'] / 1e6:.1f} MB"
                + (f" (changes over its {wt['mount']} view of trees/{wt['tree'][:12]})" if wt.get("tree") else ""))
+    sb = out.get("sandbox") or {}
+    if sb:
+        where = f"{sb['provider']}, {sb.get('mode')} mode, network {sb.get('network')}" \
+            if sb["provider"] != "off" else "off: this box sees and signals every other"
+        click.echo(f"sandbox  {where}" + ("" if sb.get("running", True) else " (NOT RUNNING)"))
+        faults = [f"{n}: {_faults(f['faults'])}" for n, f in (sb.get("forwards") or {}).items()
+                  if any(f["faults"].values())]
+        outbound = sb.get("outbound") or {}
+        if outbound.get("down") or outbound.get("loss"):
+            faults.append(f"outbound: {_faults(outbound)}")
+        if faults:
+            click.echo("net      " + "; ".join(faults))
+        for fixed, name in (sb.get("exposed") or {}).items():
+            click.echo(f"exposed  127.0.0.1:{fixed} -> {name}")
     if out.get("problem"):
         info(f"warning: {out['problem']}")
+
+
+def _faults(f: dict) -> str:
+    from worktreebox.cli.commands.network import _faults as shown
+
+    return shown(f)
 
 
 FORMAT = click.option("--format", "fmt", type=click.Choice(["sh", "dotenv", "json"]), default="sh", show_default=True)
@@ -141,9 +161,13 @@ def exec_(box, cmd):
         cmd = cmd[1:]
     if not cmd:
         raise UsageError("Give a command to run: wtbox exec BOX -- CMD ...")
-    _, env = boxes.enter(get_host(), box)
+    argv, env, code = boxes.exec_argv(get_host(), box, cmd)
+    if code is not None:  # ran in the box's sandbox: leave as the exec below would, without Python's
+        sys.stdout.flush()  # finalization (measured: tens of ms of module teardown after `true`)
+        sys.stderr.flush()
+        os._exit(code)
     try:
-        os.execvpe(cmd[0], list(cmd), env)
+        os.execvpe(argv[0], argv, env)
     except FileNotFoundError:
         click.echo(f"wtbox: command not found: {cmd[0]}", err=True)
         sys.exit(127)
@@ -154,10 +178,9 @@ def exec_(box, cmd):
 
 @command(boxes.SHELL, json=False)
 def shell(box):
-    b, env = boxes.enter(get_host(), box)
-    env["WTBOX_SHELL"] = b.id
     sh = os.environ.get("SHELL") or "/bin/bash"
-    os.execvpe(sh, [sh], env)
+    argv, env, _ = boxes.exec_argv(get_host(), box, [sh], shell=True)
+    os.execvpe(argv[0], argv, env)
 
 
 ALL = click.option("--all", "all_", is_flag=True, help="Remove every box.")

@@ -106,8 +106,10 @@ def _base_env(box: Box) -> dict[str, str]:
     return {**env, "WTBOX_ID": box.id, "WTBOX_BOX_DIR": str(box.dir)}
 
 
-def launch(box: Box, home: Path | str, launches: list[Launch]) -> tuple[dict[str, int], list[int]]:
-    """Start every program and the box's output keeper in one shell: ({name: pid}, held fds).
+def launch(box: Box, home: Path | str, launches: list[Launch],
+           launcher: procs.Launcher | None = None) -> tuple[dict[str, int], list[int]]:
+    """Start every program and the box's output keeper in one shell: ({name: pid}, held fds); with
+    a sandboxed box's `launcher`, that shell runs in the box's network (its programs listen there).
 
     The caller holds each FIFO open (the fds returned) until its programs are ready: a program
     then never waits for the keeper's ~30 ms Python start to open its output, and what it writes
@@ -135,7 +137,8 @@ def launch(box: Box, home: Path | str, launches: list[Launch]) -> tuple[dict[str
     lines.append(f"{shlex.join(keeper)} </dev/null >/dev/null 2>&1 & echo $! >{keeper_pid}")
     errors = run / "_launch.err"  # not a pipe: the programs in the background would hold it open
     with open(errors, "wb") as launch_err:
-        code = procs.spawn(["/bin/sh", "-c", "\n".join(lines)], env=_base_env(box), cwd=box.dir,
+        shell = ["/bin/sh", "-c", "\n".join(lines)]
+        code = procs.spawn((launcher or procs.Launcher()).command(shell, box.dir), env=_base_env(box), cwd=box.dir,
                            stderr=launch_err).wait()
     if code != 0:
         release(held)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from worktreebox.box import Box
     from worktreebox.context import HostContext
+    from worktreebox.system import procs
 
 # Idle RSS of VictoriaMetrics 1.79.5 on our 2-core host after a push of 20 series and a query,
 # 5 s idle (min-max of 2 runs; start→/health in brackets):
@@ -74,8 +75,11 @@ class MetricsStore:
         """`wtbox doctor`'s line for what this provider needs installed (None: nothing)."""
         return None
 
-    def start(self, box: Box, port: int, *, scrape_config: Path | None, retention: str) -> str:
-        """Start the box's store and wait until it answers; returns its URL. Idempotent."""
+    def start(self, box: Box, port: int, *, scrape_config: Path | None, retention: str,
+              inside: int | None = None, launcher: procs.Launcher | None = None) -> str:
+        """Start the box's store and wait until it answers on `port`; returns its URL. Idempotent.
+        A sandboxed box's store listens on `inside` in the box's network (started with `launcher`),
+        reached on `port` through the box's forward."""
         raise NotImplementedError
 
     def remove(self, box: Box) -> None:

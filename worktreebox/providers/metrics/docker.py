@@ -40,7 +40,10 @@ def _home_of(box: Box, host: HostContext | None) -> Path:
 class DockerStore(MetricsStore):
     name = "docker"
 
-    def start(self, box: Box, port: int, *, scrape_config: Path | None, retention: str) -> str:
+    def start(self, box: Box, port: int, *, scrape_config: Path | None, retention: str,
+              inside: int | None = None, launcher: Any = None) -> str:
+        # a container publishes the host's port itself; a sandboxed box reaches it through its
+        # supervisor's forward to the host (resources/sandbox.daemon_net)
         return start(box, port, scrape_config, host=self.host, retention=retention)
 
     def remove(self, box: Box) -> None:

@@ -29,9 +29,11 @@ class NativeStore(MetricsStore):
     processes = (BINARY,)
     pid_files = (PID_FILE,)
 
-    def start(self, box: Box, port: int, *, scrape_config: Path | None, retention: str) -> str:
+    def start(self, box: Box, port: int, *, scrape_config: Path | None, retention: str,
+              inside: int | None = None, launcher: procs.Launcher | None = None) -> str:
         start(box.id, port=port, data_dir=box.metrics_dir, run_dir=box.run_dir, retention=retention,
-              scrape_config=scrape_config, cgroup=cgroups.Leaf(self.host.home, box.id, cgroups.METRICS))
+              scrape_config=scrape_config, cgroup=cgroups.Leaf(self.host.home, box.id, cgroups.METRICS),
+              listen=inside, launcher=launcher)
         return f"http://127.0.0.1:{port}"
 
     @classmethod
@@ -52,12 +54,16 @@ def find_binary() -> str:
 
 
 def start(box_id: str, *, port: int, data_dir: Path, run_dir: Path, retention: str = "2d",
-          scrape_config: Path | None = None, timeout: float = 15.0, cgroup: cgroups.Leaf | None = None) -> int:
-    """Start a detached VictoriaMetrics for a box (in `cgroup`) and wait until /health answers; returns its pid."""
+          scrape_config: Path | None = None, timeout: float = 15.0, cgroup: cgroups.Leaf | None = None,
+          listen: int | None = None, launcher: procs.Launcher | None = None) -> int:
+    """Start a detached VictoriaMetrics for a box (in `cgroup`) and wait until /health answers on
+    `port`; returns its pid. It listens on `listen` (default `port`), started through `launcher`
+    (a sandboxed box's: in its network namespace)."""
     binary = find_binary()
     data_dir.mkdir(parents=True, exist_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [binary, *flags(port, data_dir, retention, scrape_config)]
+    cmd = (launcher or procs.Launcher()).command([binary, *flags(listen or port, data_dir, retention, scrape_config)],
+                                                 data_dir)
     # WTBOX_ID lets teardown find the process even when the pid file is lost; WTBOX_BOX_DIR tells
     # this home's boxes from another home's (every process of a box carries both).
     env = {**os.environ, **MEMORY_ENV, "WTBOX_ID": box_id, "WTBOX_BOX_DIR": str(data_dir.parent)}

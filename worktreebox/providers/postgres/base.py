@@ -130,8 +130,11 @@ class Server:
             self.ensure_running()
             return self._connect(dbname)
 
-    def box_url(self, user: str, password: str, dbname: str) -> str:
-        return f"postgresql://{user}:{password}@{_url_host(self.box_host)}:{self.box_port}/{dbname}"
+    def box_url(self, user: str, password: str, dbname: str, at: tuple[str, int] | None = None) -> str:
+        """The URL a box connects with: to the server, or `at` (host, port) when the box reaches it
+        through a forward of its own (a sandboxed box: 127.0.0.1:5432 inside)."""
+        host, port = at or (self.box_host, self.box_port)
+        return f"postgresql://{user}:{password}@{_url_host(host)}:{port}/{dbname}"
 
     def describe(self) -> str:
         return self.provider

@@ -38,9 +38,12 @@ class Golden:
 
     def __init__(self, srv: Server, home: Path, repo: str, base_sha: str, migrate: str | None,
                  globs: list[str], extensions: list[str], env: Callable[[dict[str, Any]], dict[str, str]],
-                 logs_dir: Path, redact: list[str], timeout: float = MIGRATE_TIMEOUT) -> None:
+                 logs_dir: Path, redact: list[str], timeout: float = MIGRATE_TIMEOUT, *,
+                 seen_at: tuple[str, int] | None = None, launcher: Any = None) -> None:
         self.srv, self.home, self.repo, self.base_sha = srv, home, repo, base_sha
         self.timeout = timeout
+        # where the migration (run as a process of the box, `launcher`) reaches the server
+        self.seen_at, self.launcher = seen_at or (srv.box_host, srv.box_port), launcher
         self.migrate, self.globs, self.extensions = migrate, globs, extensions
         self._env, self.logs_dir, self.redact = env, logs_dir, redact
         self.hash = migrations_hash(repo, base_sha, migrate, globs, extensions)
@@ -101,12 +104,12 @@ class Golden:
                 with contextlib.closing(srv.connect(build)) as conn:
                     create_extensions(conn, self.extensions)
             if self.migrate:
-                url = srv.box_url(role, password, build)
-                db = {"host": srv.box_host, "port": srv.box_port, "user": role, "password": password,
+                url = srv.box_url(role, password, build, at=self.seen_at)
+                db = {"host": self.seen_at[0], "port": self.seen_at[1], "user": role, "password": password,
                       "name": build, "schema": "public", "url": url}
                 run_migrate(self.migrate, tree, {**os.environ, **self._env(db)}, self.logs_dir,
                             [password, *self.redact], what="golden database migration", cgroup=cgroup,
-                            timeout=self.timeout)
+                            timeout=self.timeout, launcher=self.launcher)
             with srv.session(srv.shared_db) as conn:
                 conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (build,))
                 _wait_no_sessions(conn, build)
@@ -225,7 +228,7 @@ def clone(conn: Any, name: str, template: str, owner: str, strategy: str) -> Non
 
 def run_migrate(cmd: str, cwd: Path, env: dict[str, str], logs_dir: Path, redact: list[str],
                 what: str = "database migration", cgroup: cgroups.Leaf | None = None,
-                timeout: float = MIGRATE_TIMEOUT) -> None:
+                timeout: float = MIGRATE_TIMEOUT, launcher: Any = None) -> None:
     """Run `[database] migrate` with its output in logs/migrate.jsonl; failure (or `timeout`, [database]
     timeout) raises with the last lines."""
     from worktreebox.secrets import Redactor
@@ -233,7 +236,7 @@ def run_migrate(cmd: str, cwd: Path, env: dict[str, str], logs_dir: Path, redact
 
     red = Redactor(redact)
     code, last = run_logged(cmd, cwd, env, logs_dir, "migrate", red, timeout=timeout, keep_lines=_LAST_LINES,
-                            cgroup=cgroup)
+                            cgroup=cgroup, launcher=launcher)
     if code == 124 and last and last[-1].startswith("wtbox: timed out"):
         raise WtboxError(f"The {what} `{red(cmd)}` did not finish within {timeout:g}s ([database] timeout); "
                          f"its last lines:\n" + "\n".join(last[:-1] or ["(no output)"]))

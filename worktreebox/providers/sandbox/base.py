@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from worktreebox.errors import WtboxError
-from worktreebox.system import cgroups
+from worktreebox.system import cgroups, procs
 
 RECORD = "sandbox.json"  # under boxes/<id>/run/
-LOG = "sandbox.log"  # bwrap's and pasta's own complaints, for the one-sentence error
+LOG = "sandbox.log"  # bwrap's and slirp4netns's own complaints, for the one-sentence error
 LEAF = "_sandbox"  # the box cgroup's leaf the holder and its network helper live in
 OPEN, NONE = "open", "none"  # [box] network
 
@@ -47,15 +47,17 @@ class Bind:
 @dataclasses.dataclass
 class Spec:
     """What one box's sandbox holds. `home` ($WTBOX_HOME) is hidden inside except for `binds`;
-    `host_ports` maps a port of the box's own loopback to a port of the host's loopback (the
-    box's database: PostgreSQL listens on the host, the box connects to 127.0.0.1:<inside>)."""
+    `gateway`: the box reaches a database through the host (its supervisor's forward to the
+    host's loopback), so it needs the network helper even when it is offline."""
 
     box_id: str
     home: Path
     box_dir: Path
     binds: list[Bind]
     network: str = OPEN
-    host_ports: dict[int, int] = dataclasses.field(default_factory=dict)
+    gateway: bool = False
+    # ends with the process that made it (a dependency layer's build: a kill -9 of `new` leaves nothing)
+    transient: bool = False
 
     @property
     def run_dir(self) -> Path:
@@ -90,7 +92,7 @@ class Holder:
     uid: int
     gid: int
     network: str = OPEN
-    pasta_pid: int | None = None
+    helper_pid: int | None = None  # slirp4netns
     netns_file: str | None = None  # set when the holder is made; what the network tools are given
 
     @property
@@ -135,6 +137,12 @@ class Sandbox:
         """None when this provider works here, else why not (one phrase)."""
         raise NotImplementedError
 
+    def box_user(self) -> tuple[int, int]:
+        """(uid, gid) the box's processes run as."""
+        import os
+
+        return os.geteuid(), os.getegid()
+
     def create(self, spec: Spec, *, cgroup: cgroups.Leaf | None = None) -> Holder | None:
         """Start the box's holder (and its network) and record it; None when there is nothing to hold."""
         raise NotImplementedError
@@ -148,6 +156,19 @@ class Sandbox:
         """The argv that runs `argv` in the box's network namespace only, as the caller (the box's
         supervisor: it binds the box's canonical ports and accepts on host sockets it inherits)."""
         raise NotImplementedError
+
+    def launcher(self, holder: Holder | None) -> procs.Launcher:
+        """`command()` as a value for whoever starts box processes later (the supervisor, a run)."""
+        raise NotImplementedError
+
+    def netns_launcher(self, holder: Holder | None, *, as_box_user: bool) -> procs.Launcher:
+        """`netns_command()` as a value; with `as_box_user`, without any privilege (the box's
+        metrics store: in the box's network, invisible to its processes, held by its firewall)."""
+        raise NotImplementedError
+
+    def alias(self, holder: Holder | None, path: Path, target: str) -> None:
+        """Inside the holder, `path` as a symlink to `target` (a box claimed from the pool: its dir got
+        the new id on the host, while its holder was made with the pool id's paths)."""
 
     def destroy(self, box_id: str, box_dir: Path) -> list[int]:
         """End the box's holder and network helper, recorded or found by WTBOX_ID; idempotent.

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from worktreebox.providers.sandbox.base import Spec
 
-DNS_FORWARD = "169.254.0.53"  # what a box asks for names when the host's resolver is on its loopback
+DNS_FORWARD = "10.0.2.3"  # slirp4netns's resolver: what a box asks when the host's resolver is on its loopback
 
 
 def filesystem_args(spec: Spec, *, uid: int, gids: set[int], resolv: Path | None = None) -> list[str]:
@@ -83,6 +83,49 @@ def _may_enter(st: os.stat_result, uid: int, gids: set[int]) -> bool:
     if st.st_gid in gids:
         return bool(st.st_mode & stat.S_IXGRP)
     return bool(st.st_mode & stat.S_IXOTH)
+
+
+# ---------------------------------------------------------------- toolchains
+
+SYSTEM_DIRS = (Path("/usr"), Path("/bin"), Path("/sbin"), Path("/lib"), Path("/snap"))
+PREFIX_DIRS = ("bin", "sbin", "shims")  # a tool dir whose parent is the installation (bin/ beside lib/)
+
+
+def toolchain(path_dirs: list[str], extra: list[str], *, uid: int, gids: set[int]) -> list[Path]:
+    """What the box must see read-only to run the tools its PATH names (and `extra` paths: wtbox's
+    own interpreter and package) when they lie below a directory its user cannot enter, as a
+    pyenv Python under root's 0700 home does: the installation of each (a `bin` dir's parent when
+    it holds `lib/` or `versions/`, else the dir itself), also for the targets of the symlinks in
+    non-system PATH dirs (a venv's python). Outermost first, none below another."""
+    wanted: set[Path] = set()
+    for raw in [*path_dirs, *extra]:
+        for real in _targets(raw):
+            if closed_ancestor(real, uid=uid, gids=gids) is not None:
+                wanted.add(_installation(real))
+    return sorted((p for p in wanted if not any(q in p.parents for q in wanted)), key=lambda p: (len(p.parts), p))
+
+
+def _targets(raw: str) -> list[Path]:
+    """A path as it really is, and for a non-system directory the real places its symlinks lead to."""
+    if not raw or not os.path.isabs(raw):
+        return []
+    real = Path(os.path.realpath(raw))
+    out = [real]
+    if real.is_dir() and not any(_under(real, d) for d in SYSTEM_DIRS):
+        try:
+            entries = list(os.scandir(real))
+        except OSError:
+            entries = []
+        out += [Path(os.path.realpath(e.path)) for e in entries if e.is_symlink()]
+    return out
+
+
+def _installation(path: Path) -> Path:
+    tool_dir = path if path.is_dir() else path.parent
+    top = tool_dir.parent
+    if tool_dir.name in PREFIX_DIRS and ((top / "lib").is_dir() or (top / "versions").is_dir()):
+        return top
+    return tool_dir
 
 
 def _under(path: Path, root: Path) -> bool:

@@ -1,4 +1,4 @@
-"""The `namespaces` sandbox: a bubblewrap holder per box, pasta for its network, and one launcher.
+"""The `namespaces` sandbox: a bubblewrap holder per box, slirp4netns for its network, and one launcher.
 
 The holder is `bwrap --unshare-pid --unshare-ipc --unshare-uts --unshare-net ... sh -c 'echo
 ready; exec sleep infinity >/dev/null'`, started detached in the box's cgroup (leaf `_sandbox`) with
@@ -30,6 +30,7 @@ import select
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from worktreebox.providers.sandbox import layout, network
@@ -48,10 +49,11 @@ from worktreebox.providers.sandbox.base import (
 from worktreebox.system import cgroups, procfs, procs
 
 BOX_USER = "wtbox-box"
-TOOLS = ("bwrap", "pasta", "nft", "nsenter", "setpriv")
+TOOLS = ("bwrap", "slirp4netns", "nft", "nsenter", "setpriv")
 HOLDER_NAMES = ("bwrap",)
 READY_TIMEOUT = 10.0
 SHARED_LOCK = ".sandbox-mounts.lock"
+MNT_DETACH = 2
 
 
 class Namespaces(Sandbox):
@@ -67,7 +69,7 @@ class Namespaces(Sandbox):
             return None
         return {"check": "sandbox tools", "ok": False,
                 "detail": f"missing {', '.join(missing)}; install them with "
-                          "'apt-get install bubblewrap passt nftables util-linux'."}
+                          "'apt-get install bubblewrap slirp4netns nftables util-linux'."}
 
     def probe(self) -> str | None:
         missing = [t for t in TOOLS if shutil.which(t) is None]
@@ -95,33 +97,47 @@ class Namespaces(Sandbox):
             own_bind_roots(spec, uid, gid)
             share_boxes_dir(spec.home)
         resolv = _box_resolv(spec) if spec.network != NONE else None
-        holder = self._start(spec, uid=uid, gid=gid, resolv=resolv, cgroup=cgroup)
+        # slirp4netns ends when this pipe's write end closes: the holder's sleep keeps it, so the
+        # helper goes with the box however the box ends (a kill -9 of its pid 1 included)
+        exit_r, exit_w = os.pipe()
         try:
-            blocked = network.host_addresses()
-            if spec.network != NONE or spec.host_ports:  # offline without forwards: nothing for pasta to do
-                holder.pasta_pid = network.attach(holder, spec, log=spec.run_dir / LOG, dns_forward=resolv is not None,
-                                                  cgroup=cgroup)
-            network.apply_rules(holder, network.ruleset(spec.network, blocked, network.Outbound()))
-            save(spec.run_dir, holder)
-        except BaseException:
-            self.destroy(spec.box_id, spec.box_dir)
-            raise
+            holder = self._start(spec, uid=uid, gid=gid, resolv=resolv, cgroup=cgroup, keep_fd=exit_w)
+            os.close(exit_w)
+            exit_w = -1
+            try:
+                # the table first: nothing leaves the box before it is in place
+                network.apply_rules(holder, network.ruleset(spec.network, network.host_addresses(),
+                                                            network.Outbound()))
+                if network.wanted(spec):
+                    holder.helper_pid = network.attach(holder, spec, log=spec.run_dir / LOG, exit_fd=exit_r,
+                                                       cgroup=cgroup)
+                save(spec.run_dir, holder)
+            except BaseException:
+                self.destroy(spec.box_id, spec.box_dir)
+                raise
+        finally:
+            for fd in (exit_r, exit_w):
+                if fd >= 0:
+                    os.close(fd)
         return holder
 
-    def _start(self, spec: Spec, *, uid: int, gid: int, resolv: Path | None, cgroup: cgroups.Leaf | None) -> Holder:
+    def _start(self, spec: Spec, *, uid: int, gid: int, resolv: Path | None, cgroup: cgroups.Leaf | None,
+               keep_fd: int) -> Holder:
         info_r, info_w = os.pipe()
         ready_r, ready_w = os.pipe()
         argv = holder_argv(spec, uid=uid, gids={gid}, user_ns=self.mode == "user", resolv=resolv, info_fd=info_w)
         try:
             with open(spec.run_dir / LOG, "ab") as log:
                 # setsid -f: the holder is reparented to init at once, never a zombie of a long-lived caller;
-                # its stdout is the ready pipe, its stderr (bwrap's complaints) the log
-                starter = procs.spawn(["setsid", "-f", *argv], env=spec.env(), stdout=ready_w, stderr=log,
-                                      pass_fds=(info_w,), cgroup=cgroup)
+                # its stdout is the ready pipe, its stderr (bwrap's complaints) the log. A transient one stays
+                # our child, and bwrap's --die-with-parent ends it with us.
+                starter = procs.spawn(argv if spec.transient else ["setsid", "-f", *argv], env=spec.env(),
+                                      stdout=ready_w, stderr=log, pass_fds=(info_w, keep_fd), cgroup=cgroup)
             os.close(info_w)
             os.close(ready_w)
             info_w = ready_w = -1
-            starter.wait()
+            if not spec.transient:
+                starter.wait()
             ready = _read_until(ready_r, b"\n", READY_TIMEOUT)
             info = _read_until(info_r, b"}", 1.0) if ready else b""
         finally:
@@ -144,37 +160,58 @@ class Namespaces(Sandbox):
         return [*self.prefix(_alive(holder), cwd=cwd), *argv]
 
     def prefix(self, holder: Holder, *, cwd: Path | str) -> list[str]:
-        """The launcher without the command (what part B hands the supervisor per service).
+        """The launcher without the command (what the supervisor gets once and uses per service).
 
         The directory is entered last, by `env --chdir`, inside the box's mount namespace:
         `nsenter --wd` opens it *before* entering, so the process would start in the host's
         directory, outside its root, and `os.chdir("..")` from there walked the host's file
-        system (the box dir's env file, the home's registry: tests/providers/test_sandbox.py)."""
-        if holder.mode == "user":  # uid 0 of the box's user namespace, which is the caller outside
-            enter = ["nsenter", "-t", str(holder.pid), "-U", "--preserve-credentials", "-p", "-m", "-i", "-u", "-n"]
-            become: list[str] = []
-        else:
-            enter = ["nsenter", "-t", str(holder.pid), "-p", "-m", "-i", "-u", "-n"]
-            become = [f"--reuid={holder.uid}", f"--regid={holder.gid}", "--clear-groups"]
-        return [*enter, "--", "setpriv", *become, "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--",
-                "env", f"--chdir={cwd}", "--"]
+        system (the box dir's env file, the home's registry: tests/providers/test_sandbox.py).
+
+        nsenter forks to enter the pid namespace and waits for the command, in the same process
+        group: a SIGTERM to the group ended nsenter at once (it forwards nothing), so a stop that
+        waits for the group's leader saw the service gone while it ran on (found by a service that
+        ignores SIGTERM). nsenter therefore runs with the terminating signals ignored (it exits
+        when the command does, with its status) and the command gets their defaults back."""
+        user = ["-U", "--preserve-credentials"] if holder.mode == "user" else []
+        enter = ["nsenter", "-t", str(holder.pid), *user, "-p", "-m", "-i", "-u", "-n"]
+        return ["env", f"--ignore-signal={PROXIED}", *enter, "--", "setpriv", *_become(holder), *NO_PRIVILEGES, "--",
+                "env", f"--default-signal={PROXIED}", f"--chdir={cwd}", "--"]
 
     def netns_command(self, holder: Holder | None, argv: list[str]) -> list[str]:
         return network.enter(_alive(holder), argv)
 
+    def launcher(self, holder: Holder | None) -> procs.Launcher:
+        return procs.Launcher(tuple(self.prefix(_alive(holder), cwd=procs.CWD)))
+
+    def netns_launcher(self, holder: Holder | None, *, as_box_user: bool) -> procs.Launcher:
+        alive = _alive(holder)
+        drop = [*_become(alive), *NO_PRIVILEGES] if as_box_user else []
+        return procs.Launcher(tuple(network.enter(alive, ["setpriv", *drop, "--"] if drop else [])))
+
+    def alias(self, holder: Holder | None, path: Path, target: str) -> None:
+        alive = _alive(holder)
+        user = ["-U", "--preserve-credentials"] if alive.mode == "user" else []
+        import subprocess
+
+        proc = subprocess.run(["nsenter", "-t", str(alive.pid), *user, "-m", "--", "ln", "-sfn", target, str(path)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SandboxError(f"Could not name {path} inside the sandbox of box {alive.box_id}: "
+                               f"{proc.stderr.strip() or proc.returncode}.")
+
     # -- the end
     def destroy(self, box_id: str, box_dir: Path) -> list[int]:
         """SIGKILL the box's pid 1 (the kernel then ends every process in its pid namespace) and
-        pasta: neither has anything to flush, and bwrap's init ignores SIGTERM from outside."""
+        slirp4netns: neither has anything to flush, and bwrap's init ignores SIGTERM from outside."""
         run_dir = box_dir / "run"
         pids = set()
         holder = load(run_dir)
         if holder is not None and procs.is_alive(holder.identity):
             pids.add(holder.pid)
-        pasta = network.pasta_pid(run_dir)
-        if pasta is not None and procs.from_pid_file(run_dir / network.PID_FILE, box_id, None) is not None:
-            pids.add(pasta)
-        pids |= {p.pid for p in procs.find_named(box_id, (*HOLDER_NAMES, *network.PASTA_NAMES), box_dir=box_dir)}
+        helper = network.helper_pid(run_dir)
+        if helper is not None and procs.from_pid_file(run_dir / network.PID_FILE, box_id, None) is not None:
+            pids.add(helper)
+        pids |= {p.pid for p in procs.find_named(box_id, (*HOLDER_NAMES, *network.HELPER_NAMES), box_dir=box_dir)}
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -186,7 +223,7 @@ class Namespaces(Sandbox):
         return sorted(pids)
 
     def discover(self, boxes_dir: Path) -> set[str]:
-        return procs.named_box_ids((*HOLDER_NAMES, *network.PASTA_NAMES), boxes_dir)
+        return procs.named_box_ids((*HOLDER_NAMES, *network.HELPER_NAMES), boxes_dir)
 
 
 def holder_argv(spec: Spec, *, uid: int, gids: set[int], user_ns: bool, resolv: Path | None,
@@ -201,16 +238,29 @@ def holder_argv(spec: Spec, *, uid: int, gids: set[int], user_ns: bool, resolv: 
     which the launcher enters."""
     hold = "echo ready; exec sleep infinity >/dev/null"  # stdout: the ready pipe, closed once said
     argv = ["bwrap", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net", "--hostname", spec.hostname,
-            "--new-session", *layout.filesystem_args(spec, uid=uid, gids=gids, resolv=resolv),
+            "--new-session", *(["--die-with-parent"] if spec.transient else []),
+            *layout.filesystem_args(spec, uid=uid, gids=gids, resolv=resolv),
             "--info-fd", str(info_fd), "--", "/bin/sh", "-c", hold]
     return ["unshare", "--user", "--map-root-user", "--", *argv] if user_ns else argv
+
+
+NO_PRIVILEGES = ("--inh-caps=-all", "--bounding-set=-all", "--no-new-privs")
+PROXIED = "HUP,INT,QUIT,TERM,USR1,USR2,ALRM"  # signals a stop or a terminal sends to a launched process group
+
+
+def _become(holder: Holder) -> list[str]:
+    """setpriv's user change: to `wtbox-box` as root; unprivileged, uid 0 of the box's user namespace
+    (which is the caller outside) stays."""
+    if holder.mode == "user":
+        return []
+    return [f"--reuid={holder.uid}", f"--regid={holder.gid}", "--clear-groups"]
 
 
 def _alive(holder: Holder | None) -> Holder:
     """The holder if it is still the process it was (a pid reused by another process is never entered)."""
     if holder is None or not procs.is_alive(holder.identity):
-        box = holder.box_id if holder is not None else "this box"
-        raise SandboxGone(f"The sandbox of box {box} is not running; 'wtbox up' makes it again.")
+        box = f"box {holder.box_id}" if holder is not None else "this box"
+        raise SandboxGone(f"The sandbox of {box} is not running; 'wtbox up' makes it again.")
     return holder
 
 
@@ -253,7 +303,7 @@ def _userns_allowed() -> bool:
 
 def own_bind_roots(spec: Spec, uid: int, gid: int) -> None:
     """Give the box's user the top of each writable bind (not its content: a worktree's files come
-    from a tree whose owner is settled when the tree is built; see docs/sandbox.md)."""
+    from a tree whose owner is settled when the tree is built; docs/architecture.md, "The sandbox")."""
     for bind in spec.binds:
         if bind.writable:
             bind.src.mkdir(parents=True, exist_ok=True)
@@ -273,5 +323,26 @@ def share_boxes_dir(home: Path) -> None:
 
     boxes = home / "boxes"
     boxes.mkdir(parents=True, exist_ok=True)
+    with file_lock(home / SHARED_LOCK, what="the boxes mount"):  # gc takes it down under this lock
+        if not _shared(boxes):
+            make_shared(boxes, bind=not is_mountpoint(boxes))
+
+
+def release_boxes_dir(home: Path, no_box_left: Callable[[], bool]) -> bool:
+    """Take boxes/ down as a mount once no box is left (`rm` of the last box, gc): under the lock
+    `share_boxes_dir` shares it under, never while anything is mounted below it."""
+    from worktreebox.providers.mounts.base import _umount2, is_mountpoint, mounts_under
+    from worktreebox.system.fsutil import file_lock
+
+    boxes = home / "boxes"
+    if os.geteuid() != 0 or not is_mountpoint(boxes) or not no_box_left():
+        return False
     with file_lock(home / SHARED_LOCK, what="the boxes mount"):
-        make_shared(boxes, bind=not is_mountpoint(boxes))
+        if not no_box_left() or mounts_under(boxes) or not is_mountpoint(boxes):
+            return False
+        # nothing below it: a process whose cwd lies in it (a dying box's) must not keep it (EBUSY)
+        return _umount2(str(boxes), MNT_DETACH) == 0
+
+
+def _shared(path: Path) -> bool:
+    return str(path) in procfs.shared_mounts()

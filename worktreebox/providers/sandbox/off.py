@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from worktreebox.providers.sandbox.base import Holder, Sandbox, Spec
-from worktreebox.system import cgroups
+from worktreebox.system import cgroups, procs
 
 
 class Off(Sandbox):
@@ -25,6 +25,12 @@ class Off(Sandbox):
 
     def netns_command(self, holder: Holder | None, argv: list[str]) -> list[str]:
         return list(argv)
+
+    def launcher(self, holder: Holder | None) -> procs.Launcher:
+        return procs.Launcher()
+
+    def netns_launcher(self, holder: Holder | None, *, as_box_user: bool) -> procs.Launcher:
+        return procs.Launcher()
 
     def destroy(self, box_id: str, box_dir: Path) -> list[int]:
         return []

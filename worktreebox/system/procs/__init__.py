@@ -10,6 +10,7 @@ Callers use the names below (`procs.spawn`, `procs.stop_group`, ...), not the su
 from __future__ import annotations
 
 from worktreebox.system.procs.find import (
+    box_ids_elsewhere,
     cgroup_pids,
     discover_box_ids,
     find_box_processes,
@@ -34,7 +35,16 @@ from worktreebox.system.procs.identity import (
     parent_of,
     pid_alive,
 )
-from worktreebox.system.procs.spawn import BeforeExec, enter_cgroup, last_line, shell_argv, spawn, spawn_detached
+from worktreebox.system.procs.spawn import (
+    CWD,
+    BeforeExec,
+    Launcher,
+    enter_cgroup,
+    last_line,
+    shell_argv,
+    spawn,
+    spawn_detached,
+)
 from worktreebox.system.procs.stop import (
     end_box_processes,
     kill_cgroup,
@@ -52,7 +62,8 @@ from worktreebox.system.procs.stop import (
 )
 
 __all__ = [
-    "BeforeExec", "act_for", "caller_and_ancestors", "cgroup_pids", "cmdline", "comm", "describe",
+    "CWD", "BeforeExec", "Launcher", "act_for", "box_ids_elsewhere", "caller_and_ancestors", "cgroup_pids", "cmdline",
+    "comm", "describe",
     "discover_box_ids", "end_box_processes", "enter_cgroup", "find_box_processes", "find_mentioning", "find_named",
     "from_pid_file", "identity", "is_alive", "kill_cgroup", "kill_mentioning", "kill_wait", "last_line", "listeners",
     "memory_of", "named_box_ids", "one_walk", "parent_of", "pid_alive", "pids_named", "remove_box_cgroup", "shell_argv",

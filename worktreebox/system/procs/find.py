@@ -189,6 +189,25 @@ def from_pid_file(pid_file: Path, box_id: str, names: Iterable[str] | None) -> A
     return None
 
 
+def box_ids_elsewhere(names: Iterable[str], home_boxes: Path) -> set[str]:
+    """Box ids (WTBOX_ID) of live processes with one of `names` whose WTBOX_BOX_DIR is not under
+    `home_boxes`: boxes of another home (a sandboxed box's holder runs as long as the box lives)."""
+    import psutil
+
+    names, root = set(names), f"{home_boxes}/"
+    ids = set()
+    for p in psutil.process_iter(["name"]):
+        try:
+            if p.info["name"] not in names:
+                continue
+            env = p.environ()
+            if env.get("WTBOX_ID") and not env.get("WTBOX_BOX_DIR", root).startswith(root):
+                ids.add(env["WTBOX_ID"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return ids
+
+
 def named_box_ids(names: Iterable[str], under: Path) -> set[str]:
     """Box ids (WTBOX_ID) of live processes with one of `names` whose command line names a path
     under `under` (a home's boxes dir), as an argument or a `-flag=PATH` value."""

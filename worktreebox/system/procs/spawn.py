@@ -5,6 +5,7 @@ before exec; `cgroup=` puts the child into a leaf of its box's cgroup before it 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 from collections.abc import Callable, Sequence
@@ -44,6 +45,40 @@ def spawn(argv: Sequence[str], *, cwd: str | Path | None = None, env: dict[str, 
                                 preexec_fn=child if hooks else None)
     except subprocess.SubprocessError as e:  # a hook failed in the child (e.g. its cgroup was just removed)
         raise OSError(f"could not prepare the process ({e})") from None
+
+
+CWD = "{cwd}"  # where a Launcher's prefix names the directory of the process it starts
+
+
+@dataclasses.dataclass(frozen=True)
+class Launcher:
+    """How a box's processes are started: with the sandbox's prefix (nsenter into the box's
+    namespaces, setpriv to the box's user, `env --chdir={cwd}`), or with nothing (no sandbox).
+    Made by the sandbox provider; used by whoever starts a box process, as `spawn(launcher.command(
+    argv, cwd), cgroup=...)`: the cgroup placement happens before exec, as for every process."""
+
+    prefix: tuple[str, ...] = ()
+
+    @property
+    def sandboxed(self) -> bool:
+        return bool(self.prefix)
+
+    def command(self, argv: Sequence[str], cwd: str | Path) -> list[str]:
+        return [*(a.replace(CWD, str(cwd)) if CWD in a else a for a in self.prefix), *argv]
+
+    def with_env(self, env: dict[str, str]) -> Launcher:
+        """The same launcher, setting `env` for the command (the prefix ends in `env ... --`; the
+        environment a spawn gives reaches only the launcher itself, which `env` passes on)."""
+        if not env or not self.prefix:
+            return self
+        return Launcher((*self.prefix[:-1], *(f"{k}={v}" for k, v in env.items()), self.prefix[-1]))
+
+    def to_json(self) -> list[str]:
+        return list(self.prefix)
+
+    @classmethod
+    def from_json(cls, data: Sequence[str] | None) -> Launcher:
+        return cls(tuple(data or ()))
 
 
 def shell_argv(cmd: str) -> list[str]:

@@ -1,7 +1,8 @@
 """Running a command once with its output captured as log records (setup, migrate, fan-out runs).
 
-The command runs in its own session (procs.spawn), both streams pumped into a LogWriter;
-the last lines, redacted, are kept for the error message when it fails.
+The command runs in its own session (procs.spawn), through the box's launcher (its sandbox), both
+streams pumped into a LogWriter; the last lines, redacted, are kept for the error message when it
+fails.
 """
 from __future__ import annotations
 
@@ -35,10 +36,12 @@ class OutputTail:
 
 
 def start_logged(cmd: str, cwd: Path | str, env: dict[str, str], writer: LogWriter,
-                 tail: OutputTail, cgroup: Leaf | None = None) -> tuple[subprocess.Popen, list[threading.Thread]]:
-    """Start `sh -c cmd` in its own session (and `cgroup`) with both streams pumped into `writer` as records."""
-    proc = procs.spawn(procs.shell_argv(cmd), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       cgroup=cgroup)
+                 tail: OutputTail, cgroup: Leaf | None = None,
+                 launcher: procs.Launcher | None = None) -> tuple[subprocess.Popen, list[threading.Thread]]:
+    """Start `sh -c cmd` in its own session (and `cgroup`, through `launcher`) with both streams
+    pumped into `writer` as records."""
+    argv = (launcher or procs.Launcher()).command(procs.shell_argv(cmd), cwd)
+    proc = procs.spawn(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cgroup=cgroup)
     threads = []
     for pipe, stream in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
         assert pipe is not None  # both PIPE
@@ -58,12 +61,13 @@ def join_pumps(threads: list[threading.Thread]) -> None:
 
 def run_logged(cmd: str, cwd: Path | str, env: dict[str, str], logs_dir: Path | str, service: str,
                redactor: Callable[[str], str] | None = None, timeout: float | None = None,
-               keep_lines: int = 10, cgroup: Leaf | None = None) -> tuple[int, list[str]]:
+               keep_lines: int = 10, cgroup: Leaf | None = None,
+               launcher: procs.Launcher | None = None) -> tuple[int, list[str]]:
     """Run a shell command once with its output captured as records; (returncode, last lines redacted)."""
     redact = redactor or (lambda s: s)
     writer = LogWriter(logs_dir, service, redact)
     tail = OutputTail(redact, keep_lines)
-    proc, threads = start_logged(cmd, cwd, env, writer, tail, cgroup)
+    proc, threads = start_logged(cmd, cwd, env, writer, tail, cgroup, launcher)
     try:
         rc = cancel.wait(proc, timeout)  # a cancelled box_new stops it as Ctrl-C would
     except subprocess.TimeoutExpired:

@@ -313,8 +313,7 @@ class Host:
         self.registry.delete_box(box.id)
 
     def _destroy_resources(self, box: Box, *, strict: bool) -> None:
-        # A box claimed from the pool still runs processes started under its pool id (Box.alias):
-        # destroy what that name holds first.
+        # A box claimed from the pool runs processes started under its pool id (Box.alias): those first.
         alias = box.under_alias()
         if alias is not None:
             self._destroy_pieces(alias, strict=strict)

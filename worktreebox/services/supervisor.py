@@ -16,13 +16,12 @@ the readiness probes, h11 over blocking sockets), and a thread that sleeps costs
 asyncio part (the forwards) runs its loop in a thread of its own.
 
 It gets a `SupervisorPayload` (the rendered `ServiceSpec`s, the `--secret` values, the OTLP
-port) on stdin, or the services later over its socket (control.SERVICES); the secrets live only
-in memory and in the services' environment. The box env comes from the box env file. Stopping
-is staged (procs.stop_groups). What clients may send and read is `worktreebox.services.control`.
-
-In a sandboxed box it runs in the box's network namespace (only), started by the sandbox resource
-before the box's services are known: it hosts the box's forwards (boxnet.py) from the start, gets
-its services later (`services` request), and starts each of them through the box's launcher.
+port) on stdin, or the services later over its socket (control.SERVICES: one started early, for
+the OTLP endpoint or by the sandbox resource); the secrets live only in memory and in the
+services' environment. The box env comes from the box env file. Stopping is staged
+(procs.stop_groups). What clients may send and read is `worktreebox.services.control`. In a
+sandboxed box it runs in the box's network namespace (only): it hosts the box's forwards
+(boxnet.py) and serves its endpoint there, and starts each service through the box's launcher.
 
 Test seams: a `Clock` and a `Processes` factory (service.py) are injected, so restart backoff
 and ready timeouts are unit-tested without real time.
@@ -55,7 +54,7 @@ from worktreebox.services.service import (
     check_ready,
 )
 from worktreebox.services.spec import ForwardSpec, SupervisorPayload
-from worktreebox.system import background, cgroups, procs
+from worktreebox.system import background, cgroups, procfs, procs
 from worktreebox.telemetry.logs.writer import EventLog
 
 __all__ = ["BACKOFF_CAP", "BACKOFF_START", "NO_CHECK_GRACE", "STABLE_AFTER", "Clock", "Processes", "Service",
@@ -246,9 +245,8 @@ class Supervisor:
         return Response(ok=True, services={n: s.info() for n, s in self.services.items()})
 
     def take_services(self, payload: SupervisorPayload) -> None:
-        """The box's services for a supervisor started without them (`services` request: it was
-        started early, for the box's OTLP endpoint or by the sandbox resource in the box's network):
-        they start now, in dependency order; the caller waits for them (client.wait_ready)."""
+        """The services of a supervisor started early (`services` request): they start now, in
+        dependency order; the caller waits for them (client.wait_ready)."""
         if any(s.wanted for s in self.services.values()):
             raise ValueError("the box's services are running; stop them first")
         self.take(payload)
@@ -256,9 +254,7 @@ class Supervisor:
 
     def handle_net(self, req: Request) -> None:
         """A sandboxed box's forwards and their faults (`net`, `forward`, `unforward`)."""
-        data = req.data or {}
-        if self.net is None:
-            self.net = BoxNet([])
+        data, self.net = req.data or {}, self.net or BoxNet([])
         if req.cmd == control.NET:
             self.net.set_faults(req.service, data)
         elif req.cmd == control.FORWARD:
@@ -363,7 +359,7 @@ class Supervisor:
             self.check_oom()
             self.collect()
         if self._was_active and not active:
-            _give_back_memory()
+            procfs.give_back_memory()
         self._was_active = active
 
     def _collect_calmly(self) -> None:
@@ -430,17 +426,6 @@ def _size(n: int) -> str:
         if n >= 1 << shift:
             return f"{n / (1 << shift):g} {unit}"
     return f"{n} bytes"
-
-
-def _give_back_memory() -> None:
-    """The heap's free pages back to the kernel (glibc's malloc_trim) when the box goes calm: what
-    starting up, a push or a busy spell freed stays resident otherwise (0.9 MB of an idle supervisor)."""
-    try:
-        import ctypes  # loaded already: the output files' hole punching uses it
-
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def main(argv: list[str] | None = None) -> None:

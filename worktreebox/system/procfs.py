@@ -274,3 +274,15 @@ def unescape(field: str) -> str:
             out.append(field[i])
             i += 1
     return "".join(out)
+
+
+def give_back_memory() -> None:
+    """This process's free heap pages back to the kernel (glibc's malloc_trim): a box's supervisor
+    calls it when the box goes calm; what starting up, a push or a busy spell freed stays resident
+    otherwise (0.9 MB of an idle supervisor)."""
+    try:
+        import ctypes  # loaded already in the supervisor: the output files' hole punching uses it
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

@@ -17,11 +17,10 @@ asyncio part (the forwards) runs its loop in a thread of its own.
 
 It gets a `SupervisorPayload` (the rendered `ServiceSpec`s, the `--secret` values, the OTLP
 port) on stdin, or the services later over its socket (control.SERVICES: one started early, for
-the OTLP endpoint or by the sandbox resource); the secrets live only in memory and in the
-services' environment. The box env comes from the box env file. Stopping is staged
-(procs.stop_groups). What clients may send and read is `worktreebox.services.control`. In a
-sandboxed box it runs in the box's network namespace (only): it hosts the box's forwards
-(boxnet.py) and serves its endpoint there, and starts each service through the box's launcher.
+the OTLP endpoint or by the sandbox resource); the secrets live only in memory and in the services'
+environment, the box env in the box env file. Stopping is staged (procs.stop_groups); what clients
+may send and read is `worktreebox.services.control`. A sandboxed box's runs in the box's network
+namespace (only): it hosts the forwards (boxnet.py), serves the endpoint, starts services through the box's launcher.
 
 Test seams: a `Clock` and a `Processes` factory (service.py) are injected, so restart backoff
 and ready timeouts are unit-tested without real time.
@@ -103,6 +102,7 @@ class Supervisor:
         self._oom_lock = threading.Lock()
         self._busy_watch: threading.Thread | None = None
         self.store_sleep: Any = None  # telemetry.store_sleep.StoreSleep of a box whose store can sleep
+        self._backend: cgroups.Cgroups | None = None  # the box cgroups, when the watch has them
         self._last_collect, self._next_collect = 0.0, self.clock.now() + 1.0
         self._was_active = True  # the first calm look gives back what starting up used
         self.disk_max = payload.disk_max
@@ -250,6 +250,8 @@ class Supervisor:
         if any(s.wanted for s in self.services.values()):
             raise ValueError("the box's services are running; stop them first")
         self.take(payload)
+        self._next_collect = self.clock.now()  # the box env may be new (where to push): at the next look
+        self._sleep_store()
         self.up(wait=False)
 
     def handle_net(self, req: Request) -> None:
@@ -321,11 +323,8 @@ class Supervisor:
         if backend is None:
             self._busy_watch = threading.Thread(target=self._collect_calmly, name="watch", daemon=True)
         else:
-            if self.metrics_url:
-                from worktreebox.telemetry.store_sleep import StoreSleep, sleeps_here
-
-                if sleeps_here(self.run_dir):
-                    self.store_sleep = StoreSleep(backend, self.box_id, self.run_dir)
+            self._backend = backend
+            self._sleep_store()
             watch = background.BusyWatch(lambda: backend.cpu_pids(self.box_id),
                                          lambda on: backend.set_background(self.box_id, on),
                                          cpu_seconds=lambda: _box_activity(backend, self.box_id),
@@ -334,6 +333,13 @@ class Supervisor:
                                                 name="watch", daemon=True)
             self._watch_oom(backend)
         self._busy_watch.start()
+
+    def _sleep_store(self) -> None:
+        """A native store sleeps while the box is calm (store_sleep.py); known once the box env is."""
+        if self._backend is not None and self.metrics_url and self.store_sleep is None:
+            from worktreebox.telemetry.store_sleep import StoreSleep, sleeps_here
+
+            self.store_sleep = sleeps_here(self.run_dir) and StoreSleep(self._backend, self.box_id, self.run_dir) or None
 
     def _watch_oom(self, backend: cgroups.Cgroups) -> None:
         """Record an OOM kill as it happens (the kernel's event, no polling): a process that was not

@@ -15,9 +15,11 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from worktreebox.errors import UsageError
+from worktreebox.services import control
 from worktreebox.services.spec import DB_MARK, ForwardSpec
 
 if TYPE_CHECKING:
+    from worktreebox.services.control import Request
     from worktreebox.services.forwards import ForwardsThread
 
 CLONE_NEWNET = 0x40000000  # <sched.h>
@@ -76,6 +78,17 @@ class BoxNet:
 
     def report(self) -> dict[str, Any]:
         return self.thread.report() if self.thread is not None else {}
+
+    def handle(self, req: Request) -> None:
+        """The supervisor's requests about them: `net` (faults), `forward` (one more, on the host
+        socket sent along), `unforward`."""
+        data = req.data or {}
+        if req.cmd == control.NET:
+            self.set_faults(req.service, data)
+        elif req.cmd == control.FORWARD:
+            self.add(ForwardSpec.from_json(data), os.dup(req.fds[0]) if req.fds else None)
+        else:
+            self.remove(str(data.get("name")))
 
     def stop(self) -> None:
         if self.thread is not None:

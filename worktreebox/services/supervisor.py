@@ -52,7 +52,7 @@ from worktreebox.services.service import (
     Service,
     check_ready,
 )
-from worktreebox.services.spec import ForwardSpec, SupervisorPayload
+from worktreebox.services.spec import SupervisorPayload
 from worktreebox.system import background, cgroups, procfs, procs
 from worktreebox.telemetry.logs.writer import EventLog
 
@@ -233,7 +233,8 @@ class Supervisor:
             elif req.cmd == control.SERVICES:
                 self.take_services(SupervisorPayload.from_json(req.data or {}))
             elif req.cmd in (control.NET, control.FORWARD, control.UNFORWARD):
-                self.handle_net(req)
+                self.net = self.net or BoxNet([])
+                self.net.handle(req)
             else:
                 return Response(ok=False, error=f"unknown command {req.cmd!r}")
         except KeyError:
@@ -253,17 +254,6 @@ class Supervisor:
         self._next_collect = self.clock.now()  # the box env may be new (where to push): at the next look
         self._sleep_store()
         self.up(wait=False)
-
-    def handle_net(self, req: Request) -> None:
-        """A sandboxed box's forwards and their faults (`net`, `forward`, `unforward`)."""
-        data, self.net = req.data or {}, self.net or BoxNet([])
-        if req.cmd == control.NET:
-            self.net.set_faults(req.service, data)
-        elif req.cmd == control.FORWARD:
-            fd = os.dup(req.fds[0]) if req.fds else None
-            self.net.add(ForwardSpec.from_json(data), fd)
-        else:
-            self.net.remove(str(data.get("name")))
 
     def serve(self) -> None:
         os.chdir(self.run_dir)  # the supervisor's cwd lies in its box: sweeps by cwd find it too
@@ -339,7 +329,8 @@ class Supervisor:
         if self._backend is not None and self.metrics_url and self.store_sleep is None:
             from worktreebox.telemetry.store_sleep import StoreSleep, sleeps_here
 
-            self.store_sleep = sleeps_here(self.run_dir) and StoreSleep(self._backend, self.box_id, self.run_dir) or None
+            if sleeps_here(self.run_dir):
+                self.store_sleep = StoreSleep(self._backend, self.box_id, self.run_dir)
 
     def _watch_oom(self, backend: cgroups.Cgroups) -> None:
         """Record an OOM kill as it happens (the kernel's event, no polling): a process that was not

@@ -450,3 +450,51 @@ cmd = "{PY} -c 'import time; time.sleep(600)'"
         assert leaked == []
     finally:
         run_wtbox("rm", "--force", box["id"], check=False)
+
+
+def _listening_inode(port: int) -> str:
+    """The inode of the host's listening socket on 127.0.0.1:<port> (/proc/net/tcp, state 0A)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == f"0100007F:{port:04X}" and fields[3] == "0A":
+            return fields[9]
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port} in the host's network")
+
+
+def _holders(inode: str) -> set[int]:
+    held = set()
+    for p in psutil.process_iter():
+        try:
+            fds = os.listdir(f"/proc/{p.pid}/fd")
+            if any(os.readlink(f"/proc/{p.pid}/fd/{fd}") == f"socket:[{inode}]" for fd in fds):
+                held.add(p.pid)
+        except OSError:
+            continue
+    return held
+
+
+def test_only_the_supervisor_holds_a_sandboxed_boxs_host_ports(make_repo, host, tmp_path):
+    """A sandboxed box's forwards listen on host sockets its supervisor inherited: no process it
+    starts (a service, a daemon that outlives the supervisor) holds one, so a dead supervisor
+    leaves the host's port free for the next (what the old output keeper's close_fds was for)."""
+    toml = CORE_TOML + f"""
+[box]
+ports = ["web"]
+
+[services.spawner]
+cmd = "{PY} daemon.py $TMPDIR/daemon.pid"
+"""
+    repo = make_repo({"daemon.py": DAEMON}, toml=toml)
+    box = host.new("holders", repo=repo)
+    if not (box.data.get("sandbox") or {}).get("ports"):
+        pytest.skip("this home's boxes are not sandboxed")
+    pidfile = box.tmp_dir / "daemon.pid"
+    daemon = host_pid(box.id, int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), what="the daemon")))
+    supervisor = int((box.run_dir / "supervisor.pid").read_text())
+    assert _holders(_listening_inode(box.ports["web"])) == {supervisor}
+    os.kill(supervisor, 9)
+    wait_for(lambda: not psutil.pid_exists(supervisor) or psutil.Process(supervisor).status() == psutil.STATUS_ZOMBIE,
+             what="the supervisor's end")
+    assert psutil.pid_exists(daemon)  # it outlived the supervisor
+    assert port_free(box.ports["web"])  # nobody kept the host's socket listening
+    host.rm(box.id, force=True)

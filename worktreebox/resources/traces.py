@@ -4,8 +4,10 @@ create() leases nothing more and exports the standard OpenTelemetry SDK variable
 instrumented with the SDK reports to its own box with zero configuration; start() (after the
 box env file exists, before setup and migrations) starts the box's supervisor, which serves the
 endpoint in threads of its own (services/otlp_receiver.py; one wtbox process per box) from then
-on, services or not. The services resource stops that process with the box; destroy() deletes
-traces/.
+on, services or not. A sandboxed box's supervisor runs already (the sandbox resource started it
+in the box's network, before the box env existed): it serves the endpoint on the port the box
+sees, the host reaches it on the leased one through its forward, and start() has it read the
+box env now. The services resource stops that process with the box; destroy() deletes traces/.
 """
 from __future__ import annotations
 

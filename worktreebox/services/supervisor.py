@@ -435,8 +435,9 @@ def main(argv: list[str] | None = None) -> None:
         enter_network(payload.netns)
     # What it inherited from its starter (the forwards' host sockets, the host's network): close-on-exec,
     # so nothing it starts holds them (a service outliving it would keep a host port bound).
-    for fd in (*(f.fd for f in payload.forwards if f.fd is not None), *filter(None, [payload.host_netns_fd])):
-        os.set_inheritable(fd, False)
+    for fd in [f.fd for f in payload.forwards] + [payload.host_netns_fd]:
+        if fd is not None:
+            os.set_inheritable(fd, False)
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     # Fork once more so the supervisor is nobody's child: the caller reaps the short-lived

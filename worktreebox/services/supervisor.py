@@ -64,6 +64,7 @@ COLLECT_EVERY = 5.0  # seconds between pushes of the box's own metrics while it 
 # wakes the box's sleeping store, and a store's wake costs more CPU than a push (its timers catch
 # up): every 60 s that was 0.8 milli-CPU per idle box, more than all the rest of it.
 COLLECT_CALM = 300.0
+OOM_SETTLE = 0.5  # seconds an OOM kill is given to free its victim's memory before the record is taken
 OWN_LEAVES = (cgroups.SUPERVISOR, cgroups.METRICS, cgroups.TRACES)  # wtbox's own: not the box's activity
 
 
@@ -343,6 +344,10 @@ class Supervisor:
             # No push from here: the box is at its limit while the victim's memory is being freed,
             # and a push allocates (the active box's next look pushes within COLLECT_EVERY).
             while not self._done.is_set() and wait():
+                # The event comes as the kernel picks its victim, before that memory is freed: any
+                # allocation now can start a second OOM whose victim is this process (seen).
+                if self._done.wait(OOM_SETTLE):
+                    return
                 self.check_oom(push=False)
 
         threading.Thread(target=run, name="oom", daemon=True).start()

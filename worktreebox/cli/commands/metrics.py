@@ -49,7 +49,9 @@ def _print_result(data: dict) -> None:
         click.echo(result[1])
         return
     if not result:
-        info("no series match.")
+        # A box's services are scraped every 5 s from a random first moment: right after `new`
+        # (the demo's own suggestion) nothing is there yet, and saying so saves a wrong conclusion.
+        info("no series match (services are scraped every 5 s: a new box's first samples take ~10 s).")
         return
     if kind == "vector":
         rows = [[_series(r["metric"]), r["value"][1]] for r in result]

@@ -117,3 +117,15 @@ def redis_cmd(port: int, *words: str) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(body.encode())
         return s.recv(4096)
+
+
+def port_bindable(port: int) -> bool:
+    """Free for a new server: bindable with SO_REUSEADDR (as servers and portpicker bind; the closed
+    connections of the old server may linger in TIME_WAIT)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import APPS, ROOT, wait_for
+from helpers import APPS, ROOT, port_bindable, wait_for
 
 from worktreebox.providers.metrics import native as vm
 from worktreebox.telemetry.collector import Collector
@@ -49,18 +49,6 @@ def client(box) -> Client:
 
 def series(box, query: str) -> list[dict]:
     return client(box).query(query)["result"]
-
-
-def port_free(port: int) -> bool:
-    """Free for a new server: bindable with SO_REUSEADDR (as servers and portpicker bind; the closed
-    connections of the old server may linger in TIME_WAIT)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def bucket_index(seconds: float) -> int:
@@ -179,11 +167,11 @@ def test_boxes_are_isolated_and_rm_removes_everything(host, make_repo, run_wtbox
 
     # rm: the process is gone, its port free and its data deleted.
     pid = int((a.run_dir / vm.PID_FILE).read_text())
-    assert psutil.pid_exists(pid) and a.metrics_dir.is_dir() and not port_free(a.ports["metrics"])
+    assert psutil.pid_exists(pid) and a.metrics_dir.is_dir() and not port_bindable(a.ports["metrics"])
     run_wtbox("rm", a.id)
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert vm.find_processes(a.id) == []
-    assert port_free(a.ports["metrics"])
+    assert port_bindable(a.ports["metrics"])
     assert not a.metrics_dir.exists() and not a.dir.exists()
     assert series(b, "app_mark")  # the other box is untouched
     gone = run_wtbox("metrics", a.id, "up", check=False)

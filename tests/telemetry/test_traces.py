@@ -14,7 +14,7 @@ import urllib.request
 
 import psutil
 import pytest
-from helpers import APPS, wait_for
+from helpers import APPS, port_bindable, wait_for
 
 from worktreebox.resources import traces as traces_resource
 from worktreebox.telemetry.exposition import histogram_buckets
@@ -75,16 +75,6 @@ def post(url: str, body: bytes, content_type: str, encoding: str | None = None) 
 def bucket_index(seconds: float) -> int:
     edges = histogram_buckets("wtbox_span_duration_seconds")
     return next((i for i, le in enumerate(edges) if seconds <= le), len(edges))
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def receiver_alive(box) -> bool:
@@ -238,10 +228,10 @@ def test_two_boxes_never_see_each_others_spans_and_rm_removes_all(host, make_rep
 
     # rm: the receiver process, its data and its port lease are gone; the other box still receives.
     pid = traces_resource.receiver_pid(a)
-    assert pid and (a.dir / "traces").is_dir() and not port_free(a.ports["otlp"])
+    assert pid and (a.dir / "traces").is_dir() and not port_bindable(a.ports["otlp"])
     run_wtbox("rm", a.id)
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    assert not a.dir.exists() and port_free(a.ports["otlp"])
+    assert not a.dir.exists() and port_bindable(a.ports["otlp"])
     assert a.ports["otlp"] not in host.registry.leased_ports()
     assert get(b.data["traces"]["url"] + "/health")["ok"] and receiver_alive(b)
 
@@ -254,7 +244,7 @@ def test_two_boxes_never_see_each_others_spans_and_rm_removes_all(host, make_rep
     assert b.id in traces_resource.Traces().discover(host)
     run_wtbox("gc", "--json")
     assert not psutil.pid_exists(pid_b) or psutil.Process(pid_b).status() == psutil.STATUS_ZOMBIE
-    assert not b.dir.exists() and port_free(b.ports["otlp"])
+    assert not b.dir.exists() and port_bindable(b.ports["otlp"])
 
 
 def test_garbage_gets_400_and_the_receiver_keeps_serving(host, make_repo, run_wtbox):

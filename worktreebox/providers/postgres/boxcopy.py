@@ -21,6 +21,7 @@ import contextlib
 import re
 import secrets
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from worktreebox.errors import WtboxError
@@ -36,6 +37,27 @@ _TERMINATE_MS = 2000  # pg_terminate_backend waits this long for a session to be
 
 def copy_name(pg_name: str, kind: str, token: str | None = None) -> str:
     return f"{pg_name}_{kind}_{token or secrets.token_hex(3)}"
+
+
+def owner_of(name: str) -> str:
+    """The box (its role's name) a database of boxes belongs to: its own, or one of its copies."""
+    m = COPY_NAME.match(name)
+    return m.group(1) if m else name
+
+
+@contextlib.contextmanager
+def owner_lock(conn: Any, box: str) -> Iterator[None]:
+    """Held while the pg_database rows of one box's databases change (their owner, name, existence).
+    PostgreSQL does not wait for a catalog row another session is changing, it fails ("tuple
+    concurrently updated/deleted"): a fork lending its origin's databases (hand_to_box) met a
+    background drop of that origin's replaced database. Advisory locks are per database: every
+    holder takes it in the server's shared one."""
+    key = f"wtbox:databases:{box}"
+    conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (key,))
+    try:
+        yield
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
 
 
 def end_sessions(conn: Any, dbname: str) -> int:
@@ -121,24 +143,19 @@ def hand_to_box(srv: Server, name: str, role: str, *, reassign_from: str | None 
         conn.execute(sql_text("REVOKE CONNECT, TEMPORARY ON DATABASE {d} FROM PUBLIC", d=ident(name)))
     if not reassign_from or reassign_from == role:
         return
-    # Forks made at once lend the same databases: one at a time ("tuple concurrently updated"). An
-    # advisory lock is per database, so it is held in the shared one, around the other's transaction.
-    key = f"wtbox:reassign:{shared_owner or reassign_from}"
-    with srv.session(srv.shared_db) as lock:
-        lock.execute("SELECT pg_advisory_lock(hashtext(%s))", (key,))
-        try:
-            with contextlib.closing(srv.connect(name)) as conn, conn.transaction():
-                lent = [r[0] for r in conn.execute(
-                    "SELECT datname FROM pg_database WHERE datdba = (SELECT oid FROM pg_roles WHERE rolname = %s)",
-                    (shared_owner,))] if shared_owner else []
-                for db in lent:
-                    conn.execute(sql_text("ALTER DATABASE {d} OWNER TO {s}", d=ident(db), s=ident(conn.info.user)))
-                conn.execute(sql_text("REASSIGN OWNED BY {g} TO {r}", g=ident(reassign_from), r=ident(role)))
-                for db in lent:
-                    assert shared_owner is not None
-                    conn.execute(sql_text("ALTER DATABASE {d} OWNER TO {o}", d=ident(db), o=ident(shared_owner)))
-        finally:
-            lock.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
+    # Forks made at once lend the same databases, and the lender's replaced databases may be being
+    # dropped in the background: one at a time (owner_lock), around the other session's transaction.
+    with (srv.session(srv.shared_db) as lock, owner_lock(lock, shared_owner or reassign_from),
+          contextlib.closing(srv.connect(name)) as conn, conn.transaction()):
+        lent = [r[0] for r in conn.execute(
+            "SELECT datname FROM pg_database WHERE datdba = (SELECT oid FROM pg_roles WHERE rolname = %s)",
+            (shared_owner,))] if shared_owner else []
+        for db in lent:
+            conn.execute(sql_text("ALTER DATABASE {d} OWNER TO {s}", d=ident(db), s=ident(conn.info.user)))
+        conn.execute(sql_text("REASSIGN OWNED BY {g} TO {r}", g=ident(reassign_from), r=ident(role)))
+        for db in lent:
+            assert shared_owner is not None
+            conn.execute(sql_text("ALTER DATABASE {d} OWNER TO {o}", d=ident(db), o=ident(shared_owner)))
 
 
 def swap_in(srv: Server, box_db: str, incoming: str) -> tuple[float, str]:
@@ -147,7 +164,7 @@ def swap_in(srv: Server, box_db: str, incoming: str) -> tuple[float, str]:
     import psycopg
 
     outgoing = copy_name(box_db, OUTGOING)
-    with srv.session(srv.shared_db) as conn:
+    with srv.session(srv.shared_db) as conn, owner_lock(conn, owner_of(box_db)):
         for attempt in range(5):
             t0 = time.perf_counter()
             end_sessions(conn, box_db)
@@ -164,7 +181,7 @@ def swap_in(srv: Server, box_db: str, incoming: str) -> tuple[float, str]:
 
 
 def drop_database(srv: Server, name: str) -> None:
-    with srv.session(srv.shared_db) as conn:
+    with srv.session(srv.shared_db) as conn, owner_lock(conn, owner_of(name)):
         conn.execute(sql_text("DROP DATABASE IF EXISTS {d} WITH (FORCE)", d=ident(name)))
 
 

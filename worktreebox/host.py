@@ -271,16 +271,16 @@ class Host:
         try:
             self._create(c)
         except BaseException as e:
-            cause = next(filter(None, (r.failure_cause(self, box) for r in self.resources)), None)
-            self._rollback(box)
-            if isinstance(e, KeyboardInterrupt) or cancel.cancelled():  # Ctrl-C, or a cancelled MCP call
+            interrupted = isinstance(e, KeyboardInterrupt) or cancel.cancelled()  # Ctrl-C, or a cancelled MCP call
+            with cancel.unwatched():  # the roll-back itself is not cancelled
+                cause = next(filter(None, (r.failure_cause(self, box) for r in self.resources)), None)
+                self._rollback(box)
+            if interrupted:
                 raise Interrupted("Interrupted; the half-made box was removed.") from None
-            if cause:
-                raise WtboxError(f"Creating the box failed: {cause} ({type(e).__name__}: {e}); nothing was "
-                                 "left behind.") from e
-            if isinstance(e, WtboxError):
+            if isinstance(e, WtboxError) and not cause:
                 raise
-            raise WtboxError(f"Creating the box failed ({type(e).__name__}: {e}); nothing was left behind.") from e
+            detail = f": {cause} ({type(e).__name__}: {e})" if cause else f" ({type(e).__name__}: {e})"
+            raise WtboxError(f"Creating the box failed{detail}; nothing was left behind.") from e
         return box
 
     def _create(self, c: Creation) -> None:

@@ -105,3 +105,33 @@ def test_a_creation_cancelled_while_waiting_for_a_service_rolls_back(host, make_
     assert not (host.boxes_dir.exists() and any(host.boxes_dir.iterdir()))
     assert git(repo, "branch", "--list", "wtbox/*").strip() == ""
     assert procs.discover_box_ids(host.boxes_dir) == set()
+
+
+SLOW_SETUP_TOML = """
+[setup]
+cmd = "echo setting up; sleep 120"
+[database]
+mode = "none"
+[observability]
+enabled = false
+"""
+
+
+def test_the_roll_back_of_a_cancelled_creation_is_not_cancelled_itself(host, make_repo, monkeypatch):
+    """The event stays set while the half-made box is removed: a clean-up step that waits on a child
+    (git, under load longer than one poll) was cancelled too, and left the box's row, lease and dir
+    (an MCP test failed so under load). A poll shorter than any child makes that happen every time."""
+    repo = make_repo(toml=SLOW_SETUP_TOML)
+    event = threading.Event()
+    monkeypatch.setattr(cancel, "POLL", 0.0001)
+
+    def progress(message: str) -> None:
+        if "setup" in message:
+            event.set()
+
+    with cancel.watching(event), pytest.raises(Interrupted):
+        boxes.new(host, "cancelled", repo=str(repo), progress=progress)
+    assert host.list() == []
+    assert not (host.boxes_dir.exists() and any(host.boxes_dir.iterdir()))
+    assert not {o for o in host.registry.lease_owners() if not o.startswith("@")}  # "@...": the home's own
+    assert procs.discover_box_ids(host.boxes_dir) == set()

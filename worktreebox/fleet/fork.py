@@ -21,6 +21,7 @@ from worktreebox.box import Box, slugify
 from worktreebox.errors import WtboxError
 from worktreebox.fleet import snapshots
 from worktreebox.resources.base import Origin
+from worktreebox.system import cancel
 
 if TYPE_CHECKING:
     from worktreebox.host import Host
@@ -65,7 +66,8 @@ def fork(host: Host, source: Box, n: int = 1, task: str | None = None, from_snap
                           use_pool=use_pool)
     finally:
         if not from_snapshot:
-            snapshots.remove(host, source, snap.name)
+            with cancel.unwatched():  # also after a cancelled fork
+                snapshots.remove(host, source, snap.name)
     for b in made:
         b.data.setdefault("timings", {})["snapshot"] = round(snapshot_s, 4)
     return made
@@ -113,8 +115,9 @@ def make_forks(host: Host, source: Box, snap: snapshots.Snapshot, names: list[st
     failed = [r for r in results if isinstance(r, BaseException)]
     made = [r for r in results if isinstance(r, Box)]
     if failed:
-        for b in made:
-            host.rm(b.id, force=True)
+        with cancel.unwatched():  # the forks made are removed also when the others were cancelled
+            for b in made:
+                host.rm(b.id, force=True)
         first = failed[0]
         if isinstance(first, WtboxError):
             raise first

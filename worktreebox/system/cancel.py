@@ -38,6 +38,18 @@ def watching(event: threading.Event) -> Iterator[threading.Event]:
         _watched.reset(token)
 
 
+@contextlib.contextmanager
+def unwatched() -> Iterator[None]:
+    """No watched event inside: for undoing what a cancelled piece of work made. The event stays
+    set, and a clean-up whose git or stop took longer than one poll was cancelled half-way, leaving
+    the half-made box behind."""
+    token = _watched.set(None)
+    try:
+        yield
+    finally:
+        _watched.reset(token)
+
+
 def cancelled() -> bool:
     event = _watched.get()
     return event is not None and event.is_set()

@@ -50,6 +50,21 @@ def answer(box) -> str:
         return r.read().decode()
 
 
+def events(box) -> str:
+    """The supervisor's start, ready and exit events and the service's processes now (a failed once
+    under load, answering from the files before the restore, and this says which process answered)."""
+    import json
+
+    lines = []
+    for f in sorted(box.logs_dir.glob("*.jsonl")):
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("event") in ("start", "ready", "exit", "restart"):
+                lines.append(f"{rec['ts']} {rec.get('service')}: {rec['msg']}")
+    ps = subprocess.run(["ps", "-o", "pid,pgid,lstart,args", "-C", "python3,python"], capture_output=True, text=True)
+    return "\n".join([*sorted(lines), ps.stdout])
+
+
 def copies_of(pg, box) -> list[str]:
     return [r[0] for r in pg.sql("SELECT datname FROM pg_database WHERE datname LIKE %s",
                                  (f"wt\\_{hex_of(box.id)}\\_%",))]
@@ -112,7 +127,7 @@ def test_edits_and_rows_travel_to_forks_and_back_with_restore_and_reset(pg_host,
     assert (a.path / "app.txt").read_text() == "edited\n" and not (a.path / "extra.txt").exists()
     assert (a.path / "notes.txt").read_text() == "uncommitted\n"
     assert rows(a) == ["row-1"]
-    assert answer(a) == "edited\n"  # restarted on the snapshot's files
+    assert answer(a) == "edited\n", events(a)  # restarted on the snapshot's files
     assert git(a.path, "rev-parse", "HEAD").strip() == tip
 
     # a data-only restore leaves the running service alone

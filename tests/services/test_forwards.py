@@ -239,3 +239,20 @@ def test_hold(faults, draws, offset, expected):
 def test_faults_refuse_impossible_values_in_one_sentence(kwargs, message):
     with pytest.raises(UsageError, match=message):
         Faults(**kwargs)
+
+
+def test_forwards_load_no_openssl_yet_ssl_stays_importable():
+    """asyncio is imported with ssl hidden (~5 MB of every sandboxed box's supervisor); an https://
+    ready check in the same process still imports ssl."""
+    import subprocess
+    import sys
+
+    code = ("import sys, worktreebox.services.forwards as f\n"
+            "assert 'ssl' not in sys.modules, 'ssl loaded'\n"
+            "maps = open('/proc/self/maps').read()\n"
+            "assert 'libssl' not in maps, 'libssl mapped'\n"
+            "f.ForwardsThread\n"
+            "import ssl; ssl.create_default_context()\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -248,6 +248,29 @@ cmd = "sleep 600"
     assert box_processes(box.id) == []
 
 
+def test_a_service_whose_check_is_answered_with_an_error_says_what_the_check_saw(make_repo, host):
+    """A server that answers the check's GET with 501 (http.server's base handler has no do_GET) is
+    not ready; `new` says what the check saw, not only that time ran out."""
+    server = ("import http.server, os\n"
+              "http.server.HTTPServer(('127.0.0.1', int(os.environ['PORT'])),"
+              " http.server.BaseHTTPRequestHandler).serve_forever()\n")
+    toml = CORE_TOML + f"""
+[box]
+ports = ["web"]
+
+[services.web]
+cmd = "{sys.executable} server.py"
+ready = "http://127.0.0.1:{{{{ ports.web }}}}/"
+ready_timeout = "1.5s"
+"""
+    repo = make_repo({"server.py": server}, toml=toml)
+    with pytest.raises(WtboxError) as err:
+        host.new("answers-501", repo=repo)
+    assert "not ready after 1.5s: GET http://127.0.0.1:" in str(err.value), str(err.value)
+    assert "answered 501" in str(err.value)
+    assert host.list() == []
+
+
 def test_never_ready_service_fails_new_with_its_last_lines_and_leaves_nothing(make_repo, host, wtbox_home):
     toml = CORE_TOML + """
 [box]

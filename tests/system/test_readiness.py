@@ -75,6 +75,22 @@ def test_http_url_that_nothing_answers():
     assert not readiness.HttpUrl(f"http://127.0.0.1:{free_port()}/").ready(1.0)
 
 
+def test_a_probe_that_fails_says_what_it_saw(http_server):
+    """What `new` and `status` say of a service that never became ready: not only "not ready after
+    60s" but what its check last saw (a server answering 501 to the check's GET looked like a hang)."""
+    url = http_server + "/501"
+    check = readiness.HttpUrl(url)
+    assert not check.ready(1.0) and check.why == f"GET {url} answered 501"
+    port = free_port()
+    check = readiness.from_spec(f"tcp:{port}", lambda cmd: readiness.Command(["sh", "-c", cmd]))
+    assert not check.ready(1.0) and check.why.startswith(f"nothing accepts on 127.0.0.1:{port}")
+    check = readiness.from_spec("exit 3", lambda cmd: readiness.Command(["sh", "-c", cmd]))
+    assert not check.ready(1.0) and check.why == "the check `exit 3` exited with code 3"
+    both = readiness.HttpUrl(http_server + "/200") & readiness.HttpUrl(url)
+    assert not both.ready(1.0) and both.why == f"GET {url} answered 501"
+    assert readiness.HttpUrl(http_server + "/200").why == ""
+
+
 @pytest.mark.parametrize("argv, ready", [(["true"], True), (["false"], False), (["/no/such/command"], False),
                                          (["sleep", "5"], False)])
 def test_command(argv, ready):

@@ -118,6 +118,7 @@ class Service:
         self.spec = spec
         self.name = spec.name
         self.restart_policy = spec.restart or "on-failure"
+        self.check_saw = ""  # what the last ready check that failed saw (readiness.Strategy.why)
         self.ready_timeout = float(spec.ready_timeout or 60.0)
         self.state = STOPPED
         self.proc: Process | None = None
@@ -319,7 +320,8 @@ class Service:
 
     def _report_unready(self) -> None:
         if not self.error:
-            self.error = f"not ready after {self.ready_timeout:g}s"
+            seen = f": {self.check_saw}" if self.check_saw else ""
+            self.error = f"not ready after {self.ready_timeout:g}s{seen}"
             self.sup.event(self.name, "error", f"{self.name} {self.error}", event="unready")
             self.sup.changed()
 
@@ -361,4 +363,7 @@ def check_ready(check: str, svc: Service, timeout: float) -> bool:
         return readiness.Command(svc.sup.processes.launcher.command(procs.shell_argv(cmd), svc.cwd), cwd=svc.cwd,
                                  env=svc.env(), cgroup=cgroups.Leaf(svc.sup.home, svc.sup.box_id, svc.name))
 
-    return readiness.from_spec(check, command).ready(timeout)
+    strategy = readiness.from_spec(check, command)
+    ready = strategy.ready(timeout)
+    svc.check_saw = "" if ready else strategy.why
+    return ready

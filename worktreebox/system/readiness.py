@@ -28,7 +28,10 @@ EXITED, TIMEOUT = "exited", "timeout"
 
 
 class Strategy:
-    """One readiness condition, probed once per `ready` call."""
+    """One readiness condition, probed once per `ready` call; after a probe that was not ready,
+    `why` says what it saw (what `new` and `status` tell of a service that never became ready)."""
+
+    why = ""
 
     def ready(self, timeout: float) -> bool:
         raise NotImplementedError
@@ -42,7 +45,11 @@ class AllOf(Strategy):
         self.strategies = strategies
 
     def ready(self, timeout: float) -> bool:
-        return all(s.ready(timeout) for s in self.strategies)
+        for s in self.strategies:
+            if not s.ready(timeout):
+                self.why = s.why
+                return False
+        return True
 
 
 class Probe(Strategy):
@@ -63,7 +70,8 @@ class TcpPort(Strategy):
         try:
             with socket.create_connection((self.host, self.port), timeout=timeout):
                 return True
-        except OSError:
+        except OSError as e:
+            self.why = f"nothing accepts on {self.host}:{self.port} ({e.strerror or e})"
             return False
 
 
@@ -79,9 +87,16 @@ class HttpUrl(Strategy):
     def ready(self, timeout: float) -> bool:
         try:
             reply = httpclient.request("GET", self.url, timeout=timeout, read_body=self.body is not None)
-        except (OSError, ValueError):
+        except (OSError, ValueError) as e:
+            self.why = f"GET {self.url}: {getattr(e, 'strerror', None) or e}"
             return False
-        return self.status(reply.status) and (self.body is None or self.body(reply.body))
+        if not self.status(reply.status):
+            self.why = f"GET {self.url} answered {reply.status}"
+            return False
+        if self.body is not None and not self.body(reply.body):
+            self.why = f"GET {self.url} answered {reply.status} with another body than the check wants"
+            return False
+        return True
 
 
 class Command(Strategy):
@@ -89,20 +104,25 @@ class Command(Strategy):
     one that takes longer is killed: a check has nothing to clean up."""
 
     def __init__(self, argv: Sequence[str], *, cwd: str | None = None, env: dict[str, str] | None = None,
-                 cgroup: cgroups.Leaf | None = None) -> None:
+                 cgroup: cgroups.Leaf | None = None, what: str = "") -> None:
         self.argv, self.cwd, self.env, self.cgroup = list(argv), cwd, env, cgroup
+        self.what = what or " ".join(self.argv)  # the check as written (from_spec), for `why`
 
     def ready(self, timeout: float) -> bool:
         try:
             proc = procs.spawn(self.argv, cwd=self.cwd, env=self.env, cgroup=self.cgroup)
-        except OSError:
+        except OSError as e:
+            self.why = f"the check `{self.what}` could not start: {e.strerror or e}"
             return False
         try:
-            return proc.wait(timeout=timeout) == 0
+            code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             procs.signal_group(proc.pid, signal.SIGKILL)
             proc.wait()
+            self.why = f"the check `{self.what}` took longer than {timeout:g}s"
             return False
+        self.why = f"the check `{self.what}` exited with code {code}"
+        return code == 0
 
 
 class LogLine(Strategy):
@@ -163,7 +183,10 @@ def from_spec(check: str, command: Callable[[str], Strategy]) -> Strategy:
     if check.startswith("tcp:"):
         host, _, port = check[4:].rpartition(":")
         return TcpPort(int(port), host or "127.0.0.1") if port.isdigit() else Probe(lambda timeout: False)
-    return command(check)
+    strategy = command(check)
+    if isinstance(strategy, Command):
+        strategy.what = check  # named as wtbox.toml writes it, not by the launcher's argv
+    return strategy
 
 
 def connects(check: str | None) -> bool:

@@ -85,9 +85,17 @@ class Home:
 
 # ---------------------------------------------------------------- the home's processes
 
-def kind_of(proc, home: str) -> str | None:
-    """What a process of this home is: supervisor, keeper, receiver, victoria-metrics, app,
-    postgres or cli-server; None when it is not this home's."""
+# A sandboxed box's own plumbing: its holder (bubblewrap, and the pid 1 it keeps), slirp4netns, and
+# the nsenter that each launched process waits in. They are wtbox's, not the app's, and count in
+# wtbox's own figure (kind "sandbox").
+SANDBOX_TOOLS = ("bwrap", "slirp4netns", "nsenter", "sleep")
+OWN_KINDS = ("supervisor", "keeper", "receiver", "victoria-metrics", "sandbox")
+
+
+def kind_of(proc, home: str, slirps: frozenset[int] = frozenset()) -> str | None:
+    """What a process of this home is: supervisor, keeper, receiver, victoria-metrics, sandbox, app,
+    postgres or cli-server; None when it is not this home's. `slirps`: the boxes' slirp4netns
+    pids (from their pid files: it carries no box variable)."""
     import psutil
 
     try:
@@ -96,6 +104,8 @@ def kind_of(proc, home: str) -> str | None:
     except (psutil.Error, OSError):
         return None
     in_box = env.get("WTBOX_BOX_DIR", "").startswith(home + "/boxes/")
+    if proc.pid in slirps or (in_box and proc.name() in SANDBOX_TOOLS):
+        return "sandbox"
     if "worktreebox.services.supervisor" in cmd and home in cmd:
         try:
             parent = " ".join(proc.parent().cmdline())
@@ -118,9 +128,15 @@ def kind_of(proc, home: str) -> str | None:
 def home_processes(home: Path) -> dict[int, tuple[str, object]]:
     import psutil
 
+    slirps = set()
+    for pid_file in home.glob("boxes/*/run/slirp4netns.pid"):
+        try:
+            slirps.add(int(pid_file.read_text().split()[0]))
+        except (OSError, ValueError, IndexError):
+            pass
     out = {}
     for p in psutil.process_iter():
-        kind = kind_of(p, str(home))
+        kind = kind_of(p, str(home), frozenset(slirps))
         if kind:
             out[p.pid] = (kind, p)
     return out
@@ -168,7 +184,7 @@ def idle_cpu(home: Path, boxes: int, seconds: float = IDLE_SECONDS) -> dict:
             by_kind[kind] = by_kind.get(kind, 0.0) + cpu - before[pid]
     cpus = {k: round(v / wall, 4) for k, v in sorted(by_kind.items())}
     boxes_cpu = (cg_after - cg_before) / wall
-    own = sum(v for k, v in cpus.items() if k in ("supervisor", "keeper", "receiver", "victoria-metrics"))
+    own = sum(v for k, v in cpus.items() if k in OWN_KINDS)
     return {"seconds": round(wall, 1), "stores_asleep": [asleep_before, asleep_after],
             "box_cgroups_cpu": round(boxes_cpu, 4),
             "box_cgroups_milli_cpu_per_box": round(1000 * boxes_cpu / max(boxes, 1), 3),
@@ -192,7 +208,7 @@ def memory(home: Path, boxes: int) -> dict:
         t[2] += 1
     per_box = {k: {"processes": int(n), "rss_mb": round(r / max(boxes, 1), 1), "pss_mb": round(s / max(boxes, 1), 1)}
                for k, (r, s, n) in sorted(totals.items())}
-    own = [v for k, v in per_box.items() if k in ("supervisor", "keeper", "receiver", "victoria-metrics")]
+    own = [v for k, v in per_box.items() if k in OWN_KINDS]
     return {"per_box": per_box,
             "wtbox_own_per_box": {"processes": round(sum(v["processes"] for v in own) / max(boxes, 1), 2),
                                   "rss_mb": round(sum(v["rss_mb"] for v in own), 1),

@@ -18,6 +18,16 @@ mode = "none"
 enabled = false
 """
 
+# A creation that stays in [setup] for two minutes: where a test cancels or kills it.
+SLOW_SETUP_TOML = """
+[setup]
+cmd = "echo setting up; sleep 120"
+[database]
+mode = "none"
+[observability]
+enabled = false
+"""
+
 
 def git(cwd: Path, *args: str) -> str:
     """Run git in `cwd` and return its stdout (raises on failure). A sandboxed box's worktree belongs

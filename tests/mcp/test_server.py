@@ -14,7 +14,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from helpers import APPS, box_runs
+from helpers import APPS, SLOW_SETUP_TOML, box_runs
 from mcp import Client
 from mcp.shared.exceptions import MCPError
 from mcp_helpers import failed, ok, stdio_client
@@ -35,14 +35,6 @@ ready = "http://127.0.0.1:{{{{ ports.web }}}}/fast"
 CORE_TOML = f"""
 [box]
 env = {{ APP_SECRET = "{SECRET}" }}
-[database]
-mode = "none"
-[observability]
-enabled = false
-"""
-SLOW_SETUP_TOML = """
-[setup]
-cmd = "echo setting up; sleep 120"
 [database]
 mode = "none"
 [observability]

@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from helpers import git, wait_for
+from helpers import SLOW_SETUP_TOML, git, wait_for
 
 from worktreebox.errors import Interrupted
 from worktreebox.operations import boxes
@@ -105,16 +105,6 @@ def test_a_creation_cancelled_while_waiting_for_a_service_rolls_back(host, make_
     assert not (host.boxes_dir.exists() and any(host.boxes_dir.iterdir()))
     assert git(repo, "branch", "--list", "wtbox/*").strip() == ""
     assert procs.discover_box_ids(host.boxes_dir) == set()
-
-
-SLOW_SETUP_TOML = """
-[setup]
-cmd = "echo setting up; sleep 120"
-[database]
-mode = "none"
-[observability]
-enabled = false
-"""
 
 
 def test_the_roll_back_of_a_cancelled_creation_is_not_cancelled_itself(host, make_repo, monkeypatch):

@@ -51,12 +51,28 @@ def make(repo: Path, git_dir: Path, base_sha: str, *, owner: tuple[int, int] | N
     (git_dir / "HEAD").write_text(f"{base_sha}\n")
     (git_dir / "packed-refs").write_text(_refs_snapshot(repo))
     (git_dir / "config").write_text((common / "config").read_text())
+    (git_dir / "info").mkdir(exist_ok=True)
+    (git_dir / "info" / "exclude").write_text(_exclude(common))
     git.git(git_dir, "config", "--file", str(git_dir / "config"), "--unset-all", "core.worktree", check=False)
     git.git(git_dir, "config", "--file", str(git_dir / "config"), "core.hooksPath", str(common / "hooks"))
     if owner is not None:
         from worktreebox.system.users import give_tree
 
         give_tree(git_dir, *owner)
+
+
+# Python writes bytecode beside a box's sources (resources/caches.py: no prefix in a sandboxed box);
+# it is never the box's work (`rm` would refuse it as unsaved, `status` would list it).
+BYTECODE_EXCLUDES = "# wtbox: bytecode written in the box\n__pycache__/\n*.py[co]\n"
+
+
+def _exclude(common: Path) -> str:
+    """The repository's own info/exclude, then the bytecode Python writes in the box."""
+    try:
+        own = (common / "info" / "exclude").read_text()
+    except OSError:
+        own = ""
+    return (own if not own or own.endswith("\n") else own + "\n") + BYTECODE_EXCLUDES
 
 
 def _refs_snapshot(repo: Path) -> str:

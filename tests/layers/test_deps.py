@@ -86,12 +86,16 @@ def test_five_boxes_share_one_uv_layer_and_keep_their_own_installs(make_repo, ru
     assert len(keys) == 1  # built once, for all five
     assert [b["deps"] for b in boxes] == [[{"kind": "uv", "dir": "", "paths": [".venv"], "key": keys[0]}]] * 5
     layer = wtbox_home / "deps" / keys[0] / "paths" / ".venv"
+    # built with its bytecode: a box's first import of its dependencies compiles nothing
+    assert list(layer.glob("lib/python*/site-packages/__pycache__/six.*.pyc"))
     for b in boxes:
         wt = Path(b["path"])
         assert any(m.target == str(wt / ".venv") for m in mounts_under(b["dir"]))
         # the project's own editable install resolves to this box's worktree, never to the builder's path
         out = _in_box(run_wtbox, b, ".venv/bin/python", "-c", "import mypkg, six; print(mypkg.__file__)").stdout
         assert out.strip() == str(wt / "src" / "mypkg" / "__init__.py")
+        cached = _in_box(run_wtbox, b, ".venv/bin/python", "-c", "import six; print(six.__spec__.cached)").stdout
+        assert (layer / Path(cached.strip()).relative_to(wt / ".venv")).is_file(), cached  # the layer's own .pyc
         assert _in_box(run_wtbox, b, ".venv/bin/mycli").stdout.strip() == str(wt / "src" / "mypkg" / "__init__.py")
         assert git(wt, "status", "--porcelain") == ""
         assert b["timings"]["deps"] >= 0

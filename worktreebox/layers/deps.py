@@ -39,7 +39,7 @@ from worktreebox.system import git
 if TYPE_CHECKING:
     from worktreebox.config.load import DepsConfig
 
-FORMAT = 1  # bump when the layout of a built layer changes: old keys are then never reused
+FORMAT = 2  # bump when what a built layer holds changes: old keys are then never reused (2: bytecode)
 SKIP_DIRS = {"node_modules", ".venv", ".git", "venv", "__pypackages__"}
 PY_LOCKS = ("uv.lock", "poetry.lock")  # in order of preference within one directory
 NODE_LOCKS = {"pnpm-lock.yaml": "pnpm", "yarn.lock": "yarn", "package-lock.json": "npm"}
@@ -327,6 +327,9 @@ def _build(repo: Path, sha: str, layer: Layer, tmp: Path, run: Callable[[str, Pa
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("WTBOX_") and k not in ("VIRTUAL_ENV", "UV_PROJECT_ENVIRONMENT", "PYTHONHOME")}
     env.update(downloads.env(home))
+    # The layer holds its packages' bytecode, beside them (no prefix): every box reads it as it is,
+    # where each box compiled its dependencies again at its first import (into its own upper dir).
+    env.update({"UV_COMPILE_BYTECODE": "1", "PYTHONPYCACHEPREFIX": ""})
     t0 = time.time()
     run(build_command(layer), work, env)
     for p in layer.paths:

@@ -342,3 +342,28 @@ def test_mcp_tools_snapshot_fork_reset_dump_restore(pg_cluster, app, tmp_path, m
                 await client.call_tool("box_rm", {"box": bid, "force": True})
 
     anyio.run(main)
+
+
+def test_a_restore_reaches_the_box_however_slow_its_holder_was_made(pg_host, app, monkeypatch):
+    """The holder and the worktree's view are made in parallel. When the view was mounted first, the
+    holder bound that one view, and a restore's new view never reached the box: its restarted service
+    read the old files (a CI run failed so). A slow holder made that order every time."""
+    import time
+
+    from worktreebox.resources import sandbox
+
+    real = sandbox.make_holder
+
+    def slow(host, box, config):
+        time.sleep(0.5)  # the checkout and its view are done well before
+        return real(host, box, config)
+
+    monkeypatch.setattr(sandbox, "make_holder", slow)
+    host = pg_host
+    a = host.new("slow-holder", repo=app)
+    (a.path / "app.txt").write_text("edited\n")
+    S.take(host, a, "s1")
+    (a.path / "app.txt").write_text("later\n")
+    assert answer(a) == "later\n"
+    R.restore(host, a, "s1")
+    assert answer(host.get(a.id)) == "edited\n", events(a)

@@ -61,6 +61,8 @@ class Worktree(Resource):
             if owner is not None:
                 give_once(tree / "tree", owner)  # copy-up keeps owners: the box's user must own the tree's files
             add_worktree(box, c.origin.tip if c.origin else c.base_sha, checkout=False, owner=owner)
+            if owner is not None:
+                c.wait_for("sandbox")  # the holder first, then the view: see holder_before_view
             attach_view(provider, tree, box, c.origin.files if c.origin else None)
         if owner is not None:
             give(box.dir / "git", owner)
@@ -100,6 +102,7 @@ class Worktree(Resource):
             return
         if mounts.base.is_mountpoint(box.path):
             return
+        holder_before_view(host, box)
         with trees.use(host.home, box.repo, data["tree"]) as (tree, _):
             provider.attach(tree / "tree", box.path, box.dir)
 
@@ -269,6 +272,22 @@ def give_once(tree: Path, owner: tuple[int, int]) -> None:
     except OSError:
         return
     give(tree, owner)
+
+
+def holder_before_view(host: Host, box: Box) -> None:
+    """A sandboxed box's holder is made before its worktree's view is mounted, never after.
+
+    The holder binds the worktree's path into its namespace. Made first, that bind is of the plain
+    directory, a slave of the shared boxes/ mount: the view mounted on the host later reaches the
+    holder, and so does every later unmount and mount of it (a restore puts the box's files back so).
+    Made after the view, the bind is of that one view: a restore's new view never reached the box,
+    whose restarted service read the old files (a CI run failed so when the parallel creation of
+    the two came out in that order; tests/test_snapshots.py makes it happen every time)."""
+    from worktreebox.providers import sandbox
+    from worktreebox.resources.sandbox import Sandbox
+
+    if sandbox.sandboxed(box) and sandbox.holder_of(box) is None:
+        Sandbox().revive(host, box)  # after a reboot: the holder again, before the view
 
 
 def attach_view(provider: MountProvider, tree: Path, box: Box, origin: Path | None = None) -> None:

@@ -7,8 +7,8 @@ cache_env points further variables into the box's own cache dir.
 
 A sandboxed box shares nothing writable with another: a shared download cache (or bytecode
 prefix) would be a channel from one box into the next (a poisoned wheel, a .pyc planted for
-another box's source). Its download caches live in its own cache dir and its bytecode beside its
-own sources (the host's read-only .pyc files it reads as they are); what is
+another box's source). Its download caches live in its own cache dir; it reads the host's and its layers' .pyc files
+as they are and writes none (see Caches.create); what is
 shared is what dependency layers hold (built once per lock file, with downloads/ writable, in a
 sandbox of their own: resources/deps.py).
 """
@@ -44,9 +44,12 @@ class Caches(Resource):
             # No prefix (empty is unset for Python, also over one the caller's shell sets): with one of
             # its own, the box never read the interpreter's precompiled standard library, and its first
             # Python process compiled everything it imported again (`python -c pass`: 150 ms, not 40).
-            # Bytecode goes beside the source where the box may write (its worktree, its layers' upper
-            # dirs: its own, excluded from git in its git dir) and nowhere where it may not.
+            # It reads the .pyc files that are there (the standard library's, its dependency layers')
+            # and writes none: a written one is checked by its source's mtime in whole seconds and its
+            # size, so an edit of the same size within the second of an import (agents edit that fast)
+            # ran the old code. The box's own modules are compiled when imported, a few ms each.
             c.env["PYTHONPYCACHEPREFIX"] = ""
+            c.env["PYTHONDONTWRITEBYTECODE"] = "1"
             c.env.update({var: str(box.cache_dir / "downloads" / sub) for var, sub in downloads.CACHES.items()})
         else:
             # One prefix per host, not per box: bytecode is keyed by source path, so boxes never

@@ -61,8 +61,9 @@ def make(repo: Path, git_dir: Path, base_sha: str, *, owner: tuple[int, int] | N
         give_tree(git_dir, *owner)
 
 
-# Python writes bytecode beside a box's sources (resources/caches.py: no prefix in a sandboxed box);
-# it is never the box's work (`rm` would refuse it as unsaved, `status` would list it).
+# Bytecode beside a box's sources (a sandboxed box has no prefix, resources/caches.py; Python writes
+# none there, `compileall` or an installer may) is never the box's work: `rm` would refuse it as
+# unsaved, `status` would list it.
 BYTECODE_EXCLUDES = "# wtbox: bytecode written in the box\n__pycache__/\n*.py[co]\n"
 
 

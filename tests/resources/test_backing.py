@@ -10,7 +10,7 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from helpers import box_pids, redis_cmd
+from helpers import box_pids, port_bindable, redis_cmd
 
 from worktreebox.errors import WtboxError
 from worktreebox.providers.backing import runtime_class
@@ -150,13 +150,24 @@ def test_a_crash_at_start_fails_new_with_the_programs_last_words(host, make_repo
 
 
 @needs("redis")
+def _squat_after_a_free_port() -> socket.socket:
+    """A listening socket on a port no one else holds, right after one that is free: web's lease (on a
+    busy host the port before an ephemeral one was once in use, and `new` failed on web's instead)."""
+    for _ in range(100):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        if port_bindable(s.getsockname()[1] - 1):
+            s.listen()
+            return s
+        s.close()
+    raise AssertionError("no port with a free one before it")
+
+
 def test_a_port_taken_after_the_lease_fails_new_naming_the_service(host, make_repo, monkeypatch):
     from worktreebox.resources import ports
 
     repo = make_repo(toml=BARE + '[box]\nports = ["web"]\n[backing.cache]\nimage = "redis:7"\n')
-    with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", 0))  # a port no one else holds; the box's lease range ends on it
-        squatter.listen()
+    with _squat_after_a_free_port() as squatter:  # the box's lease range ends on it
         taken = squatter.getsockname()[1]
         monkeypatch.setattr(host.config, "port_range", (taken - 1, taken))  # web, then cache on `taken`
         monkeypatch.setattr(ports, "is_port_free", lambda port: True)  # the stranger came after the lease

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import time
@@ -139,3 +140,12 @@ def port_bindable(port: int) -> bool:
             return True
         except OSError:
             return False
+
+
+def chaos_rng() -> random.Random:
+    """The random choices of a chaos test, from WTBOX_CHAOS_SEED or the clock; the seed is printed,
+    so a failure shows it and `WTBOX_CHAOS_SEED=<seed>` makes the same kills again."""
+    seed = int(os.environ.get("WTBOX_CHAOS_SEED", time.time()))
+    print(f"WTBOX_CHAOS_SEED={seed}")
+    return random.Random(seed)
+

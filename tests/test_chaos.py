@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -20,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import git, wait_for
+from helpers import chaos_rng, git, wait_for
 
 from worktreebox.box import hex_of
 from worktreebox.providers.backing.base import probe
@@ -224,7 +223,7 @@ def test_kill_dash_nine_anywhere_then_gc_leaves_nothing(tmp_path, make_repo, out
     repo = make_repo({"server.py": SERVICE}, toml=_toml())
     home = outside / "home"
     chaos = Chaos(home, repo, tmp_path)
-    rng = random.Random(int(os.environ.get("WTBOX_CHAOS_SEED", time.time())))
+    rng = chaos_rng()
     if HAVE_PG:
         chaos.wtbox("db", "start")
     try:
@@ -312,7 +311,7 @@ def test_kill_between_cgroup_creation_and_registry_write(tmp_path, make_repo, st
 @pytest.mark.skipif(not HAVE_PG, reason="PostgreSQL is not installed")
 def test_kill_dash_nine_during_the_first_cluster_start(outside):
     """initdb and the first start are the one host-level step of `new`; a kill there must not wedge the host."""
-    rng = random.Random(int(os.environ.get("WTBOX_CHAOS_SEED", time.time())))
+    rng = chaos_rng()
     env = {**os.environ, "WTBOX_NO_AUTO_GC": "1"}
     env.pop("WTBOX_POSTGRES_URL", None)
     for i in range(4):
@@ -355,7 +354,7 @@ def test_kill_dash_nine_during_tree_and_layer_builds(tmp_path, make_repo):
     repo = make_repo({**files, "lock.txt": "v0\n"}, toml=LAYER_TOML)
     home = tmp_path / "home"
     chaos = Chaos(home, repo, tmp_path, database=False)
-    rng = random.Random(int(os.environ.get("WTBOX_CHAOS_SEED", time.time())))
+    rng = chaos_rng()
     phases: collections.Counter = collections.Counter()
     for i in range(int(os.environ.get("WTBOX_CHAOS_LAYER_ITERATIONS", "6"))):
         (repo / "lock.txt").write_text(f"v{i + 1}\n")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import chaos_rng
 from test_chaos import HAVE_PG, HAVE_REDIS, SERVICE, Chaos, _answers, outside  # noqa: F401 (a fixture, used by name)
 
 from worktreebox.system import cgroups
@@ -85,7 +85,7 @@ def _remove_all(chaos: Chaos) -> dict[str, set]:
 def test_kill_dash_nine_during_snapshot_restore_fork_then_gc(tmp_path, make_repo, outside):  # noqa: F811
     repo = make_repo({"server.py": SERVICE}, toml=TOML)
     chaos = Chaos(outside / "home", repo, tmp_path)  # the cluster's home outside pytest's basetemp (see outside)
-    rng = random.Random(int(os.environ.get("WTBOX_CHAOS_SEED", time.time())))
+    rng = chaos_rng()
     chaos.wtbox("db", "start")
     try:
         source = json.loads(chaos.wtbox("new", "source", "--repo", str(repo), "--json").stdout)["id"]

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from helpers import CORE_TOML, git, remove_all_boxes
+from helpers import CORE_TOML, chaos_rng, git, remove_all_boxes
 
 pytestmark = pytest.mark.chaos
 
@@ -39,7 +38,7 @@ def test_kill_dash_nine_of_filler_and_claims_then_gc(host, make_repo, wtbox_home
     from worktreebox.fleet import pool as P
     from worktreebox.fleet.gc import _owners, discover_all
 
-    rng = random.Random(int(os.environ.get("WTBOX_CHAOS_SEED", time.time())))
+    rng = chaos_rng()
     repo = make_repo({"server.py": SERVICE}, toml=TOML)
     host.registry.set_pool_size(str(repo), 2)
     env = {**os.environ, "WTBOX_HOME": str(wtbox_home), "WTBOX_NO_AUTO_GC": "1", "WTBOX_POOL_IDLE": "60"}

@@ -86,7 +86,10 @@ def bench_sandbox(runs: int = 5, work: Path | None = None) -> dict:
     repo = build_repo(work / "bench-repo")
     small = _service_repo(work)
     base = Path(tempfile.mkdtemp(prefix="sandbox-", dir=work))
-    lo = 40000 + random.randrange(50) * 200  # a slice of its own: test suites lease from the default range
+    # A slice of its own, below the slices test homes lease from (20000-29999) and below the kernel's
+    # ephemeral ports (32768-60999 here): there an outgoing connection's own port once took the
+    # service's, and the run ended on "Address already in use".
+    lo = 12000 + random.randrange(40) * 200
     envs = {m: _env(base / m, m, f"{lo + 100 * i}-{lo + 100 * i + 99}") for i, m in enumerate(MODES)}
     times: dict[str, dict[str, list[float]]] = {m: {"new": [], "exec_true": [], "rm": [], "claim": [],
                                                     "new_with_service": []} for m in MODES}
@@ -120,7 +123,9 @@ def bench_sandbox(runs: int = 5, work: Path | None = None) -> dict:
         out["PYTHONDONTWRITEBYTECODE"] = os.environ.get("PYTHONDONTWRITEBYTECODE", "")
         return out
     finally:
-        for env in envs.values():
+        for env in envs.values():  # the boxes of a run that ended early too: gc leaves live boxes alone
+            subprocess.run([PY, "-m", "worktreebox.cli.main", "rm", "--all", "--force", "--yes"], env=env,
+                           capture_output=True)
             subprocess.run([PY, "-m", "worktreebox.cli.main", "gc", "--grace", "0"], env=env, capture_output=True)
             subprocess.run([PY, "-m", "worktreebox.cli.main", "server", "stop"], env=env, capture_output=True)
         shutil.rmtree(base, ignore_errors=True)

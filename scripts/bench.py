@@ -80,6 +80,18 @@ def wtbox(home: Path, *args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+def remove_boxes(host) -> list[str]:
+    """Remove every box of `host`, going on past one that fails: what a bench's clean-up does, also
+    after a run that ended early. Returns what failed, one line per box."""
+    failed = []
+    for b in host.list():
+        try:
+            host.rm(b.id, force=True)
+        except Exception as e:
+            failed.append(f"could not remove {b.id}: {e}")
+    return failed
+
+
 def timed(fn) -> tuple[float, object]:
     t0 = time.perf_counter()
     out = fn()

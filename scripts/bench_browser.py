@@ -132,11 +132,10 @@ def bench_browser(runs: int = 5, work: Path | None = None) -> dict:
                                    "uss_mb": round(mem["uss_bytes"] / MB, 1), "processes": procs}
         out["cold_leaves_no_chromium"] = browser.find_processes(cold.id, cold.dir) == []
     finally:
-        for b in host.list():
-            try:
-                host.rm(b.id, force=True)
-            except Exception as e:  # report, keep cleaning
-                print(f"bench_browser: could not remove {b.id}: {e}", file=sys.stderr)
+        from bench import remove_boxes
+
+        for line in remove_boxes(host):  # report, keep cleaning
+            print(f"bench_browser: {line}", file=sys.stderr)
         host.registry.close()
         shutil.rmtree(home, ignore_errors=True)
     return out

@@ -135,7 +135,7 @@ def _wait_spares(host, box, want: int, timeout: float = 60.0) -> None:
 
 
 def bench_fork(runs: int = 5, work: Path | None = None) -> dict:
-    from bench import summary
+    from bench import remove_boxes, summary
 
     from worktreebox.host import Host
 
@@ -226,11 +226,7 @@ def bench_fork(runs: int = 5, work: Path | None = None) -> dict:
         _goals(out, floor)
         return out
     finally:
-        for b in host.list():
-            try:
-                host.rm(b, force=True)
-            except Exception:
-                pass
+        remove_boxes(host)
         try:
             host.database_server().stop()
         except Exception:

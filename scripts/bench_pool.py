@@ -175,11 +175,9 @@ def bench_pool(runs: int = 7, work: Path | None = None) -> dict:
         out["fanout_ok"] = out[f"fanout_{FANOUT_N}_from_pool_until_all_answer"]["p50_ms"] <= 500
         return out
     finally:
-        for b in host.list():
-            try:
-                host.rm(b, force=True)
-            except Exception:
-                pass
+        from bench import remove_boxes
+
+        remove_boxes(host)
         host.registry.close()
         shutil.rmtree(base, ignore_errors=True)
 

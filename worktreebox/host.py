@@ -272,9 +272,8 @@ class Host:
             self._create(c)
         except BaseException as e:
             interrupted = isinstance(e, KeyboardInterrupt) or cancel.cancelled()  # Ctrl-C, or a cancelled MCP call
-            with cancel.unwatched():  # the roll-back itself is not cancelled
-                cause = next(filter(None, (r.failure_cause(self, box) for r in self.resources)), None)
-                self._rollback(box)
+            cause = next(filter(None, (r.failure_cause(self, box) for r in self.resources)), None)
+            self._rollback(box)
             if interrupted:
                 raise Interrupted("Interrupted; the half-made box was removed.") from None
             if isinstance(e, WtboxError) and not cause:
@@ -313,12 +312,13 @@ class Host:
         self.registry.delete_box(box.id)
 
     def _destroy_resources(self, box: Box, *, strict: bool) -> None:
-        # A box claimed from the pool runs processes started under its pool id (Box.alias): those first.
-        alias = box.under_alias()
-        if alias is not None:
-            self._destroy_pieces(alias, strict=strict)
-        self._destroy_pieces(box, strict=strict)
-        sandbox.release_boxes_dir(self.home, lambda: not set(self.registry.select_box_ids()) - {box.id})
+        with cancel.unwatched():  # never cancelled once begun: a roll-back's event stays set (system/cancel.py)
+            # A box claimed from the pool runs processes started under its pool id (Box.alias): those first.
+            alias = box.under_alias()
+            if alias is not None:
+                self._destroy_pieces(alias, strict=strict)
+            self._destroy_pieces(box, strict=strict)
+            sandbox.release_boxes_dir(self.home, lambda: not set(self.registry.select_box_ids()) - {box.id})
 
     def _destroy_pieces(self, box: Box, *, strict: bool) -> None:
         """Every resource's destroy, in reverse creation order; the resources of a parallel stage

@@ -115,9 +115,8 @@ def make_forks(host: Host, source: Box, snap: snapshots.Snapshot, names: list[st
     failed = [r for r in results if isinstance(r, BaseException)]
     made = [r for r in results if isinstance(r, Box)]
     if failed:
-        with cancel.unwatched():  # the forks made are removed also when the others were cancelled
-            for b in made:
-                host.rm(b.id, force=True)
+        for b in made:  # also when the others were cancelled: rm's destruction is never cancelled
+            host.rm(b, force=True)
         first = failed[0]
         if isinstance(first, WtboxError):
             raise first

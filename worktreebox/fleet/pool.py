@@ -47,7 +47,7 @@ from worktreebox.resources import cgroup as cgroup_resource
 from worktreebox.resources import router as router_resource
 from worktreebox.services import boxenv
 from worktreebox.services.boxenv import without_box_vars
-from worktreebox.system import cancel, git, procs
+from worktreebox.system import git, procs
 from worktreebox.system.fsutil import LockBusy, atomic_write, file_lock
 
 if TYPE_CHECKING:
@@ -196,8 +196,7 @@ def claim(host: Host, task: str, t: Target, *, ttl: str | float | None = None, k
         moved = _take_over(host, box, t, before_ready)
     except BaseException as e:
         try:
-            with cancel.unwatched():  # the clean-up of a cancelled claim is not cancelled itself
-                host.rm(box, force=True)
+            host.rm(box, force=True)  # its destruction is not cancelled (Host._destroy_resources)
         finally:
             if not isinstance(e, Exception):
                 raise

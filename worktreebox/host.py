@@ -308,17 +308,19 @@ class Host:
             self.registry.set_state(box.id, FAILED)
         except Exception:
             pass
-        self._destroy_resources(box, strict=False)
-        self.registry.delete_box(box.id)
+        self._destroy(box, strict=False)
 
-    def _destroy_resources(self, box: Box, *, strict: bool) -> None:
+    def _destroy(self, box: Box, *, strict: bool) -> None:
+        """Every piece of the box, then its row; then boxes/ stops being a shared mount if no box is left
+        (after the row: two boxes removed at once each saw the other's row, and the mount stayed)."""
         with cancel.unwatched():  # never cancelled once begun: a roll-back's event stays set (system/cancel.py)
             # A box claimed from the pool runs processes started under its pool id (Box.alias): those first.
             alias = box.under_alias()
             if alias is not None:
                 self._destroy_pieces(alias, strict=strict)
             self._destroy_pieces(box, strict=strict)
-            sandbox.release_boxes_dir(self.home, lambda: not set(self.registry.select_box_ids()) - {box.id})
+        self.registry.delete_box(box.id)
+        sandbox.release_boxes_dir(self.home, lambda: not self.registry.select_box_ids())
 
     def _destroy_pieces(self, box: Box, *, strict: bool) -> None:
         """Every resource's destroy, in reverse creation order; the resources of a parallel stage
@@ -390,8 +392,7 @@ class Host:
         box.state = REMOVING
         self.registry.save_box(box)
         _phase("rm:removing")
-        self._destroy_resources(box, strict=True)
-        self.registry.delete_box(box.id)
+        self._destroy(box, strict=True)
         _phase("rm:done")
         return box
 
@@ -436,8 +437,7 @@ class Host:
         """Destroy every piece of a box that has no (or a stale) registry row."""
         box = self.registry.select_box(box_id) or Box(
             id=box_id, task="?", repo="", branch=branch_name(box_id), dir=self.boxes_dir / box_id, state=REMOVING)
-        self._destroy_resources(box, strict=True)
-        self.registry.delete_box(box_id)
+        self._destroy(box, strict=True)
 
 
 # ---------------------------------------------------------------------- helpers

@@ -196,7 +196,7 @@ def claim(host: Host, task: str, t: Target, *, ttl: str | float | None = None, k
         moved = _take_over(host, box, t, before_ready)
     except BaseException as e:
         try:
-            host.rm(box, force=True)  # its destruction is not cancelled (Host._destroy_resources)
+            host.rm(box, force=True)  # its destruction is not cancelled (Host._destroy)
         finally:
             if not isinstance(e, Exception):
                 raise

@@ -39,6 +39,7 @@ import types
 
 from worktreebox import settings
 from worktreebox.cli import protocol as cliproto
+from worktreebox.system.codestamp import code_stamp, first_change
 
 TICK = 1.0  # how often an idle server checks its home (and its idle time)
 REQUEST_TIMEOUT = 5.0  # a connected launcher sends its request at once
@@ -130,30 +131,6 @@ def preload() -> None:
             importlib.import_module(name)
         except Exception as e:
             log(f"preload: {name}: {type(e).__name__}: {e}")
-
-
-def code_stamp() -> dict[str, tuple[int, int]]:
-    """mtime and size of every .py file of wtbox, the Python executable and site-packages (what
-    a `git pull`, an edit or a `pip install` changes)."""
-    pkg = os.path.dirname(os.path.abspath(__file__))
-    paths = [sys.executable, os.path.realpath(sys.executable)]
-    paths += [p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages")]
-    for root, dirs, files in os.walk(pkg):
-        dirs[:] = [d for d in dirs if d != "__pycache__"]
-        paths += [os.path.join(root, f) for f in files if f.endswith(".py")]
-    out = {}
-    for p in paths:
-        with contextlib.suppress(OSError):
-            st = os.stat(p)
-            out[p] = (st.st_mtime_ns, st.st_size)
-    return out
-
-
-def _first_change(before: dict, after: dict) -> str | None:
-    for p in sorted(before.keys() | after.keys()):
-        if before.get(p) != after.get(p):
-            return p
-    return None
 
 
 # ---------------------------------------------------------------- the server
@@ -268,7 +245,7 @@ class Server:
                 if msg.get("install") != cliproto.install():
                     self._reply(conn, {"refused": "another wtbox install"})
                     return None
-                changed = _first_change(self.stamp, code_stamp())
+                changed = first_change(self.stamp, code_stamp())
                 if changed:
                     self._withdraw()  # first: the launcher starts a fresh server as soon as we refuse
                     self._reply(conn, {"refused": f"{changed} changed since the server started"})

@@ -89,13 +89,17 @@ class Home:
 # the nsenter that each launched process waits in. They are wtbox's, not the app's, and count in
 # wtbox's own figure (kind "sandbox").
 SANDBOX_TOOLS = ("bwrap", "slirp4netns", "nsenter", "sleep")
-OWN_KINDS = ("supervisor", "keeper", "receiver", "victoria-metrics", "sandbox")
+# The zygote (services/zygote.py) is the home's, its memory shared with every supervisor it forked:
+# counted in wtbox's own figure per box as its share (its total over N), as every kind is.
+OWN_KINDS = ("supervisor", "keeper", "receiver", "victoria-metrics", "sandbox", "zygote")
 
 
-def kind_of(proc, home: str, slirps: frozenset[int] = frozenset()) -> str | None:
-    """What a process of this home is: supervisor, keeper, receiver, victoria-metrics, sandbox, app,
-    postgres or cli-server; None when it is not this home's. `slirps`: the boxes' slirp4netns
-    pids (from their pid files: it carries no box variable)."""
+def kind_of(proc, home: str, slirps: frozenset[int] = frozenset(),
+            supervisors: frozenset[int] = frozenset()) -> str | None:
+    """What a process of this home is: supervisor, keeper, receiver, victoria-metrics, sandbox, zygote,
+    app, postgres or cli-server; None when it is not this home's. `slirps`, `supervisors`: the
+    boxes' slirp4netns and supervisor pids, from their pid files (slirp4netns carries no box
+    variable; a supervisor forked by the zygote has the zygote's command line and environment)."""
     import psutil
 
     try:
@@ -106,6 +110,10 @@ def kind_of(proc, home: str, slirps: frozenset[int] = frozenset()) -> str | None
     in_box = env.get("WTBOX_BOX_DIR", "").startswith(home + "/boxes/")
     if proc.pid in slirps or (in_box and proc.name() in SANDBOX_TOOLS):
         return "sandbox"
+    if proc.pid in supervisors:
+        return "supervisor"
+    if "worktreebox.services.zygote" in cmd and home in cmd:
+        return "zygote"
     if "worktreebox.services.supervisor" in cmd and home in cmd:
         try:
             parent = " ".join(proc.parent().cmdline())
@@ -125,18 +133,24 @@ def kind_of(proc, home: str, slirps: frozenset[int] = frozenset()) -> str | None
     return None
 
 
+def _pids_in(home: Path, name: str) -> frozenset[int]:
+    """The pids the boxes' run/<name> files name (first field)."""
+    pids = set()
+    for pid_file in home.glob(f"boxes/*/run/{name}"):
+        try:
+            pids.add(int(pid_file.read_text().split()[0]))
+        except (OSError, ValueError, IndexError):
+            pass
+    return frozenset(pids)
+
+
 def home_processes(home: Path) -> dict[int, tuple[str, object]]:
     import psutil
 
-    slirps = set()
-    for pid_file in home.glob("boxes/*/run/slirp4netns.pid"):
-        try:
-            slirps.add(int(pid_file.read_text().split()[0]))
-        except (OSError, ValueError, IndexError):
-            pass
+    slirps, supervisors = _pids_in(home, "slirp4netns.pid"), _pids_in(home, "supervisor.pid")
     out = {}
     for p in psutil.process_iter():
-        kind = kind_of(p, str(home), frozenset(slirps))
+        kind = kind_of(p, str(home), slirps, supervisors)
         if kind:
             out[p.pid] = (kind, p)
     return out

@@ -96,7 +96,8 @@ def stop_routers_under(tmp) -> None:
 BURNER = (APPS / "burner.py").read_text()
 
 
-SANDBOX_OWN = ("bwrap", "slirp4netns", "worktreebox.services.supervisor", "sleep infinity")
+SANDBOX_OWN = ("bwrap", "slirp4netns", "worktreebox.services.supervisor", "worktreebox.services.zygote",
+               "sleep infinity")
 
 
 def box_runs(box_id: str, box_dir: Path) -> list[str]:

@@ -244,7 +244,7 @@ def test_kill_dash_nine_anywhere_then_gc_leaves_nothing(tmp_path, make_repo, out
                 victim = rng.choice(live)["id"]
                 pid_file = home / "boxes" / victim / "run" / "supervisor.pid"
                 if pid_file.exists():
-                    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+                    os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
                 phases["kill-supervisor"] += 1
                 chaos.wtbox("gc", "--grace", "0")
                 chaos.check_alive_boxes(expect_degraded={victim})

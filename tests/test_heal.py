@@ -284,7 +284,7 @@ def _status(home: Path, box_id: str) -> dict:
 
 
 def _supervisor_pid(home: Path, box_id: str) -> int:
-    return int((home / "boxes" / box_id / "run" / "supervisor.pid").read_text())
+    return int((home / "boxes" / box_id / "run" / "supervisor.pid").read_text().split()[0])
 
 
 def test_killed_supervisor_is_degraded_then_up_recovers_on_the_same_port(make_repo, wtbox_home):

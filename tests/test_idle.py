@@ -238,7 +238,7 @@ def test_a_box_without_services_gets_its_endpoint_back_with_up(make_repo, run_wt
     repo = make_repo(toml='[database]\nmode = "none"\n')
     box = json.loads(run_wtbox("new", "bare", "--repo", str(repo), "--json").stdout)
     try:
-        pid = int((Path(box["dir"]) / "run" / "supervisor.pid").read_text())
+        pid = int((Path(box["dir"]) / "run" / "supervisor.pid").read_text().split()[0])
         os.kill(pid, signal.SIGKILL)
         st = json.loads(run_wtbox("status", box["id"], "--json").stdout)
         assert st["state"] == "degraded" and not st["traces"]["up"]

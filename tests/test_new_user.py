@@ -112,8 +112,9 @@ def test_a_killed_supervisor_shows_in_ls_and_status_with_its_reason(make_repo, r
     from pathlib import Path
 
     box = json.loads(run_wtbox("new", "sup", "--json", cwd=_web_repo(make_repo)).stdout)
-    os.kill(int((Path(box["dir"]) / "run" / "supervisor.pid").read_text()), signal.SIGKILL)
-    wait_for(lambda: not os.path.exists(f"/proc/{int((Path(box['dir']) / 'run' / 'supervisor.pid').read_text())}"))
+    supervisor = int((Path(box["dir"]) / "run" / "supervisor.pid").read_text().split()[0])
+    os.kill(supervisor, signal.SIGKILL)
+    wait_for(lambda: not os.path.exists(f"/proc/{supervisor}"))
     listed = json.loads(run_wtbox("ls", "--json").stdout)[0]
     assert listed["state"] == "degraded" and "supervisor died" in listed["reason"]
     assert "degraded" in run_wtbox("ls").stdout

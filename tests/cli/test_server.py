@@ -213,11 +213,16 @@ def test_ctrl_c_rolls_back_as_in_process(srv, repo, tmp_path):
     assert json.loads(srv.run("ls", "--json").stdout) == []
 
 
+def _served_children(server: int) -> list[psutil.Process]:
+    """The server's children that serve a command (not its supervisors' zygote)."""
+    return [c for c in psutil.Process(server).children() if "worktreebox.services.zygote" not in " ".join(c.cmdline())]
+
+
 def test_kill_9_of_the_launcher_kills_the_served_child(srv, repo, tmp_path):
     server = srv.start()
     p = _halted_new(srv, repo, tmp_path, "killed", served=True)
     try:
-        [child] = psutil.Process(server.pid).children()
+        [child] = _served_children(server.pid)
     finally:
         p.kill()
         p.wait()
@@ -227,6 +232,7 @@ def test_kill_9_of_the_launcher_kills_the_served_child(srv, repo, tmp_path):
     assert json.loads(srv.run("ls", "--json").stdout) == []
 
 
+@pytest.mark.serial  # it changes wtbox's code for every server and zygote running beside it
 def test_changed_code_makes_the_server_refuse_and_exit(srv, repo):
     server = srv.start()
     target = Path(cliproto.__file__)
@@ -341,7 +347,7 @@ def test_a_served_child_killed_mid_command_is_one_sentence(srv, repo, tmp_path):
     server = srv.start()
     p = _halted_new(srv, repo, tmp_path, "child-killed", served=True)
     try:
-        [child] = psutil.Process(server.pid).children()
+        [child] = _served_children(server.pid)
         child.kill()
         _out, err = p.communicate(timeout=30)
     finally:

@@ -513,7 +513,7 @@ cmd = "{PY} daemon.py $TMPDIR/daemon.pid"
         pytest.skip("this home's boxes are not sandboxed")
     pidfile = box.tmp_dir / "daemon.pid"
     daemon = host_pid(box.id, int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), what="the daemon")))
-    supervisor = int((box.run_dir / "supervisor.pid").read_text())
+    supervisor = int((box.run_dir / "supervisor.pid").read_text().split()[0])
     inode = _listening_inode(box.ports["web"])
     assert _holders(inode) == {supervisor}
     os.kill(supervisor, 9)

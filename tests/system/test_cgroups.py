@@ -318,7 +318,7 @@ def new_box(run_wtbox, repo, task, *extra) -> dict:
 
 
 def supervisor_of(box: dict) -> int:
-    return int((Path(box["dir"]) / "run" / "supervisor.pid").read_text())
+    return int((Path(box["dir"]) / "run" / "supervisor.pid").read_text().split()[0])
 
 
 def service_pid(run_wtbox, box: dict, name: str = "web") -> int:

@@ -144,6 +144,7 @@ class Server:
         self.served = 0
         self.stamp = code_stamp()  # before importing: an edit made during the preload counts
         self.listener, self.sock_ino = self._bind()
+        self.zygote_fd: int | None = None
 
     def _bind(self) -> tuple[socket.socket, int]:
         """Listen before preloading, so a command that arrives now waits for us instead of
@@ -162,6 +163,11 @@ class Server:
         log(f"serving {self.home} (python {sys.executable}, idle exit after {self.idle:.0f} s)")
         signal.signal(signal.SIGTERM, lambda *_: self._leave("SIGTERM"))
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        # the boxes' supervisors' zygote, ending with us (services/zygote.py); before our own imports
+        from worktreebox.services import zygote
+
+        started = zygote.start(self.home)
+        self.zygote_fd = started.alive_fd if started else None
         preload()
         if threading.active_count() > 1:
             log(f"warning: {threading.active_count() - 1} threads started by imports; forking anyway")
@@ -272,6 +278,8 @@ class Server:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the server's handler, from the first instant
                 self.listener.close()
                 os.close(self.lock_fd)  # a long command must not keep the home's lock from a next server
+                if self.zygote_fd is not None:
+                    os.close(self.zygote_fd)  # nor keep the zygote after us
                 code = Command(conn, msg, fds).run()
             except BaseException as e:
                 log(f"served child failed: {type(e).__name__}: {e}")

@@ -350,8 +350,13 @@ def daemon_net(host: HostContext, box: Box, holder: Holder | None = None) -> San
     seen = data.get("ports") or {}
     outside = [ForwardSpec(n, (GATEWAY, box.ports[n]), listen=("127.0.0.1", seen.get(n, box.ports[n])), mark=True)
                for n in data.get("outside") or () if n in box.ports]
-    return SandboxNet(enter=provider.netns_command(holder, []), launcher=provider.launcher(holder),
-                      forwards=_host_forwards(box, data), inside=[*db, *outside], faults=dict(data.get("faults") or {}))
+    net = SandboxNet(enter=provider.netns_command(holder, []), launcher=provider.launcher(holder),
+                     forwards=_host_forwards(box, data), inside=[*db, *outside], faults=dict(data.get("faults") or {}))
+    if data.get("mode") == "root" and holder is not None:  # the supervisor enters it itself: no nsenter exec
+        from worktreebox.system import procfs
+
+        net.enter, net.netns = [], procfs.namespace_file(holder.pid, "net")
+    return net
 
 
 def _host_forwards(box: Box, data: dict[str, Any]) -> list[Any]:
@@ -367,13 +372,8 @@ def _host_forwards(box: Box, data: dict[str, Any]) -> list[Any]:
 
 
 def _made_net(host: HostContext, box: Box, config: RepoConfig) -> SandboxNet:
-    """The holder made, and its network as the supervisor enters it itself (root mode)."""
-    from worktreebox.system import procfs
-
-    holder = make_holder(host, box, config)
-    net = daemon_net(host, box, holder)
-    net.enter, net.netns = [], procfs.namespace_file(holder.pid, "net")
-    return net
+    """The holder made, and its network as the supervisor enters it (root mode)."""
+    return daemon_net(host, box, make_holder(host, box, config))
 
 
 @contextlib.contextmanager

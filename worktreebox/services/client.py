@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from worktreebox.box import _iso, hex_of
 from worktreebox.config.assets import PACKAGE_PARENT
 from worktreebox.errors import UsageError, WtboxError
-from worktreebox.services import boxenv, control
+from worktreebox.services import boxenv, control, zygote
 from worktreebox.services.control import Request, ServiceState
 from worktreebox.services.spec import ForwardSpec, ServiceSpec, SupervisorPayload
 from worktreebox.system import cancel, cgroups, procfs, procs, readiness
@@ -35,11 +35,16 @@ PID_FILE = "supervisor.pid"
 
 
 def supervisor_pid(box: Box) -> int | None:
-    """The pid of the box's live supervisor, checked against its command line (pids are reused)."""
+    """The pid of the box's live supervisor: its pid file names its pid and start time (pids are
+    reused; a supervisor forked by the zygote has the zygote's command line). A pid file of an
+    older wtbox has the pid alone, checked against the command line."""
     try:
-        pid = int((box.run_dir / PID_FILE).read_text().strip())
-    except (FileNotFoundError, ValueError):
+        fields = [int(f) for f in (box.run_dir / PID_FILE).read_text().split()]
+        pid = fields[0]
+    except (FileNotFoundError, ValueError, IndexError):
         return None
+    if len(fields) > 1:
+        return pid if procs.is_alive(fields[:2]) else None
     if not procs.pid_alive(pid):
         return None
     args = procs.cmdline(pid)
@@ -148,9 +153,15 @@ def start_supervisor(box: Box, secrets: dict[str, str], specs: list[ServiceSpec]
             argv = [*net.enter, *argv]
             held = [f.bind() for f in net.forwards]
             fds = [os.open(procfs.namespace_file(os.getpid(), "net"), os.O_RDONLY | os.O_CLOEXEC)]
-        proc = procs.spawn(argv, cwd=pkg_parent, env=env, stdin=subprocess.PIPE,
-                           pass_fds=[*fds, *(s.fileno() for s in held)],
-                           cgroup=cgroups.Leaf(home, box.id, cgroups.SUPERVISOR))
+        passed = [*fds, *(s.fileno() for s in held)]
+        leaf = cgroups.Leaf(home, box.id, cgroups.SUPERVISOR)
+        # Forked by the home's zygote where one runs (services/zygote.py: ~90 ms of CPU and most of
+        # its memory saved); it needs the box's cgroup (what finds a forked supervisor) and no exec.
+        exec_through = net is not None and bool(net.enter)
+        forked = None if exec_through or cgroups.placement(leaf) is None else \
+            zygote.fork_supervisor(home, box.id, env=env, cwd=pkg_parent, fds=passed)
+        proc = forked or procs.spawn(argv, cwd=pkg_parent, env=env, stdin=subprocess.PIPE, pass_fds=passed,
+                                     cgroup=leaf)
         if net is not None:
             if later is not None:
                 try:
@@ -176,7 +187,9 @@ def start_supervisor(box: Box, secrets: dict[str, str], specs: list[ServiceSpec]
         pass
     rc = proc.wait()  # the launcher forks the real supervisor and exits at once
     if rc != 0:
-        raise WtboxError(f"The services supervisor of {box.id} failed to start (exit code {rc}).")
+        said = proc.error if isinstance(proc, zygote.Forked) else None
+        why = f": {said}" if said else f" (exit code {rc})"
+        raise WtboxError(f"The services supervisor of {box.id} failed to start{why}.")
     return wait_started(box) if wait else None
 
 

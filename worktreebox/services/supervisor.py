@@ -32,6 +32,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -430,7 +431,8 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, *, after_fork: Callable[[bool], None] | None = None) -> None:
+    """`after_fork(parent)`: on both sides of the fork that detaches the supervisor (zygote.py)."""
     argv = sys.argv[1:] if argv is None else argv
     home, box_id = Path(argv[0]), argv[1]
     # The payload (with the secrets) comes on stdin (a pipe from the resource), never through argv, env or a file.
@@ -445,17 +447,18 @@ def main(argv: list[str] | None = None) -> None:
             os.set_inheritable(fd, False)
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
-    # Fork once more so the supervisor is nobody's child: the caller reaps the short-lived
-    # parent at once and no zombie waits for a parent that never calls wait().
-    if os.fork() > 0:
+    # Fork once more so the supervisor is nobody's child (the caller reaps the parent at once)
+    parent = os.fork() > 0
+    if after_fork is not None:
+        after_fork(parent)
+    if parent:
         os._exit(0)
     os.environ.pop("MALLOC_ARENA_MAX", None)  # set by the client for this process only (client.py)
-    run_dir = home / "boxes" / box_id / "run"
-    pid_file = run_dir / "supervisor.pid"
+    pid_file = (run_dir := home / "boxes" / box_id / "run") / "supervisor.pid"
     sup = None
     try:
         sup = Supervisor(home, box_id, payload)
-        pid_file.write_text(f"{os.getpid()}\n")
+        pid_file.write_text(" ".join(map(str, procs.identity(os.getpid()) or [os.getpid()])) + "\n")
 
         def stop_and_finish() -> None:
             sup.stop_all()

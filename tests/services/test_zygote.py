@@ -1,0 +1,203 @@
+"""Supervisors forked from the home's zygote (services/zygote.py): they work as spawned ones do,
+share the zygote's memory, and a zygote that is gone, stale or ended leaves `new` working."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+from helpers import CORE_TOML, wait_for
+
+from worktreebox.services import client, zygote
+from worktreebox.system import cgroups, procfs, procs
+
+pytestmark = pytest.mark.slow
+
+PY = sys.executable
+SERVICE_TOML = CORE_TOML + f"""
+[box]
+ports = ["web"]
+
+[services.web]
+cmd = "{PY} -m http.server $PORT --bind 127.0.0.1"
+ready = "http://127.0.0.1:{{{{ ports.web }}}}/"
+"""
+
+
+class Running:
+    def __init__(self, home: Path) -> None:
+        (home / "run").mkdir(parents=True, mode=0o700, exist_ok=True)
+        started = zygote.start(str(home))
+        assert started is not None
+        self.alive_fd, self.pid = started
+        self.socket = home / "run" / zygote.SOCKET
+        assert wait_for(lambda: self.socket.exists() or not psutil.pid_exists(self.pid), timeout=30, every=0.05)
+        assert self.socket.exists(), (home / "run" / zygote.LOG).read_text()
+
+    def end(self) -> None:
+        if self.alive_fd >= 0:
+            os.close(self.alive_fd)
+            self.alive_fd = -1
+        wait_for(lambda: not _alive(self.pid), timeout=10, every=0.05)
+
+
+@pytest.fixture
+def running(wtbox_home):
+    z = Running(wtbox_home)
+    yield z
+    z.end()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _forked(pid: int) -> bool:
+    return "worktreebox.services.zygote" in " ".join(procfs.cmdline(pid))
+
+
+def _shared_dirty_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Shared_Dirty:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _ignored(pid: int, sig: int) -> bool:
+    mask = next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                if line.startswith("SigIgn:"))
+    return bool(int(mask, 16) & (1 << (sig - 1)))
+
+
+def _get(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+        return r.status
+
+
+def test_a_forked_supervisor_runs_the_box_as_a_spawned_one_does(make_repo, host, running, run_wtbox):
+    if cgroups.for_home(host.home) is None:
+        pytest.skip("a supervisor is forked only where its box has a cgroup")
+    repo = make_repo(toml=SERVICE_TOML)
+    box = host.new("forked", repo=repo)
+    sup = client.supervisor_pid(box)
+    assert sup is not None and _forked(sup), procfs.cmdline(sup or 0)
+    # the zygote's modules are pages it shares: a spawned supervisor has no shared dirty memory
+    assert _shared_dirty_kb(sup) > 1024
+    # as a fresh Python: SIGPIPE ignored (a write to a closed socket raises instead of ending it)
+    assert _ignored(sup, signal.SIGPIPE) and not _ignored(sup, signal.SIGTERM)
+    assert sup in {p.pid for p in procs.find_box_processes(box.id, box.dir)}  # found by its box's cgroup
+    assert _get(box.ports["web"]) == 200  # its service, through its forward where sandboxed
+    state = client.read_state(box)
+    assert state is not None and state.services["web"].state == "ready"
+
+    # kill -9: the box is degraded, `up` starts a new supervisor (forked again), the service answers
+    os.kill(sup, signal.SIGKILL)
+    assert wait_for(lambda: client.supervisor_pid(box) is None, timeout=10), "the supervisor's end"
+    run_wtbox("up", box.id)  # (a command of its own, as a user's: the zygote serves it too)
+    again = client.supervisor_pid(box)
+    assert again is not None and again != sup and _forked(again)
+    assert wait_for(lambda: _get(box.ports["web"]) == 200, timeout=20), "the service again"
+
+    host.rm(box.id, force=True)
+    assert not _alive(again)
+    assert procs.find_box_processes(box.id, box.dir) == []
+    assert _alive(running.pid)  # the zygote serves the next box
+
+
+def test_a_stale_socket_or_a_zygote_that_refuses_leaves_new_working(make_repo, host, running):
+    repo = make_repo(toml=SERVICE_TOML)
+    # the zygote killed: its socket stays, nobody answers; the supervisor starts as its own Python
+    os.kill(running.pid, signal.SIGKILL)
+    wait_for(lambda: not _alive(running.pid), timeout=10)
+    assert running.socket.exists()
+    box = host.new("stale", repo=repo)
+    sup = client.supervisor_pid(box)
+    assert sup is not None and not _forked(sup)
+    assert "worktreebox.services.supervisor" in procfs.cmdline(sup)
+    assert _get(box.ports["web"]) == 200
+    host.rm(box.id, force=True)
+
+
+@pytest.mark.serial  # it changes wtbox's code for every server and zygote running beside it
+def test_changed_code_makes_the_zygote_refuse_and_end(make_repo, host, running):
+    repo = make_repo(toml=SERVICE_TOML)
+    target = Path(zygote.__file__).with_name("spec.py")  # any module of wtbox, not only the zygote's
+    st = target.stat()
+    try:
+        # (a moment only: every CLI server and zygote of the tests running beside this one sees it too)
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+        asked = zygote.fork_supervisor(host.home, "nobox-0000cafe", env={}, cwd="/", fds=[])
+    finally:
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert asked is None  # refused: the caller starts the supervisor itself
+    assert wait_for(lambda: not _alive(running.pid), timeout=10), "the zygote's end"
+    assert "spec.py changed" in (host.home / "run" / zygote.LOG).read_text()
+    assert not running.socket.exists()  # taken away: the next client does not wait on it
+    box = host.new("changed", repo=repo)
+    sup = client.supervisor_pid(box)
+    assert sup is not None and not _forked(sup)  # started as its own Python, with the code as it is now
+    assert _get(box.ports["web"]) == 200
+    host.rm(box.id, force=True)
+
+
+def test_the_zygote_ends_with_its_server_and_refuses_another_uid(wtbox_home, running):
+    import socket
+
+    from worktreebox.system import unixsock
+
+    # another uid: refused without an answer (the connection closes)
+    code = ("import os, socket, sys; from worktreebox.system import unixsock; os.setuid(65534); "
+            "s = socket.socket(socket.AF_UNIX); unixsock.connect(s, sys.argv[1]); "
+            "unixsock.send(s, {'op': 'supervisor'}); print(s.recv(10))")
+    out = subprocess.run([PY, "-c", code, str(running.socket)], capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 or out.stdout.strip() == "b''", out  # its uid may not even reach the socket
+    # a malformed request from us: refused in one message, the zygote goes on
+    s = socket.socket(socket.AF_UNIX)
+    unixsock.connect(s, str(running.socket))
+    unixsock.send(s, {"op": "something else"})
+    msg, _ = unixsock.recv(s)
+    s.close()
+    assert "refused" in msg and _alive(running.pid)
+    running.end()  # the server's end of the pipe closes
+    assert not _alive(running.pid)
+    assert "its CLI server ended" in (wtbox_home / "run" / zygote.LOG).read_text()
+
+
+def test_a_served_new_gets_a_forked_supervisor(make_repo, wtbox_home):
+    """The CLI server starts the home's zygote: a served `wtbox new` forks its box's supervisor."""
+    repo = make_repo(toml=SERVICE_TOML)
+    env = {**os.environ, "WTBOX_HOME": str(wtbox_home), "WTBOX_NO_AUTO_GC": "1"}
+    env.pop("WTBOX_NO_SERVER", None)
+    launcher = [PY, "-m", "worktreebox.cli.launcher"]
+    (wtbox_home / "boxes").mkdir(parents=True, exist_ok=True)
+    server = subprocess.Popen([PY, "-P", "-m", "worktreebox.cli.server", str(wtbox_home)], env=env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        assert wait_for((wtbox_home / "run" / zygote.SOCKET).exists, timeout=30, every=0.05)
+        r = subprocess.run([*launcher, "new", "served", "--repo", str(repo), "--json"], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        box = json.loads(r.stdout)
+        pid = int((Path(box["dir"]) / "run" / client.PID_FILE).read_text().split()[0])
+        if cgroups.for_home(wtbox_home) is not None:
+            assert _forked(pid)
+        assert _get(box["ports"]["web"]) == 200
+        r = subprocess.run([*launcher, "rm", "--force", box["id"]], env=env, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+    finally:
+        server.terminate()
+        server.wait(10)
+    zygotes = [p for p in procfs.pids() if "worktreebox.services.zygote" in " ".join(procfs.cmdline(p))
+               and str(wtbox_home) in " ".join(procfs.cmdline(p))]
+    assert wait_for(lambda: not any(_alive(p) for p in zygotes), timeout=10), "the zygote outlived its server"

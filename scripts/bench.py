@@ -169,7 +169,7 @@ def _print_rows(data: dict, indent: str) -> None:
     for key, val in data.items():
         if isinstance(val, dict) and "p50_ms" in val:
             print(f"{indent}{key:<32} p50 {val['p50_ms']:>9.1f} ms   p90 {val['p90_ms']:>9.1f} ms   (n={val['n']})")
-        elif isinstance(val, dict) and any(isinstance(v, dict) and "p50_ms" in v for v in val.values()):
+        elif isinstance(val, dict) and any(isinstance(v, dict) for v in val.values()):
             print(f"{indent}{key}:")  # a sub-section (e.g. layers' default and checkout_fallback)
             _print_rows(val, indent + "  ")
         else:

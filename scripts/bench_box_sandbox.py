@@ -1,8 +1,9 @@
 """Whole boxes with and without the sandbox (section `sandbox`; `sandbox_parts` measures its parts).
 
 On core's generated repo (3,500 files, 42 MB; no database, no metrics store, so the sandbox is
-what differs), in two homes, one with `[host] sandbox` = namespaces and one with off (each its
-own CLI server), alternating run by run so both see the same load:
+what differs), in two homes, one with `[host] sandbox` = namespaces and one with off, alternating
+run by run so both see the same load; once served (each home its own CLI server, as a user's
+`wtbox` runs) and once in process (WTBOX_NO_SERVER=1):
 - `wtbox new` (the CLI, end to end), `wtbox exec BOX true`, `wtbox rm`;
 - a claim from the warm pool (`wtbox new` of a pooled box: the holder was made with it);
 - `wtbox new` of a small repo with one service (Python's http.server), until it is ready: there a
@@ -44,14 +45,19 @@ def _service_repo(work: Path) -> Path:
     return repo
 
 
-def _env(home: Path, mode: str, ports: str) -> dict[str, str]:
+def _env(home: Path, mode: str, ports: str, served: bool) -> dict[str, str]:
     return {**os.environ, "WTBOX_HOME": str(home), "WTBOX_NO_AUTO_GC": "1", "WTBOX_SANDBOX": mode,
-            "WTBOX_PORT_RANGE": ports}
+            "WTBOX_PORT_RANGE": ports, "WTBOX_NO_SERVER": "" if served else "1"}
+
+
+IN_PROCESS = [PY, "-m", "worktreebox.cli.main"]
+LAUNCHER = [str(Path(PY).with_name("wtbox"))]  # what a user types: served by the home's CLI server
 
 
 def _wtbox(env: dict[str, str], *args: str) -> tuple[float, subprocess.CompletedProcess]:
     t0 = time.perf_counter()
-    proc = subprocess.run([PY, "-m", "worktreebox.cli.main", *args], capture_output=True, text=True, env=env)
+    cmd = IN_PROCESS if env.get("WTBOX_NO_SERVER") == "1" else LAUNCHER
+    proc = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env)
     took = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"wtbox {' '.join(args)} failed: {proc.stderr.strip()}")
@@ -79,6 +85,13 @@ def _claim(env: dict[str, str], repo: Path, name: str) -> float:
 
 
 def bench_sandbox(runs: int = 5, work: Path | None = None) -> dict:
+    """Both ways a command runs: served (the `wtbox` a user types: its home's CLI server forks the
+    command, and its zygote the supervisors) and in process (WTBOX_NO_SERVER=1: Python's start-up
+    and wtbox's imports in every command, a supervisor started as its own Python)."""
+    return {"served": _bench(runs, work, served=True), "in_process": _bench(runs, work, served=False)}
+
+
+def _bench(runs: int, work: Path | None, *, served: bool) -> dict:
     from bench import build_repo, summary
 
     runs = max(3, runs)
@@ -90,7 +103,7 @@ def bench_sandbox(runs: int = 5, work: Path | None = None) -> dict:
     # ephemeral ports (32768-60999 here): there an outgoing connection's own port once took the
     # service's, and the run ended on "Address already in use".
     lo = 12000 + random.randrange(40) * 200
-    envs = {m: _env(base / m, m, f"{lo + 100 * i}-{lo + 100 * i + 99}") for i, m in enumerate(MODES)}
+    envs = {m: _env(base / m, m, f"{lo + 100 * i}-{lo + 100 * i + 99}", served) for i, m in enumerate(MODES)}
     times: dict[str, dict[str, list[float]]] = {m: {"new": [], "exec_true": [], "rm": [], "claim": [],
                                                     "new_with_service": []} for m in MODES}
     try:
@@ -124,10 +137,9 @@ def bench_sandbox(runs: int = 5, work: Path | None = None) -> dict:
         return out
     finally:
         for env in envs.values():  # the boxes of a run that ended early too: gc leaves live boxes alone
-            subprocess.run([PY, "-m", "worktreebox.cli.main", "rm", "--all", "--force", "--yes"], env=env,
-                           capture_output=True)
-            subprocess.run([PY, "-m", "worktreebox.cli.main", "gc", "--grace", "0"], env=env, capture_output=True)
-            subprocess.run([PY, "-m", "worktreebox.cli.main", "server", "stop"], env=env, capture_output=True)
+            subprocess.run([*IN_PROCESS, "rm", "--all", "--force", "--yes"], env=env, capture_output=True)
+            subprocess.run([*IN_PROCESS, "gc", "--grace", "0"], env=env, capture_output=True)
+            subprocess.run([*IN_PROCESS, "server", "stop"], env=env, capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
 
 

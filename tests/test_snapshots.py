@@ -354,9 +354,9 @@ def test_a_restore_reaches_the_box_however_slow_its_holder_was_made(pg_host, app
 
     real = sandbox.make_holder
 
-    def slow(host, box, config):
+    def slow(host, box, config, started=None):
         time.sleep(0.5)  # the checkout and its view are done well before
-        return real(host, box, config)
+        return real(host, box, config, started)
 
     monkeypatch.setattr(sandbox, "make_holder", slow)
     host = pg_host

@@ -20,7 +20,7 @@ import contextlib
 import functools
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +43,7 @@ OFF = "off"
 DB_FORWARD = "db"  # the database forward's name (`wtbox net BOX --down db`)
 ENDPOINT_DIR = "endpoint"  # boxes/<id>/endpoint: the socket `wtbox` inside the box talks to
 OFF_SAID = "sandbox-off.said"  # in the home: `new` said once that boxes are not sandboxed here
+HOLDER = "sandbox holder"  # provided (Creation.provide) once the holder runs: the worktree's view may mount
 
 
 class Sandbox(Resource):
@@ -65,11 +66,13 @@ class Sandbox(Resource):
                 start_supervisor(box, c.secrets, [], daemon_net(c.host, box, make_holder(c.host, box, c.config)),
                                  wait=False)
                 return
-            # The supervisor's start-up (its imports) while the holder is made; it enters the network then.
+            # The supervisor's start-up while the holder is made; it enters the network then. The
+            # worktree's view waits only for the holder's start (HOLDER), not for its network.
             first = SandboxNet([], procs.Launcher(), forwards=_host_forwards(box, data))
             start_supervisor(box, c.secrets, [], first, wait=False,
-                             later=functools.partial(_made_net, c.host, box, c.config))
+                             later=functools.partial(_made_net, c.host, box, c.config, lambda: c.provide(HOLDER)))
         finally:
+            c.provide(HOLDER)
             c.provide(self.name)
 
     def finish(self, c: Creation) -> None:
@@ -237,8 +240,10 @@ def launcher(box: Box) -> procs.Launcher:
     return launcher_for(box)
 
 
-def make_holder(host: HostContext, box: Box, config: RepoConfig) -> Holder:
-    """Start the box's holder with what it must see, and record it (run/sandbox.json)."""
+def make_holder(host: HostContext, box: Box, config: RepoConfig,
+                started: Callable[[Holder], None] | None = None) -> Holder:
+    """Start the box's holder with what it must see, and record it (run/sandbox.json). `started`: told
+    once the holder runs (its namespaces exist), before its network is made."""
     from worktreebox.providers.sandbox.base import LEAF, Spec
 
     data = box.data[NAME]
@@ -248,7 +253,7 @@ def make_holder(host: HostContext, box: Box, config: RepoConfig) -> Holder:
     spec = Spec(box.id, Path(host.home), box.dir, binds(box, config, provider), network=data["network"],
                 gateway=config.database.mode != "none")
     leaf = cgroups.Leaf(host.home, box.id, LEAF) if cgroups.for_home(host.home) is not None else None
-    holder = provider.create(spec, cgroup=leaf)
+    holder = provider.create(spec, cgroup=leaf, started=started)
     if holder is None:
         raise WtboxError(f"The sandbox of box {box.id} could not be made.")
     return holder
@@ -371,9 +376,16 @@ def _host_forwards(box: Box, data: dict[str, Any]) -> list[Any]:
     return forwards
 
 
-def _made_net(host: HostContext, box: Box, config: RepoConfig) -> SandboxNet:
-    """The holder made, and its network as the supervisor enters it (root mode)."""
-    return daemon_net(host, box, make_holder(host, box, config))
+def _made_net(host: HostContext, box: Box, config: RepoConfig, started: Callable[[], None],
+              give: Callable[[SandboxNet], None]) -> None:
+    """Make the holder; as soon as it runs, give the supervisor its network (root mode: it enters it
+    itself) and say it runs (`started`): the supervisor starts and the worktree's view is mounted
+    while the holder's network (firewall, slirp4netns) is made."""
+    def running(holder: Holder) -> None:
+        give(daemon_net(host, box, holder))
+        started()
+
+    make_holder(host, box, config, running)
 
 
 @contextlib.contextmanager

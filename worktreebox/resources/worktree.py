@@ -62,7 +62,9 @@ class Worktree(Resource):
                 give_once(tree / "tree", owner)  # copy-up keeps owners: the box's user must own the tree's files
             add_worktree(box, c.origin.tip if c.origin else c.base_sha, checkout=False, owner=owner)
             if owner is not None:
-                c.wait_for("sandbox")  # the holder first, then the view: see holder_before_view
+                from worktreebox.resources.sandbox import HOLDER
+
+                c.wait_for(HOLDER)  # the holder first, then the view: see holder_before_view
             attach_view(provider, tree, box, c.origin.files if c.origin else None)
         if owner is not None:
             give(box.dir / "git", owner)

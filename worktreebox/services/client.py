@@ -115,15 +115,17 @@ class SandboxNet:
 
 
 def start_supervisor(box: Box, secrets: dict[str, str], specs: list[ServiceSpec], net: SandboxNet | None = None,
-                     *, wait: bool = True, later: Callable[[], SandboxNet] | None = None) -> int | None:
+                     *, wait: bool = True,
+                     later: Callable[[Callable[[SandboxNet], None]], None] | None = None) -> int | None:
     """Start the detached supervisor; specs and secrets go over a pipe to its stdin, nowhere else.
     With `net` (a sandboxed box) it starts in the box's network, with the host sockets of its
     forwards and the host's network namespace as inherited descriptors.
 
-    With `later` as well, the supervisor starts before the box's network exists: `later()` runs
-    while its Python starts (~0.2 s of imports, which then overlap the making of the holder: measured
-    in scripts/bench.py --only sandbox) and gives the rest; the supervisor enters `netns` itself
-    before it forks. If `later` fails, the waiting process is killed before it read anything."""
+    With `later` as well, the supervisor starts before the box's network exists: `later(give)` makes
+    it while the supervisor starts, and calls `give(net)` with the rest as soon as the network
+    namespace exists (its own work may go on: the supervisor starts meanwhile); the supervisor enters
+    `netns` itself before it forks. If `later` fails before it gave, the waiting process is killed
+    before it read anything."""
     box.logs_dir.mkdir(parents=True, exist_ok=True)
     box.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     for stale in (PID_FILE, control.SOCKET, control.STATE_FILE):
@@ -162,29 +164,41 @@ def start_supervisor(box: Box, secrets: dict[str, str], specs: list[ServiceSpec]
             zygote.fork_supervisor(home, box.id, env=env, cwd=pkg_parent, fds=passed)
         proc = forked or procs.spawn(argv, cwd=pkg_parent, env=env, stdin=subprocess.PIPE, pass_fds=passed,
                                      cgroup=leaf)
-        if net is not None:
-            if later is not None:
-                try:
-                    net = dataclasses.replace(later(), forwards=net.forwards)
-                except BaseException:
+        given: list[SandboxNet | None] = []
+
+        def give(made: SandboxNet | None) -> None:
+            if made is not None:
+                payload.launcher = made.launcher.to_json()
+                paired = zip(made.forwards, held, strict=True)
+                payload.forwards = [*(ForwardSpec(f.name, f.target, fd=s.fileno()) for f, s in paired), *made.inside]
+                payload.faults, payload.host_netns_fd, payload.netns = dict(made.faults), fds[0], made.netns
+            given.append(made)
+            assert proc.stdin is not None  # stdin=PIPE
+            try:
+                proc.stdin.write(json.dumps(payload.to_json()).encode())
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+
+        if later is None:
+            give(net)
+        else:
+            assert net is not None
+            first = net
+            try:
+                later(lambda made: give(dataclasses.replace(made, forwards=first.forwards)))
+                if not given:
+                    raise WtboxError(f"The network of {box.id} was never given to its supervisor.")
+            except BaseException:
+                if not given:
                     proc.kill()
                     proc.wait()
-                    raise
-            payload.launcher = net.launcher.to_json()
-            given = zip(net.forwards, held, strict=True)
-            payload.forwards = [*(ForwardSpec(f.name, f.target, fd=s.fileno()) for f, s in given), *net.inside]
-            payload.faults, payload.host_netns_fd, payload.netns = dict(net.faults), fds[0], net.netns
+                raise
     finally:
         for s in held:
             s.close()  # the supervisor holds them now
         for fd in fds:
             os.close(fd)
-    assert proc.stdin is not None  # stdin=PIPE
-    try:
-        proc.stdin.write(json.dumps(payload.to_json()).encode())
-        proc.stdin.close()
-    except BrokenPipeError:
-        pass
     rc = proc.wait()  # the launcher forks the real supervisor and exits at once
     if rc != 0:
         said = proc.error if isinstance(proc, zygote.Forked) else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +144,10 @@ class Sandbox:
 
         return os.geteuid(), os.getegid()
 
-    def create(self, spec: Spec, *, cgroup: cgroups.Leaf | None = None) -> Holder | None:
-        """Start the box's holder (and its network) and record it; None when there is nothing to hold."""
+    def create(self, spec: Spec, *, cgroup: cgroups.Leaf | None = None,
+               started: Callable[[Holder], None] | None = None) -> Holder | None:
+        """Start the box's holder (and its network) and record it; None when there is nothing to hold.
+        `started`: told once the holder runs, before its network is made."""
         raise NotImplementedError
 
     def command(self, holder: Holder | None, argv: list[str], *, cwd: Path | str) -> list[str]:

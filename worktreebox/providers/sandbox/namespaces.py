@@ -90,7 +90,8 @@ class Namespaces(Sandbox):
         return user.uid, user.gid
 
     # -- the holder
-    def create(self, spec: Spec, *, cgroup: cgroups.Leaf | None = None) -> Holder:
+    def create(self, spec: Spec, *, cgroup: cgroups.Leaf | None = None,
+               started: Callable[[Holder], None] | None = None) -> Holder:
         uid, gid = self.box_user()
         spec.run_dir.mkdir(parents=True, exist_ok=True)
         if self.mode == "root":
@@ -105,6 +106,8 @@ class Namespaces(Sandbox):
             os.close(exit_w)
             exit_w = -1
             try:
+                if started is not None:
+                    started(holder)  # (nothing of the box runs before the network below is made)
                 # the table first: nothing leaves the box before it is in place
                 network.apply_rules(holder, network.ruleset(spec.network, network.host_addresses(),
                                                             network.Outbound()))

@@ -4,6 +4,7 @@ the launcher adds nothing. `wtbox doctor` says so, loudly: a process of one box 
 signal and read everything of every other box."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from worktreebox.providers.sandbox.base import Holder, Sandbox, Spec
@@ -17,7 +18,8 @@ class Off(Sandbox):
     def probe(self) -> str | None:
         return None
 
-    def create(self, spec: Spec, *, cgroup: cgroups.Leaf | None = None) -> Holder | None:
+    def create(self, spec: Spec, *, cgroup: cgroups.Leaf | None = None,
+               started: Callable[[Holder], None] | None = None) -> Holder | None:
         return None
 
     def command(self, holder: Holder | None, argv: list[str], *, cwd: Path | str) -> list[str]:

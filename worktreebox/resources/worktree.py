@@ -204,13 +204,14 @@ class Worktree(Resource):
                 continue
             checked_out = _checked_out_branches(repo)
             proc = git.git(repo, "for-each-ref", "--format=%(refname:short)", "refs/heads/wtbox/", check=False)
-            for ref in proc.stdout.split():
+            refs = [r for r in proc.stdout.split() if is_box_id(r.removeprefix("wtbox/"))]
+            # A branch left without its worktree on purpose (rm --keep-branch, pick) that holds
+            # commits no other branch has is the user's work, not an orphan. (A sandboxed box's
+            # branch is checked out in its own git dir: with 300 boxes, one rev-list each was 1 s.)
+            users_work = git.refs_with_unique_commits(repo, [r for r in refs if r not in checked_out])
+            for ref in refs:
                 box_id = ref.removeprefix("wtbox/")
-                if not is_box_id(box_id):
-                    continue
-                # A branch left without its worktree on purpose (rm --keep-branch, pick) that holds
-                # commits no other branch has is the user's work, not an orphan.
-                if ref not in checked_out and git.unique_commits(repo, ref):
+                if ref in users_work:
                     continue
                 if ref not in checked_out:  # a sandboxed box's branch lives in its own git dir: whose box?
                     elsewhere = _of_other_homes(host) if elsewhere is None else elsewhere

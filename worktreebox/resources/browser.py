@@ -51,8 +51,9 @@ class Browser(Resource):
         c.facts["browser"] = {"cdp_url": chromium.cdp_url(inside), "port": inside}
 
     def destroy(self, host: HostContext, box: Box) -> None:
-        # Chromium is only ever started after its folder is made: no folder, nothing to look for.
-        if chromium.browser_dir(box.dir).exists() or (box.run_dir / chromium.PID_FILE).exists():
+        # Chromium is only ever started after its profile's folder is made: none, nothing to look for
+        # (browser/ alone is no sign: a sandboxed box has it from its start, bound into its sandbox).
+        if chromium.profile_dir(box.dir).exists() or (box.run_dir / chromium.PID_FILE).exists():
             chromium.stop(box.id, box.dir)
         shutil.rmtree(chromium.browser_dir(box.dir), ignore_errors=True)
         for name in (chromium.LOG_FILE, LOCK_FILE):

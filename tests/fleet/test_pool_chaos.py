@@ -33,6 +33,18 @@ ready = "tcp:{{{{ ports.web }}}}"
 '''
 
 
+def _kill_fillers(home) -> None:
+    from worktreebox.system import procfs
+
+    for pid in procfs.pids():
+        cmd = procfs.cmdline(pid)
+        if "worktreebox.fleet.pool" in cmd and str(home) in cmd:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def test_kill_dash_nine_of_filler_and_claims_then_gc(host, make_repo, wtbox_home):
     from worktreebox.box import hex_of
     from worktreebox.fleet import pool as P
@@ -60,9 +72,10 @@ def test_kill_dash_nine_of_filler_and_claims_then_gc(host, make_repo, wtbox_home
                 out = c.communicate(timeout=120)[0]
                 if c.returncode == 0:
                     claimed.append(json.loads(out))
-        ident = P._filler_identity(host, str(repo))
-        if ident:
-            os.kill(ident[0], signal.SIGKILL)
+        # Every filler, not only the recorded one: a claim's own ensure_filler may have started one
+        # that has not written its identity yet (it does so itself, once its Python is up), and it
+        # would make a pooled box while gc runs (this test failed so, now and then).
+        _kill_fillers(wtbox_home)
         time.sleep(0.2)
         subprocess.run([sys.executable, "-m", "worktreebox.cli.main", "gc", "--grace", "0"], env=env, check=True,
                        capture_output=True, timeout=180)

@@ -33,7 +33,12 @@ ready = "http://127.0.0.1:{{{{ ports.web }}}}/"
 class Running:
     def __init__(self, home: Path) -> None:
         (home / "run").mkdir(parents=True, mode=0o700, exist_ok=True)
-        started = zygote.start(str(home))
+        # as the CLI server starts it: with the server's umask (077), not its callers'
+        before = os.umask(0o077)
+        try:
+            started = zygote.start(str(home))
+        finally:
+            os.umask(before)
         assert started is not None
         self.alive_fd, self.pid = started
         self.socket = home / "run" / zygote.SOCKET
@@ -78,6 +83,11 @@ def _ignored(pid: int, sig: int) -> bool:
     return bool(int(mask, 16) & (1 << (sig - 1)))
 
 
+def _umask(pid: int) -> int:
+    return int(next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                    if line.startswith("Umask:")), 8)
+
+
 def _get(port: int) -> int:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
         return r.status
@@ -94,6 +104,8 @@ def test_a_forked_supervisor_runs_the_box_as_a_spawned_one_does(make_repo, host,
     assert _shared_dirty_kb(sup) > 1024
     # as a fresh Python: SIGPIPE ignored (a write to a closed socket raises instead of ending it)
     assert _ignored(sup, signal.SIGPIPE) and not _ignored(sup, signal.SIGTERM)
+    # the caller's umask, as a spawned supervisor inherits it (its services' files are made with it)
+    assert _umask(sup) == 0o022 == os.umask(os.umask(0o022))
     assert sup in {p.pid for p in procs.find_box_processes(box.id, box.dir)}  # found by its box's cgroup
     assert _get(box.ports["web"]) == 200  # its service, through its forward where sandboxed
     state = client.read_state(box)

@@ -22,14 +22,14 @@ client.supervisor_pid).
 Protocol (system/unixsock framing, run/zygote.sock in the home's 0700 run dir; the caller must be
 the zygote's uid):
 
-    client -> zygote    {"op": "supervisor", "home", "box_id", "env", "cwd", "fds": [n, ...]}
+    client -> zygote    {"op": "supervisor", "home", "box_id", "env", "cwd", "umask", "fds": [n, ...]}
                         + descriptors [payload (read end of a pipe), one per number in "fds"]
     launcher -> client  {"pid": <launcher>}, then {"exit": 0} once the supervisor is detached,
                         or {"exit": 1, "error": "<why>"}; end of file without it: it died.
     zygote -> client    {"refused": "<why>"} instead (the client starts the supervisor itself).
 
 The launcher (the zygote's child) becomes what `procs.spawn` made before: its own session, the
-box's supervisor cgroup leaf before anything else, the given environment and cwd, each
+box's supervisor cgroup leaf before anything else, the given environment, cwd and umask, each
 descriptor at the number the payload names, the payload as stdin, stdout and stderr /dev/null;
 then `supervisor.main`, which forks the supervisor and ends.
 """
@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from worktreebox.config.assets import PACKAGE_PARENT
-from worktreebox.system import unixsock
+from worktreebox.system import procfs, unixsock
 from worktreebox.system.codestamp import code_stamp, first_change
 
 SOCKET = "zygote.sock"  # in the home's run dir (the CLI server's, 0700)
@@ -136,7 +136,7 @@ def fork_supervisor(home: Path, box_id: str, *, env: dict[str, str], cwd: str, f
         conn.settimeout(ANSWER_TIMEOUT)
         unixsock.connect(conn, str(path))
         unixsock.send(conn, {"op": "supervisor", "home": str(home), "box_id": box_id, "env": env, "cwd": cwd,
-                             "fds": list(fds)}, fds=[payload_r, *fds])
+                             "umask": procfs.umask(), "fds": list(fds)}, fds=[payload_r, *fds])
         msg, _ = unixsock.recv(conn)
     except (OSError, unixsock.ProtocolError):
         conn.close()
@@ -291,6 +291,7 @@ def _launch(zygote: Zygote, conn: socket.socket, msg: dict, fds: list[int]) -> i
         if place is not None:
             place()  # before anything of the box runs here (as procs.spawn's preexec hook)
         os.chdir(msg["cwd"])
+        os.umask(int(msg["umask"]))  # the caller's, as a spawned supervisor inherits it (not the server's 077)
         os.environ.clear()
         os.environ.update(msg["env"])
         sys.argv = [sys.argv[0], home, box_id]

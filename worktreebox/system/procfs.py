@@ -154,6 +154,17 @@ def name_self(name: str) -> bool:
         return False
 
 
+def umask() -> int:
+    """This process's umask, read without setting it (os.umask sets it: another thread creating a
+    file meanwhile would get the value it was set to); os.umask where the kernel does not say."""
+    for line in (_read(_path("self", "status")) or b"").splitlines():
+        if line.startswith(b"Umask:"):
+            return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def cwd(pid: int) -> str | None:
     """A process's working directory (without the kernel's ' (deleted)' mark), None when unreadable."""
     try:

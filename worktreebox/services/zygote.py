@@ -294,6 +294,7 @@ def _launch(zygote: Zygote, conn: socket.socket, msg: dict, fds: list[int]) -> i
         os.umask(int(msg["umask"]))  # the caller's, as a spawned supervisor inherits it (not the server's 077)
         os.environ.clear()
         os.environ.update(msg["env"])
+        time.tzset()  # its TZ, as a fresh Python reads it (the random module reseeds itself at fork)
         sys.argv = [sys.argv[0], home, box_id]
     except Exception as e:
         _reply(conn, {"exit": 1, "error": f"{type(e).__name__}: {e}"})

@@ -1,12 +1,14 @@
 """The sandbox resource: a box's own processes, files and network, and the supervisor that joins it to the host.
 
-create(), in parallel with the checkout (boxes/ is a shared mount, so the worktree's view reaches
-the holder whenever it is mounted): the box's holder (providers/sandbox: bubblewrap, slirp4netns
-when the box goes online or has a database, its firewall), then its supervisor, started in the
-box's network with a forward per leased port (host 127.0.0.1:<leased> -> box 127.0.0.1:<inside>).
-The metrics store, OTLP receiver and browser wait for it (`Creation.wait_for("sandbox")`): they
-start in the box's network too. finish(): the database forward (box 127.0.0.1:5432 -> the host's
-PostgreSQL), once the database resource has said where that is.
+create(), in parallel with the checkout: the box's holder (providers/sandbox: bubblewrap, then
+its firewall and slirp4netns when the box goes online or has a database) and its supervisor,
+started in the box's network with a forward per leased port (host 127.0.0.1:<leased> -> box
+127.0.0.1:<inside>). As soon as bubblewrap runs (HOLDER) the supervisor gets its network and the
+worktree's view may be mounted (after the holder, never before: see worktree.holder_before_view),
+while the firewall and slirp4netns are made. The metrics store, OTLP receiver and browser wait
+for all of it (`Creation.wait_for("sandbox")`): they start in the box's network too.
+finish(): the database forward (box 127.0.0.1:5432 -> the host's PostgreSQL), once the database
+resource has said where that is.
 destroy(): SIGKILL the holder's pid 1 (every process of the box goes with it) and slirp4netns.
 discover(): boxes whose holder or slirp4netns is alive. revive(): a holder again after a reboot.
 

@@ -441,7 +441,7 @@ def test_gc_after_kill9_of_new_leaves_no_labelled_thing(docker_env, host, make_r
     ids = dockerenv.labelled_box_ids(wtbox_home)
     assert len(ids) == 1
     r = run_wtbox("gc", "--grace", "0s", "--json", check=False)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stdout + r.stderr  # (gc's own account of a failed action is in its JSON)
     for box_id in ids:
         assert _labelled(wtbox_home, box_id) == {"containers": [], "volumes": [], "networks": []}
     # The host's PostgreSQL is host-level: gc keeps it.
@@ -469,3 +469,36 @@ def test_a_backing_service_as_a_container(images, wtbox_home, make_repo, run_wtb
     assert dockerenv.find_labelled(wtbox_home, box["id"], c=dockerenv.client())["containers"] == []
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_two_sweeps_of_one_box_at_once_both_succeed(images, wtbox_home):
+    """A box's metrics store and backing services are removed in parallel (Host._destroy), and each
+    provider sweeps every container of the box: the second DELETE of one container got "removal
+    ... is already in progress" (409), and gc reported the box's removal incomplete (CI failed so)."""
+    c = dockerenv.client()
+    box_id = "swept-0000cafe"
+    labels = dockerenv.labels(wtbox_home, box_id)
+    for i in range(3):
+        volume = c.volumes.create(labels=labels)
+        c.containers.run(images["vm"], entrypoint=["sleep", "60"], labels=labels, detach=True,
+                         volumes={volume.name: {"bind": f"/data{i}", "mode": "rw"}})
+    errors: list[BaseException] = []
+
+    def sweep() -> None:
+        try:
+            dockerenv.sweep_box(wtbox_home, box_id)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    try:
+        threads = [threading.Thread(target=sweep) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == []
+        assert dockerenv.find_labelled(wtbox_home, box_id, c=c) == {"containers": [], "volumes": [], "networks": []}
+    finally:
+        for kind, objs in dockerenv.find_labelled(wtbox_home, box_id, c=c).items():
+            for obj in objs:
+                obj.remove(force=True, v=True) if kind == "containers" else obj.remove()

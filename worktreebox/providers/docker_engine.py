@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -353,6 +354,10 @@ def port_conflict(e: BaseException) -> bool:
 # The Engine API on the unix socket through the one HTTP client: `rm` and `gc` call these for
 # every box, and the docker SDK alone costs ~170 ms to import.
 
+class DockerConflict(WtboxError):
+    """Docker answered 409: e.g. "removal of container … is already in progress"."""
+
+
 def _api(method: str, path: str, timeout: float = 30.0) -> Any:
     import json
 
@@ -364,8 +369,26 @@ def _api(method: str, path: str, timeout: float = 30.0) -> Any:
             msg = json.loads(reply.body).get("message", "")
         except ValueError:
             msg = reply.text()
-        raise WtboxError(f"Docker refused {method} {path.split('?')[0]}: {msg.strip()[:200]}.")
+        kind = DockerConflict if reply.status == 409 else WtboxError
+        raise kind(f"Docker refused {method} {path.split('?')[0]}: {msg.strip()[:200]}.")
     return json.loads(reply.body) if reply.body.strip() else None
+
+
+def _remove_container(container_id: str, timeout: float = 30.0) -> None:
+    """DELETE a container; when another removal of it is under way (the box's resources are removed
+    in parallel, and each docker provider sweeps the whole box), wait until that one is done."""
+    try:
+        _api("DELETE", f"/containers/{container_id}?force=1&v=1")
+        return
+    except DockerConflict as e:
+        if "in progress" not in str(e):
+            raise
+        conflict = e
+    deadline = time.monotonic() + timeout
+    while _api("GET", f"/containers/{container_id}/json") is not None:
+        if time.monotonic() > deadline:
+            raise conflict
+        time.sleep(0.05)
 
 
 def _raw_labelled(home: str | Path, box_id: str | None) -> dict[str, list[dict[str, Any]]]:
@@ -389,7 +412,7 @@ def sweep_box(home: str | Path, box_id: str) -> dict[str, int]:
         return remove_labelled(home, box_id)
     found = _raw_labelled(home, box_id)
     for ct in found["containers"]:
-        _api("DELETE", f"/containers/{ct['Id']}?force=1&v=1")
+        _remove_container(ct["Id"])
         counts["containers"] += 1
     for net in found["networks"]:
         _api("DELETE", f"/networks/{net['Id']}")

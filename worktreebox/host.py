@@ -429,9 +429,9 @@ class Host:
 
     def docker_report(self) -> dict[str, Any]:
         """`wtbox doctor`'s docker check: is Docker usable, which docker providers would work."""
-        from worktreebox.providers import docker_engine
+        from worktreebox.providers import docker_doctor
 
-        return docker_engine.doctor_report(self.home, self.config)
+        return docker_doctor.doctor_report(self.home, self.config)
 
     def destroy_orphan(self, box_id: str) -> None:
         """Destroy every piece of a box that has no (or a stale) registry row."""

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from worktreebox.context import HostContext
 
 PORT_OWNER = "@postgres"
+PREPARED = "wtbox.prepared"  # in the data dir: the shared database is made (ensure_running's last step)
 SYSTEM_USERS = ("postgres", "wtbox-pg")  # reused if present, in this order; else wtbox-pg is created
 _SOCKET_FILE = "/.s.PGSQL.65535"
 
@@ -187,15 +188,22 @@ class EmbeddedCluster(Server):
         return file_lock(self.lock_file, what="the embedded PostgreSQL start lock")
 
     def ensure_running(self) -> None:
-        """initdb once and start; idempotent and safe when many processes call it at once."""
+        """initdb once and start; idempotent and safe when many processes call it at once. Done
+        means the shared database is made too (PREPARED, written last): a first start killed
+        before that left a running cluster without it, which every later call took as done."""
         with self._locked():
-            if self.initialised and self.pg_ctl_status():
+            running = self.initialised and self.pg_ctl_status()
+            if running and (self.data_dir / PREPARED).exists():
                 return
             user = self._os_user()
             if not self.initialised:
                 self._initdb(user)
-            self._start(user)
+            if not running:
+                self._start(user)
             self._prepare_shared_db()
+            (self.data_dir / PREPARED).touch()
+            if user is not None:
+                os.chown(self.data_dir / PREPARED, user.uid, user.gid)
 
     def _initdb(self, user: _OsUser | None) -> None:
         # initdb into a scratch dir and rename: a crash mid-initdb leaves no half cluster behind.

@@ -39,6 +39,7 @@ import types
 
 from worktreebox import settings
 from worktreebox.cli import protocol as cliproto
+from worktreebox.system import unixsock
 from worktreebox.system.codestamp import code_stamp, first_change
 
 TICK = 1.0  # how often an idle server checks its home (and its idle time)
@@ -149,15 +150,7 @@ class Server:
     def _bind(self) -> tuple[socket.socket, int]:
         """Listen before preloading, so a command that arrives now waits for us instead of
         running in process and starting another server."""
-        path = cliproto.socket_path(self.home)
-        tmp = f"{path}.{os.getpid()}"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        cliproto.bind(s, tmp)  # a path of any length (unixsock)
-        s.listen(64)
-        os.rename(tmp, path)  # replaces a stale socket of a dead server at once
-        return s, os.stat(path).st_ino
+        return unixsock.listen(cliproto.socket_path(self.home))  # over a dead server's socket at once
 
     def serve(self) -> None:
         log(f"serving {self.home} (python {sys.executable}, idle exit after {self.idle:.0f} s)")
@@ -210,9 +203,7 @@ class Server:
 
     def _withdraw(self) -> None:
         """Take our socket away (if it still is ours) and give up the home's lock."""
-        with contextlib.suppress(OSError):
-            if os.stat(cliproto.socket_path(self.home)).st_ino == self.sock_ino:
-                os.unlink(cliproto.socket_path(self.home))
+        unixsock.withdraw(cliproto.socket_path(self.home), self.sock_ino)
         with contextlib.suppress(OSError):
             os.close(self.lock_fd)
 

@@ -187,18 +187,7 @@ class Zygote:
         self.home, self.alive_fd = home, alive_fd
         self.stamp = code_stamp()  # before importing: an edit made meanwhile counts
         self.path = str(Path(home) / "run" / SOCKET)
-        self.listener = self._bind()
-
-    def _bind(self) -> socket.socket:
-        tmp = f"{self.path}.{os.getpid()}"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        unixsock.bind(s, tmp)
-        s.listen(64)
-        os.rename(tmp, self.path)  # over a dead zygote's socket
-        self.ino = os.stat(self.path).st_ino
-        return s
+        self.listener, self.ino = unixsock.listen(self.path)  # over a dead zygote's socket at once
 
     def serve(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self._leave("SIGTERM"))
@@ -223,9 +212,7 @@ class Zygote:
 
     def _leave(self, why: str) -> None:
         log(f"exiting: {why}")
-        with contextlib.suppress(OSError):
-            if os.stat(self.path).st_ino == self.ino:
-                os.unlink(self.path)
+        unixsock.withdraw(self.path, self.ino)
         os._exit(0)
 
     def _handle(self, conn: socket.socket) -> str | None:

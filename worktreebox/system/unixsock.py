@@ -24,6 +24,7 @@ from worktreebox.system import procfs
 TYPE_CHECKING = False  # not typing's: importing typing costs the launcher ~5 ms
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
+    from typing import Any
 
 MAX_MESSAGE = 16 << 20
 SUN_PATH_MAX = 107  # sun_path is 108 bytes with its NUL
@@ -118,6 +119,34 @@ def bind(sock: _socket.socket, path: str) -> None:
 
 def connect(sock: _socket.socket, path: str) -> None:
     _at(path, sock.connect)
+
+
+def listen(path: str, backlog: int = 64) -> tuple[Any, int]:
+    """A listening socket at `path` (a socket.socket, close-on-exec) and the inode it has there:
+    bound under a temporary name, then renamed over `path`, so a dead server's stale socket is
+    replaced at once and a caller never finds no socket at all. (The CLI server, the zygote.)"""
+    import socket  # not at import: the launcher imports this module and never listens
+
+    tmp = f"{path}.{os.getpid()}"
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    bind(s, tmp)
+    s.listen(backlog)
+    os.rename(tmp, path)
+    return s, os.stat(path).st_ino
+
+
+def withdraw(path: str, ino: int) -> None:
+    """Remove the socket at `path` if it is still the one listen() made (inode `ino`): a successor's
+    socket, renamed over ours meanwhile, stays."""
+    try:
+        if os.stat(path).st_ino == ino:
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 def _at(path: str, call: Callable[[str], None]) -> None:

@@ -272,11 +272,10 @@ def _launch(zygote: Zygote, conn: socket.socket, msg: dict, fds: list[int]) -> i
     conn = _above(conn, fds, msg["fds"])
     try:
         unixsock.send(conn, {"pid": os.getpid()})
-        from worktreebox.system import cgroups
+        from worktreebox.system import cgroups, procs
 
-        place = cgroups.placement(cgroups.Leaf(home, box_id, cgroups.SUPERVISOR))
-        if place is not None:
-            place()  # before anything of the box runs here (as procs.spawn's preexec hook)
+        # before anything of the box runs here, as procs.spawn's hook places a spawned one
+        procs.enter_cgroup(cgroups.Leaf(home, box_id, cgroups.SUPERVISOR))
         os.chdir(msg["cwd"])
         os.umask(int(msg["umask"]))  # the caller's, as a spawned supervisor inherits it (not the server's 077)
         os.environ.clear()

@@ -471,10 +471,14 @@ def test_a_backing_service_as_a_container(images, wtbox_home, make_repo, run_wtb
         assert s.connect_ex(("127.0.0.1", port)) != 0
 
 
-def test_two_sweeps_of_one_box_at_once_both_succeed(images, wtbox_home):
+@pytest.mark.parametrize("way", ["engine API", "SDK"])
+def test_two_sweeps_of_one_box_at_once_both_succeed(images, wtbox_home, monkeypatch, way):
     """A box's metrics store and backing services are removed in parallel (Host._destroy), and each
     provider sweeps every container of the box: the second DELETE of one container got "removal
-    ... is already in progress" (409), and gc reported the box's removal incomplete (CI failed so)."""
+    ... is already in progress" (409), and gc reported the box's removal incomplete (CI failed so).
+    Both ways a sweep goes: the Engine API on the local socket, the SDK where there is none."""
+    if way == "SDK":
+        monkeypatch.setattr(dockerenv, "_socket_path", lambda: None)
     c = dockerenv.client()
     box_id = "swept-0000cafe"
     labels = dockerenv.labels(wtbox_home, box_id)

@@ -13,6 +13,7 @@ path of `wtbox doctor` and of the resources, not of `wtbox ls`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import time
@@ -329,7 +330,11 @@ def remove_labelled(home: str | Path, box_id: str | None = None, *, host_level: 
             except docker.errors.NotFound:
                 pass
             except docker.errors.APIError as e:
-                raise WtboxError(f"Cannot remove docker {kind[:-1]} {_name(obj)}: {first_line(e)}.") from None
+                error = WtboxError(f"Cannot remove docker {kind[:-1]} {_name(obj)}: {first_line(e)}.")
+                if kind != "containers" or not _removal_in_progress(str(e)):
+                    raise error from None
+                _wait_removed(functools.partial(_sdk_gone, obj, docker.errors.NotFound), error)
+                counts[kind] += 1
     return counts
 
 
@@ -373,21 +378,37 @@ def _api(method: str, path: str, timeout: float = 30.0) -> Any:
     return json.loads(reply.body) if reply.body.strip() else None
 
 
-def _remove_container(container_id: str, timeout: float = 30.0) -> None:
-    """DELETE a container; when another removal of it is under way (the box's resources are removed
-    in parallel, and each docker provider sweeps the whole box), wait until that one is done."""
+def _remove_container(container_id: str) -> None:
+    """DELETE a container; when another removal of it is under way, wait until that one is done."""
     try:
         _api("DELETE", f"/containers/{container_id}?force=1&v=1")
-        return
     except DockerConflict as e:
-        if "in progress" not in str(e):
+        if not _removal_in_progress(str(e)):
             raise
-        conflict = e
+        _wait_removed(lambda: _api("GET", f"/containers/{container_id}/json") is None, e)
+
+
+def _removal_in_progress(error: str) -> bool:
+    """Docker's 409 for a container another request is removing: the box's resources are removed in
+    parallel (Host._destroy), and each docker provider sweeps every container of the box."""
+    return "removal of container" in error and "already in progress" in error
+
+
+def _wait_removed(gone: Callable[[], bool], error: Exception, timeout: float = 30.0) -> None:
+    """Until the other removal is done; `error` if it is not within `timeout`."""
     deadline = time.monotonic() + timeout
-    while _api("GET", f"/containers/{container_id}/json") is not None:
+    while not gone():
         if time.monotonic() > deadline:
-            raise conflict
+            raise error
         time.sleep(0.05)
+
+
+def _sdk_gone(obj: Any, not_found: type[Exception]) -> bool:
+    try:
+        obj.reload()
+    except not_found:
+        return True
+    return False
 
 
 def _raw_labelled(home: str | Path, box_id: str | None) -> dict[str, list[dict[str, Any]]]:

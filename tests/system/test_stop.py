@@ -6,6 +6,7 @@ import sys
 import time
 
 import pytest
+from helpers import wait_for
 
 from worktreebox.settings import kill_wait
 from worktreebox.system import procs
@@ -33,12 +34,7 @@ def group(script: str) -> subprocess.Popen:
 def all_gone(pids: list[int]) -> bool:
     """The stop waits for each group's leader; the rest of a group, sent SIGKILL, ends when the
     kernel next runs it: under load a few milliseconds later (CI failed on asserting it at once)."""
-    deadline = time.monotonic() + 5.0
-    while any(procs.pid_alive(p) for p in pids):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
+    return wait_for(lambda: not any(procs.pid_alive(p) for p in pids), timeout=5.0, every=0.005)
 
 
 def members(proc: subprocess.Popen) -> list[int]:

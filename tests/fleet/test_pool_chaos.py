@@ -13,6 +13,8 @@ import time
 import pytest
 from helpers import CORE_TOML, chaos_rng, git, remove_all_boxes
 
+from worktreebox.system import procs
+
 pytestmark = pytest.mark.chaos
 
 ROUNDS = int(os.environ.get("WTBOX_POOL_CHAOS_ROUNDS", "6"))
@@ -31,18 +33,6 @@ ports = ["web"]
 cmd = "{sys.executable} server.py {{{{ ports.web }}}}"
 ready = "tcp:{{{{ ports.web }}}}"
 '''
-
-
-def _kill_fillers(home) -> None:
-    from worktreebox.system import procfs
-
-    for pid in procfs.pids():
-        cmd = procfs.cmdline(pid)
-        if "worktreebox.fleet.pool" in cmd and str(home) in cmd:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def test_kill_dash_nine_of_filler_and_claims_then_gc(host, make_repo, wtbox_home):
@@ -75,7 +65,7 @@ def test_kill_dash_nine_of_filler_and_claims_then_gc(host, make_repo, wtbox_home
         # Every filler, not only the recorded one: a claim's own ensure_filler may have started one
         # that has not written its identity yet (it does so itself, once its Python is up), and it
         # would make a pooled box while gc runs (this test failed so, now and then).
-        _kill_fillers(wtbox_home)
+        procs.kill_mentioning(f"worktreebox.fleet.pool\0{wtbox_home}\0")  # (argv: -m MODULE HOME REPO)
         time.sleep(0.2)
         subprocess.run([sys.executable, "-m", "worktreebox.cli.main", "gc", "--grace", "0"], env=env, check=True,
                        capture_output=True, timeout=180)

@@ -49,7 +49,7 @@ class Running:
         if self.alive_fd >= 0:
             os.close(self.alive_fd)
             self.alive_fd = -1
-        wait_for(lambda: not _alive(self.pid), timeout=10, every=0.05)
+        wait_for(lambda: not procs.pid_alive(self.pid), timeout=10, every=0.05)
 
 
 @pytest.fixture
@@ -57,13 +57,6 @@ def running(wtbox_home):
     z = Running(wtbox_home)
     yield z
     z.end()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def _forked(pid: int) -> bool:
@@ -120,16 +113,16 @@ def test_a_forked_supervisor_runs_the_box_as_a_spawned_one_does(make_repo, host,
     assert wait_for(lambda: _get(box.ports["web"]) == 200, timeout=20), "the service again"
 
     host.rm(box.id, force=True)
-    assert not _alive(again)
+    assert not procs.pid_alive(again)
     assert procs.find_box_processes(box.id, box.dir) == []
-    assert _alive(running.pid)  # the zygote serves the next box
+    assert procs.pid_alive(running.pid)  # the zygote serves the next box
 
 
 def test_a_stale_socket_or_a_zygote_that_refuses_leaves_new_working(make_repo, host, running):
     repo = make_repo(toml=SERVICE_TOML)
     # the zygote killed: its socket stays, nobody answers; the supervisor starts as its own Python
     os.kill(running.pid, signal.SIGKILL)
-    wait_for(lambda: not _alive(running.pid), timeout=10)
+    wait_for(lambda: not procs.pid_alive(running.pid), timeout=10)
     assert running.socket.exists()
     box = host.new("stale", repo=repo)
     sup = client.supervisor_pid(box)
@@ -151,7 +144,7 @@ def test_changed_code_makes_the_zygote_refuse_and_end(make_repo, host, running):
     finally:
         os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert asked is None  # refused: the caller starts the supervisor itself
-    assert wait_for(lambda: not _alive(running.pid), timeout=10), "the zygote's end"
+    assert wait_for(lambda: not procs.pid_alive(running.pid), timeout=10), "the zygote's end"
     assert "spec.py changed" in (host.home / "run" / zygote.LOG).read_text()
     assert not running.socket.exists()  # taken away: the next client does not wait on it
     box = host.new("changed", repo=repo)
@@ -178,9 +171,9 @@ def test_the_zygote_ends_with_its_server_and_refuses_another_uid(wtbox_home, run
     unixsock.send(s, {"op": "something else"})
     msg, _ = unixsock.recv(s)
     s.close()
-    assert "refused" in msg and _alive(running.pid)
+    assert "refused" in msg and procs.pid_alive(running.pid)
     running.end()  # the server's end of the pipe closes
-    assert not _alive(running.pid)
+    assert not procs.pid_alive(running.pid)
     assert "its CLI server ended" in (wtbox_home / "run" / zygote.LOG).read_text()
 
 
@@ -212,4 +205,4 @@ def test_a_served_new_gets_a_forked_supervisor(make_repo, wtbox_home):
         server.wait(10)
     zygotes = [p for p in procfs.pids() if "worktreebox.services.zygote" in " ".join(procfs.cmdline(p))
                and str(wtbox_home) in " ".join(procfs.cmdline(p))]
-    assert wait_for(lambda: not any(_alive(p) for p in zygotes), timeout=10), "the zygote outlived its server"
+    assert wait_for(lambda: not any(procs.pid_alive(p) for p in zygotes), timeout=10), "the zygote outlived its server"

@@ -312,3 +312,25 @@ def test_a_pooled_box_is_claimed_only_when_its_fingerprint_is_a_fresh_boxs(phost
     same = json.loads(run_wtbox("new", "same", "--json", cwd=repo, env={"REPRO_SHELL_VAR": "made-ahead"}).stdout)
     assert same["from_pool"] is True and same["pool"]["claimed"] is True
     assert same["fingerprint"]["parts"]["env"]["REPRO_SHELL_VAR"] == "made-ahead"
+
+
+def test_a_claim_that_dies_before_its_branch_is_renamed_leaves_no_branch(phost, make_repo, monkeypatch):
+    """A claim renames the pooled box's dir (its old name kept as a symlink), then its branch. Ended
+    in between (kill -9, or a failure rolled back), the box's removal skipped everything under the
+    old name, the symlink's, so `wtbox/pool-<hex>` stayed: gc after pool_chaos's kills found it."""
+    from worktreebox.errors import WtboxError
+    from worktreebox.fleet import pool as P
+
+    repo = make_repo({"server.py": SERVER}, toml=toml())
+    fill(phost, repo, 1)
+    (pool_box,) = P.pool_boxes(phost)
+
+    def dies(*args, **kwargs):
+        raise WtboxError("the claim died here")
+
+    monkeypatch.setattr(P, "_rename_branch", dies)
+    assert P.claim(phost, "dies", P.resolve_target(repo)) is None  # removed; the caller makes a fresh box
+    assert phost.list() == []
+    branches = git(repo, "for-each-ref", "--format=%(refname:short)", "refs/heads/wtbox/").split()
+    assert branches == []
+    assert not (phost.boxes_dir / pool_box.id).exists() and not (phost.boxes_dir / pool_box.id).is_symlink()

@@ -64,7 +64,7 @@ def test_kill_dash_nine_of_filler_and_claims_then_gc(host, make_repo, wtbox_home
                     claimed.append(json.loads(out))
         # Every filler, not only the recorded one: a claim's own ensure_filler may have started one
         # that has not written its identity yet (it does so itself, once its Python is up), and it
-        # would make a pooled box while gc runs (this test failed so, now and then).
+        # would make a pooled box while gc runs.
         procs.kill_mentioning(f"worktreebox.fleet.pool\0{wtbox_home}\0")  # (argv: -m MODULE HOME REPO)
         time.sleep(0.2)
         subprocess.run([sys.executable, "-m", "worktreebox.cli.main", "gc", "--grace", "0"], env=env, check=True,
@@ -78,7 +78,8 @@ def test_kill_dash_nine_of_filler_and_claims_then_gc(host, make_repo, wtbox_home
             assert git(b.path, "rev-parse", "--abbrev-ref", "HEAD").strip() == b.branch
         # nothing found on the host that no registry box answers for
         owners = _owners(boxes)
-        assert {i for i in discover_all(host) if i not in owners} == set()
+        found = discover_all(host)
+        assert {i for i in found if i not in owners} == set(), {i: found[i] for i in found if i not in owners}
         for entry in (wtbox_home / "boxes").iterdir():
             assert entry.name in owners, entry
             if entry.is_symlink():

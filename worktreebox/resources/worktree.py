@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from worktreebox.box import is_box_id
+from worktreebox.box import branch_name, is_box_id
 from worktreebox.errors import WtboxError
 from worktreebox.resources.base import Creation, Resource, warn
 from worktreebox.system import git
@@ -158,7 +158,11 @@ class Worktree(Resource):
                 git.git(repo, "worktree", "prune", check=False)
             if box.data.get("keep_branch"):
                 continue
-            git.git(repo, "branch", "-D", box.branch, check=False)
+            # A claimed pool box's branch under its pool name too: the claim renames the branch after
+            # the dir, so one that ended in between left it there (deleted here, after the worktree
+            # that has it checked out; the missing one of the two is no error to wait for).
+            old = [branch_name(box.alias)] if box.alias else []
+            git.git(repo, "branch", "-D", box.branch, *old, check=False)
         if box.path.exists():
             shutil.rmtree(box.path, ignore_errors=True)
         if box.path.exists():

@@ -175,6 +175,7 @@ def box_cgroups_cpu(home: Path) -> tuple[float, int]:
     sys.path.insert(0, str(ROOT))
     from worktreebox.host import Host
     from worktreebox.system import cgroups
+    from worktreebox.telemetry import store_sleep
 
     backend = cgroups.for_home(home)
     if backend is None:
@@ -182,7 +183,7 @@ def box_cgroups_cpu(home: Path) -> tuple[float, int]:
     total, asleep = 0.0, 0
     for box in Host(home).list():
         total += backend.cpu_seconds(box.id) or 0.0
-        asleep += backend.asleep(box.id, cgroups.METRICS)
+        asleep += store_sleep.asleep(box.run_dir)
     return total, asleep
 
 

@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from worktreebox.errors import WtboxError
+from worktreebox.resources import metrics
 from worktreebox.resources import services as svc
 from worktreebox.resources.browser import snapshot
 from worktreebox.resources.ports import url_for
@@ -64,7 +65,7 @@ def restart_services(host: HostContext, box: Box) -> dict[str, Any]:
 def run_probe(host: HostContext, box: Box, target: str, n: int, concurrency: int) -> dict[str, Any]:
     """`--probe PATH` of one attempt: the probe's figures (recorded in the box's metrics), or the error."""
     try:
-        r = measure(box, url_for(host, box, target), n=n, concurrency=concurrency)
+        r = measure(box, url_for(host, box, target), n=n, concurrency=concurrency, wake=metrics.wake)
     except WtboxError as e:
         return {"error": str(e)}
     return {k: r.get(k) for k in PROBE_KEYS}

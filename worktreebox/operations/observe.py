@@ -45,10 +45,12 @@ def logs(host: Host, box: str | None, service: str | Sequence[str] = (), since: 
 def metrics(host: Host, box: str | None, query: str | None = None, range: str | None = None,
             step: str = "15s") -> dict:
     """A PromQL/MetricsQL query over the box's own store; without one, {metric_names}."""
+    from worktreebox.resources.metrics import wake
     from worktreebox.services.client import collect_now
     from worktreebox.telemetry import metrics as store
 
     b = host.get(box)
+    wake(b)  # a calm box's store sleeps (telemetry/store_sleep.py)
     collect_now(b)  # a calm box's own metrics are pushed rarely (supervisor.COLLECT_CALM): fresh ones first
     if not query:
         return {"metric_names": store.series_names(b)}
@@ -84,11 +86,12 @@ def traces(host: Host, box: str | None, service: str | None = None, name: str | 
 def probe(host: Host, box: str | None, target: str, n: int = 200, concurrency: int = 4, method: str = "GET",
           data: str | None = None) -> dict:
     """Latency of a URL or PATH of the box, recorded as a histogram in its metrics."""
+    from worktreebox.resources.metrics import wake
     from worktreebox.resources.ports import url_for
     from worktreebox.telemetry.probe import measure
 
     b = host.get(box)
-    return measure(b, url_for(host, b, target), n=n, concurrency=concurrency, method=method, data=data)
+    return measure(b, url_for(host, b, target), n=n, concurrency=concurrency, method=method, data=data, wake=wake)
 
 
 def browse(host: Host, box: str | None, target: str = "/", screenshot: str | None = None, full_page: bool = False,

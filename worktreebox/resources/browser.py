@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from worktreebox.errors import WtboxError
-from worktreebox.resources import ports
+from worktreebox.resources import metrics, ports
 from worktreebox.resources.base import Creation, Resource
 from worktreebox.system.fsutil import file_lock
 from worktreebox.telemetry import browser as chromium
-from worktreebox.telemetry import store_sleep
 
 if TYPE_CHECKING:
     from worktreebox.box import Box
@@ -161,7 +160,8 @@ def browse(host: HostContext, box: Box, url: str, opts: chromium.PageOptions, dr
     url = ports.seen_inside(box, url)  # the box's Chromium loads what its processes see
     metrics_url = (box.data.get("metrics") or {}).get("url")
     if metrics_url:
-        store_sleep.wake(box)  # the load is recorded there
+        with contextlib.suppress(WtboxError):  # the load is recorded there; if it cannot be, the record says so
+            metrics.wake(box)
     with session(host, box, progress) as s:
         driver.start()  # while a cold Chromium starts
         s.ready()

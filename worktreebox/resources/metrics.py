@@ -78,13 +78,14 @@ class Metrics(Resource):
         names = [*(n for s in stores for n in s.processes), VECTOR]
         pid_files = [*(f for s in stores for f in s.pid_files), VECTOR_PID]
         if data or box.metrics_dir.exists() or any((box.run_dir / f).exists() for f in pid_files):
-            store_sleep.wake(box)  # a frozen process takes no signal (cgroup v1)
-            # The store's and Vector's detached processes in one staged stop (one wait, not two).
+            # The store's and Vector's detached processes in one staged stop (one wait, not two); a
+            # sleeping store has none (and a supervisor that was waking it was stopped before this).
             procs.stop_named(box.id, run_dir=box.run_dir, names=names, pid_files=pid_files)
         for s in stores:
             s.remove(box)
         shutil.rmtree(box.metrics_dir, ignore_errors=True)
-        for name in (SCRAPE_FILE, VECTOR_FILE, STORE_LOG, "vector.log"):
+        for name in (SCRAPE_FILE, VECTOR_FILE, STORE_LOG, "vector.log", store_sleep.RECIPE, store_sleep.ASLEEP,
+                     store_sleep.READ_STAMP, store_sleep.LOCK):
             (box.run_dir / name).unlink(missing_ok=True)
         shutil.rmtree(box.run_dir / "vector", ignore_errors=True)
 
@@ -101,11 +102,38 @@ class Metrics(Resource):
         data = box.data.get(self.name)
         if not data:
             return None
-        # A sleeping store is up (frozen while its box is quiet: store_sleep.py); asking it would wake it.
-        sleeping = store_sleep.asleep(box)
+        # A sleeping store is stopped on purpose while its box is quiet (store_sleep.py): not down.
+        sleeping = store_sleep.asleep(box.run_dir)
         out = {"url": data["url"], "up": sleeping or healthy(data["url"], timeout=0.5), "asleep": sleeping,
                "provider": data.get("provider", "native"), "collector": data.get("collector", "builtin")}
         return {"metrics": out}
+
+
+def wake(box: Box) -> None:
+    """Make the box's store answer (before a query, a probe's record, a browse's): say it was read
+    (the supervisor keeps it awake READ_LINGER), and start it again if it sleeps: through the box's
+    supervisor, which runs in the box's network; from here for an unsandboxed box without one."""
+    if not (box.data.get("metrics") or {}).get("url"):
+        return
+    store_sleep.stamp_read(box.run_dir)
+    if not store_sleep.asleep(box.run_dir):
+        return
+    from worktreebox.errors import WtboxError
+    from worktreebox.providers.sandbox import sandboxed
+    from worktreebox.services import client, control
+
+    if client.supervisor_pid(box) is not None:
+        try:
+            client.checked(client.control_request(box, control.WAKE_STORE, timeout=store_sleep.WAKE_TIMEOUT + 5))
+            return
+        except (OSError, ValueError) as e:
+            if client.supervisor_pid(box) is not None:
+                raise WtboxError(f"The metrics store of {box.id} sleeps and its supervisor could not start it "
+                                 f"({str(e).rstrip('.')}).") from None
+    if sandboxed(box):
+        raise WtboxError(f"The metrics store of {box.id} sleeps and its supervisor is not running; "
+                         f"'wtbox up {box.id}' starts both again.")
+    store_sleep.box_store(box).wake(url=box.data["metrics"]["url"])
 
 
 def in_box_network(c: Creation) -> procs.Launcher:

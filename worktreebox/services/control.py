@@ -37,6 +37,7 @@ STATUS, UP, DOWN, RESTART, ENV_SECRETS, STOP = "status", "up", "down", "restart"
 SERVICES, NET, FORWARD, UNFORWARD = "services", "net", "forward", "unforward"
 MAX_FDS = 1  # a request carries at most one descriptor (a forward's host socket)
 COLLECT = "collect"  # push the box's own metrics now (a query is coming)
+WAKE_STORE = "wake-store"  # start the box's sleeping metrics store again and answer once it does (store_sleep.py)
 
 
 @dataclasses.dataclass

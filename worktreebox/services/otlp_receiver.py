@@ -235,15 +235,10 @@ class Receiver:
         self._last_push_error = None
 
     def wake_store(self) -> None:
-        """The box's store may sleep while the box is quiet (telemetry/store_sleep.py)."""
+        """The box's store may sleep while the box is quiet (telemetry/store_sleep.py): the
+        supervisor's StoreSleep starts it again."""
         if self._wake_store is not None:
             self._wake_store()
-            return
-        from worktreebox.system import cgroups
-
-        backend = cgroups.for_home(self.box_dir.parent.parent)
-        if backend is not None and backend.asleep(self.box_id, cgroups.METRICS):
-            backend.sleep(self.box_id, cgroups.METRICS, False)
 
     def flusher(self) -> None:
         """Push the span histogram FLUSH_EVERY after spans came (batching what comes meanwhile)."""

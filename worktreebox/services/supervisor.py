@@ -230,6 +230,8 @@ class Supervisor:
             elif req.cmd == control.COLLECT:
                 self.check_oom()
                 self.collect()
+            elif req.cmd == control.WAKE_STORE:
+                self.wake_store()
             elif req.cmd == control.STOP:
                 self.stop_all()  # the reply is sent before the process exits (see _after)
             elif req.cmd == control.SERVICES:
@@ -298,11 +300,12 @@ class Supervisor:
 
         try:
             self.receiver = otlp_receiver.start(self.box_dir, self.box_id, self.otlp_port, self.metrics_url,
-                                                supervisor_secrets=lambda: self.secrets, wake_store=self._wake_store)
+                                                supervisor_secrets=lambda: self.secrets,
+                                                wake_store=self._store_for_push)
         except OSError as e:
             self.event("_otlp", "error", f"the OTLP endpoint cannot listen on 127.0.0.1:{self.otlp_port}: {e}")
 
-    def _wake_store(self) -> None:
+    def _store_for_push(self) -> None:
         if self.store_sleep is not None:
             self.store_sleep.for_push()
 
@@ -326,13 +329,24 @@ class Supervisor:
             self._watch_oom(backend)
         self._busy_watch.start()
 
+    def wake_store(self) -> None:
+        """A reader's request: the box's store answers when this returns (started again if it slept)."""
+        from worktreebox.errors import WtboxError
+        from worktreebox.telemetry.store_sleep import Store
+
+        try:
+            (self.store_sleep.store if self.store_sleep else Store(self.home, self.box_id, self.run_dir)).wake()
+        except WtboxError as e:
+            raise ValueError(str(e)) from None  # the reply's one sentence
+
     def _sleep_store(self) -> None:
         """A native store sleeps while the box is calm (store_sleep.py); known once the box env is."""
         if self._backend is not None and self.metrics_url and self.store_sleep is None:
-            from worktreebox.telemetry.store_sleep import StoreSleep, sleeps_here
+            from worktreebox.telemetry.store_sleep import Store, StoreSleep, sleeps_here
 
             if sleeps_here(self.run_dir):
-                self.store_sleep = StoreSleep(self._backend, self.box_id, self.run_dir)
+                self.store_sleep = StoreSleep(Store(self.home, self.box_id, self.run_dir),
+                                              report=lambda msg: self.event("_box", "error", msg))
 
     def _watch_oom(self, backend: cgroups.Cgroups) -> None:
         """Record an OOM kill as it happens (the kernel's event, no polling): a process that was not
@@ -408,8 +422,6 @@ class Supervisor:
             self.write_state()
         if self._busy_watch is not None:
             self._busy_watch.join(2.0)  # it makes the box a normal box again as it ends
-        if self.store_sleep is not None:
-            self.store_sleep.close()
         if self.net is not None:
             self.net.stop()
         self.write_state()

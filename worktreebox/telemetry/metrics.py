@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 from worktreebox.config.load import parse_duration
 from worktreebox.errors import UsageError, WtboxError
-from worktreebox.telemetry.store_sleep import wake
 from worktreebox.telemetry.vmclient import Client
 
 if TYPE_CHECKING:
@@ -22,7 +21,6 @@ def client_for(box: Box) -> Client:
     data = box.data.get("metrics") or {}
     if not data.get("url"):
         raise WtboxError(f"{box.id} has no metrics store: its wtbox.toml sets [observability] enabled = false.")
-    wake(box)  # a quiet box's store sleeps (store_sleep.py)
     return Client(data["url"], box_id=box.id)
 
 

@@ -7,6 +7,7 @@ import math
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from worktreebox.errors import UsageError, WtboxError
@@ -149,9 +150,10 @@ def _ms(seconds: float) -> float:
 
 
 def measure(box: Box, url: str, *, n: int = 200, concurrency: int = 4, method: str = "GET",
-            data: str | None = None) -> dict[str, Any]:
+            data: str | None = None, wake: Callable[[Box], None] = lambda box: None) -> dict[str, Any]:
     """`probe --json`: probe(url) for a box, recorded as a histogram in its metrics (`recorded`;
-    `not_recorded` says why not)."""
+    `not_recorded` says why not); `wake` makes the box's store answer first (it may sleep:
+    resources/metrics.wake)."""
     result = probe(url, n=n, concurrency=concurrency, method=method.upper(), data=data)
     result["id"] = result["box"] = box.id  # "box": the alias other results keep for one release
     result["recorded"] = False
@@ -160,8 +162,6 @@ def measure(box: Box, url: str, *, n: int = 200, concurrency: int = 4, method: s
         result["not_recorded"] = f"{box.id} has observability turned off"
         return result
     try:
-        from worktreebox.telemetry.store_sleep import wake
-
         wake(box)
         record(result, box.id, metrics_url)
         result["recorded"] = True

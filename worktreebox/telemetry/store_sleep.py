@@ -1,32 +1,44 @@
-"""A quiet box's VictoriaMetrics sleeps (frozen in its cgroup leaf) and wakes when it is needed.
+"""A quiet box's VictoriaMetrics sleeps (its process stopped) and is started again when it is needed.
 
 Why: an idle VictoriaMetrics 1.79 wakes ~45 times a second for its own timers (flushers, its
 clock, the free-disk-space watch) and so uses 1.0-1.4 milli-CPU whatever its flags (measured on
 our 2-core host: -search.disableCache, -fs.disableMmap, small caches, idle connection timeouts
-changed nothing): more than the whole budget of an idle box (issue 27: 1 milli-CPU). A frozen
-process uses none, keeps its memory and its data, and answers as soon as it is thawed.
+changed nothing): more than the whole budget of an idle box (issue 27: 1 milli-CPU). And it keeps
+18.6 MB of RSS (6.1 MB PSS), 12 MB of it its binary's code, whatever it does. A stopped store costs
+neither; its data is on disk (a SIGTERM flushes what it holds in memory), and it starts again in
+~20 ms (scripts/bench_scale.py; freezing it in its cgroup, what this did before, saved the CPU
+but none of the memory).
 
 It sleeps when the box has been calm (its processes, wtbox's own aside, used less than
 background.ACTIVE of a core at every look) for SLEEP_AFTER seconds and nobody read its metrics
-for READ_LINGER seconds. It wakes:
-- when wtbox reads or writes it: `wake(box)` (a `metrics` query, `probe`, `browse`) thaws it
-  and stamps run/metrics.read; the box's own process wakes it before each push (`for_push`);
-- when the box is active again (the box process's watch, one look every 4 s at most): an app
+for READ_LINGER seconds. Sleeping is a marker file (run/metrics.asleep, so `status`, `gc` and
+a new supervisor know a missing process is meant) and the process stopped. It is started again:
+- when wtbox reads or writes it (a `metrics` query, `probe`, `browse`: resources/metrics.wake,
+  through the box's supervisor, which runs in the box's network) and before the supervisor's
+  own pushes (`for_push`);
+- when the box is active again (the supervisor's watch, one look every 4 s at most): an app
   that serves requests gets scraped and may push as before.
-While it sleeps nothing is scraped: the box's scrapes back off to one per push of the box
-process (background's calm cadence), which is what a box nobody works in needs. An app that
-pushes to it while it sleeps waits for the next look (its own CPU makes the box active).
-Only the native store sleeps (a container's cgroup is Docker's); a host without a freezer never.
+While it sleeps nothing is scraped and its port is closed: an app that pushes to it then is
+refused until the next look wakes it (its own CPU makes the box active).
+
+The start again repeats the first start: `record` keeps the store's command line (its own
+flags, no launcher), directory and the variables wtbox gave it (no secret: ids and GOMAXPROCS)
+in run/; the supervisor runs it from inside the box's network as it is, the one other waker
+(an unsandboxed box without a supervisor) from the host's. Only the native store sleeps (a
+container's lifecycle is Docker's).
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from worktreebox.system import cgroups
+from worktreebox.errors import WtboxError
+from worktreebox.system import cgroups, procs, readiness
+from worktreebox.system.fsutil import atomic_write, file_lock
 
 if TYPE_CHECKING:
     from worktreebox.box import Box
@@ -35,39 +47,96 @@ SLEEP_AFTER = 30.0  # seconds of a calm box before its store sleeps
 READ_LINGER = 300.0  # a read keeps the store awake this long: someone is looking at the box
 PUSH_LINGER = 1.0  # after a push of the box process: time for the store to take it and scrape once
 READ_STAMP = "metrics.read"
+ASLEEP = "metrics.asleep"  # under run/: the store was stopped on purpose
+RECIPE = "metrics.start.json"  # under run/: how to start it again
+LOCK = "metrics.lock"  # under run/: one sleeper or waker at a time (the supervisor's threads, a CLI)
+WAKE_TIMEOUT = 15.0
 
 
-def wake(box: Box) -> None:
-    """Thaw the box's store, if it sleeps, and say it was read (before a query, a probe's record)."""
-    stamp = box.run_dir / READ_STAMP
-    try:
-        stamp.touch()  # first: a box process that froze it just now sees this and thaws it (StoreSleep.look)
-    except OSError:
-        pass
-    backend = cgroups.for_home(box.dir.parent.parent)
-    if backend is not None and backend.asleep(box.id, cgroups.METRICS):
-        backend.sleep(box.id, cgroups.METRICS, False)
+def record(run_dir: Path, argv: list[str], *, cwd: Path, env: dict[str, str], port: int, pid_file: str,
+           log_file: str, names: tuple[str, ...]) -> None:
+    """Keep how the store was started (the store's own command, without a launcher; `port`: where
+    it listens in its network; `env`: what wtbox added to its environment)."""
+    atomic_write(run_dir / RECIPE, json.dumps({"argv": argv, "cwd": str(cwd), "env": env, "port": port,
+                                                "pid_file": pid_file, "log_file": log_file, "names": list(names)}))
 
 
 def sleeps_here(run_dir: Path) -> bool:
-    """A native store (its pid file; a container's cgroup is Docker's), and no Vector beside it
-    in its leaf (Vector ships logs as they come: it must not sleep)."""
-    return (run_dir / "victoria-metrics.pid").exists() and not (run_dir / "vector.pid").exists()
+    """A native store started with a recipe, and no Vector beside it (Vector ships logs as they
+    come: it must not sleep)."""
+    return (run_dir / RECIPE).exists() and not (run_dir / "vector.pid").exists()
 
 
-def asleep(box: Box) -> bool:
-    backend = cgroups.for_home(box.dir.parent.parent)
-    return backend is not None and backend.asleep(box.id, cgroups.METRICS)
+def asleep(run_dir: Path) -> bool:
+    return (run_dir / ASLEEP).exists()
+
+
+def stamp_read(run_dir: Path) -> None:
+    """Say the store was read: the supervisor keeps it awake READ_LINGER from now."""
+    try:
+        (run_dir / READ_STAMP).touch()
+    except OSError:
+        pass
+
+
+class Store:
+    """A box's sleeping-capable store process: `sleep` stops it, `wake` starts it again from its recipe."""
+
+    def __init__(self, home: Path, box_id: str, run_dir: Path) -> None:
+        self.home, self.box_id, self.run_dir = home, box_id, run_dir
+
+    def asleep(self) -> bool:
+        return asleep(self.run_dir)
+
+    def sleep(self) -> None:
+        """Stop the store (a SIGTERM: it flushes), the marker first: whoever sees no process then knows why."""
+        with file_lock(self.run_dir / LOCK, what="the metrics store's sleep"):
+            recipe = self._recipe()
+            if recipe is None or self.asleep():
+                return
+            (self.run_dir / ASLEEP).touch()
+            procs.stop_named(self.box_id, run_dir=self.run_dir, names=recipe["names"], pid_files=[recipe["pid_file"]])
+
+    def wake(self, launcher: procs.Launcher | None = None, url: str | None = None) -> None:
+        """Start the store again if it sleeps, and wait until it answers (at `url`, default its own
+        port as seen from its network: the caller runs there, or passes a launcher that enters it)."""
+        with file_lock(self.run_dir / LOCK, what="the metrics store's sleep"):
+            recipe = self._recipe()
+            if recipe is None or not self.asleep():
+                return
+            log = self.run_dir / recipe["log_file"]
+            cmd = (launcher or procs.Launcher()).command(recipe["argv"], recipe["cwd"])
+            env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **recipe["env"]}
+            pid = procs.spawn_detached(cmd, env=env, log_path=log,
+                                       cgroup=cgroups.Leaf(self.home, self.box_id, cgroups.METRICS))
+            (self.run_dir / recipe["pid_file"]).write_text(f"{pid}\n")
+            health = f"{url or 'http://127.0.0.1:' + str(recipe['port'])}/health"
+            why = readiness.wait(readiness.HttpUrl(health, status=200), WAKE_TIMEOUT,
+                                 alive=readiness.process_alive(pid))
+            if why is not None:
+                said = procs.last_line(log, tidy=lambda line: line.rsplit("\t", 1)[-1])
+                raise WtboxError(f"The metrics store of box {self.box_id} did not start again ({why}: {said}).")
+            (self.run_dir / ASLEEP).unlink(missing_ok=True)
+
+    def _recipe(self) -> dict | None:
+        try:
+            return json.loads((self.run_dir / RECIPE).read_text())
+        except (OSError, ValueError):
+            return None
 
 
 class StoreSleep:
-    """The box process's side: puts the store to sleep and wakes it (see the module's doc)."""
+    """The supervisor's side: puts the store to sleep and wakes it (see the module's doc). The
+    marker is the truth: a waker from outside may have started the store meanwhile."""
 
-    def __init__(self, backend: cgroups.Cgroups, box_id: str, run_dir: Path,
-                 clock: Callable[[], float] = time.time) -> None:
-        self.backend, self.box_id, self.run_dir, self.clock = backend, box_id, run_dir, clock
-        self.asleep = backend.asleep(box_id, cgroups.METRICS)  # a killed predecessor may have left it so
+    def __init__(self, store: Store, clock: Callable[[], float] = time.time,
+                 report: Callable[[str], None] = lambda msg: None) -> None:
+        self.store, self.clock, self.report = store, clock, report
         self.awake_until = clock() + SLEEP_AFTER
+
+    @property
+    def asleep(self) -> bool:
+        return self.store.asleep()
 
     def look(self, active: bool) -> None:
         """After each look of the box watch: wake the store of an active box, put a calm one's to sleep."""
@@ -81,26 +150,32 @@ class StoreSleep:
             self._set(False)
         elif not self.asleep and now >= self.awake_until:
             self._set(True)
-            if self._read_at() != read:  # read while it was being frozen: the reader's thaw may be lost
+            if self._read_at() != read:  # read while it was being stopped: that reader waits for us
                 self._set(False)
 
     def for_push(self) -> None:
         """Before the box process pushes: awake, and for PUSH_LINGER after."""
         self.awake_until = max(self.awake_until, self.clock() + PUSH_LINGER)
-        if self.asleep or self.backend.asleep(self.box_id, cgroups.METRICS):
-            self._set(False)
-
-    def close(self) -> None:
-        """The box process ends: the store is left awake (rm and gc stop it with signals)."""
         if self.asleep:
             self._set(False)
 
+    def wake(self) -> None:
+        """Someone reads the store (a control request): awake now (the stamp keeps it so READ_LINGER);
+        a store that does not start says why."""
+        self.store.wake()
+
     def _set(self, on: bool) -> None:
-        if self.backend.sleep(self.box_id, cgroups.METRICS, on):
-            self.asleep = on
+        try:
+            self.store.sleep() if on else self.store.wake()
+        except WtboxError as e:
+            self.report(str(e))
 
     def _read_at(self) -> float | None:
         try:
-            return os.stat(self.run_dir / READ_STAMP).st_mtime
+            return os.stat(self.store.run_dir / READ_STAMP).st_mtime
         except OSError:
             return None
+
+
+def box_store(box: Box) -> Store:
+    return Store(box.dir.parent.parent, box.id, box.run_dir)

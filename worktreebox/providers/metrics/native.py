@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from worktreebox.errors import WtboxError
 from worktreebox.providers.metrics.base import MEMORY_ENV, MetricsStore, flags
 from worktreebox.system import cgroups, procs, readiness
+from worktreebox.telemetry import store_sleep
 
 if TYPE_CHECKING:
     from worktreebox.box import Box
@@ -62,12 +63,16 @@ def start(box_id: str, *, port: int, data_dir: Path, run_dir: Path, retention: s
     binary = find_binary()
     data_dir.mkdir(parents=True, exist_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = (launcher or procs.Launcher()).command([binary, *flags(listen or port, data_dir, retention, scrape_config)],
-                                                 data_dir)
+    argv = [binary, *flags(listen or port, data_dir, retention, scrape_config)]
+    cmd = (launcher or procs.Launcher()).command(argv, data_dir)
     # WTBOX_ID lets teardown find the process even when the pid file is lost; WTBOX_BOX_DIR tells
     # this home's boxes from another home's (every process of a box carries both).
-    env = {**os.environ, **MEMORY_ENV, "WTBOX_ID": box_id, "WTBOX_BOX_DIR": str(data_dir.parent)}
+    ours = {**MEMORY_ENV, "WTBOX_ID": box_id, "WTBOX_BOX_DIR": str(data_dir.parent)}
+    env = {**os.environ, **ours}
     log_path = run_dir / LOG_FILE
+    # how the box's supervisor starts it again after a sleep (telemetry/store_sleep.py)
+    store_sleep.record(run_dir, argv, cwd=data_dir, env=ours, port=listen or port, pid_file=PID_FILE,
+                       log_file=LOG_FILE, names=(BINARY,))
     pid = procs.spawn_detached(cmd, env=env, log_path=log_path, cgroup=cgroup)
     (run_dir / PID_FILE).write_text(f"{pid}\n")
     url = f"http://127.0.0.1:{port}"

@@ -228,7 +228,7 @@ class Cgroups:
         dirs = [d for d in self.box_dirs(box_id, leaf) if d.is_dir()]
         if not dirs:
             return set()
-        self._thaw_sleepers(box_id, leaf)
+        self._thaw_frozen(box_id, leaf)
         spare = set(spare)
         stuck = self._evict(dirs, spare)  # spared processes that could not leave: signal one by one
         killed = self.pids(box_id, leaf) - spare
@@ -258,10 +258,11 @@ class Cgroups:
             killed |= left
             time.sleep(0.005)
 
-    def _thaw_sleepers(self, box_id: str, leaf: str | None) -> None:
-        """Thaw leaves put to sleep (`sleep`): on v1 a frozen task takes no signal, not even SIGKILL."""
+    def _thaw_frozen(self, box_id: str, leaf: str | None) -> None:
+        """Thaw frozen leaves (a snapshot's, a disk_max stop, an older wtbox's sleeping store): on v1
+        a frozen task takes no signal, not even SIGKILL."""
         for name in [leaf] if leaf else self.leaves(box_id):
-            if self.asleep(box_id, name):
+            if self._is_frozen(box_id, name):
                 self._freeze(box_id, name, False)
 
     def freeze(self, box_id: str, on: bool, *, spare: Iterable[int] = ()) -> list[str]:
@@ -278,9 +279,9 @@ class Cgroups:
         return done
 
     def frozen(self, box_id: str) -> list[str]:
-        """Leaves of the box left frozen (by a snapshot that was killed half-way); not the store's,
-        which sleeps frozen on purpose while the box is quiet (`sleep`, telemetry/store_sleep.py)."""
-        return [leaf for leaf in self.leaves(box_id) if leaf != METRICS and self._is_frozen(box_id, leaf)]
+        """Leaves of the box left frozen (by a snapshot that was killed half-way; a sleeping store is
+        stopped, not frozen: telemetry/store_sleep.py)."""
+        return [leaf for leaf in self.leaves(box_id) if self._is_frozen(box_id, leaf)]
 
     def _is_frozen(self, box_id: str, leaf: str) -> bool:
         return False
@@ -350,14 +351,6 @@ class Cgroups:
 
     def cpu_seconds(self, box_id: str, leaf: str | None = None) -> float | None:
         """CPU used so far by the box (or one leaf): one file read, for a watch that looks often."""
-        raise NotImplementedError
-
-    # -- a leaf that sleeps (a quiet box's VictoriaMetrics: telemetry/store_sleep.py says why)
-    def sleep(self, box_id: str, leaf: str, on: bool) -> bool:
-        """Freeze (on) or thaw one leaf; False when this host cannot (no freezer)."""
-        return self._freeze(box_id, leaf, on)
-
-    def asleep(self, box_id: str, leaf: str) -> bool:
         raise NotImplementedError
 
     def freeze_box(self, box_id: str, on: bool, *, spare: Iterable[str] = (SUPERVISOR,)) -> None:

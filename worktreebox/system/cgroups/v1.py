@@ -121,10 +121,6 @@ class CgroupsV1(Cgroups):
         ns = to_int(read(acct / "cpuacct.usage")) if acct else None
         return ns / 1e9 if ns is not None else None
 
-    def asleep(self, box_id: str, leaf: str) -> bool:
-        d = self._dir("freezer", box_id, leaf)
-        return d is not None and read(d / "freezer.self_freezing").strip() == "1"
-
     def oom_kills(self, box_id: str) -> dict[str, int]:
         # v1 counts a kill only in the victim's own cgroup (the leaf), not in the box above it.
         out: dict[str, int] = {}

@@ -125,9 +125,6 @@ class CgroupsV2(Cgroups):
         usec = keyed(read(self.box_dirs(box_id, leaf)[0] / "cpu.stat")).get("usage_usec")
         return usec / 1e6 if usec is not None else None
 
-    def asleep(self, box_id: str, leaf: str) -> bool:
-        return read(self.box_dirs(box_id, leaf)[0] / "cgroup.freeze").strip() == "1"
-
     def oom_kills(self, box_id: str) -> dict[str, int]:
         out = {}
         for leaf in self.leaves(box_id):

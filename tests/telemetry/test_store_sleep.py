@@ -1,0 +1,94 @@
+"""A quiet box's store sleeps stopped (telemetry/store_sleep.py): a real box, a real VictoriaMetrics.
+
+The supervisor puts a store to sleep after SLEEP_AFTER calm seconds; these tests put it to sleep
+the same way (Store.sleep, what StoreSleep calls) without waiting for the clock, then read it as
+a user does."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import urllib.request
+
+import pytest
+from helpers import wait_for
+
+from worktreebox.providers.metrics import native as vm
+from worktreebox.system import procs
+from worktreebox.telemetry import store_sleep
+from worktreebox.telemetry.vmclient import Client
+
+pytestmark = pytest.mark.skipif(shutil.which("victoria-metrics") is None,
+                                reason="victoria-metrics is not installed (Debian package victoria-metrics)")
+
+BARE_TOML = '[database]\nmode = "none"\n'  # a store, the OTLP endpoint in the supervisor, no service
+
+
+@pytest.fixture(autouse=True)
+def own_port_range(monkeypatch):
+    lo = random.randrange(21000, 29000, 100)
+    monkeypatch.setenv("WTBOX_PORT_RANGE", f"{lo}-{lo + 99}")
+
+
+def _push_and_keep(url: str, text: str) -> None:
+    urllib.request.urlopen(urllib.request.Request(url + "/api/v1/import/prometheus", data=text.encode()), timeout=5)
+    Client(url).flush()
+
+
+def _store_pids(box_id: str) -> list[int]:
+    return [p.pid for p in vm.find_processes(box_id)]
+
+
+@pytest.mark.parametrize("sandbox", ["namespaces", "off"])
+def test_a_sleeping_store_is_stopped_and_a_read_starts_it_with_its_data(sandbox, monkeypatch, make_repo, run_wtbox,
+                                                                        wtbox_home):
+    monkeypatch.setenv("WTBOX_SANDBOX", sandbox)
+    repo = make_repo(toml=BARE_TOML)
+    box = json.loads(run_wtbox("new", "sleepy", "--repo", str(repo), "--json").stdout)
+    box_id, run_dir = box["id"], wtbox_home / "boxes" / box["id"] / "run"
+    url = json.loads(run_wtbox("status", box_id, "--json").stdout)["metrics"]["url"]
+    store = store_sleep.Store(wtbox_home, box_id, run_dir)
+    try:
+        _push_and_keep(url, "sleepy_mark 42\n")
+        assert _store_pids(box_id)
+        store.sleep()
+        # asleep: no process, the marker, and status says it sleeps rather than that it is down
+        assert _store_pids(box_id) == [] and store_sleep.asleep(run_dir)
+        status = json.loads(run_wtbox("status", box_id, "--json").stdout)["metrics"]
+        assert status["asleep"] is True and status["up"] is True
+        # a read starts it again (through the supervisor, in the box's network) with what it held
+        out = json.loads(run_wtbox("metrics", box_id, "sleepy_mark", "--json").stdout)
+        assert [r["value"][1] for r in out["result"]] == ["42"]
+        assert _store_pids(box_id) and not store_sleep.asleep(run_dir)
+        assert json.loads(run_wtbox("status", box_id, "--json").stdout)["metrics"]["asleep"] is False
+
+        # its supervisor killed while it sleeps
+        store.sleep()
+        supervisor = int((run_dir / "supervisor.pid").read_text().split()[0])
+        os.kill(supervisor, signal.SIGKILL)
+        assert wait_for(lambda: not procs.pid_alive(supervisor), timeout=5)
+        read = run_wtbox("metrics", box_id, "sleepy_mark", check=False)
+        if sandbox == "namespaces":  # only the supervisor runs in the box's network: one sentence
+            assert read.returncode != 0 and "Traceback" not in read.stderr
+            assert f"'wtbox up {box_id}'" in read.stderr and len(read.stderr.strip().splitlines()) == 1
+            run_wtbox("up", box_id)
+            read = run_wtbox("metrics", box_id, "sleepy_mark")
+        assert read.returncode == 0 and "42" in read.stdout  # unsandboxed, wtbox starts it on the host
+        assert _store_pids(box_id)
+    finally:
+        run_wtbox("rm", "--force", box_id)
+    assert _store_pids(box_id) == [] and not run_dir.exists()
+
+
+def test_rm_of_a_box_whose_store_sleeps_leaves_nothing(make_repo, run_wtbox, wtbox_home):
+    repo = make_repo(toml=BARE_TOML)
+    box = json.loads(run_wtbox("new", "sleeprm", "--repo", str(repo), "--json").stdout)
+    run_dir = wtbox_home / "boxes" / box["id"] / "run"
+    store_sleep.Store(wtbox_home, box["id"], run_dir).sleep()
+    assert _store_pids(box["id"]) == []
+    run_wtbox("rm", box["id"])
+    assert _store_pids(box["id"]) == [] and not run_dir.parent.exists()
+    gc = json.loads(run_wtbox("gc", "--dry-run", "--json").stdout)
+    assert box["id"] not in json.dumps(gc)

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from worktreebox.errors import WtboxError
 from worktreebox.secrets import Redactor, secret_values
 from worktreebox.services import control
 from worktreebox.services.boxnet import BoxNet, enter_network
@@ -62,8 +63,7 @@ __all__ = ["BACKOFF_CAP", "BACKOFF_START", "NO_CHECK_GRACE", "STABLE_AFTER", "Cl
 
 COLLECT_EVERY = 5.0  # seconds between pushes of the box's own metrics while it is active
 # ... while it is calm: a slow steady rate, and on demand (a `metrics` query asks first). Each push
-# wakes the box's sleeping store, and a store's wake costs more CPU than a push (its timers catch
-# up): every 60 s that was 0.8 milli-CPU per idle box, more than all the rest of it.
+# starts the box's sleeping store again (~25 ms of CPU; store_sleep.py), which it then lets sleep.
 COLLECT_CALM = 300.0
 OOM_SETTLE = 0.5  # seconds an OOM kill is given to free its victim's memory before the record is taken
 OWN_LEAVES = (cgroups.SUPERVISOR, cgroups.METRICS, cgroups.TRACES)  # wtbox's own: not the box's activity
@@ -75,11 +75,9 @@ class Supervisor:
 
     def __init__(self, home: Path, box_id: str, payload: SupervisorPayload, *, clock: Clock | None = None,
                  processes: Processes | None = None, check: ReadyCheck | None = None) -> None:
-        self.home = home
-        self.box_id = box_id
+        self.home, self.box_id = home, box_id
         self.box_dir = home / "boxes" / box_id
-        self.run_dir = self.box_dir / "run"
-        self.logs_dir = self.box_dir / "logs"
+        self.run_dir, self.logs_dir = self.box_dir / "run", self.box_dir / "logs"
         self.clock = clock or Clock()
         self.processes = processes or Processes(home, box_id, procs.Launcher.from_json(payload.launcher))
         self.net = BoxNet(payload.forwards, payload.faults) if payload.forwards else None
@@ -96,12 +94,10 @@ class Supervisor:
         self.services: dict[str, Service] = {}
         self.take(payload)
         self._state_lock = threading.Lock()
-        self._dirty = threading.Event()
-        self._done = threading.Event()
+        self._dirty, self._done = threading.Event(), threading.Event()
         self.started_at = self.clock.now()
         self.oom = cgroups.OomWatch(home, box_id)
-        self._collect_lock = threading.Lock()
-        self._oom_lock = threading.Lock()
+        self._collect_lock, self._oom_lock = threading.Lock(), threading.Lock()
         self._busy_watch: threading.Thread | None = None
         self.store_sleep: Any = None  # telemetry.store_sleep.StoreSleep of a box whose store can sleep
         self._backend: cgroups.Cgroups | None = None  # the box cgroups, when the watch has them
@@ -230,8 +226,10 @@ class Supervisor:
             elif req.cmd == control.COLLECT:
                 self.check_oom()
                 self.collect()
-            elif req.cmd == control.WAKE_STORE:
-                self.wake_store()
+            elif req.cmd == control.WAKE_STORE:  # a reader's: the store answers when this returns
+                from worktreebox.telemetry.store_sleep import Store
+
+                Store(self.home, self.box_id, self.run_dir).wake()
             elif req.cmd == control.STOP:
                 self.stop_all()  # the reply is sent before the process exits (see _after)
             elif req.cmd == control.SERVICES:
@@ -244,7 +242,7 @@ class Supervisor:
         except KeyError:
             known = ", ".join(self.services)
             return Response(ok=False, error=f"the box has no service {req.service!r}; it has: {known}")
-        except (ValueError, OSError) as e:  # UsageError is a ValueError too: a refusal in one sentence
+        except (ValueError, OSError, WtboxError) as e:  # UsageError is a ValueError too: a refusal in one sentence
             return Response(ok=False, error=str(e).rstrip("."))
         self.write_state()
         return Response(ok=True, services={n: s.info() for n, s in self.services.items()})
@@ -329,24 +327,13 @@ class Supervisor:
             self._watch_oom(backend)
         self._busy_watch.start()
 
-    def wake_store(self) -> None:
-        """A reader's request: the box's store answers when this returns (started again if it slept)."""
-        from worktreebox.errors import WtboxError
-        from worktreebox.telemetry.store_sleep import Store
-
-        try:
-            (self.store_sleep.store if self.store_sleep else Store(self.home, self.box_id, self.run_dir)).wake()
-        except WtboxError as e:
-            raise ValueError(str(e)) from None  # the reply's one sentence
-
     def _sleep_store(self) -> None:
         """A native store sleeps while the box is calm (store_sleep.py); known once the box env is."""
         if self._backend is not None and self.metrics_url and self.store_sleep is None:
-            from worktreebox.telemetry.store_sleep import Store, StoreSleep, sleeps_here
+            from worktreebox.telemetry.store_sleep import StoreSleep
 
-            if sleeps_here(self.run_dir):
-                self.store_sleep = StoreSleep(Store(self.home, self.box_id, self.run_dir),
-                                              report=lambda msg: self.event("_box", "error", msg))
+            self.store_sleep = StoreSleep.of(self.home, self.box_id, self.run_dir,
+                                             report=lambda msg: self.event("_box", "error", msg))
 
     def _watch_oom(self, backend: cgroups.Cgroups) -> None:
         """Record an OOM kill as it happens (the kernel's event, no polling): a process that was not

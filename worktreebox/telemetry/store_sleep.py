@@ -134,6 +134,11 @@ class StoreSleep:
         self.store, self.clock, self.report = store, clock, report
         self.awake_until = clock() + SLEEP_AFTER
 
+    @classmethod
+    def of(cls, home: Path, box_id: str, run_dir: Path, report: Callable[[str], None]) -> StoreSleep | None:
+        """The sleep of a box's store, None when it cannot sleep (see sleeps_here)."""
+        return cls(Store(home, box_id, run_dir), report=report) if sleeps_here(run_dir) else None
+
     @property
     def asleep(self) -> bool:
         return self.store.asleep()

@@ -10,6 +10,8 @@ import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import urllib.request
 
 import pytest
@@ -92,3 +94,37 @@ def test_rm_of_a_box_whose_store_sleeps_leaves_nothing(make_repo, run_wtbox, wtb
     assert _store_pids(box["id"]) == [] and not run_dir.parent.exists()
     gc = json.loads(run_wtbox("gc", "--dry-run", "--json").stdout)
     assert box["id"] not in json.dumps(gc)
+
+
+def test_the_store_sleeps_and_wakes_without_psutil(tmp_path):
+    """What the supervisor runs: psutil, loaded, would cost each idle supervisor 1.8 MB (scripts/bench_scale.py)."""
+    script = f"""
+import socket, sys, urllib.request
+from pathlib import Path
+from worktreebox.providers.metrics import native as vm
+from worktreebox.telemetry import store_sleep
+from worktreebox.telemetry.vmclient import Client
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+base = Path({str(tmp_path)!r})
+box_id, run = "unit-5eeb0000", base / "boxes" / "unit-5eeb0000" / "run"
+vm.start(box_id, port=port, data_dir=run.parent / "metrics", run_dir=run)
+url = f"http://127.0.0.1:{{port}}"
+urllib.request.urlopen(urllib.request.Request(url + "/api/v1/import/prometheus", data=b"kept 7\\n"), timeout=5)
+Client(url).flush()
+for name in [m for m in sys.modules if m == "psutil" or m.startswith("psutil.")]:
+    del sys.modules[name]  # what vm.start's helpers loaded: the supervisor never ran those
+store = store_sleep.Store(base, box_id, run)
+store.sleep()
+assert store.asleep() and not (run / vm.PID_FILE).exists()
+store.wake()
+assert not store.asleep()
+assert "psutil" not in sys.modules, "psutil loaded"
+got = Client(url).query("kept")["result"]
+assert [r["value"][1] for r in got] == ["7"], got
+store.sleep()
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    assert vm.find_processes("unit-5eeb0000") == []

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from worktreebox.errors import WtboxError
-from worktreebox.system import cgroups, procs, readiness
+from worktreebox.system import cgroups, procfs, procs, readiness
 from worktreebox.system.fsutil import atomic_write, file_lock
 
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ class Store:
             if recipe is None or self.asleep():
                 return
             (self.run_dir / ASLEEP).touch()
-            procs.stop_named(self.box_id, run_dir=self.run_dir, names=recipe["names"], pid_files=[recipe["pid_file"]])
+            self._stop(recipe)
 
     def wake(self, launcher: procs.Launcher | None = None, url: str | None = None) -> None:
         """Start the store again if it sleeps, and wait until it answers (at `url`, default its own
@@ -117,6 +117,23 @@ class Store:
                 said = procs.last_line(log, tidy=lambda line: line.rsplit("\t", 1)[-1])
                 raise WtboxError(f"The metrics store of box {self.box_id} did not start again ({why}: {said}).")
             (self.run_dir / ASLEEP).unlink(missing_ok=True)
+
+    def _stop(self, recipe: dict) -> None:
+        """A staged stop of the store its pid file names, if that is still ours, read from /proc:
+        the supervisor does this, and psutil would add 1.8 MB to each idle one (measured: 100
+        boxes, scripts/bench_scale.py). A store its pid file lost is found as rm finds it."""
+        pid_file = self.run_dir / recipe["pid_file"]
+        try:
+            pid = int(pid_file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pid = 0
+        argv = procfs.cmdline(pid) if pid else []
+        if argv and os.path.basename(argv[0]) in recipe["names"] \
+                and procfs.environ_value(procfs.environ(pid) or b"", "WTBOX_ID") == self.box_id:
+            procs.stop_pid(pid)
+            pid_file.unlink(missing_ok=True)
+        else:
+            procs.stop_named(self.box_id, run_dir=self.run_dir, names=recipe["names"], pid_files=[recipe["pid_file"]])
 
     def _recipe(self) -> dict | None:
         try:

@@ -125,6 +125,9 @@ assert [r["value"][1] for r in got] == ["7"], got
 store.sleep()
 print("ok")
 """
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
-    assert vm.find_processes("unit-5eeb0000") == []
+    try:
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+        assert vm.find_processes("unit-5eeb0000", box_dir=tmp_path / "boxes" / "unit-5eeb0000") == []
+    finally:  # a failed script leaves its store running
+        vm.stop("unit-5eeb0000", run_dir=tmp_path / "boxes" / "unit-5eeb0000" / "run")

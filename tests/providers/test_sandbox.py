@@ -20,7 +20,7 @@ from sandbox_helpers import end_box, free_listener, make_box, needs_sandbox_tool
 from worktreebox.providers.mounts.base import mounts_under, sys_mount, unmount_all
 from worktreebox.providers.sandbox import base, network
 from worktreebox.providers.sandbox.base import SandboxGone
-from worktreebox.system import cgroups, procs
+from worktreebox.system import cgroups, procfs, procs
 
 pytestmark = [needs_sandbox_tools(),
               pytest.mark.skipif(os.geteuid() != 0, reason="these tests make the root-mode sandbox")]
@@ -199,6 +199,19 @@ def test_destroy_leaves_nothing_of_a_and_spares_b(boxes, home):
     assert a.sandbox.discover(home / "boxes") == {B_ID}
     assert a.sandbox.destroy(A_ID, a.dir) == []  # idempotent
     assert b.run("echo alive").stdout == "alive\n"
+
+
+def test_a_holder_is_one_bwrap_and_its_sleep(boxes, home):
+    """bubblewrap's outer process only waits to relay the exit status: it is ended once the box
+    is made (1.8 MB of RSS per box), and the box's pid 1 runs on without it."""
+    a, _ = boxes
+    parent = int(procfs.stat_fields(a.holder.pid)[1])
+    assert procfs.comm(parent) != "bwrap"
+    mine = [p for p in procfs.pids() if procfs.environ_value(procfs.environ(p) or b"", "WTBOX_ID") == A_ID]
+    assert sorted(procfs.comm(p) for p in mine) == ["bwrap", "sleep", "slirp4netns"]
+    assert a.run("echo alive").stdout == "alive\n"
+    ended = a.sandbox.destroy(A_ID, a.dir)
+    assert a.holder.pid in ended and procs.find_box_processes(A_ID, a.dir) == []
 
 
 def test_mounts_made_later_reach_the_box_and_other_boxes_unmounts_reach_it_too(boxes):

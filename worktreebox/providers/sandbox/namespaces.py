@@ -102,18 +102,27 @@ class Namespaces(Sandbox):
         # helper goes with the box however the box ends (a kill -9 of its pid 1 included)
         exit_r, exit_w = os.pipe()
         try:
-            holder = self._start(spec, uid=uid, gid=gid, resolv=resolv, cgroup=cgroup, keep_fd=exit_w)
+            holder, members = self._start(spec, uid=uid, gid=gid, resolv=resolv, keep_fd=exit_w)
             os.close(exit_w)
             exit_w = -1
             try:
                 if started is not None:
                     started(holder)  # (nothing of the box runs before the network below is made)
-                # the table first: nothing leaves the box before it is in place
-                network.apply_rules(holder, network.ruleset(spec.network, network.host_addresses(),
-                                                            network.Outbound()))
-                if network.wanted(spec):
-                    holder.helper_pid = network.attach(holder, spec, log=spec.run_dir / LOG, exit_fd=exit_r,
-                                                       cgroup=cgroup)
+                # Three waits on the kernel at once, not one after another: moving the holder into its
+                # cgroup and loading the firewall each wait for an RCU grace period (cgroup v1's
+                # migration lock, nftables' hook registration: ~15 ms apiece here, measured), and
+                # slirp4netns's start. Nothing of the box runs before all three are done.
+                from concurrent.futures import ThreadPoolExecutor
+
+                with ThreadPoolExecutor(max_workers=2) as pool:
+                    placed = pool.submit(_place, members, cgroup)
+                    rules = pool.submit(network.apply_rules, holder, network.ruleset(
+                        spec.network, network.host_addresses(), network.Outbound()))
+                    if network.wanted(spec):
+                        holder.helper_pid = network.attach(holder, spec, log=spec.run_dir / LOG, exit_fd=exit_r,
+                                                           cgroup=cgroup)
+                    rules.result()
+                    placed.result()
                 save(spec.run_dir, holder)
             except BaseException:
                 self.destroy(spec.box_id, spec.box_dir)
@@ -124,8 +133,9 @@ class Namespaces(Sandbox):
                     os.close(fd)
         return holder
 
-    def _start(self, spec: Spec, *, uid: int, gid: int, resolv: Path | None, cgroup: cgroups.Leaf | None,
-               keep_fd: int) -> Holder:
+    def _start(self, spec: Spec, *, uid: int, gid: int, resolv: Path | None, keep_fd: int) -> tuple[Holder, list[int]]:
+        """The holder, started in its maker's cgroup (see create: it is moved into the box's at
+        once), and its processes (what is moved)."""
         info_r, info_w = os.pipe()
         ready_r, ready_w = os.pipe()
         argv = holder_argv(spec, uid=uid, gids={gid}, user_ns=self.mode == "user", resolv=resolv, info_fd=info_w)
@@ -135,7 +145,7 @@ class Namespaces(Sandbox):
                 # its stdout is the ready pipe, its stderr (bwrap's complaints) the log. A transient one stays
                 # our child, and bwrap's --die-with-parent ends it with us.
                 starter = procs.spawn(argv if spec.transient else ["setsid", "-f", *argv], env=spec.env(),
-                                      stdout=ready_w, stderr=log, pass_fds=(info_w, keep_fd), cgroup=cgroup)
+                                      stdout=ready_w, stderr=log, pass_fds=(info_w, keep_fd))
             os.close(info_w)
             os.close(ready_w)
             info_w = ready_w = -1
@@ -157,8 +167,9 @@ class Namespaces(Sandbox):
             raise SandboxGone(f"The sandbox of box {spec.box_id} exited as soon as it started.")
         if not spec.transient:
             _end_monitor(pid)
+        members = [pid, *procfs.children(pid), *([starter.pid] if spec.transient else [])]
         return Holder(spec.box_id, pid, ident[1], self.mode, uid, gid, network=spec.network,
-                      netns_file=procfs.namespace_file(pid, "net"))
+                      netns_file=procfs.namespace_file(pid, "net")), members
 
     # -- the launcher
     def command(self, holder: Holder | None, argv: list[str], *, cwd: Path | str) -> list[str]:
@@ -267,6 +278,18 @@ def _alive(holder: Holder | None) -> Holder:
         box = f"box {holder.box_id}" if holder is not None else "this box"
         raise SandboxGone(f"The sandbox of {box} is not running; 'wtbox up' makes it again.")
     return holder
+
+
+def _place(pids: list[int], cgroup: cgroups.Leaf | None) -> None:
+    """Move the holder's processes into the box's cgroup leaf (they were started outside it)."""
+    backend = cgroups.for_home(cgroup.home) if cgroup is not None else None
+    if backend is None or cgroup is None:
+        return
+    for pid in pids:
+        try:
+            backend.place(pid, cgroup.box_id, cgroup.name)
+        except ProcessLookupError:
+            raise SandboxGone(f"The sandbox of box {cgroup.box_id} exited as soon as it started.") from None
 
 
 def _end_monitor(pid: int) -> None:

@@ -325,3 +325,29 @@ def _quote(text: str) -> str:
     import shlex
 
     return shlex.quote(text)
+
+
+def test_a_mount_table_that_changed_under_bubblewrap_is_copied_again(home, monkeypatch):
+    """CI saw another home's box view go away while bubblewrap copied the host's mounts: `new`
+    failed. The message is recognized and the start tried again (the first try faked here: the
+    race itself is a matter of microseconds)."""
+    from worktreebox.providers.sandbox import namespaces
+
+    said = ("bwrap: Can't bind mount /oldroot/ on /newroot/: Unable to apply mount flags: remount "
+            "\"/newroot/tmp/x/home/boxes/source-614a9950/worktree\": Invalid argument")
+    assert namespaces.mount_table_changed(said)
+    assert not namespaces.mount_table_changed("bwrap: Creating new namespace failed: Operation not permitted")
+    real, tries = namespaces.Namespaces._start, []
+
+    def first_fails(self, spec, **how):
+        tries.append(1)
+        if len(tries) == 1:
+            raise namespaces.MountTableChanged(f"The sandbox of box {spec.box_id} did not start: {said}.")
+        return real(self, spec, **how)
+
+    monkeypatch.setattr(namespaces.Namespaces, "_start", first_fails)
+    box = make_box(home, A_ID)
+    try:
+        assert len(tries) == 2 and box.run("echo alive").stdout == "alive\n"
+    finally:
+        end_box(box)

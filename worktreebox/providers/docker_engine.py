@@ -331,9 +331,12 @@ def remove_labelled(home: str | Path, box_id: str | None = None, *, host_level: 
                 pass
             except docker.errors.APIError as e:
                 error = WtboxError(f"Cannot remove docker {kind[:-1]} {_name(obj)}: {first_line(e)}.")
-                if kind != "containers" or not _removal_in_progress(str(e)):
+                if kind == "containers" and _removal_in_progress(str(e)):
+                    _wait_removed(functools.partial(_sdk_gone, obj, docker.errors.NotFound), error)
+                elif kind != "containers" and _in_use(str(e)):
+                    _wait_removed(functools.partial(_sdk_removed, obj, docker.errors), error)
+                else:
                     raise error from None
-                _wait_removed(functools.partial(_sdk_gone, obj, docker.errors.NotFound), error)
                 counts[kind] += 1
     return counts
 
@@ -394,6 +397,39 @@ def _removal_in_progress(error: str) -> bool:
     return "removal of container" in error and "already in progress" in error
 
 
+def _in_use(error: str) -> bool:
+    """Docker's 409 for a volume or network a container still holds: one of the box's that another
+    sweep removes (its volume was seen held a moment after it was gone; gc said "incomplete")."""
+    return "is in use" in error or "has active endpoints" in error
+
+
+def _remove_when_free(path: str) -> None:
+    """DELETE a volume or network, again while a container that is going away still holds it."""
+    def removed() -> bool:
+        try:
+            _api("DELETE", path)
+        except DockerConflict as e:
+            if not _in_use(str(e)):
+                raise
+            return False
+        return True
+
+    _wait_removed(removed, WtboxError(f"Docker kept {path.split('?')[0]} in use for 30 s; try 'wtbox gc' again."))
+
+
+def _sdk_removed(obj: Any, errors: Any) -> bool:
+    """The SDK's removal of a volume or network, False while it is still held."""
+    try:
+        obj.remove()
+    except errors.NotFound:
+        return True
+    except errors.APIError as e:
+        if not _in_use(str(e)):
+            raise
+        return False
+    return True
+
+
 def _wait_removed(gone: Callable[[], bool], error: Exception, timeout: float = 30.0) -> None:
     """Until the other removal is done; `error` if it is not within `timeout`."""
     deadline = time.monotonic() + timeout
@@ -435,10 +471,10 @@ def sweep_box(home: str | Path, box_id: str) -> dict[str, int]:
         _remove_container(ct["Id"])
         counts["containers"] += 1
     for net in found["networks"]:
-        _api("DELETE", f"/networks/{net['Id']}")
+        _remove_when_free(f"/networks/{net['Id']}")
         counts["networks"] += 1
     for vol in found["volumes"]:
-        _api("DELETE", f"/volumes/{vol['Name']}?force=1")
+        _remove_when_free(f"/volumes/{vol['Name']}?force=1")
         counts["volumes"] += 1
     return counts
 

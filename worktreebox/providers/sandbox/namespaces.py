@@ -32,6 +32,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from worktreebox.providers.sandbox import layout, network
 from worktreebox.providers.sandbox.base import (
@@ -52,6 +53,7 @@ BOX_USER = "wtbox-box"
 TOOLS = ("bwrap", "slirp4netns", "nft", "nsenter", "setpriv")
 HOLDER_NAMES = ("bwrap",)
 READY_TIMEOUT = 10.0
+START_TRIES = 3  # bubblewrap's start, when the host's mount table changed under it (mount_table_changed)
 SHARED_LOCK = ".sandbox-mounts.lock"
 MNT_DETACH = 2
 
@@ -102,7 +104,7 @@ class Namespaces(Sandbox):
         # helper goes with the box however the box ends (a kill -9 of its pid 1 included)
         exit_r, exit_w = os.pipe()
         try:
-            holder, members = self._start(spec, uid=uid, gid=gid, resolv=resolv, keep_fd=exit_w)
+            holder, members = self._start_retrying(spec, uid=uid, gid=gid, resolv=resolv, keep_fd=exit_w)
             os.close(exit_w)
             exit_w = -1
             try:
@@ -133,6 +135,16 @@ class Namespaces(Sandbox):
                     os.close(fd)
         return holder
 
+    def _start_retrying(self, spec: Spec, **how: Any) -> tuple[Holder, list[int]]:
+        """`_start`, again when the host's mount table changed under bubblewrap's copy of it."""
+        for attempt in range(1, START_TRIES + 1):
+            try:
+                return self._start(spec, **how)
+            except MountTableChanged:
+                if attempt == START_TRIES:
+                    raise
+        raise AssertionError("unreachable")
+
     def _start(self, spec: Spec, *, uid: int, gid: int, resolv: Path | None, keep_fd: int) -> tuple[Holder, list[int]]:
         """The holder, started in its maker's cgroup (see create: it is moved into the box's at
         once), and its processes (what is moved)."""
@@ -160,7 +172,8 @@ class Namespaces(Sandbox):
         if not ready.startswith(b"ready"):
             why = network._last_line(spec.run_dir / LOG)
             self.destroy(spec.box_id, spec.box_dir)
-            raise SandboxError(f"The sandbox of box {spec.box_id} did not start: {why}.")
+            kind = MountTableChanged if mount_table_changed(why) else SandboxError
+            raise kind(f"The sandbox of box {spec.box_id} did not start: {why}.")
         pid = int(json.loads(info)["child-pid"])
         ident = procs.identity(pid)
         if ident is None:
@@ -258,6 +271,19 @@ def holder_argv(spec: Spec, *, uid: int, gids: set[int], user_ns: bool, resolv: 
             *layout.filesystem_args(spec, uid=uid, gids=gids, resolv=resolv),
             "--info-fd", str(info_fd), "--", "/bin/sh", "-c", hold]
     return ["unshare", "--user", "--map-root-user", "--", *argv] if user_ns else argv
+
+
+class MountTableChanged(SandboxError):
+    """bubblewrap's copy of the host's mount table failed on a mount that went away meanwhile."""
+
+
+def mount_table_changed(said: str) -> bool:
+    """bubblewrap binds the host's whole tree (`--ro-bind / /`, recursive: other boxes' views
+    included, before they are hidden) and then makes each mount read-only; a view unmounted in
+    between (another box removed at that moment) fails it: "Can't bind mount /oldroot/ on
+    /newroot/: Unable to apply mount flags: remount ...: Invalid argument" (seen in CI, two
+    homes' chaos tests side by side). Another try copies the table as it is now."""
+    return "Can't bind mount /oldroot/" in said and ("remount" in said or "No such file" in said)
 
 
 NO_PRIVILEGES = ("--inh-caps=-all", "--bounding-set=-all", "--no-new-privs")

@@ -214,14 +214,16 @@ def _take_over(host: Host, box: Box, t: Target, before_ready: Callable[[Box], No
     assert pool_id is not None  # set by the claim's rename
     old_dir = host.boxes_dir / pool_id
     if old_dir.is_dir() and not old_dir.is_symlink() and not box.dir.exists():
+        gone = True
         if os.path.ismount(old_dir):  # a disk_max box's dir is a filesystem of its own (resources/disk.py)
             from worktreebox.providers.mounts.base import move_mount
 
-            move_mount(old_dir, box.dir)
+            gone = move_mount(old_dir, box.dir)  # (under a shared boxes/ the old name stays mounted too)
         else:
             os.rename(old_dir, box.dir)
         # Running services, the supervisor and the metrics store hold paths under the old name.
-        os.symlink(box.dir.name, old_dir)
+        if gone:
+            os.symlink(box.dir.name, old_dir)
     launcher = host.launcher(box)
     renamed_inside = sandbox.rename_inside(box, pool_id, launcher)  # beside the repository's refs
     _phase("claim:dir")

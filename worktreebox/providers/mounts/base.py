@@ -21,11 +21,15 @@ from worktreebox.errors import WtboxError
 from worktreebox.system.fsutil import own_bytes  # noqa: F401 (where mount code has always found it)
 
 MNT_DETACH = 2
-MS_MOVE, MS_BIND, MS_SHARED = 8192, 4096, 1 << 20
+MS_MOVE, MS_BIND, MS_REC, MS_SHARED = 8192, 4096, 16384, 1 << 20
 
 
 class MountError(WtboxError):
-    """A mount or unmount failed; the message says which and why."""
+    """A mount or unmount failed; the message says which and why (`errno`: the kernel's, when it said one)."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 class MountProvider:
@@ -107,19 +111,32 @@ def sys_mount(source: str, target: Path, fstype: str, options: str, flags: int =
     rc = _libc().mount(source.encode(), str(target).encode(), fstype.encode(), flags, options.encode())
     if rc != 0:
         e = ctypes.get_errno()
-        raise MountError(f"mounting {fstype or 'a bind'} on {target} failed: {os.strerror(e)}.")
+        raise MountError(f"mounting {fstype or 'a bind'} on {target} failed: {os.strerror(e)}.", e)
 
 
-def move_mount(source: Path, target: Path) -> None:
+def move_mount(source: Path, target: Path) -> bool:
     """Move the mount on `source` (with everything mounted under it) to the new directory `target`, which
-    rename(2) refuses to do for a mount point. The kernel refuses it under a shared mount (EINVAL)."""
+    rename(2) refuses to do for a mount point; True when `source` is gone.
+
+    Under a shared mount (a sandboxed home's boxes/) the kernel refuses MS_MOVE (EINVAL): there the
+    tree is bound at `target` as well, recursively (the box's view and layers come along as twins of
+    the same mounts), and `source` stays (False): taking it down would take the view's twin down in
+    the box's own sandbox too (an unmount reaches every copy of a shared mount's children), and the
+    processes that run under the old name keep their paths."""
     target.mkdir(mode=0o700)
     try:
         sys_mount(str(source), target, "", "", MS_MOVE)
-    except MountError:
-        target.rmdir()
-        raise
+    except MountError as moved:
+        try:
+            if moved.errno != errno.EINVAL:
+                raise
+            sys_mount(str(source), target, "", "", MS_BIND | MS_REC)
+        except MountError:
+            target.rmdir()
+            raise
+        return False
     source.rmdir()
+    return True
 
 
 def make_shared(path: Path, *, bind: bool) -> None:

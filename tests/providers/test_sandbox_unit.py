@@ -66,6 +66,18 @@ def test_nothing_below_the_boxs_own_tmp_is_masked(tmp_path):
     assert layout.masked(spec, uid=BOX_UID, gids=BOX_GIDS) == [Path("/run")]
 
 
+def test_a_toolchain_under_the_hosts_tmp_is_bound_into_the_boxs_own(tmp_path):
+    """A checkout (and its venv) under /tmp ran nothing in a box: the box's /tmp is its own tmpfs,
+    so `/tmp/ci-clone/.venv/bin/python` was "not found" there (a clean clone in /tmp, 78 tests)."""
+    venv = tmp_path / "clone" / ".venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "lib").mkdir()
+    (venv / "bin" / "python").write_text("")
+    bound = layout.toolchain([str(venv / "bin")], [str(tmp_path / "clone")], uid=os.geteuid(), gids=set())
+    assert bound == [tmp_path / "clone"]  # the checkout, which holds the venv
+    assert layout.toolchain(["/usr/bin", "/bin"], [], uid=BOX_UID, gids=BOX_GIDS) == []
+
+
 @pytest.mark.parametrize(("text", "expected"), [
     ("nameserver 10.255.255.53\n", None),
     ("nameserver 127.0.0.53\noptions edns0 trust-ad\nsearch lan\n",

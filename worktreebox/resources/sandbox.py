@@ -275,9 +275,10 @@ def binds(box: Box, config: RepoConfig, provider: Provider) -> list[Any]:
     uid, gid = provider.box_user()
     path = (box.data.get(DATA_KEY) or {}).get("PATH") or os.environ.get("PATH", "")
     extra = [sys.executable, sys.prefix, sys.base_prefix, str(PACKAGE_PARENT)]
-    taken = {b.src for b in out}
+    taken, home = {b.src for b in out}, box.dir.parent.parent
+    # never one that holds the home: bound over its mask, it would show every box and the registry
     out += [Bind(p, writable=False) for p in layout.toolchain(path.split(os.pathsep), extra, uid=uid, gids={gid})
-            if p not in taken]
+            if p not in taken and p != home and p not in home.parents]
     return out
 
 

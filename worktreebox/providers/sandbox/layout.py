@@ -94,15 +94,24 @@ PREFIX_DIRS = ("bin", "sbin", "shims")  # a tool dir whose parent is the install
 def toolchain(path_dirs: list[str], extra: list[str], *, uid: int, gids: set[int]) -> list[Path]:
     """What the box must see read-only to run the tools its PATH names (and `extra` paths: wtbox's
     own interpreter and package) when they lie below a directory its user cannot enter, as a
-    pyenv Python under root's 0700 home does: the installation of each (a `bin` dir's parent when
-    it holds `lib/` or `versions/`, else the dir itself), also for the targets of the symlinks in
-    non-system PATH dirs (a venv's python). Outermost first, none below another."""
+    pyenv Python under root's 0700 home does, or below one the box has its own of (a checkout in
+    /tmp): the installation of each (a `bin` dir's parent when it holds `lib/` or `versions/`, else
+    the dir itself), also for the targets of the symlinks in non-system PATH dirs (a venv's python).
+    Outermost first, none below another."""
     wanted: set[Path] = set()
     for raw in [*path_dirs, *extra]:
         for real in _targets(raw):
-            if closed_ancestor(real, uid=uid, gids=gids) is not None:
+            if closed_ancestor(real, uid=uid, gids=gids) is not None or _under_own(real):
                 wanted.add(_installation(real))
     return sorted((p for p in wanted if not any(q in p.parents for q in wanted)), key=lambda p: (len(p.parts), p))
+
+
+OWN_DIRS = (Path("/tmp"), Path("/dev/shm"), Path("/run"))  # the box's own tmpfs, or masked: the host's hidden
+
+
+def _under_own(path: Path) -> bool:
+    """Below a directory the box has its own of (a checkout and its venv in the host's /tmp)."""
+    return any(root in path.parents for root in OWN_DIRS)
 
 
 def _targets(raw: str) -> list[Path]:

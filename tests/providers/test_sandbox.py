@@ -207,7 +207,8 @@ def test_a_holder_is_one_bwrap_and_its_sleep(boxes, home):
     a, _ = boxes
     parent = int(procfs.stat_fields(a.holder.pid)[1])
     assert procfs.comm(parent) != "bwrap"
-    mine = [p for p in procfs.pids() if procfs.environ_value(procfs.environ(p) or b"", "WTBOX_ID") == A_ID]
+    mine = [p for p in procfs.pids() if procfs.environ_value(procfs.environ(p) or b"", "WTBOX_ID") == A_ID
+            and procfs.environ_value(procfs.environ(p) or b"", "WTBOX_BOX_DIR") == str(a.dir)]  # (tests beside)
     assert sorted(procfs.comm(p) for p in mine) == ["bwrap", "sleep", "slirp4netns"]
     backend = cgroups.for_home(home)
     if backend is not None:  # started outside the box's cgroup, moved in while its network was made

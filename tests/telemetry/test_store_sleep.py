@@ -119,6 +119,10 @@ store.sleep()
 assert store.asleep() and not (run / vm.PID_FILE).exists()
 store.wake()
 assert not store.asleep()
+first = (run / vm.PID_FILE).read_text()
+(run / store_sleep.ASLEEP).touch()  # a waker killed between the start and the marker's removal
+store.wake()  # takes the running store as it is: no second one (which could not bind its port)
+assert not store.asleep() and (run / vm.PID_FILE).read_text() == first
 assert "psutil" not in sys.modules, "psutil loaded"
 got = Client(url).query("kept")["result"]
 assert [r["value"][1] for r in got] == ["7"], got

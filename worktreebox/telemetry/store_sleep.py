@@ -105,11 +105,13 @@ class Store:
             if recipe is None or not self.asleep():
                 return
             log = self.run_dir / recipe["log_file"]
-            cmd = (launcher or procs.Launcher()).command(recipe["argv"], recipe["cwd"])
-            env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **recipe["env"]}
-            pid = procs.spawn_detached(cmd, env=env, log_path=log,
-                                       cgroup=cgroups.Leaf(self.home, self.box_id, cgroups.METRICS))
-            (self.run_dir / recipe["pid_file"]).write_text(f"{pid}\n")
+            pid = self._running(recipe)  # a waker or sleeper killed half-way left it running
+            if pid is None:
+                cmd = (launcher or procs.Launcher()).command(recipe["argv"], recipe["cwd"])
+                env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **recipe["env"]}
+                pid = procs.spawn_detached(cmd, env=env, log_path=log,
+                                           cgroup=cgroups.Leaf(self.home, self.box_id, cgroups.METRICS))
+                (self.run_dir / recipe["pid_file"]).write_text(f"{pid}\n")
             health = f"{url or 'http://127.0.0.1:' + str(recipe['port'])}/health"
             why = readiness.wait(readiness.HttpUrl(health, status=200), WAKE_TIMEOUT,
                                  alive=readiness.process_alive(pid))
@@ -118,20 +120,24 @@ class Store:
                 raise WtboxError(f"The metrics store of box {self.box_id} did not start again ({why}: {said}).")
             (self.run_dir / ASLEEP).unlink(missing_ok=True)
 
-    def _stop(self, recipe: dict) -> None:
-        """A staged stop of the store its pid file names, if that is still ours, read from /proc:
-        the supervisor does this, and psutil would add 1.8 MB to each idle one (measured: 100
-        boxes, scripts/bench_scale.py). A store its pid file lost is found as rm finds it."""
-        pid_file = self.run_dir / recipe["pid_file"]
+    def _running(self, recipe: dict) -> int | None:
+        """The store its pid file names, if that is still ours, read from /proc: the supervisor does
+        this, and psutil would add 1.8 MB to each idle one (measured: 100 boxes, bench_scale)."""
         try:
-            pid = int(pid_file.read_text().split()[0])
+            pid = int((self.run_dir / recipe["pid_file"]).read_text().split()[0])
         except (OSError, ValueError, IndexError):
-            pid = 0
-        argv = procfs.cmdline(pid) if pid else []
-        if argv and os.path.basename(argv[0]) in recipe["names"] \
-                and procfs.environ_value(procfs.environ(pid) or b"", "WTBOX_ID") == self.box_id:
+            return None
+        argv = procfs.cmdline(pid)
+        ours = bool(argv) and os.path.basename(argv[0]) in recipe["names"] \
+            and procfs.environ_value(procfs.environ(pid) or b"", "WTBOX_ID") == self.box_id
+        return pid if ours else None
+
+    def _stop(self, recipe: dict) -> None:
+        """A staged stop of the store; one its pid file lost is found as rm finds it."""
+        pid = self._running(recipe)
+        if pid is not None:
             procs.stop_pid(pid)
-            pid_file.unlink(missing_ok=True)
+            (self.run_dir / recipe["pid_file"]).unlink(missing_ok=True)
         else:
             procs.stop_named(self.box_id, run_dir=self.run_dir, names=recipe["names"], pid_files=[recipe["pid_file"]])
 

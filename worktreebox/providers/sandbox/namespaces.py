@@ -1,11 +1,13 @@
 """The `namespaces` sandbox: a bubblewrap holder per box, slirp4netns for its network, and one launcher.
 
 The holder is `bwrap --unshare-pid --unshare-ipc --unshare-uts --unshare-net ... sh -c 'echo
-ready; exec sleep infinity >/dev/null'`, started detached in the box's cgroup (leaf `_sandbox`) with
-WTBOX_ID in its environment. bwrap's `--info-fd` names the box's pid 1 (a host pid, bwrap's
-own init, which reaps whatever is orphaned inside); the `ready` line comes from inside the
-finished sandbox (the info arrives before the mounts are done, and a process entering then
-finds a half-built root). Killing that pid 1 ends every process of the box at once.
+ready; exec sleep infinity >/dev/null'`, started detached with WTBOX_ID in its environment and
+moved into the box's cgroup (leaf `_sandbox`) while its network is made (`create` says why).
+bwrap's `--info-fd` names the box's pid 1 (a host pid, bwrap's own init, which reaps whatever is
+orphaned inside); the `ready` line comes from inside the finished sandbox (the info arrives
+before the mounts are done, and a process entering then finds a half-built root). Then bwrap's
+outer process, which only waits to relay the exit status, is ended. Killing that pid 1 ends
+every process of the box at once.
 
 Every box process starts through `command()`:
 

@@ -22,7 +22,7 @@ While it sleeps nothing is scraped and its port is closed: an app that pushes to
 refused until the next look wakes it (its own CPU makes the box active).
 
 The start again repeats the first start: `record` keeps the store's command line (its own
-flags, no launcher), directory and the variables wtbox gave it (no secret: ids and GOMAXPROCS)
+flags, no launcher) and the variables wtbox gave it (no secret: ids and GOMAXPROCS)
 in run/; the supervisor runs it from inside the box's network as it is, the one other waker
 (an unsandboxed box without a supervisor) from the host's. Only the native store sleeps (a
 container's lifecycle is Docker's).
@@ -53,11 +53,11 @@ LOCK = "metrics.lock"  # under run/: one sleeper or waker at a time (the supervi
 WAKE_TIMEOUT = 15.0
 
 
-def record(run_dir: Path, argv: list[str], *, cwd: Path, env: dict[str, str], port: int, pid_file: str,
+def record(run_dir: Path, argv: list[str], *, env: dict[str, str], port: int, pid_file: str,
            log_file: str, names: tuple[str, ...]) -> None:
     """Keep how the store was started (the store's own command, without a launcher; `port`: where
     it listens in its network; `env`: what wtbox added to its environment)."""
-    atomic_write(run_dir / RECIPE, json.dumps({"argv": argv, "cwd": str(cwd), "env": env, "port": port,
+    atomic_write(run_dir / RECIPE, json.dumps({"argv": argv, "env": env, "port": port,
                                                 "pid_file": pid_file, "log_file": log_file, "names": list(names)}))
 
 
@@ -97,9 +97,10 @@ class Store:
             (self.run_dir / ASLEEP).touch()
             self._stop(recipe)
 
-    def wake(self, launcher: procs.Launcher | None = None, url: str | None = None) -> None:
-        """Start the store again if it sleeps, and wait until it answers (at `url`, default its own
-        port as seen from its network: the caller runs there, or passes a launcher that enters it)."""
+    def wake(self, url: str | None = None) -> None:
+        """Start the store again if it sleeps, where the caller runs (the supervisor: in the box's
+        network; the host, for an unsandboxed box), and wait until it answers (at `url`, default its
+        own port)."""
         with file_lock(self.run_dir / LOCK, what="the metrics store's sleep"):
             recipe = self._recipe()
             if recipe is None or not self.asleep():
@@ -107,9 +108,8 @@ class Store:
             log = self.run_dir / recipe["log_file"]
             pid = self._running(recipe)  # a waker or sleeper killed half-way left it running
             if pid is None:
-                cmd = (launcher or procs.Launcher()).command(recipe["argv"], recipe["cwd"])
                 env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **recipe["env"]}
-                pid = procs.spawn_detached(cmd, env=env, log_path=log,
+                pid = procs.spawn_detached(recipe["argv"], env=env, log_path=log,
                                            cgroup=cgroups.Leaf(self.home, self.box_id, cgroups.METRICS))
                 (self.run_dir / recipe["pid_file"]).write_text(f"{pid}\n")
             health = f"{url or 'http://127.0.0.1:' + str(recipe['port'])}/health"
@@ -186,11 +186,6 @@ class StoreSleep:
         self.awake_until = max(self.awake_until, self.clock() + PUSH_LINGER)
         if self.asleep:
             self._set(False)
-
-    def wake(self) -> None:
-        """Someone reads the store (a control request): awake now (the stamp keeps it so READ_LINGER);
-        a store that does not start says why."""
-        self.store.wake()
 
     def _set(self, on: bool) -> None:
         try:

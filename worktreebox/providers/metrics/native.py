@@ -71,7 +71,7 @@ def start(box_id: str, *, port: int, data_dir: Path, run_dir: Path, retention: s
     env = {**os.environ, **ours}
     log_path = run_dir / LOG_FILE
     # how the box's supervisor starts it again after a sleep (telemetry/store_sleep.py)
-    store_sleep.record(run_dir, argv, cwd=data_dir, env=ours, port=listen or port, pid_file=PID_FILE,
+    store_sleep.record(run_dir, argv, env=ours, port=listen or port, pid_file=PID_FILE,
                        log_file=LOG_FILE, names=(BINARY,))
     pid = procs.spawn_detached(cmd, env=env, log_path=log_path, cgroup=cgroup)
     (run_dir / PID_FILE).write_text(f"{pid}\n")

@@ -139,13 +139,12 @@ class Namespaces(Sandbox):
 
     def _start_retrying(self, spec: Spec, **how: Any) -> tuple[Holder, list[int]]:
         """`_start`, again when the host's mount table changed under bubblewrap's copy of it."""
-        for attempt in range(1, START_TRIES + 1):
+        for _ in range(START_TRIES - 1):
             try:
                 return self._start(spec, **how)
             except MountTableChanged:
-                if attempt == START_TRIES:
-                    raise
-        raise AssertionError("unreachable")
+                pass
+        return self._start(spec, **how)
 
     def _start(self, spec: Spec, *, uid: int, gid: int, resolv: Path | None, keep_fd: int) -> tuple[Holder, list[int]]:
         """The holder, started in its maker's cgroup (see create: it is moved into the box's at
@@ -310,12 +309,11 @@ def _alive(holder: Holder | None) -> Holder:
 
 def _place(pids: list[int], cgroup: cgroups.Leaf | None) -> None:
     """Move the holder's processes into the box's cgroup leaf (they were started outside it)."""
-    backend = cgroups.for_home(cgroup.home) if cgroup is not None else None
-    if backend is None or cgroup is None:
+    if cgroup is None:
         return
     for pid in pids:
         try:
-            backend.place(pid, cgroup.box_id, cgroup.name)
+            cgroups.place(cgroup, pid)
         except ProcessLookupError:
             raise SandboxGone(f"The sandbox of box {cgroup.box_id} exited as soon as it started.") from None
 

@@ -45,7 +45,7 @@ from worktreebox.system.cgroups.base import (
     home_key,
     key_of,
 )
-from worktreebox.system.cgroups.detect import detect, for_home, placement, unavailable
+from worktreebox.system.cgroups.detect import detect, for_home, place, placement, unavailable
 from worktreebox.system.cgroups.oom import OomWatch, oom_victims
 from worktreebox.system.cgroups.v1 import CgroupsV1
 from worktreebox.system.cgroups.v2 import CgroupsV2
@@ -53,5 +53,5 @@ from worktreebox.system.cgroups.v2 import CgroupsV2
 __all__ = [
     "BROWSER", "CGROUP_FS", "DEFAULT_CPU_WEIGHT", "EXEC", "METRICS", "MIGRATE", "RUN", "SETUP", "SUPERVISOR", "TRACES",
     "Cgroups", "CgroupsV1", "CgroupsV2", "Leaf", "Limits", "OomWatch", "Usage", "detect", "for_home", "home_key",
-    "key_of", "oom_victims", "placement", "unavailable",
+    "key_of", "oom_victims", "place", "placement", "unavailable",
 ]

@@ -87,6 +87,12 @@ def _detect_v2(fs: Path, key: str) -> tuple[Cgroups | None, str | None]:
     return CgroupsV2(delegated, key, outside=delegated), None
 
 
+def place(leaf: Leaf, pid: int) -> bool:
+    """Move a running process into `leaf`; False when the host or the box has no cgroups."""
+    backend = for_home(leaf.home)
+    return backend is not None and backend.place(pid, leaf.box_id, leaf.name)
+
+
 def placement(leaf: Leaf) -> Callable[[], None] | None:
     """The preexec hook that puts a new child into `leaf` (see Cgroups.placer); None when the
     host has no cgroups or the box has none (made before cgroups, or being removed)."""

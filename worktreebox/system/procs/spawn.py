@@ -117,5 +117,4 @@ def last_line(log_path: Path, *, noise: Callable[[str], bool] = lambda line: Fal
 
 def enter_cgroup(leaf: cgroups.Leaf) -> bool:
     """Move this process into a leaf of its box's cgroup (`exec`/`shell` do it just before exec)."""
-    backend = cgroups.for_home(leaf.home)
-    return backend is not None and backend.place(os.getpid(), leaf.box_id, leaf.name)
+    return cgroups.place(leaf, os.getpid())

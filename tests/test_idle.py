@@ -165,6 +165,22 @@ def test_a_calm_box_store_sleeps_and_activity_reads_and_pushes_wake_it(tmp_path)
     assert store.sleeping
 
 
+def test_a_store_found_asleep_stays_asleep_until_something_wants_it(tmp_path):
+    """A supervisor that finds its store asleep (its killed predecessor's sleep, or a test's) woke it
+    at its first looks only because it was young: `test_store_sleep` saw the store it had just put
+    to sleep running again now and then. A read, a push or activity wakes it; youth only delays sleep."""
+    now = [1000.0]
+    store = FakeStore(tmp_path)
+    store.sleeping = True
+    s = store_sleep.StoreSleep(store, clock=lambda: now[0])
+    s.look(active=False)
+    assert store.sleeping and store.calls == []
+    s.look(active=True)
+    assert not store.sleeping  # activity wakes it
+    s.look(active=False)
+    assert not store.sleeping  # and the young box's grace keeps it awake
+
+
 @pytest.mark.skipif(cgroups.detect("probe")[0] is None, reason="no cgroups here")
 def test_a_frozen_leaf_is_thawed_and_killed(tmp_path):
     """A leaf left frozen (a snapshot killed half-way, an older wtbox's sleeping store): on v1 a

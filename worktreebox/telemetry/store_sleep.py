@@ -155,7 +155,8 @@ class StoreSleep:
     def __init__(self, store: Store, clock: Callable[[], float] = time.time,
                  report: Callable[[str], None] = lambda msg: None) -> None:
         self.store, self.clock, self.report = store, clock, report
-        self.awake_until = clock() + SLEEP_AFTER
+        self.sleep_not_before = clock() + SLEEP_AFTER  # a new box's store stays awake a while...
+        self.awake_until = 0.0  # ...but only activity, reads and pushes wake a sleeping one
 
     @classmethod
     def of(cls, home: Path, box_id: str, run_dir: Path, report: Callable[[str], None]) -> StoreSleep | None:
@@ -176,7 +177,7 @@ class StoreSleep:
             self.awake_until = max(self.awake_until, read + READ_LINGER)
         if self.asleep and (active or now < self.awake_until):
             self._set(False)
-        elif not self.asleep and now >= self.awake_until:
+        elif not self.asleep and now >= max(self.awake_until, self.sleep_not_before):
             self._set(True)
             if self._read_at() != read:  # read while it was being stopped: that reader waits for us
                 self._set(False)

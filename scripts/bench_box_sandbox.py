@@ -138,7 +138,7 @@ def _bench(runs: int, work: Path | None, *, served: bool) -> dict:
     finally:
         for env in envs.values():  # the boxes of a run that ended early too: gc leaves live boxes alone
             subprocess.run([*IN_PROCESS, "rm", "--all", "--force", "--yes"], env=env, capture_output=True)
-            subprocess.run([*IN_PROCESS, "gc", "--grace", "0"], env=env, capture_output=True)
+            subprocess.run([*IN_PROCESS, "gc", "--grace", "0", "--spares"], env=env, capture_output=True)
             subprocess.run([*IN_PROCESS, "server", "stop"], env=env, capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
 

@@ -87,7 +87,7 @@ def bench_docker(runs: int = 5, work: Path | None = None) -> dict:
                            env={**env, "WTBOX_HOME": str(home)}, capture_output=True)
             subprocess.run([sys.executable, "-m", "worktreebox.cli.main", "db", "stop"],
                            env={**env, "WTBOX_HOME": str(home)}, capture_output=True)
-            subprocess.run([sys.executable, "-m", "worktreebox.cli.main", "gc", "--grace", "0"],
+            subprocess.run([sys.executable, "-m", "worktreebox.cli.main", "gc", "--grace", "0", "--spares"],
                            env={**env, "WTBOX_HOME": str(home)}, capture_output=True)
         dockerenv.remove_labelled(tmp / "docker", host_level=True)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -272,7 +272,7 @@ def bench_scale(work: Path | None = None, boxes: int | None = None, at_a_time: i
         out["load_average_at_end"] = round(os.getloadavg()[0], 2)
     finally:
         home.run("rm", "--all", "--force", "--yes", check=False)
-        home.run("gc", check=False)
+        home.run("gc", "--spares", check=False)
         home.run("db", "stop", check=False)  # the home's own PostgreSQL outlived its deleted dir
         home.run("server", "stop", check=False)  # last: gc and db are served, and would start it again
         shutil.rmtree(tmp, ignore_errors=True)

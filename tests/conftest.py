@@ -23,6 +23,9 @@ pytest_plugins = ["pg_fixtures"]
 ROOT = Path(__file__).resolve().parent.parent
 # Every test runs wtbox in process, as before the CLI server; tests/cli/test_server.py turns it on.
 os.environ["WTBOX_NO_SERVER"] = "1"
+# No spare sandboxes (made ahead after each `new`, outliving the test's boxes): tests/test_spares.py
+# turns them on and removes them.
+os.environ["WTBOX_SANDBOX_SPARES"] = "0"
 
 # A test that asks for one of these makes boxes or talks to the session's PostgreSQL: real
 # processes for seconds. It is marked `slow` here, so a new test is marked without anyone thinking

@@ -150,3 +150,32 @@ def chaos_rng() -> random.Random:
     print(f"WTBOX_CHAOS_SEED={seed}")
     return random.Random(seed)
 
+
+class Running:
+    """The home's zygote, started as the CLI server starts it (services/zygote.py), until `end`."""
+
+    def __init__(self, home: Path) -> None:
+        import psutil
+
+        from worktreebox.services import zygote
+
+        (home / "run").mkdir(parents=True, mode=0o700, exist_ok=True)
+        # as the CLI server starts it: with the server's umask (077), not its callers'
+        before = os.umask(0o077)
+        try:
+            started = zygote.start(str(home))
+        finally:
+            os.umask(before)
+        assert started is not None
+        self.alive_fd, self.pid = started
+        self.socket = home / "run" / zygote.SOCKET
+        assert wait_for(lambda: self.socket.exists() or not psutil.pid_exists(self.pid), timeout=30, every=0.05)
+        assert self.socket.exists(), (home / "run" / zygote.LOG).read_text()
+
+    def end(self) -> None:
+        from worktreebox.system import procs
+
+        if self.alive_fd >= 0:
+            os.close(self.alive_fd)
+            self.alive_fd = -1
+        wait_for(lambda: not procs.pid_alive(self.pid), timeout=10, every=0.05)

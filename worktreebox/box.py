@@ -139,14 +139,15 @@ class Box:
         ([box] ports = { web = 3000 }), else the leased one (`ports` is what the host reaches)."""
         return dict((self.data.get("sandbox") or {}).get("ports") or self.ports)
 
-    # The one reader of data["pool_id"] (written by the claim, fleet/pool.py): the name a box
-    # claimed from the warm pool was made under, `pool-<the same hex>`. Its services, supervisor
-    # and metrics store were started under it and keep it (WTBOX_ID, paths under boxes/<alias>,
-    # now a symlink to boxes/<id>), so rm and gc destroy and count what that name holds too.
+    # The one reader of data["pool_id"] (written by the claim, fleet/pool.py) and data["spare"]
+    # (resources/sandbox_spares.py): the name a box claimed from the warm pool was made under,
+    # `pool-<the same hex>`, or the name of the spare sandbox it was made with, `spare-<the same hex>`.
+    # Its services, supervisor, metrics store or holder were started under it and keep it (WTBOX_ID,
+    # paths under boxes/<alias>), so rm and gc destroy and count what that name holds too.
     @property
     def alias(self) -> str | None:
-        """The pool id this box was made under, or None (a box never pooled, or not yet claimed)."""
-        alias = self.data.get("pool_id")
+        """The pool id this box was made under or the spare it took, or None."""
+        alias = self.data.get("pool_id") or self.data.get("spare")
         return alias if isinstance(alias, str) and alias != self.id else None
 
     def under_alias(self) -> Box | None:

@@ -9,7 +9,6 @@ operations/; they and the fleet call this class; tests and scripts use it direct
 from __future__ import annotations
 
 import builtins  # `list` in the class body below names Host.list
-import contextvars
 import os
 import shutil
 import time
@@ -32,7 +31,7 @@ from worktreebox.errors import ConfigError, Interrupted, NotFound, UnsavedWork, 
 from worktreebox.providers import sandbox
 from worktreebox.providers.postgres import server as postgres_server
 from worktreebox.registry import Registry
-from worktreebox.resources import load_all, stages
+from worktreebox.resources import load_all, run_stage, sandbox_spares, stages
 from worktreebox.resources.base import Creation, Origin, Resource
 from worktreebox.services import boxenv
 from worktreebox.services.boxenv import process_env
@@ -259,9 +258,10 @@ class Host:
             live = len(self.registry.select_box_ids())
             if live >= self.config.max_boxes:
                 raise WtboxError(f"This host already has {live} boxes, the [host] max_boxes limit; remove some first.")
-            self.registry.insert_box(box)
+            with sandbox_spares.taken(self, box, cfg):  # a holder made ahead: the box takes its hex
+                self.registry.insert_box(box)
         _phase("new:row")
-        box.dir.mkdir(mode=0o700)
+        sandbox_spares.move_in(self, box)  # its dir: the spare's, or a new one
 
         c = Creation(host=self, box=box, config=cfg, base_sha=base_sha, secrets=dict(secrets or {}),
                      start_services=start_services, progress=progress or (lambda m: None), origin=origin)
@@ -280,6 +280,7 @@ class Host:
                 raise
             detail = f": {cause} ({type(e).__name__}: {e})" if cause else f" ({type(e).__name__}: {e})"
             raise WtboxError(f"Creating the box failed{detail}; nothing was left behind.") from e
+        sandbox_spares.replenish(self, box, cfg)  # the next sandboxed `new` of this recipe gets a spare
         return box
 
     def _create(self, c: Creation) -> None:
@@ -287,7 +288,7 @@ class Host:
         box = c.box
         for stage in stages(self.resources):
             _phase("new:create:" + "+".join(r.name for r in stage))
-            _run_stage(stage, lambda r: _timed(c, r.phase, r.create))
+            run_stage(stage, lambda r: _timed(c, r.phase, r.create))
         _phase("new:created")
         for r in self.resources:
             r.finish(c)
@@ -298,6 +299,8 @@ class Host:
         for r in self.resources:
             _phase(f"new:start:{r.name}")
             _timed(c, r.start_phase, r.start)
+        for r in self.resources:
+            _timed(c, r.phase, r.settle)
         box.state = READY
         box.data["timings"] = c.timings
         self.registry.save_box(box)
@@ -315,8 +318,9 @@ class Host:
         (after the row: two boxes removed at once each saw the other's row, and the mount stayed)."""
         with cancel.unwatched():  # never cancelled once begun: a roll-back's event stays set (system/cancel.py)
             # A box claimed from the pool runs processes started under its pool id (Box.alias): those first.
+            # (A spare's name holds something only until its dir is the box's: a `new` killed before.)
             alias = box.under_alias()
-            if alias is not None:
+            if alias is not None and (box.data.get("pool_id") or alias.dir.exists()):
                 self._destroy_pieces(alias, strict=strict)
             self._destroy_pieces(box, strict=strict)
         self.registry.delete_box(box.id)
@@ -335,7 +339,7 @@ class Host:
                 errors.append(f"{r.name}: {e}")
 
         for stage in reversed(stages(self.resources)):
-            _run_stage(stage[::-1], destroy)
+            run_stage(stage[::-1], destroy)
         if box.dir.is_symlink():
             box.dir.unlink()
         shutil.rmtree(box.dir, ignore_errors=True)
@@ -441,27 +445,6 @@ class Host:
 
 
 # ---------------------------------------------------------------------- helpers
-
-def _run_stage(stage: list[Resource], step: Callable[[Resource], None]) -> None:
-    """Run `step` on every resource of a stage, concurrently when there are several; all finish,
-    the first error is raised."""
-    if len(stage) == 1:
-        step(stage[0])
-        return
-    from concurrent.futures import ThreadPoolExecutor  # ~4 ms with logging: only when a stage runs
-
-    with ThreadPoolExecutor(max_workers=len(stage)) as pool:
-        # each in a copy of this context: a cancelled MCP call reaches their waits (system/cancel.py)
-        futures = [pool.submit(contextvars.copy_context().run, step, r) for r in stage]
-        errors = []
-        for f in futures:
-            try:
-                f.result()
-            except BaseException as e:  # report the first, but let all finish
-                errors.append(e)
-    if errors:
-        raise errors[0]
-
 
 def _timed(c: Creation, phase: str | None, step: Callable[[Creation], None]) -> None:
     """Run one resource step, adding its seconds to `c.timings[phase]` (new --json's timings)."""

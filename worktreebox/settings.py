@@ -97,6 +97,10 @@ KILL_WAIT = Setting("WTBOX_KILL_WAIT", "seconds a stopped process gets between S
                                        "gone (services, fan-out commands, timed-out runs, Chromium, helpers)", "5")
 POOL_IDLE = Setting("WTBOX_POOL_IDLE", "seconds the pool's filler waits, with the pool full and unclaimed, "
                                        "before it exits", "300")
+SANDBOX_SPARES = Setting("WTBOX_SANDBOX_SPARES", "`[host] sandbox_spares`: spare sandboxes kept per recipe for the "
+                                                 "next `new` (0: none)", "1")
+SANDBOX_SPARE_TTL = Setting("WTBOX_SANDBOX_SPARE_TTL", "seconds a spare sandbox waits to be taken before it "
+                                                       "ends itself", "600")
 PHASE_FILE = Setting("WTBOX_PHASE_FILE", "crash tests: a file `new` appends each phase name to as it starts")
 PHASE_STOP = Setting("WTBOX_PHASE_STOP", "crash tests: `new` halts at the first phase starting with this "
                                          "(for a `kill -9` there)")
@@ -104,7 +108,7 @@ PHASE_STOP = Setting("WTBOX_PHASE_STOP", "crash tests: `new` halts at the first 
 SETTINGS = (HOME, LEASE_DIR, NO_SERVER, SERVER_IDLE, NO_AUTO_GC, DEBUG, PROGRESS, BOX_ID, BOX_SOCKET, PORT_RANGE,
             MOUNTS, LAYER_TTL, POSTGRES_URL, DATABASE_PROVIDER, POSTGRES_IMAGE, OBSERVABILITY_PROVIDER,
             VICTORIAMETRICS_IMAGE, SANDBOX, CGROUPS, DISK_WATCH, PG_BIN, CHROMIUM, CADDY, KILL_WAIT, POOL_IDLE,
-            PHASE_FILE, PHASE_STOP)
+            SANDBOX_SPARES, SANDBOX_SPARE_TTL, PHASE_FILE, PHASE_STOP)
 
 
 def user_state_dir() -> str:

@@ -55,7 +55,7 @@ def test_good_values(tmp_path, text, fields):
 
 
 HOST_KEYS = ("background_busy, layer_ttl, max_active, max_boxes, max_load, mounts, port_range, router, router_listen, "
-             "router_port, sandbox")
+             "router_port, sandbox, sandbox_spares")
 
 
 @pytest.mark.parametrize(("text", "sentence"), [

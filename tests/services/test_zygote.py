@@ -10,9 +10,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
-from helpers import CORE_TOML, wait_for
+from helpers import CORE_TOML, Running, wait_for
 
 from worktreebox.services import client, zygote
 from worktreebox.system import cgroups, procfs, procs
@@ -28,28 +27,6 @@ ports = ["web"]
 cmd = "{PY} -m http.server $PORT --bind 127.0.0.1"
 ready = "http://127.0.0.1:{{{{ ports.web }}}}/"
 """
-
-
-class Running:
-    def __init__(self, home: Path) -> None:
-        (home / "run").mkdir(parents=True, mode=0o700, exist_ok=True)
-        # as the CLI server starts it: with the server's umask (077), not its callers'
-        before = os.umask(0o077)
-        try:
-            started = zygote.start(str(home))
-        finally:
-            os.umask(before)
-        assert started is not None
-        self.alive_fd, self.pid = started
-        self.socket = home / "run" / zygote.SOCKET
-        assert wait_for(lambda: self.socket.exists() or not psutil.pid_exists(self.pid), timeout=30, every=0.05)
-        assert self.socket.exists(), (home / "run" / zygote.LOG).read_text()
-
-    def end(self) -> None:
-        if self.alive_fd >= 0:
-            os.close(self.alive_fd)
-            self.alive_fd = -1
-        wait_for(lambda: not procs.pid_alive(self.pid), timeout=10, every=0.05)
 
 
 @pytest.fixture

@@ -35,12 +35,14 @@ class HostConfig:
     layer_ttl: float = 24 * 3600.0  # gc removes trees and dependency layers no box used for this long
     background_busy: bool = True  # a box that keeps the CPU busy runs as background (background.py)
     sandbox: str = "auto"  # auto | namespaces | off: how boxes are kept apart (providers/sandbox)
+    sandbox_spares: int = 1  # holders made ahead per recipe for the next `new` (providers/sandbox/spares.py)
     # The host router (worktreebox/router): on, on a leased port (None) or this one, on the loopback.
     router: bool = True
     router_port: int | None = None
     router_listen: str = "127.0.0.1"
 
 
+_SPARES = v.whole("a whole number of spare sandboxes, 0 or more", 0)
 HOST = document(
     "config.toml",
     Table("host", table("host", Key("port_range", v.port_range),
@@ -54,7 +56,8 @@ HOST = document(
                         Key("router", v.boolean),
                         Key("router_port", v.whole("a port number from 1 to 65535", 1, 65535)),
                         Key("router_listen", v.ip_address),
-                        Key("sandbox", v.choice("auto", *providers.names("sandbox"))))),
+                        Key("sandbox", v.choice("auto", *providers.names("sandbox"))),
+                        Key("sandbox_spares", _SPARES))),
     Table("box", table("box", *LIMITS)),
     Table("database", table("database", Key("provider", v.choice(*providers.names("postgres"))),
                             Key("url", v.postgres_url), Key("image", v.image), Key("fsync_off", v.boolean),
@@ -91,6 +94,7 @@ OVERRIDES = (
     (settings.POSTGRES_IMAGE, "postgres_image", v.image),
     (settings.VICTORIAMETRICS_IMAGE, "victoriametrics_image", v.image),
     (settings.SANDBOX, "sandbox", v.choice("auto", *providers.names("sandbox"))),
+    (settings.SANDBOX_SPARES, "sandbox_spares", lambda text: _SPARES(int(text) if text.isdigit() else text)),
 )
 
 

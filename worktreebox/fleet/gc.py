@@ -63,23 +63,32 @@ def _owners(boxes: list) -> dict[str, str]:
 
 
 def find_orphans(host: Host) -> dict[str, list[str]]:
+    from worktreebox.providers.sandbox import spares
+
     found = discover_all(host)
-    known = _owners(host.list())
+    known = {**_owners(host.list()), **{s: s for s in spares.kept(host.home)}}
     return {i: what for i, what in found.items() if i not in known}
 
 
-def plan(host: Host, *, grace: float, now: float | None = None) -> list[dict]:
-    """What gc would do, each with its reason. Reads only."""
+def plan(host: Host, *, grace: float, now: float | None = None, spares: bool = False) -> list[dict]:
+    """What gc would do, each with its reason. Reads only. `spares`: the spare sandboxes too."""
+    from worktreebox.providers.sandbox import spares as spare_sandboxes
+
     now = time.time() if now is None else now
     found = discover_all(host)
     listed = host.list()  # read after discover: see the module docstring
     boxes = {b.id: b for b in listed}
-    known = _owners(listed)
+    kept = spare_sandboxes.kept(host.home, taken_only=spares)  # read after discover: its record comes first
+    known = {**_owners(listed), **{s: s for s in kept}}
     actions: list[dict] = []
     for box_id, what in sorted(found.items()):
-        if box_id not in known:
+        if box_id in known:
+            continue
+        if box_id.startswith(spare_sandboxes.PREFIX) and box_id not in boxes:
+            reason = "spare sandbox (--spares)" if spares else "spare sandbox nobody took: it ended, or its maker died"
+        else:
             reason = f"orphan: {', '.join(sorted(what))} with no registry row"
-            actions.append({"id": box_id, "action": "remove", "reason": reason})
+        actions.append({"id": box_id, "action": "remove", "reason": reason})
     for b in boxes.values():
         updated = b.updated_at or b.created_at
         if b.state in (CREATING, REMOVING, FAILED):
@@ -107,7 +116,8 @@ def plan(host: Host, *, grace: float, now: float | None = None) -> list[dict]:
     return actions
 
 
-def run(host: Host, *, grace: float = DEFAULT_GRACE, dry_run: bool = False, wait: float = 30.0) -> dict:
+def run(host: Host, *, grace: float = DEFAULT_GRACE, dry_run: bool = False, wait: float = 30.0,
+        spares: bool = False) -> dict:
     t0 = time.perf_counter()
     with exclusive_lock(host, wait=wait) as locked:
         if not locked:
@@ -115,7 +125,7 @@ def run(host: Host, *, grace: float = DEFAULT_GRACE, dry_run: bool = False, wait
         if not dry_run:
             for b in host.list():  # a ready box whose supervisor died is degraded, with the reason
                 host.notice(b)
-        actions = plan(host, grace=grace)
+        actions = plan(host, grace=grace, spares=spares)
         errors = []
         if not dry_run:
             for a in actions:
@@ -258,8 +268,8 @@ def stray_mounts(host: Host) -> list:
 
 
 def _release_boxes(host: Host) -> bool:
-    """boxes/, made a shared mount for sandboxes, taken down once no box is left."""
-    from worktreebox.providers.sandbox.namespaces import release_boxes_dir
+    """boxes/, made a shared mount for sandboxes, taken down once no box (and no spare) is left."""
+    from worktreebox.providers.sandbox import release_boxes_dir
 
     return release_boxes_dir(host.home, lambda: not host.registry.select_box_ids())
 

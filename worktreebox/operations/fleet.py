@@ -187,11 +187,11 @@ def pool(host: Host, repo: str | None = None, size: int | None = None, status: b
     return {"pools": P.status(host, root)}
 
 
-def gc(host: Host, dry_run: bool = False, grace: str = "10m") -> dict:
+def gc(host: Host, dry_run: bool = False, grace: str = "10m", spares: bool = False) -> dict:
     from worktreebox.config.load import parse_duration
     from worktreebox.fleet import gc as gc_mod
 
-    return gc_mod.run(host, grace=parsed("grace", parse_duration, grace), dry_run=dry_run)
+    return gc_mod.run(host, grace=parsed("grace", parse_duration, grace), dry_run=dry_run, spares=spares)
 
 
 FANOUT = Operation(
@@ -264,5 +264,7 @@ GC = Operation(
     "gc", "Remove orphans, crashed half-boxes and boxes whose TTL expired.",
     (Param("dry_run", "Print what would be removed and why; change nothing.", bool, False),
      Param("grace", "Leave boxes in creating/removing alone for this long (their command may still run).",
-           default="10m")),
+           default="10m"),
+     Param("spares", "Also remove the spare sandboxes kept for the next `new` (they end by themselves after "
+                     "WTBOX_SANDBOX_SPARE_TTL).", bool, False)),
     gc, result="{actions, mounts, layers, cgroups, snapshots, errors, seconds}.", effect=DESTROYS)

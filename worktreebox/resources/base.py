@@ -117,6 +117,10 @@ class Resource:
     def start(self, c: Creation) -> None:
         """After the box env is final and written (setup, migrations, services)."""
 
+    def settle(self, c: Creation) -> None:
+        """After every start, before the box is ready: wait for what create started in the background
+        and nothing asked for since (the sandbox's supervisor)."""
+
     def destroy(self, host: HostContext, box: Box) -> None:
         """Remove it; succeed if it is already gone."""
 

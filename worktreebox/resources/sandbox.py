@@ -45,6 +45,7 @@ OFF = "off"
 DB_FORWARD = "db"  # the database forward's name (`wtbox net BOX --down db`)
 ENDPOINT_DIR = "endpoint"  # boxes/<id>/endpoint: the socket `wtbox` inside the box talks to
 OFF_SAID = "sandbox-off.said"  # in the home: `new` said once that boxes are not sandboxed here
+SPARE = "spare"  # box.data[SPARE]: the spare sandbox the box took (resources/sandbox_spares.py)
 HOLDER = "sandbox holder"  # provided (Creation.provide) once the holder runs: the worktree's view may mount
 
 
@@ -68,6 +69,9 @@ class Sandbox(Resource):
                 start_supervisor(box, c.secrets, [], daemon_net(c.host, box, make_holder(c.host, box, c.config)),
                                  wait=False)
                 return
+            if box.data.get(SPARE):
+                with_spare(c)
+                return
             # The supervisor's start-up while the holder is made; it enters the network then. The
             # worktree's view waits only for the holder's start (HOLDER), not for its network.
             first = SandboxNet([], procs.Launcher(), forwards=_host_forwards(box, data))
@@ -85,12 +89,19 @@ class Sandbox(Resource):
         from worktreebox.services import client, control
 
         check_view(c.box)
-        client.wait_started(c.box)  # started in create, alongside the checkout: up by now, or it says why not
         target = db_target(c.host, c.box)
         if target is None:
-            return
+            return  # nothing to ask it yet: `settle` waits for it, while the rest of the box is made
+        client.wait_started(c.box)  # started in create, alongside the checkout: up by now, or it says why not
         c.box.data[NAME]["db"] = list(target)
         client.checked(client.control_request(c.box, control.FORWARD, data=_db_forward(target).to_json()))
+
+    def settle(self, c: Creation) -> None:
+        """The supervisor started in create is up (or it says why not) before the box is ready."""
+        if sandboxed(c.box):
+            from worktreebox.services import client
+
+            client.wait_started(c.box)
 
     def destroy(self, host: HostContext, box: Box) -> None:
         data = box.data.get(NAME) or {}
@@ -377,6 +388,31 @@ def _host_forwards(box: Box, data: dict[str, Any]) -> list[Any]:
     for host_port, name in (data.get("exposed") or {}).items():
         forwards.append(HostForward(f"expose:{host_port}", int(host_port), ("127.0.0.1", inside.get(name, 0))))
     return forwards
+
+
+def with_spare(c: Creation) -> None:
+    """The box took a spare (sandbox_spares.take): its holder is made, network and all. Inside it the
+    box's dir is named (the holder knows the spare's paths) while the supervisor starts in it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worktreebox.providers.sandbox.base import save
+    from worktreebox.services.client import start_supervisor
+
+    box = c.box
+    holder = holder_of(box)
+    if holder is None:
+        raise WtboxError(f"The spare sandbox {box.data[SPARE]} that box {box.id} took has ended; make the box again.")
+    c.provide(HOLDER)  # the worktree's view may mount: the holder runs
+
+    def name_it() -> None:
+        provider_for(box.data[NAME]["provider"]).alias(holder, box.dir, box.data[SPARE], box.id)
+        holder.box_id = box.id  # its record names the box now (what a "not running" sentence says)
+        save(box.run_dir, holder)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        named = pool.submit(name_it)
+        start_supervisor(box, c.secrets, [], daemon_net(c.host, box, holder), wait=False)
+        named.result()
 
 
 def _made_net(host: HostContext, box: Box, config: RepoConfig, started: Callable[[], None],

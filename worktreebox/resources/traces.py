@@ -56,6 +56,8 @@ class Traces(Resource):
         data = c.box.data.get(self.name)
         if not data:
             return
+        if sandboxed(c.box):
+            client.wait_started(c.box)  # started by the sandbox resource, maybe still starting
         if client.supervisor_pid(c.box) is None:
             c.note(f"starting the OTLP endpoint on port {data['port']}")
             start_endpoint(c.box, c.secrets)

@@ -53,6 +53,12 @@ from worktreebox.system import procfs, unixsock
 from worktreebox.system.codestamp import code_stamp, first_change
 
 SOCKET = "zygote.sock"  # in the home's run dir (the CLI server's, 0700)
+LAUNCHER = "launcher.sock"  # in a spare sandbox's run dir: a launcher forked ahead (_wait_as_spare)
+PREFORK = "prefork"
+RUN = "run"
+# the modules a `run` request may start (their main(argv)), named, not imported: they lie above this
+# one (a spare is a sandbox's, providers/sandbox/spares.py)
+RUNNABLE = ("worktreebox.providers.sandbox.spares",)
 LOG = "zygote.log"
 ANSWER_TIMEOUT = 5.0  # a zygote answers at once; past this the client starts the supervisor itself
 MAX_FDS = 64  # a box's forwards: one per leased and exposed port, and the host's network
@@ -126,10 +132,18 @@ class Forked:
 
 def fork_supervisor(home: Path, box_id: str, *, env: dict[str, str], cwd: str, fds: list[int]) -> Forked | None:
     """A launcher for the box's supervisor from the home's zygote, with a pipe for its payload (the
-    caller writes it to `.stdin` and closes it); None when no zygote answers or it refuses."""
-    path = Path(home) / "run" / SOCKET
-    if not path.exists():
-        return None
+    caller writes it to `.stdin` and closes it); None when no zygote answers or it refuses. The
+    launcher forked ahead with the box's spare sandbox (`prefork`) is asked first."""
+    ahead = Path(home) / "boxes" / box_id / "run" / LAUNCHER
+    for path in (ahead, Path(home) / "run" / SOCKET):
+        if path.exists():
+            forked = _ask(path, home, box_id, env=env, cwd=cwd, fds=fds)
+            if forked is not None:
+                return forked
+    return None
+
+
+def _ask(path: Path, home: Path, box_id: str, *, env: dict[str, str], cwd: str, fds: list[int]) -> Forked | None:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     payload_r, payload_w = os.pipe()
     try:
@@ -226,7 +240,9 @@ class Zygote:
             log(f"bad request: {e}")
             return None
         try:
-            if msg.get("op") != "supervisor" or len(fds) != len(msg.get("fds") or []) + 1:
+            op = msg.get("op")
+            if not ((op == PREFORK and not fds) or (op == "supervisor" and len(fds) == len(msg.get("fds") or []) + 1)
+                    or (op == RUN and len(fds) == 1 and msg.get("module") in RUNNABLE)):
                 _reply(conn, {"refused": "not a request this zygote knows"})
                 return None
             changed = first_change(self.stamp, code_stamp())
@@ -236,7 +252,8 @@ class Zygote:
             if os.fork() == 0:
                 code = 1
                 try:
-                    code = _launch(self, conn, msg, fds)
+                    code = _wait_as_spare(self, conn, msg) if op == PREFORK else \
+                        _run_module(self, conn, msg, fds[0]) if op == RUN else _launch(self, conn, msg, fds)
                 finally:
                     os._exit(code)
         finally:
@@ -259,15 +276,22 @@ def _reply(conn: socket.socket, obj: dict) -> None:
 
 # ---------------------------------------------------------------- the launcher, in the zygote's child
 
-def _launch(zygote: Zygote, conn: socket.socket, msg: dict, fds: list[int]) -> int:
-    """Become what procs.spawn made of `python -m worktreebox.services.supervisor HOME BOX`, then run it."""
-    # a fresh Python's dispositions (SIGPIPE stays ignored, as Python starts: a write to a closed
-    # socket must raise in the supervisor, not end it)
+def _leave_zygote(zygote: Zygote) -> None:
+    """A child's first steps: a fresh Python's dispositions (SIGPIPE stays ignored, as Python starts:
+    a write to a closed socket must raise in the supervisor, not end it), none of the zygote's
+    descriptors, a session of its own."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
     zygote.listener.close()
     os.close(zygote.alive_fd)
     os.setsid()
+
+
+def _launch(zygote: Zygote, conn: socket.socket, msg: dict, fds: list[int], *, placed: bool = False) -> int:
+    """Become what procs.spawn made of `python -m worktreebox.services.supervisor HOME BOX`, then run it.
+    `placed`: a launcher forked ahead (_wait_as_spare), in the box's supervisor leaf already."""
+    if not placed:
+        _leave_zygote(zygote)
     home, box_id = str(msg["home"]), str(msg["box_id"])
     conn = _above(conn, fds, msg["fds"])
     try:
@@ -275,7 +299,8 @@ def _launch(zygote: Zygote, conn: socket.socket, msg: dict, fds: list[int]) -> i
         from worktreebox.system import cgroups, procs
 
         # before anything of the box runs here, as procs.spawn's hook places a spawned one
-        procs.enter_cgroup(cgroups.Leaf(home, box_id, cgroups.SUPERVISOR))
+        if not placed:
+            procs.enter_cgroup(cgroups.Leaf(home, box_id, cgroups.SUPERVISOR))
         os.chdir(msg["cwd"])
         os.umask(int(msg["umask"]))  # the caller's, as a spawned supervisor inherits it (not the server's 077)
         os.environ.clear()
@@ -297,6 +322,119 @@ def _launch(zygote: Zygote, conn: socket.socket, msg: dict, fds: list[int]) -> i
     except Exception as e:
         _reply(conn, {"exit": 1, "error": f"{type(e).__name__}: {e}"})
     return 1
+
+
+def _wait_as_spare(zygote: Zygote, conn: socket.socket, msg: dict) -> int:
+    """A launcher forked ahead for a spare sandbox (providers/sandbox/spares.py): it moves into the
+    spare's supervisor leaf now (on cgroup v1 a move waits for an RCU grace period, ~15-30 ms here,
+    which the `new` that takes the spare then does not wait for), listens at the spare's
+    run/launcher.sock, and serves one supervisor request there for a box of the spare's hex (its
+    cgroup is the spare's) as the zygote would; it ends unused after `ttl` seconds, as the spare does."""
+    from worktreebox.box import hex_of
+    from worktreebox.system import cgroups, procs
+
+    _leave_zygote(zygote)
+    home, box_id = str(msg["home"]), str(msg["box_id"])
+    try:
+        procs.enter_cgroup(cgroups.Leaf(home, box_id, cgroups.SUPERVISOR))
+        path = str(Path(home) / "boxes" / box_id / "run" / LAUNCHER)
+        listener, ino = unixsock.listen(path)
+    except Exception as e:
+        _reply(conn, {"refused": f"{type(e).__name__}: {e}"})
+        return 1
+    _reply(conn, {"pid": os.getpid()})
+    conn.close()
+    deadline = time.monotonic() + float(msg.get("ttl") or 0)
+    while (left := deadline - time.monotonic()) > 0 and select.select([listener], [], [], left)[0]:
+        try:
+            client, _ = listener.accept()
+        except OSError:
+            continue
+        client.settimeout(ANSWER_TIMEOUT)
+        try:
+            request, fds = unixsock.recv(client, max_fds=MAX_FDS + 1)
+        except (OSError, unixsock.ProtocolError):
+            client.close()
+            continue
+        changed = first_change(zygote.stamp, code_stamp())
+        why = "not this launcher's box" if hex_of(str(request.get("box_id"))) != hex_of(box_id) or \
+            unixsock.peer_uid(client) != os.getuid() or request.get("op") != "supervisor" or \
+            len(fds) != len(request.get("fds") or []) + 1 else f"{changed} changed" if changed else None
+        if why is None:  # (the spare's dir is the box's by now: its socket is withdrawn there)
+            unixsock.withdraw(str(Path(home) / "boxes" / str(request["box_id"]) / "run" / LAUNCHER), ino)
+            listener.close()
+            return _launch(zygote, client, request, fds, placed=True)
+        _reply(client, {"refused": why})
+        client.close()
+        for fd in fds:
+            os.close(fd)
+        if changed:
+            break  # older code than a fresh supervisor's: never of use (the caller starts one as usual)
+    unixsock.withdraw(path, ino)
+    return 0
+
+
+def _run_module(zygote: Zygote, conn: socket.socket, msg: dict, log_fd: int) -> int:
+    """A background job of wtbox's own as a fork of this warm process instead of a fresh Python (the
+    spare maker: ~80 ms of CPU for its imports otherwise, after every sandboxed `new`): `module`'s
+    main(argv), niced, with the given environment, its output appended to `log_fd`."""
+    import importlib
+
+    _leave_zygote(zygote)
+    os.nice(int(msg.get("nice") or 0))
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    os.chdir(PACKAGE_PARENT)
+    os.environ.clear()
+    os.environ.update(msg["env"])
+    _reply(conn, {"pid": os.getpid()})
+    conn.close()
+    return int(importlib.import_module(str(msg["module"])).main(list(msg["argv"])) or 0)
+
+
+def run_module(home: Path, module: str, argv: list[str], *, env: dict[str, str], log_path: Path,
+               nice: int = 0) -> int | None:
+    """Run `module`'s main(argv) as a fork of the home's zygote (`_run_module`); its pid, or None when no
+    zygote answers or it refuses (the caller then starts a Python of its own)."""
+    path = Path(home) / "run" / SOCKET
+    if not path.exists():
+        return None
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        conn.settimeout(ANSWER_TIMEOUT)
+        unixsock.connect(conn, str(path))
+        unixsock.send(conn, {"op": RUN, "module": module, "argv": argv, "env": env, "nice": nice}, fds=[log])
+        msg, _ = unixsock.recv(conn)
+    except (OSError, unixsock.ProtocolError):
+        return None
+    finally:
+        os.close(log)
+        conn.close()
+    return int(msg["pid"]) if "pid" in msg else None
+
+
+def prefork(home: Path, box_id: str, ttl: float) -> int | None:
+    """Ask the home's zygote for a launcher forked ahead for the spare `box_id` (_wait_as_spare); its
+    pid, or None when no zygote answers or it refuses (the box's supervisor then starts as usual)."""
+    path = Path(home) / "run" / SOCKET
+    if not path.exists():
+        return None
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        conn.settimeout(ANSWER_TIMEOUT)
+        unixsock.connect(conn, str(path))
+        unixsock.send(conn, {"op": PREFORK, "home": str(home), "box_id": box_id, "ttl": ttl})
+        msg, _ = unixsock.recv(conn)
+    except (OSError, unixsock.ProtocolError):
+        return None
+    finally:
+        conn.close()
+    return int(msg["pid"]) if "pid" in msg else None
 
 
 def _above(conn: socket.socket, fds: list[int], numbers: list[int]) -> socket.socket:

@@ -31,7 +31,7 @@ QUIET = click.option("--quiet", is_flag=True, hidden=True)
 
 
 @command(fleet.GC, extras=[INSTALL_TIMER, PRINT, QUIET])
-def gc(dry_run, grace, install_timer, print_only, quiet, as_json):
+def gc(dry_run, grace, spares, install_timer, print_only, quiet, as_json):
     if install_timer:
         files = _timer_files()
         if print_only:
@@ -44,7 +44,7 @@ def gc(dry_run, grace, install_timer, print_only, quiet, as_json):
             (unit_dir / name).write_text(files[name])
         info(f"wrote {unit_dir}/wtbox-gc.{{service,timer}}; enable with: systemctl --user enable --now wtbox-gc.timer")
         return
-    result = fleet.gc(get_host(), dry_run, grace)
+    result = fleet.gc(get_host(), dry_run, grace, spares)
     if as_json:
         emit_json(result)
     elif not quiet:

@@ -105,11 +105,13 @@ def unsaved_work(box: Box, launcher: procs.Launcher) -> str | None:
     return git.unsaved_work(box.path, box.branch, box.data.get("base_sha"), launcher=launcher, kept=kept)
 
 
-def release_boxes_dir(home: Path, no_box_left: Callable[[], bool]) -> None:
-    """The last box gone: boxes/ is no longer a shared mount (see namespaces.share_boxes_dir)."""
+def release_boxes_dir(home: Path, no_box_left: Callable[[], bool]) -> bool:
+    """The last box gone, and no spare sandbox kept (its binds are slaves of this mount): boxes/ is no
+    longer a shared mount (see namespaces.share_boxes_dir). True when it was taken down."""
+    from worktreebox.providers.sandbox import spares
     from worktreebox.providers.sandbox.namespaces import release_boxes_dir as release
 
-    release(home, no_box_left)
+    return release(home, lambda: no_box_left() and not spares.kept(home))
 
 
 def rename_inside(box: Box, pool_id: str, launcher: procs.Launcher) -> Callable[[], None]:

@@ -59,6 +59,9 @@ class Spec:
     gateway: bool = False
     # ends with the process that made it (a dependency layer's build: a kill -9 of `new` leaves nothing)
     transient: bool = False
+    # a spare (spares.py): it ends after `expires` seconds unless `keep_if` exists by then
+    expires: float = 0.0
+    keep_if: Path | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -169,9 +172,10 @@ class Sandbox:
         metrics store: in the box's network, invisible to its processes, held by its firewall)."""
         raise NotImplementedError
 
-    def alias(self, holder: Holder | None, path: Path, target: str) -> None:
-        """Inside the holder, `path` as a symlink to `target` (a box claimed from the pool: its dir got
-        the new id on the host, while its holder was made with the pool id's paths)."""
+    def alias(self, holder: Holder | None, path: Path, target: str, hostname: str | None = None) -> None:
+        """Inside the holder, `path` as a symlink to `target` (a box claimed from the pool, or made with a
+        spare's holder: its dir got the new id on the host, while its holder was made with the old id's
+        paths); with `hostname`, the holder's host name becomes that."""
 
     def destroy(self, box_id: str, box_dir: Path) -> list[int]:
         """End the box's holder and network helper, recorded or found by WTBOX_ID; idempotent.

@@ -181,7 +181,9 @@ class Namespaces(Sandbox):
             raise SandboxGone(f"The sandbox of box {spec.box_id} exited as soon as it started.")
         if not spec.transient:
             _end_monitor(pid)
-        members = [pid, *procfs.children(pid), *([starter.pid] if spec.transient else [])]
+        kids = procfs.children(pid)  # its shell (a spare's, with the shell's sleep) or its sleep
+        members = [pid, *kids, *(g for k in kids for g in procfs.children(k)),
+                   *([starter.pid] if spec.transient else [])]
         return Holder(spec.box_id, pid, ident[1], self.mode, uid, gid, network=spec.network,
                       netns_file=procfs.namespace_file(pid, "net")), members
 
@@ -218,13 +220,14 @@ class Namespaces(Sandbox):
         drop = [*_become(alive), *NO_PRIVILEGES] if as_box_user else []
         return procs.Launcher(tuple(network.enter(alive, ["setpriv", *drop, "--"] if drop else [])))
 
-    def alias(self, holder: Holder | None, path: Path, target: str) -> None:
+    def alias(self, holder: Holder | None, path: Path, target: str, hostname: str | None = None) -> None:
         alive = _alive(holder)
         user = ["-U", "--preserve-credentials"] if alive.mode == "user" else []
         import subprocess
 
-        proc = subprocess.run(["nsenter", "-t", str(alive.pid), *user, "-m", "--", "ln", "-sfn", target, str(path)],
-                              capture_output=True, text=True)
+        name = ["-u", "--", "sh", "-c", 'ln -sfn "$0" "$1" && hostname "$2"', target, str(path), hostname[:63]] \
+            if hostname else ["--", "ln", "-sfn", target, str(path)]
+        proc = subprocess.run(["nsenter", "-t", str(alive.pid), *user, "-m", *name], capture_output=True, text=True)
         if proc.returncode != 0:
             raise SandboxError(f"Could not name {path} inside the sandbox of box {alive.box_id}: "
                                f"{proc.stderr.strip() or proc.returncode}.")
@@ -266,12 +269,24 @@ def holder_argv(spec: Spec, *, uid: int, gids: set[int], user_ns: bool, resolv: 
     namespace is made first (`unshare --user --map-root-user`: the caller is uid 0 there, with
     the capabilities bwrap needs) and bwrap makes every other namespace inside it: one owner,
     which the launcher enters."""
-    hold = "echo ready; exec sleep infinity >/dev/null"  # stdout: the ready pipe, closed once said
     argv = ["bwrap", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net", "--hostname", spec.hostname,
             "--new-session", *(["--die-with-parent"] if spec.transient else []),
             *layout.filesystem_args(spec, uid=uid, gids=gids, resolv=resolv),
-            "--info-fd", str(info_fd), "--", "/bin/sh", "-c", hold]
+            "--info-fd", str(info_fd), "--", "/bin/sh", "-c", hold_command(spec)]
     return ["unshare", "--user", "--map-root-user", "--", *argv] if user_ns else argv
+
+
+def hold_command(spec: Spec) -> str:
+    """What the holder's pid 1 runs: a sleep (its stdout is the ready pipe, closed once `ready` is said).
+    A spare's shell first waits `spec.expires` seconds, forked before `ready` (so it is in the box's
+    cgroup with the rest), and then sleeps on only if it was taken meanwhile (`keep_if` exists)."""
+    forever = "exec sleep infinity >/dev/null"
+    if not spec.expires or spec.keep_if is None:
+        return f"echo ready; {forever}"
+    import shlex
+
+    return (f"sleep {int(spec.expires)} >/dev/null & echo ready; wait $!; "
+            f"test -e {shlex.quote(str(spec.keep_if))} && {forever}")
 
 
 class MountTableChanged(SandboxError):

@@ -1,0 +1,111 @@
+"""Spare sandboxes for `new` (providers/sandbox/spares.py says what a spare is and why).
+
+`take` (Host.new, before the box's row): the box gets a ready spare of its recipe, and with it the
+spare's hex. `move_in` (after the row): the spare's dir becomes the box's. The sandbox resource then
+starts the box's supervisor in the spare's holder (`sandbox.with_spare`) instead of making one, and
+after the box is made asks for the next spare (`replenish`: a detached, niced maker process, one
+per recipe). Only where boxes are sandboxed as root and `[host] sandbox_spares` is above 0; never
+for a pooled box (the pool's own box is made ahead already).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from worktreebox import settings
+from worktreebox.box import branch_name, hex_of, slugify
+from worktreebox.config.assets import PACKAGE_PARENT
+from worktreebox.errors import WtboxError
+from worktreebox.providers.sandbox import spares
+from worktreebox.resources.base import warn
+from worktreebox.resources.sandbox import SPARE
+from worktreebox.system import procs
+from worktreebox.system.fsutil import atomic_write
+
+if TYPE_CHECKING:
+    from worktreebox.box import Box
+    from worktreebox.config.load import RepoConfig
+    from worktreebox.context import HostContext
+
+MAKER_NICE = 10
+
+
+def recipe(host: HostContext, box: Box, config: RepoConfig) -> spares.Recipe | None:
+    """What the box's holder is made of (besides its own dirs), or None when it gets no spare."""
+    if host.config.sandbox_spares <= 0 or box.pool is not None:
+        return None
+    from worktreebox.resources import sandbox
+
+    provider, _ = sandbox.choose(host)
+    if provider.name == sandbox.OFF or provider.mode != "root":
+        return None
+    return spares.Recipe.of(provider.name, config.box.network, config.database.mode != "none",
+                            sandbox.binds(box, config, provider), box.dir)
+
+
+def take(host: HostContext, box: Box, config: RepoConfig) -> None:
+    """Give the box a ready spare of its recipe, if there is one: its id takes the spare's hex."""
+    r = recipe(host, box, config)
+    spare = spares.take(host.home, r.key, settings.SANDBOX_SPARE_TTL.seconds()) if r is not None else None
+    if spare is None:
+        return
+    box.id = f"{slugify(box.task)}-{hex_of(spare)}"
+    box.branch, box.dir = branch_name(box.id), host.boxes_dir / box.id
+    box.data[SPARE] = spare
+
+
+@contextlib.contextmanager
+def taken(host: HostContext, box: Box, config: RepoConfig) -> Iterator[None]:
+    """`take`, for the block that makes the box's row: when that fails, the spare is ready again."""
+    take(host, box, config)
+    try:
+        yield
+    except BaseException:
+        spare = box.data.pop(SPARE, None)
+        if spare:
+            spares.give_back(host.home, spare)
+        raise
+
+
+def move_in(host: HostContext, box: Box) -> None:
+    """The box's dir: its spare's, renamed (after the box's row: gc counts the spare as the box's),
+    else a new one (no spare, or it went away: the box's holder is then made as usual)."""
+    spare = box.data.get(SPARE)
+    if spare and spares.move_in(host.home, spare, box.dir):
+        return
+    box.data.pop(SPARE, None)
+    box.dir.mkdir(mode=0o700)
+
+
+def replenish(host: HostContext, box: Box, config: RepoConfig) -> bool:
+    """Ask for the next spare of this box's recipe when fewer than [host] sandbox_spares are there or
+    being made; True when a maker was started (a second maker of a recipe exits at once). Never a
+    reason to fail the box: what went wrong is a warning."""
+    try:
+        return _replenish(host, box, config)
+    except (OSError, WtboxError) as e:
+        warn(f"No spare sandbox was asked for ({e}); the next 'wtbox new' makes its own.")
+        return False
+
+
+def _replenish(host: HostContext, box: Box, config: RepoConfig) -> bool:
+    r = recipe(host, box, config)
+    if r is None or spares.count(host.home, r.key) >= host.config.sandbox_spares:
+        return False
+    recipe_file, _, log = spares.paths(host.home, r.key)
+    recipe_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    atomic_write(recipe_file, json.dumps(r.to_json()))
+    from worktreebox.services import zygote
+    from worktreebox.services.boxenv import without_box_vars
+
+    env = {**without_box_vars(), "WTBOX_HOME": str(host.home)}
+    argv = [str(host.home), r.key, str(host.config.sandbox_spares), str(settings.SANDBOX_SPARE_TTL.seconds())]
+    # a fork of the home's zygote where one runs (no Python start-up, no imports), else a Python of its
+    # own, detached (never a zombie child of a long-lived caller: `wtbox mcp`, a test); niced either way
+    if zygote.run_module(host.home, spares.__name__, argv, env=env, log_path=log, nice=MAKER_NICE) is None:
+        procs.spawn_detached(["nice", "-n", str(MAKER_NICE), sys.executable, "-m", spares.__name__, *argv],
+                             env=env, log_path=log, cwd=PACKAGE_PARENT)
+    return True

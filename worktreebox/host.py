@@ -280,7 +280,6 @@ class Host:
                 raise
             detail = f": {cause} ({type(e).__name__}: {e})" if cause else f" ({type(e).__name__}: {e})"
             raise WtboxError(f"Creating the box failed{detail}; nothing was left behind.") from e
-        sandbox_spares.replenish(self, box, cfg)  # the next sandboxed `new` of this recipe gets a spare
         return box
 
     def _create(self, c: Creation) -> None:
@@ -299,6 +298,8 @@ class Host:
         for r in self.resources:
             _phase(f"new:start:{r.name}")
             _timed(c, r.start_phase, r.start)
+        # the next sandboxed `new` of this recipe gets a spare: asked while the supervisor may still boot
+        sandbox_spares.replenish(self, box, c.config)
         for r in self.resources:
             _timed(c, r.phase, r.settle)
         box.state = READY

@@ -34,16 +34,22 @@ MAKER_NICE = 10
 
 
 def recipe(host: HostContext, box: Box, config: RepoConfig) -> spares.Recipe | None:
-    """What the box's holder is made of (besides its own dirs), or None when it gets no spare."""
+    """What the box's holder is made of (besides its own dirs), or None when it gets no spare; worked
+    out once per box and process (`take` and `replenish` both ask: ~3 ms, the toolchain's walk)."""
     if host.config.sandbox_spares <= 0 or box.pool is not None:
         return None
-    from worktreebox.resources import sandbox
+    key = (str(host.home), hex_of(box.id))
+    if key not in _RECIPES:
+        from worktreebox.resources import sandbox
 
-    provider, _ = sandbox.choose(host)
-    if provider.name == sandbox.OFF or provider.mode != "root":
-        return None
-    return spares.Recipe.of(provider.name, config.box.network, config.database.mode != "none",
-                            sandbox.binds(box, config, provider), box.dir)
+        provider, _ = sandbox.choose(host)
+        _RECIPES[key] = None if provider.name == sandbox.OFF or provider.mode != "root" else spares.Recipe.of(
+            provider.name, config.box.network, config.database.mode != "none", sandbox.binds(box, config, provider),
+            box.dir)
+    return _RECIPES[key]
+
+
+_RECIPES: dict[tuple[str, str], spares.Recipe | None] = {}
 
 
 def take(host: HostContext, box: Box, config: RepoConfig) -> None:
@@ -105,7 +111,7 @@ def _replenish(host: HostContext, box: Box, config: RepoConfig) -> bool:
     argv = [str(host.home), r.key, str(host.config.sandbox_spares), str(settings.SANDBOX_SPARE_TTL.seconds())]
     # a fork of the home's zygote where one runs (no Python start-up, no imports), else a Python of its
     # own, detached (never a zombie child of a long-lived caller: `wtbox mcp`, a test); niced either way
-    if zygote.run_module(host.home, spares.__name__, argv, env=env, log_path=log, nice=MAKER_NICE) is None:
+    if not zygote.run_module(host.home, spares.__name__, argv, env=env, log_path=log, nice=MAKER_NICE):
         procs.spawn_detached(["nice", "-n", str(MAKER_NICE), sys.executable, "-m", spares.__name__, *argv],
                              env=env, log_path=log, cwd=PACKAGE_PARENT)
     return True

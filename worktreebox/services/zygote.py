@@ -249,6 +249,8 @@ class Zygote:
             if changed:
                 _reply(conn, {"refused": f"{changed} changed since the zygote started"})
                 return f"{changed} changed"
+            if op == RUN:  # nothing to hand back but that it runs: the caller goes on before the fork
+                _reply(conn, {"accepted": True})
             if os.fork() == 0:
                 code = 1
                 try:
@@ -391,18 +393,17 @@ def _run_module(zygote: Zygote, conn: socket.socket, msg: dict, log_fd: int) -> 
     os.chdir(PACKAGE_PARENT)
     os.environ.clear()
     os.environ.update(msg["env"])
-    _reply(conn, {"pid": os.getpid()})
     conn.close()
     return int(importlib.import_module(str(msg["module"])).main(list(msg["argv"])) or 0)
 
 
 def run_module(home: Path, module: str, argv: list[str], *, env: dict[str, str], log_path: Path,
-               nice: int = 0) -> int | None:
-    """Run `module`'s main(argv) as a fork of the home's zygote (`_run_module`); its pid, or None when no
-    zygote answers or it refuses (the caller then starts a Python of its own)."""
+               nice: int = 0) -> bool:
+    """Run `module`'s main(argv) as a fork of the home's zygote (`_run_module`): True once the zygote
+    took it, False when no zygote answers or it refuses (the caller then starts a Python of its own)."""
     path = Path(home) / "run" / SOCKET
     if not path.exists():
-        return None
+        return False
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -411,11 +412,11 @@ def run_module(home: Path, module: str, argv: list[str], *, env: dict[str, str],
         unixsock.send(conn, {"op": RUN, "module": module, "argv": argv, "env": env, "nice": nice}, fds=[log])
         msg, _ = unixsock.recv(conn)
     except (OSError, unixsock.ProtocolError):
-        return None
+        return False
     finally:
         os.close(log)
         conn.close()
-    return int(msg["pid"]) if "pid" in msg else None
+    return bool(msg.get("accepted"))
 
 
 def prefork(home: Path, box_id: str, ttl: float) -> int | None:

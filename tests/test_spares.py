@@ -240,3 +240,28 @@ def test_which_spares_gc_keeps(tmp_path):
     assert spares.kept(home) == {"spare-0000000a", "spare-0000000d"}
     assert spares.kept(home, taken_only=True) == {"spare-0000000d"}
     assert spares.count(home, "k") == 1
+
+
+def test_a_spare_whose_holder_ended_as_it_was_taken_gives_way_to_a_holder_of_its_own(make_repo, host, with_spares,
+                                                                                      monkeypatch, run_wtbox):
+    from worktreebox.resources import sandbox_spares
+
+    repo = make_repo(toml=CORE_TOML)
+    host.rm(host.new("a", repo=repo).id, force=True)
+    spare = _wait_spare(with_spares)
+    ended = load(spare / "run")
+    moved_in = sandbox_spares.move_in
+
+    def move_in_as_it_ends(h, box) -> None:  # as a `gc --spares` at that moment would leave it
+        moved_in(h, box)
+        os.kill(ended.pid, signal.SIGKILL)
+        assert wait_for(lambda: not procs.is_alive(ended.identity), timeout=10)
+
+    monkeypatch.setattr(sandbox_spares, "move_in", move_in_as_it_ends)
+    b = host.new("b", repo=repo)
+    assert hex_of(b.id) == hex_of(spare.name) and b.alias is None
+    holder = load(b.run_dir)
+    assert holder is not None and holder.pid != ended.pid and procs.is_alive(holder.identity)
+    assert run_wtbox("exec", b.id, "--", "hostname").stdout.strip() == b.id
+    host.rm(b.id, force=True)
+    assert _all_of(with_spares, b.id) == set() and _all_of(with_spares, spare.name) == set()

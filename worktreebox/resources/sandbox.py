@@ -69,8 +69,7 @@ class Sandbox(Resource):
                 start_supervisor(box, c.secrets, [], daemon_net(c.host, box, make_holder(c.host, box, c.config)),
                                  wait=False)
                 return
-            if box.data.get(SPARE):
-                with_spare(c)
+            if box.data.get(SPARE) and with_spare(c):
                 return
             # The supervisor's start-up while the holder is made; it enters the network then. The
             # worktree's view waits only for the holder's start (HOLDER), not for its network.
@@ -390,9 +389,10 @@ def _host_forwards(box: Box, data: dict[str, Any]) -> list[Any]:
     return forwards
 
 
-def with_spare(c: Creation) -> None:
+def with_spare(c: Creation) -> bool:
     """The box took a spare (sandbox_spares.take): its holder is made, network and all. Inside it the
-    box's dir is named (the holder knows the spare's paths) while the supervisor starts in it."""
+    box's dir is named (the holder knows the spare's paths) while the supervisor starts in it. False
+    when the spare's holder ended meanwhile (a `gc --spares` at that moment): the box makes its own."""
     from concurrent.futures import ThreadPoolExecutor
 
     from worktreebox.providers.sandbox.base import save
@@ -401,7 +401,9 @@ def with_spare(c: Creation) -> None:
     box = c.box
     holder = holder_of(box)
     if holder is None:
-        raise WtboxError(f"The spare sandbox {box.data[SPARE]} that box {box.id} took has ended; make the box again.")
+        provider_for(box.data[NAME]["provider"]).destroy(box.id, box.dir)  # what is left of it
+        box.data.pop(SPARE)
+        return False
     c.provide(HOLDER)  # the worktree's view may mount: the holder runs
 
     def name_it() -> None:
@@ -413,6 +415,7 @@ def with_spare(c: Creation) -> None:
         named = pool.submit(name_it)
         start_supervisor(box, c.secrets, [], daemon_net(c.host, box, holder), wait=False)
         named.result()
+    return True
 
 
 def _made_net(host: HostContext, box: Box, config: RepoConfig, started: Callable[[], None],

@@ -157,7 +157,8 @@ class Home:
         subprocess.run([*WTBOX, "server", "stop"], env=self.env, capture_output=True)
         subprocess.run([PY, "-m", "worktreebox.cli.main", "rm", "--all", "--yes", "--force"], env=self.env,
                        capture_output=True)
-        subprocess.run([PY, "-m", "worktreebox.cli.main", "gc", "--grace", "0", "--spares"], env=self.env, capture_output=True)
+        subprocess.run([PY, "-m", "worktreebox.cli.main", "gc", "--grace", "0", "--spares"], env=self.env,
+                       capture_output=True)
         subprocess.run([PY, "-m", "worktreebox.cli.main", "db", "stop"], env=self.env, capture_output=True)
         subprocess.run(["rm", "-rf", str(self.path)])
 

@@ -12,7 +12,7 @@ from mcp.client.stdio import StdioServerParameters
 
 def server_env(home: Path) -> dict[str, str]:
     """What the SDK's stdio client passes on: its safe defaults plus these."""
-    keep = ("PATH", "WTBOX_PORT_RANGE", "WTBOX_POSTGRES_URL")
+    keep = ("PATH", "WTBOX_PORT_RANGE", "WTBOX_POSTGRES_URL", "WTBOX_SANDBOX_SPARES")
     return {"WTBOX_HOME": str(home), "WTBOX_NO_AUTO_GC": "1", **{k: os.environ[k] for k in keep if k in os.environ}}
 
 

@@ -218,7 +218,7 @@ def wait_started(box: Box) -> int:
             pids.append(pid)
         return bool(pids)
 
-    if readiness.wait(readiness.Probe(started), SUPERVISOR_START, poll=0.01) is not None:
+    if readiness.wait(readiness.Probe(started), SUPERVISOR_START, poll=0.002) is not None:
         raise WtboxError(f"The services supervisor of {box.id} did not start; see 'wtbox logs {box.id}'.")
     return pids[0]
 

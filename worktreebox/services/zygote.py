@@ -31,7 +31,7 @@ the zygote's uid):
 The launcher (the zygote's child) becomes what `procs.spawn` made before: its own session, the
 box's supervisor cgroup leaf before anything else, the given environment, cwd and umask, each
 descriptor at the number the payload names, the payload as stdin, stdout and stderr /dev/null;
-then `supervisor.main`, which forks the supervisor and ends.
+then `supervisor.main`: the launcher goes on as the supervisor (the zygote reaps it when it ends).
 """
 from __future__ import annotations
 
@@ -314,7 +314,7 @@ def _launch(zygote: Zygote, conn: socket.socket, msg: dict, fds: list[int], *, p
         return 1
     from worktreebox.services import supervisor
 
-    def forked(parent: bool) -> None:
+    def forked(parent: bool) -> None:  # (the supervisor is detached: it goes on in this process)
         if parent:
             _reply(conn, {"exit": 0})
         conn.close()

@@ -265,3 +265,17 @@ def test_a_spare_whose_holder_ended_as_it_was_taken_gives_way_to_a_holder_of_its
     assert run_wtbox("exec", b.id, "--", "hostname").stdout.strip() == b.id
     host.rm(b.id, force=True)
     assert _all_of(with_spares, b.id) == set() and _all_of(with_spares, spare.name) == set()
+
+
+def test_a_spare_made_before_the_hosts_addresses_changed_is_not_taken(make_repo, host, with_spares):
+    """Its firewall blocks the addresses the host had then: a box made of it could reach a new one."""
+    repo = make_repo(toml=CORE_TOML)
+    host.rm(host.new("a", repo=repo).id, force=True)
+    spare = _wait_spare(with_spares)
+    record = json.loads((spare / "run" / spares.RECORD).read_text())
+    assert record["blocked"]  # (at least the link-local ranges)
+    record["blocked"] = [*record["blocked"], "198.51.100.0/24"]  # as if an interface went away since
+    (spare / "run" / spares.RECORD).write_text(json.dumps(record))
+    b = host.new("b", repo=repo)
+    assert b.alias is None and hex_of(b.id) != hex_of(spare.name) and spare.is_dir()
+    host.rm(b.id, force=True)

@@ -54,8 +54,11 @@ _RECIPES: dict[tuple[str, str], spares.Recipe | None] = {}
 
 def take(host: HostContext, box: Box, config: RepoConfig) -> None:
     """Give the box a ready spare of its recipe, if there is one: its id takes the spare's hex."""
+    from worktreebox.providers.sandbox import network
+
     r = recipe(host, box, config)
-    spare = spares.take(host.home, r.key, settings.SANDBOX_SPARE_TTL.seconds()) if r is not None else None
+    spare = spares.take(host.home, r.key, settings.SANDBOX_SPARE_TTL.seconds(), network.host_addresses) \
+        if r is not None else None
     if spare is None:
         return
     box.id = f"{slugify(box.task)}-{hex_of(spare)}"

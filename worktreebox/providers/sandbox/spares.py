@@ -36,6 +36,7 @@ import secrets
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -155,16 +156,20 @@ def count(home: Path, key: str) -> int:
     return n
 
 
-def take(home: Path, key: str, ttl: float) -> str | None:
-    """A ready spare of `key` with a live holder and time left, now ours; its id, or None."""
+def take(home: Path, key: str, ttl: float, blocked: Callable[[], list[str]]) -> str | None:
+    """A ready spare of `key` with a live holder and time left, now ours; its id, or None. `blocked`:
+    the host's addresses now, which the spare's firewall must have been made with (an interface that
+    came up since, a new docker bridge, would be reachable from a box made of an older spare)."""
     ident = procs.identity(os.getpid()) or [os.getpid(), 0]
     now = time.time()
     latest = ttl - min(30.0, ttl / 4)  # a spare about to end itself is left to end (its shell reads the mark at ttl)
+    current: list[str] | None = None
     for d in _dirs(home):
         rec = _record(d)
         if rec is None or rec.get("key") != key or not rec.get("ready") or now - float(rec.get("made_at", 0)) > latest:
             continue
-        if not _holder_alive(d):
+        current = blocked() if current is None else current
+        if rec.get("blocked") != current or not _holder_alive(d):
             continue
         try:
             os.rename(d / "run" / RECORD, d / "run" / f"{TAKEN}{ident[0]}-{ident[1]}.json")
@@ -213,7 +218,10 @@ def make(home: Path, recipe: Recipe, ttl: float) -> str:
     d = boxes_dir(home) / box_id
     d.mkdir(mode=0o700)
     (d / "run").mkdir(mode=0o700)
-    record = {"key": recipe.key, "maker": procs.identity(os.getpid()), "made_at": time.time(), "ready": False}
+    from worktreebox.providers.sandbox import network
+
+    record = {"key": recipe.key, "maker": procs.identity(os.getpid()), "made_at": time.time(), "ready": False,
+              "blocked": network.host_addresses()}  # what its firewall is made with (see `take`)
     atomic_write(d / "run" / RECORD, json.dumps(record))  # before any piece: gc keeps it while we live
     for p, _ in recipe.inside:
         (d / p).mkdir(parents=True, exist_ok=True)

@@ -135,6 +135,17 @@ class Chaos:
 
     # ------------------------------------------------------------ what exists
     def leftovers(self, alive: set[str]) -> dict[str, set]:
+        """What is left of boxes that are not `alive`: a live box's own spare name (the holder it took
+        keeps it) and the spares gc keeps for the next `new` (made, or being made) are not left over."""
+        from worktreebox.providers.sandbox import spares
+
+        kept = spares.kept(self.home)
+        found = self._found({*alive, *kept, *(f"{spares.PREFIX}{hex_of(i)}" for i in alive)})
+        kept |= spares.kept(self.home)  # (one a maker finished meanwhile)
+        return {k: {x for x in v if x not in kept and not (k == "cgroups" and f"{spares.PREFIX}{x}" in kept)}
+                for k, v in found.items()}
+
+    def _found(self, alive: set[str]) -> dict[str, set]:
         from worktreebox.box import pg_name
         from worktreebox.registry import Registry
 
@@ -223,6 +234,8 @@ def test_kill_dash_nine_anywhere_then_gc_leaves_nothing(tmp_path, make_repo, out
     repo = make_repo({"server.py": SERVICE}, toml=_toml())
     home = outside / "home"
     chaos = Chaos(home, repo, tmp_path)
+    # spare sandboxes on, as users have them: a `new` killed after it took one must leave what gc removes
+    chaos.env["WTBOX_SANDBOX_SPARES"] = "1"
     rng = chaos_rng()
     if HAVE_PG:
         chaos.wtbox("db", "start")
@@ -236,7 +249,8 @@ def test_kill_dash_nine_anywhere_then_gc_leaves_nothing(tmp_path, make_repo, out
         for i in range(ITERATIONS):
             live = chaos.live()
             if len(live) < 2 and rng.random() < 0.5:  # keep boxes around so that rm gets killed too
-                chaos.wtbox("new", f"alive-{i}", "--repo", str(repo))
+                made = json.loads(chaos.wtbox("new", f"alive-{i}", "--repo", str(repo), "--json").stdout)
+                phases["new-from-a-spare" if (made.get("sandbox") or {}).get("spare") else "new"] += 1
                 live = chaos.live()
             if live and rng.random() < 0.25:
                 # the box's supervisor dies (kill -9) under a live box; its service must go on
@@ -269,8 +283,8 @@ def test_kill_dash_nine_anywhere_then_gc_leaves_nothing(tmp_path, make_repo, out
         print(f"\nchaos: {ITERATIONS} kills; by phase: {dict(sorted(phases.items()))}")
     finally:
         chaos.wtbox("rm", "--all", "--yes", "--force", check=False)
-        chaos.wtbox("gc", "--grace", "0", check=False)
-        final = chaos.leftovers(set())
+        chaos.wtbox("gc", "--grace", "0", "--spares", check=False)
+        final = chaos._found(set())
         if HAVE_PG:
             chaos.wtbox("db", "stop", check=False)
     assert not any(final.values()), final

@@ -139,6 +139,7 @@ class Sandbox(Resource):
             out["forwards"] = state.forwards if state else {}
             out["outbound"] = data.get("outbound") or {"down": False, "loss": 0.0}
             out["exposed"] = data.get("exposed") or {}
+            out["spare"] = box.data.get(SPARE)  # the spare sandbox it was made with (sandbox_spares.py), or None
         return {"sandbox": out, "host_ports": dict(box.ports), "inside_ports": dict(data.get("ports") or {})}
 
     def checks(self, host: HostContext) -> list[dict[str, Any]]:

@@ -335,6 +335,7 @@ def test_a_caddy_its_starter_never_recorded_is_swept_by_gc(run_wtbox, wtbox_home
 
 
 @needs_caddy
+@pytest.mark.serial  # any gc running beside it sweeps the same gone home's router (CI saw another worker's do it)
 def test_gc_of_any_home_stops_the_router_of_a_deleted_home(run_wtbox, tmp_path):
     """A home deleted while its router ran: nothing of that home is left to stop it, so gc of any
     home does (as it sweeps the cgroups of deleted homes)."""

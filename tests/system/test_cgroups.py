@@ -699,6 +699,7 @@ def test_a_box_claimed_from_the_pool_keeps_its_cgroup(make_repo, run_wtbox, host
 
 
 @needs_cgroups
+@pytest.mark.serial  # any gc running beside it sweeps the same gone home's cgroups (its list must be exactly ours)
 def test_gc_of_any_home_removes_the_cgroups_of_a_home_that_is_gone(make_repo, run_wtbox, tmp_path):
     """A deleted home cannot run its own gc: its boxes' cgroups (and what still runs in them) would
     stay on the host until a reboot. Another home's gc removes them; a live home's are kept."""

@@ -400,15 +400,15 @@ def with_spare(c: Creation) -> bool:
     from worktreebox.services.client import start_supervisor
 
     box = c.box
-    holder = holder_of(box)
+    provider, holder = provider_for(box.data[NAME]["provider"]), holder_of(box)
     if holder is None:
-        provider_for(box.data[NAME]["provider"]).destroy(box.id, box.dir)  # what is left of it
+        provider.destroy(box.id, box.dir)  # what is left of it
         box.data.pop(SPARE)
         return False
     c.provide(HOLDER)  # the worktree's view may mount: the holder runs
 
     def name_it() -> None:
-        provider_for(box.data[NAME]["provider"]).alias(holder, box.dir, box.data[SPARE], box.id)
+        provider.alias(holder, box.dir, box.data[SPARE], box.id)
         holder.box_id = box.id  # its record names the box now (what a "not running" sentence says)
         save(box.run_dir, holder)
 

@@ -430,9 +430,9 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-def main(argv: list[str] | None = None, *, after_fork: Callable[[bool], None] | None = None) -> None:
-    """`after_fork(parent)`: told once the supervisor is detached (zygote.py): a zygote's launcher is
-    the zygote's child already (the zygote reaps it), so it goes on as the supervisor, without a fork."""
+def main(argv: list[str] | None = None, *, detached: Callable[[], None] | None = None) -> None:
+    """`detached()`: told once the supervisor is detached (zygote.py): a zygote's launcher is the
+    zygote's child already (the zygote reaps it), so it goes on as the supervisor, without a fork."""
     argv = sys.argv[1:] if argv is None else argv
     home, box_id = Path(argv[0]), argv[1]
     # The payload (with the secrets) comes on stdin (a pipe from the resource), never through argv, env or a file.
@@ -449,8 +449,8 @@ def main(argv: list[str] | None = None, *, after_fork: Callable[[bool], None] | 
     os.dup2(devnull, 0)
     # Fork once more so the supervisor is nobody's child (the caller reaps the parent at once); a
     # zygote's launcher skips it (~4-8 ms of copying its page tables, in every served start)
-    if after_fork is not None:
-        after_fork(True)
+    if detached is not None:
+        detached()
     elif os.fork() > 0:
         os._exit(0)
     os.environ.pop("MALLOC_ARENA_MAX", None)  # set by the client for this process only (client.py)

@@ -136,33 +136,35 @@ def fork_supervisor(home: Path, box_id: str, *, env: dict[str, str], cwd: str, f
     launcher forked ahead with the box's spare sandbox (`prefork`) is asked first."""
     ahead = Path(home) / "boxes" / box_id / "run" / LAUNCHER
     for path in (ahead, Path(home) / "run" / SOCKET):
-        if path.exists():
-            forked = _ask(path, home, box_id, env=env, cwd=cwd, fds=fds)
-            if forked is not None:
-                return forked
+        payload_r, payload_w = os.pipe()
+        try:
+            asked = _request(path, {"op": "supervisor", "home": str(home), "box_id": box_id, "env": env, "cwd": cwd,
+                                    "umask": procfs.umask(), "fds": list(fds)}, [payload_r, *fds])
+        finally:
+            os.close(payload_r)
+        if asked is not None and "pid" in asked[1]:
+            return Forked(asked[0], int(asked[1]["pid"]), os.fdopen(payload_w, "wb"))
+        if asked is not None:
+            asked[0].close()
+        os.close(payload_w)
     return None
 
 
-def _ask(path: Path, home: Path, box_id: str, *, env: dict[str, str], cwd: str, fds: list[int]) -> Forked | None:
+def _request(path: Path, msg: dict, fds: list[int]) -> tuple[socket.socket, dict] | None:
+    """One request to a zygote's socket (or a launcher's forked ahead): the connection, which the caller
+    closes, and the first answer; None when nothing answers there."""
+    if not path.exists():
+        return None
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    payload_r, payload_w = os.pipe()
     try:
         conn.settimeout(ANSWER_TIMEOUT)
         unixsock.connect(conn, str(path))
-        unixsock.send(conn, {"op": "supervisor", "home": str(home), "box_id": box_id, "env": env, "cwd": cwd,
-                             "umask": procfs.umask(), "fds": list(fds)}, fds=[payload_r, *fds])
-        msg, _ = unixsock.recv(conn)
+        unixsock.send(conn, msg, fds=fds)
+        answer, _ = unixsock.recv(conn)
     except (OSError, unixsock.ProtocolError):
         conn.close()
-        os.close(payload_w)
         return None
-    finally:
-        os.close(payload_r)
-    if "pid" not in msg:
-        conn.close()
-        os.close(payload_w)
-        return None
-    return Forked(conn, int(msg["pid"]), os.fdopen(payload_w, "wb"))
+    return conn, answer
 
 
 # ---------------------------------------------------------------- the zygote
@@ -314,13 +316,12 @@ def _launch(zygote: Zygote, conn: socket.socket, msg: dict, fds: list[int], *, p
         return 1
     from worktreebox.services import supervisor
 
-    def forked(parent: bool) -> None:  # (the supervisor is detached: it goes on in this process)
-        if parent:
-            _reply(conn, {"exit": 0})
+    def detached() -> None:  # (the supervisor goes on in this process)
+        _reply(conn, {"exit": 0})
         conn.close()
 
     try:
-        supervisor.main([home, box_id], after_fork=forked)
+        supervisor.main([home, box_id], detached=detached)
     except Exception as e:
         _reply(conn, {"exit": 1, "error": f"{type(e).__name__}: {e}"})
     return 1
@@ -401,41 +402,26 @@ def run_module(home: Path, module: str, argv: list[str], *, env: dict[str, str],
                nice: int = 0) -> bool:
     """Run `module`'s main(argv) as a fork of the home's zygote (`_run_module`): True once the zygote
     took it, False when no zygote answers or it refuses (the caller then starts a Python of its own)."""
-    path = Path(home) / "run" / SOCKET
-    if not path.exists():
-        return False
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        conn.settimeout(ANSWER_TIMEOUT)
-        unixsock.connect(conn, str(path))
-        unixsock.send(conn, {"op": RUN, "module": module, "argv": argv, "env": env, "nice": nice}, fds=[log])
-        msg, _ = unixsock.recv(conn)
-    except (OSError, unixsock.ProtocolError):
-        return False
+        asked = _request(Path(home) / "run" / SOCKET,
+                         {"op": RUN, "module": module, "argv": argv, "env": env, "nice": nice}, [log])
     finally:
         os.close(log)
-        conn.close()
-    return bool(msg.get("accepted"))
+    if asked is None:
+        return False
+    asked[0].close()
+    return bool(asked[1].get("accepted"))
 
 
 def prefork(home: Path, box_id: str, ttl: float) -> int | None:
     """Ask the home's zygote for a launcher forked ahead for the spare `box_id` (_wait_as_spare); its
     pid, or None when no zygote answers or it refuses (the box's supervisor then starts as usual)."""
-    path = Path(home) / "run" / SOCKET
-    if not path.exists():
+    asked = _request(Path(home) / "run" / SOCKET, {"op": PREFORK, "home": str(home), "box_id": box_id, "ttl": ttl}, [])
+    if asked is None:
         return None
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        conn.settimeout(ANSWER_TIMEOUT)
-        unixsock.connect(conn, str(path))
-        unixsock.send(conn, {"op": PREFORK, "home": str(home), "box_id": box_id, "ttl": ttl})
-        msg, _ = unixsock.recv(conn)
-    except (OSError, unixsock.ProtocolError):
-        return None
-    finally:
-        conn.close()
-    return int(msg["pid"]) if "pid" in msg else None
+    asked[0].close()
+    return int(asked[1]["pid"]) if "pid" in asked[1] else None
 
 
 def _above(conn: socket.socket, fds: list[int], numbers: list[int]) -> socket.socket:

@@ -4,13 +4,13 @@ Making a holder is most of what a sandbox adds to `new` (measured in README, "Sp
 bubblewrap's start, then three waits on the kernel at once (moving it into its cgroup and loading
 its firewall each wait for an RCU grace period on a cgroup v1 host; slirp4netns's start), while
 the checkout it runs beside takes ~10 ms. So after a sandboxed `new`, a detached, niced process
-(`python -m worktreebox.providers.sandbox.spares HOME KEY`) makes one for the next `new` of the
-same *recipe*: what the holder is made of besides the box's own dirs (the repository's git dir,
-the toolchains it binds, the network, whether it reaches a database). A spare is a box dir
-without a box:
+(a fork of the home's zygote where one runs, else `python -m worktreebox.providers.sandbox.spares
+HOME KEY WANTED TTL`) makes one for the next `new` of the same *recipe*: what the holder is made of
+besides the box's own dirs (the repository's git dir, the toolchains it binds, the network, whether
+it reaches a database). A spare is a box dir without a box:
 
     boxes/spare-<hex>/            its worktree, cache, tmp, home, git, browser, endpoint dirs
-    boxes/spare-<hex>/run/spare.json   {key, maker, made_at, ready}: written before any piece
+    boxes/spare-<hex>/run/spare.json   {key, maker, made_at, ready, blocked}: written before any piece
     boxes/spare-<hex>/run/launcher.sock  its supervisor's launcher, forked ahead by the home's zygote
                                          (services/zygote.py: already in the box's cgroup)
 
@@ -129,6 +129,17 @@ def _holder_alive(d: Path) -> bool:
     return holder is not None and procs.is_alive(holder.identity)
 
 
+def _untaken_alive(d: Path, rec: dict[str, Any]) -> bool:
+    """An untaken spare that is, or will be, of use: ready with a live holder, or its maker lives."""
+    return _holder_alive(d) if rec.get("ready") else procs.is_alive(rec.get("maker"))
+
+
+def _taken_file(d: Path) -> Path:
+    """Where this process's take of the spare `d` is recorded (run/taken-<pid>-<start>.json)."""
+    ident = procs.identity(os.getpid()) or [os.getpid(), 0]
+    return d / "run" / f"{TAKEN}{ident[0]}-{ident[1]}.json"
+
+
 def kept(home: Path, *, taken_only: bool = False) -> set[str]:
     """The spares gc must leave alone: being made (its maker lives), ready (its holder lives), or
     being taken (its taker lives: it inserts its row, then renames the dir to its box's); with
@@ -137,7 +148,7 @@ def kept(home: Path, *, taken_only: bool = False) -> set[str]:
     for d in _dirs(home):
         rec = _record(d)
         if rec is not None:
-            alive = not taken_only and (_holder_alive(d) if rec.get("ready") else procs.is_alive(rec.get("maker")))
+            alive = not taken_only and _untaken_alive(d, rec)
         else:
             alive = procs.is_alive(_taker(d))
         if alive:
@@ -150,8 +161,7 @@ def count(home: Path, key: str) -> int:
     n = 0
     for d in _dirs(home):
         rec = _record(d)
-        if rec is not None and rec.get("key") == key and \
-                (_holder_alive(d) if rec.get("ready") else procs.is_alive(rec.get("maker"))):
+        if rec is not None and rec.get("key") == key and _untaken_alive(d, rec):
             n += 1
     return n
 
@@ -160,7 +170,6 @@ def take(home: Path, key: str, ttl: float, blocked: Callable[[], list[str]]) -> 
     """A ready spare of `key` with a live holder and time left, now ours; its id, or None. `blocked`:
     the host's addresses now, which the spare's firewall must have been made with (an interface that
     came up since, a new docker bridge, would be reachable from a box made of an older spare)."""
-    ident = procs.identity(os.getpid()) or [os.getpid(), 0]
     now = time.time()
     latest = ttl - min(30.0, ttl / 4)  # a spare about to end itself is left to end (its shell reads the mark at ttl)
     current: list[str] | None = None
@@ -172,7 +181,7 @@ def take(home: Path, key: str, ttl: float, blocked: Callable[[], list[str]]) -> 
         if rec.get("blocked") != current or not _holder_alive(d):
             continue
         try:
-            os.rename(d / "run" / RECORD, d / "run" / f"{TAKEN}{ident[0]}-{ident[1]}.json")
+            os.rename(d / "run" / RECORD, _taken_file(d))
         except FileNotFoundError:
             continue  # another `new` took it first
         (d / ENDPOINT / TAKEN_MARK).touch()
@@ -183,9 +192,8 @@ def take(home: Path, key: str, ttl: float, blocked: Callable[[], list[str]]) -> 
 def give_back(home: Path, spare: str) -> None:
     """A spare taken by a `new` that failed before its row: ready again for the next one."""
     d = boxes_dir(home) / spare
-    ident = procs.identity(os.getpid()) or [os.getpid(), 0]
     try:
-        os.rename(d / "run" / f"{TAKEN}{ident[0]}-{ident[1]}.json", d / "run" / RECORD)
+        os.rename(_taken_file(d), d / "run" / RECORD)
         (d / ENDPOINT / TAKEN_MARK).unlink(missing_ok=True)
     except OSError:
         pass  # gone: gc removes what is left once we exit
@@ -213,13 +221,12 @@ def paths(home: Path, key: str) -> tuple[Path, Path, Path]:
 def make(home: Path, recipe: Recipe, ttl: float) -> str:
     """One spare of `recipe` (this process is its maker); its id."""
     from worktreebox.providers import sandbox
+    from worktreebox.providers.sandbox import network
 
     box_id = PREFIX + secrets.token_hex(4)
     d = boxes_dir(home) / box_id
     d.mkdir(mode=0o700)
     (d / "run").mkdir(mode=0o700)
-    from worktreebox.providers.sandbox import network
-
     record = {"key": recipe.key, "maker": procs.identity(os.getpid()), "made_at": time.time(), "ready": False,
               "blocked": network.host_addresses()}  # what its firewall is made with (see `take`)
     atomic_write(d / "run" / RECORD, json.dumps(record))  # before any piece: gc keeps it while we live

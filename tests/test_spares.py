@@ -279,3 +279,22 @@ def test_a_spare_made_before_the_hosts_addresses_changed_is_not_taken(make_repo,
     b = host.new("b", repo=repo)
     assert b.alias is None and hex_of(b.id) != hex_of(spare.name) and spare.is_dir()
     host.rm(b.id, force=True)
+
+
+def test_a_boxs_recipe_is_worked_out_once_though_taking_a_spare_renamed_it(make_repo, host, with_spares,
+                                                                            monkeypatch):
+    """`take` and `replenish` both ask for the recipe, and `take` gives the box the spare's id in
+    between: the toolchain's walk (~4 ms of `new`) must not run twice."""
+    from worktreebox.providers.sandbox import layout
+    from worktreebox.resources import sandbox_spares
+
+    repo = make_repo(toml=CORE_TOML)
+    host.new("a", repo=repo)
+    spare = _wait_spare(with_spares)
+    walks = []
+    real = layout.toolchain
+    monkeypatch.setattr(layout, "toolchain", lambda *a, **k: walks.append(a) or real(*a, **k))
+    monkeypatch.setattr(sandbox_spares, "_RECIPES", {})  # as in a new process
+    b = host.new("b", repo=repo)
+    assert b.alias == spare.name  # it took the spare, and asked for the next
+    assert len(walks) == 1

@@ -289,19 +289,19 @@ class Host:
             _phase("new:create:" + "+".join(r.name for r in stage))
             run_stage(stage, lambda r: _timed(c, r.phase, r.create))
         _phase("new:created")
-        for r in self.resources:
-            r.finish(c)
-        box.env = finalize_env(c)
-        box.data["env_keys"] = sorted(box.env)
-        self.write_env_file(box)
-        self.registry.save_box(box)
-        for r in self.resources:
-            _phase(f"new:start:{r.name}")
-            _timed(c, r.start_phase, r.start)
-        # the next sandboxed `new` of this recipe gets a spare: asked while the supervisor may still boot
-        sandbox_spares.replenish(self, box, c.config)
-        for r in self.resources:
-            _timed(c, r.phase, r.settle)
+        # the next sandboxed `new` of this recipe gets a spare: asked for while this box finishes
+        with sandbox_spares.replenishing(self, box, c.config):
+            for r in self.resources:
+                r.finish(c)
+            box.env = finalize_env(c)
+            box.data["env_keys"] = sorted(box.env)
+            self.write_env_file(box)
+            self.registry.save_box(box)
+            for r in self.resources:
+                _phase(f"new:start:{r.name}")
+                _timed(c, r.start_phase, r.start)
+            for r in self.resources:
+                _timed(c, r.phase, r.settle)
         box.state = READY
         box.data["timings"] = c.timings
         self.registry.save_box(box)

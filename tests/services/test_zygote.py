@@ -131,6 +131,27 @@ def test_changed_code_makes_the_zygote_refuse_and_end(make_repo, host, running):
     host.rm(box.id, force=True)
 
 
+@pytest.mark.serial  # it changes wtbox's code for every server and zygote running beside it
+def test_a_caller_whose_server_checked_its_code_is_served_the_code_it_runs(host, running, monkeypatch):
+    """A served command carries the digest of the code its server checked as it forked it; the
+    zygote serves it without walking the files again, even when the disk changed since: the
+    supervisor then runs the caller's code, as a fresh one started by that caller would have."""
+    from worktreebox.system import codestamp
+
+    monkeypatch.setitem(codestamp._CHECKED, "digest", codestamp.digest(codestamp.code_stamp()))
+    target = Path(zygote.__file__).with_name("spec.py")
+    st = target.stat()
+    try:
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+        asked = zygote.fork_supervisor(host.home, "nobox-0000cafe", env={}, cwd="/", fds=[])
+    finally:
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert asked is not None  # a launcher, forked (it fails later: there is no such box)
+    asked.stdin.close()
+    asked.wait()
+    assert procs.pid_alive(running.pid)  # the zygote serves on
+
+
 def test_the_zygote_ends_with_its_server_and_refuses_another_uid(wtbox_home, running):
     import socket
 

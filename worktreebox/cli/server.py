@@ -39,7 +39,7 @@ import types
 
 from worktreebox import settings
 from worktreebox.cli import protocol as cliproto
-from worktreebox.system import unixsock
+from worktreebox.system import codestamp, unixsock
 from worktreebox.system.codestamp import code_stamp, first_change
 
 TICK = 1.0  # how often an idle server checks its home (and its idle time)
@@ -144,6 +144,7 @@ class Server:
         self.since = time.time()
         self.served = 0
         self.stamp = code_stamp()  # before importing: an edit made during the preload counts
+        self.digest = codestamp.digest(self.stamp)
         self.listener, self.sock_ino = self._bind()
         self.zygote_fd: int | None = None
 
@@ -268,6 +269,7 @@ class Server:
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the server's handler, from the first instant
                 self.listener.close()
+                codestamp.note_checked(self.digest)  # found equal to the disk just now (see _handle)
                 os.close(self.lock_fd)  # a long command must not keep the home's lock from a next server
                 if self.zygote_fd is not None:
                     os.close(self.zygote_fd)  # nor keep the zygote after us

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -35,13 +36,16 @@ MAKER_NICE = 10
 
 def recipe(host: HostContext, box: Box, config: RepoConfig) -> spares.Recipe | None:
     """What the box's holder is made of (besides its own dirs), or None when it gets no spare; worked
-    out once per box and process (`take` and `replenish` both ask: ~3 ms, the toolchain's walk)."""
+    out once per process for what it is made from (`take` and `replenish` both ask, and `take` has
+    changed the box's id in between: ~4 ms, the toolchain's walk)."""
     if host.config.sandbox_spares <= 0 or box.pool is not None:
         return None
-    key = (str(host.home), hex_of(box.id))
-    if key not in _RECIPES:
-        from worktreebox.resources import sandbox
+    from worktreebox.resources import sandbox
+    from worktreebox.services.boxenv import DATA_KEY
 
+    path = (box.data.get(DATA_KEY) or {}).get("PATH") or os.environ.get("PATH", "")
+    key = (str(host.home), str(box.repo), config.box.network, config.database.mode != "none", path)
+    if key not in _RECIPES:
         provider, _ = sandbox.choose(host)
         _RECIPES[key] = None if provider.name == sandbox.OFF or provider.mode != "root" else spares.Recipe.of(
             provider.name, config.box.network, config.database.mode != "none", sandbox.binds(box, config, provider),
@@ -49,7 +53,9 @@ def recipe(host: HostContext, box: Box, config: RepoConfig) -> spares.Recipe | N
     return _RECIPES[key]
 
 
-_RECIPES: dict[tuple[str, str], spares.Recipe | None] = {}
+# (home, repository, network, reaches a database, the PATH the box inherits): all that sandbox.binds and
+# the provider read besides the box's own dir, which a recipe names relative to it
+_RECIPES: dict[tuple[str, str, str, bool, str], spares.Recipe | None] = {}
 
 
 def take(host: HostContext, box: Box, config: RepoConfig) -> None:
@@ -98,6 +104,23 @@ def replenish(host: HostContext, box: Box, config: RepoConfig) -> bool:
     except (OSError, WtboxError) as e:
         warn(f"No spare sandbox was asked for ({e}); the next 'wtbox new' makes its own.")
         return False
+
+
+@contextlib.contextmanager
+def replenishing(host: HostContext, box: Box, config: RepoConfig) -> Iterator[None]:
+    """`replenish` on a thread for the length of the block (the rest of `new`: its env, its starts,
+    the wait for its supervisor), not after it: asking costs a few ms of files and a zygote request."""
+    if recipe(host, box, config) is None:
+        yield
+        return
+    import threading
+
+    asking = threading.Thread(target=replenish, args=(host, box, config), name="wtbox-replenish", daemon=True)
+    asking.start()
+    try:
+        yield
+    finally:
+        asking.join()
 
 
 def _replenish(host: HostContext, box: Box, config: RepoConfig) -> bool:

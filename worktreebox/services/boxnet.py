@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 from worktreebox.errors import UsageError
 from worktreebox.services import control
 from worktreebox.services.spec import DB_MARK, ForwardSpec
+from worktreebox.system import setns
 
 if TYPE_CHECKING:
     from worktreebox.services.control import Request
     from worktreebox.services.forwards import ForwardsThread
 
-CLONE_NEWNET = 0x40000000  # <sched.h>
 
 
 class BoxNet:
@@ -112,20 +112,7 @@ def _listen(spec: ForwardSpec) -> socket.socket:
 
 
 def enter_network(path: str) -> None:
-    """Move this process, while it has one thread, into the network namespace at `path` (setns(2):
-    os.setns from Python 3.12, libc's before). The supervisor does it when it was started before the
-    box's network existed (client.start_supervisor's `later`)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        setns = getattr(os, "setns", None)
-        if setns is not None:
-            setns(fd, CLONE_NEWNET)
-            return
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), path)
-    finally:
-        os.close(fd)
+    """Move this process, while it has one thread, into the network namespace at `path`. The
+    supervisor does it when it was started before the box's network existed (client.start_supervisor's
+    `later`)."""
+    setns.join(path, setns.CLONE_NEWNET)

@@ -11,10 +11,11 @@ its own is what it writes after the fork (measured in scripts/bench.py --only sc
 Who runs it: the CLI server starts one when it starts (`start`), before it loads the commands'
 modules; it ends when the server does (the end of a pipe the server holds), and it refuses, then
 ends, when wtbox's code changed since it loaded (system/codestamp), so a supervisor never runs
-older code than a fresh one would. Where none answers (no server yet, WTBOX_NO_SERVER, tests
-that call Host), `client.start_supervisor` starts the supervisor as its own Python, as before;
-likewise where the box has no cgroup, or its supervisor must be exec'd through nsenter (the
-sandbox's user mode). A forked supervisor's environment and command line, as the kernel lists
+older code than a fresh one its caller started would (a served command's request carries the digest
+of the code its server checked as it forked it: when that is the zygote's, no second walk). Where
+none answers (no server yet, WTBOX_NO_SERVER, tests that call Host), `client.start_supervisor`
+starts the supervisor as its own Python, as before; likewise where the box has no cgroup, or its
+supervisor must be exec'd through nsenter (the sandbox's user mode). A forked supervisor's environment and command line, as the kernel lists
 them, are the zygote's (a process cannot rewrite them without CAP_SYS_RESOURCE), so what finds it
 is its box's cgroup (exact: procs.find_box_processes) and its pid file (pid and start time:
 client.supervisor_pid).
@@ -22,7 +23,8 @@ client.supervisor_pid).
 Protocol (system/unixsock framing, run/zygote.sock in the home's 0700 run dir; the caller must be
 the zygote's uid):
 
-    client -> zygote    {"op": "supervisor", "home", "box_id", "env", "cwd", "umask", "fds": [n, ...]}
+    client -> zygote    {"op": "supervisor", "home", "box_id", "env", "cwd", "umask", "fds": [n, ...],
+                         "stamp" (optional: codestamp.checked())}
                         + descriptors [payload (read end of a pipe), one per number in "fds"]
     launcher -> client  {"pid": <launcher>}, then {"exit": 0} once the supervisor is detached,
                         or {"exit": 1, "error": "<why>"}; end of file without it: it died.
@@ -49,8 +51,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from worktreebox.config.assets import PACKAGE_PARENT
-from worktreebox.system import procfs, unixsock
-from worktreebox.system.codestamp import code_stamp, first_change
+from worktreebox.system import codestamp, procfs, unixsock
+from worktreebox.system.codestamp import code_stamp
 
 SOCKET = "zygote.sock"  # in the home's run dir (the CLI server's, 0700)
 LAUNCHER = "launcher.sock"  # in a spare sandbox's run dir: a launcher forked ahead (_wait_as_spare)
@@ -155,6 +157,9 @@ def _request(path: Path, msg: dict, fds: list[int]) -> tuple[socket.socket, dict
     closes, and the first answer; None when nothing answers there."""
     if not path.exists():
         return None
+    checked = codestamp.checked()
+    if checked is not None:  # the code this process runs, as its server checked it: no second walk there
+        msg = {**msg, "stamp": checked}
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         conn.settimeout(ANSWER_TIMEOUT)
@@ -173,7 +178,7 @@ def preload() -> None:
     """What a running supervisor imports (sys.modules of a sandboxed box's with a service, its
     forwards, the OTLP receiver and the box's metrics), then out of the collector's reach: a module
     first imported after the fork is the supervisor's own memory."""
-    import ctypes  # noqa: F401  (boxnet.enter_network, before Python 3.12's os.setns)
+    import ctypes  # noqa: F401  (system/setns, before Python 3.12's os.setns)
     import datetime  # noqa: F401
     import encodings.idna  # noqa: F401  (socket's getaddrinfo of a name)
     import tomllib  # noqa: F401
@@ -202,6 +207,7 @@ class Zygote:
     def __init__(self, home: str, alive_fd: int) -> None:
         self.home, self.alive_fd = home, alive_fd
         self.stamp = code_stamp()  # before importing: an edit made meanwhile counts
+        self.digest = codestamp.digest(self.stamp)
         self.path = str(Path(home) / "run" / SOCKET)
         self.listener, self.ino = unixsock.listen(self.path)  # over a dead zygote's socket at once
 
@@ -247,7 +253,7 @@ class Zygote:
                     or (op == RUN and len(fds) == 1 and msg.get("module") in RUNNABLE)):
                 _reply(conn, {"refused": "not a request this zygote knows"})
                 return None
-            changed = first_change(self.stamp, code_stamp())
+            changed = codestamp.changed_since(self.stamp, self.digest, msg.get("stamp"))
             if changed:
                 _reply(conn, {"refused": f"{changed} changed since the zygote started"})
                 return f"{changed} changed"
@@ -359,7 +365,7 @@ def _wait_as_spare(zygote: Zygote, conn: socket.socket, msg: dict) -> int:
         except (OSError, unixsock.ProtocolError):
             client.close()
             continue
-        changed = first_change(zygote.stamp, code_stamp())
+        changed = codestamp.changed_since(zygote.stamp, zygote.digest, request.get("stamp"))
         why = "not this launcher's box" if hex_of(str(request.get("box_id"))) != hex_of(box_id) or \
             unixsock.peer_uid(client) != os.getuid() or request.get("op") != "supervisor" or \
             len(fds) != len(request.get("fds") or []) + 1 else f"{changed} changed" if changed else None

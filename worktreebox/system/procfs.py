@@ -209,7 +209,7 @@ def unified_cgroup_path(text: str) -> str | None:
     return next((line[3:] for line in text.splitlines() if line.startswith("0::")), None)
 
 
-def namespace_file(pid: int, kind: str) -> str:
+def namespace_file(pid: int | str, kind: str) -> str:
     """The kernel's handle on one namespace ("net", "user", ...) of a process, as a path tools take
     (`pasta --netns PATH`); only as good as the pid: check its identity first."""
     return _path(pid, f"ns/{kind}")

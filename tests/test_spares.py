@@ -267,18 +267,28 @@ def test_a_spare_whose_holder_ended_as_it_was_taken_gives_way_to_a_holder_of_its
     assert _all_of(with_spares, b.id) == set() and _all_of(with_spares, spare.name) == set()
 
 
-def test_a_spare_made_before_the_hosts_addresses_changed_is_not_taken(make_repo, host, with_spares):
-    """Its firewall blocks the addresses the host had then: a box made of it could reach a new one."""
+@pytest.mark.parametrize("changed", ["blocked", "recipe"])
+def test_a_spare_made_before_the_host_changed_gives_way_to_a_holder_of_its_own(make_repo, host, with_spares,
+                                                                               run_wtbox, changed):
+    """`blocked`: its firewall blocks the addresses the host had then (a box made of it could reach a
+    new one); `recipe`: it binds what the box's toolchains needed then (one installed since would be
+    missing). Taken by its key, it is checked beside the checkout: the box makes its own holder."""
     repo = make_repo(toml=CORE_TOML)
     host.rm(host.new("a", repo=repo).id, force=True)
     spare = _wait_spare(with_spares)
+    old = load(spare / "run")
     record = json.loads((spare / "run" / spares.RECORD).read_text())
     assert record["blocked"]  # (at least the link-local ranges)
-    record["blocked"] = [*record["blocked"], "198.51.100.0/24"]  # as if an interface went away since
+    record[changed] = [*record["blocked"], "198.51.100.0/24"] if changed == "blocked" else "0" * 16
     (spare / "run" / spares.RECORD).write_text(json.dumps(record))
     b = host.new("b", repo=repo)
-    assert b.alias is None and hex_of(b.id) != hex_of(spare.name) and spare.is_dir()
+    assert hex_of(b.id) == hex_of(spare.name) and b.alias is None  # taken, not used
+    holder = load(b.run_dir)
+    assert holder is not None and holder.pid != old.pid and procs.is_alive(holder.identity)
+    assert not procs.is_alive(old.identity)
+    assert run_wtbox("exec", b.id, "--", "hostname").stdout.strip() == b.id
     host.rm(b.id, force=True)
+    assert _all_of(with_spares, b.id) == set() and _all_of(with_spares, spare.name) == set()
 
 
 def test_a_boxs_recipe_is_worked_out_once_though_taking_a_spare_renamed_it(make_repo, host, with_spares,

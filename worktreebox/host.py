@@ -264,7 +264,8 @@ class Host:
         sandbox_spares.move_in(self, box)  # its dir: the spare's, or a new one
 
         c = Creation(host=self, box=box, config=cfg, base_sha=base_sha, secrets=dict(secrets or {}),
-                     start_services=start_services, progress=progress or (lambda m: None), origin=origin)
+                     start_services=start_services, progress=progress or (lambda m: None), origin=origin,
+                     spare_fits=lambda: sandbox_spares.fits(self, box, cfg))
         c.facts.update(box.facts())
         c.env["WTBOX_ID"] = box.id
         c.env["WTBOX_BOX_DIR"] = str(box.dir)

@@ -121,7 +121,10 @@ def preload() -> None:
 
     names = ["worktreebox.cli.main", "worktreebox.host", "worktreebox.fleet.gc", "worktreebox.fleet.pool",
              "worktreebox.fleet.doctor", "worktreebox.providers.postgres.spares", "worktreebox.fleet.fanout",
-             "worktreebox.services.client", "psycopg", "psycopg.rows", "jinja2", "psutil", "rich.console", "rich.table"]
+             "worktreebox.services.client", "psycopg", "psycopg.rows", "jinja2", "psutil", "rich.console", "rich.table",
+             # what a `new` of a repo without a database imports besides (sys.modules before and after one)
+             "concurrent.futures.thread", "portpicker", "worktreebox.fleet.fingerprint", "worktreebox.layers.trees",
+             "worktreebox.providers.sandbox.gitdir", "worktreebox.system.leases", "worktreebox.system.users"]
     names += sorted({f"worktreebox.cli.commands.{t.split(':')[0]}"
                      for c, t in cli.COMMANDS.items() if c in cliproto.SERVED})
     names += [f"worktreebox.resources.{e.split(':')[0]}" for e in resources.ORDER]

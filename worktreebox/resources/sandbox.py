@@ -392,30 +392,23 @@ def _host_forwards(box: Box, data: dict[str, Any]) -> list[Any]:
 
 def with_spare(c: Creation) -> bool:
     """The box took a spare (sandbox_spares.take): its holder is made, network and all. Inside it the
-    box's dir is named (the holder knows the spare's paths) while the supervisor starts in it. False
-    when the spare's holder ended meanwhile (a `gc --spares` at that moment): the box makes its own."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    box's dir is named (the holder knows the spare's paths), then the supervisor starts in it. False
+    when the spare's holder ended meanwhile (a `gc --spares` at that moment), or is not what the box's
+    would be (Creation.spare_fits): the box makes its own."""
     from worktreebox.providers.sandbox.base import save
     from worktreebox.services.client import start_supervisor
 
     box = c.box
     provider, holder = provider_for(box.data[NAME]["provider"]), holder_of(box)
-    if holder is None:
-        provider.destroy(box.id, box.dir)  # what is left of it
+    if holder is None or not c.spare_fits():
+        provider.destroy(box.id, box.dir)  # what is left of it, or a holder made for other binds or addresses
         box.data.pop(SPARE)
         return False
     c.provide(HOLDER)  # the worktree's view may mount: the holder runs
-
-    def name_it() -> None:
-        provider.alias(holder, box.dir, box.data[SPARE], box.id)
-        holder.box_id = box.id  # its record names the box now (what a "not running" sentence says)
-        save(box.run_dir, holder)
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        named = pool.submit(name_it)
-        start_supervisor(box, c.secrets, [], daemon_net(c.host, box, holder), wait=False)
-        named.result()
+    provider.alias(holder, box.dir, box.data[SPARE], box.id)  # (no process: a symlink, a host name)
+    holder.box_id = box.id  # its record names the box now (what a "not running" sentence says)
+    save(box.run_dir, holder)
+    start_supervisor(box, c.secrets, [], daemon_net(c.host, box, holder), wait=False)
     return True
 
 

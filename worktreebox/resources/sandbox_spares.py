@@ -10,11 +10,12 @@ for a pooled box (the pool's own box is made ahead already).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from worktreebox import settings
 from worktreebox.box import branch_name, hex_of, slugify
@@ -34,42 +35,72 @@ if TYPE_CHECKING:
 MAKER_NICE = 10
 
 
-def recipe(host: HostContext, box: Box, config: RepoConfig) -> spares.Recipe | None:
-    """What the box's holder is made of (besides its own dirs), or None when it gets no spare; worked
-    out once per process for what it is made from (`take` and `replenish` both ask, and `take` has
-    changed the box's id in between: ~4 ms, the toolchain's walk)."""
+def key(host: HostContext, box: Box, config: RepoConfig) -> str | None:
+    """What spares for this box are found by: a digest of what its recipe is worked out from, with no
+    walk of the toolchains (`fits` checks the recipe itself later, beside the checkout); None when
+    the box gets no spare."""
+    made_of = _made_of(host, box, config)
+    return None if made_of is None else hashlib.sha256(json.dumps(made_of).encode()).hexdigest()[:16]
+
+
+def _made_of(host: HostContext, box: Box, config: RepoConfig) -> tuple[str, ...] | None:
+    """(provider, network, reaches a database, the PATH the box inherits, home, repository, wtbox's own
+    Python and package): all that sandbox.binds and the provider read besides the box's own dir,
+    which a recipe names relative to it."""
     if host.config.sandbox_spares <= 0 or box.pool is not None:
         return None
     from worktreebox.resources import sandbox
     from worktreebox.services.boxenv import DATA_KEY
 
+    provider, _ = sandbox.choose(host)
+    if provider.name == sandbox.OFF or provider.mode != "root":
+        return None
     path = (box.data.get(DATA_KEY) or {}).get("PATH") or os.environ.get("PATH", "")
-    key = (str(host.home), str(box.repo), config.box.network, config.database.mode != "none", path)
-    if key not in _RECIPES:
+    return (provider.name, config.box.network, str(config.database.mode != "none"), path, str(host.home),
+            str(box.repo), sys.executable, sys.prefix, sys.base_prefix, str(PACKAGE_PARENT))
+
+
+def recipe(host: HostContext, box: Box, config: RepoConfig) -> spares.Recipe | None:
+    """What the box's holder is made of (besides its own dirs), or None when it gets no spare; worked
+    out once per process for what it is made from (`fits` and `replenish` both ask: ~4 ms, the
+    toolchain's walk)."""
+    made_of = _made_of(host, box, config)
+    if made_of is None:
+        return None
+    if made_of not in _RECIPES:
+        from worktreebox.resources import sandbox
+
         provider, _ = sandbox.choose(host)
-        _RECIPES[key] = None if provider.name == sandbox.OFF or provider.mode != "root" else spares.Recipe.of(
-            provider.name, config.box.network, config.database.mode != "none", sandbox.binds(box, config, provider),
-            box.dir)
-    return _RECIPES[key]
+        _RECIPES[made_of] = spares.Recipe.of(provider.name, config.box.network, config.database.mode != "none",
+                                             sandbox.binds(box, config, provider), box.dir)
+    return _RECIPES[made_of]
 
 
-# (home, repository, network, reaches a database, the PATH the box inherits): all that sandbox.binds and
-# the provider read besides the box's own dir, which a recipe names relative to it
-_RECIPES: dict[tuple[str, str, str, bool, str], spares.Recipe | None] = {}
+_RECIPES: dict[tuple[str, ...], spares.Recipe] = {}
+_TAKEN: dict[str, dict[str, Any]] = {}  # box id -> the record of the spare it took (what `fits` checks)
 
 
 def take(host: HostContext, box: Box, config: RepoConfig) -> None:
-    """Give the box a ready spare of its recipe, if there is one: its id takes the spare's hex."""
-    from worktreebox.providers.sandbox import network
-
-    r = recipe(host, box, config)
-    spare = spares.take(host.home, r.key, settings.SANDBOX_SPARE_TTL.seconds(), network.host_addresses) \
-        if r is not None else None
-    if spare is None:
+    """Give the box a ready spare of its key, if there is one: its id takes the spare's hex."""
+    k = key(host, box, config)
+    got = spares.take(host.home, k, settings.SANDBOX_SPARE_TTL.seconds()) if k is not None else None
+    if got is None:
         return
+    spare, record = got
     box.id = f"{slugify(box.task)}-{hex_of(spare)}"
     box.branch, box.dir = branch_name(box.id), host.boxes_dir / box.id
     box.data[SPARE] = spare
+    _TAKEN[box.id] = record
+
+
+def fits(host: HostContext, box: Box, config: RepoConfig) -> bool:
+    """Whether the spare the box took has the holder the box would get (spares.fits): its recipe worked
+    out now, the host's addresses now. Asked while the box is made (Sandbox.create), not in `take`:
+    the ~6 ms it costs then run beside the checkout instead of before everything."""
+    from worktreebox.providers.sandbox import network
+
+    record, r = _TAKEN.pop(box.id, None), recipe(host, box, config)
+    return record is not None and r is not None and spares.fits(record, r, network.host_addresses())
 
 
 @contextlib.contextmanager
@@ -103,14 +134,16 @@ def replenish(host: HostContext, box: Box, config: RepoConfig) -> bool:
         return _replenish(host, box, config)
     except (OSError, WtboxError) as e:
         warn(f"No spare sandbox was asked for ({e}); the next 'wtbox new' makes its own.")
-        return False
+    except Exception as e:  # a thread beside `new`: one sentence, as anywhere (the box is whole without it)
+        warn(f"No spare sandbox was asked for ({type(e).__name__}: {e}); the next 'wtbox new' makes its own.")
+    return False
 
 
 @contextlib.contextmanager
 def replenishing(host: HostContext, box: Box, config: RepoConfig) -> Iterator[None]:
     """`replenish` on a thread for the length of the block (the rest of `new`: its env, its starts,
     the wait for its supervisor), not after it: asking costs a few ms of files and a zygote request."""
-    if recipe(host, box, config) is None:
+    if key(host, box, config) is None:
         yield
         return
     import threading
@@ -124,17 +157,23 @@ def replenishing(host: HostContext, box: Box, config: RepoConfig) -> Iterator[No
 
 
 def _replenish(host: HostContext, box: Box, config: RepoConfig) -> bool:
-    r = recipe(host, box, config)
-    if r is None or spares.count(host.home, r.key) >= host.config.sandbox_spares:
+    k, r = key(host, box, config), recipe(host, box, config)
+    if k is None or r is None or spares.count(host.home, k) >= host.config.sandbox_spares:
         return False
-    recipe_file, _, log = spares.paths(host.home, r.key)
-    recipe_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    atomic_write(recipe_file, json.dumps(r.to_json()))
+    recipe_file, _, log = spares.paths(host.home, k)
+    wanted = json.dumps(r.to_json())
+    try:
+        current = recipe_file.read_text()
+    except FileNotFoundError:
+        recipe_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        current = None
+    if current != wanted:  # (most `new`s: the recipe its last maker was given)
+        atomic_write(recipe_file, wanted)
     from worktreebox.services import zygote
     from worktreebox.services.boxenv import without_box_vars
 
     env = {**without_box_vars(), "WTBOX_HOME": str(host.home)}
-    argv = [str(host.home), r.key, str(host.config.sandbox_spares), str(settings.SANDBOX_SPARE_TTL.seconds())]
+    argv = [str(host.home), k, str(host.config.sandbox_spares), str(settings.SANDBOX_SPARE_TTL.seconds())]
     # a fork of the home's zygote where one runs (no Python start-up, no imports), else a Python of its
     # own, detached (never a zombie child of a long-lived caller: `wtbox mcp`, a test); niced either way
     if not zygote.run_module(host.home, spares.__name__, argv, env=env, log_path=log, nice=MAKER_NICE):

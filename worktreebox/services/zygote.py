@@ -15,10 +15,10 @@ older code than a fresh one its caller started would (a served command's request
 of the code its server checked as it forked it: when that is the zygote's, no second walk). Where
 none answers (no server yet, WTBOX_NO_SERVER, tests that call Host), `client.start_supervisor`
 starts the supervisor as its own Python, as before; likewise where the box has no cgroup, or its
-supervisor must be exec'd through nsenter (the sandbox's user mode). A forked supervisor's environment and command line, as the kernel lists
-them, are the zygote's (a process cannot rewrite them without CAP_SYS_RESOURCE), so what finds it
-is its box's cgroup (exact: procs.find_box_processes) and its pid file (pid and start time:
-client.supervisor_pid).
+supervisor must be exec'd through nsenter (the sandbox's user mode). A forked supervisor's
+environment and command line, as the kernel lists them, are the zygote's (a process cannot rewrite
+them without CAP_SYS_RESOURCE), so what finds it is its box's cgroup (exact:
+procs.find_box_processes) and its pid file (pid and start time: client.supervisor_pid).
 
 Protocol (system/unixsock framing, run/zygote.sock in the home's 0700 run dir; the caller must be
 the zygote's uid):

@@ -7,10 +7,12 @@ the checkout it runs beside takes ~10 ms. So after a sandboxed `new`, a detached
 (a fork of the home's zygote where one runs, else `python -m worktreebox.providers.sandbox.spares
 HOME KEY WANTED TTL`) makes one for the next `new` of the same *recipe*: what the holder is made of
 besides the box's own dirs (the repository's git dir, the toolchains it binds, the network, whether
-it reaches a database). A spare is a box dir without a box:
+it reaches a database). Spares are found by a key of what the recipe is worked out from (the
+repository, the PATH, the network, ...: no walk of the toolchains), and checked against the recipe
+worked out anew while the box is made, beside its checkout (`fits`). A spare is a box dir without a box:
 
     boxes/spare-<hex>/            its worktree, cache, tmp, home, git, browser, endpoint dirs
-    boxes/spare-<hex>/run/spare.json   {key, maker, made_at, ready, blocked}: written before any piece
+    boxes/spare-<hex>/run/spare.json   {key, recipe, maker, made_at, ready, blocked}: written before any piece
     boxes/spare-<hex>/run/launcher.sock  its supervisor's launcher, forked ahead by the home's zygote
                                          (services/zygote.py: already in the box's cgroup)
 
@@ -36,7 +38,6 @@ import secrets
 import shutil
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -166,27 +167,31 @@ def count(home: Path, key: str) -> int:
     return n
 
 
-def take(home: Path, key: str, ttl: float, blocked: Callable[[], list[str]]) -> str | None:
-    """A ready spare of `key` with a live holder and time left, now ours; its id, or None. `blocked`:
-    the host's addresses now, which the spare's firewall must have been made with (an interface that
-    came up since, a new docker bridge, would be reachable from a box made of an older spare)."""
+def take(home: Path, key: str, ttl: float) -> tuple[str, dict[str, Any]] | None:
+    """A ready spare of `key` with a live holder and time left, now ours: its id and its record (what
+    `fits` checks), or None."""
     now = time.time()
     latest = ttl - min(30.0, ttl / 4)  # a spare about to end itself is left to end (its shell reads the mark at ttl)
-    current: list[str] | None = None
     for d in _dirs(home):
         rec = _record(d)
         if rec is None or rec.get("key") != key or not rec.get("ready") or now - float(rec.get("made_at", 0)) > latest:
             continue
-        current = blocked() if current is None else current
-        if rec.get("blocked") != current or not _holder_alive(d):
+        if not _holder_alive(d):
             continue
         try:
             os.rename(d / "run" / RECORD, _taken_file(d))
         except FileNotFoundError:
             continue  # another `new` took it first
         (d / ENDPOINT / TAKEN_MARK).touch()
-        return d.name
+        return d.name, rec
     return None
+
+
+def fits(record: dict[str, Any], recipe: Recipe, blocked: list[str]) -> bool:
+    """Whether a taken spare's holder is what the box's would be: made of the same recipe (a toolchain
+    installed since moves what a box must bind), its firewall made with the host's addresses of now
+    (`blocked`: an interface or a docker bridge that came up since would be reachable from it)."""
+    return record.get("recipe") == recipe.key and record.get("blocked") == blocked
 
 
 def give_back(home: Path, spare: str) -> None:
@@ -218,8 +223,8 @@ def paths(home: Path, key: str) -> tuple[Path, Path, Path]:
     return d / f"{key}.json", d / f"{key}.lock", d / f"{key}.log"
 
 
-def make(home: Path, recipe: Recipe, ttl: float) -> str:
-    """One spare of `recipe` (this process is its maker); its id."""
+def make(home: Path, key: str, recipe: Recipe, ttl: float) -> str:
+    """One spare of `recipe`, found by `key` (this process is its maker); its id."""
     from worktreebox.providers import sandbox
     from worktreebox.providers.sandbox import network
 
@@ -227,8 +232,8 @@ def make(home: Path, recipe: Recipe, ttl: float) -> str:
     d = boxes_dir(home) / box_id
     d.mkdir(mode=0o700)
     (d / "run").mkdir(mode=0o700)
-    record = {"key": recipe.key, "maker": procs.identity(os.getpid()), "made_at": time.time(), "ready": False,
-              "blocked": network.host_addresses()}  # what its firewall is made with (see `take`)
+    record = {"key": key, "recipe": recipe.key, "maker": procs.identity(os.getpid()), "made_at": time.time(),
+              "ready": False, "blocked": network.host_addresses()}  # what its firewall is made with (see `fits`)
     atomic_write(d / "run" / RECORD, json.dumps(record))  # before any piece: gc keeps it while we live
     for p, _ in recipe.inside:
         (d / p).mkdir(parents=True, exist_ok=True)
@@ -266,7 +271,7 @@ def main(argv: list[str]) -> int:
         with file_lock(lock, timeout=0, what="the spare maker"):
             recipe = Recipe.from_json(json.loads(recipe_file.read_text()))
             while count(home, key) < wanted:
-                print(f"made {make(home, recipe, ttl)}", flush=True)
+                print(f"made {make(home, key, recipe, ttl)}", flush=True)
     except LockBusy:
         return 0
     return 0

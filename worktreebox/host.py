@@ -290,14 +290,14 @@ class Host:
             _phase("new:create:" + "+".join(r.name for r in stage))
             run_stage(stage, lambda r: _timed(c, r.phase, r.create))
         _phase("new:created")
-        # the next sandboxed `new` of this recipe gets a spare: asked for while this box finishes
+        for r in self.resources:
+            r.finish(c)
+        box.env = finalize_env(c)
+        box.data["env_keys"] = sorted(box.env)
+        self.write_env_file(box)
+        self.registry.save_box(box)
+        # the next sandboxed `new` of this recipe gets a spare: asked for while this box's starts wait
         with sandbox_spares.replenishing(self, box, c.config):
-            for r in self.resources:
-                r.finish(c)
-            box.env = finalize_env(c)
-            box.data["env_keys"] = sorted(box.env)
-            self.write_env_file(box)
-            self.registry.save_box(box)
             for r in self.resources:
                 _phase(f"new:start:{r.name}")
                 _timed(c, r.start_phase, r.start)

@@ -60,18 +60,27 @@ def masked(spec: Spec, *, uid: int, gids: set[int]) -> list[Path]:
             wanted.add(shut)
     # what lies below another mask (or below the box's own /tmp) is hidden already
     covers = wanted | {Path("/tmp")}
-    return sorted((p for p in wanted if not any(c in p.parents for c in covers)), key=lambda p: len(p.parts))
+    return sorted((p for p in wanted if not any(_below(p, c) for c in covers)), key=lambda p: len(p.parts))
 
 
-def closed_ancestor(path: Path, *, uid: int, gids: set[int]) -> Path | None:
-    """The outermost existing directory above `path` that `uid` may not enter (no search permission)."""
-    for parent in reversed(path.parents):
-        try:
-            st = os.stat(parent)
-        except OSError:
-            return None  # what does not exist is made by bwrap, reachable
-        if not _may_enter(st, uid, gids):
-            return parent
+def closed_ancestor(path: Path, *, uid: int, gids: set[int],
+                    known: dict[str, bool | None] | None = None) -> Path | None:
+    """The outermost existing directory above `path` that `uid` may not enter (no search permission).
+    `known`: what was found of directories before (a walk of many paths shares their ancestors)."""
+    known = {} if known is None else known
+    parent = ""
+    for name in path.parts[:-1]:
+        parent = os.path.join(parent, name) if parent else name
+        if parent not in known:
+            try:
+                known[parent] = _may_enter(os.stat(parent), uid, gids)
+            except OSError:
+                known[parent] = None  # what does not exist is made by bwrap, reachable
+        enter = known[parent]
+        if enter is None:
+            return None
+        if not enter:
+            return Path(parent)
     return None
 
 
@@ -99,11 +108,12 @@ def toolchain(path_dirs: list[str], extra: list[str], *, uid: int, gids: set[int
     the dir itself), also for the targets of the symlinks in non-system PATH dirs (a venv's python).
     Outermost first, none below another."""
     wanted: set[Path] = set()
+    known: dict[str, bool | None] = {}
     for raw in [*path_dirs, *extra]:
         for real in _targets(raw):
-            if closed_ancestor(real, uid=uid, gids=gids) is not None or _under_own(real):
+            if closed_ancestor(real, uid=uid, gids=gids, known=known) is not None or _under_own(real):
                 wanted.add(_installation(real))
-    return sorted((p for p in wanted if not any(q in p.parents for q in wanted)), key=lambda p: (len(p.parts), p))
+    return sorted((p for p in wanted if not any(_below(p, q) for q in wanted)), key=lambda p: (len(p.parts), p))
 
 
 OWN_DIRS = (Path("/tmp"), Path("/dev/shm"), Path("/run"))  # the box's own tmpfs, or masked: the host's hidden
@@ -111,7 +121,7 @@ OWN_DIRS = (Path("/tmp"), Path("/dev/shm"), Path("/run"))  # the box's own tmpfs
 
 def _under_own(path: Path) -> bool:
     """Below a directory the box has its own of (a checkout and its venv in the host's /tmp)."""
-    return any(root in path.parents for root in OWN_DIRS)
+    return any(_below(path, root) for root in OWN_DIRS)
 
 
 def _targets(raw: str) -> list[Path]:
@@ -138,7 +148,15 @@ def _installation(path: Path) -> Path:
 
 
 def _under(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
+    """`path` is `root` or lies below it (absolute, normal paths; by their text: Path.parents makes a
+    Path of every level, most of the toolchain walk's time)."""
+    p, r = str(path), str(root)
+    return p == r or p.startswith(r.rstrip("/") + "/")
+
+
+def _below(path: Path, root: Path) -> bool:
+    """`root` is one of `path`'s parents."""
+    return path != root and _under(path, root)
 
 
 # ---------------------------------------------------------------- names

@@ -26,6 +26,7 @@ import dataclasses
 import ipaddress
 import os
 import select
+import socket
 import subprocess
 import time
 from collections.abc import Iterable
@@ -147,6 +148,8 @@ def host_addresses() -> list[str]:
     for name, addrs in psutil.net_if_addrs().items():
         bridge = Path("/sys/class/net", name, "bridge").exists()
         for a in addrs:
+            if a.family not in (socket.AF_INET, socket.AF_INET6):
+                continue  # a MAC address (AF_PACKET)
             net = _network(a.address, a.netmask if bridge else None)
             if net is not None and not net.is_loopback and not net.is_link_local:
                 out.append(str(net))
@@ -158,7 +161,7 @@ def _network(address: str, netmask: str | None) -> ipaddress.IPv4Network | ipadd
         host = address.split("%", 1)[0]
         return ipaddress.ip_network(f"{host}/{netmask}" if netmask else host, strict=False)
     except ValueError:
-        return None  # a MAC address (AF_PACKET) or something we cannot parse
+        return None  # something we cannot parse
 
 
 def ruleset(network: str, blocked: Iterable[str], outbound: Outbound) -> str:

@@ -236,7 +236,7 @@ class Host:
         cfg = config or load_config_for_new(repo_root, base_sha, explicit_ref=ref is not None)
         ttl_s = parse_duration(ttl, where="ttl", positive=True) if ttl is not None else cfg.box.ttl
         for r in self.resources:
-            r.warm(None, cfg)
+            r.warm(self, None, cfg, pooled=pool is not None)
 
         box_id = new_id(task)
         box = Box(id=box_id, task=task, repo=str(repo_root), branch=branch_name(box_id),
@@ -385,7 +385,7 @@ class Host:
             raise WtboxError(f"{box.id} is still being made (by process {creator[0]}); wait for it, or interrupt "
                              "that command (Ctrl-C), which removes the half-made box.")
         for r in self.resources:
-            r.warm(box.data, None)
+            r.warm(self, box.data, None)
         if not force and box.state != REMOVING:  # a removal cut short: it was decided already
             why = self.unsaved_work(box)
             if why:

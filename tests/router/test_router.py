@@ -195,6 +195,21 @@ def test_kill_9_of_new_and_of_rm_then_gc_leaves_exactly_the_live_routes(run_wtbo
 
 
 @needs_caddy
+def test_the_first_box_starts_the_router_while_it_is_made_and_a_kill_there_leaves_what_gc_stops(
+        run_wtbox, make_repo, wtbox_home, tmp_path):
+    """Caddy's start (~50 ms) began only once the box was made, at its routes' push: the first `new`
+    after the last box went waited for it. Now it starts beside the box's making; killed there, gc stops it."""
+    repo = make_repo(toml=router_toml())
+    assert caddy_pid(wtbox_home) is None
+    _halted(["new", "early", "--repo", str(repo)], wtbox_home, "new:created", tmp_path)  # before any start
+    assert wait_for(lambda: caddy_pid(wtbox_home) is not None, timeout=10)
+    pid = caddy_pid(wtbox_home)
+    out = json.loads(run_wtbox("gc", "--grace", "0", "--json").stdout)
+    assert [a["id"].split("-")[0] for a in out["actions"]] == ["early"]
+    assert out["router"] == {"running": False, "routes": 0} and not procs.pid_alive(pid)
+
+
+@needs_caddy
 def test_url_open_and_bad_input(run_wtbox, make_repo, wtbox_home):
     repo = make_repo(toml=router_toml())
     run_wtbox("new", "fix-login", "--repo", str(repo))

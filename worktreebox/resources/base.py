@@ -106,10 +106,12 @@ class Resource:
     phase: str | None = None
     start_phase: str | None = None
 
-    def warm(self, data: dict[str, Any] | None, config: RepoConfig | None) -> None:
-        """First thing in `new` (with the repo config) and `rm` (with the box's data): begin, in the
-        background, loading what create/destroy will need and costs CPU to load (a driver), so that
-        it overlaps git's work instead of following it. Never fails."""
+    def warm(self, host: HostContext, data: dict[str, Any] | None, config: RepoConfig | None, *,
+             pooled: bool = False) -> None:
+        """First thing in `new` (with the repo config; `pooled`: a box made ahead for the warm pool) and
+        `rm` (with the box's data): begin, in the background, loading or starting what create/destroy
+        will need and costs time (a driver, the router), so that it overlaps git's work instead of
+        following it. Never fails."""
 
     def create(self, c: Creation) -> None:
         """Make the thing and record in c.box.data / c.env / c.facts what was made."""

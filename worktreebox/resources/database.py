@@ -42,7 +42,8 @@ class Database(Resource):
     phase = "database"
     parallel = True
 
-    def warm(self, data: dict[str, Any] | None, config: RepoConfig | None) -> None:
+    def warm(self, host: HostContext, data: dict[str, Any] | None, config: RepoConfig | None, *,
+             pooled: bool = False) -> None:
         # `import psycopg` is ~120 ms of CPU, the largest single cost of a `new` or `rm` in database
         # mode; begun now, it overlaps resolving the repo, the config and the ports.
         wanted = config.database.mode != "none" if config is not None else bool((data or {}).get(self.name))

@@ -15,12 +15,21 @@ from worktreebox.router import caddy, control
 
 if TYPE_CHECKING:
     from worktreebox.box import Box
+    from worktreebox.config.load import RepoConfig
     from worktreebox.context import HostContext
 
 
 class Router(Resource):
     name = "router"
     start_phase = "router"
+
+    def warm(self, host: HostContext, data: dict[str, Any] | None, config: RepoConfig | None, *,
+             pooled: bool = False) -> None:
+        """`new` of a box with ports while no router runs (the first box after the last went): Caddy's
+        start (~50 ms) on a thread now, beside the box's making; `start` pushes its routes as before.
+        Not for a pooled box: it is routed when it is claimed."""
+        if config is not None and config.box.ports and host.config.router and not pooled:
+            control.start_early(host)
 
     def start(self, c: Creation) -> None:
         if c.box.pool is None:  # a pooled box is routed when it is claimed

@@ -1,6 +1,7 @@
 """Keeping the router in step with the registry: start, push, stop; and what it says of a box."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
@@ -74,15 +75,43 @@ class _Batch:
 _BATCHES: dict[str, _Batch] = {}
 
 
+def start_early(host: HostContext) -> None:
+    """Start the router's Caddy on a thread if none runs, for a box about to be routed (its `sync`
+    waits on the router lock meanwhile, then only pushes). What goes wrong is left for that `sync`
+    to say; a Caddy nobody routes through is stopped by the next sync, or by gc's."""
+    if procs.is_alive(read_state(host.home).get("pid")):
+        return
+    threading.Thread(target=_start_quietly, args=(host,), name="wtbox-router-start", daemon=True).start()
+
+
+def _start_quietly(host: HostContext) -> None:
+    paths = Paths(host.home)
+    with contextlib.suppress(WtboxError, OSError):
+        paths.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with file_lock(paths.lock, what="the router lock"):
+            if not procs.is_alive(read_state(host.home).get("pid")):
+                _start(paths, caddy.find())
+
+
+def _start(paths: Paths, binary: str) -> dict[str, Any]:
+    """Caddy with the bootstrap config (the admin socket only), recorded; its state. Under the lock.
+    A command killed between starting Caddy and recording it left one no file names: its command
+    line names this home's bootstrap file (a /proc scan: only when none runs)."""
+    procs.kill_mentioning(str(paths.bootstrap))
+    paths.state.unlink(missing_ok=True)  # a failed start leaves nothing for every command to retry
+    state = {"pid": caddy.start(paths, binary, routes.encode(routes.bootstrap(str(paths.socket), str(paths.log)))),
+             "version": list(caddy.version(binary))}
+    atomic_write(paths.state, json.dumps(state), mode=0o600)  # from now on a kill -9 is noticed
+    return state
+
+
 def _sync_locked(host: HostContext, paths: Paths, sweep: bool) -> dict[str, Any]:
     state = read_state(host.home)
     table = routes.table(host.list()) if host.config.router else []
     started = not procs.is_alive(state.get("pid"))
-    if started and (sweep or table):
-        # A command killed between starting Caddy and recording it left one no file names: its
-        # command line names this home's bootstrap file. (A /proc scan: only when none runs.)
-        procs.kill_mentioning(str(paths.bootstrap))
     if not table:
+        if started and sweep:
+            procs.kill_mentioning(str(paths.bootstrap))  # (see _start)
         caddy.stop(state.get("pid"))
         paths.state.unlink(missing_ok=True)
         return {"running": False, "routes": 0}
@@ -90,10 +119,7 @@ def _sync_locked(host: HostContext, paths: Paths, sweep: bool) -> dict[str, Any]
     port = port_of(host)
     listen = host.config.router_listen
     if started:
-        paths.state.unlink(missing_ok=True)  # a failed start leaves nothing for every command to retry
-        state = {"pid": caddy.start(paths, binary, routes.encode(routes.bootstrap(str(paths.socket), str(paths.log)))),
-                 "version": list(caddy.version(binary))}
-        atomic_write(paths.state, json.dumps(state), mode=0o600)  # from now on a kill -9 is noticed
+        state = _start(paths, binary)
     auth = None if tokens.loopback(listen) else tokens.auth(paths, binary)
     body = routes.encode(routes.caddy_config(
         table, listen=listen, port=port, admin=str(paths.socket), log_file=str(paths.log), auth=auth,

@@ -223,16 +223,22 @@ class Host:
         wait: bool = True,
         on_wait: Callable[[str], None] | None = None,
         origin: Origin | None = None,
+        commit: str | None = None,
     ) -> Box:
         """Create a box; on any failure everything made so far is destroyed and WtboxError raised.
 
         `pool`: make it ahead for the warm pool under this pool key (pool.py claims it later).
         When the host is full ([host] max_active / max_load) it waits for room, telling `on_wait`
         (default: stderr), or with wait=False raises admission.HostFull. `origin`: a fork, whose own
-        changes (files, branch tip, database) start as a snapshot's (fleet/fork.py)."""
+        changes (files, branch tip, database) start as a snapshot's (fleet/fork.py). `commit`: the
+        commit `ref` names, resolved by the caller with the repository (`repo` is then its root):
+        three git processes fewer (fleet/pool.new_box resolves both for the warm pool)."""
         slugify(task)  # validates before anything is touched
-        repo_root = git.resolve_repo(repo)
-        base_sha = git.resolve_commit(repo_root, ref or "HEAD")
+        if commit is not None:
+            repo_root, base_sha = Path(repo or "."), commit
+        else:
+            repo_root = git.resolve_repo(repo)
+            base_sha = git.resolve_commit(repo_root, ref or "HEAD")
         cfg = config or load_config_for_new(repo_root, base_sha, explicit_ref=ref is not None)
         ttl_s = parse_duration(ttl, where="ttl", positive=True) if ttl is not None else cfg.box.ttl
         for r in self.resources:
@@ -286,13 +292,14 @@ class Host:
     def _create(self, c: Creation) -> None:
         """Walk the resource order: create (stages of parallel resources at once), finish, env, start."""
         box = c.box
+        epoch = git.commit_time_later(box.repo, c.base_sha)  # for finalize_env; its git runs beside the stages
         for stage in stages(self.resources):
             _phase("new:create:" + "+".join(r.name for r in stage))
             run_stage(stage, lambda r: _timed(c, r.phase, r.create))
         _phase("new:created")
         for r in self.resources:
             r.finish(c)
-        box.env = finalize_env(c)
+        box.env = finalize_env(c, epoch())
         box.data["env_keys"] = sorted(box.env)
         self.write_env_file(box)
         self.registry.save_box(box)
@@ -459,10 +466,10 @@ def _timed(c: Creation, phase: str | None, step: Callable[[Creation], None]) -> 
             c.timings[phase] = round(c.timings.get(phase, 0.0) + time.monotonic() - t0, 4)
 
 
-def finalize_env(c: Creation) -> dict[str, str]:
-    """The deterministic runtime defaults, resource variables, then [database] env, then [box] env (the
-    repo's own words win)."""
-    env = {**boxenv.deterministic(c.config.box, git.commit_time(c.box.repo, c.base_sha)), **c.env}
+def finalize_env(c: Creation, commit_time: int | None) -> dict[str, str]:
+    """The deterministic runtime defaults (`commit_time`: the base commit's, SOURCE_DATE_EPOCH), resource
+    variables, then [database] env, then [box] env (the repo's own words win)."""
+    env = {**boxenv.deterministic(c.config.box, commit_time), **c.env}
     for section, mapping in (("database", c.config.database.env), ("box", c.config.box.env)):
         for k, v in mapping.items():
             env[k] = render(v, c.facts, f"{c.config.source}: [{section}] env.{k}")

@@ -141,7 +141,7 @@ def new_box(host: Host, task: str, repo: str | Path | None = None, ref: str | No
         box.data["timings"]["total"] = round(time.perf_counter() - t0, 4)
         return box, True
     box = host.new(task, repo=repo_root, ref=ref, secrets=secrets, start_services=start_services, ttl=ttl,
-                   keep=keep, progress=progress, config=t.config, wait=wait, on_wait=on_wait)
+                   keep=keep, progress=progress, config=t.config, wait=wait, on_wait=on_wait, commit=t.sha)
     return box, False
 
 

@@ -308,3 +308,19 @@ def test_a_boxs_recipe_is_worked_out_once_though_taking_a_spare_renamed_it(make_
     b = host.new("b", repo=repo)
     assert b.alias == spare.name  # it took the spare, and asked for the next
     assert len(walks) == 1
+
+
+def test_a_spares_firewall_blocks_the_addresses_its_record_names(make_repo, host, with_spares):
+    """`fits` compares the record's addresses with the host's of now: the record must name what the
+    firewall was loaded with (the maker reads them once for both)."""
+    from worktreebox.providers.sandbox import network
+
+    repo = make_repo(toml=CORE_TOML)
+    host.rm(host.new("a", repo=repo).id, force=True)
+    spare = _wait_spare(with_spares)
+    record = json.loads((spare / "run" / spares.RECORD).read_text())
+    holder = load(spare / "run")
+    rules = subprocess.run(["nsenter", "-t", str(holder.pid), "-n", "nft", "list", "table", "inet", network.TABLE],
+                           capture_output=True, text=True, check=True).stdout
+    shown = [a.removesuffix("/32").removesuffix("/128") for a in record["blocked"]]  # (nft shows a host bare)
+    assert shown and [a for a in shown if a not in rules] == []

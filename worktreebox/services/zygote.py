@@ -237,6 +237,11 @@ class Zygote:
         unixsock.withdraw(self.path, self.ino)
         os._exit(0)
 
+    def changed(self, msg: dict) -> str | None:
+        """The first file of wtbox's code changed since this zygote loaded it, unless the asker runs this
+        very code (system/codestamp)."""
+        return codestamp.changed_since(self.stamp, self.digest, msg.get("stamp"))
+
     def _handle(self, conn: socket.socket) -> str | None:
         if unixsock.peer_uid(conn) != os.getuid():
             log("refused a connection from another uid")
@@ -249,11 +254,10 @@ class Zygote:
             return None
         try:
             op = msg.get("op")
-            if not ((op == PREFORK and not fds) or (op == "supervisor" and len(fds) == len(msg.get("fds") or []) + 1)
-                    or (op == RUN and len(fds) == 1 and msg.get("module") in RUNNABLE)):
+            if not _well_formed(msg, fds):
                 _reply(conn, {"refused": "not a request this zygote knows"})
                 return None
-            changed = codestamp.changed_since(self.stamp, self.digest, msg.get("stamp"))
+            changed = self.changed(msg)
             if changed:
                 _reply(conn, {"refused": f"{changed} changed since the zygote started"})
                 return f"{changed} changed"
@@ -333,6 +337,13 @@ def _launch(zygote: Zygote, conn: socket.socket, msg: dict, fds: list[int], *, p
     return 1
 
 
+def _well_formed(msg: dict, fds: list[int]) -> bool:
+    """A request of a kind the zygote serves, with the descriptors that kind carries."""
+    op = msg.get("op")
+    return (op == PREFORK and not fds) or (op == "supervisor" and len(fds) == len(msg.get("fds") or []) + 1) \
+        or (op == RUN and len(fds) == 1 and msg.get("module") in RUNNABLE)
+
+
 def _wait_as_spare(zygote: Zygote, conn: socket.socket, msg: dict) -> int:
     """A launcher forked ahead for a spare sandbox (providers/sandbox/spares.py): it moves into the
     spare's supervisor leaf now (on cgroup v1 a move waits for an RCU grace period, ~15-30 ms here,
@@ -365,10 +376,10 @@ def _wait_as_spare(zygote: Zygote, conn: socket.socket, msg: dict) -> int:
         except (OSError, unixsock.ProtocolError):
             client.close()
             continue
-        changed = codestamp.changed_since(zygote.stamp, zygote.digest, request.get("stamp"))
+        changed = zygote.changed(request)
         why = "not this launcher's box" if hex_of(str(request.get("box_id"))) != hex_of(box_id) or \
             unixsock.peer_uid(client) != os.getuid() or request.get("op") != "supervisor" or \
-            len(fds) != len(request.get("fds") or []) + 1 else f"{changed} changed" if changed else None
+            not _well_formed(request, fds) else f"{changed} changed" if changed else None
         if why is None:  # (the spare's dir is the box's by now: its socket is withdrawn there)
             unixsock.withdraw(str(Path(home) / "boxes" / str(request["box_id"]) / "run" / LAUNCHER), ino)
             listener.close()

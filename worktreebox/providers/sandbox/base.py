@@ -62,6 +62,9 @@ class Spec:
     # a spare (spares.py): it ends after `expires` seconds unless `keep_if` exists by then
     expires: float = 0.0
     keep_if: Path | None = None
+    # the host's addresses its firewall blocks (network.host_addresses), read by whoever records them with
+    # the holder (a spare's record: what `spares.fits` compares); None: read as the holder is made
+    blocked: tuple[str, ...] | None = None
 
     @property
     def run_dir(self) -> Path:

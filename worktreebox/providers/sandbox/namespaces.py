@@ -120,8 +120,9 @@ class Namespaces(Sandbox):
 
                 with ThreadPoolExecutor(max_workers=2) as pool:
                     placed = pool.submit(_place, members, cgroup)
+                    blocked = network.host_addresses() if spec.blocked is None else list(spec.blocked)
                     rules = pool.submit(network.apply_rules, holder, network.ruleset(
-                        spec.network, network.host_addresses(), network.Outbound()))
+                        spec.network, blocked, network.Outbound()))
                     if network.wanted(spec):
                         holder.helper_pid = network.attach(holder, spec, log=spec.run_dir / LOG, exit_fd=exit_r,
                                                            cgroup=cgroup)

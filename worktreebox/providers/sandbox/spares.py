@@ -232,13 +232,14 @@ def make(home: Path, key: str, recipe: Recipe, ttl: float) -> str:
     d = boxes_dir(home) / box_id
     d.mkdir(mode=0o700)
     (d / "run").mkdir(mode=0o700)
+    blocked = network.host_addresses()  # what its firewall is made with (see `fits`): read once for both
     record = {"key": key, "recipe": recipe.key, "maker": procs.identity(os.getpid()), "made_at": time.time(),
-              "ready": False, "blocked": network.host_addresses()}  # what its firewall is made with (see `fits`)
+              "ready": False, "blocked": blocked}
     atomic_write(d / "run" / RECORD, json.dumps(record))  # before any piece: gc keeps it while we live
     for p, _ in recipe.inside:
         (d / p).mkdir(parents=True, exist_ok=True)
     spec = Spec(box_id, home, d, recipe.binds(d), network=recipe.network, gateway=recipe.gateway,
-                expires=ttl, keep_if=d / ENDPOINT / TAKEN_MARK)
+                expires=ttl, keep_if=d / ENDPOINT / TAKEN_MARK, blocked=tuple(blocked))
     backend = cgroups.for_home(home)
     leaf = None
     if backend is not None:  # the box's cgroup, as the cgroup resource makes it (it sets the box's limits later)

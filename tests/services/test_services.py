@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -203,6 +204,27 @@ def test_secret_reaches_the_service_and_nothing_else(two_service_box, run_wtbox,
     for args in (("ls", "--json"), ("status", box["id"], "--json"), ("status", box["id"]), ("env", box["id"])):
         assert secret not in run_wtbox(*args).stdout
     assert secret not in (Path(box["dir"]) / "run" / "state.json").read_text()
+
+
+def test_a_secret_given_only_to_up_reaches_exec_and_a_box_given_none_is_not_asked(make_repo, run_wtbox, monkeypatch,
+                                                                                  host):
+    """`exec` asks the supervisor for the --secret values only where some were given: by `new`, or by an
+    `up` that started it anew since (its names are recorded as `new`'s are)."""
+    from worktreebox.services import client
+
+    repo = make_repo(toml=CORE_TOML + '[services.idle]\ncmd = "sleep 600"\n')
+    box = json.loads(run_wtbox("new", "nosecret", "--repo", str(repo), "--json").stdout)
+    asked = []
+    monkeypatch.setattr(client, "box_secrets", lambda b: asked.append(b.id) or {})
+    assert host.running_secrets(host.get(box["id"])) == {} and asked == []
+    monkeypatch.undo()
+    secret = "later-" + os.urandom(8).hex()
+    b = host.get(box["id"])
+    os.kill(client.supervisor_pid(b), signal.SIGKILL)  # `up --secret` is for a supervisor started anew
+    wait_for(lambda: client.supervisor_pid(b) is None, what="the supervisor's end")
+    run_wtbox("up", box["id"], "--secret", "LATER", env={"LATER": secret})
+    assert run_wtbox("exec", box["id"], "--", "sh", "-c", 'echo "$LATER"').stdout.strip() == secret
+    run_wtbox("rm", "--force", box["id"])
 
 
 def test_crashing_service_is_restarted_and_counted_and_up_down_restart(make_repo, host, run_wtbox):

@@ -279,6 +279,10 @@ def _whole_again(host: HostContext, box: Box) -> None:
 def services_up(host: HostContext, box: Box, service: str | None = None,
                 secrets: dict[str, str] | None = None) -> dict[str, Any]:
     _recover(box)
+    given = sorted(set(box.data.get("secret_names") or []) | set(secrets or {}))
+    if given != (box.data.get("secret_names") or []):  # names only, as `new` keeps them (Host.running_secrets)
+        box.data["secret_names"] = given
+        host.registry.save_box(box)
     if not _running_services(box) and not service and _endpoint_only(host, box):
         # No services, only the OTLP endpoint its supervisor serves (which died): bring that back.
         if supervisor_pid(box) is None:

@@ -109,17 +109,23 @@ def test_a_stale_socket_or_a_zygote_that_refuses_leaves_new_working(make_repo, h
     host.rm(box.id, force=True)
 
 
+def _ask_while_code_changed(home: Path) -> zygote.Forked | None:
+    """A supervisor asked of the zygote while a module of wtbox looks edited (its mtime moved on: any
+    module, not only the zygote's), for a moment only: every CLI server and zygote of the tests
+    running beside this one sees it too."""
+    target = Path(zygote.__file__).with_name("spec.py")
+    st = target.stat()
+    try:
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+        return zygote.fork_supervisor(home, "nobox-0000cafe", env={}, cwd="/", fds=[])
+    finally:
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
 @pytest.mark.serial  # it changes wtbox's code for every server and zygote running beside it
 def test_changed_code_makes_the_zygote_refuse_and_end(make_repo, host, running):
     repo = make_repo(toml=SERVICE_TOML)
-    target = Path(zygote.__file__).with_name("spec.py")  # any module of wtbox, not only the zygote's
-    st = target.stat()
-    try:
-        # (a moment only: every CLI server and zygote of the tests running beside this one sees it too)
-        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
-        asked = zygote.fork_supervisor(host.home, "nobox-0000cafe", env={}, cwd="/", fds=[])
-    finally:
-        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    asked = _ask_while_code_changed(host.home)
     assert asked is None  # refused: the caller starts the supervisor itself
     assert wait_for(lambda: not procs.pid_alive(running.pid), timeout=10), "the zygote's end"
     assert "spec.py changed" in (host.home / "run" / zygote.LOG).read_text()
@@ -139,13 +145,7 @@ def test_a_caller_whose_server_checked_its_code_is_served_the_code_it_runs(host,
     from worktreebox.system import codestamp
 
     monkeypatch.setitem(codestamp._CHECKED, "digest", codestamp.digest(codestamp.code_stamp()))
-    target = Path(zygote.__file__).with_name("spec.py")
-    st = target.stat()
-    try:
-        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
-        asked = zygote.fork_supervisor(host.home, "nobox-0000cafe", env={}, cwd="/", fds=[])
-    finally:
-        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    asked = _ask_while_code_changed(host.home)
     assert asked is not None  # a launcher, forked (it fails later: there is no such box)
     asked.stdin.close()
     asked.wait()

@@ -45,6 +45,7 @@ class Backing(Resource):
         box = c.box
         classes = {name: runtime_for(cfg, c.config.source) for name, cfg in wanted.items()}  # before anything runs
         launcher = in_box_network(c)
+        began = time.monotonic()  # (after the wait for a sandboxed box's network: not the programs' own start)
         # A sandboxed box's programs listen in its own network, at their canonical ports; the host
         # reaches them at the leased ones through the supervisor's forwards, which hold those.
         ports = box.inside_ports if launcher.sandboxed else box.ports
@@ -65,6 +66,7 @@ class Backing(Resource):
             _wait_ready(box, wanted, running, held)
         finally:
             release(held)
+        c.timings["backing_start"] = round(time.monotonic() - began, 4)  # launch until every one answers
         facts = c.facts.setdefault("backing", {})
         for name, (rt, _) in running.items():
             facts[name] = data[name]["facts"] = rt.facts(box, wanted[name], ports)

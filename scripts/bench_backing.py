@@ -153,10 +153,11 @@ def bench_backing(runs: int = 5, work: Path | None = None) -> dict:
     finally:
         for b in json.loads(_wtbox(home, "ls", "--json").stdout or "[]"):
             _wtbox(home, "rm", "--force", b["id"])
-        try:
-            _wtbox(home, "db", "stop")
-        except RuntimeError:
-            pass
+        for args in (["gc", "--spares", "--grace", "0"], ["db", "stop"]):  # spare sandboxes outlive boxes
+            try:
+                _wtbox(home, *args)
+            except RuntimeError:
+                pass
         shutil.rmtree(scratch, ignore_errors=True)
     return out
 

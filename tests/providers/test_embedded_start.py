@@ -34,3 +34,25 @@ def test_a_start_killed_before_the_shared_database_is_finished_by_the_next(tmp_p
         conn.close()
     finally:
         EmbeddedCluster(tmp_path / "home").stop()
+
+
+def test_a_stopped_cluster_of_a_long_home_leaves_no_socket_dir_in_tmp(tmp_path):
+    """A home whose path is too long for a socket keeps the socket in /tmp/wtbox-pg-<hash>: its stop
+    left the empty dir there (60 of them in /tmp after a day of tests), the one thing of a home
+    outside it."""
+    home = tmp_path / ("h" * 90)
+    home.mkdir()
+    cluster = EmbeddedCluster(home)
+    sock = cluster.socket_dir
+    assert str(sock).startswith("/tmp/wtbox-pg-")
+    try:
+        cluster.ensure_running()
+        assert sock.is_dir()
+    finally:
+        assert EmbeddedCluster(home).stop()
+    assert not sock.exists()
+    cluster.ensure_running()  # and the next start makes it again
+    try:
+        assert sock.is_dir()
+    finally:
+        EmbeddedCluster(home).stop()

@@ -300,6 +300,10 @@ class EmbeddedCluster(Server):
                 return False
             self._run([str(find_bin_dir() / "pg_ctl"), "stop", "-w", "-t", "60", "-m", "fast", "-D",
                        str(self.data_dir)], self._os_user())
+            socket_dir = Path(self._state().get("socket_dir") or self.socket_dir)
+            if not socket_dir.is_relative_to(self.home):  # /tmp's (a long home's): the one thing outside it
+                with contextlib.suppress(OSError):  # (empty once PostgreSQL removed its socket; else kept)
+                    socket_dir.rmdir()
             return True
 
     def status(self) -> dict[str, Any]:

@@ -27,8 +27,7 @@ _GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
 
 def git(repo: str | Path, *args: str, check: bool = True, timeout: float = 300,
         input: str | None = None, launcher: Launcher | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, **_GIT_ENV}
-    argv = ["git", "-C", str(repo), *args]
+    argv, env = _command(repo, args)
     if launcher is not None and launcher.sandboxed:
         argv = launcher.command(argv, repo)
     try:
@@ -39,6 +38,11 @@ def git(repo: str | Path, *args: str, check: bool = True, timeout: float = 300,
         msg = (proc.stderr or proc.stdout).strip().splitlines()
         raise WtboxError(f"git {args[0]} failed in {repo}: {msg[-1] if msg else 'exit ' + str(proc.returncode)}.")
     return proc
+
+
+def _command(repo: str | Path, args: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
+    """git's argv and environment for `args` in `repo` (no prompt, C locale: output we parse)."""
+    return ["git", "-C", str(repo), *args], {**os.environ, **_GIT_ENV}
 
 
 def out(repo: str | Path, *args: str, launcher: Launcher | None = None) -> str:
@@ -113,18 +117,21 @@ def tips(repo: str | Path, *, but: str | None = None) -> list[str]:
     return sorted({line.split(" ", 1)[0] for line in out.stdout.splitlines() if line and line.split(" ", 1)[1] != skip})
 
 
+_COMMIT_TIME = ("show", "-s", "--format=%ct")
+
+
 def commit_time(repo: str | Path, sha: str) -> int | None:
     """The committer time of a commit (seconds since the epoch): a box's SOURCE_DATE_EPOCH."""
-    proc = git(repo, "show", "-s", "--format=%ct", sha, check=False)
+    proc = git(repo, *_COMMIT_TIME, sha, check=False)
     return _epoch(proc.returncode, proc.stdout)
 
 
 def commit_time_later(repo: str | Path, sha: str) -> Callable[[], int | None]:
     """`commit_time`, its git begun now beside the caller's own work (a box's making: ~8 ms it waited
     for at the end); calling the result waits for it."""
+    argv, env = _command(repo, (*_COMMIT_TIME, sha))
     try:
-        proc = subprocess.Popen(["git", "-C", str(repo), "show", "-s", "--format=%ct", sha], text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, **_GIT_ENV})
+        proc = subprocess.Popen(argv, text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
     except OSError:
         return lambda: None
 

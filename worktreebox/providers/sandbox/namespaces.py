@@ -26,6 +26,7 @@ allows one) and box processes keep the user's own uid, without capabilities.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import select
@@ -88,10 +89,7 @@ class Namespaces(Sandbox):
         """(uid, gid) box processes run as: `wtbox-box` as root, the caller otherwise."""
         if self.mode != "root":
             return os.geteuid(), os.getegid()
-        from worktreebox.system import users
-
-        user = users.ensure(BOX_USER, purpose="sandboxed box processes")
-        return user.uid, user.gid
+        return _root_box_user(os.getpid())
 
     # -- the holder
     def create(self, spec: Spec, *, cgroup: cgroups.Leaf | None = None,
@@ -461,3 +459,13 @@ def release_boxes_dir(home: Path, no_box_left: Callable[[], bool]) -> bool:
 
 def _shared(path: Path) -> bool:
     return str(path) in procfs.shared_mounts()
+
+
+@functools.lru_cache(maxsize=1)
+def _root_box_user(pid: int) -> tuple[int, int]:
+    """`wtbox-box`'s (uid, gid), looked up once per process (`pid`: a forked child asks again): a
+    sandboxed `new` asks three times (its worktree, caches, binds), each a read of the user database."""
+    from worktreebox.system import users
+
+    user = users.ensure(BOX_USER, purpose="sandboxed box processes")
+    return user.uid, user.gid

@@ -14,6 +14,7 @@ being able to write the repository; the repository gets the branch `wtbox/<id>` 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -256,15 +257,17 @@ def add_worktree(box: Box, sha: str, *, checkout: bool, owner: tuple[int, int] |
 
 def add_own_worktree(box: Box, sha: str, *, checkout: bool) -> None:
     """A sandboxed box's branch in its own git dir; the repository gets the branch at the base."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from worktreebox.providers.sandbox import gitdir
 
-    with ThreadPoolExecutor(max_workers=1) as pool:  # the repository's branch and the box's git dir at once
-        branched = pool.submit(git.git, box.repo, "branch", "--no-track", box.branch, sha)
+    branched = git.started(box.repo, "branch", "--no-track", box.branch, sha)  # while the git dir is written
+    try:
         gitdir.make(Path(box.repo), box.dir / "git", sha)
         gitdir.worktree_add(box.dir / "git", box.path, box.branch, sha)
-        branched.result()
+    except BaseException:
+        with contextlib.suppress(WtboxError):
+            branched()  # not left running: the roll-back deletes the branch it makes
+        raise
+    branched()
     if checkout:  # nothing of the box has run yet: its git dir is still ours to run git in
         git.git(box.path, "-c", f"safe.directory={box.path}", "checkout", "--quiet", "--force", box.branch)
 

@@ -33,11 +33,34 @@ def git(repo: str | Path, *args: str, check: bool = True, timeout: float = 300,
     try:
         proc = cancel.run(argv, capture_output=True, text=True, env=env, timeout=timeout, input=input)
     except FileNotFoundError:
-        raise WtboxError("git is not installed; install it with 'apt-get install git'.") from None
-    if check and proc.returncode != 0:
+        raise WtboxError(NOT_INSTALLED) from None
+    return _checked(proc, repo, args) if check else proc
+
+
+NOT_INSTALLED = "git is not installed; install it with 'apt-get install git'."
+
+
+def _checked(proc: subprocess.CompletedProcess, repo: str | Path, args: tuple[str, ...]) -> subprocess.CompletedProcess:
+    if proc.returncode != 0:
         msg = (proc.stderr or proc.stdout).strip().splitlines()
         raise WtboxError(f"git {args[0]} failed in {repo}: {msg[-1] if msg else 'exit ' + str(proc.returncode)}.")
     return proc
+
+
+def started(repo: str | Path, *args: str, check: bool = True) -> Callable[[], subprocess.CompletedProcess]:
+    """`git(repo, *args)` begun now, beside the caller's own work, without a thread; calling the
+    result waits for it and raises as git() does."""
+    argv, env = _command(repo, args)
+    try:
+        proc = subprocess.Popen(argv, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    except FileNotFoundError:
+        raise WtboxError(NOT_INSTALLED) from None
+
+    def result() -> subprocess.CompletedProcess:
+        out, err = proc.communicate()
+        done = subprocess.CompletedProcess(argv, proc.returncode, out, err)
+        return _checked(done, repo, args) if check else done
+    return result
 
 
 def _command(repo: str | Path, args: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
@@ -129,16 +152,11 @@ def commit_time(repo: str | Path, sha: str) -> int | None:
 def commit_time_later(repo: str | Path, sha: str) -> Callable[[], int | None]:
     """`commit_time`, its git begun now beside the caller's own work (a box's making: ~8 ms it waited
     for at the end); calling the result waits for it."""
-    argv, env = _command(repo, (*_COMMIT_TIME, sha))
     try:
-        proc = subprocess.Popen(argv, text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
-    except OSError:
+        done = started(repo, *_COMMIT_TIME, sha, check=False)
+    except (OSError, WtboxError):
         return lambda: None
-
-    def result() -> int | None:
-        out, _ = proc.communicate()
-        return _epoch(proc.returncode, out)
-    return result
+    return lambda: _epoch((proc := done()).returncode, proc.stdout)
 
 
 def _epoch(returncode: int, out: str) -> int | None:

@@ -436,3 +436,53 @@ def test_ls_computes_the_routed_names_once_per_list(monkeypatch):
     assert len(calls) == 1 and urls[7] == {"web": routes.url(8080, "s7", "web")}
     routes.box_urls(boxes[0], list(boxes), 8080)  # another list: computed for it
     assert len(calls) == 2
+
+
+def test_caddys_version_is_asked_once_per_binary(tmp_path):
+    """`caddy version` is a second Go start-up on the path of every `new` that starts the router: its
+    answer is kept for the binary that gave it, and asked again of a new binary (an upgrade)."""
+    calls = tmp_path / "calls"
+    binary = tmp_path / "caddy"
+    binary.write_text(f"#!/bin/sh\necho x >> {calls}\necho 'v2.6.2 h1:abc='\n")
+    binary.chmod(0o755)
+    known = tmp_path / "router" / "caddy-version.json"
+    known.parent.mkdir()
+    asked = lambda: len(calls.read_text().splitlines()) if calls.exists() else 0
+
+    assert caddy.version(str(binary), known) == (2, 6, 2) and asked() == 1
+    assert caddy.version(str(binary), known) == (2, 6, 2) and asked() == 1
+    replaced = tmp_path / "caddy.new"
+    replaced.write_text(f"#!/bin/sh\necho x >> {calls}\necho 'v2.7.6 h1:def='\n")
+    replaced.chmod(0o755)
+    replaced.rename(binary)  # as a package upgrade puts a new file in place
+    assert caddy.version(str(binary), known) == (2, 7, 6) and asked() == 2
+    known.write_text("{not json")
+    assert caddy.version(str(binary), known) == (2, 7, 6) and asked() == 3
+    assert caddy.version(str(binary)) == (2, 7, 6) and asked() == 4  # nothing to keep it in: asked each time
+
+
+@needs_caddy
+def test_a_start_after_a_starter_killed_mid_start_ends_the_caddy_it_left_and_only_then_looks(wtbox_home,
+                                                                                              monkeypatch):
+    """A starter killed between starting Caddy and recording it leaves its `starting` mark: the next
+    start ends the Caddy no file names (found by the bootstrap file on its command line). Without the
+    mark no start scans every process for one."""
+    from worktreebox.router import control
+
+    paths = Paths(wtbox_home)
+    paths.make()
+    binary = caddy.find()
+    paths.starting.touch()  # what the killed starter did first,
+    orphan = caddy.start(paths, binary, routes.encode(routes.bootstrap(str(paths.socket), str(paths.log))))  # then
+    assert procs.is_alive(orphan) and read_state(wtbox_home) == {}
+    state = control._start(paths, binary)
+    try:
+        assert wait_for(lambda: not procs.pid_alive(orphan[0]), timeout=5)
+        assert procs.is_alive(state["pid"]) and not paths.starting.exists()
+        caddy.stop(state["pid"])
+        scans = []
+        monkeypatch.setattr(control.procs, "kill_mentioning", lambda *a, **k: scans.append(a) or [])
+        state = control._start(paths, binary)
+        assert scans == [] and procs.is_alive(state["pid"])
+    finally:
+        caddy.stop(state["pid"])

@@ -28,6 +28,8 @@ class Paths:
         self.log = self.dir / "caddy.log"  # Caddy's own log (warnings, errors; rolled at 1 MB)
         self.output = self.dir / "caddy.out"  # what it prints before its log is set up
         self.bootstrap = self.dir / "bootstrap.json"
+        self.version = self.dir / "caddy-version.json"  # what `caddy version` said, for which binary
+        self.starting = self.dir / "starting"  # there from before a Caddy is started until it is recorded
         self.caddy_home = self.dir / "caddy-home"  # its HOME and XDG dirs: it writes nothing elsewhere
         self.token = self.dir / "token"  # 0600: only when it listens beyond the loopback
         self.token_hash = self.dir / "token.bcrypt"

@@ -286,6 +286,10 @@ def test_a_spare_made_before_the_host_changed_gives_way_to_a_holder_of_its_own(m
     holder = load(b.run_dir)
     assert holder is not None and holder.pid != old.pid and procs.is_alive(holder.identity)
     assert not procs.is_alive(old.identity)
+    # the supervisor started in the spare before it was checked is gone: one runs, the box's own
+    supervisor = client.wait_started(b)
+    assert cgroups.for_home(host.home).pids(b.id, cgroups.SUPERVISOR) == {supervisor}
+    assert client.read_state(b) is not None and client.control_request(b, "status").ok
     assert run_wtbox("exec", b.id, "--", "hostname").stdout.strip() == b.id
     host.rm(b.id, force=True)
     assert _all_of(with_spares, b.id) == set() and _all_of(with_spares, spare.name) == set()

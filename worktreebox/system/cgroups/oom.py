@@ -49,7 +49,10 @@ class OomWatch:
     """The OOM kills in one box since the last look (the supervisor asks after a SIGKILL and every tick).
 
     Counts come from the leaves' counters (exact); names from the kernel log when it can be
-    read. Kills from before the watch started are not reported again.
+    read: a leaf's n new kills are its n newest records there. Kills from before the watch started
+    are not reported again (the counters at its start say how many there were), so it starts without
+    reading the log, which holds the host's whole history (~2,300 records here: ~3 ms of every
+    supervisor's start-up).
     """
 
     def __init__(self, home: Path | str, box_id: str) -> None:
@@ -59,7 +62,7 @@ class OomWatch:
         self._lock = threading.Lock()
         self._seen = self.backend.oom_kills(box_id) if self.backend else {}
         self._path = self.backend.relative(box_id) if self.backend else ""
-        self._seq = max([v["seq"] for v in oom_victims(self._path)] or [-1]) if self.backend else -1
+        self._seq = -1  # the newest record named so far (new_kills reads on from it)
 
     def new_kills(self) -> list[dict]:
         """[{"leaf", "pid", "task"}] per kill not reported yet (pid and task None when the log cannot tell)."""

@@ -163,3 +163,18 @@ def test_a_listening_tree_is_found_on_its_port_and_not_on_another():
     assert procfs.parse_listening(rows, 0x4E20) == {111}
     assert procfs.parse_listening(rows, 0x4E21) == {333}
     assert procfs.parse_listening("", 1) == set()
+
+
+def test_real_path_is_realpath_resolved_by_the_kernel(tmp_path):
+    """The toolchain walk's resolution: os.path.realpath's answer for every kind of path, including
+    those the kernel cannot open (missing, a dangling link), where it is realpath's own."""
+    import os
+
+    (tmp_path / "a b" / "c").mkdir(parents=True)
+    (tmp_path / "a b" / "c" / "tool").write_text("")
+    (tmp_path / "rel").symlink_to("a b/c")
+    (tmp_path / "abs").symlink_to(tmp_path / "rel")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for p in ["/", "/usr/bin", tmp_path / "rel", tmp_path / "abs" / "tool", tmp_path / "abs" / ".." / "rel",
+              tmp_path / "missing" / "x", tmp_path / "dangling", tmp_path / "rel" / "missing"]:
+        assert procfs.real_path(str(p)) == os.path.realpath(p), p

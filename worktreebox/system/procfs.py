@@ -220,6 +220,21 @@ def root_path(pid: int, path: str | Path) -> str:
     return _path(pid, f"root{path}")
 
 
+def real_path(path: str) -> str:
+    """os.path.realpath(path), resolved by the kernel when the path exists: one open and one readlink of
+    its descriptor's name instead of an lstat per component in Python (a toolchain walk resolves ~40)."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError:  # missing (realpath resolves what exists of it), or not ours to reach
+        return os.path.realpath(path)
+    try:
+        return os.readlink(fd_path(fd))
+    except OSError:
+        return os.path.realpath(path)
+    finally:
+        os.close(fd)
+
+
 def fd_path(fd: int) -> str:
     """A path that names what this process's descriptor `fd` names (a short path to a deep directory)."""
     return _path("self", f"fd/{fd}")

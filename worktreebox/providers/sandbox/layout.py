@@ -21,6 +21,7 @@ import stat
 from pathlib import Path
 
 from worktreebox.providers.sandbox.base import Spec
+from worktreebox.system import procfs
 
 DNS_FORWARD = "10.0.2.3"  # slirp4netns's resolver: what a box asks when the host's resolver is on its loopback
 
@@ -109,7 +110,7 @@ def toolchain(path_dirs: list[str], extra: list[str], *, uid: int, gids: set[int
     Outermost first, none below another."""
     wanted: set[Path] = set()
     known: dict[str, bool | None] = {}
-    for raw in [*path_dirs, *extra]:
+    for raw in dict.fromkeys([*path_dirs, *extra]):  # (a PATH often names a dir twice)
         for real in _targets(raw):
             if closed_ancestor(real, uid=uid, gids=gids, known=known) is not None or _under_own(real):
                 wanted.add(_installation(real))
@@ -128,14 +129,14 @@ def _targets(raw: str) -> list[Path]:
     """A path as it really is, and for a non-system directory the real places its symlinks lead to."""
     if not raw or not os.path.isabs(raw):
         return []
-    real = Path(os.path.realpath(raw))
+    real = Path(procfs.real_path(raw))
     out = [real]
     if real.is_dir() and not any(_under(real, d) for d in SYSTEM_DIRS):
         try:
             entries = list(os.scandir(real))
         except OSError:
             entries = []
-        out += [Path(os.path.realpath(e.path)) for e in entries if e.is_symlink()]
+        out += [Path(procfs.real_path(e.path)) for e in entries if e.is_symlink()]
     return out
 
 

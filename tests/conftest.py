@@ -26,6 +26,7 @@ os.environ["WTBOX_NO_SERVER"] = "1"
 # No spare sandboxes (made ahead after each `new`, outliving the test's boxes): tests/test_spares.py
 # turns them on and removes them.
 os.environ["WTBOX_SANDBOX_SPARES"] = "0"
+os.environ["WTBOX_SANDBOX_SPARE_DELAY"] = "0"  # a test that waits for a spare waits for its making only
 
 # A test that asks for one of these makes boxes or talks to the session's PostgreSQL: real
 # processes for seconds. It is marked `slow` here, so a new test is marked without anyone thinking

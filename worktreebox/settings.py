@@ -101,6 +101,9 @@ SANDBOX_SPARES = Setting("WTBOX_SANDBOX_SPARES", "`[host] sandbox_spares`: spare
                                                  "next `new` (0: none)", "1")
 SANDBOX_SPARE_TTL = Setting("WTBOX_SANDBOX_SPARE_TTL", "seconds a spare sandbox waits to be taken before it "
                                                        "ends itself", "600")
+SANDBOX_SPARE_DELAY = Setting("WTBOX_SANDBOX_SPARE_DELAY", "seconds a spare sandbox's maker waits before it "
+                                                           "makes one: the commands that follow the `new` that "
+                                                           "asked (an exec, a status) run first", "0.5")
 PHASE_FILE = Setting("WTBOX_PHASE_FILE", "crash tests: a file `new` appends each phase name to as it starts")
 PHASE_STOP = Setting("WTBOX_PHASE_STOP", "crash tests: `new` halts at the first phase starting with this "
                                          "(for a `kill -9` there)")
@@ -108,7 +111,7 @@ PHASE_STOP = Setting("WTBOX_PHASE_STOP", "crash tests: `new` halts at the first 
 SETTINGS = (HOME, LEASE_DIR, NO_SERVER, SERVER_IDLE, NO_AUTO_GC, DEBUG, PROGRESS, BOX_ID, BOX_SOCKET, PORT_RANGE,
             MOUNTS, LAYER_TTL, POSTGRES_URL, DATABASE_PROVIDER, POSTGRES_IMAGE, OBSERVABILITY_PROVIDER,
             VICTORIAMETRICS_IMAGE, SANDBOX, CGROUPS, DISK_WATCH, PG_BIN, CHROMIUM, CADDY, KILL_WAIT, POOL_IDLE,
-            SANDBOX_SPARES, SANDBOX_SPARE_TTL, PHASE_FILE, PHASE_STOP)
+            SANDBOX_SPARES, SANDBOX_SPARE_TTL, SANDBOX_SPARE_DELAY, PHASE_FILE, PHASE_STOP)
 
 
 def user_state_dir() -> str:

@@ -125,6 +125,10 @@ def run(host: Host, *, grace: float = DEFAULT_GRACE, dry_run: bool = False, wait
         if not dry_run:
             for b in host.list():  # a ready box whose supervisor died is degraded, with the reason
                 host.notice(b)
+            if spares:  # no maker may make one after this gc; what one was making is an orphan now
+                from worktreebox.providers.sandbox import spares as spare_sandboxes
+
+                spare_sandboxes.stop_makers(Path(host.home))
         actions = plan(host, grace=grace, spares=spares)
         errors = []
         if not dry_run:

@@ -172,7 +172,8 @@ def _replenish(host: HostContext, box: Box, config: RepoConfig) -> bool:
     from worktreebox.services.boxenv import without_box_vars
 
     env = {**without_box_vars(), "WTBOX_HOME": str(host.home)}
-    argv = [str(host.home), k, str(host.config.sandbox_spares), str(settings.SANDBOX_SPARE_TTL.seconds())]
+    argv = [str(host.home), k, str(host.config.sandbox_spares), str(settings.SANDBOX_SPARE_TTL.seconds()),
+            str(settings.SANDBOX_SPARE_DELAY.seconds())]
     # a fork of the home's zygote where one runs (no Python start-up, no imports), else a Python of its
     # own, detached (never a zombie child of a long-lived caller: `wtbox mcp`, a test); niced either way
     if not zygote.run_module(host.home, spares.__name__, argv, env=env, log_path=log, nice=MAKER_NICE):

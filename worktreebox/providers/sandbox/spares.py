@@ -5,7 +5,8 @@ bubblewrap's start, then three waits on the kernel at once (moving it into its c
 its firewall each wait for an RCU grace period on a cgroup v1 host; slirp4netns's start), while
 the checkout it runs beside takes ~10 ms. So after a sandboxed `new`, a detached, niced process
 (a fork of the home's zygote where one runs, else `python -m worktreebox.providers.sandbox.spares
-HOME KEY WANTED TTL`) makes one for the next `new` of the same *recipe*: what the holder is made of
+HOME KEY WANTED TTL DELAY`) makes one, once DELAY seconds passed (WTBOX_SANDBOX_SPARE_DELAY: what
+follows the `new` runs first), for the next `new` of the same *recipe*: what the holder is made of
 besides the box's own dirs (the repository's git dir, the toolchains it binds, the network, whether
 it reaches a database). Spares are found by a key of what the recipe is worked out from (the
 repository, the PATH, the network, ...: no walk of the toolchains), and checked against the recipe
@@ -264,18 +265,50 @@ def make(home: Path, key: str, recipe: Recipe, ttl: float) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """`python -m worktreebox.providers.sandbox.spares HOME KEY WANTED TTL`: make spares of the recorded
-    recipe until WANTED are ready (one maker per recipe: a second exits at once)."""
+    """`python -m worktreebox.providers.sandbox.spares HOME KEY WANTED TTL [DELAY]`: after DELAY seconds,
+    make spares of the recorded recipe until WANTED are ready (one maker per recipe: a second exits at
+    once, also while the first waits). The wait is for what follows the `new` that asked: an agent's
+    `exec` right after it measured ~8 ms slower while a maker ran beside it (its bubblewrap,
+    slirp4netns and nftables processes), and the next `new` comes later than that."""
     home, key, wanted, ttl = Path(argv[0]), argv[1], int(argv[2]), float(argv[3])
+    delay = float(argv[4]) if len(argv) > 4 else 0.0
     recipe_file, lock, _ = paths(home, key)
+    me = _maker_file(home, key)
     try:
         with file_lock(lock, timeout=0, what="the spare maker"):
-            recipe = Recipe.from_json(json.loads(recipe_file.read_text()))
-            while count(home, key) < wanted:
-                print(f"made {make(home, key, recipe, ttl)}", flush=True)
+            atomic_write(me, json.dumps(procs.identity(os.getpid())))  # what `gc --spares` ends (stop_makers)
+            try:
+                time.sleep(max(0.0, delay))
+                recipe = Recipe.from_json(json.loads(recipe_file.read_text()))
+                while count(home, key) < wanted:
+                    print(f"made {make(home, key, recipe, ttl)}", flush=True)
+            finally:
+                me.unlink(missing_ok=True)
     except LockBusy:
         return 0
+    except FileNotFoundError as e:  # the home went away while it waited (a deleted test or bench home)
+        print(f"nothing made: {e.filename} is gone", flush=True)
     return 0
+
+
+def _maker_file(home: Path, key: str) -> Path:
+    return home / SPARES_DIR / f"{key}.maker"
+
+
+def stop_makers(home: Path) -> list[int]:
+    """End every maker of this home, waiting or making (`gc --spares`: none may make a spare after
+    it); what one was making is then an orphan gc removes. The pids ended."""
+    out = []
+    for f in (home / SPARES_DIR).glob("*.maker"):
+        try:
+            ident = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if procs.is_alive(ident):
+            procs.stop_pid(ident[0])
+            out.append(ident[0])
+        f.unlink(missing_ok=True)
+    return out
 
 
 if __name__ == "__main__":

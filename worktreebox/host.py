@@ -271,7 +271,7 @@ class Host:
 
         c = Creation(host=self, box=box, config=cfg, base_sha=base_sha, secrets=dict(secrets or {}),
                      start_services=start_services, progress=progress or (lambda m: None), origin=origin,
-                     spare_fits=lambda: sandbox_spares.fits(self, box, cfg))
+                     use_spare=sandbox_spares.with_spare)
         c.facts.update(box.facts())
         c.env["WTBOX_ID"] = box.id
         c.env["WTBOX_BOX_DIR"] = str(box.dir)

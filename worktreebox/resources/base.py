@@ -66,9 +66,9 @@ class Creation:
     made: dict[str, threading.Event] = dataclasses.field(default_factory=dict, repr=False)
     _made_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
     origin: Origin | None = None  # a fork: its own changes start as a snapshot's
-    # whether the spare sandbox the box took has the holder the box's would be (resources/sandbox_spares.fits:
-    # asked by the sandbox resource, beside the checkout, not before everything)
-    spare_fits: Callable[[], bool] = dataclasses.field(default=lambda: True, repr=False)
+    # the sandbox resource's use of the spare sandbox the box took (resources/sandbox_spares.with_spare,
+    # set by Host.new: it checks the spare beside the checkout, not before everything); False: none used
+    use_spare: Callable[[Creation], bool] = dataclasses.field(default=lambda c: False, repr=False)
 
     def note(self, msg: str) -> None:
         self.progress(msg)

@@ -69,7 +69,7 @@ class Sandbox(Resource):
                 start_supervisor(box, c.secrets, [], daemon_net(c.host, box, make_holder(c.host, box, c.config)),
                                  wait=False)
                 return
-            if box.data.get(SPARE) and with_spare(c):
+            if box.data.get(SPARE) and c.use_spare(c):
                 return
             # The supervisor's start-up while the holder is made; it enters the network then. The
             # worktree's view waits only for the holder's start (HOLDER), not for its network.
@@ -388,46 +388,6 @@ def _host_forwards(box: Box, data: dict[str, Any]) -> list[Any]:
     for host_port, name in (data.get("exposed") or {}).items():
         forwards.append(HostForward(f"expose:{host_port}", int(host_port), ("127.0.0.1", inside.get(name, 0))))
     return forwards
-
-
-def with_spare(c: Creation) -> bool:
-    """The box took a spare (sandbox_spares.take): its holder is made, network and all. The supervisor
-    starts in it first (its start-up, ~12 ms, is what the box's end waits for: it runs while the rest
-    is done here); then the spare is checked and the box's dir named inside it (the holder knows the
-    spare's paths). False when the spare's holder ended meanwhile (a `gc --spares` at that moment), or
-    is not what the box's would be (Creation.spare_fits): the supervisor started in it is ended, and
-    the box makes its own holder."""
-    from worktreebox.providers.sandbox.base import save
-    from worktreebox.services.client import start_supervisor
-
-    box = c.box
-    provider, holder = provider_for(box.data[NAME]["provider"]), holder_of(box)
-    if holder is not None:
-        start_supervisor(box, c.secrets, [], daemon_net(c.host, box, holder), wait=False)
-    if holder is None or not c.spare_fits():
-        if holder is not None:
-            _end_supervisor(c.host, box)
-        provider.destroy(box.id, box.dir)  # what is left of it, or a holder made for other binds or addresses
-        box.data.pop(SPARE)
-        return False
-    c.provide(HOLDER)  # the worktree's view may mount: the holder runs
-    provider.alias(holder, box.dir, box.data[SPARE], box.id)  # (no process: a symlink, a host name)
-    holder.box_id = box.id  # its record names the box now (what a "not running" sentence says)
-    save(box.run_dir, holder)
-    return True
-
-
-def _end_supervisor(host: HostContext, box: Box) -> None:
-    """The supervisor started in a spare that then did not fit, ended before the box's own starts
-    (it may not have written its pid yet: its cgroup leaf says what it is)."""
-    from worktreebox.services import client
-
-    if cgroups.for_home(host.home) is not None:
-        procs.kill_cgroup(host.home, box.id, cgroups.SUPERVISOR)
-        return
-    with contextlib.suppress(WtboxError):
-        client.wait_started(box)
-    client.stop_supervisor(box)
 
 
 def _made_net(host: HostContext, box: Box, config: RepoConfig, started: Callable[[], None],

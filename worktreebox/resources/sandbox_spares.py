@@ -2,7 +2,7 @@
 
 `take` (Host.new, before the box's row): the box gets a ready spare of its recipe, and with it the
 spare's hex. `move_in` (after the row): the spare's dir becomes the box's. The sandbox resource then
-starts the box's supervisor in the spare's holder (`sandbox.with_spare`) instead of making one, and
+starts the box's supervisor in the spare's holder (`with_spare`) instead of making one, and
 after the box is made asks for the next spare (`replenish`: a detached, niced maker process, one
 per recipe). Only where boxes are sandboxed as root and `[host] sandbox_spares` is above 0; never
 for a pooled box (the pool's own box is made ahead already).
@@ -23,15 +23,17 @@ from worktreebox.box import branch_name, hex_of, slugify
 from worktreebox.config.assets import PACKAGE_PARENT
 from worktreebox.errors import WtboxError
 from worktreebox.providers.sandbox import spares
+from worktreebox.resources import sandbox
 from worktreebox.resources.base import warn
 from worktreebox.resources.sandbox import SPARE
-from worktreebox.system import procs
+from worktreebox.system import cgroups, procs
 from worktreebox.system.fsutil import atomic_write
 
 if TYPE_CHECKING:
     from worktreebox.box import Box
     from worktreebox.config.load import RepoConfig
     from worktreebox.context import HostContext
+    from worktreebox.resources.base import Creation
 
 MAKER_NICE = 10
 
@@ -50,7 +52,6 @@ def _made_of(host: HostContext, box: Box, config: RepoConfig) -> tuple[str, ...]
     which a recipe names relative to it."""
     if host.config.sandbox_spares <= 0 or box.pool is not None:
         return None
-    from worktreebox.resources import sandbox
     from worktreebox.services.boxenv import DATA_KEY
 
     provider, _ = sandbox.choose(host)
@@ -69,8 +70,6 @@ def recipe(host: HostContext, box: Box, config: RepoConfig) -> spares.Recipe | N
     if made_of is None:
         return None
     if made_of not in _RECIPES:
-        from worktreebox.resources import sandbox
-
         provider, _ = sandbox.choose(host)
         _RECIPES[made_of] = spares.Recipe.of(provider.name, config.box.network, config.database.mode != "none",
                                              sandbox.binds(box, config, provider), box.dir)
@@ -180,3 +179,43 @@ def _replenish(host: HostContext, box: Box, config: RepoConfig) -> bool:
         procs.spawn_detached(["nice", "-n", str(MAKER_NICE), sys.executable, "-m", spares.__name__, *argv],
                              env=env, log_path=log, cwd=PACKAGE_PARENT)
     return True
+
+
+def with_spare(c: Creation) -> bool:
+    """The box took a spare (sandbox_spares.take): its holder is made, network and all. The supervisor
+    starts in it first (its start-up, ~12 ms, is what the box's end waits for: it runs while the rest
+    is done here); then the spare is checked and the box's dir named inside it (the holder knows the
+    spare's paths). False when the spare's holder ended meanwhile (a `gc --spares` at that moment), or
+    is not what the box's would be (`fits`): the supervisor started in it is ended, and the box makes
+    its own holder. The sandbox resource asks through Creation.use_spare (set by Host.new)."""
+    from worktreebox.providers.sandbox.base import save
+    from worktreebox.services.client import start_supervisor
+
+    box = c.box
+    provider, holder = sandbox.provider_for(box.data[sandbox.NAME]["provider"]), sandbox.holder_of(box)
+    if holder is not None:
+        start_supervisor(box, c.secrets, [], sandbox.daemon_net(c.host, box, holder), wait=False)
+    if holder is None or not fits(c.host, box, c.config):
+        if holder is not None:
+            _end_supervisor(c.host, box)
+        provider.destroy(box.id, box.dir)  # what is left of it, or a holder made for other binds or addresses
+        box.data.pop(SPARE)
+        return False
+    c.provide(sandbox.HOLDER)  # the worktree's view may mount: the holder runs
+    provider.alias(holder, box.dir, box.data[SPARE], box.id)  # (no process: a symlink, a host name)
+    holder.box_id = box.id  # its record names the box now (what a "not running" sentence says)
+    save(box.run_dir, holder)
+    return True
+
+
+def _end_supervisor(host: HostContext, box: Box) -> None:
+    """The supervisor started in a spare that then did not fit, ended before the box's own starts
+    (it may not have written its pid yet: its cgroup leaf says what it is)."""
+    from worktreebox.services import client
+
+    if cgroups.for_home(host.home) is not None:
+        procs.kill_cgroup(host.home, box.id, cgroups.SUPERVISOR)
+        return
+    with contextlib.suppress(WtboxError):
+        client.wait_started(box)
+    client.stop_supervisor(box)

@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 from helpers import CORE_TOML, git, wait_for
+from sandbox_helpers import needs_sandbox_tools
 
 from worktreebox.cli import protocol as cliproto
 from worktreebox.system import cgroups
@@ -382,3 +383,21 @@ def test_a_home_deeper_than_sun_path_is_served(tmp_path):
         assert r.returncode == 0 and deep.served() == 1, r.stderr
     finally:
         deep.close()
+
+
+@needs_sandbox_tools()
+@pytest.mark.skipif(os.geteuid() != 0, reason="spare sandboxes are made in root mode only")
+def test_a_served_new_answers_before_it_asks_for_the_next_spare(srv, repo):
+    """Asking for the next spare sandbox (a fork of the zygote, some files) is for the next `new`: a
+    served `new` does it after its caller has the answer, with the caller's pipes let go, and what
+    goes wrong there is said in the server's log. Asking is made to fail here (the home's spares
+    dir is a file), so its warning shows where and when it ran."""
+    (srv.home / "spares").write_text("")
+    env = {"WTBOX_SANDBOX_SPARES": "1", "WTBOX_SANDBOX": "namespaces"}
+    in_process = srv.run("new", "a", "--repo", str(repo), served=False, env=env)
+    assert in_process.returncode == 0 and "No spare sandbox was asked for" in in_process.stderr
+    srv.start()
+    served = srv.run("new", "b", "--repo", str(repo), env=env)
+    assert served.returncode == 0, served.stderr
+    assert "No spare sandbox" not in served.stderr and srv.served() >= 1
+    assert wait_for(lambda: "No spare sandbox was asked for" in srv.log(), timeout=10)

@@ -276,7 +276,7 @@ class Server:
                 os.close(self.lock_fd)  # a long command must not keep the home's lock from a next server
                 if self.zygote_fd is not None:
                     os.close(self.zygote_fd)  # nor keep the zygote after us
-                code = Command(conn, msg, fds).run()
+                code = Command(conn, msg, fds, cliproto.log_path(self.home)).run()
             except BaseException as e:
                 log(f"served child failed: {type(e).__name__}: {e}")
             finally:
@@ -287,10 +287,11 @@ class Server:
 # ---------------------------------------------------------------- a served command, in the child
 
 class Command:
-    def __init__(self, conn: socket.socket, msg: dict, fds: list[int]) -> None:
+    def __init__(self, conn: socket.socket, msg: dict, fds: list[int], log_path: str) -> None:
         self.conn = conn
         self.msg = msg
         self.fds = fds
+        self.log_path = log_path  # the server's log: where what runs after the reply says what went wrong
         self.done = False
 
     def run(self) -> int:
@@ -309,10 +310,14 @@ class Command:
             return 1
         self.conn.settimeout(None)
         threading.Thread(target=self._watch_launcher, name="watch-launcher", daemon=True).start()
+        from worktreebox.system import afterwards
+
+        afterwards.serving()
         code = _run_cli()
         self.done = True
         with contextlib.suppress(OSError):
             cliproto.send(self.conn, {"exit": code})
+        _after_reply(self.log_path)
         return code
 
     def _become_caller(self) -> None:
@@ -365,6 +370,29 @@ def _fresh_stdio() -> None:
         open(1, "wb", closefd=False), encoding=enc, errors=err, line_buffering=os.isatty(1))
     sys.stderr = sys.__stderr__ = io.TextIOWrapper(  # type: ignore[misc]
         open(2, "wb", closefd=False), encoding=enc, errors="backslashreplace", line_buffering=True)
+
+
+def _after_reply(log_path: str) -> None:
+    """What the command asked to be done once its caller has the answer (system/afterwards.py), with
+    the caller's terminal and pipes let go first (a caller reading our output to its end is not
+    kept); what it says goes to the server's log."""
+    from worktreebox.system import afterwards
+
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        said = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        said = os.dup(devnull)
+    for fd, to in ((0, devnull), (1, devnull), (2, said)):
+        os.dup2(to, fd)
+    os.close(devnull)
+    os.close(said)
+    try:
+        afterwards.run_after_reply()
+    except Exception as e:
+        log(f"after the reply: {type(e).__name__}: {e}")
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
 
 
 def _run_cli() -> int:

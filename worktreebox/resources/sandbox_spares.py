@@ -10,11 +10,11 @@ for a pooled box (the pool's own box is made ahead already).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import sys
-import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,7 @@ from worktreebox.providers.sandbox import spares
 from worktreebox.resources import sandbox
 from worktreebox.resources.base import warn
 from worktreebox.resources.sandbox import SPARE
-from worktreebox.system import cgroups, procs
+from worktreebox.system import afterwards, cgroups, procs
 from worktreebox.system.fsutil import atomic_write
 
 if TYPE_CHECKING:
@@ -141,17 +141,14 @@ def replenish(host: HostContext, box: Box, config: RepoConfig) -> bool:
 
 @contextlib.contextmanager
 def replenishing(host: HostContext, box: Box, config: RepoConfig) -> Iterator[None]:
-    """`replenish` on a thread for the length of the block (the rest of `new`: its env, its starts,
-    the wait for its supervisor), not after it: asking costs a few ms of files and a zygote request."""
+    """`replenish` once a served `new` has answered (asking costs a few ms of files and a fork of the
+    zygote, on the box's critical path when done before), else on a thread for the length of the
+    block (the rest of `new`: its env, its starts, the wait for its supervisor): system/afterwards.py."""
     if key(host, box, config) is None:
         yield
         return
-    asking = threading.Thread(target=replenish, args=(host, box, config), name="wtbox-replenish", daemon=True)
-    asking.start()
-    try:
+    with afterwards.beside(functools.partial(replenish, host, box, config)):
         yield
-    finally:
-        asking.join()
 
 
 def _replenish(host: HostContext, box: Box, config: RepoConfig) -> bool:

@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from worktreebox.services.forwards import ForwardsThread
 
 
-
 class BoxNet:
     """The forwards of one box: started with the supervisor's payload, changed by control requests."""
 

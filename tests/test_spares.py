@@ -94,6 +94,7 @@ def test_the_next_new_takes_the_spare_made_after_the_last(make_repo, host, with_
         holder = load(spare / "run")
         assert holder is not None and procs.is_alive(holder.identity)
         assert (spare / "run" / zygote.LAUNCHER).exists()  # its supervisor's launcher, forked ahead
+        assert (spare / "git" / "worktrees" / "worktree" / "HEAD").read_text() == ""  # its git dir made ahead, empty
         backend = cgroups.for_home(with_spares)
         if backend is not None:  # all of it in the spare's cgroup, which is the box's that takes it
             assert holder.pid in backend.pids(spare.name, "_sandbox")

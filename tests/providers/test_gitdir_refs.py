@@ -84,3 +84,35 @@ def test_refs_packed_while_they_are_read_send_the_reader_to_git(make_repo, tmp_p
 
     monkeypatch.setattr(gitdir.os, "walk", packing_walk)
     assert gitdir.read_refs(common) is None
+
+
+def _tree(root):
+    """Every path under `root` (relative) with its file's text, None for a directory."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_text() for p in sorted(root.rglob("*"))}
+
+
+def test_a_git_dir_made_ahead_is_filled_to_what_a_fresh_one_holds_with_one_new_file(make_repo, tmp_path):
+    """A spare sandbox's maker makes the box's git dir ahead (`prepare`: a new inode cost ~0.27 ms of CPU
+    here); `make` and `worktree_add` then write into it. The result must be the fresh git dir's, byte
+    for byte, and the only path they add the branch's own ref (its name is the box's)."""
+    repo = make_repo({"a.txt": "1\n"})
+    sha = git(repo, "rev-parse", "HEAD").strip()
+    made = {}
+    for how in ("fresh", "ahead"):
+        box_dir = tmp_path / how
+        git_dir, worktree = box_dir / "git", box_dir / "worktree"
+        if how == "ahead":
+            gitdir.prepare(git_dir, worktree)
+            before = set(_tree(box_dir))
+            assert before and all(v in (None, "") for v in _tree(box_dir).values())
+        gitdir.make(repo, git_dir, sha)
+        gitdir.worktree_add(git_dir, worktree, "wtbox/b-12345678", sha)
+        made[how] = _tree(box_dir)
+    fresh, ahead = made["fresh"], made["ahead"]
+    assert ahead == {k: v.replace(str(tmp_path / "fresh"), str(tmp_path / "ahead")) if v else v
+                     for k, v in fresh.items()}
+    assert set(ahead) - before == {"git/refs/heads/wtbox/b-12345678"}
+    # and git takes it as it takes a fresh one: the worktree is on the box's branch, at the base commit
+    worktree = tmp_path / "ahead" / "worktree"
+    assert git(worktree, "rev-parse", "--abbrev-ref", "HEAD").strip() == "wtbox/b-12345678"
+    assert git(worktree, "rev-parse", "HEAD").strip() == sha.strip()

@@ -227,7 +227,7 @@ def paths(home: Path, key: str) -> tuple[Path, Path, Path]:
 def make(home: Path, key: str, recipe: Recipe, ttl: float) -> str:
     """One spare of `recipe`, found by `key` (this process is its maker); its id."""
     from worktreebox.providers import sandbox
-    from worktreebox.providers.sandbox import network
+    from worktreebox.providers.sandbox import gitdir, network
 
     box_id = PREFIX + secrets.token_hex(4)
     d = boxes_dir(home) / box_id
@@ -239,6 +239,7 @@ def make(home: Path, key: str, recipe: Recipe, ttl: float) -> str:
     atomic_write(d / "run" / RECORD, json.dumps(record))  # before any piece: gc keeps it while we live
     for p, _ in recipe.inside:
         (d / p).mkdir(parents=True, exist_ok=True)
+    gitdir.prepare(d / "git", d / "worktree")  # what the box's git dir will hold, made now: see there
     spec = Spec(box_id, home, d, recipe.binds(d), network=recipe.network, gateway=recipe.gateway,
                 expires=ttl, keep_if=d / ENDPOINT / TAKEN_MARK, blocked=tuple(blocked))
     backend = cgroups.for_home(home)

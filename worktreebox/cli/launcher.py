@@ -15,6 +15,7 @@ by then (the first `wtbox new` of a new home makes it); before a home exists not
 from __future__ import annotations
 
 import _signal  # type: ignore[import-not-found]  # the C module under `signal`, which imports enum first (~9 ms of the window this closes)
+import _socket  # (loaded anyway: system/unixsock)
 import os
 import sys
 
@@ -79,11 +80,9 @@ def main() -> None:
 
 def via_box(endpoint: str, args: list[str]) -> int:
     """Run `wtbox <args>` through the box's endpoint with our stdin, stdout and stderr; its exit code."""
-    import _socket
-
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
-        cliproto.connect_path(sock, endpoint)
+        _connect_starting(sock, endpoint)
         cliproto.send(sock, {"op": "run", "argv": args, "env": dict(os.environ)}, [0, 1, 2])
         signal.signal(signal.SIGINT, lambda *_: os._exit(130))  # our end closes: the command is stopped
         reply, _ = cliproto.recv(sock)
@@ -97,6 +96,25 @@ def via_box(endpoint: str, args: list[str]) -> int:
         return 2
     code = reply.get("exit")
     return code if isinstance(code, int) else 1
+
+
+ENDPOINT_START = 10.0  # seconds: a box is returned while its supervisor may still start (resources/sandbox.py)
+
+
+def _connect_starting(sock: _socket.socket, endpoint: str) -> None:
+    """Connect to the box's endpoint; one not there yet (a box just made, its supervisor still starting:
+    it binds the socket once up) is waited for, ENDPOINT_START at most."""
+    import time
+
+    deadline = time.monotonic() + ENDPOINT_START
+    while True:
+        try:
+            cliproto.connect_path(sock, endpoint)
+            return
+        except FileNotFoundError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _off() -> bool:

@@ -65,6 +65,11 @@ class Sandbox(Resource):
             c.env["WTBOX_BOX_SOCKET"] = str(box.dir / ENDPOINT_DIR / "box.sock")  # `wtbox` inside: services/endpoint.py
             from worktreebox.services.client import SandboxNet, start_supervisor
 
+            # The box's supervisor (its forwards, its endpoint) starts beside the rest of the box, and
+            # `new` waits for it only where something is asked of it: the database's forward (`finish`),
+            # the box's services (Services.start). Anything else that needs it later waits for one
+            # still starting (client.supervisor_pid): a fresh Python's is ~70 ms of imports (no zygote:
+            # in process, `wtbox mcp`), which a sandboxed `new` of a box without services waited for.
             if data["mode"] != "root":  # entering a network of another user namespace takes nsenter's -U
                 start_supervisor(box, c.secrets, [], daemon_net(c.host, box, make_holder(c.host, box, c.config)),
                                  wait=False)
@@ -90,17 +95,10 @@ class Sandbox(Resource):
         check_view(c.box)
         target = db_target(c.host, c.box)
         if target is None:
-            return  # nothing to ask it yet: `settle` waits for it, while the rest of the box is made
+            return  # nothing to ask it: `new` ends without waiting for it (see `create`)
         client.wait_started(c.box)  # started in create, alongside the checkout: up by now, or it says why not
         c.box.data[NAME]["db"] = list(target)
         client.checked(client.control_request(c.box, control.FORWARD, data=_db_forward(target).to_json()))
-
-    def settle(self, c: Creation) -> None:
-        """The supervisor started in create is up (or it says why not) before the box is ready."""
-        if sandboxed(c.box):
-            from worktreebox.services import client
-
-            client.wait_started(c.box)
 
     def destroy(self, host: HostContext, box: Box) -> None:
         data = box.data.get(NAME) or {}
@@ -132,11 +130,14 @@ class Sandbox(Resource):
             return None
         out = {k: data[k] for k in ("provider", "mode", "network") if k in data}
         if data.get("provider") != OFF:
-            from worktreebox.services.client import read_state
+            from worktreebox.services.client import read_state, starting
 
-            state = read_state(box)
+            # (not waited for: `new` describes the box it made as its supervisor may still start)
+            state = read_state(box, wait=False)
             out["running"] = holder_of(box) is not None
             out["forwards"] = state.forwards if state else {}
+            if state is None and starting(box):
+                out["supervisor"] = "starting"
             out["outbound"] = data.get("outbound") or {"down": False, "loss": 0.0}
             out["exposed"] = data.get("exposed") or {}
             out["spare"] = box.data.get(SPARE)  # the spare sandbox it was made with (sandbox_spares.py), or None

@@ -26,7 +26,7 @@ from worktreebox.providers.sandbox import spares
 from worktreebox.resources import sandbox
 from worktreebox.resources.base import warn
 from worktreebox.resources.sandbox import SPARE
-from worktreebox.system import afterwards, cgroups, procs
+from worktreebox.system import afterwards, procs
 from worktreebox.system.fsutil import atomic_write
 
 if TYPE_CHECKING:
@@ -180,22 +180,17 @@ def _replenish(host: HostContext, box: Box, config: RepoConfig) -> bool:
 
 
 def with_spare(c: Creation) -> bool:
-    """The box took a spare (sandbox_spares.take): its holder is made, network and all. The supervisor
-    starts in it first (its start-up, ~12 ms, is what the box's end waits for: it runs while the rest
-    is done here); then the spare is checked and the box's dir named inside it (the holder knows the
-    spare's paths). False when the spare's holder ended meanwhile (a `gc --spares` at that moment), or
-    is not what the box's would be (`fits`): the supervisor started in it is ended, and the box makes
-    its own holder. The sandbox resource asks through Creation.use_spare (set by Host.new)."""
+    """The box took a spare (sandbox_spares.take): its holder is made, network and all. It is checked
+    (`fits`), the box's dir named inside it (the holder knows the spare's paths), then the supervisor
+    starts in it (in the launcher forked ahead there, services/zygote.py). False when the spare's
+    holder ended meanwhile (a `gc --spares` at that moment), or is not what the box's would be: the
+    box then makes its own holder. The sandbox resource asks through Creation.use_spare (set by Host.new)."""
     from worktreebox.providers.sandbox.base import save
     from worktreebox.services.client import start_supervisor
 
     box = c.box
     provider, holder = sandbox.provider_for(box.data[sandbox.NAME]["provider"]), sandbox.holder_of(box)
-    if holder is not None:
-        start_supervisor(box, c.secrets, [], sandbox.daemon_net(c.host, box, holder), wait=False)
     if holder is None or not fits(c.host, box, c.config):
-        if holder is not None:
-            _end_supervisor(c.host, box)
         provider.destroy(box.id, box.dir)  # what is left of it, or a holder made for other binds or addresses
         box.data.pop(SPARE)
         return False
@@ -203,17 +198,5 @@ def with_spare(c: Creation) -> bool:
     provider.alias(holder, box.dir, box.data[SPARE], box.id)  # (no process: a symlink, a host name)
     holder.box_id = box.id  # its record names the box now (what a "not running" sentence says)
     save(box.run_dir, holder)
+    start_supervisor(box, c.secrets, [], sandbox.daemon_net(c.host, box, holder), wait=False)
     return True
-
-
-def _end_supervisor(host: HostContext, box: Box) -> None:
-    """The supervisor started in a spare that then did not fit, ended before the box's own starts
-    (it may not have written its pid yet: its cgroup leaf says what it is)."""
-    from worktreebox.services import client
-
-    if cgroups.for_home(host.home) is not None:
-        procs.kill_cgroup(host.home, box.id, cgroups.SUPERVISOR)
-        return
-    with contextlib.suppress(WtboxError):
-        client.wait_started(box)
-    client.stop_supervisor(box)

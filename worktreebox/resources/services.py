@@ -214,8 +214,9 @@ def _running_services(box: Box) -> list[str]:
 # ---------------------------------------------------------------- a supervisor that died
 
 def supervisor_died(box: Box) -> bool:
-    """Killed or crashed: a supervisor that ends on its own removes its pid file, this one did not."""
-    return (box.run_dir / PID_FILE).exists() and supervisor_pid(box) is None
+    """Killed or crashed: a supervisor that ends on its own removes its pid file, this one did not (one
+    still starting has written it: alive, not waited for)."""
+    return (box.run_dir / PID_FILE).exists() and supervisor_pid(box, wait=False) is None
 
 
 def supervisor_problem(box: Box) -> str | None:

@@ -5,12 +5,14 @@ through `worktreebox.services.control` (socket protocol, state file) and its pid
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,8 +36,37 @@ EXIT_WAIT = 5.0  # after a 'stop' request, how long the supervisor gets to exit 
 PID_FILE = "supervisor.pid"
 
 
-def supervisor_pid(box: Box) -> int | None:
-    """The pid of the box's live supervisor: its pid file names its pid and start time (pids are
+LAUNCHED = "supervisor_launched"  # box.data: when start_supervisor last launched one (time.time())
+
+
+def supervisor_pid(box: Box, *, wait: bool = True) -> int | None:
+    """The pid of the box's live supervisor, once it is up: one launched by `new` without waiting for
+    it (a box with nothing for it to start, see Sandbox.create) is waited for here, for what is left of
+    SUPERVISOR_START after its launch, so that no caller takes a starting supervisor for a missing one
+    (and starts a second). With `wait` False: the live process its pid file names, up or not."""
+    if not wait or not _starting(box):
+        return _live_pid(box)
+    try:
+        return wait_started(box, timeout=float(box.data[LAUNCHED]) + SUPERVISOR_START - time.time())
+    except WtboxError:
+        return None
+
+
+def starting(box: Box) -> bool:
+    """Its supervisor was launched and is not up yet (see `supervisor_pid`)."""
+    return _starting(box)
+
+
+def _starting(box: Box) -> bool:
+    """Launched less than SUPERVISOR_START ago and not up yet: no state file (start_supervisor removes
+    the last one; the supervisor writes its first once it listens, and its last as it ends)."""
+    launched = box.data.get(LAUNCHED)
+    return isinstance(launched, (int, float)) and time.time() - launched < SUPERVISOR_START \
+        and not (box.run_dir / control.STATE_FILE).exists()
+
+
+def _live_pid(box: Box) -> int | None:
+    """The pid its pid file names, if that process lives: the file names its pid and start time (pids are
     reused; a supervisor forked by the zygote has the zygote's command line). A pid file of an
     older wtbox has the pid alone, checked against the command line."""
     try:
@@ -128,6 +159,7 @@ def start_supervisor(box: Box, secrets: dict[str, str], specs: list[ServiceSpec]
     before it read anything."""
     box.logs_dir.mkdir(parents=True, exist_ok=True)
     box.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    box.data[LAUNCHED] = time.time()
     for stale in (PID_FILE, control.SOCKET, control.STATE_FILE):
         try:
             (box.run_dir / stale).unlink()
@@ -199,33 +231,60 @@ def start_supervisor(box: Box, secrets: dict[str, str], specs: list[ServiceSpec]
             s.close()  # the supervisor holds them now
         for fd in fds:
             os.close(fd)
-    rc = proc.wait()  # the launcher forks the real supervisor and exits at once
-    if rc != 0:
-        said = proc.error if isinstance(proc, zygote.Forked) else None
-        why = f": {said}" if said else f" (exit code {rc})"
-        raise WtboxError(f"The services supervisor of {box.id} failed to start{why}.")
+    if not wait and not isinstance(proc, zygote.Forked):
+        # A fresh Python's launcher reads its payload after its imports (~70 ms; a zygote's child at
+        # once) and then forks the supervisor: reaped on a thread, not waited for (see supervisor_pid)
+        threading.Thread(target=_reap_launcher, args=(box, proc), daemon=True, name="wtbox-launcher").start()
+        return None
+    failed = _launcher_failed(box, proc)
+    if failed:
+        raise WtboxError(failed)
     return wait_started(box) if wait else None
 
 
-def wait_started(box: Box) -> int:
+def _launcher_failed(box: Box, proc: subprocess.Popen[bytes] | zygote.Forked) -> str | None:
+    """What the supervisor's launcher said when it exited other than with 0 (it forks the supervisor and
+    exits at once), or None."""
+    rc = proc.wait()
+    if rc == 0:
+        return None
+    said = proc.error if isinstance(proc, zygote.Forked) else None
+    why = f": {said}" if said else f" (exit code {rc})"
+    return f"The services supervisor of {box.id} failed to start{why}."
+
+
+def _reap_launcher(box: Box, proc: subprocess.Popen[bytes]) -> None:
+    """A launcher not waited for: what went wrong goes to the box's logs, where `wtbox logs` shows it."""
+    failed = _launcher_failed(box, proc)
+    if failed:
+        from worktreebox.telemetry.logs.writer import EventLog
+
+        with contextlib.suppress(OSError):
+            EventLog(box.logs_dir)("_supervisor", "error", failed)
+
+
+def wait_started(box: Box, timeout: float = SUPERVISOR_START) -> int:
     """The pid of the box's supervisor once it listens on its socket (it wrote its pid and its first state)."""
     pids: list[int] = []
 
     def started(timeout: float) -> bool:
         """It wrote its pid file and its first state (it listens on its socket by then)."""
-        pid = supervisor_pid(box)
+        pid = _live_pid(box)
         if pid and (box.run_dir / control.STATE_FILE).exists():
             pids.append(pid)
         return bool(pids)
 
-    if readiness.wait(readiness.Probe(started), SUPERVISOR_START, poll=0.002) is not None:
+    if readiness.wait(readiness.Probe(started), max(0.0, timeout), poll=0.002) is not None:
         raise WtboxError(f"The services supervisor of {box.id} did not start; see 'wtbox logs {box.id}'.")
     return pids[0]
 
 
 def control_request(box: Box, cmd: str, service: str | None = None, timeout: float = 120.0, *,
                     data: dict[str, Any] | None = None, fds: list[int] | None = None) -> control.Response:
-    """Send one command to the supervisor's socket and return its answer."""
+    """Send one command to the supervisor's socket and return its answer (a supervisor still starting:
+    once it is up, see `supervisor_pid`)."""
+    if _starting(box):
+        supervisor_pid(box)
     return control.request(box.run_dir, Request(cmd, service, data=data, fds=list(fds or [])), timeout)
 
 
@@ -271,7 +330,11 @@ def box_secrets(box: Box) -> dict[str, str]:
 
 # ---------------------------------------------------------------- state
 
-def read_state(box: Box) -> control.SupervisorState | None:
+def read_state(box: Box, *, wait: bool = True) -> control.SupervisorState | None:
+    """Its last state; that of a supervisor still starting once it is up (`supervisor_pid`), or with
+    `wait` False None at once (`starting` says why)."""
+    if wait and _starting(box):
+        supervisor_pid(box)
     return control.read_state(box.run_dir)
 
 
@@ -327,8 +390,9 @@ def _service_alive(box: Box, name: str, pid: int) -> bool:
 
 
 def services_status(box: Box) -> dict[str, dict[str, Any]]:
-    """Per service: state, pid, port, ready time, restarts (stopped when no supervisor runs)."""
-    state = read_state(box)
+    """Per service: state, pid, port, ready time, restarts (stopped when no supervisor runs; none yet
+    from one still starting, which has none: `new` waits for a supervisor it gives services to)."""
+    state = read_state(box, wait=False)
     if not state:
         return {}
     alive = supervisor_pid(box) is not None

@@ -77,3 +77,10 @@ def test_wtbox_typed_in_a_box_whose_supervisor_still_starts_waits_for_it(host, m
     out = box_ops.run(host, box.id, f"{wtbox} status --json", timeout=30, tail=5000)
     assert out["exit_code"] == 0, out
     assert json.loads(out["stdout"])["id"] == box.id
+
+
+def test_a_pooled_box_is_made_with_its_supervisor_up(host, make_repo, held_back):
+    """Made ahead to be claimed warm: a claim must not find its supervisor still starting."""
+    box = host.new("__pool__", repo=make_repo(toml=TOML), pool="k1")
+    assert (box.run_dir / control.STATE_FILE).exists()
+    assert client.supervisor_pid(box, wait=False) is not None

@@ -100,6 +100,14 @@ class Sandbox(Resource):
         c.box.data[NAME]["db"] = list(target)
         client.checked(client.control_request(c.box, control.FORWARD, data=_db_forward(target).to_json()))
 
+    def settle(self, c: Creation) -> None:
+        """A pooled box is made ahead to be claimed warm: its supervisor is up before it is ready (any
+        other box is returned while it may still start, see `create`)."""
+        if sandboxed(c.box) and c.box.pool is not None:
+            from worktreebox.services import client
+
+            client.wait_started(c.box)
+
     def destroy(self, host: HostContext, box: Box) -> None:
         data = box.data.get(NAME) or {}
         if data.get("provider") == OFF:

@@ -41,28 +41,29 @@ LAUNCHED = "supervisor_launched"  # box.data: when start_supervisor last launche
 
 def supervisor_pid(box: Box, *, wait: bool = True) -> int | None:
     """The pid of the box's live supervisor, once it is up: one launched by `new` without waiting for
-    it (a box with nothing for it to start, see Sandbox.create) is waited for here, for what is left of
-    SUPERVISOR_START after its launch, so that no caller takes a starting supervisor for a missing one
-    (and starts a second). With `wait` False: the live process its pid file names, up or not."""
-    if not wait or not _starting(box):
-        return _live_pid(box)
-    try:
-        return wait_started(box, timeout=float(box.data[LAUNCHED]) + SUPERVISOR_START - time.time())
-    except WtboxError:
-        return None
+    it (a box with nothing for it to start, see Sandbox.create) is waited for here (`_await_start`),
+    so that no caller takes a starting supervisor for a missing one (and starts a second). With
+    `wait` False: the live process its pid file names, up or not."""
+    if wait and starting(box):
+        return _await_start(box)
+    return _live_pid(box)
 
 
 def starting(box: Box) -> bool:
-    """Its supervisor was launched and is not up yet (see `supervisor_pid`)."""
-    return _starting(box)
-
-
-def _starting(box: Box) -> bool:
     """Launched less than SUPERVISOR_START ago and not up yet: no state file (start_supervisor removes
     the last one; the supervisor writes its first once it listens, and its last as it ends)."""
     launched = box.data.get(LAUNCHED)
     return isinstance(launched, (int, float)) and time.time() - launched < SUPERVISOR_START \
         and not (box.run_dir / control.STATE_FILE).exists()
+
+
+def _await_start(box: Box) -> int | None:
+    """A starting supervisor's pid once it is up, waited for what is left of SUPERVISOR_START after its
+    launch; None when it did not come up in that time."""
+    try:
+        return wait_started(box, timeout=float(box.data[LAUNCHED]) + SUPERVISOR_START - time.time())
+    except WtboxError:
+        return None
 
 
 def _live_pid(box: Box) -> int | None:
@@ -283,8 +284,8 @@ def control_request(box: Box, cmd: str, service: str | None = None, timeout: flo
                     data: dict[str, Any] | None = None, fds: list[int] | None = None) -> control.Response:
     """Send one command to the supervisor's socket and return its answer (a supervisor still starting:
     once it is up, see `supervisor_pid`)."""
-    if _starting(box):
-        supervisor_pid(box)
+    if starting(box):
+        _await_start(box)
     return control.request(box.run_dir, Request(cmd, service, data=data, fds=list(fds or [])), timeout)
 
 
@@ -333,8 +334,8 @@ def box_secrets(box: Box) -> dict[str, str]:
 def read_state(box: Box, *, wait: bool = True) -> control.SupervisorState | None:
     """Its last state; that of a supervisor still starting once it is up (`supervisor_pid`), or with
     `wait` False None at once (`starting` says why)."""
-    if wait and _starting(box):
-        supervisor_pid(box)
+    if wait and starting(box):
+        _await_start(box)
     return control.read_state(box.run_dir)
 
 
